@@ -1,0 +1,199 @@
+//! The command line: every subcommand a Vagrant user expects, declared with clap's derive API.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Vagrant-style VMs from one `box-config.toml`: libvirt or VirtualBox, a cloud-init seed with a pinned
+/// host key, SSH, and a Docker Compose monitoring lab provisioned inside.
+#[derive(Debug, Parser)]
+#[command(name = "provisioner", version, propagate_version = true, max_term_width = 110)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct Global {
+    /// The box definition. Its directory holds the `.provisioner/` state dir.
+    #[arg(long, global = true, env = "PROVISIONER_CONFIG", default_value = "box-config.toml")]
+    pub config: PathBuf,
+    /// More detail: child process command lines and their output (repeat for more).
+    #[arg(long, short = 'v', global = true, action = clap::ArgAction::Count, conflicts_with = "quiet")]
+    pub verbose: u8,
+    /// Only errors and the final result.
+    #[arg(long, short = 'q', global = true)]
+    pub quiet: bool,
+    /// Machine-readable output: one JSON object per line (events for long commands, a document for data).
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create and boot the machine, then provision the lab and print its health (idempotent).
+    Up(UpArgs),
+    /// Open a shell in the machine (system `ssh`, host key pinned), or run one command with -c / `--`.
+    Ssh(SshArgs),
+    /// Print an OpenSSH config stanza for this machine (for ~/.ssh/config, VS Code, Ansible).
+    SshConfig(SshConfigArgs),
+    /// Show the machine's state, asked live from the hypervisor.
+    Status,
+    /// Shut the machine down gracefully (ACPI), forcing it off after a deadline.
+    Halt(HaltArgs),
+    /// Halt then `up` again.
+    Reload(UpArgs),
+    /// Re-run the provisioning (Docker, upload, images, compose, health) on the running machine.
+    Provision(ProvisionArgs),
+    /// Remove the machine and every trace of it: domain/VM, disks, seed, keys, logs, state.
+    Destroy(DestroyArgs),
+    /// Check box-config.toml strictly (types, unknown keys, cross-references) without touching any VM.
+    Validate,
+    /// Render the provision/ templates into a directory, exactly as they would be uploaded.
+    Render(RenderArgs),
+    /// Probe every lab service (container state, HTTP through the forwarded port, Prometheus targets).
+    Health(HealthArgs),
+    /// Drive traffic at the demo app and prove an alert travels Prometheus -> Alertmanager -> webhook.
+    Verify(VerifyArgs),
+    /// Bounded load on the demo app (/, /error, /slow) through its forwarded port.
+    Load(LoadArgs),
+    /// Manage cached base boxes.
+    #[command(subcommand)]
+    Box(BoxCommand),
+    /// Print shell completions for bash, zsh, fish, elvish or powershell.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+}
+
+#[derive(Debug, Clone, Args, Default)]
+pub struct UpArgs {
+    /// Boot the machine only; skip Docker, upload, images, compose and health.
+    #[arg(long)]
+    pub no_provision: bool,
+    /// Seconds to wait for SSH after boot.
+    #[arg(long, default_value_t = 600)]
+    pub boot_timeout: u64,
+}
+
+#[derive(Debug, Clone, Args, Default)]
+pub struct ProvisionArgs {
+    /// Upload and restart even when nothing changed.
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct SshArgs {
+    /// Run this command instead of an interactive shell; exit with its status.
+    #[arg(short = 'c', long = "command", conflicts_with = "args")]
+    pub command: Option<String>,
+    /// Command and arguments after `--`.
+    #[arg(last = true)]
+    pub args: Vec<String>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct SshConfigArgs {
+    /// Host alias in the stanza (default: the machine name).
+    #[arg(long)]
+    pub host: Option<String>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct HaltArgs {
+    /// Power off at once instead of an ACPI shutdown.
+    #[arg(long, short = 'f')]
+    pub force: bool,
+    /// Seconds to wait for the graceful shutdown before forcing it.
+    #[arg(long, default_value_t = 60)]
+    pub timeout: u64,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DestroyArgs {
+    /// Do not ask for confirmation (required when stdin is not a terminal).
+    #[arg(long, short = 'f')]
+    pub force: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RenderArgs {
+    /// Output directory (created; files in it that the render writes are replaced).
+    #[arg(long, short = 'o')]
+    pub out: PathBuf,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct HealthArgs {
+    /// Seconds to keep retrying before reporting a service unhealthy.
+    #[arg(long, default_value_t = 120)]
+    pub timeout: u64,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct VerifyArgs {
+    /// Alert to wait for.
+    #[arg(long, default_value = "DemoAppHighErrorRate")]
+    pub alert: String,
+    /// Seconds to wait for the alert to be delivered.
+    #[arg(long, default_value_t = 600)]
+    pub timeout: u64,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct LoadArgs {
+    /// Base URL of the demo app (default: its forwarded port on the host).
+    #[arg(long)]
+    pub url: Option<String>,
+    /// Total requests, at most.
+    #[arg(long, default_value_t = 600)]
+    pub requests: u64,
+    /// Seconds, at most.
+    #[arg(long, default_value_t = 120)]
+    pub duration: u64,
+    /// Share of requests sent to /error (0..=1).
+    #[arg(long, default_value_t = 0.3)]
+    pub error_ratio: f64,
+    /// Share of requests sent to /slow (0..=1).
+    #[arg(long, default_value_t = 0.2)]
+    pub slow_ratio: f64,
+    /// Concurrent workers.
+    #[arg(long, default_value_t = 4)]
+    pub concurrency: u32,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BoxCommand {
+    /// List cached boxes.
+    List,
+    /// Fetch or build the box that box-config.toml names, into the cache.
+    Build {
+        /// Rebuild even when a cached copy exists.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Remove a cached box by its id (see `box list`).
+    Remove {
+        id: String,
+    },
+}
+
+/// Output style chosen from the global flags.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputMode {
+    Human,
+    Json,
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn clap_definition_is_consistent() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
+}

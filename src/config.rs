@@ -1,0 +1,368 @@
+//! The `box-config.toml` model: strict serde types (unknown keys are errors), defaults that bring up the lab,
+//! and validation whose errors name file:line:col.
+//!
+//! Loading goes through [`Config::load`]; everything else in the crate works on the validated [`Config`].
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+pub const DEFAULT_FILE: &str = "box-config.toml";
+
+/// The whole file.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub machine: MachineConfig,
+    #[serde(rename = "box")]
+    pub base_box: BoxConfig,
+    #[serde(default)]
+    pub ssh: SshConfig,
+    #[serde(default, rename = "forward")]
+    pub forwards: Vec<Forward>,
+    #[serde(default)]
+    pub provision: ProvisionConfig,
+    /// Template variables for provision/ (merged over the lab's defaults).
+    #[serde(default)]
+    pub vars: BTreeMap<String, toml::Value>,
+    /// Health probes by service name (merged over the lab's defaults).
+    #[serde(default)]
+    pub health: BTreeMap<String, HealthProbe>,
+    #[serde(default)]
+    pub libvirt: LibvirtConfig,
+    #[serde(default)]
+    pub virtualbox: VirtualBoxConfig,
+
+    /// Where the file was read from (not part of the file).
+    #[serde(skip)]
+    pub path: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MachineConfig {
+    /// Machine name: `[a-z0-9][a-z0-9-]{0,30}`; also the guest hostname unless `hostname` is set.
+    pub name: String,
+    #[serde(default)]
+    pub hostname: Option<String>,
+    #[serde(default)]
+    pub provider: ProviderKind,
+    #[serde(default = "default_cpus")]
+    pub cpus: u32,
+    /// Memory in MiB.
+    #[serde(default = "default_memory")]
+    pub memory_mb: u64,
+    /// Disk size in GiB (the overlay grows to this; the base box is never changed).
+    #[serde(default = "default_disk")]
+    pub disk_gb: u64,
+    #[serde(default)]
+    pub accel: Accel,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProviderKind {
+    #[default]
+    Auto,
+    Libvirt,
+    Virtualbox,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Accel {
+    /// KVM only when it can really run a stock kernel (device node and vmx/svm flag), else TCG with a warning.
+    #[default]
+    Auto,
+    Kvm,
+    Tcg,
+}
+
+/// The base box. Exactly one of `image`, `url` (with `sha256`), `vagrant` or `debian` must be set.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct BoxConfig {
+    /// Local qcow2 or raw disk image (relative to the config file's directory).
+    #[serde(default)]
+    pub image: Option<PathBuf>,
+    /// Download URL of a disk image, `.box`, `.ova`; needs `sha256`.
+    #[serde(default)]
+    pub url: Option<String>,
+    #[serde(default)]
+    pub sha256: Option<String>,
+    /// Local Vagrant `.box` file (libvirt or virtualbox provider inside).
+    #[serde(default)]
+    pub vagrant: Option<PathBuf>,
+    /// Build a bootable image from a Debian mirror.
+    #[serde(default)]
+    pub debian: Option<DebianBox>,
+    /// Firmware for images that boot from their own disk.
+    #[serde(default)]
+    pub firmware: Firmware,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Firmware {
+    #[default]
+    Bios,
+    Uefi,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DebianBox {
+    #[serde(default = "default_suite")]
+    pub suite: String,
+    #[serde(default = "default_mirror")]
+    pub mirror: String,
+    /// Extra packages installed into the image (e.g. docker.io to pre-bake Docker).
+    #[serde(default)]
+    pub packages: Vec<String>,
+}
+
+/// One port forwarded from the host to the guest.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Forward {
+    pub guest: u16,
+    pub host: u16,
+    #[serde(default = "default_host_ip")]
+    pub host_ip: String,
+    #[serde(default)]
+    pub protocol: Protocol,
+    /// Optional label (e.g. the service behind it).
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    #[default]
+    Tcp,
+    Udp,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SshConfig {
+    #[serde(default = "default_ssh_user")]
+    pub user: String,
+    /// Host port forwarded to the guest's port 22 (on `host_ip`). 0 picks a free port at create time.
+    #[serde(default = "default_ssh_port")]
+    pub host_port: u16,
+    #[serde(default = "default_host_ip")]
+    pub host_ip: String,
+    /// Seconds to wait for SSH after boot.
+    #[serde(default = "default_ssh_timeout")]
+    pub connect_timeout_secs: u64,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProvisionConfig {
+    /// The template tree, relative to the config file's directory.
+    #[serde(default = "default_provision_source")]
+    pub source: PathBuf,
+    /// Where the rendered tree lives in the guest.
+    #[serde(default = "default_guest_path")]
+    pub guest_path: String,
+    /// Where service images come from.
+    #[serde(default)]
+    pub images: ImageSource,
+    /// How Docker is installed when missing.
+    #[serde(default)]
+    pub docker_install: DockerInstall,
+    /// Skip provisioning entirely (boot only).
+    #[serde(default)]
+    pub enabled: Option<bool>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ImageSource {
+    /// Pinned official images from a registry; `docker compose build demo-app`.
+    Registry,
+    /// Images built from a Debian mirror (for places where only a mirror is reachable).
+    #[default]
+    Debian,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DockerInstall {
+    /// The distribution's packages (docker.io + its compose).
+    #[default]
+    Distro,
+    /// The get.docker.com convenience script.
+    GetDocker,
+}
+
+/// How to probe one lab service.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthProbe {
+    /// URL path probed over HTTP through the forwarded port.
+    pub path: String,
+    /// Guest port (must be forwarded).
+    pub port: u16,
+    #[serde(default = "default_expect_status")]
+    pub expect_status: u16,
+    #[serde(default = "default_probe_timeout")]
+    pub timeout_secs: u64,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LibvirtConfig {
+    /// `qemu:///session` (default, no root), `qemu:///system`, or a remote `qemu+ssh://` URI.
+    #[serde(default = "default_libvirt_uri")]
+    pub uri: String,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct VirtualBoxConfig {
+    /// Path to VBoxManage when it is not on PATH.
+    #[serde(default)]
+    pub vboxmanage: Option<PathBuf>,
+}
+
+fn default_cpus() -> u32 {
+    2
+}
+fn default_memory() -> u64 {
+    4096
+}
+fn default_disk() -> u64 {
+    20
+}
+fn default_suite() -> String {
+    "bookworm".into()
+}
+fn default_mirror() -> String {
+    "http://deb.debian.org/debian".into()
+}
+pub fn default_host_ip() -> String {
+    "127.0.0.1".into()
+}
+fn default_ssh_user() -> String {
+    "provisioner".into()
+}
+fn default_ssh_port() -> u16 {
+    2222
+}
+fn default_ssh_timeout() -> u64 {
+    600
+}
+fn default_provision_source() -> PathBuf {
+    "provision".into()
+}
+fn default_guest_path() -> String {
+    "/opt/provision".into()
+}
+fn default_expect_status() -> u16 {
+    200
+}
+fn default_probe_timeout() -> u64 {
+    5
+}
+fn default_libvirt_uri() -> String {
+    "qemu:///session".into()
+}
+
+impl Default for SshConfig {
+    fn default() -> Self {
+        Self {
+            user: default_ssh_user(),
+            host_port: default_ssh_port(),
+            host_ip: default_host_ip(),
+            connect_timeout_secs: default_ssh_timeout(),
+        }
+    }
+}
+impl Default for ProvisionConfig {
+    fn default() -> Self {
+        Self {
+            source: default_provision_source(),
+            guest_path: default_guest_path(),
+            images: ImageSource::default(),
+            docker_install: DockerInstall::default(),
+            enabled: None,
+        }
+    }
+}
+impl Default for LibvirtConfig {
+    fn default() -> Self {
+        Self { uri: default_libvirt_uri() }
+    }
+}
+
+impl Config {
+    /// Read, decode (UTF-8 with optional BOM) and validate a config file.
+    ///
+    /// Errors name `file:line:col` and say what is expected.
+    pub fn load(path: &Path) -> anyhow::Result<Config> {
+        let bytes = std::fs::read(path).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot read {}: {e}\nhint: run from the directory holding box-config.toml, or pass --config PATH",
+                path.display()
+            )
+        })?;
+        Self::from_bytes(path, &bytes)
+    }
+
+    /// Parse and validate from bytes; `path` is used in messages and to resolve relative paths.
+    pub fn from_bytes(path: &Path, bytes: &[u8]) -> anyhow::Result<Config> {
+        let text = std::str::from_utf8(bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes))
+            .map_err(|e| anyhow::anyhow!("{}: not UTF-8 ({e}); save the file as UTF-8", path.display()))?;
+        let mut cfg: Config =
+            toml::from_str(text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        cfg.path = path.to_path_buf();
+        Ok(cfg)
+    }
+
+    /// Directory of the config file: relative paths in it resolve from here; `.provisioner/` lives here.
+    pub fn base_dir(&self) -> PathBuf {
+        match self.path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        }
+    }
+
+    /// Resolve a path from the file relative to its directory.
+    pub fn resolve(&self, p: &Path) -> PathBuf {
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.base_dir().join(p)
+        }
+    }
+
+    pub fn hostname(&self) -> &str {
+        self.machine.hostname.as_deref().unwrap_or(&self.machine.name)
+    }
+
+    /// All forwards including SSH (first), as the provider must set them up.
+    pub fn all_forwards(&self) -> Vec<Forward> {
+        let mut v = vec![Forward {
+            guest: 22,
+            host: self.ssh.host_port,
+            host_ip: self.ssh.host_ip.clone(),
+            protocol: Protocol::Tcp,
+            name: Some("ssh".into()),
+        }];
+        v.extend(self.forwards.iter().cloned());
+        v
+    }
+
+    /// Host (ip, port) that reaches a guest TCP port, if forwarded.
+    pub fn host_addr_for(&self, guest_port: u16) -> Option<(String, u16)> {
+        self.all_forwards()
+            .into_iter()
+            .find(|f| f.guest == guest_port && f.protocol == Protocol::Tcp)
+            .map(|f| (f.host_ip, f.host))
+    }
+}

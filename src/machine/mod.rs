@@ -1,0 +1,100 @@
+//! Per-machine state: the `.provisioner/` directory beside box-config.toml, its lock, and what lives in it.
+//!
+//! Layout (all files the tool writes for one machine; `destroy` removes the directory):
+//! ```text
+//! .provisioner/
+//!   lock               flock held by the running command; holds its PID
+//!   state.json         provider, VM id/name, box id, ssh endpoint, timings
+//!   id_ed25519(.pub)   per-machine user key (0600)
+//!   host_ed25519(.pub) the guest's host key, generated here, put in the seed (0600)
+//!   known_hosts        the pinned host key, for `ssh` / ssh-config
+//!   secrets.toml       generated lab secrets (0600), stable across re-renders
+//!   seed.iso           cloud-init NoCloud seed
+//!   disk.qcow2         copy-on-write overlay on the cached box (libvirt)
+//!   serial.log         the guest's serial console
+//! ```
+
+pub mod lock;
+pub mod state;
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+
+use crate::config::Config;
+
+pub const STATE_DIR_NAME: &str = ".provisioner";
+
+/// Paths of one machine's state directory.
+#[derive(Debug, Clone)]
+pub struct StateDir {
+    pub root: PathBuf,
+}
+
+impl StateDir {
+    pub fn for_config(cfg: &Config) -> Self {
+        Self { root: cfg.base_dir().join(STATE_DIR_NAME) }
+    }
+    pub fn at(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+    /// Create the directory (0700) if missing.
+    pub fn ensure(&self) -> Result<()> {
+        use std::os::unix::fs::DirBuilderExt;
+        if !self.root.is_dir() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&self.root)
+                .with_context(|| format!("create state dir {}", self.root.display()))?;
+        }
+        Ok(())
+    }
+    pub fn exists(&self) -> bool {
+        self.root.is_dir()
+    }
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.root.join(name)
+    }
+    pub fn lock_file(&self) -> PathBuf {
+        self.path("lock")
+    }
+    pub fn state_file(&self) -> PathBuf {
+        self.path("state.json")
+    }
+    pub fn user_key(&self) -> PathBuf {
+        self.path("id_ed25519")
+    }
+    pub fn host_key(&self) -> PathBuf {
+        self.path("host_ed25519")
+    }
+    pub fn known_hosts(&self) -> PathBuf {
+        self.path("known_hosts")
+    }
+    pub fn secrets(&self) -> PathBuf {
+        self.path("secrets.toml")
+    }
+    pub fn seed_iso(&self) -> PathBuf {
+        self.path("seed.iso")
+    }
+    pub fn disk(&self) -> PathBuf {
+        self.path("disk.qcow2")
+    }
+    pub fn serial_log(&self) -> PathBuf {
+        self.path("serial.log")
+    }
+}
+
+/// Write a file atomically (temp file in the same dir + rename) with the given mode.
+pub fn write_private(path: &Path, data: &[u8], mode: u32) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::PermissionsExt;
+    let dir = path.parent().context("path has no parent")?;
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)
+        .with_context(|| format!("create temp file in {}", dir.display()))?;
+    tmp.as_file().set_permissions(std::fs::Permissions::from_mode(mode))?;
+    tmp.write_all(data)?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path).with_context(|| format!("write {}", path.display()))?;
+    Ok(())
+}

@@ -1,0 +1,53 @@
+//! `state.json`: what the tool knows about the machine between commands (the hypervisor is asked live for its
+//! run state; this records identities and endpoints).
+
+use serde::{Deserialize, Serialize};
+
+use anyhow::{Context, Result};
+
+use super::StateDir;
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct MachineState {
+    /// "libvirt" or "virtualbox".
+    pub provider: String,
+    /// The hypervisor's name for the VM (domain name / VM name), unique per machine.
+    pub vm_name: String,
+    /// Hypervisor id (domain UUID / VM UUID) once created.
+    #[serde(default)]
+    pub vm_id: Option<String>,
+    /// Cached box id the disk is based on.
+    #[serde(default)]
+    pub box_id: Option<String>,
+    /// SSH endpoint on the host.
+    #[serde(default)]
+    pub ssh_host: Option<String>,
+    #[serde(default)]
+    pub ssh_port: Option<u16>,
+    /// Libvirt URI used, so later commands reach the same daemon.
+    #[serde(default)]
+    pub libvirt_uri: Option<String>,
+    /// "tcg" or "kvm", as decided at create time.
+    #[serde(default)]
+    pub accel: Option<String>,
+    /// Set once cloud-init reported done at least once.
+    #[serde(default)]
+    pub provisioned: bool,
+}
+
+impl MachineState {
+    pub fn load(dir: &StateDir) -> Result<Option<Self>> {
+        let p = dir.state_file();
+        match std::fs::read(&p) {
+            Ok(b) => Ok(Some(
+                serde_json::from_slice(&b).with_context(|| format!("corrupt {}; `provisioner destroy -f` resets it", p.display()))?,
+            )),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("read {}", p.display())),
+        }
+    }
+    pub fn save(&self, dir: &StateDir) -> Result<()> {
+        dir.ensure()?;
+        super::write_private(&dir.state_file(), &serde_json::to_vec_pretty(self)?, 0o600)
+    }
+}

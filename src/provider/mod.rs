@@ -1,0 +1,124 @@
+//! Hypervisor backends behind one trait, chosen in ONE place ([`select`]).
+
+pub mod libvirt;
+pub mod virtualbox;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Result;
+use serde::Serialize;
+
+use crate::config::{Config, Firmware, Forward, ProviderKind};
+use crate::machine::StateDir;
+
+/// Live run state as the hypervisor reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VmState {
+    /// No VM of ours exists.
+    NotCreated,
+    Running,
+    /// Defined but powered off (libvirt "shut off", VirtualBox "poweroff"/"aborted"/"saved").
+    Stopped,
+    Paused,
+    /// Anything else the hypervisor says, verbatim.
+    Other(String),
+}
+
+impl std::fmt::Display for VmState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            VmState::NotCreated => f.write_str("not created"),
+            VmState::Running => f.write_str("running"),
+            VmState::Stopped => f.write_str("stopped"),
+            VmState::Paused => f.write_str("paused"),
+            VmState::Other(s) => f.write_str(s),
+        }
+    }
+}
+
+/// A base box ready for a provider: a disk image (and, for boxes built from a mirror, kernel + initrd).
+#[derive(Debug, Clone)]
+pub struct BoxImage {
+    /// Cache id (content hash based).
+    pub id: String,
+    /// Disk image: qcow2/raw for libvirt; for VirtualBox the `.ovf` to import.
+    pub disk: PathBuf,
+    /// "qcow2", "raw", "ovf", "vmdk".
+    pub format: String,
+    /// Direct kernel boot (boxes built from a Debian mirror have no bootloader).
+    pub kernel: Option<PathBuf>,
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line for direct boot.
+    pub cmdline: Option<String>,
+    pub firmware: Firmware,
+}
+
+/// Everything a provider needs to create a machine.
+#[derive(Debug, Clone)]
+pub struct MachineSpec {
+    /// Name in the hypervisor: `provisioner-<machine>-<8 hex of the state dir path hash>`.
+    pub vm_name: String,
+    pub hostname: String,
+    pub cpus: u32,
+    pub memory_mb: u64,
+    pub disk_gb: u64,
+    pub base: BoxImage,
+    /// The cloud-init seed ISO.
+    pub seed_iso: PathBuf,
+    /// Forwards, SSH first.
+    pub forwards: Vec<Forward>,
+    pub state: StateDir,
+    /// true = KVM, false = TCG (decided by [`crate::provider::libvirt::decide_accel`] or the config).
+    pub kvm: bool,
+}
+
+/// What every hypervisor backend implements. All calls go through the hypervisor's own CLI.
+pub trait Provider {
+    /// "libvirt" / "virtualbox".
+    fn name(&self) -> &'static str;
+    /// Check the host can run this provider (CLI present, daemon reachable, ...); errors say what to install/start.
+    fn preflight(&self) -> Result<()>;
+    /// Live state of the VM named `vm_name` (one hypervisor call).
+    fn state(&self, vm_name: &str) -> Result<VmState>;
+    /// Define/import the VM (disk overlay, seed attached, forwards); idempotent: an existing VM of ours is kept.
+    fn create(&self, spec: &MachineSpec) -> Result<()>;
+    fn start(&self, vm_name: &str) -> Result<()>;
+    /// Graceful shutdown, waiting up to `timeout`, then forced off.
+    fn halt(&self, vm_name: &str, timeout: Duration, force: bool) -> Result<()>;
+    /// Remove the VM and everything the provider made for it. Idempotent.
+    fn destroy(&self, vm_name: &str, state: &StateDir) -> Result<()>;
+    /// Where SSH reaches the guest on the host.
+    fn ssh_endpoint(&self, vm_name: &str, state: &StateDir) -> Result<SocketAddr>;
+}
+
+/// The one place a provider is chosen.
+pub fn select(cfg: &Config) -> Result<Box<dyn Provider>> {
+    match cfg.machine.provider {
+        ProviderKind::Libvirt => Ok(Box::new(libvirt::Libvirt::new(cfg)?)),
+        ProviderKind::Virtualbox => Ok(Box::new(virtualbox::VirtualBox::new(cfg)?)),
+        ProviderKind::Auto => {
+            if which::which("virsh").is_ok() {
+                Ok(Box::new(libvirt::Libvirt::new(cfg)?))
+            } else if virtualbox::find_vboxmanage(cfg).is_some() {
+                Ok(Box::new(virtualbox::VirtualBox::new(cfg)?))
+            } else {
+                anyhow::bail!(
+                    "no hypervisor found: neither `virsh` (libvirt) nor `VBoxManage` (VirtualBox) is installed.\n\
+                     hint: on Debian/Ubuntu run scripts/host-deps.sh (libvirt + QEMU), or install VirtualBox; \
+                     then set [machine] provider in box-config.toml if you want one explicitly"
+                )
+            }
+        }
+    }
+}
+
+/// The hypervisor name for a machine: stable per config location, unique across projects.
+pub fn vm_name(cfg: &Config) -> String {
+    use sha2::{Digest, Sha256};
+    let base = std::fs::canonicalize(cfg.base_dir()).unwrap_or_else(|_| cfg.base_dir());
+    let h = Sha256::digest(base.to_string_lossy().as_bytes());
+    format!("provisioner-{}-{}", cfg.machine.name, &hex::encode(h)[..8])
+}

@@ -1,0 +1,1 @@
+//! Tests: config (to be written).

@@ -1,0 +1,1 @@
+//! Tests: guest (to be written).

@@ -1,0 +1,1 @@
+//! Tests: lab (to be written).

@@ -1,0 +1,1 @@
+//! Tests: live_stack (to be written).

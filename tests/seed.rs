@@ -1,0 +1,1 @@
+//! Tests: seed (to be written).

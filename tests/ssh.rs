@@ -1,0 +1,1 @@
+//! Tests: ssh (to be written).

@@ -1,0 +1,227 @@
+//! Shared fixtures: a fluent `Test` builder around the real binary, deadline-bounded waits, free ports, and a
+//! process registry that kills what a test started (by PID, process group) and dumps its log on failure.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+/// The repository root.
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Path of the built binary.
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_provisioner"))
+}
+
+/// A run of the real binary in a temp dir: `Test::new().arg("validate").run().success()`.
+pub struct Test {
+    pub dir: tempfile::TempDir,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+    stdin: Option<Vec<u8>>,
+    cwd: Option<PathBuf>,
+}
+
+impl Test {
+    pub fn new() -> Self {
+        Self { dir: tempfile::tempdir().expect("tempdir"), args: vec![], env: vec![], stdin: None, cwd: None }
+    }
+    /// A temp dir holding a copy of the repo's box-config.toml and provision/ tree.
+    pub fn with_lab() -> Self {
+        let t = Self::new();
+        copy_dir(&repo().join("provision"), &t.dir.path().join("provision"));
+        std::fs::copy(repo().join("box-config.toml"), t.dir.path().join("box-config.toml")).expect("copy config");
+        t
+    }
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+    pub fn write(&self, rel: &str, contents: impl AsRef<[u8]>) -> &Self {
+        let p = self.dir.path().join(rel);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, contents).unwrap();
+        self
+    }
+    pub fn arg(mut self, a: impl Into<String>) -> Self {
+        self.args.push(a.into());
+        self
+    }
+    pub fn args<I: IntoIterator<Item = S>, S: Into<String>>(mut self, it: I) -> Self {
+        self.args.extend(it.into_iter().map(Into::into));
+        self
+    }
+    pub fn env(mut self, k: &str, v: impl Into<String>) -> Self {
+        self.env.push((k.into(), v.into()));
+        self
+    }
+    pub fn stdin(mut self, s: impl Into<Vec<u8>>) -> Self {
+        self.stdin = Some(s.into());
+        self
+    }
+    pub fn cwd(mut self, p: impl Into<PathBuf>) -> Self {
+        self.cwd = Some(p.into());
+        self
+    }
+    /// Run (with a 20-minute hard deadline) and return the result for assertions.
+    pub fn run(&self) -> Run {
+        use std::io::Write;
+        use std::process::Stdio;
+        let mut c = Command::new(bin());
+        c.args(&self.args).current_dir(self.cwd.as_deref().unwrap_or(self.dir.path()));
+        c.env("PROVISIONER_CACHE_DIR", cache_dir());
+        for (k, v) in &self.env {
+            c.env(k, v);
+        }
+        c.stdin(if self.stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = c.spawn().expect("spawn provisioner");
+        if let Some(data) = &self.stdin {
+            child.stdin.take().unwrap().write_all(data).unwrap();
+        }
+        let out = child.wait_with_output().expect("wait provisioner");
+        Run { out, args: self.args.clone() }
+    }
+}
+
+/// The box cache shared by tests (and across CI runs): `$PROVISIONER_CACHE_DIR` or ~/.cache/provisioner.
+pub fn cache_dir() -> PathBuf {
+    std::env::var_os("PROVISIONER_CACHE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| dirs_home().join(".cache/provisioner"))
+}
+
+fn dirs_home() -> PathBuf {
+    std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/root"))
+}
+
+pub struct Run {
+    pub out: Output,
+    args: Vec<String>,
+}
+
+impl Run {
+    pub fn stdout(&self) -> String {
+        String::from_utf8_lossy(&self.out.stdout).into_owned()
+    }
+    pub fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.out.stderr).into_owned()
+    }
+    pub fn code(&self) -> Option<i32> {
+        self.out.status.code()
+    }
+    fn describe(&self) -> String {
+        format!(
+            "provisioner {:?} -> {:?}\n--- stdout\n{}\n--- stderr\n{}",
+            self.args,
+            self.out.status,
+            self.stdout(),
+            self.stderr()
+        )
+    }
+    #[track_caller]
+    pub fn success(self) -> Self {
+        assert!(self.out.status.success(), "expected success: {}", self.describe());
+        self
+    }
+    #[track_caller]
+    pub fn failure(self) -> Self {
+        assert!(!self.out.status.success(), "expected failure: {}", self.describe());
+        self
+    }
+    #[track_caller]
+    pub fn stderr_contains(self, s: &str) -> Self {
+        assert!(self.stderr().contains(s), "stderr lacks {s:?}: {}", self.describe());
+        self
+    }
+    #[track_caller]
+    pub fn stdout_contains(self, s: &str) -> Self {
+        assert!(self.stdout().contains(s), "stdout lacks {s:?}: {}", self.describe());
+        self
+    }
+}
+
+/// Poll until `f` returns Some or the deadline passes (then panic with `what`).
+#[track_caller]
+pub fn wait_until<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    let mut pause = Duration::from_millis(20);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(500));
+    }
+}
+
+/// A free TCP port on 127.0.0.1 (bound then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Copy a directory tree, keeping modes.
+pub fn copy_dir(from: &Path, to: &Path) {
+    for e in walkdir::WalkDir::new(from) {
+        let e = e.unwrap();
+        let dest = to.join(e.path().strip_prefix(from).unwrap());
+        if e.file_type().is_dir() {
+            std::fs::create_dir_all(&dest).unwrap();
+        } else {
+            std::fs::copy(e.path(), &dest).unwrap();
+        }
+    }
+}
+
+/// A background process the test started; killed (whole group) on drop, log dumped if the test panicked.
+pub struct Proc {
+    pub name: String,
+    pub child: std::process::Child,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    /// Start `cmd` in its own process group with stdout+stderr to `log`.
+    pub fn spawn(name: &str, mut cmd: Command, log: PathBuf) -> Proc {
+        use std::os::unix::process::CommandExt;
+        let f = std::fs::File::create(&log).unwrap();
+        cmd.stdout(f.try_clone().unwrap()).stderr(f).stdin(std::process::Stdio::null());
+        cmd.process_group(0);
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("start {name}: {e}"));
+        Proc { name: name.into(), child, log }
+    }
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let pid = self.child.id() as i32;
+        unsafe {
+            libc_kill(-pid, 9);
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("--- log of {} ({})\n{}", self.name, self.log.display(), tail(&self.log_text(), 60));
+        }
+    }
+}
+
+extern "C" {
+    #[link_name = "kill"]
+    fn libc_kill(pid: i32, sig: i32) -> i32;
+}
+
+pub fn tail(s: &str, n: usize) -> String {
+    let l: Vec<&str> = s.lines().collect();
+    l[l.len().saturating_sub(n)..].join("\n")
+}

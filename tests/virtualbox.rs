@@ -1,0 +1,1 @@
+//! Tests: virtualbox (to be written).

@@ -1,0 +1,1 @@
+//! Tests: vm (to be written).
