@@ -2,6 +2,7 @@
 
 pub mod boxcmd;
 pub mod lifecycle;
+pub mod load;
 pub mod provision;
 pub mod render;
 pub mod ssh;
@@ -46,7 +47,7 @@ pub fn dispatch(cli: Cli) -> Result<i32> {
         Command::Render(a) => render::render(&ctx, &a),
         Command::Health(a) => provision::health(&ctx, &a),
         Command::Verify(a) => provision::verify(&ctx, &a),
-        Command::Load(a) => provision::load(&ctx, &a),
+        Command::Load(a) => load::load(&ctx, &a),
         Command::Box(c) => boxcmd::run(&ctx, c),
         Command::Completions { shell } => {
             use clap::CommandFactory;

@@ -1,9 +1,9 @@
-//! `provision`, `health`, `verify`, `load`.
+//! `provision`, `health`, `verify`.
 
 use anyhow::Result;
 
 use super::Ctx;
-use crate::cli::{HealthArgs, LoadArgs, ProvisionArgs, VerifyArgs};
+use crate::cli::{HealthArgs, ProvisionArgs, VerifyArgs};
 
 pub fn provision(_ctx: &Ctx, _args: &ProvisionArgs) -> Result<i32> {
     anyhow::bail!("`provision` is not implemented yet")
@@ -13,7 +13,4 @@ pub fn health(_ctx: &Ctx, _args: &HealthArgs) -> Result<i32> {
 }
 pub fn verify(_ctx: &Ctx, _args: &VerifyArgs) -> Result<i32> {
     anyhow::bail!("`verify` is not implemented yet")
-}
-pub fn load(_ctx: &Ctx, _args: &LoadArgs) -> Result<i32> {
-    anyhow::bail!("`load` is not implemented yet")
 }
