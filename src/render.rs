@@ -197,12 +197,36 @@ pub fn render_tree(cfg: &Config, source: &Path, secrets: &Secrets) -> Result<Ren
             }
             None => (rel_str, raw),
         };
-        // Secrets files are private however they sit in the tree.
-        let mode = if path.rsplit('/').next() == Some(".env") { 0o600 } else { mode };
+        // Secrets files are private however they sit in the tree, and docker compose reads them as ASCII lines.
+        let (contents, mode) = if path.rsplit('/').next() == Some(".env") {
+            (env_file(&entry.path().display().to_string(), contents)?, 0o600)
+        } else {
+            (contents, mode)
+        };
         files.push(RenderedFile { path, contents, mode });
     }
     files.sort_by(|a, b| a.path.cmp(&b.path));
     Ok(Rendered { files })
+}
+
+/// A `.env` file as compose wants it: ASCII, LF line ends (CRLF from a Windows editor is converted).
+fn env_file(shown: &str, contents: Vec<u8>) -> Result<Vec<u8>> {
+    if let Some(pos) = contents.iter().position(|b| !b.is_ascii()) {
+        let line = contents[..pos].iter().filter(|b| **b == b'\n').count() + 1;
+        bail!(
+            "{shown}:{line}: .env holds a non-ASCII byte (0x{:02X}) after rendering\n\
+             hint: keep .env values ASCII (a non-ASCII [vars] value is the usual cause)",
+            contents[pos]
+        );
+    }
+    let mut out = Vec::with_capacity(contents.len());
+    for (i, b) in contents.iter().enumerate() {
+        if *b == b'\r' && contents.get(i + 1) == Some(&b'\n') {
+            continue;
+        }
+        out.push(*b);
+    }
+    Ok(out)
 }
 
 fn rel_slash(rel: &Path) -> Result<String> {

@@ -218,6 +218,7 @@ impl<'d> Node<'d> {
 
     fn span(self) -> Option<Range<usize>> {
         match self {
+            Node::Item(toml_edit::Item::ArrayOfTables(a)) => a.span().or_else(|| a.get(0)?.span()),
             // An implicit table (`[box.debian]` without `[box]`) has no span of its own: use its first entry's.
             Node::Item(i) => i.span().or_else(|| {
                 let t = i.as_table_like()?;
@@ -401,17 +402,26 @@ pub fn closest<'c>(word: &str, candidates: &'c [String]) -> Option<&'c str> {
         .map(|(_, c)| c.as_str())
 }
 
+/// Optimal string alignment distance: insertions, deletions, substitutions and swaps of neighbours cost 1.
 fn edit_distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut prev: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut cur = vec![i + 1];
-        for (j, cb) in b.iter().enumerate() {
-            cur.push((prev[j] + usize::from(ca != *cb)).min(prev[j + 1] + 1).min(cur[j] + 1));
-        }
-        prev = cur;
+    let (a, b): (Vec<char>, Vec<char>) = (a.chars().collect(), b.chars().collect());
+    let mut d = vec![vec![0usize; b.len() + 1]; a.len() + 1];
+    for (i, row) in d.iter_mut().enumerate() {
+        row[0] = i;
     }
-    prev[b.len()]
+    for j in 0..=b.len() {
+        d[0][j] = j;
+    }
+    for i in 1..=a.len() {
+        for j in 1..=b.len() {
+            let cost = usize::from(a[i - 1] != b[j - 1]);
+            d[i][j] = (d[i - 1][j] + 1).min(d[i][j - 1] + 1).min(d[i - 1][j - 1] + cost);
+            if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
+                d[i][j] = d[i][j].min(d[i - 2][j - 2] + 1);
+            }
+        }
+    }
+    d[a.len()][b.len()]
 }
 
 #[cfg(test)]
@@ -430,6 +440,7 @@ mod tests {
         assert_eq!(closest("cpu", &c), Some("cpus"));
         assert_eq!(closest("memory", &c), Some("memory_mb"));
         assert_eq!(closest("zzzzzz", &c), None);
+        assert_eq!(closest("cpsu", &c), Some("cpus"));
     }
 
     #[test]
