@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 pub use check::{published_ports, valid_machine_name, valid_unix_user, COMPOSE_FILES};
-pub use diag::{ConfigError, Diagnostic, Warning};
 use diag::Source;
+pub use diag::{ConfigError, Diagnostic, Warning};
 
 pub const DEFAULT_FILE: &str = "box-config.toml";
 
@@ -352,8 +352,8 @@ impl Config {
         let file = path.display().to_string();
         let text = diag::decode(&file, bytes).map_err(|d| ConfigError { diagnostics: vec![d] })?;
         let src = Source::new(&file, Some(text));
-        let mut cfg: Config = toml::from_str(text)
-            .map_err(|e| ConfigError { diagnostics: vec![diag::from_toml_error(&src, &e)] })?;
+        let mut cfg: Config =
+            toml::from_str(text).map_err(|e| ConfigError { diagnostics: vec![diag::from_toml_error(&src, &e)] })?;
         cfg.path = path.to_path_buf();
         cfg.source_text = Some(text.to_string());
         let findings = check::local(&cfg, &src);

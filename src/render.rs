@@ -102,9 +102,8 @@ impl Secrets {
         let p = state.secrets();
         if p.exists() {
             let text = std::fs::read_to_string(&p).with_context(|| format!("read {}", p.display()))?;
-            return toml::from_str(&text).with_context(|| {
-                format!("{} is damaged; delete it to generate new lab secrets", p.display())
-            });
+            return toml::from_str(&text)
+                .with_context(|| format!("{} is damaged; delete it to generate new lab secrets", p.display()));
         }
         state.ensure()?;
         let s = Self::generate();
@@ -242,7 +241,11 @@ fn template_error(template: &str, e: handlebars::TemplateError) -> anyhow::Error
         Some((l, c)) => format!("{template}:{l}:{c}"),
         None => template.to_string(),
     };
-    anyhow!("{pos}: template syntax error: {}", e.reason())
+    anyhow!(
+        "{pos}: template syntax error: {}\nhint: a literal `{{{{` (e.g. a Prometheus or Grafana template) is written `\\{{{{` \
+         in a .hbs file; or keep the file without the .hbs suffix",
+        e.reason()
+    )
 }
 
 fn render_error(template: &str, e: handlebars::RenderError) -> anyhow::Error {
@@ -251,11 +254,12 @@ fn render_error(template: &str, e: handlebars::RenderError) -> anyhow::Error {
         (Some(l), None) => format!("{template}:{l}"),
         _ => template.to_string(),
     };
-    let reason = e.reason().to_string();
-    let hint = if reason.contains("strict mode") || reason.contains("not found") {
-        "\nhint: define the variable under [vars] in box-config.toml (or in the lab's vars.toml), or fix its name"
-    } else {
-        ""
+    let (reason, hint) = match e.reason() {
+        handlebars::RenderErrorReason::MissingVariable(var) => (
+            format!("undefined variable `{}`", var.as_deref().unwrap_or("?")),
+            "\nhint: define the variable under [vars] in box-config.toml (or in the lab's vars.toml), or fix its name",
+        ),
+        other => (other.to_string(), ""),
     };
     anyhow!("{pos}: {reason}{hint}")
 }

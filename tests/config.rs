@@ -172,8 +172,9 @@ fn duplicate_host_port_names_both_uses() {
 
 #[test]
 fn several_problems_are_all_reported_in_file_order() {
-    let r = validate(BASE.replace("name = \"cfg-test\"", "name = \"Lab_1\"").replace("memory_mb = 512", "memory_mb = 100"))
-        .failure();
+    let r =
+        validate(BASE.replace("name = \"cfg-test\"", "name = \"Lab_1\"").replace("memory_mb = 512", "memory_mb = 100"))
+            .failure();
     let stderr = r.stderr();
     let lines: Vec<&str> = stderr.lines().filter(|l| !l.starts_with("hint:")).collect();
     assert_eq!(

@@ -75,11 +75,9 @@ pub fn local(cfg: &Config, src: &Source) -> Findings {
             );
         }
     }
-    for (key, value, min, unit) in [
-        ("cpus", u64::from(m.cpus), 1, ""),
-        ("memory_mb", m.memory_mb, 256, " MiB"),
-        ("disk_gb", m.disk_gb, 2, " GiB"),
-    ] {
+    for (key, value, min, unit) in
+        [("cpus", u64::from(m.cpus), 1, ""), ("memory_mb", m.memory_mb, 256, " MiB"), ("disk_gb", m.disk_gb, 2, " GiB")]
+    {
         if value < min {
             f.error(
                 src.at_path(&["machine", key], format!("`{key}` must be at least {min}{unit}, found {value}")),
@@ -91,7 +89,10 @@ pub fn local(cfg: &Config, src: &Source) -> Findings {
     check_network(cfg, src, &mut f);
     if !valid_unix_user(&cfg.ssh.user) {
         f.error(
-            src.at_path(&["ssh", "user"], format!("`user` \"{}\" in [ssh] is not a valid Unix user name", cfg.ssh.user)),
+            src.at_path(
+                &["ssh", "user"],
+                format!("`user` \"{}\" in [ssh] is not a valid Unix user name", cfg.ssh.user),
+            ),
             "use lowercase letters, digits, '_' and '-', starting with a letter or '_', at most 32 characters",
         );
     }
@@ -104,28 +105,49 @@ pub fn local(cfg: &Config, src: &Source) -> Findings {
     let gp = &cfg.provision.guest_path;
     if !gp.starts_with('/') || gp.trim_end_matches('/').is_empty() {
         f.error(
-            src.at_path(&["provision", "guest_path"], format!("`guest_path` must be an absolute directory below /, found \"{gp}\"")),
+            src.at_path(
+                &["provision", "guest_path"],
+                format!("`guest_path` must be an absolute directory below /, found \"{gp}\""),
+            ),
             "use a dedicated directory such as \"/opt/provision\"",
         );
     }
     for (name, p) in &cfg.health {
         let at = |key: &str, msg: String| src.at_path(&["health", name, key], msg);
         if !p.path.starts_with('/') {
-            f.error(at("path", format!("health probe \"{name}\": `path` must start with '/', found \"{}\"", p.path)), "e.g. path = \"/health\"");
+            f.error(
+                at("path", format!("health probe \"{name}\": `path` must start with '/', found \"{}\"", p.path)),
+                "e.g. path = \"/health\"",
+            );
         }
         if p.port == 0 {
-            f.error(at("port", format!("health probe \"{name}\": `port` must be 1-65535")), "set the guest port the service listens on");
+            f.error(
+                at("port", format!("health probe \"{name}\": `port` must be 1-65535")),
+                "set the guest port the service listens on",
+            );
         }
         if !(100..=599).contains(&p.expect_status) {
-            f.error(at("expect_status", format!("health probe \"{name}\": `expect_status` {} is not an HTTP status", p.expect_status)), "use 100-599, usually 200");
+            f.error(
+                at(
+                    "expect_status",
+                    format!("health probe \"{name}\": `expect_status` {} is not an HTTP status", p.expect_status),
+                ),
+                "use 100-599, usually 200",
+            );
         }
         if p.timeout_secs == 0 {
-            f.error(at("timeout_secs", format!("health probe \"{name}\": `timeout_secs` must be at least 1")), "the default is 5");
+            f.error(
+                at("timeout_secs", format!("health probe \"{name}\": `timeout_secs` must be at least 1")),
+                "the default is 5",
+            );
         }
     }
     if !cfg.libvirt.uri.contains(":/") {
         f.error(
-            src.at_path(&["libvirt", "uri"], format!("`uri` \"{}\" in [libvirt] is not a libvirt URI", cfg.libvirt.uri)),
+            src.at_path(
+                &["libvirt", "uri"],
+                format!("`uri` \"{}\" in [libvirt] is not a libvirt URI", cfg.libvirt.uri),
+            ),
             "use \"qemu:///session\" (no root needed) or \"qemu:///system\"",
         );
     }
@@ -153,7 +175,10 @@ fn check_box(cfg: &Config, src: &Source, f: &mut Findings) {
         ),
         [_] => {}
         [first, second, ..] => f.error(
-            src.at_path(&["box", second], format!("two box sources: {} and {}; keep exactly one of: {SOURCES}", shown(first), shown(second))),
+            src.at_path(
+                &["box", second],
+                format!("two box sources: {} and {}; keep exactly one of: {SOURCES}", shown(first), shown(second)),
+            ),
             "remove all but one box source",
         ),
     }
@@ -161,17 +186,29 @@ fn check_box(cfg: &Config, src: &Source, f: &mut Findings) {
         (Some(url), sha) => {
             if !url_scheme_ok(url, &["http", "https", "file"]) {
                 f.error(
-                    src.at_path(&["box", "url"], format!("`url` \"{url}\" in [box] is not an http://, https:// or file:// URL")),
+                    src.at_path(
+                        &["box", "url"],
+                        format!("`url` \"{url}\" in [box] is not an http://, https:// or file:// URL"),
+                    ),
                     "for a file on this machine use `image` (or file:///absolute/path)",
                 );
             }
             match sha {
                 None => f.error(
-                    src.at_path(&["box", "url"], "`url` in [box] needs `sha256` (the download's SHA-256, 64 hex digits)"),
+                    src.at_path(
+                        &["box", "url"],
+                        "`url` in [box] needs `sha256` (the download's SHA-256, 64 hex digits)",
+                    ),
                     "compute it with `sha256sum FILE` and add sha256 = \"...\"",
                 ),
                 Some(s) if s.len() != 64 || !s.bytes().all(|c| c.is_ascii_hexdigit()) => f.error(
-                    src.at_path(&["box", "sha256"], format!("`sha256` must be 64 hexadecimal digits, found {} characters \"{s}\"", s.chars().count())),
+                    src.at_path(
+                        &["box", "sha256"],
+                        format!(
+                            "`sha256` must be 64 hexadecimal digits, found {} characters \"{s}\"",
+                            s.chars().count()
+                        ),
+                    ),
                     "copy the SHA-256 (not SHA-1 or SHA-512) published beside the image, or run `sha256sum FILE`",
                 ),
                 Some(_) => {}
@@ -186,7 +223,10 @@ fn check_box(cfg: &Config, src: &Source, f: &mut Findings) {
     if let Some(d) = &b.debian {
         if !url_scheme_ok(&d.mirror, &["http", "https", "file"]) {
             f.error(
-                src.at_path(&["box", "debian", "mirror"], format!("`mirror` \"{}\" is not an http://, https:// or file:// URL", d.mirror)),
+                src.at_path(
+                    &["box", "debian", "mirror"],
+                    format!("`mirror` \"{}\" is not an http://, https:// or file:// URL", d.mirror),
+                ),
                 "e.g. mirror = \"http://deb.debian.org/debian\"",
             );
         }
@@ -202,7 +242,10 @@ fn check_box(cfg: &Config, src: &Source, f: &mut Findings) {
                 && p.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || b"+-.".contains(&c));
             if !ok {
                 f.error(
-                    src.at_path(&["box", "debian", "packages", &i.to_string()], format!("\"{p}\" is not a Debian package name")),
+                    src.at_path(
+                        &["box", "debian", "packages", &i.to_string()],
+                        format!("\"{p}\" is not a Debian package name"),
+                    ),
                     "package names are lowercase letters, digits, '+', '-' and '.'",
                 );
             }
@@ -227,7 +270,10 @@ fn check_network(cfg: &Config, src: &Source, f: &mut Findings) {
         };
         for (key, port) in [("guest", fw.guest), ("host", fw.host)] {
             if port == 0 {
-                f.error(src.at_path(&["forward", &idx, key], format!("port 0 in {label} `{key}`")), "use a port from 1 to 65535");
+                f.error(
+                    src.at_path(&["forward", &idx, key], format!("port 0 in {label} `{key}`")),
+                    "use a port from 1 to 65535",
+                );
             }
         }
         check_ip(&fw.host_ip, &["forward", &idx, "host_ip"], &label, src, f);
@@ -239,7 +285,10 @@ fn check_network(cfg: &Config, src: &Source, f: &mut Findings) {
             Some((line, first)) => {
                 let at = line.map(|l| format!(" (line {l})")).unwrap_or_default();
                 f.error(
-                    Diagnostic { message: format!("host port {} of {label} is already used by {first}{at}", fw.host), ..here },
+                    Diagnostic {
+                        message: format!("host port {} of {label} is already used by {first}{at}", fw.host),
+                        ..here
+                    },
                     "give every forward (and [ssh] host_port) its own host port",
                 );
             }
@@ -257,7 +306,10 @@ fn check_ip(ip: &str, path: &[&str], what: &str, src: &Source, f: &mut Findings)
             "use 127.0.0.1 (host names are not accepted)",
         ),
         Ok(a) if !a.is_loopback() => f.warn(
-            src.at_path(path, format!("{what} listens on {a}, not on loopback: other machines can reach the guest through it")),
+            src.at_path(
+                path,
+                format!("{what} listens on {a}, not on loopback: other machines can reach the guest through it"),
+            ),
             "use 127.0.0.1 unless you mean to expose the port",
         ),
         Ok(_) => {}
@@ -295,11 +347,15 @@ pub fn cross(cfg: &Config, src: &Source) -> Result<Findings> {
         );
         return Ok(f);
     }
-    let rendered = render_tree(cfg, &source, &Secrets::generate())
-        .with_context(|| format!("rendering {} (as `provisioner up` would) failed", source.display()))?;
+    let rendered = render_tree(cfg, &source, &Secrets::generate()).with_context(|| {
+        format!("the provision tree {} does not render (validate renders it as `up` would)", source.display())
+    })?;
     let Some(compose) = COMPOSE_FILES.iter().find_map(|n| rendered.get(n)) else {
         f.warn(
-            src.at_path(&["provision", "source"], format!("{} renders no docker-compose.yml; forwarded ports were not checked", source.display())),
+            src.at_path(
+                &["provision", "source"],
+                format!("{} renders no docker-compose.yml; forwarded ports were not checked", source.display()),
+            ),
             "a provision tree is expected to hold docker-compose.yml(.hbs)",
         );
         return Ok(f);
@@ -318,12 +374,19 @@ pub fn cross(cfg: &Config, src: &Source) -> Result<Findings> {
         let label = fw.name.as_deref().map(|n| format!(" (\"{n}\")")).unwrap_or_default();
         let msg = format!("forwarded guest port {}{label} is not published by any service in {shown}", fw.guest);
         let at = src.at_path(&["forward", &i.to_string(), "guest"], msg);
-        let hint = format!("publish it in the compose file (\"127.0.0.1:{0}:{0}\") or remove this [[forward]]", fw.guest);
+        let hint =
+            format!("publish it in the compose file (\"127.0.0.1:{0}:{0}\") or remove this [[forward]]", fw.guest);
         if host_net.is_empty() {
             f.error(at, &hint);
         } else {
             let svc = host_net.join(", ");
-            f.warn(Diagnostic { message: format!("{} (unless {svc} on the host network listens on it)", at.message), ..at }, &hint);
+            f.warn(
+                Diagnostic {
+                    message: format!("{} (unless {svc} on the host network listens on it)", at.message),
+                    ..at
+                },
+                &hint,
+            );
         }
     }
     Ok(f)
