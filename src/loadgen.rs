@@ -39,7 +39,10 @@ impl Plan {
             bail!("--requests, --duration and --concurrency must be at least 1");
         }
         if !(self.url.starts_with("http://") || self.url.starts_with("https://")) {
-            bail!("--url {:?} is not an http(s) URL\nhint: pass the base URL, e.g. --url http://127.0.0.1:8000", self.url);
+            bail!(
+                "--url {:?} is not an http(s) URL\nhint: pass the base URL, e.g. --url http://127.0.0.1:8000",
+                self.url
+            );
         }
         Ok(())
     }
@@ -135,12 +138,8 @@ pub fn run(plan: &Plan) -> Result<Summary> {
         }
     });
     let (samples, first_error) = results.into_inner().expect("results lock");
-    let mut summary = Summary {
-        url: base,
-        elapsed_secs: start.elapsed().as_secs_f64(),
-        first_error,
-        ..Default::default()
-    };
+    let mut summary =
+        Summary { url: base, elapsed_secs: start.elapsed().as_secs_f64(), first_error, ..Default::default() };
     let mut latencies: Vec<Duration> = Vec::with_capacity(samples.len());
     for (endpoint, status, took) in samples {
         *summary.counts.entry(endpoint.to_string()).or_default().entry(status).or_default() += 1;

@@ -36,7 +36,9 @@ impl Lab {
         std::fs::write(&cfg_path, format!("{cfg}\n[vars]\n{vars}\n")).unwrap();
         test.write(
             ".provisioner/secrets.toml",
-            format!("prometheus_hex = \"{TEST_PROMETHEUS_HEX}\"\ngrafana_admin_password = \"{TEST_GRAFANA_PASSWORD}\"\n"),
+            format!(
+                "prometheus_hex = \"{TEST_PROMETHEUS_HEX}\"\ngrafana_admin_password = \"{TEST_GRAFANA_PASSWORD}\"\n"
+            ),
         );
         let out = test.path().join("out");
         Test::new().cwd(test.path()).args(["--config", "box-config.toml", "render", "--out", "out"]).run().success();
@@ -412,10 +414,8 @@ fn golden_rendered_templates() {
     let mut mismatches = Vec::new();
     for images in ["debian", "registry"] {
         let lab = Lab::render(images, "");
-        let mut files: Vec<(String, String)> = templates
-            .iter()
-            .map(|t| (format!("{images}/{t}"), lab.read(t)))
-            .collect();
+        let mut files: Vec<(String, String)> =
+            templates.iter().map(|t| (format!("{images}/{t}"), lab.read(t))).collect();
         let listing: String = walkdir::WalkDir::new(&lab.out)
             .sort_by_file_name()
             .into_iter()
