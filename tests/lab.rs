@@ -295,6 +295,9 @@ fn check_compose(lab: &Lab, images: &str) -> Value {
     let grafana = &c["services"]["grafana"]["environment"];
     assert_eq!(grafana["GF_SECURITY_ADMIN_PASSWORD"].as_str(), Some("${GF_SECURITY_ADMIN_PASSWORD}"));
     assert_eq!(grafana["GF_USERS_ALLOW_SIGN_UP"].as_str(), Some("false"));
+    // The env password only applies when the database is created; the volume outlives it, so it is re-applied.
+    let entry = serde_yaml::to_string(&c["services"]["grafana"]["entrypoint"]).unwrap();
+    assert!(entry.contains("reset-admin-password") && entry.contains("exec /run.sh"), "{entry}");
     // docker-compose v1 (Debian bookworm's 1.29, what the guest runs) parses it, profiles included.
     tool(&lab.out, "docker-compose", &["config", "-q"]);
     c
