@@ -10,6 +10,7 @@ pub mod config;
 pub mod guest;
 pub mod health;
 pub mod keys;
+pub mod loadgen;
 pub mod machine;
 pub mod process;
 pub mod provider;
