@@ -2,7 +2,7 @@
 //! rootfs in a chroot (`assets/box/configure.sh`), copy kernel + initrd out, `mkfs.ext4 -d` (no loop mount) and
 //! `qemu-img convert` to qcow2. The image has no bootloader: the provider boots the kernel directly.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -15,8 +15,9 @@ use crate::ui::{Phase, Ui};
 /// Bump when the recipe changes in a way the id cannot see (the script's text is hashed already).
 const RECIPE_VERSION: u32 = 1;
 const CONFIGURE: &str = include_str!("../../assets/box/configure.sh");
-/// Installed by debootstrap itself; extra packages are installed with apt in the chroot afterwards
-/// (apt resolves their dependencies the way the guest would, without recommends).
+/// Installed by debootstrap itself. Everything else goes through apt in the chroot afterwards: debootstrap's
+/// resolver cannot follow virtual packages (cloud-init's python3-cryptography needs python3-cffi-backend-api-*,
+/// measured: "dependency problems - leaving unconfigured").
 const BASE_PACKAGES: &[&str] = &[
     "linux-image-amd64",
     "systemd-sysv",
@@ -24,7 +25,6 @@ const BASE_PACKAGES: &[&str] = &[
     "udev",
     "dbus",
     "openssh-server",
-    "cloud-init",
     "sudo",
     "ca-certificates",
     "iproute2",
@@ -32,12 +32,18 @@ const BASE_PACKAGES: &[&str] = &[
     "procps",
     "kmod",
 ];
+/// Always installed with apt in the chroot, before the configured extra packages.
+const APT_PACKAGES: &[&str] = &["cloud-init"];
 pub const CMDLINE: &str = "root=LABEL=rootfs rw console=ttyS0";
 
-/// Extra packages, sorted and without duplicates or base packages.
+/// Extra packages, sorted and without duplicates or packages the recipe installs anyway.
 fn extras(d: &DebianBox) -> Vec<String> {
-    let mut v: Vec<String> =
-        d.packages.iter().map(|p| p.trim().to_string()).filter(|p| !BASE_PACKAGES.contains(&p.as_str())).collect();
+    let mut v: Vec<String> = d
+        .packages
+        .iter()
+        .map(|p| p.trim().to_string())
+        .filter(|p| !p.is_empty() && !BASE_PACKAGES.contains(&p.as_str()) && !APT_PACKAGES.contains(&p.as_str()))
+        .collect();
     v.sort();
     v.dedup();
     v
@@ -49,10 +55,11 @@ pub fn box_id(d: &DebianBox) -> String {
     let mut base: Vec<&str> = BASE_PACKAGES.to_vec();
     base.sort();
     let inputs = format!(
-        "recipe={RECIPE_VERSION}\nsuite={}\nmirror={}\nbase={}\nextra={}\nscript={}\n",
+        "recipe={RECIPE_VERSION}\nsuite={}\nmirror={}\nbase={}\napt={}\nextra={}\nscript={}\n",
         d.suite.trim(),
         d.mirror.trim().trim_end_matches('/'),
         base.join(","),
+        APT_PACKAGES.join(","),
         extras(d).join(","),
         hex::encode(Sha256::digest(CONFIGURE))
     );
@@ -98,14 +105,13 @@ fn build(cache: &Cache, id: &str, d: &DebianBox, dir: &Path, ui: &Ui) -> Result<
     let _ = std::fs::remove_file(&resolv);
     std::fs::copy("/etc/resolv.conf", &resolv).context("copy /etc/resolv.conf into the rootfs")?;
     std::fs::write(root.join("provisioner-configure.sh"), CONFIGURE).context("write the configure script")?;
-    let cmd = Cmd::new("chroot").arg(&root).args(["/bin/sh", "/provisioner-configure.sh"]).args(&ex);
+    let cmd = Cmd::new("chroot").arg(&root).args(["/bin/sh", "/provisioner-configure.sh"]).args(APT_PACKAGES).args(&ex);
     run_logged(cmd, &log, &phase, Duration::from_secs(45 * 60))?;
     std::fs::remove_file(root.join("provisioner-configure.sh"))?;
     phase.done(&if ex.is_empty() { "no extra packages".to_string() } else { format!("+ {}", ex.join(" ")) });
 
     let phase = ui.phase("image");
-    let kernel = copy_boot_file(&root, "vmlinuz-", &dir.join("vmlinuz"))?;
-    copy_boot_file(&root, "initrd.img-", &dir.join("initrd.img"))?;
+    let kernel = copy_kernel(&root, dir)?;
     let used = super::cache::dir_size(&root);
     // Sparse: only used blocks reach the qcow2. Room for the first boot; cloud-init grows the fs to the disk.
     let size_mb = (used * 3 / 2) / (1 << 20) + 1024;
@@ -216,26 +222,32 @@ fn with_disk_hint(e: anyhow::Error, dir: &Path) -> anyhow::Error {
     }
 }
 
-/// Copy the newest `/boot/<prefix>*` out of the rootfs (world-readable, so an unprivileged hypervisor can read
-/// it); returns the kernel version part of its name.
-fn copy_boot_file(root: &Path, prefix: &str, to: &Path) -> Result<String> {
+/// Copy the newest kernel of the rootfs and its initrd to `dir` (world-readable, so an unprivileged hypervisor
+/// can read them); returns the kernel version.
+fn copy_kernel(root: &Path, dir: &Path) -> Result<String> {
     use std::os::unix::fs::PermissionsExt;
     let boot = root.join("boot");
-    let mut found: Vec<PathBuf> = std::fs::read_dir(&boot)
+    let mut versions: Vec<String> = std::fs::read_dir(&boot)
         .with_context(|| format!("read {}", boot.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(prefix)))
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().to_string_lossy().strip_prefix("vmlinuz-").map(str::to_string))
+        .filter(|v| !v.contains(".dpkg-"))
         .collect();
-    found.sort();
-    let Some(src) = found.pop() else {
+    versions.sort();
+    let Some(version) = versions.pop() else {
         bail!(
-            "the rootfs has no /boot/{prefix}*: the kernel package did not install\nhint: read the build log and \
+            "the rootfs has no /boot/vmlinuz-*: the kernel package did not install\nhint: read the build log and \
              check that linux-image-amd64 exists on the mirror for this suite"
         );
     };
-    std::fs::copy(&src, to).with_context(|| format!("copy {} to {}", src.display(), to.display()))?;
-    std::fs::set_permissions(to, std::fs::Permissions::from_mode(0o644))?;
-    Ok(src.file_name().unwrap_or_default().to_string_lossy().trim_start_matches(prefix).to_string())
+    for (from, to) in [(format!("vmlinuz-{version}"), "vmlinuz"), (format!("initrd.img-{version}"), "initrd.img")] {
+        let (src, dst) = (boot.join(&from), dir.join(to));
+        std::fs::copy(&src, &dst).with_context(|| {
+            format!("copy {} out of the rootfs\nhint: the initramfs was not generated; read the build log", src.display())
+        })?;
+        std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(0o644))?;
+    }
+    Ok(version)
 }
 
 #[cfg(test)]

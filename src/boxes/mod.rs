@@ -6,6 +6,8 @@
 
 pub mod cache;
 pub mod debian;
+pub mod fetch;
+pub mod import;
 
 use std::path::PathBuf;
 
@@ -34,16 +36,29 @@ pub fn ensure(cfg: &Config, provider: &str, force: bool) -> Result<BoxImage> {
 /// [`ensure`] reporting progress through `ui`; the bool says whether this call built/fetched the box (false =
 /// cache hit).
 pub fn ensure_ui(cfg: &Config, provider: &str, force: bool, ui: &Ui) -> Result<(BoxImage, bool)> {
-    let cache = Cache::open()?;
+    ensure_in(&Cache::open()?, cfg, provider, force, ui)
+}
+
+/// [`ensure_ui`] with an explicit cache (tests use a temporary one).
+pub fn ensure_in(cache: &Cache, cfg: &Config, provider: &str, force: bool, ui: &Ui) -> Result<(BoxImage, bool)> {
     let b = &cfg.base_box;
     check_one_source(b)?;
     let (meta, built) = if let Some(d) = &b.debian {
-        debian::ensure(&cache, d, force, ui)?
+        debian::ensure(cache, d, force, ui)?
+    } else if let Some(url) = &b.url {
+        let Some(sha) = &b.sha256 else {
+            bail!(
+                "[box] url needs a sha256 to check the download against\nhint: add sha256 = \"...\" (from the \
+                 publisher's SHA256SUMS, or `sha256sum` of a copy you trust)"
+            );
+        };
+        fetch::ensure(cache, url, sha, force, ui)?
     } else {
-        bail!("only [box.debian] boxes are supported in this build")
+        let local = b.image.as_ref().or(b.vagrant.as_ref()).expect("exactly one source is set");
+        import::ensure(cache, &cfg.resolve(local), force, ui)?
     };
     check_provider(&meta, provider)?;
-    let image = image_of(&cache, &meta, b);
+    let image = image_of(cache, &meta, b);
     ui.event(
         "box",
         serde_json::json!({"id": meta.id, "built": built, "format": meta.format, "disk": image.disk}),
