@@ -41,7 +41,8 @@ fn payload(len: usize) -> Vec<u8> {
 /// A Vagrant .box: tar (optionally gzipped) of metadata.json plus the provider's files.
 fn vagrant_box(provider: &str, files: &[(&str, &[u8])], gzip: bool) -> Vec<u8> {
     let md = format!(r#"{{"provider":"{provider}","format":"qcow2","virtual_size":1}}"#);
-    let mut entries: Vec<(&str, &[u8])> = vec![("metadata.json", md.as_bytes()), ("Vagrantfile", b"# empty\n")];
+    let mut entries: Vec<(&str, &[u8])> =
+        vec![("metadata.json", md.as_bytes()), ("Vagrantfile", b"# empty\n")];
     entries.extend_from_slice(files);
     let mut b = tar::Builder::new(Vec::new());
     for (name, data) in entries {
@@ -120,7 +121,8 @@ impl Server {
                         _ => 0,
                     };
                     let head = if start >= body.len() && start > 0 {
-                        let _ = conn.write_all(b"HTTP/1.1 416 Range Not Satisfiable\r\nContent-Length: 0\r\n\r\n");
+                        let _ = conn
+                            .write_all(b"HTTP/1.1 416 Range Not Satisfiable\r\nContent-Length: 0\r\n\r\n");
                         return;
                     } else if start > 0 {
                         format!(
@@ -131,11 +133,15 @@ impl Server {
                             body.len()
                         )
                     } else {
-                        format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len())
+                        format!(
+                            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                            body.len()
+                        )
                     };
                     let _ = conn.write_all(head.as_bytes());
                     let rest = &body[start..];
-                    let send = if st.truncate.load(Ordering::SeqCst) { &rest[..rest.len() / 2] } else { rest };
+                    let send =
+                        if st.truncate.load(Ordering::SeqCst) { &rest[..rest.len() / 2] } else { rest };
                     for chunk in send.chunks(64 * 1024) {
                         if conn.write_all(chunk).is_err() {
                             return;
@@ -167,7 +173,8 @@ fn file_url_with_right_sum_is_cached_and_reused() {
     let src = tmp.path().join("tiny.qcow2");
     let sum = sha256(&img);
     let cache = Cache::at(tmp.path().join("cache")).unwrap();
-    let cfg = config(tmp.path(), "libvirt", &format!("url = \"file://{}\"\nsha256 = \"{sum}\"", src.display()));
+    let cfg =
+        config(tmp.path(), "libvirt", &format!("url = \"file://{}\"\nsha256 = \"{sum}\"", src.display()));
     let (image, built) = boxes::ensure_in(&cache, &cfg, "libvirt", false, &quiet()).unwrap();
     assert!(built);
     assert_eq!((image.id.as_str(), image.format.as_str()), (sum.as_str(), "qcow2"));
@@ -339,7 +346,10 @@ fn box_dir(server: &Server, sum: &str) -> Test {
     let t = Test::new();
     t.write(
         "box-config.toml",
-        format!("[machine]\nname = \"t\"\nprovider = \"libvirt\"\n\n[box]\nurl = \"{}\"\nsha256 = \"{sum}\"\n", server.url),
+        format!(
+            "[machine]\nname = \"t\"\nprovider = \"libvirt\"\n\n[box]\nurl = \"{}\"\nsha256 = \"{sum}\"\n",
+            server.url
+        ),
     );
     t
 }
@@ -387,7 +397,9 @@ fn box_list_build_remove_through_the_binary() {
     let server = Server::start(img);
     let cache = tmp.path().join("cache").display().to_string();
     let t = box_dir(&server, &sum);
-    let run = |args: &[&str]| Test::new().cwd(t.path()).env("PROVISIONER_CACHE_DIR", cache.clone()).args(args.to_vec()).run();
+    let run = |args: &[&str]| {
+        Test::new().cwd(t.path()).env("PROVISIONER_CACHE_DIR", cache.clone()).args(args.to_vec()).run()
+    };
 
     let list = last_json(&run(&["--json", "box", "list"]).success().stdout());
     assert_eq!(list, serde_json::json!([]));

@@ -42,7 +42,9 @@ fn extras(d: &DebianBox) -> Vec<String> {
         .packages
         .iter()
         .map(|p| p.trim().to_string())
-        .filter(|p| !p.is_empty() && !BASE_PACKAGES.contains(&p.as_str()) && !APT_PACKAGES.contains(&p.as_str()))
+        .filter(|p| {
+            !p.is_empty() && !BASE_PACKAGES.contains(&p.as_str()) && !APT_PACKAGES.contains(&p.as_str())
+        })
         .collect();
     v.sort();
     v.dedup();
@@ -105,7 +107,11 @@ fn build(cache: &Cache, id: &str, d: &DebianBox, dir: &Path, ui: &Ui) -> Result<
     let _ = std::fs::remove_file(&resolv);
     std::fs::copy("/etc/resolv.conf", &resolv).context("copy /etc/resolv.conf into the rootfs")?;
     std::fs::write(root.join("provisioner-configure.sh"), CONFIGURE).context("write the configure script")?;
-    let cmd = Cmd::new("chroot").arg(&root).args(["/bin/sh", "/provisioner-configure.sh"]).args(APT_PACKAGES).args(&ex);
+    let cmd = Cmd::new("chroot")
+        .arg(&root)
+        .args(["/bin/sh", "/provisioner-configure.sh"])
+        .args(APT_PACKAGES)
+        .args(&ex);
     run_logged(cmd, &log, &phase, Duration::from_secs(45 * 60))?;
     std::fs::remove_file(root.join("provisioner-configure.sh"))?;
     phase.done(&if ex.is_empty() { "no extra packages".to_string() } else { format!("+ {}", ex.join(" ")) });
@@ -154,7 +160,12 @@ fn preflight() -> Result<()> {
              prebuilt image: [box] image = \"...\" or url + sha256"
         );
     }
-    for (tool, pkg) in [("debootstrap", "debootstrap"), ("chroot", "coreutils"), ("mkfs.ext4", "e2fsprogs"), ("qemu-img", "qemu-utils")] {
+    for (tool, pkg) in [
+        ("debootstrap", "debootstrap"),
+        ("chroot", "coreutils"),
+        ("mkfs.ext4", "e2fsprogs"),
+        ("qemu-img", "qemu-utils"),
+    ] {
         if which::which(tool).is_err() {
             bail!("`{tool}` is not installed; it is needed to build a box from a Debian mirror\nhint: apt-get install {pkg}");
         }
@@ -198,9 +209,14 @@ fn failure_hint(log: &str) -> &'static str {
     if log.contains("No space left on device") {
         "the disk is full: free space in the cache directory (or set PROVISIONER_CACHE_DIR elsewhere); a build \
          needs about 3 GB while it runs"
-    } else if ["Failed getting release file", "Couldn't download", "Temporary failure resolving", "Could not connect"]
-        .iter()
-        .any(|s| log.contains(s))
+    } else if [
+        "Failed getting release file",
+        "Couldn't download",
+        "Temporary failure resolving",
+        "Could not connect",
+    ]
+    .iter()
+    .any(|s| log.contains(s))
     {
         "the mirror was not reachable: check [box.debian] mirror (and suite), DNS and any proxy \
          (http_proxy is honoured), then run `provisioner box build` again"
@@ -240,10 +256,15 @@ fn copy_kernel(root: &Path, dir: &Path) -> Result<String> {
              check that linux-image-amd64 exists on the mirror for this suite"
         );
     };
-    for (from, to) in [(format!("vmlinuz-{version}"), "vmlinuz"), (format!("initrd.img-{version}"), "initrd.img")] {
+    for (from, to) in
+        [(format!("vmlinuz-{version}"), "vmlinuz"), (format!("initrd.img-{version}"), "initrd.img")]
+    {
         let (src, dst) = (boot.join(&from), dir.join(to));
         std::fs::copy(&src, &dst).with_context(|| {
-            format!("copy {} out of the rootfs\nhint: the initramfs was not generated; read the build log", src.display())
+            format!(
+                "copy {} out of the rootfs\nhint: the initramfs was not generated; read the build log",
+                src.display()
+            )
         })?;
         std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(0o644))?;
     }

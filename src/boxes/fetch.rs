@@ -68,7 +68,9 @@ fn fetch(url: &str, part: &Path, ui: &Ui) -> Result<()> {
     if let Some(path) = url.strip_prefix("file://") {
         let src = PathBuf::from(path);
         std::fs::copy(&src, part).with_context(|| {
-            format!("cannot read {url}\nhint: check the path; a file:// URL needs an absolute path (file:///...)")
+            format!(
+                "cannot read {url}\nhint: check the path; a file:// URL needs an absolute path (file:///...)"
+            )
         })?;
         return Ok(());
     }
@@ -129,13 +131,10 @@ fn download(agent: &ureq::Agent, url: &str, part: &Path, ui: &Ui) -> Result<(), 
         && resp.header("Content-Range").is_some_and(|v| v.starts_with(&format!("bytes {have}-")));
     let start = if resumed { have } else { 0 };
     let total = resp.header("Content-Length").and_then(|v| v.parse::<u64>().ok()).map(|n| n + start);
-    let mut file = if resumed {
-        std::fs::OpenOptions::new().append(true).open(part)
-    } else {
-        File::create(part)
-    }
-    .with_context(|| format!("open {}", part.display()))
-    .map_err(Failure::Fatal)?;
+    let mut file =
+        if resumed { std::fs::OpenOptions::new().append(true).open(part) } else { File::create(part) }
+            .with_context(|| format!("open {}", part.display()))
+            .map_err(Failure::Fatal)?;
     let bar = progress_bar(ui, total, start);
     let mut body = resp.into_reader();
     let mut buf = vec![0u8; 256 * 1024];
@@ -160,7 +159,9 @@ fn download(agent: &ureq::Agent, url: &str, part: &Path, ui: &Ui) -> Result<(), 
     file.flush().map_err(|e| Failure::Fatal(e.into()))?;
     bar.finish_and_clear();
     match total {
-        Some(t) if got < t => Err(Failure::Retry(anyhow::anyhow!("{url}: the server closed after {got} of {t} bytes"))),
+        Some(t) if got < t => {
+            Err(Failure::Retry(anyhow::anyhow!("{url}: the server closed after {got} of {t} bytes")))
+        }
         _ => Ok(()),
     }
 }

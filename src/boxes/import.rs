@@ -29,7 +29,8 @@ pub fn ensure(cache: &Cache, path: &Path, force: bool, ui: &Ui) -> Result<(BoxMe
         return cache.get_or_build(&id, force, ui, |dir| {
             for f in &files {
                 let name = f.file_name().context("file name")?;
-                std::fs::copy(f, dir.join(name)).with_context(|| format!("copy {} into the cache", f.display()))?;
+                std::fs::copy(f, dir.join(name))
+                    .with_context(|| format!("copy {} into the cache", f.display()))?;
             }
             let ovf = path.file_name().context("file name")?.to_string_lossy().into_owned();
             Ok(BoxMeta::new(source.clone(), "virtualbox", "ovf", &ovf))
@@ -49,10 +50,7 @@ enum Kind {
 
 fn sniff(path: &Path) -> Result<Kind> {
     let mut head = Vec::with_capacity(512);
-    File::open(path)
-        .with_context(|| format!("open {}", path.display()))?
-        .take(512)
-        .read_to_end(&mut head)?;
+    File::open(path).with_context(|| format!("open {}", path.display()))?.take(512).read_to_end(&mut head)?;
     Ok(if head.starts_with(&[0x1f, 0x8b]) {
         Kind::Gzip
     } else if head.len() >= 262 && &head[257..262] == b"ustar" {
@@ -81,7 +79,8 @@ pub fn unpack(src: &Path, dir: &Path, source: String) -> Result<BoxMeta> {
             std::fs::rename(src, dir.join(&disk))?;
         } else {
             // A copy, not a hardlink: the cached base must not change when the user edits their file.
-            std::fs::copy(src, dir.join(&disk)).with_context(|| format!("copy {} into the cache", src.display()))?;
+            std::fs::copy(src, dir.join(&disk))
+                .with_context(|| format!("copy {} into the cache", src.display()))?;
         }
         return Ok(BoxMeta::new(source, "libvirt", &format, &disk));
     }
@@ -181,7 +180,10 @@ fn ovf_files(ovf: &Path) -> Result<Vec<PathBuf>> {
         }
         let f = base.join(name);
         if !f.is_file() {
-            bail!("{} references {name}, which is not beside it\nhint: keep the .ovf and its disks together", ovf.display());
+            bail!(
+                "{} references {name}, which is not beside it\nhint: keep the .ovf and its disks together",
+                ovf.display()
+            );
         }
         files.push(f);
     }

@@ -40,7 +40,13 @@ pub fn ensure_ui(cfg: &Config, provider: &str, force: bool, ui: &Ui) -> Result<(
 }
 
 /// [`ensure_ui`] with an explicit cache (tests use a temporary one).
-pub fn ensure_in(cache: &Cache, cfg: &Config, provider: &str, force: bool, ui: &Ui) -> Result<(BoxImage, bool)> {
+pub fn ensure_in(
+    cache: &Cache,
+    cfg: &Config,
+    provider: &str,
+    force: bool,
+    ui: &Ui,
+) -> Result<(BoxImage, bool)> {
     let b = &cfg.base_box;
     check_one_source(b)?;
     let (meta, built) = if let Some(d) = &b.debian {
