@@ -28,7 +28,8 @@ pub struct DockerProbe {
 }
 
 /// Shell snippet whose output [`parse_probe`] reads: each command's output framed by markers with its status.
-pub const PROBE_SCRIPT: &str = "for c in 'docker --version' 'sudo -n docker compose version' 'docker-compose version'; do \
+pub const PROBE_SCRIPT: &str =
+    "for c in 'docker --version' 'sudo -n docker compose version' 'docker-compose version'; do \
      echo \"@@begin $c\"; $c 2>&1; echo \"@@status $?\"; done";
 
 /// Parse the output of [`PROBE_SCRIPT`]. Pure: only the exit statuses and version banners count.
@@ -48,9 +49,13 @@ pub fn parse_probe(output: &str) -> DockerProbe {
         }
     }
     let ok = |key: &str, banner: &str| {
-        results.iter().find(|(cmd, _)| cmd.ends_with(key)).and_then(|(_, (status, text))| {
-            (*status == 0 && text.to_ascii_lowercase().contains(banner)).then(|| text.trim().to_string())
-        })
+        results
+            .iter()
+            .find(|(cmd, _)| cmd.ends_with(key))
+            .and_then(|(_, (status, text))| {
+                (*status == 0 && text.to_ascii_lowercase().contains(banner))
+                    .then(|| text.trim().to_string())
+            })
     };
     let v2 = ok("docker compose version", "compose version");
     let v1 = ok("docker-compose version", "docker-compose version");
@@ -70,7 +75,12 @@ pub fn detect_compose(v2_banner: Option<&str>, v1_banner: Option<&str>) -> Optio
 }
 
 /// Compose file names, in the order Compose itself looks for them.
-pub const COMPOSE_FILES: &[&str] = &["compose.yaml", "compose.yml", "docker-compose.yml", "docker-compose.yaml"];
+pub const COMPOSE_FILES: &[&str] = &[
+    "compose.yaml",
+    "compose.yml",
+    "docker-compose.yml",
+    "docker-compose.yaml",
+];
 
 /// One service of the lab's compose file, as far as provisioning cares.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -103,26 +113,34 @@ impl ComposeModel {
                 COMPOSE_FILES.join(", ")
             )
         })?;
-        let text = std::str::from_utf8(&file.contents).with_context(|| format!("{} is not UTF-8", file.path))?;
+        let text = std::str::from_utf8(&file.contents)
+            .with_context(|| format!("{} is not UTF-8", file.path))?;
         Self::parse(&file.path, text)
     }
 
     /// Parse compose YAML (only the keys provisioning uses).
     pub fn parse(file: &str, text: &str) -> Result<ComposeModel> {
-        let doc: serde_yaml::Value = serde_yaml::from_str(text)
-            .map_err(|e| anyhow!("{file}: {e}\nhint: `provisioner render --out DIR` shows the rendered file"))?;
+        let doc: serde_yaml::Value = serde_yaml::from_str(text).map_err(|e| {
+            anyhow!("{file}: {e}\nhint: `provisioner render --out DIR` shows the rendered file")
+        })?;
         let services = doc
             .get("services")
             .and_then(|s| s.as_mapping())
             .ok_or_else(|| anyhow!("{file}: no `services:` mapping"))?;
         let str_list = |v: Option<&serde_yaml::Value>| -> Vec<String> {
             v.and_then(|v| v.as_sequence())
-                .map(|s| s.iter().filter_map(|x| x.as_str().map(String::from)).collect())
+                .map(|s| {
+                    s.iter()
+                        .filter_map(|x| x.as_str().map(String::from))
+                        .collect()
+                })
                 .unwrap_or_default()
         };
         let mut out = Vec::new();
         for (name, svc) in services {
-            let name = name.as_str().ok_or_else(|| anyhow!("{file}: a service name is not a string"))?;
+            let name = name
+                .as_str()
+                .ok_or_else(|| anyhow!("{file}: a service name is not a string"))?;
             let build_context = match svc.get("build") {
                 Some(serde_yaml::Value::String(ctx)) => Some(ctx.as_str()),
                 Some(b) => Some(b.get("context").and_then(|c| c.as_str()).unwrap_or(".")),
@@ -137,8 +155,13 @@ impl ComposeModel {
                         .filter_map(|v| match v {
                             serde_yaml::Value::String(s) => s.split(':').next().and_then(relative),
                             other => {
-                                let bind = other.get("type").and_then(|t| t.as_str()) == Some("bind");
-                                other.get("source").and_then(|s| s.as_str()).filter(|_| bind).and_then(relative)
+                                let bind =
+                                    other.get("type").and_then(|t| t.as_str()) == Some("bind");
+                                other
+                                    .get("source")
+                                    .and_then(|s| s.as_str())
+                                    .filter(|_| bind)
+                                    .and_then(relative)
                             }
                         })
                         .collect()
@@ -152,16 +175,14 @@ impl ComposeModel {
                 mounts,
             });
         }
-        Ok(ComposeModel { file: file.to_string(), services: out })
+        Ok(ComposeModel {
+            file: file.to_string(),
+            services: out,
+        })
     }
 
     pub fn service(&self, name: &str) -> Option<&Service> {
         self.services.iter().find(|s| s.name == name)
-    }
-
-    /// Every profile any service declares.
-    pub fn profiles(&self) -> BTreeSet<String> {
-        self.services.iter().flat_map(|s| s.profiles.iter().cloned()).collect()
     }
 }
 
@@ -200,7 +221,9 @@ impl ChangePlan {
 /// under a top-level directory named like a service restarts that service (config it reads at start); the compose
 /// file and `.env` are Compose's own business (`up -d`).
 pub fn plan_changes(model: &ComposeModel, changed: &[String]) -> ChangePlan {
-    let under = |path: &str, dir: &str| dir.is_empty() || path == dir || path.starts_with(&format!("{dir}/"));
+    let under = |path: &str, dir: &str| {
+        dir.is_empty() || path == dir || path.starts_with(&format!("{dir}/"))
+    };
     let mut plan = ChangePlan::default();
     for path in changed {
         if path == &model.file || path == ".env" {
@@ -209,7 +232,11 @@ pub fn plan_changes(model: &ComposeModel, changed: &[String]) -> ChangePlan {
         }
         let mut hit = false;
         for svc in &model.services {
-            if svc.build_context.as_deref().is_some_and(|ctx| under(path, ctx)) {
+            if svc
+                .build_context
+                .as_deref()
+                .is_some_and(|ctx| under(path, ctx))
+            {
                 plan.rebuild.insert(svc.name.clone());
                 hit = true;
             } else if svc.mounts.iter().any(|m| under(path, m)) || under(path, &svc.name) {
@@ -229,7 +256,10 @@ pub fn plan_changes(model: &ComposeModel, changed: &[String]) -> ChangePlan {
 
 /// Quote one word for a POSIX shell.
 pub fn sh_quote(s: &str) -> String {
-    if !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_./=:@,+".contains(c)) {
+    if !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./=:@,+".contains(c))
+    {
         s.to_string()
     } else {
         format!("'{}'", s.replace('\'', r"'\''"))
@@ -244,8 +274,6 @@ pub struct Compose {
     pub dir: String,
     pub project: String,
     pub file: String,
-    /// Profiles to activate (`--profile P` each).
-    pub profiles: Vec<String>,
 }
 
 impl Compose {
@@ -255,9 +283,8 @@ impl Compose {
             ComposeKind::V2 => "docker compose",
             ComposeKind::V1 => "docker-compose",
         };
-        let profiles: String = self.profiles.iter().map(|p| format!(" --profile {}", sh_quote(p))).collect();
         format!(
-            "cd {} && sudo -n {bin} -p {} -f {}{profiles} {args}",
+            "cd {} && sudo -n {bin} -p {} -f {} {args}",
             sh_quote(&self.dir),
             sh_quote(&self.project),
             sh_quote(&self.file)
@@ -267,8 +294,16 @@ impl Compose {
 
 /// A Compose project name from the machine name (lowercase letters, digits, dashes).
 pub fn project_name(machine: &str) -> String {
-    let s: String =
-        machine.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' }).collect();
+    let s: String = machine
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
+        .collect();
     format!("provisioner-{s}")
 }
 
@@ -309,9 +344,11 @@ volumes:
 
     fn probe_output(docker: (i32, &str), v2: (i32, &str), v1: (i32, &str)) -> String {
         let mut s = String::new();
-        for (cmd, (st, text)) in
-            [("docker --version", docker), ("sudo -n docker compose version", v2), ("docker-compose version", v1)]
-        {
+        for (cmd, (st, text)) in [
+            ("docker --version", docker),
+            ("sudo -n docker compose version", v2),
+            ("docker-compose version", v1),
+        ] {
             s.push_str(&format!("@@begin {cmd}\n{text}\n@@status {st}\n"));
         }
         s
@@ -333,8 +370,14 @@ volumes:
     fn detects_compose_v1_on_bookworm() {
         let out = probe_output(
             (0, "Docker version 20.10.24+dfsg1, build 297e128"),
-            (1, "docker: 'compose' is not a docker command.\nSee 'docker --help'"),
-            (0, "docker-compose version 1.29.2, build unknown\ndocker-py version: 5.0.3"),
+            (
+                1,
+                "docker: 'compose' is not a docker command.\nSee 'docker --help'",
+            ),
+            (
+                0,
+                "docker-compose version 1.29.2, build unknown\ndocker-py version: 5.0.3",
+            ),
         );
         assert_eq!(parse_probe(&out).compose, Some(ComposeKind::V1));
     }
@@ -356,13 +399,23 @@ volumes:
             (1, "sudo: docker: command not found"),
             (127, "sh: 1: docker-compose: not found"),
         );
-        assert_eq!(parse_probe(&out), DockerProbe { docker: None, compose: None });
+        assert_eq!(
+            parse_probe(&out),
+            DockerProbe {
+                docker: None,
+                compose: None
+            }
+        );
     }
 
     #[test]
     fn exit_zero_without_banner_is_not_compose() {
         // Old docker CLIs print their help with status 0 for an unknown subcommand.
-        let out = probe_output((0, "Docker version 19.03"), (0, "Usage: docker [OPTIONS] COMMAND"), (127, "nope"));
+        let out = probe_output(
+            (0, "Docker version 19.03"),
+            (0, "Usage: docker [OPTIONS] COMMAND"),
+            (127, "nope"),
+        );
         assert_eq!(parse_probe(&out).compose, None);
     }
 
@@ -372,11 +425,22 @@ volumes:
         assert_eq!(m.services.len(), 6);
         let prom = m.service("prometheus").unwrap();
         assert_eq!(prom.build_context.as_deref(), Some("prometheus"));
-        assert_eq!(prom.mounts, vec!["prometheus/prometheus.yml", "prometheus/rules"]);
-        assert_eq!(m.service("alertmanager").unwrap().mounts, vec!["alertmanager"]);
-        assert_eq!(m.service("node-exporter").unwrap().build_context.as_deref(), Some("node-exporter"));
-        assert_eq!(m.service("grafana").unwrap().profiles, vec!["offline-unavailable"]);
-        assert_eq!(m.profiles().len(), 1);
+        assert_eq!(
+            prom.mounts,
+            vec!["prometheus/prometheus.yml", "prometheus/rules"]
+        );
+        assert_eq!(
+            m.service("alertmanager").unwrap().mounts,
+            vec!["alertmanager"]
+        );
+        assert_eq!(
+            m.service("node-exporter").unwrap().build_context.as_deref(),
+            Some("node-exporter")
+        );
+        assert_eq!(
+            m.service("grafana").unwrap().profiles,
+            vec!["offline-unavailable"]
+        );
     }
 
     #[test]
@@ -400,7 +464,10 @@ volumes:
         let plan = plan_changes(&m, &changed);
         assert!(!plan.compose_changed);
         assert_eq!(plan.rebuild.iter().collect::<Vec<_>>(), ["demo-app"]);
-        assert_eq!(plan.restart.iter().collect::<Vec<_>>(), ["alertmanager", "grafana"]);
+        assert_eq!(
+            plan.restart.iter().collect::<Vec<_>>(),
+            ["alertmanager", "grafana"]
+        );
         assert_eq!(plan.unmapped, vec!["README.md"]);
     }
 
@@ -436,14 +503,18 @@ volumes:
             dir: "/opt/provision".into(),
             project: project_name("Lab_1"),
             file: "compose.yaml".into(),
-            profiles: vec![],
         };
         assert_eq!(
             c.cmd("up -d"),
             "cd /opt/provision && sudo -n docker-compose -p provisioner-lab-1 -f compose.yaml up -d"
         );
-        let c = Compose { kind: ComposeKind::V2, profiles: vec!["full".into()], ..c };
-        assert!(c.cmd("pull").contains("sudo -n docker compose -p provisioner-lab-1 -f compose.yaml --profile full pull"));
+        let c = Compose {
+            kind: ComposeKind::V2,
+            ..c
+        };
+        assert!(c
+            .cmd("pull")
+            .contains("sudo -n docker compose -p provisioner-lab-1 -f compose.yaml pull"));
         assert_eq!(sh_quote("it's"), r"'it'\''s'");
     }
 }

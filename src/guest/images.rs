@@ -53,17 +53,26 @@ impl BaseImage {
             .map(|d| d.mirror.clone())
             .unwrap_or_else(|| "http://deb.debian.org/debian".to_string());
         let mut h = Sha256::new();
-        for part in [BUILD_SCRIPT, BASE_SUITE, &mirror].into_iter().chain(BASE_PACKAGES.iter().copied()) {
+        for part in [BUILD_SCRIPT, BASE_SUITE, &mirror]
+            .into_iter()
+            .chain(BASE_PACKAGES.iter().copied())
+        {
             h.update(part.as_bytes());
             h.update([0]);
         }
         let key = hex::encode(h.finalize())[..16].to_string();
-        Self { tag: format!("provisioner-base:{BASE_SUITE}"), mirror, key }
+        Self {
+            tag: format!("provisioner-base:{BASE_SUITE}"),
+            mirror,
+            key,
+        }
     }
 
     /// The cached rootfs tarball.
     pub fn tarball(&self) -> PathBuf {
-        crate::boxes::cache_dir().join("images").join(format!("provisioner-base-{BASE_SUITE}-{}.tar", self.key))
+        crate::boxes::cache_dir()
+            .join("images")
+            .join(format!("provisioner-base-{BASE_SUITE}-{}.tar", self.key))
     }
 
     /// Build the tarball on the host unless cached (under a lock, so parallel runs build it once).
@@ -74,15 +83,23 @@ impl BaseImage {
         let dir = out.parent().expect("tarball has a parent");
         std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
         let lock_path = dir.join(".build.lock");
-        let lock = std::fs::File::create(&lock_path).with_context(|| format!("open {}", lock_path.display()))?;
-        lock.lock_exclusive().with_context(|| format!("lock {}", lock_path.display()))?;
+        let lock = std::fs::File::create(&lock_path)
+            .with_context(|| format!("open {}", lock_path.display()))?;
+        lock.lock_exclusive()
+            .with_context(|| format!("lock {}", lock_path.display()))?;
         if out.is_file() {
             return Ok(false);
         }
-        phase.message(&format!("debootstrap {BASE_SUITE} + lab packages on the host (about a minute)"));
+        phase.message(&format!(
+            "debootstrap {BASE_SUITE} + lab packages on the host (about a minute)"
+        ));
         // SAFETY: geteuid has no preconditions.
         let root = unsafe { libc::geteuid() } == 0;
-        let cmd = if root { Cmd::new("sh") } else { Cmd::new("sudo").args(["-n", "sh"]) };
+        let cmd = if root {
+            Cmd::new("sh")
+        } else {
+            Cmd::new("sudo").args(["-n", "sh"])
+        };
         cmd.arg("-c")
             .arg(BUILD_SCRIPT)
             .arg("base-image")
@@ -110,10 +127,17 @@ impl BaseImage {
             return Ok(false);
         }
         let path = self.tarball();
-        let size = std::fs::metadata(&path).with_context(|| format!("stat {}", path.display()))?.len();
-        phase.message(&format!("docker import {} ({} MB) into the guest", self.tag, size >> 20));
-        let mut file =
-            std::io::BufReader::new(std::fs::File::open(&path).with_context(|| format!("open {}", path.display()))?);
+        let size = std::fs::metadata(&path)
+            .with_context(|| format!("stat {}", path.display()))?
+            .len();
+        phase.message(&format!(
+            "docker import {} ({} MB) into the guest",
+            self.tag,
+            size >> 20
+        ));
+        let mut file = std::io::BufReader::new(
+            std::fs::File::open(&path).with_context(|| format!("open {}", path.display()))?,
+        );
         let out = ssh.exec_with_stdin(
             &format!(
                 "sudo -n docker import --change {} --change {} - {tag}",
@@ -147,13 +171,20 @@ mod tests {
 
     #[test]
     fn key_depends_on_mirror_only_among_config_inputs() {
-        let a = BaseImage::for_config(&cfg("[box.debian]\nmirror = \"http://deb.debian.org/debian\""));
-        let b = BaseImage::for_config(&cfg("[box.debian]\nmirror = \"http://mirror.example/debian\""));
+        let a = BaseImage::for_config(&cfg(
+            "[box.debian]\nmirror = \"http://deb.debian.org/debian\"",
+        ));
+        let b = BaseImage::for_config(&cfg(
+            "[box.debian]\nmirror = \"http://mirror.example/debian\"",
+        ));
         let c = BaseImage::for_config(&cfg("image = \"x.qcow2\""));
         assert_ne!(a.key, b.key);
         assert_eq!(a.key, c.key, "default mirror without [box.debian]");
         assert_eq!(a.tag, "provisioner-base:bookworm");
         assert_eq!(a.key.len(), 16);
-        assert!(a.tarball().to_string_lossy().ends_with(&format!("images/provisioner-base-bookworm-{}.tar", a.key)));
+        assert!(a
+            .tarball()
+            .to_string_lossy()
+            .ends_with(&format!("images/provisioner-base-bookworm-{}.tar", a.key)));
     }
 }

@@ -33,7 +33,15 @@ impl Manifest {
             files: rendered
                 .files
                 .iter()
-                .map(|f| (f.path.clone(), Entry { sha256: f.sha256(), mode: f.mode }))
+                .map(|f| {
+                    (
+                        f.path.clone(),
+                        Entry {
+                            sha256: f.sha256(),
+                            mode: f.mode,
+                        },
+                    )
+                })
                 .collect(),
         }
     }
@@ -56,7 +64,12 @@ impl Diff {
     }
     /// Every path whose state in the guest changes.
     pub fn touched(&self) -> Vec<String> {
-        self.added.iter().chain(&self.changed).chain(&self.removed).cloned().collect()
+        self.added
+            .iter()
+            .chain(&self.changed)
+            .chain(&self.removed)
+            .cloned()
+            .collect()
     }
     pub fn is_empty(&self) -> bool {
         self.added.is_empty() && self.changed.is_empty() && self.removed.is_empty()
@@ -73,7 +86,12 @@ pub fn diff(old: &Manifest, new: &Manifest) -> Diff {
             Some(_) => d.unchanged.push(path.clone()),
         }
     }
-    d.removed = old.files.keys().filter(|p| !new.files.contains_key(*p)).cloned().collect();
+    d.removed = old
+        .files
+        .keys()
+        .filter(|p| !new.files.contains_key(*p))
+        .cloned()
+        .collect();
     d
 }
 
@@ -81,7 +99,9 @@ pub fn diff(old: &Manifest, new: &Manifest) -> Diff {
 pub fn tar_of(rendered: &Rendered, paths: &[&String]) -> Result<Vec<u8>> {
     let mut b = tar::Builder::new(Vec::new());
     for path in paths {
-        let f = rendered.get(path).with_context(|| format!("{path} is not in the rendered tree"))?;
+        let f = rendered
+            .get(path)
+            .with_context(|| format!("{path} is not in the rendered tree"))?;
         let mut h = tar::Header::new_gnu();
         h.set_size(f.contents.len() as u64);
         h.set_mode(f.mode);
@@ -89,7 +109,8 @@ pub fn tar_of(rendered: &Rendered, paths: &[&String]) -> Result<Vec<u8>> {
         h.set_gid(0);
         h.set_mtime(0);
         h.set_entry_type(tar::EntryType::Regular);
-        b.append_data(&mut h, &f.path, f.contents.as_slice()).with_context(|| format!("tar {path}"))?;
+        b.append_data(&mut h, &f.path, f.contents.as_slice())
+            .with_context(|| format!("tar {path}"))?;
     }
     b.into_inner().context("finish tar")
 }
@@ -97,8 +118,15 @@ pub fn tar_of(rendered: &Rendered, paths: &[&String]) -> Result<Vec<u8>> {
 /// Read the guest's manifest; a missing or unreadable one means "nothing uploaded yet".
 pub fn read_manifest(ssh: &Session, guest_path: &str) -> Result<Manifest> {
     let p = sh_quote(&format!("{guest_path}/{MANIFEST_FILE}"));
-    let out = ssh.exec(&format!("sudo -n cat {p} 2>/dev/null"), Duration::from_secs(30))?;
-    Ok(if out.status == 0 { serde_json::from_str(&out.output).unwrap_or_default() } else { Manifest::default() })
+    let out = ssh.exec(
+        &format!("sudo -n cat {p} 2>/dev/null"),
+        Duration::from_secs(30),
+    )?;
+    Ok(if out.status == 0 {
+        serde_json::from_str(&out.output).unwrap_or_default()
+    } else {
+        Manifest::default()
+    })
 }
 
 /// Record what the guest now holds.
@@ -110,7 +138,11 @@ pub fn write_manifest(ssh: &Session, guest_path: &str, manifest: &Manifest) -> R
         &mut data.as_slice(),
         Duration::from_secs(30),
     )?;
-    anyhow::ensure!(out.status == 0, "cannot write the manifest in the guest:\n{}", out.output);
+    anyhow::ensure!(
+        out.status == 0,
+        "cannot write the manifest in the guest:\n{}",
+        out.output
+    );
     Ok(())
 }
 
@@ -136,9 +168,16 @@ pub fn apply(ssh: &Session, guest_path: &str, rendered: &Rendered, diff: &Diff) 
         );
     }
     if !diff.removed.is_empty() {
-        let paths: Vec<String> = diff.removed.iter().map(|p| sh_quote(&format!("{guest_path}/{p}"))).collect();
-        ssh.exec_ok(&format!("sudo -n rm -f -- {}", paths.join(" ")), Duration::from_secs(60))
-            .context("remove deleted files from the guest")?;
+        let paths: Vec<String> = diff
+            .removed
+            .iter()
+            .map(|p| sh_quote(&format!("{guest_path}/{p}")))
+            .collect();
+        ssh.exec_ok(
+            &format!("sudo -n rm -f -- {}", paths.join(" ")),
+            Duration::from_secs(60),
+        )
+        .context("remove deleted files from the guest")?;
     }
     Ok(sent)
 }
@@ -152,7 +191,11 @@ mod tests {
         Rendered {
             files: files
                 .iter()
-                .map(|(p, c, m)| RenderedFile { path: p.to_string(), contents: c.as_bytes().to_vec(), mode: *m })
+                .map(|(p, c, m)| RenderedFile {
+                    path: p.to_string(),
+                    contents: c.as_bytes().to_vec(),
+                    mode: *m,
+                })
                 .collect(),
         }
     }
@@ -173,10 +216,17 @@ mod tests {
         ]));
         let d = diff(&old, &new);
         assert_eq!(d.added, vec!["new/c.yml"]);
-        assert_eq!(d.changed, vec!["b.yml", "run.sh"], "content and mode changes both count");
+        assert_eq!(
+            d.changed,
+            vec!["b.yml", "run.sh"],
+            "content and mode changes both count"
+        );
         assert_eq!(d.removed, vec!["gone.txt"]);
         assert_eq!(d.unchanged, vec!["a.yml"]);
-        assert_eq!(d.touched(), vec!["new/c.yml", "b.yml", "run.sh", "gone.txt"]);
+        assert_eq!(
+            d.touched(),
+            vec!["new/c.yml", "b.yml", "run.sh", "gone.txt"]
+        );
     }
 
     #[test]
@@ -199,7 +249,11 @@ mod tests {
 
     #[test]
     fn tar_keeps_modes_and_only_named_files() {
-        let t = tree(&[("a.yml", "1", 0o644), (".env", "SECRET=1", 0o600), ("s/run.sh", "#!/bin/sh", 0o755)]);
+        let t = tree(&[
+            ("a.yml", "1", 0o644),
+            (".env", "SECRET=1", 0o600),
+            ("s/run.sh", "#!/bin/sh", 0o755),
+        ]);
         let names = [".env".to_string(), "s/run.sh".to_string()];
         let bytes = tar_of(&t, &names.iter().collect::<Vec<_>>()).unwrap();
         let mut ar = tar::Archive::new(bytes.as_slice());
@@ -208,10 +262,16 @@ mod tests {
             .unwrap()
             .map(|e| {
                 let e = e.unwrap();
-                (e.path().unwrap().to_string_lossy().into_owned(), e.header().mode().unwrap())
+                (
+                    e.path().unwrap().to_string_lossy().into_owned(),
+                    e.header().mode().unwrap(),
+                )
             })
             .collect();
-        assert_eq!(got, vec![(".env".to_string(), 0o600), ("s/run.sh".to_string(), 0o755)]);
+        assert_eq!(
+            got,
+            vec![(".env".to_string(), 0o600), ("s/run.sh".to_string(), 0o755)]
+        );
         assert!(tar_of(&t, &[&"missing".to_string()]).is_err());
     }
 }
