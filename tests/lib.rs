@@ -8,6 +8,7 @@ mod support;
 
 mod cli;
 mod config;
+mod guest;
 mod lab;
 mod live_stack;
 mod render;
@@ -15,4 +16,3 @@ mod seed;
 mod ssh;
 mod virtualbox;
 mod vm;
-mod guest;

@@ -15,7 +15,9 @@ pub struct Libvirt {
 
 impl Libvirt {
     pub fn new(cfg: &Config) -> Result<Self> {
-        Ok(Self { uri: cfg.libvirt.uri.clone() })
+        Ok(Self {
+            uri: cfg.libvirt.uri.clone(),
+        })
     }
 }
 
