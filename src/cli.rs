@@ -84,9 +84,9 @@ pub struct UpArgs {
     /// Boot the machine only; skip Docker, upload, images, compose and health.
     #[arg(long)]
     pub no_provision: bool,
-    /// Seconds to wait for SSH after boot.
-    #[arg(long, default_value_t = 600)]
-    pub boot_timeout: u64,
+    /// Seconds to wait for SSH after boot [default: [ssh] connect_timeout_secs of box-config.toml, 600].
+    #[arg(long)]
+    pub boot_timeout: Option<u64>,
 }
 
 #[derive(Debug, Clone, Args, Default)]
