@@ -189,13 +189,20 @@ webhook_url = "http://{ip}:{hook_port}/hook""#
 
     // Bounded load through the real CLI: the summary counts 5xx and reports percentiles.
     let app_url = format!("http://{ip}:{app}");
+    // Without --url it targets the host port box-config.toml forwards to the demo app's guest port 8000.
+    let cfg_path = lab.dir.path().join("box-config.toml");
+    let cfg = std::fs::read_to_string(&cfg_path).unwrap();
+    let shipped = "guest = 8000\nhost = 8000\n";
+    assert!(cfg.contains(shipped), "box-config.toml no longer forwards 8000 -> 8000");
+    std::fs::write(&cfg_path, cfg.replace(shipped, &format!("guest = 8000\nhost = {app}\n"))).unwrap();
     let load = Test::new()
-        .args(["load", "--url", &app_url, "--requests", "60", "--duration", "30", "--error-ratio", "0.5"])
+        .cwd(lab.dir.path())
+        .args(["load", "--requests", "60", "--duration", "30", "--error-ratio", "0.5"])
         .args(["--slow-ratio", "0.1", "--concurrency", "4"])
         .run()
         .success();
     let summary = load.stdout();
-    assert!(summary.contains("60 requests to"), "{summary}");
+    assert!(summary.contains(&format!("60 requests to {app_url} in")), "{summary}");
     assert!(summary.contains("/error") && summary.contains("500") && summary.contains("p95"), "{summary}");
     // Then steady traffic in the background for the rest of the test (bounded by its own duration).
     let mut bg = Command::new(crate::support::bin());
