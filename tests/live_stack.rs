@@ -207,6 +207,15 @@ webhook_url = "http://127.0.0.1:{hook_port}/hook""#
     let summary = load.stdout();
     assert!(summary.contains(&format!("60 requests to {app_url} in")), "{summary}");
     assert!(summary.contains("/error") && summary.contains("500") && summary.contains("p95"), "{summary}");
+    // The in-guest script (stdlib only) does the same, bounded.
+    let script = Command::new("/usr/bin/python3")
+        .arg(out.join("loadgen/loadgen.py"))
+        .args(["--url", &app_url, "--requests", "20", "--duration", "30", "--error-ratio", "0.5"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&script.stdout);
+    assert!(script.status.success(), "loadgen.py: {text}{}", String::from_utf8_lossy(&script.stderr));
+    assert!(text.contains("20 requests to") && text.contains("/error") && text.contains("500"), "{text}");
     // Then steady traffic in the background for the rest of the test (bounded by its own duration).
     let mut bg = Command::new(crate::support::bin());
     bg.args(["load", "--url", &app_url, "--requests", "100000", "--duration", "120", "--error-ratio", "0.5"]).args([
