@@ -257,6 +257,9 @@ fn attempt(ep: &Endpoint, pinned: &[u8], deadline: Instant) -> std::result::Resu
     let mut sess = ssh2::Session::new().map_err(|e| Attempt::Fatal(anyhow!(e).context("initialise libssh2")))?;
     sess.set_tcp_stream(tcp);
     sess.set_timeout(millis(slice));
+    // Ask for the pinned key's algorithm, so a guest that also has other host keys presents the pinned one.
+    sess.method_pref(ssh2::MethodType::HostKey, &hostkey_methods(&ep.host_key))
+        .map_err(|e| Attempt::Fatal(anyhow!(e).context("set host key algorithm")))?;
     sess.handshake().map_err(|e| Attempt::Retry(anyhow!(e).context(format!("SSH handshake with {}", ep.addr))))?;
 
     let (blob, _) = sess.host_key().ok_or_else(|| Attempt::Retry(anyhow!("{} presented no host key", ep.addr)))?;
@@ -294,6 +297,14 @@ fn attempt(ep: &Endpoint, pinned: &[u8], deadline: Instant) -> std::result::Resu
     }
     sess.set_keepalive(false, SLICE.as_secs() as u32);
     Ok(sess)
+}
+
+/// libssh2 host key method names for a public key line (RSA keys are signed with SHA-2 where possible).
+fn hostkey_methods(public: &str) -> String {
+    match public.split_whitespace().next().unwrap_or_default() {
+        "ssh-rsa" => "rsa-sha2-512,rsa-sha2-256,ssh-rsa".to_string(),
+        other => other.to_string(),
+    }
 }
 
 fn millis(d: Duration) -> u32 {
@@ -346,9 +357,15 @@ impl<'a> Exec<'a> {
     fn arm(&self) -> std::io::Result<()> {
         let left = self.deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
+            let last = crate::process::tail(&self.output, 20);
             return Err(std::io::Error::new(
                 std::io::ErrorKind::TimedOut,
-                format!("`{}` did not finish within {:?} on {}", self.cmd, self.timeout, self.sess.addr),
+                format!(
+                    "`{}` did not finish within {:?} on {}; last output:\n{last}\n\
+                     hint: the command may be hung or just slow (a TCG guest is slow): look at it with \
+                     `provisioner ssh`, then retry",
+                    self.cmd, self.timeout, self.sess.addr
+                ),
             ));
         }
         self.sess.sess.set_timeout(millis(left.min(SLICE)));
@@ -395,7 +412,7 @@ impl<'a> Exec<'a> {
         let _ = self.ch.send_eof();
         let mut buf = vec![0u8; 64 * 1024];
         loop {
-            self.arm().context(RECONNECT_HINT)?;
+            self.arm()?;
             match self.ch.read(&mut buf) {
                 Ok(0) => break,
                 Ok(n) => {
@@ -413,7 +430,7 @@ impl<'a> Exec<'a> {
             self.emit(&rest);
         }
         loop {
-            self.arm().context(RECONNECT_HINT)?;
+            self.arm()?;
             match self.ch.wait_close() {
                 Ok(()) => break,
                 Err(e) if e.code() == ssh2::ErrorCode::Session(LIBSSH2_ERROR_TIMEOUT) => {
