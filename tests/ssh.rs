@@ -98,6 +98,20 @@ fn exec_reports_exit_codes() {
 }
 
 #[test]
+fn a_quiet_command_outlives_the_read_slice_and_a_hung_one_hits_the_deadline() {
+    let sshd = Sshd::start();
+    let s = sshd.session();
+    // Silent for longer than one 10 s read slice: the wait resumes (with a keepalive) instead of failing.
+    let out = s.exec("sleep 12; echo woke", Duration::from_secs(40)).unwrap();
+    assert_eq!((out.status, out.output.as_str()), (0, "woke\n"));
+    let start = Instant::now();
+    let err = s.exec("echo started; sleep 60", Duration::from_secs(3)).unwrap_err();
+    let msg = format!("{err:#}");
+    assert!(start.elapsed() < Duration::from_secs(6), "deadline not kept: {:?}", start.elapsed());
+    assert!(msg.contains("did not finish within 3s") && msg.contains("started") && msg.contains("hint:"), "{msg}");
+}
+
+#[test]
 fn ten_megabytes_on_stderr_do_not_deadlock() {
     let sshd = Sshd::start();
     let s = sshd.session();
