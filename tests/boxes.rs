@@ -335,6 +335,9 @@ fn local_image_is_copied_by_content_hash() {
     assert_eq!(image.format, "qcow2");
     std::fs::write(tmp.path().join("tiny.qcow2"), b"changed").unwrap();
     assert_eq!(std::fs::read(&image.disk).unwrap(), img, "the cache keeps its own copy");
+    let (changed, built) = boxes::ensure_in(&cache, &cfg, "libvirt", false, &quiet()).unwrap();
+    assert!(built, "a changed file is a new box");
+    assert_eq!((changed.id, changed.format), (sha256(b"changed"), "raw".to_string()));
 }
 
 /// A `box.json`-free view of the binary's JSON document on stdout (the last line).
