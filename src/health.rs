@@ -217,7 +217,11 @@ pub fn judge(
                 .filter(|t| !unavailable.iter().any(|u| target_of(t, u)))
                 .collect();
             let up = relevant.iter().filter(|t| t.health == "up").count();
-            notes.push(format!("targets {up}/{} up", relevant.len()));
+            if relevant.is_empty() {
+                problems.push("no active scrape targets yet".into());
+            } else {
+                notes.push(format!("targets {up}/{} up", relevant.len()));
+            }
             for t in relevant.iter().filter(|t| t.health != "up") {
                 problems.push(format!("target {} {} ({})", t.job, t.health, t.last_error));
             }
