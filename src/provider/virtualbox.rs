@@ -1,21 +1,64 @@
-//! VirtualBox through `VBoxManage`.
+//! VirtualBox through `VBoxManage`, the way Vagrant drives it.
+//!
+//! Each box is imported ONCE as a master VM (`provisioner-master-<box id>`) with a snapshot `base`; every machine
+//! is a linked clone of that snapshot, so creating a machine copies no disk. The clone gets CPUs, memory, NAT with
+//! one `--natpf1` rule per forward (SSH first, named `ssh`), the serial console to a file in the state dir and the
+//! cloud-init seed ISO on a DVD drive. The clone's description is set LAST and marks it complete: a clone without
+//! it was left by an interrupted `create` and is recreated.
 
-use std::net::SocketAddr;
-use std::path::PathBuf;
+mod advice;
+mod find;
+mod info;
+
+use std::ffi::OsString;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{anyhow, bail, Context, Result};
 
-use super::{MachineSpec, Provider, VmState};
-use crate::config::Config;
+use super::{BoxImage, MachineSpec, Provider, VmState};
+use crate::config::{Config, Firmware, Protocol};
 use crate::machine::StateDir;
+use crate::process::{self, Cmd, Output};
+
+pub use advice::advice;
+pub use find::{is_executable, locate, WINDOWS_DEFAULT};
+pub use info::{Controller, NatRule, VmInfo};
+
+/// The snapshot of the master that every machine is linked to.
+pub const BASE_SNAPSHOT: &str = "base";
+/// Controller we add when the box has no SATA/IDE slot left for the seed DVD.
+pub const SEED_CONTROLLER: &str = "provisioner-seed";
+/// VirtualBox 6.1 is the oldest release whose VBoxManage grammar we use.
+pub const MIN_MAJOR: u32 = 6;
+
+const QUERY: Duration = Duration::from_secs(60);
+const CHANGE: Duration = Duration::from_secs(120);
+const IMPORT: Duration = Duration::from_secs(30 * 60);
+const START: Duration = Duration::from_secs(5 * 60);
+/// How long `destroy` retries `unregistervm` while the session of a just-powered-off VM is still being released.
+const UNLOCK: Duration = Duration::from_secs(30);
+
+/// Build an argument vector from `&str`, `&Path`, `String`, ... (no shell: paths with spaces stay one argument).
+macro_rules! args {
+    ($($a:expr),* $(,)?) => { vec![$(OsString::from($a)),*] };
+}
 
 /// Locate VBoxManage: the config's path, PATH, then (Windows) %VBOX_MSI_INSTALL_PATH% and Program Files.
 pub fn find_vboxmanage(cfg: &Config) -> Option<PathBuf> {
-    if let Some(p) = &cfg.virtualbox.vboxmanage {
-        return Some(p.clone());
-    }
-    which::which("VBoxManage").ok()
+    let configured = cfg.virtualbox.vboxmanage.as_deref().map(|p| cfg.resolve(p));
+    locate(
+        configured.as_deref(),
+        cfg!(windows),
+        |k| std::env::var_os(k),
+        is_executable,
+    )
+}
+
+/// Name of the master VM imported from a box.
+pub fn master_name(base: &BoxImage) -> String {
+    format!("provisioner-master-{}", base.id)
 }
 
 pub struct VirtualBox {
@@ -25,35 +68,573 @@ pub struct VirtualBox {
 impl VirtualBox {
     pub fn new(cfg: &Config) -> Result<Self> {
         let vboxmanage = find_vboxmanage(cfg).ok_or_else(|| {
-            anyhow::anyhow!("VBoxManage was not found; install VirtualBox or set [virtualbox] vboxmanage")
+            anyhow!(
+                "VBoxManage was not found (searched PATH{}).\n\
+                 hint: install VirtualBox 6.1 or newer from virtualbox.org, or set `[virtualbox] vboxmanage = \
+                 \"/path/to/VBoxManage\"` in box-config.toml (on Windows e.g. '{}')",
+                if cfg!(windows) { ", %VBOX_MSI_INSTALL_PATH% and Program Files" } else { "" },
+                WINDOWS_DEFAULT
+            )
         })?;
+        if !is_executable(&vboxmanage) {
+            bail!(
+                "the configured VBoxManage {} does not exist or is not executable.\n\
+                 hint: fix `[virtualbox] vboxmanage` in box-config.toml, or remove it to search PATH",
+                vboxmanage.display()
+            );
+        }
         Ok(Self { vboxmanage })
     }
+
+    /// Run VBoxManage; a non-zero exit becomes an error with the command, its message and advice.
+    fn vbox(&self, args: Vec<OsString>, timeout: Duration) -> Result<Output> {
+        let cmd = Cmd::new(&self.vboxmanage).args(args).timeout(timeout);
+        let out = cmd.output()?;
+        if !out.success() {
+            return Err(failure(&cmd, &out));
+        }
+        Ok(out)
+    }
+
+    /// `showvminfo --machinereadable`, or `None` when no VM has that name.
+    pub fn info(&self, vm: &str) -> Result<Option<VmInfo>> {
+        let cmd = Cmd::new(&self.vboxmanage)
+            .args(args!["showvminfo", vm, "--machinereadable"])
+            .timeout(QUERY);
+        let out = cmd.output()?;
+        if out.success() {
+            return Ok(Some(VmInfo::parse(&out.stdout)));
+        }
+        if is_not_found(&out.stderr) {
+            return Ok(None);
+        }
+        Err(failure(&cmd, &out))
+    }
+
+    fn info_required(&self, vm: &str) -> Result<VmInfo> {
+        self.info(vm)?.ok_or_else(|| {
+            anyhow!("VirtualBox has no VM named {vm}\nhint: run `provisioner up` to create it")
+        })
+    }
+
+    /// The master VM of a box, imported and snapshotted once; a lock beside the box makes parallel `up`s safe and
+    /// an import interrupted after it registered the VM is completed, not repeated.
+    fn ensure_master(&self, base: &BoxImage) -> Result<String> {
+        let master = master_name(base);
+        let _lock = lock_beside(&base.disk)?;
+        let info = match self.info(&master)? {
+            Some(i) => i,
+            None => {
+                let ovf = std::path::absolute(&base.disk)?;
+                self.vbox(
+                    args!["import", &ovf, "--vsys", "0", "--vmname", &master],
+                    IMPORT,
+                )
+                .with_context(|| format!("import the box {} into VirtualBox", ovf.display()))?;
+                self.info_required(&master)?
+            }
+        };
+        if info.inaccessible() {
+            bail!(
+                "the master VM {master} is inaccessible\n{}",
+                advice("inaccessible").unwrap_or_default()
+            );
+        }
+        if !info.snapshot_names().contains(&BASE_SNAPSHOT) {
+            self.vbox(args!["snapshot", &master, "take", BASE_SNAPSHOT], CHANGE)?;
+        }
+        Ok(master)
+    }
+
+    /// Power off (if needed) and unregister a VM with its disks.
+    fn remove(&self, vm: &str, info: &VmInfo) -> Result<()> {
+        if info.state() != VmState::Stopped {
+            self.vbox(args!["controlvm", vm, "poweroff"], CHANGE)?;
+        }
+        // Right after a power-off the VM's session may still be locked for a moment: retry on exactly that.
+        let result = process::wait_until(UNLOCK, &format!("VirtualBox to release {vm}"), || {
+            let cmd = Cmd::new(&self.vboxmanage)
+                .args(args!["unregistervm", vm, "--delete-all"])
+                .timeout(CHANGE);
+            let mut out = cmd.output()?;
+            if !out.success() && out.stderr.contains("--delete-all") {
+                // VirtualBox 6.1 has no --delete-all; --delete removes the disks there too.
+                out = Cmd::new(&self.vboxmanage)
+                    .args(args!["unregistervm", vm, "--delete"])
+                    .timeout(CHANGE)
+                    .output()?;
+            }
+            Ok(if out.success() {
+                Some(Ok(()))
+            } else if out.stderr.contains("is locked")
+                || out.stderr.contains("VBOX_E_INVALID_OBJECT_STATE")
+            {
+                None
+            } else {
+                Some(Err(failure(&cmd, &out)))
+            })
+        });
+        result?
+    }
+
+    /// Everything `modifyvm`/`storageattach` sets on a clone; the description (the completion marker) goes last.
+    fn configure(&self, spec: &MachineSpec, info: &VmInfo) -> Result<()> {
+        let vm = spec.vm_name.as_str();
+        let old: Vec<OsString> = info
+            .nat_rules()
+            .iter()
+            .flat_map(|r| args!["--natpf1", "delete", &r.name])
+            .collect();
+        if !old.is_empty() {
+            self.vbox([args!["modifyvm", vm], old].concat(), CHANGE)?;
+        }
+        let mut a = args![
+            "modifyvm",
+            vm,
+            "--cpus",
+            spec.cpus.to_string(),
+            "--memory",
+            spec.memory_mb.to_string(),
+            "--nic1",
+            "nat"
+        ];
+        if spec.base.firmware == Firmware::Uefi {
+            a.extend(args!["--firmware", "efi"]);
+        }
+        for rule in nat_rules(spec)? {
+            a.extend(args!["--natpf1", rule.to_arg()]);
+        }
+        let serial = std::path::absolute(spec.state.serial_log())?;
+        a.extend(args![
+            "--uart1",
+            "0x3F8",
+            "4",
+            "--uartmode1",
+            "file",
+            &serial
+        ]);
+        self.vbox(a, CHANGE)?;
+
+        let seed = std::path::absolute(&spec.seed_iso)?;
+        let slot = match seed_slot(info, &seed.to_string_lossy()) {
+            SeedSlot::Attached => None,
+            SeedSlot::At {
+                controller,
+                port,
+                device,
+                grow_to,
+            } => {
+                if let Some(n) = grow_to {
+                    self.vbox(
+                        args![
+                            "storagectl",
+                            vm,
+                            "--name",
+                            &controller,
+                            "--portcount",
+                            n.to_string()
+                        ],
+                        CHANGE,
+                    )?;
+                }
+                Some((controller, port, device))
+            }
+            SeedSlot::NewController => {
+                self.vbox(
+                    args![
+                        "storagectl",
+                        vm,
+                        "--name",
+                        SEED_CONTROLLER,
+                        "--add",
+                        "sata",
+                        "--controller",
+                        "IntelAhci",
+                        "--portcount",
+                        "1",
+                        "--bootable",
+                        "off"
+                    ],
+                    CHANGE,
+                )?;
+                Some((SEED_CONTROLLER.to_string(), 0, 0))
+            }
+        };
+        if let Some((controller, port, device)) = slot {
+            self.vbox(
+                args![
+                    "storageattach",
+                    vm,
+                    "--storagectl",
+                    &controller,
+                    "--port",
+                    port.to_string(),
+                    "--device",
+                    device.to_string(),
+                    "--type",
+                    "dvddrive",
+                    "--medium",
+                    &seed
+                ],
+                CHANGE,
+            )?;
+        }
+        self.vbox(
+            args!["modifyvm", vm, "--description", marker(spec)?],
+            CHANGE,
+        )?;
+        Ok(())
+    }
+}
+
+/// The description that marks a clone as complete and names the state dir it belongs to.
+fn marker(spec: &MachineSpec) -> Result<String> {
+    Ok(format!(
+        "provisioner machine; state dir: {}",
+        std::path::absolute(&spec.state.root)?.display()
+    ))
+}
+
+/// Non-zero VBoxManage exit: the command, its status, its message and what to do.
+fn failure(cmd: &Cmd, out: &Output) -> anyhow::Error {
+    let text = if out.stderr.trim().is_empty() {
+        &out.stdout
+    } else {
+        &out.stderr
+    };
+    let hint = advice(&format!("{}\n{}", out.stderr, out.stdout)).unwrap_or(
+        "hint: the lines above are VirtualBox's own message; run the command by hand to investigate \
+         (`provisioner -v` prints every VBoxManage call)",
+    );
+    anyhow!(
+        "`{}` failed ({}):\n{}\n{hint}",
+        cmd.display(),
+        process::describe_status(&out.status),
+        process::tail(text, 20)
+    )
+}
+
+fn is_not_found(stderr: &str) -> bool {
+    stderr.contains("VBOX_E_OBJECT_NOT_FOUND")
+        || stderr.contains("Could not find a registered machine")
+}
+
+/// Hold an exclusive lock on `<dir of path>/.vbox-master.lock` (waiting for a parallel import to finish).
+fn lock_beside(path: &Path) -> Result<std::fs::File> {
+    use fs4::fs_std::FileExt;
+    let lock = path.with_file_name(".vbox-master.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock)
+        .with_context(|| {
+            format!(
+                "open {}\nhint: the box cache must be writable",
+                lock.display()
+            )
+        })?;
+    process::wait_until(
+        IMPORT,
+        &format!("the lock {} (another import of this box)", lock.display()),
+        || Ok(file.try_lock_exclusive()?.then_some(())),
+    )?;
+    Ok(file)
+}
+
+/// The NAT rules for a spec: the first forward is SSH and is named `ssh`; others `<name>-<proto>-<host port>`.
+pub fn nat_rules(spec: &MachineSpec) -> Result<Vec<NatRule>> {
+    spec.forwards
+        .iter()
+        .enumerate()
+        .map(|(i, f)| {
+            if f.host == 0 {
+                bail!(
+                    "forward to guest port {} has host port 0; pick a port in box-config.toml",
+                    f.guest
+                );
+            }
+            let proto = match f.protocol {
+                Protocol::Tcp => "tcp",
+                Protocol::Udp => "udp",
+            };
+            let name = if i == 0 {
+                "ssh".to_string()
+            } else {
+                let label: String = f
+                    .name
+                    .as_deref()
+                    .unwrap_or("fwd")
+                    .chars()
+                    .map(|c| {
+                        if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                            c
+                        } else {
+                            '_'
+                        }
+                    })
+                    .collect();
+                format!("{label}-{proto}-{}", f.host)
+            };
+            Ok(NatRule {
+                name,
+                proto: proto.into(),
+                host_ip: f.host_ip.clone(),
+                host_port: f.host,
+                guest_ip: String::new(),
+                guest_port: f.guest,
+            })
+        })
+        .collect()
+}
+
+/// Where the seed DVD goes.
+#[derive(Debug, PartialEq, Eq)]
+pub enum SeedSlot {
+    /// The seed is already attached (a re-run of create).
+    Attached,
+    /// A free slot on an existing controller; `grow_to` = raise the SATA port count first.
+    At {
+        controller: String,
+        port: u32,
+        device: u32,
+        grow_to: Option<u32>,
+    },
+    /// No SATA/IDE slot left: add our own SATA controller.
+    NewController,
+}
+
+/// Pick the seed's slot from the box's controllers: a free SATA port (growing the port count if needed), else a
+/// free IDE slot or empty IDE DVD drive, else a controller of our own.
+pub fn seed_slot(info: &VmInfo, seed: &str) -> SeedSlot {
+    let controllers = info.controllers();
+    let slots = |c: &Controller| -> Vec<(u32, u32)> {
+        if c.is_ide() {
+            vec![(0, 0), (0, 1), (1, 0), (1, 1)]
+        } else {
+            (0..c.port_count).map(|p| (p, 0)).collect()
+        }
+    };
+    if controllers.iter().any(|c| {
+        slots(c)
+            .iter()
+            .any(|&(p, d)| info.attachment(&c.name, p, d) == Some(seed))
+    }) {
+        return SeedSlot::Attached;
+    }
+    let at = |c: &Controller, port, device, grow_to| SeedSlot::At {
+        controller: c.name.clone(),
+        port,
+        device,
+        grow_to,
+    };
+    for c in controllers.iter().filter(|c| c.is_sata()) {
+        let free = slots(c)
+            .into_iter()
+            .find(|&(p, d)| matches!(info.attachment(&c.name, p, d), None | Some("none")));
+        match free {
+            Some((p, d)) => return at(c, p, d, None),
+            None if c.port_count < c.max_port_count => {
+                return at(c, c.port_count, 0, Some(c.port_count + 1))
+            }
+            None => {}
+        }
+    }
+    for c in controllers.iter().filter(|c| c.is_ide()) {
+        let free = slots(c).into_iter().find(|&(p, d)| {
+            matches!(
+                info.attachment(&c.name, p, d),
+                None | Some("none") | Some("emptydrive")
+            )
+        });
+        if let Some((p, d)) = free {
+            return at(c, p, d, None);
+        }
+    }
+    SeedSlot::NewController
 }
 
 impl Provider for VirtualBox {
     fn name(&self) -> &'static str {
         "virtualbox"
     }
+
     fn preflight(&self) -> Result<()> {
-        todo!()
+        let out = self.vbox(args!["--version"], QUERY)?;
+        let all = format!("{}\n{}", out.stdout, out.stderr);
+        if let Some(hint) = advice(&all).filter(|_| all.contains("vboxdrv")) {
+            bail!(
+                "VirtualBox is installed but its kernel driver is not usable:\n{}\n{hint}",
+                all.trim()
+            );
+        }
+        let version = out.stdout.trim();
+        let major: u32 = version
+            .split('.')
+            .next()
+            .and_then(|m| m.parse().ok())
+            .unwrap_or(0);
+        if major < MIN_MAJOR {
+            bail!(
+                "VirtualBox {version} ({}) is too old or unrecognised.\nhint: install VirtualBox {MIN_MAJOR}.1 or newer",
+                self.vboxmanage.display()
+            );
+        }
+        Ok(())
     }
-    fn state(&self, _vm_name: &str) -> Result<VmState> {
-        todo!()
+
+    fn state(&self, vm_name: &str) -> Result<VmState> {
+        Ok(match self.info(vm_name)? {
+            None => VmState::NotCreated,
+            Some(i) if i.inaccessible() => VmState::Other("inaccessible".into()),
+            Some(i) => i.state(),
+        })
     }
-    fn create(&self, _spec: &MachineSpec) -> Result<()> {
-        todo!()
+
+    fn create(&self, spec: &MachineSpec) -> Result<()> {
+        if spec.base.format != "ovf" {
+            bail!(
+                "the VirtualBox provider needs an OVF box, but this box is {} ({}).\n\
+                 hint: use a Vagrant box built for virtualbox (`[box] vagrant = \"x.box\"`) or an .ova URL, \
+                 or set `provider = \"libvirt\"`",
+                spec.base.format,
+                spec.base.disk.display()
+            );
+        }
+        let master = self.ensure_master(&spec.base)?;
+        let vm = spec.vm_name.as_str();
+        let marker = marker(spec)?;
+        match self.info(vm)? {
+            // Ours and complete: keep it; re-apply the settings while it is off, so config edits take effect.
+            Some(i) if i.get("description") == Some(marker.as_str()) => {
+                return match i.state() {
+                    VmState::Stopped => self.configure(spec, &i),
+                    _ => Ok(()),
+                };
+            }
+            // Left by an interrupted create (no completion marker): remove, then clone afresh.
+            Some(i) => self
+                .remove(vm, &i)
+                .with_context(|| format!("remove the half-made VM {vm}"))?,
+            None => {}
+        }
+        self.vbox(
+            args![
+                "clonevm",
+                &master,
+                "--snapshot",
+                BASE_SNAPSHOT,
+                "--options",
+                "link",
+                "--name",
+                vm,
+                "--register"
+            ],
+            IMPORT,
+        )?;
+        let info = self.info_required(vm)?;
+        self.configure(spec, &info)
+            .with_context(|| format!("configure the VM {vm}"))
     }
-    fn start(&self, _vm_name: &str) -> Result<()> {
-        todo!()
+
+    fn start(&self, vm_name: &str) -> Result<()> {
+        match self.state(vm_name)? {
+            VmState::Running => Ok(()),
+            VmState::Paused => self
+                .vbox(args!["controlvm", vm_name, "resume"], CHANGE)
+                .map(drop),
+            VmState::NotCreated => {
+                bail!("VirtualBox has no VM named {vm_name}\nhint: run `provisioner up`")
+            }
+            _ => self
+                .vbox(args!["startvm", vm_name, "--type", "headless"], START)
+                .map(drop)
+                .with_context(|| format!("start the VM {vm_name}")),
+        }
     }
-    fn halt(&self, _vm_name: &str, _timeout: Duration, _force: bool) -> Result<()> {
-        todo!()
+
+    fn halt(&self, vm_name: &str, timeout: Duration, force: bool) -> Result<()> {
+        let state = self.state(vm_name)?;
+        if matches!(state, VmState::NotCreated | VmState::Stopped) {
+            return Ok(());
+        }
+        if !force && state == VmState::Running {
+            self.vbox(args!["controlvm", vm_name, "acpipowerbutton"], CHANGE)?;
+            let stopped = process::wait_until(timeout, "the guest to power off", || {
+                Ok((self.state(vm_name)? == VmState::Stopped).then_some(()))
+            });
+            if stopped.is_ok() {
+                return Ok(());
+            }
+        }
+        self.vbox(args!["controlvm", vm_name, "poweroff"], CHANGE)
+            .map(drop)
     }
-    fn destroy(&self, _vm_name: &str, _state: &StateDir) -> Result<()> {
-        todo!()
+
+    fn destroy(&self, vm_name: &str, _state: &StateDir) -> Result<()> {
+        match self.info(vm_name)? {
+            None => Ok(()),
+            Some(i) => self.remove(vm_name, &i),
+        }
     }
-    fn ssh_endpoint(&self, _vm_name: &str, _state: &StateDir) -> Result<SocketAddr> {
-        todo!()
+
+    fn ssh_endpoint(&self, vm_name: &str, _state: &StateDir) -> Result<SocketAddr> {
+        let info = self.info_required(vm_name)?;
+        let rule = info.nat_rules().into_iter().find(|r| r.name == "ssh").ok_or_else(|| {
+            anyhow!(
+                "the VM {vm_name} has no NAT rule named ssh\nhint: run `provisioner reload` to re-apply the forwards"
+            )
+        })?;
+        let ip: IpAddr = match rule.host_ip.as_str() {
+            "" => IpAddr::from([127, 0, 0, 1]),
+            s => s
+                .parse()
+                .with_context(|| format!("host IP {s:?} of the ssh NAT rule of {vm_name}"))?,
+        };
+        Ok(SocketAddr::new(ip, rule.host_port))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(lines: &str) -> VmInfo {
+        VmInfo::parse(lines)
+    }
+
+    #[test]
+    fn seed_goes_to_a_free_sata_port_growing_the_port_count() {
+        let i = info(
+            "storagecontrollername0=\"SATA Controller\"\nstoragecontrollertype0=\"IntelAhci\"\n\
+             storagecontrollerportcount0=\"1\"\nstoragecontrollermaxportcount0=\"30\"\n\
+             \"SATA Controller-0-0\"=\"/vms/disk.vmdk\"\n",
+        );
+        let want = SeedSlot::At {
+            controller: "SATA Controller".into(),
+            port: 1,
+            device: 0,
+            grow_to: Some(2),
+        };
+        assert_eq!(seed_slot(&i, "/s/seed.iso"), want);
+        let i2 = info("storagecontrollername0=\"S\"\nstoragecontrollertype0=\"IntelAhci\"\nstoragecontrollerportcount0=\"2\"\n\"S-0-0\"=\"/d\"\n\"S-1-0\"=\"/s/seed.iso\"\n");
+        assert_eq!(seed_slot(&i2, "/s/seed.iso"), SeedSlot::Attached);
+    }
+
+    #[test]
+    fn seed_uses_an_empty_ide_drive_else_its_own_controller() {
+        let i = info(
+            "storagecontrollername0=\"IDE\"\nstoragecontrollertype0=\"PIIX4\"\nstoragecontrollerportcount0=\"2\"\n\
+             \"IDE-0-0\"=\"/d.vmdk\"\n\"IDE-0-1\"=\"/e.vmdk\"\n\"IDE-1-0\"=\"emptydrive\"\n",
+        );
+        let want = SeedSlot::At {
+            controller: "IDE".into(),
+            port: 1,
+            device: 0,
+            grow_to: None,
+        };
+        assert_eq!(seed_slot(&i, "/s.iso"), want);
+        let scsi = info("storagecontrollername0=\"SCSI\"\nstoragecontrollertype0=\"LsiLogic\"\n\"SCSI-0-0\"=\"/d\"\n");
+        assert_eq!(seed_slot(&scsi, "/s.iso"), SeedSlot::NewController);
     }
 }
