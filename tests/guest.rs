@@ -21,29 +21,14 @@ fn base_image_tarball_is_built_once_trimmed_and_complete() {
     .unwrap();
     let ui = provisioner::ui::Ui::new(false, true);
     let base = BaseImage::for_config(&cfg);
-    base.ensure_tarball(&ui.phase("base"))
-        .expect("build the base image");
-    assert!(
-        !base.ensure_tarball(&ui.phase("base")).unwrap(),
-        "second call must reuse the cached tarball"
-    );
+    base.ensure_tarball(&ui.phase("base")).expect("build the base image");
+    assert!(!base.ensure_tarball(&ui.phase("base")).unwrap(), "second call must reuse the cached tarball");
     let size = std::fs::metadata(base.tarball()).unwrap().len();
-    assert!(
-        size < 350 << 20,
-        "base image is {} MB; trimming regressed",
-        size >> 20
-    );
+    assert!(size < 350 << 20, "base image is {} MB; trimming regressed", size >> 20);
     let mut names = std::collections::BTreeSet::new();
     let mut ar = tar::Archive::new(std::fs::File::open(base.tarball()).unwrap());
     for e in ar.entries().unwrap() {
-        names.insert(
-            e.unwrap()
-                .path()
-                .unwrap()
-                .to_string_lossy()
-                .trim_start_matches("./")
-                .to_string(),
-        );
+        names.insert(e.unwrap().path().unwrap().to_string_lossy().trim_start_matches("./").to_string());
     }
     for needed in [
         "usr/bin/prometheus",
@@ -54,17 +39,10 @@ fn base_image_tarball_is_built_once_trimmed_and_complete() {
         "usr/lib/python3/dist-packages/flask/__init__.py",
         "usr/lib/python3/dist-packages/prometheus_client/__init__.py",
     ] {
-        assert!(
-            names.contains(needed),
-            "{needed} missing from the base image"
-        );
+        assert!(names.contains(needed), "{needed} missing from the base image");
     }
-    assert!(!names
-        .iter()
-        .any(|n| n.starts_with("usr/share/doc/") && n.len() > "usr/share/doc/".len()));
-    assert!(!names
-        .iter()
-        .any(|n| n.starts_with("var/lib/apt/lists/") && n.ends_with("Packages")));
+    assert!(!names.iter().any(|n| n.starts_with("usr/share/doc/") && n.len() > "usr/share/doc/".len()));
+    assert!(!names.iter().any(|n| n.starts_with("var/lib/apt/lists/") && n.ends_with("Packages")));
 }
 
 /// A loopback HTTP server answering every request with `status`; runs until the test ends.
@@ -75,10 +53,7 @@ fn http_stub(status: u16) -> u16 {
         for mut s in l.incoming().flatten() {
             let mut buf = [0u8; 2048];
             let _ = s.read(&mut buf);
-            let _ = write!(
-                s,
-                "HTTP/1.1 {status} X\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok"
-            );
+            let _ = write!(s, "HTTP/1.1 {status} X\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok");
         }
     });
     port
@@ -95,20 +70,12 @@ fn prometheus(t: &Test) -> (Proc, u16) {
         ),
     );
     let mut cmd = Command::new("prometheus");
-    cmd.arg(format!(
-        "--config.file={}",
-        t.path().join("prom/prometheus.yml").display()
-    ))
-    .arg(format!(
-        "--storage.tsdb.path={}",
-        t.path().join("prom/data").display()
-    ))
-    .arg(format!("--web.listen-address=127.0.0.1:{port}"));
+    cmd.arg(format!("--config.file={}", t.path().join("prom/prometheus.yml").display()))
+        .arg(format!("--storage.tsdb.path={}", t.path().join("prom/data").display()))
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"));
     let p = Proc::spawn("prometheus", cmd, t.path().join("prometheus.log"));
     wait_until(Duration::from_secs(60), "prometheus ready", || {
-        ureq::get(&format!("http://127.0.0.1:{port}/-/ready"))
-            .call()
-            .ok()
+        ureq::get(&format!("http://127.0.0.1:{port}/-/ready")).call().ok()
     });
     (p, port)
 }
@@ -137,17 +104,8 @@ fn health_fails_on_a_dead_service_and_shows_offline_ones() {
     let (_prom, prom_port) = prometheus(&t);
     let dead = free_port();
     health_lab(&t, prom_port, dead);
-    let run = Test::new()
-        .cwd(t.path())
-        .args(["health", "--timeout", "12", "--json"])
-        .run();
-    assert_eq!(
-        run.code(),
-        Some(3),
-        "exit code UNHEALTHY expected:\n{}\n{}",
-        run.stdout(),
-        run.stderr()
-    );
+    let run = Test::new().cwd(t.path()).args(["health", "--timeout", "12", "--json"]).run();
+    assert_eq!(run.code(), Some(3), "exit code UNHEALTHY expected:\n{}\n{}", run.stdout(), run.stderr());
     let doc: serde_json::Value = run
         .stdout()
         .lines()
@@ -155,22 +113,10 @@ fn health_fails_on_a_dead_service_and_shows_offline_ones() {
         .find(|v| v["event"] == "health")
         .expect("a health document");
     let svc = |name: &str| {
-        doc["services"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|s| s["service"] == name)
-            .unwrap()
-            .clone()
+        doc["services"].as_array().unwrap().iter().find(|s| s["service"] == name).unwrap().clone()
     };
     assert_eq!(svc("prometheus")["verdict"], "healthy", "{doc}");
-    assert!(
-        svc("prometheus")["detail"]
-            .as_str()
-            .unwrap()
-            .contains("targets 1/1 up"),
-        "{doc}"
-    );
+    assert!(svc("prometheus")["detail"].as_str().unwrap().contains("targets 1/1 up"), "{doc}");
     assert_eq!(svc("demo-app")["verdict"], "unhealthy");
     assert_eq!(svc("demo-app")["probe"]["error"], "connection refused");
     assert_eq!(svc("grafana")["verdict"], "unavailable_offline");
@@ -182,29 +128,13 @@ fn health_table_is_green_when_every_available_service_answers() {
     let t = Test::new();
     let (_prom, prom_port) = prometheus(&t);
     health_lab(&t, prom_port, http_stub(200));
-    let run = Test::new()
-        .cwd(t.path())
-        .args(["health", "--timeout", "30"])
-        .run()
-        .success();
+    let run = Test::new().cwd(t.path()).args(["health", "--timeout", "30"]).run().success();
     let out = run.stdout();
     let lines: Vec<&str> = out.lines().collect();
-    assert!(
-        lines[0].starts_with("SERVICE") && lines[0].contains("LATENCY"),
-        "{out}"
-    );
-    assert!(
-        out.contains("✓ demo-app") && out.contains("✓ prometheus"),
-        "{out}"
-    );
-    assert!(
-        out.contains("- grafana") && out.contains("unavailable offline"),
-        "{out}"
-    );
-    assert!(
-        out.contains("healthy: every available service is up (1 unavailable offline)"),
-        "{out}"
-    );
+    assert!(lines[0].starts_with("SERVICE") && lines[0].contains("LATENCY"), "{out}");
+    assert!(out.contains("✓ demo-app") && out.contains("✓ prometheus"), "{out}");
+    assert!(out.contains("- grafana") && out.contains("unavailable offline"), "{out}");
+    assert!(out.contains("healthy: every available service is up (1 unavailable offline)"), "{out}");
     // The probe checks the status: a 500 from the app turns it red.
     health_lab(&t, prom_port, http_stub(500));
     Test::new()
@@ -225,10 +155,7 @@ fn vm_up_verify_reprovision_destroy() {
     // Unique free host ports per test (the repo's config uses fixed ones).
     let mut text = text.replace("host_port = 2222", &format!("host_port = {}", free_port()));
     for p in [8000, 9090, 9093, 3000, 9100, 8080] {
-        text = text.replace(
-            &format!("host = {p}\n"),
-            &format!("host = {}\n", free_port()),
-        );
+        text = text.replace(&format!("host = {p}\n"), &format!("host = {}\n", free_port()));
     }
     std::fs::write(&cfg_path, text).unwrap();
     let run = |args: &[&str]| Test::new().cwd(t.path()).args(args.iter().copied()).run();
@@ -236,11 +163,7 @@ fn vm_up_verify_reprovision_destroy() {
     let up = run(&["up"]).success();
     let table = up.stdout();
     for svc in ["demo-app", "prometheus", "alertmanager", "node-exporter"] {
-        assert!(
-            table.contains(&format!("✓ {svc}")),
-            "{svc} not healthy:\n{table}\n{}",
-            up.stderr()
-        );
+        assert!(table.contains(&format!("✓ {svc}")), "{svc} not healthy:\n{table}\n{}", up.stderr());
     }
     for svc in ["grafana", "cadvisor"] {
         assert!(table
@@ -254,11 +177,7 @@ fn vm_up_verify_reprovision_destroy() {
 
     // Unchanged: nothing uploaded, built or restarted; the table again.
     let again = run(&["up", "--json"]).success();
-    assert!(
-        again.stdout().contains("\"event\":\"provision_skipped\""),
-        "{}",
-        again.stdout()
-    );
+    assert!(again.stdout().contains("\"event\":\"provision_skipped\""), "{}", again.stdout());
     assert!(again.stdout().contains("\"event\":\"health\""));
 
     // One edited file: only it is uploaded.
@@ -273,16 +192,9 @@ fn vm_up_verify_reprovision_destroy() {
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .find(|v| v["event"] == "upload")
         .expect("upload event");
-    assert_eq!(
-        upload["changed"],
-        serde_json::json!(["prometheus/alert.rules.yml"]),
-        "{upload}"
-    );
+    assert_eq!(upload["changed"], serde_json::json!(["prometheus/alert.rules.yml"]), "{upload}");
     assert_eq!(upload["added"], serde_json::json!([]));
 
     run(&["destroy", "-f"]).success();
-    assert!(
-        !t.path().join(".provisioner").exists(),
-        "destroy left the state dir"
-    );
+    assert!(!t.path().join(".provisioner").exists(), "destroy left the state dir");
 }
