@@ -462,10 +462,11 @@ impl Provider for VirtualBox {
     fn preflight(&self) -> Result<()> {
         let out = self.vbox(args!["--version"], QUERY)?;
         let all = format!("{}\n{}", out.stdout, out.stderr);
-        if let Some(hint) = advice(&all).filter(|_| all.contains("vboxdrv")) {
+        if all.contains("vboxdrv") {
+            let hint = advice(&all).unwrap_or_default();
             bail!(
                 "VirtualBox is installed but its kernel driver is not usable:\n{}\n{hint}",
-                all.trim()
+                out.stderr.trim()
             );
         }
         let version = out.stdout.trim();
@@ -586,7 +587,8 @@ impl Provider for VirtualBox {
             )
         })?;
         let ip: IpAddr = match rule.host_ip.as_str() {
-            "" => IpAddr::from([127, 0, 0, 1]),
+            // Empty (or 0.0.0.0) means every host interface: loopback reaches it.
+            "" | "0.0.0.0" => IpAddr::from([127, 0, 0, 1]),
             s => s
                 .parse()
                 .with_context(|| format!("host IP {s:?} of the ssh NAT rule of {vm_name}"))?,
