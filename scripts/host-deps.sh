@@ -39,6 +39,7 @@ base_pkgs=(
   genisoimage util-linux                     # isoinfo/blkid to read seeds back in tests
   passt                                      # user-mode networking with port forwards (libvirt)
   curl ca-certificates iproute2 procps psmisc
+  docker-compose                             # v1 1.29 as in the guest: tests/lab.rs parses the rendered compose file (no engine needed)
 )
 bpo_pkgs=(
   qemu-system-x86 qemu-system-common qemu-system-data qemu-block-extra

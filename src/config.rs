@@ -3,10 +3,17 @@
 //!
 //! Loading goes through [`Config::load`]; everything else in the crate works on the validated [`Config`].
 
+mod check;
+mod diag;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+
+pub use check::{published_ports, valid_machine_name, valid_unix_user, COMPOSE_FILES};
+use diag::Source;
+pub use diag::{ConfigError, Diagnostic, Warning};
 
 pub const DEFAULT_FILE: &str = "box-config.toml";
 
@@ -37,6 +44,9 @@ pub struct Config {
     /// Where the file was read from (not part of the file).
     #[serde(skip)]
     pub path: PathBuf,
+    /// The decoded text it was parsed from (for positions in messages); None when built in code.
+    #[serde(skip)]
+    pub source_text: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -137,7 +147,7 @@ pub struct Forward {
     pub name: Option<String>,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     #[default]
@@ -300,6 +310,26 @@ impl Default for LibvirtConfig {
     }
 }
 
+/// The lab's services: (name, HTTP path, guest port).
+pub const LAB_PROBES: &[(&str, &str, u16)] = &[
+    ("demo-app", "/health", 8000),
+    ("prometheus", "/-/ready", 9090),
+    ("alertmanager", "/-/ready", 9093),
+    ("grafana", "/api/health", 3000),
+    ("node-exporter", "/metrics", 9100),
+    ("cadvisor", "/healthz", 8080),
+];
+
+/// Free function form of [`Config::validate_all`] for callers that prefer it.
+pub fn validate_all(cfg: &Config) -> anyhow::Result<Vec<Warning>> {
+    cfg.validate_all()
+}
+
+fn sorted(mut v: Vec<Diagnostic>) -> Vec<Diagnostic> {
+    v.sort_by_key(|d| (d.line, d.col));
+    v
+}
+
 impl Config {
     /// Read, decode (UTF-8 with optional BOM) and validate a config file.
     ///
@@ -315,13 +345,60 @@ impl Config {
     }
 
     /// Parse and validate from bytes; `path` is used in messages and to resolve relative paths.
+    ///
+    /// Runs the rules on the file alone (types, allowed values, one box source, unique host ports, ...). An
+    /// error is a [`ConfigError`] listing every problem as `FILE:LINE:COL: message` with a hint.
     pub fn from_bytes(path: &Path, bytes: &[u8]) -> anyhow::Result<Config> {
-        let text = std::str::from_utf8(bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes))
-            .map_err(|e| anyhow::anyhow!("{}: not UTF-8 ({e}); save the file as UTF-8", path.display()))?;
+        let file = path.display().to_string();
+        let text = diag::decode(&file, bytes).map_err(|d| ConfigError { diagnostics: vec![d] })?;
+        let src = Source::new(&file, Some(text));
         let mut cfg: Config =
-            toml::from_str(text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+            toml::from_str(text).map_err(|e| ConfigError { diagnostics: vec![diag::from_toml_error(&src, &e)] })?;
         cfg.path = path.to_path_buf();
+        cfg.source_text = Some(text.to_string());
+        let findings = check::local(&cfg, &src);
+        if !findings.errors.is_empty() {
+            return Err(ConfigError { diagnostics: sorted(findings.errors) }.into());
+        }
         Ok(cfg)
+    }
+
+    fn source(&self) -> Source<'_> {
+        Source::new(&self.path.display().to_string(), self.source_text.as_deref())
+    }
+
+    /// Every check, including cross-references against the provision tree (rendered in memory with throwaway
+    /// secrets): forwarded guest ports published by the compose file, health probe ports forwarded, the provision
+    /// directory present. Errors are a [`ConfigError`] (or a render error naming the template); Ok holds warnings.
+    pub fn validate_all(&self) -> anyhow::Result<Vec<Warning>> {
+        let src = self.source();
+        let mut local = check::local(self, &src);
+        let cross = check::cross(self, &src)?;
+        local.errors.extend(cross.errors);
+        local.warnings.extend(cross.warnings);
+        if !local.errors.is_empty() {
+            return Err(ConfigError { diagnostics: sorted(local.errors) }.into());
+        }
+        Ok(sorted(local.warnings))
+    }
+
+    /// The lab's health probes overlaid by the file's `[health.NAME]` tables (a table replaces the default of the
+    /// same name).
+    pub fn health_probes(&self) -> BTreeMap<String, HealthProbe> {
+        let mut probes: BTreeMap<String, HealthProbe> = LAB_PROBES
+            .iter()
+            .map(|(name, path, port)| {
+                let probe = HealthProbe {
+                    path: path.to_string(),
+                    port: *port,
+                    expect_status: default_expect_status(),
+                    timeout_secs: default_probe_timeout(),
+                };
+                (name.to_string(), probe)
+            })
+            .collect();
+        probes.extend(self.health.clone());
+        probes
     }
 
     /// Directory of the config file: relative paths in it resolve from here; `.provisioner/` lives here.

@@ -1,15 +1,773 @@
 //! Health of every lab service: container state from the guest, an HTTP probe through the forwarded port, and
 //! Prometheus' own view of its targets. Retried until a deadline, then a table (or JSON).
 
-use std::time::Duration;
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
+use serde::Serialize;
+use serde_json::json;
 
-use crate::config::Config;
+use crate::config::{Config, HealthProbe};
+use crate::guest::compose::{sh_quote, ComposeModel};
 use crate::ssh::Session;
 use crate::ui::Ui;
 
+/// The lab's default probes by service (guest port + path); `[health.SERVICE]` in box-config.toml overrides them.
+pub fn default_probes() -> BTreeMap<String, HealthProbe> {
+    let p = |path: &str, port: u16| HealthProbe {
+        path: path.into(),
+        port,
+        expect_status: 200,
+        timeout_secs: 5,
+    };
+    BTreeMap::from([
+        ("demo-app".to_string(), p("/health", 8000)),
+        ("prometheus".to_string(), p("/-/ready", 9090)),
+        ("alertmanager".to_string(), p("/-/ready", 9093)),
+        ("grafana".to_string(), p("/api/health", 3000)),
+        ("node-exporter".to_string(), p("/metrics", 9100)),
+        ("cadvisor".to_string(), p("/healthz", 8080)),
+    ])
+}
+
+/// Probes in effect: the defaults with the config's `[health]` entries over them.
+pub fn probes(cfg: &Config) -> BTreeMap<String, HealthProbe> {
+    let mut p = default_probes();
+    p.extend(cfg.health.clone());
+    p
+}
+
+/// Overall verdict for one service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    Healthy,
+    Unhealthy,
+    /// Not startable in this image mode (no image source offline); shown, never failed.
+    UnavailableOffline,
+}
+
+/// A container as `docker inspect` reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Default)]
+pub struct ContainerState {
+    /// created | running | restarting | exited | paused | dead
+    pub status: String,
+    /// Docker healthcheck: starting | healthy | unhealthy (None without a healthcheck).
+    pub health: Option<String>,
+    pub restarts: u64,
+}
+
+/// One HTTP probe through the forwarded port.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ProbeResult {
+    pub url: String,
+    pub status: Option<u16>,
+    pub latency_ms: Option<u64>,
+    pub error: Option<String>,
+}
+
+/// One scrape target as Prometheus sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Target {
+    pub job: String,
+    pub instance: String,
+    /// up | down | unknown
+    pub health: String,
+    pub last_error: String,
+}
+
+/// One row of the table.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ServiceHealth {
+    pub service: String,
+    pub verdict: Verdict,
+    /// None when the guest could not be asked (no SSH).
+    pub container: Option<ContainerState>,
+    pub probe: Option<ProbeResult>,
+    pub detail: String,
+}
+
+/// Everything one round of checks found.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Report {
+    pub healthy: bool,
+    pub services: Vec<ServiceHealth>,
+    /// Prometheus' active targets (None when Prometheus could not be asked).
+    pub targets: Option<Vec<Target>>,
+}
+
+/// Parse `docker inspect` output (a JSON array) into state per compose service. Pure.
+pub fn parse_inspect(json_text: &str) -> Result<BTreeMap<String, ContainerState>> {
+    let v: serde_json::Value =
+        serde_json::from_str(json_text.trim()).context("parse `docker inspect` output")?;
+    let mut out = BTreeMap::new();
+    for c in v.as_array().into_iter().flatten() {
+        let Some(service) = c
+            .pointer("/Config/Labels/com.docker.compose.service")
+            .and_then(|s| s.as_str())
+        else {
+            continue;
+        };
+        let state = ContainerState {
+            status: c
+                .pointer("/State/Status")
+                .and_then(|s| s.as_str())
+                .unwrap_or("unknown")
+                .to_string(),
+            health: c
+                .pointer("/State/Health/Status")
+                .and_then(|s| s.as_str())
+                .map(String::from),
+            restarts: c.get("RestartCount").and_then(|r| r.as_u64()).unwrap_or(0),
+        };
+        // One-off containers (`compose run`) do not replace the service's own.
+        let one_off = c
+            .pointer("/Config/Labels/com.docker.compose.oneoff")
+            .and_then(|s| s.as_str())
+            == Some("True");
+        if !one_off {
+            out.insert(service.to_string(), state);
+        }
+    }
+    Ok(out)
+}
+
+/// Parse Prometheus' `/api/v1/targets` answer. Pure.
+pub fn parse_targets(json_text: &str) -> Result<Vec<Target>> {
+    let v: serde_json::Value =
+        serde_json::from_str(json_text).context("parse Prometheus targets")?;
+    let s = |t: &serde_json::Value, p: &str| {
+        t.pointer(p)
+            .and_then(|x| x.as_str())
+            .unwrap_or("")
+            .to_string()
+    };
+    Ok(v.pointer("/data/activeTargets")
+        .and_then(|a| a.as_array())
+        .context("Prometheus answer has no data.activeTargets")?
+        .iter()
+        .map(|t| Target {
+            job: s(t, "/labels/job"),
+            instance: s(t, "/labels/instance"),
+            health: s(t, "/health"),
+            last_error: s(t, "/lastError"),
+        })
+        .collect())
+}
+
+/// Whether a target scrapes this service (job named like it, or its instance host is the service name).
+fn target_of(t: &Target, service: &str) -> bool {
+    t.job == service || t.instance.split(':').next() == Some(service)
+}
+
+/// What the guest said about containers: `None` = could not ask; `Some(map)` = the answer.
+pub type Containers = Option<BTreeMap<String, ContainerState>>;
+
+/// Judge one service from what was gathered. Pure.
+pub fn judge(
+    service: &str,
+    available: bool,
+    containers: &Containers,
+    probe: Option<&ProbeResult>,
+    expect_status: u16,
+    targets: Option<&[Target]>,
+    unavailable: &[String],
+) -> ServiceHealth {
+    let container = containers
+        .as_ref()
+        .map(|m| m.get(service).cloned().unwrap_or_default());
+    if !available {
+        return ServiceHealth {
+            service: service.into(),
+            verdict: Verdict::UnavailableOffline,
+            container,
+            probe: None,
+            detail: "no image source offline (images = \"debian\"); use images = \"registry\" where a registry is \
+                     reachable"
+                .into(),
+        };
+    }
+    let mut problems = Vec::new();
+    if let Some(c) = &container {
+        if c.status.is_empty() {
+            problems.push("no container".to_string());
+        } else if c.status != "running" {
+            problems.push(format!("container {}", c.status));
+        } else if let Some(h) = c.health.as_deref().filter(|h| *h != "healthy") {
+            problems.push(format!("healthcheck {h}"));
+        }
+    }
+    match probe {
+        Some(p) => match (p.status, &p.error) {
+            (Some(s), _) if s == expect_status => {}
+            (Some(s), _) => problems.push(format!("HTTP {s}, expected {expect_status}")),
+            (None, Some(e)) => problems.push(e.clone()),
+            (None, None) => problems.push("no answer".into()),
+        },
+        None => {
+            problems.push("no probe configured: add [health.<service>] with path and port".into())
+        }
+    }
+    let mut notes = Vec::new();
+    if let Some(ts) = targets {
+        if service == "prometheus" {
+            let relevant: Vec<&Target> = ts
+                .iter()
+                .filter(|t| !unavailable.iter().any(|u| target_of(t, u)))
+                .collect();
+            let up = relevant.iter().filter(|t| t.health == "up").count();
+            notes.push(format!("targets {up}/{} up", relevant.len()));
+            for t in relevant.iter().filter(|t| t.health != "up") {
+                problems.push(format!("target {} {} ({})", t.job, t.health, t.last_error));
+            }
+        } else if let Some(t) = ts.iter().find(|t| target_of(t, service)) {
+            notes.push(format!("scraped: {}", t.health));
+        }
+    }
+    if let Some(c) = container.as_ref().filter(|c| c.restarts > 0) {
+        notes.push(format!("{} restarts", c.restarts));
+    }
+    let verdict = if problems.is_empty() {
+        Verdict::Healthy
+    } else {
+        Verdict::Unhealthy
+    };
+    problems.extend(notes);
+    ServiceHealth {
+        service: service.into(),
+        verdict,
+        container,
+        probe: probe.cloned(),
+        detail: problems.join("; "),
+    }
+}
+
+fn state_cell(s: &ServiceHealth) -> String {
+    match (&s.verdict, &s.container) {
+        (Verdict::UnavailableOffline, _) => "unavailable offline".into(),
+        (_, None) => "?".into(),
+        (_, Some(c)) if c.status.is_empty() => "missing".into(),
+        (_, Some(c)) => match &c.health {
+            Some(h) => format!("{} ({h})", c.status),
+            None => c.status.clone(),
+        },
+    }
+}
+
+/// The human table: service | state | probe | latency | detail. Pure.
+pub fn render_table(r: &Report) -> String {
+    let rows: Vec<[String; 5]> = r
+        .services
+        .iter()
+        .map(|s| {
+            let mark = match s.verdict {
+                Verdict::Healthy => "✓",
+                Verdict::Unhealthy => "✗",
+                Verdict::UnavailableOffline => "-",
+            };
+            let probe = match &s.probe {
+                Some(ProbeResult {
+                    status: Some(code), ..
+                }) => code.to_string(),
+                Some(ProbeResult { error: Some(_), .. }) => "error".into(),
+                _ => "-".into(),
+            };
+            let latency = s
+                .probe
+                .as_ref()
+                .and_then(|p| p.latency_ms)
+                .map(|ms| format!("{ms} ms"))
+                .unwrap_or("-".into());
+            [
+                format!("{mark} {}", s.service),
+                state_cell(s),
+                probe,
+                latency,
+                s.detail.clone(),
+            ]
+        })
+        .collect();
+    let head = ["SERVICE", "STATE", "PROBE", "LATENCY", "DETAIL"].map(String::from);
+    let mut widths = head.clone().map(|h| h.chars().count());
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: &[String; 5]| {
+        let mut s = String::new();
+        for (i, (cell, w)) in cells.iter().zip(widths).enumerate() {
+            if i == 4 {
+                s.push_str(cell);
+            } else {
+                s.push_str(&format!("{cell}{}  ", " ".repeat(w - cell.chars().count())));
+            }
+        }
+        s.trim_end().to_string()
+    };
+    let mut out = line(&head);
+    out.push('\n');
+    for row in &rows {
+        out.push_str(&line(row));
+        out.push('\n');
+    }
+    let bad = r
+        .services
+        .iter()
+        .filter(|s| s.verdict == Verdict::Unhealthy)
+        .count();
+    let off = r
+        .services
+        .iter()
+        .filter(|s| s.verdict == Verdict::UnavailableOffline)
+        .count();
+    out.push_str(&if r.healthy {
+        format!("healthy: every available service is up ({off} unavailable offline)\n")
+    } else {
+        format!("UNHEALTHY: {bad} service(s) failing; see DETAIL (hint: `provisioner ssh -c 'sudo docker ps -a'`)\n")
+    });
+    out
+}
+
+/// The JSON document (`--json`). Pure.
+pub fn to_json(r: &Report) -> serde_json::Value {
+    let mut v = serde_json::to_value(r).expect("report serializes");
+    v.as_object_mut()
+        .expect("object")
+        .insert("event".into(), json!("health"));
+    v
+}
+
+/// One HTTP GET with a timeout, measuring latency; never an error (failures are data).
+pub fn http_probe(url: &str, timeout: Duration) -> ProbeResult {
+    let agent = ureq::AgentBuilder::new()
+        .timeout(timeout)
+        .redirects(0)
+        .build();
+    let start = Instant::now();
+    let res = agent.get(url).call();
+    let latency_ms = Some(start.elapsed().as_millis() as u64);
+    match res {
+        Ok(r) => ProbeResult {
+            url: url.into(),
+            status: Some(r.status()),
+            latency_ms,
+            error: None,
+        },
+        Err(ureq::Error::Status(code, _)) => ProbeResult {
+            url: url.into(),
+            status: Some(code),
+            latency_ms,
+            error: None,
+        },
+        Err(e) => ProbeResult {
+            url: url.into(),
+            status: None,
+            latency_ms: None,
+            error: Some(short_error(&e)),
+        },
+    }
+}
+
+fn short_error(e: &ureq::Error) -> String {
+    let s = e.to_string();
+    if s.contains("Connection refused") {
+        "connection refused".into()
+    } else if s.contains("timed out") || s.contains("WouldBlock") {
+        "timed out".into()
+    } else {
+        s.rsplit(": ").next().unwrap_or(&s).to_string()
+    }
+}
+
+/// URL on the host that reaches a guest port through its forward.
+pub fn forwarded_url(cfg: &Config, guest_port: u16, path: &str) -> Option<String> {
+    cfg.host_addr_for(guest_port)
+        .map(|(ip, port)| format!("http://{ip}:{port}{path}"))
+}
+
+/// Service names to report: (available, unavailable offline). From the rendered compose file when it renders,
+/// else the probe table (every entry available).
+pub fn services(cfg: &Config) -> (Vec<String>, Vec<String>) {
+    let state = crate::machine::StateDir::for_config(cfg);
+    match crate::render::render_config(cfg, &state).and_then(|r| ComposeModel::from_rendered(&r)) {
+        Ok(model) => crate::guest::split_services(&model, cfg.provision.images),
+        Err(_) => (probes(cfg).into_keys().collect(), Vec::new()),
+    }
+}
+
+/// Container state of every compose service of this machine's project.
+pub fn containers(ssh: &Session, project: &str) -> Result<BTreeMap<String, ContainerState>> {
+    let label = sh_quote(&format!("label=com.docker.compose.project={project}"));
+    let out = ssh.exec_ok(
+        &format!("ids=$(sudo -n docker ps -aq --filter {label}); if [ -n \"$ids\" ]; then sudo -n docker inspect $ids; else echo '[]'; fi"),
+        Duration::from_secs(60),
+    )?;
+    parse_inspect(&out)
+}
+
+/// One round of every check.
+pub fn gather(
+    cfg: &Config,
+    ssh: Option<&Session>,
+    available: &[String],
+    unavailable: &[String],
+) -> Report {
+    let project = crate::guest::compose::project_name(&cfg.machine.name);
+    let containers: Containers = ssh.and_then(|s| containers(s, &project).ok());
+    let probes = probes(cfg);
+    let prom_port = probes.get("prometheus").map(|p| p.port).unwrap_or(9090);
+    let targets = forwarded_url(cfg, prom_port, "/api/v1/targets?state=active").and_then(|url| {
+        let agent = ureq::AgentBuilder::new()
+            .timeout(Duration::from_secs(5))
+            .build();
+        let body = agent.get(&url).call().ok()?.into_string().ok()?;
+        parse_targets(&body).ok()
+    });
+    let mut services = Vec::new();
+    for name in available.iter().chain(unavailable) {
+        let is_available = available.contains(name);
+        let probe = probes.get(name);
+        let result =
+            probe
+                .filter(|_| is_available)
+                .map(|p| match forwarded_url(cfg, p.port, &p.path) {
+                    Some(url) => http_probe(&url, Duration::from_secs(p.timeout_secs)),
+                    None => ProbeResult {
+                        url: format!("guest:{}{}", p.port, p.path),
+                        status: None,
+                        latency_ms: None,
+                        error: Some(format!(
+                            "guest port {} is not forwarded: add a [[forward]] for it",
+                            p.port
+                        )),
+                    },
+                });
+        let expect = probe.map(|p| p.expect_status).unwrap_or(200);
+        services.push(judge(
+            name,
+            is_available,
+            &containers,
+            result.as_ref(),
+            expect,
+            targets.as_deref(),
+            unavailable,
+        ));
+    }
+    let healthy = services.iter().all(|s| s.verdict != Verdict::Unhealthy);
+    Report {
+        healthy,
+        services,
+        targets,
+    }
+}
+
 /// Probe everything; print the table; Ok(true) when every available service is healthy.
-pub fn check(_cfg: &Config, _ssh: Option<&Session>, _ui: &Ui, _timeout: Duration) -> Result<bool> {
-    todo!("health::check")
+pub fn check(cfg: &Config, ssh: Option<&Session>, ui: &Ui, timeout: Duration) -> Result<bool> {
+    let (available, unavailable) = services(cfg);
+    let phase = ui.phase("health");
+    let mut last = None;
+    let healthy = crate::process::wait_until(timeout, "every lab service healthy", || {
+        let r = gather(cfg, ssh, &available, &unavailable);
+        let bad: Vec<&str> = r
+            .services
+            .iter()
+            .filter(|s| s.verdict == Verdict::Unhealthy)
+            .map(|s| s.service.as_str())
+            .collect();
+        phase.message(&format!("waiting for {}", bad.join(", ")));
+        let ok = r.healthy;
+        last = Some(r);
+        Ok(ok.then_some(()))
+    })
+    .is_ok();
+    let report = last.expect("gathered at least once");
+    if healthy {
+        phase.done(&format!("{} services healthy", available.len()));
+    } else {
+        drop(phase);
+    }
+    if ui.json() {
+        println!("{}", to_json(&report));
+    } else {
+        print!("{}", render_table(&report));
+    }
+    Ok(report.healthy)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn running(health: Option<&str>) -> ContainerState {
+        ContainerState {
+            status: "running".into(),
+            health: health.map(String::from),
+            restarts: 0,
+        }
+    }
+    fn ok_probe(ms: u64) -> ProbeResult {
+        ProbeResult {
+            url: "http://127.0.0.1:1/x".into(),
+            status: Some(200),
+            latency_ms: Some(ms),
+            error: None,
+        }
+    }
+    fn target(job: &str, instance: &str, health: &str) -> Target {
+        Target {
+            job: job.into(),
+            instance: instance.into(),
+            health: health.into(),
+            last_error: String::new(),
+        }
+    }
+
+    fn sample() -> Report {
+        let containers: Containers = Some(BTreeMap::from([
+            ("demo-app".to_string(), running(Some("healthy"))),
+            (
+                "prometheus".to_string(),
+                ContainerState {
+                    restarts: 2,
+                    ..running(None)
+                },
+            ),
+            (
+                "alertmanager".to_string(),
+                ContainerState {
+                    status: "exited".into(),
+                    health: None,
+                    restarts: 5,
+                },
+            ),
+        ]));
+        let targets = vec![
+            target("demo-app", "demo-app:8000", "up"),
+            target("prometheus", "localhost:9090", "up"),
+            target("cadvisor", "cadvisor:8080", "down"),
+        ];
+        let unavailable = vec!["grafana".to_string(), "cadvisor".to_string()];
+        let refused = ProbeResult {
+            url: "u".into(),
+            status: None,
+            latency_ms: None,
+            error: Some("connection refused".into()),
+        };
+        let services = vec![
+            judge(
+                "demo-app",
+                true,
+                &containers,
+                Some(&ok_probe(12)),
+                200,
+                Some(&targets),
+                &unavailable,
+            ),
+            judge(
+                "prometheus",
+                true,
+                &containers,
+                Some(&ok_probe(3)),
+                200,
+                Some(&targets),
+                &unavailable,
+            ),
+            judge(
+                "alertmanager",
+                true,
+                &containers,
+                Some(&refused),
+                200,
+                Some(&targets),
+                &unavailable,
+            ),
+            judge(
+                "grafana",
+                false,
+                &containers,
+                None,
+                200,
+                Some(&targets),
+                &unavailable,
+            ),
+        ];
+        let healthy = services.iter().all(|s| s.verdict != Verdict::Unhealthy);
+        Report {
+            healthy,
+            services,
+            targets: Some(targets),
+        }
+    }
+
+    #[test]
+    fn judge_rules() {
+        let r = sample();
+        let v: Vec<Verdict> = r.services.iter().map(|s| s.verdict).collect();
+        assert_eq!(
+            v,
+            [
+                Verdict::Healthy,
+                Verdict::Healthy,
+                Verdict::Unhealthy,
+                Verdict::UnavailableOffline
+            ]
+        );
+        assert!(!r.healthy);
+        assert_eq!(
+            r.services[1].detail, "targets 2/2 up; 2 restarts",
+            "cadvisor's target is excluded"
+        );
+        assert_eq!(
+            r.services[2].detail,
+            "container exited; connection refused; 5 restarts"
+        );
+    }
+
+    #[test]
+    fn judge_catches_wrong_status_unhealthy_check_and_down_target() {
+        let c: Containers = Some(BTreeMap::from([(
+            "x".to_string(),
+            running(Some("unhealthy")),
+        )]));
+        let p = ProbeResult {
+            status: Some(503),
+            ..ok_probe(1)
+        };
+        let s = judge("x", true, &c, Some(&p), 200, None, &[]);
+        assert_eq!(s.verdict, Verdict::Unhealthy);
+        assert_eq!(s.detail, "healthcheck unhealthy; HTTP 503, expected 200");
+        let ts = vec![target("node-exporter", "node-exporter:9100", "down")];
+        let c: Containers = Some(BTreeMap::from([("prometheus".to_string(), running(None))]));
+        let s = judge(
+            "prometheus",
+            true,
+            &c,
+            Some(&ok_probe(1)),
+            200,
+            Some(&ts),
+            &[],
+        );
+        assert_eq!(s.verdict, Verdict::Unhealthy);
+        // Without SSH the container state is unknown, not a failure; a missing container is.
+        assert_eq!(
+            judge("x", true, &None, Some(&ok_probe(1)), 200, None, &[]).verdict,
+            Verdict::Healthy
+        );
+        let none: Containers = Some(BTreeMap::new());
+        assert_eq!(
+            judge("x", true, &none, Some(&ok_probe(1)), 200, None, &[]).detail,
+            "no container"
+        );
+    }
+
+    #[test]
+    fn table_lists_every_service_with_columns() {
+        let t = render_table(&sample());
+        let lines: Vec<&str> = t.lines().collect();
+        assert!(lines[0].starts_with("SERVICE"));
+        assert!(
+            lines[0].contains("STATE")
+                && lines[0].contains("LATENCY")
+                && lines[0].contains("DETAIL")
+        );
+        assert!(
+            lines[1].starts_with("✓ demo-app")
+                && lines[1].contains("running (healthy)")
+                && lines[1].contains("12 ms")
+        );
+        assert!(
+            lines[3].starts_with("✗ alertmanager")
+                && lines[3].contains("exited")
+                && lines[3].contains("error")
+        );
+        assert!(lines[4].starts_with("- grafana") && lines[4].contains("unavailable offline"));
+        assert!(lines[5].starts_with("UNHEALTHY: 1 service"));
+        // Columns line up: STATE starts at the same offset on every row.
+        let col = lines[0].find("STATE").unwrap();
+        assert_eq!(
+            lines[1].chars().skip(col).take(7).collect::<String>(),
+            "running"
+        );
+    }
+
+    #[test]
+    fn json_carries_the_same_data() {
+        let j = to_json(&sample());
+        assert_eq!(j["event"], "health");
+        assert_eq!(j["healthy"], false);
+        assert_eq!(j["services"].as_array().unwrap().len(), 4);
+        assert_eq!(j["services"][0]["verdict"], "healthy");
+        assert_eq!(j["services"][0]["probe"]["latency_ms"], 12);
+        assert_eq!(j["services"][2]["container"]["restarts"], 5);
+        assert_eq!(j["services"][3]["verdict"], "unavailable_offline");
+        assert_eq!(j["targets"][2]["health"], "down");
+    }
+
+    #[test]
+    fn parses_docker_inspect_and_skips_one_off_containers() {
+        let text = r#"[
+          {"RestartCount": 1, "State": {"Status": "running", "Health": {"Status": "healthy"}},
+           "Config": {"Labels": {"com.docker.compose.service": "demo-app", "com.docker.compose.oneoff": "False"}}},
+          {"RestartCount": 0, "State": {"Status": "exited"},
+           "Config": {"Labels": {"com.docker.compose.service": "demo-app", "com.docker.compose.oneoff": "True"}}},
+          {"RestartCount": 0, "State": {"Status": "exited"}, "Config": {"Labels": {}}}
+        ]"#;
+        let m = parse_inspect(text).unwrap();
+        assert_eq!(m.len(), 1);
+        assert_eq!(
+            m["demo-app"],
+            ContainerState {
+                status: "running".into(),
+                health: Some("healthy".into()),
+                restarts: 1
+            }
+        );
+        assert!(parse_inspect("[]").unwrap().is_empty());
+        assert!(parse_inspect("not json").is_err());
+    }
+
+    #[test]
+    fn parses_prometheus_targets() {
+        let text = r#"{"status":"success","data":{"activeTargets":[
+          {"labels":{"job":"demo-app","instance":"demo-app:8000"},"health":"up","lastError":""},
+          {"labels":{"job":"node-exporter","instance":"node-exporter:9100"},"health":"down","lastError":"connection refused"}
+        ]}}"#;
+        let t = parse_targets(text).unwrap();
+        assert_eq!(
+            t[1],
+            Target {
+                job: "node-exporter".into(),
+                instance: "node-exporter:9100".into(),
+                health: "down".into(),
+                last_error: "connection refused".into()
+            }
+        );
+        assert!(parse_targets(r#"{"status":"error"}"#).is_err());
+    }
+
+    #[test]
+    fn http_probe_against_a_real_listener() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let server = std::thread::spawn(move || {
+            use std::io::{Read, Write};
+            let (mut s, _) = listener.accept().unwrap();
+            let mut buf = [0u8; 1024];
+            let _ = s.read(&mut buf);
+            s.write_all(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").unwrap();
+        });
+        let r = http_probe(
+            &format!("http://127.0.0.1:{port}/-/ready"),
+            Duration::from_secs(5),
+        );
+        server.join().unwrap();
+        assert_eq!(r.status, Some(503));
+        assert!(r.latency_ms.is_some());
+        // Nothing listens any more: refused, as data, not an error.
+        let r = http_probe(&format!("http://127.0.0.1:{port}/"), Duration::from_secs(5));
+        assert_eq!(r.status, None);
+        assert_eq!(r.error.as_deref(), Some("connection refused"));
+    }
 }

@@ -3,6 +3,7 @@
 //! `main` only calls [`run`]. Library code returns `anyhow::Result` with context on every hop; [`run`] prints
 //! the whole cause chain and maps the error to an exit code.
 
+pub mod accel;
 pub mod boxes;
 pub mod cli;
 pub mod commands;
@@ -10,7 +11,9 @@ pub mod config;
 pub mod guest;
 pub mod health;
 pub mod keys;
+pub mod loadgen;
 pub mod machine;
+pub mod ports;
 pub mod process;
 pub mod provider;
 pub mod render;
@@ -41,7 +44,10 @@ pub fn run() -> i32 {
         Err(e) => {
             if json {
                 let causes: Vec<String> = e.chain().skip(1).map(|c| c.to_string()).collect();
-                println!("{}", serde_json::json!({"event": "error", "message": e.to_string(), "causes": causes}));
+                println!(
+                    "{}",
+                    serde_json::json!({"event": "error", "message": e.to_string(), "causes": causes})
+                );
             }
             eprintln!("error: {e}");
             for cause in e.chain().skip(1) {

@@ -102,9 +102,8 @@ impl Secrets {
         let p = state.secrets();
         if p.exists() {
             let text = std::fs::read_to_string(&p).with_context(|| format!("read {}", p.display()))?;
-            return toml::from_str(&text).with_context(|| {
-                format!("{} is damaged; delete it to generate new lab secrets", p.display())
-            });
+            return toml::from_str(&text)
+                .with_context(|| format!("{} is damaged; delete it to generate new lab secrets", p.display()));
         }
         state.ensure()?;
         let s = Self::generate();
@@ -197,12 +196,36 @@ pub fn render_tree(cfg: &Config, source: &Path, secrets: &Secrets) -> Result<Ren
             }
             None => (rel_str, raw),
         };
-        // Secrets files are private however they sit in the tree.
-        let mode = if path.rsplit('/').next() == Some(".env") { 0o600 } else { mode };
+        // Secrets files are private however they sit in the tree, and docker compose reads them as ASCII lines.
+        let (contents, mode) = if path.rsplit('/').next() == Some(".env") {
+            (env_file(&entry.path().display().to_string(), contents)?, 0o600)
+        } else {
+            (contents, mode)
+        };
         files.push(RenderedFile { path, contents, mode });
     }
     files.sort_by(|a, b| a.path.cmp(&b.path));
     Ok(Rendered { files })
+}
+
+/// A `.env` file as compose wants it: ASCII, LF line ends (CRLF from a Windows editor is converted).
+fn env_file(shown: &str, contents: Vec<u8>) -> Result<Vec<u8>> {
+    if let Some(pos) = contents.iter().position(|b| !b.is_ascii()) {
+        let line = contents[..pos].iter().filter(|b| **b == b'\n').count() + 1;
+        bail!(
+            "{shown}:{line}: .env holds a non-ASCII byte (0x{:02X}) after rendering\n\
+             hint: keep .env values ASCII (a non-ASCII [vars] value is the usual cause)",
+            contents[pos]
+        );
+    }
+    let mut out = Vec::with_capacity(contents.len());
+    for (i, b) in contents.iter().enumerate() {
+        if *b == b'\r' && contents.get(i + 1) == Some(&b'\n') {
+            continue;
+        }
+        out.push(*b);
+    }
+    Ok(out)
 }
 
 fn rel_slash(rel: &Path) -> Result<String> {
@@ -218,7 +241,11 @@ fn template_error(template: &str, e: handlebars::TemplateError) -> anyhow::Error
         Some((l, c)) => format!("{template}:{l}:{c}"),
         None => template.to_string(),
     };
-    anyhow!("{pos}: template syntax error: {}", e.reason())
+    anyhow!(
+        "{pos}: template syntax error: {}\nhint: a literal `{{{{` (e.g. a Prometheus or Grafana template) is written `\\{{{{` \
+         in a .hbs file; or keep the file without the .hbs suffix",
+        e.reason()
+    )
 }
 
 fn render_error(template: &str, e: handlebars::RenderError) -> anyhow::Error {
@@ -227,11 +254,12 @@ fn render_error(template: &str, e: handlebars::RenderError) -> anyhow::Error {
         (Some(l), None) => format!("{template}:{l}"),
         _ => template.to_string(),
     };
-    let reason = e.reason().to_string();
-    let hint = if reason.contains("strict mode") || reason.contains("not found") {
-        "\nhint: define the variable under [vars] in box-config.toml (or in the lab's vars.toml), or fix its name"
-    } else {
-        ""
+    let (reason, hint) = match e.reason() {
+        handlebars::RenderErrorReason::MissingVariable(var) => (
+            format!("undefined variable `{}`", var.as_deref().unwrap_or("?")),
+            "\nhint: define the variable under [vars] in box-config.toml (or in the lab's vars.toml), or fix its name",
+        ),
+        other => (other.to_string(), ""),
     };
     anyhow!("{pos}: {reason}{hint}")
 }

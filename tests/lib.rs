@@ -6,8 +6,10 @@
 
 mod support;
 
+mod boxes;
 mod cli;
 mod config;
+mod guest;
 mod lab;
 mod live_stack;
 mod render;
@@ -15,4 +17,3 @@ mod seed;
 mod ssh;
 mod virtualbox;
 mod vm;
-mod guest;

@@ -1,22 +1,366 @@
-//! `up`, `status`, `halt`, `reload`, `destroy`.
+//! `up`, `status`, `halt`, `reload`, `destroy`: provider-agnostic, through [`provider::select`].
+//!
+//! `up` is re-runnable after an interrupt at any point: `state.json` is written before the hypervisor is touched,
+//! `create` is idempotent (an existing domain of ours is re-defined, the overlay is made once under a temp name),
+//! and a running machine is only waited for. So a half-created machine is completed, never duplicated.
 
-use anyhow::Result;
+use std::io::{IsTerminal, Write};
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use serde_json::json;
 
 use super::Ctx;
 use crate::cli::{DestroyArgs, HaltArgs, UpArgs};
+use crate::config::{Config, Forward};
+use crate::machine::lock::MachineLock;
+use crate::machine::state::MachineState;
+use crate::machine::StateDir;
+use crate::provider::{self, MachineSpec, Provider, VmState};
+use crate::ssh::{Endpoint, Session};
 
-pub fn up(_ctx: &Ctx, _args: &UpArgs) -> Result<i32> {
-    anyhow::bail!("`up` is not implemented yet")
+/// Deadline for `cloud-init status --wait` once SSH answers.
+const CLOUD_INIT_TIMEOUT: Duration = Duration::from_secs(600);
+/// Lines of the serial console shown when the guest never answers SSH.
+const SERIAL_TAIL_LINES: usize = 30;
+
+/// Config, absolute state dir and provider for a command.
+struct Machine {
+    cfg: Config,
+    state: StateDir,
+    vm_name: String,
 }
-pub fn status(_ctx: &Ctx) -> Result<i32> {
-    anyhow::bail!("`status` is not implemented yet")
+
+impl Machine {
+    fn load(ctx: &Ctx) -> Result<Self> {
+        let cfg = ctx.config()?;
+        let rel = ctx.state(&cfg);
+        let root = std::path::absolute(&rel.root)
+            .with_context(|| format!("resolve {}", rel.root.display()))?;
+        let vm_name = provider::vm_name(&cfg);
+        Ok(Self {
+            cfg,
+            state: StateDir::at(root),
+            vm_name,
+        })
+    }
 }
-pub fn halt(_ctx: &Ctx, _args: &HaltArgs) -> Result<i32> {
-    anyhow::bail!("`halt` is not implemented yet")
+
+pub fn up(ctx: &Ctx, args: &UpArgs) -> Result<i32> {
+    let m = Machine::load(ctx)?;
+    let _lock = MachineLock::acquire(&m.state, "up")?;
+    let p = provider::select(&m.cfg)?;
+    up_locked(ctx, &m, p.as_ref(), args)
 }
-pub fn reload(_ctx: &Ctx, _args: &UpArgs) -> Result<i32> {
-    anyhow::bail!("`reload` is not implemented yet")
+
+fn up_locked(ctx: &Ctx, m: &Machine, p: &dyn Provider, args: &UpArgs) -> Result<i32> {
+    let ui = &ctx.ui;
+    let ph = ui.phase("preflight");
+    p.preflight()?;
+    let live = p.state(&m.vm_name)?;
+    ph.done(&format!("{} ({})", p.name(), live));
+
+    let (_, host_key) = match live {
+        VmState::Running => {
+            let keys = crate::keys::ensure_machine_keys(&m.state, &m.cfg.machine.name)?;
+            if MachineState::load(&m.state)?.is_none() {
+                bail!(
+                    "the machine {} is running but its state.json is missing\nhint: `provisioner destroy -f` removes \
+                     it, then `provisioner up` recreates it",
+                    m.vm_name
+                );
+            }
+            keys
+        }
+        VmState::NotCreated | VmState::Stopped => boot(ctx, m, p, live)?,
+        other => bail!(
+            "the machine {} is {other}; it cannot be started from this state\nhint: `provisioner halt -f` powers \
+             it off, then run `provisioner up` again",
+            m.vm_name
+        ),
+    };
+
+    let ep = Endpoint {
+        addr: p.ssh_endpoint(&m.vm_name, &m.state)?,
+        user: m.cfg.ssh.user.clone(),
+        key: m.state.user_key(),
+        host_key: host_key.public_openssh.clone(),
+    };
+    let ph = ui.phase("ssh");
+    let timeout = Duration::from_secs(args.boot_timeout.unwrap_or(m.cfg.ssh.connect_timeout_secs));
+    let session = Session::connect(&ep, timeout).map_err(|e| e.context(serial_tail(&m.state)))?;
+    ph.done(&ep.addr.to_string());
+
+    let ph = ui.phase("cloud-init");
+    let out = session.exec("cloud-init status --wait --long", CLOUD_INIT_TIMEOUT)?;
+    match out.status {
+        0 => {}
+        // cloud-init >= 23.4: done, with recoverable errors.
+        2 => ui.warn(format!("cloud-init finished with recoverable errors:\n{}", out.output.trim())),
+        code => bail!(
+            "cloud-init failed in the guest (exit {code}):\n{}\nhint: look at /var/log/cloud-init.log in the guest \
+             (`provisioner ssh -c 'sudo tail -50 /var/log/cloud-init.log'`) and the serial log {}",
+            crate::process::tail(&out.output, 20),
+            m.state.serial_log().display()
+        ),
+    }
+    let mut st = MachineState::load(&m.state)?.unwrap_or_default();
+    if !st.provisioned {
+        st.provisioned = true;
+        st.save(&m.state)?;
+    }
+    ph.done("done");
+
+    if args.no_provision || m.cfg.provision.enabled == Some(false) {
+        ui.info(format!(
+            "{}: running ({}, {}); provisioning skipped",
+            m.cfg.machine.name,
+            p.name(),
+            ep.addr
+        ));
+        return Ok(crate::exit::OK);
+    }
+    let ph = ui.phase("render");
+    let rendered = crate::render::render_config(&m.cfg, &m.state)?;
+    ph.done(&format!("{} files", rendered.files.len()));
+    crate::guest::provision(&m.cfg, &session, &rendered, ui, false)?;
+    let healthy = crate::health::check(&m.cfg, Some(&session), ui, Duration::from_secs(300))?;
+    Ok(if healthy {
+        crate::exit::OK
+    } else {
+        crate::exit::UNHEALTHY
+    })
 }
-pub fn destroy(_ctx: &Ctx, _args: &DestroyArgs) -> Result<i32> {
-    anyhow::bail!("`destroy` is not implemented yet")
+
+/// Create or start the machine; returns its (user, host) keys.
+fn boot(
+    ctx: &Ctx,
+    m: &Machine,
+    p: &dyn Provider,
+    live: VmState,
+) -> Result<(crate::keys::KeyPair, crate::keys::KeyPair)> {
+    let ui = &ctx.ui;
+    let mut st = MachineState::load(&m.state)?.unwrap_or_default();
+    let forwards = resolve_forwards(&m.cfg, &st);
+    let ph = ui.phase("ports");
+    crate::ports::check_free(&forwards)?;
+    ph.done(&format!("{} forwards free", forwards.len()));
+
+    let ph = ui.phase("box");
+    let base = crate::boxes::ensure(&m.cfg, p.name(), false)?;
+    ph.done(&base.id);
+
+    let ph = ui.phase("keys");
+    let (user_key, host_key) = crate::keys::ensure_machine_keys(&m.state, &m.cfg.machine.name)?;
+    ph.done("ed25519");
+
+    let ph = ui.phase("seed");
+    let seed = crate::seed::SeedSpec {
+        instance_id: m.vm_name.clone(),
+        hostname: m.cfg.hostname().to_string(),
+        user: m.cfg.ssh.user.clone(),
+        user_key: user_key.clone(),
+        host_key: host_key.clone(),
+    };
+    crate::seed::write_seed(&seed, &m.state.seed_iso())?;
+    ph.done("cidata");
+
+    let accel = crate::accel::decide_accel(m.cfg.machine.accel, &crate::accel::HostAccel::probe())?;
+    if let Some(w) = &accel.warning {
+        ui.warn(w);
+    }
+    let ssh = &forwards[0];
+    st = MachineState {
+        provider: p.name().to_string(),
+        vm_name: m.vm_name.clone(),
+        box_id: Some(base.id.clone()),
+        ssh_host: Some(ssh.host_ip.clone()),
+        ssh_port: Some(ssh.host),
+        libvirt_uri: (p.name() == "libvirt").then(|| m.cfg.libvirt.uri.clone()),
+        accel: Some(accel.label().to_string()),
+        ..st
+    };
+    // Recorded before the hypervisor is touched, so an interrupted `up` can be completed or destroyed.
+    st.save(&m.state)?;
+
+    let ph = ui.phase("create");
+    let spec = MachineSpec {
+        vm_name: m.vm_name.clone(),
+        hostname: m.cfg.hostname().to_string(),
+        cpus: m.cfg.machine.cpus,
+        memory_mb: m.cfg.machine.memory_mb,
+        disk_gb: m.cfg.machine.disk_gb,
+        base,
+        seed_iso: m.state.seed_iso(),
+        forwards,
+        state: m.state.clone(),
+        kvm: accel.kvm,
+    };
+    p.create(&spec)?;
+    ph.done(&format!("{} ({})", m.vm_name, accel.label()));
+
+    let ph = ui.phase("boot");
+    p.start(&m.vm_name)?;
+    ph.done(if live == VmState::NotCreated {
+        "created and started"
+    } else {
+        "started"
+    });
+    Ok((user_key, host_key))
+}
+
+/// Every forward, SSH first; an SSH host port of 0 becomes the port recorded earlier or a free one.
+fn resolve_forwards(cfg: &Config, st: &MachineState) -> Vec<Forward> {
+    let mut forwards = cfg.all_forwards();
+    if forwards[0].host == 0 {
+        forwards[0].host = st.ssh_port.filter(|p| *p != 0).unwrap_or_else(|| {
+            std::net::TcpListener::bind((forwards[0].host_ip.as_str(), 0))
+                .and_then(|l| l.local_addr())
+                .map(|a| a.port())
+                .unwrap_or(0)
+        });
+    }
+    forwards
+}
+
+/// The last lines of the serial console, as context for an SSH timeout.
+fn serial_tail(state: &StateDir) -> String {
+    let log = state.serial_log();
+    let text = std::fs::read(&log)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default();
+    format!(
+        "the guest did not answer SSH; last {SERIAL_TAIL_LINES} lines of its serial console ({}):\n{}\n\
+         hint: a guest that never reaches a login prompt has a boot problem (box, kernel command line, disk); one \
+         that does may be slow (TCG): raise --boot-timeout",
+        log.display(),
+        crate::process::tail(&text, SERIAL_TAIL_LINES)
+    )
+}
+
+pub fn status(ctx: &Ctx) -> Result<i32> {
+    let m = Machine::load(ctx)?;
+    let name = &m.cfg.machine.name;
+    let Some(st) = MachineState::load(&m.state)? else {
+        if ctx.ui.json() {
+            println!("{}", json!({"machine": name, "state": VmState::NotCreated}));
+        } else {
+            println!("{name}: not created");
+        }
+        return Ok(crate::exit::OK);
+    };
+    let p = provider::select(&m.cfg)?;
+    let live = p.state(&st.vm_name)?;
+    let ssh = match (&st.ssh_host, st.ssh_port) {
+        (Some(h), Some(port)) => Some(format!("{h}:{port}")),
+        _ => None,
+    };
+    if ctx.ui.json() {
+        println!(
+            "{}",
+            json!({"machine": name, "state": live, "provider": p.name(), "vm_name": st.vm_name, "ssh": ssh,
+                   "accel": st.accel})
+        );
+    } else {
+        match (&live, ssh) {
+            (VmState::Running, Some(ssh)) => println!("{name}: running ({}, {ssh})", p.name()),
+            (VmState::NotCreated, _) => println!("{name}: not created"),
+            (other, _) => println!("{name}: {other} ({})", p.name()),
+        }
+    }
+    Ok(crate::exit::OK)
+}
+
+pub fn halt(ctx: &Ctx, args: &HaltArgs) -> Result<i32> {
+    let m = Machine::load(ctx)?;
+    let _lock = MachineLock::acquire(&m.state, "halt")?;
+    halt_locked(ctx, &m, args)
+}
+
+fn halt_locked(ctx: &Ctx, m: &Machine, args: &HaltArgs) -> Result<i32> {
+    if MachineState::load(&m.state)?.is_none() {
+        ctx.ui.info(format!("{}: not created", m.cfg.machine.name));
+        return Ok(crate::exit::OK);
+    }
+    let p = provider::select(&m.cfg)?;
+    let ph = ctx.ui.phase("halt");
+    p.halt(&m.vm_name, Duration::from_secs(args.timeout), args.force)?;
+    ph.done(if args.force {
+        "powered off"
+    } else {
+        "shut down"
+    });
+    Ok(crate::exit::OK)
+}
+
+pub fn reload(ctx: &Ctx, args: &UpArgs) -> Result<i32> {
+    let m = Machine::load(ctx)?;
+    let _lock = MachineLock::acquire(&m.state, "reload")?;
+    halt_locked(
+        ctx,
+        &m,
+        &HaltArgs {
+            force: false,
+            timeout: 60,
+        },
+    )?;
+    let p = provider::select(&m.cfg)?;
+    up_locked(ctx, &m, p.as_ref(), args)
+}
+
+pub fn destroy(ctx: &Ctx, args: &DestroyArgs) -> Result<i32> {
+    let m = Machine::load(ctx)?;
+    if !args.force
+        && !confirm(&format!(
+            "Destroy machine {:?} and all its data?",
+            m.cfg.machine.name
+        ))?
+    {
+        ctx.ui.info("not destroyed");
+        return Ok(crate::exit::FAILURE);
+    }
+    if !m.state.exists() {
+        ctx.ui.info(format!(
+            "{}: not created; nothing to destroy",
+            m.cfg.machine.name
+        ));
+        return Ok(crate::exit::OK);
+    }
+    let _lock = MachineLock::acquire(&m.state, "destroy")?;
+    let vm_name = MachineState::load(&m.state)
+        .ok()
+        .flatten()
+        .map(|s| s.vm_name)
+        .unwrap_or(m.vm_name.clone());
+    let p = provider::select(&m.cfg)?;
+    let ph = ctx.ui.phase("destroy");
+    p.destroy(&vm_name, &m.state)?;
+    remove_state_dir(&m.state.root)?;
+    ph.done(&vm_name);
+    Ok(crate::exit::OK)
+}
+
+fn remove_state_dir(root: &Path) -> Result<()> {
+    match std::fs::remove_dir_all(root) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(e).with_context(|| format!("remove the state dir {}", root.display()))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Ask on the terminal; without one, refuse (the caller must pass -f).
+fn confirm(question: &str) -> Result<bool> {
+    if !std::io::stdin().is_terminal() {
+        bail!(
+            "refusing to destroy without confirmation: stdin is not a terminal\nhint: pass -f (`provisioner destroy \
+             -f`) to destroy without asking"
+        );
+    }
+    eprint!("{question} [y/N] ");
+    std::io::stderr().flush()?;
+    let mut answer = String::new();
+    std::io::stdin().read_line(&mut answer)?;
+    Ok(matches!(answer.trim(), "y" | "Y" | "yes" | "YES" | "Yes"))
 }

@@ -1,10 +1,58 @@
 //! `provisioner load`: bounded traffic at the demo app.
 
-use anyhow::Result;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Result};
 
 use super::Ctx;
 use crate::cli::LoadArgs;
+use crate::loadgen::{self, Plan};
 
-pub fn load(_ctx: &Ctx, _args: &LoadArgs) -> Result<i32> {
-    anyhow::bail!("`load` is not implemented yet")
+/// The demo app's port in the guest.
+pub const DEMO_APP_PORT: u16 = 8000;
+
+pub fn load(ctx: &Ctx, args: &LoadArgs) -> Result<i32> {
+    let url = match &args.url {
+        Some(u) => u.clone(),
+        None => {
+            let cfg = ctx.config()?;
+            let (ip, port) = cfg.host_addr_for(DEMO_APP_PORT).ok_or_else(|| {
+                anyhow!(
+                    "{} forwards no host port to the demo app (guest port {DEMO_APP_PORT})\n\
+                     hint: add a [[forward]] with guest = {DEMO_APP_PORT}, or pass --url http://HOST:PORT",
+                    cfg.path.display()
+                )
+            })?;
+            format!("http://{ip}:{port}")
+        }
+    };
+    let plan = Plan {
+        url,
+        requests: args.requests,
+        duration: Duration::from_secs(args.duration),
+        error_ratio: args.error_ratio,
+        slow_ratio: args.slow_ratio,
+        concurrency: args.concurrency,
+        request_timeout: Duration::from_secs(15),
+    };
+    plan.validate()?;
+    ctx.ui.info(format!(
+        "sending up to {} requests for at most {}s to {} ({} workers)",
+        plan.requests, args.duration, plan.url, plan.concurrency
+    ));
+    let summary = loadgen::run(&plan)?;
+    if ctx.ui.json() {
+        ctx.ui.event("load", serde_json::to_value(&summary)?);
+    } else {
+        print!("{}", summary.render());
+    }
+    if summary.answered() == 0 {
+        bail!(
+            "no request to {} got an answer ({})\nhint: is the lab up? run `provisioner up` or `provisioner health`; \
+             check the forward of guest port {DEMO_APP_PORT} in box-config.toml",
+            summary.url,
+            summary.first_error.as_deref().unwrap_or("no request sent")
+        );
+    }
+    Ok(0)
 }

@@ -1,11 +1,51 @@
-//! `provisioner validate`
+//! `provisioner validate`: every check on box-config.toml, including cross-references against the rendered
+//! provision tree. Human mode prints warnings and one summary line; `--json` prints one document
+//! `{"valid", "file", "machine", "warnings", "errors"}` (exit 1 when invalid).
 
 use anyhow::Result;
+use serde_json::json;
 
 use super::Ctx;
+use crate::config::{ConfigError, Diagnostic};
 
 pub fn validate(ctx: &Ctx) -> Result<i32> {
-    let cfg = ctx.config()?;
-    ctx.ui.info(format!("{}: valid (machine \"{}\")", cfg.path.display(), cfg.machine.name));
-    Ok(0)
+    let file = ctx.global.config.display().to_string();
+    let checked = ctx.config().and_then(|cfg| cfg.validate_all().map(|w| (cfg, w)));
+    match checked {
+        Ok((cfg, warnings)) => {
+            if ctx.ui.json() {
+                let doc = json!({
+                    "valid": true,
+                    "file": file,
+                    "machine": cfg.machine.name,
+                    "forwards": cfg.all_forwards().len(),
+                    "health_probes": cfg.health_probes().keys().collect::<Vec<_>>(),
+                    "warnings": warnings,
+                    "errors": [],
+                });
+                println!("{doc}");
+            } else {
+                for w in &warnings {
+                    ctx.ui.warn(w.to_string());
+                }
+                ctx.ui.info(format!(
+                    "{file}: valid (machine \"{}\", {} forwards incl. SSH, {} health probes, {} warning(s))",
+                    cfg.machine.name,
+                    cfg.all_forwards().len(),
+                    cfg.health_probes().len(),
+                    warnings.len()
+                ));
+            }
+            Ok(crate::exit::OK)
+        }
+        Err(e) if ctx.ui.json() => {
+            let errors = match e.downcast_ref::<ConfigError>() {
+                Some(ce) => ce.diagnostics.clone(),
+                None => vec![Diagnostic { file, line: None, col: None, message: format!("{e:#}"), hint: None }],
+            };
+            println!("{}", json!({"valid": false, "file": ctx.global.config, "warnings": [], "errors": errors}));
+            Ok(crate::exit::FAILURE)
+        }
+        Err(e) => Err(e),
+    }
 }

@@ -1,14 +1,335 @@
 //! The pipeline run in the guest once SSH is up: Docker (and Compose v1/v2) installed if missing, the rendered
-//! tree uploaded (only what changed), images made, `compose up -d`.
+//! tree uploaded (only what changed), images made, `compose up -d`, and only the services a change touches
+//! restarted. Idempotent: on an unchanged, running lab it only looks.
 
-use anyhow::Result;
+pub mod compose;
+pub mod docker;
+pub mod images;
+pub mod upload;
 
-use crate::config::Config;
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use serde_json::json;
+
+use crate::config::{Config, ImageSource};
 use crate::render::Rendered;
 use crate::ssh::Session;
 use crate::ui::Ui;
+use compose::{sh_quote, ChangePlan, Compose, ComposeModel};
+
+/// Services `up -d` starts (no compose profile), and those reported "unavailable offline": in `debian` mode, a
+/// profiled service that nothing can build offline (grafana, cadvisor). Other profiled services (e.g. the lab's
+/// on-demand `loadgen`, whose image another service builds) are neither.
+pub fn split_services(model: &ComposeModel, images: ImageSource) -> (Vec<String>, Vec<String>) {
+    let built_images: Vec<&str> = model
+        .services
+        .iter()
+        .filter(|s| s.build_context.is_some())
+        .filter_map(|s| s.image.as_deref())
+        .collect();
+    let mut active = Vec::new();
+    let mut unavailable = Vec::new();
+    for s in &model.services {
+        if s.profiles.is_empty() {
+            active.push(s.name.clone());
+        } else if images == ImageSource::Debian
+            && s.build_context.is_none()
+            && !s
+                .image
+                .as_deref()
+                .is_some_and(|i| built_images.contains(&i))
+        {
+            unavailable.push(s.name.clone());
+        }
+    }
+    (active, unavailable)
+}
+
+/// How Compose is called for this config.
+pub fn compose_for(cfg: &Config, model: &ComposeModel, kind: compose::ComposeKind) -> Compose {
+    Compose {
+        kind,
+        dir: cfg.provision.guest_path.clone(),
+        project: compose::project_name(&cfg.machine.name),
+        file: model.file.clone(),
+    }
+}
+
+/// Compose services of this project with a running container.
+pub fn running_services(ssh: &Session, project: &str) -> Result<BTreeSet<String>> {
+    let out = ssh.exec_ok(
+        &format!(
+            "sudo -n docker ps --filter label=com.docker.compose.project={} --format '{{{{.Label \"com.docker.compose.service\"}}}}'",
+            sh_quote(project)
+        ),
+        Duration::from_secs(60),
+    )?;
+    Ok(out
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(String::from)
+        .collect())
+}
 
 /// Run every provisioning step on a reachable guest. Idempotent.
-pub fn provision(_cfg: &Config, _ssh: &Session, _rendered: &Rendered, _ui: &Ui, _force: bool) -> Result<()> {
-    todo!("guest::provision")
+pub fn provision(
+    cfg: &Config,
+    ssh: &Session,
+    rendered: &Rendered,
+    ui: &Ui,
+    force: bool,
+) -> Result<()> {
+    let model = ComposeModel::from_rendered(rendered)?;
+
+    let phase = ui.phase("docker");
+    let ready = docker::ensure(ssh, cfg.provision.docker_install, &phase)?;
+    phase.done(&format!(
+        "Docker {} with Compose {:?}{}",
+        ready.server_version,
+        ready.compose,
+        if ready.installed {
+            " (installed now)"
+        } else {
+            ""
+        }
+    ));
+    let compose = compose_for(cfg, &model, ready.compose);
+    let (active, unavailable) = split_services(&model, cfg.provision.images);
+
+    let phase = ui.phase("upload");
+    let guest_path = &cfg.provision.guest_path;
+    let old = if force {
+        upload::Manifest::default()
+    } else {
+        upload::read_manifest(ssh, guest_path)?
+    };
+    let first_run = old.files.is_empty();
+    let new = upload::Manifest::of(rendered);
+    let diff = upload::diff(&old, &new);
+    let sent = upload::apply(ssh, guest_path, rendered, &diff)?;
+    ui.event(
+        "upload",
+        json!({"added": diff.added, "changed": diff.changed, "removed": diff.removed}),
+    );
+    phase.done(&format!(
+        "{} sent ({} KiB), {} removed, {} unchanged",
+        diff.added.len() + diff.changed.len(),
+        sent.div_ceil(1024),
+        diff.removed.len(),
+        diff.unchanged.len()
+    ));
+
+    let running = running_services(ssh, &compose.project)?;
+    let all_running = active.iter().all(|s| running.contains(s));
+    let plan = compose::plan_changes(&model, &diff.touched());
+    if !first_run && !force && plan.is_empty() && all_running {
+        ui.event(
+            "provision_skipped",
+            json!({"reason": "nothing changed and every service runs"}),
+        );
+        ui.info(format!(
+            "lab unchanged and running ({} services); nothing to do",
+            active.len()
+        ));
+        return upload::write_manifest(ssh, guest_path, &new);
+    }
+
+    let phase = ui.phase("images");
+    let buildable: Vec<String> = active
+        .iter()
+        .filter(|s| {
+            model
+                .service(s)
+                .is_some_and(|svc| svc.build_context.is_some())
+        })
+        .cloned()
+        .collect();
+    let to_build: Vec<String> = if first_run || force {
+        buildable.clone()
+    } else {
+        buildable
+            .iter()
+            .filter(|s| plan.rebuild.contains(*s))
+            .cloned()
+            .collect()
+    };
+    let mut summary = Vec::new();
+    match cfg.provision.images {
+        ImageSource::Debian => {
+            let base = images::BaseImage::for_config(cfg);
+            if base.ensure_tarball(&phase)? {
+                summary.push("base rootfs built on host".to_string());
+            }
+            if base.ensure_in_guest(ssh, &phase)? {
+                summary.push(format!("{} imported", base.tag));
+            }
+        }
+        ImageSource::Registry => {
+            let pull: Vec<&String> = active.iter().filter(|s| !buildable.contains(s)).collect();
+            if !pull.is_empty() {
+                let names: Vec<&str> = pull.iter().map(|s| s.as_str()).collect();
+                stream(ssh, &compose, &format!("pull {}", names.join(" ")), &phase, 30 * 60)
+                    .context("pulling service images failed\nhint: the guest needs the registry reachable; or use [provision] images = \"debian\"")?;
+                summary.push(format!("pulled {}", names.join(", ")));
+            }
+        }
+    }
+    if !to_build.is_empty() {
+        stream(ssh, &compose, &format!("build {}", to_build.join(" ")), &phase, 60 * 60).map_err(|e| {
+            e.context("`compose build` failed\nhint: the last lines above name the failing Dockerfile step; fix it \
+                       under [provision] source and run `provisioner provision`")
+        })?;
+        summary.push(format!("built {}", to_build.join(", ")));
+    }
+    phase.done(&if summary.is_empty() {
+        "up to date".to_string()
+    } else {
+        summary.join("; ")
+    });
+
+    let phase = ui.phase("compose");
+    if let Err(e) = stream(ssh, &compose, "up -d --remove-orphans", &phase, 20 * 60) {
+        drop(phase);
+        return Err(e.context(failing_logs(ssh, &compose, &active)));
+    }
+    let restart = restart_list(&plan, &to_build, &active, first_run || force);
+    if !restart.is_empty() {
+        stream(
+            ssh,
+            &compose,
+            &format!("restart {}", restart.join(" ")),
+            &phase,
+            10 * 60,
+        )?;
+    }
+    if !unavailable.is_empty() {
+        ui.warn(format!(
+            "{} unavailable offline (no image source in images = \"debian\" mode); shown in the health table",
+            unavailable.join(", ")
+        ));
+    }
+    phase.done(&format!(
+        "{} services up{}",
+        active.len(),
+        if restart.is_empty() {
+            String::new()
+        } else {
+            format!(", restarted {}", restart.join(", "))
+        }
+    ));
+    upload::write_manifest(ssh, guest_path, &new)
+}
+
+/// Services to restart after `up -d`: those whose mounted config changed, unless they were just (re)built or the
+/// whole lab was just created.
+fn restart_list(
+    plan: &ChangePlan,
+    built: &[String],
+    active: &[String],
+    fresh: bool,
+) -> Vec<String> {
+    if fresh {
+        return Vec::new();
+    }
+    plan.restart
+        .iter()
+        .filter(|s| active.contains(s) && !built.contains(s))
+        .cloned()
+        .collect()
+}
+
+/// Run a compose subcommand with its output streamed into the phase; error with the tail on failure.
+fn stream(
+    ssh: &Session,
+    compose: &Compose,
+    args: &str,
+    phase: &crate::ui::Phase,
+    secs: u64,
+) -> Result<()> {
+    let cmd = compose.cmd(args);
+    let out = ssh.exec_stream(&cmd, Duration::from_secs(secs), &mut |line| {
+        phase.message(line)
+    })?;
+    if out.status != 0 {
+        bail!(
+            "`{cmd}` failed in the guest (exit {}):\n{}",
+            out.status,
+            crate::process::tail(&out.output, 30)
+        );
+    }
+    Ok(())
+}
+
+/// The last log lines of every active service that is not running (all active ones if that cannot be told).
+fn failing_logs(ssh: &Session, compose: &Compose, active: &[String]) -> String {
+    let running = running_services(ssh, &compose.project).unwrap_or_default();
+    let failing: Vec<&String> = active.iter().filter(|s| !running.contains(*s)).collect();
+    let mut text = String::from("`compose up -d` failed");
+    for svc in if failing.is_empty() {
+        active.iter().collect()
+    } else {
+        failing
+    } {
+        let logs = ssh
+            .exec(
+                &compose.cmd(&format!("logs --no-color --tail 40 {}", sh_quote(svc))),
+                Duration::from_secs(60),
+            )
+            .map(|o| o.output)
+            .unwrap_or_else(|e| format!("(logs unavailable: {e})"));
+        text.push_str(&format!(
+            "\n--- last log lines of {svc}\n{}",
+            logs.trim_end()
+        ));
+    }
+    text.push_str(
+        "\nhint: fix the service's config under [provision] source and run `provisioner provision`; \
+         `provisioner ssh -c 'sudo docker ps -a'` shows every container",
+    );
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LAB: &str = "services:\n  demo-app:\n    build: ./demo-app\n    image: lab/demo:debian\n  \
+                       prometheus:\n    build: ./prometheus\n  grafana:\n    image: grafana/grafana\n    \
+                       profiles: [registry]\n  cadvisor:\n    image: c\n    profiles: [registry]\n  loadgen:\n    \
+                       image: lab/demo:debian\n    profiles: [load]\n";
+
+    #[test]
+    fn profiles_are_unavailable_offline_only_in_debian_mode() {
+        let m = ComposeModel::parse("compose.yaml", LAB).unwrap();
+        let (a, u) = split_services(&m, ImageSource::Debian);
+        assert_eq!(a, ["demo-app", "prometheus"]);
+        assert_eq!(u, ["grafana", "cadvisor"]);
+        let (a, u) = split_services(&m, ImageSource::Registry);
+        assert_eq!(
+            a,
+            ["demo-app", "prometheus"],
+            "registry-mode compose files put no service in a profile"
+        );
+        assert!(u.is_empty());
+    }
+
+    #[test]
+    fn restart_skips_rebuilt_inactive_and_fresh() {
+        let plan = ChangePlan {
+            restart: ["prometheus", "grafana", "demo-app"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+            ..Default::default()
+        };
+        let active = vec!["demo-app".to_string(), "prometheus".to_string()];
+        assert_eq!(
+            restart_list(&plan, &["demo-app".to_string()], &active, false),
+            ["prometheus"]
+        );
+        assert!(restart_list(&plan, &[], &active, true).is_empty());
+    }
 }

@@ -1,13 +1,32 @@
 //! libvirt through `virsh` and `qemu-img` only.
+//!
+//! The disk is a qcow2 overlay in the state dir on top of the cached box (never modified). The domain XML is
+//! rendered from `assets/libvirt/domain.xml.hbs`; its `<metadata>` names the tool and the state dir, so a domain of
+//! the same name that we did not make is refused instead of touched. Networking is user-mode (passt) with every
+//! forward bound on the host address the config names (127.0.0.1 by default): no bridge, no NAT network.
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{bail, Context, Result};
+use serde_json::json;
 
 use super::{MachineSpec, Provider, VmState};
-use crate::config::Config;
+pub use crate::accel::decide_accel;
+use crate::config::{Config, Firmware, Protocol};
+use crate::machine::state::MachineState;
 use crate::machine::StateDir;
+use crate::process::Cmd;
+
+/// The XML namespace of our `<metadata>` element.
+pub const METADATA_NS: &str = "https://github.com/provisioner/provisioner/libvirt-machine/1";
+const DOMAIN_TEMPLATE: &str = include_str!("../../assets/libvirt/domain.xml.hbs");
+/// Kernel command line for direct boot when the box does not name one.
+const DEFAULT_CMDLINE: &str = "root=/dev/vda rw console=ttyS0";
+/// Free space the state dir needs before an overlay is made (the overlay starts small and grows with writes).
+const MIN_FREE_BYTES: u64 = 2 << 30;
+const VIRSH_TIMEOUT: Duration = Duration::from_secs(60);
 
 pub struct Libvirt {
     pub uri: String,
@@ -15,33 +34,422 @@ pub struct Libvirt {
 
 impl Libvirt {
     pub fn new(cfg: &Config) -> Result<Self> {
-        Ok(Self { uri: cfg.libvirt.uri.clone() })
+        Ok(Self {
+            uri: cfg.libvirt.uri.clone(),
+        })
     }
+
+    fn virsh(&self) -> Cmd {
+        Cmd::new("virsh")
+            .args(["-q", "-c", &self.uri])
+            .timeout(VIRSH_TIMEOUT)
+    }
+
+    /// Run a virsh subcommand; a connection failure becomes the "daemon not reachable" error with its hint.
+    fn run(&self, args: &[&str]) -> Result<String> {
+        let out = self.virsh().args(args).output()?;
+        if !out.success() {
+            let err = out.stderr.trim();
+            if is_connect_error(err) {
+                return Err(self.unreachable(err));
+            }
+            bail!("`virsh -c {} {}` failed: {err}", self.uri, args.join(" "));
+        }
+        Ok(out.stdout)
+    }
+
+    fn unreachable(&self, err: &str) -> anyhow::Error {
+        anyhow::anyhow!(
+            "the libvirt daemon for {} is not reachable: {err}\nhint: start it (`virtqemud -d` or `libvirtd -d`, \
+             with `virtlogd -d`; under systemd `systemctl start libvirtd`), check that your user may use that URI, \
+             or set [libvirt] uri in box-config.toml",
+            self.uri
+        )
+    }
+
+    /// Local URIs (no host part) are served by a daemon on this machine, which we may start.
+    fn is_local(&self) -> bool {
+        self.uri
+            .split_once("://")
+            .is_some_and(|(_, rest)| rest.starts_with('/'))
+    }
+
+    /// Make sure the daemon answers; as root with a local URI, start the daemons when they are not running.
+    fn ensure_daemon(&self) -> Result<()> {
+        let first = self.virsh().arg("version").output()?;
+        if first.success() {
+            return Ok(());
+        }
+        let err = first.stderr.trim().to_string();
+        // SAFETY: geteuid has no preconditions.
+        let root = unsafe { libc::geteuid() } == 0;
+        if !(is_connect_error(&err) && self.is_local() && root) {
+            return Err(self.unreachable(&err));
+        }
+        if !Path::new("/run/libvirt/virtlogd-sock").exists() {
+            if let Some(virtlogd) = find_sbin("virtlogd") {
+                Cmd::new(virtlogd)
+                    .arg("-d")
+                    .timeout(Duration::from_secs(30))
+                    .run()?;
+            }
+        }
+        let daemon = find_sbin("virtqemud")
+            .or_else(|| find_sbin("libvirtd"))
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "no libvirt daemon is installed (neither virtqemud nor libvirtd)\n\
+                 hint: install libvirt-daemon-system (Debian/Ubuntu: scripts/host-deps.sh)"
+                )
+            })?;
+        // A daemon started concurrently by someone else makes ours exit on its pid file lock; that is fine.
+        let _ = Cmd::new(&daemon)
+            .arg("-d")
+            .timeout(Duration::from_secs(30))
+            .output()?;
+        crate::process::wait_until(
+            Duration::from_secs(30),
+            "the libvirt daemon to answer",
+            || {
+                let out = self.virsh().arg("version").output()?;
+                Ok(out.success().then_some(()))
+            },
+        )
+        .map_err(|e| {
+            self.unreachable(&format!(
+                "started {} but it does not answer: {e:#}",
+                daemon.display()
+            ))
+        })
+    }
+
+    /// The domain's XML if it exists.
+    fn dumpxml(&self, vm_name: &str) -> Result<Option<String>> {
+        let out = self.virsh().args(["dumpxml", vm_name]).output()?;
+        if out.success() {
+            return Ok(Some(out.stdout));
+        }
+        if is_no_domain(&out.stderr) {
+            return Ok(None);
+        }
+        if is_connect_error(&out.stderr) {
+            return Err(self.unreachable(out.stderr.trim()));
+        }
+        bail!("`virsh dumpxml {vm_name}` failed: {}", out.stderr.trim())
+    }
+
+    /// Refuse a domain of this name that we did not make (for this state dir).
+    fn check_ours(&self, vm_name: &str, xml: &str, state: &StateDir) -> Result<()> {
+        match owner_state_dir(xml) {
+            Some(dir) if Path::new(&dir) == state.root => Ok(()),
+            Some(dir) => bail!(
+                "the libvirt domain {vm_name:?} belongs to another provisioner machine (state dir {dir}), not to \
+                 {}\nhint: destroy it from that directory, or rename this machine ([machine] name)",
+                state.root.display()
+            ),
+            None => bail!(
+                "a libvirt domain named {vm_name:?} exists on {} but was not made by provisioner; it was left \
+                 untouched\nhint: rename this machine ([machine] name in box-config.toml), or remove that domain \
+                 yourself (`virsh -c {} undefine {vm_name}`) if you are sure it is not needed",
+                self.uri,
+                self.uri
+            ),
+        }
+    }
+
+    /// The qcow2 overlay on the box; made once (atomically: a temp name, then renamed).
+    fn ensure_overlay(&self, spec: &MachineSpec) -> Result<()> {
+        let disk = spec.state.disk();
+        if disk.exists() {
+            return Ok(());
+        }
+        check_free_space(&spec.state.root, spec.disk_gb)?;
+        let base = std::fs::canonicalize(&spec.base.disk).with_context(|| {
+            format!(
+                "box disk {} is missing; run `provisioner box build`",
+                spec.base.disk.display()
+            )
+        })?;
+        let tmp = spec.state.path("disk.qcow2.partial");
+        let _ = std::fs::remove_file(&tmp);
+        Cmd::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-F", &spec.base.format, "-b"])
+            .arg(&base)
+            .arg(&tmp)
+            .arg(format!("{}G", spec.disk_gb))
+            .timeout(Duration::from_secs(120))
+            .run()
+            .context("create the disk overlay")?;
+        std::fs::rename(&tmp, &disk)
+            .with_context(|| format!("rename {} to {}", tmp.display(), disk.display()))
+    }
+}
+
+/// virsh / libvirt wording for "cannot talk to the daemon".
+fn is_connect_error(stderr: &str) -> bool {
+    [
+        "failed to connect",
+        "Failed to connect socket",
+        "Cannot recv data",
+        "no connection driver available",
+    ]
+    .iter()
+    .any(|m| stderr.contains(m))
+}
+
+/// virsh wording for "no such domain".
+fn is_no_domain(stderr: &str) -> bool {
+    stderr.contains("failed to get domain") || stderr.contains("Domain not found")
+}
+
+fn find_sbin(name: &str) -> Option<std::path::PathBuf> {
+    which::which(name).ok().or_else(|| {
+        ["/usr/sbin", "/usr/local/sbin", "/sbin"]
+            .iter()
+            .map(|d| Path::new(d).join(name))
+            .find(|p| p.exists())
+    })
+}
+
+/// The state dir named in our metadata element, if the XML has one.
+pub fn owner_state_dir(xml: &str) -> Option<String> {
+    if !xml.contains(METADATA_NS) {
+        return None;
+    }
+    let start = xml.find("<provisioner:state-dir>")? + "<provisioner:state-dir>".len();
+    let end = start + xml[start..].find("</provisioner:state-dir>")?;
+    Some(xml_unescape(&xml[start..end]))
+}
+
+fn xml_escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('\'', "&apos;")
+        .replace('"', "&quot;")
+}
+
+fn xml_unescape(s: &str) -> String {
+    s.replace("&lt;", "<")
+        .replace("&gt;", ">")
+        .replace("&apos;", "'")
+        .replace("&quot;", "\"")
+        .replace("&amp;", "&")
+}
+
+/// Error out when the filesystem of `dir` is nearly full; the overlay grows up to `disk_gb`.
+fn check_free_space(dir: &Path, disk_gb: u64) -> Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes())?;
+    // SAFETY: statvfs writes into the zeroed struct we own; c is a valid NUL-terminated path.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("statvfs {}", dir.display()));
+    }
+    let free = st.f_bavail as u64 * st.f_frsize as u64;
+    if free < MIN_FREE_BYTES {
+        bail!(
+            "only {} MiB free on the filesystem of {}; the machine's disk needs at least {} MiB to start and grows \
+             up to {disk_gb} GiB\nhint: free some space (e.g. `provisioner box list` / `box remove` old boxes, \
+             destroy unused machines) and run `provisioner up` again",
+            free >> 20,
+            dir.display(),
+            MIN_FREE_BYTES >> 20
+        );
+    }
+    Ok(())
+}
+
+/// The DAC label that runs QEMU as the calling user with no relabelling, for local daemons: files in the
+/// state dir and the box cache stay owned by the user (a system daemon would otherwise chown them to its qemu user).
+fn local_dac_label(uri: &str) -> Option<String> {
+    let local = uri
+        .split_once("://")
+        .is_some_and(|(_, rest)| rest.starts_with('/'));
+    // SAFETY: getuid/getgid have no preconditions.
+    local.then(|| {
+        format!("+{}:+{}", unsafe { libc::getuid() }, unsafe {
+            libc::getgid()
+        })
+    })
+}
+
+/// Render the domain XML for a machine spec.
+pub fn domain_xml(spec: &MachineSpec, dac_label: Option<&str>) -> Result<String> {
+    let esc = |p: &Path| p.to_string_lossy().into_owned();
+    let forwards: Vec<_> = spec
+        .forwards
+        .iter()
+        .map(|f| {
+            json!({
+                "proto": match f.protocol { Protocol::Tcp => "tcp", Protocol::Udp => "udp" },
+                "host_ip": f.host_ip,
+                "host": f.host,
+                "guest": f.guest,
+            })
+        })
+        .collect();
+    let ctx = json!({
+        "domain_type": if spec.kvm { "kvm" } else { "qemu" },
+        "kvm": spec.kvm,
+        "name": spec.vm_name,
+        "machine": spec.hostname,
+        "namespace": METADATA_NS,
+        "state_dir": esc(&spec.state.root),
+        "box_id": spec.base.id,
+        "memory_mb": spec.memory_mb,
+        "cpus": spec.cpus,
+        "uefi": spec.base.firmware == Firmware::Uefi && spec.base.kernel.is_none(),
+        "kernel": spec.base.kernel.as_deref().map(esc),
+        "initrd": spec.base.initrd.as_deref().map(esc),
+        "cmdline": spec.base.cmdline.as_deref().unwrap_or(DEFAULT_CMDLINE),
+        "disk": esc(&spec.state.disk()),
+        "seed": esc(&spec.seed_iso),
+        "serial_log": esc(&spec.state.serial_log()),
+        "forwards": forwards,
+        "dac_label": dac_label,
+    });
+    let mut hb = handlebars::Handlebars::new();
+    hb.set_strict_mode(true);
+    hb.register_escape_fn(xml_escape);
+    hb.render_template(DOMAIN_TEMPLATE, &ctx)
+        .context("render assets/libvirt/domain.xml.hbs")
 }
 
 impl Provider for Libvirt {
     fn name(&self) -> &'static str {
         "libvirt"
     }
+
     fn preflight(&self) -> Result<()> {
-        todo!("libvirt preflight")
+        which::which("virsh").map_err(|_| {
+            anyhow::anyhow!(
+                "`virsh` was not found on PATH\nhint: install the libvirt client and daemon (Debian/Ubuntu: \
+                 scripts/host-deps.sh, or `apt-get install libvirt-clients libvirt-daemon-system`)"
+            )
+        })?;
+        which::which("qemu-img").map_err(|_| {
+            anyhow::anyhow!(
+                "`qemu-img` was not found on PATH\nhint: install qemu-utils (Debian/Ubuntu)"
+            )
+        })?;
+        self.ensure_daemon()?;
+        if self.is_local() && which::which("qemu-system-x86_64").is_err() {
+            bail!(
+                "`qemu-system-x86_64` was not found on PATH\nhint: install qemu-system-x86 (Debian 12: from \
+                 bookworm-backports to match libvirt 11, see scripts/host-deps.sh)"
+            );
+        }
+        Ok(())
     }
-    fn state(&self, _vm_name: &str) -> Result<VmState> {
-        todo!("libvirt state")
+
+    fn state(&self, vm_name: &str) -> Result<VmState> {
+        let out = self.virsh().args(["domstate", vm_name]).output()?;
+        if !out.success() {
+            if is_no_domain(&out.stderr) {
+                return Ok(VmState::NotCreated);
+            }
+            if is_connect_error(&out.stderr) {
+                return Err(self.unreachable(out.stderr.trim()));
+            }
+            bail!("`virsh domstate {vm_name}` failed: {}", out.stderr.trim());
+        }
+        Ok(parse_domstate(&out.stdout))
     }
-    fn create(&self, _spec: &MachineSpec) -> Result<()> {
-        todo!("libvirt create")
+
+    fn create(&self, spec: &MachineSpec) -> Result<()> {
+        if let Some(xml) = self.dumpxml(&spec.vm_name)? {
+            self.check_ours(&spec.vm_name, &xml, &spec.state)?;
+        }
+        self.ensure_overlay(spec)?;
+        let xml = domain_xml(spec, local_dac_label(&self.uri).as_deref())?;
+        let file = spec.state.path("domain.xml");
+        crate::machine::write_private(&file, xml.as_bytes(), 0o600)?;
+        let path = file.to_string_lossy();
+        self.run(&["define", &path]).map_err(|e| {
+            let hint = if spec.base.firmware == Firmware::Uefi {
+                "\nhint: UEFI boxes need OVMF firmware on the host (Debian/Ubuntu: `apt-get install ovmf`)"
+            } else {
+                ""
+            };
+            e.context(format!("define the domain from {}{hint}", file.display()))
+        })?;
+        Ok(())
     }
-    fn start(&self, _vm_name: &str) -> Result<()> {
-        todo!("libvirt start")
+
+    fn start(&self, vm_name: &str) -> Result<()> {
+        self.run(&["start", vm_name]).map(drop).context(
+            "start the machine\nhint: see the serial log in .provisioner/serial.log and the daemon's log \
+             (/var/log/libvirt/qemu/<domain>.log for qemu:///system, ~/.cache/libvirt/qemu/log/ for session)",
+        )
     }
-    fn halt(&self, _vm_name: &str, _timeout: Duration, _force: bool) -> Result<()> {
-        todo!("libvirt halt")
+
+    fn halt(&self, vm_name: &str, timeout: Duration, force: bool) -> Result<()> {
+        let running =
+            |s: &VmState| matches!(s, VmState::Running | VmState::Paused | VmState::Other(_));
+        if !running(&self.state(vm_name)?) {
+            return Ok(());
+        }
+        if !force {
+            self.run(&["shutdown", "--mode", "acpi", vm_name])?;
+            let down = crate::process::wait_until(timeout, "the guest to power off", || {
+                Ok((!running(&self.state(vm_name)?)).then_some(()))
+            });
+            if down.is_ok() {
+                return Ok(());
+            }
+        }
+        match self.run(&["destroy", vm_name]) {
+            Ok(_) => Ok(()),
+            // It may have powered off between our check and the destroy.
+            Err(_) if !running(&self.state(vm_name)?) => Ok(()),
+            Err(e) => Err(e),
+        }
     }
-    fn destroy(&self, _vm_name: &str, _state: &StateDir) -> Result<()> {
-        todo!("libvirt destroy")
+
+    fn destroy(&self, vm_name: &str, state: &StateDir) -> Result<()> {
+        if let Some(xml) = self.dumpxml(vm_name)? {
+            self.check_ours(vm_name, &xml, state)?;
+            self.halt(vm_name, Duration::ZERO, true)?;
+            self.run(&["undefine", "--nvram", vm_name])?;
+        }
+        // Our disks are plain files in the state dir (no storage pool): remove them ourselves.
+        for f in [
+            state.disk(),
+            state.path("disk.qcow2.partial"),
+            state.seed_iso(),
+            state.serial_log(),
+            state.path("domain.xml"),
+        ] {
+            match std::fs::remove_file(&f) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(e).with_context(|| format!("remove {}", f.display()));
+                }
+                _ => {}
+            }
+        }
+        Ok(())
     }
-    fn ssh_endpoint(&self, _vm_name: &str, _state: &StateDir) -> Result<SocketAddr> {
-        todo!("libvirt ssh_endpoint")
+
+    fn ssh_endpoint(&self, _vm_name: &str, state: &StateDir) -> Result<SocketAddr> {
+        let st = MachineState::load(state)?
+            .context("the machine has no state.json; run `provisioner up`")?;
+        let (Some(host), Some(port)) = (st.ssh_host, st.ssh_port) else {
+            bail!("state.json has no SSH endpoint; run `provisioner up` (or `destroy -f` then `up` to recreate)");
+        };
+        format!("{host}:{port}")
+            .parse()
+            .with_context(|| format!("bad SSH endpoint {host}:{port} in state.json"))
+    }
+}
+
+/// `virsh domstate` output to a state.
+pub fn parse_domstate(out: &str) -> VmState {
+    match out.trim() {
+        "running" | "in shutdown" => VmState::Running,
+        "shut off" | "crashed" => VmState::Stopped,
+        "paused" | "pmsuspended" => VmState::Paused,
+        other => VmState::Other(other.to_string()),
     }
 }

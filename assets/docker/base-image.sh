@@ -1,0 +1,25 @@
+#!/bin/sh
+# Build the lab's container base image rootfs on the HOST and write it as a tarball for `docker import`.
+# Usage: base-image.sh SUITE MIRROR OUT.tar PACKAGE...
+# Runs as root (debootstrap needs it). The rootfs is trimmed (docs, man pages, locales, apt lists) to keep the
+# import into the guest short: `docker import` cost there is bound by the size.
+set -eu
+suite=$1 mirror=$2 out=$3
+shift 3
+pkgs=$(echo "$@" | tr ' ' ',')
+work=$(mktemp -d "${out}.work.XXXXXX")
+trap 'rm -rf "$work"' EXIT
+root="$work/rootfs"
+debootstrap --variant=minbase --include="$pkgs" "$suite" "$root" "$mirror"
+# Trim what a container never needs.
+rm -rf "$root"/usr/share/doc/* "$root"/usr/share/man/* "$root"/usr/share/info/* "$root"/usr/share/locale/* \
+  "$root"/usr/share/lintian "$root"/var/lib/apt/lists/* "$root"/var/cache/apt/*.bin "$root"/var/cache/apt/archives/*.deb \
+  "$root"/var/cache/debconf/*-old "$root"/var/lib/dpkg/*-old "$root"/var/log/* "$root"/tmp/* "$root"/root/.bash_history
+# 212 MB of raw time-zone data the Prometheus web UI never loads (it uses moment-timezone-with-data.min.js).
+rm -rf "$root"/usr/share/javascript/moment-timezone/data
+find "$root/usr/lib" -name '__pycache__' -type d -prune -exec rm -rf {} +
+# Services run in containers, never through init scripts.
+rm -f "$root"/etc/machine-id
+: > "$root"/etc/machine-id
+tar --numeric-owner --xattrs -C "$root" -cf "$work/rootfs.tar" .
+mv "$work/rootfs.tar" "$out"

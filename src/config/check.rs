@@ -1,0 +1,473 @@
+//! Semantic validation of a parsed config: rules on single values and between keys ([`local`], run by every load),
+//! and cross-references against the provision tree ([`cross`], run by `validate` and before `up`/`provision`).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use anyhow::{Context, Result};
+
+use super::diag::{Diagnostic, Source};
+use super::{Config, Protocol};
+use crate::render::{render_tree, Secrets};
+
+/// What validation found.
+#[derive(Debug, Default)]
+pub struct Findings {
+    pub errors: Vec<Diagnostic>,
+    pub warnings: Vec<Diagnostic>,
+}
+
+impl Findings {
+    fn error(&mut self, d: Diagnostic, hint: &str) {
+        self.errors.push(d.with_hint(hint));
+    }
+    fn warn(&mut self, d: Diagnostic, hint: &str) {
+        self.warnings.push(d.with_hint(hint));
+    }
+}
+
+/// `[a-z0-9][a-z0-9-]{0,30}`
+pub fn valid_machine_name(s: &str) -> bool {
+    let b = s.as_bytes();
+    (1..=31).contains(&b.len())
+        && (b[0].is_ascii_lowercase() || b[0].is_ascii_digit())
+        && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+}
+
+/// A Unix user name as Debian's adduser accepts it: `[a-z_][a-z0-9_-]{0,31}`.
+pub fn valid_unix_user(s: &str) -> bool {
+    let b = s.as_bytes();
+    (1..=32).contains(&b.len())
+        && (b[0].is_ascii_lowercase() || b[0] == b'_')
+        && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'_' || *c == b'-')
+}
+
+/// An RFC 1123 host name (dot-separated labels of a-z, 0-9, '-', not starting or ending with '-').
+fn valid_hostname(s: &str) -> bool {
+    s.len() <= 253
+        && s.split('.').all(|l| {
+            (1..=63).contains(&l.len())
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-')
+        })
+}
+
+fn url_scheme_ok(url: &str, schemes: &[&str]) -> bool {
+    schemes.iter().any(|s| url.strip_prefix(s).and_then(|r| r.strip_prefix("://")).is_some_and(|r| !r.is_empty()))
+}
+
+/// Rules on the file alone.
+pub fn local(cfg: &Config, src: &Source) -> Findings {
+    let mut f = Findings::default();
+    let m = &cfg.machine;
+    if !valid_machine_name(&m.name) {
+        f.error(
+            src.at_path(&["machine", "name"], format!("machine name \"{}\" is not allowed", m.name)),
+            "use 1-31 characters from a-z, 0-9 and '-', starting with a letter or digit (e.g. \"lab\")",
+        );
+    }
+    if let Some(h) = &m.hostname {
+        if !valid_hostname(h) {
+            f.error(
+                src.at_path(&["machine", "hostname"], format!("hostname \"{h}\" is not a valid host name")),
+                "use dot-separated labels of a-z, 0-9 and '-' (e.g. \"lab.local\"), or remove it to use the name",
+            );
+        }
+    }
+    for (key, value, min, unit) in
+        [("cpus", u64::from(m.cpus), 1, ""), ("memory_mb", m.memory_mb, 256, " MiB"), ("disk_gb", m.disk_gb, 2, " GiB")]
+    {
+        if value < min {
+            f.error(
+                src.at_path(&["machine", key], format!("`{key}` must be at least {min}{unit}, found {value}")),
+                "the lab itself wants cpus = 2, memory_mb = 4096, disk_gb = 20",
+            );
+        }
+    }
+    check_box(cfg, src, &mut f);
+    check_network(cfg, src, &mut f);
+    if !valid_unix_user(&cfg.ssh.user) {
+        f.error(
+            src.at_path(
+                &["ssh", "user"],
+                format!("`user` \"{}\" in [ssh] is not a valid Unix user name", cfg.ssh.user),
+            ),
+            "use lowercase letters, digits, '_' and '-', starting with a letter or '_', at most 32 characters",
+        );
+    }
+    if cfg.ssh.connect_timeout_secs == 0 {
+        f.error(
+            src.at_path(&["ssh", "connect_timeout_secs"], "`connect_timeout_secs` must be at least 1"),
+            "a TCG guest needs about 60 s to reach SSH; the default is 600",
+        );
+    }
+    let gp = &cfg.provision.guest_path;
+    if !gp.starts_with('/') || gp.trim_end_matches('/').is_empty() {
+        f.error(
+            src.at_path(
+                &["provision", "guest_path"],
+                format!("`guest_path` must be an absolute directory below /, found \"{gp}\""),
+            ),
+            "use a dedicated directory such as \"/opt/provision\"",
+        );
+    }
+    for (name, p) in &cfg.health {
+        let at = |key: &str, msg: String| src.at_path(&["health", name, key], msg);
+        if !p.path.starts_with('/') {
+            f.error(
+                at("path", format!("health probe \"{name}\": `path` must start with '/', found \"{}\"", p.path)),
+                "e.g. path = \"/health\"",
+            );
+        }
+        if p.port == 0 {
+            f.error(
+                at("port", format!("health probe \"{name}\": `port` must be 1-65535")),
+                "set the guest port the service listens on",
+            );
+        }
+        if !(100..=599).contains(&p.expect_status) {
+            f.error(
+                at(
+                    "expect_status",
+                    format!("health probe \"{name}\": `expect_status` {} is not an HTTP status", p.expect_status),
+                ),
+                "use 100-599, usually 200",
+            );
+        }
+        if p.timeout_secs == 0 {
+            f.error(
+                at("timeout_secs", format!("health probe \"{name}\": `timeout_secs` must be at least 1")),
+                "the default is 5",
+            );
+        }
+    }
+    if !cfg.libvirt.uri.contains(":/") {
+        f.error(
+            src.at_path(
+                &["libvirt", "uri"],
+                format!("`uri` \"{}\" in [libvirt] is not a libvirt URI", cfg.libvirt.uri),
+            ),
+            "use \"qemu:///session\" (no root needed) or \"qemu:///system\"",
+        );
+    }
+    f
+}
+
+const SOURCES: &str = "image, url (+ sha256), vagrant, [box.debian]";
+
+fn check_box(cfg: &Config, src: &Source, f: &mut Findings) {
+    let b = &cfg.base_box;
+    let set: Vec<&str> = [
+        ("image", b.image.is_some()),
+        ("url", b.url.is_some()),
+        ("vagrant", b.vagrant.is_some()),
+        ("debian", b.debian.is_some()),
+    ]
+    .into_iter()
+    .filter_map(|(k, on)| on.then_some(k))
+    .collect();
+    let shown = |k: &str| if k == "debian" { "[box.debian]".to_string() } else { format!("`{k}`") };
+    match set.as_slice() {
+        [] => f.error(
+            src.at_path(&["box"], format!("no box source in [box]; set exactly one of: {SOURCES}")),
+            "the shipped box-config.toml builds one from the Debian mirror with [box.debian]",
+        ),
+        [_] => {}
+        [first, second, ..] => f.error(
+            src.at_path(
+                &["box", second],
+                format!("two box sources: {} and {}; keep exactly one of: {SOURCES}", shown(first), shown(second)),
+            ),
+            "remove all but one box source",
+        ),
+    }
+    match (&b.url, &b.sha256) {
+        (Some(url), sha) => {
+            if !url_scheme_ok(url, &["http", "https", "file"]) {
+                f.error(
+                    src.at_path(
+                        &["box", "url"],
+                        format!("`url` \"{url}\" in [box] is not an http://, https:// or file:// URL"),
+                    ),
+                    "for a file on this machine use `image` (or file:///absolute/path)",
+                );
+            }
+            match sha {
+                None => f.error(
+                    src.at_path(
+                        &["box", "url"],
+                        "`url` in [box] needs `sha256` (the download's SHA-256, 64 hex digits)",
+                    ),
+                    "compute it with `sha256sum FILE` and add sha256 = \"...\"",
+                ),
+                Some(s) if s.len() != 64 || !s.bytes().all(|c| c.is_ascii_hexdigit()) => f.error(
+                    src.at_path(
+                        &["box", "sha256"],
+                        format!(
+                            "`sha256` must be 64 hexadecimal digits, found {} characters \"{s}\"",
+                            s.chars().count()
+                        ),
+                    ),
+                    "copy the SHA-256 (not SHA-1 or SHA-512) published beside the image, or run `sha256sum FILE`",
+                ),
+                Some(_) => {}
+            }
+        }
+        (None, Some(_)) => f.error(
+            src.at_path(&["box", "sha256"], "`sha256` in [box] is only used with `url`"),
+            "remove it, or add the `url` it checks",
+        ),
+        (None, None) => {}
+    }
+    if let Some(d) = &b.debian {
+        if !url_scheme_ok(&d.mirror, &["http", "https", "file"]) {
+            f.error(
+                src.at_path(
+                    &["box", "debian", "mirror"],
+                    format!("`mirror` \"{}\" is not an http://, https:// or file:// URL", d.mirror),
+                ),
+                "e.g. mirror = \"http://deb.debian.org/debian\"",
+            );
+        }
+        if d.suite.is_empty() || !d.suite.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-') {
+            f.error(
+                src.at_path(&["box", "debian", "suite"], format!("`suite` \"{}\" is not a Debian suite name", d.suite)),
+                "e.g. suite = \"bookworm\"",
+            );
+        }
+        for (i, p) in d.packages.iter().enumerate() {
+            let ok = p.len() >= 2
+                && p.as_bytes()[0].is_ascii_alphanumeric()
+                && p.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || b"+-.".contains(&c));
+            if !ok {
+                f.error(
+                    src.at_path(
+                        &["box", "debian", "packages", &i.to_string()],
+                        format!("\"{p}\" is not a Debian package name"),
+                    ),
+                    "package names are lowercase letters, digits, '+', '-' and '.'",
+                );
+            }
+        }
+    }
+}
+
+fn check_network(cfg: &Config, src: &Source, f: &mut Findings) {
+    // (protocol, host port) -> (where, label) of its first use.
+    let mut used: BTreeMap<(Protocol, u16), (Option<usize>, String)> = BTreeMap::new();
+    let ssh_ip = ["ssh", "host_ip"];
+    check_ip(&cfg.ssh.host_ip, &ssh_ip, "the SSH forward", src, f);
+    if cfg.ssh.host_port != 0 {
+        let line = src.at_path(&["ssh", "host_port"], "").line;
+        used.insert((Protocol::Tcp, cfg.ssh.host_port), (line, "[ssh] host_port".into()));
+    }
+    for (i, fw) in cfg.forwards.iter().enumerate() {
+        let idx = i.to_string();
+        let label = match &fw.name {
+            Some(n) => format!("[[forward]] #{} (\"{n}\")", i + 1),
+            None => format!("[[forward]] #{}", i + 1),
+        };
+        for (key, port) in [("guest", fw.guest), ("host", fw.host)] {
+            if port == 0 {
+                f.error(
+                    src.at_path(&["forward", &idx, key], format!("port 0 in {label} `{key}`")),
+                    "use a port from 1 to 65535",
+                );
+            }
+        }
+        check_ip(&fw.host_ip, &["forward", &idx, "host_ip"], &label, src, f);
+        if fw.host == 0 {
+            continue;
+        }
+        let here = src.at_path(&["forward", &idx, "host"], "");
+        match used.get(&(fw.protocol, fw.host)) {
+            Some((line, first)) => {
+                let at = line.map(|l| format!(" (line {l})")).unwrap_or_default();
+                f.error(
+                    Diagnostic {
+                        message: format!("host port {} of {label} is already used by {first}{at}", fw.host),
+                        ..here
+                    },
+                    "give every forward (and [ssh] host_port) its own host port",
+                );
+            }
+            None => {
+                used.insert((fw.protocol, fw.host), (here.line, label));
+            }
+        }
+    }
+}
+
+fn check_ip(ip: &str, path: &[&str], what: &str, src: &Source, f: &mut Findings) {
+    match ip.parse::<IpAddr>() {
+        Err(_) => f.error(
+            src.at_path(path, format!("`host_ip` \"{ip}\" of {what} is not an IP address")),
+            "use 127.0.0.1 (host names are not accepted)",
+        ),
+        Ok(a) if !a.is_loopback() => f.warn(
+            src.at_path(
+                path,
+                format!("{what} listens on {a}, not on loopback: other machines can reach the guest through it"),
+            ),
+            "use 127.0.0.1 unless you mean to expose the port",
+        ),
+        Ok(_) => {}
+    }
+}
+
+/// Compose file names in the order docker compose looks for them.
+pub const COMPOSE_FILES: &[&str] = &["compose.yaml", "compose.yml", "docker-compose.yml", "docker-compose.yaml"];
+
+/// Cross-references: the provision dir exists and renders, every forwarded port is published by the rendered
+/// compose file, every health probe's port is forwarded. Render failures are returned as errors (they name the
+/// template, line and column); findings about the config come back in [`Findings`].
+pub fn cross(cfg: &Config, src: &Source) -> Result<Findings> {
+    let mut f = Findings::default();
+    for (name, probe) in cfg.health_probes() {
+        if cfg.host_addr_for(probe.port).is_some() {
+            continue;
+        }
+        let msg = format!("health probe \"{name}\" uses guest port {}, which is not forwarded", probe.port);
+        let hint = format!("add a [[forward]] with guest = {}, or change [health.{name}] port", probe.port);
+        if cfg.health.contains_key(&name) {
+            f.error(src.at_path(&["health", &name, "port"], msg), &hint);
+        } else {
+            f.warn(src.at_path(&["forward"], format!("{msg} (lab default); it will be reported unreachable")), &hint);
+        }
+    }
+    if cfg.provision.enabled == Some(false) {
+        return Ok(f);
+    }
+    let source = cfg.resolve(&cfg.provision.source);
+    if !source.is_dir() {
+        f.error(
+            src.at_path(&["provision", "source"], format!("provision directory {} does not exist", source.display())),
+            "run from the directory holding the lab's provision/ tree, or set [provision] source to it",
+        );
+        return Ok(f);
+    }
+    let rendered = render_tree(cfg, &source, &Secrets::generate()).with_context(|| {
+        format!("the provision tree {} does not render (validate renders it as `up` would)", source.display())
+    })?;
+    let Some(compose) = COMPOSE_FILES.iter().find_map(|n| rendered.get(n)) else {
+        f.warn(
+            src.at_path(
+                &["provision", "source"],
+                format!("{} renders no docker-compose.yml; forwarded ports were not checked", source.display()),
+            ),
+            "a provision tree is expected to hold docker-compose.yml(.hbs)",
+        );
+        return Ok(f);
+    };
+    let shown = source.join(&compose.path).display().to_string();
+    let doc: serde_yaml::Value = serde_yaml::from_slice(&compose.contents).map_err(|e| {
+        let at = e.location().map(|l| format!(":{}:{}", l.line(), l.column())).unwrap_or_default();
+        anyhow::anyhow!("{shown}{at} (rendered): not valid YAML: {e}\nhint: fix the compose template")
+    })?;
+    let published = published_ports(&doc);
+    let host_net = host_network_services(&doc);
+    for (i, fw) in cfg.forwards.iter().enumerate() {
+        if fw.guest == 0 || published.contains(&(fw.protocol, fw.guest)) {
+            continue;
+        }
+        let label = fw.name.as_deref().map(|n| format!(" (\"{n}\")")).unwrap_or_default();
+        let msg = format!("forwarded guest port {}{label} is not published by any service in {shown}", fw.guest);
+        let at = src.at_path(&["forward", &i.to_string(), "guest"], msg);
+        let hint =
+            format!("publish it in the compose file (\"127.0.0.1:{0}:{0}\") or remove this [[forward]]", fw.guest);
+        if host_net.is_empty() {
+            f.error(at, &hint);
+        } else {
+            let svc = host_net.join(", ");
+            f.warn(
+                Diagnostic {
+                    message: format!("{} (unless {svc} on the host network listens on it)", at.message),
+                    ..at
+                },
+                &hint,
+            );
+        }
+    }
+    Ok(f)
+}
+
+/// (protocol, port on the guest) of every port a compose file publishes.
+pub fn published_ports(doc: &serde_yaml::Value) -> BTreeSet<(Protocol, u16)> {
+    let mut out = BTreeSet::new();
+    let Some(services) = doc.get("services").and_then(|s| s.as_mapping()) else { return out };
+    for svc in services.values() {
+        let Some(ports) = svc.get("ports").and_then(|p| p.as_sequence()) else { continue };
+        for p in ports {
+            let (published, proto) = match p {
+                serde_yaml::Value::String(s) => {
+                    let (spec, proto) = s.rsplit_once('/').unwrap_or((s, "tcp"));
+                    let parts: Vec<&str> = spec.rsplitn(3, ':').collect();
+                    // "C" alone publishes on a random port; "[IP:]H:C" publishes H.
+                    (if parts.len() >= 2 { Some(parts[1].to_string()) } else { None }, proto.to_string())
+                }
+                serde_yaml::Value::Mapping(m) => (
+                    m.get("published").map(|v| match v {
+                        serde_yaml::Value::Number(n) => n.to_string(),
+                        other => other.as_str().unwrap_or_default().to_string(),
+                    }),
+                    m.get("protocol").and_then(|v| v.as_str()).unwrap_or("tcp").to_string(),
+                ),
+                _ => (None, String::new()),
+            };
+            let proto = if proto == "udp" { Protocol::Udp } else { Protocol::Tcp };
+            let Some(published) = published else { continue };
+            let (lo, hi) = published.split_once('-').unwrap_or((&published, &published));
+            if let (Ok(lo), Ok(hi)) = (lo.parse::<u16>(), hi.parse::<u16>()) {
+                out.extend((lo..=hi).map(|port| (proto, port)));
+            }
+        }
+    }
+    out
+}
+
+fn host_network_services(doc: &serde_yaml::Value) -> Vec<String> {
+    let Some(services) = doc.get("services").and_then(|s| s.as_mapping()) else { return vec![] };
+    services
+        .iter()
+        .filter(|(_, s)| s.get("network_mode").and_then(|m| m.as_str()) == Some("host"))
+        .filter_map(|(k, _)| k.as_str().map(str::to_string))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        assert!(valid_machine_name("lab"));
+        assert!(valid_machine_name("0-a"));
+        assert!(!valid_machine_name("-a"));
+        assert!(!valid_machine_name("Lab"));
+        assert!(!valid_machine_name(&"a".repeat(32)));
+        assert!(valid_machine_name(&"a".repeat(31)));
+        assert!(valid_unix_user("_svc-1"));
+        assert!(!valid_unix_user("1abc"));
+        assert!(!valid_unix_user("Bob"));
+    }
+
+    #[test]
+    fn compose_ports_short_and_long_syntax() {
+        let doc: serde_yaml::Value = serde_yaml::from_str(
+            r#"
+services:
+  a: {ports: ["127.0.0.1:8000:8000", "9000-9001:9000-9001", "7000", "[::1]:6000:6001/udp", "5000:5000/tcp"]}
+  b: {ports: [{target: 80, published: "4000", protocol: tcp}, {target: 81, published: 4001}, {target: 82}]}
+  c: {image: x}
+"#,
+        )
+        .unwrap();
+        let got: Vec<_> = published_ports(&doc).into_iter().collect();
+        use Protocol::*;
+        assert_eq!(
+            got,
+            vec![(Tcp, 4000), (Tcp, 4001), (Tcp, 5000), (Tcp, 8000), (Tcp, 9000), (Tcp, 9001), (Udp, 6000)]
+        );
+    }
+}

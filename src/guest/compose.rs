@@ -1,0 +1,520 @@
+//! Docker Compose in the guest: which flavour is installed (v2 plugin or v1 `docker-compose`), the lab's compose
+//! model (services, profiles, build contexts, bind mounts), the command lines, and which services a changed file
+//! belongs to.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use anyhow::{anyhow, Context, Result};
+use serde::Serialize;
+
+use crate::render::Rendered;
+
+/// Which Compose the guest has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ComposeKind {
+    /// `docker compose` (the v2 CLI plugin).
+    V2,
+    /// `docker-compose` (the v1 Python program).
+    V1,
+}
+
+/// What the guest reported about Docker and Compose.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct DockerProbe {
+    /// `docker --version` output when the client exists.
+    pub docker: Option<String>,
+    pub compose: Option<ComposeKind>,
+}
+
+/// Shell snippet whose output [`parse_probe`] reads: each command's output framed by markers with its status.
+pub const PROBE_SCRIPT: &str =
+    "for c in 'docker --version' 'sudo -n docker compose version' 'docker-compose version'; do \
+     echo \"@@begin $c\"; $c 2>&1; echo \"@@status $?\"; done";
+
+/// Parse the output of [`PROBE_SCRIPT`]. Pure: only the exit statuses and version banners count.
+pub fn parse_probe(output: &str) -> DockerProbe {
+    let mut results: BTreeMap<&str, (i32, String)> = BTreeMap::new();
+    let mut current: Option<(&str, String)> = None;
+    for line in output.lines() {
+        if let Some(cmd) = line.strip_prefix("@@begin ") {
+            current = Some((cmd, String::new()));
+        } else if let Some(status) = line.strip_prefix("@@status ") {
+            if let Some((cmd, text)) = current.take() {
+                results.insert(cmd, (status.trim().parse().unwrap_or(-1), text));
+            }
+        } else if let Some((_, text)) = current.as_mut() {
+            text.push_str(line);
+            text.push('\n');
+        }
+    }
+    let ok = |key: &str, banner: &str| {
+        results
+            .iter()
+            .find(|(cmd, _)| cmd.ends_with(key))
+            .and_then(|(_, (status, text))| {
+                (*status == 0 && text.to_ascii_lowercase().contains(banner))
+                    .then(|| text.trim().to_string())
+            })
+    };
+    let v2 = ok("docker compose version", "compose version");
+    let v1 = ok("docker-compose version", "docker-compose version");
+    DockerProbe {
+        docker: ok("docker --version", "docker version"),
+        compose: detect_compose(v2.as_deref(), v1.as_deref()),
+    }
+}
+
+/// Prefer v2 when both answer (v1 is deprecated).
+pub fn detect_compose(v2_banner: Option<&str>, v1_banner: Option<&str>) -> Option<ComposeKind> {
+    match (v2_banner, v1_banner) {
+        (Some(_), _) => Some(ComposeKind::V2),
+        (None, Some(_)) => Some(ComposeKind::V1),
+        (None, None) => None,
+    }
+}
+
+/// Compose file names, in the order Compose itself looks for them.
+pub const COMPOSE_FILES: &[&str] = &[
+    "compose.yaml",
+    "compose.yml",
+    "docker-compose.yml",
+    "docker-compose.yaml",
+];
+
+/// One service of the lab's compose file, as far as provisioning cares.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Service {
+    pub name: String,
+    /// Compose profiles; a service with any is not started by a plain `up -d`.
+    pub profiles: Vec<String>,
+    /// Build context relative to the tree root (`demo-app`), when the service is built.
+    pub build_context: Option<String>,
+    /// Image reference, when named.
+    pub image: Option<String>,
+    /// Relative bind-mount sources (`prometheus/prometheus.yml`, `grafana/provisioning`).
+    pub mounts: Vec<String>,
+}
+
+/// The parsed compose file.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ComposeModel {
+    /// Its path in the rendered tree.
+    pub file: String,
+    pub services: Vec<Service>,
+}
+
+impl ComposeModel {
+    /// Find and parse the compose file of a rendered tree.
+    pub fn from_rendered(rendered: &Rendered) -> Result<ComposeModel> {
+        let file = COMPOSE_FILES.iter().find_map(|name| rendered.get(name)).ok_or_else(|| {
+            anyhow!(
+                "the provision tree has no compose file ({})\nhint: add one at the root of [provision] source",
+                COMPOSE_FILES.join(", ")
+            )
+        })?;
+        let text = std::str::from_utf8(&file.contents)
+            .with_context(|| format!("{} is not UTF-8", file.path))?;
+        Self::parse(&file.path, text)
+    }
+
+    /// Parse compose YAML (only the keys provisioning uses).
+    pub fn parse(file: &str, text: &str) -> Result<ComposeModel> {
+        let doc: serde_yaml::Value = serde_yaml::from_str(text).map_err(|e| {
+            anyhow!("{file}: {e}\nhint: `provisioner render --out DIR` shows the rendered file")
+        })?;
+        let services = doc
+            .get("services")
+            .and_then(|s| s.as_mapping())
+            .ok_or_else(|| anyhow!("{file}: no `services:` mapping"))?;
+        let str_list = |v: Option<&serde_yaml::Value>| -> Vec<String> {
+            v.and_then(|v| v.as_sequence())
+                .map(|s| {
+                    s.iter()
+                        .filter_map(|x| x.as_str().map(String::from))
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let mut out = Vec::new();
+        for (name, svc) in services {
+            let name = name
+                .as_str()
+                .ok_or_else(|| anyhow!("{file}: a service name is not a string"))?;
+            let build_context = match svc.get("build") {
+                Some(serde_yaml::Value::String(ctx)) => Some(ctx.as_str()),
+                Some(b) => Some(b.get("context").and_then(|c| c.as_str()).unwrap_or(".")),
+                None => None,
+            }
+            .and_then(relative);
+            let mounts = svc
+                .get("volumes")
+                .and_then(|v| v.as_sequence())
+                .map(|vols| {
+                    vols.iter()
+                        .filter_map(|v| match v {
+                            serde_yaml::Value::String(s) => s.split(':').next().and_then(relative),
+                            other => {
+                                let bind =
+                                    other.get("type").and_then(|t| t.as_str()) == Some("bind");
+                                other
+                                    .get("source")
+                                    .and_then(|s| s.as_str())
+                                    .filter(|_| bind)
+                                    .and_then(relative)
+                            }
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            out.push(Service {
+                name: name.to_string(),
+                profiles: str_list(svc.get("profiles")),
+                build_context,
+                image: svc.get("image").and_then(|i| i.as_str()).map(String::from),
+                mounts,
+            });
+        }
+        Ok(ComposeModel {
+            file: file.to_string(),
+            services: out,
+        })
+    }
+
+    pub fn service(&self, name: &str) -> Option<&Service> {
+        self.services.iter().find(|s| s.name == name)
+    }
+}
+
+/// A path relative to the tree root (`./prometheus/x.yml` -> `prometheus/x.yml`, `.` -> ``); None for named
+/// volumes and absolute paths, which are not part of the uploaded tree.
+fn relative(src: &str) -> Option<String> {
+    if src == "." || src == "./" {
+        return Some(String::new());
+    }
+    let rest = src.strip_prefix("./")?;
+    Some(rest.trim_end_matches('/').to_string())
+}
+
+/// What a set of changed files means for the running lab.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
+pub struct ChangePlan {
+    /// The compose file or `.env` changed: `up -d` recreates what it must.
+    pub compose_changed: bool,
+    /// Services whose build context changed: rebuild, then `up -d` recreates them.
+    pub rebuild: BTreeSet<String>,
+    /// Services whose bind-mounted files changed: restart them.
+    pub restart: BTreeSet<String>,
+    /// Changed files no service uses (reported, nothing restarted).
+    pub unmapped: Vec<String>,
+}
+
+impl ChangePlan {
+    pub fn is_empty(&self) -> bool {
+        !self.compose_changed && self.rebuild.is_empty() && self.restart.is_empty()
+    }
+}
+
+/// Map changed paths (added, changed or removed) to services. Pure.
+///
+/// A path inside a service's build context rebuilds it; a path inside one of its bind mounts restarts it; a path
+/// under a top-level directory named like a service restarts that service (config it reads at start); the compose
+/// file and `.env` are Compose's own business (`up -d`).
+pub fn plan_changes(model: &ComposeModel, changed: &[String]) -> ChangePlan {
+    let under = |path: &str, dir: &str| {
+        dir.is_empty() || path == dir || path.starts_with(&format!("{dir}/"))
+    };
+    let mut plan = ChangePlan::default();
+    for path in changed {
+        if path == &model.file || path == ".env" {
+            plan.compose_changed = true;
+            continue;
+        }
+        let mut hit = false;
+        for svc in &model.services {
+            if svc
+                .build_context
+                .as_deref()
+                .is_some_and(|ctx| under(path, ctx))
+            {
+                plan.rebuild.insert(svc.name.clone());
+                hit = true;
+            } else if svc.mounts.iter().any(|m| under(path, m)) || under(path, &svc.name) {
+                plan.restart.insert(svc.name.clone());
+                hit = true;
+            }
+        }
+        if !hit {
+            plan.unmapped.push(path.clone());
+        }
+    }
+    // A rebuilt service is recreated anyway.
+    let rebuilt = plan.rebuild.clone();
+    plan.restart.retain(|s| !rebuilt.contains(s));
+    plan
+}
+
+/// Quote one word for a POSIX shell.
+pub fn sh_quote(s: &str) -> String {
+    if !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./=:@,+".contains(c))
+    {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', r"'\''"))
+    }
+}
+
+/// How to run Compose for this lab in the guest: always through `sudo -n` (no docker group membership, no
+/// reconnect), from the tree's directory, with an explicit project name and file.
+#[derive(Debug, Clone)]
+pub struct Compose {
+    pub kind: ComposeKind,
+    pub dir: String,
+    pub project: String,
+    pub file: String,
+}
+
+impl Compose {
+    /// The shell command for `compose <args>`.
+    pub fn cmd(&self, args: &str) -> String {
+        let bin = match self.kind {
+            ComposeKind::V2 => "docker compose",
+            ComposeKind::V1 => "docker-compose",
+        };
+        format!(
+            "cd {} && sudo -n {bin} -p {} -f {} {args}",
+            sh_quote(&self.dir),
+            sh_quote(&self.project),
+            sh_quote(&self.file)
+        )
+    }
+}
+
+/// A Compose project name from the machine name (lowercase letters, digits, dashes).
+pub fn project_name(machine: &str) -> String {
+    let s: String = machine
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    format!("provisioner-{s}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LAB: &str = r#"
+services:
+  demo-app:
+    build: ./demo-app
+    ports: ["8000:8000"]
+  prometheus:
+    build:
+      context: ./prometheus
+    volumes:
+      - ./prometheus/prometheus.yml:/etc/prometheus/prometheus.yml:ro
+      - ./prometheus/rules:/etc/prometheus/rules:ro
+      - prom-data:/prometheus
+  alertmanager:
+    image: provisioner-alertmanager
+    volumes:
+      - type: bind
+        source: ./alertmanager
+        target: /etc/alertmanager
+  node-exporter:
+    build: { context: ./node-exporter }
+  grafana:
+    image: grafana/grafana:11.1.0
+    profiles: [offline-unavailable]
+    volumes: ["./grafana/provisioning:/etc/grafana/provisioning:ro"]
+  cadvisor:
+    image: gcr.io/cadvisor/cadvisor:v0.49.1
+    profiles: [offline-unavailable]
+volumes:
+  prom-data: {}
+"#;
+
+    fn probe_output(docker: (i32, &str), v2: (i32, &str), v1: (i32, &str)) -> String {
+        let mut s = String::new();
+        for (cmd, (st, text)) in [
+            ("docker --version", docker),
+            ("sudo -n docker compose version", v2),
+            ("docker-compose version", v1),
+        ] {
+            s.push_str(&format!("@@begin {cmd}\n{text}\n@@status {st}\n"));
+        }
+        s
+    }
+
+    #[test]
+    fn detects_compose_v2_plugin() {
+        let out = probe_output(
+            (0, "Docker version 26.1.5+dfsg1, build a72d7cd"),
+            (0, "Docker Compose version 2.26.1-4"),
+            (127, "sh: 1: docker-compose: not found"),
+        );
+        let p = parse_probe(&out);
+        assert_eq!(p.compose, Some(ComposeKind::V2));
+        assert!(p.docker.unwrap().contains("26.1.5"));
+    }
+
+    #[test]
+    fn detects_compose_v1_on_bookworm() {
+        let out = probe_output(
+            (0, "Docker version 20.10.24+dfsg1, build 297e128"),
+            (
+                1,
+                "docker: 'compose' is not a docker command.\nSee 'docker --help'",
+            ),
+            (
+                0,
+                "docker-compose version 1.29.2, build unknown\ndocker-py version: 5.0.3",
+            ),
+        );
+        assert_eq!(parse_probe(&out).compose, Some(ComposeKind::V1));
+    }
+
+    #[test]
+    fn prefers_v2_when_both_exist() {
+        let out = probe_output(
+            (0, "Docker version 26.1.5"),
+            (0, "Docker Compose version v2.29.1"),
+            (0, "docker-compose version 1.29.2, build unknown"),
+        );
+        assert_eq!(parse_probe(&out).compose, Some(ComposeKind::V2));
+    }
+
+    #[test]
+    fn nothing_installed() {
+        let out = probe_output(
+            (127, "sh: 1: docker: not found"),
+            (1, "sudo: docker: command not found"),
+            (127, "sh: 1: docker-compose: not found"),
+        );
+        assert_eq!(
+            parse_probe(&out),
+            DockerProbe {
+                docker: None,
+                compose: None
+            }
+        );
+    }
+
+    #[test]
+    fn exit_zero_without_banner_is_not_compose() {
+        // Old docker CLIs print their help with status 0 for an unknown subcommand.
+        let out = probe_output(
+            (0, "Docker version 19.03"),
+            (0, "Usage: docker [OPTIONS] COMMAND"),
+            (127, "nope"),
+        );
+        assert_eq!(parse_probe(&out).compose, None);
+    }
+
+    #[test]
+    fn parses_lab_compose() {
+        let m = ComposeModel::parse("compose.yaml", LAB).unwrap();
+        assert_eq!(m.services.len(), 6);
+        let prom = m.service("prometheus").unwrap();
+        assert_eq!(prom.build_context.as_deref(), Some("prometheus"));
+        assert_eq!(
+            prom.mounts,
+            vec!["prometheus/prometheus.yml", "prometheus/rules"]
+        );
+        assert_eq!(
+            m.service("alertmanager").unwrap().mounts,
+            vec!["alertmanager"]
+        );
+        assert_eq!(
+            m.service("node-exporter").unwrap().build_context.as_deref(),
+            Some("node-exporter")
+        );
+        assert_eq!(
+            m.service("grafana").unwrap().profiles,
+            vec!["offline-unavailable"]
+        );
+    }
+
+    #[test]
+    fn compose_without_services_is_an_error() {
+        assert!(ComposeModel::parse("compose.yaml", "version: '3'\n").is_err());
+        assert!(ComposeModel::parse("compose.yaml", "services: [\n").is_err());
+    }
+
+    #[test]
+    fn changed_paths_map_to_services() {
+        let m = ComposeModel::parse("compose.yaml", LAB).unwrap();
+        let changed: Vec<String> = [
+            "demo-app/app.py",
+            "alertmanager/alertmanager.yml",
+            "grafana/provisioning/datasources/ds.yml",
+            "README.md",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let plan = plan_changes(&m, &changed);
+        assert!(!plan.compose_changed);
+        assert_eq!(plan.rebuild.iter().collect::<Vec<_>>(), ["demo-app"]);
+        assert_eq!(
+            plan.restart.iter().collect::<Vec<_>>(),
+            ["alertmanager", "grafana"]
+        );
+        assert_eq!(plan.unmapped, vec!["README.md"]);
+    }
+
+    #[test]
+    fn build_context_change_wins_over_restart() {
+        let m = ComposeModel::parse("compose.yaml", LAB).unwrap();
+        let plan = plan_changes(&m, &["prometheus/rules/alerts.yml".to_string()]);
+        assert_eq!(plan.rebuild.iter().collect::<Vec<_>>(), ["prometheus"]);
+        assert!(plan.restart.is_empty());
+    }
+
+    #[test]
+    fn compose_file_and_env_mean_up() {
+        let m = ComposeModel::parse("compose.yaml", LAB).unwrap();
+        let plan = plan_changes(&m, &["compose.yaml".to_string(), ".env".to_string()]);
+        assert!(plan.compose_changed);
+        assert!(plan.rebuild.is_empty() && plan.restart.is_empty());
+        assert!(plan_changes(&m, &[]).is_empty());
+    }
+
+    #[test]
+    fn prefix_of_a_name_is_not_a_match() {
+        let m = ComposeModel::parse("compose.yaml", LAB).unwrap();
+        let plan = plan_changes(&m, &["prometheus-extra/x".to_string()]);
+        assert!(plan.is_empty());
+        assert_eq!(plan.unmapped, vec!["prometheus-extra/x"]);
+    }
+
+    #[test]
+    fn compose_command_lines() {
+        let c = Compose {
+            kind: ComposeKind::V1,
+            dir: "/opt/provision".into(),
+            project: project_name("Lab_1"),
+            file: "compose.yaml".into(),
+        };
+        assert_eq!(
+            c.cmd("up -d"),
+            "cd /opt/provision && sudo -n docker-compose -p provisioner-lab-1 -f compose.yaml up -d"
+        );
+        let c = Compose {
+            kind: ComposeKind::V2,
+            ..c
+        };
+        assert!(c
+            .cmd("pull")
+            .contains("sudo -n docker compose -p provisioner-lab-1 -f compose.yaml pull"));
+        assert_eq!(sh_quote("it's"), r"'it'\''s'");
+    }
+}
