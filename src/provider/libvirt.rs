@@ -2,8 +2,10 @@
 //!
 //! The disk is a qcow2 overlay in the state dir on top of the cached box (never modified). The domain XML is
 //! rendered from `assets/libvirt/domain.xml.hbs`; its `<metadata>` names the tool and the state dir, so a domain of
-//! the same name that we did not make is refused instead of touched. Networking is user-mode (passt) with every
-//! forward bound on the host address the config names (127.0.0.1 by default): no bridge, no NAT network.
+//! the same name that we did not make is refused instead of touched. Networking is user-mode with every forward
+//! bound on the host address the config names (127.0.0.1 by default): no bridge, no NAT network. It is QEMU's own
+//! (slirp) `-netdev user,hostfwd=...` through `<qemu:commandline>`: passt (libvirt's
+//! `<portForward>`) fails as root, where passt drops to `nobody` and cannot write its PID file (docs/vm.md).
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -14,7 +16,7 @@ use serde_json::json;
 
 use super::{MachineSpec, Provider, VmState};
 pub use crate::accel::decide_accel;
-use crate::config::{Config, Firmware, Protocol};
+use crate::config::{Config, Firmware, Forward, Protocol};
 use crate::machine::state::MachineState;
 use crate::machine::StateDir;
 use crate::process::Cmd;
@@ -276,20 +278,12 @@ fn local_dac_label(uri: &str) -> Option<String> {
 }
 
 /// Render the domain XML for a machine spec.
-pub fn domain_xml(spec: &MachineSpec, dac_label: Option<&str>) -> Result<String> {
+pub fn domain_xml(
+    spec: &MachineSpec,
+    uuid: Option<&str>,
+    dac_label: Option<&str>,
+) -> Result<String> {
     let esc = |p: &Path| p.to_string_lossy().into_owned();
-    let forwards: Vec<_> = spec
-        .forwards
-        .iter()
-        .map(|f| {
-            json!({
-                "proto": match f.protocol { Protocol::Tcp => "tcp", Protocol::Udp => "udp" },
-                "host_ip": f.host_ip,
-                "host": f.host,
-                "guest": f.guest,
-            })
-        })
-        .collect();
     let ctx = json!({
         "domain_type": if spec.kvm { "kvm" } else { "qemu" },
         "kvm": spec.kvm,
@@ -307,7 +301,8 @@ pub fn domain_xml(spec: &MachineSpec, dac_label: Option<&str>) -> Result<String>
         "disk": esc(&spec.state.disk()),
         "seed": esc(&spec.seed_iso),
         "serial_log": esc(&spec.state.serial_log()),
-        "forwards": forwards,
+        "netdev": netdev(&spec.forwards),
+        "uuid": uuid,
         "dac_label": dac_label,
     });
     let mut hb = handlebars::Handlebars::new();
@@ -315,6 +310,30 @@ pub fn domain_xml(spec: &MachineSpec, dac_label: Option<&str>) -> Result<String>
     hb.register_escape_fn(xml_escape);
     hb.render_template(DOMAIN_TEMPLATE, &ctx)
         .context("render assets/libvirt/domain.xml.hbs")
+}
+
+/// The `-netdev user` argument: one `hostfwd` per forward, on the forward's host address only.
+fn netdev(forwards: &[Forward]) -> String {
+    let mut arg = String::from("user,id=net0");
+    for f in forwards {
+        let proto = match f.protocol {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        };
+        let ip = if f.host_ip.contains(':') {
+            format!("[{}]", f.host_ip)
+        } else {
+            f.host_ip.clone()
+        };
+        arg.push_str(&format!(",hostfwd={proto}:{ip}:{}-:{}", f.host, f.guest));
+    }
+    arg
+}
+
+/// The `<uuid>` of a domain XML (a re-define must keep it).
+fn domain_uuid(xml: &str) -> Option<&str> {
+    let start = xml.find("<uuid>")? + "<uuid>".len();
+    Some(xml[start..start + xml[start..].find("</uuid>")?].trim())
 }
 
 impl Provider for Libvirt {
@@ -359,11 +378,13 @@ impl Provider for Libvirt {
     }
 
     fn create(&self, spec: &MachineSpec) -> Result<()> {
-        if let Some(xml) = self.dumpxml(&spec.vm_name)? {
-            self.check_ours(&spec.vm_name, &xml, &spec.state)?;
+        let existing = self.dumpxml(&spec.vm_name)?;
+        if let Some(xml) = &existing {
+            self.check_ours(&spec.vm_name, xml, &spec.state)?;
         }
         self.ensure_overlay(spec)?;
-        let xml = domain_xml(spec, local_dac_label(&self.uri).as_deref())?;
+        let uuid = existing.as_deref().and_then(domain_uuid);
+        let xml = domain_xml(spec, uuid, local_dac_label(&self.uri).as_deref())?;
         let file = spec.state.path("domain.xml");
         crate::machine::write_private(&file, xml.as_bytes(), 0o600)?;
         let path = file.to_string_lossy();
