@@ -6,6 +6,7 @@
 
 mod support;
 
+mod boxes;
 mod cli;
 mod config;
 mod guest;

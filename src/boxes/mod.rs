@@ -1,12 +1,23 @@
 //! Base boxes in the user's cache dir, by content hash: local images, URL + sha256 downloads, Vagrant `.box`
 //! files, and images built from a Debian mirror.
+//!
+//! Layout: `<cache_dir>/boxes/<id>/box.json` plus the box's files; see [`cache`] for how entries are made
+//! atomically and shared between concurrent builders.
+
+pub mod cache;
+pub mod debian;
+pub mod fetch;
+pub mod import;
 
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 
-use crate::config::Config;
+pub use cache::{BoxMeta, Cache};
+
+use crate::config::{BoxConfig, Config};
 use crate::provider::BoxImage;
+use crate::ui::Ui;
 
 /// The cache root: `$PROVISIONER_CACHE_DIR`, else `~/.cache/provisioner`.
 pub fn cache_dir() -> PathBuf {
@@ -20,6 +31,97 @@ pub fn cache_dir() -> PathBuf {
 
 /// Make sure the box that `cfg` names is in the cache (fetching or building it) and return it.
 /// `provider` is "libvirt" or "virtualbox" (a Vagrant box must match it).
-pub fn ensure(_cfg: &Config, _provider: &str, _force: bool) -> Result<BoxImage> {
-    todo!("boxes::ensure")
+pub fn ensure(cfg: &Config, provider: &str, force: bool) -> Result<BoxImage> {
+    ensure_ui(cfg, provider, force, &Ui::new(false, false)).map(|(image, _)| image)
+}
+
+/// [`ensure`] reporting progress through `ui`; the bool says whether this call built/fetched the box (false =
+/// cache hit).
+pub fn ensure_ui(cfg: &Config, provider: &str, force: bool, ui: &Ui) -> Result<(BoxImage, bool)> {
+    ensure_in(&Cache::open()?, cfg, provider, force, ui)
+}
+
+/// [`ensure_ui`] with an explicit cache (tests use a temporary one).
+pub fn ensure_in(
+    cache: &Cache,
+    cfg: &Config,
+    provider: &str,
+    force: bool,
+    ui: &Ui,
+) -> Result<(BoxImage, bool)> {
+    let b = &cfg.base_box;
+    check_one_source(b)?;
+    let (meta, built) = if let Some(d) = &b.debian {
+        debian::ensure(cache, d, force, ui)?
+    } else if let Some(url) = &b.url {
+        let Some(sha) = &b.sha256 else {
+            bail!(
+                "[box] url needs a sha256 to check the download against\nhint: add sha256 = \"...\" (from the \
+                 publisher's SHA256SUMS, or `sha256sum` of a copy you trust)"
+            );
+        };
+        fetch::ensure(cache, url, sha, force, ui)?
+    } else {
+        let local = b.image.as_ref().or(b.vagrant.as_ref()).expect("exactly one source is set");
+        import::ensure(cache, &cfg.resolve(local), force, ui)?
+    };
+    check_provider(&meta, provider)?;
+    let image = image_of(cache, &meta, b);
+    ui.event(
+        "box",
+        serde_json::json!({"id": meta.id, "built": built, "format": meta.format, "disk": image.disk}),
+    );
+    Ok((image, built))
+}
+
+fn check_one_source(b: &BoxConfig) -> Result<()> {
+    let set: Vec<&str> = [
+        ("image", b.image.is_some()),
+        ("url", b.url.is_some()),
+        ("vagrant", b.vagrant.is_some()),
+        ("[box.debian]", b.debian.is_some()),
+    ]
+    .into_iter()
+    .filter_map(|(name, on)| on.then_some(name))
+    .collect();
+    match set.len() {
+        1 => Ok(()),
+        0 => bail!(
+            "[box] names no base box\nhint: set exactly one of `image`, `url` + `sha256`, `vagrant`, or a \
+             [box.debian] table in box-config.toml"
+        ),
+        _ => bail!("[box] sets {} at once; keep exactly one of them", set.join(" and ")),
+    }
+}
+
+/// The box must suit the provider that will run it.
+fn check_provider(meta: &BoxMeta, provider: &str) -> Result<()> {
+    if meta.provider == provider {
+        return Ok(());
+    }
+    let why = if meta.kernel.is_some() {
+        "it boots its kernel directly (no bootloader), which only libvirt/QEMU can do".to_string()
+    } else {
+        format!("its disk format is {}", meta.format)
+    };
+    bail!(
+        "box {} is for the {} provider, but this machine uses {provider}: {why}\n\
+         hint: set [machine] provider = \"{}\" or name a box made for {provider}",
+        cache::short(&meta.id),
+        meta.provider,
+        meta.provider
+    )
+}
+
+fn image_of(cache: &Cache, meta: &BoxMeta, b: &BoxConfig) -> BoxImage {
+    let dir = cache.entry_dir(&meta.id);
+    BoxImage {
+        id: meta.id.clone(),
+        disk: dir.join(&meta.disk),
+        format: meta.format.clone(),
+        kernel: meta.kernel.as_ref().map(|k| dir.join(k)),
+        initrd: meta.initrd.as_ref().map(|i| dir.join(i)),
+        cmdline: meta.cmdline.clone(),
+        firmware: b.firmware,
+    }
 }

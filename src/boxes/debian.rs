@@ -1,0 +1,303 @@
+//! Build a bootable cloud-style Debian image from a mirror: debootstrap (minbase) on the host, configure the
+//! rootfs in a chroot (`assets/box/configure.sh`), copy kernel + initrd out, `mkfs.ext4 -d` (no loop mount) and
+//! `qemu-img convert` to qcow2. The image has no bootloader: the provider boots the kernel directly.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+
+use super::cache::{BoxMeta, Cache};
+use crate::config::DebianBox;
+use crate::process::{self, Cmd};
+use crate::ui::{Phase, Ui};
+
+/// Bump when the recipe changes in a way the id cannot see (the script's text is hashed already).
+const RECIPE_VERSION: u32 = 1;
+const CONFIGURE: &str = include_str!("../../assets/box/configure.sh");
+/// Installed by debootstrap itself. Everything else goes through apt in the chroot afterwards: debootstrap's
+/// resolver cannot follow virtual packages (cloud-init's python3-cryptography needs python3-cffi-backend-api-*,
+/// measured: "dependency problems - leaving unconfigured").
+const BASE_PACKAGES: &[&str] = &[
+    "linux-image-amd64",
+    "systemd-sysv",
+    "systemd-resolved",
+    "udev",
+    "dbus",
+    "openssh-server",
+    "sudo",
+    "ca-certificates",
+    "iproute2",
+    "curl",
+    "procps",
+    "kmod",
+];
+/// Always installed with apt in the chroot, before the configured extra packages.
+const APT_PACKAGES: &[&str] = &["cloud-init"];
+pub const CMDLINE: &str = "root=LABEL=rootfs rw console=ttyS0";
+
+/// Extra packages, sorted and without duplicates or packages the recipe installs anyway.
+fn extras(d: &DebianBox) -> Vec<String> {
+    let mut v: Vec<String> = d
+        .packages
+        .iter()
+        .map(|p| p.trim().to_string())
+        .filter(|p| {
+            !p.is_empty() && !BASE_PACKAGES.contains(&p.as_str()) && !APT_PACKAGES.contains(&p.as_str())
+        })
+        .collect();
+    v.sort();
+    v.dedup();
+    v
+}
+
+/// Content id of a mirror build: a hash of everything that decides the result.
+pub fn box_id(d: &DebianBox) -> String {
+    use sha2::{Digest, Sha256};
+    let mut base: Vec<&str> = BASE_PACKAGES.to_vec();
+    base.sort();
+    let inputs = format!(
+        "recipe={RECIPE_VERSION}\nsuite={}\nmirror={}\nbase={}\napt={}\nextra={}\nscript={}\n",
+        d.suite.trim(),
+        d.mirror.trim().trim_end_matches('/'),
+        base.join(","),
+        APT_PACKAGES.join(","),
+        extras(d).join(","),
+        hex::encode(Sha256::digest(CONFIGURE))
+    );
+    hex::encode(Sha256::digest(inputs))
+}
+
+/// Where the box came from, for `box list`.
+fn describe(d: &DebianBox) -> String {
+    let ex = extras(d);
+    let mut s = format!("debian {} {}", d.suite, d.mirror);
+    if !ex.is_empty() {
+        s.push_str(&format!(" +{}", ex.join(",")));
+    }
+    s
+}
+
+/// The cached box for `d`, building it when missing (or `force`).
+pub fn ensure(cache: &Cache, d: &DebianBox, force: bool, ui: &Ui) -> Result<(BoxMeta, bool)> {
+    let id = box_id(d);
+    cache.get_or_build(&id, force, ui, |dir| build(cache, &id, d, dir, ui))
+}
+
+fn build(cache: &Cache, id: &str, d: &DebianBox, dir: &Path, ui: &Ui) -> Result<BoxMeta> {
+    preflight()?;
+    let log = cache.log_path(id);
+    std::fs::write(&log, format!("# provisioner: building box {id} from {}\n", describe(d)))
+        .with_context(|| format!("write {}", log.display()))?;
+    let root = dir.join("rootfs");
+
+    let phase = ui.phase("debootstrap");
+    let include = format!("--include={}", BASE_PACKAGES.join(","));
+    let cmd = Cmd::new("debootstrap")
+        .args(["--variant=minbase", include.as_str(), d.suite.as_str()])
+        .arg(&root)
+        .arg(&d.mirror);
+    run_logged(cmd, &log, &phase, Duration::from_secs(45 * 60))?;
+    phase.done(&format!("{} from {}", d.suite, d.mirror));
+
+    let ex = extras(d);
+    let phase = ui.phase("configure");
+    // apt in the chroot resolves names with the host's resolver; the script points resolv.conf at resolved.
+    let resolv = root.join("etc/resolv.conf");
+    let _ = std::fs::remove_file(&resolv);
+    std::fs::copy("/etc/resolv.conf", &resolv).context("copy /etc/resolv.conf into the rootfs")?;
+    std::fs::write(root.join("provisioner-configure.sh"), CONFIGURE).context("write the configure script")?;
+    let cmd = Cmd::new("chroot")
+        .arg(&root)
+        .args(["/bin/sh", "/provisioner-configure.sh"])
+        .args(APT_PACKAGES)
+        .args(&ex);
+    run_logged(cmd, &log, &phase, Duration::from_secs(45 * 60))?;
+    std::fs::remove_file(root.join("provisioner-configure.sh"))?;
+    phase.done(&if ex.is_empty() { "no extra packages".to_string() } else { format!("+ {}", ex.join(" ")) });
+
+    let phase = ui.phase("image");
+    let kernel = copy_kernel(&root, dir)?;
+    let used = super::cache::dir_size(&root);
+    // Sparse: only used blocks reach the qcow2. Room for the first boot; cloud-init grows the fs to the disk.
+    let size_mb = (used * 3 / 2) / (1 << 20) + 1024;
+    let raw = dir.join("disk.raw");
+    phase.message("mkfs.ext4 -d");
+    Cmd::new("mkfs.ext4")
+        .args(["-q", "-F", "-L", "rootfs", "-d"])
+        .arg(&root)
+        .arg(&raw)
+        .arg(format!("{size_mb}M"))
+        .timeout(Duration::from_secs(20 * 60))
+        .run()
+        .map_err(|e| with_disk_hint(e, dir))?;
+    std::fs::remove_dir_all(&root).with_context(|| format!("remove {}", root.display()))?;
+    phase.message("qemu-img convert");
+    Cmd::new("qemu-img")
+        .args(["convert", "-O", "qcow2"])
+        .arg(&raw)
+        .arg(dir.join("box.qcow2"))
+        .timeout(Duration::from_secs(20 * 60))
+        .run()
+        .map_err(|e| with_disk_hint(e, dir))?;
+    std::fs::remove_file(&raw)?;
+    phase.done(&format!("qcow2, kernel {kernel}"));
+
+    let mut meta = BoxMeta::new(describe(d), "libvirt", "qcow2", "box.qcow2");
+    meta.kernel = Some("vmlinuz".into());
+    meta.initrd = Some("initrd.img".into());
+    meta.cmdline = Some(CMDLINE.into());
+    std::fs::copy(&log, dir.join("build.log"))?;
+    Ok(meta)
+}
+
+fn preflight() -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!(
+            "building a box from a Debian mirror needs root (debootstrap and chroot)\n\
+             hint: run `sudo provisioner box build` once (the box is cached for every later `up`), or use a \
+             prebuilt image: [box] image = \"...\" or url + sha256"
+        );
+    }
+    for (tool, pkg) in [
+        ("debootstrap", "debootstrap"),
+        ("chroot", "coreutils"),
+        ("mkfs.ext4", "e2fsprogs"),
+        ("qemu-img", "qemu-utils"),
+    ] {
+        if which::which(tool).is_err() {
+            bail!("`{tool}` is not installed; it is needed to build a box from a Debian mirror\nhint: apt-get install {pkg}");
+        }
+    }
+    Ok(())
+}
+
+/// Run a long child with its output appended to `log`, showing the latest line on the phase; on failure the
+/// error carries the log's tail and a hint for the usual causes.
+fn run_logged(cmd: Cmd, log: &Path, phase: &Phase, timeout: Duration) -> Result<()> {
+    use std::io::Write;
+    let line = cmd.display();
+    {
+        let mut f = std::fs::OpenOptions::new().append(true).open(log)?;
+        writeln!(f, "\n$ {line}")?;
+    }
+    let mut child = cmd.spawn(Some(log))?;
+    let status = process::wait_until(timeout, &format!("`{line}`"), || {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if let Some(last) = text.lines().rev().find(|l| !l.trim().is_empty()) {
+            phase.message(last.trim());
+        }
+        child.try_wait()
+    })
+    .with_context(|| format!("build log: {}", log.display()))?;
+    if !status.success() {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        bail!(
+            "`{line}` failed ({}); last lines of {}:\n{}\nhint: {}",
+            process::describe_status(&status),
+            log.display(),
+            process::tail(&text, 25),
+            failure_hint(&text)
+        );
+    }
+    Ok(())
+}
+
+/// What to do, judged from the log of a failed step.
+fn failure_hint(log: &str) -> &'static str {
+    if log.contains("No space left on device") {
+        "the disk is full: free space in the cache directory (or set PROVISIONER_CACHE_DIR elsewhere); a build \
+         needs about 3 GB while it runs"
+    } else if [
+        "Failed getting release file",
+        "Couldn't download",
+        "Temporary failure resolving",
+        "Could not connect",
+    ]
+    .iter()
+    .any(|s| log.contains(s))
+    {
+        "the mirror was not reachable: check [box.debian] mirror (and suite), DNS and any proxy \
+         (http_proxy is honoured), then run `provisioner box build` again"
+    } else if log.contains("Unable to locate package") || log.contains("Couldn't find these debs") {
+        "a package name in [box.debian] packages does not exist in this suite: fix the list"
+    } else {
+        "read the build log above; fix the cause and run `provisioner box build` again"
+    }
+}
+
+fn with_disk_hint(e: anyhow::Error, dir: &Path) -> anyhow::Error {
+    if format!("{e:#}").contains("No space left") || format!("{e:#}").contains("Could not allocate") {
+        e.context(format!(
+            "the disk holding {} is full\nhint: free space or set PROVISIONER_CACHE_DIR to a bigger disk",
+            dir.display()
+        ))
+    } else {
+        e
+    }
+}
+
+/// Copy the newest kernel of the rootfs and its initrd to `dir` (world-readable, so an unprivileged hypervisor
+/// can read them); returns the kernel version.
+fn copy_kernel(root: &Path, dir: &Path) -> Result<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let boot = root.join("boot");
+    let mut versions: Vec<String> = std::fs::read_dir(&boot)
+        .with_context(|| format!("read {}", boot.display()))?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().to_string_lossy().strip_prefix("vmlinuz-").map(str::to_string))
+        .filter(|v| !v.contains(".dpkg-"))
+        .collect();
+    versions.sort();
+    let Some(version) = versions.pop() else {
+        bail!(
+            "the rootfs has no /boot/vmlinuz-*: the kernel package did not install\nhint: read the build log and \
+             check that linux-image-amd64 exists on the mirror for this suite"
+        );
+    };
+    for (from, to) in
+        [(format!("vmlinuz-{version}"), "vmlinuz"), (format!("initrd.img-{version}"), "initrd.img")]
+    {
+        let (src, dst) = (boot.join(&from), dir.join(to));
+        std::fs::copy(&src, &dst).with_context(|| {
+            format!(
+                "copy {} out of the rootfs\nhint: the initramfs was not generated; read the build log",
+                src.display()
+            )
+        })?;
+        std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(0o644))?;
+    }
+    Ok(version)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn deb(packages: &[&str]) -> DebianBox {
+        DebianBox {
+            suite: "bookworm".into(),
+            mirror: "http://deb.debian.org/debian".into(),
+            packages: packages.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn id_ignores_package_order_duplicates_and_base_packages() {
+        let a = box_id(&deb(&["docker.io", "apparmor"]));
+        assert_eq!(a, box_id(&deb(&["apparmor", "docker.io", "apparmor", "sudo"])));
+        assert_ne!(a, box_id(&deb(&["docker.io"])));
+        let mut other_suite = deb(&["docker.io", "apparmor"]);
+        other_suite.suite = "trixie".into();
+        assert_ne!(a, box_id(&other_suite));
+        assert_eq!(a.len(), 64);
+    }
+
+    #[test]
+    fn hints_name_the_cause() {
+        assert!(failure_hint("E: Failed getting release file http://x/dists/y/Release").contains("mirror"));
+        assert!(failure_hint("tar: No space left on device").contains("full"));
+        assert!(failure_hint("E: Unable to locate package nope").contains("package name"));
+    }
+}

@@ -1,0 +1,200 @@
+//! Local boxes (`image`, `vagrant`) and the import of any box file by its content: a qcow2/raw disk image, a
+//! Vagrant `.box` (tar or tar.gz with `metadata.json`), an `.ova` (tar with an `.ovf`), or a loose `.ovf`.
+
+use std::fs::File;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+
+use super::cache::{sha256_file, short, BoxMeta, Cache};
+use crate::process::Cmd;
+use crate::ui::Ui;
+
+/// The cached copy of the local file `path`, keyed by its sha256.
+pub fn ensure(cache: &Cache, path: &Path, force: bool, ui: &Ui) -> Result<(BoxMeta, bool)> {
+    if !path.is_file() {
+        bail!(
+            "the box file {} does not exist\nhint: fix `image`/`vagrant` in [box] (relative paths start at the \
+             directory of box-config.toml)",
+            path.display()
+        );
+    }
+    let source = path.display().to_string();
+    let phase = ui.phase("box hash");
+    if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("ovf")) {
+        let files = ovf_files(path)?;
+        let id = ovf_id(&files)?;
+        phase.done(short(&id));
+        return cache.get_or_build(&id, force, ui, |dir| {
+            for f in &files {
+                let name = f.file_name().context("file name")?;
+                std::fs::copy(f, dir.join(name))
+                    .with_context(|| format!("copy {} into the cache", f.display()))?;
+            }
+            let ovf = path.file_name().context("file name")?.to_string_lossy().into_owned();
+            Ok(BoxMeta::new(source.clone(), "virtualbox", "ovf", &ovf))
+        });
+    }
+    let id = sha256_file(path)?;
+    phase.done(short(&id));
+    cache.get_or_build(&id, force, ui, |dir| unpack(path, dir, source.clone()))
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Kind {
+    Gzip,
+    Tar,
+    Image,
+}
+
+fn sniff(path: &Path) -> Result<Kind> {
+    let mut head = Vec::with_capacity(512);
+    File::open(path).with_context(|| format!("open {}", path.display()))?.take(512).read_to_end(&mut head)?;
+    Ok(if head.starts_with(&[0x1f, 0x8b]) {
+        Kind::Gzip
+    } else if head.len() >= 262 && &head[257..262] == b"ustar" {
+        Kind::Tar
+    } else {
+        Kind::Image
+    })
+}
+
+/// Import the box file `src` into the (empty) entry directory `dir`. A `src` inside `dir` is consumed.
+pub fn unpack(src: &Path, dir: &Path, source: String) -> Result<BoxMeta> {
+    let owned = src.parent() == Some(dir);
+    let kind = sniff(src)?;
+    if kind == Kind::Image {
+        let format = qemu_format(src)?;
+        if format != "qcow2" && format != "raw" {
+            bail!(
+                "{} is a {format} image; boxes must be qcow2 or raw (or an .ova/.box for VirtualBox)\n\
+                 hint: convert it: qemu-img convert -O qcow2 {} box.qcow2",
+                src.display(),
+                src.display()
+            );
+        }
+        let disk = format!("box.{format}");
+        if owned {
+            std::fs::rename(src, dir.join(&disk))?;
+        } else {
+            // A copy, not a hardlink: the cached base must not change when the user edits their file.
+            std::fs::copy(src, dir.join(&disk))
+                .with_context(|| format!("copy {} into the cache", src.display()))?;
+        }
+        return Ok(BoxMeta::new(source, "libvirt", &format, &disk));
+    }
+    let file = File::open(src).with_context(|| format!("open {}", src.display()))?;
+    let result = if kind == Kind::Gzip {
+        tar::Archive::new(flate2::read::GzDecoder::new(file)).unpack(dir)
+    } else {
+        tar::Archive::new(file).unpack(dir)
+    };
+    result.with_context(|| {
+        format!("{} is not a valid box archive (tar or tar.gz); the file may be truncated", src.display())
+    })?;
+    if owned {
+        std::fs::remove_file(src)?;
+    }
+    from_tree(dir, source)
+}
+
+/// What an unpacked archive is: a Vagrant box (metadata.json) or an OVA (an .ovf).
+fn from_tree(dir: &Path, source: String) -> Result<BoxMeta> {
+    let md_path = dir.join("metadata.json");
+    if md_path.is_file() {
+        let md: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&md_path)?)
+            .context("metadata.json of the Vagrant box is not valid JSON")?;
+        let provider = md.get("provider").and_then(|p| p.as_str()).unwrap_or("");
+        return match provider {
+            "libvirt" => {
+                let img = dir.join("box.img");
+                if !img.is_file() {
+                    bail!("this libvirt Vagrant box has no box.img; it holds: {}", listing(dir));
+                }
+                Ok(BoxMeta::new(source, "libvirt", &qemu_format(&img)?, "box.img"))
+            }
+            "virtualbox" => match find_ovf(dir)? {
+                Some(ovf) => Ok(BoxMeta::new(source, "virtualbox", "ovf", &ovf)),
+                None => bail!("this virtualbox Vagrant box has no .ovf; it holds: {}", listing(dir)),
+            },
+            "" => bail!("metadata.json of the Vagrant box names no provider; it holds: {}", listing(dir)),
+            other => bail!(
+                "the Vagrant box is for the {other:?} provider; provisioner runs libvirt and virtualbox boxes\n\
+                 hint: download the libvirt or virtualbox version of this box"
+            ),
+        };
+    }
+    if let Some(ovf) = find_ovf(dir)? {
+        return Ok(BoxMeta::new(source, "virtualbox", "ovf", &ovf));
+    }
+    bail!(
+        "unknown box layout: the archive holds {}; expected a Vagrant box (metadata.json + box.img or box.ovf) \
+         or an OVA (an .ovf and its disks)",
+        listing(dir)
+    )
+}
+
+fn find_ovf(dir: &Path) -> Result<Option<String>> {
+    let mut ovfs: Vec<String> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.to_ascii_lowercase().ends_with(".ovf"))
+        .collect();
+    ovfs.sort();
+    Ok(ovfs.into_iter().next())
+}
+
+/// The top-level names in `dir`, for messages.
+fn listing(dir: &Path) -> String {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    names.sort();
+    if names.is_empty() {
+        "nothing".into()
+    } else {
+        names.join(", ")
+    }
+}
+
+/// The format `qemu-img info` detects.
+pub fn qemu_format(path: &Path) -> Result<String> {
+    let out = Cmd::new("qemu-img").args(["info", "-U", "--output=json"]).arg(path).run()?;
+    let v: serde_json::Value = serde_json::from_str(&out.stdout).context("parse `qemu-img info` output")?;
+    v.get("format")
+        .and_then(|f| f.as_str())
+        .map(str::to_string)
+        .with_context(|| format!("`qemu-img info` reports no format for {}", path.display()))
+}
+
+/// A loose `.ovf` and the files it references (`ovf:href`), which must sit beside it.
+fn ovf_files(ovf: &Path) -> Result<Vec<PathBuf>> {
+    let text = std::fs::read_to_string(ovf).with_context(|| format!("read {}", ovf.display()))?;
+    let base = ovf.parent().unwrap_or(Path::new("."));
+    let mut files = vec![ovf.to_path_buf()];
+    for part in text.split("href=\"").skip(1) {
+        let name = part.split('"').next().unwrap_or("");
+        if name.is_empty() || name.contains('/') || name.contains("..") {
+            bail!("{} references {name:?}; only files beside the .ovf are supported", ovf.display());
+        }
+        let f = base.join(name);
+        if !f.is_file() {
+            bail!(
+                "{} references {name}, which is not beside it\nhint: keep the .ovf and its disks together",
+                ovf.display()
+            );
+        }
+        files.push(f);
+    }
+    Ok(files)
+}
+
+fn ovf_id(files: &[PathBuf]) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for f in files {
+        h.update(format!("{} {}\n", f.file_name().unwrap_or_default().to_string_lossy(), sha256_file(f)?));
+    }
+    Ok(hex::encode(h.finalize()))
+}

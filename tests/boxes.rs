@@ -1,0 +1,447 @@
+//! Base boxes: downloads (file:// and a real HTTP server on 127.0.0.1 with Range), checksum failures, interrupted
+//! downloads, Vagrant .box (tar / tar.gz, libvirt / virtualbox), provider mismatch, concurrent builders, and
+//! `box list/build/remove` through the binary. The Debian mirror build is in the VM tier (slow, needs root).
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use provisioner::boxes::{self, Cache};
+use provisioner::config::Config;
+use provisioner::ui::Ui;
+
+use crate::support::{self, Test};
+
+fn sha256(data: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(Sha256::digest(data))
+}
+
+/// A tiny real qcow2 made by qemu-img.
+fn qcow2(dir: &Path) -> Vec<u8> {
+    let p = dir.join("tiny.qcow2");
+    let out = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&p)
+        .arg("16M")
+        .output()
+        .expect("qemu-img");
+    assert!(out.status.success(), "{out:?}");
+    std::fs::read(p).unwrap()
+}
+
+/// Payload of a given size whose bytes are not all equal (so a shifted resume would change the hash).
+fn payload(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i * 7 % 251) as u8).collect()
+}
+
+/// A Vagrant .box: tar (optionally gzipped) of metadata.json plus the provider's files.
+fn vagrant_box(provider: &str, files: &[(&str, &[u8])], gzip: bool) -> Vec<u8> {
+    let md = format!(r#"{{"provider":"{provider}","format":"qcow2","virtual_size":1}}"#);
+    let mut entries: Vec<(&str, &[u8])> =
+        vec![("metadata.json", md.as_bytes()), ("Vagrantfile", b"# empty\n")];
+    entries.extend_from_slice(files);
+    let mut b = tar::Builder::new(Vec::new());
+    for (name, data) in entries {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append_data(&mut h, name, data).unwrap();
+    }
+    let tar = b.into_inner().unwrap();
+    if !gzip {
+        return tar;
+    }
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(&tar).unwrap();
+    gz.finish().unwrap()
+}
+
+fn config(dir: &Path, provider: &str, box_toml: &str) -> Config {
+    let text = format!("[machine]\nname = \"t\"\nprovider = \"{provider}\"\n\n[box]\n{box_toml}\n");
+    let path = dir.join("box-config.toml");
+    std::fs::write(&path, &text).unwrap();
+    Config::from_bytes(&path, text.as_bytes()).unwrap()
+}
+
+fn quiet() -> Ui {
+    Ui::new(false, true)
+}
+
+/// What the test HTTP server does and saw.
+#[derive(Default)]
+struct ServerState {
+    /// Close the connection after half of the body.
+    truncate: AtomicBool,
+    /// Ignore Range headers (answer 200 with the whole file).
+    ignore_range: AtomicBool,
+    /// Pause between 64 KiB chunks (a slow server, so concurrent clients overlap).
+    slow: AtomicBool,
+    /// The Range start of every request (None = no Range header).
+    requests: Mutex<Vec<Option<u64>>>,
+}
+
+/// A std-only HTTP/1.1 server on 127.0.0.1 serving `body` at any path, honouring `Range: bytes=N-`.
+struct Server {
+    url: String,
+    state: Arc<ServerState>,
+}
+
+impl Server {
+    fn start(body: Vec<u8>) -> Server {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/boxes/test.img", listener.local_addr().unwrap());
+        let state = Arc::new(ServerState::default());
+        let st = state.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut conn) = conn else { continue };
+                let st = st.clone();
+                let body = body.clone();
+                std::thread::spawn(move || {
+                    let mut reader = BufReader::new(conn.try_clone().unwrap());
+                    let mut range = None;
+                    loop {
+                        let mut line = String::new();
+                        if reader.read_line(&mut line).unwrap_or(0) == 0 || line.trim().is_empty() {
+                            break;
+                        }
+                        let lower = line.to_ascii_lowercase();
+                        if let Some(v) = lower.strip_prefix("range: bytes=") {
+                            range = v.trim().trim_end_matches('-').parse::<u64>().ok();
+                        }
+                    }
+                    st.requests.lock().unwrap().push(range);
+                    let start = match range {
+                        Some(s) if !st.ignore_range.load(Ordering::SeqCst) => s as usize,
+                        _ => 0,
+                    };
+                    let head = if start >= body.len() && start > 0 {
+                        let _ = conn
+                            .write_all(b"HTTP/1.1 416 Range Not Satisfiable\r\nContent-Length: 0\r\n\r\n");
+                        return;
+                    } else if start > 0 {
+                        format!(
+                            "HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\nContent-Range: bytes {start}-{}/{}\r\n\
+                             Connection: close\r\n\r\n",
+                            body.len() - start,
+                            body.len() - 1,
+                            body.len()
+                        )
+                    } else {
+                        format!(
+                            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                            body.len()
+                        )
+                    };
+                    let _ = conn.write_all(head.as_bytes());
+                    let rest = &body[start..];
+                    let send =
+                        if st.truncate.load(Ordering::SeqCst) { &rest[..rest.len() / 2] } else { rest };
+                    for chunk in send.chunks(64 * 1024) {
+                        if conn.write_all(chunk).is_err() {
+                            return;
+                        }
+                        if st.slow.load(Ordering::SeqCst) {
+                            std::thread::sleep(Duration::from_millis(40));
+                        }
+                    }
+                    let _ = conn.flush();
+                    let _ = conn.shutdown(std::net::Shutdown::Both);
+                });
+            }
+        });
+        Server { url, state }
+    }
+    fn requests(&self) -> Vec<Option<u64>> {
+        self.state.requests.lock().unwrap().clone()
+    }
+}
+
+fn entries(cache: &Cache) -> Vec<String> {
+    cache.list().unwrap().into_iter().map(|m| m.id).collect()
+}
+
+#[test]
+fn file_url_with_right_sum_is_cached_and_reused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let img = qcow2(tmp.path());
+    let src = tmp.path().join("tiny.qcow2");
+    let sum = sha256(&img);
+    let cache = Cache::at(tmp.path().join("cache")).unwrap();
+    let cfg =
+        config(tmp.path(), "libvirt", &format!("url = \"file://{}\"\nsha256 = \"{sum}\"", src.display()));
+    let (image, built) = boxes::ensure_in(&cache, &cfg, "libvirt", false, &quiet()).unwrap();
+    assert!(built);
+    assert_eq!((image.id.as_str(), image.format.as_str()), (sum.as_str(), "qcow2"));
+    assert_eq!(std::fs::read(&image.disk).unwrap(), img, "the cached disk is the file");
+    assert!(image.kernel.is_none(), "a downloaded image boots with its own bootloader");
+    let (again, built) = boxes::ensure_in(&cache, &cfg, "libvirt", false, &quiet()).unwrap();
+    assert!(!built, "second ensure must be a cache hit");
+    assert_eq!(again.disk, image.disk);
+    assert_eq!(entries(&cache), vec![sum]);
+}
+
+#[test]
+fn wrong_sum_fails_naming_both_sums_and_url_and_caches_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let img = qcow2(tmp.path());
+    let real = sha256(&img);
+    let wrong = "0".repeat(64);
+    let cache = Cache::at(tmp.path().join("cache")).unwrap();
+    let server = Server::start(img);
+    for url in [format!("file://{}", tmp.path().join("tiny.qcow2").display()), server.url.clone()] {
+        let cfg = config(tmp.path(), "libvirt", &format!("url = \"{url}\"\nsha256 = \"{wrong}\""));
+        let err = format!("{:#}", boxes::ensure_in(&cache, &cfg, "libvirt", false, &quiet()).unwrap_err());
+        assert!(err.contains(&real) && err.contains(&wrong) && err.contains(&url), "{err}");
+        assert!(entries(&cache).is_empty());
+        let downloads = cache.downloads_dir().unwrap();
+        assert_eq!(std::fs::read_dir(&downloads).unwrap().count(), 0, "the bad download is deleted");
+    }
+}
+
+#[test]
+fn http_download_is_cached() {
+    let tmp = tempfile::tempdir().unwrap();
+    let img = qcow2(tmp.path());
+    let sum = sha256(&img);
+    let server = Server::start(img.clone());
+    let cache = Cache::at(tmp.path().join("cache")).unwrap();
+    let cfg = config(tmp.path(), "libvirt", &format!("url = \"{}\"\nsha256 = \"{sum}\"", server.url));
+    let (image, built) = boxes::ensure_in(&cache, &cfg, "libvirt", false, &quiet()).unwrap();
+    assert!(built);
+    assert_eq!(std::fs::read(&image.disk).unwrap(), img);
+    assert_eq!(server.requests(), vec![None]);
+    boxes::ensure_in(&cache, &cfg, "libvirt", false, &quiet()).unwrap();
+    assert_eq!(server.requests().len(), 1, "a cache hit makes no request");
+}
+
+/// The server drops every connection half-way: ensure fails, nothing counts as cached, and the next run resumes
+/// with a Range request (or restarts when the server ignores Range) and ends with the right file.
+fn interrupted_then(ignore_range: bool) {
+    let tmp = tempfile::tempdir().unwrap();
+    let body = payload(3 * 1024 * 1024 + 123);
+    let sum = sha256(&body);
+    let server = Server::start(body.clone());
+    server.state.truncate.store(true, Ordering::SeqCst);
+    let cache = Cache::at(tmp.path().join("cache")).unwrap();
+    let cfg = config(tmp.path(), "libvirt", &format!("url = \"{}\"\nsha256 = \"{sum}\"", server.url));
+    let err = format!("{:#}", boxes::ensure_in(&cache, &cfg, "libvirt", false, &quiet()).unwrap_err());
+    assert!(err.contains("run again to resume"), "{err}");
+    assert!(entries(&cache).is_empty(), "an interrupted download is not a cached box");
+    let part = cache.downloads_dir().unwrap().join(format!("{sum}.part"));
+    let kept = std::fs::metadata(&part).expect("the partial download is kept").len();
+    assert!(kept > 0 && kept < body.len() as u64);
+    let first = server.requests();
+    assert_eq!(first.len(), 3, "three attempts: {first:?}");
+    assert!(first[1].is_some_and(|s| s > 0), "later attempts resume: {first:?}");
+
+    server.state.truncate.store(false, Ordering::SeqCst);
+    server.state.ignore_range.store(ignore_range, Ordering::SeqCst);
+    let (image, built) = boxes::ensure_in(&cache, &cfg, "libvirt", false, &quiet()).unwrap();
+    assert!(built);
+    let last = *server.requests().last().unwrap();
+    assert_eq!(last, Some(kept), "the next run asks for the rest");
+    // The payload is not an image, so it is imported as raw.
+    assert_eq!(image.format, "raw");
+    assert_eq!(sha256(&std::fs::read(&image.disk).unwrap()), sum);
+    assert!(!part.exists());
+}
+
+#[test]
+fn interrupted_download_resumes_with_range() {
+    interrupted_then(false);
+}
+
+#[test]
+fn interrupted_download_restarts_when_server_ignores_range() {
+    interrupted_then(true);
+}
+
+#[test]
+fn vagrant_boxes_tar_and_targz_for_both_providers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let img = qcow2(tmp.path());
+    let cache = Cache::at(tmp.path().join("cache")).unwrap();
+    let ovf = b"<?xml version=\"1.0\"?><Envelope><References><File ovf:href=\"box-disk001.vmdk\"/></References></Envelope>";
+    for gzip in [false, true] {
+        let lv = tmp.path().join(format!("libvirt-{gzip}.box"));
+        std::fs::write(&lv, vagrant_box("libvirt", &[("box.img", &img)], gzip)).unwrap();
+        let cfg = config(tmp.path(), "libvirt", &format!("vagrant = \"{}\"", lv.display()));
+        let (image, built) = boxes::ensure_in(&cache, &cfg, "libvirt", false, &quiet()).unwrap();
+        assert!(built);
+        assert_eq!(image.format, "qcow2");
+        assert_eq!(image.disk.file_name().unwrap(), "box.img");
+        assert_eq!(std::fs::read(&image.disk).unwrap(), img);
+
+        let vb = tmp.path().join(format!("virtualbox-{gzip}.box"));
+        let files: [(&str, &[u8]); 2] = [("box.ovf", ovf), ("box-disk001.vmdk", b"vmdk bytes")];
+        std::fs::write(&vb, vagrant_box("virtualbox", &files, gzip)).unwrap();
+        let cfg = config(tmp.path(), "virtualbox", &format!("vagrant = \"{}\"", vb.display()));
+        let (image, _) = boxes::ensure_in(&cache, &cfg, "virtualbox", false, &quiet()).unwrap();
+        assert_eq!(image.format, "ovf");
+        assert_eq!(image.disk.file_name().unwrap(), "box.ovf");
+        assert!(image.disk.with_file_name("box-disk001.vmdk").is_file());
+    }
+    assert_eq!(entries(&cache).len(), 4);
+}
+
+#[test]
+fn provider_mismatch_names_both_providers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = Cache::at(tmp.path().join("cache")).unwrap();
+    let vb = tmp.path().join("vb.box");
+    std::fs::write(&vb, vagrant_box("virtualbox", &[("box.ovf", b"<Envelope/>")], true)).unwrap();
+    let cfg = config(tmp.path(), "libvirt", &format!("vagrant = \"{}\"", vb.display()));
+    let err = format!("{:#}", boxes::ensure_in(&cache, &cfg, "libvirt", false, &quiet()).unwrap_err());
+    assert!(err.contains("virtualbox") && err.contains("libvirt"), "{err}");
+
+    let odd = tmp.path().join("odd.box");
+    std::fs::write(&odd, vagrant_box("hyperv", &[("x.vhdx", b"x")], false)).unwrap();
+    let cfg = config(tmp.path(), "libvirt", &format!("vagrant = \"{}\"", odd.display()));
+    let err = format!("{:#}", boxes::ensure_in(&cache, &cfg, "libvirt", false, &quiet()).unwrap_err());
+    assert!(err.contains("hyperv"), "{err}");
+}
+
+#[test]
+fn unknown_archive_layout_says_what_was_found() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = Cache::at(tmp.path().join("cache")).unwrap();
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_size(5);
+    h.set_cksum();
+    b.append_data(&mut h, "readme.txt", &b"hello"[..]).unwrap();
+    let p = tmp.path().join("x.box");
+    std::fs::write(&p, b.into_inner().unwrap()).unwrap();
+    let cfg = config(tmp.path(), "libvirt", &format!("vagrant = \"{}\"", p.display()));
+    let err = format!("{:#}", boxes::ensure_in(&cache, &cfg, "libvirt", false, &quiet()).unwrap_err());
+    assert!(err.contains("unknown box layout") && err.contains("readme.txt"), "{err}");
+    assert!(entries(&cache).is_empty());
+}
+
+#[test]
+fn local_image_is_copied_by_content_hash() {
+    let tmp = tempfile::tempdir().unwrap();
+    let img = qcow2(tmp.path());
+    let cache = Cache::at(tmp.path().join("cache")).unwrap();
+    let cfg = config(tmp.path(), "libvirt", "image = \"tiny.qcow2\"");
+    let (image, _) = boxes::ensure_in(&cache, &cfg, "libvirt", false, &quiet()).unwrap();
+    assert_eq!(image.id, sha256(&img));
+    assert_eq!(image.format, "qcow2");
+    std::fs::write(tmp.path().join("tiny.qcow2"), b"changed").unwrap();
+    assert_eq!(std::fs::read(&image.disk).unwrap(), img, "the cache keeps its own copy");
+}
+
+/// A `box.json`-free view of the binary's JSON document on stdout (the last line).
+fn last_json(stdout: &str) -> serde_json::Value {
+    serde_json::from_str(stdout.lines().last().expect("a JSON line")).expect("JSON")
+}
+
+fn box_dir(server: &Server, sum: &str) -> Test {
+    let t = Test::new();
+    t.write(
+        "box-config.toml",
+        format!(
+            "[machine]\nname = \"t\"\nprovider = \"libvirt\"\n\n[box]\nurl = \"{}\"\nsha256 = \"{sum}\"\n",
+            server.url
+        ),
+    );
+    t
+}
+
+#[test]
+fn concurrent_builds_of_one_box_download_once() {
+    let body = payload(2 * 1024 * 1024);
+    let sum = sha256(&body);
+    let server = Server::start(body);
+    server.state.slow.store(true, Ordering::SeqCst);
+    let cache = tempfile::tempdir().unwrap();
+    let t = box_dir(&server, &sum);
+    let dir = t.path().to_path_buf();
+    let cache_path = cache.path().to_path_buf();
+    let started = Instant::now();
+    let runs: Vec<_> = (0..2)
+        .map(|_| {
+            let (dir, cache_path) = (dir.clone(), cache_path.clone());
+            std::thread::spawn(move || {
+                Test::new()
+                    .cwd(&dir)
+                    .env("PROVISIONER_CACHE_DIR", cache_path.display().to_string())
+                    .args(["--json", "box", "build"])
+                    .run()
+                    .success()
+                    .stdout()
+            })
+        })
+        .collect();
+    let outs: Vec<String> = runs.into_iter().map(|h| h.join().unwrap()).collect();
+    let docs: Vec<serde_json::Value> = outs.iter().map(|o| last_json(o)).collect();
+    let built: Vec<bool> = docs.iter().map(|d| d["built"].as_bool().unwrap()).collect();
+    assert_eq!(built.iter().filter(|b| **b).count(), 1, "exactly one builds: {outs:?}");
+    assert_eq!(docs[0]["id"], docs[1]["id"]);
+    assert_eq!(server.requests(), vec![None], "one download for two builders");
+    assert!(outs.iter().any(|o| o.contains("\"box_wait\"")), "the second waited on the lock: {outs:?}");
+    eprintln!("two concurrent builds took {:?}", started.elapsed());
+}
+
+#[test]
+fn box_list_build_remove_through_the_binary() {
+    let tmp = tempfile::tempdir().unwrap();
+    let img = qcow2(tmp.path());
+    let sum = sha256(&img);
+    let server = Server::start(img);
+    let cache = tmp.path().join("cache").display().to_string();
+    let t = box_dir(&server, &sum);
+    let run = |args: &[&str]| {
+        Test::new().cwd(t.path()).env("PROVISIONER_CACHE_DIR", cache.clone()).args(args.to_vec()).run()
+    };
+
+    let list = last_json(&run(&["--json", "box", "list"]).success().stdout());
+    assert_eq!(list, serde_json::json!([]));
+    run(&["box", "build"]).success().stderr_contains("built");
+    let list = last_json(&run(&["--json", "box", "list"]).success().stdout());
+    let b = &list[0];
+    assert_eq!(b["id"], sum);
+    assert_eq!((b["provider"].as_str(), b["format"].as_str()), (Some("libvirt"), Some("qcow2")));
+    assert_eq!(b["source"], server.url);
+    assert!(b["size"].as_u64().unwrap() > 0 && b["created"].as_str().unwrap().ends_with('Z'));
+    run(&["box", "list"]).success().stdout_contains(&sum[..12]).stdout_contains("qcow2");
+    run(&["box", "build"]).success().stderr_contains("already cached");
+
+    run(&["box", "remove", "ffffffffffff"]).failure().stderr_contains("no cached box has the id");
+    run(&["box", "remove", &sum[..12]]).success().stderr_contains("removed box");
+    assert_eq!(last_json(&run(&["--json", "box", "list"]).success().stdout()), serde_json::json!([]));
+    run(&["box", "remove", &sum]).failure().stderr_contains("box list");
+}
+
+/// The real thing: debootstrap from the configured mirror into the shared cache (reused across CI runs).
+#[test]
+#[ignore = "vm: builds a Debian box from the mirror"]
+fn debian_box_builds_from_the_mirror_and_is_then_a_cache_hit() {
+    let t = Test::new();
+    let lab = std::fs::read_to_string(support::repo().join("box-config.toml")).unwrap();
+    t.write("box-config.toml", lab);
+    let first = Test::new().cwd(t.path()).args(["--json", "box", "build"]).run().success();
+    let doc = last_json(&first.stdout());
+    let disk = PathBuf::from(doc["disk"].as_str().unwrap());
+    let check = std::process::Command::new("qemu-img").args(["check", "-U"]).arg(&disk).output().unwrap();
+    assert!(check.status.success(), "qemu-img check: {check:?}");
+    assert_eq!(doc["format"], "qcow2");
+    for key in ["kernel", "initrd"] {
+        let p = PathBuf::from(doc[key].as_str().unwrap());
+        assert!(std::fs::metadata(&p).unwrap().len() > 1 << 20, "{key} {p:?}");
+    }
+    assert!(doc["cmdline"].as_str().unwrap().contains("root="));
+
+    let started = Instant::now();
+    let again = Test::new().cwd(t.path()).args(["--json", "box", "build"]).run().success();
+    let doc2 = last_json(&again.stdout());
+    assert_eq!(doc2["built"], false);
+    assert_eq!(doc2["id"], doc["id"]);
+    assert!(started.elapsed() < Duration::from_secs(10), "a cache hit is fast: {:?}", started.elapsed());
+}
