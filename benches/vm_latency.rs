@@ -17,19 +17,11 @@ fn bin() -> PathBuf {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 fn run(dir: &Path, args: &[&str]) -> std::process::Output {
-    Command::new(bin())
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("run provisioner")
+    Command::new(bin()).args(args).current_dir(dir).output().expect("run provisioner")
 }
 
 /// Median and minimum of `ROUNDS` runs of `f`, which must succeed.
@@ -42,11 +34,7 @@ fn measure(name: &str, mut f: impl FnMut() -> bool) -> Duration {
     }
     times.sort();
     let median = times[ROUNDS / 2];
-    println!(
-        "{name:<28} median {:>8.1} ms   min {:>8.1} ms",
-        ms(median),
-        ms(times[0])
-    );
+    println!("{name:<28} median {:>8.1} ms   min {:>8.1} ms", ms(median), ms(times[0]));
     median
 }
 
@@ -85,68 +73,37 @@ fn main() {
     let _guard = Guard(dir.path());
     let up = run(dir.path(), &["up", "--no-provision"]);
     if !up.status.success() {
-        println!(
-            "vm_latency: skipped (no VM could be made):\n{}",
-            String::from_utf8_lossy(&up.stderr)
-        );
+        println!("vm_latency: skipped (no VM could be made):\n{}", String::from_utf8_lossy(&up.stderr));
         return;
     }
-    println!(
-        "up --no-provision (cold)     {:>8.1} s",
-        t.elapsed().as_secs_f64()
-    );
+    println!("up --no-provision (cold)     {:>8.1} s", t.elapsed().as_secs_f64());
 
     let state: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(dir.path().join(".provisioner/state.json")).unwrap())
-            .unwrap();
+        serde_json::from_slice(&std::fs::read(dir.path().join(".provisioner/state.json")).unwrap()).unwrap();
     let vm = state["vm_name"].as_str().unwrap().to_string();
-    let uri = state["libvirt_uri"]
-        .as_str()
-        .unwrap_or("qemu:///session")
-        .to_string();
+    let uri = state["libvirt_uri"].as_str().unwrap_or("qemu:///session").to_string();
     let port = state["ssh_port"].as_u64().unwrap().to_string();
     let sd = dir.path().join(".provisioner");
 
     let virsh = measure("virsh domstate", || {
-        Command::new("virsh")
-            .args(["-c", &uri, "domstate", &vm])
-            .output()
-            .is_ok_and(|o| o.status.success())
+        Command::new("virsh").args(["-c", &uri, "domstate", &vm]).output().is_ok_and(|o| o.status.success())
     });
-    let status = measure("provisioner status", || {
-        run(dir.path(), &["status"]).status.success()
-    });
-    measure("provisioner ssh-config", || {
-        run(dir.path(), &["ssh-config"]).status.success()
-    });
+    let status = measure("provisioner status", || run(dir.path(), &["status"]).status.success());
+    measure("provisioner ssh-config", || run(dir.path(), &["ssh-config"]).status.success());
     let plain = measure("plain ssh true", || {
         Command::new("ssh")
             .args(["-i", &sd.join("id_ed25519").to_string_lossy(), "-p", &port])
-            .args([
-                "-o",
-                "IdentitiesOnly=yes",
-                "-o",
-                "StrictHostKeyChecking=yes",
-                "-o",
-                "LogLevel=ERROR",
-            ])
+            .args(["-o", "IdentitiesOnly=yes", "-o", "StrictHostKeyChecking=yes", "-o", "LogLevel=ERROR"])
             .arg("-o")
-            .arg(format!(
-                "UserKnownHostsFile={}",
-                sd.join("known_hosts").display()
-            ))
+            .arg(format!("UserKnownHostsFile={}", sd.join("known_hosts").display()))
             .args(["provisioner@127.0.0.1", "true"])
             .output()
             .is_ok_and(|o| o.status.success())
     });
-    let ours = measure("provisioner ssh -c true", || {
-        run(dir.path(), &["ssh", "-c", "true"]).status.success()
-    });
+    let ours =
+        measure("provisioner ssh -c true", || run(dir.path(), &["ssh", "-c", "true"]).status.success());
     let t = Instant::now();
-    assert!(
-        run(dir.path(), &["destroy", "-f"]).status.success(),
-        "destroy -f failed"
-    );
+    assert!(run(dir.path(), &["destroy", "-f"]).status.success(), "destroy -f failed");
     println!("provisioner destroy -f       {:>8.1} ms", ms(t.elapsed()));
     println!(
         "ratios: status / virsh domstate = {:.2} (goal <= 2), ssh -c true / plain ssh = {:.2}",

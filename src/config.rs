@@ -296,9 +296,7 @@ impl Default for ProvisionConfig {
 }
 impl Default for LibvirtConfig {
     fn default() -> Self {
-        Self {
-            uri: default_libvirt_uri(),
-        }
+        Self { uri: default_libvirt_uri() }
     }
 }
 
@@ -319,12 +317,7 @@ impl Config {
     /// Parse and validate from bytes; `path` is used in messages and to resolve relative paths.
     pub fn from_bytes(path: &Path, bytes: &[u8]) -> anyhow::Result<Config> {
         let text = std::str::from_utf8(bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes))
-            .map_err(|e| {
-                anyhow::anyhow!(
-                    "{}: not UTF-8 ({e}); save the file as UTF-8",
-                    path.display()
-                )
-            })?;
+            .map_err(|e| anyhow::anyhow!("{}: not UTF-8 ({e}); save the file as UTF-8", path.display()))?;
         let mut cfg: Config =
             toml::from_str(text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         cfg.path = path.to_path_buf();
@@ -349,10 +342,7 @@ impl Config {
     }
 
     pub fn hostname(&self) -> &str {
-        self.machine
-            .hostname
-            .as_deref()
-            .unwrap_or(&self.machine.name)
+        self.machine.hostname.as_deref().unwrap_or(&self.machine.name)
     }
 
     /// All forwards including SSH (first), as the provider must set them up.

@@ -57,14 +57,12 @@ impl Rendered {
         for f in &self.files {
             let dest = out.join(&f.path);
             if let Some(parent) = dest.parent() {
-                std::fs::create_dir_all(parent)
-                    .with_context(|| format!("create {}", parent.display()))?;
+                std::fs::create_dir_all(parent).with_context(|| format!("create {}", parent.display()))?;
             }
             if f.mode & 0o077 == 0 {
                 write_private(&dest, &f.contents, f.mode)?;
             } else {
-                std::fs::write(&dest, &f.contents)
-                    .with_context(|| format!("write {}", dest.display()))?;
+                std::fs::write(&dest, &f.contents).with_context(|| format!("write {}", dest.display()))?;
                 std::fs::set_permissions(&dest, std::fs::Permissions::from_mode(f.mode))?;
             }
         }
@@ -96,23 +94,16 @@ impl Secrets {
                 pw.push(ALPHA[x[0] as usize % ALPHA.len()] as char);
             }
         }
-        Self {
-            prometheus_hex: hex::encode(b),
-            grafana_admin_password: pw,
-        }
+        Self { prometheus_hex: hex::encode(b), grafana_admin_password: pw }
     }
 
     /// Load from the state dir, generating (and saving 0600) on first use.
     pub fn load_or_create(state: &StateDir) -> Result<Self> {
         let p = state.secrets();
         if p.exists() {
-            let text =
-                std::fs::read_to_string(&p).with_context(|| format!("read {}", p.display()))?;
+            let text = std::fs::read_to_string(&p).with_context(|| format!("read {}", p.display()))?;
             return toml::from_str(&text).with_context(|| {
-                format!(
-                    "{} is damaged; delete it to generate new lab secrets",
-                    p.display()
-                )
+                format!("{} is damaged; delete it to generate new lab secrets", p.display())
             });
         }
         state.ensure()?;
@@ -127,8 +118,7 @@ pub fn template_vars(cfg: &Config, source: &Path) -> Result<BTreeMap<String, tom
     let mut vars = BTreeMap::new();
     let defaults = source.join(VARS_FILE);
     if defaults.exists() {
-        let text = std::fs::read_to_string(&defaults)
-            .with_context(|| format!("read {}", defaults.display()))?;
+        let text = std::fs::read_to_string(&defaults).with_context(|| format!("read {}", defaults.display()))?;
         let table: BTreeMap<String, toml::Value> =
             toml::from_str(&text).map_err(|e| anyhow!("{}: {e}", defaults.display()))?;
         vars.extend(table);
@@ -195,37 +185,21 @@ pub fn render_tree(cfg: &Config, source: &Path, secrets: &Secrets) -> Result<Ren
             continue;
         }
         let mode = entry.metadata()?.permissions().mode() & 0o7777;
-        let raw = std::fs::read(entry.path())
-            .with_context(|| format!("read {}", entry.path().display()))?;
+        let raw = std::fs::read(entry.path()).with_context(|| format!("read {}", entry.path().display()))?;
         let (path, contents) = match rel_str.strip_suffix(TEMPLATE_SUFFIX) {
             Some(out) => {
-                let text = String::from_utf8(raw).map_err(|_| {
-                    anyhow!(
-                        "{}: template is not UTF-8; save it as UTF-8",
-                        entry.path().display()
-                    )
-                })?;
+                let text = String::from_utf8(raw)
+                    .map_err(|_| anyhow!("{}: template is not UTF-8; save it as UTF-8", entry.path().display()))?;
                 let shown = entry.path().display().to_string();
-                hb.register_template_string(&shown, &text)
-                    .map_err(|e| template_error(&shown, e))?;
-                let rendered = hb
-                    .render(&shown, &ctx)
-                    .map_err(|e| render_error(&shown, e))?;
+                hb.register_template_string(&shown, &text).map_err(|e| template_error(&shown, e))?;
+                let rendered = hb.render(&shown, &ctx).map_err(|e| render_error(&shown, e))?;
                 (out.to_string(), rendered.into_bytes())
             }
             None => (rel_str, raw),
         };
         // Secrets files are private however they sit in the tree.
-        let mode = if path.rsplit('/').next() == Some(".env") {
-            0o600
-        } else {
-            mode
-        };
-        files.push(RenderedFile {
-            path,
-            contents,
-            mode,
-        });
+        let mode = if path.rsplit('/').next() == Some(".env") { 0o600 } else { mode };
+        files.push(RenderedFile { path, contents, mode });
     }
     files.sort_by(|a, b| a.path.cmp(&b.path));
     Ok(Rendered { files })
@@ -234,11 +208,7 @@ pub fn render_tree(cfg: &Config, source: &Path, secrets: &Secrets) -> Result<Ren
 fn rel_slash(rel: &Path) -> Result<String> {
     let parts: Vec<&str> = rel
         .components()
-        .map(|c| {
-            c.as_os_str()
-                .to_str()
-                .ok_or_else(|| anyhow!("non-UTF-8 file name {}", rel.display()))
-        })
+        .map(|c| c.as_os_str().to_str().ok_or_else(|| anyhow!("non-UTF-8 file name {}", rel.display())))
         .collect::<Result<_>>()?;
     Ok(parts.join("/"))
 }

@@ -67,12 +67,7 @@ fn golden(name: &str, actual: &str) {
     }
     let expected = std::fs::read_to_string(&path)
         .unwrap_or_else(|e| panic!("{}: {e} (UPDATE_GOLDEN=1 writes it)", path.display()));
-    assert_eq!(
-        actual,
-        expected,
-        "domain XML differs from {} (UPDATE_GOLDEN=1 rewrites it)",
-        path.display()
-    );
+    assert_eq!(actual, expected, "domain XML differs from {} (UPDATE_GOLDEN=1 rewrites it)", path.display());
 }
 
 #[test]
@@ -86,34 +81,22 @@ fn domain_xml_tcg_direct_kernel_boot() {
     golden("tcg-direct-kernel.xml", &xml);
     // The state dir round-trips through the metadata, escaped.
     assert!(xml.contains("lab &amp; co"), "{xml}");
-    assert_eq!(
-        owner_state_dir(&xml).as_deref(),
-        Some("/home/u/lab & co/.provisioner")
-    );
+    assert_eq!(owner_state_dir(&xml).as_deref(), Some("/home/u/lab & co/.provisioner"));
 }
 
 #[test]
 fn domain_xml_kvm_disk_boot() {
-    golden(
-        "kvm-disk-boot.xml",
-        &domain_xml(&spec(true, false, Firmware::Bios), None, None).unwrap(),
-    );
+    golden("kvm-disk-boot.xml", &domain_xml(&spec(true, false, Firmware::Bios), None, None).unwrap());
 }
 
 #[test]
 fn domain_xml_uefi() {
-    golden(
-        "uefi.xml",
-        &domain_xml(&spec(false, false, Firmware::Uefi), None, None).unwrap(),
-    );
+    golden("uefi.xml", &domain_xml(&spec(false, false, Firmware::Uefi), None, None).unwrap());
 }
 
 #[test]
 fn a_domain_without_our_metadata_has_no_owner() {
-    assert_eq!(
-        owner_state_dir("<domain type='kvm'><name>lab</name></domain>"),
-        None
-    );
+    assert_eq!(owner_state_dir("<domain type='kvm'><name>lab</name></domain>"), None);
 }
 
 /// A test dir with a minimal libvirt config: local image box, SSH and one extra forward on the given ports.
@@ -134,51 +117,23 @@ fn machine_dir(name: &str, ssh_port: u16, extra_port: u16, image: &Path) -> Test
 
 #[test]
 fn destroy_without_tty_and_without_force_refuses() {
-    let t = machine_dir(
-        "refuse",
-        support::free_port(),
-        support::free_port(),
-        Path::new("/nonexistent.qcow2"),
-    );
+    let t =
+        machine_dir("refuse", support::free_port(), support::free_port(), Path::new("/nonexistent.qcow2"));
     std::fs::create_dir_all(t.path().join(".provisioner")).unwrap();
-    let r = Test::new()
-        .cwd(t.path())
-        .arg("destroy")
-        .run()
-        .failure()
-        .stderr_contains("not a terminal");
+    let r = Test::new().cwd(t.path()).arg("destroy").run().failure().stderr_contains("not a terminal");
     assert!(r.stderr().contains("-f"), "{}", r.stderr());
-    assert!(
-        t.path().join(".provisioner").is_dir(),
-        "the state dir must survive a refused destroy"
-    );
+    assert!(t.path().join(".provisioner").is_dir(), "the state dir must survive a refused destroy");
 }
 
 #[test]
 fn status_without_a_machine_says_not_created() {
-    let t = machine_dir(
-        "nothing",
-        support::free_port(),
-        support::free_port(),
-        Path::new("/nonexistent.qcow2"),
-    );
-    Test::new()
-        .cwd(t.path())
-        .arg("status")
-        .run()
-        .success()
-        .stdout_contains("nothing: not created");
-    let r = Test::new()
-        .cwd(t.path())
-        .args(["--json", "status"])
-        .run()
-        .success();
+    let t =
+        machine_dir("nothing", support::free_port(), support::free_port(), Path::new("/nonexistent.qcow2"));
+    Test::new().cwd(t.path()).arg("status").run().success().stdout_contains("nothing: not created");
+    let r = Test::new().cwd(t.path()).args(["--json", "status"]).run().success();
     let v: serde_json::Value = serde_json::from_str(r.stdout().trim()).unwrap();
     assert_eq!(v["state"], "not_created", "{v}");
-    assert!(
-        !t.path().join(".provisioner").exists(),
-        "status must not create state"
-    );
+    assert!(!t.path().join(".provisioner").exists(), "status must not create state");
 }
 
 #[test]
@@ -189,23 +144,11 @@ fn up_refuses_a_taken_port_naming_its_holder() {
     }
     let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = held.local_addr().unwrap().port();
-    let t = machine_dir(
-        "taken",
-        support::free_port(),
-        port,
-        Path::new("/nonexistent.qcow2"),
-    );
-    let r = Test::new()
-        .cwd(t.path())
-        .args(["up", "--no-provision"])
-        .run()
-        .failure();
+    let t = machine_dir("taken", support::free_port(), port, Path::new("/nonexistent.qcow2"));
+    let r = Test::new().cwd(t.path()).args(["up", "--no-provision"]).run().failure();
     let err = r.stderr();
     assert!(err.contains(&format!("127.0.0.1:{port}")), "{err}");
-    assert!(
-        err.contains(&format!("PID {}", std::process::id())),
-        "{err}"
-    );
+    assert!(err.contains(&format!("PID {}", std::process::id())), "{err}");
     assert!(err.contains("hint:"), "{err}");
 }
 
@@ -248,10 +191,9 @@ impl Vm {
         Vm { t, name, uri }
     }
     fn cmd(&self) -> Test {
-        Test::new().cwd(self.t.path()).env(
-            "PROVISIONER_CONFIG",
-            self.t.path().join("box-config.toml").to_string_lossy(),
-        )
+        Test::new()
+            .cwd(self.t.path())
+            .env("PROVISIONER_CONFIG", self.t.path().join("box-config.toml").to_string_lossy())
     }
     fn run(&self, args: &[&str]) -> support::Run {
         self.cmd().args(args.iter().copied()).run()
@@ -291,9 +233,7 @@ impl Vm {
             .unwrap_or_default()
     }
     fn wait_exit(p: &mut support::Proc, timeout: std::time::Duration) -> std::process::ExitStatus {
-        support::wait_until(timeout, "the background `up` to exit", || {
-            p.child.try_wait().unwrap()
-        })
+        support::wait_until(timeout, "the background `up` to exit", || p.child.try_wait().unwrap())
     }
 }
 
@@ -316,14 +256,10 @@ fn vm_lifecycle_end_to_end() {
     let mut first = vm.spawn_up("up1.log");
     let lock = vm.state_dir().join("lock");
     support::wait_until(BOOT, "the lock file to name the first up's PID", || {
-        std::fs::read_to_string(&lock)
-            .ok()
-            .filter(|s| s.contains(&first.child.id().to_string()))
+        std::fs::read_to_string(&lock).ok().filter(|s| s.contains(&first.child.id().to_string()))
     });
     let t = std::time::Instant::now();
-    vm.run(&["up", "--no-provision"])
-        .failure()
-        .stderr_contains(&format!("pid {}", first.child.id()));
+    vm.run(&["up", "--no-provision"]).failure().stderr_contains(&format!("pid {}", first.child.id()));
     assert!(
         t.elapsed() < std::time::Duration::from_secs(10),
         "second up did not fail fast: {:?}",
@@ -335,32 +271,18 @@ fn vm_lifecycle_end_to_end() {
     let r = vm.run(&["ssh", "-c", "cat /etc/hostname"]).success();
     assert_eq!(r.stdout().trim(), vm.name);
     let r = vm.run(&["status"]).success();
-    assert!(
-        r.stdout()
-            .contains(&format!("{}: running (libvirt, 127.0.0.1:", vm.name)),
-        "{}",
-        r.stdout()
-    );
+    assert!(r.stdout().contains(&format!("{}: running (libvirt, 127.0.0.1:", vm.name)), "{}", r.stdout());
 
     vm.run(&["halt"]).success();
-    vm.run(&["status"])
-        .success()
-        .stdout_contains(&format!("{}: stopped", vm.name));
+    vm.run(&["status"]).success().stdout_contains(&format!("{}: stopped", vm.name));
     vm.run(&["up", "--no-provision"]).success();
     vm.run(&["status"]).success().stdout_contains("running");
 
     let disk = vm.state_dir().join("disk.qcow2");
     assert!(disk.exists());
     vm.run(&["destroy", "-f"]).success();
-    assert!(
-        vm.domains().is_empty(),
-        "domain left behind: {:?}",
-        vm.domains()
-    );
-    assert!(
-        !vm.state_dir().exists() && !disk.exists(),
-        "state dir or overlay left behind"
-    );
+    assert!(vm.domains().is_empty(), "domain left behind: {:?}", vm.domains());
+    assert!(!vm.state_dir().exists() && !disk.exists(), "state dir or overlay left behind");
 }
 
 #[test]
@@ -383,17 +305,8 @@ fn vm_interrupted_up_recovers_without_leaks() {
 
         vm.run(&["up", "--no-provision"]).success();
         vm.run(&["status"]).success().stdout_contains("running");
-        assert_eq!(
-            vm.domains().len(),
-            1,
-            "domains after signal {sig}: {:?}",
-            vm.domains()
-        );
-        assert_eq!(
-            vm.disks(),
-            vec!["disk.qcow2".to_string()],
-            "disks after signal {sig}"
-        );
+        assert_eq!(vm.domains().len(), 1, "domains after signal {sig}: {:?}", vm.domains());
+        assert_eq!(vm.disks(), vec!["disk.qcow2".to_string()], "disks after signal {sig}");
         // Next round starts from a stopped machine with a fresh boot.
         vm.run(&["halt", "-f"]).success();
         std::fs::write(&serial, "").unwrap();

@@ -6,10 +6,6 @@ use super::Ctx;
 
 pub fn validate(ctx: &Ctx) -> Result<i32> {
     let cfg = ctx.config()?;
-    ctx.ui.info(format!(
-        "{}: valid (machine \"{}\")",
-        cfg.path.display(),
-        cfg.machine.name
-    ));
+    ctx.ui.info(format!("{}: valid (machine \"{}\")", cfg.path.display(), cfg.machine.name));
     Ok(0)
 }

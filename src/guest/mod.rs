@@ -9,12 +9,6 @@ use crate::ssh::Session;
 use crate::ui::Ui;
 
 /// Run every provisioning step on a reachable guest. Idempotent.
-pub fn provision(
-    _cfg: &Config,
-    _ssh: &Session,
-    _rendered: &Rendered,
-    _ui: &Ui,
-    _force: bool,
-) -> Result<()> {
+pub fn provision(_cfg: &Config, _ssh: &Session, _rendered: &Rendered, _ui: &Ui, _force: bool) -> Result<()> {
     todo!("guest::provision")
 }

@@ -25,9 +25,7 @@ pub struct VirtualBox {
 impl VirtualBox {
     pub fn new(cfg: &Config) -> Result<Self> {
         let vboxmanage = find_vboxmanage(cfg).ok_or_else(|| {
-            anyhow::anyhow!(
-                "VBoxManage was not found; install VirtualBox or set [virtualbox] vboxmanage"
-            )
+            anyhow::anyhow!("VBoxManage was not found; install VirtualBox or set [virtualbox] vboxmanage")
         })?;
         Ok(Self { vboxmanage })
     }

@@ -37,12 +37,7 @@ impl Session {
         todo!("ssh connect")
     }
     /// Run a command; `on_line` sees each output line as it arrives. Returns the exit status (not an error).
-    pub fn exec_stream(
-        &self,
-        _cmd: &str,
-        _timeout: Duration,
-        _on_line: &mut dyn FnMut(&str),
-    ) -> Result<ExecOutput> {
+    pub fn exec_stream(&self, _cmd: &str, _timeout: Duration, _on_line: &mut dyn FnMut(&str)) -> Result<ExecOutput> {
         todo!("ssh exec")
     }
     /// Run a command and collect output.
@@ -53,21 +48,12 @@ impl Session {
     pub fn exec_ok(&self, cmd: &str, timeout: Duration) -> Result<String> {
         let out = self.exec(cmd, timeout)?;
         if out.status != 0 {
-            anyhow::bail!(
-                "`{cmd}` failed in the guest (exit {}):\n{}",
-                out.status,
-                crate::process::tail(&out.output, 30)
-            );
+            anyhow::bail!("`{cmd}` failed in the guest (exit {}):\n{}", out.status, crate::process::tail(&out.output, 30));
         }
         Ok(out.output)
     }
     /// Send `stdin` to a command (e.g. `tar -xf - -C DIR`), buffered; returns its result.
-    pub fn exec_with_stdin(
-        &self,
-        _cmd: &str,
-        _stdin: &mut dyn std::io::Read,
-        _timeout: Duration,
-    ) -> Result<ExecOutput> {
+    pub fn exec_with_stdin(&self, _cmd: &str, _stdin: &mut dyn std::io::Read, _timeout: Duration) -> Result<ExecOutput> {
         todo!("ssh exec_with_stdin")
     }
     /// Upload a local directory tree as one tar stream to `remote_dir` (created).
