@@ -1,9 +1,12 @@
 //! Per-machine ed25519 keys, generated in Rust (ssh-key): the user key the tool logs in with, and the guest's host
 //! key pair that goes into the seed so the host key is pinned before the first connection. Private keys are 0600.
 
-use anyhow::Result;
+use std::path::Path;
 
-use crate::machine::StateDir;
+use anyhow::{Context, Result};
+use ssh_key::{Algorithm, HashAlg, LineEnding, PrivateKey, PublicKey};
+
+use crate::machine::{write_private, StateDir};
 
 /// An OpenSSH key pair as text.
 #[derive(Clone)]
@@ -20,12 +23,120 @@ impl std::fmt::Debug for KeyPair {
     }
 }
 
+impl KeyPair {
+    fn from_private(key: &PrivateKey) -> Result<Self> {
+        Ok(Self {
+            private_openssh: key.to_openssh(LineEnding::LF).context("encode private key")?.to_string(),
+            public_openssh: key.public_key().to_openssh().context("encode public key")?,
+        })
+    }
+
+    /// `SHA256:...` fingerprint of the public key, as OpenSSH prints it.
+    pub fn fingerprint(&self) -> Result<String> {
+        fingerprint_openssh(&self.public_openssh)
+    }
+}
+
 /// Generate a new ed25519 key pair.
-pub fn generate(_comment: &str) -> Result<KeyPair> {
-    todo!("keys::generate")
+pub fn generate(comment: &str) -> Result<KeyPair> {
+    let mut key = PrivateKey::random(&mut rand_core::OsRng, Algorithm::Ed25519).context("generate ed25519 key")?;
+    key.set_comment(comment);
+    KeyPair::from_private(&key)
 }
 
 /// The machine's user and host keys, created (0600) on first use and reused afterwards.
-pub fn ensure_machine_keys(_state: &StateDir, _machine: &str) -> Result<(KeyPair, KeyPair)> {
-    todo!("keys::ensure_machine_keys")
+pub fn ensure_machine_keys(state: &StateDir, machine: &str) -> Result<(KeyPair, KeyPair)> {
+    state.ensure()?;
+    let user = ensure_key(&state.user_key(), &format!("provisioner@{machine}"))?;
+    let host = ensure_key(&state.host_key(), &format!("root@{machine}"))?;
+    Ok((user, host))
+}
+
+/// Load the private key at `path` (re-writing its `.pub`), or generate and store a new one.
+fn ensure_key(path: &Path, comment: &str) -> Result<KeyPair> {
+    let pair = match std::fs::read_to_string(path) {
+        Ok(pem) => {
+            let key = PrivateKey::from_openssh(&pem).with_context(|| {
+                format!(
+                    "{} is not a valid OpenSSH private key\nhint: remove the state with `provisioner destroy -f` and run `provisioner up` again",
+                    path.display()
+                )
+            })?;
+            KeyPair::from_private(&key)?
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let pair = generate(comment)?;
+            write_private(path, pair.private_openssh.as_bytes(), 0o600)?;
+            pair
+        }
+        Err(e) => return Err(e).with_context(|| format!("read {}", path.display())),
+    };
+    let public = path.with_extension("pub");
+    if std::fs::read_to_string(&public).ok().as_deref().map(str::trim) != Some(pair.public_openssh.trim()) {
+        write_private(&public, format!("{}\n", pair.public_openssh).as_bytes(), 0o644)?;
+    }
+    Ok(pair)
+}
+
+/// Write `<state>/known_hosts` pinning `host_pub` for `host:port` (OpenSSH spells non-22 ports `[host]:port`).
+pub fn write_known_hosts(state: &StateDir, host: &str, port: u16, host_pub: &str) -> Result<()> {
+    state.ensure()?;
+    let key = PublicKey::from_openssh(host_pub.trim()).context("the pinned host key is not an OpenSSH public key")?;
+    let pattern = if port == 22 { host.to_string() } else { format!("[{host}]:{port}") };
+    let line = format!("{pattern} {}\n", key.to_openssh().context("encode host key")?);
+    write_private(&state.known_hosts(), line.as_bytes(), 0o600)
+}
+
+/// `SHA256:...` fingerprint of an OpenSSH public key line.
+pub fn fingerprint_openssh(public: &str) -> Result<String> {
+    let key = PublicKey::from_openssh(public.trim()).context("not an OpenSSH public key")?;
+    Ok(key.fingerprint(HashAlg::Sha256).to_string())
+}
+
+/// `SHA256:...` fingerprint of a public key in SSH wire format (what a server presents); `None` if undecodable.
+pub fn fingerprint_blob(blob: &[u8]) -> Option<String> {
+    PublicKey::from_bytes(blob).ok().map(|k| k.fingerprint(HashAlg::Sha256).to_string())
+}
+
+/// The SSH wire-format blob of an OpenSSH public key line (to compare with what a server presents).
+pub fn public_blob(public: &str) -> Result<Vec<u8>> {
+    let key = PublicKey::from_openssh(public.trim()).context("not an OpenSSH public key")?;
+    key.to_bytes().context("encode public key")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_created_private_and_reused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::at(dir.path().join(".provisioner"));
+        let (user, host) = ensure_machine_keys(&state, "m1").unwrap();
+        assert!(user.public_openssh.starts_with("ssh-ed25519 "));
+        assert_ne!(user.public_openssh, host.public_openssh);
+        for p in [state.user_key(), state.host_key()] {
+            let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{}", p.display());
+            assert!(p.with_extension("pub").is_file());
+        }
+        let (user2, host2) = ensure_machine_keys(&state, "m1").unwrap();
+        assert_eq!(user.public_openssh, user2.public_openssh);
+        assert_eq!(host.private_openssh, host2.private_openssh);
+        assert!(!format!("{user:?}").contains("PRIVATE"));
+    }
+
+    #[test]
+    fn known_hosts_pins_bracketed_port_and_fingerprints_agree() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::at(dir.path());
+        let host = generate("h").unwrap();
+        write_known_hosts(&state, "127.0.0.1", 2222, &host.public_openssh).unwrap();
+        let text = std::fs::read_to_string(state.known_hosts()).unwrap();
+        assert!(text.starts_with("[127.0.0.1]:2222 ssh-ed25519 "), "{text}");
+        let fp = host.fingerprint().unwrap();
+        assert!(fp.starts_with("SHA256:") && !fp.ends_with('='), "{fp}");
+        assert_eq!(fingerprint_blob(&public_blob(&host.public_openssh).unwrap()).as_deref(), Some(fp.as_str()));
+    }
 }

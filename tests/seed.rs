@@ -1,1 +1,58 @@
-//! Tests: seed (to be written).
+//! Tests: the cloud-init seed image, read back with the standard tools (isoinfo, blkid).
+
+use std::path::Path;
+use std::time::Duration;
+
+use provisioner::keys;
+use provisioner::machine::StateDir;
+use provisioner::process::Cmd;
+use provisioner::seed::{self, SeedSpec};
+
+fn tool(program: &str, args: &[&str], iso: &Path) -> String {
+    let out = Cmd::new(program).args(args).arg(iso).timeout(Duration::from_secs(30)).run().unwrap();
+    out.stdout
+}
+
+#[test]
+fn seed_iso_reads_back_with_isoinfo_and_blkid() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = StateDir::at(dir.path().join(".provisioner"));
+    let (user_key, host_key) = keys::ensure_machine_keys(&state, "lab").unwrap();
+    let spec = SeedSpec {
+        instance_id: seed::instance_id("lab", &host_key),
+        hostname: "lab".into(),
+        user: "provisioner".into(),
+        user_key,
+        host_key,
+    };
+    let iso = state.seed_iso();
+    seed::write_seed(&spec, &iso).unwrap();
+    let (user_data, meta_data) = seed::render(&spec).unwrap();
+
+    let d = tool("isoinfo", &["-d", "-i"], &iso);
+    assert!(d.contains("Volume id: cidata") || d.contains("Volume id: CIDATA"), "{d}");
+    assert!(d.contains("Joliet with UCS level 3 found"), "{d}");
+
+    let listing = tool("isoinfo", &["-J", "-f", "-i"], &iso);
+    let mut names: Vec<&str> = listing.lines().collect();
+    names.sort();
+    assert_eq!(names, ["/meta-data", "/user-data"], "{listing}");
+    assert_eq!(tool("isoinfo", &["-J", "-x", "/user-data", "-i"], &iso), user_data);
+    assert_eq!(tool("isoinfo", &["-J", "-x", "/meta-data", "-i"], &iso), meta_data);
+    // The image carries the guest's private host key.
+    assert!(user_data.contains("OPENSSH PRIVATE KEY"));
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&iso).unwrap().permissions().mode() & 0o777, 0o600);
+
+    let blkid = tool("blkid", &["-p", "-o", "export"], &iso);
+    assert!(blkid.contains("TYPE=iso9660"), "{blkid}");
+    assert!(blkid.lines().any(|l| l == "LABEL=cidata"), "{blkid}");
+
+    // Rewriting (e.g. after new keys) replaces the image atomically with the new content.
+    let mut spec2 = spec.clone();
+    spec2.host_key = keys::generate("new").unwrap();
+    spec2.instance_id = seed::instance_id("lab", &spec2.host_key);
+    seed::write_seed(&spec2, &iso).unwrap();
+    let meta2 = tool("isoinfo", &["-J", "-x", "/meta-data", "-i"], &iso);
+    assert!(meta2.contains(&spec2.instance_id) && !meta2.contains(&spec.instance_id), "{meta2}");
+}

@@ -1,1 +1,373 @@
-//! Tests: ssh (to be written).
+//! Tests: the SSH transport, `provisioner ssh` and `ssh-config`, against a real OpenSSH server on 127.0.0.1.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use provisioner::keys::{self, KeyPair};
+use provisioner::machine::state::MachineState;
+use provisioner::machine::StateDir;
+use provisioner::process::Cmd;
+use provisioner::ssh::{Endpoint, Session};
+use sha2::{Digest, Sha256};
+
+use crate::support::{self, Proc};
+
+/// A throwaway sshd on 127.0.0.1:free port, trusting the user key of `state` and presenting its host key.
+struct Sshd {
+    _dir: tempfile::TempDir,
+    proc: Proc,
+    port: u16,
+    state: StateDir,
+    host: KeyPair,
+}
+
+fn current_user() -> String {
+    let out = Command::new("id").arg("-un").output().expect("id -un");
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+impl Sshd {
+    /// Start sshd with fresh machine keys in a new temp state dir.
+    fn start() -> Sshd {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::at(dir.path().join(".provisioner"));
+        Self::start_for(dir, state, "")
+    }
+
+    /// Start sshd for the keys in `state` (created if missing); `dir` holds its config and log. `extra` lines go
+    /// first in sshd_config (the first value of an option wins; HostKey lines add up in order).
+    fn start_for(dir: tempfile::TempDir, state: StateDir, extra: &str) -> Sshd {
+        let (user, host) = keys::ensure_machine_keys(&state, "sshtest").unwrap();
+        let d = dir.path();
+        std::fs::write(d.join("authorized_keys"), format!("{}\n", user.public_openssh)).unwrap();
+        std::fs::create_dir_all("/run/sshd").unwrap();
+        let port = support::free_port();
+        let config = format!(
+            "{extra}Port {port}\nListenAddress 127.0.0.1\nHostKey \"{hk}\"\nAuthorizedKeysFile \"{ak}\"\nPidFile \"{pid}\"\n\
+             StrictModes no\nUsePAM no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n\
+             PubkeyAuthentication yes\nPermitRootLogin prohibit-password\nAllowUsers {me}\nLogLevel VERBOSE\n",
+            hk = state.host_key().display(),
+            ak = d.join("authorized_keys").display(),
+            pid = d.join("sshd.pid").display(),
+            me = current_user(),
+        );
+        std::fs::write(d.join("sshd_config"), config).unwrap();
+        let mut cmd = Command::new("/usr/sbin/sshd");
+        cmd.args(["-D", "-e", "-f"]).arg(d.join("sshd_config"));
+        let proc = Proc::spawn("sshd", cmd, d.join("sshd.log"));
+        support::wait_until(Duration::from_secs(10), "sshd to listen", || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+        });
+        Sshd { _dir: dir, proc, port, state, host }
+    }
+
+    fn endpoint(&self) -> Endpoint {
+        Endpoint {
+            addr: SocketAddr::from(([127, 0, 0, 1], self.port)),
+            user: current_user(),
+            key: self.state.user_key(),
+            host_key: self.host.public_openssh.clone(),
+        }
+    }
+
+    fn session(&self) -> Session {
+        Session::connect(&self.endpoint(), Duration::from_secs(20)).expect("connect to test sshd")
+    }
+}
+
+const T: Duration = Duration::from_secs(60);
+
+#[test]
+fn exec_reports_exit_codes() {
+    let sshd = Sshd::start();
+    let s = sshd.session();
+    assert_eq!(s.exec("true", T).unwrap().status, 0);
+    let out = s.exec("echo out; echo err >&2; exit 3", T).unwrap();
+    assert_eq!(out.status, 3);
+    assert!(out.output.contains("out\n") && out.output.contains("err\n"), "{:?}", out.output);
+    assert_eq!(s.exec("exit 255", T).unwrap().status, 255);
+    let killed = s.exec("kill -KILL $$", T).unwrap();
+    assert_eq!(killed.status, 255, "{killed:?}");
+    assert!(killed.output.contains("SIGKILL"), "{killed:?}");
+    let err = s.exec_ok("echo nope; exit 4", T).unwrap_err().to_string();
+    assert!(err.contains("exit 4") && err.contains("nope"), "{err}");
+    // The session stays usable after all of that.
+    assert_eq!(s.exec_ok("echo still", T).unwrap(), "still\n");
+}
+
+#[test]
+fn ten_megabytes_on_stderr_do_not_deadlock() {
+    let sshd = Sshd::start();
+    let s = sshd.session();
+    let start = Instant::now();
+    let out = s
+        .exec("head -c 10000000 /dev/zero | tr '\\0' x | fold -w 99 >&2; echo small-stdout", Duration::from_secs(120))
+        .unwrap();
+    assert_eq!(out.status, 0);
+    // stdout and stderr travel in separate pipes in the guest, so only each stream's own order is defined
+    // (the stdout line may even land inside a stderr line).
+    assert_eq!(out.output.bytes().filter(|&b| b == b'x').count(), 10_000_000);
+    assert_eq!(out.output.matches("small-stdout\n").count(), 1, "stdout line lost");
+    eprintln!("bench: 10 MB merged stderr in {:.2?}", start.elapsed());
+}
+
+#[test]
+fn lines_stream_in_order_as_they_arrive() {
+    let sshd = Sshd::start();
+    let s = sshd.session();
+    let start = Instant::now();
+    let mut seen: Vec<(String, Duration)> = Vec::new();
+    let out = s
+        .exec_stream("for i in $(seq 1 300); do echo line $i; done; sleep 2; printf 'last'", T, &mut |l| {
+            seen.push((l.to_string(), start.elapsed()))
+        })
+        .unwrap();
+    assert_eq!(out.status, 0);
+    let lines: Vec<&str> = seen.iter().map(|(l, _)| l.as_str()).collect();
+    let expected: Vec<String> = (1..=300).map(|i| format!("line {i}")).chain(["last".to_string()]).collect();
+    assert_eq!(lines, expected);
+    // Streamed, not collected at the end: the 300th line arrived well before the final one.
+    let gap = seen[300].1 - seen[299].1;
+    assert!(gap >= Duration::from_millis(1500), "lines were not streamed (gap {gap:?})");
+}
+
+#[test]
+fn exec_with_stdin_streams_input() {
+    let sshd = Sshd::start();
+    let s = sshd.session();
+    let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+    let out = s.exec_with_stdin("sha256sum", &mut data.as_slice(), T).unwrap();
+    assert_eq!(out.status, 0);
+    assert!(out.output.starts_with(&hex::encode(Sha256::digest(&data))), "{}", out.output);
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so the big file does not compress or repeat.
+fn noise(len: usize, mut seed: u64) -> Vec<u8> {
+    let mut v = Vec::with_capacity(len + 8);
+    while v.len() < len {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        v.extend_from_slice(&seed.to_le_bytes());
+    }
+    v.truncate(len);
+    v
+}
+
+/// sha256 and permission bits of every file under `root`, keyed by relative path.
+fn manifest(root: &Path) -> std::collections::BTreeMap<PathBuf, (String, u32)> {
+    use std::os::unix::fs::PermissionsExt;
+    walkdir::WalkDir::new(root)
+        .into_iter()
+        .map(Result::unwrap)
+        .filter(|e| e.file_type().is_file())
+        .map(|e| {
+            let data = std::fs::read(e.path()).unwrap();
+            let mode = e.metadata().unwrap().permissions().mode() & 0o7777;
+            (e.path().strip_prefix(root).unwrap().to_path_buf(), (hex::encode(Sha256::digest(&data)), mode))
+        })
+        .collect()
+}
+
+#[test]
+fn upload_dir_is_byte_identical_and_keeps_modes() {
+    use std::os::unix::fs::PermissionsExt;
+    let sshd = Sshd::start();
+    let s = sshd.session();
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    let modes = [0o644, 0o755, 0o600, 0o640];
+    for i in 0..2000usize {
+        let p = src.join(format!("d{}/sub{}/file-{i}.txt", i % 20, i % 3));
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(&p, noise(i % 700, i as u64 + 1)).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(modes[i % modes.len()])).unwrap();
+    }
+    const BIG: usize = 32 << 20;
+    std::fs::write(src.join("big.bin"), noise(BIG, 42)).unwrap();
+    let total: u64 = walkdir::WalkDir::new(&src).into_iter().map(|e| e.unwrap().metadata().unwrap().len()).sum();
+
+    let dest = tmp.path().join("remote dir/with 'quotes'");
+    let start = Instant::now();
+    s.upload_dir(&src, dest.to_str().unwrap(), Duration::from_secs(300)).unwrap();
+    let took = start.elapsed();
+    eprintln!(
+        "bench: upload_dir 2001 files, {:.1} MiB in {took:.2?}: {:.0} files/s, {:.1} MiB/s",
+        total as f64 / 1048576.0,
+        2001.0 / took.as_secs_f64(),
+        total as f64 / 1048576.0 / took.as_secs_f64()
+    );
+    let (want, got) = (manifest(&src), manifest(&dest));
+    assert_eq!(want.len(), 2001);
+    assert_eq!(want, got, "uploaded tree differs");
+}
+
+#[test]
+fn upload_bytes_writes_one_file_with_mode() {
+    use std::os::unix::fs::PermissionsExt;
+    let sshd = Sshd::start();
+    let s = sshd.session();
+    let tmp = tempfile::tempdir().unwrap();
+    let target = tmp.path().join("new/dir/secret.env");
+    s.upload_bytes(target.to_str().unwrap(), b"TOKEN=1\n", 0o600, T).unwrap();
+    assert_eq!(std::fs::read(&target).unwrap(), b"TOKEN=1\n");
+    assert_eq!(std::fs::metadata(&target).unwrap().permissions().mode() & 0o777, 0o600);
+    // Replacing works too, and a failing extraction is an error that says what happened.
+    s.upload_bytes(target.to_str().unwrap(), b"TOKEN=2\n", 0o644, T).unwrap();
+    assert_eq!(std::fs::read(&target).unwrap(), b"TOKEN=2\n");
+    std::fs::write(tmp.path().join("file"), "x").unwrap();
+    let err = s.upload_bytes(tmp.path().join("file/below").to_str().unwrap(), b"y", 0o644, T).unwrap_err();
+    assert!(format!("{err:#}").contains("failed"), "{err:#}");
+}
+
+#[test]
+fn different_host_key_is_refused_before_authenticating() {
+    let sshd = Sshd::start();
+    let mut ep = sshd.endpoint();
+    let other = keys::generate("impostor").unwrap();
+    ep.host_key = other.public_openssh.clone();
+    let start = Instant::now();
+    let err = Session::connect(&ep, Duration::from_secs(30)).err().expect("mismatch must be refused");
+    let msg = format!("{err:#}");
+    assert!(start.elapsed() < Duration::from_secs(5), "a mismatch must not be retried ({:?})", start.elapsed());
+    assert!(msg.contains("HOST KEY MISMATCH"), "{msg}");
+    assert!(msg.contains(&sshd.host.fingerprint().unwrap()), "presented fingerprint missing: {msg}");
+    assert!(msg.contains(&other.fingerprint().unwrap()), "pinned fingerprint missing: {msg}");
+    assert!(msg.contains("provisioner destroy -f && provisioner up"), "{msg}");
+    // The server saw no authentication attempt at all.
+    let log = support::wait_until(Duration::from_secs(5), "sshd to log the closed connection", || {
+        let log = sshd.proc.log_text();
+        log.contains("preauth").then_some(log)
+    });
+    assert!(!log.contains("Accepted") && !log.contains("Failed publickey") && !log.contains("userauth"), "{log}");
+    // The pinned key still works on the same server.
+    assert_eq!(sshd.session().exec("true", T).unwrap().status, 0);
+}
+
+#[test]
+fn the_pinned_key_is_requested_when_the_server_has_several() {
+    // A box whose old host keys survived: sshd offers ECDSA first, which libssh2 would otherwise prefer.
+    let dir = tempfile::tempdir().unwrap();
+    let ecdsa = dir.path().join("ssh_host_ecdsa_key");
+    Cmd::new("ssh-keygen").args(["-q", "-t", "ecdsa", "-N", "", "-f"]).arg(&ecdsa).run().unwrap();
+    let extra = format!("HostKey \"{}\"\n", ecdsa.display());
+    let state = StateDir::at(dir.path().join(".provisioner"));
+    let sshd = Sshd::start_for(dir, state, &extra);
+    assert_eq!(sshd.session().exec("true", T).unwrap().status, 0);
+}
+
+#[test]
+fn wrong_user_key_is_permission_denied_with_a_hint() {
+    let sshd = Sshd::start();
+    let mut ep = sshd.endpoint();
+    let tmp = tempfile::tempdir().unwrap();
+    keys::ensure_machine_keys(&StateDir::at(tmp.path()), "other").unwrap();
+    ep.key = StateDir::at(tmp.path()).user_key();
+    let err = Session::connect(&ep, Duration::from_secs(60)).err().expect("unknown key must be refused");
+    let msg = format!("{err:#}");
+    assert!(msg.contains("SSH authentication failed") && msg.contains("hint:"), "{msg}");
+}
+
+#[test]
+fn closed_port_is_retried_until_the_deadline() {
+    let ep = Endpoint {
+        addr: SocketAddr::from(([127, 0, 0, 1], support::free_port())),
+        user: current_user(),
+        key: PathBuf::from("/nonexistent"),
+        host_key: keys::generate("h").unwrap().public_openssh,
+    };
+    let start = Instant::now();
+    let err = Session::connect(&ep, Duration::from_secs(3)).err().expect("nothing listens there");
+    let took = start.elapsed();
+    let msg = format!("{err:#}");
+    assert!(took >= Duration::from_millis(2500) && took < Duration::from_secs(8), "gave up after {took:?}: {msg}");
+    assert!(msg.contains("no SSH connection to") && msg.contains("attempts"), "{msg}");
+    assert!(msg.to_lowercase().contains("refused"), "last error missing: {msg}");
+}
+
+/// A project dir (path with a space) whose state points at a fresh test sshd, as `provisioner up` leaves it.
+fn project_with_sshd() -> (support::Test, PathBuf, Sshd) {
+    let t = support::Test::new();
+    let project = t.path().join("my lab");
+    std::fs::create_dir_all(&project).unwrap();
+    let config = std::fs::read_to_string(support::repo().join("box-config.toml"))
+        .unwrap()
+        .replace("user = \"provisioner\"", &format!("user = \"{}\"", current_user()));
+    std::fs::write(project.join("box-config.toml"), config).unwrap();
+    support::copy_dir(&support::repo().join("provision"), &project.join("provision"));
+    let state = StateDir::at(project.join(".provisioner"));
+    let sshd = Sshd::start_for(tempfile::tempdir().unwrap(), state.clone(), "");
+    let ms = MachineState {
+        provider: "libvirt".into(),
+        vm_name: "sshtest".into(),
+        ssh_host: Some("127.0.0.1".into()),
+        ssh_port: Some(sshd.port),
+        ..Default::default()
+    };
+    ms.save(&state).unwrap();
+    (t, project, sshd)
+}
+
+#[test]
+fn provisioner_ssh_runs_a_command_and_exits_with_its_status() {
+    let (_t, project, _sshd) = project_with_sshd();
+    let cfg = project.join("box-config.toml");
+    let run = support::Test::new().cwd(&project).args(["ssh", "-c", "echo hi; exit 7"]).run();
+    assert_eq!(run.code(), Some(7), "stdout {:?} stderr {:?}", run.stdout(), run.stderr());
+    assert_eq!(run.stdout(), "hi\n");
+    // `--` keeps each word one argument in the guest.
+    support::Test::new()
+        .args(["--config", cfg.to_str().unwrap(), "ssh", "--", "printf", "<%s>", "a b", "c"])
+        .run()
+        .success()
+        .stdout_contains("<a b><c>");
+}
+
+#[test]
+fn provisioner_ssh_without_state_says_to_run_up() {
+    let t = support::Test::with_lab();
+    t.arg("ssh").arg("-c").arg("true").run().failure().stderr_contains("not created; run `provisioner up`");
+}
+
+#[test]
+fn provisioner_ssh_to_a_stopped_machine_says_so() {
+    let (_t, project, sshd) = project_with_sshd();
+    let port = sshd.port;
+    drop(sshd);
+    support::Test::new()
+        .cwd(&project)
+        .args(["ssh", "-c", "true"])
+        .run()
+        .failure()
+        .stderr_contains(&format!("not reachable over SSH at 127.0.0.1:{port}"))
+        .stderr_contains("provisioner up");
+}
+
+#[test]
+fn ssh_config_stanza_parses_and_connects() {
+    let (t, project, sshd) = project_with_sshd();
+    let run = support::Test::new().cwd(&project).args(["ssh-config", "--host", "labvm"]).run().success();
+    let file = t.path().join("ssh_config");
+    std::fs::write(&file, run.stdout()).unwrap();
+    let g = Command::new("ssh").arg("-G").arg("-F").arg(&file).arg("labvm").output().unwrap();
+    assert!(g.status.success(), "{}", String::from_utf8_lossy(&g.stderr));
+    let g = String::from_utf8_lossy(&g.stdout).to_string();
+    for want in [
+        format!("port {}", sshd.port),
+        "hostname 127.0.0.1".to_string(),
+        format!("user {}", current_user()),
+        "stricthostkeychecking true".to_string(),
+        format!("identityfile {}", project.join(".provisioner/id_ed25519").display()),
+        format!("userknownhostsfile {}", project.join(".provisioner/known_hosts").display()),
+    ] {
+        assert!(g.contains(&want), "ssh -G lacks {want:?}:\n{g}");
+    }
+    let out = Cmd::new("ssh")
+        .args(["-F".as_ref(), file.as_os_str(), "labvm".as_ref(), "echo connected".as_ref()])
+        .timeout(Duration::from_secs(30))
+        .run()
+        .unwrap();
+    assert_eq!(out.stdout, "connected\n");
+}

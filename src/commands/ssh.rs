@@ -1,13 +1,131 @@
-//! `ssh` and `ssh-config`.
+//! `ssh` and `ssh-config`: the system OpenSSH client, with the machine's key and its pinned host key.
 
-use anyhow::Result;
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
 
 use super::Ctx;
 use crate::cli::{SshArgs, SshConfigArgs};
+use crate::machine::StateDir;
+use crate::ssh::{shell_quote, Endpoint};
 
-pub fn ssh(_ctx: &Ctx, _args: &SshArgs) -> Result<i32> {
-    anyhow::bail!("`ssh` is not implemented yet")
+/// What the OpenSSH client needs: the endpoint plus the private known_hosts file that pins the host key.
+struct Target {
+    alias: String,
+    ep: Endpoint,
+    known_hosts: PathBuf,
 }
-pub fn ssh_config(_ctx: &Ctx, _args: &SshConfigArgs) -> Result<i32> {
-    anyhow::bail!("`ssh-config` is not implemented yet")
+
+fn target(ctx: &Ctx) -> Result<Target> {
+    let cfg = ctx.config()?;
+    let state = ctx.state(&cfg);
+    let ep = Endpoint::for_machine(&cfg, &state)?;
+    // Re-pin from the host key and the recorded port, so the file always matches the current forward.
+    crate::keys::write_known_hosts(&state, &ep.addr.ip().to_string(), ep.addr.port(), &ep.host_key)?;
+    let known_hosts = StateDir::at(ep.key.parent().context("key path has no directory")?).known_hosts();
+    Ok(Target { alias: cfg.machine.name.clone(), ep, known_hosts })
+}
+
+/// `-o` options shared by `ssh` and the `ssh-config` stanza, in OpenSSH config spelling (unquoted values).
+fn options(t: &Target) -> Vec<(&'static str, String)> {
+    vec![
+        ("HostName", t.ep.addr.ip().to_string()),
+        ("Port", t.ep.addr.port().to_string()),
+        ("User", t.ep.user.clone()),
+        ("IdentityFile", t.ep.key.display().to_string()),
+        ("IdentitiesOnly", "yes".into()),
+        ("PreferredAuthentications", "publickey".into()),
+        ("StrictHostKeyChecking", "yes".into()),
+        ("UserKnownHostsFile", t.known_hosts.display().to_string()),
+        ("LogLevel", "ERROR".into()),
+    ]
+}
+
+pub fn ssh(ctx: &Ctx, args: &SshArgs) -> Result<i32> {
+    let t = target(ctx)?;
+    // Fail with a useful message rather than ssh's bare "Connection refused" when the machine is down.
+    if let Err(e) = std::net::TcpStream::connect_timeout(&t.ep.addr, std::time::Duration::from_secs(5)) {
+        bail!(
+            "machine `{}` is not reachable over SSH at {}: {e}\nhint: is it running? check `provisioner status`; `provisioner up` starts it",
+            t.alias,
+            t.ep.addr
+        );
+    }
+    let ssh = which::which("ssh").map_err(|_| {
+        anyhow::anyhow!("the OpenSSH client `ssh` is not on PATH\nhint: install it (Debian/Ubuntu: `apt-get install openssh-client`)")
+    })?;
+    let mut cmd = std::process::Command::new(&ssh);
+    for (k, v) in options(&t) {
+        // `-o` is parsed like a config file line: same quoting and `%` escaping.
+        cmd.arg("-o").arg(format!("{k}={}", config_value(k, &v)?));
+    }
+    cmd.arg(t.ep.addr.ip().to_string());
+    let remote = match (&args.command, args.args.as_slice()) {
+        (Some(c), _) => Some(c.clone()),
+        (None, []) => None,
+        // Each word after `--` stays one argument in the guest, as with `docker exec`.
+        (None, words) => Some(words.iter().map(|w| shell_quote(w)).collect::<Vec<_>>().join(" ")),
+    };
+    if let Some(r) = remote {
+        cmd.arg("--").arg(r);
+    }
+    if crate::process::verbosity() >= 1 {
+        eprintln!("+ {cmd:?}");
+    }
+    // Replace this process: the terminal, signals and the exit status belong to ssh from here on.
+    let err = cmd.exec();
+    Err(err).with_context(|| format!("cannot run {}", ssh.display()))
+}
+
+pub fn ssh_config(ctx: &Ctx, args: &SshConfigArgs) -> Result<i32> {
+    let t = target(ctx)?;
+    let alias = args.host.clone().unwrap_or_else(|| t.alias.clone());
+    if alias.is_empty() || alias.contains(|c: char| c.is_whitespace() || "*?!,\"".contains(c)) {
+        bail!("--host {alias:?} is not a usable OpenSSH host alias\nhint: use letters, digits, '-', '_' or '.'");
+    }
+    if ctx.global.json {
+        let mut doc = serde_json::Map::new();
+        doc.insert("Host".into(), alias.clone().into());
+        for (k, v) in options(&t) {
+            doc.insert(k.into(), v.into());
+        }
+        println!("{}", serde_json::Value::Object(doc));
+        return Ok(0);
+    }
+    print!("{}", stanza(&alias, &options(&t))?);
+    Ok(0)
+}
+
+/// An OpenSSH `Host` stanza; values with spaces are double-quoted and `%` is escaped in path options.
+fn stanza(alias: &str, opts: &[(&'static str, String)]) -> Result<String> {
+    let mut out = format!("Host {alias}\n");
+    for (k, v) in opts {
+        out.push_str(&format!("  {k} {}\n", config_value(k, v)?));
+    }
+    Ok(out)
+}
+
+/// A value as OpenSSH config syntax wants it: double-quoted if it has whitespace, and `%` written `%%` in the
+/// path options where OpenSSH expands `%` tokens.
+fn config_value(key: &str, v: &str) -> Result<String> {
+    if v.contains('"') {
+        bail!("{key} {v:?} contains a double quote, which OpenSSH config cannot express\nhint: move the project to a path without '\"'");
+    }
+    let v = if matches!(key, "IdentityFile" | "UserKnownHostsFile") { v.replace('%', "%%") } else { v.to_string() };
+    Ok(if v.contains(char::is_whitespace) { format!("\"{v}\"") } else { v })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stanza_quotes_spaces_and_escapes_percent() {
+        let s =
+            stanza("lab", &[("IdentityFile", "/home/a b/50%/.provisioner/id_ed25519".into()), ("Port", "2222".into())])
+                .unwrap();
+        assert_eq!(s, "Host lab\n  IdentityFile \"/home/a b/50%%/.provisioner/id_ed25519\"\n  Port 2222\n");
+        assert!(stanza("lab", &[("IdentityFile", "/x\"y".into())]).is_err());
+    }
 }

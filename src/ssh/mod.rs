@@ -1,11 +1,28 @@
 //! SSH transport over ssh2: connect with a deadline and backoff, the host key checked against the pinned key,
 //! exec with merged streamed output and the real exit status, tar upload over one exec channel.
+//!
+//! Every blocking libssh2 call runs under `set_timeout` with a short slice ([`SLICE`]); when a slice passes
+//! without data the overall deadline is checked and a keepalive is sent, so a long silent command neither hangs
+//! forever nor lets the connection idle out.
 
-use std::net::SocketAddr;
+use std::io::{BufWriter, Read, Write};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use anyhow::Result;
+use anyhow::{anyhow, bail, Context, Result};
+
+use crate::config::Config;
+use crate::keys;
+use crate::machine::state::MachineState;
+use crate::machine::StateDir;
+
+/// Longest single blocking libssh2 call; also the keepalive period while waiting for a quiet command.
+const SLICE: Duration = Duration::from_secs(10);
+/// libssh2's code for a blocking call that ran past `set_timeout`.
+const LIBSSH2_ERROR_TIMEOUT: i32 = -9;
+/// Writes into an exec channel are buffered to this size.
+const WRITE_BUF: usize = 64 * 1024;
 
 /// How to reach and authenticate to a machine.
 #[derive(Debug, Clone)]
@@ -18,9 +35,43 @@ pub struct Endpoint {
     pub host_key: String,
 }
 
+impl Endpoint {
+    /// The endpoint of a created machine: address from `state.json`, user from the config, keys from the state dir.
+    pub fn for_machine(cfg: &Config, state: &StateDir) -> Result<Endpoint> {
+        let not_created = || {
+            anyhow!(
+                "machine `{}` not created; run `provisioner up`\n(no SSH endpoint recorded in {})",
+                cfg.machine.name,
+                state.state_file().display()
+            )
+        };
+        let ms = MachineState::load(state)?.ok_or_else(not_created)?;
+        let port = ms.ssh_port.ok_or_else(not_created)?;
+        let host = ms.ssh_host.unwrap_or_else(|| cfg.ssh.host_ip.clone());
+        let ip: std::net::IpAddr = host
+            .parse()
+            .with_context(|| format!("state.json has SSH host {host:?}, not an IP address; `provisioner destroy -f && provisioner up` resets it"))?;
+        let host_pub = state.host_key().with_extension("pub");
+        let host_key = std::fs::read_to_string(&host_pub).with_context(|| {
+            format!(
+                "read the pinned host key {}\nhint: the machine state is incomplete; `provisioner destroy -f && provisioner up` recreates it",
+                host_pub.display()
+            )
+        })?;
+        let root = std::path::absolute(&state.root).with_context(|| format!("resolve {}", state.root.display()))?;
+        Ok(Endpoint {
+            addr: SocketAddr::new(ip, port),
+            user: cfg.ssh.user.clone(),
+            key: StateDir::at(root).user_key(),
+            host_key: host_key.trim().to_string(),
+        })
+    }
+}
+
 /// An authenticated session.
 pub struct Session {
-    _private: (),
+    sess: ssh2::Session,
+    addr: SocketAddr,
 }
 
 /// Result of a remote command.
@@ -31,14 +82,61 @@ pub struct ExecOutput {
     pub output: String,
 }
 
+/// Why one connection attempt failed: worth retrying (the guest may still be booting) or not.
+enum Attempt {
+    Retry(anyhow::Error),
+    Fatal(anyhow::Error),
+}
+
+/// Consecutive authentication failures tolerated while the guest may still be writing authorized_keys.
+const AUTH_RETRIES: u32 = 3;
+
 impl Session {
     /// Connect, verify the host key, authenticate; retry with backoff until `timeout`.
-    pub fn connect(_ep: &Endpoint, _timeout: Duration) -> Result<Session> {
-        todo!("ssh connect")
+    ///
+    /// Refused / reset connections, banner and handshake failures are retried until the deadline (the guest is
+    /// booting); a host key that differs from the pinned one is refused at once, before authenticating.
+    pub fn connect(ep: &Endpoint, timeout: Duration) -> Result<Session> {
+        let pinned =
+            keys::public_blob(&ep.host_key).context("the pinned host key in the machine state is unreadable")?;
+        let start = Instant::now();
+        let deadline = start + timeout;
+        let mut pause = Duration::from_millis(200);
+        let mut attempts = 0u32;
+        let mut auth_failures = 0u32;
+        loop {
+            attempts += 1;
+            let last = match attempt(ep, &pinned, deadline) {
+                Ok(sess) => return Ok(Session { sess, addr: ep.addr }),
+                Err(Attempt::Fatal(e)) => return Err(e),
+                Err(Attempt::Retry(e)) => e,
+            };
+            if last.to_string().starts_with(AUTH_FAILED) {
+                auth_failures += 1;
+                if auth_failures >= AUTH_RETRIES {
+                    return Err(last);
+                }
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(last.context(format!(
+                    "no SSH connection to {} after {attempts} attempts in {:.0?}\n\
+                     hint: the guest may still be booting or failed to boot: check `provisioner status` and the \
+                     serial console log (.provisioner/serial.log); a slow (TCG) boot may need a longer \
+                     `--boot-timeout` or [ssh] connect_timeout_secs",
+                    ep.addr,
+                    now - start
+                )));
+            }
+            std::thread::sleep(pause.min(deadline - now));
+            pause = (pause * 2).min(Duration::from_secs(2));
+        }
     }
+
     /// Run a command; `on_line` sees each output line as it arrives. Returns the exit status (not an error).
-    pub fn exec_stream(&self, _cmd: &str, _timeout: Duration, _on_line: &mut dyn FnMut(&str)) -> Result<ExecOutput> {
-        todo!("ssh exec")
+    pub fn exec_stream(&self, cmd: &str, timeout: Duration, on_line: &mut dyn FnMut(&str)) -> Result<ExecOutput> {
+        let mut ex = Exec::start(self, cmd, timeout, on_line)?;
+        ex.finish()
     }
     /// Run a command and collect output.
     pub fn exec(&self, cmd: &str, timeout: Duration) -> Result<ExecOutput> {
@@ -48,16 +146,347 @@ impl Session {
     pub fn exec_ok(&self, cmd: &str, timeout: Duration) -> Result<String> {
         let out = self.exec(cmd, timeout)?;
         if out.status != 0 {
-            anyhow::bail!("`{cmd}` failed in the guest (exit {}):\n{}", out.status, crate::process::tail(&out.output, 30));
+            anyhow::bail!(
+                "`{cmd}` failed in the guest (exit {}):\n{}",
+                out.status,
+                crate::process::tail(&out.output, 30)
+            );
         }
         Ok(out.output)
     }
     /// Send `stdin` to a command (e.g. `tar -xf - -C DIR`), buffered; returns its result.
-    pub fn exec_with_stdin(&self, _cmd: &str, _stdin: &mut dyn std::io::Read, _timeout: Duration) -> Result<ExecOutput> {
-        todo!("ssh exec_with_stdin")
+    pub fn exec_with_stdin(&self, cmd: &str, stdin: &mut dyn Read, timeout: Duration) -> Result<ExecOutput> {
+        self.exec_feeding(cmd, timeout, &mut |w| std::io::copy(stdin, w).map(|_| ()))
     }
-    /// Upload a local directory tree as one tar stream to `remote_dir` (created).
-    pub fn upload_dir(&self, _local: &Path, _remote_dir: &str, _timeout: Duration) -> Result<()> {
-        todo!("ssh upload_dir")
+    /// Upload a local directory tree as one tar stream to `remote_dir` (created). Modes are kept; the files
+    /// belong to the login user.
+    pub fn upload_dir(&self, local: &Path, remote_dir: &str, timeout: Duration) -> Result<()> {
+        if !local.is_dir() {
+            bail!("cannot upload {}: not a directory", local.display());
+        }
+        self.upload_tar(remote_dir, timeout, &format!("upload {} to {remote_dir}", local.display()), |b| {
+            b.follow_symlinks(false);
+            b.append_dir_all(".", local)
+        })
+    }
+    /// Write one file (created or replaced, parent directories created) with `mode`.
+    pub fn upload_bytes(&self, remote_path: &str, data: &[u8], mode: u32, timeout: Duration) -> Result<()> {
+        let (dir, name) = match remote_path.rsplit_once('/') {
+            Some(("", name)) => ("/", name),
+            Some((dir, name)) => (dir, name),
+            None => (".", remote_path),
+        };
+        if name.is_empty() {
+            bail!("cannot upload to {remote_path:?}: it names a directory, not a file");
+        }
+        self.upload_tar(dir, timeout, &format!("upload {remote_path}"), |b| {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(data.len() as u64);
+            h.set_mode(mode);
+            h.set_mtime(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()));
+            h.set_entry_type(tar::EntryType::Regular);
+            b.append_data(&mut h, name, data)
+        })
+    }
+
+    /// Stream a tar archive built by `fill` into `tar -x` under `remote_dir` over one exec channel.
+    fn upload_tar(
+        &self,
+        remote_dir: &str,
+        timeout: Duration,
+        what: &str,
+        fill: impl FnOnce(&mut tar::Builder<&mut dyn Write>) -> std::io::Result<()>,
+    ) -> Result<()> {
+        let dir = shell_quote(remote_dir);
+        let cmd = format!("mkdir -p {dir} && tar --no-same-owner -xpf - -C {dir}");
+        let mut fill = Some(fill);
+        let out = self
+            .exec_feeding(&cmd, timeout, &mut |w| {
+                let mut b = tar::Builder::new(w);
+                (fill.take().expect("fed once"))(&mut b)?;
+                b.finish()
+            })
+            .with_context(|| format!("{what} failed"))?;
+        if out.status != 0 {
+            bail!(
+                "{what} failed: `{cmd}` exited {} in the guest:\n{}\nhint: check free space (`df -h`) and the permissions of {remote_dir} in the guest (`provisioner ssh`)",
+                out.status,
+                crate::process::tail(&out.output, 20)
+            );
+        }
+        Ok(())
+    }
+
+    /// Run `cmd`, write its stdin through a 64 KiB buffer with `feed`, then send EOF and collect the result.
+    fn exec_feeding(
+        &self,
+        cmd: &str,
+        timeout: Duration,
+        feed: &mut dyn FnMut(&mut dyn Write) -> std::io::Result<()>,
+    ) -> Result<ExecOutput> {
+        let mut quiet = |_: &str| {};
+        let mut ex = Exec::start(self, cmd, timeout, &mut quiet)?;
+        let sent = {
+            let mut w = BufWriter::with_capacity(WRITE_BUF, &mut ex);
+            feed(&mut w).and_then(|()| w.flush())
+        };
+        // Even if sending failed, collect what the remote said: it usually explains why (disk full, permissions).
+        let out = ex.finish();
+        match (sent, out) {
+            (Ok(()), out) => out,
+            (Err(e), Ok(out)) => Err(anyhow!(e).context(format!(
+                "sending input to `{cmd}` on {} failed (exit {}):\n{}",
+                self.addr,
+                out.status,
+                crate::process::tail(&out.output, 20)
+            ))),
+            (Err(e), Err(e2)) => Err(e2.context(format!("sending input to `{cmd}` on {} failed: {e}", self.addr))),
+        }
+    }
+}
+
+/// Marker at the start of an authentication failure message (it is retried only [`AUTH_RETRIES`] times).
+const AUTH_FAILED: &str = "SSH authentication failed";
+
+/// One connection attempt: TCP, handshake, host key check, public key auth.
+fn attempt(ep: &Endpoint, pinned: &[u8], deadline: Instant) -> std::result::Result<ssh2::Session, Attempt> {
+    let slice = deadline.saturating_duration_since(Instant::now()).clamp(Duration::from_millis(100), SLICE);
+    let tcp = TcpStream::connect_timeout(&ep.addr, slice)
+        .map_err(|e| Attempt::Retry(anyhow!(e).context(format!("TCP connect to {}", ep.addr))))?;
+    let _ = tcp.set_nodelay(true);
+    let mut sess = ssh2::Session::new().map_err(|e| Attempt::Fatal(anyhow!(e).context("initialise libssh2")))?;
+    sess.set_tcp_stream(tcp);
+    sess.set_timeout(millis(slice));
+    // Ask for the pinned key's algorithm, so a guest that also has other host keys presents the pinned one.
+    sess.method_pref(ssh2::MethodType::HostKey, &hostkey_methods(&ep.host_key))
+        .map_err(|e| Attempt::Fatal(anyhow!(e).context("set host key algorithm")))?;
+    sess.handshake().map_err(|e| Attempt::Retry(anyhow!(e).context(format!("SSH handshake with {}", ep.addr))))?;
+
+    let (blob, _) = sess.host_key().ok_or_else(|| Attempt::Retry(anyhow!("{} presented no host key", ep.addr)))?;
+    if blob != pinned {
+        let pinned_fp = keys::fingerprint_openssh(&ep.host_key).unwrap_or_else(|_| "?".into());
+        let got_fp = keys::fingerprint_blob(blob).unwrap_or_else(|| "(undecodable key)".into());
+        return Err(Attempt::Fatal(anyhow!(
+            "HOST KEY MISMATCH at {}: the machine presented {got_fp}, but {pinned_fp} is pinned; refusing to log in\n\
+             hint: if the VM was recreated outside provisioner (or the port now belongs to another machine), reset it \
+             with `provisioner destroy -f && provisioner up`, or remove the stale .provisioner/ state directory; \
+             if you did not expect this, someone may be intercepting the connection",
+            ep.addr
+        )));
+    }
+
+    // Hand libssh2 the key file's contents rather than the path, so an unreadable file gets a clear message.
+    let pem = std::fs::read_to_string(&ep.key).map_err(|e| {
+        Attempt::Fatal(anyhow!(e).context(format!(
+            "read SSH key {}\nhint: the machine state is incomplete; `provisioner destroy -f && provisioner up` recreates it",
+            ep.key.display()
+        )))
+    })?;
+    if let Err(e) = sess.userauth_pubkey_memory(&ep.user, None, &pem, None) {
+        return Err(Attempt::Retry(anyhow!(
+            "{AUTH_FAILED} for user {:?} at {} with key {}: {e}\n\
+             hint: the guest did not accept the machine key: check [ssh] user in box-config.toml matches the box \
+             user, and that cloud-init ran (serial.log); an old box may only accept RSA SHA-1 keys (see docs/ssh.md)",
+            ep.user,
+            ep.addr,
+            ep.key.display()
+        )));
+    }
+    if !sess.authenticated() {
+        return Err(Attempt::Retry(anyhow!("{AUTH_FAILED} for user {:?} at {}", ep.user, ep.addr)));
+    }
+    sess.set_keepalive(false, SLICE.as_secs() as u32);
+    Ok(sess)
+}
+
+/// libssh2 host key method names for a public key line (RSA keys are signed with SHA-2 where possible).
+fn hostkey_methods(public: &str) -> String {
+    match public.split_whitespace().next().unwrap_or_default() {
+        "ssh-rsa" => "rsa-sha2-512,rsa-sha2-256,ssh-rsa".to_string(),
+        other => other.to_string(),
+    }
+}
+
+fn millis(d: Duration) -> u32 {
+    d.as_millis().clamp(1, u32::MAX as u128) as u32
+}
+
+/// Quote a string for a POSIX shell (single quotes).
+pub fn shell_quote(s: &str) -> String {
+    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_./=:,+@%".contains(&b)) {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', r"'\''"))
+    }
+}
+
+/// A running remote command: its channel (stderr merged into stdout), output split into lines, and a deadline.
+struct Exec<'a> {
+    sess: &'a Session,
+    ch: ssh2::Channel,
+    cmd: String,
+    deadline: Instant,
+    timeout: Duration,
+    on_line: &'a mut dyn FnMut(&str),
+    partial: Vec<u8>,
+    output: String,
+}
+
+impl<'a> Exec<'a> {
+    fn start(sess: &'a Session, cmd: &str, timeout: Duration, on_line: &'a mut dyn FnMut(&str)) -> Result<Exec<'a>> {
+        let deadline = Instant::now() + timeout;
+        let s = &sess.sess;
+        s.set_timeout(millis(timeout.min(SLICE)));
+        let ctx = || format!("start `{cmd}` on {}", sess.addr);
+        let mut ch = s.channel_session().with_context(|| ctx()).context(RECONNECT_HINT)?;
+        ch.handle_extended_data(ssh2::ExtendedData::Merge).with_context(ctx)?;
+        ch.exec(cmd).with_context(ctx)?;
+        Ok(Exec {
+            sess,
+            ch,
+            cmd: cmd.to_string(),
+            deadline,
+            timeout,
+            on_line,
+            partial: Vec::new(),
+            output: String::new(),
+        })
+    }
+
+    /// Arm the per-call timeout for the next blocking call; error once the overall deadline passed.
+    fn arm(&self) -> std::io::Result<()> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            let last = crate::process::tail(&self.output, 20);
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "`{}` did not finish within {:?} on {}; last output:\n{last}\n\
+                     hint: the command may be hung or just slow (a TCG guest is slow): look at it with \
+                     `provisioner ssh`, then retry",
+                    self.cmd, self.timeout, self.sess.addr
+                ),
+            ));
+        }
+        self.sess.sess.set_timeout(millis(left.min(SLICE)));
+        Ok(())
+    }
+
+    /// After a slice passed without progress: keep the connection alive (errors mean it is gone).
+    fn idle(&self) -> std::io::Result<()> {
+        self.sess.sess.keepalive_send().map(|_| ()).map_err(std::io::Error::from)
+    }
+
+    fn take(&mut self, data: &[u8]) {
+        self.partial.extend_from_slice(data);
+        while let Some(i) = self.partial.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = self.partial.drain(..=i).collect();
+            self.emit(&line);
+        }
+    }
+
+    fn emit(&mut self, raw: &[u8]) {
+        let text = String::from_utf8_lossy(raw);
+        self.output.push_str(&text);
+        let line = text.trim_end_matches('\n').trim_end_matches('\r');
+        (self.on_line)(line);
+    }
+
+    /// Read whatever output is already buffered locally, without blocking (keeps the remote from stalling on a
+    /// full window while we are sending).
+    fn drain_available(&mut self) -> std::io::Result<()> {
+        let mut buf = [0u8; 32 * 1024];
+        while self.ch.read_window().available > 0 {
+            let n = self.ch.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            self.take(&buf[..n]);
+        }
+        Ok(())
+    }
+
+    /// Read to EOF, close, and collect the exit status.
+    fn finish(&mut self) -> Result<ExecOutput> {
+        let what = format!("`{}` on {}", self.cmd, self.sess.addr);
+        let _ = self.ch.send_eof();
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            self.arm()?;
+            match self.ch.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    let chunk = buf[..n].to_vec();
+                    self.take(&chunk);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+                    self.idle().with_context(|| format!("connection lost while running {}", what))?
+                }
+                Err(e) => return Err(e).with_context(|| format!("read output of {}", what)).context(RECONNECT_HINT),
+            }
+        }
+        if !self.partial.is_empty() {
+            let rest = std::mem::take(&mut self.partial);
+            self.emit(&rest);
+        }
+        loop {
+            self.arm()?;
+            match self.ch.wait_close() {
+                Ok(()) => break,
+                Err(e) if e.code() == ssh2::ErrorCode::Session(LIBSSH2_ERROR_TIMEOUT) => {
+                    self.idle().with_context(|| format!("connection lost while closing {}", what))?
+                }
+                Err(e) => return Err(e).with_context(|| format!("close channel of {}", what)),
+            }
+        }
+        let mut status = self.ch.exit_status().with_context(|| format!("exit status of {}", what))?;
+        if let Ok(sig) = self.ch.exit_signal() {
+            if let Some(name) = sig.exit_signal {
+                // Like OpenSSH's client: a command killed by a signal reports 255.
+                status = 255;
+                self.output.push_str(&format!("[killed by signal SIG{name}]\n"));
+            }
+        }
+        Ok(ExecOutput { status, output: std::mem::take(&mut self.output) })
+    }
+}
+
+/// Hint attached to transport errors that mean the session is unusable.
+const RECONNECT_HINT: &str =
+    "hint: the SSH connection to the machine failed or timed out; check it is running (`provisioner status`) and retry";
+
+impl Write for Exec<'_> {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        loop {
+            self.arm()?;
+            match self.ch.write(data) {
+                Ok(n) => {
+                    self.drain_available()?;
+                    return Ok(n);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+                    self.drain_available()?;
+                    self.idle()?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    /// Writes are sent as they are made. (Not `Channel::flush`: libssh2 "flush" discards unread *incoming* data.)
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::shell_quote;
+
+    #[test]
+    fn shell_quote_quotes_only_when_needed() {
+        assert_eq!(shell_quote("/opt/lab"), "/opt/lab");
+        assert_eq!(shell_quote("a b"), "'a b'");
+        assert_eq!(shell_quote("it's"), r"'it'\''s'");
+        assert_eq!(shell_quote(""), "''");
     }
 }
