@@ -162,7 +162,9 @@ fn test_box() -> String {
         return b;
     }
     let cfg = provisioner::config::Config::load(&support::repo().join("box-config.toml")).unwrap();
-    toml::to_string(&serde_json::json!({ "box": cfg.base_box })).unwrap()
+    let mut doc = toml::Table::new();
+    doc.insert("box".into(), toml::Value::try_from(&cfg.base_box).unwrap());
+    toml::to_string(&doc).unwrap()
 }
 
 /// A machine in its own temp dir with free ports; destroyed (and any background `up` killed) on drop.
@@ -181,7 +183,7 @@ impl Vm {
             "box-config.toml",
             format!(
                 "[machine]\nname = \"{name}\"\nprovider = \"libvirt\"\ncpus = 2\nmemory_mb = 1024\ndisk_gb = 8\n\n\
-                 {}\n[ssh]\nhost_port = {}\n\n[[forward]]\nname = \"web\"\nguest = 80\nhost = {}\n\n\
+                 {}\n[ssh]\nhost_port = {}\nconnect_timeout_secs = 1500\n\n[[forward]]\nname = \"web\"\nguest = 80\nhost = {}\n\n\
                  [provision]\nenabled = false\n\n[libvirt]\nuri = \"{uri}\"\n",
                 test_box(),
                 support::free_port(),
@@ -246,7 +248,8 @@ impl Drop for Vm {
     }
 }
 
-const BOOT: std::time::Duration = std::time::Duration::from_secs(900);
+/// Generous: a TCG boot on a loaded 2-core host takes many minutes.
+const BOOT: std::time::Duration = std::time::Duration::from_secs(1800);
 
 #[test]
 #[ignore = "vm: boots a TCG guest through libvirt (up, lock, ssh, status, halt, up, destroy)"]
