@@ -455,6 +455,50 @@ fn auto_picks_virtualbox_when_only_vboxmanage_is_on_path() {
     assert!(!b.take_calls().is_empty(), "the child reached the double through PATH");
 }
 
+/// The whole binary on the double: `up` gets as far as the SSH wait (the double boots no guest) and shows the
+/// serial console; `status`, `halt` and `destroy` then drive the same VM.
+#[test]
+fn up_status_halt_destroy_through_the_binary() {
+    let b = Bench::new();
+    let proj = b.dir.path().join("my project");
+    std::fs::create_dir_all(proj.join("box")).unwrap();
+    std::fs::copy(fixtures().join("box.ovf"), proj.join("box/box.ovf")).unwrap();
+    std::fs::write(proj.join("box/box-disk001.vmdk"), b"vmdk").unwrap();
+    let port = support::free_port();
+    let toml = format!(
+        "[machine]\nname = \"vb\"\nprovider = \"virtualbox\"\ncpus = 1\nmemory_mb = 1024\n\n[box]\n\
+         vagrant = \"box/box.ovf\"\n\n[ssh]\nhost_port = {port}\n\n[virtualbox]\nvboxmanage = {:?}\n",
+        b.vbox.vboxmanage.to_str().unwrap()
+    );
+    std::fs::write(proj.join("box-config.toml"), toml).unwrap();
+    let cache = b.dir.path().join("binary cache");
+    let run = |args: &[&str]| {
+        support::Test::new()
+            .cwd(&proj)
+            .env("PROVISIONER_CACHE_DIR", cache.to_str().unwrap())
+            .args(args.iter().copied())
+            .run()
+    };
+    run(&["up", "--boot-timeout", "2"])
+        .failure()
+        .stderr_contains("did not answer SSH")
+        .stderr_contains("[vboxdouble] provisioner-vb-");
+    let calls = b.take_calls();
+    assert_eq!(calls.iter().filter(|c| c.starts_with("import ")).count(), 1, "{calls:#?}");
+    let vm = b.vms().into_iter().find(|v| v["parent"].is_string()).expect("a linked clone");
+    let name = vm["name"].as_str().unwrap().to_string();
+    assert!(calls.contains(&format!("startvm {name} --type headless")), "{calls:#?}");
+    assert_eq!(vm["natpf1"][0], format!("ssh,tcp,127.0.0.1,{port},,22"));
+
+    run(&["status"]).success().stdout_contains("running").stdout_contains("virtualbox");
+    run(&["halt", "--timeout", "30"]).success();
+    assert!(b.take_calls().contains(&format!("controlvm {name} acpipowerbutton")));
+    assert_eq!(b.vm(&name).unwrap()["state"], "poweroff");
+    run(&["destroy", "-f"]).success();
+    assert!(b.vm(&name).is_none(), "clone unregistered");
+    assert_eq!(b.vms().len(), 1, "only the master is left");
+}
+
 /// A config for `provider = "virtualbox"` or `auto`, with an optional VBoxManage path.
 fn config(dir: &Path, vboxmanage: Option<&Path>) -> Config {
     let provider = if vboxmanage.is_some() { "virtualbox" } else { "auto" };
