@@ -8,35 +8,11 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 use serde_json::json;
 
-use crate::config::{Config, HealthProbe};
-use crate::guest::compose::{sh_quote, ComposeModel};
+use crate::config::Config;
+use crate::guest::compose::ComposeModel;
+use crate::ssh::shell_quote;
 use crate::ssh::Session;
 use crate::ui::Ui;
-
-/// The lab's default probes by service (guest port + path); `[health.SERVICE]` in box-config.toml overrides them.
-pub fn default_probes() -> BTreeMap<String, HealthProbe> {
-    let p = |path: &str, port: u16| HealthProbe {
-        path: path.into(),
-        port,
-        expect_status: 200,
-        timeout_secs: 5,
-    };
-    BTreeMap::from([
-        ("demo-app".to_string(), p("/health", 8000)),
-        ("prometheus".to_string(), p("/-/ready", 9090)),
-        ("alertmanager".to_string(), p("/-/ready", 9093)),
-        ("grafana".to_string(), p("/api/health", 3000)),
-        ("node-exporter".to_string(), p("/metrics", 9100)),
-        ("cadvisor".to_string(), p("/healthz", 8080)),
-    ])
-}
-
-/// Probes in effect: the defaults with the config's `[health]` entries over them.
-pub fn probes(cfg: &Config) -> BTreeMap<String, HealthProbe> {
-    let mut p = default_probes();
-    p.extend(cfg.health.clone());
-    p
-}
 
 /// Overall verdict for one service.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -103,29 +79,18 @@ pub fn parse_inspect(json_text: &str) -> Result<BTreeMap<String, ContainerState>
         serde_json::from_str(json_text.trim()).context("parse `docker inspect` output")?;
     let mut out = BTreeMap::new();
     for c in v.as_array().into_iter().flatten() {
-        let Some(service) = c
-            .pointer("/Config/Labels/com.docker.compose.service")
-            .and_then(|s| s.as_str())
+        let Some(service) = c.pointer("/Config/Labels/com.docker.compose.service").and_then(|s| s.as_str())
         else {
             continue;
         };
         let state = ContainerState {
-            status: c
-                .pointer("/State/Status")
-                .and_then(|s| s.as_str())
-                .unwrap_or("unknown")
-                .to_string(),
-            health: c
-                .pointer("/State/Health/Status")
-                .and_then(|s| s.as_str())
-                .map(String::from),
+            status: c.pointer("/State/Status").and_then(|s| s.as_str()).unwrap_or("unknown").to_string(),
+            health: c.pointer("/State/Health/Status").and_then(|s| s.as_str()).map(String::from),
             restarts: c.get("RestartCount").and_then(|r| r.as_u64()).unwrap_or(0),
         };
         // One-off containers (`compose run`) do not replace the service's own.
-        let one_off = c
-            .pointer("/Config/Labels/com.docker.compose.oneoff")
-            .and_then(|s| s.as_str())
-            == Some("True");
+        let one_off =
+            c.pointer("/Config/Labels/com.docker.compose.oneoff").and_then(|s| s.as_str()) == Some("True");
         if !one_off {
             out.insert(service.to_string(), state);
         }
@@ -135,14 +100,8 @@ pub fn parse_inspect(json_text: &str) -> Result<BTreeMap<String, ContainerState>
 
 /// Parse Prometheus' `/api/v1/targets` answer. Pure.
 pub fn parse_targets(json_text: &str) -> Result<Vec<Target>> {
-    let v: serde_json::Value =
-        serde_json::from_str(json_text).context("parse Prometheus targets")?;
-    let s = |t: &serde_json::Value, p: &str| {
-        t.pointer(p)
-            .and_then(|x| x.as_str())
-            .unwrap_or("")
-            .to_string()
-    };
+    let v: serde_json::Value = serde_json::from_str(json_text).context("parse Prometheus targets")?;
+    let s = |t: &serde_json::Value, p: &str| t.pointer(p).and_then(|x| x.as_str()).unwrap_or("").to_string();
     Ok(v.pointer("/data/activeTargets")
         .and_then(|a| a.as_array())
         .context("Prometheus answer has no data.activeTargets")?
@@ -174,9 +133,7 @@ pub fn judge(
     targets: Option<&[Target]>,
     unavailable: &[String],
 ) -> ServiceHealth {
-    let container = containers
-        .as_ref()
-        .map(|m| m.get(service).cloned().unwrap_or_default());
+    let container = containers.as_ref().map(|m| m.get(service).cloned().unwrap_or_default());
     if !available {
         return ServiceHealth {
             service: service.into(),
@@ -205,19 +162,19 @@ pub fn judge(
             (None, Some(e)) => problems.push(e.clone()),
             (None, None) => problems.push("no answer".into()),
         },
-        None => {
-            problems.push("no probe configured: add [health.<service>] with path and port".into())
-        }
+        None => problems.push("no probe configured: add [health.<service>] with path and port".into()),
     }
     let mut notes = Vec::new();
     if let Some(ts) = targets {
         if service == "prometheus" {
-            let relevant: Vec<&Target> = ts
-                .iter()
-                .filter(|t| !unavailable.iter().any(|u| target_of(t, u)))
-                .collect();
+            let relevant: Vec<&Target> =
+                ts.iter().filter(|t| !unavailable.iter().any(|u| target_of(t, u))).collect();
             let up = relevant.iter().filter(|t| t.health == "up").count();
-            notes.push(format!("targets {up}/{} up", relevant.len()));
+            if relevant.is_empty() {
+                problems.push("no active scrape targets yet".into());
+            } else {
+                notes.push(format!("targets {up}/{} up", relevant.len()));
+            }
             for t in relevant.iter().filter(|t| t.health != "up") {
                 problems.push(format!("target {} {} ({})", t.job, t.health, t.last_error));
             }
@@ -228,11 +185,7 @@ pub fn judge(
     if let Some(c) = container.as_ref().filter(|c| c.restarts > 0) {
         notes.push(format!("{} restarts", c.restarts));
     }
-    let verdict = if problems.is_empty() {
-        Verdict::Healthy
-    } else {
-        Verdict::Unhealthy
-    };
+    let verdict = if problems.is_empty() { Verdict::Healthy } else { Verdict::Unhealthy };
     problems.extend(notes);
     ServiceHealth {
         service: service.into(),
@@ -267,9 +220,7 @@ pub fn render_table(r: &Report) -> String {
                 Verdict::UnavailableOffline => "-",
             };
             let probe = match &s.probe {
-                Some(ProbeResult {
-                    status: Some(code), ..
-                }) => code.to_string(),
+                Some(ProbeResult { status: Some(code), .. }) => code.to_string(),
                 Some(ProbeResult { error: Some(_), .. }) => "error".into(),
                 _ => "-".into(),
             };
@@ -279,13 +230,7 @@ pub fn render_table(r: &Report) -> String {
                 .and_then(|p| p.latency_ms)
                 .map(|ms| format!("{ms} ms"))
                 .unwrap_or("-".into());
-            [
-                format!("{mark} {}", s.service),
-                state_cell(s),
-                probe,
-                latency,
-                s.detail.clone(),
-            ]
+            [format!("{mark} {}", s.service), state_cell(s), probe, latency, s.detail.clone()]
         })
         .collect();
     let head = ["SERVICE", "STATE", "PROBE", "LATENCY", "DETAIL"].map(String::from);
@@ -312,16 +257,8 @@ pub fn render_table(r: &Report) -> String {
         out.push_str(&line(row));
         out.push('\n');
     }
-    let bad = r
-        .services
-        .iter()
-        .filter(|s| s.verdict == Verdict::Unhealthy)
-        .count();
-    let off = r
-        .services
-        .iter()
-        .filter(|s| s.verdict == Verdict::UnavailableOffline)
-        .count();
+    let bad = r.services.iter().filter(|s| s.verdict == Verdict::Unhealthy).count();
+    let off = r.services.iter().filter(|s| s.verdict == Verdict::UnavailableOffline).count();
     out.push_str(&if r.healthy {
         format!("healthy: every available service is up ({off} unavailable offline)\n")
     } else {
@@ -333,40 +270,24 @@ pub fn render_table(r: &Report) -> String {
 /// The JSON document (`--json`). Pure.
 pub fn to_json(r: &Report) -> serde_json::Value {
     let mut v = serde_json::to_value(r).expect("report serializes");
-    v.as_object_mut()
-        .expect("object")
-        .insert("event".into(), json!("health"));
+    v.as_object_mut().expect("object").insert("event".into(), json!("health"));
     v
 }
 
 /// One HTTP GET with a timeout, measuring latency; never an error (failures are data).
 pub fn http_probe(url: &str, timeout: Duration) -> ProbeResult {
-    let agent = ureq::AgentBuilder::new()
-        .timeout(timeout)
-        .redirects(0)
-        .build();
+    let agent = ureq::AgentBuilder::new().timeout(timeout).redirects(0).build();
     let start = Instant::now();
     let res = agent.get(url).call();
     let latency_ms = Some(start.elapsed().as_millis() as u64);
     match res {
-        Ok(r) => ProbeResult {
-            url: url.into(),
-            status: Some(r.status()),
-            latency_ms,
-            error: None,
-        },
-        Err(ureq::Error::Status(code, _)) => ProbeResult {
-            url: url.into(),
-            status: Some(code),
-            latency_ms,
-            error: None,
-        },
-        Err(e) => ProbeResult {
-            url: url.into(),
-            status: None,
-            latency_ms: None,
-            error: Some(short_error(&e)),
-        },
+        Ok(r) => ProbeResult { url: url.into(), status: Some(r.status()), latency_ms, error: None },
+        Err(ureq::Error::Status(code, _)) => {
+            ProbeResult { url: url.into(), status: Some(code), latency_ms, error: None }
+        }
+        Err(e) => {
+            ProbeResult { url: url.into(), status: None, latency_ms: None, error: Some(short_error(&e)) }
+        }
     }
 }
 
@@ -383,8 +304,7 @@ fn short_error(e: &ureq::Error) -> String {
 
 /// URL on the host that reaches a guest port through its forward.
 pub fn forwarded_url(cfg: &Config, guest_port: u16, path: &str) -> Option<String> {
-    cfg.host_addr_for(guest_port)
-        .map(|(ip, port)| format!("http://{ip}:{port}{path}"))
+    cfg.host_addr_for(guest_port).map(|(ip, port)| format!("http://{ip}:{port}{path}"))
 }
 
 /// Service names to report: (available, unavailable offline). From the rendered compose file when it renders,
@@ -393,13 +313,13 @@ pub fn services(cfg: &Config) -> (Vec<String>, Vec<String>) {
     let state = crate::machine::StateDir::for_config(cfg);
     match crate::render::render_config(cfg, &state).and_then(|r| ComposeModel::from_rendered(&r)) {
         Ok(model) => crate::guest::split_services(&model, cfg.provision.images),
-        Err(_) => (probes(cfg).into_keys().collect(), Vec::new()),
+        Err(_) => (cfg.health_probes().into_keys().collect(), Vec::new()),
     }
 }
 
 /// Container state of every compose service of this machine's project.
 pub fn containers(ssh: &Session, project: &str) -> Result<BTreeMap<String, ContainerState>> {
-    let label = sh_quote(&format!("label=com.docker.compose.project={project}"));
+    let label = shell_quote(&format!("label=com.docker.compose.project={project}"));
     let out = ssh.exec_ok(
         &format!("ids=$(sudo -n docker ps -aq --filter {label}); if [ -n \"$ids\" ]; then sudo -n docker inspect $ids; else echo '[]'; fi"),
         Duration::from_secs(60),
@@ -408,20 +328,13 @@ pub fn containers(ssh: &Session, project: &str) -> Result<BTreeMap<String, Conta
 }
 
 /// One round of every check.
-pub fn gather(
-    cfg: &Config,
-    ssh: Option<&Session>,
-    available: &[String],
-    unavailable: &[String],
-) -> Report {
+pub fn gather(cfg: &Config, ssh: Option<&Session>, available: &[String], unavailable: &[String]) -> Report {
     let project = crate::guest::compose::project_name(&cfg.machine.name);
     let containers: Containers = ssh.and_then(|s| containers(s, &project).ok());
-    let probes = probes(cfg);
+    let probes = cfg.health_probes();
     let prom_port = probes.get("prometheus").map(|p| p.port).unwrap_or(9090);
     let targets = forwarded_url(cfg, prom_port, "/api/v1/targets?state=active").and_then(|url| {
-        let agent = ureq::AgentBuilder::new()
-            .timeout(Duration::from_secs(5))
-            .build();
+        let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(5)).build();
         let body = agent.get(&url).call().ok()?.into_string().ok()?;
         parse_targets(&body).ok()
     });
@@ -429,21 +342,15 @@ pub fn gather(
     for name in available.iter().chain(unavailable) {
         let is_available = available.contains(name);
         let probe = probes.get(name);
-        let result =
-            probe
-                .filter(|_| is_available)
-                .map(|p| match forwarded_url(cfg, p.port, &p.path) {
-                    Some(url) => http_probe(&url, Duration::from_secs(p.timeout_secs)),
-                    None => ProbeResult {
-                        url: format!("guest:{}{}", p.port, p.path),
-                        status: None,
-                        latency_ms: None,
-                        error: Some(format!(
-                            "guest port {} is not forwarded: add a [[forward]] for it",
-                            p.port
-                        )),
-                    },
-                });
+        let result = probe.filter(|_| is_available).map(|p| match forwarded_url(cfg, p.port, &p.path) {
+            Some(url) => http_probe(&url, Duration::from_secs(p.timeout_secs)),
+            None => ProbeResult {
+                url: format!("guest:{}{}", p.port, p.path),
+                status: None,
+                latency_ms: None,
+                error: Some(format!("guest port {} is not forwarded: add a [[forward]] for it", p.port)),
+            },
+        });
         let expect = probe.map(|p| p.expect_status).unwrap_or(200);
         services.push(judge(
             name,
@@ -456,11 +363,7 @@ pub fn gather(
         ));
     }
     let healthy = services.iter().all(|s| s.verdict != Verdict::Unhealthy);
-    Report {
-        healthy,
-        services,
-        targets,
-    }
+    Report { healthy, services, targets }
 }
 
 /// Probe everything; print the table; Ok(true) when every available service is healthy.
@@ -501,11 +404,7 @@ mod tests {
     use super::*;
 
     fn running(health: Option<&str>) -> ContainerState {
-        ContainerState {
-            status: "running".into(),
-            health: health.map(String::from),
-            restarts: 0,
-        }
+        ContainerState { status: "running".into(), health: health.map(String::from), restarts: 0 }
     }
     fn ok_probe(ms: u64) -> ProbeResult {
         ProbeResult {
@@ -527,20 +426,10 @@ mod tests {
     fn sample() -> Report {
         let containers: Containers = Some(BTreeMap::from([
             ("demo-app".to_string(), running(Some("healthy"))),
-            (
-                "prometheus".to_string(),
-                ContainerState {
-                    restarts: 2,
-                    ..running(None)
-                },
-            ),
+            ("prometheus".to_string(), ContainerState { restarts: 2, ..running(None) }),
             (
                 "alertmanager".to_string(),
-                ContainerState {
-                    status: "exited".into(),
-                    health: None,
-                    restarts: 5,
-                },
+                ContainerState { status: "exited".into(), health: None, restarts: 5 },
             ),
         ]));
         let targets = vec![
@@ -556,110 +445,40 @@ mod tests {
             error: Some("connection refused".into()),
         };
         let services = vec![
-            judge(
-                "demo-app",
-                true,
-                &containers,
-                Some(&ok_probe(12)),
-                200,
-                Some(&targets),
-                &unavailable,
-            ),
-            judge(
-                "prometheus",
-                true,
-                &containers,
-                Some(&ok_probe(3)),
-                200,
-                Some(&targets),
-                &unavailable,
-            ),
-            judge(
-                "alertmanager",
-                true,
-                &containers,
-                Some(&refused),
-                200,
-                Some(&targets),
-                &unavailable,
-            ),
-            judge(
-                "grafana",
-                false,
-                &containers,
-                None,
-                200,
-                Some(&targets),
-                &unavailable,
-            ),
+            judge("demo-app", true, &containers, Some(&ok_probe(12)), 200, Some(&targets), &unavailable),
+            judge("prometheus", true, &containers, Some(&ok_probe(3)), 200, Some(&targets), &unavailable),
+            judge("alertmanager", true, &containers, Some(&refused), 200, Some(&targets), &unavailable),
+            judge("grafana", false, &containers, None, 200, Some(&targets), &unavailable),
         ];
         let healthy = services.iter().all(|s| s.verdict != Verdict::Unhealthy);
-        Report {
-            healthy,
-            services,
-            targets: Some(targets),
-        }
+        Report { healthy, services, targets: Some(targets) }
     }
 
     #[test]
     fn judge_rules() {
         let r = sample();
         let v: Vec<Verdict> = r.services.iter().map(|s| s.verdict).collect();
-        assert_eq!(
-            v,
-            [
-                Verdict::Healthy,
-                Verdict::Healthy,
-                Verdict::Unhealthy,
-                Verdict::UnavailableOffline
-            ]
-        );
+        assert_eq!(v, [Verdict::Healthy, Verdict::Healthy, Verdict::Unhealthy, Verdict::UnavailableOffline]);
         assert!(!r.healthy);
-        assert_eq!(
-            r.services[1].detail, "targets 2/2 up; 2 restarts",
-            "cadvisor's target is excluded"
-        );
-        assert_eq!(
-            r.services[2].detail,
-            "container exited; connection refused; 5 restarts"
-        );
+        assert_eq!(r.services[1].detail, "targets 2/2 up; 2 restarts", "cadvisor's target is excluded");
+        assert_eq!(r.services[2].detail, "container exited; connection refused; 5 restarts");
     }
 
     #[test]
     fn judge_catches_wrong_status_unhealthy_check_and_down_target() {
-        let c: Containers = Some(BTreeMap::from([(
-            "x".to_string(),
-            running(Some("unhealthy")),
-        )]));
-        let p = ProbeResult {
-            status: Some(503),
-            ..ok_probe(1)
-        };
+        let c: Containers = Some(BTreeMap::from([("x".to_string(), running(Some("unhealthy")))]));
+        let p = ProbeResult { status: Some(503), ..ok_probe(1) };
         let s = judge("x", true, &c, Some(&p), 200, None, &[]);
         assert_eq!(s.verdict, Verdict::Unhealthy);
         assert_eq!(s.detail, "healthcheck unhealthy; HTTP 503, expected 200");
         let ts = vec![target("node-exporter", "node-exporter:9100", "down")];
         let c: Containers = Some(BTreeMap::from([("prometheus".to_string(), running(None))]));
-        let s = judge(
-            "prometheus",
-            true,
-            &c,
-            Some(&ok_probe(1)),
-            200,
-            Some(&ts),
-            &[],
-        );
+        let s = judge("prometheus", true, &c, Some(&ok_probe(1)), 200, Some(&ts), &[]);
         assert_eq!(s.verdict, Verdict::Unhealthy);
         // Without SSH the container state is unknown, not a failure; a missing container is.
-        assert_eq!(
-            judge("x", true, &None, Some(&ok_probe(1)), 200, None, &[]).verdict,
-            Verdict::Healthy
-        );
+        assert_eq!(judge("x", true, &None, Some(&ok_probe(1)), 200, None, &[]).verdict, Verdict::Healthy);
         let none: Containers = Some(BTreeMap::new());
-        assert_eq!(
-            judge("x", true, &none, Some(&ok_probe(1)), 200, None, &[]).detail,
-            "no container"
-        );
+        assert_eq!(judge("x", true, &none, Some(&ok_probe(1)), 200, None, &[]).detail, "no container");
     }
 
     #[test]
@@ -667,11 +486,7 @@ mod tests {
         let t = render_table(&sample());
         let lines: Vec<&str> = t.lines().collect();
         assert!(lines[0].starts_with("SERVICE"));
-        assert!(
-            lines[0].contains("STATE")
-                && lines[0].contains("LATENCY")
-                && lines[0].contains("DETAIL")
-        );
+        assert!(lines[0].contains("STATE") && lines[0].contains("LATENCY") && lines[0].contains("DETAIL"));
         assert!(
             lines[1].starts_with("✓ demo-app")
                 && lines[1].contains("running (healthy)")
@@ -686,10 +501,7 @@ mod tests {
         assert!(lines[5].starts_with("UNHEALTHY: 1 service"));
         // Columns line up: STATE starts at the same offset on every row.
         let col = lines[0].find("STATE").unwrap();
-        assert_eq!(
-            lines[1].chars().skip(col).take(7).collect::<String>(),
-            "running"
-        );
+        assert_eq!(lines[1].chars().skip(col).take(7).collect::<String>(), "running");
     }
 
     #[test]
@@ -718,11 +530,7 @@ mod tests {
         assert_eq!(m.len(), 1);
         assert_eq!(
             m["demo-app"],
-            ContainerState {
-                status: "running".into(),
-                health: Some("healthy".into()),
-                restarts: 1
-            }
+            ContainerState { status: "running".into(), health: Some("healthy".into()), restarts: 1 }
         );
         assert!(parse_inspect("[]").unwrap().is_empty());
         assert!(parse_inspect("not json").is_err());
@@ -756,12 +564,12 @@ mod tests {
             let (mut s, _) = listener.accept().unwrap();
             let mut buf = [0u8; 1024];
             let _ = s.read(&mut buf);
-            s.write_all(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").unwrap();
+            s.write_all(
+                b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+            )
+            .unwrap();
         });
-        let r = http_probe(
-            &format!("http://127.0.0.1:{port}/-/ready"),
-            Duration::from_secs(5),
-        );
+        let r = http_probe(&format!("http://127.0.0.1:{port}/-/ready"), Duration::from_secs(5));
         server.join().unwrap();
         assert_eq!(r.status, Some(503));
         assert!(r.latency_ms.is_some());

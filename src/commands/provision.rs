@@ -11,10 +11,10 @@ use serde_json::json;
 use super::Ctx;
 use crate::cli::{HealthArgs, ProvisionArgs, VerifyArgs};
 use crate::config::Config;
-use crate::guest::compose::{project_name, sh_quote};
+use crate::guest::compose::project_name;
 use crate::machine::lock::MachineLock;
-use crate::machine::state::MachineState;
 use crate::machine::StateDir;
+use crate::ssh::shell_quote;
 use crate::ssh::{Endpoint, Session};
 use crate::ui::Ui;
 
@@ -23,31 +23,7 @@ pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Connect to the machine recorded in the state dir (host key pinned).
 pub fn connect(cfg: &Config, state: &StateDir, timeout: Duration) -> Result<Session> {
-    let ms = MachineState::load(state)?.with_context(|| {
-        format!(
-            "no machine has been created for {}\nhint: run `provisioner up` first",
-            cfg.path.display()
-        )
-    })?;
-    let host = ms
-        .ssh_host
-        .clone()
-        .unwrap_or_else(|| cfg.ssh.host_ip.clone());
-    let port = ms.ssh_port.unwrap_or(cfg.ssh.host_port);
-    let addr = format!("{host}:{port}")
-        .parse()
-        .with_context(|| format!("bad SSH address {host}:{port} in state"))?;
-    let host_key_file = state.path("host_ed25519.pub");
-    let host_key = std::fs::read_to_string(&host_key_file)
-        .with_context(|| format!("read the pinned host key {}\nhint: `provisioner destroy -f` then `provisioner up` recreates the machine with a new one", host_key_file.display()))?;
-    let ep = Endpoint {
-        addr,
-        user: cfg.ssh.user.clone(),
-        key: state.user_key(),
-        host_key: host_key.trim().to_string(),
-    };
-    Session::connect(&ep, timeout)
-        .context("cannot reach the machine over SSH\nhint: is it running? `provisioner status`; `provisioner up` starts it")
+    Session::connect(&Endpoint::for_machine(cfg, state)?, timeout)
 }
 
 /// Render, provision the guest and print the health table; returns the exit code. `up` ends with this too.
@@ -64,11 +40,7 @@ pub fn provision_and_check(
 }
 
 fn health_code(healthy: bool) -> Result<i32> {
-    Ok(if healthy {
-        crate::exit::OK
-    } else {
-        crate::exit::UNHEALTHY
-    })
+    Ok(if healthy { crate::exit::OK } else { crate::exit::UNHEALTHY })
 }
 
 pub fn provision(ctx: &Ctx, args: &ProvisionArgs) -> Result<i32> {
@@ -90,12 +62,7 @@ pub fn health(ctx: &Ctx, args: &HealthArgs) -> Result<i32> {
             None
         }
     };
-    health_code(crate::health::check(
-        &cfg,
-        ssh.as_ref(),
-        &ctx.ui,
-        Duration::from_secs(args.timeout),
-    )?)
+    health_code(crate::health::check(&cfg, ssh.as_ref(), &ctx.ui, Duration::from_secs(args.timeout))?)
 }
 
 /// When each step of the alert's journey was first seen, in seconds after the traffic started.
@@ -108,10 +75,7 @@ pub struct Timeline {
 
 /// Render the timeline as the human report. Pure.
 pub fn render_timeline(alert: &str, t: &Timeline, requests: u64) -> String {
-    let cell = |v: Option<f64>| {
-        v.map(|s| format!("{s:>7.1} s"))
-            .unwrap_or_else(|| "      never".into())
-    };
+    let cell = |v: Option<f64>| v.map(|s| format!("{s:>7.1} s")).unwrap_or_else(|| "      never".into());
     format!(
         "alert {alert}\n  traffic start {}  ({requests} requests sent)\n  pending       {}\n  firing        {}\n  \
          delivered     {}  (Alertmanager -> webhook demo-app POST /alerts)\n",
@@ -132,10 +96,7 @@ pub fn alert_state(alerts_json: &str, alert: &str) -> Option<String> {
         .filter(|a| a.pointer("/labels/alertname").and_then(|n| n.as_str()) == Some(alert))
         .filter_map(|a| a.get("state").and_then(|s| s.as_str()))
         .collect();
-    ["firing", "pending"]
-        .iter()
-        .find(|s| states.contains(s))
-        .map(|s| s.to_string())
+    ["firing", "pending"].iter().find(|s| states.contains(s)).map(|s| s.to_string())
 }
 
 /// Alert names of every alerting rule Prometheus loaded. Pure.
@@ -145,12 +106,7 @@ pub fn rule_alert_names(rules_json: &str) -> Vec<String> {
         .and_then(|g| g.as_array())
         .into_iter()
         .flatten()
-        .flat_map(|g| {
-            g.get("rules")
-                .and_then(|r| r.as_array())
-                .cloned()
-                .unwrap_or_default()
-        })
+        .flat_map(|g| g.get("rules").and_then(|r| r.as_array()).cloned().unwrap_or_default())
         .filter(|r| r.get("type").and_then(|t| t.as_str()) == Some("alerting"))
         .filter_map(|r| r.get("name").and_then(|n| n.as_str()).map(String::from))
         .collect()
@@ -160,14 +116,11 @@ pub fn rule_alert_names(rules_json: &str) -> Vec<String> {
 /// `alert notification status=firing alerts=["Name", ...]`). Pure.
 pub fn delivered_in_log(log: &str, alert: &str) -> bool {
     let quoted = format!("\"{alert}\"");
-    log.lines()
-        .any(|l| l.contains("alert notification status=firing") && l.contains(&quoted))
+    log.lines().any(|l| l.contains("alert notification status=firing") && l.contains(&quoted))
 }
 
 fn get(url: &str) -> Result<String> {
-    let agent = ureq::AgentBuilder::new()
-        .timeout(Duration::from_secs(10))
-        .build();
+    let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(10)).build();
     Ok(agent.get(url).call()?.into_string()?)
 }
 
@@ -180,9 +133,7 @@ fn traffic(
     limit: u64,
 ) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
-        let agent = ureq::AgentBuilder::new()
-            .timeout(Duration::from_secs(10))
-            .build();
+        let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(10)).build();
         let mut i: u64 = 0;
         while !stop.load(Ordering::Relaxed) && i < limit {
             let path = match i % 10 {
@@ -202,11 +153,14 @@ pub fn verify(ctx: &Ctx, args: &VerifyArgs) -> Result<i32> {
     let cfg = ctx.config()?;
     let state = ctx.state(&cfg);
     let ssh = connect(&cfg, &state, Duration::from_secs(60))?;
-    let probes = crate::health::probes(&cfg);
+    let probes = cfg.health_probes();
     let port_of = |svc: &str, dflt: u16| probes.get(svc).map(|p| p.port).unwrap_or(dflt);
     let url = |svc: &str, dflt: u16, path: &str| {
         crate::health::forwarded_url(&cfg, port_of(svc, dflt), path).with_context(|| {
-            format!("{svc}'s port {} is not forwarded\nhint: add a [[forward]] for it in box-config.toml", port_of(svc, dflt))
+            format!(
+                "{svc}'s port {} is not forwarded\nhint: add a [[forward]] for it in box-config.toml",
+                port_of(svc, dflt)
+            )
         })
     };
     let prom = url("prometheus", 9090, "")?;
@@ -225,15 +179,12 @@ pub fn verify(ctx: &Ctx, args: &VerifyArgs) -> Result<i32> {
     // The demo app is the lab's webhook receiver; its log (read over SSH) proves delivery. Reading it from the
     // guest needs no path from the guest to the host network.
     let project = project_name(&cfg.machine.name);
-    let since = ssh
-        .exec_ok("date +%s", Duration::from_secs(20))?
-        .trim()
-        .to_string();
+    let since = ssh.exec_ok("date +%s", Duration::from_secs(20))?.trim().to_string();
     let log_cmd = format!(
         "id=$(sudo -n docker ps -q --filter {} --filter label=com.docker.compose.service=demo-app); \
          [ -n \"$id\" ] && sudo -n docker logs --since {} $id 2>&1",
-        sh_quote(&format!("label=com.docker.compose.project={project}")),
-        sh_quote(&since)
+        shell_quote(&format!("label=com.docker.compose.project={project}")),
+        shell_quote(&since)
     );
 
     let phase = ctx.ui.phase("verify");
@@ -242,10 +193,8 @@ pub fn verify(ctx: &Ctx, args: &VerifyArgs) -> Result<i32> {
     let sent = Arc::new(AtomicU64::new(0));
     let worker = traffic(app, stop.clone(), sent.clone(), args.timeout * 10);
     let mut t = Timeline::default();
-    let result = crate::process::wait_until(
-        Duration::from_secs(args.timeout),
-        "the alert to be delivered",
-        || {
+    let result =
+        crate::process::wait_until(Duration::from_secs(args.timeout), "the alert to be delivered", || {
             let now = start.elapsed().as_secs_f64();
             match get(&format!("{prom}/api/v1/alerts"))
                 .ok()
@@ -260,21 +209,13 @@ pub fn verify(ctx: &Ctx, args: &VerifyArgs) -> Result<i32> {
                 _ => {}
             }
             if t.firing.is_some()
-                && delivered_in_log(
-                    &ssh.exec(&log_cmd, Duration::from_secs(30))?.output,
-                    &args.alert,
-                )
+                && delivered_in_log(&ssh.exec(&log_cmd, Duration::from_secs(30))?.output, &args.alert)
             {
                 t.delivered = Some(now);
             }
-            phase.message(&format!(
-                "{} requests; {:?}",
-                sent.load(Ordering::Relaxed),
-                t
-            ));
+            phase.message(&format!("{} requests; {:?}", sent.load(Ordering::Relaxed), t));
             Ok(t.delivered.map(|_| ()))
-        },
-    );
+        });
     stop.store(true, Ordering::Relaxed);
     let _ = worker.join();
     let requests = sent.load(Ordering::Relaxed);
@@ -325,10 +266,7 @@ mod tests {
           {"labels":{"alertname":"AppHighErrorRate","instance":"a"},"state":"pending"},
           {"labels":{"alertname":"AppHighErrorRate","instance":"b"},"state":"firing"},
           {"labels":{"alertname":"Other"},"state":"firing"}]}}"#;
-        assert_eq!(
-            alert_state(j, "AppHighErrorRate").as_deref(),
-            Some("firing")
-        );
+        assert_eq!(alert_state(j, "AppHighErrorRate").as_deref(), Some("firing"));
         assert_eq!(alert_state(j, "Missing"), None);
         assert_eq!(alert_state("garbage", "Other"), None);
     }
@@ -347,17 +285,15 @@ mod tests {
         let log = "INFO alert notification status=resolved alerts=[\"AppHighErrorRate\"]\n\
                    INFO alert notification status=firing alerts=[\"AppHighErrorRateX\"]\n";
         assert!(!delivered_in_log(log, "AppHighErrorRate"));
-        let log = format!("{log}INFO alert notification status=firing alerts=[\"AppHighErrorRate\", \"InstanceDown\"]\n");
+        let log = format!(
+            "{log}INFO alert notification status=firing alerts=[\"AppHighErrorRate\", \"InstanceDown\"]\n"
+        );
         assert!(delivered_in_log(&log, "AppHighErrorRate"));
     }
 
     #[test]
     fn timeline_shows_every_step() {
-        let t = Timeline {
-            pending: Some(31.25),
-            firing: Some(152.0),
-            delivered: None,
-        };
+        let t = Timeline { pending: Some(31.25), firing: Some(152.0), delivered: None };
         let s = render_timeline("AppHighErrorRate", &t, 1200);
         assert!(s.contains("pending          31.2 s"), "{s}");
         assert!(s.contains("firing          152.0 s"), "{s}");

@@ -8,6 +8,7 @@ use anyhow::{anyhow, Context, Result};
 use serde::Serialize;
 
 use crate::render::Rendered;
+use crate::ssh::shell_quote;
 
 /// Which Compose the guest has.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -49,13 +50,9 @@ pub fn parse_probe(output: &str) -> DockerProbe {
         }
     }
     let ok = |key: &str, banner: &str| {
-        results
-            .iter()
-            .find(|(cmd, _)| cmd.ends_with(key))
-            .and_then(|(_, (status, text))| {
-                (*status == 0 && text.to_ascii_lowercase().contains(banner))
-                    .then(|| text.trim().to_string())
-            })
+        results.iter().find(|(cmd, _)| cmd.ends_with(key)).and_then(|(_, (status, text))| {
+            (*status == 0 && text.to_ascii_lowercase().contains(banner)).then(|| text.trim().to_string())
+        })
     };
     let v2 = ok("docker compose version", "compose version");
     let v1 = ok("docker-compose version", "docker-compose version");
@@ -75,12 +72,8 @@ pub fn detect_compose(v2_banner: Option<&str>, v1_banner: Option<&str>) -> Optio
 }
 
 /// Compose file names, in the order Compose itself looks for them.
-pub const COMPOSE_FILES: &[&str] = &[
-    "compose.yaml",
-    "compose.yml",
-    "docker-compose.yml",
-    "docker-compose.yaml",
-];
+pub const COMPOSE_FILES: &[&str] =
+    &["compose.yaml", "compose.yml", "docker-compose.yml", "docker-compose.yaml"];
 
 /// One service of the lab's compose file, as far as provisioning cares.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -113,8 +106,8 @@ impl ComposeModel {
                 COMPOSE_FILES.join(", ")
             )
         })?;
-        let text = std::str::from_utf8(&file.contents)
-            .with_context(|| format!("{} is not UTF-8", file.path))?;
+        let text =
+            std::str::from_utf8(&file.contents).with_context(|| format!("{} is not UTF-8", file.path))?;
         Self::parse(&file.path, text)
     }
 
@@ -129,18 +122,12 @@ impl ComposeModel {
             .ok_or_else(|| anyhow!("{file}: no `services:` mapping"))?;
         let str_list = |v: Option<&serde_yaml::Value>| -> Vec<String> {
             v.and_then(|v| v.as_sequence())
-                .map(|s| {
-                    s.iter()
-                        .filter_map(|x| x.as_str().map(String::from))
-                        .collect()
-                })
+                .map(|s| s.iter().filter_map(|x| x.as_str().map(String::from)).collect())
                 .unwrap_or_default()
         };
         let mut out = Vec::new();
         for (name, svc) in services {
-            let name = name
-                .as_str()
-                .ok_or_else(|| anyhow!("{file}: a service name is not a string"))?;
+            let name = name.as_str().ok_or_else(|| anyhow!("{file}: a service name is not a string"))?;
             let build_context = match svc.get("build") {
                 Some(serde_yaml::Value::String(ctx)) => Some(ctx.as_str()),
                 Some(b) => Some(b.get("context").and_then(|c| c.as_str()).unwrap_or(".")),
@@ -155,8 +142,7 @@ impl ComposeModel {
                         .filter_map(|v| match v {
                             serde_yaml::Value::String(s) => s.split(':').next().and_then(relative),
                             other => {
-                                let bind =
-                                    other.get("type").and_then(|t| t.as_str()) == Some("bind");
+                                let bind = other.get("type").and_then(|t| t.as_str()) == Some("bind");
                                 other
                                     .get("source")
                                     .and_then(|s| s.as_str())
@@ -175,10 +161,7 @@ impl ComposeModel {
                 mounts,
             });
         }
-        Ok(ComposeModel {
-            file: file.to_string(),
-            services: out,
-        })
+        Ok(ComposeModel { file: file.to_string(), services: out })
     }
 
     pub fn service(&self, name: &str) -> Option<&Service> {
@@ -221,9 +204,7 @@ impl ChangePlan {
 /// under a top-level directory named like a service restarts that service (config it reads at start); the compose
 /// file and `.env` are Compose's own business (`up -d`).
 pub fn plan_changes(model: &ComposeModel, changed: &[String]) -> ChangePlan {
-    let under = |path: &str, dir: &str| {
-        dir.is_empty() || path == dir || path.starts_with(&format!("{dir}/"))
-    };
+    let under = |path: &str, dir: &str| dir.is_empty() || path == dir || path.starts_with(&format!("{dir}/"));
     let mut plan = ChangePlan::default();
     for path in changed {
         if path == &model.file || path == ".env" {
@@ -232,11 +213,7 @@ pub fn plan_changes(model: &ComposeModel, changed: &[String]) -> ChangePlan {
         }
         let mut hit = false;
         for svc in &model.services {
-            if svc
-                .build_context
-                .as_deref()
-                .is_some_and(|ctx| under(path, ctx))
-            {
+            if svc.build_context.as_deref().is_some_and(|ctx| under(path, ctx)) {
                 plan.rebuild.insert(svc.name.clone());
                 hit = true;
             } else if svc.mounts.iter().any(|m| under(path, m)) || under(path, &svc.name) {
@@ -252,18 +229,6 @@ pub fn plan_changes(model: &ComposeModel, changed: &[String]) -> ChangePlan {
     let rebuilt = plan.rebuild.clone();
     plan.restart.retain(|s| !rebuilt.contains(s));
     plan
-}
-
-/// Quote one word for a POSIX shell.
-pub fn sh_quote(s: &str) -> String {
-    if !s.is_empty()
-        && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_./=:@,+".contains(c))
-    {
-        s.to_string()
-    } else {
-        format!("'{}'", s.replace('\'', r"'\''"))
-    }
 }
 
 /// How to run Compose for this lab in the guest: always through `sudo -n` (no docker group membership, no
@@ -285,9 +250,9 @@ impl Compose {
         };
         format!(
             "cd {} && sudo -n {bin} -p {} -f {} {args}",
-            sh_quote(&self.dir),
-            sh_quote(&self.project),
-            sh_quote(&self.file)
+            shell_quote(&self.dir),
+            shell_quote(&self.project),
+            shell_quote(&self.file)
         )
     }
 }
@@ -296,13 +261,7 @@ impl Compose {
 pub fn project_name(machine: &str) -> String {
     let s: String = machine
         .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() {
-                c.to_ascii_lowercase()
-            } else {
-                '-'
-            }
-        })
+        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' })
         .collect();
     format!("provisioner-{s}")
 }
@@ -370,14 +329,8 @@ volumes:
     fn detects_compose_v1_on_bookworm() {
         let out = probe_output(
             (0, "Docker version 20.10.24+dfsg1, build 297e128"),
-            (
-                1,
-                "docker: 'compose' is not a docker command.\nSee 'docker --help'",
-            ),
-            (
-                0,
-                "docker-compose version 1.29.2, build unknown\ndocker-py version: 5.0.3",
-            ),
+            (1, "docker: 'compose' is not a docker command.\nSee 'docker --help'"),
+            (0, "docker-compose version 1.29.2, build unknown\ndocker-py version: 5.0.3"),
         );
         assert_eq!(parse_probe(&out).compose, Some(ComposeKind::V1));
     }
@@ -399,23 +352,14 @@ volumes:
             (1, "sudo: docker: command not found"),
             (127, "sh: 1: docker-compose: not found"),
         );
-        assert_eq!(
-            parse_probe(&out),
-            DockerProbe {
-                docker: None,
-                compose: None
-            }
-        );
+        assert_eq!(parse_probe(&out), DockerProbe { docker: None, compose: None });
     }
 
     #[test]
     fn exit_zero_without_banner_is_not_compose() {
         // Old docker CLIs print their help with status 0 for an unknown subcommand.
-        let out = probe_output(
-            (0, "Docker version 19.03"),
-            (0, "Usage: docker [OPTIONS] COMMAND"),
-            (127, "nope"),
-        );
+        let out =
+            probe_output((0, "Docker version 19.03"), (0, "Usage: docker [OPTIONS] COMMAND"), (127, "nope"));
         assert_eq!(parse_probe(&out).compose, None);
     }
 
@@ -425,22 +369,10 @@ volumes:
         assert_eq!(m.services.len(), 6);
         let prom = m.service("prometheus").unwrap();
         assert_eq!(prom.build_context.as_deref(), Some("prometheus"));
-        assert_eq!(
-            prom.mounts,
-            vec!["prometheus/prometheus.yml", "prometheus/rules"]
-        );
-        assert_eq!(
-            m.service("alertmanager").unwrap().mounts,
-            vec!["alertmanager"]
-        );
-        assert_eq!(
-            m.service("node-exporter").unwrap().build_context.as_deref(),
-            Some("node-exporter")
-        );
-        assert_eq!(
-            m.service("grafana").unwrap().profiles,
-            vec!["offline-unavailable"]
-        );
+        assert_eq!(prom.mounts, vec!["prometheus/prometheus.yml", "prometheus/rules"]);
+        assert_eq!(m.service("alertmanager").unwrap().mounts, vec!["alertmanager"]);
+        assert_eq!(m.service("node-exporter").unwrap().build_context.as_deref(), Some("node-exporter"));
+        assert_eq!(m.service("grafana").unwrap().profiles, vec!["offline-unavailable"]);
     }
 
     #[test]
@@ -464,10 +396,7 @@ volumes:
         let plan = plan_changes(&m, &changed);
         assert!(!plan.compose_changed);
         assert_eq!(plan.rebuild.iter().collect::<Vec<_>>(), ["demo-app"]);
-        assert_eq!(
-            plan.restart.iter().collect::<Vec<_>>(),
-            ["alertmanager", "grafana"]
-        );
+        assert_eq!(plan.restart.iter().collect::<Vec<_>>(), ["alertmanager", "grafana"]);
         assert_eq!(plan.unmapped, vec!["README.md"]);
     }
 
@@ -508,13 +437,7 @@ volumes:
             c.cmd("up -d"),
             "cd /opt/provision && sudo -n docker-compose -p provisioner-lab-1 -f compose.yaml up -d"
         );
-        let c = Compose {
-            kind: ComposeKind::V2,
-            ..c
-        };
-        assert!(c
-            .cmd("pull")
-            .contains("sudo -n docker compose -p provisioner-lab-1 -f compose.yaml pull"));
-        assert_eq!(sh_quote("it's"), r"'it'\''s'");
+        let c = Compose { kind: ComposeKind::V2, ..c };
+        assert!(c.cmd("pull").contains("sudo -n docker compose -p provisioner-lab-1 -f compose.yaml pull"));
     }
 }

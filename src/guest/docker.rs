@@ -25,9 +25,7 @@ pub struct DockerReady {
 }
 
 fn probe(ssh: &Session) -> Result<DockerProbe> {
-    Ok(parse_probe(
-        &ssh.exec(PROBE_SCRIPT, Duration::from_secs(60))?.output,
-    ))
+    Ok(parse_probe(&ssh.exec(PROBE_SCRIPT, Duration::from_secs(60))?.output))
 }
 
 /// Make sure Docker and Compose are installed and the daemon answers. A second run installs nothing.
@@ -39,9 +37,7 @@ pub fn ensure(ssh: &Session, how: DockerInstall, phase: &Phase) -> Result<Docker
             DockerInstall::Distro => "distro",
             DockerInstall::GetDocker => "get-docker",
         };
-        phase.message(&format!(
-            "installing Docker ({mode}); under TCG this takes minutes"
-        ));
+        phase.message(&format!("installing Docker ({mode}); under TCG this takes minutes"));
         install(ssh, mode, phase)?;
         installed = true;
         found = probe(ssh)?;
@@ -61,11 +57,7 @@ pub fn ensure(ssh: &Session, how: DockerInstall, phase: &Phase) -> Result<Docker
         "the Docker daemon in the guest does not answer\nhint: look at `provisioner ssh -c 'sudo journalctl -u docker \
          --no-pager | tail -50'`; on Debian without recommends `apparmor` must be installed",
     )?;
-    Ok(DockerReady {
-        compose,
-        server_version,
-        installed,
-    })
+    Ok(DockerReady { compose, server_version, installed })
 }
 
 fn install(ssh: &Session, mode: &str, phase: &Phase) -> Result<()> {
@@ -74,11 +66,7 @@ fn install(ssh: &Session, mode: &str, phase: &Phase) -> Result<()> {
         &mut INSTALL_SCRIPT.as_bytes(),
         Duration::from_secs(30),
     )?;
-    anyhow::ensure!(
-        put.status == 0,
-        "cannot write {INSTALL_PATH} in the guest: {}",
-        put.output
-    );
+    anyhow::ensure!(put.status == 0, "cannot write {INSTALL_PATH} in the guest: {}", put.output);
     let out = ssh.exec_stream(
         &format!("sudo -n sh {INSTALL_PATH} {mode}"),
         Duration::from_secs(40 * 60),

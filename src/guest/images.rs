@@ -9,9 +9,9 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
 
-use super::compose::sh_quote;
 use crate::config::Config;
 use crate::process::Cmd;
+use crate::ssh::shell_quote;
 use crate::ssh::Session;
 use crate::ui::Phase;
 
@@ -53,19 +53,12 @@ impl BaseImage {
             .map(|d| d.mirror.clone())
             .unwrap_or_else(|| "http://deb.debian.org/debian".to_string());
         let mut h = Sha256::new();
-        for part in [BUILD_SCRIPT, BASE_SUITE, &mirror]
-            .into_iter()
-            .chain(BASE_PACKAGES.iter().copied())
-        {
+        for part in [BUILD_SCRIPT, BASE_SUITE, &mirror].into_iter().chain(BASE_PACKAGES.iter().copied()) {
             h.update(part.as_bytes());
             h.update([0]);
         }
         let key = hex::encode(h.finalize())[..16].to_string();
-        Self {
-            tag: format!("provisioner-base:{BASE_SUITE}"),
-            mirror,
-            key,
-        }
+        Self { tag: format!("provisioner-base:{BASE_SUITE}"), mirror, key }
     }
 
     /// The cached rootfs tarball.
@@ -83,23 +76,16 @@ impl BaseImage {
         let dir = out.parent().expect("tarball has a parent");
         std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
         let lock_path = dir.join(".build.lock");
-        let lock = std::fs::File::create(&lock_path)
-            .with_context(|| format!("open {}", lock_path.display()))?;
-        lock.lock_exclusive()
-            .with_context(|| format!("lock {}", lock_path.display()))?;
+        let lock =
+            std::fs::File::create(&lock_path).with_context(|| format!("open {}", lock_path.display()))?;
+        lock.lock_exclusive().with_context(|| format!("lock {}", lock_path.display()))?;
         if out.is_file() {
             return Ok(false);
         }
-        phase.message(&format!(
-            "debootstrap {BASE_SUITE} + lab packages on the host (about a minute)"
-        ));
+        phase.message(&format!("debootstrap {BASE_SUITE} + lab packages on the host (about a minute)"));
         // SAFETY: geteuid has no preconditions.
         let root = unsafe { libc::geteuid() } == 0;
-        let cmd = if root {
-            Cmd::new("sh")
-        } else {
-            Cmd::new("sudo").args(["-n", "sh"])
-        };
+        let cmd = if root { Cmd::new("sh") } else { Cmd::new("sudo").args(["-n", "sh"]) };
         cmd.arg("-c")
             .arg(BUILD_SCRIPT)
             .arg("base-image")
@@ -118,31 +104,27 @@ impl BaseImage {
 
     /// Import the tarball into the guest's Docker unless it already has this key. Returns whether it imported.
     pub fn ensure_in_guest(&self, ssh: &Session, phase: &Phase) -> Result<bool> {
-        let tag = sh_quote(&self.tag);
+        let tag = shell_quote(&self.tag);
         let have = ssh.exec(
-            &format!("sudo -n docker image inspect --format '{{{{ index .Config.Labels \"{LABEL}\" }}}}' {tag}"),
+            &format!(
+                "sudo -n docker image inspect --format '{{{{ index .Config.Labels \"{LABEL}\" }}}}' {tag}"
+            ),
             Duration::from_secs(60),
         )?;
         if have.status == 0 && have.output.trim() == self.key {
             return Ok(false);
         }
         let path = self.tarball();
-        let size = std::fs::metadata(&path)
-            .with_context(|| format!("stat {}", path.display()))?
-            .len();
-        phase.message(&format!(
-            "docker import {} ({} MB) into the guest",
-            self.tag,
-            size >> 20
-        ));
+        let size = std::fs::metadata(&path).with_context(|| format!("stat {}", path.display()))?.len();
+        phase.message(&format!("docker import {} ({} MB) into the guest", self.tag, size >> 20));
         let mut file = std::io::BufReader::new(
             std::fs::File::open(&path).with_context(|| format!("open {}", path.display()))?,
         );
         let out = ssh.exec_with_stdin(
             &format!(
                 "sudo -n docker import --change {} --change {} - {tag}",
-                sh_quote(&format!("LABEL {LABEL}={}", self.key)),
-                sh_quote("ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"),
+                shell_quote(&format!("LABEL {LABEL}={}", self.key)),
+                shell_quote("ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"),
             ),
             &mut file,
             Duration::from_secs(45 * 60),
@@ -171,12 +153,8 @@ mod tests {
 
     #[test]
     fn key_depends_on_mirror_only_among_config_inputs() {
-        let a = BaseImage::for_config(&cfg(
-            "[box.debian]\nmirror = \"http://deb.debian.org/debian\"",
-        ));
-        let b = BaseImage::for_config(&cfg(
-            "[box.debian]\nmirror = \"http://mirror.example/debian\"",
-        ));
+        let a = BaseImage::for_config(&cfg("[box.debian]\nmirror = \"http://deb.debian.org/debian\""));
+        let b = BaseImage::for_config(&cfg("[box.debian]\nmirror = \"http://mirror.example/debian\""));
         let c = BaseImage::for_config(&cfg("image = \"x.qcow2\""));
         assert_ne!(a.key, b.key);
         assert_eq!(a.key, c.key, "default mirror without [box.debian]");

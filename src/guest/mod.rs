@@ -15,9 +15,10 @@ use serde_json::json;
 
 use crate::config::{Config, ImageSource};
 use crate::render::Rendered;
+use crate::ssh::shell_quote;
 use crate::ssh::Session;
 use crate::ui::Ui;
-use compose::{sh_quote, ChangePlan, Compose, ComposeModel};
+use compose::{ChangePlan, Compose, ComposeModel};
 
 /// Services `up -d` starts (no compose profile), and those reported "unavailable offline": in `debian` mode, a
 /// profiled service that nothing can build offline (grafana, cadvisor). Other profiled services (e.g. the lab's
@@ -36,10 +37,7 @@ pub fn split_services(model: &ComposeModel, images: ImageSource) -> (Vec<String>
             active.push(s.name.clone());
         } else if images == ImageSource::Debian
             && s.build_context.is_none()
-            && !s
-                .image
-                .as_deref()
-                .is_some_and(|i| built_images.contains(&i))
+            && !s.image.as_deref().is_some_and(|i| built_images.contains(&i))
         {
             unavailable.push(s.name.clone());
         }
@@ -62,26 +60,15 @@ pub fn running_services(ssh: &Session, project: &str) -> Result<BTreeSet<String>
     let out = ssh.exec_ok(
         &format!(
             "sudo -n docker ps --filter label=com.docker.compose.project={} --format '{{{{.Label \"com.docker.compose.service\"}}}}'",
-            sh_quote(project)
+            shell_quote(project)
         ),
         Duration::from_secs(60),
     )?;
-    Ok(out
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .map(String::from)
-        .collect())
+    Ok(out.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect())
 }
 
 /// Run every provisioning step on a reachable guest. Idempotent.
-pub fn provision(
-    cfg: &Config,
-    ssh: &Session,
-    rendered: &Rendered,
-    ui: &Ui,
-    force: bool,
-) -> Result<()> {
+pub fn provision(cfg: &Config, ssh: &Session, rendered: &Rendered, ui: &Ui, force: bool) -> Result<()> {
     let model = ComposeModel::from_rendered(rendered)?;
 
     let phase = ui.phase("docker");
@@ -90,30 +77,19 @@ pub fn provision(
         "Docker {} with Compose {:?}{}",
         ready.server_version,
         ready.compose,
-        if ready.installed {
-            " (installed now)"
-        } else {
-            ""
-        }
+        if ready.installed { " (installed now)" } else { "" }
     ));
     let compose = compose_for(cfg, &model, ready.compose);
     let (active, unavailable) = split_services(&model, cfg.provision.images);
 
     let phase = ui.phase("upload");
     let guest_path = &cfg.provision.guest_path;
-    let old = if force {
-        upload::Manifest::default()
-    } else {
-        upload::read_manifest(ssh, guest_path)?
-    };
+    let old = if force { upload::Manifest::default() } else { upload::read_manifest(ssh, guest_path)? };
     let first_run = old.files.is_empty();
     let new = upload::Manifest::of(rendered);
     let diff = upload::diff(&old, &new);
     let sent = upload::apply(ssh, guest_path, rendered, &diff)?;
-    ui.event(
-        "upload",
-        json!({"added": diff.added, "changed": diff.changed, "removed": diff.removed}),
-    );
+    ui.event("upload", json!({"added": diff.added, "changed": diff.changed, "removed": diff.removed}));
     phase.done(&format!(
         "{} sent ({} KiB), {} removed, {} unchanged",
         diff.added.len() + diff.changed.len(),
@@ -126,35 +102,21 @@ pub fn provision(
     let all_running = active.iter().all(|s| running.contains(s));
     let plan = compose::plan_changes(&model, &diff.touched());
     if !first_run && !force && plan.is_empty() && all_running {
-        ui.event(
-            "provision_skipped",
-            json!({"reason": "nothing changed and every service runs"}),
-        );
-        ui.info(format!(
-            "lab unchanged and running ({} services); nothing to do",
-            active.len()
-        ));
+        ui.event("provision_skipped", json!({"reason": "nothing changed and every service runs"}));
+        ui.info(format!("lab unchanged and running ({} services); nothing to do", active.len()));
         return upload::write_manifest(ssh, guest_path, &new);
     }
 
     let phase = ui.phase("images");
     let buildable: Vec<String> = active
         .iter()
-        .filter(|s| {
-            model
-                .service(s)
-                .is_some_and(|svc| svc.build_context.is_some())
-        })
+        .filter(|s| model.service(s).is_some_and(|svc| svc.build_context.is_some()))
         .cloned()
         .collect();
     let to_build: Vec<String> = if first_run || force {
         buildable.clone()
     } else {
-        buildable
-            .iter()
-            .filter(|s| plan.rebuild.contains(*s))
-            .cloned()
-            .collect()
+        buildable.iter().filter(|s| plan.rebuild.contains(*s)).cloned().collect()
     };
     let mut summary = Vec::new();
     match cfg.provision.images {
@@ -184,11 +146,7 @@ pub fn provision(
         })?;
         summary.push(format!("built {}", to_build.join(", ")));
     }
-    phase.done(&if summary.is_empty() {
-        "up to date".to_string()
-    } else {
-        summary.join("; ")
-    });
+    phase.done(&if summary.is_empty() { "up to date".to_string() } else { summary.join("; ") });
 
     let phase = ui.phase("compose");
     if let Err(e) = stream(ssh, &compose, "up -d --remove-orphans", &phase, 20 * 60) {
@@ -197,13 +155,7 @@ pub fn provision(
     }
     let restart = restart_list(&plan, &to_build, &active, first_run || force);
     if !restart.is_empty() {
-        stream(
-            ssh,
-            &compose,
-            &format!("restart {}", restart.join(" ")),
-            &phase,
-            10 * 60,
-        )?;
+        stream(ssh, &compose, &format!("restart {}", restart.join(" ")), &phase, 10 * 60)?;
     }
     if !unavailable.is_empty() {
         ui.warn(format!(
@@ -214,45 +166,24 @@ pub fn provision(
     phase.done(&format!(
         "{} services up{}",
         active.len(),
-        if restart.is_empty() {
-            String::new()
-        } else {
-            format!(", restarted {}", restart.join(", "))
-        }
+        if restart.is_empty() { String::new() } else { format!(", restarted {}", restart.join(", ")) }
     ));
     upload::write_manifest(ssh, guest_path, &new)
 }
 
 /// Services to restart after `up -d`: those whose mounted config changed, unless they were just (re)built or the
 /// whole lab was just created.
-fn restart_list(
-    plan: &ChangePlan,
-    built: &[String],
-    active: &[String],
-    fresh: bool,
-) -> Vec<String> {
+fn restart_list(plan: &ChangePlan, built: &[String], active: &[String], fresh: bool) -> Vec<String> {
     if fresh {
         return Vec::new();
     }
-    plan.restart
-        .iter()
-        .filter(|s| active.contains(s) && !built.contains(s))
-        .cloned()
-        .collect()
+    plan.restart.iter().filter(|s| active.contains(s) && !built.contains(s)).cloned().collect()
 }
 
 /// Run a compose subcommand with its output streamed into the phase; error with the tail on failure.
-fn stream(
-    ssh: &Session,
-    compose: &Compose,
-    args: &str,
-    phase: &crate::ui::Phase,
-    secs: u64,
-) -> Result<()> {
+fn stream(ssh: &Session, compose: &Compose, args: &str, phase: &crate::ui::Phase, secs: u64) -> Result<()> {
     let cmd = compose.cmd(args);
-    let out = ssh.exec_stream(&cmd, Duration::from_secs(secs), &mut |line| {
-        phase.message(line)
-    })?;
+    let out = ssh.exec_stream(&cmd, Duration::from_secs(secs), &mut |line| phase.message(line))?;
     if out.status != 0 {
         bail!(
             "`{cmd}` failed in the guest (exit {}):\n{}",
@@ -268,22 +199,15 @@ fn failing_logs(ssh: &Session, compose: &Compose, active: &[String]) -> String {
     let running = running_services(ssh, &compose.project).unwrap_or_default();
     let failing: Vec<&String> = active.iter().filter(|s| !running.contains(*s)).collect();
     let mut text = String::from("`compose up -d` failed");
-    for svc in if failing.is_empty() {
-        active.iter().collect()
-    } else {
-        failing
-    } {
+    for svc in if failing.is_empty() { active.iter().collect() } else { failing } {
         let logs = ssh
             .exec(
-                &compose.cmd(&format!("logs --no-color --tail 40 {}", sh_quote(svc))),
+                &compose.cmd(&format!("logs --no-color --tail 40 {}", shell_quote(svc))),
                 Duration::from_secs(60),
             )
             .map(|o| o.output)
             .unwrap_or_else(|e| format!("(logs unavailable: {e})"));
-        text.push_str(&format!(
-            "\n--- last log lines of {svc}\n{}",
-            logs.trim_end()
-        ));
+        text.push_str(&format!("\n--- last log lines of {svc}\n{}", logs.trim_end()));
     }
     text.push_str(
         "\nhint: fix the service's config under [provision] source and run `provisioner provision`; \
@@ -308,28 +232,18 @@ mod tests {
         assert_eq!(a, ["demo-app", "prometheus"]);
         assert_eq!(u, ["grafana", "cadvisor"]);
         let (a, u) = split_services(&m, ImageSource::Registry);
-        assert_eq!(
-            a,
-            ["demo-app", "prometheus"],
-            "registry-mode compose files put no service in a profile"
-        );
+        assert_eq!(a, ["demo-app", "prometheus"], "registry-mode compose files put no service in a profile");
         assert!(u.is_empty());
     }
 
     #[test]
     fn restart_skips_rebuilt_inactive_and_fresh() {
         let plan = ChangePlan {
-            restart: ["prometheus", "grafana", "demo-app"]
-                .iter()
-                .map(|s| s.to_string())
-                .collect(),
+            restart: ["prometheus", "grafana", "demo-app"].iter().map(|s| s.to_string()).collect(),
             ..Default::default()
         };
         let active = vec!["demo-app".to_string(), "prometheus".to_string()];
-        assert_eq!(
-            restart_list(&plan, &["demo-app".to_string()], &active, false),
-            ["prometheus"]
-        );
+        assert_eq!(restart_list(&plan, &["demo-app".to_string()], &active, false), ["prometheus"]);
         assert!(restart_list(&plan, &[], &active, true).is_empty());
     }
 }

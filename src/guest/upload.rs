@@ -8,8 +8,8 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
-use super::compose::sh_quote;
 use crate::render::Rendered;
+use crate::ssh::shell_quote;
 use crate::ssh::Session;
 
 pub const MANIFEST_FILE: &str = ".provisioner-manifest.json";
@@ -33,15 +33,7 @@ impl Manifest {
             files: rendered
                 .files
                 .iter()
-                .map(|f| {
-                    (
-                        f.path.clone(),
-                        Entry {
-                            sha256: f.sha256(),
-                            mode: f.mode,
-                        },
-                    )
-                })
+                .map(|f| (f.path.clone(), Entry { sha256: f.sha256(), mode: f.mode }))
                 .collect(),
         }
     }
@@ -64,12 +56,7 @@ impl Diff {
     }
     /// Every path whose state in the guest changes.
     pub fn touched(&self) -> Vec<String> {
-        self.added
-            .iter()
-            .chain(&self.changed)
-            .chain(&self.removed)
-            .cloned()
-            .collect()
+        self.added.iter().chain(&self.changed).chain(&self.removed).cloned().collect()
     }
     pub fn is_empty(&self) -> bool {
         self.added.is_empty() && self.changed.is_empty() && self.removed.is_empty()
@@ -86,12 +73,7 @@ pub fn diff(old: &Manifest, new: &Manifest) -> Diff {
             Some(_) => d.unchanged.push(path.clone()),
         }
     }
-    d.removed = old
-        .files
-        .keys()
-        .filter(|p| !new.files.contains_key(*p))
-        .cloned()
-        .collect();
+    d.removed = old.files.keys().filter(|p| !new.files.contains_key(*p)).cloned().collect();
     d
 }
 
@@ -99,9 +81,7 @@ pub fn diff(old: &Manifest, new: &Manifest) -> Diff {
 pub fn tar_of(rendered: &Rendered, paths: &[&String]) -> Result<Vec<u8>> {
     let mut b = tar::Builder::new(Vec::new());
     for path in paths {
-        let f = rendered
-            .get(path)
-            .with_context(|| format!("{path} is not in the rendered tree"))?;
+        let f = rendered.get(path).with_context(|| format!("{path} is not in the rendered tree"))?;
         let mut h = tar::Header::new_gnu();
         h.set_size(f.contents.len() as u64);
         h.set_mode(f.mode);
@@ -109,19 +89,15 @@ pub fn tar_of(rendered: &Rendered, paths: &[&String]) -> Result<Vec<u8>> {
         h.set_gid(0);
         h.set_mtime(0);
         h.set_entry_type(tar::EntryType::Regular);
-        b.append_data(&mut h, &f.path, f.contents.as_slice())
-            .with_context(|| format!("tar {path}"))?;
+        b.append_data(&mut h, &f.path, f.contents.as_slice()).with_context(|| format!("tar {path}"))?;
     }
     b.into_inner().context("finish tar")
 }
 
 /// Read the guest's manifest; a missing or unreadable one means "nothing uploaded yet".
 pub fn read_manifest(ssh: &Session, guest_path: &str) -> Result<Manifest> {
-    let p = sh_quote(&format!("{guest_path}/{MANIFEST_FILE}"));
-    let out = ssh.exec(
-        &format!("sudo -n cat {p} 2>/dev/null"),
-        Duration::from_secs(30),
-    )?;
+    let p = shell_quote(&format!("{guest_path}/{MANIFEST_FILE}"));
+    let out = ssh.exec(&format!("sudo -n cat {p} 2>/dev/null"), Duration::from_secs(30))?;
     Ok(if out.status == 0 {
         serde_json::from_str(&out.output).unwrap_or_default()
     } else {
@@ -131,24 +107,20 @@ pub fn read_manifest(ssh: &Session, guest_path: &str) -> Result<Manifest> {
 
 /// Record what the guest now holds.
 pub fn write_manifest(ssh: &Session, guest_path: &str, manifest: &Manifest) -> Result<()> {
-    let p = sh_quote(&format!("{guest_path}/{MANIFEST_FILE}"));
+    let p = shell_quote(&format!("{guest_path}/{MANIFEST_FILE}"));
     let data = serde_json::to_vec_pretty(manifest)?;
     let out = ssh.exec_with_stdin(
         &format!("sudo -n tee {p}.tmp >/dev/null && sudo -n mv {p}.tmp {p}"),
         &mut data.as_slice(),
         Duration::from_secs(30),
     )?;
-    anyhow::ensure!(
-        out.status == 0,
-        "cannot write the manifest in the guest:\n{}",
-        out.output
-    );
+    anyhow::ensure!(out.status == 0, "cannot write the manifest in the guest:\n{}", out.output);
     Ok(())
 }
 
 /// Send what `diff` says (one tar stream) and delete what was removed. Returns the bytes sent.
 pub fn apply(ssh: &Session, guest_path: &str, rendered: &Rendered, diff: &Diff) -> Result<usize> {
-    let dir = sh_quote(guest_path);
+    let dir = shell_quote(guest_path);
     let send: Vec<&String> = diff.to_send().collect();
     let mut sent = 0;
     if !send.is_empty() {
@@ -168,16 +140,10 @@ pub fn apply(ssh: &Session, guest_path: &str, rendered: &Rendered, diff: &Diff) 
         );
     }
     if !diff.removed.is_empty() {
-        let paths: Vec<String> = diff
-            .removed
-            .iter()
-            .map(|p| sh_quote(&format!("{guest_path}/{p}")))
-            .collect();
-        ssh.exec_ok(
-            &format!("sudo -n rm -f -- {}", paths.join(" ")),
-            Duration::from_secs(60),
-        )
-        .context("remove deleted files from the guest")?;
+        let paths: Vec<String> =
+            diff.removed.iter().map(|p| shell_quote(&format!("{guest_path}/{p}"))).collect();
+        ssh.exec_ok(&format!("sudo -n rm -f -- {}", paths.join(" ")), Duration::from_secs(60))
+            .context("remove deleted files from the guest")?;
     }
     Ok(sent)
 }
@@ -216,17 +182,10 @@ mod tests {
         ]));
         let d = diff(&old, &new);
         assert_eq!(d.added, vec!["new/c.yml"]);
-        assert_eq!(
-            d.changed,
-            vec!["b.yml", "run.sh"],
-            "content and mode changes both count"
-        );
+        assert_eq!(d.changed, vec!["b.yml", "run.sh"], "content and mode changes both count");
         assert_eq!(d.removed, vec!["gone.txt"]);
         assert_eq!(d.unchanged, vec!["a.yml"]);
-        assert_eq!(
-            d.touched(),
-            vec!["new/c.yml", "b.yml", "run.sh", "gone.txt"]
-        );
+        assert_eq!(d.touched(), vec!["new/c.yml", "b.yml", "run.sh", "gone.txt"]);
     }
 
     #[test]
@@ -249,11 +208,7 @@ mod tests {
 
     #[test]
     fn tar_keeps_modes_and_only_named_files() {
-        let t = tree(&[
-            ("a.yml", "1", 0o644),
-            (".env", "SECRET=1", 0o600),
-            ("s/run.sh", "#!/bin/sh", 0o755),
-        ]);
+        let t = tree(&[("a.yml", "1", 0o644), (".env", "SECRET=1", 0o600), ("s/run.sh", "#!/bin/sh", 0o755)]);
         let names = [".env".to_string(), "s/run.sh".to_string()];
         let bytes = tar_of(&t, &names.iter().collect::<Vec<_>>()).unwrap();
         let mut ar = tar::Archive::new(bytes.as_slice());
@@ -262,16 +217,10 @@ mod tests {
             .unwrap()
             .map(|e| {
                 let e = e.unwrap();
-                (
-                    e.path().unwrap().to_string_lossy().into_owned(),
-                    e.header().mode().unwrap(),
-                )
+                (e.path().unwrap().to_string_lossy().into_owned(), e.header().mode().unwrap())
             })
             .collect();
-        assert_eq!(
-            got,
-            vec![(".env".to_string(), 0o600), ("s/run.sh".to_string(), 0o755)]
-        );
+        assert_eq!(got, vec![(".env".to_string(), 0o600), ("s/run.sh".to_string(), 0o755)]);
         assert!(tar_of(&t, &[&"missing".to_string()]).is_err());
     }
 }
