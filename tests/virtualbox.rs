@@ -49,13 +49,7 @@ impl Bench {
             cmdline: None,
             firmware: Firmware::Bios,
         };
-        Bench {
-            vbox: VirtualBox {
-                vboxmanage: bin.join("VBoxManage"),
-            },
-            base,
-            dir,
-        }
+        Bench { vbox: VirtualBox { vboxmanage: bin.join("VBoxManage") }, base, dir }
     }
 
     fn bin_dir(&self) -> PathBuf {
@@ -75,11 +69,7 @@ impl Bench {
     /// A machine spec with its own state dir `<tmp>/<machine> project/.provisioner` and a seed ISO in it; SSH on
     /// `ssh_port`, Grafana on `ssh_port + 1`. (The double listens on nothing: fixed numbers keep goldens stable.)
     fn spec(&self, machine: &str, vm_name: &str, ssh_port: u16) -> MachineSpec {
-        let state = StateDir::at(
-            self.dir
-                .path()
-                .join(format!("{machine} project/.provisioner")),
-        );
+        let state = StateDir::at(self.dir.path().join(format!("{machine} project/.provisioner")));
         state.ensure().unwrap();
         std::fs::write(state.seed_iso(), b"not really an ISO").unwrap();
         let fwd = |guest, host, name: &str| Forward {
@@ -97,10 +87,7 @@ impl Bench {
             disk_gb: 20,
             base: self.base.clone(),
             seed_iso: state.seed_iso(),
-            forwards: vec![
-                fwd(22, ssh_port, "ssh"),
-                fwd(3000, ssh_port + 1, "grafana dashboards"),
-            ],
+            forwards: vec![fwd(22, ssh_port, "ssh"), fwd(3000, ssh_port + 1, "grafana dashboards")],
             state,
             kvm: false,
         }
@@ -120,8 +107,7 @@ impl Bench {
     /// The double's registry.
     fn vms(&self) -> Vec<serde_json::Value> {
         let st: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(self.double_dir().join("state.json")).unwrap())
-                .unwrap();
+            serde_json::from_slice(&std::fs::read(self.double_dir().join("state.json")).unwrap()).unwrap();
         st["vms"].as_array().unwrap().clone()
     }
 
@@ -158,21 +144,12 @@ fn first_machine_imports_the_box_once_snapshots_and_links_a_clone() {
     let master = b.vm(MASTER).expect("master registered");
     assert_eq!(master["snapshots"][0]["name"], "base");
     let web = b.vm(WEB).expect("clone registered");
-    assert_eq!(
-        web["parent"], master["uuid"],
-        "a linked clone of the master"
-    );
+    assert_eq!(web["parent"], master["uuid"], "a linked clone of the master");
     assert_eq!(web["state"], "running");
     assert_eq!(b.vbox.state(WEB).unwrap(), VmState::Running);
-    assert_eq!(
-        b.vbox.ssh_endpoint(WEB, &spec.state).unwrap(),
-        "127.0.0.1:2222".parse().unwrap()
-    );
+    assert_eq!(b.vbox.ssh_endpoint(WEB, &spec.state).unwrap(), "127.0.0.1:2222".parse().unwrap());
     let serial = std::fs::read_to_string(spec.state.serial_log()).unwrap();
-    assert!(
-        serial.contains(WEB),
-        "serial console goes to the state dir: {serial:?}"
-    );
+    assert!(serial.contains(WEB), "serial console goes to the state dir: {serial:?}");
 
     // create again while running: nothing is changed, nothing imported or cloned.
     b.take_calls();
@@ -180,10 +157,7 @@ fn first_machine_imports_the_box_once_snapshots_and_links_a_clone() {
     let again = b.take_calls();
     assert_eq!(
         again,
-        [
-            format!("showvminfo {MASTER} --machinereadable"),
-            format!("showvminfo {WEB} --machinereadable")
-        ]
+        [format!("showvminfo {MASTER} --machinereadable"), format!("showvminfo {WEB} --machinereadable")]
     );
 }
 
@@ -197,12 +171,7 @@ fn second_machine_is_only_a_clone() {
     b.vbox.start(DB).unwrap();
     let calls = b.take_calls();
     golden("second_create_start", &calls);
-    assert!(
-        !calls
-            .iter()
-            .any(|c| c.starts_with("import") || c.starts_with("snapshot")),
-        "{calls:#?}"
-    );
+    assert!(!calls.iter().any(|c| c.starts_with("import") || c.starts_with("snapshot")), "{calls:#?}");
     assert_eq!(b.vms().len(), 3, "master + two clones");
 }
 
@@ -218,15 +187,8 @@ fn stopped_machine_gets_config_changes_on_create() {
     golden("recreate_stopped", &b.take_calls());
     let web = b.vm(WEB).unwrap();
     assert_eq!(web["cpus"], 4);
-    assert_eq!(
-        web["natpf1"][1],
-        "grafana_dashboards-tcp-3300,tcp,127.0.0.1,3300,,3000"
-    );
-    assert_eq!(
-        web["natpf1"].as_array().unwrap().len(),
-        2,
-        "old rules were deleted"
-    );
+    assert_eq!(web["natpf1"][1], "grafana_dashboards-tcp-3300,tcp,127.0.0.1,3300,,3000");
+    assert_eq!(web["natpf1"].as_array().unwrap().len(), 2, "old rules were deleted");
 }
 
 #[test]
@@ -261,10 +223,7 @@ fn halt_presses_the_power_button_and_waits_then_forces() {
     b.vbox.halt(WEB, Duration::from_secs(30), true).unwrap();
     assert_eq!(
         b.take_calls(),
-        [
-            format!("showvminfo {WEB} --machinereadable"),
-            format!("controlvm {WEB} poweroff")
-        ]
+        [format!("showvminfo {WEB} --machinereadable"), format!("controlvm {WEB} poweroff")]
     );
 }
 
@@ -282,20 +241,11 @@ fn destroy_removes_the_clone_and_its_disks_and_keeps_the_master() {
     b.vbox.destroy(WEB, &spec.state).unwrap();
     golden("destroy", &b.take_calls());
     assert!(b.vm(WEB).is_none());
-    assert!(
-        !clone_dir.exists(),
-        "clone folder and differencing disk removed"
-    );
-    assert!(
-        b.vm(MASTER).is_some(),
-        "the master stays for the next machine"
-    );
+    assert!(!clone_dir.exists(), "clone folder and differencing disk removed");
+    assert!(b.vm(MASTER).is_some(), "the master stays for the next machine");
     assert_eq!(b.vbox.state(WEB).unwrap(), VmState::NotCreated);
     b.vbox.destroy(WEB, &spec.state).unwrap();
-    assert_eq!(
-        b.take_calls(),
-        vec![format!("showvminfo {WEB} --machinereadable"); 2]
-    );
+    assert_eq!(b.take_calls(), vec![format!("showvminfo {WEB} --machinereadable"); 2]);
 }
 
 #[test]
@@ -310,10 +260,7 @@ fn destroy_on_virtualbox_6_falls_back_to_delete() {
     let calls = b.take_calls();
     assert_eq!(
         calls[1..],
-        [
-            format!("unregistervm {WEB} --delete-all"),
-            format!("unregistervm {WEB} --delete")
-        ]
+        [format!("unregistervm {WEB} --delete-all"), format!("unregistervm {WEB} --delete")]
     );
     assert!(b.vm(WEB).is_none());
 }
@@ -324,16 +271,10 @@ fn preflight_checks_the_version() {
     b.vbox.preflight().unwrap();
     b.settings(serde_json::json!({"version": "5.2.44r139111"}));
     let e = err_text(b.vbox.preflight().unwrap_err());
-    assert!(
-        e.contains("5.2.44r139111") && e.contains("hint: install VirtualBox 6.1 or newer"),
-        "{e}"
-    );
+    assert!(e.contains("5.2.44r139111") && e.contains("hint: install VirtualBox 6.1 or newer"), "{e}");
     b.settings(serde_json::json!({"driver": "missing"}));
     let e = err_text(b.vbox.preflight().unwrap_err());
-    assert!(
-        e.contains("kernel driver is not usable") && e.contains("sudo /sbin/vboxconfig"),
-        "{e}"
-    );
+    assert!(e.contains("kernel driver is not usable") && e.contains("sudo /sbin/vboxconfig"), "{e}");
 }
 
 #[test]
@@ -344,10 +285,7 @@ fn import_killed_midway_says_which_folder_to_delete() {
     assert!(b.vbox.create(&spec).is_err());
     b.settings(serde_json::json!({}));
     let e = err_text(b.vbox.create(&spec).unwrap_err());
-    assert!(
-        e.contains("already exists") && e.contains("delete the folder named in the message"),
-        "{e}"
-    );
+    assert!(e.contains("already exists") && e.contains("delete the folder named in the message"), "{e}");
     assert!(e.contains("import the box"), "{e}");
 }
 
@@ -365,23 +303,14 @@ fn known_failures_carry_advice() {
     ] {
         b.settings(serde_json::json!({"fail": format!("startvm:{kind}")}));
         let e = err_text(b.vbox.start(WEB).unwrap_err());
-        assert!(
-            e.contains("startvm provisioner-web-1a2b3c4d --type headless"),
-            "{kind}: {e}"
-        );
-        assert!(
-            e.contains("VBoxManage: error:") && e.contains(want),
-            "{kind}: {e}"
-        );
+        assert!(e.contains("startvm provisioner-web-1a2b3c4d --type headless"), "{kind}: {e}");
+        assert!(e.contains("VBoxManage: error:") && e.contains(want), "{kind}: {e}");
         assert_eq!(b.vbox.state(WEB).unwrap(), VmState::Stopped, "{kind}");
     }
     // Unknown failures still say what ran and where to look.
     b.settings(serde_json::json!({"fail": "startvm:generic"}));
     let e = err_text(b.vbox.start(WEB).unwrap_err());
-    assert!(
-        e.contains("Something the double was told to fail") && e.contains("hint: "),
-        "{e}"
-    );
+    assert!(e.contains("Something the double was told to fail") && e.contains("hint: "), "{e}");
 }
 
 #[test]
@@ -391,25 +320,11 @@ fn interrupted_import_is_completed_not_repeated() {
     b.settings(serde_json::json!({"die_after": "import"}));
     let e = err_text(b.vbox.create(&spec).unwrap_err());
     assert!(e.contains("exit code 137"), "{e}");
-    assert!(
-        b.vm(MASTER).is_some()
-            && b.vm(MASTER).unwrap()["snapshots"]
-                .as_array()
-                .unwrap()
-                .is_empty()
-    );
+    assert!(b.vm(MASTER).is_some() && b.vm(MASTER).unwrap()["snapshots"].as_array().unwrap().is_empty());
     b.vbox.create(&spec).unwrap();
     let calls = b.take_calls();
-    assert_eq!(
-        calls.iter().filter(|c| c.starts_with("import ")).count(),
-        1,
-        "{calls:#?}"
-    );
-    assert_eq!(
-        calls.iter().filter(|c| c.starts_with("snapshot ")).count(),
-        1,
-        "{calls:#?}"
-    );
+    assert_eq!(calls.iter().filter(|c| c.starts_with("import ")).count(), 1, "{calls:#?}");
+    assert_eq!(calls.iter().filter(|c| c.starts_with("snapshot ")).count(), 1, "{calls:#?}");
     assert_eq!(b.vms().len(), 2, "master + one clone");
 }
 
@@ -424,23 +339,11 @@ fn half_made_clone_is_recreated_not_leaked() {
     b.take_calls();
     b.vbox.create(&spec).unwrap();
     golden("resume_half_made_clone", &b.take_calls());
-    let names: Vec<String> = b
-        .vms()
-        .iter()
-        .map(|v| v["name"].as_str().unwrap().to_string())
-        .collect();
+    let names: Vec<String> = b.vms().iter().map(|v| v["name"].as_str().unwrap().to_string()).collect();
     assert_eq!(names, [MASTER, WEB]);
     assert_ne!(b.vm(WEB).unwrap()["uuid"], half["uuid"]);
-    let snapshots = b
-        .double_dir()
-        .join("VirtualBox VMs")
-        .join(WEB)
-        .join("Snapshots");
-    assert_eq!(
-        std::fs::read_dir(snapshots).unwrap().count(),
-        1,
-        "the half-made clone's disk was deleted"
-    );
+    let snapshots = b.double_dir().join("VirtualBox VMs").join(WEB).join("Snapshots");
+    assert_eq!(std::fs::read_dir(snapshots).unwrap().count(), 1, "the half-made clone's disk was deleted");
     b.vbox.start(WEB).unwrap();
 }
 
@@ -455,11 +358,7 @@ fn parallel_creates_import_the_box_once() {
         two.join().unwrap().unwrap();
     });
     let calls = b.take_calls();
-    assert_eq!(
-        calls.iter().filter(|c| c.starts_with("import ")).count(),
-        1,
-        "{calls:#?}"
-    );
+    assert_eq!(calls.iter().filter(|c| c.starts_with("import ")).count(), 1, "{calls:#?}");
     assert_eq!(b.vms().len(), 3);
 }
 
@@ -469,10 +368,7 @@ fn non_ovf_box_is_refused_with_advice() {
     let mut spec = b.spec("web", WEB, 2222);
     spec.base.format = "qcow2".into();
     let e = err_text(b.vbox.create(&spec).unwrap_err());
-    assert!(
-        e.contains("needs an OVF box") && e.contains("provider = \"libvirt\""),
-        "{e}"
-    );
+    assert!(e.contains("needs an OVF box") && e.contains("provider = \"libvirt\""), "{e}");
     assert!(b.take_calls().is_empty(), "nothing run");
 }
 
@@ -481,66 +377,27 @@ fn the_double_rejects_what_the_manual_does_not_allow() {
     let b = Bench::new();
     b.vbox.create(&b.spec("web", WEB, 2222)).unwrap();
     let run = |args: &[&str]| {
-        let out = std::process::Command::new(&b.vbox.vboxmanage)
-            .args(args)
-            .output()
-            .unwrap();
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
+        let out = std::process::Command::new(&b.vbox.vboxmanage).args(args).output().unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
     };
     for (args, code, text) in [
-        (
-            &["startvm", WEB, "--type", "fullscreen"][..],
-            1,
-            "Invalid session type",
-        ),
-        (
-            &["modifyvm", WEB, "--natpf1", "ssh,tcp,127.0.0.1,2222,22"],
-            2,
-            "Invalid NAT port-forwarding rule",
-        ),
+        (&["startvm", WEB, "--type", "fullscreen"][..], 1, "Invalid session type"),
+        (&["modifyvm", WEB, "--natpf1", "ssh,tcp,127.0.0.1,2222,22"], 2, "Invalid NAT port-forwarding rule"),
         (
             &["modifyvm", WEB, "--natpf1", "ssh,tcp,127.0.0.1,2223,,22"],
             1,
             "A NAT rule of this name already exists",
         ),
         (&["modifyvm", WEB, "--uart1", "0x3F8"], 2, "--uart1"),
+        (&["import", "x.ovf", "--vmname", "y"], 2, "requires preceding --vsys"),
+        (&["clonevm", MASTER, "--options", "link", "--name", "z"], 1, "only be created from a snapshot"),
         (
-            &["import", "x.ovf", "--vmname", "y"],
-            2,
-            "requires preceding --vsys",
-        ),
-        (
-            &["clonevm", MASTER, "--options", "link", "--name", "z"],
-            1,
-            "only be created from a snapshot",
-        ),
-        (
-            &[
-                "storageattach",
-                WEB,
-                "--storagectl",
-                "SATA Controller",
-                "--port",
-                "5",
-                "--device",
-                "0",
-            ],
+            &["storageattach", WEB, "--storagectl", "SATA Controller", "--port", "5", "--device", "0"],
             1,
             "out of range",
         ),
-        (
-            &["showvminfo", "nope", "--machinereadable"],
-            1,
-            "VBOX_E_OBJECT_NOT_FOUND",
-        ),
-        (
-            &["controlvm", WEB, "poweroff"],
-            1,
-            "is not currently running",
-        ),
+        (&["showvminfo", "nope", "--machinereadable"], 1, "VBOX_E_OBJECT_NOT_FOUND"),
+        (&["controlvm", WEB, "poweroff"], 1, "is not currently running"),
         (&["frobnicate"], 2, "Invalid command"),
     ] {
         let (got, stderr) = run(args);
@@ -553,23 +410,13 @@ fn the_double_rejects_what_the_manual_does_not_allow() {
 fn configured_vboxmanage_path_with_spaces_is_used() {
     let b = Bench::new();
     let cfg = config(b.dir.path(), Some(&b.vbox.vboxmanage));
-    assert_eq!(
-        virtualbox::find_vboxmanage(&cfg).unwrap(),
-        b.vbox.vboxmanage
-    );
+    assert_eq!(virtualbox::find_vboxmanage(&cfg).unwrap(), b.vbox.vboxmanage);
     let vb = VirtualBox::new(&cfg).unwrap();
     vb.preflight().unwrap();
 
     let missing = b.dir.path().join("no such dir/VBoxManage");
-    let e = err_text(
-        VirtualBox::new(&config(b.dir.path(), Some(&missing)))
-            .err()
-            .unwrap(),
-    );
-    assert!(
-        e.contains("no such dir/VBoxManage") && e.contains("hint: fix `[virtualbox] vboxmanage`"),
-        "{e}"
-    );
+    let e = err_text(VirtualBox::new(&config(b.dir.path(), Some(&missing))).err().unwrap());
+    assert!(e.contains("no such dir/VBoxManage") && e.contains("hint: fix `[virtualbox] vboxmanage`"), "{e}");
 }
 
 #[test]
@@ -598,40 +445,65 @@ fn auto_picks_virtualbox_when_only_vboxmanage_is_on_path() {
     }
     let b = Bench::new();
     let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .args([
-            "virtualbox::auto_picks_virtualbox_when_only_vboxmanage_is_on_path",
-            "--exact",
-            "--nocapture",
-        ])
+        .args(["virtualbox::auto_picks_virtualbox_when_only_vboxmanage_is_on_path", "--exact", "--nocapture"])
         .env("PATH", b.bin_dir())
         .env("VBOX_AUTO_CHILD", b.dir.path())
         .output()
         .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && text.contains("1 passed"), "child run failed:\n{text}");
+    assert!(!b.take_calls().is_empty(), "the child reached the double through PATH");
+}
+
+/// The whole binary on the double: `up` gets as far as the SSH wait (the double boots no guest) and shows the
+/// serial console; `status`, `halt` and `destroy` then drive the same VM.
+#[test]
+fn up_status_halt_destroy_through_the_binary() {
+    let b = Bench::new();
+    let proj = b.dir.path().join("my project");
+    std::fs::create_dir_all(proj.join("box")).unwrap();
+    std::fs::copy(fixtures().join("box.ovf"), proj.join("box/box.ovf")).unwrap();
+    std::fs::write(proj.join("box/box-disk001.vmdk"), b"vmdk").unwrap();
+    let port = support::free_port();
+    let toml = format!(
+        "[machine]\nname = \"vb\"\nprovider = \"virtualbox\"\ncpus = 1\nmemory_mb = 1024\n\n[box]\n\
+         vagrant = \"box/box.ovf\"\n\n[ssh]\nhost_port = {port}\n\n[virtualbox]\nvboxmanage = {:?}\n",
+        b.vbox.vboxmanage.to_str().unwrap()
     );
-    assert!(
-        out.status.success() && text.contains("1 passed"),
-        "child run failed:\n{text}"
-    );
-    assert!(
-        !b.take_calls().is_empty(),
-        "the child reached the double through PATH"
-    );
+    std::fs::write(proj.join("box-config.toml"), toml).unwrap();
+    let cache = b.dir.path().join("binary cache");
+    let run = |args: &[&str]| {
+        support::Test::new()
+            .cwd(&proj)
+            .env("PROVISIONER_CACHE_DIR", cache.to_str().unwrap())
+            .args(args.iter().copied())
+            .run()
+    };
+    run(&["up", "--boot-timeout", "2"])
+        .failure()
+        .stderr_contains("did not answer SSH")
+        .stderr_contains("[vboxdouble] provisioner-vb-");
+    let calls = b.take_calls();
+    assert_eq!(calls.iter().filter(|c| c.starts_with("import ")).count(), 1, "{calls:#?}");
+    let vm = b.vms().into_iter().find(|v| v["parent"].is_string()).expect("a linked clone");
+    let name = vm["name"].as_str().unwrap().to_string();
+    assert!(calls.contains(&format!("startvm {name} --type headless")), "{calls:#?}");
+    assert_eq!(vm["natpf1"][0], format!("ssh,tcp,127.0.0.1,{port},,22"));
+
+    run(&["status"]).success().stdout_contains("running").stdout_contains("virtualbox");
+    run(&["halt", "--timeout", "30"]).success();
+    assert!(b.take_calls().contains(&format!("controlvm {name} acpipowerbutton")));
+    assert_eq!(b.vm(&name).unwrap()["state"], "poweroff");
+    run(&["destroy", "-f"]).success();
+    assert!(b.vm(&name).is_none(), "clone unregistered");
+    assert_eq!(b.vms().len(), 1, "only the master is left");
 }
 
 /// A config for `provider = "virtualbox"` or `auto`, with an optional VBoxManage path.
 fn config(dir: &Path, vboxmanage: Option<&Path>) -> Config {
-    let provider = if vboxmanage.is_some() {
-        "virtualbox"
-    } else {
-        "auto"
-    };
-    let mut toml = format!(
-        "[machine]\nname = \"web\"\nprovider = \"{provider}\"\n\n[box]\nvagrant = \"debian.box\"\n"
-    );
+    let provider = if vboxmanage.is_some() { "virtualbox" } else { "auto" };
+    let mut toml =
+        format!("[machine]\nname = \"web\"\nprovider = \"{provider}\"\n\n[box]\nvagrant = \"debian.box\"\n");
     if let Some(p) = vboxmanage {
         toml += &format!("\n[virtualbox]\nvboxmanage = {:?}\n", p.to_str().unwrap());
     }
@@ -662,16 +534,11 @@ fn e2e_real_virtualbox() {
         return;
     }
     let ovf = PathBuf::from(
-        std::env::var_os("PROVISIONER_TEST_VIRTUALBOX_BOX")
-            .expect("set PROVISIONER_TEST_VIRTUALBOX_BOX"),
+        std::env::var_os("PROVISIONER_TEST_VIRTUALBOX_BOX").expect("set PROVISIONER_TEST_VIRTUALBOX_BOX"),
     );
     let b = Bench::new();
     let mut spec = b.spec("e2e", &format!("provisioner-e2e-{}", std::process::id()), 0);
-    spec.base = BoxImage {
-        id: format!("e2e-{}", std::process::id()),
-        disk: ovf,
-        ..b.base.clone()
-    };
+    spec.base = BoxImage { id: format!("e2e-{}", std::process::id()), disk: ovf, ..b.base.clone() };
     let port = support::free_port();
     spec.forwards.truncate(1);
     spec.forwards[0].host = port;

@@ -48,12 +48,7 @@ macro_rules! args {
 /// Locate VBoxManage: the config's path, PATH, then (Windows) %VBOX_MSI_INSTALL_PATH% and Program Files.
 pub fn find_vboxmanage(cfg: &Config) -> Option<PathBuf> {
     let configured = cfg.virtualbox.vboxmanage.as_deref().map(|p| cfg.resolve(p));
-    locate(
-        configured.as_deref(),
-        cfg!(windows),
-        |k| std::env::var_os(k),
-        is_executable,
-    )
+    locate(configured.as_deref(), cfg!(windows), |k| std::env::var_os(k), is_executable)
 }
 
 /// Name of the master VM imported from a box.
@@ -98,9 +93,8 @@ impl VirtualBox {
 
     /// `showvminfo --machinereadable`, or `None` when no VM has that name.
     pub fn info(&self, vm: &str) -> Result<Option<VmInfo>> {
-        let cmd = Cmd::new(&self.vboxmanage)
-            .args(args!["showvminfo", vm, "--machinereadable"])
-            .timeout(QUERY);
+        let cmd =
+            Cmd::new(&self.vboxmanage).args(args!["showvminfo", vm, "--machinereadable"]).timeout(QUERY);
         let out = cmd.output()?;
         if out.success() {
             return Ok(Some(VmInfo::parse(&out.stdout)));
@@ -126,19 +120,13 @@ impl VirtualBox {
             Some(i) => i,
             None => {
                 let ovf = std::path::absolute(&base.disk)?;
-                self.vbox(
-                    args!["import", &ovf, "--vsys", "0", "--vmname", &master],
-                    IMPORT,
-                )
-                .with_context(|| format!("import the box {} into VirtualBox", ovf.display()))?;
+                self.vbox(args!["import", &ovf, "--vsys", "0", "--vmname", &master], IMPORT)
+                    .with_context(|| format!("import the box {} into VirtualBox", ovf.display()))?;
                 self.info_required(&master)?
             }
         };
         if info.inaccessible() {
-            bail!(
-                "the master VM {master} is inaccessible\n{}",
-                advice("inaccessible").unwrap_or_default()
-            );
+            bail!("the master VM {master} is inaccessible\n{}", advice("inaccessible").unwrap_or_default());
         }
         if !info.snapshot_names().contains(&BASE_SNAPSHOT) {
             self.vbox(args!["snapshot", &master, "take", BASE_SNAPSHOT], CHANGE)?;
@@ -152,9 +140,7 @@ impl VirtualBox {
             self.vbox(args!["controlvm", vm, "poweroff"], CHANGE)?;
         }
         let unregister = |flag: &str| -> Result<(Cmd, Output)> {
-            let cmd = Cmd::new(&self.vboxmanage)
-                .args(args!["unregistervm", vm, flag])
-                .timeout(CHANGE);
+            let cmd = Cmd::new(&self.vboxmanage).args(args!["unregistervm", vm, flag]).timeout(CHANGE);
             let out = cmd.output()?;
             Ok((cmd, out))
         };
@@ -167,9 +153,7 @@ impl VirtualBox {
             }
             Ok(if out.success() {
                 Some(Ok(()))
-            } else if out.stderr.contains("is locked")
-                || out.stderr.contains("VBOX_E_INVALID_OBJECT_STATE")
-            {
+            } else if out.stderr.contains("is locked") || out.stderr.contains("VBOX_E_INVALID_OBJECT_STATE") {
                 None
             } else {
                 Some(Err(failure(&cmd, &out)))
@@ -187,11 +171,8 @@ impl VirtualBox {
     /// Everything `modifyvm`/`storageattach` sets on a clone; the description (the completion marker) goes last.
     fn configure(&self, spec: &MachineSpec, info: &VmInfo) -> Result<()> {
         let vm = spec.vm_name.as_str();
-        let old: Vec<OsString> = info
-            .nat_rules()
-            .iter()
-            .flat_map(|r| args!["--natpf1", "delete", &r.name])
-            .collect();
+        let old: Vec<OsString> =
+            info.nat_rules().iter().flat_map(|r| args!["--natpf1", "delete", &r.name]).collect();
         if !old.is_empty() {
             self.vbox([args!["modifyvm", vm], old].concat(), CHANGE)?;
         }
@@ -212,35 +193,16 @@ impl VirtualBox {
             a.extend(args!["--natpf1", rule.to_arg()]);
         }
         let serial = std::path::absolute(spec.state.serial_log())?;
-        a.extend(args![
-            "--uart1",
-            "0x3F8",
-            "4",
-            "--uartmode1",
-            "file",
-            &serial
-        ]);
+        a.extend(args!["--uart1", "0x3F8", "4", "--uartmode1", "file", &serial]);
         self.vbox(a, CHANGE)?;
 
         let seed = std::path::absolute(&spec.seed_iso)?;
         let slot = match seed_slot(info, &seed.to_string_lossy()) {
             SeedSlot::Attached => None,
-            SeedSlot::At {
-                controller,
-                port,
-                device,
-                grow_to,
-            } => {
+            SeedSlot::At { controller, port, device, grow_to } => {
                 if let Some(n) = grow_to {
                     self.vbox(
-                        args![
-                            "storagectl",
-                            vm,
-                            "--name",
-                            &controller,
-                            "--portcount",
-                            n.to_string()
-                        ],
+                        args!["storagectl", vm, "--name", &controller, "--portcount", n.to_string()],
                         CHANGE,
                     )?;
                 }
@@ -286,29 +248,19 @@ impl VirtualBox {
                 CHANGE,
             )?;
         }
-        self.vbox(
-            args!["modifyvm", vm, "--description", marker(spec)?],
-            CHANGE,
-        )?;
+        self.vbox(args!["modifyvm", vm, "--description", marker(spec)?], CHANGE)?;
         Ok(())
     }
 }
 
 /// The description that marks a clone as complete and names the state dir it belongs to.
 fn marker(spec: &MachineSpec) -> Result<String> {
-    Ok(format!(
-        "provisioner machine; state dir: {}",
-        std::path::absolute(&spec.state.root)?.display()
-    ))
+    Ok(format!("provisioner machine; state dir: {}", std::path::absolute(&spec.state.root)?.display()))
 }
 
 /// Non-zero VBoxManage exit: the command, its status, its message and what to do.
 fn failure(cmd: &Cmd, out: &Output) -> anyhow::Error {
-    let text = if out.stderr.trim().is_empty() {
-        &out.stdout
-    } else {
-        &out.stderr
-    };
+    let text = if out.stderr.trim().is_empty() { &out.stdout } else { &out.stderr };
     let hint = advice(&format!("{}\n{}", out.stderr, out.stdout)).unwrap_or(
         "hint: the lines above are VirtualBox's own message; run the command by hand to investigate \
          (`provisioner -v` prints every VBoxManage call)",
@@ -322,8 +274,7 @@ fn failure(cmd: &Cmd, out: &Output) -> anyhow::Error {
 }
 
 fn is_not_found(stderr: &str) -> bool {
-    stderr.contains("VBOX_E_OBJECT_NOT_FOUND")
-        || stderr.contains("Could not find a registered machine")
+    stderr.contains("VBOX_E_OBJECT_NOT_FOUND") || stderr.contains("Could not find a registered machine")
 }
 
 /// Hold an exclusive lock on `<dir of path>/.vbox-master.lock` (waiting for a parallel import to finish).
@@ -335,12 +286,7 @@ fn lock_beside(path: &Path) -> Result<std::fs::File> {
         .truncate(false)
         .write(true)
         .open(&lock)
-        .with_context(|| {
-            format!(
-                "open {}\nhint: the box cache must be writable",
-                lock.display()
-            )
-        })?;
+        .with_context(|| format!("open {}\nhint: the box cache must be writable", lock.display()))?;
     process::wait_until(
         IMPORT,
         &format!("the lock {} (another import of this box)", lock.display()),
@@ -356,10 +302,7 @@ pub fn nat_rules(spec: &MachineSpec) -> Result<Vec<NatRule>> {
         .enumerate()
         .map(|(i, f)| {
             if f.host == 0 {
-                bail!(
-                    "forward to guest port {} has host port 0; pick a port in box-config.toml",
-                    f.guest
-                );
+                bail!("forward to guest port {} has host port 0; pick a port in box-config.toml", f.guest);
             }
             let proto = match f.protocol {
                 Protocol::Tcp => "tcp",
@@ -373,13 +316,7 @@ pub fn nat_rules(spec: &MachineSpec) -> Result<Vec<NatRule>> {
                     .as_deref()
                     .unwrap_or("fwd")
                     .chars()
-                    .map(|c| {
-                        if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
-                            c
-                        } else {
-                            '_'
-                        }
-                    })
+                    .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
                     .collect();
                 format!("{label}-{proto}-{}", f.host)
             };
@@ -401,12 +338,7 @@ pub enum SeedSlot {
     /// The seed is already attached (a re-run of create).
     Attached,
     /// A free slot on an existing controller; `grow_to` = raise the SATA port count first.
-    At {
-        controller: String,
-        port: u32,
-        device: u32,
-        grow_to: Option<u32>,
-    },
+    At { controller: String, port: u32, device: u32, grow_to: Option<u32> },
     /// No SATA/IDE slot left: add our own SATA controller.
     NewController,
 }
@@ -422,11 +354,8 @@ pub fn seed_slot(info: &VmInfo, seed: &str) -> SeedSlot {
             (0..c.port_count).map(|p| (p, 0)).collect()
         }
     };
-    if controllers.iter().any(|c| {
-        slots(c)
-            .iter()
-            .any(|&(p, d)| info.attachment(&c.name, p, d) == Some(seed))
-    }) {
+    if controllers.iter().any(|c| slots(c).iter().any(|&(p, d)| info.attachment(&c.name, p, d) == Some(seed)))
+    {
         return SeedSlot::Attached;
     }
     let at = |c: &Controller, port, device, grow_to| SeedSlot::At {
@@ -441,18 +370,13 @@ pub fn seed_slot(info: &VmInfo, seed: &str) -> SeedSlot {
             .find(|&(p, d)| matches!(info.attachment(&c.name, p, d), None | Some("none")));
         match free {
             Some((p, d)) => return at(c, p, d, None),
-            None if c.port_count < c.max_port_count => {
-                return at(c, c.port_count, 0, Some(c.port_count + 1))
-            }
+            None if c.port_count < c.max_port_count => return at(c, c.port_count, 0, Some(c.port_count + 1)),
             None => {}
         }
     }
     for c in controllers.iter().filter(|c| c.is_ide()) {
         let free = slots(c).into_iter().find(|&(p, d)| {
-            matches!(
-                info.attachment(&c.name, p, d),
-                None | Some("none") | Some("emptydrive")
-            )
+            matches!(info.attachment(&c.name, p, d), None | Some("none") | Some("emptydrive"))
         });
         if let Some((p, d)) = free {
             return at(c, p, d, None);
@@ -477,11 +401,7 @@ impl Provider for VirtualBox {
             );
         }
         let version = out.stdout.trim();
-        let major: u32 = version
-            .split('.')
-            .next()
-            .and_then(|m| m.parse().ok())
-            .unwrap_or(0);
+        let major: u32 = version.split('.').next().and_then(|m| m.parse().ok()).unwrap_or(0);
         if major < MIN_MAJOR {
             bail!(
                 "VirtualBox {version} ({}) is too old or unrecognised.\nhint: install VirtualBox {MIN_MAJOR}.1 or newer",
@@ -521,9 +441,7 @@ impl Provider for VirtualBox {
                 };
             }
             // Left by an interrupted create (no completion marker): remove, then clone afresh.
-            Some(i) => self
-                .remove(vm, &i)
-                .with_context(|| format!("remove the half-made VM {vm}"))?,
+            Some(i) => self.remove(vm, &i).with_context(|| format!("remove the half-made VM {vm}"))?,
             None => {}
         }
         self.vbox(
@@ -541,16 +459,13 @@ impl Provider for VirtualBox {
             IMPORT,
         )?;
         let info = self.info_required(vm)?;
-        self.configure(spec, &info)
-            .with_context(|| format!("configure the VM {vm}"))
+        self.configure(spec, &info).with_context(|| format!("configure the VM {vm}"))
     }
 
     fn start(&self, vm_name: &str) -> Result<()> {
         match self.state(vm_name)? {
             VmState::Running => Ok(()),
-            VmState::Paused => self
-                .vbox(args!["controlvm", vm_name, "resume"], CHANGE)
-                .map(drop),
+            VmState::Paused => self.vbox(args!["controlvm", vm_name, "resume"], CHANGE).map(drop),
             VmState::NotCreated => {
                 bail!("VirtualBox has no VM named {vm_name}\nhint: run `provisioner up`")
             }
@@ -575,8 +490,7 @@ impl Provider for VirtualBox {
                 return Ok(());
             }
         }
-        self.vbox(args!["controlvm", vm_name, "poweroff"], CHANGE)
-            .map(drop)
+        self.vbox(args!["controlvm", vm_name, "poweroff"], CHANGE).map(drop)
     }
 
     fn destroy(&self, vm_name: &str, _state: &StateDir) -> Result<()> {
@@ -596,9 +510,7 @@ impl Provider for VirtualBox {
         let ip: IpAddr = match rule.host_ip.as_str() {
             // Empty (or 0.0.0.0) means every host interface: loopback reaches it.
             "" | "0.0.0.0" => IpAddr::from([127, 0, 0, 1]),
-            s => s
-                .parse()
-                .with_context(|| format!("host IP {s:?} of the ssh NAT rule of {vm_name}"))?,
+            s => s.parse().with_context(|| format!("host IP {s:?} of the ssh NAT rule of {vm_name}"))?,
         };
         Ok(SocketAddr::new(ip, rule.host_port))
     }
@@ -619,12 +531,8 @@ mod tests {
              storagecontrollerportcount0=\"1\"\nstoragecontrollermaxportcount0=\"30\"\n\
              \"SATA Controller-0-0\"=\"/vms/disk.vmdk\"\n",
         );
-        let want = SeedSlot::At {
-            controller: "SATA Controller".into(),
-            port: 1,
-            device: 0,
-            grow_to: Some(2),
-        };
+        let want =
+            SeedSlot::At { controller: "SATA Controller".into(), port: 1, device: 0, grow_to: Some(2) };
         assert_eq!(seed_slot(&i, "/s/seed.iso"), want);
         let i2 = info("storagecontrollername0=\"S\"\nstoragecontrollertype0=\"IntelAhci\"\nstoragecontrollerportcount0=\"2\"\n\"S-0-0\"=\"/d\"\n\"S-1-0\"=\"/s/seed.iso\"\n");
         assert_eq!(seed_slot(&i2, "/s/seed.iso"), SeedSlot::Attached);
@@ -636,14 +544,11 @@ mod tests {
             "storagecontrollername0=\"IDE\"\nstoragecontrollertype0=\"PIIX4\"\nstoragecontrollerportcount0=\"2\"\n\
              \"IDE-0-0\"=\"/d.vmdk\"\n\"IDE-0-1\"=\"/e.vmdk\"\n\"IDE-1-0\"=\"emptydrive\"\n",
         );
-        let want = SeedSlot::At {
-            controller: "IDE".into(),
-            port: 1,
-            device: 0,
-            grow_to: None,
-        };
+        let want = SeedSlot::At { controller: "IDE".into(), port: 1, device: 0, grow_to: None };
         assert_eq!(seed_slot(&i, "/s.iso"), want);
-        let scsi = info("storagecontrollername0=\"SCSI\"\nstoragecontrollertype0=\"LsiLogic\"\n\"SCSI-0-0\"=\"/d\"\n");
+        let scsi = info(
+            "storagecontrollername0=\"SCSI\"\nstoragecontrollertype0=\"LsiLogic\"\n\"SCSI-0-0\"=\"/d\"\n",
+        );
         assert_eq!(seed_slot(&scsi, "/s.iso"), SeedSlot::NewController);
     }
 }

@@ -3,11 +3,7 @@
 /// Advice for a failed VBoxManage call, from its stderr/stdout; `None` when the text is not one we know.
 pub fn advice(text: &str) -> Option<&'static str> {
     let has = |needles: &[&str]| needles.iter().any(|n| text.contains(n));
-    if has(&[
-        "VERR_VMX_MSR_ALL_VMX_DISABLED",
-        "VERR_VMX_MSR_VMX_DISABLED",
-        "VERR_SVM_DISABLED",
-    ]) {
+    if has(&["VERR_VMX_MSR_ALL_VMX_DISABLED", "VERR_VMX_MSR_VMX_DISABLED", "VERR_SVM_DISABLED"]) {
         return Some(
             "hint: hardware virtualization (VT-x/AMD-V) is disabled in the firmware: enable \"Intel Virtualization \
              Technology\" / \"SVM Mode\" in the BIOS/UEFI setup, then power-cycle the host",
@@ -61,11 +57,7 @@ pub fn advice(text: &str) -> Option<&'static str> {
              `VBoxManage list vms` + `VBoxManage unregistervm <uuid>`, then run `provisioner destroy` and `provisioner up`",
         );
     }
-    if has(&[
-        "vboxdrv",
-        "VERR_VM_DRIVER_NOT_INSTALLED",
-        "VERR_VM_DRIVER_NOT_ACCESSIBLE",
-    ]) {
+    if has(&["vboxdrv", "VERR_VM_DRIVER_NOT_INSTALLED", "VERR_VM_DRIVER_NOT_ACCESSIBLE"]) {
         return Some(
             "hint: the VirtualBox kernel driver is not loaded: run `sudo /sbin/vboxconfig` (install the kernel \
              headers first; with Secure Boot, sign the modules or enroll the MOK), and make sure your user is in the \
@@ -82,26 +74,14 @@ mod tests {
     #[test]
     fn known_texts_get_advice() {
         let vtx = "VBoxManage: error: VT-x is not available (VERR_VMX_NO_VMX)\nVBoxManage: error: Details: code E_FAIL";
-        assert!(advice(vtx)
+        assert!(advice(vtx).unwrap().contains("bcdedit /set hypervisorlaunchtype off"));
+        assert!(advice("AMD-V is not available (VERR_SVM_NO_SVM)").unwrap().contains("Hyper-V"));
+        assert!(advice("VT-x is disabled in the BIOS for all CPU modes (VERR_VMX_MSR_ALL_VMX_DISABLED)")
             .unwrap()
-            .contains("bcdedit /set hypervisorlaunchtype off"));
-        assert!(advice("AMD-V is not available (VERR_SVM_NO_SVM)")
-            .unwrap()
-            .contains("Hyper-V"));
-        assert!(advice(
-            "VT-x is disabled in the BIOS for all CPU modes (VERR_VMX_MSR_ALL_VMX_DISABLED)"
-        )
-        .unwrap()
-        .contains("BIOS"));
-        assert!(advice("see /etc/vbox/networks.conf")
-            .unwrap()
-            .contains("networks.conf"));
-        assert!(advice("The machine is inaccessible")
-            .unwrap()
-            .contains("unregistervm"));
-        assert!(advice("WARNING: The vboxdrv kernel module is not loaded.")
-            .unwrap()
-            .contains("vboxconfig"));
+            .contains("BIOS"));
+        assert!(advice("see /etc/vbox/networks.conf").unwrap().contains("networks.conf"));
+        assert!(advice("The machine is inaccessible").unwrap().contains("unregistervm"));
+        assert!(advice("WARNING: The vboxdrv kernel module is not loaded.").unwrap().contains("vboxconfig"));
         let leftover = "Machine settings file '/h/VirtualBox VMs/m/m.vbox' already exists";
         assert!(advice(leftover).unwrap().contains("delete the folder"));
         assert_eq!(advice("A NAT rule of this name already exists"), None);

@@ -21,15 +21,9 @@ pub fn locate(
     if let Some(p) = configured {
         return Some(p.to_path_buf());
     }
-    let exe = if windows {
-        "VBoxManage.exe"
-    } else {
-        "VBoxManage"
-    };
+    let exe = if windows { "VBoxManage.exe" } else { "VBoxManage" };
     let sep = if windows { ';' } else { ':' };
-    let path_var = env("PATH")
-        .map(|p| p.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let path_var = env("PATH").map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
     let from_path = path_var
         .split(sep)
         // Windows PATH entries may be quoted (they can contain ';').
@@ -41,9 +35,10 @@ pub fn locate(
             ["VBOX_MSI_INSTALL_PATH", "VBOX_INSTALL_PATH"]
                 .into_iter()
                 .filter_map(|k| env(k))
-                .chain(env("ProgramFiles").map(|pf| {
-                    OsString::from(join(&pf.to_string_lossy(), r"Oracle\VirtualBox", true))
-                }))
+                .chain(
+                    env("ProgramFiles")
+                        .map(|pf| OsString::from(join(&pf.to_string_lossy(), r"Oracle\VirtualBox", true))),
+                )
                 .map(|d| join(d.to_string_lossy().trim().trim_matches('"'), exe, true))
                 .chain(std::iter::once(PathBuf::from(WINDOWS_DEFAULT)))
                 .collect::<Vec<_>>()
@@ -66,9 +61,7 @@ pub fn is_executable(p: &Path) -> bool {
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        std::fs::metadata(p)
-            .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-            .unwrap_or(false)
+        std::fs::metadata(p).map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false)
     }
     #[cfg(not(unix))]
     {
@@ -87,10 +80,8 @@ mod tests {
         env: &[(&str, &str)],
         present: &[&str],
     ) -> Option<String> {
-        let env: HashMap<String, OsString> = env
-            .iter()
-            .map(|(k, v)| (k.to_string(), OsString::from(v)))
-            .collect();
+        let env: HashMap<String, OsString> =
+            env.iter().map(|(k, v)| (k.to_string(), OsString::from(v))).collect();
         locate(
             configured.map(Path::new),
             windows,
@@ -102,81 +93,43 @@ mod tests {
 
     #[test]
     fn configured_path_wins_even_when_missing() {
-        let got = run(
-            Some("/opt/vb/VBoxManage"),
-            false,
-            &[("PATH", "/usr/bin")],
-            &["/usr/bin/VBoxManage"],
-        );
+        let got = run(Some("/opt/vb/VBoxManage"), false, &[("PATH", "/usr/bin")], &["/usr/bin/VBoxManage"]);
         assert_eq!(got.as_deref(), Some("/opt/vb/VBoxManage"));
     }
 
     #[test]
     fn unix_path_search_in_order() {
         let present = ["/usr/local/bin/VBoxManage", "/usr/bin/VBoxManage"];
-        let got = run(
-            None,
-            false,
-            &[("PATH", "/nope::/usr/local/bin:/usr/bin")],
-            &present,
-        );
+        let got = run(None, false, &[("PATH", "/nope::/usr/local/bin:/usr/bin")], &present);
         assert_eq!(got.as_deref(), Some("/usr/local/bin/VBoxManage"));
         assert_eq!(run(None, false, &[("PATH", "/usr/sbin")], &present), None);
         // Windows locations are not searched on Unix.
-        assert_eq!(
-            run(
-                None,
-                false,
-                &[("VBOX_MSI_INSTALL_PATH", "/usr/bin")],
-                &present
-            ),
-            None
-        );
+        assert_eq!(run(None, false, &[("VBOX_MSI_INSTALL_PATH", "/usr/bin")], &present), None);
     }
 
     #[test]
     fn windows_msi_install_path_with_spaces_and_trailing_backslash() {
         let exe = r"D:\Virtual Box\VBoxManage.exe";
-        let env = [
-            ("PATH", r"C:\Windows\system32;C:\Windows"),
-            ("VBOX_MSI_INSTALL_PATH", r"D:\Virtual Box\"),
-        ];
-        assert_eq!(
-            run(None, true, &env, &[exe, WINDOWS_DEFAULT]).as_deref(),
-            Some(exe)
-        );
+        let env =
+            [("PATH", r"C:\Windows\system32;C:\Windows"), ("VBOX_MSI_INSTALL_PATH", r"D:\Virtual Box\")];
+        assert_eq!(run(None, true, &env, &[exe, WINDOWS_DEFAULT]).as_deref(), Some(exe));
     }
 
     #[test]
     fn windows_path_entry_beats_install_dirs_and_quotes_are_stripped() {
         let exe = r"E:\tools\vbox\VBoxManage.exe";
-        let env = [
-            ("PATH", r#"C:\Windows;"E:\tools\vbox""#),
-            ("VBOX_MSI_INSTALL_PATH", r"D:\VB"),
-        ];
-        assert_eq!(
-            run(None, true, &env, &[exe, r"D:\VB\VBoxManage.exe"]).as_deref(),
-            Some(exe)
-        );
+        let env = [("PATH", r#"C:\Windows;"E:\tools\vbox""#), ("VBOX_MSI_INSTALL_PATH", r"D:\VB")];
+        assert_eq!(run(None, true, &env, &[exe, r"D:\VB\VBoxManage.exe"]).as_deref(), Some(exe));
     }
 
     #[test]
     fn windows_program_files_then_default() {
         let pf = r"F:\Programs\Oracle\VirtualBox\VBoxManage.exe";
         let env = [("PATH", r"C:\Windows"), ("ProgramFiles", r"F:\Programs")];
-        assert_eq!(
-            run(None, true, &env, &[pf, WINDOWS_DEFAULT]).as_deref(),
-            Some(pf)
-        );
-        assert_eq!(
-            run(None, true, &env, &[WINDOWS_DEFAULT]).as_deref(),
-            Some(WINDOWS_DEFAULT)
-        );
+        assert_eq!(run(None, true, &env, &[pf, WINDOWS_DEFAULT]).as_deref(), Some(pf));
+        assert_eq!(run(None, true, &env, &[WINDOWS_DEFAULT]).as_deref(), Some(WINDOWS_DEFAULT));
         assert_eq!(run(None, true, &env, &[]), None);
         // A Unix-style name without .exe is not what Windows runs.
-        assert_eq!(
-            run(None, true, &[("PATH", r"C:\vb")], &[r"C:\vb\VBoxManage"]),
-            None
-        );
+        assert_eq!(run(None, true, &[("PATH", r"C:\vb")], &[r"C:\vb\VBoxManage"]), None);
     }
 }

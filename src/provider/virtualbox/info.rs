@@ -68,10 +68,7 @@ impl VmInfo {
     }
 
     pub fn get(&self, key: &str) -> Option<&str> {
-        self.pairs
-            .iter()
-            .find(|(k, _)| k == key)
-            .map(|(_, v)| v.as_str())
+        self.pairs.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
     }
 
     /// `VMState` mapped to the provider-neutral state.
@@ -102,17 +99,10 @@ impl VmInfo {
         (0..)
             .map_while(|i| {
                 let name = self.get(&format!("storagecontrollername{i}"))?;
-                let num = |k: &str| {
-                    self.get(&format!("{k}{i}"))
-                        .and_then(|v| v.parse().ok())
-                        .unwrap_or(0)
-                };
+                let num = |k: &str| self.get(&format!("{k}{i}")).and_then(|v| v.parse().ok()).unwrap_or(0);
                 Some(Controller {
                     name: name.to_string(),
-                    kind: self
-                        .get(&format!("storagecontrollertype{i}"))
-                        .unwrap_or("")
-                        .to_string(),
+                    kind: self.get(&format!("storagecontrollertype{i}")).unwrap_or("").to_string(),
                     port_count: num("storagecontrollerportcount"),
                     max_port_count: num("storagecontrollermaxportcount"),
                 })
@@ -206,10 +196,7 @@ SnapshotName-1="later"
         assert!(c[1].is_ide());
         let r = i.nat_rules();
         assert_eq!(r[0].to_arg(), "ssh,tcp,127.0.0.1,2222,,22");
-        assert_eq!(
-            (r[1].host_ip.as_str(), r[1].host_port, r[1].guest_port),
-            ("", 8080, 80)
-        );
+        assert_eq!((r[1].host_ip.as_str(), r[1].host_port, r[1].guest_port), ("", 8080, 80));
     }
 
     #[test]
@@ -221,11 +208,7 @@ SnapshotName-1="later"
             ("paused", VmState::Paused),
             ("gurumeditation", VmState::Other("gurumeditation".into())),
         ] {
-            assert_eq!(
-                VmInfo::parse(&format!("VMState=\"{s}\"")).state(),
-                want,
-                "{s}"
-            );
+            assert_eq!(VmInfo::parse(&format!("VMState=\"{s}\"")).state(), want, "{s}");
         }
         assert!(VmInfo::parse("name=\"<inaccessible>\"\nUUID=\"x\"").inaccessible());
     }
@@ -234,8 +217,6 @@ SnapshotName-1="later"
     fn bad_rules_and_lines_are_skipped() {
         assert_eq!(NatRule::parse("ssh,tcp,,notaport,,22"), None);
         assert_eq!(NatRule::parse("a,b"), None);
-        assert!(VmInfo::parse("no equals sign\n\"unterminated=1")
-            .pairs
-            .is_empty());
+        assert!(VmInfo::parse("no equals sign\n\"unterminated=1").pairs.is_empty());
     }
 }
