@@ -345,7 +345,7 @@ impl<'a> Exec<'a> {
         let s = &sess.sess;
         s.set_timeout(millis(timeout.min(SLICE)));
         let ctx = || format!("start `{cmd}` on {}", sess.addr);
-        let mut ch = s.channel_session().with_context(|| ctx()).context(RECONNECT_HINT)?;
+        let mut ch = s.channel_session().with_context(ctx).context(RECONNECT_HINT)?;
         ch.handle_extended_data(ssh2::ExtendedData::Merge).with_context(ctx)?;
         ch.exec(cmd).with_context(ctx)?;
         Ok(Exec {
