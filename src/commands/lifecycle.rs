@@ -52,6 +52,9 @@ pub fn up(ctx: &Ctx, args: &UpArgs) -> Result<i32> {
 
 fn up_locked(ctx: &Ctx, m: &Machine, p: &dyn Provider, args: &UpArgs) -> Result<i32> {
     let ui = &ctx.ui;
+    for w in m.cfg.validate_all()? {
+        ui.warn(w.to_string());
+    }
     let ph = ui.phase("preflight");
     p.preflight()?;
     let live = p.state(&m.vm_name)?;
@@ -144,7 +147,8 @@ fn boot(
 
     let ph = ui.phase("seed");
     let seed = crate::seed::SeedSpec {
-        instance_id: m.vm_name.clone(),
+        // Changes whenever the host key does, so cloud-init re-applies a regenerated seed.
+        instance_id: crate::seed::instance_id(&m.vm_name, &host_key),
         hostname: m.cfg.hostname().to_string(),
         user: m.cfg.ssh.user.clone(),
         user_key: user_key.clone(),
@@ -154,7 +158,8 @@ fn boot(
     ph.done("cidata");
 
     let accel = crate::accel::decide_accel(m.cfg.machine.accel, &crate::accel::HostAccel::probe())?;
-    if let Some(w) = &accel.warning {
+    // KVM vs TCG is a QEMU choice; VirtualBox picks its own execution engine.
+    if let (Some(w), "libvirt") = (&accel.warning, p.name()) {
         ui.warn(w);
     }
     let ssh = &forwards[0];
