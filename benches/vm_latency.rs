@@ -100,7 +100,8 @@ fn main() {
             .output()
             .is_ok_and(|o| o.status.success())
     });
-    let ours = measure("provisioner ssh -c true", || run(dir.path(), &["ssh", "-c", "true"]).status.success());
+    let ours =
+        measure("provisioner ssh -c true", || run(dir.path(), &["ssh", "-c", "true"]).status.success());
     let t = Instant::now();
     assert!(run(dir.path(), &["destroy", "-f"]).status.success(), "destroy -f failed");
     println!("provisioner destroy -f       {:>8.1} ms", ms(t.elapsed()));

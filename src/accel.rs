@@ -27,10 +27,7 @@ impl HostAccel {
             .map(drop)
             .map_err(|e| format!("/dev/kvm: {e}"));
         let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-        Self {
-            kvm_node,
-            virt_flag: cpuinfo_has_virt_flag(&cpuinfo),
-        }
+        Self { kvm_node, virt_flag: cpuinfo_has_virt_flag(&cpuinfo) }
     }
 }
 
@@ -99,11 +96,7 @@ mod tests {
 
     fn host(node: bool, cpuinfo: &str) -> HostAccel {
         HostAccel {
-            kvm_node: if node {
-                Ok(())
-            } else {
-                Err("/dev/kvm: No such file or directory".into())
-            },
+            kvm_node: if node { Ok(()) } else { Err("/dev/kvm: No such file or directory".into()) },
             virt_flag: cpuinfo_has_virt_flag(cpuinfo),
         }
     }
@@ -113,9 +106,7 @@ mod tests {
         assert!(cpuinfo_has_virt_flag(INTEL));
         assert!(cpuinfo_has_virt_flag("flags : svm\n"));
         assert!(!cpuinfo_has_virt_flag(PVM));
-        assert!(!cpuinfo_has_virt_flag(
-            "flags : vmxx svmy\nmodel name : vmx\n"
-        ));
+        assert!(!cpuinfo_has_virt_flag("flags : vmxx svmy\nmodel name : vmx\n"));
     }
 
     #[test]
@@ -130,16 +121,9 @@ mod tests {
 
     #[test]
     fn kvm_requested_but_unusable_explains_why() {
-        let e = decide_accel(Accel::Kvm, &host(true, PVM))
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains("neither vmx nor svm") && e.contains("hint:"),
-            "{e}"
-        );
-        let e = decide_accel(Accel::Kvm, &host(false, INTEL))
-            .unwrap_err()
-            .to_string();
+        let e = decide_accel(Accel::Kvm, &host(true, PVM)).unwrap_err().to_string();
+        assert!(e.contains("neither vmx nor svm") && e.contains("hint:"), "{e}");
+        let e = decide_accel(Accel::Kvm, &host(false, INTEL)).unwrap_err().to_string();
         assert!(e.contains("No such file"), "{e}");
         assert!(decide_accel(Accel::Kvm, &host(true, INTEL)).unwrap().kvm);
     }
@@ -147,12 +131,6 @@ mod tests {
     #[test]
     fn tcg_is_always_tcg_without_warning() {
         let d = decide_accel(Accel::Tcg, &host(true, INTEL)).unwrap();
-        assert_eq!(
-            d,
-            Decision {
-                kvm: false,
-                warning: None
-            }
-        );
+        assert_eq!(d, Decision { kvm: false, warning: None });
     }
 }

@@ -7,12 +7,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 /// Vagrant-style VMs from one `box-config.toml`: libvirt or VirtualBox, a cloud-init seed with a pinned
 /// host key, SSH, and a Docker Compose monitoring lab provisioned inside.
 #[derive(Debug, Parser)]
-#[command(
-    name = "provisioner",
-    version,
-    propagate_version = true,
-    max_term_width = 110
-)]
+#[command(name = "provisioner", version, propagate_version = true, max_term_width = 110)]
 pub struct Cli {
     #[command(flatten)]
     pub global: Global,
@@ -23,12 +18,7 @@ pub struct Cli {
 #[derive(Debug, Clone, Args)]
 pub struct Global {
     /// The box definition. Its directory holds the `.provisioner/` state dir.
-    #[arg(
-        long,
-        global = true,
-        env = "PROVISIONER_CONFIG",
-        default_value = "box-config.toml"
-    )]
+    #[arg(long, global = true, env = "PROVISIONER_CONFIG", default_value = "box-config.toml")]
     pub config: PathBuf,
     /// More detail: child process command lines and their output (repeat for more).
     #[arg(long, short = 'v', global = true, action = clap::ArgAction::Count, conflicts_with = "quiet")]
@@ -187,7 +177,9 @@ pub enum BoxCommand {
         force: bool,
     },
     /// Remove a cached box by its id (see `box list`).
-    Remove { id: String },
+    Remove {
+        id: String,
+    },
 }
 
 /// Output style chosen from the global flags.

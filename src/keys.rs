@@ -19,9 +19,7 @@ pub struct KeyPair {
 
 impl std::fmt::Debug for KeyPair {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("KeyPair")
-            .field("public_openssh", &self.public_openssh)
-            .finish_non_exhaustive()
+        f.debug_struct("KeyPair").field("public_openssh", &self.public_openssh).finish_non_exhaustive()
     }
 }
 

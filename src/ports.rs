@@ -39,8 +39,10 @@ pub fn check_free(forwards: &[Forward]) -> Result<()> {
         let Err(e) = bound else { continue };
         let who = match holder(addr, f.protocol) {
             Some(h) => format!("held by {h}"),
-            None => "held by a process this user cannot see (another user's, or a different network namespace)"
-                .to_string(),
+            None => {
+                "held by a process this user cannot see (another user's, or a different network namespace)"
+                    .to_string()
+            }
         };
         bail!(
             "host port {addr}/{} for forward {} is not free ({e}): {who}\n\
@@ -135,25 +137,17 @@ fn parse_proc_addr(s: &str) -> Option<(IpAddr, u16)> {
 fn process_with_socket(inodes: &[u64]) -> Option<Holder> {
     let wanted: Vec<String> = inodes.iter().map(|i| format!("socket:[{i}]")).collect();
     for proc_entry in std::fs::read_dir("/proc").ok()?.flatten() {
-        let Some(pid) = proc_entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
+        let Some(pid) = proc_entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
             continue;
         };
         let Ok(fds) = std::fs::read_dir(proc_entry.path().join("fd")) else {
             continue;
         };
         let holds = fds.flatten().any(|fd| {
-            std::fs::read_link(fd.path())
-                .is_ok_and(|l| wanted.iter().any(|w| l.as_os_str() == w.as_str()))
+            std::fs::read_link(fd.path()).is_ok_and(|l| wanted.iter().any(|w| l.as_os_str() == w.as_str()))
         });
         if holds {
-            return Some(Holder {
-                pid,
-                command: command_line(pid),
-            });
+            return Some(Holder { pid, command: command_line(pid) });
         }
     }
     None
@@ -182,10 +176,7 @@ mod tests {
 
     #[test]
     fn parses_kernel_addresses() {
-        assert_eq!(
-            parse_proc_addr("0100007F:1F90"),
-            Some(("127.0.0.1".parse().unwrap(), 8080))
-        );
+        assert_eq!(parse_proc_addr("0100007F:1F90"), Some(("127.0.0.1".parse().unwrap(), 8080)));
         assert_eq!(
             parse_proc_addr("00000000000000000000000001000000:0016"),
             Some(("::1".parse().unwrap(), 22))
@@ -211,9 +202,7 @@ mod tests {
     fn taken_tcp_port_names_our_pid() {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = l.local_addr().unwrap().port();
-        let e = check_free(&[fwd(port, Protocol::Tcp)])
-            .unwrap_err()
-            .to_string();
+        let e = check_free(&[fwd(port, Protocol::Tcp)]).unwrap_err().to_string();
         assert!(e.contains(&format!("PID {}", std::process::id())), "{e}");
         assert!(e.contains("\"web\"") && e.contains("hint:"), "{e}");
         drop(l);
@@ -224,21 +213,15 @@ mod tests {
     fn taken_udp_port_is_detected() {
         let s = UdpSocket::bind("127.0.0.1:0").unwrap();
         let port = s.local_addr().unwrap().port();
-        let e = check_free(&[fwd(port, Protocol::Udp)])
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains(&format!("PID {}", std::process::id())) && e.contains("/udp"),
-            "{e}"
-        );
+        let e = check_free(&[fwd(port, Protocol::Udp)]).unwrap_err().to_string();
+        assert!(e.contains(&format!("PID {}", std::process::id())) && e.contains("/udp"), "{e}");
     }
 
     #[test]
     fn wildcard_listener_blocks_loopback() {
         let l = TcpListener::bind("0.0.0.0:0").unwrap();
         let port = l.local_addr().unwrap().port();
-        let h =
-            holder(SocketAddr::from(([127, 0, 0, 1], port)), Protocol::Tcp).expect("holder found");
+        let h = holder(SocketAddr::from(([127, 0, 0, 1], port)), Protocol::Tcp).expect("holder found");
         assert_eq!(h.pid, std::process::id());
     }
 

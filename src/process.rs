@@ -70,13 +70,11 @@ impl Cmd {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
-        self.args
-            .extend(it.into_iter().map(|s| s.as_ref().to_owned()));
+        self.args.extend(it.into_iter().map(|s| s.as_ref().to_owned()));
         self
     }
     pub fn env(mut self, k: impl AsRef<OsStr>, v: impl AsRef<OsStr>) -> Self {
-        self.env
-            .push((k.as_ref().to_owned(), v.as_ref().to_owned()));
+        self.env.push((k.as_ref().to_owned(), v.as_ref().to_owned()));
         self
     }
     pub fn cwd(mut self, dir: impl AsRef<Path>) -> Self {
@@ -128,13 +126,9 @@ impl Cmd {
             eprintln!("+ {}", self.display());
         }
         let mut cmd = self.command();
-        cmd.stdin(if self.stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+        cmd.stdin(if self.stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
         let child = cmd.spawn().map_err(|e| spawn_error(&self.program, e))?;
         let mut guard = ChildGuard::new(child);
         let child = guard.child.as_mut().expect("child present");
@@ -158,11 +152,7 @@ impl Cmd {
             b
         });
         let status = guard.wait_deadline(self.timeout).with_context(|| {
-            format!(
-                "`{}` did not finish within {:?}; it was killed",
-                self.display(),
-                self.timeout
-            )
+            format!("`{}` did not finish within {:?}; it was killed", self.display(), self.timeout)
         })?;
         let stdout = String::from_utf8_lossy(&t_out.join().unwrap_or_default()).into_owned();
         let stderr = String::from_utf8_lossy(&t_err.join().unwrap_or_default()).into_owned();
@@ -172,11 +162,7 @@ impl Cmd {
         if verbosity() >= 2 {
             eprint!("{stdout}{stderr}");
         }
-        Ok(Output {
-            status,
-            stdout,
-            stderr,
-        })
+        Ok(Output { status, stdout, stderr })
     }
 
     /// Run and require exit 0; the error carries the command line, exit status and stderr.
@@ -187,14 +173,7 @@ impl Cmd {
                 "`{}` failed ({}):\n{}",
                 self.display(),
                 describe_status(&out.status),
-                tail(
-                    if out.stderr.trim().is_empty() {
-                        &out.stdout
-                    } else {
-                        &out.stderr
-                    },
-                    20
-                )
+                tail(if out.stderr.trim().is_empty() { &out.stdout } else { &out.stderr }, 20)
             );
         }
         Ok(out)

@@ -29,10 +29,7 @@ impl Ui {
         } else {
             Mode::Human
         };
-        Self {
-            mode,
-            tty: std::io::stderr().is_terminal(),
-        }
+        Self { mode, tty: std::io::stderr().is_terminal() }
     }
 
     pub fn json(&self) -> bool {
@@ -71,10 +68,8 @@ impl Ui {
         let bar = if self.mode == Mode::Human && self.tty {
             let pb = ProgressBar::new_spinner();
             pb.set_style(
-                ProgressStyle::with_template(
-                    "{spinner:.cyan} {prefix:.bold} {wide_msg} {elapsed:>4}",
-                )
-                .expect("valid template"),
+                ProgressStyle::with_template("{spinner:.cyan} {prefix:.bold} {wide_msg} {elapsed:>4}")
+                    .expect("valid template"),
             );
             pb.set_prefix(name.to_string());
             pb.enable_steady_tick(Duration::from_millis(120));
@@ -86,13 +81,7 @@ impl Ui {
             None
         };
         self.event("phase_start", json!({"phase": name}));
-        Phase {
-            ui: self.clone(),
-            name: name.to_string(),
-            start: Instant::now(),
-            bar,
-            finished: false,
-        }
+        Phase { ui: self.clone(), name: name.to_string(), start: Instant::now(), bar, finished: false }
     }
 }
 

@@ -21,8 +21,8 @@ const REGISTRY_ONLY: [&str; 2] = ["grafana", "cadvisor"];
 
 /// A rendered copy of the shipped lab: `images` is "debian" or "registry"; `vars` is TOML put under `[vars]`.
 pub struct Lab {
-    /// Keeps the temp dir alive.
-    pub _dir: Test,
+    /// The lab's temp dir (box-config.toml, provision/, .provisioner/); also keeps it alive.
+    pub dir: Test,
     pub out: PathBuf,
 }
 
@@ -42,7 +42,7 @@ impl Lab {
         );
         let out = test.path().join("out");
         Test::new().cwd(test.path()).args(["--config", "box-config.toml", "render", "--out", "out"]).run().success();
-        Lab { _dir: test, out }
+        Lab { dir: test, out }
     }
     pub fn read(&self, rel: &str) -> String {
         std::fs::read_to_string(self.out.join(rel)).unwrap_or_else(|e| panic!("read rendered {rel}: {e}"))
@@ -382,6 +382,38 @@ fn dashboards_use_the_provisioned_datasource_uid() {
     assert_eq!(provider["providers"][0]["options"]["path"].as_str(), Some("/etc/grafana/dashboards"));
     let compose = lab.read("docker-compose.yml");
     assert!(compose.contains("./grafana/dashboards:/etc/grafana/dashboards:ro"), "dashboards not mounted");
+}
+
+#[test]
+fn load_without_a_demo_app_forward_says_how_to_fix_it() {
+    let lab = Lab::render("debian", "");
+    let cfg_path = lab.dir.path().join("box-config.toml");
+    let cfg = std::fs::read_to_string(&cfg_path).unwrap().replace("guest = 8000", "guest = 8001");
+    std::fs::write(&cfg_path, cfg).unwrap();
+    Test::new()
+        .cwd(lab.dir.path())
+        .args(["load", "--requests", "1"])
+        .run()
+        .failure()
+        .stderr_contains("forwards no host port to the demo app (guest port 8000)")
+        .stderr_contains("hint: add a [[forward]] with guest = 8000, or pass --url");
+}
+
+#[test]
+fn load_reports_an_unreachable_demo_app_with_a_hint() {
+    let port = support::free_port(); // bound then released: nothing listens there
+    Test::new()
+        .args(["load", "--url", &format!("http://127.0.0.1:{port}"), "--requests", "3", "--duration", "10"])
+        .run()
+        .failure()
+        .stdout_contains("3 requests to")
+        .stderr_contains("got an answer")
+        .stderr_contains("hint: is the lab up?");
+    Test::new()
+        .args(["load", "--url", "http://127.0.0.1:1", "--error-ratio", "0.8", "--slow-ratio", "0.5"])
+        .run()
+        .failure()
+        .stderr_contains("sum to at most 1");
 }
 
 #[test]

@@ -100,7 +100,9 @@ fn spawn(name: &str, program: &str, args: &[String], cwd: &Path, env: &[(&str, S
 
 #[test]
 fn live_lab_scrapes_answers_every_panel_and_delivers_the_error_alert() {
-    let ip = "127.0.0.1";
+    // One loopback address per service, as the compose service names would be, each with a free port.
+    let [app_ip, node_ip, am_ip, prom_ip, cadvisor_ip] =
+        ["127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5", "127.0.0.6"];
     let [app, node, am, prom, cadvisor] = [(); 5].map(|_| free_port());
     let (hook, hook_port) = Webhook::start();
     // Short intervals and `for:` so everything happens within seconds; cAdvisor's port has no listener.
@@ -121,12 +123,12 @@ group_interval = "2s"
 repeat_interval = "1h"
 slow_min_seconds = 0.05
 slow_max_seconds = 0.3
-demo_app_target = "{ip}:{app}"
-node_exporter_target = "{ip}:{node}"
-alertmanager_target = "{ip}:{am}"
-prometheus_target = "{ip}:{prom}"
-cadvisor_target = "{ip}:{cadvisor}"
-webhook_url = "http://{ip}:{hook_port}/hook""#
+demo_app_target = "{app_ip}:{app}"
+node_exporter_target = "{node_ip}:{node}"
+alertmanager_target = "{am_ip}:{am}"
+prometheus_target = "{prom_ip}:{prom}"
+cadvisor_target = "{cadvisor_ip}:{cadvisor}"
+webhook_url = "http://127.0.0.1:{hook_port}/hook""#
     );
     let lab = Lab::render("debian", &vars);
     let out = &lab.out;
@@ -140,7 +142,7 @@ webhook_url = "http://{ip}:{hook_port}/hook""#
         &["-m", "gunicorn", "--config", "gunicorn.conf.py", "app:app"].map(String::from),
         &out.join("demo-app"),
         &[
-            ("BIND", format!("{ip}:{app}")),
+            ("BIND", format!("{app_ip}:{app}")),
             ("SLOW_MIN_SECONDS", "0.05".into()),
             ("SLOW_MAX_SECONDS", "0.3".into()),
             ("SECRET_KEY", crate::lab::TEST_PROMETHEUS_HEX.into()),
@@ -150,7 +152,7 @@ webhook_url = "http://{ip}:{hook_port}/hook""#
     let _node = spawn(
         "node-exporter",
         "prometheus-node-exporter",
-        &[format!("--web.listen-address={ip}:{node}")],
+        &[format!("--web.listen-address={node_ip}:{node}")],
         out,
         &[],
         &logs,
@@ -161,7 +163,7 @@ webhook_url = "http://{ip}:{hook_port}/hook""#
         &[
             format!("--config.file={}", out.join("alertmanager/alertmanager.yml").display()),
             format!("--storage.path={}", data.join("alertmanager").display()),
-            format!("--web.listen-address={ip}:{am}"),
+            format!("--web.listen-address={am_ip}:{am}"),
             "--cluster.listen-address=".into(),
         ],
         out,
@@ -174,29 +176,46 @@ webhook_url = "http://{ip}:{hook_port}/hook""#
         &[
             format!("--config.file={}", out.join("prometheus/prometheus.yml").display()),
             format!("--storage.tsdb.path={}", data.join("prometheus").display()),
-            format!("--web.listen-address={ip}:{prom}"),
+            format!("--web.listen-address={prom_ip}:{prom}"),
         ],
         out,
         &[],
         &logs,
     );
     let up = Duration::from_secs(60);
-    wait_until(up, "demo app /health", || http_ok(&format!("http://{ip}:{app}/health")));
-    wait_until(up, "node exporter /metrics", || http_ok(&format!("http://{ip}:{node}/metrics")));
-    wait_until(up, "alertmanager /-/ready", || http_ok(&format!("http://{ip}:{am}/-/ready")));
-    wait_until(up, "prometheus /-/ready", || http_ok(&format!("http://{ip}:{prom}/-/ready")));
-    let api = format!("http://{ip}:{prom}/api/v1");
+    wait_until(up, "demo app /health", || http_ok(&format!("http://{app_ip}:{app}/health")));
+    wait_until(up, "node exporter /metrics", || http_ok(&format!("http://{node_ip}:{node}/metrics")));
+    wait_until(up, "alertmanager /-/ready", || http_ok(&format!("http://{am_ip}:{am}/-/ready")));
+    wait_until(up, "prometheus /-/ready", || http_ok(&format!("http://{prom_ip}:{prom}/-/ready")));
+    let api = format!("http://{prom_ip}:{prom}/api/v1");
 
     // Bounded load through the real CLI: the summary counts 5xx and reports percentiles.
-    let app_url = format!("http://{ip}:{app}");
+    let app_url = format!("http://{app_ip}:{app}");
+    // Without --url it targets the host port box-config.toml forwards to the demo app's guest port 8000.
+    let cfg_path = lab.dir.path().join("box-config.toml");
+    let cfg = std::fs::read_to_string(&cfg_path).unwrap();
+    let shipped = "guest = 8000\nhost = 8000\n";
+    assert!(cfg.contains(shipped), "box-config.toml no longer forwards 8000 -> 8000");
+    std::fs::write(&cfg_path, cfg.replace(shipped, &format!("guest = 8000\nhost = {app}\nhost_ip = \"{app_ip}\"\n")))
+        .unwrap();
     let load = Test::new()
-        .args(["load", "--url", &app_url, "--requests", "60", "--duration", "30", "--error-ratio", "0.5"])
+        .cwd(lab.dir.path())
+        .args(["load", "--requests", "60", "--duration", "30", "--error-ratio", "0.5"])
         .args(["--slow-ratio", "0.1", "--concurrency", "4"])
         .run()
         .success();
     let summary = load.stdout();
-    assert!(summary.contains("60 requests to"), "{summary}");
+    assert!(summary.contains(&format!("60 requests to {app_url} in")), "{summary}");
     assert!(summary.contains("/error") && summary.contains("500") && summary.contains("p95"), "{summary}");
+    // The in-guest script (stdlib only) does the same, bounded.
+    let script = Command::new("/usr/bin/python3")
+        .arg(out.join("loadgen/loadgen.py"))
+        .args(["--url", &app_url, "--requests", "20", "--duration", "30", "--error-ratio", "0.5"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&script.stdout);
+    assert!(script.status.success(), "loadgen.py: {text}{}", String::from_utf8_lossy(&script.stderr));
+    assert!(text.contains("20 requests to") && text.contains("/error") && text.contains("500"), "{text}");
     // Then steady traffic in the background for the rest of the test (bounded by its own duration).
     let mut bg = Command::new(crate::support::bin());
     bg.args(["load", "--url", &app_url, "--requests", "100000", "--duration", "120", "--error-ratio", "0.5"]).args([

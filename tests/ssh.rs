@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use provisioner::keys::{self, KeyPair};
 use provisioner::machine::state::MachineState;
 use provisioner::machine::StateDir;
+use provisioner::process::Cmd;
 use provisioner::ssh::{Endpoint, Session};
 use sha2::{Digest, Sha256};
 
@@ -32,18 +33,19 @@ impl Sshd {
     fn start() -> Sshd {
         let dir = tempfile::tempdir().unwrap();
         let state = StateDir::at(dir.path().join(".provisioner"));
-        Self::start_for(dir, state)
+        Self::start_for(dir, state, "")
     }
 
-    /// Start sshd for the keys in `state` (created if missing); `dir` holds its config and log.
-    fn start_for(dir: tempfile::TempDir, state: StateDir) -> Sshd {
+    /// Start sshd for the keys in `state` (created if missing); `dir` holds its config and log. `extra` lines go
+    /// first in sshd_config (the first value of an option wins; HostKey lines add up in order).
+    fn start_for(dir: tempfile::TempDir, state: StateDir, extra: &str) -> Sshd {
         let (user, host) = keys::ensure_machine_keys(&state, "sshtest").unwrap();
         let d = dir.path();
         std::fs::write(d.join("authorized_keys"), format!("{}\n", user.public_openssh)).unwrap();
         std::fs::create_dir_all("/run/sshd").unwrap();
         let port = support::free_port();
         let config = format!(
-            "Port {port}\nListenAddress 127.0.0.1\nHostKey \"{hk}\"\nAuthorizedKeysFile \"{ak}\"\nPidFile \"{pid}\"\n\
+            "{extra}Port {port}\nListenAddress 127.0.0.1\nHostKey \"{hk}\"\nAuthorizedKeysFile \"{ak}\"\nPidFile \"{pid}\"\n\
              StrictModes no\nUsePAM no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n\
              PubkeyAuthentication yes\nPermitRootLogin prohibit-password\nAllowUsers {me}\nLogLevel VERBOSE\n",
             hk = state.host_key().display(),
@@ -93,6 +95,20 @@ fn exec_reports_exit_codes() {
     assert!(err.contains("exit 4") && err.contains("nope"), "{err}");
     // The session stays usable after all of that.
     assert_eq!(s.exec_ok("echo still", T).unwrap(), "still\n");
+}
+
+#[test]
+fn a_quiet_command_outlives_the_read_slice_and_a_hung_one_hits_the_deadline() {
+    let sshd = Sshd::start();
+    let s = sshd.session();
+    // Silent for longer than one 10 s read slice: the wait resumes (with a keepalive) instead of failing.
+    let out = s.exec("sleep 12; echo woke", Duration::from_secs(40)).unwrap();
+    assert_eq!((out.status, out.output.as_str()), (0, "woke\n"));
+    let start = Instant::now();
+    let err = s.exec("echo started; sleep 60", Duration::from_secs(3)).unwrap_err();
+    let msg = format!("{err:#}");
+    assert!(start.elapsed() < Duration::from_secs(6), "deadline not kept: {:?}", start.elapsed());
+    assert!(msg.contains("did not finish within 3s") && msg.contains("started") && msg.contains("hint:"), "{msg}");
 }
 
 #[test]
@@ -245,6 +261,18 @@ fn different_host_key_is_refused_before_authenticating() {
 }
 
 #[test]
+fn the_pinned_key_is_requested_when_the_server_has_several() {
+    // A box whose old host keys survived: sshd offers ECDSA first, which libssh2 would otherwise prefer.
+    let dir = tempfile::tempdir().unwrap();
+    let ecdsa = dir.path().join("ssh_host_ecdsa_key");
+    Cmd::new("ssh-keygen").args(["-q", "-t", "ecdsa", "-N", "", "-f"]).arg(&ecdsa).run().unwrap();
+    let extra = format!("HostKey \"{}\"\n", ecdsa.display());
+    let state = StateDir::at(dir.path().join(".provisioner"));
+    let sshd = Sshd::start_for(dir, state, &extra);
+    assert_eq!(sshd.session().exec("true", T).unwrap().status, 0);
+}
+
+#[test]
 fn wrong_user_key_is_permission_denied_with_a_hint() {
     let sshd = Sshd::start();
     let mut ep = sshd.endpoint();
@@ -284,7 +312,7 @@ fn project_with_sshd() -> (support::Test, PathBuf, Sshd) {
     std::fs::write(project.join("box-config.toml"), config).unwrap();
     support::copy_dir(&support::repo().join("provision"), &project.join("provision"));
     let state = StateDir::at(project.join(".provisioner"));
-    let sshd = Sshd::start_for(tempfile::tempdir().unwrap(), state.clone());
+    let sshd = Sshd::start_for(tempfile::tempdir().unwrap(), state.clone(), "");
     let ms = MachineState {
         provider: "libvirt".into(),
         vm_name: "sshtest".into(),
@@ -318,6 +346,20 @@ fn provisioner_ssh_without_state_says_to_run_up() {
 }
 
 #[test]
+fn provisioner_ssh_to_a_stopped_machine_says_so() {
+    let (_t, project, sshd) = project_with_sshd();
+    let port = sshd.port;
+    drop(sshd);
+    support::Test::new()
+        .cwd(&project)
+        .args(["ssh", "-c", "true"])
+        .run()
+        .failure()
+        .stderr_contains(&format!("not reachable over SSH at 127.0.0.1:{port}"))
+        .stderr_contains("provisioner up");
+}
+
+#[test]
 fn ssh_config_stanza_parses_and_connects() {
     let (t, project, sshd) = project_with_sshd();
     let run = support::Test::new().cwd(&project).args(["ssh-config", "--host", "labvm"]).run().success();
@@ -336,7 +378,7 @@ fn ssh_config_stanza_parses_and_connects() {
     ] {
         assert!(g.contains(&want), "ssh -G lacks {want:?}:\n{g}");
     }
-    let out = provisioner::process::Cmd::new("ssh")
+    let out = Cmd::new("ssh")
         .args(["-F".as_ref(), file.as_os_str(), "labvm".as_ref(), "echo connected".as_ref()])
         .timeout(Duration::from_secs(30))
         .run()

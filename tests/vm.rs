@@ -67,48 +67,36 @@ fn golden(name: &str, actual: &str) {
     }
     let expected = std::fs::read_to_string(&path)
         .unwrap_or_else(|e| panic!("{}: {e} (UPDATE_GOLDEN=1 writes it)", path.display()));
-    assert_eq!(
-        actual,
-        expected,
-        "domain XML differs from {} (UPDATE_GOLDEN=1 rewrites it)",
-        path.display()
-    );
+    assert_eq!(actual, expected, "domain XML differs from {} (UPDATE_GOLDEN=1 rewrites it)", path.display());
 }
 
 #[test]
 fn domain_xml_tcg_direct_kernel_boot() {
-    let xml = domain_xml(&spec(false, true, Firmware::Bios), Some("+0:+0")).unwrap();
+    let xml = domain_xml(
+        &spec(false, true, Firmware::Bios),
+        Some("5f2c1c4e-8f7e-4a55-9d43-0c3f4e0a6b21"),
+        Some("+0:+0"),
+    )
+    .unwrap();
     golden("tcg-direct-kernel.xml", &xml);
     // The state dir round-trips through the metadata, escaped.
     assert!(xml.contains("lab &amp; co"), "{xml}");
-    assert_eq!(
-        owner_state_dir(&xml).as_deref(),
-        Some("/home/u/lab & co/.provisioner")
-    );
+    assert_eq!(owner_state_dir(&xml).as_deref(), Some("/home/u/lab & co/.provisioner"));
 }
 
 #[test]
 fn domain_xml_kvm_disk_boot() {
-    golden(
-        "kvm-disk-boot.xml",
-        &domain_xml(&spec(true, false, Firmware::Bios), None).unwrap(),
-    );
+    golden("kvm-disk-boot.xml", &domain_xml(&spec(true, false, Firmware::Bios), None, None).unwrap());
 }
 
 #[test]
 fn domain_xml_uefi() {
-    golden(
-        "uefi.xml",
-        &domain_xml(&spec(false, false, Firmware::Uefi), None).unwrap(),
-    );
+    golden("uefi.xml", &domain_xml(&spec(false, false, Firmware::Uefi), None, None).unwrap());
 }
 
 #[test]
 fn a_domain_without_our_metadata_has_no_owner() {
-    assert_eq!(
-        owner_state_dir("<domain type='kvm'><name>lab</name></domain>"),
-        None
-    );
+    assert_eq!(owner_state_dir("<domain type='kvm'><name>lab</name></domain>"), None);
 }
 
 /// A test dir with a minimal libvirt config: local image box, SSH and one extra forward on the given ports.
@@ -129,51 +117,23 @@ fn machine_dir(name: &str, ssh_port: u16, extra_port: u16, image: &Path) -> Test
 
 #[test]
 fn destroy_without_tty_and_without_force_refuses() {
-    let t = machine_dir(
-        "refuse",
-        support::free_port(),
-        support::free_port(),
-        Path::new("/nonexistent.qcow2"),
-    );
+    let t =
+        machine_dir("refuse", support::free_port(), support::free_port(), Path::new("/nonexistent.qcow2"));
     std::fs::create_dir_all(t.path().join(".provisioner")).unwrap();
-    let r = Test::new()
-        .cwd(t.path())
-        .arg("destroy")
-        .run()
-        .failure()
-        .stderr_contains("not a terminal");
+    let r = Test::new().cwd(t.path()).arg("destroy").run().failure().stderr_contains("not a terminal");
     assert!(r.stderr().contains("-f"), "{}", r.stderr());
-    assert!(
-        t.path().join(".provisioner").is_dir(),
-        "the state dir must survive a refused destroy"
-    );
+    assert!(t.path().join(".provisioner").is_dir(), "the state dir must survive a refused destroy");
 }
 
 #[test]
 fn status_without_a_machine_says_not_created() {
-    let t = machine_dir(
-        "nothing",
-        support::free_port(),
-        support::free_port(),
-        Path::new("/nonexistent.qcow2"),
-    );
-    Test::new()
-        .cwd(t.path())
-        .arg("status")
-        .run()
-        .success()
-        .stdout_contains("nothing: not created");
-    let r = Test::new()
-        .cwd(t.path())
-        .args(["--json", "status"])
-        .run()
-        .success();
+    let t =
+        machine_dir("nothing", support::free_port(), support::free_port(), Path::new("/nonexistent.qcow2"));
+    Test::new().cwd(t.path()).arg("status").run().success().stdout_contains("nothing: not created");
+    let r = Test::new().cwd(t.path()).args(["--json", "status"]).run().success();
     let v: serde_json::Value = serde_json::from_str(r.stdout().trim()).unwrap();
     assert_eq!(v["state"], "not_created", "{v}");
-    assert!(
-        !t.path().join(".provisioner").exists(),
-        "status must not create state"
-    );
+    assert!(!t.path().join(".provisioner").exists(), "status must not create state");
 }
 
 #[test]
@@ -184,22 +144,174 @@ fn up_refuses_a_taken_port_naming_its_holder() {
     }
     let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = held.local_addr().unwrap().port();
-    let t = machine_dir(
-        "taken",
-        support::free_port(),
-        port,
-        Path::new("/nonexistent.qcow2"),
-    );
-    let r = Test::new()
-        .cwd(t.path())
-        .args(["up", "--no-provision"])
-        .run()
-        .failure();
+    let t = machine_dir("taken", support::free_port(), port, Path::new("/nonexistent.qcow2"));
+    let r = Test::new().cwd(t.path()).args(["up", "--no-provision"]).run().failure();
     let err = r.stderr();
     assert!(err.contains(&format!("127.0.0.1:{port}")), "{err}");
-    assert!(
-        err.contains(&format!("PID {}", std::process::id())),
-        "{err}"
-    );
+    assert!(err.contains(&format!("PID {}", std::process::id())), "{err}");
     assert!(err.contains("hint:"), "{err}");
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// VM tier: real libvirt + QEMU (TCG) guests.
+
+/// The `[box]` table of the repo's box-config.toml (so the cached box is shared with the other VM tests), or
+/// `PROVISIONER_TEST_BOX` (a TOML `[box]` table) when set.
+fn test_box() -> String {
+    if let Ok(b) = std::env::var("PROVISIONER_TEST_BOX") {
+        return b;
+    }
+    let cfg = provisioner::config::Config::load(&support::repo().join("box-config.toml")).unwrap();
+    let mut doc = toml::Table::new();
+    doc.insert("box".into(), toml::Value::try_from(&cfg.base_box).unwrap());
+    toml::to_string(&doc).unwrap()
+}
+
+/// A machine in its own temp dir with free ports; destroyed (and any background `up` killed) on drop.
+struct Vm {
+    t: Test,
+    name: String,
+    uri: String,
+}
+
+impl Vm {
+    fn new(tag: &str) -> Vm {
+        let t = Test::new();
+        let name = format!("vm{tag}{}", std::process::id() % 100_000);
+        let uri = "qemu:///session".to_string();
+        t.write(
+            "box-config.toml",
+            format!(
+                "[machine]\nname = \"{name}\"\nprovider = \"libvirt\"\ncpus = 2\nmemory_mb = 1024\ndisk_gb = 8\n\n\
+                 {}\n[ssh]\nhost_port = {}\nconnect_timeout_secs = 1500\n\n[[forward]]\nname = \"web\"\nguest = 80\nhost = {}\n\n\
+                 [provision]\nenabled = false\n\n[libvirt]\nuri = \"{uri}\"\n",
+                test_box(),
+                support::free_port(),
+                support::free_port()
+            ),
+        );
+        Vm { t, name, uri }
+    }
+    fn cmd(&self) -> Test {
+        Test::new()
+            .cwd(self.t.path())
+            .env("PROVISIONER_CONFIG", self.t.path().join("box-config.toml").to_string_lossy())
+    }
+    fn run(&self, args: &[&str]) -> support::Run {
+        self.cmd().args(args.iter().copied()).run()
+    }
+    /// `up --no-provision` in the background.
+    fn spawn_up(&self, log: &str) -> support::Proc {
+        let mut c = std::process::Command::new(support::bin());
+        c.args(["up", "--no-provision"])
+            .current_dir(self.t.path())
+            .env("PROVISIONER_CACHE_DIR", support::cache_dir());
+        support::Proc::spawn("up", c, self.t.path().join(log))
+    }
+    fn state_dir(&self) -> PathBuf {
+        self.t.path().join(".provisioner")
+    }
+    /// Our domains in `virsh list --all --name`.
+    fn domains(&self) -> Vec<String> {
+        let out = std::process::Command::new("virsh")
+            .args(["-c", &self.uri, "list", "--all", "--name"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.contains(&self.name))
+            .map(str::to_string)
+            .collect()
+    }
+    /// Qcow2 files in the state dir (the overlay and any leftover temp).
+    fn disks(&self) -> Vec<String> {
+        std::fs::read_dir(self.state_dir())
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.contains("qcow2"))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+    fn wait_exit(p: &mut support::Proc, timeout: std::time::Duration) -> std::process::ExitStatus {
+        support::wait_until(timeout, "the background `up` to exit", || p.child.try_wait().unwrap())
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        let r = self.run(&["destroy", "-f"]);
+        if !r.out.status.success() {
+            eprintln!("cleanup destroy failed: {}", r.stderr());
+        }
+    }
+}
+
+/// Generous: a TCG boot on a loaded 2-core host takes many minutes.
+const BOOT: std::time::Duration = std::time::Duration::from_secs(1800);
+
+#[test]
+#[ignore = "vm: boots a TCG guest through libvirt (up, lock, ssh, status, halt, up, destroy)"]
+fn vm_lifecycle_end_to_end() {
+    let vm = Vm::new("life");
+    // The cold `up` (box from the cache, create, boot) holds the lock: a second `up` fails fast naming its PID.
+    let mut first = vm.spawn_up("up1.log");
+    let lock = vm.state_dir().join("lock");
+    support::wait_until(BOOT, "the lock file to name the first up's PID", || {
+        std::fs::read_to_string(&lock).ok().filter(|s| s.contains(&first.child.id().to_string()))
+    });
+    let t = std::time::Instant::now();
+    vm.run(&["up", "--no-provision"]).failure().stderr_contains(&format!("pid {}", first.child.id()));
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(10),
+        "second up did not fail fast: {:?}",
+        t.elapsed()
+    );
+    let st = Vm::wait_exit(&mut first, BOOT);
+    assert!(st.success(), "first up failed:\n{}", first.log_text());
+
+    let r = vm.run(&["ssh", "-c", "cat /etc/hostname"]).success();
+    assert_eq!(r.stdout().trim(), vm.name);
+    let r = vm.run(&["status"]).success();
+    assert!(r.stdout().contains(&format!("{}: running (libvirt, 127.0.0.1:", vm.name)), "{}", r.stdout());
+
+    vm.run(&["halt"]).success();
+    vm.run(&["status"]).success().stdout_contains(&format!("{}: stopped", vm.name));
+    vm.run(&["up", "--no-provision"]).success();
+    vm.run(&["status"]).success().stdout_contains("running");
+
+    let disk = vm.state_dir().join("disk.qcow2");
+    assert!(disk.exists());
+    vm.run(&["destroy", "-f"]).success();
+    assert!(vm.domains().is_empty(), "domain left behind: {:?}", vm.domains());
+    assert!(!vm.state_dir().exists() && !disk.exists(), "state dir or overlay left behind");
+}
+
+#[test]
+#[ignore = "vm: interrupts `up` (SIGINT, then SIGKILL) during boot and checks the next `up` recovers"]
+fn vm_interrupted_up_recovers_without_leaks() {
+    let vm = Vm::new("intr");
+    let serial = vm.state_dir().join("serial.log");
+    for (round, sig) in [(1, 2), (2, 9)] {
+        let mut up = vm.spawn_up(&format!("up{round}.log"));
+        // Interrupt once the guest is booting (its serial console has output).
+        support::wait_until(BOOT, "the guest to start booting", || {
+            if let Some(st) = up.child.try_wait().unwrap() {
+                panic!("up exited before the interrupt ({st}):\n{}", up.log_text());
+            }
+            std::fs::metadata(&serial).ok().filter(|m| m.len() > 0)
+        });
+        unsafe { libc::kill(up.child.id() as i32, sig) };
+        let st = Vm::wait_exit(&mut up, std::time::Duration::from_secs(30));
+        assert!(!st.success(), "up survived signal {sig}");
+
+        vm.run(&["up", "--no-provision"]).success();
+        vm.run(&["status"]).success().stdout_contains("running");
+        assert_eq!(vm.domains().len(), 1, "domains after signal {sig}: {:?}", vm.domains());
+        assert_eq!(vm.disks(), vec!["disk.qcow2".to_string()], "disks after signal {sig}");
+        // Next round starts from a stopped machine with a fresh boot.
+        vm.run(&["halt", "-f"]).success();
+        std::fs::write(&serial, "").unwrap();
+    }
 }

@@ -10,7 +10,7 @@ if [ "$#" -gt 0 ]; then
     # Keep package scripts from starting daemons in the chroot.
     printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
     chmod 0755 /usr/sbin/policy-rc.d
-    apt-get update
+    apt-get update -o Acquire::Languages=none
     apt-get install -y --no-install-recommends -o Dpkg::Options::=--force-confold "$@"
     rm -f /usr/sbin/policy-rc.d
 fi
@@ -40,7 +40,8 @@ ln -sf ../run/systemd/resolve/stub-resolv.conf /etc/resolv.conf
 
 echo "== cloud-init: NoCloud seed, else nothing"
 mkdir -p /etc/cloud/cloud.cfg.d
-cat >/etc/cloud/cloud.cfg.d/90-provisioner.cfg <<'EOF'
+# After 90_dpkg.cfg (which sets the list Debian's debconf chose), so this one wins.
+cat >/etc/cloud/cloud.cfg.d/99-provisioner.cfg <<'EOF'
 datasource_list: [ NoCloud, None ]
 EOF
 

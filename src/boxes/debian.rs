@@ -31,6 +31,8 @@ const BASE_PACKAGES: &[&str] = &[
     "curl",
     "procps",
     "kmod",
+    // resize2fs: cloud-init grows the root filesystem to the machine's disk; fsck at boot.
+    "e2fsprogs",
 ];
 /// Always installed with apt in the chroot, before the configured extra packages.
 const APT_PACKAGES: &[&str] = &["cloud-init"];

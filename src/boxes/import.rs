@@ -36,9 +36,32 @@ pub fn ensure(cache: &Cache, path: &Path, force: bool, ui: &Ui) -> Result<(BoxMe
             Ok(BoxMeta::new(source.clone(), "virtualbox", "ovf", &ovf))
         });
     }
-    let id = sha256_file(path)?;
+    let id = remembered_sha256(cache, path)?;
     phase.done(short(&id));
     cache.get_or_build(&id, force, ui, |dir| unpack(path, dir, source.clone()))
+}
+
+/// The sha256 of a local file, remembered by (path, size, mtime) so a multi-GB image is hashed once, not on
+/// every `up`.
+fn remembered_sha256(cache: &Cache, path: &Path) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    use std::os::unix::fs::MetadataExt;
+    let md = std::fs::metadata(path).with_context(|| format!("stat {}", path.display()))?;
+    let abs = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    let stamp = format!("{} {} {}.{}", abs.display(), md.len(), md.mtime(), md.mtime_nsec());
+    let memo_dir = cache.root.join("hashes");
+    let memo = memo_dir.join(hex::encode(Sha256::digest(abs.to_string_lossy().as_bytes())));
+    if let Ok(text) = std::fs::read_to_string(&memo) {
+        if let Some((sum, seen)) = text.split_once(' ') {
+            if seen == stamp && sum.len() == 64 {
+                return Ok(sum.to_string());
+            }
+        }
+    }
+    let sum = sha256_file(path)?;
+    std::fs::create_dir_all(&memo_dir)?;
+    std::fs::write(&memo, format!("{sum} {stamp}"))?;
+    Ok(sum)
 }
 
 #[derive(Debug, PartialEq, Eq)]

@@ -24,9 +24,7 @@ pub fn cache_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("PROVISIONER_CACHE_DIR") {
         return PathBuf::from(d);
     }
-    dirs::cache_dir()
-        .unwrap_or_else(|| PathBuf::from("/var/tmp"))
-        .join("provisioner")
+    dirs::cache_dir().unwrap_or_else(|| PathBuf::from("/var/tmp")).join("provisioner")
 }
 
 /// Make sure the box that `cfg` names is in the cache (fetching or building it) and return it.

@@ -36,14 +36,10 @@ impl Machine {
     fn load(ctx: &Ctx) -> Result<Self> {
         let cfg = ctx.config()?;
         let rel = ctx.state(&cfg);
-        let root = std::path::absolute(&rel.root)
-            .with_context(|| format!("resolve {}", rel.root.display()))?;
+        let root =
+            std::path::absolute(&rel.root).with_context(|| format!("resolve {}", rel.root.display()))?;
         let vm_name = provider::vm_name(&cfg);
-        Ok(Self {
-            cfg,
-            state: StateDir::at(root),
-            vm_name,
-        })
+        Ok(Self { cfg, state: StateDir::at(root), vm_name })
     }
 }
 
@@ -113,12 +109,7 @@ fn up_locked(ctx: &Ctx, m: &Machine, p: &dyn Provider, args: &UpArgs) -> Result<
     ph.done("done");
 
     if args.no_provision || m.cfg.provision.enabled == Some(false) {
-        ui.info(format!(
-            "{}: running ({}, {}); provisioning skipped",
-            m.cfg.machine.name,
-            p.name(),
-            ep.addr
-        ));
+        ui.info(format!("{}: running ({}, {}); provisioning skipped", m.cfg.machine.name, p.name(), ep.addr));
         return Ok(crate::exit::OK);
     }
     let ph = ui.phase("render");
@@ -126,11 +117,7 @@ fn up_locked(ctx: &Ctx, m: &Machine, p: &dyn Provider, args: &UpArgs) -> Result<
     ph.done(&format!("{} files", rendered.files.len()));
     crate::guest::provision(&m.cfg, &session, &rendered, ui, false)?;
     let healthy = crate::health::check(&m.cfg, Some(&session), ui, Duration::from_secs(300))?;
-    Ok(if healthy {
-        crate::exit::OK
-    } else {
-        crate::exit::UNHEALTHY
-    })
+    Ok(if healthy { crate::exit::OK } else { crate::exit::UNHEALTHY })
 }
 
 /// Create or start the machine; returns its (user, host) keys.
@@ -202,11 +189,7 @@ fn boot(
 
     let ph = ui.phase("boot");
     p.start(&m.vm_name)?;
-    ph.done(if live == VmState::NotCreated {
-        "created and started"
-    } else {
-        "started"
-    });
+    ph.done(if live == VmState::NotCreated { "created and started" } else { "started" });
     Ok((user_key, host_key))
 }
 
@@ -227,9 +210,7 @@ fn resolve_forwards(cfg: &Config, st: &MachineState) -> Vec<Forward> {
 /// The last lines of the serial console, as context for an SSH timeout.
 fn serial_tail(state: &StateDir) -> String {
     let log = state.serial_log();
-    let text = std::fs::read(&log)
-        .map(|b| String::from_utf8_lossy(&b).into_owned())
-        .unwrap_or_default();
+    let text = std::fs::read(&log).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
     format!(
         "the guest did not answer SSH; last {SERIAL_TAIL_LINES} lines of its serial console ({}):\n{}\n\
          hint: a guest that never reaches a login prompt has a boot problem (box, kernel command line, disk); one \
@@ -286,53 +267,30 @@ fn halt_locked(ctx: &Ctx, m: &Machine, args: &HaltArgs) -> Result<i32> {
     let p = provider::select(&m.cfg)?;
     let ph = ctx.ui.phase("halt");
     p.halt(&m.vm_name, Duration::from_secs(args.timeout), args.force)?;
-    ph.done(if args.force {
-        "powered off"
-    } else {
-        "shut down"
-    });
+    ph.done(if args.force { "powered off" } else { "shut down" });
     Ok(crate::exit::OK)
 }
 
 pub fn reload(ctx: &Ctx, args: &UpArgs) -> Result<i32> {
     let m = Machine::load(ctx)?;
     let _lock = MachineLock::acquire(&m.state, "reload")?;
-    halt_locked(
-        ctx,
-        &m,
-        &HaltArgs {
-            force: false,
-            timeout: 60,
-        },
-    )?;
+    halt_locked(ctx, &m, &HaltArgs { force: false, timeout: 60 })?;
     let p = provider::select(&m.cfg)?;
     up_locked(ctx, &m, p.as_ref(), args)
 }
 
 pub fn destroy(ctx: &Ctx, args: &DestroyArgs) -> Result<i32> {
     let m = Machine::load(ctx)?;
-    if !args.force
-        && !confirm(&format!(
-            "Destroy machine {:?} and all its data?",
-            m.cfg.machine.name
-        ))?
-    {
+    if !args.force && !confirm(&format!("Destroy machine {:?} and all its data?", m.cfg.machine.name))? {
         ctx.ui.info("not destroyed");
         return Ok(crate::exit::FAILURE);
     }
     if !m.state.exists() {
-        ctx.ui.info(format!(
-            "{}: not created; nothing to destroy",
-            m.cfg.machine.name
-        ));
+        ctx.ui.info(format!("{}: not created; nothing to destroy", m.cfg.machine.name));
         return Ok(crate::exit::OK);
     }
     let _lock = MachineLock::acquire(&m.state, "destroy")?;
-    let vm_name = MachineState::load(&m.state)
-        .ok()
-        .flatten()
-        .map(|s| s.vm_name)
-        .unwrap_or(m.vm_name.clone());
+    let vm_name = MachineState::load(&m.state).ok().flatten().map(|s| s.vm_name).unwrap_or(m.vm_name.clone());
     let p = provider::select(&m.cfg)?;
     let ph = ctx.ui.phase("destroy");
     p.destroy(&vm_name, &m.state)?;

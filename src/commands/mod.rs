@@ -33,10 +33,7 @@ impl Ctx {
 
 /// Run a parsed command; the returned value is the process exit code.
 pub fn dispatch(cli: Cli) -> Result<i32> {
-    let ctx = Ctx {
-        ui: Ui::new(cli.global.json, cli.global.quiet),
-        global: cli.global,
-    };
+    let ctx = Ctx { ui: Ui::new(cli.global.json, cli.global.quiet), global: cli.global };
     match cli.command {
         Command::Up(a) => lifecycle::up(&ctx, &a),
         Command::Ssh(a) => ssh::ssh(&ctx, &a),
@@ -54,12 +51,7 @@ pub fn dispatch(cli: Cli) -> Result<i32> {
         Command::Box(c) => boxcmd::run(&ctx, c),
         Command::Completions { shell } => {
             use clap::CommandFactory;
-            clap_complete::generate(
-                shell,
-                &mut Cli::command(),
-                "provisioner",
-                &mut std::io::stdout(),
-            );
+            clap_complete::generate(shell, &mut Cli::command(), "provisioner", &mut std::io::stdout());
             Ok(0)
         }
     }

@@ -44,6 +44,14 @@ fn options(t: &Target) -> Vec<(&'static str, String)> {
 
 pub fn ssh(ctx: &Ctx, args: &SshArgs) -> Result<i32> {
     let t = target(ctx)?;
+    // Fail with a useful message rather than ssh's bare "Connection refused" when the machine is down.
+    if let Err(e) = std::net::TcpStream::connect_timeout(&t.ep.addr, std::time::Duration::from_secs(5)) {
+        bail!(
+            "machine `{}` is not reachable over SSH at {}: {e}\nhint: is it running? check `provisioner status`; `provisioner up` starts it",
+            t.alias,
+            t.ep.addr
+        );
+    }
     let ssh = which::which("ssh").map_err(|_| {
         anyhow::anyhow!("the OpenSSH client `ssh` is not on PATH\nhint: install it (Debian/Ubuntu: `apt-get install openssh-client`)")
     })?;

@@ -33,9 +33,7 @@ pub struct StateDir {
 
 impl StateDir {
     pub fn for_config(cfg: &Config) -> Self {
-        Self {
-            root: cfg.base_dir().join(STATE_DIR_NAME),
-        }
+        Self { root: cfg.base_dir().join(STATE_DIR_NAME) }
     }
     pub fn at(root: impl Into<PathBuf>) -> Self {
         Self { root: root.into() }
@@ -94,11 +92,9 @@ pub fn write_private(path: &Path, data: &[u8], mode: u32) -> Result<()> {
     let dir = path.parent().context("path has no parent")?;
     let mut tmp = tempfile::NamedTempFile::new_in(dir)
         .with_context(|| format!("create temp file in {}", dir.display()))?;
-    tmp.as_file()
-        .set_permissions(std::fs::Permissions::from_mode(mode))?;
+    tmp.as_file().set_permissions(std::fs::Permissions::from_mode(mode))?;
     tmp.write_all(data)?;
     tmp.as_file().sync_all()?;
-    tmp.persist(path)
-        .with_context(|| format!("write {}", path.display()))?;
+    tmp.persist(path).with_context(|| format!("write {}", path.display()))?;
     Ok(())
 }

@@ -2,8 +2,10 @@
 //!
 //! The disk is a qcow2 overlay in the state dir on top of the cached box (never modified). The domain XML is
 //! rendered from `assets/libvirt/domain.xml.hbs`; its `<metadata>` names the tool and the state dir, so a domain of
-//! the same name that we did not make is refused instead of touched. Networking is user-mode (passt) with every
-//! forward bound on the host address the config names (127.0.0.1 by default): no bridge, no NAT network.
+//! the same name that we did not make is refused instead of touched. Networking is user-mode with every forward
+//! bound on the host address the config names (127.0.0.1 by default): no bridge, no NAT network. It is QEMU's own
+//! (slirp) `-netdev user,hostfwd=...` through `<qemu:commandline>`: passt (libvirt's
+//! `<portForward>`) fails as root, where passt drops to `nobody` and cannot write its PID file (docs/vm.md).
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -14,7 +16,7 @@ use serde_json::json;
 
 use super::{MachineSpec, Provider, VmState};
 pub use crate::accel::decide_accel;
-use crate::config::{Config, Firmware, Protocol};
+use crate::config::{Config, Firmware, Forward, Protocol};
 use crate::machine::state::MachineState;
 use crate::machine::StateDir;
 use crate::process::Cmd;
@@ -34,15 +36,11 @@ pub struct Libvirt {
 
 impl Libvirt {
     pub fn new(cfg: &Config) -> Result<Self> {
-        Ok(Self {
-            uri: cfg.libvirt.uri.clone(),
-        })
+        Ok(Self { uri: cfg.libvirt.uri.clone() })
     }
 
     fn virsh(&self) -> Cmd {
-        Cmd::new("virsh")
-            .args(["-q", "-c", &self.uri])
-            .timeout(VIRSH_TIMEOUT)
+        Cmd::new("virsh").args(["-q", "-c", &self.uri]).timeout(VIRSH_TIMEOUT)
     }
 
     /// Run a virsh subcommand; a connection failure becomes the "daemon not reachable" error with its hint.
@@ -69,9 +67,7 @@ impl Libvirt {
 
     /// Local URIs (no host part) are served by a daemon on this machine, which we may start.
     fn is_local(&self) -> bool {
-        self.uri
-            .split_once("://")
-            .is_some_and(|(_, rest)| rest.starts_with('/'))
+        self.uri.split_once("://").is_some_and(|(_, rest)| rest.starts_with('/'))
     }
 
     /// Make sure the daemon answers; as root with a local URI, start the daemons when they are not running.
@@ -88,39 +84,22 @@ impl Libvirt {
         }
         if !Path::new("/run/libvirt/virtlogd-sock").exists() {
             if let Some(virtlogd) = find_sbin("virtlogd") {
-                Cmd::new(virtlogd)
-                    .arg("-d")
-                    .timeout(Duration::from_secs(30))
-                    .run()?;
+                Cmd::new(virtlogd).arg("-d").timeout(Duration::from_secs(30)).run()?;
             }
         }
-        let daemon = find_sbin("virtqemud")
-            .or_else(|| find_sbin("libvirtd"))
-            .ok_or_else(|| {
-                anyhow::anyhow!(
-                    "no libvirt daemon is installed (neither virtqemud nor libvirtd)\n\
+        let daemon = find_sbin("virtqemud").or_else(|| find_sbin("libvirtd")).ok_or_else(|| {
+            anyhow::anyhow!(
+                "no libvirt daemon is installed (neither virtqemud nor libvirtd)\n\
                  hint: install libvirt-daemon-system (Debian/Ubuntu: scripts/host-deps.sh)"
-                )
-            })?;
+            )
+        })?;
         // A daemon started concurrently by someone else makes ours exit on its pid file lock; that is fine.
-        let _ = Cmd::new(&daemon)
-            .arg("-d")
-            .timeout(Duration::from_secs(30))
-            .output()?;
-        crate::process::wait_until(
-            Duration::from_secs(30),
-            "the libvirt daemon to answer",
-            || {
-                let out = self.virsh().arg("version").output()?;
-                Ok(out.success().then_some(()))
-            },
-        )
-        .map_err(|e| {
-            self.unreachable(&format!(
-                "started {} but it does not answer: {e:#}",
-                daemon.display()
-            ))
+        let _ = Cmd::new(&daemon).arg("-d").timeout(Duration::from_secs(30)).output()?;
+        crate::process::wait_until(Duration::from_secs(30), "the libvirt daemon to answer", || {
+            let out = self.virsh().arg("version").output()?;
+            Ok(out.success().then_some(()))
         })
+        .map_err(|e| self.unreachable(&format!("started {} but it does not answer: {e:#}", daemon.display())))
     }
 
     /// The domain's XML if it exists.
@@ -165,10 +144,7 @@ impl Libvirt {
         }
         check_free_space(&spec.state.root, spec.disk_gb)?;
         let base = std::fs::canonicalize(&spec.base.disk).with_context(|| {
-            format!(
-                "box disk {} is missing; run `provisioner box build`",
-                spec.base.disk.display()
-            )
+            format!("box disk {} is missing; run `provisioner box build`", spec.base.disk.display())
         })?;
         let tmp = spec.state.path("disk.qcow2.partial");
         let _ = std::fs::remove_file(&tmp);
@@ -187,14 +163,9 @@ impl Libvirt {
 
 /// virsh / libvirt wording for "cannot talk to the daemon".
 fn is_connect_error(stderr: &str) -> bool {
-    [
-        "failed to connect",
-        "Failed to connect socket",
-        "Cannot recv data",
-        "no connection driver available",
-    ]
-    .iter()
-    .any(|m| stderr.contains(m))
+    ["failed to connect", "Failed to connect socket", "Cannot recv data", "no connection driver available"]
+        .iter()
+        .any(|m| stderr.contains(m))
 }
 
 /// virsh wording for "no such domain".
@@ -204,10 +175,7 @@ fn is_no_domain(stderr: &str) -> bool {
 
 fn find_sbin(name: &str) -> Option<std::path::PathBuf> {
     which::which(name).ok().or_else(|| {
-        ["/usr/sbin", "/usr/local/sbin", "/sbin"]
-            .iter()
-            .map(|d| Path::new(d).join(name))
-            .find(|p| p.exists())
+        ["/usr/sbin", "/usr/local/sbin", "/sbin"].iter().map(|d| Path::new(d).join(name)).find(|p| p.exists())
     })
 }
 
@@ -244,8 +212,7 @@ fn check_free_space(dir: &Path, disk_gb: u64) -> Result<()> {
     // SAFETY: statvfs writes into the zeroed struct we own; c is a valid NUL-terminated path.
     let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
     if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
-        return Err(std::io::Error::last_os_error())
-            .with_context(|| format!("statvfs {}", dir.display()));
+        return Err(std::io::Error::last_os_error()).with_context(|| format!("statvfs {}", dir.display()));
     }
     let free = st.f_bavail as u64 * st.f_frsize as u64;
     if free < MIN_FREE_BYTES {
@@ -264,32 +231,14 @@ fn check_free_space(dir: &Path, disk_gb: u64) -> Result<()> {
 /// The DAC label that runs QEMU as the calling user with no relabelling, for local daemons: files in the
 /// state dir and the box cache stay owned by the user (a system daemon would otherwise chown them to its qemu user).
 fn local_dac_label(uri: &str) -> Option<String> {
-    let local = uri
-        .split_once("://")
-        .is_some_and(|(_, rest)| rest.starts_with('/'));
+    let local = uri.split_once("://").is_some_and(|(_, rest)| rest.starts_with('/'));
     // SAFETY: getuid/getgid have no preconditions.
-    local.then(|| {
-        format!("+{}:+{}", unsafe { libc::getuid() }, unsafe {
-            libc::getgid()
-        })
-    })
+    local.then(|| format!("+{}:+{}", unsafe { libc::getuid() }, unsafe { libc::getgid() }))
 }
 
 /// Render the domain XML for a machine spec.
-pub fn domain_xml(spec: &MachineSpec, dac_label: Option<&str>) -> Result<String> {
+pub fn domain_xml(spec: &MachineSpec, uuid: Option<&str>, dac_label: Option<&str>) -> Result<String> {
     let esc = |p: &Path| p.to_string_lossy().into_owned();
-    let forwards: Vec<_> = spec
-        .forwards
-        .iter()
-        .map(|f| {
-            json!({
-                "proto": match f.protocol { Protocol::Tcp => "tcp", Protocol::Udp => "udp" },
-                "host_ip": f.host_ip,
-                "host": f.host,
-                "guest": f.guest,
-            })
-        })
-        .collect();
     let ctx = json!({
         "domain_type": if spec.kvm { "kvm" } else { "qemu" },
         "kvm": spec.kvm,
@@ -307,14 +256,34 @@ pub fn domain_xml(spec: &MachineSpec, dac_label: Option<&str>) -> Result<String>
         "disk": esc(&spec.state.disk()),
         "seed": esc(&spec.seed_iso),
         "serial_log": esc(&spec.state.serial_log()),
-        "forwards": forwards,
+        "netdev": netdev(&spec.forwards),
+        "uuid": uuid,
         "dac_label": dac_label,
     });
     let mut hb = handlebars::Handlebars::new();
     hb.set_strict_mode(true);
     hb.register_escape_fn(xml_escape);
-    hb.render_template(DOMAIN_TEMPLATE, &ctx)
-        .context("render assets/libvirt/domain.xml.hbs")
+    hb.render_template(DOMAIN_TEMPLATE, &ctx).context("render assets/libvirt/domain.xml.hbs")
+}
+
+/// The `-netdev user` argument: one `hostfwd` per forward, on the forward's host address only.
+fn netdev(forwards: &[Forward]) -> String {
+    let mut arg = String::from("user,id=net0");
+    for f in forwards {
+        let proto = match f.protocol {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        };
+        let ip = if f.host_ip.contains(':') { format!("[{}]", f.host_ip) } else { f.host_ip.clone() };
+        arg.push_str(&format!(",hostfwd={proto}:{ip}:{}-:{}", f.host, f.guest));
+    }
+    arg
+}
+
+/// The `<uuid>` of a domain XML (a re-define must keep it).
+fn domain_uuid(xml: &str) -> Option<&str> {
+    let start = xml.find("<uuid>")? + "<uuid>".len();
+    Some(xml[start..start + xml[start..].find("</uuid>")?].trim())
 }
 
 impl Provider for Libvirt {
@@ -330,9 +299,7 @@ impl Provider for Libvirt {
             )
         })?;
         which::which("qemu-img").map_err(|_| {
-            anyhow::anyhow!(
-                "`qemu-img` was not found on PATH\nhint: install qemu-utils (Debian/Ubuntu)"
-            )
+            anyhow::anyhow!("`qemu-img` was not found on PATH\nhint: install qemu-utils (Debian/Ubuntu)")
         })?;
         self.ensure_daemon()?;
         if self.is_local() && which::which("qemu-system-x86_64").is_err() {
@@ -359,11 +326,13 @@ impl Provider for Libvirt {
     }
 
     fn create(&self, spec: &MachineSpec) -> Result<()> {
-        if let Some(xml) = self.dumpxml(&spec.vm_name)? {
-            self.check_ours(&spec.vm_name, &xml, &spec.state)?;
+        let existing = self.dumpxml(&spec.vm_name)?;
+        if let Some(xml) = &existing {
+            self.check_ours(&spec.vm_name, xml, &spec.state)?;
         }
         self.ensure_overlay(spec)?;
-        let xml = domain_xml(spec, local_dac_label(&self.uri).as_deref())?;
+        let uuid = existing.as_deref().and_then(domain_uuid);
+        let xml = domain_xml(spec, uuid, local_dac_label(&self.uri).as_deref())?;
         let file = spec.state.path("domain.xml");
         crate::machine::write_private(&file, xml.as_bytes(), 0o600)?;
         let path = file.to_string_lossy();
@@ -386,8 +355,7 @@ impl Provider for Libvirt {
     }
 
     fn halt(&self, vm_name: &str, timeout: Duration, force: bool) -> Result<()> {
-        let running =
-            |s: &VmState| matches!(s, VmState::Running | VmState::Paused | VmState::Other(_));
+        let running = |s: &VmState| matches!(s, VmState::Running | VmState::Paused | VmState::Other(_));
         if !running(&self.state(vm_name)?) {
             return Ok(());
         }
@@ -433,8 +401,7 @@ impl Provider for Libvirt {
     }
 
     fn ssh_endpoint(&self, _vm_name: &str, state: &StateDir) -> Result<SocketAddr> {
-        let st = MachineState::load(state)?
-            .context("the machine has no state.json; run `provisioner up`")?;
+        let st = MachineState::load(state)?.context("the machine has no state.json; run `provisioner up`")?;
         let (Some(host), Some(port)) = (st.ssh_host, st.ssh_port) else {
             bail!("state.json has no SSH endpoint; run `provisioner up` (or `destroy -f` then `up` to recreate)");
         };

@@ -151,18 +151,19 @@ impl VirtualBox {
         if info.state() != VmState::Stopped {
             self.vbox(args!["controlvm", vm, "poweroff"], CHANGE)?;
         }
+        let unregister = |flag: &str| -> Result<(Cmd, Output)> {
+            let cmd = Cmd::new(&self.vboxmanage)
+                .args(args!["unregistervm", vm, flag])
+                .timeout(CHANGE);
+            let out = cmd.output()?;
+            Ok((cmd, out))
+        };
         // Right after a power-off the VM's session may still be locked for a moment: retry on exactly that.
         let result = process::wait_until(UNLOCK, &format!("VirtualBox to release {vm}"), || {
-            let cmd = Cmd::new(&self.vboxmanage)
-                .args(args!["unregistervm", vm, "--delete-all"])
-                .timeout(CHANGE);
-            let mut out = cmd.output()?;
+            let (mut cmd, mut out) = unregister("--delete-all")?;
             if !out.success() && out.stderr.contains("--delete-all") {
                 // VirtualBox 6.1 has no --delete-all; --delete removes the disks there too.
-                out = Cmd::new(&self.vboxmanage)
-                    .args(args!["unregistervm", vm, "--delete"])
-                    .timeout(CHANGE)
-                    .output()?;
+                (cmd, out) = unregister("--delete")?;
             }
             Ok(if out.success() {
                 Some(Ok(()))
@@ -174,7 +175,13 @@ impl VirtualBox {
                 Some(Err(failure(&cmd, &out)))
             })
         });
-        result?
+        result.with_context(|| {
+            format!(
+                "cannot unregister {vm}: VirtualBox keeps it locked\nhint: close whatever holds it (the VirtualBox GUI, \
+                 a VBoxManage still running) and \
+                 run the command again"
+            )
+        })?
     }
 
     /// Everything `modifyvm`/`storageattach` sets on a clone; the description (the completion marker) goes last.
@@ -462,10 +469,11 @@ impl Provider for VirtualBox {
     fn preflight(&self) -> Result<()> {
         let out = self.vbox(args!["--version"], QUERY)?;
         let all = format!("{}\n{}", out.stdout, out.stderr);
-        if let Some(hint) = advice(&all).filter(|_| all.contains("vboxdrv")) {
+        if all.contains("vboxdrv") {
+            let hint = advice(&all).unwrap_or_default();
             bail!(
                 "VirtualBox is installed but its kernel driver is not usable:\n{}\n{hint}",
-                all.trim()
+                out.stderr.trim()
             );
         }
         let version = out.stdout.trim();
@@ -586,7 +594,8 @@ impl Provider for VirtualBox {
             )
         })?;
         let ip: IpAddr = match rule.host_ip.as_str() {
-            "" => IpAddr::from([127, 0, 0, 1]),
+            // Empty (or 0.0.0.0) means every host interface: loopback reaches it.
+            "" | "0.0.0.0" => IpAddr::from([127, 0, 0, 1]),
             s => s
                 .parse()
                 .with_context(|| format!("host IP {s:?} of the ssh NAT rule of {vm_name}"))?,

@@ -82,13 +82,16 @@ pub struct ExecOutput {
     pub output: String,
 }
 
-/// Why one connection attempt failed: worth retrying (the guest may still be booting) or not.
+/// Why one connection attempt failed: worth retrying (the guest may still be booting), the key was refused
+/// (retried [`AUTH_RETRIES`] times), or hopeless.
 enum Attempt {
     Retry(anyhow::Error),
+    Auth(anyhow::Error),
     Fatal(anyhow::Error),
 }
 
-/// Consecutive authentication failures tolerated while the guest may still be writing authorized_keys.
+/// Authentication attempts before giving up: the host key matched, so cloud-init has run and a refused key will
+/// stay refused; a couple of retries only cover a guest still settling.
 const AUTH_RETRIES: u32 = 3;
 
 impl Session {
@@ -109,14 +112,15 @@ impl Session {
             let last = match attempt(ep, &pinned, deadline) {
                 Ok(sess) => return Ok(Session { sess, addr: ep.addr }),
                 Err(Attempt::Fatal(e)) => return Err(e),
+                Err(Attempt::Auth(e)) => {
+                    auth_failures += 1;
+                    if auth_failures >= AUTH_RETRIES {
+                        return Err(e);
+                    }
+                    e
+                }
                 Err(Attempt::Retry(e)) => e,
             };
-            if last.to_string().starts_with(AUTH_FAILED) {
-                auth_failures += 1;
-                if auth_failures >= AUTH_RETRIES {
-                    return Err(last);
-                }
-            }
             let now = Instant::now();
             if now >= deadline {
                 return Err(last.context(format!(
@@ -245,9 +249,6 @@ impl Session {
     }
 }
 
-/// Marker at the start of an authentication failure message (it is retried only [`AUTH_RETRIES`] times).
-const AUTH_FAILED: &str = "SSH authentication failed";
-
 /// One connection attempt: TCP, handshake, host key check, public key auth.
 fn attempt(ep: &Endpoint, pinned: &[u8], deadline: Instant) -> std::result::Result<ssh2::Session, Attempt> {
     let slice = deadline.saturating_duration_since(Instant::now()).clamp(Duration::from_millis(100), SLICE);
@@ -257,7 +258,16 @@ fn attempt(ep: &Endpoint, pinned: &[u8], deadline: Instant) -> std::result::Resu
     let mut sess = ssh2::Session::new().map_err(|e| Attempt::Fatal(anyhow!(e).context("initialise libssh2")))?;
     sess.set_tcp_stream(tcp);
     sess.set_timeout(millis(slice));
-    sess.handshake().map_err(|e| Attempt::Retry(anyhow!(e).context(format!("SSH handshake with {}", ep.addr))))?;
+    // Ask for the pinned key's algorithm, so a guest that also has other host keys presents the pinned one.
+    sess.method_pref(ssh2::MethodType::HostKey, &hostkey_methods(&ep.host_key))
+        .map_err(|e| Attempt::Fatal(anyhow!(e).context("set host key algorithm")))?;
+    sess.handshake().map_err(|e| {
+        Attempt::Retry(anyhow!(e).context(format!(
+            "SSH handshake with {} (asking for the pinned {} host key)",
+            ep.addr,
+            hostkey_methods(&ep.host_key)
+        )))
+    })?;
 
     let (blob, _) = sess.host_key().ok_or_else(|| Attempt::Retry(anyhow!("{} presented no host key", ep.addr)))?;
     if blob != pinned {
@@ -280,8 +290,8 @@ fn attempt(ep: &Endpoint, pinned: &[u8], deadline: Instant) -> std::result::Resu
         )))
     })?;
     if let Err(e) = sess.userauth_pubkey_memory(&ep.user, None, &pem, None) {
-        return Err(Attempt::Retry(anyhow!(
-            "{AUTH_FAILED} for user {:?} at {} with key {}: {e}\n\
+        return Err(Attempt::Auth(anyhow!(
+            "SSH authentication failed for user {:?} at {} with key {}: {e}\n\
              hint: the guest did not accept the machine key: check [ssh] user in box-config.toml matches the box \
              user, and that cloud-init ran (serial.log); an old box may only accept RSA SHA-1 keys (see docs/ssh.md)",
             ep.user,
@@ -290,10 +300,18 @@ fn attempt(ep: &Endpoint, pinned: &[u8], deadline: Instant) -> std::result::Resu
         )));
     }
     if !sess.authenticated() {
-        return Err(Attempt::Retry(anyhow!("{AUTH_FAILED} for user {:?} at {}", ep.user, ep.addr)));
+        return Err(Attempt::Auth(anyhow!("SSH authentication failed for user {:?} at {}", ep.user, ep.addr)));
     }
     sess.set_keepalive(false, SLICE.as_secs() as u32);
     Ok(sess)
+}
+
+/// libssh2 host key method names for a public key line (RSA keys are signed with SHA-2 where possible).
+fn hostkey_methods(public: &str) -> String {
+    match public.split_whitespace().next().unwrap_or_default() {
+        "ssh-rsa" => "rsa-sha2-512,rsa-sha2-256,ssh-rsa".to_string(),
+        other => other.to_string(),
+    }
 }
 
 fn millis(d: Duration) -> u32 {
@@ -346,9 +364,15 @@ impl<'a> Exec<'a> {
     fn arm(&self) -> std::io::Result<()> {
         let left = self.deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
+            let last = crate::process::tail(&self.output, 20);
             return Err(std::io::Error::new(
                 std::io::ErrorKind::TimedOut,
-                format!("`{}` did not finish within {:?} on {}", self.cmd, self.timeout, self.sess.addr),
+                format!(
+                    "`{}` did not finish within {:?} on {}; last output:\n{last}\n\
+                     hint: the command may be hung or just slow (a TCG guest is slow): look at it with \
+                     `provisioner ssh`, then retry",
+                    self.cmd, self.timeout, self.sess.addr
+                ),
             ));
         }
         self.sess.sess.set_timeout(millis(left.min(SLICE)));
@@ -395,7 +419,7 @@ impl<'a> Exec<'a> {
         let _ = self.ch.send_eof();
         let mut buf = vec![0u8; 64 * 1024];
         loop {
-            self.arm().context(RECONNECT_HINT)?;
+            self.arm()?;
             match self.ch.read(&mut buf) {
                 Ok(0) => break,
                 Ok(n) => {
@@ -413,7 +437,7 @@ impl<'a> Exec<'a> {
             self.emit(&rest);
         }
         loop {
-            self.arm().context(RECONNECT_HINT)?;
+            self.arm()?;
             match self.ch.wait_close() {
                 Ok(()) => break,
                 Err(e) if e.code() == ssh2::ErrorCode::Session(LIBSSH2_ERROR_TIMEOUT) => {
@@ -447,10 +471,9 @@ impl Write for Exec<'_> {
                     self.drain_available()?;
                     return Ok(n);
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
-                    self.drain_available()?;
-                    self.idle()?;
-                }
+                // libssh2 wants the same write repeated after a timeout (a packet may be half sent), and
+                // nothing else sent in between: no keepalive, no reads (they may send a window adjust).
+                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
                 Err(e) => return Err(e),
             }
         }

@@ -28,23 +28,13 @@ pub struct Test {
 
 impl Test {
     pub fn new() -> Self {
-        Self {
-            dir: tempfile::tempdir().expect("tempdir"),
-            args: vec![],
-            env: vec![],
-            stdin: None,
-            cwd: None,
-        }
+        Self { dir: tempfile::tempdir().expect("tempdir"), args: vec![], env: vec![], stdin: None, cwd: None }
     }
     /// A temp dir holding a copy of the repo's box-config.toml and provision/ tree.
     pub fn with_lab() -> Self {
         let t = Self::new();
         copy_dir(&repo().join("provision"), &t.dir.path().join("provision"));
-        std::fs::copy(
-            repo().join("box-config.toml"),
-            t.dir.path().join("box-config.toml"),
-        )
-        .expect("copy config");
+        std::fs::copy(repo().join("box-config.toml"), t.dir.path().join("box-config.toml")).expect("copy config");
         t
     }
     pub fn path(&self) -> &Path {
@@ -81,28 +71,20 @@ impl Test {
         use std::io::Write;
         use std::process::Stdio;
         let mut c = Command::new(bin());
-        c.args(&self.args)
-            .current_dir(self.cwd.as_deref().unwrap_or(self.dir.path()));
+        c.args(&self.args).current_dir(self.cwd.as_deref().unwrap_or(self.dir.path()));
         c.env("PROVISIONER_CACHE_DIR", cache_dir());
         for (k, v) in &self.env {
             c.env(k, v);
         }
-        c.stdin(if self.stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+        c.stdin(if self.stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
         let mut child = c.spawn().expect("spawn provisioner");
         if let Some(data) = &self.stdin {
             child.stdin.take().unwrap().write_all(data).unwrap();
         }
         let out = child.wait_with_output().expect("wait provisioner");
-        Run {
-            out,
-            args: self.args.clone(),
-        }
+        Run { out, args: self.args.clone() }
     }
 }
 
@@ -114,9 +96,7 @@ pub fn cache_dir() -> PathBuf {
 }
 
 fn dirs_home() -> PathBuf {
-    std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/root"))
+    std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/root"))
 }
 
 pub struct Run {
@@ -145,38 +125,22 @@ impl Run {
     }
     #[track_caller]
     pub fn success(self) -> Self {
-        assert!(
-            self.out.status.success(),
-            "expected success: {}",
-            self.describe()
-        );
+        assert!(self.out.status.success(), "expected success: {}", self.describe());
         self
     }
     #[track_caller]
     pub fn failure(self) -> Self {
-        assert!(
-            !self.out.status.success(),
-            "expected failure: {}",
-            self.describe()
-        );
+        assert!(!self.out.status.success(), "expected failure: {}", self.describe());
         self
     }
     #[track_caller]
     pub fn stderr_contains(self, s: &str) -> Self {
-        assert!(
-            self.stderr().contains(s),
-            "stderr lacks {s:?}: {}",
-            self.describe()
-        );
+        assert!(self.stderr().contains(s), "stderr lacks {s:?}: {}", self.describe());
         self
     }
     #[track_caller]
     pub fn stdout_contains(self, s: &str) -> Self {
-        assert!(
-            self.stdout().contains(s),
-            "stdout lacks {s:?}: {}",
-            self.describe()
-        );
+        assert!(self.stdout().contains(s), "stdout lacks {s:?}: {}", self.describe());
         self
     }
 }
@@ -200,11 +164,7 @@ pub fn wait_until<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Optio
 
 /// A free TCP port on 127.0.0.1 (bound then released).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// Copy a directory tree, keeping modes.
@@ -232,16 +192,10 @@ impl Proc {
     pub fn spawn(name: &str, mut cmd: Command, log: PathBuf) -> Proc {
         use std::os::unix::process::CommandExt;
         let f = std::fs::File::create(&log).unwrap();
-        cmd.stdout(f.try_clone().unwrap())
-            .stderr(f)
-            .stdin(std::process::Stdio::null());
+        cmd.stdout(f.try_clone().unwrap()).stderr(f).stdin(std::process::Stdio::null());
         cmd.process_group(0);
         let child = cmd.spawn().unwrap_or_else(|e| panic!("start {name}: {e}"));
-        Proc {
-            name: name.into(),
-            child,
-            log,
-        }
+        Proc { name: name.into(), child, log }
     }
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
@@ -257,12 +211,7 @@ impl Drop for Proc {
         let _ = self.child.kill();
         let _ = self.child.wait();
         if std::thread::panicking() {
-            eprintln!(
-                "--- log of {} ({})\n{}",
-                self.name,
-                self.log.display(),
-                tail(&self.log_text(), 60)
-            );
+            eprintln!("--- log of {} ({})\n{}", self.name, self.log.display(), tail(&self.log_text(), 60));
         }
     }
 }
