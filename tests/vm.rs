@@ -3,6 +3,7 @@
 //! Fast tier: domain XML golden files, `destroy`/`status` without a machine, the port check through `up`.
 //! VM tier (`#[ignore = "vm: ..."]`): real libvirt + QEMU (TCG) guests driven through the binary.
 
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 
 use provisioner::config::{Firmware, Forward, Protocol};
@@ -206,6 +207,15 @@ impl Vm {
         c.args(["up", "--no-provision"])
             .current_dir(self.t.path())
             .env("PROVISIONER_CACHE_DIR", support::cache_dir());
+        // A shell that started the test runner in the background may have left SIGINT ignored; `up` must see it
+        // as a user's Ctrl-C would.
+        // SAFETY: only async-signal-safe signal(2) between fork and exec.
+        unsafe {
+            c.pre_exec(|| {
+                libc::signal(libc::SIGINT, libc::SIG_DFL);
+                Ok(())
+            });
+        }
         support::Proc::spawn("up", c, self.t.path().join(log))
     }
     fn state_dir(&self) -> PathBuf {
