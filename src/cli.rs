@@ -136,8 +136,8 @@ pub struct HealthArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct VerifyArgs {
-    /// Alert to wait for.
-    #[arg(long, default_value = "DemoAppHighErrorRate")]
+    /// Alert to wait for (the lab's error-rate alert is `AppHighErrorRate`).
+    #[arg(long, default_value = "AppHighErrorRate")]
     pub alert: String,
     /// Seconds to wait for the alert to be delivered.
     #[arg(long, default_value_t = 600)]

@@ -104,7 +104,8 @@ pub fn provision(cfg: &Config, ssh: &Session, rendered: &Rendered, ui: &Ui, forc
     if !first_run && !force && plan.is_empty() && all_running {
         ui.event("provision_skipped", json!({"reason": "nothing changed and every service runs"}));
         ui.info(format!("lab unchanged and running ({} services); nothing to do", active.len()));
-        return upload::write_manifest(ssh, guest_path, &new);
+        // Files no service uses may still have changed: record them.
+        return if diff.is_empty() { Ok(()) } else { upload::write_manifest(ssh, guest_path, &new) };
     }
 
     let phase = ui.phase("images");

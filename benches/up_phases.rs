@@ -1,0 +1,82 @@
+//! Where `up` spends its time: the phase breakdown of a cold `up` (from the `--json` phase events) and the time of
+//! a warm `up` on the running, unchanged machine (which must only check and print the health table).
+//!
+//! Run: `cargo bench --bench up_phases` (needs libvirt + QEMU; boxes and the container base image come from the
+//! cache like `up`, so delete `$PROVISIONER_CACHE_DIR/images` first to include the host-side base image build).
+//! The machine is destroyed at the end however the bench ends. Skips with a message when no VM can be made.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_provisioner"))
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn run(dir: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(bin()).args(args).current_dir(dir).output().expect("run provisioner")
+}
+
+/// Destroys the machine when the bench ends.
+struct Guard<'a>(&'a Path);
+
+impl Drop for Guard<'_> {
+    fn drop(&mut self) {
+        let _ = run(self.0, &["destroy", "-f"]);
+    }
+}
+
+/// (phase, seconds, status) from `--json` event lines.
+fn phases(stdout: &str) -> Vec<(String, f64, String)> {
+    stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["event"] == "phase_end")
+        .map(|v| {
+            (
+                v["phase"].as_str().unwrap_or("?").to_string(),
+                v["seconds"].as_f64().unwrap_or(0.0),
+                v["status"].as_str().unwrap_or("?").to_string(),
+            )
+        })
+        .collect()
+}
+
+fn report(title: &str, out: &std::process::Output, wall: Duration) {
+    println!("{title}: {:.1} s wall, exit {:?}", wall.as_secs_f64(), out.status.code());
+    for (phase, secs, status) in phases(&String::from_utf8_lossy(&out.stdout)) {
+        println!("  {phase:<12} {secs:>8.1} s  {status}");
+    }
+}
+
+fn main() {
+    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let status = Command::new("cp").arg("-r").arg(repo.join("provision")).arg(dir.path()).status();
+    assert!(status.map(|s| s.success()).unwrap_or(false), "copy provision/");
+    let mut cfg = std::fs::read_to_string(repo.join("box-config.toml")).expect("box-config.toml");
+    cfg = cfg.replace("host_port = 2222", &format!("host_port = {}", free_port()));
+    for p in [8000, 9090, 9093, 3000, 9100, 8080] {
+        cfg = cfg.replace(&format!("host = {p}\n"), &format!("host = {}\n", free_port()));
+    }
+    cfg = cfg.replace("name = \"lab\"", &format!("name = \"bench{}\"", std::process::id()));
+    std::fs::write(dir.path().join("box-config.toml"), cfg).expect("write config");
+
+    let _guard = Guard(dir.path());
+    let t = Instant::now();
+    let cold = run(dir.path(), &["up", "--json"]);
+    let cold_wall = t.elapsed();
+    if cold.status.code() == Some(1) && phases(&String::from_utf8_lossy(&cold.stdout)).is_empty() {
+        println!("up_phases: skipped, no VM could be made:\n{}", String::from_utf8_lossy(&cold.stderr));
+        return;
+    }
+    report("cold up", &cold, cold_wall);
+
+    let t = Instant::now();
+    let warm = run(dir.path(), &["up", "--json"]);
+    report("warm up (running, unchanged)", &warm, t.elapsed());
+}
