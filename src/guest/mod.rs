@@ -4,6 +4,7 @@
 
 pub mod compose;
 pub mod docker;
+pub mod forwards;
 pub mod images;
 pub mod upload;
 
@@ -79,6 +80,10 @@ pub fn provision(cfg: &Config, ssh: &Session, rendered: &Rendered, ui: &Ui, forc
         ready.compose,
         if ready.installed { " (installed now)" } else { "" }
     ));
+    let phase = ui.phase("forwards");
+    let summary = forwards::ensure(ssh, cfg)?;
+    phase.done(&summary);
+
     let compose = compose_for(cfg, &model, ready.compose);
     let (active, unavailable) = split_services(&model, cfg.provision.images);
 
