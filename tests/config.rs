@@ -406,3 +406,18 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn config_built_in_code_gets_messages_without_positions() {
+    let mut cfg: Config = toml::from_str(BASE).unwrap();
+    cfg.machine.cpus = 0;
+    cfg.path = "generated.toml".into();
+    cfg.provision.enabled = Some(false); // no provision tree beside "generated.toml"
+    let err = cfg.validate_all().unwrap_err();
+    let ce = err.downcast_ref::<ConfigError>().expect("a ConfigError");
+    assert_eq!(ce.diagnostics.len(), 1);
+    assert_eq!(
+        ce.diagnostics[0].to_string().lines().next(),
+        Some("generated.toml: `cpus` must be at least 1, found 0")
+    );
+}
