@@ -53,9 +53,10 @@ fn main() {
     std::fs::copy(repo.join("box-config.toml"), dir.path().join("box-config.toml")).expect("copy config");
 
     println!("provisioner CLI latency: {runs} runs each, goal < {}", ms(GOAL));
-    println!("{:<28} {:>10} {:>10} {:>10}  verdict", "command", "median", "p95", "max");
+    println!("{:<36} {:>10} {:>10} {:>10}  verdict", "command", "median", "p95", "max");
     let mut missed = false;
-    for args in [&["validate"][..], &["render", "--out", "rendered"][..]] {
+    // `--version` is the floor: process start and exit, no work.
+    for args in [&["--version"][..], &["validate"][..], &["render", "--out", "rendered"][..]] {
         for _ in 0..3 {
             time_once(&bin, dir.path(), args); // warm the page cache
         }
@@ -64,10 +65,10 @@ fn main() {
         let median = t[t.len() / 2];
         let p95 = t[((t.len() * 95).div_ceil(100)).saturating_sub(1)];
         let ok = median < GOAL && p95 < GOAL;
-        missed |= median >= GOAL;
+        missed |= median >= GOAL && args[0] != "--version";
         let verdict = if ok { "ok" } else { "OVER GOAL" };
         println!(
-            "{:<28} {:>10} {:>10} {:>10}  {verdict}",
+            "{:<36} {:>10} {:>10} {:>10}  {verdict}",
             format!("provisioner {}", args.join(" ")),
             ms(median),
             ms(p95),
