@@ -377,18 +377,22 @@ fn rich_config() -> String {
     )
 }
 
-proptest! {
-    #![proptest_config(ProptestConfig { cases: 3000, failure_persistence: None, ..ProptestConfig::default() })]
-
-    #[test]
-    fn mutated_configs_never_panic_and_always_say_where(ms in proptest::collection::vec(mutation(), 1..4)) {
-        let t = Test::new();
-        tree(&t);
-        let mut bytes = rich_config().into_bytes();
-        for m in &ms {
-            bytes = apply(&bytes, m);
-        }
-        let path = t.path().join("box-config.toml");
+#[test]
+fn mutated_configs_never_panic_and_always_say_where() {
+    // One tree for all cases: the config is what is mutated.
+    let t = Test::new();
+    tree(&t);
+    let path = t.path().join("box-config.toml");
+    let shown = path.display().to_string();
+    let rich = rich_config().into_bytes();
+    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig {
+        cases: 2000,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    });
+    let strategy = proptest::collection::vec(mutation(), 1..4);
+    let outcome = runner.run(&strategy, |ms| {
+        let bytes = ms.iter().fold(rich.clone(), |b, m| apply(&b, m));
         let result = Config::from_bytes(&path, &bytes).and_then(|cfg| cfg.validate_all().map(|_| ()));
         if let Err(e) = result {
             let msg = format!("{e:#}");
@@ -399,10 +403,29 @@ proptest! {
             );
             prop_assert!(
                 positioned || msg.contains("UTF-8"),
-                "error without position: {msg}\n--- input\n{}", String::from_utf8_lossy(&bytes)
+                "error without position: {msg}\n--- input\n{}",
+                String::from_utf8_lossy(&bytes)
             );
-            let shown = path.display().to_string();
             prop_assert!(msg.contains(&format!("{shown}:")) || msg.contains(".hbs:"), "{msg}");
         }
+        Ok(())
+    });
+    if let Err(e) = outcome {
+        panic!("{e}");
     }
+}
+
+#[test]
+fn config_built_in_code_gets_messages_without_positions() {
+    let mut cfg: Config = toml::from_str(BASE).unwrap();
+    cfg.machine.cpus = 0;
+    cfg.path = "generated.toml".into();
+    cfg.provision.enabled = Some(false); // no provision tree beside "generated.toml"
+    let err = cfg.validate_all().unwrap_err();
+    let ce = err.downcast_ref::<ConfigError>().expect("a ConfigError");
+    assert_eq!(ce.diagnostics.len(), 1);
+    assert_eq!(
+        ce.diagnostics[0].to_string().lines().next(),
+        Some("generated.toml: `cpus` must be at least 1, found 0")
+    );
 }
