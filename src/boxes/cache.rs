@@ -135,7 +135,7 @@ impl Cache {
         std::fs::create_dir_all(&partial).with_context(|| format!("create {}", partial.display()))?;
         let built = build(&partial).and_then(|meta| self.commit(id, &partial, meta));
         if built.is_err() {
-            let _ = std::fs::remove_dir_all(&partial);
+            let _ = remove_tree(&partial);
         }
         Ok((built?, true))
     }
@@ -150,7 +150,7 @@ impl Cache {
         if entry.exists() {
             let old = self.root.join(format!("{id}.old-{}", std::process::id()));
             std::fs::rename(&entry, &old).with_context(|| format!("move {} aside", entry.display()))?;
-            std::fs::remove_dir_all(&old).with_context(|| format!("remove {}", old.display()))?;
+            remove_tree(&old)?;
         }
         std::fs::rename(partial, &entry)
             .with_context(|| format!("move {} to {}", partial.display(), entry.display()))?;
@@ -164,8 +164,7 @@ impl Cache {
             let e = e?;
             let name = e.file_name().to_string_lossy().into_owned();
             if prefixes.iter().any(|p| name.starts_with(p.as_str())) {
-                std::fs::remove_dir_all(e.path())
-                    .with_context(|| format!("remove the leftover {}", e.path().display()))?;
+                remove_tree(&e.path()).context("remove the leftover of an earlier build")?;
             }
         }
         Ok(())
@@ -238,7 +237,7 @@ impl Cache {
         let entry = self.entry_dir(&meta.id);
         let gone = self.root.join(format!("{}.removing-{}", meta.id, std::process::id()));
         std::fs::rename(&entry, &gone).with_context(|| format!("move {} aside", entry.display()))?;
-        std::fs::remove_dir_all(&gone).with_context(|| format!("remove {}", gone.display()))?;
+        remove_tree(&gone)?;
         let _ = std::fs::remove_file(self.log_path(&meta.id));
         Ok(meta)
     }
@@ -254,6 +253,57 @@ impl Drop for BoxLock {
         let _ = self.file.set_len(0);
         let _ = FileExt::unlock(&self.file);
     }
+}
+
+/// Remove a directory tree that may hold a Debian rootfs. debootstrap mounts proc (and sys) inside its target;
+/// if it dies those mounts stay, and a plain recursive delete would descend into them. Detach every mount below
+/// `path` first, and refuse to delete while any remains.
+pub fn remove_tree(path: &Path) -> Result<()> {
+    if !path.exists() {
+        return Ok(());
+    }
+    let mut mounts = mounts_under(path)?;
+    mounts.sort_by_key(|m| std::cmp::Reverse(m.as_os_str().len()));
+    for m in &mounts {
+        crate::process::Cmd::new("umount").arg("-l").arg(m).run()?;
+    }
+    let left = mounts_under(path)?;
+    if !left.is_empty() {
+        bail!(
+            "{} still has mounts below it ({}); not deleting it\nhint: unmount them (umount -l PATH) and run again",
+            path.display(),
+            left.iter().map(|m| m.display().to_string()).collect::<Vec<_>>().join(", ")
+        );
+    }
+    std::fs::remove_dir_all(path).with_context(|| format!("remove {}", path.display()))
+}
+
+/// Mount points at or below `path` (from /proc/self/mounts, octal escapes decoded).
+fn mounts_under(path: &Path) -> Result<Vec<PathBuf>> {
+    let base = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    let table = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    Ok(table
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .map(|m| PathBuf::from(unescape_mount(m)))
+        .filter(|m| m.starts_with(&base))
+        .collect())
+}
+
+fn unescape_mount(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// The first 12 hex digits of an id, as shown to people.
@@ -313,6 +363,31 @@ fn rfc3339(secs: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mount_paths_are_unescaped() {
+        assert_eq!(unescape_mount(r"/a\040b/proc"), "/a b/proc");
+        assert_eq!(unescape_mount("/plain"), "/plain");
+    }
+
+    /// A leftover mount inside a dead build (as a killed debootstrap leaves proc) is detached, not descended into.
+    #[test]
+    fn remove_tree_detaches_mounts_first() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: mounting needs root");
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let inner = tmp.path().join("x.partial-1/rootfs/proc");
+        std::fs::create_dir_all(&inner).unwrap();
+        crate::process::Cmd::new("mount").args(["-t", "tmpfs", "none"]).arg(&inner).run().unwrap();
+        std::fs::write(inner.join("keep"), b"on the mount").unwrap();
+        assert_eq!(mounts_under(tmp.path()).unwrap().len(), 1);
+        remove_tree(&tmp.path().join("x.partial-1")).unwrap();
+        assert!(mounts_under(tmp.path()).unwrap().is_empty());
+        assert!(!tmp.path().join("x.partial-1").exists());
+    }
 
     #[test]
     fn rfc3339_known_dates() {

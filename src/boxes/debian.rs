@@ -133,7 +133,7 @@ fn build(cache: &Cache, id: &str, d: &DebianBox, dir: &Path, ui: &Ui) -> Result<
         .timeout(Duration::from_secs(20 * 60))
         .run()
         .map_err(|e| with_disk_hint(e, dir))?;
-    std::fs::remove_dir_all(&root).with_context(|| format!("remove {}", root.display()))?;
+    super::cache::remove_tree(&root)?;
     phase.message("qemu-img convert");
     Cmd::new("qemu-img")
         .args(["convert", "-O", "qcow2"])
