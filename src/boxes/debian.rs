@@ -36,7 +36,9 @@ const BASE_PACKAGES: &[&str] = &[
 ];
 /// Always installed with apt in the chroot, before the configured extra packages.
 const APT_PACKAGES: &[&str] = &["cloud-init"];
-pub const CMDLINE: &str = "root=LABEL=rootfs rw console=ttyS0";
+/// Kernel command line for direct boot. `rootdelay`: initramfs-tools waits only 30 s for the root disk by
+/// default, which a software-emulated guest on a busy host can miss ("ALERT! LABEL=rootfs does not exist").
+pub const CMDLINE: &str = "root=LABEL=rootfs rw console=ttyS0 rootdelay=300";
 
 /// Extra packages, sorted and without duplicates or packages the recipe installs anyway.
 fn extras(d: &DebianBox) -> Vec<String> {

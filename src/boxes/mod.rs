@@ -119,7 +119,8 @@ fn image_of(cache: &Cache, meta: &BoxMeta, b: &BoxConfig) -> BoxImage {
         format: meta.format.clone(),
         kernel: meta.kernel.as_ref().map(|k| dir.join(k)),
         initrd: meta.initrd.as_ref().map(|i| dir.join(i)),
-        cmdline: meta.cmdline.clone(),
+        // Boot parameters belong to the tool, not the image: boxes built by an older version get today's.
+        cmdline: meta.kernel.is_some().then(|| debian::CMDLINE.to_string()),
         firmware: b.firmware,
     }
 }
