@@ -462,6 +462,8 @@ fn up_status_halt_destroy_through_the_binary() {
     let b = Bench::new();
     let proj = b.dir.path().join("my project");
     std::fs::create_dir_all(proj.join("box")).unwrap();
+    // `up` validates the provision tree before it touches the hypervisor; an empty one is enough here.
+    std::fs::create_dir_all(proj.join("provision")).unwrap();
     std::fs::copy(fixtures().join("box.ovf"), proj.join("box/box.ovf")).unwrap();
     std::fs::write(proj.join("box/box-disk001.vmdk"), b"vmdk").unwrap();
     let port = support::free_port();
