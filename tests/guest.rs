@@ -6,6 +6,7 @@
 
 use std::io::{Read, Write};
 use std::net::TcpListener;
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
@@ -159,6 +160,19 @@ fn vm_up_verify_reprovision_destroy() {
     }
     std::fs::write(&cfg_path, text).unwrap();
     let run = |args: &[&str]| Test::new().cwd(t.path()).args(args.iter().copied()).run();
+    // Whatever fails below, the VM is destroyed (a no-op once the test's own `destroy -f` ran).
+    struct Destroy<'a>(&'a Path);
+    impl Drop for Destroy<'_> {
+        fn drop(&mut self) {
+            if self.0.join(".provisioner").exists() {
+                let r = Test::new().cwd(self.0).args(["destroy", "-f"]).run();
+                if !r.out.status.success() {
+                    eprintln!("cleanup destroy failed: {}", r.stderr());
+                }
+            }
+        }
+    }
+    let _cleanup = Destroy(t.path());
 
     let up = run(&["up"]).success();
     let table = up.stdout();

@@ -36,9 +36,10 @@ const BASE_PACKAGES: &[&str] = &[
 ];
 /// Always installed with apt in the chroot, before the configured extra packages.
 const APT_PACKAGES: &[&str] = &["cloud-init"];
-/// Kernel command line for direct boot. `rootdelay`: initramfs-tools waits only 30 s for the root disk by
-/// default, which a software-emulated guest on a busy host can miss ("ALERT! LABEL=rootfs does not exist").
-pub const CMDLINE: &str = "root=LABEL=rootfs rw console=ttyS0 rootdelay=300";
+/// Kernel command line for direct boot. The root disk is the domain's only virtio disk, so `/dev/vda`: with
+/// `root=LABEL=rootfs` the initramfs waited for a by-label link that a software-emulated guest got only after
+/// initramfs-tools' 30 s timeout ("ALERT! LABEL=rootfs does not exist"), or after a full `rootdelay`.
+pub const CMDLINE: &str = "root=/dev/vda rw console=ttyS0";
 
 /// Extra packages, sorted and without duplicates or packages the recipe installs anyway.
 fn extras(d: &DebianBox) -> Vec<String> {
