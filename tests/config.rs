@@ -335,7 +335,11 @@ fn mutation() -> impl Strategy<Value = Mutation> {
 fn apply(text: &[u8], m: &Mutation) -> Vec<u8> {
     let s = String::from_utf8_lossy(text).into_owned();
     let mut lines: Vec<String> = s.lines().map(str::to_string).collect();
-    let n = lines.len().max(1);
+    if lines.is_empty() {
+        // An earlier mutation truncated the file to nothing on a line: a line edit has nothing to act on.
+        lines.push(String::new());
+    }
+    let n = lines.len();
     match m {
         Mutation::Truncate(i) => return text[..i % (text.len() + 1)].to_vec(),
         Mutation::FlipByte(i, b) => {
@@ -386,7 +390,7 @@ fn mutated_configs_never_panic_and_always_say_where() {
     let shown = path.display().to_string();
     let rich = rich_config().into_bytes();
     let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig {
-        cases: 2000,
+        cases: std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(2000),
         failure_persistence: None,
         ..ProptestConfig::default()
     });
