@@ -277,7 +277,7 @@ fn default_expect_status() -> u16 {
     200
 }
 fn default_probe_timeout() -> u64 {
-    5
+    10
 }
 fn default_libvirt_uri() -> String {
     "qemu:///session".into()
