@@ -9,17 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-fn bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_provisioner"))
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn run(dir: &Path, args: &[&str]) -> std::process::Output {
-    Command::new(bin()).args(args).current_dir(dir).output().expect("run provisioner")
-}
+mod common;
+use common::{free_port, run};
 
 /// Destroys the machine when the bench ends.
 struct Guard<'a>(&'a Path);

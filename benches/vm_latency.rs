@@ -6,23 +6,14 @@
 //! Box: `PROVISIONER_BENCH_BOX` = a box-config.toml `[box]` table body (default: `[box.debian]` bookworm).
 //! Skips with a message when no VM can be made.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 const ROUNDS: usize = 15;
 
-fn bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_provisioner"))
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn run(dir: &Path, args: &[&str]) -> std::process::Output {
-    Command::new(bin()).args(args).current_dir(dir).output().expect("run provisioner")
-}
+mod common;
+use common::{free_port, run};
 
 /// Median and minimum of `ROUNDS` runs of `f`, which must succeed.
 fn measure(name: &str, mut f: impl FnMut() -> bool) -> Duration {

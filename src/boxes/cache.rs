@@ -173,26 +173,20 @@ impl Cache {
     /// Exclusive lock on `<id>.lock`; waits (saying so) while another process builds the same box.
     fn lock(&self, id: &str, ui: &Ui) -> Result<BoxLock> {
         let path = self.root.join(format!("{id}.lock"));
-        let mut file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .with_context(|| format!("open {}", path.display()))?;
-        if !file.try_lock_exclusive().unwrap_or(false) {
-            let mut holder = String::new();
-            let _ = file.read_to_string(&mut holder);
-            ui.info(format!(
-                "waiting for another provisioner ({}) that is building box {}",
-                if holder.trim().is_empty() { "pid unknown" } else { holder.trim() },
-                short(id)
-            ));
-            ui.event("box_wait", serde_json::json!({"id": id}));
-            file.lock_exclusive().with_context(|| format!("lock {}", path.display()))?;
-        }
-        file.set_len(0)?;
-        std::fs::write(&path, format!("pid {}", std::process::id()))?;
+        let mut file = match crate::machine::lock::try_lock(&path)? {
+            Ok(file) => file,
+            Err((file, holder)) => {
+                ui.info(format!(
+                    "waiting for another provisioner ({}) that is building box {}",
+                    if holder.is_empty() { "pid unknown" } else { &holder },
+                    short(id)
+                ));
+                ui.event("box_wait", serde_json::json!({"id": id}));
+                file.lock_exclusive().with_context(|| format!("lock {}", path.display()))?;
+                file
+            }
+        };
+        crate::machine::lock::write_holder(&mut file, &format!("pid {}", std::process::id()))?;
         Ok(BoxLock { file })
     }
 

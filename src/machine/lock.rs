@@ -2,6 +2,7 @@
 
 use std::fs::File;
 use std::io::{Read, Seek, Write};
+use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use fs4::fs_std::FileExt;
@@ -19,31 +20,16 @@ impl MachineLock {
     pub fn acquire(state: &StateDir, what: &str) -> Result<Self> {
         state.ensure()?;
         let path = state.lock_file();
-        let mut file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .with_context(|| format!("open lock {}", path.display()))?;
-        match file.try_lock_exclusive() {
-            Ok(true) => {}
-            Ok(false) | Err(_) => {
-                let mut holder = String::new();
-                let _ = file.read_to_string(&mut holder);
-                let holder = holder.trim();
-                bail!(
-                    "another provisioner command holds the lock on this machine ({}); wait for it to finish, \
-                     or stop it (its PID is above) and run again\nlock file: {}",
-                    if holder.is_empty() { "holder unknown".to_string() } else { holder.to_string() },
-                    path.display()
-                );
-            }
-        }
-        file.set_len(0)?;
-        file.rewind()?;
-        write!(file, "pid {} ({})", std::process::id(), what)?;
-        file.flush()?;
+        let mut file = match try_lock(&path)? {
+            Ok(file) => file,
+            Err((_, holder)) => bail!(
+                "another provisioner command holds the lock on this machine ({}); wait for it to finish, \
+                 or stop it (its PID is above) and run again\nlock file: {}",
+                if holder.is_empty() { "holder unknown".to_string() } else { holder },
+                path.display()
+            ),
+        };
+        write_holder(&mut file, &format!("pid {} ({what})", std::process::id()))?;
         Ok(Self { file })
     }
 }
@@ -53,4 +39,32 @@ impl Drop for MachineLock {
         let _ = self.file.set_len(0);
         let _ = FileExt::unlock(&self.file);
     }
+}
+
+/// Open (creating) a lock file and try to take its exclusive `flock` without waiting: `Ok(file)` when taken,
+/// `Err((file, holder))` with what the current holder wrote in it when another process has it. The kernel drops
+/// the lock when the holder exits, even on SIGKILL.
+pub fn try_lock(path: &Path) -> Result<std::result::Result<File, (File, String)>> {
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .with_context(|| format!("open lock {}", path.display()))?;
+    if file.try_lock_exclusive().unwrap_or(false) {
+        return Ok(Ok(file));
+    }
+    let mut holder = String::new();
+    let _ = file.read_to_string(&mut holder);
+    Ok(Err((file, holder.trim().to_string())))
+}
+
+/// Say who holds a lock we took (shown to the next process that finds it taken).
+pub fn write_holder(file: &mut File, text: &str) -> Result<()> {
+    file.set_len(0)?;
+    file.rewind()?;
+    file.write_all(text.as_bytes())?;
+    file.flush()?;
+    Ok(())
 }
