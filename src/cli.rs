@@ -177,9 +177,7 @@ pub enum BoxCommand {
         force: bool,
     },
     /// Remove a cached box by its id (see `box list`).
-    Remove {
-        id: String,
-    },
+    Remove { id: String },
 }
 
 /// Output style chosen from the global flags.

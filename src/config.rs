@@ -352,8 +352,8 @@ impl Config {
         let file = path.display().to_string();
         let text = diag::decode(&file, bytes).map_err(|d| ConfigError { diagnostics: vec![d] })?;
         let src = Source::new(&file, Some(text));
-        let mut cfg: Config =
-            toml::from_str(text).map_err(|e| ConfigError { diagnostics: vec![diag::from_toml_error(&src, &e)] })?;
+        let mut cfg: Config = toml::from_str(text)
+            .map_err(|e| ConfigError { diagnostics: vec![diag::from_toml_error(&src, &e)] })?;
         cfg.path = path.to_path_buf();
         cfg.source_text = Some(text.to_string());
         let findings = check::local(&cfg, &src);

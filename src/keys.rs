@@ -39,7 +39,8 @@ impl KeyPair {
 
 /// Generate a new ed25519 key pair.
 pub fn generate(comment: &str) -> Result<KeyPair> {
-    let mut key = PrivateKey::random(&mut rand_core::OsRng, Algorithm::Ed25519).context("generate ed25519 key")?;
+    let mut key =
+        PrivateKey::random(&mut rand_core::OsRng, Algorithm::Ed25519).context("generate ed25519 key")?;
     key.set_comment(comment);
     KeyPair::from_private(&key)
 }
@@ -81,7 +82,8 @@ fn ensure_key(path: &Path, comment: &str) -> Result<KeyPair> {
 /// Write `<state>/known_hosts` pinning `host_pub` for `host:port` (OpenSSH spells non-22 ports `[host]:port`).
 pub fn write_known_hosts(state: &StateDir, host: &str, port: u16, host_pub: &str) -> Result<()> {
     state.ensure()?;
-    let key = PublicKey::from_openssh(host_pub.trim()).context("the pinned host key is not an OpenSSH public key")?;
+    let key = PublicKey::from_openssh(host_pub.trim())
+        .context("the pinned host key is not an OpenSSH public key")?;
     let pattern = if port == 22 { host.to_string() } else { format!("[{host}]:{port}") };
     let line = format!("{pattern} {}\n", key.to_openssh().context("encode host key")?);
     write_private(&state.known_hosts(), line.as_bytes(), 0o600)
@@ -137,6 +139,9 @@ mod tests {
         assert!(text.starts_with("[127.0.0.1]:2222 ssh-ed25519 "), "{text}");
         let fp = host.fingerprint().unwrap();
         assert!(fp.starts_with("SHA256:") && !fp.ends_with('='), "{fp}");
-        assert_eq!(fingerprint_blob(&public_blob(&host.public_openssh).unwrap()).as_deref(), Some(fp.as_str()));
+        assert_eq!(
+            fingerprint_blob(&public_blob(&host.public_openssh).unwrap()).as_deref(),
+            Some(fp.as_str())
+        );
     }
 }

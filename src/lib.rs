@@ -44,7 +44,10 @@ pub fn run() -> i32 {
         Err(e) => {
             if json {
                 let causes: Vec<String> = e.chain().skip(1).map(|c| c.to_string()).collect();
-                println!("{}", serde_json::json!({"event": "error", "message": e.to_string(), "causes": causes}));
+                println!(
+                    "{}",
+                    serde_json::json!({"event": "error", "message": e.to_string(), "causes": causes})
+                );
             }
             eprintln!("error: {e}");
             for cause in e.chain().skip(1) {

@@ -79,7 +79,12 @@ impl Summary {
     }
     /// Requests that got an HTTP response (any status).
     pub fn answered(&self) -> u64 {
-        self.counts.values().flat_map(|m| m.iter()).filter(|(s, _)| s.as_str() != "error").map(|(_, n)| n).sum()
+        self.counts
+            .values()
+            .flat_map(|m| m.iter())
+            .filter(|(s, _)| s.as_str() != "error")
+            .map(|(_, n)| n)
+            .sum()
     }
     /// Human table.
     pub fn render(&self) -> String {
@@ -90,7 +95,10 @@ impl Summary {
                 s.push_str(&format!("  {endpoint:<10} {status:>6} {n:>8}\n"));
             }
         }
-        s.push_str(&format!("latency p50 {:.0} ms, p95 {:.0} ms\n", self.latency_p50_ms, self.latency_p95_ms));
+        s.push_str(&format!(
+            "latency p50 {:.0} ms, p95 {:.0} ms\n",
+            self.latency_p50_ms, self.latency_p95_ms
+        ));
         s
     }
 }
@@ -103,7 +111,8 @@ pub fn run(plan: &Plan) -> Result<Summary> {
     let start = Instant::now();
     let deadline = start + plan.duration;
     let next = AtomicU64::new(0);
-    let results: Mutex<(Vec<(&'static str, String, Duration)>, Option<String>)> = Mutex::new((Vec::new(), None));
+    let results: Mutex<(Vec<(&'static str, String, Duration)>, Option<String>)> =
+        Mutex::new((Vec::new(), None));
     std::thread::scope(|s| {
         for _ in 0..plan.concurrency {
             s.spawn(|| loop {

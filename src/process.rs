@@ -309,11 +309,7 @@ impl Drop for ChildGuard {
 }
 
 /// Poll `f` until it returns `Some`, or the deadline passes (then the last error/none is reported).
-pub fn wait_until<T>(
-    timeout: Duration,
-    what: &str,
-    mut f: impl FnMut() -> Result<Option<T>>,
-) -> Result<T> {
+pub fn wait_until<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Result<Option<T>>) -> Result<T> {
     let deadline = Instant::now() + timeout;
     let mut pause = Duration::from_millis(50);
     let mut last_err: Option<anyhow::Error> = None;

@@ -102,8 +102,9 @@ impl Secrets {
         let p = state.secrets();
         if p.exists() {
             let text = std::fs::read_to_string(&p).with_context(|| format!("read {}", p.display()))?;
-            return toml::from_str(&text)
-                .with_context(|| format!("{} is damaged; delete it to generate new lab secrets", p.display()));
+            return toml::from_str(&text).with_context(|| {
+                format!("{} is damaged; delete it to generate new lab secrets", p.display())
+            });
         }
         state.ensure()?;
         let s = Self::generate();
@@ -117,7 +118,8 @@ pub fn template_vars(cfg: &Config, source: &Path) -> Result<BTreeMap<String, tom
     let mut vars = BTreeMap::new();
     let defaults = source.join(VARS_FILE);
     if defaults.exists() {
-        let text = std::fs::read_to_string(&defaults).with_context(|| format!("read {}", defaults.display()))?;
+        let text =
+            std::fs::read_to_string(&defaults).with_context(|| format!("read {}", defaults.display()))?;
         let table: BTreeMap<String, toml::Value> =
             toml::from_str(&text).map_err(|e| anyhow!("{}: {e}", defaults.display()))?;
         vars.extend(table);
@@ -187,8 +189,9 @@ pub fn render_tree(cfg: &Config, source: &Path, secrets: &Secrets) -> Result<Ren
         let raw = std::fs::read(entry.path()).with_context(|| format!("read {}", entry.path().display()))?;
         let (path, contents) = match rel_str.strip_suffix(TEMPLATE_SUFFIX) {
             Some(out) => {
-                let text = String::from_utf8(raw)
-                    .map_err(|_| anyhow!("{}: template is not UTF-8; save it as UTF-8", entry.path().display()))?;
+                let text = String::from_utf8(raw).map_err(|_| {
+                    anyhow!("{}: template is not UTF-8; save it as UTF-8", entry.path().display())
+                })?;
                 let shown = entry.path().display().to_string();
                 hb.register_template_string(&shown, &text).map_err(|e| template_error(&shown, e))?;
                 let rendered = hb.render(&shown, &ctx).map_err(|e| render_error(&shown, e))?;

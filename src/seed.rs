@@ -102,7 +102,10 @@ mod tests {
         assert_eq!(doc["hostname"], "lab");
         assert_eq!(doc["users"][0]["name"], "provisioner");
         assert_eq!(doc["users"][0]["sudo"], "ALL=(ALL) NOPASSWD:ALL");
-        assert_eq!(doc["users"][0]["ssh_authorized_keys"][0].as_str(), Some(s.user_key.public_openssh.as_str()));
+        assert_eq!(
+            doc["users"][0]["ssh_authorized_keys"][0].as_str(),
+            Some(s.user_key.public_openssh.as_str())
+        );
         assert_eq!(doc["ssh_keys"]["ed25519_private"].as_str(), Some(s.host_key.private_openssh.as_str()));
         assert_eq!(doc["ssh_keys"]["ed25519_public"].as_str(), Some(s.host_key.public_openssh.as_str()));
         assert_eq!(doc["ssh_deletekeys"], true);

@@ -5,8 +5,21 @@ use crate::support::Test;
 #[test]
 fn every_command_has_help() {
     for cmd in [
-        "up", "ssh", "ssh-config", "status", "halt", "reload", "provision", "destroy", "validate", "render",
-        "health", "verify", "load", "box", "completions",
+        "up",
+        "ssh",
+        "ssh-config",
+        "status",
+        "halt",
+        "reload",
+        "provision",
+        "destroy",
+        "validate",
+        "render",
+        "health",
+        "verify",
+        "load",
+        "box",
+        "completions",
     ] {
         let r = Test::new().args([cmd, "--help"]).run().success();
         assert!(r.stdout().contains("Usage:"), "{cmd} --help: {}", r.stdout());

@@ -80,7 +80,9 @@ fn base_fixture_validates_without_warnings_about_ports() {
     let r = validate(BASE).success();
     assert!(r.stderr().contains("box-config.toml: valid (machine \"cfg-test\""), "{}", r.stderr());
     // Lab-default probes for services this fixture does not forward are warnings, not errors.
-    assert!(r.stderr().contains("warning: box-config.toml:12:1: health probe \"alertmanager\" uses guest port 9093"));
+    assert!(r
+        .stderr()
+        .contains("warning: box-config.toml:12:1: health probe \"alertmanager\" uses guest port 9093"));
     assert!(!r.stderr().contains("demo-app\" uses"), "{}", r.stderr());
 }
 
@@ -172,9 +174,10 @@ fn duplicate_host_port_names_both_uses() {
 
 #[test]
 fn several_problems_are_all_reported_in_file_order() {
-    let r =
-        validate(BASE.replace("name = \"cfg-test\"", "name = \"Lab_1\"").replace("memory_mb = 512", "memory_mb = 100"))
-            .failure();
+    let r = validate(
+        BASE.replace("name = \"cfg-test\"", "name = \"Lab_1\"").replace("memory_mb = 512", "memory_mb = 100"),
+    )
+    .failure();
     let stderr = r.stderr();
     let lines: Vec<&str> = stderr.lines().filter(|l| !l.starts_with("hint:")).collect();
     assert_eq!(
@@ -230,13 +233,15 @@ fn undefined_template_variable_fails_validation_naming_the_template() {
 
 #[test]
 fn utf16_files_are_refused_with_what_to_do() {
-    let le_bom: Vec<u8> = [0xFF, 0xFE].into_iter().chain(BASE.encode_utf16().flat_map(u16::to_le_bytes)).collect();
+    let le_bom: Vec<u8> =
+        [0xFF, 0xFE].into_iter().chain(BASE.encode_utf16().flat_map(u16::to_le_bytes)).collect();
     fails_with(
         le_bom,
         "box-config.toml:1:1: the file is UTF-16 (little-endian, byte order mark FF FE), not UTF-8\nhint: save the \
          file as UTF-8 (in most editors: \"Save with encoding\" > UTF-8)",
     );
-    let be_bom: Vec<u8> = [0xFE, 0xFF].into_iter().chain(BASE.encode_utf16().flat_map(u16::to_be_bytes)).collect();
+    let be_bom: Vec<u8> =
+        [0xFE, 0xFF].into_iter().chain(BASE.encode_utf16().flat_map(u16::to_be_bytes)).collect();
     assert!(validate(be_bom).failure().stderr().contains("UTF-16 (big-endian, byte order mark FE FF)"));
     let le_plain: Vec<u8> = BASE.encode_utf16().flat_map(u16::to_le_bytes).collect();
     assert!(validate(le_plain).failure().stderr().contains("UTF-16 (little-endian, no byte order mark)"));
@@ -296,7 +301,8 @@ fn json_document_lists_errors_with_positions() {
 fn health_probes_are_lab_defaults_overlaid_by_the_file() {
     let cfg = Config::from_bytes(
         Path::new("box-config.toml"),
-        format!("{BASE}\n[health.demo-app]\npath = \"/ready\"\nport = 8000\nexpect_status = 204\n").as_bytes(),
+        format!("{BASE}\n[health.demo-app]\npath = \"/ready\"\nport = 8000\nexpect_status = 204\n")
+            .as_bytes(),
     )
     .unwrap();
     let p = cfg.health_probes();

@@ -15,7 +15,8 @@ pub const TEST_PROMETHEUS_HEX: &str = "00112233445566778899aabbccddeeff001122334
 pub const TEST_GRAFANA_PASSWORD: &str = "TestOnlyGrafanaPassw0rd1";
 
 /// Services the compose file must define.
-const SERVICES: [&str; 6] = ["demo-app", "prometheus", "alertmanager", "grafana", "node-exporter", "cadvisor"];
+const SERVICES: [&str; 6] =
+    ["demo-app", "prometheus", "alertmanager", "grafana", "node-exporter", "cadvisor"];
 /// Services without a Debian package: only in the "registry" profile in debian mode.
 const REGISTRY_ONLY: [&str; 2] = ["grafana", "cadvisor"];
 
@@ -41,7 +42,11 @@ impl Lab {
             ),
         );
         let out = test.path().join("out");
-        Test::new().cwd(test.path()).args(["--config", "box-config.toml", "render", "--out", "out"]).run().success();
+        Test::new()
+            .cwd(test.path())
+            .args(["--config", "box-config.toml", "render", "--out", "out"])
+            .run()
+            .success();
         Lab { dir: test, out }
     }
     pub fn read(&self, rel: &str) -> String {
@@ -142,7 +147,11 @@ fn rule_unit_tests_catch_a_broken_rule() {
     let dir = lab.out.join("prometheus");
     let rules = lab.read("prometheus/alert.rules.yml").replace("job=\"node-exporter\"", "job=\"node\"");
     std::fs::write(dir.join("alert.rules.yml"), rules).unwrap();
-    let out = Command::new("promtool").args(["test", "rules", "rules.test.yml"]).current_dir(&dir).output().unwrap();
+    let out = Command::new("promtool")
+        .args(["test", "rules", "rules.test.yml"])
+        .current_dir(&dir)
+        .output()
+        .unwrap();
     assert!(!out.status.success(), "promtool test rules passed with broken job names");
     let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     for alert in ["HostHighCpu", "HostLowMemory", "HostLowDisk"] {
@@ -234,9 +243,13 @@ fn alertmanager_config_is_valid_and_routes_to_the_webhook() {
     assert!(out.contains("1 inhibit rules"), "{out}");
     let am = lab.yaml("alertmanager/alertmanager.yml");
     let receiver = am["route"]["receiver"].as_str().unwrap();
-    let r = am["receivers"].as_sequence().unwrap().iter().find(|r| r["name"].as_str() == Some(receiver)).unwrap();
+    let r =
+        am["receivers"].as_sequence().unwrap().iter().find(|r| r["name"].as_str() == Some(receiver)).unwrap();
     assert_eq!(r["webhook_configs"][0]["url"].as_str(), Some("http://demo-app:8000/alerts"));
-    assert!(r.get("slack_configs").is_none() && r.get("email_configs").is_none(), "Slack/email on without values");
+    assert!(
+        r.get("slack_configs").is_none() && r.get("email_configs").is_none(),
+        "Slack/email on without values"
+    );
     assert!(am["route"]["group_by"].as_sequence().is_some_and(|g| !g.is_empty()));
 }
 
@@ -255,7 +268,10 @@ email_to = "ops@example.org""##,
     tool(&dir, "amtool", &["check-config", "alertmanager.yml"]);
     let am = lab.yaml("alertmanager/alertmanager.yml");
     let r = &am["receivers"][0];
-    assert_eq!(r["slack_configs"][0]["api_url"].as_str(), Some("https://hooks.slack.com/services/T0/B0/secret"));
+    assert_eq!(
+        r["slack_configs"][0]["api_url"].as_str(),
+        Some("https://hooks.slack.com/services/T0/B0/secret")
+    );
     assert_eq!(r["slack_configs"][0]["channel"].as_str(), Some("#lab"));
     assert_eq!(r["email_configs"][0]["to"].as_str(), Some("ops@example.org"));
     assert_eq!(am["global"]["smtp_smarthost"].as_str(), Some("smtp.example.org:587"));
@@ -280,14 +296,23 @@ fn check_compose(lab: &Lab, images: &str) -> Value {
         if name == "loadgen" {
             continue; // on-demand job (profile "load"), not a service
         }
-        assert!(svc["ports"].as_sequence().is_some_and(|p| !p.is_empty()), "{images}: {name} publishes no port");
+        assert!(
+            svc["ports"].as_sequence().is_some_and(|p| !p.is_empty()),
+            "{images}: {name} publishes no port"
+        );
         assert!(svc["healthcheck"]["test"].as_sequence().is_some(), "{images}: {name} has no healthcheck");
         assert_eq!(svc["restart"].as_str(), Some("unless-stopped"), "{images}: {name} restart policy");
-        assert!(svc["mem_limit"].as_str().is_some() && svc["cpus"].as_f64().is_some(), "{images}: {name} limits");
+        assert!(
+            svc["mem_limit"].as_str().is_some() && svc["cpus"].as_f64().is_some(),
+            "{images}: {name} limits"
+        );
         assert_eq!(svc["networks"][0].as_str(), Some("lab"), "{images}: {name} network");
         let image = svc["image"].as_str().unwrap_or_else(|| panic!("{images}: {name} has no image"));
         let tag = image.rsplit_once(':').map(|(_, t)| t).unwrap_or("");
-        assert!(!tag.is_empty() && tag != "latest" && !tag.contains('/'), "{images}: {name} image {image} unpinned");
+        assert!(
+            !tag.is_empty() && tag != "latest" && !tag.contains('/'),
+            "{images}: {name} image {image} unpinned"
+        );
     }
     for v in ["prometheus-data", "alertmanager-data", "grafana-data"] {
         assert!(c["volumes"].as_mapping().unwrap().contains_key(v), "named volume {v}");
@@ -316,7 +341,10 @@ fn compose_registry_mode_pins_every_image_and_binds_loopback() {
     let dockerfile = lab.read("demo-app/Dockerfile");
     let from = dockerfile.lines().find(|l| l.starts_with("FROM ")).unwrap();
     assert!(from.contains("python:3.") && from.contains("-slim"), "{from}");
-    assert!(dockerfile.contains("\nUSER ") && dockerfile.contains("\nHEALTHCHECK "), "non-root + HEALTHCHECK");
+    assert!(
+        dockerfile.contains("\nUSER ") && dockerfile.contains("\nHEALTHCHECK "),
+        "non-root + HEALTHCHECK"
+    );
     for line in lab.read("demo-app/requirements.txt").lines().filter(|l| !l.trim().is_empty()) {
         assert!(line.contains("=="), "requirement {line:?} is not pinned");
     }
@@ -327,7 +355,8 @@ fn compose_debian_mode_builds_from_the_base_image_and_parks_registry_only_servic
     let lab = Lab::render("debian", "");
     let c = check_compose(&lab, "debian");
     for s in REGISTRY_ONLY {
-        let profiles = c["services"][s]["profiles"].as_sequence().unwrap_or_else(|| panic!("{s} needs a profile"));
+        let profiles =
+            c["services"][s]["profiles"].as_sequence().unwrap_or_else(|| panic!("{s} needs a profile"));
         assert_eq!(profiles[0].as_str(), Some("registry"), "{s}");
     }
     for s in ["demo-app", "prometheus", "alertmanager", "node-exporter"] {
@@ -368,7 +397,8 @@ fn dashboards_use_the_provisioned_datasource_uid() {
         for p in ps {
             let title = p["title"].as_str().unwrap_or("?");
             assert_eq!(p["datasource"]["uid"].as_str(), Some(uid.as_str()), "{name}: panel {title}");
-            let targets = p["targets"].as_array().unwrap_or_else(|| panic!("{name}: panel {title} has no query"));
+            let targets =
+                p["targets"].as_array().unwrap_or_else(|| panic!("{name}: panel {title} has no query"));
             for t in targets {
                 assert_eq!(t["datasource"]["uid"].as_str(), Some(uid.as_str()), "{name}: {title} target");
                 assert!(t["expr"].as_str().is_some_and(|e| !e.is_empty()), "{name}: {title} empty query");
@@ -441,7 +471,12 @@ fn golden_rendered_templates() {
         .into_iter()
         .map(|e| e.unwrap())
         .filter_map(|e| {
-            let rel = e.path().strip_prefix(support::repo().join("provision")).unwrap().to_string_lossy().into_owned();
+            let rel = e
+                .path()
+                .strip_prefix(support::repo().join("provision"))
+                .unwrap()
+                .to_string_lossy()
+                .into_owned();
             rel.strip_suffix(".hbs").map(str::to_string)
         })
         .collect();

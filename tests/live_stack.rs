@@ -61,7 +61,8 @@ impl Webhook {
                 if reader.read_exact(&mut body).is_ok() {
                     bodies.lock().unwrap().push(String::from_utf8_lossy(&body).into_owned());
                 }
-                let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+                let _ =
+                    stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
             }
         });
         (hook, port)
@@ -89,7 +90,14 @@ fn http_ok(url: &str) -> Option<()> {
 }
 
 /// Start a program from the rendered tree as a test-owned process (killed by process group on drop).
-fn spawn(name: &str, program: &str, args: &[String], cwd: &Path, env: &[(&str, String)], logs: &Path) -> Proc {
+fn spawn(
+    name: &str,
+    program: &str,
+    args: &[String],
+    cwd: &Path,
+    env: &[(&str, String)],
+    logs: &Path,
+) -> Proc {
     let mut c = Command::new(program);
     c.args(args).current_dir(cwd);
     for (k, v) in env {
@@ -197,8 +205,11 @@ webhook_url = "http://127.0.0.1:{hook_port}/hook""#
     let cfg = std::fs::read_to_string(&cfg_path).unwrap();
     let shipped = "guest = 8000\nhost = 8000\n";
     assert!(cfg.contains(shipped), "box-config.toml no longer forwards 8000 -> 8000");
-    std::fs::write(&cfg_path, cfg.replace(shipped, &format!("guest = 8000\nhost = {app}\nhost_ip = \"{app_ip}\"\n")))
-        .unwrap();
+    std::fs::write(
+        &cfg_path,
+        cfg.replace(shipped, &format!("guest = 8000\nhost = {app}\nhost_ip = \"{app_ip}\"\n")),
+    )
+    .unwrap();
     let load = Test::new()
         .cwd(lab.dir.path())
         .args(["load", "--requests", "60", "--duration", "30", "--error-ratio", "0.5"])
@@ -219,12 +230,8 @@ webhook_url = "http://127.0.0.1:{hook_port}/hook""#
     assert!(text.contains("20 requests to") && text.contains("/error") && text.contains("500"), "{text}");
     // Then steady traffic in the background for the rest of the test (bounded by its own duration).
     let mut bg = Command::new(crate::support::bin());
-    bg.args(["load", "--url", &app_url, "--requests", "100000", "--duration", "120", "--error-ratio", "0.5"]).args([
-        "--slow-ratio",
-        "0.1",
-        "--concurrency",
-        "2",
-    ]);
+    bg.args(["load", "--url", &app_url, "--requests", "100000", "--duration", "120", "--error-ratio", "0.5"])
+        .args(["--slow-ratio", "0.1", "--concurrency", "2"]);
     let _load = Proc::spawn("load", bg, logs.join("load.log"));
 
     // Every scrape job that can run here is up; cAdvisor (no Docker on this host) is down and named. A scrape can
@@ -236,10 +243,15 @@ webhook_url = "http://127.0.0.1:{hook_port}/hook""#
         let t = get_json(&format!("{api}/targets"), &[("state", "active")])?;
         let active = t["data"]["activeTargets"].as_array()?.clone();
         let health = |job: &str| {
-            active.iter().find(|x| x["labels"]["job"] == job).map(|x| x["health"].as_str().unwrap_or("").to_string())
+            active
+                .iter()
+                .find(|x| x["labels"]["job"] == job)
+                .map(|x| x["health"].as_str().unwrap_or("").to_string())
         };
-        let state: Vec<String> =
-            active.iter().map(|x| format!("{}={} {}", x["labels"]["job"], x["health"], x["lastError"])).collect();
+        let state: Vec<String> = active
+            .iter()
+            .map(|x| format!("{}={} {}", x["labels"]["job"], x["health"], x["lastError"]))
+            .collect();
         if state.join("; ") != last {
             last = state.join("; ");
             eprintln!("targets: {last}");
@@ -250,22 +262,25 @@ webhook_url = "http://127.0.0.1:{hook_port}/hook""#
     });
     assert!(!seen_up.contains("cadvisor"), "cadvisor cannot run here but was up");
     assert_eq!(targets.len(), jobs.len(), "one active target per scrape job: {targets:#?}");
-    eprintln!("targets: {} up; cadvisor down as expected (needs Docker, not runnable on this host)", jobs.len() - 1);
+    eprintln!(
+        "targets: {} up; cadvisor down as expected (needs Docker, not runnable on this host)",
+        jobs.len() - 1
+    );
 
     // The error-rate alert fires and Alertmanager delivers it to the webhook.
     let note = wait_until(Duration::from_secs(120), "AppHighErrorRate notification at the webhook", || {
         hook.bodies().into_iter().find_map(|b| {
             let v: Value = serde_json::from_str(&b).ok()?;
             let hit = v["status"] == "firing"
-                && v["alerts"]
-                    .as_array()?
-                    .iter()
-                    .any(|a| a["labels"]["alertname"] == "AppHighErrorRate" && a["labels"]["job"] == "demo-app");
+                && v["alerts"].as_array()?.iter().any(|a| {
+                    a["labels"]["alertname"] == "AppHighErrorRate" && a["labels"]["job"] == "demo-app"
+                });
             hit.then_some(v)
         })
     });
     assert_eq!(note["receiver"], "lab", "{note:#}");
-    let alert = note["alerts"].as_array().unwrap().iter().find(|a| a["labels"]["alertname"] == "AppHighErrorRate");
+    let alert =
+        note["alerts"].as_array().unwrap().iter().find(|a| a["labels"]["alertname"] == "AppHighErrorRate");
     let summary = alert.unwrap()["annotations"]["summary"].as_str().unwrap_or_default();
     assert!(summary.starts_with("Demo app 5xx ratio is "), "annotation not expanded: {summary:?}");
     eprintln!("webhook got: {summary}");

@@ -72,7 +72,10 @@ fn templates_lose_their_suffix_and_other_files_are_byte_identical() {
         "name: render-test\nport: 8000\nsay: hello from the config\nroot: /srv/lab\n"
     );
     assert_eq!(std::fs::read(out.join("data.bin")).unwrap(), BINARY);
-    assert_eq!(std::fs::read(out.join("run.sh")).unwrap(), std::fs::read(t.path().join("tree/run.sh")).unwrap());
+    assert_eq!(
+        std::fs::read(out.join("run.sh")).unwrap(),
+        std::fs::read(t.path().join("tree/run.sh")).unwrap()
+    );
     for absent in ["app/conf.yml.hbs", "start.sh.hbs", ".env.hbs", "vars.toml"] {
         assert!(!out.join(absent).exists(), "{absent} must not be in the output");
     }

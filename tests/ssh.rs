@@ -108,7 +108,10 @@ fn a_quiet_command_outlives_the_read_slice_and_a_hung_one_hits_the_deadline() {
     let err = s.exec("echo started; sleep 60", Duration::from_secs(3)).unwrap_err();
     let msg = format!("{err:#}");
     assert!(start.elapsed() < Duration::from_secs(6), "deadline not kept: {:?}", start.elapsed());
-    assert!(msg.contains("did not finish within 3s") && msg.contains("started") && msg.contains("hint:"), "{msg}");
+    assert!(
+        msg.contains("did not finish within 3s") && msg.contains("started") && msg.contains("hint:"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -117,7 +120,10 @@ fn ten_megabytes_on_stderr_do_not_deadlock() {
     let s = sshd.session();
     let start = Instant::now();
     let out = s
-        .exec("head -c 10000000 /dev/zero | tr '\\0' x | fold -w 99 >&2; echo small-stdout", Duration::from_secs(120))
+        .exec(
+            "head -c 10000000 /dev/zero | tr '\\0' x | fold -w 99 >&2; echo small-stdout",
+            Duration::from_secs(120),
+        )
         .unwrap();
     assert_eq!(out.status, 0);
     // stdout and stderr travel in separate pipes in the guest, so only each stream's own order is defined
@@ -201,7 +207,8 @@ fn upload_dir_is_byte_identical_and_keeps_modes() {
     }
     const BIG: usize = 32 << 20;
     std::fs::write(src.join("big.bin"), noise(BIG, 42)).unwrap();
-    let total: u64 = walkdir::WalkDir::new(&src).into_iter().map(|e| e.unwrap().metadata().unwrap().len()).sum();
+    let total: u64 =
+        walkdir::WalkDir::new(&src).into_iter().map(|e| e.unwrap().metadata().unwrap().len()).sum();
 
     let dest = tmp.path().join("remote dir/with 'quotes'");
     let start = Instant::now();
@@ -245,7 +252,11 @@ fn different_host_key_is_refused_before_authenticating() {
     let start = Instant::now();
     let err = Session::connect(&ep, Duration::from_secs(30)).err().expect("mismatch must be refused");
     let msg = format!("{err:#}");
-    assert!(start.elapsed() < Duration::from_secs(5), "a mismatch must not be retried ({:?})", start.elapsed());
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "a mismatch must not be retried ({:?})",
+        start.elapsed()
+    );
     assert!(msg.contains("HOST KEY MISMATCH"), "{msg}");
     assert!(msg.contains(&sshd.host.fingerprint().unwrap()), "presented fingerprint missing: {msg}");
     assert!(msg.contains(&other.fingerprint().unwrap()), "pinned fingerprint missing: {msg}");
@@ -255,7 +266,10 @@ fn different_host_key_is_refused_before_authenticating() {
         let log = sshd.proc.log_text();
         log.contains("preauth").then_some(log)
     });
-    assert!(!log.contains("Accepted") && !log.contains("Failed publickey") && !log.contains("userauth"), "{log}");
+    assert!(
+        !log.contains("Accepted") && !log.contains("Failed publickey") && !log.contains("userauth"),
+        "{log}"
+    );
     // The pinned key still works on the same server.
     assert_eq!(sshd.session().exec("true", T).unwrap().status, 0);
 }
@@ -296,7 +310,10 @@ fn closed_port_is_retried_until_the_deadline() {
     let err = Session::connect(&ep, Duration::from_secs(3)).err().expect("nothing listens there");
     let took = start.elapsed();
     let msg = format!("{err:#}");
-    assert!(took >= Duration::from_millis(2500) && took < Duration::from_secs(8), "gave up after {took:?}: {msg}");
+    assert!(
+        took >= Duration::from_millis(2500) && took < Duration::from_secs(8),
+        "gave up after {took:?}: {msg}"
+    );
     assert!(msg.contains("no SSH connection to") && msg.contains("attempts"), "{msg}");
     assert!(msg.to_lowercase().contains("refused"), "last error missing: {msg}");
 }

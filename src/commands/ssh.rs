@@ -82,7 +82,9 @@ pub fn ssh_config(ctx: &Ctx, args: &SshConfigArgs) -> Result<i32> {
     let t = target(ctx)?;
     let alias = args.host.clone().unwrap_or_else(|| t.alias.clone());
     if alias.is_empty() || alias.contains(|c: char| c.is_whitespace() || "*?!,\"".contains(c)) {
-        bail!("--host {alias:?} is not a usable OpenSSH host alias\nhint: use letters, digits, '-', '_' or '.'");
+        bail!(
+            "--host {alias:?} is not a usable OpenSSH host alias\nhint: use letters, digits, '-', '_' or '.'"
+        );
     }
     if ctx.global.json {
         let mut doc = serde_json::Map::new();
@@ -112,7 +114,11 @@ fn config_value(key: &str, v: &str) -> Result<String> {
     if v.contains('"') {
         bail!("{key} {v:?} contains a double quote, which OpenSSH config cannot express\nhint: move the project to a path without '\"'");
     }
-    let v = if matches!(key, "IdentityFile" | "UserKnownHostsFile") { v.replace('%', "%%") } else { v.to_string() };
+    let v = if matches!(key, "IdentityFile" | "UserKnownHostsFile") {
+        v.replace('%', "%%")
+    } else {
+        v.to_string()
+    };
     Ok(if v.contains(char::is_whitespace) { format!("\"{v}\"") } else { v })
 }
 
@@ -122,9 +128,11 @@ mod tests {
 
     #[test]
     fn stanza_quotes_spaces_and_escapes_percent() {
-        let s =
-            stanza("lab", &[("IdentityFile", "/home/a b/50%/.provisioner/id_ed25519".into()), ("Port", "2222".into())])
-                .unwrap();
+        let s = stanza(
+            "lab",
+            &[("IdentityFile", "/home/a b/50%/.provisioner/id_ed25519".into()), ("Port", "2222".into())],
+        )
+        .unwrap();
         assert_eq!(s, "Host lab\n  IdentityFile \"/home/a b/50%%/.provisioner/id_ed25519\"\n  Port 2222\n");
         assert!(stanza("lab", &[("IdentityFile", "/x\"y".into())]).is_err());
     }

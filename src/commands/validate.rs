@@ -41,9 +41,14 @@ pub fn validate(ctx: &Ctx) -> Result<i32> {
         Err(e) if ctx.ui.json() => {
             let errors = match e.downcast_ref::<ConfigError>() {
                 Some(ce) => ce.diagnostics.clone(),
-                None => vec![Diagnostic { file, line: None, col: None, message: format!("{e:#}"), hint: None }],
+                None => {
+                    vec![Diagnostic { file, line: None, col: None, message: format!("{e:#}"), hint: None }]
+                }
             };
-            println!("{}", json!({"valid": false, "file": ctx.global.config, "warnings": [], "errors": errors}));
+            println!(
+                "{}",
+                json!({"valid": false, "file": ctx.global.config, "warnings": [], "errors": errors})
+            );
             Ok(crate::exit::FAILURE)
         }
         Err(e) => Err(e),

@@ -54,7 +54,9 @@ fn valid_hostname(s: &str) -> bool {
 }
 
 fn url_scheme_ok(url: &str, schemes: &[&str]) -> bool {
-    schemes.iter().any(|s| url.strip_prefix(s).and_then(|r| r.strip_prefix("://")).is_some_and(|r| !r.is_empty()))
+    schemes
+        .iter()
+        .any(|s| url.strip_prefix(s).and_then(|r| r.strip_prefix("://")).is_some_and(|r| !r.is_empty()))
 }
 
 /// Rules on the file alone.
@@ -75,12 +77,17 @@ pub fn local(cfg: &Config, src: &Source) -> Findings {
             );
         }
     }
-    for (key, value, min, unit) in
-        [("cpus", u64::from(m.cpus), 1, ""), ("memory_mb", m.memory_mb, 256, " MiB"), ("disk_gb", m.disk_gb, 2, " GiB")]
-    {
+    for (key, value, min, unit) in [
+        ("cpus", u64::from(m.cpus), 1, ""),
+        ("memory_mb", m.memory_mb, 256, " MiB"),
+        ("disk_gb", m.disk_gb, 2, " GiB"),
+    ] {
         if value < min {
             f.error(
-                src.at_path(&["machine", key], format!("`{key}` must be at least {min}{unit}, found {value}")),
+                src.at_path(
+                    &["machine", key],
+                    format!("`{key}` must be at least {min}{unit}, found {value}"),
+                ),
                 "the lab itself wants cpus = 2, memory_mb = 4096, disk_gb = 20",
             );
         }
@@ -116,7 +123,10 @@ pub fn local(cfg: &Config, src: &Source) -> Findings {
         let at = |key: &str, msg: String| src.at_path(&["health", name, key], msg);
         if !p.path.starts_with('/') {
             f.error(
-                at("path", format!("health probe \"{name}\": `path` must start with '/', found \"{}\"", p.path)),
+                at(
+                    "path",
+                    format!("health probe \"{name}\": `path` must start with '/', found \"{}\"", p.path),
+                ),
                 "e.g. path = \"/health\"",
             );
         }
@@ -130,7 +140,10 @@ pub fn local(cfg: &Config, src: &Source) -> Findings {
             f.error(
                 at(
                     "expect_status",
-                    format!("health probe \"{name}\": `expect_status` {} is not an HTTP status", p.expect_status),
+                    format!(
+                        "health probe \"{name}\": `expect_status` {} is not an HTTP status",
+                        p.expect_status
+                    ),
                 ),
                 "use 100-599, usually 200",
             );
@@ -177,7 +190,11 @@ fn check_box(cfg: &Config, src: &Source, f: &mut Findings) {
         [first, second, ..] => f.error(
             src.at_path(
                 &["box", second],
-                format!("two box sources: {} and {}; keep exactly one of: {SOURCES}", shown(first), shown(second)),
+                format!(
+                    "two box sources: {} and {}; keep exactly one of: {SOURCES}",
+                    shown(first),
+                    shown(second)
+                ),
             ),
             "remove all but one box source",
         ),
@@ -230,9 +247,14 @@ fn check_box(cfg: &Config, src: &Source, f: &mut Findings) {
                 "e.g. mirror = \"http://deb.debian.org/debian\"",
             );
         }
-        if d.suite.is_empty() || !d.suite.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-') {
+        if d.suite.is_empty()
+            || !d.suite.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-')
+        {
             f.error(
-                src.at_path(&["box", "debian", "suite"], format!("`suite` \"{}\" is not a Debian suite name", d.suite)),
+                src.at_path(
+                    &["box", "debian", "suite"],
+                    format!("`suite` \"{}\" is not a Debian suite name", d.suite),
+                ),
                 "e.g. suite = \"bookworm\"",
             );
         }
@@ -308,7 +330,9 @@ fn check_ip(ip: &str, path: &[&str], what: &str, src: &Source, f: &mut Findings)
         Ok(a) if !a.is_loopback() => f.warn(
             src.at_path(
                 path,
-                format!("{what} listens on {a}, not on loopback: other machines can reach the guest through it"),
+                format!(
+                    "{what} listens on {a}, not on loopback: other machines can reach the guest through it"
+                ),
             ),
             "use 127.0.0.1 unless you mean to expose the port",
         ),
@@ -317,7 +341,8 @@ fn check_ip(ip: &str, path: &[&str], what: &str, src: &Source, f: &mut Findings)
 }
 
 /// Compose file names in the order docker compose looks for them.
-pub const COMPOSE_FILES: &[&str] = &["compose.yaml", "compose.yml", "docker-compose.yml", "docker-compose.yaml"];
+pub const COMPOSE_FILES: &[&str] =
+    &["compose.yaml", "compose.yml", "docker-compose.yml", "docker-compose.yaml"];
 
 /// Cross-references: the provision dir exists and renders, every forwarded port is published by the rendered
 /// compose file, every health probe's port is forwarded. Render failures are returned as errors (they name the
@@ -333,7 +358,10 @@ pub fn cross(cfg: &Config, src: &Source) -> Result<Findings> {
         if cfg.health.contains_key(&name) {
             f.error(src.at_path(&["health", &name, "port"], msg), &hint);
         } else {
-            f.warn(src.at_path(&["forward"], format!("{msg} (lab default); it will be reported unreachable")), &hint);
+            f.warn(
+                src.at_path(&["forward"], format!("{msg} (lab default); it will be reported unreachable")),
+                &hint,
+            );
         }
     }
     if cfg.provision.enabled == Some(false) {
@@ -342,7 +370,10 @@ pub fn cross(cfg: &Config, src: &Source) -> Result<Findings> {
     let source = cfg.resolve(&cfg.provision.source);
     if !source.is_dir() {
         f.error(
-            src.at_path(&["provision", "source"], format!("provision directory {} does not exist", source.display())),
+            src.at_path(
+                &["provision", "source"],
+                format!("provision directory {} does not exist", source.display()),
+            ),
             "run from the directory holding the lab's provision/ tree, or set [provision] source to it",
         );
         return Ok(f);
@@ -354,7 +385,10 @@ pub fn cross(cfg: &Config, src: &Source) -> Result<Findings> {
         f.warn(
             src.at_path(
                 &["provision", "source"],
-                format!("{} renders no docker-compose.yml; forwarded ports were not checked", source.display()),
+                format!(
+                    "{} renders no docker-compose.yml; forwarded ports were not checked",
+                    source.display()
+                ),
             ),
             "a provision tree is expected to hold docker-compose.yml(.hbs)",
         );
@@ -372,10 +406,13 @@ pub fn cross(cfg: &Config, src: &Source) -> Result<Findings> {
             continue;
         }
         let label = fw.name.as_deref().map(|n| format!(" (\"{n}\")")).unwrap_or_default();
-        let msg = format!("forwarded guest port {}{label} is not published by any service in {shown}", fw.guest);
+        let msg =
+            format!("forwarded guest port {}{label} is not published by any service in {shown}", fw.guest);
         let at = src.at_path(&["forward", &i.to_string(), "guest"], msg);
-        let hint =
-            format!("publish it in the compose file (\"127.0.0.1:{0}:{0}\") or remove this [[forward]]", fw.guest);
+        let hint = format!(
+            "publish it in the compose file (\"127.0.0.1:{0}:{0}\") or remove this [[forward]]",
+            fw.guest
+        );
         if host_net.is_empty() {
             f.error(at, &hint);
         } else {

@@ -222,7 +222,9 @@ impl<'d> Node<'d> {
             // An implicit table (`[box.debian]` without `[box]`) has no span of its own: use its first entry's.
             Node::Item(i) => i.span().or_else(|| {
                 let t = i.as_table_like()?;
-                t.iter().filter_map(|(k, v)| t.get_key_value(k)?.0.span().or(v.span())).min_by_key(|r| r.start)
+                t.iter()
+                    .filter_map(|(k, v)| t.get_key_value(k)?.0.span().or(v.span()))
+                    .min_by_key(|r| r.start)
             }),
             Node::Table(t) => t.span(),
             Node::Value(v) => v.span(),
@@ -293,7 +295,8 @@ fn reword(msg: &str, path: &[Seg]) -> (String, Option<String>) {
     if let Some(rest) = first_line.strip_prefix("unknown field ") {
         let unknown = ticked.first().cloned().unwrap_or_default();
         let expected = &ticked[1.min(ticked.len())..];
-        let list = if rest.contains("there are no fields") { "(none)".to_string() } else { expected.join(", ") };
+        let list =
+            if rest.contains("there are no fields") { "(none)".to_string() } else { expected.join(", ") };
         let hint = match closest(&unknown, expected) {
             Some(s) => format!("did you mean `{s}`?"),
             None => format!("remove `{unknown}` or move it to the table it belongs to"),
@@ -315,13 +318,20 @@ fn reword(msg: &str, path: &[Seg]) -> (String, Option<String>) {
         } else {
             (format!("key `{field}`"), format!(" in {}", table_name(path)))
         };
-        return (format!("missing required {what}{place}"), Some(format!("add the {what}; see docs/box-config.md")));
+        return (
+            format!("missing required {what}{place}"),
+            Some(format!("add the {what}; see docs/box-config.md")),
+        );
     }
     if let Some(rest) = first_line.strip_prefix("invalid type: ") {
         if let Some((found, expected)) = rest.split_once(", expected ") {
             let what = if path.is_empty() { "value".to_string() } else { format!("`{key}` in {parent}") };
             return (
-                format!("wrong type for {what}: expected {}, found {}", type_phrase(expected), found_phrase(found)),
+                format!(
+                    "wrong type for {what}: expected {}, found {}",
+                    type_phrase(expected),
+                    found_phrase(found)
+                ),
                 None,
             );
         }
@@ -335,7 +345,10 @@ fn reword(msg: &str, path: &[Seg]) -> (String, Option<String>) {
                 "u64" => "from 0 to 18446744073709551615".to_string(),
                 other => format!("({other})"),
             };
-            return (format!("`{key}` in {parent} is out of range: expected an integer {range}, found {value}"), None);
+            return (
+                format!("`{key}` in {parent} is out of range: expected an integer {range}, found {value}"),
+                None,
+            );
         }
     }
     // Syntax errors: toml's message is already specific ("invalid table header\nexpected `.`, `]`").

@@ -16,8 +16,12 @@ use crate::ssh::Session;
 
 /// Guest TCP ports that the host reaches through a forward, excluding SSH.
 pub fn guest_ports(cfg: &Config) -> Vec<u16> {
-    let mut ports: Vec<u16> =
-        cfg.forwards.iter().filter(|f| f.protocol == Protocol::Tcp && f.guest != 22).map(|f| f.guest).collect();
+    let mut ports: Vec<u16> = cfg
+        .forwards
+        .iter()
+        .filter(|f| f.protocol == Protocol::Tcp && f.guest != 22)
+        .map(|f| f.guest)
+        .collect();
     ports.sort_unstable();
     ports.dedup();
     ports

@@ -39,9 +39,11 @@ impl MachineState {
     pub fn load(dir: &StateDir) -> Result<Option<Self>> {
         let p = dir.state_file();
         match std::fs::read(&p) {
-            Ok(b) => Ok(Some(
-                serde_json::from_slice(&b).with_context(|| format!("corrupt {}; `provisioner destroy -f` resets it", p.display()))?,
-            )),
+            Ok(b) => {
+                Ok(Some(serde_json::from_slice(&b).with_context(|| {
+                    format!("corrupt {}; `provisioner destroy -f` resets it", p.display())
+                })?))
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e).with_context(|| format!("read {}", p.display())),
         }

@@ -58,7 +58,8 @@ impl Stamp {
     fn long(&self) -> [u8; 17] {
         let s = self;
         let mut out = [0u8; 17];
-        let text = format!("{:04}{:02}{:02}{:02}{:02}{:02}00", s.year, s.month, s.day, s.hour, s.minute, s.second);
+        let text =
+            format!("{:04}{:02}{:02}{:02}{:02}{:02}00", s.year, s.month, s.day, s.hour, s.minute, s.second);
         out[..16].copy_from_slice(text.as_bytes());
         out
     }
@@ -66,7 +67,8 @@ impl Stamp {
 
 /// Build an image holding `files` (name, contents) in its root directory, with volume label `label`.
 pub fn build(label: &str, files: &[(&str, &[u8])], stamp: Stamp) -> Result<Vec<u8>> {
-    if label.is_empty() || label.len() > 16 || !label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+    if label.is_empty() || label.len() > 16 || !label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+    {
         bail!("ISO volume label {label:?} must be 1-16 letters, digits or '_'");
     }
     // Lay out file data, then both directory trees point at the same extents.
@@ -90,9 +92,13 @@ pub fn build(label: &str, files: &[(&str, &[u8])], stamp: Stamp) -> Result<Vec<u
         let at = e.extent as usize * SECTOR;
         img[at..at + e.data.len()].copy_from_slice(e.data);
     }
-    let root_p =
-        directory(ROOT_PRIMARY, primary.iter().map(|e| (e.primary.as_slice(), e.extent, e.data.len())), stamp)?;
-    let root_j = directory(ROOT_JOLIET, joliet.iter().map(|e| (e.joliet.as_slice(), e.extent, e.data.len())), stamp)?;
+    let root_p = directory(
+        ROOT_PRIMARY,
+        primary.iter().map(|e| (e.primary.as_slice(), e.extent, e.data.len())),
+        stamp,
+    )?;
+    let root_j =
+        directory(ROOT_JOLIET, joliet.iter().map(|e| (e.joliet.as_slice(), e.extent, e.data.len())), stamp)?;
     sector(&mut img, ROOT_PRIMARY).copy_from_slice(&root_p);
     sector(&mut img, ROOT_JOLIET).copy_from_slice(&root_j);
     for (i, root) in [ROOT_PRIMARY, ROOT_JOLIET].into_iter().enumerate() {
@@ -171,7 +177,11 @@ fn record(id: &[u8], extent: u32, len: usize, dir: bool, stamp: Stamp) -> Vec<u8
 }
 
 /// The root directory sector: ".", "..", then the files (already sorted).
-fn directory<'a>(root: u32, files: impl Iterator<Item = (&'a [u8], u32, usize)>, stamp: Stamp) -> Result<Vec<u8>> {
+fn directory<'a>(
+    root: u32,
+    files: impl Iterator<Item = (&'a [u8], u32, usize)>,
+    stamp: Stamp,
+) -> Result<Vec<u8>> {
     let mut d = record(&[0], root, SECTOR, true, stamp);
     d.extend(record(&[1], root, SECTOR, true, stamp));
     for (id, extent, len) in files {
@@ -194,7 +204,15 @@ fn path_record(root: u32, little: bool) -> [u8; 10] {
 }
 
 /// A primary (type 1) or Joliet supplementary (type 2) volume descriptor.
-fn descriptor(kind: u8, label: &str, total: u32, path_tables: u32, root: u32, stamp: Stamp, joliet: bool) -> Vec<u8> {
+fn descriptor(
+    kind: u8,
+    label: &str,
+    total: u32,
+    path_tables: u32,
+    root: u32,
+    stamp: Stamp,
+    joliet: bool,
+) -> Vec<u8> {
     let mut d = vec![0u8; SECTOR];
     d[0] = kind;
     d[1..6].copy_from_slice(b"CD001");

@@ -58,7 +58,8 @@ impl Endpoint {
                 host_pub.display()
             )
         })?;
-        let root = std::path::absolute(&state.root).with_context(|| format!("resolve {}", state.root.display()))?;
+        let root =
+            std::path::absolute(&state.root).with_context(|| format!("resolve {}", state.root.display()))?;
         Ok(Endpoint {
             addr: SocketAddr::new(ip, port),
             user: cfg.ssh.user.clone(),
@@ -100,8 +101,8 @@ impl Session {
     /// Refused / reset connections, banner and handshake failures are retried until the deadline (the guest is
     /// booting); a host key that differs from the pinned one is refused at once, before authenticating.
     pub fn connect(ep: &Endpoint, timeout: Duration) -> Result<Session> {
-        let pinned =
-            keys::public_blob(&ep.host_key).context("the pinned host key in the machine state is unreadable")?;
+        let pinned = keys::public_blob(&ep.host_key)
+            .context("the pinned host key in the machine state is unreadable")?;
         let start = Instant::now();
         let deadline = start + timeout;
         let mut pause = Duration::from_millis(200);
@@ -138,7 +139,12 @@ impl Session {
     }
 
     /// Run a command; `on_line` sees each output line as it arrives. Returns the exit status (not an error).
-    pub fn exec_stream(&self, cmd: &str, timeout: Duration, on_line: &mut dyn FnMut(&str)) -> Result<ExecOutput> {
+    pub fn exec_stream(
+        &self,
+        cmd: &str,
+        timeout: Duration,
+        on_line: &mut dyn FnMut(&str),
+    ) -> Result<ExecOutput> {
         let mut ex = Exec::start(self, cmd, timeout, on_line)?;
         ex.finish()
     }
@@ -187,7 +193,9 @@ impl Session {
             let mut h = tar::Header::new_gnu();
             h.set_size(data.len() as u64);
             h.set_mode(mode);
-            h.set_mtime(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()));
+            h.set_mtime(
+                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+            );
             h.set_entry_type(tar::EntryType::Regular);
             b.append_data(&mut h, name, data)
         })
@@ -244,7 +252,9 @@ impl Session {
                 out.status,
                 crate::process::tail(&out.output, 20)
             ))),
-            (Err(e), Err(e2)) => Err(e2.context(format!("sending input to `{cmd}` on {} failed: {e}", self.addr))),
+            (Err(e), Err(e2)) => {
+                Err(e2.context(format!("sending input to `{cmd}` on {} failed: {e}", self.addr)))
+            }
         }
     }
 }
@@ -255,7 +265,8 @@ fn attempt(ep: &Endpoint, pinned: &[u8], deadline: Instant) -> std::result::Resu
     let tcp = TcpStream::connect_timeout(&ep.addr, slice)
         .map_err(|e| Attempt::Retry(anyhow!(e).context(format!("TCP connect to {}", ep.addr))))?;
     let _ = tcp.set_nodelay(true);
-    let mut sess = ssh2::Session::new().map_err(|e| Attempt::Fatal(anyhow!(e).context("initialise libssh2")))?;
+    let mut sess =
+        ssh2::Session::new().map_err(|e| Attempt::Fatal(anyhow!(e).context("initialise libssh2")))?;
     sess.set_tcp_stream(tcp);
     sess.set_timeout(millis(slice));
     // Ask for the pinned key's algorithm, so a guest that also has other host keys presents the pinned one.
@@ -269,7 +280,8 @@ fn attempt(ep: &Endpoint, pinned: &[u8], deadline: Instant) -> std::result::Resu
         )))
     })?;
 
-    let (blob, _) = sess.host_key().ok_or_else(|| Attempt::Retry(anyhow!("{} presented no host key", ep.addr)))?;
+    let (blob, _) =
+        sess.host_key().ok_or_else(|| Attempt::Retry(anyhow!("{} presented no host key", ep.addr)))?;
     if blob != pinned {
         let pinned_fp = keys::fingerprint_openssh(&ep.host_key).unwrap_or_else(|_| "?".into());
         let got_fp = keys::fingerprint_blob(blob).unwrap_or_else(|| "(undecodable key)".into());
@@ -300,7 +312,11 @@ fn attempt(ep: &Endpoint, pinned: &[u8], deadline: Instant) -> std::result::Resu
         )));
     }
     if !sess.authenticated() {
-        return Err(Attempt::Auth(anyhow!("SSH authentication failed for user {:?} at {}", ep.user, ep.addr)));
+        return Err(Attempt::Auth(anyhow!(
+            "SSH authentication failed for user {:?} at {}",
+            ep.user,
+            ep.addr
+        )));
     }
     sess.set_keepalive(false, SLICE.as_secs() as u32);
     Ok(sess)
@@ -340,7 +356,12 @@ struct Exec<'a> {
 }
 
 impl<'a> Exec<'a> {
-    fn start(sess: &'a Session, cmd: &str, timeout: Duration, on_line: &'a mut dyn FnMut(&str)) -> Result<Exec<'a>> {
+    fn start(
+        sess: &'a Session,
+        cmd: &str,
+        timeout: Duration,
+        on_line: &'a mut dyn FnMut(&str),
+    ) -> Result<Exec<'a>> {
         let deadline = Instant::now() + timeout;
         let s = &sess.sess;
         s.set_timeout(millis(timeout.min(SLICE)));
@@ -429,7 +450,9 @@ impl<'a> Exec<'a> {
                 Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
                     self.idle().with_context(|| format!("connection lost while running {}", what))?
                 }
-                Err(e) => return Err(e).with_context(|| format!("read output of {}", what)).context(RECONNECT_HINT),
+                Err(e) => {
+                    return Err(e).with_context(|| format!("read output of {}", what)).context(RECONNECT_HINT)
+                }
             }
         }
         if !self.partial.is_empty() {

@@ -34,7 +34,8 @@ impl Test {
     pub fn with_lab() -> Self {
         let t = Self::new();
         copy_dir(&repo().join("provision"), &t.dir.path().join("provision"));
-        std::fs::copy(repo().join("box-config.toml"), t.dir.path().join("box-config.toml")).expect("copy config");
+        std::fs::copy(repo().join("box-config.toml"), t.dir.path().join("box-config.toml"))
+            .expect("copy config");
         t
     }
     pub fn path(&self) -> &Path {
