@@ -7,7 +7,7 @@ SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 
 # qemu-system-x86 and libvirt come from bookworm-backports: the preinstalled qemu-utils 10.0 (backports)
-# conflicts with bookworm's qemu-system 7.2, and libvirt >= 9.2 is needed for passt port forwards.
+# conflicts with bookworm's qemu-system 7.2, and libvirt and QEMU must come from the same suite.
 BPO_LIST=/etc/apt/sources.list.d/provisioner-backports.sources
 if [ ! -f "$BPO_LIST" ]; then
   mirror=$(awk '/^URIs:/{print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null || true)
@@ -24,7 +24,7 @@ fi
 PIN=/etc/apt/preferences.d/provisioner-backports
 if [ ! -f "$PIN" ]; then
   $SUDO tee "$PIN" >/dev/null <<PREF
-Package: qemu-system* qemu-block-extra libvirt* passt seabios ipxe-qemu
+Package: qemu-system* qemu-block-extra libvirt* seabios ipxe-qemu
 Pin: release n=bookworm-backports
 Pin-Priority: 990
 PREF
@@ -37,7 +37,6 @@ base_pkgs=(
   python3-flask python3-prometheus-client gunicorn               # the demo app on the host
   debootstrap e2fsprogs                      # box built from a Debian mirror
   genisoimage util-linux                     # isoinfo/blkid to read seeds back in tests
-  passt                                      # user-mode networking with port forwards (libvirt)
   curl ca-certificates iproute2 procps psmisc
   docker-compose                             # v1 1.29 as in the guest: tests/lab.rs parses the rendered compose file (no engine needed)
 )
