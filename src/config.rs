@@ -79,6 +79,18 @@ pub enum ProviderKind {
     Virtualbox,
 }
 
+impl ProviderKind {
+    /// The name as written in the file (`auto`, `libvirt`, `virtualbox`) or recorded in the machine's state.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "auto" => Some(Self::Auto),
+            "libvirt" => Some(Self::Libvirt),
+            "virtualbox" => Some(Self::Virtualbox),
+            _ => None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Accel {
@@ -361,6 +373,64 @@ impl Config {
             return Err(ConfigError { diagnostics: sorted(findings.errors) }.into());
         }
         Ok(cfg)
+    }
+
+    /// For commands that only look after an existing machine (`status`, `halt`, `destroy`): the validated config,
+    /// or, when the file no longer validates, a stand-in with only what names and reaches the machine (machine
+    /// name, provider, libvirt URI, VBoxManage path), read leniently from whatever of the file still parses.
+    /// The second value is the validation error, for the caller to show as a warning. Errors only when not even
+    /// the machine name can be read (the caller may still know it from the machine's state).
+    pub fn load_lenient(path: &Path) -> anyhow::Result<(Config, Option<anyhow::Error>)> {
+        let bytes = match std::fs::read(path) {
+            Ok(b) => b,
+            Err(_) => return Self::load(path).map(|c| (c, None)),
+        };
+        let strict = match Self::from_bytes(path, &bytes) {
+            Ok(cfg) => return Ok((cfg, None)),
+            Err(e) => e,
+        };
+        let doc: Option<toml::Table> =
+            diag::decode("", &bytes).ok().and_then(|text| toml::from_str::<toml::Table>(text).ok());
+        let get = |table: &str, key: &str| -> Option<String> {
+            doc.as_ref()?.get(table)?.get(key)?.as_str().map(str::to_string)
+        };
+        let Some(name) = get("machine", "name").filter(|n| check::valid_machine_name(n)) else {
+            return Err(strict);
+        };
+        let mut cfg = Self::stand_in(path, &name);
+        if let Some(kind) = get("machine", "provider").and_then(|p| ProviderKind::parse(&p)) {
+            cfg.machine.provider = kind;
+        }
+        if let Some(uri) = get("libvirt", "uri") {
+            cfg.libvirt.uri = uri;
+        }
+        cfg.virtualbox.vboxmanage = get("virtualbox", "vboxmanage").map(PathBuf::from);
+        Ok((cfg, Some(strict)))
+    }
+
+    /// A config with defaults everywhere but the machine name, for looking after a machine whose file is broken.
+    pub fn stand_in(path: &Path, name: &str) -> Config {
+        Config {
+            machine: MachineConfig {
+                name: name.to_string(),
+                hostname: None,
+                provider: ProviderKind::Auto,
+                cpus: default_cpus(),
+                memory_mb: default_memory(),
+                disk_gb: default_disk(),
+                accel: Accel::Auto,
+            },
+            base_box: BoxConfig::default(),
+            ssh: SshConfig::default(),
+            forwards: Vec::new(),
+            provision: ProvisionConfig::default(),
+            vars: BTreeMap::new(),
+            health: BTreeMap::new(),
+            libvirt: LibvirtConfig::default(),
+            virtualbox: VirtualBoxConfig::default(),
+            path: path.to_path_buf(),
+            source_text: None,
+        }
     }
 
     fn source(&self) -> Source<'_> {

@@ -189,10 +189,25 @@ fn vm_up_verify_reprovision_destroy() {
         .success()
         .stdout_contains("delivered");
 
+    // When each compose service's container last started, as the guest's Docker reports it.
+    let started = || -> std::collections::BTreeMap<String, String> {
+        let cmd = "sudo -n docker ps -q | xargs sudo -n docker inspect -f \
+                   '{{index .Config.Labels \"com.docker.compose.service\"}} {{.State.StartedAt}}'";
+        let out = run(&["ssh", "-c", cmd]).success();
+        out.stdout()
+            .lines()
+            .filter_map(|l| l.split_once(' '))
+            .map(|(svc, at)| (svc.to_string(), at.trim().to_string()))
+            .collect()
+    };
+    let before = started();
+    assert!(before.contains_key("prometheus") && before.contains_key("demo-app"), "{before:?}");
+
     // Unchanged: nothing uploaded, built or restarted; the table again.
     let again = run(&["up", "--json"]).success();
     assert!(again.stdout().contains("\"event\":\"provision_skipped\""), "{}", again.stdout());
     assert!(again.stdout().contains("\"event\":\"health\""));
+    assert_eq!(started(), before, "an unchanged `up` restarted a container");
 
     // One edited file: only it is uploaded.
     let rules = t.path().join("provision/prometheus/alert.rules.yml.hbs");
@@ -208,6 +223,10 @@ fn vm_up_verify_reprovision_destroy() {
         .expect("upload event");
     assert_eq!(upload["changed"], serde_json::json!(["prometheus/alert.rules.yml"]), "{upload}");
     assert_eq!(upload["added"], serde_json::json!([]));
+    // Only the service that reads the rules restarted; every other container kept running untouched.
+    let after = started();
+    let restarted: Vec<&String> = after.keys().filter(|svc| before.get(*svc) != after.get(*svc)).collect();
+    assert_eq!(restarted, ["prometheus"], "before {before:?}\nafter {after:?}");
 
     run(&["destroy", "-f"]).success();
     assert!(!t.path().join(".provisioner").exists(), "destroy left the state dir");

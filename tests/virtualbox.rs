@@ -493,10 +493,24 @@ fn up_status_halt_destroy_through_the_binary() {
     assert_eq!(vm["natpf1"][0], format!("ssh,tcp,127.0.0.1,{port},,22"));
 
     run(&["status"]).success().stdout_contains("running").stdout_contains("virtualbox");
+    // A broken edit must not lock the user out: status, halt and destroy go on from the recorded state (the
+    // VBoxManage path still reads from the file), with the errors as a warning; `up` stays strict.
+    let good = std::fs::read_to_string(proj.join("box-config.toml")).unwrap();
+    std::fs::write(proj.join("box-config.toml"), good.replace("cpus = 1", "cpus = 1\nhaunted = true")).unwrap();
+    run(&["up"]).failure().stderr_contains("box-config.toml:5:1").stderr_contains("haunted");
+    run(&["status"])
+        .success()
+        .stdout_contains("running")
+        .stderr_contains("does not validate")
+        .stderr_contains("box-config.toml:5:1");
     run(&["halt", "--timeout", "30"]).success();
     assert!(b.take_calls().contains(&format!("controlvm {name} acpipowerbutton")));
     assert_eq!(b.vm(&name).unwrap()["state"], "poweroff");
-    run(&["destroy", "-f"]).success();
+    // Even a file that no longer parses as TOML: the machine name comes from the recorded VM name.
+    std::fs::write(proj.join("box-config.toml"), format!("{good}\n[[[")).unwrap();
+    run(&["status"]).failure().stderr_contains("VBoxManage");
+    std::fs::write(proj.join("box-config.toml"), good.replace("cpus = 1", "cpus = \"one\"")).unwrap();
+    run(&["destroy", "-f"]).success().stderr_contains("does not validate");
     assert!(b.vm(&name).is_none(), "clone unregistered");
     assert_eq!(b.vms().len(), 1, "only the master is left");
 }

@@ -34,13 +34,62 @@ struct Machine {
 
 impl Machine {
     fn load(ctx: &Ctx) -> Result<Self> {
-        let cfg = ctx.config()?;
+        Self::new(ctx, ctx.config()?)
+    }
+
+    fn new(ctx: &Ctx, cfg: Config) -> Result<Self> {
         let rel = ctx.state(&cfg);
         let root =
             std::path::absolute(&rel.root).with_context(|| format!("resolve {}", rel.root.display()))?;
         let vm_name = provider::vm_name(&cfg);
         Ok(Self { cfg, state: StateDir::at(root), vm_name })
     }
+
+    /// For `status`, `halt` and `destroy`: an edit that breaks box-config.toml must not lock the user out of a
+    /// machine that exists. When the file does not validate, the machine is found from what still reads of it
+    /// and from its recorded state (provider, libvirt URI, VM name), with a warning carrying the errors.
+    fn load_existing(ctx: &Ctx) -> Result<Self> {
+        let path = &ctx.global.config;
+        let (cfg, invalid) = match Config::load_lenient(path) {
+            Ok(pair) => pair,
+            Err(e) => {
+                // Not even the machine name reads: the state beside the file may still name the machine.
+                let probe = Config::stand_in(path, "x");
+                let recorded = MachineState::load(&StateDir::for_config(&probe)).ok().flatten();
+                match recorded.as_ref().and_then(|st| machine_name_of(&st.vm_name)) {
+                    Some(name) => (Config::stand_in(path, name), Some(e)),
+                    None => return Err(e),
+                }
+            }
+        };
+        let Some(invalid) = invalid else {
+            return Self::new(ctx, cfg);
+        };
+        let mut m = Self::new(ctx, cfg)?;
+        if let Some(st) = MachineState::load(&m.state)? {
+            if let Some(kind) = crate::config::ProviderKind::parse(&st.provider) {
+                m.cfg.machine.provider = kind;
+            }
+            if let Some(uri) = st.libvirt_uri {
+                m.cfg.libvirt.uri = uri;
+            }
+            m.vm_name = st.vm_name;
+        }
+        ctx.ui.warn(format!(
+            "{} does not validate; this command goes on with the machine's recorded state \
+             ({}/state.json)\n{invalid:#}",
+            path.display(),
+            crate::machine::STATE_DIR_NAME
+        ));
+        Ok(m)
+    }
+}
+
+/// The machine name inside a VM name made by [`provider::vm_name`]: `provisioner-NAME-HASH8`.
+fn machine_name_of(vm_name: &str) -> Option<&str> {
+    let rest = vm_name.strip_prefix("provisioner-")?;
+    let (name, hash) = rest.rsplit_once('-')?;
+    (hash.len() == 8 && crate::config::valid_machine_name(name)).then_some(name)
 }
 
 pub fn up(ctx: &Ctx, args: &UpArgs) -> Result<i32> {
@@ -226,7 +275,7 @@ fn serial_tail(state: &StateDir) -> String {
 }
 
 pub fn status(ctx: &Ctx) -> Result<i32> {
-    let m = Machine::load(ctx)?;
+    let m = Machine::load_existing(ctx)?;
     let name = &m.cfg.machine.name;
     let Some(st) = MachineState::load(&m.state)? else {
         if ctx.ui.json() {
@@ -259,7 +308,7 @@ pub fn status(ctx: &Ctx) -> Result<i32> {
 }
 
 pub fn halt(ctx: &Ctx, args: &HaltArgs) -> Result<i32> {
-    let m = Machine::load(ctx)?;
+    let m = Machine::load_existing(ctx)?;
     let _lock = MachineLock::acquire(&m.state, "halt")?;
     halt_locked(ctx, &m, args)
 }
@@ -285,7 +334,7 @@ pub fn reload(ctx: &Ctx, args: &UpArgs) -> Result<i32> {
 }
 
 pub fn destroy(ctx: &Ctx, args: &DestroyArgs) -> Result<i32> {
-    let m = Machine::load(ctx)?;
+    let m = Machine::load_existing(ctx)?;
     if !args.force && !confirm(&format!("Destroy machine {:?} and all its data?", m.cfg.machine.name))? {
         ctx.ui.info("not destroyed");
         return Ok(crate::exit::FAILURE);
@@ -326,4 +375,17 @@ fn confirm(question: &str) -> Result<bool> {
     let mut answer = String::new();
     std::io::stdin().read_line(&mut answer)?;
     Ok(matches!(answer.trim(), "y" | "Y" | "yes" | "YES" | "Yes"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::machine_name_of;
+
+    #[test]
+    fn machine_name_comes_back_out_of_the_vm_name() {
+        assert_eq!(machine_name_of("provisioner-lab-86ee3d20"), Some("lab"));
+        assert_eq!(machine_name_of("provisioner-my-lab-2-0e94640e"), Some("my-lab-2"));
+        assert_eq!(machine_name_of("provisioner-lab"), None);
+        assert_eq!(machine_name_of("someone-else-86ee3d20"), None);
+    }
 }

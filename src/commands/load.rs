@@ -34,6 +34,7 @@ pub fn load(ctx: &Ctx, args: &LoadArgs) -> Result<i32> {
         slow_ratio: args.slow_ratio,
         concurrency: args.concurrency,
         request_timeout: Duration::from_secs(15),
+        pause: Duration::ZERO,
     };
     plan.validate()?;
     ctx.ui.info(format!(

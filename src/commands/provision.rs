@@ -1,8 +1,7 @@
 //! `provision`, `health`, `verify`.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -124,31 +123,6 @@ fn get(url: &str) -> Result<String> {
     Ok(agent.get(url).call()?.into_string()?)
 }
 
-/// Bounded traffic at the demo app through its forwarded port: /error and /slow mixed with /, until `stop` or
-/// `limit` requests.
-fn traffic(
-    base: String,
-    stop: Arc<AtomicBool>,
-    sent: Arc<AtomicU64>,
-    limit: u64,
-) -> std::thread::JoinHandle<()> {
-    std::thread::spawn(move || {
-        let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(10)).build();
-        let mut i: u64 = 0;
-        while !stop.load(Ordering::Relaxed) && i < limit {
-            let path = match i % 10 {
-                9 => "/slow",
-                n if n % 2 == 0 => "/error",
-                _ => "/",
-            };
-            let _ = agent.get(&format!("{base}{path}")).call();
-            i += 1;
-            sent.store(i, Ordering::Relaxed);
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    })
-}
-
 pub fn verify(ctx: &Ctx, args: &VerifyArgs) -> Result<i32> {
     let cfg = ctx.config()?;
     let state = ctx.state(&cfg);
@@ -189,36 +163,54 @@ pub fn verify(ctx: &Ctx, args: &VerifyArgs) -> Result<i32> {
 
     let phase = ctx.ui.phase("verify");
     let start = Instant::now();
-    let stop = Arc::new(AtomicBool::new(false));
-    let sent = Arc::new(AtomicU64::new(0));
-    let worker = traffic(app, stop.clone(), sent.clone(), args.timeout * 10);
+    // Half the requests fail and one in ten is slow, paced so a TCG guest keeps answering: enough for the
+    // error-rate and latency rules, and bounded by --timeout in both count and time.
+    let load = crate::loadgen::Plan {
+        url: app,
+        requests: args.timeout * 10,
+        duration: Duration::from_secs(args.timeout),
+        error_ratio: 0.5,
+        slow_ratio: 0.1,
+        concurrency: 1,
+        request_timeout: Duration::from_secs(10),
+        pause: Duration::from_millis(100),
+    };
+    load.validate().context("--timeout must be at least 1 second")?;
+    let control = crate::loadgen::Control::default();
     let mut t = Timeline::default();
-    let result =
-        crate::process::wait_until(Duration::from_secs(args.timeout), "the alert to be delivered", || {
-            let now = start.elapsed().as_secs_f64();
-            match get(&format!("{prom}/api/v1/alerts"))
-                .ok()
-                .and_then(|a| alert_state(&a, &args.alert))
-                .as_deref()
-            {
-                Some("pending") if t.pending.is_none() => t.pending = Some(now),
-                Some("firing") if t.firing.is_none() => {
-                    t.pending.get_or_insert(now);
-                    t.firing = Some(now);
+    let (result, load_result) = std::thread::scope(|s| {
+        let worker = s.spawn(|| crate::loadgen::run_controlled(&load, &control));
+        let result =
+            crate::process::wait_until(Duration::from_secs(args.timeout), "the alert to be delivered", || {
+                let now = start.elapsed().as_secs_f64();
+                match get(&format!("{prom}/api/v1/alerts"))
+                    .ok()
+                    .and_then(|a| alert_state(&a, &args.alert))
+                    .as_deref()
+                {
+                    Some("pending") if t.pending.is_none() => t.pending = Some(now),
+                    Some("firing") if t.firing.is_none() => {
+                        t.pending.get_or_insert(now);
+                        t.firing = Some(now);
+                    }
+                    _ => {}
                 }
-                _ => {}
-            }
-            if t.firing.is_some()
-                && delivered_in_log(&ssh.exec(&log_cmd, Duration::from_secs(30))?.output, &args.alert)
-            {
-                t.delivered = Some(now);
-            }
-            phase.message(&format!("{} requests; {:?}", sent.load(Ordering::Relaxed), t));
-            Ok(t.delivered.map(|_| ()))
-        });
-    stop.store(true, Ordering::Relaxed);
-    let _ = worker.join();
-    let requests = sent.load(Ordering::Relaxed);
+                if t.firing.is_some()
+                    && delivered_in_log(&ssh.exec(&log_cmd, Duration::from_secs(30))?.output, &args.alert)
+                {
+                    t.delivered = Some(now);
+                }
+                phase.message(&format!("{} requests; {:?}", control.sent.load(Ordering::Relaxed), t));
+                Ok(t.delivered.map(|_| ()))
+            });
+        control.stop.store(true, Ordering::Relaxed);
+        (result, worker.join())
+    });
+    let load_summary = match load_result {
+        Ok(summary) => summary?,
+        Err(panic) => std::panic::resume_unwind(panic),
+    };
+    let requests = load_summary.total();
     if result.is_ok() {
         phase.done("alert delivered");
     } else {

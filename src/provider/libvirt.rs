@@ -57,6 +57,13 @@ impl Libvirt {
     }
 
     fn unreachable(&self, err: &str) -> anyhow::Error {
+        if err.contains("virtlogd-sock") {
+            return anyhow::anyhow!(
+                "virtlogd, libvirt's log daemon, is not running, so QEMU cannot start: {err}\nhint: start it \
+                 (`virtlogd -d`; under systemd `systemctl start virtlogd.socket`); as root, `provisioner up` \
+                 starts it itself"
+            );
+        }
         anyhow::anyhow!(
             "the libvirt daemon for {} is not reachable: {err}\nhint: start it (`virtqemud -d` or `libvirtd -d`, \
              with `virtlogd -d`; under systemd `systemctl start libvirtd`), check that your user may use that URI, \
@@ -70,22 +77,20 @@ impl Libvirt {
         self.uri.split_once("://").is_some_and(|(_, rest)| rest.starts_with('/'))
     }
 
-    /// Make sure the daemon answers; as root with a local URI, start the daemons when they are not running.
+    /// Make sure the daemons answer; as root with a local URI, start the ones that are not running.
     fn ensure_daemon(&self) -> Result<()> {
+        // SAFETY: geteuid has no preconditions.
+        let may_start = self.is_local() && unsafe { libc::geteuid() } == 0;
+        if may_start {
+            ensure_virtlogd()?;
+        }
         let first = self.virsh().arg("version").output()?;
         if first.success() {
             return Ok(());
         }
         let err = first.stderr.trim().to_string();
-        // SAFETY: geteuid has no preconditions.
-        let root = unsafe { libc::geteuid() } == 0;
-        if !(is_connect_error(&err) && self.is_local() && root) {
+        if !(is_connect_error(&err) && may_start) {
             return Err(self.unreachable(&err));
-        }
-        if !Path::new("/run/libvirt/virtlogd-sock").exists() {
-            if let Some(virtlogd) = find_sbin("virtlogd") {
-                Cmd::new(virtlogd).arg("-d").timeout(Duration::from_secs(30)).run()?;
-            }
         }
         let daemon = find_sbin("virtqemud").or_else(|| find_sbin("libvirtd")).ok_or_else(|| {
             anyhow::anyhow!(
@@ -171,6 +176,28 @@ fn is_connect_error(stderr: &str) -> bool {
 /// virsh wording for "no such domain".
 fn is_no_domain(stderr: &str) -> bool {
     stderr.contains("failed to get domain") || stderr.contains("Domain not found")
+}
+
+/// The system virtlogd's socket. libvirtd answers `virsh` without it; only starting a domain then fails.
+const VIRTLOGD_SOCK: &str = "/run/libvirt/virtlogd-sock";
+
+/// Start virtlogd unless something accepts on its socket. A socket file left by a daemon that was killed is
+/// not proof of life (CI machines keep /run but not the processes), so this connects rather than stats.
+fn ensure_virtlogd() -> Result<()> {
+    let alive = || std::os::unix::net::UnixStream::connect(VIRTLOGD_SOCK).is_ok();
+    if alive() {
+        return Ok(());
+    }
+    let Some(virtlogd) = find_sbin("virtlogd") else {
+        // Not installed: `start` reports it with the hint; nothing to do here.
+        return Ok(());
+    };
+    // A virtlogd started concurrently makes ours exit on its pid file lock; the wait below settles it.
+    let _ = Cmd::new(&virtlogd).arg("-d").timeout(Duration::from_secs(30)).output()?;
+    crate::process::wait_until(Duration::from_secs(15), "virtlogd to accept connections", || {
+        Ok(alive().then_some(()))
+    })
+    .with_context(|| format!("started {} but nothing listens on {VIRTLOGD_SOCK}", virtlogd.display()))
 }
 
 fn find_sbin(name: &str) -> Option<std::path::PathBuf> {
