@@ -496,7 +496,8 @@ fn up_status_halt_destroy_through_the_binary() {
     // A broken edit must not lock the user out: status, halt and destroy go on from the recorded state (the
     // VBoxManage path still reads from the file), with the errors as a warning; `up` stays strict.
     let good = std::fs::read_to_string(proj.join("box-config.toml")).unwrap();
-    std::fs::write(proj.join("box-config.toml"), good.replace("cpus = 1", "cpus = 1\nhaunted = true")).unwrap();
+    std::fs::write(proj.join("box-config.toml"), good.replace("cpus = 1", "cpus = 1\nhaunted = true"))
+        .unwrap();
     run(&["up"]).failure().stderr_contains("box-config.toml:5:1").stderr_contains("haunted");
     run(&["status"])
         .success()

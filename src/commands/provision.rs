@@ -180,8 +180,10 @@ pub fn verify(ctx: &Ctx, args: &VerifyArgs) -> Result<i32> {
     let mut t = Timeline::default();
     let (result, load_result) = std::thread::scope(|s| {
         let worker = s.spawn(|| crate::loadgen::run_controlled(&load, &control));
-        let result =
-            crate::process::wait_until(Duration::from_secs(args.timeout), "the alert to be delivered", || {
+        let result = crate::process::wait_until(
+            Duration::from_secs(args.timeout),
+            "the alert to be delivered",
+            || {
                 let now = start.elapsed().as_secs_f64();
                 match get(&format!("{prom}/api/v1/alerts"))
                     .ok()
@@ -202,7 +204,8 @@ pub fn verify(ctx: &Ctx, args: &VerifyArgs) -> Result<i32> {
                 }
                 phase.message(&format!("{} requests; {:?}", control.sent.load(Ordering::Relaxed), t));
                 Ok(t.delivered.map(|_| ()))
-            });
+            },
+        );
         control.stop.store(true, Ordering::Relaxed);
         (result, worker.join())
     });
