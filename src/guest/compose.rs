@@ -26,11 +26,15 @@ pub struct DockerProbe {
     /// `docker --version` output when the client exists.
     pub docker: Option<String>,
     pub compose: Option<ComposeKind>,
+    /// The engine's version when the daemon already answers `docker info`, so a ready guest costs one exec.
+    pub server_version: Option<String>,
 }
 
 /// Shell snippet whose output [`parse_probe`] reads: each command's output framed by markers with its status.
+/// The last one asks the daemon; an empty answer means "not up yet" and [`super::docker::ensure`] waits for it.
 pub const PROBE_SCRIPT: &str =
-    "for c in 'docker --version' 'sudo -n docker compose version' 'docker-compose version'; do \
+    "for c in 'docker --version' 'sudo -n docker compose version' 'docker-compose version' \
+     'sudo -n docker info --format {{.ServerVersion}}'; do \
      echo \"@@begin $c\"; $c 2>&1; echo \"@@status $?\"; done";
 
 /// Parse the output of [`PROBE_SCRIPT`]. Pure: only the exit statuses and version banners count.
@@ -56,9 +60,16 @@ pub fn parse_probe(output: &str) -> DockerProbe {
     };
     let v2 = ok("docker compose version", "compose version");
     let v1 = ok("docker-compose version", "docker-compose version");
+    // `docker info` prints only the version (digits and dots, maybe a +suffix) when the daemon answers.
+    let server_version = results
+        .iter()
+        .find(|(cmd, _)| cmd.contains("docker info"))
+        .and_then(|(_, (status, text))| (*status == 0).then(|| text.trim().to_string()))
+        .filter(|v| !v.is_empty() && !v.contains(char::is_whitespace));
     DockerProbe {
         docker: ok("docker --version", "docker version"),
         compose: detect_compose(v2.as_deref(), v1.as_deref()),
+        server_version,
     }
 }
 
@@ -302,11 +313,26 @@ volumes:
 "#;
 
     fn probe_output(docker: (i32, &str), v2: (i32, &str), v1: (i32, &str)) -> String {
+        probe_output_with_info(
+            docker,
+            v2,
+            v1,
+            (1, "Cannot connect to the Docker daemon at unix:///var/run/docker.sock"),
+        )
+    }
+
+    fn probe_output_with_info(
+        docker: (i32, &str),
+        v2: (i32, &str),
+        v1: (i32, &str),
+        info: (i32, &str),
+    ) -> String {
         let mut s = String::new();
         for (cmd, (st, text)) in [
             ("docker --version", docker),
             ("sudo -n docker compose version", v2),
             ("docker-compose version", v1),
+            ("sudo -n docker info --format {{.ServerVersion}}", info),
         ] {
             s.push_str(&format!("@@begin {cmd}\n{text}\n@@status {st}\n"));
         }
@@ -323,6 +349,24 @@ volumes:
         let p = parse_probe(&out);
         assert_eq!(p.compose, Some(ComposeKind::V2));
         assert!(p.docker.unwrap().contains("26.1.5"));
+    }
+
+    #[test]
+    fn a_running_daemon_is_seen_in_the_same_probe() {
+        let v1 = (0, "docker-compose version 1.29.2, build unknown");
+        let v2 = (1, "docker: 'compose' is not a docker command.");
+        let up = probe_output_with_info((0, "Docker version 20.10.24"), v2, v1, (0, "20.10.24+dfsg1"));
+        assert_eq!(parse_probe(&up).server_version.as_deref(), Some("20.10.24+dfsg1"));
+        let down = probe_output((0, "Docker version 20.10.24"), v2, v1);
+        assert_eq!(parse_probe(&down).server_version, None);
+        // sudo asking for a password, or an error on stdout with status 0, is not a version.
+        let odd = probe_output_with_info(
+            (0, "Docker version 20.10.24"),
+            v2,
+            v1,
+            (0, "sudo: a password is required"),
+        );
+        assert_eq!(parse_probe(&odd).server_version, None);
     }
 
     #[test]

@@ -48,6 +48,9 @@ pub fn ensure(ssh: &Session, how: DockerInstall, phase: &Phase) -> Result<Docker
              the compose plugin in the box, or set [provision] docker_install = \"get-docker\""
         );
     };
+    if let (Some(server_version), false) = (found.server_version, installed) {
+        return Ok(DockerReady { compose, server_version, installed });
+    }
     phase.message("waiting for the Docker daemon");
     let server_version = crate::process::wait_until(Duration::from_secs(180), "`docker info` in the guest", || {
         let out = ssh.exec("sudo -n docker info --format '{{.ServerVersion}}'", Duration::from_secs(30))?;
