@@ -396,7 +396,7 @@ volumes:
             (1, "sudo: docker: command not found"),
             (127, "sh: 1: docker-compose: not found"),
         );
-        assert_eq!(parse_probe(&out), DockerProbe { docker: None, compose: None });
+        assert_eq!(parse_probe(&out), DockerProbe { docker: None, compose: None, server_version: None });
     }
 
     #[test]
