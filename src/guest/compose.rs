@@ -30,12 +30,9 @@ pub struct DockerProbe {
     pub server_version: Option<String>,
 }
 
-/// Shell snippet whose output [`parse_probe`] reads: each command's output framed by markers with its status.
+/// Shell script whose output [`parse_probe`] reads: each check's output framed by markers with its status.
 /// The last one asks the daemon; an empty answer means "not up yet" and [`super::docker::ensure`] waits for it.
-pub const PROBE_SCRIPT: &str =
-    "for c in 'docker --version' 'sudo -n docker compose version' 'docker-compose version' \
-     'sudo -n docker info --format {{.ServerVersion}}'; do \
-     echo \"@@begin $c\"; $c 2>&1; echo \"@@status $?\"; done";
+pub const PROBE_SCRIPT: &str = include_str!("../../assets/docker/probe.sh");
 
 /// Parse the output of [`PROBE_SCRIPT`]. Pure: only the exit statuses and version banners count.
 pub fn parse_probe(output: &str) -> DockerProbe {
@@ -349,6 +346,70 @@ volumes:
         let p = parse_probe(&out);
         assert_eq!(p.compose, Some(ComposeKind::V2));
         assert!(p.docker.unwrap().contains("26.1.5"));
+    }
+
+    /// Runs the real probe script under `sh` with stand-ins for docker, sudo and docker-compose on PATH.
+    #[test]
+    fn probe_script_runs_compose_v1_once_then_reads_its_cache() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let bin = dir.path().join("bin");
+        std::fs::create_dir(&bin).unwrap();
+        let count = dir.path().join("compose-runs");
+        let tool = |name: &str, body: &str| {
+            let p = bin.join(name);
+            std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        };
+        tool(
+            "docker",
+            "case \"$1\" in --version) echo 'Docker version 20.10.24+dfsg1, build 297e128' ;;\n\
+             compose) echo \"docker: 'compose' is not a docker command.\" >&2; exit 1 ;;\n\
+             info) echo 20.10.24+dfsg1 ;; esac",
+        );
+        tool("sudo", "[ \"$1\" = -n ] && shift; exec \"$@\"");
+        tool(
+            "docker-compose",
+            &format!("echo run >> {count:?}; echo 'docker-compose version 1.29.2, build unknown'"),
+        );
+        // Only the utilities the script uses, so the host's own docker-compose (if any) stays out of sight.
+        let sys = dir.path().join("sys");
+        std::fs::create_dir(&sys).unwrap();
+        for util in ["head", "tail", "stat", "mkdir", "mv"] {
+            let found =
+                ["/usr/bin", "/bin"].iter().map(|d| std::path::Path::new(d).join(util)).find(|p| p.exists());
+            std::os::unix::fs::symlink(found.expect("coreutils"), sys.join(util)).unwrap();
+        }
+        let run = || {
+            let out = std::process::Command::new("/bin/sh")
+                .args(["-c", PROBE_SCRIPT])
+                .env("PATH", format!("{}:{}", bin.display(), sys.display()))
+                .env("HOME", dir.path().join("home"))
+                .env_remove("XDG_CACHE_HOME")
+                .output()
+                .unwrap();
+            parse_probe(&String::from_utf8_lossy(&out.stdout))
+        };
+        let runs = || std::fs::read_to_string(&count).unwrap_or_default().lines().count();
+        let want = DockerProbe {
+            docker: Some("Docker version 20.10.24+dfsg1, build 297e128".into()),
+            compose: Some(ComposeKind::V1),
+            server_version: Some("20.10.24+dfsg1".into()),
+        };
+        assert_eq!(run(), want);
+        assert_eq!(runs(), 1);
+        assert_eq!(run(), want, "the cached banner must read the same");
+        assert_eq!(runs(), 1, "the second probe started docker-compose again");
+        // An upgrade (another size) is noticed.
+        tool(
+            "docker-compose",
+            &format!("echo run >> {count:?}; echo 'docker-compose version 1.29.3, build x'"),
+        );
+        assert_eq!(run(), want);
+        assert_eq!(runs(), 2);
+        // Removed: not found, no stale cache answer.
+        std::fs::remove_file(bin.join("docker-compose")).unwrap();
+        assert_eq!(run().compose, None);
     }
 
     #[test]
