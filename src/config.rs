@@ -82,12 +82,8 @@ pub enum ProviderKind {
 impl ProviderKind {
     /// The name as written in the file (`auto`, `libvirt`, `virtualbox`) or recorded in the machine's state.
     pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "auto" => Some(Self::Auto),
-            "libvirt" => Some(Self::Libvirt),
-            "virtualbox" => Some(Self::Virtualbox),
-            _ => None,
-        }
+        // The same names serde reads from the file (one mapping, not two).
+        toml::Value::String(s.to_string()).try_into().ok()
     }
 }
 
@@ -332,6 +328,14 @@ pub const LAB_PROBES: &[(&str, &str, u16)] = &[
     ("cadvisor", "/healthz", 8080),
 ];
 
+/// The directory of a config file: relative paths in it resolve from here; `.provisioner/` lives here.
+pub fn base_dir_of(config_path: &Path) -> PathBuf {
+    match config_path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
 /// Free function form of [`Config::validate_all`] for callers that prefer it.
 pub fn validate_all(cfg: &Config) -> anyhow::Result<Vec<Warning>> {
     cfg.validate_all()
@@ -473,10 +477,7 @@ impl Config {
 
     /// Directory of the config file: relative paths in it resolve from here; `.provisioner/` lives here.
     pub fn base_dir(&self) -> PathBuf {
-        match self.path.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-            _ => PathBuf::from("."),
-        }
+        base_dir_of(&self.path)
     }
 
     /// Resolve a path from the file relative to its directory.

@@ -426,11 +426,7 @@ fn box_list_build_remove_through_the_binary() {
 #[test]
 #[ignore = "vm: builds a Debian box from the mirror"]
 fn debian_box_builds_from_the_mirror_and_is_then_a_cache_hit() {
-    let t = Test::new();
-    let lab = std::fs::read_to_string(support::repo().join("box-config.toml")).unwrap();
-    t.write("box-config.toml", lab);
-    let first = Test::new().cwd(t.path()).args(["--json", "box", "build"]).run().success();
-    let doc = last_json(&first.stdout());
+    let (t, doc) = build_lab_box();
     let disk = PathBuf::from(doc["disk"].as_str().unwrap());
     let check = std::process::Command::new("qemu-img").args(["check", "-U"]).arg(&disk).output().unwrap();
     assert!(check.status.success(), "qemu-img check: {check:?}");
@@ -449,15 +445,21 @@ fn debian_box_builds_from_the_mirror_and_is_then_a_cache_hit() {
     assert!(started.elapsed() < Duration::from_secs(10), "a cache hit is fast: {:?}", started.elapsed());
 }
 
-/// The mirror-built box really boots: direct kernel boot under QEMU (TCG, user networking with no outside
-/// access), root found by its label, systemd up, and cloud-init runs to the end on the console.
-#[test]
-#[ignore = "vm: boots the Debian box under QEMU"]
-fn debian_box_boots_to_cloud_init_finished() {
+/// `box build --json` for the repo's own box-config.toml in a fresh dir: the dir and the box's JSON document.
+fn build_lab_box() -> (Test, serde_json::Value) {
     let t = Test::new();
     let lab = std::fs::read_to_string(support::repo().join("box-config.toml")).unwrap();
     t.write("box-config.toml", lab);
     let doc = last_json(&Test::new().cwd(t.path()).args(["--json", "box", "build"]).run().success().stdout());
+    (t, doc)
+}
+
+/// The mirror-built box really boots: direct kernel boot under QEMU (TCG, user networking with no outside
+/// access), root on /dev/vda, systemd up, and cloud-init runs to the end on the console.
+#[test]
+#[ignore = "vm: boots the Debian box under QEMU"]
+fn debian_box_boots_to_cloud_init_finished() {
+    let (t, doc) = build_lab_box();
     let path = |k: &str| PathBuf::from(doc[k].as_str().unwrap());
     let overlay = t.path().join("overlay.qcow2");
     let out = std::process::Command::new("qemu-img")

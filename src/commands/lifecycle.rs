@@ -54,8 +54,7 @@ impl Machine {
             Ok(pair) => pair,
             Err(e) => {
                 // Not even the machine name reads: the state beside the file may still name the machine.
-                let probe = Config::stand_in(path, "x");
-                let recorded = MachineState::load(&StateDir::for_config(&probe)).ok().flatten();
+                let recorded = MachineState::load(&StateDir::beside(path)).ok().flatten();
                 match recorded.as_ref().and_then(|st| machine_name_of(&st.vm_name)) {
                     Some(name) => (Config::stand_in(path, name), Some(e)),
                     None => return Err(e),

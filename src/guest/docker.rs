@@ -48,7 +48,8 @@ pub fn ensure(ssh: &Session, how: DockerInstall, phase: &Phase) -> Result<Docker
              the compose plugin in the box, or set [provision] docker_install = \"get-docker\""
         );
     };
-    if let (Some(server_version), false) = (found.server_version, installed) {
+    // The probe already asked the daemon; a fresh install still waits for it to come up.
+    if let Some(server_version) = found.server_version.filter(|_| !installed) {
         return Ok(DockerReady { compose, server_version, installed });
     }
     phase.message("waiting for the Docker daemon");

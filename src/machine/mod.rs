@@ -33,7 +33,11 @@ pub struct StateDir {
 
 impl StateDir {
     pub fn for_config(cfg: &Config) -> Self {
-        Self { root: cfg.base_dir().join(STATE_DIR_NAME) }
+        Self::beside(&cfg.path)
+    }
+    /// The state dir of the config file at `config_path`, which need not parse.
+    pub fn beside(config_path: &std::path::Path) -> Self {
+        Self { root: crate::config::base_dir_of(config_path).join(STATE_DIR_NAME) }
     }
     pub fn at(root: impl Into<PathBuf>) -> Self {
         Self { root: root.into() }
