@@ -3,6 +3,7 @@
 pub mod boxcmd;
 pub mod lifecycle;
 pub mod load;
+mod plan;
 pub mod provision;
 pub mod render;
 pub mod ssh;
