@@ -49,7 +49,7 @@ impl Bench {
             cmdline: None,
             firmware: Firmware::Bios,
         };
-        Bench { vbox: VirtualBox { vboxmanage: bin.join("VBoxManage") }, base, dir }
+        Bench { vbox: VirtualBox::at(bin.join("VBoxManage")), base, dir }
     }
 
     fn bin_dir(&self) -> PathBuf {
@@ -101,7 +101,7 @@ impl Bench {
             std::fs::write(&log, "").unwrap();
         }
         let tmp = self.dir.path().to_string_lossy().into_owned();
-        text.lines().map(|l| l.replace(&tmp, "$TMP")).collect()
+        text.lines().map(|l| uuids_as_names(&l.replace(&tmp, "$TMP"), &self.vms())).collect()
     }
 
     /// The double's registry.
@@ -114,6 +114,28 @@ impl Bench {
     fn vm(&self, name: &str) -> Option<serde_json::Value> {
         self.vms().into_iter().find(|v| v["name"] == name)
     }
+}
+
+/// A VM's UUID in a call shown as `{NAME}` (the UUIDs are random; the names are stable), other UUIDs as `{uuid}`.
+fn uuids_as_names(line: &str, vms: &[serde_json::Value]) -> String {
+    line.split(' ')
+        .map(|w| {
+            let is_uuid = w.len() == 36
+                && w.char_indices().all(|(i, c)| {
+                    if [8, 13, 18, 23].contains(&i) {
+                        c == '-'
+                    } else {
+                        c.is_ascii_hexdigit()
+                    }
+                });
+            match vms.iter().find(|v| v["uuid"] == w) {
+                Some(v) if is_uuid => format!("{{{}}}", v["name"].as_str().unwrap_or("?")),
+                None if is_uuid => "{uuid}".to_string(),
+                _ => w.to_string(),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// Compare a call sequence with `tests/fixtures/vbox/golden/<name>.txt` (or write it with VBOX_GOLDEN_UPDATE=1).
@@ -157,7 +179,8 @@ fn first_machine_imports_the_box_once_snapshots_and_links_a_clone() {
     let again = b.take_calls();
     assert_eq!(
         again,
-        [format!("showvminfo {MASTER} --machinereadable"), format!("showvminfo {WEB} --machinereadable")]
+        [format!("showvminfo {MASTER} --machinereadable"), format!("showvminfo {{{WEB}}} --machinereadable")],
+        "found by the UUID recorded in state.json"
     );
 }
 
@@ -187,8 +210,8 @@ fn stopped_machine_gets_config_changes_on_create() {
     golden("recreate_stopped", &b.take_calls());
     let web = b.vm(WEB).unwrap();
     assert_eq!(web["cpus"], 4);
-    assert_eq!(web["natpf1"][1], "grafana_dashboards-tcp-3300,tcp,127.0.0.1,3300,,3000");
-    assert_eq!(web["natpf1"].as_array().unwrap().len(), 2, "old rules were deleted");
+    assert_eq!(web["natpf"]["1"][1], "grafana_dashboards-tcp-3300,tcp,127.0.0.1,3300,,3000");
+    assert_eq!(web["natpf"]["1"].as_array().unwrap().len(), 2, "old rules were deleted");
 }
 
 #[test]
@@ -258,10 +281,8 @@ fn destroy_on_virtualbox_6_falls_back_to_delete() {
     b.take_calls();
     b.vbox.destroy(WEB, &spec.state).unwrap();
     let calls = b.take_calls();
-    assert_eq!(
-        calls[1..],
-        [format!("unregistervm {WEB} --delete-all"), format!("unregistervm {WEB} --delete")]
-    );
+    // The flag comes from the version (asked once), not from a failed first try.
+    assert_eq!(calls[1..], [format!("unregistervm {WEB} --delete")]);
     assert!(b.vm(WEB).is_none());
 }
 
@@ -269,11 +290,12 @@ fn destroy_on_virtualbox_6_falls_back_to_delete() {
 fn preflight_checks_the_version() {
     let b = Bench::new();
     b.vbox.preflight().unwrap();
+    // The version is asked once per run: a new provider per host setting.
     b.settings(serde_json::json!({"version": "5.2.44r139111"}));
-    let e = err_text(b.vbox.preflight().unwrap_err());
+    let e = err_text(VirtualBox::at(&b.vbox.vboxmanage).preflight().unwrap_err());
     assert!(e.contains("5.2.44r139111") && e.contains("hint: install VirtualBox 6.1 or newer"), "{e}");
     b.settings(serde_json::json!({"driver": "missing"}));
-    let e = err_text(b.vbox.preflight().unwrap_err());
+    let e = err_text(VirtualBox::at(&b.vbox.vboxmanage).preflight().unwrap_err());
     assert!(e.contains("kernel driver is not usable") && e.contains("sudo /sbin/vboxconfig"), "{e}");
 }
 
@@ -341,7 +363,8 @@ fn half_made_clone_is_recreated_not_leaked() {
     golden("resume_half_made_clone", &b.take_calls());
     let names: Vec<String> = b.vms().iter().map(|v| v["name"].as_str().unwrap().to_string()).collect();
     assert_eq!(names, [MASTER, WEB]);
-    assert_ne!(b.vm(WEB).unwrap()["uuid"], half["uuid"]);
+    // The UUID recorded before the first clonevm is reused: the VM keeps one identity across the retry.
+    assert_eq!(b.vm(WEB).unwrap()["uuid"], half["uuid"]);
     let snapshots = b.double_dir().join("VirtualBox VMs").join(WEB).join("Snapshots");
     assert_eq!(std::fs::read_dir(snapshots).unwrap().count(), 1, "the half-made clone's disk was deleted");
     b.vbox.start(WEB).unwrap();
@@ -489,8 +512,12 @@ fn up_status_halt_destroy_through_the_binary() {
     assert_eq!(calls.iter().filter(|c| c.starts_with("import ")).count(), 1, "{calls:#?}");
     let vm = b.vms().into_iter().find(|v| v["parent"].is_string()).expect("a linked clone");
     let name = vm["name"].as_str().unwrap().to_string();
-    assert!(calls.contains(&format!("startvm {name} --type headless")), "{calls:#?}");
-    assert_eq!(vm["natpf1"][0], format!("ssh,tcp,127.0.0.1,{port},,22"));
+    // After `clonevm --uuid`, the VM is addressed by the UUID recorded in state.json (shown as {NAME}).
+    assert!(calls.contains(&format!("startvm {{{name}}} --type headless")), "{calls:#?}");
+    let st: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(proj.join(".provisioner/state.json")).unwrap()).unwrap();
+    assert_eq!(st["vm_id"], vm["uuid"], "the UUID is recorded in state.json");
+    assert_eq!(vm["natpf"]["1"][0], format!("ssh,tcp,127.0.0.1,{port},,22"));
 
     run(&["status"]).success().stdout_contains("running").stdout_contains("virtualbox");
     // A broken edit must not lock the user out: status, halt and destroy go on from the recorded state (the
@@ -505,7 +532,7 @@ fn up_status_halt_destroy_through_the_binary() {
         .stderr_contains("does not validate")
         .stderr_contains("box-config.toml:5:1");
     run(&["halt", "--timeout", "30"]).success();
-    assert!(b.take_calls().contains(&format!("controlvm {name} acpipowerbutton")));
+    assert!(b.take_calls().contains(&format!("controlvm {{{name}}} acpipowerbutton")));
     assert_eq!(b.vm(&name).unwrap()["state"], "poweroff");
     // Even a file that no longer parses as TOML: the machine name comes from the recorded VM name.
     std::fs::write(proj.join("box-config.toml"), format!("{good}\n[[[")).unwrap();
@@ -540,7 +567,7 @@ fn e2e_real_virtualbox() {
         return;
     }
     let vbox = match which::which("VBoxManage") {
-        Ok(p) => VirtualBox { vboxmanage: p },
+        Ok(p) => VirtualBox::at(p),
         Err(e) => {
             eprintln!("skipped: VBoxManage not on PATH ({e})");
             return;

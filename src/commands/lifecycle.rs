@@ -14,6 +14,7 @@ use serde_json::json;
 use super::Ctx;
 use crate::cli::{DestroyArgs, HaltArgs, UpArgs};
 use crate::config::{Config, Forward};
+use crate::machine::identity::MachineId;
 use crate::machine::lock::MachineLock;
 use crate::machine::state::MachineState;
 use crate::machine::StateDir;
@@ -37,12 +38,16 @@ impl Machine {
         Self::new(ctx, ctx.config()?)
     }
 
-    fn new(ctx: &Ctx, cfg: Config) -> Result<Self> {
-        let rel = ctx.state(&cfg);
-        let root =
-            std::path::absolute(&rel.root).with_context(|| format!("resolve {}", rel.root.display()))?;
-        let vm_name = provider::vm_name(&cfg);
-        Ok(Self { cfg, state: StateDir::at(root), vm_name })
+    fn new(_ctx: &Ctx, cfg: Config) -> Result<Self> {
+        // The one identity of this machine (canonical state dir + VM name), computed once for the whole run.
+        let id = MachineId::new(&cfg.base_dir(), &cfg.machine.name)?;
+        Ok(Self { cfg, state: id.state_dir(), vm_name: id.vm_name().to_string() })
+    }
+
+    /// How the provider addresses the VM: the UUID recorded in state.json when there is one (VirtualBox), else
+    /// its name. Read again after `create`, which records the UUID before it makes the VM.
+    fn vm_ref(&self) -> Result<String> {
+        Ok(vm_ref(MachineState::load(&self.state)?.as_ref(), &self.vm_name))
     }
 
     /// For `status`, `halt` and `destroy`: an edit that breaks box-config.toml must not lock the user out of a
@@ -84,6 +89,11 @@ impl Machine {
     }
 }
 
+/// The recorded VM UUID, else the name.
+fn vm_ref(st: Option<&MachineState>, vm_name: &str) -> String {
+    st.and_then(|s| s.vm_id.clone()).unwrap_or_else(|| vm_name.to_string())
+}
+
 /// Whether cloud-init's `result.json` says it finished with no errors (and no recoverable ones, which
 /// `cloud-init status` reports as a warning). Anything unexpected is "not clean", so the slow path decides.
 fn cloud_init_clean(result_json: &str) -> bool {
@@ -123,7 +133,7 @@ fn up_locked(ctx: &Ctx, m: &Machine, p: &dyn Provider, args: &UpArgs) -> Result<
     }
     let ph = ui.phase("preflight");
     p.preflight()?;
-    let live = p.state(&m.vm_name)?;
+    let live = p.state(&m.vm_ref()?)?;
     ph.done(&format!("{} ({})", p.name(), live));
 
     let (_, host_key) = match live {
@@ -138,7 +148,22 @@ fn up_locked(ctx: &Ctx, m: &Machine, p: &dyn Provider, args: &UpArgs) -> Result<
             }
             keys
         }
-        VmState::NotCreated | VmState::Stopped => boot(ctx, m, p, live)?,
+        VmState::NotCreated | VmState::Stopped | VmState::Aborted => boot(ctx, m, p, live)?,
+        // Saved or paused: resume as it is. A saved VM is not mutable, so nothing is reconfigured (config edits
+        // take effect after `provisioner reload`).
+        VmState::Saved | VmState::AbortedSaved | VmState::Paused => {
+            let keys = crate::keys::ensure_machine_keys(&m.state, &m.cfg.machine.name)?;
+            let ph = ui.phase("resume");
+            p.start(&m.vm_ref()?)?;
+            ph.done(&format!("resumed from {live}"));
+            keys
+        }
+        VmState::Inaccessible => bail!(
+            "VirtualBox lists the machine {} as inaccessible: its settings file or a disk it needs (for a linked \
+             clone also the provisioner-master-* VM) was moved or deleted\nhint: restore the missing files, or run \
+             `provisioner destroy -f` (it unregisters the dead entry) and then `provisioner up`",
+            m.vm_name
+        ),
         other => bail!(
             "the machine {} is {other}; it cannot be started from this state\nhint: `provisioner halt -f` powers \
              it off, then run `provisioner up` again",
@@ -147,7 +172,7 @@ fn up_locked(ctx: &Ctx, m: &Machine, p: &dyn Provider, args: &UpArgs) -> Result<
     };
 
     let ep = Endpoint {
-        addr: p.ssh_endpoint(&m.vm_name, &m.state)?,
+        addr: p.ssh_endpoint(&m.vm_ref()?, &m.state)?,
         user: m.cfg.ssh.user.clone(),
         key: m.state.user_key(),
         host_key: host_key.public_openssh.clone(),
@@ -266,7 +291,7 @@ fn boot(
     ph.done(&format!("{} ({})", m.vm_name, accel.label()));
 
     let ph = ui.phase("boot");
-    p.start(&m.vm_name)?;
+    p.start(&m.vm_ref()?)?;
     ph.done(if live == VmState::NotCreated { "created and started" } else { "started" });
     Ok((user_key, host_key))
 }
@@ -310,7 +335,7 @@ pub fn status(ctx: &Ctx) -> Result<i32> {
         return Ok(crate::exit::OK);
     };
     let p = provider::select(&m.cfg)?;
-    let live = p.state(&st.vm_name)?;
+    let live = p.state(&vm_ref(Some(&st), &st.vm_name))?;
     let ssh = match (&st.ssh_host, st.ssh_port) {
         (Some(h), Some(port)) => Some(format!("{h}:{port}")),
         _ => None,
@@ -344,7 +369,7 @@ fn halt_locked(ctx: &Ctx, m: &Machine, args: &HaltArgs) -> Result<i32> {
     }
     let p = provider::select(&m.cfg)?;
     let ph = ctx.ui.phase("halt");
-    p.halt(&m.vm_name, Duration::from_secs(args.timeout), args.force)?;
+    p.halt(&m.vm_ref()?, Duration::from_secs(args.timeout), args.force)?;
     ph.done(if args.force { "powered off" } else { "shut down" });
     Ok(crate::exit::OK)
 }
@@ -368,10 +393,11 @@ pub fn destroy(ctx: &Ctx, args: &DestroyArgs) -> Result<i32> {
         return Ok(crate::exit::OK);
     }
     let _lock = MachineLock::acquire(&m.state, "destroy")?;
-    let vm_name = MachineState::load(&m.state).ok().flatten().map(|s| s.vm_name).unwrap_or(m.vm_name.clone());
+    let recorded = MachineState::load(&m.state).ok().flatten();
+    let vm_name = recorded.as_ref().map(|s| s.vm_name.clone()).unwrap_or(m.vm_name.clone());
     let p = provider::select(&m.cfg)?;
     let ph = ctx.ui.phase("destroy");
-    p.destroy(&vm_name, &m.state)?;
+    p.destroy(&vm_ref(recorded.as_ref(), &vm_name), &m.state)?;
     remove_state_dir(&m.state.root)?;
     ph.done(&vm_name);
     Ok(crate::exit::OK)

@@ -125,7 +125,8 @@ impl Libvirt {
     /// Refuse a domain of this name that we did not make (for this state dir).
     fn check_ours(&self, vm_name: &str, xml: &str, state: &StateDir) -> Result<()> {
         match owner_state_dir(xml) {
-            Some(dir) if Path::new(&dir) == state.root => Ok(()),
+            // Any spelling of our state dir (symlink, `..`, an older marker) is ours: one identity per machine.
+            Some(dir) if crate::machine::identity::same_dir(Path::new(&dir), &state.root) => Ok(()),
             Some(dir) => bail!(
                 "the libvirt domain {vm_name:?} belongs to another provisioner machine (state dir {dir}), not to \
                  {}\nhint: destroy it from that directory, or rename this machine ([machine] name)",
