@@ -543,6 +543,255 @@ fn up_status_halt_destroy_through_the_binary() {
     assert_eq!(b.vms().len(), 1, "only the master is left");
 }
 
+/// A project for the binary: `<tmp>/<dir>/box-config.toml` on the double, with the fixture box, an empty
+/// provision tree, SSH on a free port and `extra` forwards (guest ports) after it.
+struct Project {
+    dir: PathBuf,
+    cache: PathBuf,
+    port: u16,
+}
+
+impl Project {
+    fn new(b: &Bench, dir: &str, extra: &[u16]) -> Project {
+        let proj = b.dir.path().join(dir);
+        std::fs::create_dir_all(proj.join("box")).unwrap();
+        std::fs::create_dir_all(proj.join("provision")).unwrap();
+        std::fs::copy(fixtures().join("box.ovf"), proj.join("box/box.ovf")).unwrap();
+        std::fs::write(proj.join("box/box-disk001.vmdk"), b"vmdk").unwrap();
+        let port = support::free_port();
+        let mut toml = format!(
+            "[machine]\nname = \"vb\"\nprovider = \"virtualbox\"\ncpus = 1\nmemory_mb = 1024\n\n[box]\n\
+             vagrant = \"box/box.ovf\"\n\n[ssh]\nhost_port = {port}\n\n[virtualbox]\nvboxmanage = {:?}\n",
+            b.vbox.vboxmanage.to_str().unwrap()
+        );
+        for (i, guest) in extra.iter().enumerate() {
+            toml += &format!(
+                "\n[[forward]]\nname = \"svc{i}\"\nguest = {guest}\nhost = {}\n",
+                support::free_port()
+            );
+        }
+        std::fs::write(proj.join("box-config.toml"), toml).unwrap();
+        Project { dir: proj, cache: b.dir.path().join("binary cache"), port }
+    }
+
+    /// Run the binary in `cwd` with `args` (which may carry `--config`).
+    fn run(&self, cwd: &Path, args: &[&str]) -> support::Run {
+        support::Test::new()
+            .cwd(cwd)
+            .env("PROVISIONER_CACHE_DIR", self.cache.to_str().unwrap())
+            .args(args.iter().copied())
+            .run()
+    }
+
+    fn here(&self, args: &[&str]) -> support::Run {
+        self.run(&self.dir, args)
+    }
+
+    /// `up` gets as far as the SSH wait (the double boots no guest): everything before it worked.
+    fn up_reaches_ssh(&self, cwd: &Path, extra: &[&str]) -> support::Run {
+        let mut args = extra.to_vec();
+        args.extend(["up", "--boot-timeout", "1"]);
+        self.run(cwd, &args).failure().stderr_contains("did not answer SSH")
+    }
+
+    fn state(&self) -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(self.dir.join(".provisioner/state.json")).unwrap()).unwrap()
+    }
+}
+
+impl Bench {
+    /// The clone (the one VM with a parent).
+    fn clone_vm(&self) -> serde_json::Value {
+        self.vms().into_iter().find(|v| v["parent"].is_string()).expect("a linked clone")
+    }
+
+    /// Put a VM of the double into a state no VBoxManage call of ours produces (a crash, a host sleep).
+    fn force_state(&self, uuid: &str, state: &str) {
+        let path = self.double_dir().join("state.json");
+        let mut st: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        for vm in st["vms"].as_array_mut().unwrap() {
+            if vm["uuid"] == uuid {
+                vm["state"] = state.into();
+            }
+        }
+        std::fs::write(&path, st.to_string()).unwrap();
+    }
+
+    fn raw(&self, args: &[&str]) {
+        let out = std::process::Command::new(&self.vbox.vboxmanage).args(args).output().unwrap();
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+}
+
+/// Issue 8.1: the same project reached as `../proj` from another directory, or through a symlinked directory,
+/// is the same machine: a stopped, complete VM is started, never unregistered and re-cloned (that deleted its disk).
+#[test]
+fn another_spelling_of_the_project_path_keeps_the_vm() {
+    let b = Bench::new();
+    let p = Project::new(&b, "proj", &[]);
+    p.up_reaches_ssh(&p.dir, &[]);
+    let first = b.clone_vm();
+    p.here(&["halt", "--force"]).success();
+    let other = b.dir.path().join("other");
+    std::fs::create_dir_all(&other).unwrap();
+    std::os::unix::fs::symlink(&p.dir, b.dir.path().join("link")).unwrap();
+    let via_link = b.dir.path().join("link/box-config.toml");
+    for (cwd, config) in [(&other, "../proj/box-config.toml"), (&other, via_link.to_str().unwrap())] {
+        b.take_calls();
+        p.up_reaches_ssh(cwd, &["--config", config]);
+        let calls = b.take_calls();
+        assert!(
+            !calls.iter().any(|c| c.starts_with("unregistervm") || c.starts_with("clonevm")),
+            "--config {config}: the VM was recreated: {calls:#?}"
+        );
+        assert!(calls.iter().any(|c| c.starts_with("startvm")), "{calls:#?}");
+        let now = b.clone_vm();
+        assert_eq!(now["uuid"], first["uuid"], "same VM");
+        assert_eq!(now["description"], first["description"], "marker unchanged");
+        p.run(cwd, &["--config", config, "halt", "--force"]).success();
+    }
+    // The marker names the canonical state dir; `status` and `destroy` through the symlink work too.
+    let canonical = std::fs::canonicalize(&p.dir).unwrap().join(".provisioner");
+    assert_eq!(first["description"], format!("provisioner machine; state dir: {}", canonical.display()));
+    p.run(&other, &["--config", via_link.to_str().unwrap(), "status"]).success().stdout_contains("stopped");
+    p.run(&other, &["--config", via_link.to_str().unwrap(), "destroy", "-f"]).success();
+    assert!(b.vms().iter().all(|v| v["uuid"] != first["uuid"]), "destroyed");
+}
+
+/// Issue 8.2: every VirtualBox state through `status`, `up` and `halt`, as Vagrant's driver treats them.
+#[test]
+fn saved_aborted_saved_and_paused_vms_resume_and_halt_cleanly() {
+    let b = Bench::new();
+    let p = Project::new(&b, "proj", &[]);
+    p.up_reaches_ssh(&p.dir, &[]);
+    let uuid = p.state()["vm_id"].as_str().unwrap().to_string();
+    let name = b.clone_vm()["name"].as_str().unwrap().to_string();
+    for (state, shown, resume) in [
+        ("saved", "saved", "startvm"),
+        ("aborted-saved", "aborted-saved", "startvm"),
+        ("paused", "paused", "controlvm"),
+    ] {
+        b.force_state(&uuid, state);
+        p.here(&["status"]).success().stdout_contains(&format!("vb: {shown} (virtualbox)"));
+        p.here(&["status", "--json"])
+            .success()
+            .stdout_contains(&format!("\"state\":\"{}\"", shown.replace('-', "_")));
+        b.take_calls();
+        // up resumes it as it is: no modifyvm/storage change (a saved VM is not mutable), no re-clone.
+        p.up_reaches_ssh(&p.dir, &[]);
+        let calls = b.take_calls();
+        let changing: Vec<_> = calls
+            .iter()
+            .filter(|c| {
+                ["modifyvm", "storage", "clonevm", "unregistervm", "discardstate"]
+                    .iter()
+                    .any(|k| c.starts_with(k))
+            })
+            .collect();
+        assert!(changing.is_empty(), "{state}: {changing:#?}");
+        let want = if resume == "startvm" {
+            format!("startvm {{{name}}} --type headless")
+        } else {
+            format!("controlvm {{{name}}} resume")
+        };
+        assert!(calls.contains(&want), "{state}: {calls:#?}");
+        assert_eq!(b.clone_vm()["state"], "running", "{state}");
+    }
+    // halt on saved discards the saved state (Vagrant's DiscardState): afterwards it is off, not saved.
+    for (state, after) in [("saved", "poweroff"), ("aborted-saved", "aborted")] {
+        b.force_state(&uuid, state);
+        b.take_calls();
+        p.here(&["halt"]).success();
+        assert_eq!(b.take_calls().last().unwrap(), &format!("discardstate {{{name}}}"), "{state}");
+        assert_eq!(b.clone_vm()["state"], after, "{state}");
+        p.here(&["status"])
+            .success()
+            .stdout_contains(&format!("vb: {}", if after == "poweroff" { "stopped" } else { "aborted" }));
+    }
+    // An aborted VM is off: up reconfigures and boots it.
+    b.take_calls();
+    p.up_reaches_ssh(&p.dir, &[]);
+    assert!(b.take_calls().iter().any(|c| c.starts_with("modifyvm")), "aborted is mutable");
+    // halt on paused: resume, then the power button.
+    b.force_state(&uuid, "paused");
+    b.take_calls();
+    p.here(&["halt", "--timeout", "30"]).success();
+    let calls = b.take_calls();
+    let i = calls.iter().position(|c| c == &format!("controlvm {{{name}}} resume")).expect("resumed");
+    assert_eq!(calls[i + 1], format!("controlvm {{{name}}} acpipowerbutton"), "{calls:#?}");
+    assert_eq!(b.clone_vm()["state"], "poweroff");
+}
+
+/// Issue 8.1/8.2: a VM whose settings file is gone is inaccessible; a lookup by name would not find it at all
+/// (and `up` would try to clone over it). By UUID it is found and reported with the fix, and destroy clears it.
+#[test]
+fn inaccessible_vm_gets_a_clear_error_and_destroy_clears_it() {
+    let b = Bench::new();
+    let p = Project::new(&b, "proj", &[]);
+    p.up_reaches_ssh(&p.dir, &[]);
+    p.here(&["halt", "--force"]).success();
+    let vm = b.clone_vm();
+    std::fs::remove_file(vm["cfg"].as_str().unwrap()).unwrap();
+    p.here(&["status"]).success().stdout_contains("vb: inaccessible (virtualbox)");
+    b.take_calls();
+    p.here(&["up"])
+        .failure()
+        .stderr_contains("inaccessible")
+        .stderr_contains("hint:")
+        .stderr_contains("provisioner destroy -f");
+    let calls = b.take_calls();
+    assert!(!calls.iter().any(|c| c.starts_with("clonevm") || c.starts_with("modifyvm")), "{calls:#?}");
+    p.here(&["halt"]).failure().stderr_contains("inaccessible");
+    p.here(&["destroy", "-f"]).success();
+    assert!(
+        b.take_calls().contains(&format!("unregistervm {{uuid}}"))
+            || b.vms().iter().all(|v| v["uuid"] != vm["uuid"])
+    );
+    assert!(b.vms().iter().all(|v| v["uuid"] != vm["uuid"]), "the dead entry is unregistered");
+}
+
+/// Issue 8.3: several NAT rules on every release the double models (7.0.0 shows them only in the settings file),
+/// and rules of another NAT adapter (`Forwarding(N)` restarts per NIC) are not taken for ours: `up` finds the
+/// ssh rule, and a second `up` on the stopped VM re-applies the rules without "already exists".
+#[test]
+fn several_nat_rules_on_every_release_and_per_adapter() {
+    for version in ["6.1.50r161033", "7.0.0r153978", "7.0.20r163906", "7.1.4r165100"] {
+        let b = Bench::new();
+        b.settings(serde_json::json!({ "version": version }));
+        let p = Project::new(&b, "proj", &[3000, 9090]);
+        let first = p.up_reaches_ssh(&p.dir, &[]);
+        assert!(!first.stderr().contains("no NAT rule"), "{version}: {}", first.stderr());
+        let vm = b.clone_vm();
+        assert_eq!(vm["natpf"]["1"].as_array().unwrap().len(), 3, "{version}");
+        p.here(&["halt", "--force"]).success();
+        // A second NAT adapter with a rule of the same name, on a different host port.
+        let uuid = vm["uuid"].as_str().unwrap();
+        b.raw(&["modifyvm", uuid, "--nic2", "nat", "--natpf2", "ssh,tcp,127.0.0.1,2299,,22"]);
+        b.take_calls();
+        let second = p.up_reaches_ssh(&p.dir, &[]);
+        assert!(!second.stderr().contains("already exists"), "{version}: {}", second.stderr());
+        assert!(
+            second.stderr().contains(&p.port.to_string()),
+            "{version}: SSH tried nic1's port: {}",
+            second.stderr()
+        );
+        let vm = b.clone_vm();
+        assert_eq!(vm["natpf"]["2"][0], "ssh,tcp,127.0.0.1,2299,,22", "{version}: nic2's rule untouched");
+        assert_eq!(vm["natpf"]["1"].as_array().unwrap().len(), 3, "{version}");
+        if version.starts_with("7.0.0") {
+            // Read from the settings file there; everywhere else from showvminfo.
+            let out = std::process::Command::new(&b.vbox.vboxmanage)
+                .args(["showvminfo", uuid, "--machinereadable"])
+                .output()
+                .unwrap();
+            assert!(
+                !String::from_utf8_lossy(&out.stdout).contains("Forwarding(0)=\"grafana"),
+                "7.0.0 defect modelled"
+            );
+        }
+    }
+}
+
 /// A config for `provider = "virtualbox"` or `auto`, with an optional VBoxManage path.
 fn config(dir: &Path, vboxmanage: Option<&Path>) -> Config {
     let provider = if vboxmanage.is_some() { "virtualbox" } else { "auto" };
