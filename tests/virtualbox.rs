@@ -664,7 +664,7 @@ fn saved_aborted_saved_and_paused_vms_resume_and_halt_cleanly() {
     let b = Bench::new();
     let p = Project::new(&b, "proj", &[]);
     p.up_reaches_ssh(&p.dir, &[]);
-    let uuid = p.state()["vm_id"].as_str().unwrap().to_string();
+    let uuid = b.clone_vm()["uuid"].as_str().unwrap().to_string();
     let name = b.clone_vm()["name"].as_str().unwrap().to_string();
     for (state, shown, resume) in [
         ("saved", "saved", "startvm"),
