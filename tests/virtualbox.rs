@@ -631,6 +631,7 @@ fn another_spelling_of_the_project_path_keeps_the_vm() {
     let p = Project::new(&b, "proj", &[]);
     p.up_reaches_ssh(&p.dir, &[]);
     let first = b.clone_vm();
+    assert_eq!(p.state()["vm_id"], first["uuid"], "the UUID is recorded in state.json");
     p.here(&["halt", "--force"]).success();
     let other = b.dir.path().join("other");
     std::fs::create_dir_all(&other).unwrap();

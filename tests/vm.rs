@@ -293,7 +293,17 @@ fn vm_lifecycle_end_to_end() {
 
     let disk = vm.state_dir().join("disk.qcow2");
     assert!(disk.exists());
-    vm.run(&["destroy", "-f"]).success();
+    // Issue 8.1: the same project reached through a symlinked directory is the same machine (one canonical
+    // identity): destroy there must not refuse the domain as "another provisioner machine".
+    let link = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(vm.t.path(), link.path().join("proj")).unwrap();
+    let via_link = link.path().join("proj/box-config.toml");
+    Test::new()
+        .cwd(link.path())
+        .env("PROVISIONER_CONFIG", via_link.to_string_lossy())
+        .args(["destroy", "-f"])
+        .run()
+        .success();
     assert!(vm.domains().is_empty(), "domain left behind: {:?}", vm.domains());
     assert!(!vm.state_dir().exists() && !disk.exists(), "state dir or overlay left behind");
 }
