@@ -376,6 +376,10 @@ impl Provider for Libvirt {
     }
 
     fn start(&self, vm_name: &str) -> Result<()> {
+        // `up` on a paused domain resumes it (as for VirtualBox); `virsh start` would say "already active".
+        if self.state(vm_name)? == VmState::Paused {
+            return self.run(&["resume", vm_name]).map(drop).context("resume the paused machine");
+        }
         self.run(&["start", vm_name]).map(drop).context(
             "start the machine\nhint: see the serial log in .provisioner/serial.log and the daemon's log \
              (/var/log/libvirt/qemu/<domain>.log for qemu:///system, ~/.cache/libvirt/qemu/log/ for session)",
