@@ -202,7 +202,7 @@ fn check_box(cfg: &Config, src: &Source, f: &mut Findings) {
     .into_iter()
     .filter_map(|(k, on)| on.then_some(k))
     .collect();
-    let shown = |k: &str| if k == "debian" { "[box.debian]".to_string() } else { format!("`{k}`") };
+    let source_name = |k: &str| if k == "debian" { "[box.debian]".to_string() } else { format!("`{k}`") };
     match set.as_slice() {
         [] => f.error(
             src.at_path(&["box"], format!("no box source in [box]; set exactly one of: {SOURCES}")),
@@ -214,8 +214,8 @@ fn check_box(cfg: &Config, src: &Source, f: &mut Findings) {
                 &["box", second],
                 format!(
                     "two box sources: {} and {}; keep exactly one of: {SOURCES}",
-                    shown(first),
-                    shown(second)
+                    source_name(first),
+                    source_name(second)
                 ),
             ),
             "remove all but one box source",

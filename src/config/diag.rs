@@ -353,6 +353,13 @@ fn reword(msg: &str, path: &[Seg]) -> (String, Option<String>) {
             );
         }
     }
+    if first_line.starts_with("number too large") {
+        // The document does not parse, so no key path is known here; the position points at the number.
+        return (
+            "integer out of range: a TOML integer is at most 9223372036854775807".to_string(),
+            Some("see docs/box-config.md for the range of each key".into()),
+        );
+    }
     // Syntax errors: toml's message is already specific ("invalid table header\nexpected `.`, `]`").
     (shown(&msg.lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join("; ")), None)
 }

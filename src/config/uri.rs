@@ -234,7 +234,7 @@ mod tests {
             ("qemu+ext:///session?command=/tmp/x", "`ext` transport"),
             ("qemu+ssh://h/system?command=/tmp/x", "parameter `command`"),
             ("qemu+ssh://h/system?%63ommand=/tmp/x", "parameter `command`"),
-            ("qemu+ssh://h/system?x=1;COMMAND=/tmp/x", "parameter `command`"),
+            ("qemu+ssh://h/system?keyfile=/k;COMMAND=/tmp/x", "parameter `command`"),
             ("qemu+ssh://h/system?netcat=/tmp/x", "parameter `netcat`"),
             ("qemu+unix:///system?socket=/tmp/s", "parameter `socket`"),
             ("qemu+tls://h/system?no_verify=1", "parameter `no_verify`"),
