@@ -401,6 +401,12 @@ pub fn render_tree(cfg: &Config, source: &Path, secrets: &Secrets) -> Result<Ren
                     )
                 })?;
                 let name = entry.path().display().to_string();
+                partials::check_nesting(&text).map_err(|(line, e)| {
+                    anyhow!(
+                        "{}:{line}: {e}\nhint: flatten the template (or split it into partials)",
+                        shown(&name)
+                    )
+                })?;
                 let ast =
                     handlebars::Template::compile(&text).map_err(|e| template_error(&shown(&name), e))?;
                 partials::check(&name, &ast, &registered).map_err(|e| {

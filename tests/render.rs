@@ -315,6 +315,12 @@ fn recursive_partials_are_refused_with_their_chain_not_a_stack_overflow() {
         assert!(r.stderr().contains("conf.yml.hbs → p → q → p"), "{}", r.stderr());
         assert!(r.stderr().contains("hint:"), "{}", r.stderr());
     }
+    // Thousands of nested blocks overflowed handlebars' recursion; they are refused before it parses them.
+    let n = 20_000;
+    t.write("tree/app/conf.yml.hbs", format!("{}x{}", "{{#if vars.port}}".repeat(n), "{{/if}}".repeat(n)));
+    let r = render(&t, "out");
+    assert_eq!(r.code(), Some(1), "{}", r.stderr());
+    assert!(r.stderr().contains("conf.yml.hbs:1: blocks are nested more than 64 deep"), "{}", r.stderr());
     // A chain of partials without recursion renders.
     t.write(
         "tree/app/conf.yml.hbs",

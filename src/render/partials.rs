@@ -12,6 +12,46 @@ use handlebars::template::{Parameter, Template, TemplateElement};
 /// Partials nested deeper than this are refused (far more than a provision tree needs, far less than the stack).
 pub const MAX_DEPTH: usize = 16;
 
+/// Blocks (`{{#...}}`) nested deeper than this are refused before handlebars parses them: its parser and
+/// renderer recurse once per level, and some thousands of levels overflow the stack.
+pub const MAX_BLOCK_DEPTH: usize = 64;
+
+/// Refuse blocks nested deeper than [`MAX_BLOCK_DEPTH`], by a scan of the text (no recursion); `Err` holds the
+/// line where the limit was passed. Escaped `\{{` does not count.
+pub fn check_nesting(text: &str) -> Result<(), (usize, String)> {
+    let b = text.as_bytes();
+    let (mut depth, mut line, mut i) = (0usize, 1usize, 0usize);
+    while i < b.len() {
+        match b[i] {
+            b'\n' => line += 1,
+            b'{' if b[i..].starts_with(b"{{") && (i == 0 || b[i - 1] != b'\\') => {
+                let mut j = i + 2;
+                while j < b.len() && (b[j] == b'{' || b[j] == b'~' || b[j] == b' ') {
+                    j += 1;
+                }
+                match b.get(j) {
+                    Some(b'#') => {
+                        depth += 1;
+                        if depth > MAX_BLOCK_DEPTH {
+                            return Err((
+                                line,
+                                format!("blocks are nested more than {MAX_BLOCK_DEPTH} deep"),
+                            ));
+                        }
+                    }
+                    Some(b'/') => depth = depth.saturating_sub(1),
+                    _ => {}
+                }
+                i = j;
+                continue;
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    Ok(())
+}
+
 /// Inline partial definitions (`{{#*inline "name"}}`) anywhere in a template, by name.
 fn inlines(t: &Template) -> HashMap<String, &Template> {
     let mut out = HashMap::new();
@@ -176,6 +216,15 @@ mod tests {
             Ok(())
         );
         assert_eq!(check_src("{{> nowhere}}"), Ok(()));
+    }
+
+    #[test]
+    fn deep_blocks_are_refused_before_parsing() {
+        let deep = |n: usize| format!("{}x{}", "{{#if a}}".repeat(n), "{{/if}}".repeat(n));
+        assert_eq!(check_nesting(&deep(MAX_BLOCK_DEPTH)), Ok(()));
+        assert_eq!(check_nesting(&format!("{}\n{}", deep(MAX_BLOCK_DEPTH), deep(3))), Ok(()));
+        assert_eq!(check_nesting(&format!("\n{}", deep(MAX_BLOCK_DEPTH + 1))).unwrap_err().0, 2);
+        assert_eq!(check_nesting(&"\\{{#x}}".repeat(1000)), Ok(()));
     }
 
     #[test]
