@@ -88,6 +88,12 @@ impl Rendered {
             }
         };
         let parent = target.parent().context("output directory has no parent")?;
+        // Missing parents are made as before (they are the user's path; only the output itself is render's).
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(parent)
+            .with_context(|| format!("create {}", parent.display()))?;
         let fresh = FreshDir::new(parent, &target)?;
         write_file(&fresh.path.join(RENDER_MARKER), RENDER_MARKER_TEXT.as_bytes(), 0o644)?;
         for f in &self.files {

@@ -234,6 +234,9 @@ fn root_and_foreign_directories_are_refused_unless_forced() {
     render(&t, "mine").success();
     assert!(!foreign.join("stale").exists());
     assert!(foreign.join(".provisioner-render").is_file(), "the marker says render made it");
+    // Missing parents are created.
+    render(&t, "deep/er/out").success();
+    assert!(t.path().join("deep/er/out/run.sh").is_file());
     // An empty directory is fine too; no temp directory is left beside the output.
     std::fs::create_dir_all(t.path().join("empty")).unwrap();
     render(&t, "empty").success();
