@@ -19,6 +19,7 @@ pub mod provider;
 pub mod render;
 pub mod seed;
 pub mod ssh;
+pub mod text;
 pub mod ui;
 
 /// Exit codes.

@@ -52,8 +52,8 @@ impl Plan {
         }
         if !(self.url.starts_with("http://") || self.url.starts_with("https://")) {
             bail!(
-                "--url {:?} is not an http(s) URL\nhint: pass the base URL, e.g. --url http://127.0.0.1:8000",
-                self.url
+                "--url \"{}\" is not an http(s) URL\nhint: pass the base URL, e.g. --url http://127.0.0.1:8000",
+                crate::text::shown(&self.url)
             );
         }
         Ok(())

@@ -348,6 +348,9 @@ fn provisioner_ssh_runs_a_command_and_exits_with_its_status() {
     let run = support::Test::new().cwd(&project).args(["ssh", "-c", "echo hi; exit 7"]).run();
     assert_eq!(run.code(), Some(7), "stdout {:?} stderr {:?}", run.stdout(), run.stderr());
     assert_eq!(run.stdout(), "hi\n");
+    // The client's command line (-v prints it) pins the key the same way as ssh-config.
+    let run = support::Test::new().cwd(&project).args(["-v", "ssh", "-c", "true"]).run().success();
+    assert!(run.stderr().contains("\"GlobalKnownHostsFile=/dev/null\""), "{}", run.stderr());
     // `--` keeps each word one argument in the guest.
     support::Test::new()
         .args(["--config", cfg.to_str().unwrap(), "ssh", "--", "printf", "<%s>", "a b", "c"])
@@ -392,6 +395,8 @@ fn ssh_config_stanza_parses_and_connects() {
         "stricthostkeychecking true".to_string(),
         format!("identityfile {}", project.join(".provisioner/id_ed25519").display()),
         format!("userknownhostsfile {}", project.join(".provisioner/known_hosts").display()),
+        // Only the pinned key counts: no system-wide known_hosts file may vouch for this address.
+        "globalknownhostsfile /dev/null".to_string(),
     ] {
         assert!(g.contains(&want), "ssh -G lacks {want:?}:\n{g}");
     }

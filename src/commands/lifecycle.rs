@@ -27,10 +27,10 @@ const CLOUD_INIT_TIMEOUT: Duration = Duration::from_secs(600);
 const SERIAL_TAIL_LINES: usize = 30;
 
 /// Config, absolute state dir and provider for a command.
-struct Machine {
-    cfg: Config,
-    state: StateDir,
-    vm_name: String,
+pub(super) struct Machine {
+    pub(super) cfg: Config,
+    pub(super) state: StateDir,
+    pub(super) vm_name: String,
 }
 
 impl Machine {
@@ -53,7 +53,7 @@ impl Machine {
     /// For `status`, `halt` and `destroy`: an edit that breaks box-config.toml must not lock the user out of a
     /// machine that exists. When the file does not validate, the machine is found from what still reads of it
     /// and from its recorded state (provider, libvirt URI, VM name), with a warning carrying the errors.
-    fn load_existing(ctx: &Ctx) -> Result<Self> {
+    pub(super) fn load_existing(ctx: &Ctx) -> Result<Self> {
         let path = &ctx.global.config;
         let (cfg, invalid) = match Config::load_lenient(path) {
             Ok(pair) => pair,
@@ -75,6 +75,17 @@ impl Machine {
                 m.cfg.machine.provider = kind;
             }
             if let Some(uri) = st.libvirt_uri {
+                // The recorded URI passes the same check as the file's before anything connects with it.
+                crate::config::check_libvirt_uri(&uri).map_err(|p| {
+                    anyhow::anyhow!(
+                        "{} records the libvirt URI \"{}\", which {}\nhint: {}; or `provisioner destroy -f` with a \
+                         valid box-config.toml",
+                        m.state.state_file().display(),
+                        crate::text::shown(&uri),
+                        p.message,
+                        p.hint
+                    )
+                })?;
                 m.cfg.libvirt.uri = uri;
             }
             m.vm_name = st.vm_name;
@@ -340,11 +351,13 @@ pub fn status(ctx: &Ctx) -> Result<i32> {
         (Some(h), Some(port)) => Some(format!("{h}:{port}")),
         _ => None,
     };
+    let forwards =
+        if live == VmState::NotCreated { Vec::new() } else { super::port::machine_forwards(&m.cfg, &st) };
     if ctx.ui.json() {
         println!(
             "{}",
             json!({"machine": name, "state": live, "provider": p.name(), "vm_name": st.vm_name, "ssh": ssh,
-                   "accel": st.accel})
+                   "accel": st.accel, "forwards": super::port::forwards_json(&forwards)})
         );
     } else {
         match (&live, ssh) {
@@ -352,6 +365,7 @@ pub fn status(ctx: &Ctx) -> Result<i32> {
             (VmState::NotCreated, _) => println!("{name}: not created"),
             (other, _) => println!("{name}: {other} ({})", p.name()),
         }
+        print!("{}", super::port::forwards_table(&forwards));
     }
     Ok(crate::exit::OK)
 }

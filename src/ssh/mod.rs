@@ -50,7 +50,7 @@ impl Endpoint {
         let host = ms.ssh_host.unwrap_or_else(|| cfg.ssh.host_ip.clone());
         let ip: std::net::IpAddr = host
             .parse()
-            .with_context(|| format!("state.json has SSH host {host:?}, not an IP address; `provisioner destroy -f && provisioner up` resets it"))?;
+            .with_context(|| format!("state.json has SSH host \"{}\", not an IP address; `provisioner destroy -f && provisioner up` resets it", crate::text::shown(&host)))?;
         let host_pub = state.host_key().with_extension("pub");
         let host_key = std::fs::read_to_string(&host_pub).with_context(|| {
             format!(
