@@ -52,7 +52,8 @@ pub fn check(path: &Path) -> Result<()> {
     };
     match info.format.as_str() {
         "qcow2" => check_qcow2(path, file_size).map_err(refuse)?,
-        "raw" if file_size < info.virtual_size => {
+        // qemu rounds a raw disk up to whole 512-byte sectors.
+        "raw" if file_size.div_ceil(512) * 512 < info.virtual_size => {
             return Err(refuse(format!(
                 "the file has {file_size} bytes but the disk is {} bytes",
                 info.virtual_size
