@@ -736,3 +736,45 @@ fn box_build_interrupted_during_debootstrap_leaves_nothing_and_reruns() {
     }
     assert_eq!(mirror.requests.load(Ordering::SeqCst), 2, "the re-run started debootstrap again");
 }
+
+/// A box that passes every import check but has no bootloader (a bare ext4 filesystem, booted by BIOS from its
+/// disk): SeaBIOS now writes to the serial console, so `up` fails naming the firmware's verdict instead of an empty
+/// serial log. Costs one short TCG boot (~30-60 s).
+#[test]
+#[ignore = "vm: boots a libvirt guest into SeaBIOS with nothing to boot"]
+fn vm_unbootable_box_reports_the_firmware_error() {
+    let t = Test::new();
+    let dir = t.path().to_path_buf();
+    ext4_raw(&dir.join("blank.raw"), 64 * 1024, 4096);
+    let name = format!("nb{}", std::process::id() % 100_000);
+    t.write(
+        "box-config.toml",
+        format!(
+            "[machine]\nname = \"{name}\"\nprovider = \"libvirt\"\ncpus = 1\nmemory_mb = 512\ndisk_gb = 1\n\n\
+             [box]\nimage = \"blank.raw\"\n\n[ssh]\nhost_port = {}\n\n[provision]\nenabled = false\n\n\
+             [libvirt]\nuri = \"qemu:///session\"\n",
+            support::free_port()
+        ),
+    );
+    let cache = dir.join("cache").display().to_string();
+    let run = |args: &[&str]| {
+        Test::new().cwd(&dir).env("PROVISIONER_CACHE_DIR", cache.clone()).args(args.iter().copied()).run()
+    };
+    struct Destroy<'a>(&'a dyn Fn(&[&str]) -> support::Run);
+    impl Drop for Destroy<'_> {
+        fn drop(&mut self) {
+            let r = (self.0)(&["destroy", "-f"]);
+            if !r.out.status.success() {
+                eprintln!("cleanup destroy failed: {}", r.stderr());
+            }
+        }
+    }
+    let _cleanup = Destroy(&run);
+    let started = Instant::now();
+    let r = run(&["up", "--no-provision", "--boot-timeout", "45"]).failure();
+    eprintln!("up failed after {:?}", started.elapsed());
+    let serial = std::fs::read_to_string(dir.join(".provisioner/serial.log")).unwrap_or_default();
+    assert!(serial.contains("SeaBIOS"), "firmware output on the serial console:\n{serial}");
+    assert!(serial.contains("Boot failed") || serial.contains("No bootable device"), "{serial}");
+    r.stderr_contains("the firmware found nothing to boot on the disk");
+}
