@@ -282,6 +282,8 @@ pub struct ChildGuard {
     child: Option<Child>,
     /// Registered for the interrupt watcher (its group is killed on SIGINT/SIGTERM/SIGHUP).
     registered: bool,
+    /// How it ended, once reaped by [`ChildGuard::try_wait`] (asked again, it answers the same).
+    exited: Option<ExitStatus>,
 }
 
 impl ChildGuard {
@@ -289,7 +291,7 @@ impl ChildGuard {
         if register {
             register_group(child.id() as i32);
         }
-        Self { child: Some(child), registered: register }
+        Self { child: Some(child), registered: register, exited: None }
     }
     /// The child is gone (reaped): its group id may be reused, so the watcher must forget it.
     fn reaped(&mut self, pid: u32) {
@@ -302,11 +304,12 @@ impl ChildGuard {
     }
     /// Whether the child has exited (reaping it if so).
     pub fn try_wait(&mut self) -> Result<Option<ExitStatus>> {
-        let Some(c) = self.child.as_mut() else { return Ok(None) };
+        let Some(c) = self.child.as_mut() else { return Ok(self.exited) };
         let st = c.try_wait()?;
-        if st.is_some() {
+        if let Some(st) = st {
             let pid = c.id();
             self.child = None;
+            self.exited = Some(st);
             self.reaped(pid);
         }
         Ok(st)
