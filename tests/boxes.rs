@@ -591,10 +591,9 @@ fn truncated_and_stub_images_are_refused_and_nothing_is_cached() {
 /// `up --json` on a cold box cache: the box import reports through the command's Ui, so stdout carries only JSON
 /// events and stderr no human phase lines (it did print `==> box hash` / `✓ box hash` there). Runs against the
 /// VBoxManage double; `up` stops at its one-second SSH deadline.
-#[test]
-fn up_json_with_a_cold_box_cache_prints_only_json() {
-    let t = Test::new();
-    let dir = t.path().to_path_buf();
+/// A project in `dir` for the VBoxManage double (linked into `dir/vbox`, its state beside it) with a loose `.ovf` box.
+fn vbox_project(t: &Test, name: &str) {
+    let dir = t.path();
     let bin = dir.join("vbox");
     std::fs::create_dir_all(&bin).unwrap();
     let fixtures = support::repo().join("tests/fixtures/vbox");
@@ -606,12 +605,19 @@ fn up_json_with_a_cold_box_cache_prints_only_json() {
     t.write(
         "box-config.toml",
         format!(
-            "[machine]\nname = \"vbj\"\nprovider = \"virtualbox\"\ncpus = 1\nmemory_mb = 1024\n\n[box]\n\
+            "[machine]\nname = \"{name}\"\nprovider = \"virtualbox\"\ncpus = 1\nmemory_mb = 1024\n\n[box]\n\
              vagrant = \"box/box.ovf\"\n\n[ssh]\nhost_port = {}\n\n[virtualbox]\nvboxmanage = {:?}\n",
             support::free_port(),
             bin.join("VBoxManage").to_str().unwrap()
         ),
     );
+}
+
+#[test]
+fn up_json_with_a_cold_box_cache_prints_only_json() {
+    let t = Test::new();
+    let dir = t.path().to_path_buf();
+    vbox_project(&t, "vbj");
     let cache = dir.join("cache").display().to_string();
     let r = Test::new()
         .cwd(&dir)
@@ -777,4 +783,60 @@ fn vm_unbootable_box_reports_the_firmware_error() {
     assert!(serial.contains("SeaBIOS"), "firmware output on the serial console:\n{serial}");
     assert!(serial.contains("Boot failed") || serial.contains("No bootable device"), "{serial}");
     r.stderr_contains("the firmware found nothing to boot on the disk");
+}
+
+/// Ctrl-C while `up` waits for SSH (here: a VM of the VBoxManage double that never answers): `up` stops at once
+/// with 130 and an `interrupted` event instead of dying by the signal, and the next `up` goes on from the recorded
+/// state (the machine exists and runs: no second import, no second VM).
+#[test]
+fn up_interrupted_while_waiting_for_ssh_exits_130_and_reruns() {
+    use std::os::unix::process::CommandExt;
+    let t = Test::new();
+    let dir = t.path().to_path_buf();
+    vbox_project(&t, "vbi");
+    let cache = dir.join("cache");
+    let mut c = std::process::Command::new(support::bin());
+    c.args(["--json", "up", "--boot-timeout", "600"]).current_dir(&dir).env("PROVISIONER_CACHE_DIR", &cache);
+    // SAFETY: only async-signal-safe signal(2) between fork and exec (a background runner may ignore SIGINT).
+    unsafe {
+        c.pre_exec(|| {
+            libc::signal(libc::SIGINT, libc::SIG_DFL);
+            Ok(())
+        });
+    }
+    let mut up = support::Proc::spawn("up", c, dir.join("up.log"));
+    support::wait_until(Duration::from_secs(120), "`up` to wait for SSH", || {
+        if let Some(st) = up.child.try_wait().unwrap() {
+            panic!("`up` ended early ({st}):\n{}", up.log_text());
+        }
+        up.log_text().contains(r#"{"event":"phase_start","phase":"ssh"}"#).then_some(())
+    });
+    let signalled = Instant::now();
+    // SAFETY: kill(2) on the child we started.
+    unsafe { libc::kill(up.child.id() as i32, libc::SIGINT) };
+    let st = support::wait_until(Duration::from_secs(15), "`up` to exit", || up.child.try_wait().unwrap());
+    let took = signalled.elapsed();
+    assert_eq!(st.code(), Some(130), "{}", up.log_text());
+    assert!(took < Duration::from_secs(5), "Ctrl-C took {took:?} to stop `up`");
+    assert!(
+        up.log_text().contains(r#""event":"interrupted","exit_code":130"#)
+            || up.log_text().contains(r#""signal":"SIGINT""#),
+        "{}",
+        up.log_text()
+    );
+    let again = Test::new()
+        .cwd(&dir)
+        .env("PROVISIONER_CACHE_DIR", cache.display().to_string())
+        .args(["--json", "up", "--boot-timeout", "1"])
+        .run()
+        .failure();
+    assert!(again.stderr().contains("did not answer SSH"), "{}", again.stderr());
+    let calls = std::fs::read_to_string(dir.join("vbox/vboxdouble/calls.log")).unwrap_or_default();
+    assert_eq!(calls.lines().filter(|l| l.starts_with("import ")).count(), 1, "{calls}");
+    Test::new()
+        .cwd(&dir)
+        .env("PROVISIONER_CACHE_DIR", cache.display().to_string())
+        .args(["destroy", "-f"])
+        .run()
+        .success();
 }
