@@ -247,7 +247,7 @@ fn boot(
     ph.done(&format!("{} forwards free", forwards.len()));
 
     let ph = ui.phase("box");
-    let base = crate::boxes::ensure(&m.cfg, p.name(), false)?;
+    let base = crate::boxes::ensure_ui(&m.cfg, p.name(), false, ui)?.0;
     ph.done(&base.id);
 
     let ph = ui.phase("keys");
@@ -321,14 +321,31 @@ fn resolve_forwards(cfg: &Config, st: &MachineState) -> Vec<Forward> {
     forwards
 }
 
-/// The last lines of the serial console, as context for an SSH timeout.
+/// The last lines of the serial console, as context for an SSH timeout, with what an empty console or a firmware
+/// error means.
 fn serial_tail(state: &StateDir) -> String {
     let log = state.serial_log();
     let text = std::fs::read(&log).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
+    if text.trim().is_empty() {
+        return format!(
+            "the guest did not answer SSH and its serial console ({}) stayed empty: not even the firmware printed \
+             anything, so the machine never started to boot\n\
+             hint: the box's disk is most likely unusable (truncated, damaged or not bootable): run `qemu-img check` \
+             on it, remove it with `provisioner box remove ID` (`provisioner box list` shows the ids), get or build \
+             it again, then `provisioner destroy -f && provisioner up`",
+            log.display()
+        );
+    }
+    let hint = if text.contains("No bootable device") || text.contains("Boot failed") {
+        "the firmware found nothing to boot on the disk: the box has no bootloader (or a damaged one); use a box \
+         with a bootloader, or one with a kernel and initrd (such as a [box.debian] build), then \
+         `provisioner destroy -f && provisioner up`"
+    } else {
+        "a guest that never reaches a login prompt has a boot problem (box, kernel command line, disk); one that \
+         does may be slow (TCG): raise --boot-timeout"
+    };
     format!(
-        "the guest did not answer SSH; last {SERIAL_TAIL_LINES} lines of its serial console ({}):\n{}\n\
-         hint: a guest that never reaches a login prompt has a boot problem (box, kernel command line, disk); one \
-         that does may be slow (TCG): raise --boot-timeout",
+        "the guest did not answer SSH; last {SERIAL_TAIL_LINES} lines of its serial console ({}):\n{}\nhint: {hint}",
         log.display(),
         crate::process::tail(&text, SERIAL_TAIL_LINES)
     )

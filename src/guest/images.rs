@@ -82,6 +82,14 @@ impl BaseImage {
         if out.is_file() {
             return Ok(false);
         }
+        // Work dirs of builds that were killed (an interrupt, a crash): under the lock no live build owns them.
+        let work_prefix = format!("{}.work.", out.file_name().unwrap_or_default().to_string_lossy());
+        for e in std::fs::read_dir(dir).with_context(|| format!("read {}", dir.display()))?.flatten() {
+            if e.file_name().to_string_lossy().starts_with(&work_prefix) {
+                crate::boxes::cache::remove_tree(&e.path())
+                    .context("remove the leftover of an interrupted base image build")?;
+            }
+        }
         phase.message(&format!("debootstrap {BASE_SUITE} + lab packages on the host (about a minute)"));
         // SAFETY: geteuid has no preconditions.
         let root = unsafe { libc::geteuid() } == 0;
@@ -120,16 +128,24 @@ impl BaseImage {
         let mut file = std::io::BufReader::new(
             std::fs::File::open(&path).with_context(|| format!("open {}", path.display()))?,
         );
+        // Imported untagged and tagged only after the whole tarball went through: a stream cut at a tar header
+        // boundary (an interrupt, a dropped connection) ends in an EOF that `docker import` takes for the end of
+        // the archive, and that partial image must never carry the tag the next run trusts.
         let out = ssh.exec_with_stdin(
             &format!(
-                "sudo -n docker import --change {} --change {} - {tag}",
+                "sudo -n docker import --change {} --change {} -",
                 shell_quote(&format!("LABEL {LABEL}={}", self.key)),
                 shell_quote("ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"),
             ),
             &mut file,
             Duration::from_secs(45 * 60),
         )?;
-        if out.status != 0 {
+        crate::process::check_interrupted()?;
+        let id = out.output.lines().rev().map(str::trim).find(|l| l.starts_with("sha256:")).unwrap_or("");
+        if out.status == 0 && !id.is_empty() {
+            ssh.exec_ok(&format!("sudo -n docker tag {} {tag}", shell_quote(id)), Duration::from_secs(120))?;
+        }
+        if out.status != 0 || id.is_empty() {
             bail!(
                 "`docker import` of {} in the guest failed (exit {}):\n{}\nhint: check free disk space in the guest \
                  (`provisioner ssh -c 'df -h /var/lib/docker'`; raise [machine] disk_gb)",

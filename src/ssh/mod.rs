@@ -133,7 +133,8 @@ impl Session {
                     now - start
                 )));
             }
-            std::thread::sleep(pause.min(deadline - now));
+            crate::process::sleep_interruptible(pause.min(deadline - now));
+            crate::process::check_interrupted()?;
             pause = (pause * 2).min(Duration::from_secs(2));
         }
     }
@@ -383,6 +384,10 @@ impl<'a> Exec<'a> {
 
     /// Arm the per-call timeout for the next blocking call; error once the overall deadline passed.
     fn arm(&self) -> std::io::Result<()> {
+        // Not ErrorKind::Interrupted: io::copy and write_all retry those.
+        if let Some(sig) = crate::process::interrupted() {
+            return Err(std::io::Error::other(sig));
+        }
         let left = self.deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             let last = crate::process::tail(&self.output, 20);
