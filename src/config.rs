@@ -5,6 +5,8 @@
 
 mod check;
 mod diag;
+pub mod limits;
+mod uri;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -13,7 +15,8 @@ use serde::{Deserialize, Serialize};
 
 pub use check::{published_ports, render_failed, valid_machine_name, valid_unix_user, COMPOSE_FILES};
 use diag::Source;
-pub use diag::{ConfigError, Diagnostic, Warning};
+pub use diag::{line_col, ConfigError, Diagnostic, Warning};
+pub use uri::{check_libvirt_uri, UriProblem};
 
 pub const DEFAULT_FILE: &str = "box-config.toml";
 

@@ -229,7 +229,9 @@ pub fn render_table(r: &Report) -> String {
                 .and_then(|p| p.latency_ms)
                 .map(|ms| format!("{ms} ms"))
                 .unwrap_or("-".into());
-            [format!("{mark} {}", s.service), state_cell(s), probe, latency, s.detail.clone()]
+            // Service names come from the rendered compose file and details from the network: shown safely.
+            let detail = s.detail.chars().filter(|c| !c.is_control()).collect::<String>();
+            [format!("{mark} {}", crate::text::shown(&s.service)), state_cell(s), probe, latency, detail]
         })
         .collect();
     let head = ["SERVICE", "STATE", "PROBE", "LATENCY", "DETAIL"].map(String::from);

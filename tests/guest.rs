@@ -255,6 +255,10 @@ fn vm_up_verify_reprovision_destroy() {
     }
     let _cleanup = Destroy(t.path());
 
+    // Ctrl-C on the first `up` once its images phase starts (the base image is being built on the host or streamed
+    // into the guest's Docker): it stops with 130 within seconds, no process of that run is left (whatever ran in
+    // its own process group was killed with it), and the next `up` completes from there to the green table.
+    interrupt_up_in_images_phase(t.path());
     let up = run(&["up"]).success();
     let table = up.stdout();
     for svc in ["demo-app", "prometheus", "alertmanager", "node-exporter"] {
@@ -311,4 +315,56 @@ fn vm_up_verify_reprovision_destroy() {
 
     run(&["destroy", "-f"]).success();
     assert!(!t.path().join(".provisioner").exists(), "destroy left the state dir");
+}
+
+/// Start `up --json` in `dir`, SIGINT it when its `images` phase starts, and check it ends as a clean cancellation.
+fn interrupt_up_in_images_phase(dir: &Path) {
+    use std::os::unix::process::CommandExt;
+    let marker = format!("PROVISIONER_TEST_RUN=guest-images-{}", std::process::id());
+    let (key, value) = marker.split_once('=').unwrap();
+    let mut c = Command::new(crate::support::bin());
+    c.args(["--json", "up"])
+        .current_dir(dir)
+        .env("PROVISIONER_CACHE_DIR", crate::support::cache_dir())
+        .env(key, value);
+    // SAFETY: only async-signal-safe signal(2) between fork and exec: a runner started in the background may have
+    // left SIGINT ignored, and `up` must see it as a user's Ctrl-C would.
+    unsafe {
+        c.pre_exec(|| {
+            libc::signal(libc::SIGINT, libc::SIG_DFL);
+            Ok(())
+        });
+    }
+    let mut up = Proc::spawn("up (to interrupt)", c, dir.join("up-interrupted.log"));
+    let started = std::time::Instant::now();
+    wait_until(Duration::from_secs(1800), "the images phase of the first `up`", || {
+        if let Some(st) = up.child.try_wait().unwrap() {
+            panic!("`up` ended before its images phase ({st}):\n{}", up.log_text());
+        }
+        up.log_text().contains(r#"{"event":"phase_start","phase":"images"}"#).then_some(())
+    });
+    eprintln!("images phase reached after {:?}; sending SIGINT", started.elapsed());
+    let signalled = std::time::Instant::now();
+    // SAFETY: kill(2) on the child we started.
+    unsafe { libc::kill(up.child.id() as i32, libc::SIGINT) };
+    let st =
+        wait_until(Duration::from_secs(60), "the interrupted `up` to exit", || up.child.try_wait().unwrap());
+    eprintln!("interrupted `up` exited ({st}) {:?} after SIGINT", signalled.elapsed());
+    assert_eq!(st.code(), Some(130), "{}", up.log_text());
+    assert!(up.log_text().contains(r#""event":"interrupted""#), "{}", up.log_text());
+    // libvirt's session daemons, when the run's first virsh call started them, inherit its environment and stay
+    // by design; anything else carrying the marker is an orphan of the interrupted run.
+    wait_until(Duration::from_secs(15), "no orphan of the interrupted `up`", || {
+        let left: Vec<String> = crate::support::processes_with_env(&marker)
+            .into_iter()
+            .filter(|p| {
+                let comm = p.split_once(' ').map_or("", |(_, c)| c);
+                !(comm.starts_with("virt") || comm == "libvirtd")
+            })
+            .collect();
+        left.is_empty().then_some(()).or_else(|| {
+            eprintln!("still running: {left:?}");
+            None
+        })
+    });
 }

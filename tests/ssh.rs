@@ -352,6 +352,14 @@ fn provisioner_ssh_runs_a_command_and_exits_with_its_status() {
         .run();
     assert_eq!(run.code(), Some(7), "stdout {:?} stderr {:?}", run.stdout(), run.stderr());
     assert_eq!(run.stdout(), "hi\n");
+    // The client's command line (-v prints it) pins the key the same way as ssh-config.
+    let run = support::Test::new()
+        .cwd(&project)
+        .env("PROVISIONER_SSH_REUSE", "0")
+        .args(["-v", "ssh", "-c", "true"])
+        .run()
+        .success();
+    assert!(run.stderr().contains("\"GlobalKnownHostsFile=/dev/null\""), "{}", run.stderr());
     // `--` keeps each word one argument in the guest.
     support::Test::new()
         .env("PROVISIONER_SSH_REUSE", "0")
@@ -501,6 +509,8 @@ fn ssh_config_stanza_parses_and_connects() {
         "stricthostkeychecking true".to_string(),
         format!("identityfile {}", project.join(".provisioner/id_ed25519").display()),
         format!("userknownhostsfile {}", project.join(".provisioner/known_hosts").display()),
+        // Only the pinned key counts: no system-wide known_hosts file may vouch for this address.
+        "globalknownhostsfile /dev/null".to_string(),
         "controlmaster auto".to_string(),
         format!("controlpath {}", project.join(".provisioner/ssh-control").display()),
         "controlpersist 600".to_string(),

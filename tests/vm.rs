@@ -296,18 +296,29 @@ fn vm_lifecycle_end_to_end() {
     assert!(ssh_masters(&socket).is_empty(), "halt left ssh masters: {:?}", ssh_masters(&socket));
     assert!(!socket.exists(), "halt left the control socket");
     vm.run(&["status"]).success().stdout_contains(&format!("{}: stopped", vm.name));
-    // `up` reads state.json once per run (and renders nothing: provisioning is off here).
+    // `up` reads state.json once for its plan and once after `create` (where a provider records its VM id);
+    // it renders nothing, provisioning being off here.
     let r = vm.run(&["up", "--no-provision", "--json"]).success();
     let counts = r.stdout().lines().find(|l| l.contains("\"run_counts\"")).map(str::to_string);
     let counts: serde_json::Value = serde_json::from_str(&counts.expect("a run_counts event")).unwrap();
-    assert_eq!((counts["state_reads"].as_u64(), counts["renders"].as_u64()), (Some(1), Some(0)), "{counts}");
+    assert_eq!((counts["state_reads"].as_u64(), counts["renders"].as_u64()), (Some(2), Some(0)), "{counts}");
     vm.run(&["status"]).success().stdout_contains("running");
     vm.run(&["ssh", "-c", "true"]).success();
     assert_eq!(ssh_masters(&socket).len(), 1, "a new master after the restart");
 
     let disk = vm.state_dir().join("disk.qcow2");
     assert!(disk.exists());
-    vm.run(&["destroy", "-f"]).success();
+    // Issue 8.1: the same project reached through a symlinked directory is the same machine (one canonical
+    // identity): destroy there must not refuse the domain as "another provisioner machine".
+    let link = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(vm.t.path(), link.path().join("proj")).unwrap();
+    let via_link = link.path().join("proj/box-config.toml");
+    Test::new()
+        .cwd(link.path())
+        .env("PROVISIONER_CONFIG", via_link.to_string_lossy())
+        .args(["destroy", "-f"])
+        .run()
+        .success();
     assert!(vm.domains().is_empty(), "domain left behind: {:?}", vm.domains());
     assert!(!vm.state_dir().exists() && !disk.exists(), "state dir or overlay left behind");
     assert!(ssh_masters(&socket).is_empty(), "destroy left ssh masters: {:?}", ssh_masters(&socket));

@@ -15,6 +15,7 @@ use super::plan::Plan;
 use super::Ctx;
 use crate::cli::{DestroyArgs, HaltArgs, UpArgs};
 use crate::config::{Config, Forward};
+use crate::machine::identity::MachineId;
 use crate::machine::lock::MachineLock;
 use crate::machine::state::MachineState;
 use crate::machine::StateDir;
@@ -27,10 +28,10 @@ const CLOUD_INIT_TIMEOUT: Duration = Duration::from_secs(600);
 const SERIAL_TAIL_LINES: usize = 30;
 
 /// Config, absolute state dir and provider for a command.
-struct Machine {
-    cfg: Config,
-    state: StateDir,
-    vm_name: String,
+pub(super) struct Machine {
+    pub(super) cfg: Config,
+    pub(super) state: StateDir,
+    pub(super) vm_name: String,
 }
 
 impl Machine {
@@ -38,18 +39,22 @@ impl Machine {
         Self::new(ctx, ctx.config()?)
     }
 
-    fn new(ctx: &Ctx, cfg: Config) -> Result<Self> {
-        let rel = ctx.state(&cfg);
-        let root =
-            std::path::absolute(&rel.root).with_context(|| format!("resolve {}", rel.root.display()))?;
-        let vm_name = provider::vm_name(&cfg);
-        Ok(Self { cfg, state: StateDir::at(root), vm_name })
+    fn new(_ctx: &Ctx, cfg: Config) -> Result<Self> {
+        // The one identity of this machine (canonical state dir + VM name), computed once for the whole run.
+        let id = MachineId::new(&cfg.base_dir(), &cfg.machine.name)?;
+        Ok(Self { cfg, state: id.state_dir(), vm_name: id.vm_name().to_string() })
+    }
+
+    /// How the provider addresses the VM: the UUID recorded in state.json when there is one (VirtualBox), else
+    /// its name. Read again after `create`, which records the UUID before it makes the VM.
+    fn vm_ref(&self) -> Result<String> {
+        Ok(vm_ref(MachineState::load(&self.state)?.as_ref(), &self.vm_name))
     }
 
     /// For `status`, `halt` and `destroy`: an edit that breaks box-config.toml must not lock the user out of a
     /// machine that exists. When the file does not validate, the machine is found from what still reads of it
     /// and from its recorded state (provider, libvirt URI, VM name), with a warning carrying the errors.
-    fn load_existing(ctx: &Ctx) -> Result<Self> {
+    pub(super) fn load_existing(ctx: &Ctx) -> Result<Self> {
         let path = &ctx.global.config;
         let (cfg, invalid) = match Config::load_lenient(path) {
             Ok(pair) => pair,
@@ -71,6 +76,17 @@ impl Machine {
                 m.cfg.machine.provider = kind;
             }
             if let Some(uri) = st.libvirt_uri {
+                // The recorded URI passes the same check as the file's before anything connects with it.
+                crate::config::check_libvirt_uri(&uri).map_err(|p| {
+                    anyhow::anyhow!(
+                        "{} records the libvirt URI \"{}\", which {}\nhint: {}; or `provisioner destroy -f` with a \
+                         valid box-config.toml",
+                        m.state.state_file().display(),
+                        crate::text::shown(&uri),
+                        p.message,
+                        p.hint
+                    )
+                })?;
                 m.cfg.libvirt.uri = uri;
             }
             m.vm_name = st.vm_name;
@@ -83,6 +99,11 @@ impl Machine {
         ));
         Ok(m)
     }
+}
+
+/// The recorded VM UUID, else the name.
+fn vm_ref(st: Option<&MachineState>, vm_name: &str) -> String {
+    st.and_then(|s| s.vm_id.clone()).unwrap_or_else(|| vm_name.to_string())
 }
 
 /// Whether cloud-init's `result.json` says it finished with no errors (and no recoverable ones, which
@@ -127,7 +148,7 @@ fn up_locked(ctx: &Ctx, m: &Machine, p: &dyn Provider, args: &UpArgs) -> Result<
     }
     let ph = ui.phase("preflight");
     p.preflight()?;
-    let live = p.state(&m.vm_name)?;
+    let live = p.state(&vm_ref(plan.state.as_ref(), &m.vm_name))?;
     ph.done(&format!("{} ({})", p.name(), live));
 
     // A new machine needs the lab's base image: build it on the host while the guest boots (both take about a
@@ -153,7 +174,22 @@ fn up_locked(ctx: &Ctx, m: &Machine, p: &dyn Provider, args: &UpArgs) -> Result<
             }
             keys
         }
-        VmState::NotCreated | VmState::Stopped => boot(ctx, m, p, live, &mut plan.state)?,
+        VmState::NotCreated | VmState::Stopped | VmState::Aborted => boot(ctx, m, p, live, &mut plan.state)?,
+        // Saved or paused: resume as it is. A saved VM is not mutable, so nothing is reconfigured (config edits
+        // take effect after `provisioner reload`).
+        VmState::Saved | VmState::AbortedSaved | VmState::Paused => {
+            let keys = crate::keys::ensure_machine_keys(&m.state, &m.cfg.machine.name)?;
+            let ph = ui.phase("resume");
+            p.start(&vm_ref(plan.state.as_ref(), &m.vm_name))?;
+            ph.done(&format!("resumed from {live}"));
+            keys
+        }
+        VmState::Inaccessible => bail!(
+            "VirtualBox lists the machine {} as inaccessible: its settings file or a disk it needs (for a linked \
+             clone also the provisioner-master-* VM) was moved or deleted\nhint: restore the missing files, or run \
+             `provisioner destroy -f` (it unregisters the dead entry) and then `provisioner up`",
+            m.vm_name
+        ),
         other => bail!(
             "the machine {} is {other}; it cannot be started from this state\nhint: `provisioner halt -f` powers \
              it off, then run `provisioner up` again",
@@ -248,7 +284,7 @@ fn boot(
     ph.done(&format!("{} forwards free", forwards.len()));
 
     let ph = ui.phase("box");
-    let base = crate::boxes::ensure(&m.cfg, p.name(), false)?;
+    let base = crate::boxes::ensure_ui(&m.cfg, p.name(), false, ui)?.0;
     ph.done(&base.id);
 
     let ph = ui.phase("keys");
@@ -285,7 +321,6 @@ fn boot(
     };
     // Recorded before the hypervisor is touched, so an interrupted `up` can be completed or destroyed.
     st.save(&m.state)?;
-    *recorded = Some(st);
 
     let ph = ui.phase("create");
     let spec = MachineSpec {
@@ -301,10 +336,12 @@ fn boot(
         kvm: accel.kvm,
     };
     p.create(&spec)?;
+    // The provider may have recorded the VM's id (VirtualBox's UUID) in state.json: the one read after create.
+    *recorded = Some(MachineState::load(&m.state)?.unwrap_or(st));
     ph.done(&format!("{} ({})", m.vm_name, accel.label()));
 
     let ph = ui.phase("boot");
-    p.start(&m.vm_name)?;
+    p.start(&vm_ref(recorded.as_ref(), &m.vm_name))?;
     ph.done(if live == VmState::NotCreated { "created and started" } else { "started" });
     Ok((user_key, host_key))
 }
@@ -323,14 +360,31 @@ fn resolve_forwards(cfg: &Config, st: &MachineState) -> Vec<Forward> {
     forwards
 }
 
-/// The last lines of the serial console, as context for an SSH timeout.
+/// The last lines of the serial console, as context for an SSH timeout, with what an empty console or a firmware
+/// error means.
 fn serial_tail(state: &StateDir) -> String {
     let log = state.serial_log();
     let text = std::fs::read(&log).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
+    if text.trim().is_empty() {
+        return format!(
+            "the guest did not answer SSH and its serial console ({}) stayed empty: not even the firmware printed \
+             anything, so the machine never started to boot\n\
+             hint: the box's disk is most likely unusable (truncated, damaged or not bootable): run `qemu-img check` \
+             on it, remove it with `provisioner box remove ID` (`provisioner box list` shows the ids), get or build \
+             it again, then `provisioner destroy -f && provisioner up`",
+            log.display()
+        );
+    }
+    let hint = if text.contains("No bootable device") || text.contains("Boot failed") {
+        "the firmware found nothing to boot on the disk: the box has no bootloader (or a damaged one); use a box \
+         with a bootloader, or one with a kernel and initrd (such as a [box.debian] build), then \
+         `provisioner destroy -f && provisioner up`"
+    } else {
+        "a guest that never reaches a login prompt has a boot problem (box, kernel command line, disk); one that \
+         does may be slow (TCG): raise --boot-timeout"
+    };
     format!(
-        "the guest did not answer SSH; last {SERIAL_TAIL_LINES} lines of its serial console ({}):\n{}\n\
-         hint: a guest that never reaches a login prompt has a boot problem (box, kernel command line, disk); one \
-         that does may be slow (TCG): raise --boot-timeout",
+        "the guest did not answer SSH; last {SERIAL_TAIL_LINES} lines of its serial console ({}):\n{}\nhint: {hint}",
         log.display(),
         crate::process::tail(&text, SERIAL_TAIL_LINES)
     )
@@ -348,16 +402,18 @@ pub fn status(ctx: &Ctx) -> Result<i32> {
         return Ok(crate::exit::OK);
     };
     let p = provider::select(&m.cfg)?;
-    let live = p.state(&st.vm_name)?;
+    let live = p.state(&vm_ref(Some(&st), &st.vm_name))?;
     let ssh = match (&st.ssh_host, st.ssh_port) {
         (Some(h), Some(port)) => Some(format!("{h}:{port}")),
         _ => None,
     };
+    let forwards =
+        if live == VmState::NotCreated { Vec::new() } else { super::port::machine_forwards(&m.cfg, &st) };
     if ctx.ui.json() {
         println!(
             "{}",
             json!({"machine": name, "state": live, "provider": p.name(), "vm_name": st.vm_name, "ssh": ssh,
-                   "accel": st.accel})
+                   "accel": st.accel, "forwards": super::port::forwards_json(&forwards)})
         );
     } else {
         match (&live, ssh) {
@@ -365,6 +421,7 @@ pub fn status(ctx: &Ctx) -> Result<i32> {
             (VmState::NotCreated, _) => println!("{name}: not created"),
             (other, _) => println!("{name}: {other} ({})", p.name()),
         }
+        print!("{}", super::port::forwards_table(&forwards));
     }
     Ok(crate::exit::OK)
 }
@@ -383,7 +440,7 @@ fn halt_locked(ctx: &Ctx, m: &Machine, args: &HaltArgs) -> Result<i32> {
     let p = provider::select(&m.cfg)?;
     close_ssh_master(ctx, &m.state);
     let ph = ctx.ui.phase("halt");
-    p.halt(&m.vm_name, Duration::from_secs(args.timeout), args.force)?;
+    p.halt(&m.vm_ref()?, Duration::from_secs(args.timeout), args.force)?;
     ph.done(if args.force { "powered off" } else { "shut down" });
     Ok(crate::exit::OK)
 }
@@ -407,11 +464,12 @@ pub fn destroy(ctx: &Ctx, args: &DestroyArgs) -> Result<i32> {
         return Ok(crate::exit::OK);
     }
     let _lock = MachineLock::acquire(&m.state, "destroy")?;
-    let vm_name = MachineState::load(&m.state).ok().flatten().map(|s| s.vm_name).unwrap_or(m.vm_name.clone());
+    let recorded = MachineState::load(&m.state).ok().flatten();
+    let vm_name = recorded.as_ref().map(|s| s.vm_name.clone()).unwrap_or(m.vm_name.clone());
     let p = provider::select(&m.cfg)?;
     close_ssh_master(ctx, &m.state);
     let ph = ctx.ui.phase("destroy");
-    p.destroy(&vm_name, &m.state)?;
+    p.destroy(&vm_ref(recorded.as_ref(), &vm_name), &m.state)?;
     remove_state_dir(&m.state.root)?;
     ph.done(&vm_name);
     Ok(crate::exit::OK)

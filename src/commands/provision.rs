@@ -146,9 +146,9 @@ pub fn verify(ctx: &Ctx, args: &VerifyArgs) -> Result<i32> {
     )?);
     if !names.iter().any(|n| n == &args.alert) {
         bail!(
-            "Prometheus has no alerting rule named {:?}; it has: {}\nhint: pass one of them with --alert",
-            args.alert,
-            names.join(", ")
+            "Prometheus has no alerting rule named \"{}\"; it has: {}\nhint: pass one of them with --alert",
+            crate::text::shown(&args.alert),
+            crate::text::shown(&names.join(", "))
         );
     }
     // The demo app is the lab's webhook receiver; its log (read over SSH) proves delivery. Reading it from the

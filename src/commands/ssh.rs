@@ -42,6 +42,8 @@ fn options(t: &Target) -> Vec<(&'static str, String)> {
         ("PreferredAuthentications", "publickey".into()),
         ("StrictHostKeyChecking", "yes".into()),
         ("UserKnownHostsFile", t.known_hosts.display().to_string()),
+        // Only the pinned key counts: no system-wide file may vouch for another key on this address.
+        ("GlobalKnownHostsFile", "/dev/null".into()),
         ("LogLevel", "ERROR".into()),
     ];
     if let Some(socket) = &t.control {
@@ -92,13 +94,11 @@ pub fn ssh(ctx: &Ctx, args: &SshArgs) -> Result<i32> {
 }
 
 pub fn ssh_config(ctx: &Ctx, args: &SshConfigArgs) -> Result<i32> {
+    if let Some(alias) = &args.host {
+        check_alias(alias)?;
+    }
     let t = target(ctx)?;
     let alias = args.host.clone().unwrap_or_else(|| t.alias.clone());
-    if alias.is_empty() || alias.contains(|c: char| c.is_whitespace() || "*?!,\"".contains(c)) {
-        bail!(
-            "--host {alias:?} is not a usable OpenSSH host alias\nhint: use letters, digits, '-', '_' or '.'"
-        );
-    }
     if ctx.global.json {
         let mut doc = serde_json::Map::new();
         doc.insert("Host".into(), alias.clone().into());
@@ -110,6 +110,22 @@ pub fn ssh_config(ctx: &Ctx, args: &SshConfigArgs) -> Result<i32> {
     }
     print!("{}", stanza(&alias, &options(&t))?);
     Ok(0)
+}
+
+/// A `Host` alias OpenSSH reads back as one plain name: not a pattern (`*`, `?`, `!`, `,`), a comment (`#`), a
+/// `Host=x` form (`=`), a quoted or split word (quotes, whitespace), a token (`%`) nor an option (leading `-`).
+fn check_alias(alias: &str) -> Result<()> {
+    let ok = (1..=255).contains(&alias.len())
+        && !alias.starts_with(['-', '.'])
+        && alias.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    if !ok {
+        bail!(
+            "--host \"{}\" is not a usable OpenSSH host alias\nhint: use 1-255 letters, digits, '-', '_' and '.', \
+             starting with a letter or digit (e.g. --host lab)",
+            crate::text::shown(alias)
+        );
+    }
+    Ok(())
 }
 
 /// An OpenSSH `Host` stanza; values with spaces are double-quoted and `%` is escaped in path options.

@@ -89,12 +89,13 @@ impl BaseImage {
         if out.is_file() {
             return Ok(false);
         }
-        // Under the lock nobody else builds: a work dir left here is from a run that was killed.
-        remove_work_dirs(&out);
+        // Work dirs of builds that were killed (an interrupt, a crash): under the lock no live build owns them.
+        remove_work_dirs(&out).context("remove the leftover of an interrupted base image build")?;
         note(&format!("debootstrap {BASE_SUITE} + lab packages on the host (about a minute)"));
         let result = self.build(&out, cancel);
         if result.is_err() {
-            remove_work_dirs(&out);
+            // Best effort: the next build removes what is left.
+            let _ = remove_work_dirs(&out);
         }
         result.map(|()| true)
     }
@@ -115,7 +116,10 @@ impl BaseImage {
             .with_context(|| format!("building the container base image on the host failed\n{HINT}"))?;
         let deadline = Instant::now() + BUILD_TIMEOUT;
         let status = loop {
+            // An interrupt: the watcher kills the build's group; this thread ends with the interruption.
+            crate::process::check_interrupted()?;
             if let Some(st) = child.try_wait()? {
+                crate::process::check_interrupted()?;
                 break st;
             }
             if cancel.load(Ordering::Relaxed) {
@@ -162,16 +166,24 @@ impl BaseImage {
         let mut file = std::io::BufReader::new(
             std::fs::File::open(&path).with_context(|| format!("open {}", path.display()))?,
         );
+        // Imported untagged and tagged only after the whole tarball went through: a stream cut at a tar header
+        // boundary (an interrupt, a dropped connection) ends in an EOF that `docker import` takes for the end of
+        // the archive, and that partial image must never carry the tag the next run trusts.
         let out = ssh.exec_with_stdin(
             &format!(
-                "sudo -n docker import --change {} --change {} - {tag}",
+                "sudo -n docker import --change {} --change {} -",
                 shell_quote(&format!("LABEL {LABEL}={}", self.key)),
                 shell_quote("ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"),
             ),
             &mut file,
             Duration::from_secs(45 * 60),
         )?;
-        if out.status != 0 {
+        crate::process::check_interrupted()?;
+        let id = out.output.lines().rev().map(str::trim).find(|l| l.starts_with("sha256:")).unwrap_or("");
+        if out.status == 0 && !id.is_empty() {
+            ssh.exec_ok(&format!("sudo -n docker tag {} {tag}", shell_quote(id)), Duration::from_secs(120))?;
+        }
+        if out.status != 0 || id.is_empty() {
             bail!(
                 "`docker import` of {} in the guest failed (exit {}):\n{}\nhint: check free disk space in the guest \
                  (`provisioner ssh -c 'df -h /var/lib/docker'`; raise [machine] disk_gb)",
@@ -184,15 +196,16 @@ impl BaseImage {
     }
 }
 
-/// Remove `<tarball>.work.*` dirs (the build script's scratch) left by a build that was killed. Best effort.
-fn remove_work_dirs(out: &Path) {
-    let (Some(dir), Some(name)) = (out.parent(), out.file_name()) else { return };
+/// Remove the `<tarball>.work.*` dirs (the build script's scratch) left by a build that was killed.
+fn remove_work_dirs(out: &Path) -> Result<()> {
+    let (Some(dir), Some(name)) = (out.parent(), out.file_name()) else { return Ok(()) };
     let prefix = format!("{}.work.", name.to_string_lossy());
-    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+    for e in std::fs::read_dir(dir).with_context(|| format!("read {}", dir.display()))?.flatten() {
         if e.file_name().to_string_lossy().starts_with(&prefix) {
-            let _ = std::fs::remove_dir_all(e.path());
+            crate::boxes::cache::remove_tree(&e.path())?;
         }
     }
+    Ok(())
 }
 
 /// The host-side build of the base image, started on a thread before the guest boots (`up` of a machine that is

@@ -13,7 +13,8 @@ pub struct MachineState {
     pub provider: String,
     /// The hypervisor's name for the VM (domain name / VM name), unique per machine.
     pub vm_name: String,
-    /// Hypervisor id (domain UUID / VM UUID) once created.
+    /// Hypervisor id. VirtualBox: the VM's UUID, chosen and recorded here BEFORE `clonevm --uuid`, so every later
+    /// call addresses the VM by UUID (a lookup by name skips inaccessible VMs). Absent in older state files.
     #[serde(default)]
     pub vm_id: Option<String>,
     /// Cached box id the disk is based on.

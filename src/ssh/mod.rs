@@ -40,10 +40,7 @@ pub struct Endpoint {
 impl Endpoint {
     /// The endpoint of a created machine: address from `state.json`, user from the config, keys from the state dir.
     pub fn for_machine(cfg: &Config, state: &StateDir) -> Result<Endpoint> {
-        let ms = MachineState::load(state)?;
-        if ms.as_ref().and_then(|m| m.ssh_port).is_none() {
-            return Err(not_created(cfg, state));
-        }
+        let mut ep = Self::from_state(cfg, state, MachineState::load(state)?.as_ref(), "")?;
         let host_pub = state.host_key().with_extension("pub");
         let host_key = std::fs::read_to_string(&host_pub).with_context(|| {
             format!(
@@ -51,7 +48,8 @@ impl Endpoint {
                 host_pub.display()
             )
         })?;
-        Self::from_state(cfg, state, ms.as_ref(), host_key.trim())
+        ep.host_key = host_key.trim().to_string();
+        Ok(ep)
     }
 
     /// The one place an endpoint is made: address from the recorded state (`up` passes the state it read once
@@ -67,7 +65,7 @@ impl Endpoint {
         let host = ms.ssh_host.clone().unwrap_or_else(|| cfg.ssh.host_ip.clone());
         let ip: std::net::IpAddr = host
             .parse()
-            .with_context(|| format!("state.json has SSH host {host:?}, not an IP address; `provisioner destroy -f && provisioner up` resets it"))?;
+            .with_context(|| format!("state.json has SSH host \"{}\", not an IP address; `provisioner destroy -f && provisioner up` resets it", crate::text::shown(&host)))?;
         let root =
             std::path::absolute(&state.root).with_context(|| format!("resolve {}", state.root.display()))?;
         Ok(Endpoint {
@@ -151,7 +149,8 @@ impl Session {
                     now - start
                 )));
             }
-            std::thread::sleep(pause.min(deadline - now));
+            crate::process::sleep_interruptible(pause.min(deadline - now));
+            crate::process::check_interrupted()?;
             pause = (pause * 2).min(Duration::from_secs(2));
         }
     }
@@ -401,6 +400,10 @@ impl<'a> Exec<'a> {
 
     /// Arm the per-call timeout for the next blocking call; error once the overall deadline passed.
     fn arm(&self) -> std::io::Result<()> {
+        // Not ErrorKind::Interrupted: io::copy and write_all retry those.
+        if let Some(sig) = crate::process::interrupted() {
+            return Err(std::io::Error::other(sig));
+        }
         let left = self.deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             let last = crate::process::tail(&self.output, 20);
