@@ -402,7 +402,10 @@ fn provisioner_ssh_reuses_one_connection_and_can_opt_out() {
     let socket = project.join(".provisioner/ssh-control");
     let _master = Master(socket.clone());
     let ssh = |env: &[(&str, &str)]| {
-        let mut t = support::Test::new().cwd(&project).args(["ssh", "-c", "echo hi"]);
+        let mut t = support::Test::new()
+            .cwd(&project)
+            .env("PROVISIONER_SSH_REUSE", "1")
+            .args(["ssh", "-c", "echo hi"]);
         for (k, v) in env {
             t = t.env(k, *v);
         }
@@ -425,11 +428,11 @@ fn provisioner_ssh_reuses_one_connection_and_can_opt_out() {
     support::wait_until(Duration::from_secs(10), "the master to remove its socket", || {
         (!socket.exists()).then_some(())
     });
-    // Off in the config: no socket, new logins.
+    // Off in the config (and no override in the environment): no socket, new logins.
     let cfg = project.join("box-config.toml");
     let text = std::fs::read_to_string(&cfg).unwrap();
     std::fs::write(&cfg, text.replace("[ssh]\n", "[ssh]\nreuse_connection = false\n")).unwrap();
-    ssh(&[]);
+    ssh(&[("PROVISIONER_SSH_REUSE", "")]);
     assert_eq!(logins(&sshd), 3);
     assert!(!socket.exists());
 }
@@ -455,6 +458,7 @@ fn a_state_dir_too_long_for_a_socket_puts_it_in_a_private_runtime_dir() {
         support::Test::new()
             .cwd(&project)
             .env("XDG_RUNTIME_DIR", runtime.path().to_str().unwrap())
+            .env("PROVISIONER_SSH_REUSE", "1")
             .args(["ssh", "-c", "true"])
             .run()
             .success();
@@ -496,7 +500,12 @@ fn provisioner_ssh_to_a_stopped_machine_says_so() {
 fn ssh_config_stanza_parses_and_connects() {
     let (t, project, sshd) = project_with_sshd();
     let _master = Master(project.join(".provisioner/ssh-control"));
-    let run = support::Test::new().cwd(&project).args(["ssh-config", "--host", "labvm"]).run().success();
+    let run = support::Test::new()
+        .cwd(&project)
+        .env("PROVISIONER_SSH_REUSE", "1")
+        .args(["ssh-config", "--host", "labvm"])
+        .run()
+        .success();
     let file = t.path().join("ssh_config");
     std::fs::write(&file, run.stdout()).unwrap();
     let g = Command::new("ssh").arg("-G").arg("-F").arg(&file).arg("labvm").output().unwrap();

@@ -196,6 +196,8 @@ impl Vm {
     fn cmd(&self) -> Test {
         Test::new()
             .cwd(self.t.path())
+            // The machine's OpenSSH master is closed by halt/destroy (and the drop's destroy).
+            .env("PROVISIONER_SSH_REUSE", "1")
             .env("PROVISIONER_CONFIG", self.t.path().join("box-config.toml").to_string_lossy())
     }
     fn run(&self, args: &[&str]) -> support::Run {

@@ -74,6 +74,9 @@ impl Test {
         let mut c = Command::new(bin());
         c.args(&self.args).current_dir(self.cwd.as_deref().unwrap_or(self.dir.path()));
         c.env("PROVISIONER_CACHE_DIR", cache_dir());
+        // No OpenSSH master outlives a test by default: a throwaway sshd's session survives its listener, and a
+        // master on it would linger for ControlPersist. Tests of connection reuse set it to 1.
+        c.env("PROVISIONER_SSH_REUSE", "0");
         for (k, v) in &self.env {
             c.env(k, v);
         }
