@@ -707,6 +707,17 @@ mod tests {
     }
 
     #[test]
+    fn nothing_we_pass_can_be_read_as_an_option() {
+        assert!(operand("--delete").is_err() && operand("").is_err());
+        assert_eq!(
+            operand("0c4f6d2e-6a57-4ad4-9a8f-1d9c0e2f3b4a").unwrap(),
+            "0c4f6d2e-6a57-4ad4-9a8f-1d9c0e2f3b4a"
+        );
+        let u = new_uuid();
+        assert_eq!((u.len(), &u[14..15]), (36, "4"), "{u}");
+    }
+
+    #[test]
     fn seed_uses_an_empty_ide_drive_else_its_own_controller() {
         let i = info(
             "storagecontrollername0=\"IDE\"\nstoragecontrollertype0=\"PIIX4\"\nstoragecontrollerportcount0=\"2\"\n\
