@@ -11,6 +11,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use serde_json::json;
 
+use super::plan::Plan;
 use super::Ctx;
 use crate::cli::{DestroyArgs, HaltArgs, UpArgs};
 use crate::config::{Config, Forward};
@@ -19,7 +20,7 @@ use crate::machine::lock::MachineLock;
 use crate::machine::state::MachineState;
 use crate::machine::StateDir;
 use crate::provider::{self, MachineSpec, Provider, VmState};
-use crate::ssh::{Endpoint, Session};
+use crate::ssh::Session;
 
 /// Deadline for `cloud-init status --wait` once SSH answers.
 const CLOUD_INIT_TIMEOUT: Duration = Duration::from_secs(600);
@@ -139,18 +140,32 @@ pub fn up(ctx: &Ctx, args: &UpArgs) -> Result<i32> {
 
 fn up_locked(ctx: &Ctx, m: &Machine, p: &dyn Provider, args: &UpArgs) -> Result<i32> {
     let ui = &ctx.ui;
-    for w in m.cfg.validate_all()? {
-        ui.warn(w.to_string());
+    let provisioning = !args.no_provision && m.cfg.provision.enabled != Some(false);
+    let show_render = provisioning.then(|| ui.phase("render"));
+    let mut plan = Plan::build(&m.cfg, &m.state, ui)?;
+    if let (Some(ph), Some(lab)) = (show_render, &plan.lab) {
+        ph.done(&format!("{} files", lab.rendered.files.len()));
     }
     let ph = ui.phase("preflight");
     p.preflight()?;
     let live = p.state(&m.vm_ref()?)?;
     ph.done(&format!("{} ({})", p.name(), live));
 
+    // A new machine needs the lab's base image: build it on the host while the guest boots (both take about a
+    // minute under TCG). Joined at the images phase; dropped (cancelled) if `up` fails before.
+    let host_build = (provisioning
+        && live == VmState::NotCreated
+        && m.cfg.provision.images == crate::config::ImageSource::Debian)
+        .then(|| crate::guest::images::HostBuild::start(&crate::guest::images::BaseImage::for_config(&m.cfg)))
+        .flatten();
+    if host_build.is_some() {
+        ui.event("base_image_build_started", json!({}));
+    }
+
     let (_, host_key) = match live {
         VmState::Running => {
             let keys = crate::keys::ensure_machine_keys(&m.state, &m.cfg.machine.name)?;
-            if MachineState::load(&m.state)?.is_none() {
+            if plan.state.is_none() {
                 bail!(
                     "the machine {} is running but its state.json is missing\nhint: `provisioner destroy -f` removes \
                      it, then `provisioner up` recreates it",
@@ -159,7 +174,7 @@ fn up_locked(ctx: &Ctx, m: &Machine, p: &dyn Provider, args: &UpArgs) -> Result<
             }
             keys
         }
-        VmState::NotCreated | VmState::Stopped | VmState::Aborted => boot(ctx, m, p, live)?,
+        VmState::NotCreated | VmState::Stopped | VmState::Aborted => boot(ctx, m, p, live, &mut plan.state)?,
         // Saved or paused: resume as it is. A saved VM is not mutable, so nothing is reconfigured (config edits
         // take effect after `provisioner reload`).
         VmState::Saved | VmState::AbortedSaved | VmState::Paused => {
@@ -182,12 +197,7 @@ fn up_locked(ctx: &Ctx, m: &Machine, p: &dyn Provider, args: &UpArgs) -> Result<
         ),
     };
 
-    let ep = Endpoint {
-        addr: p.ssh_endpoint(&m.vm_ref()?, &m.state)?,
-        user: m.cfg.ssh.user.clone(),
-        key: m.state.user_key(),
-        host_key: host_key.public_openssh.clone(),
-    };
+    let ep = plan.endpoint(&host_key.public_openssh)?;
     let ph = ui.phase("ssh");
     let timeout = Duration::from_secs(args.boot_timeout.unwrap_or(m.cfg.ssh.connect_timeout_secs));
     let session = Session::connect(&ep, timeout).map_err(|e| e.context(serial_tail(&m.state)))?;
@@ -213,34 +223,61 @@ fn up_locked(ctx: &Ctx, m: &Machine, p: &dyn Provider, args: &UpArgs) -> Result<
             m.state.serial_log().display()
         ),
     }
-    let mut st = MachineState::load(&m.state)?.unwrap_or_default();
+    let st = plan.state.get_or_insert_with(MachineState::default);
     if !st.provisioned {
         st.provisioned = true;
         st.save(&m.state)?;
     }
     ph.done("done");
 
-    if args.no_provision || m.cfg.provision.enabled == Some(false) {
-        ui.info(format!("{}: running ({}, {}); provisioning skipped", m.cfg.machine.name, p.name(), ep.addr));
-        return Ok(crate::exit::OK);
-    }
-    let ph = ui.phase("render");
-    let rendered = crate::render::render_config(&m.cfg, &m.state)?;
-    ph.done(&format!("{} files", rendered.files.len()));
-    crate::guest::provision(&m.cfg, &session, &rendered, ui, false)?;
-    let healthy = crate::health::check(&m.cfg, Some(&session), ui, Duration::from_secs(300))?;
+    let lab = match (&plan.lab, provisioning) {
+        (Some(lab), true) => lab,
+        _ => {
+            ui.info(format!(
+                "{}: running ({}, {}); provisioning skipped",
+                m.cfg.machine.name,
+                p.name(),
+                ep.addr
+            ));
+            report_counts(ui);
+            return Ok(crate::exit::OK);
+        }
+    };
+    crate::guest::provision(&m.cfg, &session, lab, ui, false, host_build)?;
+    let (available, unavailable) = lab.services(&m.cfg);
+    let healthy = crate::health::check_services(
+        &m.cfg,
+        Some(&session),
+        ui,
+        super::provision::HEALTH_TIMEOUT,
+        &available,
+        &unavailable,
+    )?;
+    report_counts(ui);
     Ok(if healthy { crate::exit::OK } else { crate::exit::UNHEALTHY })
 }
 
-/// Create or start the machine; returns its (user, host) keys.
+/// With `--json`: how many times this run rendered the provision tree and read state.json (once each).
+fn report_counts(ui: &crate::ui::Ui) {
+    ui.event(
+        "run_counts",
+        json!({"renders": crate::render::renders_in_thread(), "state_reads": MachineState::reads_in_thread()}),
+    );
+}
+
+/// Create or start the machine, recording it in `recorded` (and state.json) before the hypervisor is touched;
+/// returns its (user, host) keys.
 fn boot(
     ctx: &Ctx,
     m: &Machine,
     p: &dyn Provider,
     live: VmState,
+    recorded: &mut Option<MachineState>,
 ) -> Result<(crate::keys::KeyPair, crate::keys::KeyPair)> {
     let ui = &ctx.ui;
-    let mut st = MachineState::load(&m.state)?.unwrap_or_default();
+    // A master connection left from the machine's previous run would talk to a dead guest.
+    close_ssh_master(ctx, &m.state);
+    let mut st = recorded.take().unwrap_or_default();
     let forwards = resolve_forwards(&m.cfg, &st);
     let ph = ui.phase("ports");
     crate::ports::check_free(&forwards)?;
@@ -284,6 +321,7 @@ fn boot(
     };
     // Recorded before the hypervisor is touched, so an interrupted `up` can be completed or destroyed.
     st.save(&m.state)?;
+    *recorded = Some(st);
 
     let ph = ui.phase("create");
     let spec = MachineSpec {
@@ -399,6 +437,7 @@ fn halt_locked(ctx: &Ctx, m: &Machine, args: &HaltArgs) -> Result<i32> {
         return Ok(crate::exit::OK);
     }
     let p = provider::select(&m.cfg)?;
+    close_ssh_master(ctx, &m.state);
     let ph = ctx.ui.phase("halt");
     p.halt(&m.vm_ref()?, Duration::from_secs(args.timeout), args.force)?;
     ph.done(if args.force { "powered off" } else { "shut down" });
@@ -427,11 +466,22 @@ pub fn destroy(ctx: &Ctx, args: &DestroyArgs) -> Result<i32> {
     let recorded = MachineState::load(&m.state).ok().flatten();
     let vm_name = recorded.as_ref().map(|s| s.vm_name.clone()).unwrap_or(m.vm_name.clone());
     let p = provider::select(&m.cfg)?;
+    close_ssh_master(ctx, &m.state);
     let ph = ctx.ui.phase("destroy");
     p.destroy(&vm_ref(recorded.as_ref(), &vm_name), &m.state)?;
     remove_state_dir(&m.state.root)?;
     ph.done(&vm_name);
     Ok(crate::exit::OK)
+}
+
+/// Close the machine's OpenSSH master connection (see [`crate::ssh::control`]) so no ssh process outlives the
+/// machine; a failure only warns: the machine going down ends the connection anyway.
+fn close_ssh_master(ctx: &Ctx, state: &StateDir) {
+    match crate::ssh::control::close_master(state) {
+        Ok(true) => ctx.ui.event("ssh_master_closed", json!({})),
+        Ok(false) => {}
+        Err(e) => ctx.ui.warn(format!("could not close the SSH master connection: {e:#}")),
+    }
 }
 
 fn remove_state_dir(root: &Path) -> Result<()> {
