@@ -8,6 +8,8 @@ pub mod cache;
 pub mod debian;
 pub mod fetch;
 pub mod import;
+pub mod lab;
+pub mod package;
 
 use std::path::PathBuf;
 

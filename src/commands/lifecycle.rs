@@ -126,7 +126,7 @@ fn up_locked(ctx: &Ctx, m: &Machine, p: &dyn Provider, args: &UpArgs) -> Result<
     let live = p.state(&m.vm_name)?;
     ph.done(&format!("{} ({})", p.name(), live));
 
-    let (_, host_key) = match live {
+    let (_, host_key, lab) = match live {
         VmState::Running => {
             let keys = crate::keys::ensure_machine_keys(&m.state, &m.cfg.machine.name)?;
             if MachineState::load(&m.state)?.is_none() {
@@ -136,7 +136,7 @@ fn up_locked(ctx: &Ctx, m: &Machine, p: &dyn Provider, args: &UpArgs) -> Result<
                     m.vm_name
                 );
             }
-            keys
+            (keys.0, keys.1, None)
         }
         VmState::NotCreated | VmState::Stopped => boot(ctx, m, p, live)?,
         other => bail!(
@@ -156,6 +156,13 @@ fn up_locked(ctx: &Ctx, m: &Machine, p: &dyn Provider, args: &UpArgs) -> Result<
     let timeout = Duration::from_secs(args.boot_timeout.unwrap_or(m.cfg.ssh.connect_timeout_secs));
     let session = Session::connect(&ep, timeout).map_err(|e| e.context(serial_tail(&m.state)))?;
     ph.done(&ep.addr.to_string());
+    let restored = lab.as_ref().is_some_and(|l| l.restored);
+    if restored {
+        let now = super::snapshot::clock_command(std::time::SystemTime::now());
+        if let Err(e) = session.exec_ok(&now, Duration::from_secs(30)) {
+            ui.warn(format!("could not set the guest's clock after restoring the cached lab: {e:#}"));
+        }
+    }
 
     let ph = ui.phase("cloud-init");
     // Fast path: cloud-init writes result.json (on tmpfs, so per boot) when its final stage ends. A clean one
@@ -186,23 +193,35 @@ fn up_locked(ctx: &Ctx, m: &Machine, p: &dyn Provider, args: &UpArgs) -> Result<
 
     if args.no_provision || m.cfg.provision.enabled == Some(false) {
         ui.info(format!("{}: running ({}, {}); provisioning skipped", m.cfg.machine.name, p.name(), ep.addr));
+        if let Some(plan) = lab.as_ref().filter(|l| !l.restored && !args.no_provision) {
+            super::lab::capture(&m.cfg, p, &m.vm_name, &m.state, plan, ui);
+        }
         return Ok(crate::exit::OK);
+    }
+    if restored {
+        // The cached lab is the provisioned lab: only its health is checked.
+        let healthy = crate::health::check(&m.cfg, Some(&session), ui, Duration::from_secs(300))?;
+        return Ok(if healthy { crate::exit::OK } else { crate::exit::UNHEALTHY });
     }
     let ph = ui.phase("render");
     let rendered = crate::render::render_config(&m.cfg, &m.state)?;
     ph.done(&format!("{} files", rendered.files.len()));
     crate::guest::provision(&m.cfg, &session, &rendered, ui, false)?;
     let healthy = crate::health::check(&m.cfg, Some(&session), ui, Duration::from_secs(300))?;
+    if let Some(plan) = lab.as_ref().filter(|_| healthy) {
+        super::lab::capture(&m.cfg, p, &m.vm_name, &m.state, plan, ui);
+    }
     Ok(if healthy { crate::exit::OK } else { crate::exit::UNHEALTHY })
 }
 
-/// Create or start the machine; returns its (user, host) keys.
+/// Create or start the machine (from the cached lab when one matches); returns its (user, host) keys and, for a
+/// machine created now, the lab cache plan.
 fn boot(
     ctx: &Ctx,
     m: &Machine,
     p: &dyn Provider,
     live: VmState,
-) -> Result<(crate::keys::KeyPair, crate::keys::KeyPair)> {
+) -> Result<(crate::keys::KeyPair, crate::keys::KeyPair, Option<super::lab::Plan>)> {
     let ui = &ctx.ui;
     let mut st = MachineState::load(&m.state)?.unwrap_or_default();
     let forwards = resolve_forwards(&m.cfg, &st);
@@ -213,6 +232,15 @@ fn boot(
     let ph = ui.phase("box");
     let base = crate::boxes::ensure(&m.cfg, p.name(), false)?;
     ph.done(&base.id);
+
+    let accel = crate::accel::decide_accel(m.cfg.machine.accel, &crate::accel::HostAccel::probe())?;
+    let mut lab = match live {
+        VmState::NotCreated => super::lab::plan(&m.cfg, &m.vm_name, p.name(), accel.label(), &base.id, ui)?,
+        _ => None,
+    };
+    if let Some(hit) = lab.as_ref().and_then(|l| l.hit.as_ref()) {
+        super::lab::install_keys(hit, &m.state)?;
+    }
 
     let ph = ui.phase("keys");
     let (user_key, host_key) = crate::keys::ensure_machine_keys(&m.state, &m.cfg.machine.name)?;
@@ -230,7 +258,6 @@ fn boot(
     crate::seed::write_seed(&seed, &m.state.seed_iso())?;
     ph.done("cidata");
 
-    let accel = crate::accel::decide_accel(m.cfg.machine.accel, &crate::accel::HostAccel::probe())?;
     // KVM vs TCG is a QEMU choice; VirtualBox picks its own execution engine.
     if let (Some(w), "libvirt") = (&accel.warning, p.name()) {
         ui.warn(w);
@@ -262,13 +289,18 @@ fn boot(
         state: m.state.clone(),
         kvm: accel.kvm,
     };
+    if let Some(plan) = lab.as_mut().filter(|l| l.hit.is_some()) {
+        ph.done("from the cached lab");
+        super::lab::restore(p, &spec, plan, ui)?;
+        return Ok((user_key, host_key, lab));
+    }
     p.create(&spec)?;
     ph.done(&format!("{} ({})", m.vm_name, accel.label()));
 
     let ph = ui.phase("boot");
     p.start(&m.vm_name)?;
     ph.done(if live == VmState::NotCreated { "created and started" } else { "started" });
-    Ok((user_key, host_key))
+    Ok((user_key, host_key, lab))
 }
 
 /// Every forward, SSH first; an SSH host port of 0 becomes the port recorded earlier or a free one.
