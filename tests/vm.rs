@@ -95,6 +95,28 @@ fn domain_xml_uefi() {
     golden("uefi.xml", &domain_xml(&spec(false, false, Firmware::Uefi), None, None).unwrap());
 }
 
+/// A cached lab's memory image is restored in another state dir with the current forwards; nothing else changes.
+#[test]
+fn restore_xml_moves_the_state_dir_and_takes_the_current_forwards() {
+    use provisioner::provider::libvirt::restore_xml;
+    let saved =
+        domain_xml(&spec(false, true, Firmware::Bios), Some("5f2c1c4e-8f7e-4a55-9d43-0c3f4e0a6b21"), None)
+            .unwrap();
+    let new_dir = Path::new("/srv/o'brien & co/.provisioner");
+    let xml = restore_xml(&saved, new_dir, "user,id=net0,hostfwd=tcp:127.0.0.1:2999-:22").unwrap();
+    assert_eq!(owner_state_dir(&xml).as_deref(), Some("/srv/o'brien & co/.provisioner"));
+    assert!(!xml.contains("lab &amp; co"), "old state dir left in:\n{xml}");
+    assert!(xml.contains("<source file='/srv/o&apos;brien &amp; co/.provisioner/disk.qcow2'/>"), "{xml}");
+    assert!(xml.contains("<qemu:arg value='user,id=net0,hostfwd=tcp:127.0.0.1:2999-:22'/>"), "{xml}");
+    assert!(!xml.contains("2222"), "old forward left in:\n{xml}");
+    // Devices, uuid and the box's kernel stay as saved (libvirt checks the guest ABI).
+    assert!(
+        xml.contains("5f2c1c4e-8f7e-4a55-9d43-0c3f4e0a6b21") && xml.contains("/cache/boxes/0123abcd/vmlinuz")
+    );
+    assert_eq!(xml.lines().count(), saved.lines().count());
+    assert!(restore_xml("<domain/>", new_dir, "user,id=net0").is_err());
+}
+
 #[test]
 fn a_domain_without_our_metadata_has_no_owner() {
     assert_eq!(owner_state_dir("<domain type='kvm'><name>lab</name></domain>"), None);

@@ -105,7 +105,10 @@ impl Labs {
     pub fn at(root: PathBuf) -> Result<Self> {
         use std::os::unix::fs::DirBuilderExt;
         std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&root).with_context(|| {
-            format!("cannot create {}\nhint: set PROVISIONER_CACHE_DIR to a writable directory", root.display())
+            format!(
+                "cannot create {}\nhint: set PROVISIONER_CACHE_DIR to a writable directory",
+                root.display()
+            )
         })?;
         Ok(Self { root })
     }

@@ -26,13 +26,11 @@ struct Target {
 fn target(ctx: &Ctx) -> Result<Target> {
     let cfg = ctx.config()?;
     let rel = ctx.state(&cfg);
-    let state =
-        StateDir::at(std::path::absolute(&rel.root).with_context(|| format!("resolve {}", rel.root.display()))?);
+    let state = StateDir::at(
+        std::path::absolute(&rel.root).with_context(|| format!("resolve {}", rel.root.display()))?,
+    );
     let Some(st) = MachineState::load(&state)? else {
-        bail!(
-            "machine {:?} is not created\nhint: `provisioner up` creates it",
-            cfg.machine.name
-        );
+        bail!("machine {:?} is not created\nhint: `provisioner up` creates it", cfg.machine.name);
     };
     let p = provider::select(&cfg)?;
     Ok(Target { cfg, state, vm_name: st.vm_name, p })

@@ -318,7 +318,6 @@ fn domain_uuid(xml: &str) -> Option<&str> {
     Some(xml[start..start + xml[start..].find("</uuid>")?].trim())
 }
 
-
 impl Libvirt {
     /// Write and `virsh define` the domain XML of `spec` (keeping `uuid` when given).
     fn define(&self, spec: &MachineSpec, uuid: Option<&str>) -> Result<()> {
@@ -483,7 +482,11 @@ impl Provider for Libvirt {
         let mem = into.join(LAB_MEMORY);
         let mem_s = mem.to_string_lossy();
         // `save` stops the guest with its memory in the file; the disk is then consistent with it and copied.
-        self.virsh().args(["save", vm_name, &mem_s]).timeout(LAB_TIMEOUT).run().context("save the machine's memory")?;
+        self.virsh()
+            .args(["save", vm_name, &mem_s])
+            .timeout(LAB_TIMEOUT)
+            .run()
+            .context("save the machine's memory")?;
         let copied = (|| -> Result<()> {
             let xml = self.run(&["save-image-dumpxml", &mem_s])?;
             crate::machine::write_private(&into.join(LAB_XML), xml.as_bytes(), 0o600)?;
@@ -504,7 +507,10 @@ impl Provider for Libvirt {
 
     fn lab_restore(&self, spec: &MachineSpec, from: &Path, data: &str) -> Result<()> {
         if self.dumpxml(&spec.vm_name)?.is_some() {
-            bail!("the domain {} exists already; a cached lab only replaces a machine that is not created", spec.vm_name);
+            bail!(
+                "the domain {} exists already; a cached lab only replaces a machine that is not created",
+                spec.vm_name
+            );
         }
         self.overlay_on(spec, &from.join(LAB_DISK), "qcow2")?;
         self.define(spec, Some(data))?;
@@ -576,8 +582,9 @@ const LAB_TIMEOUT: Duration = Duration::from_secs(600);
 pub fn restore_xml(saved: &str, state_dir: &Path, netdev_arg: &str) -> Result<String> {
     let old = owner_state_dir(saved).context("the saved domain XML has no provisioner state dir")?;
     let mut xml = saved.replace(&xml_escape(&old), &xml_escape(&state_dir.to_string_lossy()));
-    let start = xml.find("value='user,id=net0").context("the saved domain XML has no -netdev user argument")?
-        + "value='".len();
+    let start =
+        xml.find("value='user,id=net0").context("the saved domain XML has no -netdev user argument")?
+            + "value='".len();
     let end = start + xml[start..].find('\'').context("unterminated -netdev argument")?;
     xml.replace_range(start..end, &xml_escape(netdev_arg));
     Ok(xml)
