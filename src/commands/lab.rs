@@ -61,7 +61,14 @@ pub fn install_keys(hit: &LabMeta, state: &StateDir) -> Result<()> {
 pub fn restore(p: &dyn Provider, spec: &MachineSpec, plan: &mut Plan, ui: &Ui) -> Result<()> {
     let Some(hit) = &plan.hit else { return Ok(()) };
     let ph = ui.phase("restore lab");
-    p.lab_restore(spec, &Labs::open()?.entry_dir(&hit.key), &hit.provider_data)?;
+    p.lab_restore(spec, &Labs::open()?.entry_dir(&hit.key), &hit.provider_data).map_err(|e| {
+        e.context(format!(
+            "restore the cached lab {}\nhint: drop it with `provisioner box remove {}`, then `provisioner destroy -f` \
+             and `provisioner up` take the full path",
+            crate::boxes::cache::short(&hit.key),
+            crate::boxes::cache::short(&hit.key)
+        ))
+    })?;
     plan.restored = true;
     ph.done(&format!("cached lab {} (provisioning skipped)", crate::boxes::cache::short(&hit.key)));
     ui.event("lab_restored", json!({"key": hit.key}));
