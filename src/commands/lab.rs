@@ -105,6 +105,10 @@ pub fn capture(cfg: &Config, p: &dyn Provider, vm_name: &str, state: &StateDir, 
         }
         done
     })();
+    if p.state(vm_name).is_ok_and(|s| s == crate::provider::VmState::Running) {
+        // The guest was stopped for the capture: its clock lags by that long.
+        super::snapshot::sync_clock(cfg, state, ui);
+    }
     match result {
         Ok(Some(meta)) => {
             ph.done(&format!(
