@@ -95,6 +95,28 @@ fn domain_xml_uefi() {
     golden("uefi.xml", &domain_xml(&spec(false, false, Firmware::Uefi), None, None).unwrap());
 }
 
+/// A cached lab's memory image is restored in another state dir with the current forwards; nothing else changes.
+#[test]
+fn restore_xml_moves_the_state_dir_and_takes_the_current_forwards() {
+    use provisioner::provider::libvirt::restore_xml;
+    let saved =
+        domain_xml(&spec(false, true, Firmware::Bios), Some("5f2c1c4e-8f7e-4a55-9d43-0c3f4e0a6b21"), None)
+            .unwrap();
+    let new_dir = Path::new("/srv/o'brien & co/.provisioner");
+    let xml = restore_xml(&saved, new_dir, "user,id=net0,hostfwd=tcp:127.0.0.1:2999-:22").unwrap();
+    assert_eq!(owner_state_dir(&xml).as_deref(), Some("/srv/o'brien & co/.provisioner"));
+    assert!(!xml.contains("lab &amp; co"), "old state dir left in:\n{xml}");
+    assert!(xml.contains("<source file='/srv/o&apos;brien &amp; co/.provisioner/disk.qcow2'/>"), "{xml}");
+    assert!(xml.contains("<qemu:arg value='user,id=net0,hostfwd=tcp:127.0.0.1:2999-:22'/>"), "{xml}");
+    assert!(!xml.contains("2222"), "old forward left in:\n{xml}");
+    // Devices, uuid and the box's kernel stay as saved (libvirt checks the guest ABI).
+    assert!(
+        xml.contains("5f2c1c4e-8f7e-4a55-9d43-0c3f4e0a6b21") && xml.contains("/cache/boxes/0123abcd/vmlinuz")
+    );
+    assert_eq!(xml.lines().count(), saved.lines().count());
+    assert!(restore_xml("<domain/>", new_dir, "user,id=net0").is_err());
+}
+
 #[test]
 fn a_domain_without_our_metadata_has_no_owner() {
     assert_eq!(owner_state_dir("<domain type='kvm'><name>lab</name></domain>"), None);
@@ -177,6 +199,10 @@ struct Vm {
 
 impl Vm {
     fn new(tag: &str) -> Vm {
+        Vm::with_box(tag, &test_box())
+    }
+    /// A machine booting the `[box]` table `box_toml`.
+    fn with_box(tag: &str, box_toml: &str) -> Vm {
         let t = Test::new();
         let name = format!("vm{tag}{}", std::process::id() % 100_000);
         let uri = "qemu:///session".to_string();
@@ -186,7 +212,7 @@ impl Vm {
                 "[machine]\nname = \"{name}\"\nprovider = \"libvirt\"\ncpus = 2\nmemory_mb = 1024\ndisk_gb = 8\n\n\
                  {}\n[ssh]\nhost_port = {}\nconnect_timeout_secs = 1500\n\n[[forward]]\nname = \"web\"\nguest = 80\nhost = {}\n\n\
                  [provision]\nenabled = false\n\n[libvirt]\nuri = \"{uri}\"\n",
-                test_box(),
+                box_toml,
                 support::free_port(),
                 support::free_port()
             ),
@@ -283,13 +309,27 @@ fn vm_lifecycle_end_to_end() {
 
     let r = vm.run(&["ssh", "-c", "cat /etc/hostname"]).success();
     assert_eq!(r.stdout().trim(), vm.name);
+    // The first `ssh -c` left an OpenSSH master; the second goes through it.
+    let socket = vm.state_dir().join("ssh-control");
+    assert!(socket.exists(), "no control socket after `ssh -c`");
+    vm.run(&["ssh", "-c", "true"]).success();
+    assert!(ssh_check(&socket).contains("Master running"), "{}", ssh_check(&socket));
+    assert_eq!(ssh_masters(&socket).len(), 1, "one master process");
     let r = vm.run(&["status"]).success();
     assert!(r.stdout().contains(&format!("{}: running (libvirt, 127.0.0.1:", vm.name)), "{}", r.stdout());
 
     vm.run(&["halt"]).success();
+    assert!(ssh_masters(&socket).is_empty(), "halt left ssh masters: {:?}", ssh_masters(&socket));
+    assert!(!socket.exists(), "halt left the control socket");
     vm.run(&["status"]).success().stdout_contains(&format!("{}: stopped", vm.name));
-    vm.run(&["up", "--no-provision"]).success();
+    // `up` reads state.json once per run (and renders nothing: provisioning is off here).
+    let r = vm.run(&["up", "--no-provision", "--json"]).success();
+    let counts = r.stdout().lines().find(|l| l.contains("\"run_counts\"")).map(str::to_string);
+    let counts: serde_json::Value = serde_json::from_str(&counts.expect("a run_counts event")).unwrap();
+    assert_eq!((counts["state_reads"].as_u64(), counts["renders"].as_u64()), (Some(1), Some(0)), "{counts}");
     vm.run(&["status"]).success().stdout_contains("running");
+    vm.run(&["ssh", "-c", "true"]).success();
+    assert_eq!(ssh_masters(&socket).len(), 1, "a new master after the restart");
 
     let disk = vm.state_dir().join("disk.qcow2");
     assert!(disk.exists());
@@ -306,6 +346,33 @@ fn vm_lifecycle_end_to_end() {
         .success();
     assert!(vm.domains().is_empty(), "domain left behind: {:?}", vm.domains());
     assert!(!vm.state_dir().exists() && !disk.exists(), "state dir or overlay left behind");
+    assert!(ssh_masters(&socket).is_empty(), "destroy left ssh masters: {:?}", ssh_masters(&socket));
+}
+
+/// `ssh -O check` on a control socket: its stderr ("Master running (pid=N)" when one answers).
+fn ssh_check(socket: &std::path::Path) -> String {
+    let out = std::process::Command::new("ssh")
+        .args(["-F", "none", "-o"])
+        .arg(format!("ControlPath=\"{}\"", socket.display()))
+        .args(["-O", "check", "machine"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// PIDs of ssh master processes for a control socket (a master renames itself `ssh: PATH [mux]`).
+fn ssh_masters(socket: &std::path::Path) -> Vec<u32> {
+    let needle = socket.display().to_string();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).contains(&needle))
+                .unwrap_or(false)
+        })
+        .collect()
 }
 
 #[test]
@@ -334,4 +401,103 @@ fn vm_interrupted_up_recovers_without_leaks() {
         vm.run(&["halt", "-f"]).success();
         std::fs::write(&serial, "").unwrap();
     }
+}
+
+/// The JSON events of a `--json` run, by kind.
+fn events(out: &str, kind: &str) -> Vec<serde_json::Value> {
+    out.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["event"] == kind)
+        .collect()
+}
+
+#[test]
+#[ignore = "vm: one TCG guest: snapshot save/restore, suspend/resume, cached lab restore, cache miss on a template \
+            edit, package, and a second guest booted from the packaged box (~4-8 min)"]
+fn vm_snapshots_cached_lab_and_package() {
+    let vm = Vm::new("snap");
+    vm.t.write("provision/motd.hbs", "line one\nline two\n");
+
+    // Cold up: nothing cached for these inputs; the machine is captured at the end.
+    let r = vm.run(&["--json", "up"]).success();
+    let out = r.stdout();
+    assert_eq!(events(&out, "lab_cache").first().map(|e| e["hit"].clone()), Some(false.into()), "{out}");
+    let saved = events(&out, "lab_saved");
+    let key = saved.first().and_then(|e| e["key"].as_str()).unwrap_or_else(|| panic!("no lab_saved: {out}"));
+    let key = key.to_string();
+    vm.run(&["box", "list"]).success().stdout_contains(&key[..12]);
+
+    // Snapshot: a change made after `save` is gone after `restore`, and the guest answers again.
+    vm.run(&["snapshot", "save", "clean"]).success();
+    vm.run(&["ssh", "-c", "echo changed > ~/marker"]).success();
+    vm.run(&["snapshot", "list"]).success().stdout_contains("clean");
+    let t = std::time::Instant::now();
+    vm.run(&["snapshot", "restore", "clean"]).success();
+    eprintln!("snapshot restore: {:.1}s", t.elapsed().as_secs_f64());
+    let r = vm.run(&["ssh", "-c", "test -e ~/marker && echo present || echo gone"]).success();
+    assert_eq!(r.stdout().trim(), "gone");
+    vm.run(&["status"]).success().stdout_contains("running");
+    vm.run(&["snapshot", "restore", "nope"]).failure().stderr_contains("hint:");
+    vm.run(&["snapshot", "delete", "clean"]).success();
+    assert!(!vm.run(&["snapshot", "list"]).success().stdout().contains("clean"));
+
+    // Suspend / resume.
+    vm.run(&["suspend"]).success();
+    vm.run(&["status"]).success().stdout_contains("stopped");
+    vm.run(&["resume"]).success();
+    vm.run(&["ssh", "-c", "true"]).success();
+
+    // destroy -f && up with unchanged inputs: restored from the cache, no boot, clock set from the host.
+    vm.run(&["destroy", "-f"]).success();
+    let t = std::time::Instant::now();
+    let r = vm.run(&["--json", "up"]).success();
+    let secs = t.elapsed().as_secs_f64();
+    let out = r.stdout();
+    assert_eq!(events(&out, "lab_cache")[0]["hit"], true, "{out}");
+    assert_eq!(events(&out, "lab_restored")[0]["key"], key.as_str(), "{out}");
+    let phases: Vec<String> =
+        events(&out, "phase_start").iter().map(|e| e["phase"].as_str().unwrap_or("").to_string()).collect();
+    assert!(!phases.iter().any(|p| p == "boot"), "a restored lab must not boot: {phases:?}");
+    eprintln!("cached up: {secs:.1}s");
+    let r = vm.run(&["ssh", "-c", "cat /etc/hostname; date +%s"]).success();
+    let stdout = r.stdout();
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines[0].trim(), vm.name);
+    let guest: u64 = lines[1].trim().parse().unwrap();
+    let host = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    assert!(guest.abs_diff(host) < 120, "guest clock {guest} vs host {host}");
+
+    // package: a vagrant-libvirt box of this machine.
+    let boxfile = vm.t.path().join("lab.box");
+    vm.run(&["package", "--out", &boxfile.to_string_lossy()]).success();
+    let list = std::process::Command::new("tar").arg("tf").arg(&boxfile).output().unwrap();
+    let names = String::from_utf8_lossy(&list.stdout).into_owned();
+    for f in ["metadata.json", "Vagrantfile", "box.img"] {
+        assert!(names.lines().any(|l| l == f), "{f} missing from the box: {names}");
+    }
+
+    // A one-line template edit: the cache misses and `up` takes the full path (interrupted once it says so).
+    vm.run(&["destroy", "-f"]).success();
+    vm.t.write("provision/motd.hbs", "line one\nline two edited\n");
+    let mut c = std::process::Command::new(support::bin());
+    c.args(["--json", "up"]).current_dir(vm.t.path()).env("PROVISIONER_CACHE_DIR", support::cache_dir());
+    let mut up = support::Proc::spawn("up", c, vm.t.path().join("miss.log"));
+    let line = support::wait_until(BOOT, "the lab_cache event", || {
+        let text = up.log_text();
+        text.lines().find(|l| l.contains("\"lab_cache\"")).map(str::to_string)
+    });
+    assert!(line.contains("\"hit\":false"), "{line}");
+    unsafe { libc::kill(up.child.id() as i32, libc::SIGINT) };
+    Vm::wait_exit(&mut up, std::time::Duration::from_secs(60));
+    vm.run(&["destroy", "-f"]).success();
+    Test::new().args(["box", "remove", &key]).run().success();
+
+    // The packaged box boots with `[box] vagrant =`.
+    let other = Vm::with_box("pkg", &format!("[box]\nvagrant = \"{}\"\n", boxfile.display()));
+    other.run(&["up", "--no-provision"]).success();
+    let box_id = provisioner::boxes::cache::sha256_file(&boxfile).unwrap();
+    let r = other.run(&["ssh", "-c", "cat /etc/hostname"]).success();
+    assert_eq!(r.stdout().trim(), other.name);
+    other.run(&["destroy", "-f"]).success();
+    Test::new().args(["box", "remove", &box_id]).run().success();
 }

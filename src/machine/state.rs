@@ -36,8 +36,18 @@ pub struct MachineState {
     pub provisioned: bool,
 }
 
+thread_local! {
+    static READS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
 impl MachineState {
+    /// Reads of state.json by this thread so far (`up` reports it to show it reads the file once per run).
+    pub fn reads_in_thread() -> usize {
+        READS.with(|c| c.get())
+    }
+
     pub fn load(dir: &StateDir) -> Result<Option<Self>> {
+        READS.with(|c| c.set(c.get() + 1));
         let p = dir.state_file();
         match std::fs::read(&p) {
             Ok(b) => {
