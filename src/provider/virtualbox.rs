@@ -733,13 +733,13 @@ impl Provider for VirtualBox {
 
     fn resume(&self, vm_name: &str) -> Result<()> {
         let info = self.info_required(vm_name)?;
-        match info.get("VMState") {
-            Some("running") => Ok(()),
-            Some("saved") | Some("paused") => self.start(vm_name),
+        match info.state() {
+            VmState::Running => Ok(()),
+            // aborted-saved (the VM process died while suspended) restores like saved.
+            s if s.is_saved() || s == VmState::Paused => self.start(vm_name),
             other => bail!(
-                "the machine {vm_name} is {} and not suspended; nothing to resume\nhint: `provisioner up` starts \
-                 a stopped machine",
-                other.unwrap_or("in an unknown state")
+                "the machine {vm_name} is {other} and not suspended; nothing to resume\nhint: `provisioner up` \
+                 starts a stopped machine"
             ),
         }
     }
