@@ -258,18 +258,9 @@ fn up_locked(ctx: &Ctx, m: &Machine, p: &dyn Provider, args: &UpArgs) -> Result<
     if restored {
         // The cached lab is the provisioned lab: only its health is checked (the host-side build is cancelled).
         drop(host_build);
-        let healthy = crate::health::check_services(
-            &m.cfg,
-            Some(&session),
-            ui,
-            super::provision::HEALTH_TIMEOUT,
-            &available,
-            &unavailable,
-        )?;
-        report_counts(ui);
-        return Ok(if healthy { crate::exit::OK } else { crate::exit::UNHEALTHY });
+    } else {
+        crate::guest::provision(&m.cfg, &session, render, ui, false, host_build)?;
     }
-    crate::guest::provision(&m.cfg, &session, render, ui, false, host_build)?;
     let healthy = crate::health::check_services(
         &m.cfg,
         Some(&session),
@@ -278,7 +269,7 @@ fn up_locked(ctx: &Ctx, m: &Machine, p: &dyn Provider, args: &UpArgs) -> Result<
         &available,
         &unavailable,
     )?;
-    if let Some(cache) = lab.as_ref().filter(|_| healthy) {
+    if let Some(cache) = lab.as_ref().filter(|l| healthy && !l.restored) {
         super::lab::capture(&m.cfg, p, &m.vm_name, &m.state, cache, ui);
     }
     report_counts(ui);
