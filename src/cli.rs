@@ -4,6 +4,13 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::config::limits::{CONCURRENCY_MAX, REQUESTS_MAX, SECS_MAX, SECS_MIN};
+
+/// Seconds, within the range box-config.toml allows for durations (1 s to one day).
+fn secs() -> clap::builder::RangedU64ValueParser<u64> {
+    clap::value_parser!(u64).range(SECS_MIN..=SECS_MAX)
+}
+
 /// Vagrant-style VMs from one `box-config.toml`: libvirt or VirtualBox, a cloud-init seed with a pinned
 /// host key, SSH, and a Docker Compose monitoring lab provisioned inside.
 #[derive(Debug, Parser)]
@@ -39,8 +46,10 @@ pub enum Command {
     Ssh(SshArgs),
     /// Print an OpenSSH config stanza for this machine (for ~/.ssh/config, VS Code, Ansible).
     SshConfig(SshConfigArgs),
-    /// Show the machine's state, asked live from the hypervisor.
+    /// Show the machine's state, asked live from the hypervisor, and its forwarded ports.
     Status,
+    /// List the forwarded ports (guest => host), or print the host port of one guest port (like `vagrant port`).
+    Port(PortArgs),
     /// Shut the machine down gracefully (ACPI), forcing it off after a deadline.
     Halt(HaltArgs),
     /// Halt then `up` again.
@@ -83,8 +92,8 @@ pub struct UpArgs {
     /// Boot the machine only; skip Docker, upload, images, compose and health.
     #[arg(long)]
     pub no_provision: bool,
-    /// Seconds to wait for SSH after boot [default: [ssh] connect_timeout_secs of box-config.toml, 600].
-    #[arg(long)]
+    /// Seconds to wait for SSH after boot, 1-86400 [default: [ssh] connect_timeout_secs of box-config.toml, 600].
+    #[arg(long, value_parser = secs())]
     pub boot_timeout: Option<u64>,
 }
 
@@ -113,12 +122,19 @@ pub struct SshConfigArgs {
 }
 
 #[derive(Debug, Clone, Args)]
+pub struct PortArgs {
+    /// Print only the host port forwarded to this guest port.
+    #[arg(long)]
+    pub guest: Option<u16>,
+}
+
+#[derive(Debug, Clone, Args)]
 pub struct HaltArgs {
     /// Power off at once instead of an ACPI shutdown.
     #[arg(long, short = 'f')]
     pub force: bool,
-    /// Seconds to wait for the graceful shutdown before forcing it.
-    #[arg(long, default_value_t = 60)]
+    /// Seconds to wait for the graceful shutdown before forcing it (1-86400).
+    #[arg(long, default_value_t = 60, value_parser = secs())]
     pub timeout: u64,
 }
 
@@ -131,15 +147,18 @@ pub struct DestroyArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct RenderArgs {
-    /// Output directory (created; files in it that the render writes are replaced).
+    /// Output directory: new, empty, or made by an earlier render; it is replaced whole (never through a link).
     #[arg(long, short = 'o')]
     pub out: PathBuf,
+    /// Replace --out even when it is a non-empty directory that render did not make.
+    #[arg(long)]
+    pub force: bool,
 }
 
 #[derive(Debug, Clone, Args)]
 pub struct HealthArgs {
-    /// Seconds to keep retrying before reporting a service unhealthy.
-    #[arg(long, default_value_t = 120)]
+    /// Seconds to keep retrying before reporting a service unhealthy (1-86400).
+    #[arg(long, default_value_t = 120, value_parser = secs())]
     pub timeout: u64,
 }
 
@@ -148,8 +167,8 @@ pub struct VerifyArgs {
     /// Alert to wait for (the lab's error-rate alert is `AppHighErrorRate`).
     #[arg(long, default_value = "AppHighErrorRate")]
     pub alert: String,
-    /// Seconds to wait for the alert to be delivered.
-    #[arg(long, default_value_t = 600)]
+    /// Seconds to wait for the alert to be delivered (1-86400).
+    #[arg(long, default_value_t = 600, value_parser = secs())]
     pub timeout: u64,
 }
 
@@ -158,11 +177,11 @@ pub struct LoadArgs {
     /// Base URL of the demo app (default: its forwarded port on the host).
     #[arg(long)]
     pub url: Option<String>,
-    /// Total requests, at most.
-    #[arg(long, default_value_t = 600)]
+    /// Total requests, at most (1-10000000).
+    #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..=REQUESTS_MAX))]
     pub requests: u64,
-    /// Seconds, at most.
-    #[arg(long, default_value_t = 120)]
+    /// Seconds, at most (1-86400).
+    #[arg(long, default_value_t = 120, value_parser = secs())]
     pub duration: u64,
     /// Share of requests sent to /error (0..=1).
     #[arg(long, default_value_t = 0.3)]
@@ -170,8 +189,8 @@ pub struct LoadArgs {
     /// Share of requests sent to /slow (0..=1).
     #[arg(long, default_value_t = 0.2)]
     pub slow_ratio: f64,
-    /// Concurrent workers.
-    #[arg(long, default_value_t = 4)]
+    /// Concurrent workers (1-256).
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=CONCURRENCY_MAX as i64))]
     pub concurrency: u32,
 }
 

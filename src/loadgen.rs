@@ -52,8 +52,8 @@ impl Plan {
         }
         if !(self.url.starts_with("http://") || self.url.starts_with("https://")) {
             bail!(
-                "--url {:?} is not an http(s) URL\nhint: pass the base URL, e.g. --url http://127.0.0.1:8000",
-                self.url
+                "--url \"{}\" is not an http(s) URL\nhint: pass the base URL, e.g. --url http://127.0.0.1:8000",
+                crate::text::shown(&self.url)
             );
         }
         Ok(())
@@ -133,7 +133,10 @@ pub fn run_controlled(plan: &Plan, control: &Control) -> Result<Summary> {
     std::thread::scope(|s| {
         for _ in 0..plan.concurrency {
             s.spawn(|| loop {
-                if Instant::now() >= deadline || control.stop.load(Ordering::Relaxed) {
+                if Instant::now() >= deadline
+                    || control.stop.load(Ordering::Relaxed)
+                    || crate::process::interrupted().is_some()
+                {
                     return;
                 }
                 let i = next.fetch_add(1, Ordering::Relaxed);

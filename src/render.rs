@@ -17,8 +17,13 @@ use handlebars::Handlebars;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use std::os::unix::fs::DirBuilderExt;
+
 use crate::config::Config;
 use crate::machine::{write_private, StateDir};
+use crate::text::shown;
+
+mod partials;
 
 /// Lab defaults for template variables, inside the provision tree. Not uploaded.
 pub const VARS_FILE: &str = "vars.toml";
@@ -50,23 +55,178 @@ impl Rendered {
     pub fn get(&self, path: &str) -> Option<&RenderedFile> {
         self.files.iter().find(|f| f.path == path)
     }
-    /// Write under `out` (created). Existing files with the same names are replaced; modes are applied.
-    pub fn write_to(&self, out: &Path) -> Result<()> {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::create_dir_all(out).with_context(|| format!("create {}", out.display()))?;
+    /// Write the tree as the directory `out`, never through a symbolic link: the files go into a new directory
+    /// beside `out` (made by this process, so nothing in it can be a planted link), which then takes `out`'s
+    /// place in one rename (an atomic exchange when `out` exists). `out` may be missing, empty, or a directory an
+    /// earlier render made (it holds [`RENDER_MARKER`]); any other non-empty directory is replaced only with
+    /// `force`. `/`, a symbolic link and a non-directory are always refused.
+    pub fn write_to(&self, out: &Path, force: bool) -> Result<()> {
+        let target = output_target(out)?;
+        let replace = match std::fs::symlink_metadata(&target) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+            Err(e) => return Err(e).with_context(|| format!("inspect {}", target.display())),
+            Ok(m) if m.file_type().is_symlink() => bail!(
+                "--out {} is a symbolic link; render never writes through links\n\
+                 hint: pass the directory the link points to, or another path",
+                shown(&out.display().to_string())
+            ),
+            Ok(m) if !m.is_dir() => bail!(
+                "--out {} exists and is not a directory\nhint: pass a new or empty directory",
+                shown(&out.display().to_string())
+            ),
+            Ok(_) => {
+                if !force && !made_by_render(&target)? {
+                    bail!(
+                        "--out {} is a non-empty directory that render did not make; render replaces its output \
+                         directory whole\nhint: pass a new or empty directory, or add --force to replace {} and \
+                         everything in it",
+                        shown(&out.display().to_string()),
+                        shown(&target.display().to_string())
+                    );
+                }
+                true
+            }
+        };
+        let parent = target.parent().context("output directory has no parent")?;
+        // Missing parents are made as before (they are the user's path; only the output itself is render's).
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(parent)
+            .with_context(|| format!("create {}", parent.display()))?;
+        let fresh = FreshDir::new(parent, &target)?;
+        write_file(&fresh.path.join(RENDER_MARKER), RENDER_MARKER_TEXT.as_bytes(), 0o644)?;
         for f in &self.files {
-            let dest = out.join(&f.path);
-            if let Some(parent) = dest.parent() {
-                std::fs::create_dir_all(parent).with_context(|| format!("create {}", parent.display()))?;
+            let dest = fresh.path.join(&f.path);
+            if let Some(dir) = dest.parent() {
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o755)
+                    .create(dir)
+                    .with_context(|| format!("create {}", dir.display()))?;
             }
-            if f.mode & 0o077 == 0 {
-                write_private(&dest, &f.contents, f.mode)?;
-            } else {
-                std::fs::write(&dest, &f.contents).with_context(|| format!("write {}", dest.display()))?;
-                std::fs::set_permissions(&dest, std::fs::Permissions::from_mode(f.mode))?;
-            }
+            write_file(&dest, &f.contents, f.mode)?;
         }
+        fresh.swap_into(&target, replace)
+    }
+}
+
+/// Name of the file that marks a directory `render --out` made (so the next render may replace it).
+pub const RENDER_MARKER: &str = ".provisioner-render";
+const RENDER_MARKER_TEXT: &str =
+    "This directory was written by `provisioner render`; the next render replaces it whole.\n";
+
+/// The directory `--out` names, with `.`/`..` at its end resolved (`--out .` is the current directory) and `/`
+/// refused.
+fn output_target(out: &Path) -> Result<PathBuf> {
+    let abs = std::path::absolute(out).with_context(|| format!("resolve {}", out.display()))?;
+    let target = match abs.file_name() {
+        Some(_) if !abs.ends_with("..") => abs,
+        _ => abs.canonicalize().with_context(|| format!("resolve {}", out.display()))?,
+    };
+    if target.parent().is_none() {
+        bail!(
+            "--out {} is the root directory; render replaces its output directory whole\n\
+             hint: render into a directory of its own, e.g. --out /tmp/rendered",
+            shown(&out.display().to_string())
+        );
+    }
+    Ok(target)
+}
+
+/// Whether a directory is empty or holds the marker of an earlier render (a regular file, not a link).
+fn made_by_render(dir: &Path) -> Result<bool> {
+    let mut entries = std::fs::read_dir(dir).with_context(|| format!("read {}", dir.display()))?;
+    if entries.next().is_none() {
+        return Ok(true);
+    }
+    Ok(std::fs::symlink_metadata(dir.join(RENDER_MARKER)).is_ok_and(|m| m.is_file()))
+}
+
+/// Create a file that must not exist yet (never following a link) with exactly `mode` (setuid, setgid and
+/// sticky bits dropped).
+fn write_file(path: &Path, data: &[u8], mode: u32) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .with_context(|| format!("create {}", path.display()))?;
+    f.write_all(data).with_context(|| format!("write {}", path.display()))?;
+    f.set_permissions(std::fs::Permissions::from_mode(mode & 0o777))
+        .with_context(|| format!("set the mode of {}", path.display()))
+}
+
+/// A new directory beside the output, removed on drop unless it took the output's place.
+struct FreshDir {
+    path: PathBuf,
+}
+
+impl FreshDir {
+    fn new(parent: &Path, target: &Path) -> Result<Self> {
+        use rand_core::{OsRng, RngCore};
+        let name = target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let path = parent.join(format!(".{name}.render-{}-{:08x}", std::process::id(), OsRng.next_u32()));
+        std::fs::DirBuilder::new()
+            .mode(0o755)
+            .create(&path)
+            .with_context(|| format!("create a directory in {}", parent.display()))?;
+        Ok(Self { path })
+    }
+
+    /// Put the new tree at `target`: a rename when nothing is there, else an atomic exchange, after which the old
+    /// tree (now under the fresh name) is removed.
+    fn swap_into(self, target: &Path, replace: bool) -> Result<()> {
+        if !replace {
+            return std::fs::rename(&self.path, target)
+                .with_context(|| format!("move the rendered tree to {}", target.display()));
+        }
+        if let Err(e) = exchange(&self.path, target) {
+            // No RENAME_EXCHANGE here (another OS or filesystem): move the old tree aside, then the new one in.
+            if !matches!(e.raw_os_error(), Some(libc::ENOSYS) | Some(libc::EINVAL)) {
+                return Err(e).with_context(|| format!("replace {}", target.display()));
+            }
+            let aside = self.path.with_extension("old");
+            std::fs::rename(target, &aside).with_context(|| format!("move {} aside", target.display()))?;
+            std::fs::rename(&self.path, target).with_context(|| format!("replace {}", target.display()))?;
+            return std::fs::remove_dir_all(&aside).with_context(|| format!("remove {}", aside.display()));
+        }
+        // self.path now holds the previous output; Drop removes it.
         Ok(())
+    }
+}
+
+impl Drop for FreshDir {
+    fn drop(&mut self) {
+        // remove_dir_all does not follow symbolic links.
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// Swap two paths atomically (Linux `renameat2(RENAME_EXCHANGE)`).
+fn exchange(a: &Path, b: &Path) -> std::io::Result<()> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        let ca = std::ffi::CString::new(a.as_os_str().as_bytes())?;
+        let cb = std::ffi::CString::new(b.as_os_str().as_bytes())?;
+        // SAFETY: both are valid NUL-terminated paths; AT_FDCWD resolves them like rename(2).
+        let rc = unsafe {
+            libc::renameat2(libc::AT_FDCWD, ca.as_ptr(), libc::AT_FDCWD, cb.as_ptr(), libc::RENAME_EXCHANGE)
+        };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = (a, b);
+        Err(std::io::Error::from_raw_os_error(libc::ENOSYS))
     }
 }
 
@@ -97,32 +257,77 @@ impl Secrets {
         Self { prometheus_hex: hex::encode(b), grafana_admin_password: pw }
     }
 
-    /// Load from the state dir, generating (and saving 0600) on first use.
+    /// Load from the state dir, generating (and saving 0600) on first use. Creation happens under the
+    /// state dir's secrets lock, so concurrent commands (two `render`s, `render` and `up`) agree on one set.
     pub fn load_or_create(state: &StateDir) -> Result<Self> {
         let p = state.secrets();
-        if p.exists() {
-            let text = std::fs::read_to_string(&p).with_context(|| format!("read {}", p.display()))?;
-            return toml::from_str(&text).with_context(|| {
-                format!("{} is damaged; delete it to generate new lab secrets", p.display())
-            });
+        if let Some(s) = Self::load(&p)? {
+            return Ok(s);
         }
         state.ensure()?;
+        let _lock = crate::machine::lock::wait_for(&state.path("secrets.lock"), SECRETS_LOCK_WAIT)?;
+        // Another command may have made them while this one waited.
+        if let Some(s) = Self::load(&p)? {
+            return Ok(s);
+        }
         let s = Self::generate();
         write_private(&p, toml::to_string(&s)?.as_bytes(), 0o600)?;
         Ok(s)
     }
+
+    /// The saved secrets, if any. A damaged file is reported by position only: neither the parser's message nor
+    /// its quote of the line is shown, since either may hold a secret.
+    fn load(p: &Path) -> Result<Option<Self>> {
+        let text = match std::fs::read(p) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e).with_context(|| format!("read {}", p.display())),
+        };
+        let damaged = |at: String| {
+            anyhow!(
+                "{}{at}: the lab secrets file is damaged (its contents are not shown)\nhint: delete it to generate \
+                 new lab secrets; `provisioner provision` then uploads them to the guest",
+                p.display()
+            )
+        };
+        let text = String::from_utf8(text).map_err(|_| damaged(String::new()))?;
+        toml::from_str(&text).map(Some).map_err(|e| {
+            let at = e.span().map(|r| crate::config::line_col(&text, r.start));
+            damaged(at.map(|(l, c)| format!(":{l}:{c}")).unwrap_or_default())
+        })
+    }
 }
+
+/// How long a command waits for another one creating the lab secrets (a few milliseconds of work).
+const SECRETS_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Lab defaults from `<source>/vars.toml` overlaid with `[vars]` from the config.
 pub fn template_vars(cfg: &Config, source: &Path) -> Result<BTreeMap<String, toml::Value>> {
     let mut vars = BTreeMap::new();
     let defaults = source.join(VARS_FILE);
-    if defaults.exists() {
-        let text =
-            std::fs::read_to_string(&defaults).with_context(|| format!("read {}", defaults.display()))?;
-        let table: BTreeMap<String, toml::Value> =
-            toml::from_str(&text).map_err(|e| anyhow!("{}: {e}", defaults.display()))?;
-        vars.extend(table);
+    match std::fs::symlink_metadata(&defaults) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("inspect {}", defaults.display())),
+        Ok(m) => {
+            if !m.is_file() {
+                return Err(not_a_file(&defaults, &m));
+            }
+            let raw = read_no_follow(&defaults)?;
+            let text = String::from_utf8(raw).map_err(|_| {
+                anyhow!("{}: not UTF-8; save it as UTF-8", shown(&defaults.display().to_string()))
+            })?;
+            // The parser's message and position only: its Display would quote the offending line.
+            let table: BTreeMap<String, toml::Value> = toml::from_str(&text).map_err(|e| {
+                let (line, col) = e.span().map_or((1, 1), |r| crate::config::line_col(&text, r.start));
+                anyhow!(
+                    "{}:{line}:{col}: {}\nhint: vars.toml holds the lab's default template variables as TOML \
+                     (name = value)",
+                    shown(&defaults.display().to_string()),
+                    shown(e.message().trim())
+                )
+            })?;
+            vars.extend(table);
+        }
     }
     vars.extend(cfg.vars.clone());
     Ok(vars)
@@ -160,9 +365,20 @@ pub fn render_config(cfg: &Config, state: &StateDir) -> Result<Rendered> {
     render_tree(cfg, &source, &secrets)
 }
 
+thread_local! {
+    static RENDERS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Provision trees rendered by this thread so far: `up` reports it (`--json` event `run_counts`) to show the tree
+/// is rendered once per run.
+pub fn renders_in_thread() -> usize {
+    RENDERS.with(|c| c.get())
+}
+
 /// Render a template tree with explicit secrets (pure apart from reading `source`).
 pub fn render_tree(cfg: &Config, source: &Path, secrets: &Secrets) -> Result<Rendered> {
     use std::os::unix::fs::PermissionsExt;
+    RENDERS.with(|c| c.set(c.get() + 1));
     if !source.is_dir() {
         bail!(
             "provision source {} is not a directory; set [provision] source in {} to the lab's template tree",
@@ -175,33 +391,65 @@ pub fn render_tree(cfg: &Config, source: &Path, secrets: &Secrets) -> Result<Ren
     hb.set_strict_mode(true);
     hb.register_escape_fn(handlebars::no_escape);
     let mut files = Vec::new();
+    let mut registered = std::collections::HashMap::new();
     for entry in walkdir::WalkDir::new(source).sort_by_file_name() {
         let entry = entry.with_context(|| format!("walk {}", source.display()))?;
-        if !entry.file_type().is_file() {
+        if entry.depth() == 0 || entry.file_type().is_dir() {
             continue;
+        }
+        let meta = entry.metadata()?;
+        if !entry.file_type().is_file() {
+            return Err(not_a_file(entry.path(), &meta));
         }
         let rel = entry.path().strip_prefix(source).expect("under source");
         let rel_str = rel_slash(rel)?;
         if rel_str == VARS_FILE {
             continue;
         }
-        let mode = entry.metadata()?.permissions().mode() & 0o7777;
-        let raw = std::fs::read(entry.path()).with_context(|| format!("read {}", entry.path().display()))?;
+        // Modes are kept but for setuid, setgid and sticky bits, which a lab has no use for.
+        let mode = meta.permissions().mode() & 0o777;
+        let raw = read_no_follow(entry.path())?;
         let (path, contents) = match rel_str.strip_suffix(TEMPLATE_SUFFIX) {
             Some(out) => {
                 let text = String::from_utf8(raw).map_err(|_| {
-                    anyhow!("{}: template is not UTF-8; save it as UTF-8", entry.path().display())
+                    anyhow!(
+                        "{}: template is not UTF-8; save it as UTF-8",
+                        shown(&entry.path().display().to_string())
+                    )
                 })?;
-                let shown = entry.path().display().to_string();
-                hb.register_template_string(&shown, &text).map_err(|e| template_error(&shown, e))?;
-                let rendered = hb.render(&shown, &ctx).map_err(|e| render_error(&shown, e))?;
+                let name = entry.path().display().to_string();
+                partials::check_nesting(&text).map_err(|(line, e)| {
+                    anyhow!(
+                        "{}:{line}: {e}\nhint: flatten the template (or split it into partials)",
+                        shown(&name)
+                    )
+                })?;
+                let ast =
+                    handlebars::Template::compile(&text).map_err(|e| template_error(&shown(&name), e))?;
+                partials::check(&name, &ast, &registered).map_err(|e| {
+                    anyhow!(
+                        "{}: {e}\nhint: a partial may include other partials, but none may include itself, \
+                         directly or through others",
+                        shown(&name)
+                    )
+                })?;
+                hb.register_template_string(&name, &text).map_err(|e| template_error(&shown(&name), e))?;
+                registered.insert(name.clone(), ast);
+                let rendered = hb.render(&name, &ctx).map_err(|e| render_error(&shown(&name), e))?;
                 (out.to_string(), rendered.into_bytes())
             }
             None => (rel_str, raw),
         };
+        if let Some(bad) = path.split('/').find(|c| c.is_empty() || *c == "." || *c == "..") {
+            bail!(
+                "{}: renders to the file name \"{bad}\", which cannot be written\nhint: rename it; a template \
+                 NAME.hbs renders to NAME, so `.hbs`, `..hbs` and `...hbs` name nothing usable",
+                shown(&entry.path().display().to_string())
+            );
+        }
         // Secrets files are private however they sit in the tree, and docker compose reads them as ASCII lines.
         let (contents, mode) = if path.rsplit('/').next() == Some(".env") {
-            (env_file(&entry.path().display().to_string(), contents)?, 0o600)
+            (env_file(&shown(&entry.path().display().to_string()), contents)?, 0o600)
         } else {
             (contents, mode)
         };
@@ -231,6 +479,40 @@ fn env_file(shown: &str, contents: Vec<u8>) -> Result<Vec<u8>> {
     Ok(out)
 }
 
+/// The error for anything in the provision tree that is not a regular file or a directory.
+fn not_a_file(path: &Path, meta: &std::fs::Metadata) -> anyhow::Error {
+    let shown_path = shown(&path.display().to_string());
+    if meta.file_type().is_symlink() {
+        anyhow!(
+            "{shown_path} is a symbolic link; the provision tree must hold regular files and directories only (a \
+             link could pull files from outside it into the guest)\nhint: replace the link with a copy of the file \
+             it points to"
+        )
+    } else {
+        anyhow!(
+            "{shown_path} is not a regular file (a FIFO, socket or device); the provision tree must hold regular \
+             files and directories only\nhint: remove it from the tree"
+        )
+    }
+}
+
+/// Read a file, refusing to follow a symbolic link put in its place since it was looked at.
+fn read_no_follow(path: &Path) -> Result<Vec<u8>> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .with_context(|| format!("read {}", shown(&path.display().to_string())))?;
+    if !f.metadata()?.is_file() {
+        bail!("{} is not a regular file", shown(&path.display().to_string()));
+    }
+    let mut buf = Vec::new();
+    f.read_to_end(&mut buf).with_context(|| format!("read {}", shown(&path.display().to_string())))?;
+    Ok(buf)
+}
+
 fn rel_slash(rel: &Path) -> Result<String> {
     let parts: Vec<&str> = rel
         .components()
@@ -247,7 +529,7 @@ fn template_error(template: &str, e: handlebars::TemplateError) -> anyhow::Error
     anyhow!(
         "{pos}: template syntax error: {}\nhint: a literal `{{{{` (e.g. a Prometheus or Grafana template) is written `\\{{{{` \
          in a .hbs file; or keep the file without the .hbs suffix",
-        e.reason()
+        shown(&e.reason().to_string())
     )
 }
 
@@ -259,18 +541,18 @@ fn render_error(template: &str, e: handlebars::RenderError) -> anyhow::Error {
     };
     let (reason, hint) = match e.reason() {
         handlebars::RenderErrorReason::MissingVariable(var) => (
-            format!("undefined variable `{}`", var.as_deref().unwrap_or("?")),
+            format!("undefined variable `{}`", shown(var.as_deref().unwrap_or("?"))),
             "\nhint: define the variable under [vars] in box-config.toml (or in the lab's vars.toml), or fix its name",
         ),
-        other => (other.to_string(), ""),
+        other => (shown(&other.to_string()), ""),
     };
     anyhow!("{pos}: {reason}{hint}")
 }
 
 /// Helper for tests and `render --out`: render and write.
-pub fn render_to_dir(cfg: &Config, state: &StateDir, out: &Path) -> Result<Rendered> {
+pub fn render_to_dir(cfg: &Config, state: &StateDir, out: &Path, force: bool) -> Result<Rendered> {
     let r = render_config(cfg, state)?;
-    r.write_to(out)?;
+    r.write_to(out, force)?;
     Ok(r)
 }
 

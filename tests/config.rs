@@ -67,7 +67,9 @@ fn fails_with(config: impl AsRef<[u8]>, expected: &str) {
 #[test]
 fn shipped_config_validates() {
     let r = Test::with_lab().arg("validate").run().success();
-    assert!(r.stderr().contains("box-config.toml: valid (machine \"lab\""), "{}", r.stderr());
+    // The verdict is the command's output: stdout.
+    assert!(r.stdout().starts_with("box-config.toml: valid (machine \"lab\""), "{}", r.stdout());
+    assert!(!r.stderr().contains("valid (machine"), "{}", r.stderr());
     let r = Test::with_lab().args(["validate", "--json"]).run().success();
     let doc: serde_json::Value = serde_json::from_str(r.stdout().trim()).expect("one JSON document");
     assert_eq!(doc["valid"], true);
@@ -78,7 +80,7 @@ fn shipped_config_validates() {
 #[test]
 fn base_fixture_validates_without_warnings_about_ports() {
     let r = validate(BASE).success();
-    assert!(r.stderr().contains("box-config.toml: valid (machine \"cfg-test\""), "{}", r.stderr());
+    assert!(r.stdout().contains("box-config.toml: valid (machine \"cfg-test\""), "{}", r.stdout());
     // Lab-default probes for services this fixture does not forward are warnings, not errors.
     assert!(r
         .stderr()
@@ -184,7 +186,7 @@ fn several_problems_are_all_reported_in_file_order() {
         lines,
         [
             "error: box-config.toml:2:8: machine name \"Lab_1\" is not allowed",
-            "box-config.toml:4:13: `memory_mb` must be at least 256 MiB, found 100",
+            "box-config.toml:4:13: `memory_mb` must be from 256 to 4194304 MiB, found 100",
         ]
     );
 }
@@ -294,7 +296,7 @@ fn json_document_lists_errors_with_positions() {
     assert_eq!(doc["valid"], false);
     assert_eq!(doc["errors"][0]["line"], 3);
     assert_eq!(doc["errors"][0]["col"], 8);
-    assert_eq!(doc["errors"][0]["message"], "`cpus` must be at least 1, found 0");
+    assert_eq!(doc["errors"][0]["message"], "`cpus` must be from 1 to 256, found 0");
 }
 
 #[test]
@@ -436,6 +438,88 @@ fn config_built_in_code_gets_messages_without_positions() {
     assert_eq!(ce.diagnostics.len(), 1);
     assert_eq!(
         ce.diagnostics[0].to_string().lines().next(),
-        Some("generated.toml: `cpus` must be at least 1, found 0")
+        Some("generated.toml: `cpus` must be from 1 to 256, found 0")
     );
+}
+
+#[test]
+fn sizes_and_durations_out_of_range_are_errors_with_the_range() {
+    // The largest integer TOML has; beyond it the parser itself says so, at the value.
+    let huge = "9223372036854775807";
+    fails_with(
+        BASE.replace("memory_mb = 512", "memory_mb = 18446744073709551615"),
+        "box-config.toml:4:13: integer out of range: a TOML integer is at most 9223372036854775807\nhint: see docs/box-config.md for the range of each key",
+    );
+    fails_with(
+        BASE.replace("cpus = 1", "cpus = 100000"),
+        "box-config.toml:3:8: `cpus` must be from 1 to 256, found 100000\n\
+         hint: the lab itself wants cpus = 2, memory_mb = 4096, disk_gb = 20",
+    );
+    let r =
+        validate(BASE.replace("memory_mb = 512", &format!("memory_mb = {huge}\ndisk_gb = {huge}"))).failure();
+    assert!(
+        r.stderr().contains(&format!(
+            "box-config.toml:4:13: `memory_mb` must be from 256 to 4194304 MiB, found {huge}"
+        )),
+        "{}",
+        r.stderr()
+    );
+    assert!(
+        r.stderr()
+            .contains(&format!("box-config.toml:5:11: `disk_gb` must be from 2 to 65536 GiB, found {huge}")),
+        "{}",
+        r.stderr()
+    );
+    fails_with(
+        BASE.replace("host_port = 2222", &format!("host_port = 2222\nconnect_timeout_secs = {huge}")),
+        &format!(
+            "box-config.toml:11:24: `connect_timeout_secs` must be from 1 to 86400 s, found {huge}\n\
+             hint: a TCG guest needs about 60 s to reach SSH; the default is 600"
+        ),
+    );
+    let r =
+        validate(format!("{BASE}\n[health.demo-app]\npath = \"/\"\nport = 8000\ntimeout_secs = {huge}\n"))
+            .failure();
+    assert!(
+        r.stderr().contains(&format!(
+            "health probe \"demo-app\": `timeout_secs` must be from 1 to 86400 s, found {huge}"
+        )),
+        "{}",
+        r.stderr()
+    );
+}
+
+#[test]
+fn libvirt_uris_that_run_programs_or_skip_checks_are_refused_at_their_position() {
+    for (uri, says) in [
+        ("qemu+ext:///session?command=/tmp/x", "`ext` transport"),
+        ("qemu+ssh://h/system?command=/tmp/x", "parameter `command`"),
+        ("qemu+ssh://h/system?netcat=/tmp/x", "parameter `netcat`"),
+        ("qemu+unix:///system?socket=/tmp/s", "parameter `socket`"),
+        ("qemu+tls://h/system?no_verify=1", "parameter `no_verify`"),
+    ] {
+        let r = validate(format!("{BASE}\n[libvirt]\nuri = \"{uri}\"\n")).failure();
+        let first = r.stderr().lines().next().unwrap_or_default().to_string();
+        assert!(first.starts_with("error: box-config.toml:23:7: `uri` \""), "{uri}: {}", r.stderr());
+        assert!(first.contains(says), "{uri}: {}", r.stderr());
+        assert!(r.stderr().contains("\nhint: "), "{uri}: {}", r.stderr());
+    }
+    validate(format!("{BASE}\n[libvirt]\nuri = \"qemu+ssh://root@10.0.0.2/system?keyfile=/k&no_tty=1\"\n"))
+        .success();
+}
+
+#[test]
+fn echoed_values_lose_control_characters_and_are_cut() {
+    let long = "x".repeat(5000);
+    let r =
+        validate(BASE.replace("name = \"cfg-test\"", &format!("name = \"lab\\u001b]0;owned\\u0007{long}\"")))
+            .failure();
+    let err = r.stderr();
+    assert!(!err.contains('\u{1b}') && !err.contains('\u{7}'), "raw control characters echoed: {err:?}");
+    assert!(err.contains("lab\\u{1b}]0;owned\\u{7}"), "{err}");
+    assert!(err.contains("more characters)"), "{err}");
+    assert!(err.len() < 1000, "a long value is cut: {} bytes", err.len());
+    // Keys too: an unknown quoted key with an escape sequence.
+    let r = validate(BASE.replace("cpus = 1", "\"c\\u001b[2Jpu\" = 1")).failure();
+    assert!(!r.stderr().contains('\u{1b}'), "{:?}", r.stderr());
 }

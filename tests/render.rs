@@ -172,3 +172,210 @@ fn render_tree_in_process_uses_the_given_secrets() {
     let env = String::from_utf8(r1.get(".env").unwrap().contents.clone()).unwrap();
     assert!(env.contains(&secrets.prometheus_hex) && env.contains(&secrets.grafana_admin_password));
 }
+
+/// A file outside the project, to see whether a render writes through a link to it.
+fn victim(t: &Test) -> std::path::PathBuf {
+    let v = t.path().join("outside/precious.txt");
+    std::fs::create_dir_all(v.parent().unwrap()).unwrap();
+    std::fs::write(&v, "precious\n").unwrap();
+    std::fs::set_permissions(&v, std::fs::Permissions::from_mode(0o600)).unwrap();
+    v
+}
+
+#[test]
+fn links_planted_in_the_output_are_never_followed() {
+    let t = fixture();
+    let v = victim(&t);
+    render(&t, "out").success();
+    // Plant links where the next render writes: a file, a directory on the way, and the output itself.
+    std::fs::remove_file(t.path().join("out/run.sh")).unwrap();
+    std::os::unix::fs::symlink(&v, t.path().join("out/run.sh")).unwrap();
+    std::fs::remove_dir_all(t.path().join("out/app")).unwrap();
+    std::os::unix::fs::symlink(v.parent().unwrap(), t.path().join("out/app")).unwrap();
+    render(&t, "out").success();
+    assert_eq!(
+        std::fs::read_to_string(&v).unwrap(),
+        "precious\n",
+        "the file outside was written through a link"
+    );
+    assert_eq!(mode(&v), 0o600, "the file outside changed mode");
+    assert!(!v.parent().unwrap().join("conf.yml").exists(), "wrote into a linked directory");
+    let run_sh = std::fs::symlink_metadata(t.path().join("out/run.sh")).unwrap();
+    assert!(run_sh.file_type().is_file() && mode(&t.path().join("out/run.sh")) == 0o755);
+    assert!(std::fs::symlink_metadata(t.path().join("out/app")).unwrap().is_dir());
+
+    std::os::unix::fs::symlink(v.parent().unwrap(), t.path().join("linked-out")).unwrap();
+    render(&t, "linked-out").failure().stderr_contains("is a symbolic link").stderr_contains("hint:");
+    assert_eq!(
+        std::fs::read_dir(v.parent().unwrap()).unwrap().count(),
+        1,
+        "nothing written through --out link"
+    );
+}
+
+#[test]
+fn root_and_foreign_directories_are_refused_unless_forced() {
+    let t = fixture();
+    render(&t, "/").failure().stderr_contains("--out /").stderr_contains("hint:");
+    render(&t, ".").failure().stderr_contains("holds this project");
+    let foreign = t.path().join("mine");
+    std::fs::create_dir_all(&foreign).unwrap();
+    std::fs::write(foreign.join("keep.txt"), "mine\n").unwrap();
+    render(&t, "mine")
+        .failure()
+        .stderr_contains("is a non-empty directory that render did not make")
+        .stderr_contains("--force");
+    assert_eq!(std::fs::read_to_string(foreign.join("keep.txt")).unwrap(), "mine\n");
+    Test::new().cwd(t.path()).args(["render", "--out", "mine", "--force"]).run().success();
+    assert!(!foreign.join("keep.txt").exists(), "--force replaces the directory whole");
+    assert!(foreign.join("app/conf.yml").is_file());
+    // A directory render made is replaced without --force; stale files go with it.
+    std::fs::write(foreign.join("stale"), "x").unwrap();
+    render(&t, "mine").success();
+    assert!(!foreign.join("stale").exists());
+    assert!(foreign.join(".provisioner-render").is_file(), "the marker says render made it");
+    // Missing parents are created.
+    render(&t, "deep/er/out").success();
+    assert!(t.path().join("deep/er/out/run.sh").is_file());
+    // An empty directory is fine too; no temp directory is left beside the output.
+    std::fs::create_dir_all(t.path().join("empty")).unwrap();
+    render(&t, "empty").success();
+    let leftovers: Vec<_> = std::fs::read_dir(t.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().contains(".render-"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+#[test]
+fn setuid_setgid_and_sticky_bits_are_dropped() {
+    let t = fixture();
+    set_mode(&t, "tree/run.sh", 0o6755);
+    set_mode(&t, "tree/start.sh.hbs", 0o1750);
+    render(&t, "out").success();
+    assert_eq!(mode(&t.path().join("out/run.sh")), 0o755);
+    assert_eq!(mode(&t.path().join("out/start.sh")), 0o750);
+    let r = Test::new().cwd(t.path()).args(["render", "--out", "out", "--json"]).run().success();
+    let doc: serde_json::Value = serde_json::from_str(r.stdout().trim()).unwrap();
+    let run = doc["files"].as_array().unwrap().iter().find(|f| f["path"] == "run.sh").unwrap().clone();
+    assert_eq!(run["mode"], "755", "the upload gets the same modes");
+}
+
+#[test]
+fn links_in_the_provision_tree_are_refused_and_never_echoed() {
+    let t = fixture();
+    let outside = t.path().join("outside.toml");
+    std::fs::write(&outside, "SECRET-FIRST-LINE hunter2\n").unwrap();
+    std::fs::remove_file(t.path().join("tree/vars.toml")).unwrap();
+    std::os::unix::fs::symlink(&outside, t.path().join("tree/vars.toml")).unwrap();
+    for args in [vec!["validate"], vec!["render", "--out", "out"]] {
+        let r = Test::new().cwd(t.path()).args(args).run().failure();
+        assert!(r.stderr().contains("tree/vars.toml is a symbolic link"), "{}", r.stderr());
+        assert!(!r.stderr().contains("hunter2"), "the linked file was read: {}", r.stderr());
+    }
+    // Any other link is refused the same way (not silently skipped).
+    std::fs::remove_file(t.path().join("tree/vars.toml")).unwrap();
+    t.write("tree/vars.toml", "greeting = \"default\"\nport = 8000\n");
+    std::os::unix::fs::symlink(&outside, t.path().join("tree/app/extra.txt")).unwrap();
+    render(&t, "out")
+        .failure()
+        .stderr_contains("tree/app/extra.txt is a symbolic link")
+        .stderr_contains("hint:");
+    assert!(!t.path().join("out").exists());
+}
+
+#[test]
+fn a_damaged_vars_file_is_reported_by_position_without_quoting_it() {
+    let t = fixture();
+    t.write("tree/vars.toml", "greeting = \"default\"\nport = 8000 hunter2\n");
+    let r = render(&t, "out").failure();
+    assert!(r.stderr().contains("tree/vars.toml:2:"), "{}", r.stderr());
+    assert!(!r.stderr().contains("hunter2"), "{}", r.stderr());
+}
+
+#[test]
+fn names_that_render_to_dot_dotdot_or_nothing_are_refused_by_validate() {
+    for name in ["tree/...hbs", "tree/..hbs", "tree/app/.hbs"] {
+        let t = fixture();
+        t.write(name, "x\n");
+        let r = Test::new().cwd(t.path()).arg("validate").run().failure();
+        assert!(r.stderr().contains("which cannot be written"), "{name}: {}", r.stderr());
+        assert!(r.stderr().contains(name), "{name}: {}", r.stderr());
+    }
+}
+
+#[test]
+fn recursive_partials_are_refused_with_their_chain_not_a_stack_overflow() {
+    let t = fixture();
+    t.write(
+        "tree/app/conf.yml.hbs",
+        "{{#*inline \"p\"}}x{{> q}}{{/inline}}{{#*inline \"q\"}}{{> p}}{{/inline}}{{> p}}\n",
+    );
+    for args in [vec!["validate"], vec!["render", "--out", "out"]] {
+        let r = Test::new().cwd(t.path()).args(args).run();
+        assert_eq!(r.code(), Some(1), "{}", r.stderr());
+        assert!(r.stderr().contains("conf.yml.hbs → p → q → p"), "{}", r.stderr());
+        assert!(r.stderr().contains("hint:"), "{}", r.stderr());
+    }
+    // Thousands of nested blocks overflowed handlebars' recursion; they are refused before it parses them.
+    let n = 20_000;
+    t.write("tree/app/conf.yml.hbs", format!("{}x{}", "{{#if vars.port}}".repeat(n), "{{/if}}".repeat(n)));
+    let r = render(&t, "out");
+    assert_eq!(r.code(), Some(1), "{}", r.stderr());
+    assert!(r.stderr().contains("conf.yml.hbs:1: blocks are nested more than 64 deep"), "{}", r.stderr());
+    // A chain of partials without recursion renders.
+    t.write(
+        "tree/app/conf.yml.hbs",
+        "{{#*inline \"p\"}}[{{> q}}]{{/inline}}{{#*inline \"q\"}}q{{/inline}}{{> p}}\n",
+    );
+    render(&t, "out").success();
+    assert_eq!(std::fs::read_to_string(t.path().join("out/app/conf.yml")).unwrap(), "[q]\n");
+}
+
+#[test]
+fn concurrent_renders_on_a_fresh_project_agree_on_the_secrets() {
+    // Several rounds: the race is one of milliseconds.
+    for round in 0..3 {
+        let t = fixture();
+        let children: Vec<_> = (0..8)
+            .map(|i| {
+                std::process::Command::new(crate::support::bin())
+                    .current_dir(t.path())
+                    .args(["render", "--out", &format!("out{i}")])
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::piped())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        for c in children {
+            let out = c.wait_with_output().unwrap();
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        }
+        let first = std::fs::read(t.path().join("out0/.env")).unwrap();
+        for i in 1..8 {
+            let env = std::fs::read(t.path().join(format!("out{i}/.env"))).unwrap();
+            assert_eq!(env, first, "round {round}: render {i} used other secrets than render 0");
+        }
+        let saved = std::fs::read_to_string(t.path().join(".provisioner/secrets.toml")).unwrap();
+        let hex = String::from_utf8(first).unwrap().lines().next().unwrap().replace("PROMETHEUS_HEX=", "");
+        assert!(saved.contains(&hex), "the saved secrets are the ones rendered");
+    }
+}
+
+#[test]
+fn a_damaged_secrets_file_is_never_echoed() {
+    let t = fixture();
+    render(&t, "out").success();
+    let p = t.path().join(".provisioner/secrets.toml");
+    let text = std::fs::read_to_string(&p).unwrap();
+    let secret = text.lines().find(|l| l.contains("grafana")).unwrap().split('"').nth(1).unwrap().to_string();
+    // Cut the file in the middle of a value, as a full disk or a bad editor save would.
+    let cut = text.find(&secret).unwrap() + secret.len();
+    std::fs::write(&p, &text[..cut]).unwrap();
+    let r = render(&t, "out").failure();
+    assert!(r.stderr().contains("secrets.toml:"), "{}", r.stderr());
+    assert!(r.stderr().contains("damaged") && r.stderr().contains("hint: delete it"), "{}", r.stderr());
+    assert!(!r.stderr().contains(&secret[..8]), "the secret was echoed: {}", r.stderr());
+}

@@ -4,6 +4,8 @@ pub mod boxcmd;
 pub mod lab;
 pub mod lifecycle;
 pub mod load;
+mod plan;
+pub mod port;
 pub mod provision;
 pub mod render;
 pub mod snapshot;
@@ -41,6 +43,7 @@ pub fn dispatch(cli: Cli) -> Result<i32> {
         Command::Ssh(a) => ssh::ssh(&ctx, &a),
         Command::SshConfig(a) => ssh::ssh_config(&ctx, &a),
         Command::Status => lifecycle::status(&ctx),
+        Command::Port(a) => port::port(&ctx, &a),
         Command::Halt(a) => lifecycle::halt(&ctx, &a),
         Command::Reload(a) => lifecycle::reload(&ctx, &a),
         Command::Provision(a) => provision::provision(&ctx, &a),

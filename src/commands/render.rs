@@ -6,22 +6,54 @@ use serde_json::json;
 
 use super::Ctx;
 use crate::cli::RenderArgs;
+use crate::text::shown;
+
+/// `out` made absolute with its existing part canonical (symbolic links and `..` resolved), for comparisons.
+fn resolved(out: &std::path::Path) -> std::path::PathBuf {
+    let abs = std::path::absolute(out).unwrap_or_else(|_| out.to_path_buf());
+    let mut missing = Vec::new();
+    let mut cur = abs.as_path();
+    loop {
+        if let Ok(c) = cur.canonicalize() {
+            return missing.into_iter().rev().fold(c, |p, m| p.join(m));
+        }
+        match (cur.parent(), cur.file_name()) {
+            (Some(parent), Some(name)) => {
+                missing.push(name.to_os_string());
+                cur = parent;
+            }
+            _ => return abs,
+        }
+    }
+}
 
 pub fn render(ctx: &Ctx, args: &RenderArgs) -> Result<i32> {
     let cfg = ctx.config()?;
     let source = cfg.resolve(&cfg.provision.source);
-    if let (Ok(src), Ok(out)) = (source.canonicalize(), std::path::absolute(&args.out)) {
+    let out = resolved(&args.out);
+    if let Ok(src) = source.canonicalize() {
         if out.starts_with(&src) {
             bail!(
                 "--out {} is inside the provision tree {}: the next render would pick up its own output\n\
                  hint: render somewhere else, e.g. --out /tmp/rendered",
-                args.out.display(),
+                shown(&args.out.display().to_string()),
                 source.display()
             );
         }
     }
+    // The output directory is replaced whole: never the project (or a directory holding it).
+    if let Ok(project) = cfg.base_dir().canonicalize() {
+        if project.starts_with(&out) {
+            bail!(
+                "--out {} holds this project ({}); render replaces its output directory whole\n\
+                 hint: render somewhere else, e.g. --out /tmp/rendered",
+                shown(&args.out.display().to_string()),
+                project.display()
+            );
+        }
+    }
     let state = ctx.state(&cfg);
-    let rendered = crate::render::render_to_dir(&cfg, &state, &args.out)?;
+    let rendered = crate::render::render_to_dir(&cfg, &state, &args.out, args.force)?;
     let bytes: usize = rendered.files.iter().map(|f| f.contents.len()).sum();
     if ctx.ui.json() {
         let files: Vec<_> = rendered

@@ -24,16 +24,15 @@ struct Target {
 }
 
 fn target(ctx: &Ctx) -> Result<Target> {
-    let cfg = ctx.config()?;
-    let rel = ctx.state(&cfg);
-    let state = StateDir::at(
-        std::path::absolute(&rel.root).with_context(|| format!("resolve {}", rel.root.display()))?,
-    );
-    let Some(st) = MachineState::load(&state)? else {
-        bail!("machine {:?} is not created\nhint: `provisioner up` creates it", cfg.machine.name);
-    };
-    let p = provider::select(&cfg)?;
-    Ok(Target { cfg, state, vm_name: st.vm_name, p })
+    // The machine's one identity (canonical state dir), as every other command finds it.
+    let m = super::lifecycle::Machine::load(ctx)?;
+    if MachineState::load(&m.state)?.is_none() {
+        bail!("machine {:?} is not created\nhint: `provisioner up` creates it", m.cfg.machine.name);
+    }
+    let p = provider::select(&m.cfg)?;
+    // VirtualBox VMs are addressed by their recorded UUID, libvirt domains by name.
+    let vm_name = m.vm_ref()?;
+    Ok(Target { cfg: m.cfg, state: m.state, vm_name, p })
 }
 
 pub fn snapshot(ctx: &Ctx, cmd: SnapshotCommand) -> Result<i32> {
@@ -153,7 +152,7 @@ pub fn package(ctx: &Ctx, args: &PackageArgs) -> Result<i32> {
 
     let ph = ui.phase("package");
     let st = MachineState::load(&t.state)?.unwrap_or_default();
-    let base = crate::boxes::ensure(&t.cfg, t.p.name(), false)?;
+    let base = crate::boxes::ensure_ui(&t.cfg, t.p.name(), false, ui)?.0;
     let work = tempfile::Builder::new()
         .prefix(".package-")
         .tempdir_in(out.parent().context("--out has no directory")?)

@@ -1,5 +1,5 @@
 //! `provisioner validate`: every check on box-config.toml, including cross-references against the rendered
-//! provision tree. Human mode prints warnings and one summary line; `--json` prints one document
+//! provision tree. Human mode prints warnings (stderr) and one summary line (stdout); `--json` prints one document
 //! `{"valid", "file", "machine", "warnings", "errors"}` (exit 1 when invalid).
 
 use anyhow::Result;
@@ -28,13 +28,16 @@ pub fn validate(ctx: &Ctx) -> Result<i32> {
                 for w in &warnings {
                     ctx.ui.warn(w.to_string());
                 }
-                ctx.ui.info(format!(
+                // The verdict is the command's result: stdout (warnings and errors stay on stderr).
+                if ctx.ui.mode != crate::ui::Mode::Quiet {
+                    println!(
                     "{file}: valid (machine \"{}\", {} forwards incl. SSH, {} health probes, {} warning(s))",
                     cfg.machine.name,
                     cfg.all_forwards().len(),
                     cfg.health_probes().len(),
                     warnings.len()
-                ));
+                    );
+                }
             }
             Ok(crate::exit::OK)
         }

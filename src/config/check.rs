@@ -7,8 +7,9 @@ use std::net::IpAddr;
 use anyhow::{Context, Result};
 
 use super::diag::{Diagnostic, Source};
-use super::{Config, Protocol};
+use super::{check_libvirt_uri, Config, Protocol};
 use crate::render::{render_tree, Secrets};
+use crate::text::shown;
 
 /// What validation found.
 #[derive(Debug, Default)]
@@ -65,28 +66,29 @@ pub fn local(cfg: &Config, src: &Source) -> Findings {
     let m = &cfg.machine;
     if !valid_machine_name(&m.name) {
         f.error(
-            src.at_path(&["machine", "name"], format!("machine name \"{}\" is not allowed", m.name)),
+            src.at_path(&["machine", "name"], format!("machine name \"{}\" is not allowed", shown(&m.name))),
             "use 1-31 characters from a-z, 0-9 and '-', starting with a letter or digit (e.g. \"lab\")",
         );
     }
     if let Some(h) = &m.hostname {
         if !valid_hostname(h) {
             f.error(
-                src.at_path(&["machine", "hostname"], format!("hostname \"{h}\" is not a valid host name")),
+                src.at_path(&["machine", "hostname"], format!("hostname \"{}\" is not a valid host name", shown(h))),
                 "use dot-separated labels of a-z, 0-9 and '-' (e.g. \"lab.local\"), or remove it to use the name",
             );
         }
     }
-    for (key, value, min, unit) in [
-        ("cpus", u64::from(m.cpus), 1, ""),
-        ("memory_mb", m.memory_mb, 256, " MiB"),
-        ("disk_gb", m.disk_gb, 2, " GiB"),
+    use super::limits::*;
+    for (key, value, min, max, unit) in [
+        ("cpus", u64::from(m.cpus), CPUS_MIN, CPUS_MAX, ""),
+        ("memory_mb", m.memory_mb, MEMORY_MB_MIN, MEMORY_MB_MAX, " MiB"),
+        ("disk_gb", m.disk_gb, DISK_GB_MIN, DISK_GB_MAX, " GiB"),
     ] {
-        if value < min {
+        if !(min..=max).contains(&value) {
             f.error(
                 src.at_path(
                     &["machine", key],
-                    format!("`{key}` must be at least {min}{unit}, found {value}"),
+                    format!("`{key}` must be {}, found {value}", range_text(min, max, unit)),
                 ),
                 "the lab itself wants cpus = 2, memory_mb = 4096, disk_gb = 20",
             );
@@ -98,14 +100,21 @@ pub fn local(cfg: &Config, src: &Source) -> Findings {
         f.error(
             src.at_path(
                 &["ssh", "user"],
-                format!("`user` \"{}\" in [ssh] is not a valid Unix user name", cfg.ssh.user),
+                format!("`user` \"{}\" in [ssh] is not a valid Unix user name", shown(&cfg.ssh.user)),
             ),
             "use lowercase letters, digits, '_' and '-', starting with a letter or '_', at most 32 characters",
         );
     }
-    if cfg.ssh.connect_timeout_secs == 0 {
+    if !(SECS_MIN..=SECS_MAX).contains(&cfg.ssh.connect_timeout_secs) {
         f.error(
-            src.at_path(&["ssh", "connect_timeout_secs"], "`connect_timeout_secs` must be at least 1"),
+            src.at_path(
+                &["ssh", "connect_timeout_secs"],
+                format!(
+                    "`connect_timeout_secs` must be {}, found {}",
+                    range_text(SECS_MIN, SECS_MAX, " s"),
+                    cfg.ssh.connect_timeout_secs
+                ),
+            ),
             "a TCG guest needs about 60 s to reach SSH; the default is 600",
         );
     }
@@ -114,7 +123,7 @@ pub fn local(cfg: &Config, src: &Source) -> Findings {
         f.error(
             src.at_path(
                 &["provision", "guest_path"],
-                format!("`guest_path` must be an absolute directory below /, found \"{gp}\""),
+                format!("`guest_path` must be an absolute directory below /, found \"{}\"", shown(gp)),
             ),
             "use a dedicated directory such as \"/opt/provision\"",
         );
@@ -125,14 +134,18 @@ pub fn local(cfg: &Config, src: &Source) -> Findings {
             f.error(
                 at(
                     "path",
-                    format!("health probe \"{name}\": `path` must start with '/', found \"{}\"", p.path),
+                    format!(
+                        "health probe \"{}\": `path` must start with '/', found \"{}\"",
+                        shown(name),
+                        shown(&p.path)
+                    ),
                 ),
                 "e.g. path = \"/health\"",
             );
         }
         if p.port == 0 {
             f.error(
-                at("port", format!("health probe \"{name}\": `port` must be 1-65535")),
+                at("port", format!("health probe \"{}\": `port` must be 1-65535", shown(name))),
                 "set the guest port the service listens on",
             );
         }
@@ -141,27 +154,36 @@ pub fn local(cfg: &Config, src: &Source) -> Findings {
                 at(
                     "expect_status",
                     format!(
-                        "health probe \"{name}\": `expect_status` {} is not an HTTP status",
+                        "health probe \"{}\": `expect_status` {} is not an HTTP status",
+                        shown(name),
                         p.expect_status
                     ),
                 ),
                 "use 100-599, usually 200",
             );
         }
-        if p.timeout_secs == 0 {
+        if !(SECS_MIN..=SECS_MAX).contains(&p.timeout_secs) {
             f.error(
-                at("timeout_secs", format!("health probe \"{name}\": `timeout_secs` must be at least 1")),
-                "the default is 5",
+                at(
+                    "timeout_secs",
+                    format!(
+                        "health probe \"{}\": `timeout_secs` must be {}, found {}",
+                        shown(name),
+                        range_text(SECS_MIN, SECS_MAX, " s"),
+                        p.timeout_secs
+                    ),
+                ),
+                "the default is 10",
             );
         }
     }
-    if !cfg.libvirt.uri.contains(":/") {
+    if let Err(p) = check_libvirt_uri(&cfg.libvirt.uri) {
         f.error(
             src.at_path(
                 &["libvirt", "uri"],
-                format!("`uri` \"{}\" in [libvirt] is not a libvirt URI", cfg.libvirt.uri),
+                format!("`uri` \"{}\" in [libvirt] {}", shown(&cfg.libvirt.uri), p.message),
             ),
-            "use \"qemu:///session\" (no root needed) or \"qemu:///system\"",
+            &p.hint,
         );
     }
     f
@@ -180,7 +202,7 @@ fn check_box(cfg: &Config, src: &Source, f: &mut Findings) {
     .into_iter()
     .filter_map(|(k, on)| on.then_some(k))
     .collect();
-    let shown = |k: &str| if k == "debian" { "[box.debian]".to_string() } else { format!("`{k}`") };
+    let source_name = |k: &str| if k == "debian" { "[box.debian]".to_string() } else { format!("`{k}`") };
     match set.as_slice() {
         [] => f.error(
             src.at_path(&["box"], format!("no box source in [box]; set exactly one of: {SOURCES}")),
@@ -192,8 +214,8 @@ fn check_box(cfg: &Config, src: &Source, f: &mut Findings) {
                 &["box", second],
                 format!(
                     "two box sources: {} and {}; keep exactly one of: {SOURCES}",
-                    shown(first),
-                    shown(second)
+                    source_name(first),
+                    source_name(second)
                 ),
             ),
             "remove all but one box source",
@@ -205,7 +227,10 @@ fn check_box(cfg: &Config, src: &Source, f: &mut Findings) {
                 f.error(
                     src.at_path(
                         &["box", "url"],
-                        format!("`url` \"{url}\" in [box] is not an http://, https:// or file:// URL"),
+                        format!(
+                            "`url` \"{}\" in [box] is not an http://, https:// or file:// URL",
+                            shown(url)
+                        ),
                     ),
                     "for a file on this machine use `image` (or file:///absolute/path)",
                 );
@@ -222,8 +247,9 @@ fn check_box(cfg: &Config, src: &Source, f: &mut Findings) {
                     src.at_path(
                         &["box", "sha256"],
                         format!(
-                            "`sha256` must be 64 hexadecimal digits, found {} characters \"{s}\"",
-                            s.chars().count()
+                            "`sha256` must be 64 hexadecimal digits, found {} characters \"{}\"",
+                            s.chars().count(),
+                            shown(s)
                         ),
                     ),
                     "copy the SHA-256 (not SHA-1 or SHA-512) published beside the image, or run `sha256sum FILE`",
@@ -242,7 +268,7 @@ fn check_box(cfg: &Config, src: &Source, f: &mut Findings) {
             f.error(
                 src.at_path(
                     &["box", "debian", "mirror"],
-                    format!("`mirror` \"{}\" is not an http://, https:// or file:// URL", d.mirror),
+                    format!("`mirror` \"{}\" is not an http://, https:// or file:// URL", shown(&d.mirror)),
                 ),
                 "e.g. mirror = \"http://deb.debian.org/debian\"",
             );
@@ -253,7 +279,7 @@ fn check_box(cfg: &Config, src: &Source, f: &mut Findings) {
             f.error(
                 src.at_path(
                     &["box", "debian", "suite"],
-                    format!("`suite` \"{}\" is not a Debian suite name", d.suite),
+                    format!("`suite` \"{}\" is not a Debian suite name", shown(&d.suite)),
                 ),
                 "e.g. suite = \"bookworm\"",
             );
@@ -266,7 +292,7 @@ fn check_box(cfg: &Config, src: &Source, f: &mut Findings) {
                 f.error(
                     src.at_path(
                         &["box", "debian", "packages", &i.to_string()],
-                        format!("\"{p}\" is not a Debian package name"),
+                        format!("\"{}\" is not a Debian package name", shown(p)),
                     ),
                     "package names are lowercase letters, digits, '+', '-' and '.'",
                 );
@@ -287,7 +313,7 @@ fn check_network(cfg: &Config, src: &Source, f: &mut Findings) {
     for (i, fw) in cfg.forwards.iter().enumerate() {
         let idx = i.to_string();
         let label = match &fw.name {
-            Some(n) => format!("[[forward]] #{} (\"{n}\")", i + 1),
+            Some(n) => format!("[[forward]] #{} (\"{}\")", i + 1, shown(n)),
             None => format!("[[forward]] #{}", i + 1),
         };
         for (key, port) in [("guest", fw.guest), ("host", fw.host)] {
@@ -324,7 +350,7 @@ fn check_network(cfg: &Config, src: &Source, f: &mut Findings) {
 fn check_ip(ip: &str, path: &[&str], what: &str, src: &Source, f: &mut Findings) {
     match ip.parse::<IpAddr>() {
         Err(_) => f.error(
-            src.at_path(path, format!("`host_ip` \"{ip}\" of {what} is not an IP address")),
+            src.at_path(path, format!("`host_ip` \"{}\" of {what} is not an IP address", shown(ip))),
             "use 127.0.0.1 (host names are not accepted)",
         ),
         Ok(a) if !a.is_loopback() => f.warn(
@@ -344,16 +370,25 @@ fn check_ip(ip: &str, path: &[&str], what: &str, src: &Source, f: &mut Findings)
 pub const COMPOSE_FILES: &[&str] =
     &["compose.yaml", "compose.yml", "docker-compose.yml", "docker-compose.yaml"];
 
+/// Context of a render error found while validating.
+pub fn render_failed(source: &std::path::Path) -> String {
+    format!("the provision tree {} does not render (validate renders it as `up` would)", source.display())
+}
+
 /// Cross-references: the provision dir exists and renders, every forwarded port is published by the rendered
 /// compose file, every health probe's port is forwarded. Render failures are returned as errors (they name the
 /// template, line and column); findings about the config come back in [`Findings`].
-pub fn cross(cfg: &Config, src: &Source) -> Result<Findings> {
+pub fn cross(cfg: &Config, src: &Source, rendered: Option<&crate::render::Rendered>) -> Result<Findings> {
     let mut f = Findings::default();
     for (name, probe) in cfg.health_probes() {
         if cfg.host_addr_for(probe.port).is_some() {
             continue;
         }
-        let msg = format!("health probe \"{name}\" uses guest port {}, which is not forwarded", probe.port);
+        let msg = format!(
+            "health probe \"{}\" uses guest port {}, which is not forwarded",
+            shown(&name),
+            probe.port
+        );
         let hint = format!("add a [[forward]] with guest = {}, or change [health.{name}] port", probe.port);
         if cfg.health.contains_key(&name) {
             f.error(src.at_path(&["health", &name, "port"], msg), &hint);
@@ -378,9 +413,15 @@ pub fn cross(cfg: &Config, src: &Source) -> Result<Findings> {
         );
         return Ok(f);
     }
-    let rendered = render_tree(cfg, &source, &Secrets::generate()).with_context(|| {
-        format!("the provision tree {} does not render (validate renders it as `up` would)", source.display())
-    })?;
+    let owned;
+    let rendered = match rendered {
+        Some(r) => r,
+        None => {
+            owned =
+                render_tree(cfg, &source, &Secrets::generate()).with_context(|| render_failed(&source))?;
+            &owned
+        }
+    };
     let Some(compose) = COMPOSE_FILES.iter().find_map(|n| rendered.get(n)) else {
         f.warn(
             src.at_path(
@@ -394,10 +435,10 @@ pub fn cross(cfg: &Config, src: &Source) -> Result<Findings> {
         );
         return Ok(f);
     };
-    let shown = source.join(&compose.path).display().to_string();
+    let compose_path = shown(&source.join(&compose.path).display().to_string());
     let doc: serde_yaml::Value = serde_yaml::from_slice(&compose.contents).map_err(|e| {
         let at = e.location().map(|l| format!(":{}:{}", l.line(), l.column())).unwrap_or_default();
-        anyhow::anyhow!("{shown}{at} (rendered): not valid YAML: {e}\nhint: fix the compose template")
+        anyhow::anyhow!("{compose_path}{at} (rendered): not valid YAML: {e}\nhint: fix the compose template")
     })?;
     let published = published_ports(&doc);
     let host_net = host_network_services(&doc);
@@ -405,9 +446,11 @@ pub fn cross(cfg: &Config, src: &Source) -> Result<Findings> {
         if fw.guest == 0 || published.contains(&(fw.protocol, fw.guest)) {
             continue;
         }
-        let label = fw.name.as_deref().map(|n| format!(" (\"{n}\")")).unwrap_or_default();
-        let msg =
-            format!("forwarded guest port {}{label} is not published by any service in {shown}", fw.guest);
+        let label = fw.name.as_deref().map(|n| format!(" (\"{}\")", shown(n))).unwrap_or_default();
+        let msg = format!(
+            "forwarded guest port {}{label} is not published by any service in {compose_path}",
+            fw.guest
+        );
         let at = src.at_path(&["forward", &i.to_string(), "guest"], msg);
         let hint = format!(
             "publish it in the compose file (\"127.0.0.1:{0}:{0}\") or remove this [[forward]]",

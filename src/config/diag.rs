@@ -7,6 +7,8 @@ use std::ops::Range;
 
 use serde::Serialize;
 
+use crate::text::shown;
+
 /// One finding about the config, with where it is.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Diagnostic {
@@ -289,7 +291,7 @@ const ROOT_REQUIRED: &[&str] = &["machine", "box"];
 
 fn reword(msg: &str, path: &[Seg]) -> (String, Option<String>) {
     let first_line = msg.lines().next().unwrap_or(msg);
-    let ticked = backticked(first_line);
+    let ticked: Vec<String> = backticked(first_line).iter().map(|t| shown(t)).collect();
     let key = path.last().map(seg_name).unwrap_or_default();
     let parent = table_name(&path[..path.len().saturating_sub(1)]);
     if let Some(rest) = first_line.strip_prefix("unknown field ") {
@@ -338,7 +340,7 @@ fn reword(msg: &str, path: &[Seg]) -> (String, Option<String>) {
     }
     if let Some(rest) = first_line.strip_prefix("invalid value: integer ") {
         if let Some((value, expected)) = rest.split_once(", expected ") {
-            let value = value.trim_matches('`');
+            let value = shown(value.trim_matches('`'));
             let range = match expected {
                 "u16" => "from 0 to 65535".to_string(),
                 "u32" => "from 0 to 4294967295".to_string(),
@@ -351,8 +353,15 @@ fn reword(msg: &str, path: &[Seg]) -> (String, Option<String>) {
             );
         }
     }
+    if first_line.starts_with("number too large") {
+        // The document does not parse, so no key path is known here; the position points at the number.
+        return (
+            "integer out of range: a TOML integer is at most 9223372036854775807".to_string(),
+            Some("see docs/box-config.md for the range of each key".into()),
+        );
+    }
     // Syntax errors: toml's message is already specific ("invalid table header\nexpected `.`, `]`").
-    (msg.lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join("; "), None)
+    (shown(&msg.lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join("; ")), None)
 }
 
 fn backticked(s: &str) -> Vec<String> {
@@ -361,7 +370,7 @@ fn backticked(s: &str) -> Vec<String> {
 
 fn seg_name(s: &Seg) -> String {
     match s {
-        Seg::Key(k) => k.clone(),
+        Seg::Key(k) => shown(k),
         Seg::Index(i) => format!("#{}", i + 1),
     }
 }
@@ -401,7 +410,7 @@ fn found_phrase(found: &str) -> String {
         "boolean" => "a boolean".into(),
         "sequence" => "an array".into(),
         "map" => "a table".into(),
-        _ => found.into(),
+        _ => shown(found),
     }
 }
 

@@ -60,6 +60,12 @@ pub fn try_lock(path: &Path) -> Result<std::result::Result<File, (File, String)>
     Ok(Err((file, holder.trim().to_string())))
 }
 
+/// Wait up to `timeout` for the exclusive lock on `path`, for short critical sections (creating the lab
+/// secrets): the same `flock` as [`MachineLock`], waited for instead of refused. Released when the file drops.
+pub fn wait_for(path: &Path, timeout: std::time::Duration) -> Result<File> {
+    crate::process::wait_until(timeout, &format!("the lock {}", path.display()), || Ok(try_lock(path)?.ok()))
+}
+
 /// Say who holds a lock we took (shown to the next process that finds it taken).
 pub fn write_holder(file: &mut File, text: &str) -> Result<()> {
     file.set_len(0)?;

@@ -36,6 +36,15 @@ pub struct Libvirt {
 
 impl Libvirt {
     pub fn new(cfg: &Config) -> Result<Self> {
+        // Whatever the URI came from (file, state.json, code), nothing reaches virsh that makes libvirt run a program.
+        crate::config::check_libvirt_uri(&cfg.libvirt.uri).map_err(|p| {
+            anyhow::anyhow!(
+                "the libvirt URI \"{}\" {}\nhint: {}",
+                crate::text::shown(&cfg.libvirt.uri),
+                p.message,
+                p.hint
+            )
+        })?;
         Ok(Self { uri: cfg.libvirt.uri.clone() })
     }
 
@@ -109,7 +118,7 @@ impl Libvirt {
 
     /// The domain's XML if it exists.
     fn dumpxml(&self, vm_name: &str) -> Result<Option<String>> {
-        let out = self.virsh().args(["dumpxml", vm_name]).output()?;
+        let out = self.virsh().args(["dumpxml", "--", vm_name]).output()?;
         if out.success() {
             return Ok(Some(out.stdout));
         }
@@ -125,7 +134,8 @@ impl Libvirt {
     /// Refuse a domain of this name that we did not make (for this state dir).
     fn check_ours(&self, vm_name: &str, xml: &str, state: &StateDir) -> Result<()> {
         match owner_state_dir(xml) {
-            Some(dir) if Path::new(&dir) == state.root => Ok(()),
+            // Any spelling of our state dir (symlink, `..`, an older marker) is ours: one identity per machine.
+            Some(dir) if crate::machine::identity::same_dir(Path::new(&dir), &state.root) => Ok(()),
             Some(dir) => bail!(
                 "the libvirt domain {vm_name:?} belongs to another provisioner machine (state dir {dir}), not to \
                  {}\nhint: destroy it from that directory, or rename this machine ([machine] name)",
@@ -325,7 +335,7 @@ impl Libvirt {
         let file = spec.state.path("domain.xml");
         crate::machine::write_private(&file, xml.as_bytes(), 0o600)?;
         let path = file.to_string_lossy();
-        self.run(&["define", &path]).map_err(|e| {
+        self.run(&["define", "--", &path]).map_err(|e| {
             let hint = if spec.base.firmware == Firmware::Uefi {
                 "\nhint: UEFI boxes need OVMF firmware on the host (Debian/Ubuntu: `apt-get install ovmf`)"
             } else {
@@ -363,7 +373,7 @@ impl Provider for Libvirt {
     }
 
     fn state(&self, vm_name: &str) -> Result<VmState> {
-        let out = self.virsh().args(["domstate", vm_name]).output()?;
+        let out = self.virsh().args(["domstate", "--", vm_name]).output()?;
         if !out.success() {
             if is_no_domain(&out.stderr) {
                 return Ok(VmState::NotCreated);
@@ -387,7 +397,11 @@ impl Provider for Libvirt {
     }
 
     fn start(&self, vm_name: &str) -> Result<()> {
-        self.run(&["start", vm_name]).map(drop).context(
+        // `up` on a paused domain resumes it (as for VirtualBox); `virsh start` would say "already active".
+        if self.state(vm_name)? == VmState::Paused {
+            return self.run(&["resume", "--", vm_name]).map(drop).context("resume the paused machine");
+        }
+        self.run(&["start", "--", vm_name]).map(drop).context(
             "start the machine\nhint: see the serial log in .provisioner/serial.log and the daemon's log \
              (/var/log/libvirt/qemu/<domain>.log for qemu:///system, ~/.cache/libvirt/qemu/log/ for session)",
         )
@@ -399,7 +413,7 @@ impl Provider for Libvirt {
             return Ok(());
         }
         if !force {
-            self.run(&["shutdown", "--mode", "acpi", vm_name])?;
+            self.run(&["shutdown", "--mode", "acpi", "--", vm_name])?;
             let down = crate::process::wait_until(timeout, "the guest to power off", || {
                 Ok((!running(&self.state(vm_name)?)).then_some(()))
             });
@@ -407,7 +421,7 @@ impl Provider for Libvirt {
                 return Ok(());
             }
         }
-        match self.run(&["destroy", vm_name]) {
+        match self.run(&["destroy", "--", vm_name]) {
             Ok(_) => Ok(()),
             // It may have powered off between our check and the destroy.
             Err(_) if !running(&self.state(vm_name)?) => Ok(()),
@@ -420,7 +434,7 @@ impl Provider for Libvirt {
             self.check_ours(vm_name, &xml, state)?;
             self.halt(vm_name, Duration::ZERO, true)?;
             // Internal snapshots live in the overlay (removed below); their metadata and a suspend image go too.
-            self.run(&["undefine", "--nvram", "--snapshots-metadata", "--managed-save", vm_name])?;
+            self.run(&["undefine", "--nvram", "--snapshots-metadata", "--managed-save", "--", vm_name])?;
         }
         // Our disks are plain files in the state dir (no storage pool): remove them ourselves.
         for f in [
@@ -452,27 +466,35 @@ impl Provider for Libvirt {
 
     fn snapshot_save(&self, vm_name: &str, name: &str) -> Result<()> {
         // Internal qcow2 snapshot, with memory when running; the raw seed ISO is left out of it.
-        self.run(&["snapshot-create-as", vm_name, name, "--diskspec", "sda,snapshot=no"])
-            .map(drop)
-            .with_context(|| format!("take snapshot {name:?} of {vm_name}"))
+        self.run(&[
+            "snapshot-create-as",
+            "--domain",
+            vm_name,
+            "--name",
+            name,
+            "--diskspec",
+            "sda,snapshot=no",
+        ])
+        .map(drop)
+        .with_context(|| format!("take snapshot {name:?} of {vm_name}"))
     }
 
     fn snapshot_restore(&self, vm_name: &str, name: &str) -> Result<()> {
         self.require_snapshot(vm_name, name)?;
         // A snapshot taken running comes back running, with its memory; `--force` as vagrant-libvirt does.
-        self.run(&["snapshot-revert", vm_name, name, "--force"])
+        self.run(&["snapshot-revert", "--domain", vm_name, "--snapshotname", name, "--force"])
             .map(drop)
             .with_context(|| format!("restore snapshot {name:?} of {vm_name}"))
     }
 
     fn snapshot_list(&self, vm_name: &str) -> Result<Vec<String>> {
-        let out = self.run(&["snapshot-list", vm_name, "--name", "--topological"])?;
+        let out = self.run(&["snapshot-list", "--domain", vm_name, "--name", "--topological"])?;
         Ok(out.lines().map(str::trim).filter(|l| !l.is_empty()).map(str::to_string).collect())
     }
 
     fn snapshot_delete(&self, vm_name: &str, name: &str) -> Result<()> {
         self.require_snapshot(vm_name, name)?;
-        self.run(&["snapshot-delete", vm_name, name]).map(drop)
+        self.run(&["snapshot-delete", "--domain", vm_name, "--snapshotname", name]).map(drop)
     }
 
     fn lab_capture(&self, vm_name: &str, state: &StateDir, into: &Path) -> Result<Option<String>> {
@@ -530,7 +552,7 @@ impl Provider for Libvirt {
 
     fn suspend(&self, vm_name: &str) -> Result<()> {
         match self.state(vm_name)? {
-            VmState::Running | VmState::Paused => self.run(&["managedsave", vm_name]).map(drop),
+            VmState::Running | VmState::Paused => self.run(&["managedsave", "--", vm_name]).map(drop),
             other => bail!(
                 "the machine {vm_name} is {other}; only a running machine can be suspended\nhint: `provisioner up` \
                  starts it"
@@ -541,7 +563,7 @@ impl Provider for Libvirt {
     fn resume(&self, vm_name: &str) -> Result<()> {
         match self.state(vm_name)? {
             VmState::Running => Ok(()),
-            VmState::Paused => self.run(&["resume", vm_name]).map(drop),
+            VmState::Paused => self.run(&["resume", "--", vm_name]).map(drop),
             VmState::Stopped if self.has_managed_save(vm_name)? => self.start(vm_name),
             other => bail!(
                 "the machine {vm_name} is {other} and not suspended; nothing to resume\nhint: `provisioner up` \
@@ -564,7 +586,7 @@ impl Libvirt {
     }
 
     fn has_managed_save(&self, vm_name: &str) -> Result<bool> {
-        let info = self.run(&["dominfo", vm_name])?;
+        let info = self.run(&["dominfo", "--", vm_name])?;
         Ok(info.lines().any(|l| l.starts_with("Managed save:") && l.trim_end().ends_with("yes")))
     }
 }

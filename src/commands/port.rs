@@ -1,0 +1,92 @@
+//! `provisioner port [--guest N]` (what `vagrant port` shows) and the forwarded-port list `status` prints: the
+//! forwards of box-config.toml, SSH first with the address recorded when the machine was created.
+
+use anyhow::{bail, Result};
+use serde_json::json;
+
+use super::lifecycle::Machine;
+use super::Ctx;
+use crate::cli::PortArgs;
+use crate::config::{Config, Forward, Protocol};
+use crate::machine::state::MachineState;
+use crate::provider::{self, VmState};
+
+/// Every forward of a created machine, SSH first with its recorded host address and port.
+pub fn machine_forwards(cfg: &Config, st: &MachineState) -> Vec<Forward> {
+    let mut forwards = cfg.all_forwards();
+    if let Some(port) = st.ssh_port {
+        forwards[0].host = port;
+    }
+    if let Some(ip) = &st.ssh_host {
+        forwards[0].host_ip = ip.clone();
+    }
+    forwards
+}
+
+fn proto(p: Protocol) -> &'static str {
+    match p {
+        Protocol::Tcp => "tcp",
+        Protocol::Udp => "udp",
+    }
+}
+
+/// `  GUEST (guest) => HOST_IP:HOST (host)  PROTO  NAME`, one line per forward, under a heading. Pure.
+pub fn forwards_table(forwards: &[Forward]) -> String {
+    if forwards.is_empty() {
+        return String::new();
+    }
+    let mut out = String::from("forwarded ports:\n");
+    for f in forwards {
+        let host = format!("{}:{}", f.host_ip, f.host);
+        let name = f.name.as_deref().map(crate::text::shown).unwrap_or_default();
+        out.push_str(&format!(
+            "  {:>5} (guest) => {host:<21} (host)  {}  {name}\n",
+            f.guest,
+            proto(f.protocol)
+        ));
+    }
+    out
+}
+
+/// The same list as JSON objects. Pure.
+pub fn forwards_json(forwards: &[Forward]) -> serde_json::Value {
+    forwards
+        .iter()
+        .map(|f| {
+            json!({"name": f.name, "guest": f.guest, "host": f.host, "host_ip": f.host_ip,
+                   "protocol": proto(f.protocol)})
+        })
+        .collect()
+}
+
+pub fn port(ctx: &Ctx, args: &PortArgs) -> Result<i32> {
+    let m = Machine::load_existing(ctx)?;
+    let name = &m.cfg.machine.name;
+    let st = match MachineState::load(&m.state)? {
+        Some(st) if provider::select(&m.cfg)?.state(&st.vm_name)? != VmState::NotCreated => st,
+        _ => bail!(
+            "machine `{name}` is not created, so no port is forwarded\nhint: `provisioner up` creates it"
+        ),
+    };
+    let forwards = machine_forwards(&m.cfg, &st);
+    if let Some(guest) = args.guest {
+        let Some(f) = forwards.iter().find(|f| f.guest == guest) else {
+            bail!(
+                "guest port {guest} of machine `{name}` is not forwarded\nhint: add a [[forward]] with guest = \
+                 {guest} to box-config.toml, then `provisioner reload`"
+            );
+        };
+        if ctx.ui.json() {
+            println!("{}", forwards_json(std::slice::from_ref(f))[0]);
+        } else {
+            println!("{}", f.host);
+        }
+        return Ok(crate::exit::OK);
+    }
+    if ctx.ui.json() {
+        println!("{}", json!({"machine": name, "forwards": forwards_json(&forwards)}));
+    } else {
+        print!("{}", forwards_table(&forwards));
+    }
+    Ok(crate::exit::OK)
+}

@@ -1,0 +1,46 @@
+//! Showing user input in messages: [`shown`] is the one helper every error that echoes a value from a file, a
+//! flag or the machine's state goes through, so a value can neither drive the terminal (escape sequences, bidi
+//! overrides) nor flood it.
+
+/// Characters shown of one echoed value; the rest is counted, not printed.
+pub const MAX_SHOWN: usize = 100;
+
+/// Control characters (C0, DEL, C1), Unicode bidirectional controls and line/paragraph separators.
+fn is_unsafe(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{061C}' | '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
+        || matches!(c, '\u{2028}' | '\u{2029}')
+}
+
+/// A value as it may appear in a message: unsafe characters written as `\u{1b}` escapes, cut after
+/// [`MAX_SHOWN`] characters with how many more there were.
+pub fn shown(s: &str) -> String {
+    let total = s.chars().count();
+    let mut out = String::new();
+    for c in s.chars().take(MAX_SHOWN) {
+        if is_unsafe(c) {
+            out.extend(c.escape_unicode());
+        } else {
+            out.push(c);
+        }
+    }
+    if total > MAX_SHOWN {
+        out.push_str(&format!("…({} more characters)", total - MAX_SHOWN));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escapes_control_and_bidi_and_cuts() {
+        assert_eq!(shown("lab"), "lab");
+        assert_eq!(shown("a\u{1b}[31mb\u{7}"), "a\\u{1b}[31mb\\u{7}");
+        assert_eq!(shown("x\u{202e}y\u{9b}"), "x\\u{202e}y\\u{9b}");
+        assert_eq!(shown("é"), "é");
+        let long = "a".repeat(MAX_SHOWN + 5);
+        assert_eq!(shown(&long), format!("{}…(5 more characters)", "a".repeat(MAX_SHOWN)));
+    }
+}
