@@ -353,7 +353,12 @@ fn provisioner_ssh_runs_a_command_and_exits_with_its_status() {
     assert_eq!(run.code(), Some(7), "stdout {:?} stderr {:?}", run.stdout(), run.stderr());
     assert_eq!(run.stdout(), "hi\n");
     // The client's command line (-v prints it) pins the key the same way as ssh-config.
-    let run = support::Test::new().cwd(&project).args(["-v", "ssh", "-c", "true"]).run().success();
+    let run = support::Test::new()
+        .cwd(&project)
+        .env("PROVISIONER_SSH_REUSE", "0")
+        .args(["-v", "ssh", "-c", "true"])
+        .run()
+        .success();
     assert!(run.stderr().contains("\"GlobalKnownHostsFile=/dev/null\""), "{}", run.stderr());
     // `--` keeps each word one argument in the guest.
     support::Test::new()

@@ -148,7 +148,7 @@ fn up_locked(ctx: &Ctx, m: &Machine, p: &dyn Provider, args: &UpArgs) -> Result<
     }
     let ph = ui.phase("preflight");
     p.preflight()?;
-    let live = p.state(&m.vm_ref()?)?;
+    let live = p.state(&vm_ref(plan.state.as_ref(), &m.vm_name))?;
     ph.done(&format!("{} ({})", p.name(), live));
 
     // A new machine needs the lab's base image: build it on the host while the guest boots (both take about a
@@ -180,7 +180,7 @@ fn up_locked(ctx: &Ctx, m: &Machine, p: &dyn Provider, args: &UpArgs) -> Result<
         VmState::Saved | VmState::AbortedSaved | VmState::Paused => {
             let keys = crate::keys::ensure_machine_keys(&m.state, &m.cfg.machine.name)?;
             let ph = ui.phase("resume");
-            p.start(&m.vm_ref()?)?;
+            p.start(&vm_ref(plan.state.as_ref(), &m.vm_name))?;
             ph.done(&format!("resumed from {live}"));
             (keys.0, keys.1, None)
         }
@@ -349,7 +349,6 @@ fn boot(
     };
     // Recorded before the hypervisor is touched, so an interrupted `up` can be completed or destroyed.
     st.save(&m.state)?;
-    *recorded = Some(st);
 
     let ph = ui.phase("create");
     let spec = MachineSpec {
@@ -370,10 +369,12 @@ fn boot(
         return Ok((user_key, host_key, lab));
     }
     p.create(&spec)?;
+    // The provider may have recorded the VM's id (VirtualBox's UUID) in state.json: the one read after create.
+    *recorded = Some(MachineState::load(&m.state)?.unwrap_or(st));
     ph.done(&format!("{} ({})", m.vm_name, accel.label()));
 
     let ph = ui.phase("boot");
-    p.start(&m.vm_ref()?)?;
+    p.start(&vm_ref(recorded.as_ref(), &m.vm_name))?;
     ph.done(if live == VmState::NotCreated { "created and started" } else { "started" });
     Ok((user_key, host_key, lab))
 }

@@ -89,12 +89,12 @@ impl BaseImage {
         if out.is_file() {
             return Ok(false);
         }
-        // Under the lock nobody else builds: a work dir left here is from a run that was killed.
-        remove_work_dirs(&out)?;
+        // Work dirs of builds that were killed (an interrupt, a crash): under the lock no live build owns them.
+        remove_work_dirs(&out).context("remove the leftover of an interrupted base image build")?;
         note(&format!("debootstrap {BASE_SUITE} + lab packages on the host (about a minute)"));
         let result = self.build(&out, cancel);
         if result.is_err() {
-            // The build's own error is the one to report; a failed cleanup is retried by the next run.
+            // Best effort: the next build removes what is left.
             let _ = remove_work_dirs(&out);
         }
         result.map(|()| true)
@@ -116,7 +116,10 @@ impl BaseImage {
             .with_context(|| format!("building the container base image on the host failed\n{HINT}"))?;
         let deadline = Instant::now() + BUILD_TIMEOUT;
         let status = loop {
+            // An interrupt: the watcher kills the build's group; this thread ends with the interruption.
+            crate::process::check_interrupted()?;
             if let Some(st) = child.try_wait()? {
+                crate::process::check_interrupted()?;
                 break st;
             }
             if cancel.load(Ordering::Relaxed) {
@@ -193,16 +196,13 @@ impl BaseImage {
     }
 }
 
-/// Remove `<tarball>.work.*` dirs (the build script's scratch) left by a build that was killed. Best effort.
-/// Remove the work dirs of killed builds (an interrupt, a crash). They hold a Debian rootfs that may still have
-/// debootstrap's proc/sys mounts: `remove_tree` detaches those before deleting.
+/// Remove the `<tarball>.work.*` dirs (the build script's scratch) left by a build that was killed.
 fn remove_work_dirs(out: &Path) -> Result<()> {
     let (Some(dir), Some(name)) = (out.parent(), out.file_name()) else { return Ok(()) };
     let prefix = format!("{}.work.", name.to_string_lossy());
     for e in std::fs::read_dir(dir).with_context(|| format!("read {}", dir.display()))?.flatten() {
         if e.file_name().to_string_lossy().starts_with(&prefix) {
-            crate::boxes::cache::remove_tree(&e.path())
-                .context("remove the leftover of an interrupted base image build")?;
+            crate::boxes::cache::remove_tree(&e.path())?;
         }
     }
     Ok(())

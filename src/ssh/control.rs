@@ -69,8 +69,13 @@ pub fn fallback_dir(xdg_runtime_dir: Option<&Path>, uid: u32) -> PathBuf {
 
 /// The control socket path for a machine, making (and checking) the private fallback directory when it is used.
 pub fn socket_path(state: &StateDir) -> Result<PathBuf> {
-    let root =
-        std::path::absolute(&state.root).with_context(|| format!("resolve {}", state.root.display()))?;
+    // Canonical, so a project reached through a symlink finds the same socket (and the same fallback name).
+    let root = match std::fs::canonicalize(&state.root) {
+        Ok(p) => p,
+        Err(_) => {
+            std::path::absolute(&state.root).with_context(|| format!("resolve {}", state.root.display()))?
+        }
+    };
     // SAFETY: geteuid has no preconditions.
     let uid = unsafe { libc::geteuid() };
     let xdg = std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from);

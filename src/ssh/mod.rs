@@ -40,10 +40,7 @@ pub struct Endpoint {
 impl Endpoint {
     /// The endpoint of a created machine: address from `state.json`, user from the config, keys from the state dir.
     pub fn for_machine(cfg: &Config, state: &StateDir) -> Result<Endpoint> {
-        let ms = MachineState::load(state)?;
-        if ms.as_ref().and_then(|m| m.ssh_port).is_none() {
-            return Err(not_created(cfg, state));
-        }
+        let mut ep = Self::from_state(cfg, state, MachineState::load(state)?.as_ref(), "")?;
         let host_pub = state.host_key().with_extension("pub");
         let host_key = std::fs::read_to_string(&host_pub).with_context(|| {
             format!(
@@ -51,7 +48,8 @@ impl Endpoint {
                 host_pub.display()
             )
         })?;
-        Self::from_state(cfg, state, ms.as_ref(), host_key.trim())
+        ep.host_key = host_key.trim().to_string();
+        Ok(ep)
     }
 
     /// The one place an endpoint is made: address from the recorded state (`up` passes the state it read once
