@@ -1,5 +1,6 @@
-//! Where `up` spends its time: the phase breakdown of a cold `up` (from the `--json` phase events) and the time of
-//! a warm `up` on the running, unchanged machine (which must only check and print the health table).
+//! Where `up` spends its time: the phase breakdown of a cold `up` (from the `--json` phase events), the overlap of
+//! the host-side base image build with the guest's boot (the time it saved), and the time of a warm `up` on the
+//! running, unchanged machine (which must only check and print the health table).
 //!
 //! Run: `cargo bench --bench up_phases` (needs libvirt + QEMU; boxes and the container base image come from the
 //! cache like `up`, so delete `$PROVISIONER_CACHE_DIR/images` first to include the host-side base image build).
@@ -37,9 +38,38 @@ fn phases(stdout: &str) -> Vec<(String, f64, String)> {
         .collect()
 }
 
+/// The first `--json` event of a kind.
+fn event(stdout: &str, kind: &str) -> Option<serde_json::Value> {
+    stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["event"] == kind)
+}
+
 fn report(title: &str, out: &std::process::Output, wall: Duration) {
     println!("{title}: {:.1} s wall, exit {:?}", wall.as_secs_f64(), out.status.code());
-    let phases = phases(&String::from_utf8_lossy(&out.stdout));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if let Some(o) = event(&stdout, "base_image_overlap") {
+        let f = |k: &str| o[k].as_f64().unwrap_or(0.0);
+        println!(
+            "  overlap: base image built on the host in {:.1} s while the guest booted; the images phase waited \
+             {:.1} s for it; saved {:.1} s (sequential up would take ~{:.1} s, ratio {:.2})",
+            f("build_seconds"),
+            f("waited_seconds"),
+            f("saved_seconds"),
+            wall.as_secs_f64() + f("saved_seconds"),
+            wall.as_secs_f64() / (wall.as_secs_f64() + f("saved_seconds"))
+        );
+    } else if event(&stdout, "base_image_build_started").is_none() {
+        println!("  overlap: none (the base image tarball was cached; delete $PROVISIONER_CACHE_DIR/images to see it)");
+    }
+    if let Some(c) = event(&stdout, "run_counts") {
+        println!(
+            "  computed once: {} render(s) of the provision tree, {} read(s) of state.json",
+            c["renders"], c["state_reads"]
+        );
+    }
+    let phases = phases(&stdout);
     for (phase, secs, status) in &phases {
         println!("  {phase:<12} {secs:>8.1} s  {status}");
     }

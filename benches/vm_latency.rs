@@ -1,6 +1,7 @@
 //! Latency of the everyday commands against the primitives they wrap, measured in the same run:
-//! `status` vs one `virsh domstate`, `ssh -c true` vs plain OpenSSH `ssh ... true`, plus `ssh-config` and
-//! `destroy -f`. Goal: `status` within 2x of one virsh call.
+//! `status` vs one `virsh domstate`, `ssh -c true` vs plain OpenSSH `ssh ... true` (a new connection each time),
+//! both with connection reuse off and through the OpenSSH master a first `ssh -c` leaves, plus `ssh-config` and
+//! `destroy -f`. Goals: `status` within 2x of one virsh call; a second `ssh -c true` at most 1/5 of plain ssh.
 //!
 //! Run: `cargo bench --bench vm_latency` (needs libvirt + QEMU; the box comes from the cache like `up`).
 //! Box: `PROVISIONER_BENCH_BOX` = a box-config.toml `[box]` table body (default: `[box.debian]` bookworm).
@@ -91,14 +92,28 @@ fn main() {
             .output()
             .is_ok_and(|o| o.status.success())
     });
+    let no_reuse = measure("ssh -c true (reuse off)", || {
+        Command::new(common::bin())
+            .args(["ssh", "-c", "true"])
+            .current_dir(dir.path())
+            .env("PROVISIONER_SSH_REUSE", "0")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    });
+    // The first call opens the master (a full login); every later one is a channel on its connection.
+    let t = Instant::now();
+    assert!(run(dir.path(), &["ssh", "-c", "true"]).status.success(), "first ssh -c failed");
+    println!("ssh -c true (first, opens master) {:>8.1} ms", ms(t.elapsed()));
     let ours =
-        measure("provisioner ssh -c true", || run(dir.path(), &["ssh", "-c", "true"]).status.success());
+        measure("ssh -c true (via master)", || run(dir.path(), &["ssh", "-c", "true"]).status.success());
     let t = Instant::now();
     assert!(run(dir.path(), &["destroy", "-f"]).status.success(), "destroy -f failed");
     println!("provisioner destroy -f       {:>8.1} ms", ms(t.elapsed()));
     println!(
-        "ratios: status / virsh domstate = {:.2} (goal <= 2), ssh -c true / plain ssh = {:.2}",
+        "ratios: status / virsh domstate = {:.2} (goal <= 2); ssh -c true via master / plain ssh = {:.2} (goal <= \
+         0.20); ssh -c true without reuse / plain ssh = {:.2}",
         status.as_secs_f64() / virsh.as_secs_f64(),
-        ours.as_secs_f64() / plain.as_secs_f64()
+        ours.as_secs_f64() / plain.as_secs_f64(),
+        no_reuse.as_secs_f64() / plain.as_secs_f64()
     );
 }

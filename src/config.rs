@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-pub use check::{published_ports, valid_machine_name, valid_unix_user, COMPOSE_FILES};
+pub use check::{published_ports, render_failed, valid_machine_name, valid_unix_user, COMPOSE_FILES};
 use diag::Source;
 pub use diag::{line_col, ConfigError, Diagnostic, Warning};
 pub use uri::{check_libvirt_uri, UriProblem};
@@ -179,6 +179,9 @@ pub struct SshConfig {
     /// Seconds to wait for SSH after boot.
     #[serde(default = "default_ssh_timeout")]
     pub connect_timeout_secs: u64,
+    /// `provisioner ssh` reuses one OpenSSH connection (ControlMaster/ControlPersist); see docs/ssh.md.
+    #[serde(default = "default_reuse_connection")]
+    pub reuse_connection: bool,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -278,6 +281,9 @@ fn default_ssh_port() -> u16 {
 fn default_ssh_timeout() -> u64 {
     600
 }
+fn default_reuse_connection() -> bool {
+    true
+}
 fn default_provision_source() -> PathBuf {
     "provision".into()
 }
@@ -301,6 +307,7 @@ impl Default for SshConfig {
             host_port: default_ssh_port(),
             host_ip: default_host_ip(),
             connect_timeout_secs: default_ssh_timeout(),
+            reuse_connection: default_reuse_connection(),
         }
     }
 }
@@ -448,9 +455,18 @@ impl Config {
     /// secrets): forwarded guest ports published by the compose file, health probe ports forwarded, the provision
     /// directory present. Errors are a [`ConfigError`] (or a render error naming the template); Ok holds warnings.
     pub fn validate_all(&self) -> anyhow::Result<Vec<Warning>> {
+        self.validate_all_with(None)
+    }
+
+    /// [`Config::validate_all`] with the provision tree already rendered (`up` renders it once per run, with the
+    /// machine's secrets, and validates that same tree).
+    pub fn validate_all_with(
+        &self,
+        rendered: Option<&crate::render::Rendered>,
+    ) -> anyhow::Result<Vec<Warning>> {
         let src = self.source();
         let mut local = check::local(self, &src);
-        let cross = check::cross(self, &src)?;
+        let cross = check::cross(self, &src, rendered)?;
         local.errors.extend(cross.errors);
         local.warnings.extend(cross.warnings);
         if !local.errors.is_empty() {

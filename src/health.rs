@@ -9,7 +9,6 @@ use serde::Serialize;
 use serde_json::json;
 
 use crate::config::Config;
-use crate::guest::compose::ComposeModel;
 use crate::ssh::shell_quote;
 use crate::ssh::Session;
 use crate::ui::Ui;
@@ -313,8 +312,8 @@ pub fn forwarded_url(cfg: &Config, guest_port: u16, path: &str) -> Option<String
 /// else the probe table (every entry available).
 pub fn services(cfg: &Config) -> (Vec<String>, Vec<String>) {
     let state = crate::machine::StateDir::for_config(cfg);
-    match crate::render::render_config(cfg, &state).and_then(|r| ComposeModel::from_rendered(&r)) {
-        Ok(model) => crate::guest::split_services(&model, cfg.provision.images),
+    match crate::guest::Lab::render(cfg, &state) {
+        Ok(lab) => lab.services(cfg),
         Err(_) => (cfg.health_probes().into_keys().collect(), Vec::new()),
     }
 }
@@ -371,10 +370,22 @@ pub fn gather(cfg: &Config, ssh: Option<&Session>, available: &[String], unavail
 /// Probe everything; print the table; Ok(true) when every available service is healthy.
 pub fn check(cfg: &Config, ssh: Option<&Session>, ui: &Ui, timeout: Duration) -> Result<bool> {
     let (available, unavailable) = services(cfg);
+    check_services(cfg, ssh, ui, timeout, &available, &unavailable)
+}
+
+/// [`check`] for services already known (from the run's [`crate::guest::Lab`]), so nothing is rendered again.
+pub fn check_services(
+    cfg: &Config,
+    ssh: Option<&Session>,
+    ui: &Ui,
+    timeout: Duration,
+    available: &[String],
+    unavailable: &[String],
+) -> Result<bool> {
     let phase = ui.phase("health");
     let mut last = None;
     let healthy = crate::process::wait_until(timeout, "every lab service healthy", || {
-        let r = gather(cfg, ssh, &available, &unavailable);
+        let r = gather(cfg, ssh, available, unavailable);
         let bad: Vec<&str> = r
             .services
             .iter()

@@ -32,6 +32,7 @@ pub mod exit {
     pub const USAGE: i32 = 2;
     /// The lab came up but a service is unhealthy / an alert was not delivered.
     pub const UNHEALTHY: i32 = 3;
+    // Interrupted by a signal: 128 + its number (130 SIGINT, 143 SIGTERM, 129 SIGHUP), as shells report it.
 }
 
 /// Parse the command line, run it, print any error with its causes; returns the exit code.
@@ -40,7 +41,14 @@ pub fn run() -> i32 {
     let cli = cli::Cli::parse();
     process::set_verbosity(cli.global.verbose);
     let json = cli.global.json;
-    match commands::dispatch(cli) {
+    if let Err(e) = process::install_interrupt_handler() {
+        eprintln!("warning: {e:#}; Ctrl-C will not stop child processes cleanly");
+    }
+    let result = commands::dispatch(cli);
+    if let Some(sig) = process::interrupted() {
+        return report_interrupt(sig, json, result.err());
+    }
+    match result {
         Ok(code) => code,
         Err(e) => {
             if json {
@@ -57,4 +65,23 @@ pub fn run() -> i32 {
             exit::FAILURE
         }
     }
+}
+
+/// The end of a run a signal cancelled: say what happened and what to do, exit 128+signal.
+fn report_interrupt(sig: process::Interrupted, json: bool, err: Option<anyhow::Error>) -> i32 {
+    // The error chain of a cancelled step is noise ("`debootstrap` failed: killed by signal 9"); show it with -v.
+    let detail = err.filter(|_| process::verbosity() >= 1).map(|e| format!("{e:#}"));
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"event": "interrupted", "signal": sig.signal_name(), "exit_code": sig.exit_code(),
+                               "detail": detail})
+        );
+    }
+    eprintln!(
+        "error: {sig}: child processes were stopped and nothing half-made was kept{}
+         hint: run the same command again; it continues from the last consistent state",
+        detail.map(|d| format!(" ({d})")).unwrap_or_default()
+    );
+    sig.exit_code()
 }

@@ -133,7 +133,10 @@ pub fn run_controlled(plan: &Plan, control: &Control) -> Result<Summary> {
     std::thread::scope(|s| {
         for _ in 0..plan.concurrency {
             s.spawn(|| loop {
-                if Instant::now() >= deadline || control.stop.load(Ordering::Relaxed) {
+                if Instant::now() >= deadline
+                    || control.stop.load(Ordering::Relaxed)
+                    || crate::process::interrupted().is_some()
+                {
                     return;
                 }
                 let i = next.fetch_add(1, Ordering::Relaxed);

@@ -1,12 +1,20 @@
 //! The one helper every child process goes through: a deadline on every run, captured output, the command line
 //! in errors, and the child killed (with its process group) if we are dropped or time out.
+//!
+//! Interrupts: [`install_interrupt_handler`] turns SIGINT/SIGTERM/SIGHUP into a cancellation. Children run in
+//! their own process groups (so a terminal's Ctrl-C reaches only us, and a timeout can kill grandchildren too);
+//! on a signal a watcher thread kills every registered group at once, and the main thread unwinds through its
+//! normal error path (partial cache entries removed, locks dropped) with an [`Interrupted`] error; `run()` then
+//! exits 128+signal. A second signal, or an unwind that takes longer than [`INTERRUPT_GRACE`], exits at once
+//! (what is left half-made is cleared by the next run under its lock).
 
 use std::ffi::{OsStr, OsString};
 use std::io::Read;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU8, Ordering};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -48,6 +56,8 @@ pub struct Cmd {
     cwd: Option<std::path::PathBuf>,
     stdin: Option<Vec<u8>>,
     timeout: Duration,
+    /// Part of cleanup after an interrupt (e.g. `umount -l` of a dead build): runs even when cancelled.
+    cleanup: bool,
 }
 
 impl Cmd {
@@ -59,6 +69,7 @@ impl Cmd {
             cwd: None,
             stdin: None,
             timeout: Duration::from_secs(60),
+            cleanup: false,
         }
     }
     pub fn arg(mut self, a: impl AsRef<OsStr>) -> Self {
@@ -87,6 +98,11 @@ impl Cmd {
     }
     pub fn timeout(mut self, t: Duration) -> Self {
         self.timeout = t;
+        self
+    }
+    /// A cleanup step: it still runs after an interrupt, and an interrupt does not kill it.
+    pub fn cleanup(mut self) -> Self {
+        self.cleanup = true;
         self
     }
 
@@ -122,6 +138,9 @@ impl Cmd {
 
     /// Run to completion (or the deadline) and capture stdout/stderr. A non-zero exit is NOT an error here.
     pub fn output(&self) -> Result<Output> {
+        if !self.cleanup {
+            check_interrupted()?;
+        }
         if verbosity() >= 1 {
             eprintln!("+ {}", self.display());
         }
@@ -130,7 +149,7 @@ impl Cmd {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let child = cmd.spawn().map_err(|e| spawn_error(&self.program, e))?;
-        let mut guard = ChildGuard::new(child);
+        let mut guard = ChildGuard::new(child, !self.cleanup);
         let child = guard.child.as_mut().expect("child present");
         let stdin_thread = self.stdin.clone().map(|data| {
             let mut pipe = child.stdin.take().expect("stdin piped");
@@ -151,9 +170,17 @@ impl Cmd {
             let _ = err.read_to_end(&mut b);
             b
         });
-        let status = guard.wait_deadline(self.timeout).with_context(|| {
-            format!("`{}` did not finish within {:?}; it was killed", self.display(), self.timeout)
-        })?;
+        let status = match guard.wait_deadline(self.timeout) {
+            Ok(st) => st,
+            Err(e) if e.is::<Interrupted>() => return Err(e),
+            Err(e) => {
+                return Err(e.context(format!(
+                    "`{}` did not finish within {:?}; it was killed",
+                    self.display(),
+                    self.timeout
+                )))
+            }
+        };
         let stdout = String::from_utf8_lossy(&t_out.join().unwrap_or_default()).into_owned();
         let stderr = String::from_utf8_lossy(&t_err.join().unwrap_or_default()).into_owned();
         if let Some(t) = stdin_thread {
@@ -197,6 +224,9 @@ impl Cmd {
 
     /// Start in the background (stdout/stderr to the given file, or null); killed when the guard drops.
     pub fn spawn(&self, log: Option<&Path>) -> Result<ChildGuard> {
+        if !self.cleanup {
+            check_interrupted()?;
+        }
         if verbosity() >= 1 {
             eprintln!("+ {} &", self.display());
         }
@@ -216,7 +246,7 @@ impl Cmd {
             }
         }
         let child = cmd.spawn().map_err(|e| spawn_error(&self.program, e))?;
-        Ok(ChildGuard::new(child))
+        Ok(ChildGuard::new(child, !self.cleanup))
     }
 }
 
@@ -250,21 +280,39 @@ pub fn tail(s: &str, n: usize) -> String {
 #[derive(Debug)]
 pub struct ChildGuard {
     child: Option<Child>,
+    /// Registered for the interrupt watcher (its group is killed on SIGINT/SIGTERM/SIGHUP).
+    registered: bool,
+    /// How it ended, once reaped by [`ChildGuard::try_wait`] (asked again, it answers the same).
+    exited: Option<ExitStatus>,
 }
 
 impl ChildGuard {
-    fn new(child: Child) -> Self {
-        Self { child: Some(child) }
+    fn new(child: Child, register: bool) -> Self {
+        if register {
+            register_group(child.id() as i32);
+        }
+        Self { child: Some(child), registered: register, exited: None }
+    }
+    /// The child is gone (reaped): its group id may be reused, so the watcher must forget it.
+    fn reaped(&mut self, pid: u32) {
+        if self.registered {
+            unregister_group(pid as i32);
+        }
     }
     pub fn id(&self) -> u32 {
         self.child.as_ref().map(|c| c.id()).unwrap_or(0)
     }
     /// Whether the child has exited (reaping it if so).
     pub fn try_wait(&mut self) -> Result<Option<ExitStatus>> {
-        match self.child.as_mut() {
-            Some(c) => Ok(c.try_wait()?),
-            None => Ok(None),
+        let Some(c) = self.child.as_mut() else { return Ok(self.exited) };
+        let st = c.try_wait()?;
+        if let Some(st) = st {
+            let pid = c.id();
+            self.child = None;
+            self.exited = Some(st);
+            self.reaped(pid);
         }
+        Ok(st)
     }
     /// Wait until exit or deadline; on deadline the group is killed and an error returned.
     pub fn wait_deadline(&mut self, timeout: Duration) -> Result<ExitStatus> {
@@ -274,8 +322,18 @@ impl ChildGuard {
         loop {
             let c = self.child.as_mut().context("child already reaped")?;
             if let Some(st) = c.try_wait()? {
+                let pid = c.id();
                 self.child = None;
+                self.reaped(pid);
+                // Killed by the interrupt watcher (or finished just as the signal came): not a failure of its own.
+                if self.registered {
+                    check_interrupted()?;
+                }
                 return Ok(st);
+            }
+            if self.registered && interrupted().is_some() {
+                self.kill();
+                check_interrupted()?;
             }
             if Instant::now() >= deadline {
                 self.kill();
@@ -300,11 +358,14 @@ impl ChildGuard {
             }
             let _ = c.kill();
             let _ = c.wait();
+            self.reaped(pid as u32);
         }
     }
     /// Let the child live on after we drop (e.g. a daemon we started on purpose).
     pub fn detach(mut self) -> u32 {
-        self.child.take().map(|c| c.id()).unwrap_or(0)
+        let pid = self.child.take().map(|c| c.id()).unwrap_or(0);
+        self.reaped(pid);
+        pid
     }
 }
 
@@ -320,6 +381,7 @@ pub fn wait_until<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Resul
     let mut pause = Duration::from_millis(50);
     let mut last_err: Option<anyhow::Error> = None;
     loop {
+        check_interrupted()?;
         match f() {
             Ok(Some(v)) => return Ok(v),
             Ok(None) => {}
@@ -331,7 +393,204 @@ pub fn wait_until<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Resul
                 None => anyhow::anyhow!("timed out after {timeout:?} waiting for {what}"),
             });
         }
-        std::thread::sleep(pause.min(deadline.saturating_duration_since(Instant::now())));
+        sleep_interruptible(pause.min(deadline.saturating_duration_since(Instant::now())));
         pause = (pause * 2).min(Duration::from_secs(2));
     }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Interrupts
+
+/// How long the main thread may take to unwind after a signal (kill children, remove partial entries, release
+/// locks) before the watcher exits the process itself.
+pub const INTERRUPT_GRACE: Duration = Duration::from_secs(15);
+
+/// The first signal received (0: none).
+static INTERRUPT: AtomicI32 = AtomicI32::new(0);
+/// Write end of the self-pipe the signal handler wakes the watcher through (-1: no handler installed).
+static WAKE_FD: AtomicI32 = AtomicI32::new(-1);
+/// Process groups of running children (each child leads its own group).
+static GROUPS: Mutex<Vec<i32>> = Mutex::new(Vec::new());
+
+/// The error a cancelled operation returns; `run()` maps it to exit code 128+signal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Interrupted(pub i32);
+
+impl Interrupted {
+    /// 130 for SIGINT, 143 for SIGTERM, 129 for SIGHUP.
+    pub fn exit_code(self) -> i32 {
+        128 + self.0
+    }
+    pub fn signal_name(self) -> &'static str {
+        signal_name(self.0)
+    }
+}
+
+impl std::fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "interrupted by {}", self.signal_name())
+    }
+}
+
+impl std::error::Error for Interrupted {}
+
+fn signal_name(sig: i32) -> &'static str {
+    match sig {
+        libc::SIGINT => "SIGINT",
+        libc::SIGTERM => "SIGTERM",
+        libc::SIGHUP => "SIGHUP",
+        _ => "a signal",
+    }
+}
+
+/// The signal that interrupted this run, if any.
+pub fn interrupted() -> Option<Interrupted> {
+    match INTERRUPT.load(Ordering::SeqCst) {
+        0 => None,
+        sig => Some(Interrupted(sig)),
+    }
+}
+
+/// `Err(Interrupted)` once a signal came: call it before starting anything long.
+pub fn check_interrupted() -> Result<()> {
+    match interrupted() {
+        Some(i) => Err(anyhow::Error::new(i)),
+        None => Ok(()),
+    }
+}
+
+/// Sleep up to `d`, returning early when a signal comes.
+pub fn sleep_interruptible(d: Duration) {
+    let end = Instant::now() + d;
+    loop {
+        let left = end.saturating_duration_since(Instant::now());
+        if left.is_zero() || interrupted().is_some() {
+            return;
+        }
+        std::thread::sleep(left.min(Duration::from_millis(100)));
+    }
+}
+
+fn register_group(pgid: i32) {
+    let mut g = GROUPS.lock().unwrap_or_else(|e| e.into_inner());
+    g.push(pgid);
+    // A signal that came between the check before spawning and this registration: the watcher has already
+    // swept, so kill this group here.
+    if interrupted().is_some() {
+        // SAFETY: kill(2) on the process group of a child we just started.
+        unsafe {
+            libc::kill(-pgid, libc::SIGKILL);
+        }
+    }
+}
+
+fn unregister_group(pgid: i32) {
+    let mut g = GROUPS.lock().unwrap_or_else(|e| e.into_inner());
+    g.retain(|p| *p != pgid);
+}
+
+/// SIGKILL every registered child process group; returns how many there were.
+fn kill_groups() -> usize {
+    let g = GROUPS.lock().unwrap_or_else(|e| e.into_inner());
+    for pgid in g.iter() {
+        // SAFETY: kill(2) on process groups of children we started and have not reaped.
+        unsafe {
+            libc::kill(-pgid, libc::SIGKILL);
+        }
+    }
+    g.len()
+}
+
+extern "C" fn on_signal(sig: libc::c_int) {
+    // Async-signal-safe only: an atomic store and write(2).
+    let _ = INTERRUPT.compare_exchange(0, sig, Ordering::SeqCst, Ordering::SeqCst);
+    let fd = WAKE_FD.load(Ordering::SeqCst);
+    if fd >= 0 {
+        let b = sig as u8;
+        // SAFETY: writing one byte from a valid local to our own pipe.
+        unsafe {
+            libc::write(fd, (&b as *const u8).cast(), 1);
+        }
+    }
+}
+
+/// Turn SIGINT, SIGTERM and SIGHUP into a cancellation (see the module docs). Call once, early in `run()`.
+/// The handlers are reset by exec(2), so a program we exec into (`ssh`) gets the default behaviour back.
+pub fn install_interrupt_handler() -> Result<()> {
+    if WAKE_FD.load(Ordering::SeqCst) >= 0 {
+        return Ok(());
+    }
+    let mut fds = [0i32; 2];
+    // SAFETY: pipe2 fills the two-element array.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("create the interrupt pipe");
+    }
+    let (read_fd, write_fd) = (fds[0], fds[1]);
+    WAKE_FD.store(write_fd, Ordering::SeqCst);
+    std::thread::Builder::new()
+        .name("interrupts".into())
+        .spawn(move || watch_interrupts(read_fd))
+        .context("start the interrupt watcher")?;
+    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        // SAFETY: sigaction reads the current action into a zeroed struct, then installs ours: a zeroed sigaction
+        // with our handler; SA_RESTART keeps other blocking calls from failing with EINTR.
+        unsafe {
+            let mut old: libc::sigaction = std::mem::zeroed();
+            // A signal the parent ignores (nohup, `cmd &` in a non-interactive shell) stays ignored.
+            if libc::sigaction(sig, std::ptr::null(), &mut old) == 0 && old.sa_sigaction == libc::SIG_IGN {
+                continue;
+            }
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_signal as extern "C" fn(libc::c_int) as usize;
+            sa.sa_flags = libc::SA_RESTART;
+            libc::sigemptyset(&mut sa.sa_mask);
+            if libc::sigaction(sig, &sa, std::ptr::null_mut()) != 0 {
+                return Err(std::io::Error::last_os_error()).context("install the signal handler");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Wait for a 1-byte wake-up per signal with a timeout; `None` on timeout.
+fn wait_byte(fd: i32, timeout: Option<Duration>) -> Option<u8> {
+    let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+    let ms = timeout.map(|t| t.as_millis().min(i32::MAX as u128) as i32).unwrap_or(-1);
+    loop {
+        // SAFETY: one valid pollfd.
+        let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+        if n == 0 {
+            return None;
+        }
+        if n < 0 {
+            if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return None;
+        }
+        let mut b = 0u8;
+        // SAFETY: reading one byte into a valid local.
+        if unsafe { libc::read(fd, (&mut b as *mut u8).cast(), 1) } == 1 {
+            return Some(b);
+        }
+    }
+}
+
+fn watch_interrupts(fd: i32) {
+    if wait_byte(fd, None).is_none() {
+        return;
+    }
+    let first = interrupted().unwrap_or(Interrupted(libc::SIGINT));
+    kill_groups();
+    // The main thread now unwinds. A second signal, or a slow unwind, ends the process here.
+    let second = wait_byte(fd, Some(INTERRUPT_GRACE));
+    kill_groups();
+    let why = if second.is_some() { "a second signal" } else { "cleanup took too long" };
+    eprintln!(
+        "error: {first}; stopping at once ({why})\nhint: run the command again: what was left half-made is cleared \
+         by the next run"
+    );
+    // SAFETY: _exit ends the process without running destructors of other threads' state; flocks are released by
+    // the kernel.
+    unsafe { libc::_exit(first.exit_code()) }
 }

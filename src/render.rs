@@ -365,9 +365,20 @@ pub fn render_config(cfg: &Config, state: &StateDir) -> Result<Rendered> {
     render_tree(cfg, &source, &secrets)
 }
 
+thread_local! {
+    static RENDERS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Provision trees rendered by this thread so far: `up` reports it (`--json` event `run_counts`) to show the tree
+/// is rendered once per run.
+pub fn renders_in_thread() -> usize {
+    RENDERS.with(|c| c.get())
+}
+
 /// Render a template tree with explicit secrets (pure apart from reading `source`).
 pub fn render_tree(cfg: &Config, source: &Path, secrets: &Secrets) -> Result<Rendered> {
     use std::os::unix::fs::PermissionsExt;
+    RENDERS.with(|c| c.set(c.get() + 1));
     if !source.is_dir() {
         bail!(
             "provision source {} is not a directory; set [provision] source in {} to the lab's template tree",

@@ -18,6 +18,31 @@ pub enum Mode {
 pub struct Ui {
     pub mode: Mode,
     tty: bool,
+    /// Period of the plain-text progress lines a long phase prints when stderr is not a terminal.
+    progress_every: Duration,
+}
+
+/// Default period of the plain-text progress lines (`PROVISIONER_PROGRESS_SECS` overrides it).
+pub const PROGRESS_EVERY: Duration = Duration::from_secs(20);
+
+/// The progress period from `PROVISIONER_PROGRESS_SECS` (whole seconds, at least 1), else [`PROGRESS_EVERY`]. Pure.
+pub fn progress_every(env: Option<&str>) -> Duration {
+    env.and_then(|v| v.trim().parse::<u64>().ok())
+        .filter(|s| *s >= 1)
+        .map(Duration::from_secs)
+        .unwrap_or(PROGRESS_EVERY)
+}
+
+/// One plain-text progress line: `    ... images 1m40s: <last output line>`. Pure.
+pub fn progress_line(phase: &str, elapsed: Duration, last: &str) -> String {
+    let secs = elapsed.as_secs();
+    let time = if secs >= 60 { format!("{}m{:02}s", secs / 60, secs % 60) } else { format!("{secs}s") };
+    let last: String = last.trim().chars().take(120).collect();
+    if last.is_empty() {
+        format!("    ... {phase} {time}")
+    } else {
+        format!("    ... {phase} {time}: {last}")
+    }
 }
 
 impl Ui {
@@ -29,7 +54,11 @@ impl Ui {
         } else {
             Mode::Human
         };
-        Self { mode, tty: std::io::stderr().is_terminal() }
+        Self {
+            mode,
+            tty: std::io::stderr().is_terminal(),
+            progress_every: progress_every(std::env::var("PROVISIONER_PROGRESS_SECS").ok().as_deref()),
+        }
     }
 
     pub fn json(&self) -> bool {
@@ -81,7 +110,48 @@ impl Ui {
             None
         };
         self.event("phase_start", json!({"phase": name}));
-        Phase { ui: self.clone(), name: name.to_string(), start: Instant::now(), bar, finished: false }
+        let start = Instant::now();
+        let ticker = (self.mode == Mode::Human && bar.is_none())
+            .then(|| Ticker::start(name, start, self.progress_every, |line| eprintln!("{line}")));
+        Phase { ui: self.clone(), name: name.to_string(), start, bar, ticker, finished: false }
+    }
+}
+
+/// Without a terminal there is no spinner: a thread prints a [`progress_line`] every period while the phase runs,
+/// so a log or CI job shows a long phase (images: minutes) is alive and what it does.
+struct Ticker {
+    last: std::sync::Arc<std::sync::Mutex<String>>,
+    stop: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Ticker {
+    fn start(name: &str, start: Instant, every: Duration, sink: impl Fn(String) + Send + 'static) -> Ticker {
+        let last = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let (stop, rx) = std::sync::mpsc::channel::<()>();
+        let (name, shared) = (name.to_string(), last.clone());
+        let thread = std::thread::spawn(move || {
+            while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(every) {
+                let msg = shared.lock().map(|m| m.clone()).unwrap_or_default();
+                sink(progress_line(&name, start.elapsed(), &msg));
+            }
+        });
+        Ticker { last, stop: Some(stop), thread: Some(thread) }
+    }
+
+    fn set(&self, msg: &str) {
+        if let Ok(mut m) = self.last.lock() {
+            msg.clone_into(&mut m);
+        }
+    }
+}
+
+impl Drop for Ticker {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
 
@@ -91,12 +161,16 @@ pub struct Phase {
     name: String,
     start: Instant,
     bar: Option<ProgressBar>,
+    ticker: Option<Ticker>,
     finished: bool,
 }
 
 impl Phase {
     /// Update the detail text (e.g. the last line of a child's output).
     pub fn message(&self, msg: &str) {
+        if let Some(t) = &self.ticker {
+            t.set(msg);
+        }
         if let Some(b) = &self.bar {
             b.set_message(msg.chars().take(120).collect::<String>());
         } else if crate::process::verbosity() >= 1 && self.ui.mode == Mode::Human {
@@ -118,6 +192,8 @@ impl Phase {
 
     fn finish_line(&mut self, status: &str, summary: &str, el: Duration) {
         let secs = el.as_secs_f64();
+        // Stop the progress lines before the phase's last line.
+        drop(self.ticker.take());
         if let Some(b) = self.bar.take() {
             b.finish_and_clear();
         }
@@ -141,5 +217,49 @@ impl Drop for Phase {
             let el = self.start.elapsed();
             self.finish_line("failed", "", el);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn progress_lines_name_the_phase_time_and_last_output() {
+        assert_eq!(
+            progress_line("images", Duration::from_secs(100), "Step 3/7 : RUN x\n"),
+            "    ... images 1m40s: Step 3/7 : RUN x"
+        );
+        assert_eq!(progress_line("ssh", Duration::from_secs(20), ""), "    ... ssh 20s");
+        assert_eq!(progress_line("x", Duration::ZERO, &"y".repeat(500)).len(), "    ... x 0s: ".len() + 120);
+        assert_eq!(progress_every(None), PROGRESS_EVERY);
+        assert_eq!(progress_every(Some("3")), Duration::from_secs(3));
+        assert_eq!(progress_every(Some("0")), PROGRESS_EVERY);
+        assert_eq!(progress_every(Some("soon")), PROGRESS_EVERY);
+    }
+
+    #[test]
+    fn the_ticker_repeats_the_last_message_until_stopped() {
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+        let sink = lines.clone();
+        let t = Ticker::start("images", Instant::now(), Duration::from_millis(20), move |l| {
+            sink.lock().unwrap().push(l)
+        });
+        t.set("docker import provisioner-base:bookworm (209 MB) into the guest");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while lines.lock().unwrap().len() < 2 {
+            assert!(Instant::now() < deadline, "no progress lines");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        drop(t);
+        let n = lines.lock().unwrap().len();
+        std::thread::sleep(Duration::from_millis(60));
+        assert_eq!(lines.lock().unwrap().len(), n, "lines after the phase ended");
+        let last = lines.lock().unwrap().last().unwrap().clone();
+        assert!(
+            last.starts_with("    ... images ")
+                && last.ends_with(": docker import provisioner-base:bookworm (209 MB) into the guest"),
+            "{last}"
+        );
     }
 }

@@ -20,22 +20,50 @@ fn sha256(data: &[u8]) -> String {
     hex::encode(Sha256::digest(data))
 }
 
-/// A tiny real qcow2 made by qemu-img.
+fn run_ok(cmd: &mut std::process::Command) {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(out.status.success(), "{cmd:?}: {out:?}");
+}
+
+/// A raw disk at `path` holding an ext4 filesystem of `kib` KiB (sparse) with a file of `data` patterned bytes:
+/// what a box import accepts (it refuses disks with nothing bootable on them).
+fn ext4_raw(path: &Path, kib: usize, data: usize) {
+    let src = tempfile::tempdir().unwrap();
+    std::fs::write(src.path().join("data"), payload_bytes(data)).unwrap();
+    run_ok(
+        std::process::Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-d"])
+            .arg(src.path())
+            .arg(path)
+            .arg(format!("{kib}K")),
+    );
+}
+
+/// A tiny real qcow2 made by qemu-img (an ext4 filesystem in a 16 MiB disk).
 fn qcow2(dir: &Path) -> Vec<u8> {
+    let raw = dir.join("tiny.raw");
+    ext4_raw(&raw, 16 * 1024, 64 * 1024);
     let p = dir.join("tiny.qcow2");
-    let out = std::process::Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2"])
-        .arg(&p)
-        .arg("16M")
-        .output()
-        .expect("qemu-img");
-    assert!(out.status.success(), "{out:?}");
+    run_ok(std::process::Command::new("qemu-img").args(["convert", "-q", "-O", "qcow2"]).arg(&raw).arg(&p));
+    std::fs::remove_file(raw).unwrap();
     std::fs::read(p).unwrap()
 }
 
-/// Payload of a given size whose bytes are not all equal (so a shifted resume would change the hash).
-fn payload(len: usize) -> Vec<u8> {
+/// Bytes that are not all equal (so a shifted resume would change the hash).
+fn payload_bytes(len: usize) -> Vec<u8> {
     (0..len).map(|i| (i * 7 % 251) as u8).collect()
+}
+
+/// A raw disk image of exactly `len` bytes (an ext4 filesystem, then patterned bytes past its end).
+fn payload(len: usize) -> Vec<u8> {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = tmp.path().join("disk.raw");
+    ext4_raw(&p, len / 1024, len / 3);
+    let mut b = std::fs::read(&p).unwrap();
+    let fs = b.len();
+    b.extend(payload_bytes(len)[fs..].iter());
+    assert_eq!(b.len(), len);
+    b
 }
 
 /// A Vagrant .box: tar (optionally gzipped) of metadata.json plus the provider's files.
@@ -246,7 +274,7 @@ fn interrupted_then(ignore_range: bool) {
     assert!(built);
     let last = *server.requests().last().unwrap();
     assert_eq!(last, Some(kept), "the next run asks for the rest");
-    // The payload is not an image, so it is imported as raw.
+    // The payload is a bare disk (no qcow2 header), so it is imported as raw.
     assert_eq!(image.format, "raw");
     assert_eq!(sha256(&std::fs::read(&image.disk).unwrap()), sum);
     assert!(!part.exists());
@@ -333,11 +361,12 @@ fn local_image_is_copied_by_content_hash() {
     let (image, _) = boxes::ensure_in(&cache, &cfg, "libvirt", false, &quiet()).unwrap();
     assert_eq!(image.id, sha256(&img));
     assert_eq!(image.format, "qcow2");
-    std::fs::write(tmp.path().join("tiny.qcow2"), b"changed").unwrap();
+    let other = payload(1 << 20);
+    std::fs::write(tmp.path().join("tiny.qcow2"), &other).unwrap();
     assert_eq!(std::fs::read(&image.disk).unwrap(), img, "the cache keeps its own copy");
     let (changed, built) = boxes::ensure_in(&cache, &cfg, "libvirt", false, &quiet()).unwrap();
     assert!(built, "a changed file is a new box");
-    assert_eq!((changed.id, changed.format), (sha256(b"changed"), "raw".to_string()));
+    assert_eq!((changed.id, changed.format), (sha256(&other), "raw".to_string()));
 }
 
 /// A `box.json`-free view of the binary's JSON document on stdout (the last line).
@@ -490,4 +519,328 @@ fn debian_box_boots_to_cloud_init_finished() {
     let log = vm.log_text();
     assert!(log.contains("Welcome to") && log.contains("Debian GNU/Linux"), "{}", support::tail(&log, 40));
     eprintln!("boot to cloud-init finished: {:?}", started.elapsed());
+}
+
+/// Names in a private cache's `boxes/` that are neither lock files nor the hash memo: entries and leftovers.
+fn cache_entries(cache: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(cache.join("boxes"))
+        .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    names
+        .retain(|n| !n.ends_with(".lock") && !n.ends_with(".build.log") && n != "hashes" && n != "downloads");
+    names.sort();
+    names
+}
+
+/// A truncated qcow2 (its first half; also a 64 KiB stub) passes `qemu-img info`; a raw stub and an all-zero disk
+/// have no qcow2 structure to check at all. Each must be refused on import with a clear error and a hint, and
+/// nothing may be cached; the whole image is accepted.
+#[test]
+fn truncated_and_stub_images_are_refused_and_nothing_is_cached() {
+    let t = Test::new();
+    let dir = t.path().to_path_buf();
+    let cache = dir.join("cache");
+    // A 1 GiB disk with an ext4 filesystem holding 48 MiB of data, as qcow2 (~50 MB) and cut copies of it.
+    let raw = dir.join("full.raw");
+    ext4_raw(&raw, 1 << 20, 48 << 20);
+    let full = dir.join("full.qcow2");
+    run_ok(
+        std::process::Command::new("qemu-img").args(["convert", "-q", "-O", "qcow2"]).arg(&raw).arg(&full),
+    );
+    let bytes = std::fs::read(&full).unwrap();
+    let cut = |name: &str, from: &[u8], len: usize| {
+        std::fs::write(dir.join(name), &from[..len]).unwrap();
+        name.to_string()
+    };
+    let raw_bytes = std::fs::read(&raw).unwrap();
+    let cases = [
+        (cut("half.qcow2", &bytes, bytes.len() / 2), "qemu-img check` found"),
+        (cut("stub.qcow2", &bytes, 64 * 1024), "qemu-img check` found"),
+        (cut("stub.raw", &raw_bytes, 64 * 1024), "its ext2/3/4 filesystem needs 1073741824 bytes"),
+        (cut("zero.raw", &vec![0u8; 1 << 20], 1 << 20), "all zeros"),
+    ];
+    let build = |image: &str| {
+        t.write(
+            "box-config.toml",
+            format!("[machine]\nname = \"t\"\nprovider = \"libvirt\"\n\n[box]\nimage = \"{image}\"\n"),
+        );
+        Test::new()
+            .cwd(&dir)
+            .env("PROVISIONER_CACHE_DIR", cache.display().to_string())
+            .args(["box", "build"])
+            .run()
+    };
+    for (image, why) in &cases {
+        // `qemu-img info` has no complaint about any of them: that is why import must look further.
+        let info = std::process::Command::new("qemu-img")
+            .args(["info", "-U"])
+            .arg(dir.join(image))
+            .output()
+            .unwrap();
+        assert!(info.status.success(), "{image}: {info:?}");
+        let r = build(image).failure();
+        let err = r.stderr();
+        assert!(err.contains("is not a usable") && err.contains(why), "{image}:\n{err}");
+        assert!(err.contains("hint: the file is probably truncated or damaged"), "{image}:\n{err}");
+        assert!(cache_entries(&cache).is_empty(), "{image} left {:?} in the cache", cache_entries(&cache));
+    }
+    build("full.qcow2").success().stderr_contains("built");
+    assert_eq!(cache_entries(&cache), vec![sha256(&bytes)]);
+}
+
+/// `up --json` on a cold box cache: the box import reports through the command's Ui, so stdout carries only JSON
+/// events and stderr no human phase lines (it did print `==> box hash` / `✓ box hash` there). Runs against the
+/// VBoxManage double; `up` stops at its one-second SSH deadline.
+/// A project in `dir` for the VBoxManage double (linked into `dir/vbox`, its state beside it) with a loose `.ovf` box.
+fn vbox_project(t: &Test, name: &str) {
+    let dir = t.path();
+    let bin = dir.join("vbox");
+    std::fs::create_dir_all(&bin).unwrap();
+    let fixtures = support::repo().join("tests/fixtures/vbox");
+    std::os::unix::fs::symlink(fixtures.join("VBoxManage"), bin.join("VBoxManage")).unwrap();
+    std::fs::create_dir_all(dir.join("box")).unwrap();
+    std::fs::create_dir_all(dir.join("provision")).unwrap();
+    std::fs::copy(fixtures.join("box.ovf"), dir.join("box/box.ovf")).unwrap();
+    std::fs::write(dir.join("box/box-disk001.vmdk"), b"vmdk").unwrap();
+    t.write(
+        "box-config.toml",
+        format!(
+            "[machine]\nname = \"{name}\"\nprovider = \"virtualbox\"\ncpus = 1\nmemory_mb = 1024\n\n[box]\n\
+             vagrant = \"box/box.ovf\"\n\n[ssh]\nhost_port = {}\n\n[virtualbox]\nvboxmanage = {:?}\n",
+            support::free_port(),
+            bin.join("VBoxManage").to_str().unwrap()
+        ),
+    );
+}
+
+#[test]
+fn up_json_with_a_cold_box_cache_prints_only_json() {
+    let t = Test::new();
+    let dir = t.path().to_path_buf();
+    vbox_project(&t, "vbj");
+    let cache = dir.join("cache").display().to_string();
+    let r = Test::new()
+        .cwd(&dir)
+        .env("PROVISIONER_CACHE_DIR", cache.clone())
+        .args(["--json", "up", "--boot-timeout", "1"])
+        .run();
+    let (out, err) = (r.stdout(), r.stderr());
+    let events: Vec<serde_json::Value> = out
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON on stdout ({e}): {l:?}\n{out}")))
+        .collect();
+    assert!(
+        events.iter().any(|e| e["event"] == "phase_start" && e["phase"] == "box hash"),
+        "the box import's phase is a JSON event:\n{out}"
+    );
+    assert!(events.iter().any(|e| e["event"] == "box" && e["built"] == true), "{out}");
+    let human: Vec<&str> =
+        err.lines().filter(|l| l.starts_with("==> ") || l.starts_with("✓ ") || l.starts_with("✗ ")).collect();
+    assert!(human.is_empty(), "human progress lines under --json: {human:?}\n{err}");
+    Test::new().cwd(&dir).env("PROVISIONER_CACHE_DIR", cache).args(["destroy", "-f"]).run().success();
+}
+
+/// A mirror on 127.0.0.1 that accepts every connection, reads the request and never answers: debootstrap (its
+/// wget) then waits, so a test can interrupt a box build in the middle of debootstrap without any network.
+struct HangingMirror {
+    url: String,
+    requests: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl HangingMirror {
+    fn start() -> Self {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/debian", l.local_addr().unwrap());
+        let requests = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let seen = requests.clone();
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            for s in l.incoming().flatten() {
+                let mut line = String::new();
+                let _ = BufReader::new(&s).read_line(&mut line);
+                if line.starts_with("GET ") {
+                    seen.fetch_add(1, Ordering::SeqCst);
+                }
+                held.push(s);
+            }
+        });
+        HangingMirror { url, requests }
+    }
+}
+
+/// Ctrl-C (and then SIGTERM) while `box build` runs debootstrap: the build stops within seconds with 130 (143),
+/// no process of the run survives (debootstrap and wget ran in their own process groups, which a terminal's
+/// SIGINT does not reach: they used to go on alone), no partial entry is left, the lock is free, and the next
+/// build starts clean and gets to the same point. Needs root (debootstrap), like every mirror build.
+#[test]
+fn box_build_interrupted_during_debootstrap_leaves_nothing_and_reruns() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: building a box from a mirror needs root");
+        return;
+    }
+    let mirror = HangingMirror::start();
+    let t = Test::new();
+    t.write(
+        "box-config.toml",
+        format!(
+            "[machine]\nname = \"t\"\nprovider = \"libvirt\"\n\n[box.debian]\nsuite = \"bookworm\"\nmirror = \"{}\"\n\
+             packages = []\n",
+            mirror.url
+        ),
+    );
+    let cache = t.path().join("cache");
+    for (round, (sig, code)) in [(libc::SIGINT, 130), (libc::SIGTERM, 143)].into_iter().enumerate() {
+        let marker = format!("PROVISIONER_TEST_RUN=boxintr-{}-{round}", std::process::id());
+        let (key, value) = marker.split_once('=').unwrap();
+        let mut c = std::process::Command::new(support::bin());
+        c.args(["--json", "box", "build"])
+            .current_dir(t.path())
+            .env("PROVISIONER_CACHE_DIR", &cache)
+            .env(key, value);
+        // SAFETY: only async-signal-safe signal(2) between fork and exec: a runner started in the background may
+        // have left SIGINT ignored, and the build must see it as a user's Ctrl-C would.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            c.pre_exec(|| {
+                libc::signal(libc::SIGINT, libc::SIG_DFL);
+                Ok(())
+            });
+        }
+        let mut p = support::Proc::spawn("box build", c, t.path().join(format!("build{round}.log")));
+        let before = mirror.requests.load(Ordering::SeqCst);
+        support::wait_until(Duration::from_secs(120), "debootstrap to ask the mirror", || {
+            if let Some(st) = p.child.try_wait().unwrap() {
+                panic!("box build ended before the interrupt ({st}):\n{}", p.log_text());
+            }
+            (mirror.requests.load(Ordering::SeqCst) > before).then_some(())
+        });
+        let running = support::processes_with_env(&marker);
+        assert!(running.iter().any(|p| p.ends_with(" debootstrap")), "debootstrap is running: {running:?}");
+        let started = Instant::now();
+        // SAFETY: kill(2) on the child we started.
+        unsafe { libc::kill(p.child.id() as i32, sig) };
+        let st =
+            support::wait_until(Duration::from_secs(30), "box build to exit", || p.child.try_wait().unwrap());
+        eprintln!("round {round}: exited {st} {:?} after the signal", started.elapsed());
+        assert_eq!(st.code(), Some(code), "exit code for signal {sig}:\n{}", p.log_text());
+        let log = p.log_text();
+        assert!(log.contains("\"event\":\"interrupted\""), "{log}");
+        assert!(log.contains("hint: run the same command again"), "{log}");
+        support::wait_until(Duration::from_secs(10), "every process of the run to be gone", || {
+            support::processes_with_env(&marker).is_empty().then_some(())
+        });
+        assert!(cache_entries(&cache).is_empty(), "left in the cache: {:?}", cache_entries(&cache));
+        // The build lock is free again.
+        for e in std::fs::read_dir(cache.join("boxes")).unwrap().flatten() {
+            if e.file_name().to_string_lossy().ends_with(".lock") {
+                let f = std::fs::File::open(e.path()).unwrap();
+                assert!(fs4::fs_std::FileExt::try_lock_exclusive(&f).unwrap(), "{:?} still locked", e.path());
+            }
+        }
+    }
+    assert_eq!(mirror.requests.load(Ordering::SeqCst), 2, "the re-run started debootstrap again");
+}
+
+/// A box that passes every import check but has no bootloader (a bare ext4 filesystem, booted by BIOS from its
+/// disk): SeaBIOS now writes to the serial console, so `up` fails naming the firmware's verdict instead of an empty
+/// serial log. Costs one short TCG boot (~30-60 s).
+#[test]
+#[ignore = "vm: boots a libvirt guest into SeaBIOS with nothing to boot"]
+fn vm_unbootable_box_reports_the_firmware_error() {
+    let t = Test::new();
+    let dir = t.path().to_path_buf();
+    ext4_raw(&dir.join("blank.raw"), 64 * 1024, 4096);
+    let name = format!("nb{}", std::process::id() % 100_000);
+    t.write(
+        "box-config.toml",
+        format!(
+            "[machine]\nname = \"{name}\"\nprovider = \"libvirt\"\ncpus = 1\nmemory_mb = 512\ndisk_gb = 1\n\n\
+             [box]\nimage = \"blank.raw\"\n\n[ssh]\nhost_port = {}\n\n[provision]\nenabled = false\n\n\
+             [libvirt]\nuri = \"qemu:///session\"\n",
+            support::free_port()
+        ),
+    );
+    let cache = dir.join("cache").display().to_string();
+    let run = |args: &[&str]| {
+        Test::new().cwd(&dir).env("PROVISIONER_CACHE_DIR", cache.clone()).args(args.iter().copied()).run()
+    };
+    struct Destroy<'a>(&'a dyn Fn(&[&str]) -> support::Run);
+    impl Drop for Destroy<'_> {
+        fn drop(&mut self) {
+            let r = (self.0)(&["destroy", "-f"]);
+            if !r.out.status.success() {
+                eprintln!("cleanup destroy failed: {}", r.stderr());
+            }
+        }
+    }
+    let _cleanup = Destroy(&run);
+    let started = Instant::now();
+    let r = run(&["up", "--no-provision", "--boot-timeout", "45"]).failure();
+    eprintln!("up failed after {:?}", started.elapsed());
+    let serial = std::fs::read_to_string(dir.join(".provisioner/serial.log")).unwrap_or_default();
+    assert!(serial.contains("SeaBIOS"), "firmware output on the serial console:\n{serial}");
+    assert!(serial.contains("Boot failed") || serial.contains("No bootable device"), "{serial}");
+    r.stderr_contains("the firmware found nothing to boot on the disk");
+}
+
+/// Ctrl-C while `up` waits for SSH (here: a VM of the VBoxManage double that never answers): `up` stops at once
+/// with 130 and an `interrupted` event instead of dying by the signal, and the next `up` goes on from the recorded
+/// state (the machine exists and runs: no second import, no second VM).
+#[test]
+fn up_interrupted_while_waiting_for_ssh_exits_130_and_reruns() {
+    use std::os::unix::process::CommandExt;
+    let t = Test::new();
+    let dir = t.path().to_path_buf();
+    vbox_project(&t, "vbi");
+    let cache = dir.join("cache");
+    let mut c = std::process::Command::new(support::bin());
+    c.args(["--json", "up", "--boot-timeout", "600"]).current_dir(&dir).env("PROVISIONER_CACHE_DIR", &cache);
+    // SAFETY: only async-signal-safe signal(2) between fork and exec (a background runner may ignore SIGINT).
+    unsafe {
+        c.pre_exec(|| {
+            libc::signal(libc::SIGINT, libc::SIG_DFL);
+            Ok(())
+        });
+    }
+    let mut up = support::Proc::spawn("up", c, dir.join("up.log"));
+    support::wait_until(Duration::from_secs(120), "`up` to wait for SSH", || {
+        if let Some(st) = up.child.try_wait().unwrap() {
+            panic!("`up` ended early ({st}):\n{}", up.log_text());
+        }
+        up.log_text().contains(r#"{"event":"phase_start","phase":"ssh"}"#).then_some(())
+    });
+    let signalled = Instant::now();
+    // SAFETY: kill(2) on the child we started.
+    unsafe { libc::kill(up.child.id() as i32, libc::SIGINT) };
+    let st = support::wait_until(Duration::from_secs(15), "`up` to exit", || up.child.try_wait().unwrap());
+    let took = signalled.elapsed();
+    assert_eq!(st.code(), Some(130), "{}", up.log_text());
+    assert!(took < Duration::from_secs(5), "Ctrl-C took {took:?} to stop `up`");
+    let interrupted = up
+        .log_text()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["event"] == "interrupted")
+        .unwrap_or_else(|| panic!("no interrupted event:\n{}", up.log_text()));
+    assert_eq!(
+        (interrupted["signal"].as_str(), interrupted["exit_code"].as_i64()),
+        (Some("SIGINT"), Some(130))
+    );
+    let again = Test::new()
+        .cwd(&dir)
+        .env("PROVISIONER_CACHE_DIR", cache.display().to_string())
+        .args(["--json", "up", "--boot-timeout", "1"])
+        .run()
+        .failure();
+    assert!(again.stderr().contains("did not answer SSH"), "{}", again.stderr());
+    let calls = std::fs::read_to_string(dir.join("vbox/vboxdouble/calls.log")).unwrap_or_default();
+    assert_eq!(calls.lines().filter(|l| l.starts_with("import ")).count(), 1, "{calls}");
+    Test::new()
+        .cwd(&dir)
+        .env("PROVISIONER_CACHE_DIR", cache.display().to_string())
+        .args(["destroy", "-f"])
+        .run()
+        .success();
 }

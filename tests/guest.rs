@@ -20,10 +20,10 @@ fn base_image_tarball_is_built_once_trimmed_and_complete() {
         b"[machine]\nname = \"t\"\n[box.debian]\n",
     )
     .unwrap();
-    let ui = provisioner::ui::Ui::new(false, true);
     let base = BaseImage::for_config(&cfg);
-    base.ensure_tarball(&ui.phase("base")).expect("build the base image");
-    assert!(!base.ensure_tarball(&ui.phase("base")).unwrap(), "second call must reuse the cached tarball");
+    let never = std::sync::atomic::AtomicBool::new(false);
+    base.ensure_tarball(&|_| {}, &never).expect("build the base image");
+    assert!(!base.ensure_tarball(&|_| {}, &never).unwrap(), "second call must reuse the cached tarball");
     let size = std::fs::metadata(base.tarball()).unwrap().len();
     assert!(size < 350 << 20, "base image is {} MB; trimming regressed", size >> 20);
     let mut names = std::collections::BTreeSet::new();
@@ -44,6 +44,87 @@ fn base_image_tarball_is_built_once_trimmed_and_complete() {
     }
     assert!(!names.iter().any(|n| n.starts_with("usr/share/doc/") && n.len() > "usr/share/doc/".len()));
     assert!(!names.iter().any(|n| n.starts_with("var/lib/apt/lists/") && n.ends_with("Packages")));
+}
+
+/// The background build `up` starts while the guest boots, with a stand-in `debootstrap` first on PATH (the real
+/// build script runs; only the download is replaced). Returns the cache dir, the stand-in's pid file, and the
+/// base image. Needs root (the script runs under `sudo -n` otherwise, which resets PATH): None without it.
+fn host_build_bench(
+    debootstrap_body: &str,
+) -> Option<(tempfile::TempDir, std::path::PathBuf, provisioner::guest::images::BaseImage)> {
+    use std::os::unix::fs::PermissionsExt;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: the host-side build runs the script directly only as root");
+        return None;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let bin = t.path().join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let pidfile = t.path().join("debootstrap.pid");
+    let fake = bin.join("debootstrap");
+    std::fs::write(&fake, format!("#!/bin/sh\necho $$ > {}\n{debootstrap_body}\n", pidfile.display()))
+        .unwrap();
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    // Each nextest test is its own process: the environment is this test's alone.
+    std::env::set_var("PATH", format!("{}:{}", bin.display(), std::env::var("PATH").unwrap()));
+    std::env::set_var("PROVISIONER_CACHE_DIR", t.path().join("cache"));
+    let cfg = provisioner::config::Config::from_bytes(
+        Path::new("box-config.toml"),
+        b"[machine]\nname = \"t\"\n[box.debian]\n",
+    )
+    .unwrap();
+    Some((t, pidfile, provisioner::guest::images::BaseImage::for_config(&cfg)))
+}
+
+fn work_dirs(base: &provisioner::guest::images::BaseImage) -> Vec<String> {
+    std::fs::read_dir(base.tarball().parent().unwrap())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".work."))
+        .collect()
+}
+
+#[test]
+fn host_build_dropped_midway_kills_the_build_and_removes_its_work_dir() {
+    use provisioner::guest::images::HostBuild;
+    let Some((_t, pidfile, base)) = host_build_bench("echo downloading; sleep 600") else { return };
+    let build = HostBuild::start(&base).expect("a build starts when nothing is cached");
+    let pid: i32 = wait_until(Duration::from_secs(30), "the stand-in debootstrap to run", || {
+        std::fs::read_to_string(&pidfile).ok().and_then(|s| s.trim().parse().ok())
+    });
+    assert_eq!(work_dirs(&base).len(), 1, "the script made its work dir");
+    let t = std::time::Instant::now();
+    drop(build); // what an error elsewhere in `up` does
+    assert!(t.elapsed() < Duration::from_secs(10), "cancel took {:?}", t.elapsed());
+    // Gone, or a zombie waiting for init to reap it (killed: it cannot run again).
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let state =
+        stat.rsplit(')').next().and_then(|r| r.split_whitespace().next()).unwrap_or("gone").to_string();
+    assert!(
+        state == "gone" || state == "Z",
+        "debootstrap {pid} outlived the cancelled build (state {state})"
+    );
+    assert!(work_dirs(&base).is_empty(), "work dir left: {:?}", work_dirs(&base));
+    assert!(!base.tarball().exists());
+}
+
+#[test]
+fn host_build_failure_is_reported_at_the_join_with_the_output_and_a_hint() {
+    use provisioner::guest::images::HostBuild;
+    let Some((_t, _pid, base)) = host_build_bench("echo 'E: Failed getting release file' >&2; exit 1") else {
+        return;
+    };
+    let build = HostBuild::start(&base).expect("a build starts");
+    let ui = provisioner::ui::Ui::new(false, true);
+    let e = format!("{:#}", build.join(&ui.phase("images")).unwrap_err());
+    assert!(e.contains("E: Failed getting release file"), "{e}");
+    assert!(e.contains("hint:") && e.contains("debootstrap"), "{e}");
+    assert!(work_dirs(&base).is_empty(), "work dir left: {:?}", work_dirs(&base));
+    // A cached tarball means no build at all.
+    std::fs::write(base.tarball(), b"cached").unwrap();
+    assert!(HostBuild::start(&base).is_none());
 }
 
 /// A loopback HTTP server answering every request with `status`; runs until the test ends.
@@ -174,6 +255,10 @@ fn vm_up_verify_reprovision_destroy() {
     }
     let _cleanup = Destroy(t.path());
 
+    // Ctrl-C on the first `up` once its images phase starts (the base image is being built on the host or streamed
+    // into the guest's Docker): it stops with 130 within seconds, no process of that run is left (whatever ran in
+    // its own process group was killed with it), and the next `up` completes from there to the green table.
+    interrupt_up_in_images_phase(t.path());
     let up = run(&["up"]).success();
     let table = up.stdout();
     for svc in ["demo-app", "prometheus", "alertmanager", "node-exporter"] {
@@ -230,4 +315,56 @@ fn vm_up_verify_reprovision_destroy() {
 
     run(&["destroy", "-f"]).success();
     assert!(!t.path().join(".provisioner").exists(), "destroy left the state dir");
+}
+
+/// Start `up --json` in `dir`, SIGINT it when its `images` phase starts, and check it ends as a clean cancellation.
+fn interrupt_up_in_images_phase(dir: &Path) {
+    use std::os::unix::process::CommandExt;
+    let marker = format!("PROVISIONER_TEST_RUN=guest-images-{}", std::process::id());
+    let (key, value) = marker.split_once('=').unwrap();
+    let mut c = Command::new(crate::support::bin());
+    c.args(["--json", "up"])
+        .current_dir(dir)
+        .env("PROVISIONER_CACHE_DIR", crate::support::cache_dir())
+        .env(key, value);
+    // SAFETY: only async-signal-safe signal(2) between fork and exec: a runner started in the background may have
+    // left SIGINT ignored, and `up` must see it as a user's Ctrl-C would.
+    unsafe {
+        c.pre_exec(|| {
+            libc::signal(libc::SIGINT, libc::SIG_DFL);
+            Ok(())
+        });
+    }
+    let mut up = Proc::spawn("up (to interrupt)", c, dir.join("up-interrupted.log"));
+    let started = std::time::Instant::now();
+    wait_until(Duration::from_secs(1800), "the images phase of the first `up`", || {
+        if let Some(st) = up.child.try_wait().unwrap() {
+            panic!("`up` ended before its images phase ({st}):\n{}", up.log_text());
+        }
+        up.log_text().contains(r#"{"event":"phase_start","phase":"images"}"#).then_some(())
+    });
+    eprintln!("images phase reached after {:?}; sending SIGINT", started.elapsed());
+    let signalled = std::time::Instant::now();
+    // SAFETY: kill(2) on the child we started.
+    unsafe { libc::kill(up.child.id() as i32, libc::SIGINT) };
+    let st =
+        wait_until(Duration::from_secs(60), "the interrupted `up` to exit", || up.child.try_wait().unwrap());
+    eprintln!("interrupted `up` exited ({st}) {:?} after SIGINT", signalled.elapsed());
+    assert_eq!(st.code(), Some(130), "{}", up.log_text());
+    assert!(up.log_text().contains(r#""event":"interrupted""#), "{}", up.log_text());
+    // libvirt's session daemons, when the run's first virsh call started them, inherit its environment and stay
+    // by design; anything else carrying the marker is an orphan of the interrupted run.
+    wait_until(Duration::from_secs(15), "no orphan of the interrupted `up`", || {
+        let left: Vec<String> = crate::support::processes_with_env(&marker)
+            .into_iter()
+            .filter(|p| {
+                let comm = p.split_once(' ').map_or("", |(_, c)| c);
+                !(comm.starts_with("virt") || comm == "libvirtd")
+            })
+            .collect();
+        left.is_empty().then_some(()).or_else(|| {
+            eprintln!("still running: {left:?}");
+            None
+        })
+    });
 }

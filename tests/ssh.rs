@@ -345,7 +345,11 @@ fn project_with_sshd() -> (support::Test, PathBuf, Sshd) {
 fn provisioner_ssh_runs_a_command_and_exits_with_its_status() {
     let (_t, project, _sshd) = project_with_sshd();
     let cfg = project.join("box-config.toml");
-    let run = support::Test::new().cwd(&project).args(["ssh", "-c", "echo hi; exit 7"]).run();
+    let run = support::Test::new()
+        .cwd(&project)
+        .env("PROVISIONER_SSH_REUSE", "0")
+        .args(["ssh", "-c", "echo hi; exit 7"])
+        .run();
     assert_eq!(run.code(), Some(7), "stdout {:?} stderr {:?}", run.stdout(), run.stderr());
     assert_eq!(run.stdout(), "hi\n");
     // The client's command line (-v prints it) pins the key the same way as ssh-config.
@@ -353,10 +357,114 @@ fn provisioner_ssh_runs_a_command_and_exits_with_its_status() {
     assert!(run.stderr().contains("\"GlobalKnownHostsFile=/dev/null\""), "{}", run.stderr());
     // `--` keeps each word one argument in the guest.
     support::Test::new()
+        .env("PROVISIONER_SSH_REUSE", "0")
         .args(["--config", cfg.to_str().unwrap(), "ssh", "--", "printf", "<%s>", "a b", "c"])
         .run()
         .success()
         .stdout_contains("<a b><c>");
+}
+
+/// Logins the test sshd accepted so far (one per TCP connection + authentication).
+fn logins(sshd: &Sshd) -> usize {
+    sshd.proc.log_text().matches("Accepted publickey").count()
+}
+
+/// `ssh -O CMD` against a control socket: (exit ok, stderr).
+fn control(socket: &Path, cmd: &str) -> (bool, String) {
+    let out = Command::new("ssh")
+        .args(["-F", "none", "-o"])
+        .arg(format!("ControlPath=\"{}\"", socket.display()))
+        .args(["-O", cmd, "machine"])
+        .output()
+        .unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// Stops the master on `socket` when the test ends, however it ends.
+struct Master(PathBuf);
+
+impl Drop for Master {
+    fn drop(&mut self) {
+        if self.0.exists() {
+            control(&self.0, "exit");
+        }
+    }
+}
+
+#[test]
+fn provisioner_ssh_reuses_one_connection_and_can_opt_out() {
+    let (_t, project, sshd) = project_with_sshd();
+    let socket = project.join(".provisioner/ssh-control");
+    let _master = Master(socket.clone());
+    let ssh = |env: &[(&str, &str)]| {
+        let mut t = support::Test::new().cwd(&project).args(["ssh", "-c", "echo hi"]);
+        for (k, v) in env {
+            t = t.env(k, *v);
+        }
+        t.run().success().stdout_contains("hi");
+    };
+    ssh(&[]);
+    assert_eq!(logins(&sshd), 1);
+    assert!(socket.exists(), "no control socket at {}", socket.display());
+    let (ok, msg) = control(&socket, "check");
+    assert!(ok && msg.contains("Master running"), "{msg}");
+    // The second call is a channel on the master's connection: no new login.
+    ssh(&[]);
+    ssh(&[]);
+    assert_eq!(logins(&sshd), 1, "a second `ssh -c` logged in again:\n{}", sshd.proc.log_text());
+    // Opted out, every call logs in on its own, whatever master exists.
+    ssh(&[("PROVISIONER_SSH_REUSE", "0")]);
+    assert_eq!(logins(&sshd), 2);
+    let (ok, msg) = control(&socket, "exit");
+    assert!(ok, "{msg}");
+    support::wait_until(Duration::from_secs(10), "the master to remove its socket", || {
+        (!socket.exists()).then_some(())
+    });
+    // Off in the config: no socket, new logins.
+    let cfg = project.join("box-config.toml");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(&cfg, text.replace("[ssh]\n", "[ssh]\nreuse_connection = false\n")).unwrap();
+    ssh(&[]);
+    assert_eq!(logins(&sshd), 3);
+    assert!(!socket.exists());
+}
+
+#[test]
+fn a_state_dir_too_long_for_a_socket_puts_it_in_a_private_runtime_dir() {
+    use std::os::unix::fs::PermissionsExt;
+    let t = support::Test::new();
+    let project = t.path().join("a-project-directory-whose-path-is-far-too-long-for-a-unix-socket-address-x");
+    std::fs::create_dir_all(&project).unwrap();
+    let config = std::fs::read_to_string(support::repo().join("box-config.toml"))
+        .unwrap()
+        .replace("user = \"provisioner\"", &format!("user = \"{}\"", current_user()));
+    std::fs::write(project.join("box-config.toml"), config).unwrap();
+    support::copy_dir(&support::repo().join("provision"), &project.join("provision"));
+    let state = StateDir::at(project.join(".provisioner"));
+    let sshd = Sshd::start_for(tempfile::tempdir().unwrap(), state.clone(), "");
+    MachineState { ssh_host: Some("127.0.0.1".into()), ssh_port: Some(sshd.port), ..Default::default() }
+        .save(&state)
+        .unwrap();
+    let runtime = tempfile::tempdir().unwrap();
+    let run = || {
+        support::Test::new()
+            .cwd(&project)
+            .env("XDG_RUNTIME_DIR", runtime.path().to_str().unwrap())
+            .args(["ssh", "-c", "true"])
+            .run()
+            .success();
+    };
+    run();
+    run();
+    assert_eq!(logins(&sshd), 1);
+    let dir = runtime.path().join("provisioner");
+    assert_eq!(std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777, 0o700);
+    let sockets: Vec<_> = std::fs::read_dir(&dir).unwrap().flatten().map(|e| e.path()).collect();
+    let _masters: Vec<Master> = sockets.iter().cloned().map(Master).collect();
+    assert_eq!(sockets.len(), 1, "{sockets:?}");
+    assert!(!state.root.join("ssh-control").exists());
+    let (ok, msg) = control(&sockets[0], "exit");
+    assert!(ok, "{msg}");
 }
 
 #[test]
@@ -382,6 +490,7 @@ fn provisioner_ssh_to_a_stopped_machine_says_so() {
 #[test]
 fn ssh_config_stanza_parses_and_connects() {
     let (t, project, sshd) = project_with_sshd();
+    let _master = Master(project.join(".provisioner/ssh-control"));
     let run = support::Test::new().cwd(&project).args(["ssh-config", "--host", "labvm"]).run().success();
     let file = t.path().join("ssh_config");
     std::fs::write(&file, run.stdout()).unwrap();
@@ -397,6 +506,9 @@ fn ssh_config_stanza_parses_and_connects() {
         format!("userknownhostsfile {}", project.join(".provisioner/known_hosts").display()),
         // Only the pinned key counts: no system-wide known_hosts file may vouch for this address.
         "globalknownhostsfile /dev/null".to_string(),
+        "controlmaster auto".to_string(),
+        format!("controlpath {}", project.join(".provisioner/ssh-control").display()),
+        "controlpersist 600".to_string(),
     ] {
         assert!(g.contains(&want), "ssh -G lacks {want:?}:\n{g}");
     }
@@ -406,4 +518,6 @@ fn ssh_config_stanza_parses_and_connects() {
         .run()
         .unwrap();
     assert_eq!(out.stdout, "connected\n");
+    let (ok, msg) = control(&project.join(".provisioner/ssh-control"), "exit");
+    assert!(ok, "the stanza's connection left no master: {msg}");
 }

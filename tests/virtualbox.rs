@@ -49,7 +49,7 @@ impl Bench {
             cmdline: None,
             firmware: Firmware::Bios,
         };
-        Bench { vbox: VirtualBox { vboxmanage: bin.join("VBoxManage") }, base, dir }
+        Bench { vbox: VirtualBox::at(bin.join("VBoxManage")), base, dir }
     }
 
     fn bin_dir(&self) -> PathBuf {
@@ -101,7 +101,7 @@ impl Bench {
             std::fs::write(&log, "").unwrap();
         }
         let tmp = self.dir.path().to_string_lossy().into_owned();
-        text.lines().map(|l| l.replace(&tmp, "$TMP")).collect()
+        text.lines().map(|l| uuids_as_names(&l.replace(&tmp, "$TMP"), &self.vms())).collect()
     }
 
     /// The double's registry.
@@ -114,6 +114,28 @@ impl Bench {
     fn vm(&self, name: &str) -> Option<serde_json::Value> {
         self.vms().into_iter().find(|v| v["name"] == name)
     }
+}
+
+/// A VM's UUID in a call shown as `{NAME}` (the UUIDs are random; the names are stable), other UUIDs as `{uuid}`.
+fn uuids_as_names(line: &str, vms: &[serde_json::Value]) -> String {
+    line.split(' ')
+        .map(|w| {
+            let is_uuid = w.len() == 36
+                && w.char_indices().all(|(i, c)| {
+                    if [8, 13, 18, 23].contains(&i) {
+                        c == '-'
+                    } else {
+                        c.is_ascii_hexdigit()
+                    }
+                });
+            match vms.iter().find(|v| v["uuid"] == w) {
+                Some(v) if is_uuid => format!("{{{}}}", v["name"].as_str().unwrap_or("?")),
+                None if is_uuid => "{uuid}".to_string(),
+                _ => w.to_string(),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// Compare a call sequence with `tests/fixtures/vbox/golden/<name>.txt` (or write it with VBOX_GOLDEN_UPDATE=1).
@@ -157,7 +179,8 @@ fn first_machine_imports_the_box_once_snapshots_and_links_a_clone() {
     let again = b.take_calls();
     assert_eq!(
         again,
-        [format!("showvminfo {MASTER} --machinereadable"), format!("showvminfo {WEB} --machinereadable")]
+        [format!("showvminfo {MASTER} --machinereadable"), format!("showvminfo {{{WEB}}} --machinereadable")],
+        "found by the UUID recorded in state.json"
     );
 }
 
@@ -187,8 +210,8 @@ fn stopped_machine_gets_config_changes_on_create() {
     golden("recreate_stopped", &b.take_calls());
     let web = b.vm(WEB).unwrap();
     assert_eq!(web["cpus"], 4);
-    assert_eq!(web["natpf1"][1], "grafana_dashboards-tcp-3300,tcp,127.0.0.1,3300,,3000");
-    assert_eq!(web["natpf1"].as_array().unwrap().len(), 2, "old rules were deleted");
+    assert_eq!(web["natpf"]["1"][1], "grafana_dashboards-tcp-3300,tcp,127.0.0.1,3300,,3000");
+    assert_eq!(web["natpf"]["1"].as_array().unwrap().len(), 2, "old rules were deleted");
 }
 
 #[test]
@@ -258,10 +281,8 @@ fn destroy_on_virtualbox_6_falls_back_to_delete() {
     b.take_calls();
     b.vbox.destroy(WEB, &spec.state).unwrap();
     let calls = b.take_calls();
-    assert_eq!(
-        calls[1..],
-        [format!("unregistervm {WEB} --delete-all"), format!("unregistervm {WEB} --delete")]
-    );
+    // The flag comes from the version (asked once), not from a failed first try.
+    assert_eq!(calls[1..], [format!("unregistervm {WEB} --delete")]);
     assert!(b.vm(WEB).is_none());
 }
 
@@ -269,11 +290,12 @@ fn destroy_on_virtualbox_6_falls_back_to_delete() {
 fn preflight_checks_the_version() {
     let b = Bench::new();
     b.vbox.preflight().unwrap();
+    // The version is asked once per run: a new provider per host setting.
     b.settings(serde_json::json!({"version": "5.2.44r139111"}));
-    let e = err_text(b.vbox.preflight().unwrap_err());
+    let e = err_text(VirtualBox::at(&b.vbox.vboxmanage).preflight().unwrap_err());
     assert!(e.contains("5.2.44r139111") && e.contains("hint: install VirtualBox 6.1 or newer"), "{e}");
     b.settings(serde_json::json!({"driver": "missing"}));
-    let e = err_text(b.vbox.preflight().unwrap_err());
+    let e = err_text(VirtualBox::at(&b.vbox.vboxmanage).preflight().unwrap_err());
     assert!(e.contains("kernel driver is not usable") && e.contains("sudo /sbin/vboxconfig"), "{e}");
 }
 
@@ -341,7 +363,8 @@ fn half_made_clone_is_recreated_not_leaked() {
     golden("resume_half_made_clone", &b.take_calls());
     let names: Vec<String> = b.vms().iter().map(|v| v["name"].as_str().unwrap().to_string()).collect();
     assert_eq!(names, [MASTER, WEB]);
-    assert_ne!(b.vm(WEB).unwrap()["uuid"], half["uuid"]);
+    // The UUID recorded before the first clonevm is reused: the VM keeps one identity across the retry.
+    assert_eq!(b.vm(WEB).unwrap()["uuid"], half["uuid"]);
     let snapshots = b.double_dir().join("VirtualBox VMs").join(WEB).join("Snapshots");
     assert_eq!(std::fs::read_dir(snapshots).unwrap().count(), 1, "the half-made clone's disk was deleted");
     b.vbox.start(WEB).unwrap();
@@ -489,8 +512,12 @@ fn up_status_halt_destroy_through_the_binary() {
     assert_eq!(calls.iter().filter(|c| c.starts_with("import ")).count(), 1, "{calls:#?}");
     let vm = b.vms().into_iter().find(|v| v["parent"].is_string()).expect("a linked clone");
     let name = vm["name"].as_str().unwrap().to_string();
-    assert!(calls.contains(&format!("startvm {name} --type headless")), "{calls:#?}");
-    assert_eq!(vm["natpf1"][0], format!("ssh,tcp,127.0.0.1,{port},,22"));
+    // After `clonevm --uuid`, the VM is addressed by the UUID recorded in state.json (shown as {NAME}).
+    assert!(calls.contains(&format!("startvm {{{name}}} --type headless")), "{calls:#?}");
+    let st: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(proj.join(".provisioner/state.json")).unwrap()).unwrap();
+    assert_eq!(st["vm_id"], vm["uuid"], "the UUID is recorded in state.json");
+    assert_eq!(vm["natpf"]["1"][0], format!("ssh,tcp,127.0.0.1,{port},,22"));
 
     run(&["status"]).success().stdout_contains("running").stdout_contains("virtualbox");
     // A broken edit must not lock the user out: status, halt and destroy go on from the recorded state (the
@@ -505,7 +532,7 @@ fn up_status_halt_destroy_through_the_binary() {
         .stderr_contains("does not validate")
         .stderr_contains("box-config.toml:5:1");
     run(&["halt", "--timeout", "30"]).success();
-    assert!(b.take_calls().contains(&format!("controlvm {name} acpipowerbutton")));
+    assert!(b.take_calls().contains(&format!("controlvm {{{name}}} acpipowerbutton")));
     assert_eq!(b.vm(&name).unwrap()["state"], "poweroff");
     // Even a file that no longer parses as TOML: the machine name comes from the recorded VM name.
     std::fs::write(proj.join("box-config.toml"), format!("{good}\n[[[")).unwrap();
@@ -514,6 +541,256 @@ fn up_status_halt_destroy_through_the_binary() {
     run(&["destroy", "-f"]).success().stderr_contains("does not validate");
     assert!(b.vm(&name).is_none(), "clone unregistered");
     assert_eq!(b.vms().len(), 1, "only the master is left");
+}
+
+/// A project for the binary: `<tmp>/<dir>/box-config.toml` on the double, with the fixture box, an empty
+/// provision tree, SSH on a free port and `extra` forwards (guest ports) after it.
+struct Project {
+    dir: PathBuf,
+    cache: PathBuf,
+    port: u16,
+}
+
+impl Project {
+    fn new(b: &Bench, dir: &str, extra: &[u16]) -> Project {
+        let proj = b.dir.path().join(dir);
+        std::fs::create_dir_all(proj.join("box")).unwrap();
+        std::fs::create_dir_all(proj.join("provision")).unwrap();
+        std::fs::copy(fixtures().join("box.ovf"), proj.join("box/box.ovf")).unwrap();
+        std::fs::write(proj.join("box/box-disk001.vmdk"), b"vmdk").unwrap();
+        let port = support::free_port();
+        let mut toml = format!(
+            "[machine]\nname = \"vb\"\nprovider = \"virtualbox\"\ncpus = 1\nmemory_mb = 1024\n\n[box]\n\
+             vagrant = \"box/box.ovf\"\n\n[ssh]\nhost_port = {port}\n\n[virtualbox]\nvboxmanage = {:?}\n",
+            b.vbox.vboxmanage.to_str().unwrap()
+        );
+        for (i, guest) in extra.iter().enumerate() {
+            toml += &format!(
+                "\n[[forward]]\nname = \"svc{i}\"\nguest = {guest}\nhost = {}\n",
+                support::free_port()
+            );
+        }
+        std::fs::write(proj.join("box-config.toml"), toml).unwrap();
+        Project { dir: proj, cache: b.dir.path().join("binary cache"), port }
+    }
+
+    /// Run the binary in `cwd` with `args` (which may carry `--config`).
+    fn run(&self, cwd: &Path, args: &[&str]) -> support::Run {
+        support::Test::new()
+            .cwd(cwd)
+            .env("PROVISIONER_CACHE_DIR", self.cache.to_str().unwrap())
+            .args(args.iter().copied())
+            .run()
+    }
+
+    fn here(&self, args: &[&str]) -> support::Run {
+        self.run(&self.dir, args)
+    }
+
+    /// `up` gets as far as the SSH wait (the double boots no guest): everything before it worked.
+    fn up_reaches_ssh(&self, cwd: &Path, extra: &[&str]) -> support::Run {
+        let mut args = extra.to_vec();
+        args.extend(["up", "--boot-timeout", "1"]);
+        self.run(cwd, &args).failure().stderr_contains("did not answer SSH")
+    }
+
+    fn state(&self) -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(self.dir.join(".provisioner/state.json")).unwrap()).unwrap()
+    }
+}
+
+impl Bench {
+    /// The clone (the one VM with a parent).
+    fn clone_vm(&self) -> serde_json::Value {
+        self.vms().into_iter().find(|v| v["parent"].is_string()).expect("a linked clone")
+    }
+
+    /// Put a VM of the double into a state no VBoxManage call of ours produces (a crash, a host sleep).
+    fn force_state(&self, uuid: &str, state: &str) {
+        let path = self.double_dir().join("state.json");
+        let mut st: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        for vm in st["vms"].as_array_mut().unwrap() {
+            if vm["uuid"] == uuid {
+                vm["state"] = state.into();
+            }
+        }
+        std::fs::write(&path, st.to_string()).unwrap();
+    }
+
+    fn raw(&self, args: &[&str]) {
+        let out = std::process::Command::new(&self.vbox.vboxmanage).args(args).output().unwrap();
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+}
+
+/// Issue 8.1: the same project reached as `../proj` from another directory, or through a symlinked directory,
+/// is the same machine: a stopped, complete VM is started, never unregistered and re-cloned (that deleted its disk).
+#[test]
+fn another_spelling_of_the_project_path_keeps_the_vm() {
+    let b = Bench::new();
+    let p = Project::new(&b, "proj", &[]);
+    p.up_reaches_ssh(&p.dir, &[]);
+    let first = b.clone_vm();
+    assert_eq!(p.state()["vm_id"], first["uuid"], "the UUID is recorded in state.json");
+    p.here(&["halt", "--force"]).success();
+    let other = b.dir.path().join("other");
+    std::fs::create_dir_all(&other).unwrap();
+    std::os::unix::fs::symlink(&p.dir, b.dir.path().join("link")).unwrap();
+    let via_link = b.dir.path().join("link/box-config.toml");
+    for (cwd, config) in [(&other, "../proj/box-config.toml"), (&other, via_link.to_str().unwrap())] {
+        b.take_calls();
+        p.up_reaches_ssh(cwd, &["--config", config]);
+        let calls = b.take_calls();
+        assert!(
+            !calls.iter().any(|c| c.starts_with("unregistervm") || c.starts_with("clonevm")),
+            "--config {config}: the VM was recreated: {calls:#?}"
+        );
+        assert!(calls.iter().any(|c| c.starts_with("startvm")), "{calls:#?}");
+        let now = b.clone_vm();
+        assert_eq!(now["uuid"], first["uuid"], "same VM");
+        assert_eq!(now["description"], first["description"], "marker unchanged");
+        p.run(cwd, &["--config", config, "halt", "--force"]).success();
+    }
+    // The marker names the canonical state dir; `status` and `destroy` through the symlink work too.
+    let canonical = std::fs::canonicalize(&p.dir).unwrap().join(".provisioner");
+    assert_eq!(first["description"], format!("provisioner machine; state dir: {}", canonical.display()));
+    p.run(&other, &["--config", via_link.to_str().unwrap(), "status"]).success().stdout_contains("stopped");
+    p.run(&other, &["--config", via_link.to_str().unwrap(), "destroy", "-f"]).success();
+    assert!(b.vms().iter().all(|v| v["uuid"] != first["uuid"]), "destroyed");
+}
+
+/// Issue 8.2: every VirtualBox state through `status`, `up` and `halt`, as Vagrant's driver treats them.
+#[test]
+fn saved_aborted_saved_and_paused_vms_resume_and_halt_cleanly() {
+    let b = Bench::new();
+    let p = Project::new(&b, "proj", &[]);
+    p.up_reaches_ssh(&p.dir, &[]);
+    let uuid = b.clone_vm()["uuid"].as_str().unwrap().to_string();
+    let name = b.clone_vm()["name"].as_str().unwrap().to_string();
+    for (state, shown, resume) in [
+        ("saved", "saved", "startvm"),
+        ("aborted-saved", "aborted-saved", "startvm"),
+        ("paused", "paused", "controlvm"),
+    ] {
+        b.force_state(&uuid, state);
+        p.here(&["status"]).success().stdout_contains(&format!("vb: {shown} (virtualbox)"));
+        p.here(&["status", "--json"])
+            .success()
+            .stdout_contains(&format!("\"state\":\"{}\"", shown.replace('-', "_")));
+        b.take_calls();
+        // up resumes it as it is: no modifyvm/storage change (a saved VM is not mutable), no re-clone.
+        p.up_reaches_ssh(&p.dir, &[]);
+        let calls = b.take_calls();
+        let changing: Vec<_> = calls
+            .iter()
+            .filter(|c| {
+                ["modifyvm", "storage", "clonevm", "unregistervm", "discardstate"]
+                    .iter()
+                    .any(|k| c.starts_with(k))
+            })
+            .collect();
+        assert!(changing.is_empty(), "{state}: {changing:#?}");
+        let want = if resume == "startvm" {
+            format!("startvm {{{name}}} --type headless")
+        } else {
+            format!("controlvm {{{name}}} resume")
+        };
+        assert!(calls.contains(&want), "{state}: {calls:#?}");
+        assert_eq!(b.clone_vm()["state"], "running", "{state}");
+    }
+    // halt on saved discards the saved state (Vagrant's DiscardState): afterwards it is off, not saved.
+    for (state, after) in [("saved", "poweroff"), ("aborted-saved", "aborted")] {
+        b.force_state(&uuid, state);
+        b.take_calls();
+        p.here(&["halt"]).success();
+        assert_eq!(b.take_calls().last().unwrap(), &format!("discardstate {{{name}}}"), "{state}");
+        assert_eq!(b.clone_vm()["state"], after, "{state}");
+        p.here(&["status"])
+            .success()
+            .stdout_contains(&format!("vb: {}", if after == "poweroff" { "stopped" } else { "aborted" }));
+    }
+    // An aborted VM is off: up reconfigures and boots it.
+    b.take_calls();
+    p.up_reaches_ssh(&p.dir, &[]);
+    assert!(b.take_calls().iter().any(|c| c.starts_with("modifyvm")), "aborted is mutable");
+    // halt on paused: resume, then the power button.
+    b.force_state(&uuid, "paused");
+    b.take_calls();
+    p.here(&["halt", "--timeout", "30"]).success();
+    let calls = b.take_calls();
+    let i = calls.iter().position(|c| c == &format!("controlvm {{{name}}} resume")).expect("resumed");
+    assert_eq!(calls[i + 1], format!("controlvm {{{name}}} acpipowerbutton"), "{calls:#?}");
+    assert_eq!(b.clone_vm()["state"], "poweroff");
+}
+
+/// Issue 8.1/8.2: a VM whose settings file is gone is inaccessible; a lookup by name would not find it at all
+/// (and `up` would try to clone over it). By UUID it is found and reported with the fix, and destroy clears it.
+#[test]
+fn inaccessible_vm_gets_a_clear_error_and_destroy_clears_it() {
+    let b = Bench::new();
+    let p = Project::new(&b, "proj", &[]);
+    p.up_reaches_ssh(&p.dir, &[]);
+    p.here(&["halt", "--force"]).success();
+    let vm = b.clone_vm();
+    std::fs::remove_file(vm["cfg"].as_str().unwrap()).unwrap();
+    p.here(&["status"]).success().stdout_contains("vb: inaccessible (virtualbox)");
+    b.take_calls();
+    p.here(&["up"])
+        .failure()
+        .stderr_contains("inaccessible")
+        .stderr_contains("hint:")
+        .stderr_contains("provisioner destroy -f");
+    let calls = b.take_calls();
+    assert!(!calls.iter().any(|c| c.starts_with("clonevm") || c.starts_with("modifyvm")), "{calls:#?}");
+    p.here(&["halt"]).failure().stderr_contains("inaccessible");
+    p.here(&["destroy", "-f"]).success();
+    assert!(
+        b.take_calls().contains(&format!("unregistervm {{uuid}}"))
+            || b.vms().iter().all(|v| v["uuid"] != vm["uuid"])
+    );
+    assert!(b.vms().iter().all(|v| v["uuid"] != vm["uuid"]), "the dead entry is unregistered");
+}
+
+/// Issue 8.3: several NAT rules on every release the double models (7.0.0 shows them only in the settings file),
+/// and rules of another NAT adapter (`Forwarding(N)` restarts per NIC) are not taken for ours: `up` finds the
+/// ssh rule, and a second `up` on the stopped VM re-applies the rules without "already exists".
+#[test]
+fn several_nat_rules_on_every_release_and_per_adapter() {
+    for version in ["6.1.50r161033", "7.0.0r153978", "7.0.20r163906", "7.1.4r165100"] {
+        let b = Bench::new();
+        b.settings(serde_json::json!({ "version": version }));
+        let p = Project::new(&b, "proj", &[3000, 9090]);
+        let first = p.up_reaches_ssh(&p.dir, &[]);
+        assert!(!first.stderr().contains("no NAT rule"), "{version}: {}", first.stderr());
+        let vm = b.clone_vm();
+        assert_eq!(vm["natpf"]["1"].as_array().unwrap().len(), 3, "{version}");
+        p.here(&["halt", "--force"]).success();
+        // A second NAT adapter with a rule of the same name, on a different host port.
+        let uuid = vm["uuid"].as_str().unwrap();
+        b.raw(&["modifyvm", uuid, "--nic2", "nat", "--natpf2", "ssh,tcp,127.0.0.1,2299,,22"]);
+        b.take_calls();
+        let second = p.up_reaches_ssh(&p.dir, &[]);
+        assert!(!second.stderr().contains("already exists"), "{version}: {}", second.stderr());
+        assert!(
+            second.stderr().contains(&p.port.to_string()),
+            "{version}: SSH tried nic1's port: {}",
+            second.stderr()
+        );
+        let vm = b.clone_vm();
+        assert_eq!(vm["natpf"]["2"][0], "ssh,tcp,127.0.0.1,2299,,22", "{version}: nic2's rule untouched");
+        assert_eq!(vm["natpf"]["1"].as_array().unwrap().len(), 3, "{version}");
+        if version.starts_with("7.0.0") {
+            // Read from the settings file there; everywhere else from showvminfo.
+            let out = std::process::Command::new(&b.vbox.vboxmanage)
+                .args(["showvminfo", uuid, "--machinereadable"])
+                .output()
+                .unwrap();
+            assert!(
+                !String::from_utf8_lossy(&out.stdout).contains("Forwarding(0)=\"grafana"),
+                "7.0.0 defect modelled"
+            );
+        }
+    }
 }
 
 /// A config for `provider = "virtualbox"` or `auto`, with an optional VBoxManage path.
@@ -540,7 +817,7 @@ fn e2e_real_virtualbox() {
         return;
     }
     let vbox = match which::which("VBoxManage") {
-        Ok(p) => VirtualBox { vboxmanage: p },
+        Ok(p) => VirtualBox::at(p),
         Err(e) => {
             eprintln!("skipped: VBoxManage not on PATH ({e})");
             return;

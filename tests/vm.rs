@@ -283,6 +283,12 @@ fn vm_lifecycle_end_to_end() {
 
     let r = vm.run(&["ssh", "-c", "cat /etc/hostname"]).success();
     assert_eq!(r.stdout().trim(), vm.name);
+    // The first `ssh -c` left an OpenSSH master; the second goes through it.
+    let socket = vm.state_dir().join("ssh-control");
+    assert!(socket.exists(), "no control socket after `ssh -c`");
+    vm.run(&["ssh", "-c", "true"]).success();
+    assert!(ssh_check(&socket).contains("Master running"), "{}", ssh_check(&socket));
+    assert_eq!(ssh_masters(&socket).len(), 1, "one master process");
     let r = vm.run(&["status"]).success();
     assert!(r.stdout().contains(&format!("{}: running (libvirt, 127.0.0.1:", vm.name)), "{}", r.stdout());
     // The forwarded ports of a real machine, SSH first (what `vagrant port` shows), and `port --guest 22`.
@@ -291,15 +297,60 @@ fn vm_lifecycle_end_to_end() {
     assert!(r.stdout().contains(&format!("127.0.0.1:{ssh_port} ")), "{ssh_port}: {}", r.stdout());
 
     vm.run(&["halt"]).success();
+    assert!(ssh_masters(&socket).is_empty(), "halt left ssh masters: {:?}", ssh_masters(&socket));
+    assert!(!socket.exists(), "halt left the control socket");
     vm.run(&["status"]).success().stdout_contains(&format!("{}: stopped", vm.name));
-    vm.run(&["up", "--no-provision"]).success();
+    // `up` reads state.json once per run (and renders nothing: provisioning is off here).
+    let r = vm.run(&["up", "--no-provision", "--json"]).success();
+    let counts = r.stdout().lines().find(|l| l.contains("\"run_counts\"")).map(str::to_string);
+    let counts: serde_json::Value = serde_json::from_str(&counts.expect("a run_counts event")).unwrap();
+    assert_eq!((counts["state_reads"].as_u64(), counts["renders"].as_u64()), (Some(1), Some(0)), "{counts}");
     vm.run(&["status"]).success().stdout_contains("running");
+    vm.run(&["ssh", "-c", "true"]).success();
+    assert_eq!(ssh_masters(&socket).len(), 1, "a new master after the restart");
 
     let disk = vm.state_dir().join("disk.qcow2");
     assert!(disk.exists());
-    vm.run(&["destroy", "-f"]).success();
+    // Issue 8.1: the same project reached through a symlinked directory is the same machine (one canonical
+    // identity): destroy there must not refuse the domain as "another provisioner machine".
+    let link = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(vm.t.path(), link.path().join("proj")).unwrap();
+    let via_link = link.path().join("proj/box-config.toml");
+    Test::new()
+        .cwd(link.path())
+        .env("PROVISIONER_CONFIG", via_link.to_string_lossy())
+        .args(["destroy", "-f"])
+        .run()
+        .success();
     assert!(vm.domains().is_empty(), "domain left behind: {:?}", vm.domains());
     assert!(!vm.state_dir().exists() && !disk.exists(), "state dir or overlay left behind");
+    assert!(ssh_masters(&socket).is_empty(), "destroy left ssh masters: {:?}", ssh_masters(&socket));
+}
+
+/// `ssh -O check` on a control socket: its stderr ("Master running (pid=N)" when one answers).
+fn ssh_check(socket: &std::path::Path) -> String {
+    let out = std::process::Command::new("ssh")
+        .args(["-F", "none", "-o"])
+        .arg(format!("ControlPath=\"{}\"", socket.display()))
+        .args(["-O", "check", "machine"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// PIDs of ssh master processes for a control socket (a master renames itself `ssh: PATH [mux]`).
+fn ssh_masters(socket: &std::path::Path) -> Vec<u32> {
+    let needle = socket.display().to_string();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).contains(&needle))
+                .unwrap_or(false)
+        })
+        .collect()
 }
 
 #[test]

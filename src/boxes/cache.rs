@@ -141,6 +141,8 @@ impl Cache {
     }
 
     fn commit(&self, id: &str, partial: &Path, mut meta: BoxMeta) -> Result<BoxMeta> {
+        // A build a signal cancelled is never published, even if its last step happened to finish.
+        crate::process::check_interrupted()?;
         meta.id = id.to_string();
         meta.created = now_rfc3339();
         meta.size = dir_size(partial);
@@ -259,7 +261,7 @@ pub fn remove_tree(path: &Path) -> Result<()> {
     let mut mounts = mounts_under(path)?;
     mounts.sort_by_key(|m| std::cmp::Reverse(m.as_os_str().len()));
     for m in &mounts {
-        crate::process::Cmd::new("umount").arg("-l").arg(m).run()?;
+        crate::process::Cmd::new("umount").arg("-l").arg(m).cleanup().run()?;
     }
     let left = mounts_under(path)?;
     if !left.is_empty() {

@@ -146,6 +146,8 @@ fn build(cache: &Cache, id: &str, d: &DebianBox, dir: &Path, ui: &Ui) -> Result<
         .run()
         .map_err(|e| with_disk_hint(e, dir))?;
     std::fs::remove_file(&raw)?;
+    phase.message("integrity check");
+    super::integrity::check(&dir.join("box.qcow2"))?;
     phase.done(&format!("qcow2, kernel {kernel}"));
 
     let mut meta = BoxMeta::new(describe(d), "libvirt", "qcow2", "box.qcow2");

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 
 use super::cache::{sha256_file, short, BoxMeta, Cache};
-use crate::process::Cmd;
+use super::integrity;
 use crate::ui::Ui;
 
 /// The cached copy of the local file `path`, keyed by its sha256.
@@ -97,6 +97,8 @@ pub fn unpack(src: &Path, dir: &Path, source: String) -> Result<BoxMeta> {
                 src.display()
             );
         }
+        // Checked before it is copied: a refused file costs no copy and leaves nothing in the cache.
+        integrity::check(src)?;
         let disk = format!("box.{format}");
         if owned {
             std::fs::rename(src, dir.join(&disk))?;
@@ -104,6 +106,9 @@ pub fn unpack(src: &Path, dir: &Path, source: String) -> Result<BoxMeta> {
             // A copy, not a hardlink: the cached base must not change when the user edits their file.
             std::fs::copy(src, dir.join(&disk))
                 .with_context(|| format!("copy {} into the cache", src.display()))?;
+            if std::fs::metadata(dir.join(&disk))?.len() != std::fs::metadata(src)?.len() {
+                bail!("the copy of {} into the cache is incomplete (is the disk full?)", src.display());
+            }
         }
         return Ok(BoxMeta::new(source, "libvirt", &format, &disk));
     }
@@ -135,7 +140,9 @@ fn from_tree(dir: &Path, source: String) -> Result<BoxMeta> {
                 if !img.is_file() {
                     bail!("this libvirt Vagrant box has no box.img; it holds: {}", listing(dir));
                 }
-                Ok(BoxMeta::new(source, "libvirt", &qemu_format(&img)?, "box.img"))
+                let format = qemu_format(&img)?;
+                integrity::check(&img)?;
+                Ok(BoxMeta::new(source, "libvirt", &format, "box.img"))
             }
             "virtualbox" => match find_ovf(dir)? {
                 Some(ovf) => Ok(BoxMeta::new(source, "virtualbox", "ovf", &ovf)),
@@ -183,12 +190,7 @@ fn listing(dir: &Path) -> String {
 
 /// The format `qemu-img info` detects.
 pub fn qemu_format(path: &Path) -> Result<String> {
-    let out = Cmd::new("qemu-img").args(["info", "-U", "--output=json"]).arg(path).run()?;
-    let v: serde_json::Value = serde_json::from_str(&out.stdout).context("parse `qemu-img info` output")?;
-    v.get("format")
-        .and_then(|f| f.as_str())
-        .map(str::to_string)
-        .with_context(|| format!("`qemu-img info` reports no format for {}", path.display()))
+    Ok(integrity::info(path)?.format)
 }
 
 /// A loose `.ovf` and the files it references (`ovf:href`), which must sit beside it.

@@ -8,6 +8,7 @@ pub mod cache;
 pub mod debian;
 pub mod fetch;
 pub mod import;
+pub mod integrity;
 
 use std::path::PathBuf;
 
@@ -27,14 +28,9 @@ pub fn cache_dir() -> PathBuf {
     dirs::cache_dir().unwrap_or_else(|| PathBuf::from("/var/tmp")).join("provisioner")
 }
 
-/// Make sure the box that `cfg` names is in the cache (fetching or building it) and return it.
-/// `provider` is "libvirt" or "virtualbox" (a Vagrant box must match it).
-pub fn ensure(cfg: &Config, provider: &str, force: bool) -> Result<BoxImage> {
-    ensure_ui(cfg, provider, force, &Ui::new(false, false)).map(|(image, _)| image)
-}
-
-/// [`ensure`] reporting progress through `ui`; the bool says whether this call built/fetched the box (false =
-/// cache hit).
+/// Make sure the box that `cfg` names is in the cache (fetching or building it) and return it, reporting
+/// progress through `ui` (so `--json` gets only JSON events). `provider` is "libvirt" or "virtualbox" (a Vagrant
+/// box must match it). The bool says whether this call built/fetched the box (false = cache hit).
 pub fn ensure_ui(cfg: &Config, provider: &str, force: bool, ui: &Ui) -> Result<(BoxImage, bool)> {
     ensure_in(&Cache::open()?, cfg, provider, force, ui)
 }

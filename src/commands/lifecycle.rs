@@ -11,14 +11,16 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use serde_json::json;
 
+use super::plan::Plan;
 use super::Ctx;
 use crate::cli::{DestroyArgs, HaltArgs, UpArgs};
 use crate::config::{Config, Forward};
+use crate::machine::identity::MachineId;
 use crate::machine::lock::MachineLock;
 use crate::machine::state::MachineState;
 use crate::machine::StateDir;
 use crate::provider::{self, MachineSpec, Provider, VmState};
-use crate::ssh::{Endpoint, Session};
+use crate::ssh::Session;
 
 /// Deadline for `cloud-init status --wait` once SSH answers.
 const CLOUD_INIT_TIMEOUT: Duration = Duration::from_secs(600);
@@ -37,12 +39,16 @@ impl Machine {
         Self::new(ctx, ctx.config()?)
     }
 
-    fn new(ctx: &Ctx, cfg: Config) -> Result<Self> {
-        let rel = ctx.state(&cfg);
-        let root =
-            std::path::absolute(&rel.root).with_context(|| format!("resolve {}", rel.root.display()))?;
-        let vm_name = provider::vm_name(&cfg);
-        Ok(Self { cfg, state: StateDir::at(root), vm_name })
+    fn new(_ctx: &Ctx, cfg: Config) -> Result<Self> {
+        // The one identity of this machine (canonical state dir + VM name), computed once for the whole run.
+        let id = MachineId::new(&cfg.base_dir(), &cfg.machine.name)?;
+        Ok(Self { cfg, state: id.state_dir(), vm_name: id.vm_name().to_string() })
+    }
+
+    /// How the provider addresses the VM: the UUID recorded in state.json when there is one (VirtualBox), else
+    /// its name. Read again after `create`, which records the UUID before it makes the VM.
+    fn vm_ref(&self) -> Result<String> {
+        Ok(vm_ref(MachineState::load(&self.state)?.as_ref(), &self.vm_name))
     }
 
     /// For `status`, `halt` and `destroy`: an edit that breaks box-config.toml must not lock the user out of a
@@ -95,6 +101,11 @@ impl Machine {
     }
 }
 
+/// The recorded VM UUID, else the name.
+fn vm_ref(st: Option<&MachineState>, vm_name: &str) -> String {
+    st.and_then(|s| s.vm_id.clone()).unwrap_or_else(|| vm_name.to_string())
+}
+
 /// Whether cloud-init's `result.json` says it finished with no errors (and no recoverable ones, which
 /// `cloud-init status` reports as a warning). Anything unexpected is "not clean", so the slow path decides.
 fn cloud_init_clean(result_json: &str) -> bool {
@@ -129,18 +140,32 @@ pub fn up(ctx: &Ctx, args: &UpArgs) -> Result<i32> {
 
 fn up_locked(ctx: &Ctx, m: &Machine, p: &dyn Provider, args: &UpArgs) -> Result<i32> {
     let ui = &ctx.ui;
-    for w in m.cfg.validate_all()? {
-        ui.warn(w.to_string());
+    let provisioning = !args.no_provision && m.cfg.provision.enabled != Some(false);
+    let show_render = provisioning.then(|| ui.phase("render"));
+    let mut plan = Plan::build(&m.cfg, &m.state, ui)?;
+    if let (Some(ph), Some(lab)) = (show_render, &plan.lab) {
+        ph.done(&format!("{} files", lab.rendered.files.len()));
     }
     let ph = ui.phase("preflight");
     p.preflight()?;
-    let live = p.state(&m.vm_name)?;
+    let live = p.state(&m.vm_ref()?)?;
     ph.done(&format!("{} ({})", p.name(), live));
+
+    // A new machine needs the lab's base image: build it on the host while the guest boots (both take about a
+    // minute under TCG). Joined at the images phase; dropped (cancelled) if `up` fails before.
+    let host_build = (provisioning
+        && live == VmState::NotCreated
+        && m.cfg.provision.images == crate::config::ImageSource::Debian)
+        .then(|| crate::guest::images::HostBuild::start(&crate::guest::images::BaseImage::for_config(&m.cfg)))
+        .flatten();
+    if host_build.is_some() {
+        ui.event("base_image_build_started", json!({}));
+    }
 
     let (_, host_key) = match live {
         VmState::Running => {
             let keys = crate::keys::ensure_machine_keys(&m.state, &m.cfg.machine.name)?;
-            if MachineState::load(&m.state)?.is_none() {
+            if plan.state.is_none() {
                 bail!(
                     "the machine {} is running but its state.json is missing\nhint: `provisioner destroy -f` removes \
                      it, then `provisioner up` recreates it",
@@ -149,7 +174,22 @@ fn up_locked(ctx: &Ctx, m: &Machine, p: &dyn Provider, args: &UpArgs) -> Result<
             }
             keys
         }
-        VmState::NotCreated | VmState::Stopped => boot(ctx, m, p, live)?,
+        VmState::NotCreated | VmState::Stopped | VmState::Aborted => boot(ctx, m, p, live, &mut plan.state)?,
+        // Saved or paused: resume as it is. A saved VM is not mutable, so nothing is reconfigured (config edits
+        // take effect after `provisioner reload`).
+        VmState::Saved | VmState::AbortedSaved | VmState::Paused => {
+            let keys = crate::keys::ensure_machine_keys(&m.state, &m.cfg.machine.name)?;
+            let ph = ui.phase("resume");
+            p.start(&m.vm_ref()?)?;
+            ph.done(&format!("resumed from {live}"));
+            keys
+        }
+        VmState::Inaccessible => bail!(
+            "VirtualBox lists the machine {} as inaccessible: its settings file or a disk it needs (for a linked \
+             clone also the provisioner-master-* VM) was moved or deleted\nhint: restore the missing files, or run \
+             `provisioner destroy -f` (it unregisters the dead entry) and then `provisioner up`",
+            m.vm_name
+        ),
         other => bail!(
             "the machine {} is {other}; it cannot be started from this state\nhint: `provisioner halt -f` powers \
              it off, then run `provisioner up` again",
@@ -157,12 +197,7 @@ fn up_locked(ctx: &Ctx, m: &Machine, p: &dyn Provider, args: &UpArgs) -> Result<
         ),
     };
 
-    let ep = Endpoint {
-        addr: p.ssh_endpoint(&m.vm_name, &m.state)?,
-        user: m.cfg.ssh.user.clone(),
-        key: m.state.user_key(),
-        host_key: host_key.public_openssh.clone(),
-    };
+    let ep = plan.endpoint(&host_key.public_openssh)?;
     let ph = ui.phase("ssh");
     let timeout = Duration::from_secs(args.boot_timeout.unwrap_or(m.cfg.ssh.connect_timeout_secs));
     let session = Session::connect(&ep, timeout).map_err(|e| e.context(serial_tail(&m.state)))?;
@@ -188,41 +223,68 @@ fn up_locked(ctx: &Ctx, m: &Machine, p: &dyn Provider, args: &UpArgs) -> Result<
             m.state.serial_log().display()
         ),
     }
-    let mut st = MachineState::load(&m.state)?.unwrap_or_default();
+    let st = plan.state.get_or_insert_with(MachineState::default);
     if !st.provisioned {
         st.provisioned = true;
         st.save(&m.state)?;
     }
     ph.done("done");
 
-    if args.no_provision || m.cfg.provision.enabled == Some(false) {
-        ui.info(format!("{}: running ({}, {}); provisioning skipped", m.cfg.machine.name, p.name(), ep.addr));
-        return Ok(crate::exit::OK);
-    }
-    let ph = ui.phase("render");
-    let rendered = crate::render::render_config(&m.cfg, &m.state)?;
-    ph.done(&format!("{} files", rendered.files.len()));
-    crate::guest::provision(&m.cfg, &session, &rendered, ui, false)?;
-    let healthy = crate::health::check(&m.cfg, Some(&session), ui, Duration::from_secs(300))?;
+    let lab = match (&plan.lab, provisioning) {
+        (Some(lab), true) => lab,
+        _ => {
+            ui.info(format!(
+                "{}: running ({}, {}); provisioning skipped",
+                m.cfg.machine.name,
+                p.name(),
+                ep.addr
+            ));
+            report_counts(ui);
+            return Ok(crate::exit::OK);
+        }
+    };
+    crate::guest::provision(&m.cfg, &session, lab, ui, false, host_build)?;
+    let (available, unavailable) = lab.services(&m.cfg);
+    let healthy = crate::health::check_services(
+        &m.cfg,
+        Some(&session),
+        ui,
+        super::provision::HEALTH_TIMEOUT,
+        &available,
+        &unavailable,
+    )?;
+    report_counts(ui);
     Ok(if healthy { crate::exit::OK } else { crate::exit::UNHEALTHY })
 }
 
-/// Create or start the machine; returns its (user, host) keys.
+/// With `--json`: how many times this run rendered the provision tree and read state.json (once each).
+fn report_counts(ui: &crate::ui::Ui) {
+    ui.event(
+        "run_counts",
+        json!({"renders": crate::render::renders_in_thread(), "state_reads": MachineState::reads_in_thread()}),
+    );
+}
+
+/// Create or start the machine, recording it in `recorded` (and state.json) before the hypervisor is touched;
+/// returns its (user, host) keys.
 fn boot(
     ctx: &Ctx,
     m: &Machine,
     p: &dyn Provider,
     live: VmState,
+    recorded: &mut Option<MachineState>,
 ) -> Result<(crate::keys::KeyPair, crate::keys::KeyPair)> {
     let ui = &ctx.ui;
-    let mut st = MachineState::load(&m.state)?.unwrap_or_default();
+    // A master connection left from the machine's previous run would talk to a dead guest.
+    close_ssh_master(ctx, &m.state);
+    let mut st = recorded.take().unwrap_or_default();
     let forwards = resolve_forwards(&m.cfg, &st);
     let ph = ui.phase("ports");
     crate::ports::check_free(&forwards)?;
     ph.done(&format!("{} forwards free", forwards.len()));
 
     let ph = ui.phase("box");
-    let base = crate::boxes::ensure(&m.cfg, p.name(), false)?;
+    let base = crate::boxes::ensure_ui(&m.cfg, p.name(), false, ui)?.0;
     ph.done(&base.id);
 
     let ph = ui.phase("keys");
@@ -259,6 +321,7 @@ fn boot(
     };
     // Recorded before the hypervisor is touched, so an interrupted `up` can be completed or destroyed.
     st.save(&m.state)?;
+    *recorded = Some(st);
 
     let ph = ui.phase("create");
     let spec = MachineSpec {
@@ -277,7 +340,7 @@ fn boot(
     ph.done(&format!("{} ({})", m.vm_name, accel.label()));
 
     let ph = ui.phase("boot");
-    p.start(&m.vm_name)?;
+    p.start(&m.vm_ref()?)?;
     ph.done(if live == VmState::NotCreated { "created and started" } else { "started" });
     Ok((user_key, host_key))
 }
@@ -296,14 +359,31 @@ fn resolve_forwards(cfg: &Config, st: &MachineState) -> Vec<Forward> {
     forwards
 }
 
-/// The last lines of the serial console, as context for an SSH timeout.
+/// The last lines of the serial console, as context for an SSH timeout, with what an empty console or a firmware
+/// error means.
 fn serial_tail(state: &StateDir) -> String {
     let log = state.serial_log();
     let text = std::fs::read(&log).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
+    if text.trim().is_empty() {
+        return format!(
+            "the guest did not answer SSH and its serial console ({}) stayed empty: not even the firmware printed \
+             anything, so the machine never started to boot\n\
+             hint: the box's disk is most likely unusable (truncated, damaged or not bootable): run `qemu-img check` \
+             on it, remove it with `provisioner box remove ID` (`provisioner box list` shows the ids), get or build \
+             it again, then `provisioner destroy -f && provisioner up`",
+            log.display()
+        );
+    }
+    let hint = if text.contains("No bootable device") || text.contains("Boot failed") {
+        "the firmware found nothing to boot on the disk: the box has no bootloader (or a damaged one); use a box \
+         with a bootloader, or one with a kernel and initrd (such as a [box.debian] build), then \
+         `provisioner destroy -f && provisioner up`"
+    } else {
+        "a guest that never reaches a login prompt has a boot problem (box, kernel command line, disk); one that \
+         does may be slow (TCG): raise --boot-timeout"
+    };
     format!(
-        "the guest did not answer SSH; last {SERIAL_TAIL_LINES} lines of its serial console ({}):\n{}\n\
-         hint: a guest that never reaches a login prompt has a boot problem (box, kernel command line, disk); one \
-         that does may be slow (TCG): raise --boot-timeout",
+        "the guest did not answer SSH; last {SERIAL_TAIL_LINES} lines of its serial console ({}):\n{}\nhint: {hint}",
         log.display(),
         crate::process::tail(&text, SERIAL_TAIL_LINES)
     )
@@ -321,7 +401,7 @@ pub fn status(ctx: &Ctx) -> Result<i32> {
         return Ok(crate::exit::OK);
     };
     let p = provider::select(&m.cfg)?;
-    let live = p.state(&st.vm_name)?;
+    let live = p.state(&vm_ref(Some(&st), &st.vm_name))?;
     let ssh = match (&st.ssh_host, st.ssh_port) {
         (Some(h), Some(port)) => Some(format!("{h}:{port}")),
         _ => None,
@@ -357,8 +437,9 @@ fn halt_locked(ctx: &Ctx, m: &Machine, args: &HaltArgs) -> Result<i32> {
         return Ok(crate::exit::OK);
     }
     let p = provider::select(&m.cfg)?;
+    close_ssh_master(ctx, &m.state);
     let ph = ctx.ui.phase("halt");
-    p.halt(&m.vm_name, Duration::from_secs(args.timeout), args.force)?;
+    p.halt(&m.vm_ref()?, Duration::from_secs(args.timeout), args.force)?;
     ph.done(if args.force { "powered off" } else { "shut down" });
     Ok(crate::exit::OK)
 }
@@ -382,13 +463,25 @@ pub fn destroy(ctx: &Ctx, args: &DestroyArgs) -> Result<i32> {
         return Ok(crate::exit::OK);
     }
     let _lock = MachineLock::acquire(&m.state, "destroy")?;
-    let vm_name = MachineState::load(&m.state).ok().flatten().map(|s| s.vm_name).unwrap_or(m.vm_name.clone());
+    let recorded = MachineState::load(&m.state).ok().flatten();
+    let vm_name = recorded.as_ref().map(|s| s.vm_name.clone()).unwrap_or(m.vm_name.clone());
     let p = provider::select(&m.cfg)?;
+    close_ssh_master(ctx, &m.state);
     let ph = ctx.ui.phase("destroy");
-    p.destroy(&vm_name, &m.state)?;
+    p.destroy(&vm_ref(recorded.as_ref(), &vm_name), &m.state)?;
     remove_state_dir(&m.state.root)?;
     ph.done(&vm_name);
     Ok(crate::exit::OK)
+}
+
+/// Close the machine's OpenSSH master connection (see [`crate::ssh::control`]) so no ssh process outlives the
+/// machine; a failure only warns: the machine going down ends the connection anyway.
+fn close_ssh_master(ctx: &Ctx, state: &StateDir) {
+    match crate::ssh::control::close_master(state) {
+        Ok(true) => ctx.ui.event("ssh_master_closed", json!({})),
+        Ok(false) => {}
+        Err(e) => ctx.ui.warn(format!("could not close the SSH master connection: {e:#}")),
+    }
 }
 
 fn remove_state_dir(root: &Path) -> Result<()> {

@@ -4,6 +4,7 @@ pub mod boxcmd;
 pub mod lifecycle;
 pub mod load;
 pub mod port;
+mod plan;
 pub mod provision;
 pub mod render;
 pub mod ssh;

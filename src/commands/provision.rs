@@ -33,9 +33,10 @@ pub fn provision_and_check(
     ui: &Ui,
     force: bool,
 ) -> Result<i32> {
-    let rendered = crate::render::render_config(cfg, state)?;
-    crate::guest::provision(cfg, ssh, &rendered, ui, force)?;
-    health_code(crate::health::check(cfg, Some(ssh), ui, HEALTH_TIMEOUT)?)
+    let lab = crate::guest::Lab::render(cfg, state)?;
+    crate::guest::provision(cfg, ssh, &lab, ui, force, None)?;
+    let (available, unavailable) = lab.services(cfg);
+    health_code(crate::health::check_services(cfg, Some(ssh), ui, HEALTH_TIMEOUT, &available, &unavailable)?)
 }
 
 fn health_code(healthy: bool) -> Result<i32> {

@@ -8,13 +8,15 @@ use anyhow::{bail, Context, Result};
 use super::Ctx;
 use crate::cli::{SshArgs, SshConfigArgs};
 use crate::machine::StateDir;
-use crate::ssh::{shell_quote, Endpoint};
+use crate::ssh::{control, shell_quote, Endpoint};
 
 /// What the OpenSSH client needs: the endpoint plus the private known_hosts file that pins the host key.
 struct Target {
     alias: String,
     ep: Endpoint,
     known_hosts: PathBuf,
+    /// The OpenSSH control socket when connection reuse is on.
+    control: Option<PathBuf>,
 }
 
 fn target(ctx: &Ctx) -> Result<Target> {
@@ -23,13 +25,15 @@ fn target(ctx: &Ctx) -> Result<Target> {
     let ep = Endpoint::for_machine(&cfg, &state)?;
     // Re-pin from the host key and the recorded port, so the file always matches the current forward.
     crate::keys::write_known_hosts(&state, &ep.addr.ip().to_string(), ep.addr.port(), &ep.host_key)?;
-    let known_hosts = StateDir::at(ep.key.parent().context("key path has no directory")?).known_hosts();
-    Ok(Target { alias: cfg.machine.name.clone(), ep, known_hosts })
+    let dir = StateDir::at(ep.key.parent().context("key path has no directory")?);
+    let control =
+        if control::enabled_for(cfg.ssh.reuse_connection) { Some(control::socket_path(&dir)?) } else { None };
+    Ok(Target { alias: cfg.machine.name.clone(), ep, known_hosts: dir.known_hosts(), control })
 }
 
 /// `-o` options shared by `ssh` and the `ssh-config` stanza, in OpenSSH config spelling (unquoted values).
 fn options(t: &Target) -> Vec<(&'static str, String)> {
-    vec![
+    let mut opts = vec![
         ("HostName", t.ep.addr.ip().to_string()),
         ("Port", t.ep.addr.port().to_string()),
         ("User", t.ep.user.clone()),
@@ -41,18 +45,27 @@ fn options(t: &Target) -> Vec<(&'static str, String)> {
         // Only the pinned key counts: no system-wide file may vouch for another key on this address.
         ("GlobalKnownHostsFile", "/dev/null".into()),
         ("LogLevel", "ERROR".into()),
-    ]
+    ];
+    if let Some(socket) = &t.control {
+        opts.extend(control::options(socket));
+    }
+    opts
 }
 
 pub fn ssh(ctx: &Ctx, args: &SshArgs) -> Result<i32> {
     let t = target(ctx)?;
-    // Fail with a useful message rather than ssh's bare "Connection refused" when the machine is down.
-    if let Err(e) = std::net::TcpStream::connect_timeout(&t.ep.addr, std::time::Duration::from_secs(5)) {
-        bail!(
-            "machine `{}` is not reachable over SSH at {}: {e}\nhint: is it running? check `provisioner status`; `provisioner up` starts it",
-            t.alias,
-            t.ep.addr
-        );
+    // Fail with a useful message rather than ssh's bare "Connection refused" when the machine is down. A live
+    // master proves the machine answers, and spares the guest's sshd a connection per call.
+    let via_master = t.control.as_deref().is_some_and(control::master_alive);
+    if !via_master {
+        if let Err(e) = std::net::TcpStream::connect_timeout(&t.ep.addr, std::time::Duration::from_secs(5)) {
+            bail!(
+                "machine `{}` is not reachable over SSH at {}: {e}\nhint: is it running? check `provisioner status`; \
+                 `provisioner up` starts it",
+                t.alias,
+                t.ep.addr
+            );
+        }
     }
     let ssh = which::which("ssh").map_err(|_| {
         anyhow::anyhow!("the OpenSSH client `ssh` is not on PATH\nhint: install it (Debian/Ubuntu: `apt-get install openssh-client`)")
@@ -130,7 +143,7 @@ fn config_value(key: &str, v: &str) -> Result<String> {
     if v.contains('"') {
         bail!("{key} {v:?} contains a double quote, which OpenSSH config cannot express\nhint: move the project to a path without '\"'");
     }
-    let v = if matches!(key, "IdentityFile" | "UserKnownHostsFile") {
+    let v = if matches!(key, "IdentityFile" | "UserKnownHostsFile" | "ControlPath") {
         v.replace('%', "%%")
     } else {
         v.to_string()

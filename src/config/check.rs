@@ -370,10 +370,15 @@ fn check_ip(ip: &str, path: &[&str], what: &str, src: &Source, f: &mut Findings)
 pub const COMPOSE_FILES: &[&str] =
     &["compose.yaml", "compose.yml", "docker-compose.yml", "docker-compose.yaml"];
 
+/// Context of a render error found while validating.
+pub fn render_failed(source: &std::path::Path) -> String {
+    format!("the provision tree {} does not render (validate renders it as `up` would)", source.display())
+}
+
 /// Cross-references: the provision dir exists and renders, every forwarded port is published by the rendered
 /// compose file, every health probe's port is forwarded. Render failures are returned as errors (they name the
 /// template, line and column); findings about the config come back in [`Findings`].
-pub fn cross(cfg: &Config, src: &Source) -> Result<Findings> {
+pub fn cross(cfg: &Config, src: &Source, rendered: Option<&crate::render::Rendered>) -> Result<Findings> {
     let mut f = Findings::default();
     for (name, probe) in cfg.health_probes() {
         if cfg.host_addr_for(probe.port).is_some() {
@@ -408,9 +413,15 @@ pub fn cross(cfg: &Config, src: &Source) -> Result<Findings> {
         );
         return Ok(f);
     }
-    let rendered = render_tree(cfg, &source, &Secrets::generate()).with_context(|| {
-        format!("the provision tree {} does not render (validate renders it as `up` would)", source.display())
-    })?;
+    let owned;
+    let rendered = match rendered {
+        Some(r) => r,
+        None => {
+            owned =
+                render_tree(cfg, &source, &Secrets::generate()).with_context(|| render_failed(&source))?;
+            &owned
+        }
+    };
     let Some(compose) = COMPOSE_FILES.iter().find_map(|n| rendered.get(n)) else {
         f.warn(
             src.at_path(

@@ -3,8 +3,11 @@
 //! inputs, streamed over SSH into `docker import` and labelled with that key; a guest that already has the key is
 //! left alone. Building on the host is minutes faster than apt inside a TCG guest (see docs/guest.md).
 
-use std::path::PathBuf;
-use std::time::Duration;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
@@ -31,6 +34,9 @@ pub const BASE_PACKAGES: &[&str] = &[
     "curl",
     "ca-certificates",
 ];
+
+/// Longest host-side build of the base image.
+const BUILD_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 
 /// Docker label carrying the input key.
 pub const LABEL: &str = "provisioner.inputs";
@@ -68,9 +74,10 @@ impl BaseImage {
             .join(format!("provisioner-base-{BASE_SUITE}-{}.tar", self.key))
     }
 
-    /// Build the tarball on the host unless cached (under a lock, so parallel runs build it once).
-    /// Returns whether it was built now.
-    pub fn ensure_tarball(&self, phase: &Phase) -> Result<bool> {
+    /// Build the tarball on the host unless cached (under a lock, so parallel runs build it once). `note` gets
+    /// progress text; `cancel` set from another thread stops the build (its process group is killed and the
+    /// half-made work dir removed). Returns whether it was built now.
+    pub fn ensure_tarball(&self, note: &dyn Fn(&str), cancel: &AtomicBool) -> Result<bool> {
         use fs4::fs_std::FileExt;
         let out = self.tarball();
         let dir = out.parent().expect("tarball has a parent");
@@ -82,24 +89,60 @@ impl BaseImage {
         if out.is_file() {
             return Ok(false);
         }
-        phase.message(&format!("debootstrap {BASE_SUITE} + lab packages on the host (about a minute)"));
+        // Under the lock nobody else builds: a work dir left here is from a run that was killed.
+        remove_work_dirs(&out)?;
+        note(&format!("debootstrap {BASE_SUITE} + lab packages on the host (about a minute)"));
+        let result = self.build(&out, cancel);
+        if result.is_err() {
+            // The build's own error is the one to report; a failed cleanup is retried by the next run.
+            let _ = remove_work_dirs(&out);
+        }
+        result.map(|()| true)
+    }
+
+    fn build(&self, out: &Path, cancel: &AtomicBool) -> Result<()> {
+        const HINT: &str = "hint: it needs `debootstrap` (apt-get install debootstrap), root or password-less sudo, \
+                            and the Debian mirror ([box.debian] mirror); or set [provision] images = \"registry\" \
+                            where a registry is reachable";
         // SAFETY: geteuid has no preconditions.
         let root = unsafe { libc::geteuid() } == 0;
         let cmd = if root { Cmd::new("sh") } else { Cmd::new("sudo").args(["-n", "sh"]) };
-        cmd.arg("-c")
-            .arg(BUILD_SCRIPT)
-            .arg("base-image")
-            .args([BASE_SUITE, &self.mirror])
-            .arg(&out)
-            .args(BASE_PACKAGES)
-            .timeout(Duration::from_secs(30 * 60))
-            .run()
-            .context(
-                "building the container base image on the host failed\nhint: it needs `debootstrap` (apt-get install \
-                 debootstrap), root or password-less sudo, and the Debian mirror ([box.debian] mirror); or set \
-                 [provision] images = \"registry\" where a registry is reachable",
-            )?;
-        Ok(true)
+        let cmd = cmd.arg("-c").arg(BUILD_SCRIPT).arg("base-image").args([BASE_SUITE, &self.mirror]).arg(out);
+        let cmd = cmd.args(BASE_PACKAGES);
+        let log = out.with_extension("log");
+        let _ = std::fs::remove_file(&log);
+        let mut child = cmd
+            .spawn(Some(&log))
+            .with_context(|| format!("building the container base image on the host failed\n{HINT}"))?;
+        let deadline = Instant::now() + BUILD_TIMEOUT;
+        let status = loop {
+            if let Some(st) = child.try_wait()? {
+                break st;
+            }
+            if cancel.load(Ordering::Relaxed) {
+                child.kill();
+                bail!("the host-side build of the container base image was cancelled");
+            }
+            if Instant::now() >= deadline {
+                child.kill();
+                bail!(
+                    "`{}` did not finish within {BUILD_TIMEOUT:?}; it was killed\n{HINT}",
+                    cmd.display().chars().take(80).collect::<String>()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        let text = std::fs::read(&log).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
+        if !status.success() {
+            bail!(
+                "building the container base image on the host failed ({}); last lines of {}:\n{}\n{HINT}",
+                crate::process::describe_status(&status),
+                log.display(),
+                crate::process::tail(&text, 20)
+            );
+        }
+        let _ = std::fs::remove_file(&log);
+        Ok(())
     }
 
     /// Import the tarball into the guest's Docker unless it already has this key. Returns whether it imported.
@@ -120,16 +163,24 @@ impl BaseImage {
         let mut file = std::io::BufReader::new(
             std::fs::File::open(&path).with_context(|| format!("open {}", path.display()))?,
         );
+        // Imported untagged and tagged only after the whole tarball went through: a stream cut at a tar header
+        // boundary (an interrupt, a dropped connection) ends in an EOF that `docker import` takes for the end of
+        // the archive, and that partial image must never carry the tag the next run trusts.
         let out = ssh.exec_with_stdin(
             &format!(
-                "sudo -n docker import --change {} --change {} - {tag}",
+                "sudo -n docker import --change {} --change {} -",
                 shell_quote(&format!("LABEL {LABEL}={}", self.key)),
                 shell_quote("ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"),
             ),
             &mut file,
             Duration::from_secs(45 * 60),
         )?;
-        if out.status != 0 {
+        crate::process::check_interrupted()?;
+        let id = out.output.lines().rev().map(str::trim).find(|l| l.starts_with("sha256:")).unwrap_or("");
+        if out.status == 0 && !id.is_empty() {
+            ssh.exec_ok(&format!("sudo -n docker tag {} {tag}", shell_quote(id)), Duration::from_secs(120))?;
+        }
+        if out.status != 0 || id.is_empty() {
             bail!(
                 "`docker import` of {} in the guest failed (exit {}):\n{}\nhint: check free disk space in the guest \
                  (`provisioner ssh -c 'df -h /var/lib/docker'`; raise [machine] disk_gb)",
@@ -139,6 +190,96 @@ impl BaseImage {
             );
         }
         Ok(true)
+    }
+}
+
+/// Remove `<tarball>.work.*` dirs (the build script's scratch) left by a build that was killed. Best effort.
+/// Remove the work dirs of killed builds (an interrupt, a crash). They hold a Debian rootfs that may still have
+/// debootstrap's proc/sys mounts: `remove_tree` detaches those before deleting.
+fn remove_work_dirs(out: &Path) -> Result<()> {
+    let (Some(dir), Some(name)) = (out.parent(), out.file_name()) else { return Ok(()) };
+    let prefix = format!("{}.work.", name.to_string_lossy());
+    for e in std::fs::read_dir(dir).with_context(|| format!("read {}", dir.display()))?.flatten() {
+        if e.file_name().to_string_lossy().starts_with(&prefix) {
+            crate::boxes::cache::remove_tree(&e.path())
+                .context("remove the leftover of an interrupted base image build")?;
+        }
+    }
+    Ok(())
+}
+
+/// The host-side build of the base image, started on a thread before the guest boots (`up` of a machine that is
+/// not running) and joined at the images phase: the two take about a minute each under TCG, so the overlap saves
+/// the shorter one. Dropped without [`HostBuild::join`] (an error or interrupt elsewhere), it cancels the build.
+pub struct HostBuild {
+    thread: Option<JoinHandle<Result<Built>>>,
+    cancel: Arc<AtomicBool>,
+}
+
+/// What the background build did: whether it built (vs. found the tarball cached), and how long it ran.
+#[derive(Debug, Clone, Copy)]
+struct Built {
+    built: bool,
+    secs: f64,
+}
+
+/// How a joined [`HostBuild`] overlapped the boot: seconds it ran, seconds the images phase still waited for it.
+/// `saved_secs` is the time the overlap took off `up` (the build time minus the wait).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Overlap {
+    pub built: bool,
+    pub build_secs: f64,
+    pub waited_secs: f64,
+    pub saved_secs: f64,
+}
+
+impl Overlap {
+    /// Pure: from the build's duration and the wait at the join.
+    pub fn new(built: bool, build_secs: f64, waited_secs: f64) -> Self {
+        Self { built, build_secs, waited_secs, saved_secs: (build_secs - waited_secs).max(0.0) }
+    }
+}
+
+impl HostBuild {
+    /// Start the build of `base` on a thread (nothing to do and no thread when its tarball is cached).
+    pub fn start(base: &BaseImage) -> Option<HostBuild> {
+        if base.tarball().is_file() {
+            return None;
+        }
+        let cancel = Arc::new(AtomicBool::new(false));
+        let (base, flag) = (base.clone(), cancel.clone());
+        let thread = std::thread::Builder::new()
+            .name("base-image".into())
+            .spawn(move || {
+                let t = Instant::now();
+                let built = base.ensure_tarball(&|_| {}, &flag)?;
+                Ok(Built { built, secs: t.elapsed().as_secs_f64() })
+            })
+            .ok()?;
+        Some(HostBuild { thread: Some(thread), cancel })
+    }
+
+    /// Wait for the build (showing that in `phase`) and report the overlap, or the build's error.
+    pub fn join(mut self, phase: &Phase) -> Result<Overlap> {
+        let thread = self.thread.take().expect("joined once");
+        if !thread.is_finished() {
+            phase.message("waiting for the base image build on the host (started while the guest booted)");
+        }
+        let t = Instant::now();
+        let built = match thread.join() {
+            Ok(r) => r?,
+            Err(panic) => std::panic::resume_unwind(panic),
+        };
+        Ok(Overlap::new(built.built, built.secs, t.elapsed().as_secs_f64()))
+    }
+}
+
+impl Drop for HostBuild {
+    fn drop(&mut self) {
+        if let Some(t) = self.thread.take() {
+            self.cancel.store(true, Ordering::Relaxed);
+            let _ = t.join();
+        }
     }
 }
 
@@ -164,5 +305,17 @@ mod tests {
             .tarball()
             .to_string_lossy()
             .ends_with(&format!("images/provisioner-base-bookworm-{}.tar", a.key)));
+    }
+}
+
+#[cfg(test)]
+mod overlap_tests {
+    use super::Overlap;
+
+    #[test]
+    fn saved_time_is_the_build_minus_the_wait() {
+        assert_eq!(Overlap::new(true, 70.0, 0.0).saved_secs, 70.0, "finished while the guest booted");
+        assert_eq!(Overlap::new(true, 70.0, 20.0).saved_secs, 50.0, "the images phase waited 20 s");
+        assert_eq!(Overlap::new(false, 0.1, 0.3).saved_secs, 0.0);
     }
 }

@@ -21,6 +21,40 @@ use crate::ssh::Session;
 use crate::ui::Ui;
 use compose::{ChangePlan, Compose, ComposeModel};
 
+/// The lab of one machine for one run: the provision tree rendered once (with the machine's secrets) and its
+/// compose model, shared by validation, the guest pipeline and the health check.
+pub struct Lab {
+    pub rendered: Rendered,
+    /// The parsed compose file, or why it does not parse (an error only when the guest pipeline needs it).
+    model: std::result::Result<ComposeModel, String>,
+}
+
+impl Lab {
+    /// Render the config's tree with the machine's secrets and parse its compose file.
+    pub fn render(cfg: &Config, state: &crate::machine::StateDir) -> Result<Lab> {
+        Ok(Self::of(crate::render::render_config(cfg, state)?))
+    }
+
+    /// Parse the compose file of a rendered tree.
+    pub fn of(rendered: Rendered) -> Lab {
+        let model = ComposeModel::from_rendered(&rendered).map_err(|e| format!("{e:#}"));
+        Lab { rendered, model }
+    }
+
+    pub fn model(&self) -> Result<&ComposeModel> {
+        self.model.as_ref().map_err(|e| anyhow::anyhow!("{e}"))
+    }
+
+    /// Services to report: (available, unavailable offline). From the compose file when it parses (see
+    /// [`split_services`]), else the probe table (every entry available).
+    pub fn services(&self, cfg: &Config) -> (Vec<String>, Vec<String>) {
+        match &self.model {
+            Ok(model) => split_services(model, cfg.provision.images),
+            Err(_) => (cfg.health_probes().into_keys().collect(), Vec::new()),
+        }
+    }
+}
+
 /// Services `up -d` starts (no compose profile), and those reported "unavailable offline": in `debian` mode, a
 /// profiled service that nothing can build offline (grafana, cadvisor). Other profiled services (e.g. the lab's
 /// on-demand `loadgen`, whose image another service builds) are neither.
@@ -68,9 +102,17 @@ pub fn running_services(ssh: &Session, project: &str) -> Result<BTreeSet<String>
     Ok(out.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect())
 }
 
-/// Run every provisioning step on a reachable guest. Idempotent.
-pub fn provision(cfg: &Config, ssh: &Session, rendered: &Rendered, ui: &Ui, force: bool) -> Result<()> {
-    let model = ComposeModel::from_rendered(rendered)?;
+/// Run every provisioning step on a reachable guest. Idempotent. `host_build` is the base image build `up`
+/// started on the host while the guest booted; it is joined at the images phase (or cancelled if not needed).
+pub fn provision(
+    cfg: &Config,
+    ssh: &Session,
+    lab: &Lab,
+    ui: &Ui,
+    force: bool,
+    host_build: Option<images::HostBuild>,
+) -> Result<()> {
+    let (rendered, model) = (&lab.rendered, lab.model()?);
 
     let phase = ui.phase("docker");
     let ready = docker::ensure(ssh, cfg.provision.docker_install, &phase)?;
@@ -84,8 +126,8 @@ pub fn provision(cfg: &Config, ssh: &Session, rendered: &Rendered, ui: &Ui, forc
     let summary = forwards::ensure(ssh, cfg)?;
     phase.done(&summary);
 
-    let compose = compose_for(cfg, &model, ready.compose);
-    let (active, unavailable) = split_services(&model, cfg.provision.images);
+    let compose = compose_for(cfg, model, ready.compose);
+    let (active, unavailable) = split_services(model, cfg.provision.images);
 
     let phase = ui.phase("upload");
     let guest_path = &cfg.provision.guest_path;
@@ -105,7 +147,7 @@ pub fn provision(cfg: &Config, ssh: &Session, rendered: &Rendered, ui: &Ui, forc
 
     let running = running_services(ssh, &compose.project)?;
     let all_running = active.iter().all(|s| running.contains(s));
-    let plan = compose::plan_changes(&model, &diff.touched());
+    let plan = compose::plan_changes(model, &diff.touched());
     if !first_run && !force && plan.is_empty() && all_running {
         ui.event("provision_skipped", json!({"reason": "nothing changed and every service runs"}));
         ui.info(format!("lab unchanged and running ({} services); nothing to do", active.len()));
@@ -128,8 +170,27 @@ pub fn provision(cfg: &Config, ssh: &Session, rendered: &Rendered, ui: &Ui, forc
     match cfg.provision.images {
         ImageSource::Debian => {
             let base = images::BaseImage::for_config(cfg);
-            if base.ensure_tarball(&phase)? {
-                summary.push("base rootfs built on host".to_string());
+            match host_build {
+                Some(build) => {
+                    let o = build.join(&phase)?;
+                    ui.event(
+                        "base_image_overlap",
+                        json!({"built": o.built, "build_seconds": o.build_secs, "waited_seconds": o.waited_secs,
+                               "saved_seconds": o.saved_secs}),
+                    );
+                    if o.built {
+                        summary.push(format!(
+                            "base rootfs built on host in {:.0} s while the guest booted ({:.0} s saved)",
+                            o.build_secs, o.saved_secs
+                        ));
+                    }
+                }
+                None => {
+                    let never = std::sync::atomic::AtomicBool::new(false);
+                    if base.ensure_tarball(&|m| phase.message(m), &never)? {
+                        summary.push("base rootfs built on host".to_string());
+                    }
+                }
             }
             if base.ensure_in_guest(ssh, &phase)? {
                 summary.push(format!("{} imported", base.tag));

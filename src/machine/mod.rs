@@ -4,7 +4,7 @@
 //! ```text
 //! .provisioner/
 //!   lock               flock held by the running command; holds its PID
-//!   state.json         provider, VM id/name, box id, ssh endpoint, timings
+//!   state.json         provider, VM name and UUID, box id, ssh endpoint, timings
 //!   id_ed25519(.pub)   per-machine user key (0600)
 //!   host_ed25519(.pub) the guest's host key, generated here, put in the seed (0600)
 //!   known_hosts        the pinned host key, for `ssh` / ssh-config
@@ -14,6 +14,7 @@
 //!   serial.log         the guest's serial console
 //! ```
 
+pub mod identity;
 pub mod lock;
 pub mod state;
 

@@ -13,7 +13,8 @@ pub struct MachineState {
     pub provider: String,
     /// The hypervisor's name for the VM (domain name / VM name), unique per machine.
     pub vm_name: String,
-    /// Hypervisor id (domain UUID / VM UUID) once created.
+    /// Hypervisor id. VirtualBox: the VM's UUID, chosen and recorded here BEFORE `clonevm --uuid`, so every later
+    /// call addresses the VM by UUID (a lookup by name skips inaccessible VMs). Absent in older state files.
     #[serde(default)]
     pub vm_id: Option<String>,
     /// Cached box id the disk is based on.
@@ -35,8 +36,18 @@ pub struct MachineState {
     pub provisioned: bool,
 }
 
+thread_local! {
+    static READS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
 impl MachineState {
+    /// Reads of state.json by this thread so far (`up` reports it to show it reads the file once per run).
+    pub fn reads_in_thread() -> usize {
+        READS.with(|c| c.get())
+    }
+
     pub fn load(dir: &StateDir) -> Result<Option<Self>> {
+        READS.with(|c| c.set(c.get() + 1));
         let p = dir.state_file();
         match std::fs::read(&p) {
             Ok(b) => {

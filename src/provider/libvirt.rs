@@ -134,7 +134,8 @@ impl Libvirt {
     /// Refuse a domain of this name that we did not make (for this state dir).
     fn check_ours(&self, vm_name: &str, xml: &str, state: &StateDir) -> Result<()> {
         match owner_state_dir(xml) {
-            Some(dir) if Path::new(&dir) == state.root => Ok(()),
+            // Any spelling of our state dir (symlink, `..`, an older marker) is ours: one identity per machine.
+            Some(dir) if crate::machine::identity::same_dir(Path::new(&dir), &state.root) => Ok(()),
             Some(dir) => bail!(
                 "the libvirt domain {vm_name:?} belongs to another provisioner machine (state dir {dir}), not to \
                  {}\nhint: destroy it from that directory, or rename this machine ([machine] name)",
@@ -384,6 +385,10 @@ impl Provider for Libvirt {
     }
 
     fn start(&self, vm_name: &str) -> Result<()> {
+        // `up` on a paused domain resumes it (as for VirtualBox); `virsh start` would say "already active".
+        if self.state(vm_name)? == VmState::Paused {
+            return self.run(&["resume", "--", vm_name]).map(drop).context("resume the paused machine");
+        }
         self.run(&["start", "--", vm_name]).map(drop).context(
             "start the machine\nhint: see the serial log in .provisioner/serial.log and the daemon's log \
              (/var/log/libvirt/qemu/<domain>.log for qemu:///system, ~/.cache/libvirt/qemu/log/ for session)",

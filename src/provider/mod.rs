@@ -19,12 +19,33 @@ use crate::machine::StateDir;
 pub enum VmState {
     /// No VM of ours exists.
     NotCreated,
+    /// Running (libvirt also "in shutdown").
     Running,
-    /// Defined but powered off (libvirt "shut off", VirtualBox "poweroff"/"aborted"/"saved").
+    /// Defined but powered off (libvirt "shut off"/"crashed", VirtualBox "poweroff"/"teleported").
     Stopped,
+    /// VirtualBox "aborted": the VM process died; powered off, settings can change, `up` boots it.
+    Aborted,
+    /// Paused with its memory in place (libvirt "paused"/"pmsuspended", VirtualBox "paused"): `up` resumes it.
     Paused,
-    /// Anything else the hypervisor says, verbatim.
+    /// VirtualBox "saved": memory saved to disk. Not mutable; `up` restores it, `halt` discards the saved state.
+    Saved,
+    /// VirtualBox 7 "aborted-saved": the VM process died while a saved state existed; treated like `Saved`.
+    AbortedSaved,
+    /// VirtualBox lists the VM but cannot read its settings file or a disk.
+    Inaccessible,
+    /// Anything else the hypervisor says, verbatim (transient states such as "starting", "gurumeditation").
     Other(String),
+}
+
+impl VmState {
+    /// Powered off with no saved state: settings may change and a start is a cold boot.
+    pub fn is_off(&self) -> bool {
+        matches!(self, VmState::Stopped | VmState::Aborted)
+    }
+    /// Holding a saved state that a start restores (no reconfiguration possible).
+    pub fn is_saved(&self) -> bool {
+        matches!(self, VmState::Saved | VmState::AbortedSaved)
+    }
 }
 
 impl std::fmt::Display for VmState {
@@ -33,7 +54,11 @@ impl std::fmt::Display for VmState {
             VmState::NotCreated => f.write_str("not created"),
             VmState::Running => f.write_str("running"),
             VmState::Stopped => f.write_str("stopped"),
+            VmState::Aborted => f.write_str("aborted"),
             VmState::Paused => f.write_str("paused"),
+            VmState::Saved => f.write_str("saved"),
+            VmState::AbortedSaved => f.write_str("aborted-saved"),
+            VmState::Inaccessible => f.write_str("inaccessible"),
             VmState::Other(s) => f.write_str(s),
         }
     }
@@ -115,10 +140,14 @@ pub fn select(cfg: &Config) -> Result<Box<dyn Provider>> {
     }
 }
 
-/// The hypervisor name for a machine: stable per config location, unique across projects.
+/// The hypervisor name for a machine: stable per config location, unique across projects. Falls back to the
+/// path as given when the project directory cannot be resolved; [`crate::machine::identity::MachineId`] is the
+/// one place the name is defined.
 pub fn vm_name(cfg: &Config) -> String {
-    use sha2::{Digest, Sha256};
-    let base = std::fs::canonicalize(cfg.base_dir()).unwrap_or_else(|_| cfg.base_dir());
-    let h = Sha256::digest(base.to_string_lossy().as_bytes());
-    format!("provisioner-{}-{}", cfg.machine.name, &hex::encode(h)[..8])
+    match crate::machine::identity::MachineId::new(&cfg.base_dir(), &cfg.machine.name) {
+        Ok(id) => id.vm_name().to_string(),
+        Err(_) => crate::machine::identity::MachineId::from_canonical(&cfg.base_dir(), &cfg.machine.name)
+            .vm_name()
+            .to_string(),
+    }
 }

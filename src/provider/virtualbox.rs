@@ -5,10 +5,22 @@
 //! one `--natpf1` rule per forward (SSH first, named `ssh`), the serial console to a file in the state dir and the
 //! cloud-init seed ISO on a DVD drive. The clone's description is set LAST and marks it complete: a clone without
 //! it was left by an interrupted `create` and is recreated.
+//!
+//! Identity: the clone's UUID is chosen and recorded in state.json BEFORE `clonevm --uuid`, and every later call
+//! addresses the VM by that UUID (VirtualBox's lookup by name skips inaccessible machines, so a name would make a
+//! broken VM look absent). The description names the machine's canonical state dir
+//! ([`crate::machine::identity`]): any spelling of the project path is the same machine, and a VM whose
+//! description names another machine is refused, never removed.
+//!
+//! States (as Vagrant's VirtualBox driver and actions treat them; docs/virtualbox.md): saved and aborted-saved VMs
+//! are not mutable, so `create` leaves them alone, `start` restores them and `halt` discards the saved state;
+//! paused ones are resumed; inaccessible ones get an error with the fix. Release differences live in [`version`].
 
 mod advice;
 mod find;
 mod info;
+mod settings;
+pub mod version;
 
 use std::ffi::OsString;
 use std::net::{IpAddr, SocketAddr};
@@ -19,19 +31,23 @@ use anyhow::{anyhow, bail, Context, Result};
 
 use super::{BoxImage, MachineSpec, Provider, VmState};
 use crate::config::{Config, Firmware, Protocol};
+use crate::machine::state::MachineState;
 use crate::machine::StateDir;
 use crate::process::{self, Cmd, Output};
 
 pub use advice::advice;
 pub use find::{is_executable, locate, WINDOWS_DEFAULT};
 pub use info::{Controller, NatRule, VmInfo};
+pub use version::{RulesFrom, Version};
 
 /// The snapshot of the master that every machine is linked to.
 pub const BASE_SNAPSHOT: &str = "base";
 /// Controller we add when the box has no SATA/IDE slot left for the seed DVD.
 pub const SEED_CONTROLLER: &str = "provisioner-seed";
-/// VirtualBox 6.1 is the oldest release whose VBoxManage grammar we use.
-pub const MIN_MAJOR: u32 = 6;
+/// The NIC we configure (NAT, with our forwards).
+const NIC: u32 = 1;
+/// Start of the description that marks a clone complete and names its state dir.
+const MARKER_PREFIX: &str = "provisioner machine; state dir: ";
 
 const QUERY: Duration = Duration::from_secs(60);
 const CHANGE: Duration = Duration::from_secs(120);
@@ -58,6 +74,8 @@ pub fn master_name(base: &BoxImage) -> String {
 
 pub struct VirtualBox {
     pub vboxmanage: PathBuf,
+    /// From `VBoxManage --version`, asked once per run (by `preflight` or the first call that needs it).
+    version: std::sync::OnceLock<Version>,
 }
 
 impl VirtualBox {
@@ -78,7 +96,59 @@ impl VirtualBox {
                 vboxmanage.display()
             );
         }
-        Ok(Self { vboxmanage })
+        Ok(Self::at(vboxmanage))
+    }
+
+    /// A provider driving the VBoxManage at this path.
+    pub fn at(vboxmanage: impl Into<PathBuf>) -> Self {
+        Self { vboxmanage: vboxmanage.into(), version: std::sync::OnceLock::new() }
+    }
+
+    /// The release, asked once (`VBoxManage --version`); every version-specific choice goes through it.
+    pub fn version(&self) -> Result<Version> {
+        if let Some(v) = self.version.get() {
+            return Ok(*v);
+        }
+        let out = self.vbox(args!["--version"], QUERY)?;
+        let all = format!("{}\n{}", out.stdout, out.stderr);
+        if all.contains("vboxdrv") {
+            let hint = advice(&all).unwrap_or_default();
+            bail!(
+                "VirtualBox is installed but its kernel driver is not usable:\n{}\n{hint}",
+                out.stderr.trim()
+            );
+        }
+        let text = out.stdout.trim();
+        match Version::parse(text) {
+            Some(v) if v.supported() => Ok(*self.version.get_or_init(|| v)),
+            _ => bail!(
+                "VirtualBox {text} ({}) is too old or unrecognised.\nhint: install VirtualBox {}.{} or newer",
+                self.vboxmanage.display(),
+                version::MIN.major,
+                version::MIN.minor
+            ),
+        }
+    }
+
+    /// NAT rules of one NIC, from where this release shows them reliably.
+    fn nat_rules_of(&self, info: &VmInfo, adapter: u32) -> Result<Vec<NatRule>> {
+        match self.version()?.rules_from() {
+            RulesFrom::ShowVmInfo => Ok(info.nat_rules(adapter)),
+            RulesFrom::SettingsFile => {
+                let cfg = info.get("CfgFile").context(
+                    "`showvminfo` names no settings file (CfgFile) to read the NAT rules from\nhint: check the VM \
+                     in the VirtualBox GUI; `provisioner destroy -f` and `up` recreate it",
+                )?;
+                let xml = std::fs::read_to_string(cfg).with_context(|| {
+                    format!(
+                        "read the VM settings file {cfg} (VirtualBox {} shows NAT rules only there)\nhint: the \
+                         file must be readable by you; upgrading VirtualBox past 7.0.0 also avoids this",
+                        self.version().map(|v| v.to_string()).unwrap_or_default()
+                    )
+                })?;
+                Ok(settings::nat_rules(&xml, adapter))
+            }
+        }
     }
 
     /// Run VBoxManage; a non-zero exit becomes an error with the command, its message and advice.
@@ -91,8 +161,9 @@ impl VirtualBox {
         Ok(out)
     }
 
-    /// `showvminfo --machinereadable`, or `None` when no VM has that name.
+    /// `showvminfo --machinereadable`, or `None` when no VM has that name or UUID.
     pub fn info(&self, vm: &str) -> Result<Option<VmInfo>> {
+        operand(vm)?;
         let cmd =
             Cmd::new(&self.vboxmanage).args(args!["showvminfo", vm, "--machinereadable"]).timeout(QUERY);
         let out = cmd.output()?;
@@ -134,23 +205,23 @@ impl VirtualBox {
         Ok(master)
     }
 
-    /// Power off (if needed) and unregister a VM with its disks.
+    /// Power off or discard the saved state (if needed) and unregister a VM with its disks.
     fn remove(&self, vm: &str, info: &VmInfo) -> Result<()> {
-        if info.state() != VmState::Stopped {
+        let state = info.state();
+        if state == VmState::Inaccessible {
+            // Its files cannot be read, so nothing can be deleted with it: drop the registration only.
+            return self.vbox(args!["unregistervm", vm], CHANGE).map(drop);
+        }
+        if state.is_saved() {
+            self.vbox(args!["discardstate", vm], CHANGE)?;
+        } else if !state.is_off() {
             self.vbox(args!["controlvm", vm, "poweroff"], CHANGE)?;
         }
-        let unregister = |flag: &str| -> Result<(Cmd, Output)> {
-            let cmd = Cmd::new(&self.vboxmanage).args(args!["unregistervm", vm, flag]).timeout(CHANGE);
-            let out = cmd.output()?;
-            Ok((cmd, out))
-        };
+        let flag = self.version()?.delete_flag();
         // Right after a power-off the VM's session may still be locked for a moment: retry on exactly that.
         let result = process::wait_until(UNLOCK, &format!("VirtualBox to release {vm}"), || {
-            let (mut cmd, mut out) = unregister("--delete-all")?;
-            if !out.success() && out.stderr.contains("--delete-all") {
-                // VirtualBox 6.1 has no --delete-all; --delete removes the disks there too.
-                (cmd, out) = unregister("--delete")?;
-            }
+            let cmd = Cmd::new(&self.vboxmanage).args(args!["unregistervm", vm, flag]).timeout(CHANGE);
+            let out = cmd.output()?;
             Ok(if out.success() {
                 Some(Ok(()))
             } else if out.stderr.contains("is locked") || out.stderr.contains("VBOX_E_INVALID_OBJECT_STATE") {
@@ -162,17 +233,26 @@ impl VirtualBox {
         result.with_context(|| {
             format!(
                 "cannot unregister {vm}: VirtualBox keeps it locked\nhint: close whatever holds it (the VirtualBox GUI, \
-                 a VBoxManage still running) and \
-                 run the command again"
+                 a VBoxManage still running) and run the command again"
             )
         })?
     }
 
+    /// The VM we made for this machine, if any: by its recorded UUID, else (machines made before UUIDs were
+    /// recorded) by name.
+    fn find(&self, spec: &MachineSpec, recorded: Option<&str>) -> Result<Option<VmInfo>> {
+        if let Some(uuid) = recorded {
+            if let Some(i) = self.info(uuid)? {
+                return Ok(Some(i));
+            }
+        }
+        self.info(&spec.vm_name)
+    }
+
     /// Everything `modifyvm`/`storageattach` sets on a clone; the description (the completion marker) goes last.
-    fn configure(&self, spec: &MachineSpec, info: &VmInfo) -> Result<()> {
-        let vm = spec.vm_name.as_str();
+    fn configure(&self, spec: &MachineSpec, vm: &str, info: &VmInfo) -> Result<()> {
         let old: Vec<OsString> =
-            info.nat_rules().iter().flat_map(|r| args!["--natpf1", "delete", &r.name]).collect();
+            self.nat_rules_of(info, NIC)?.iter().flat_map(|r| args!["--natpf1", "delete", &r.name]).collect();
         if !old.is_empty() {
             self.vbox([args!["modifyvm", vm], old].concat(), CHANGE)?;
         }
@@ -248,14 +328,76 @@ impl VirtualBox {
                 CHANGE,
             )?;
         }
-        self.vbox(args!["modifyvm", vm, "--description", marker(spec)?], CHANGE)?;
+        self.vbox(args!["modifyvm", vm, "--description", marker(spec)], CHANGE)?;
         Ok(())
     }
 }
 
-/// The description that marks a clone as complete and names the state dir it belongs to.
-fn marker(spec: &MachineSpec) -> Result<String> {
-    Ok(format!("provisioner machine; state dir: {}", std::path::absolute(&spec.state.root)?.display()))
+/// The description that marks a clone as complete and names the (canonical) state dir it belongs to.
+fn marker(spec: &MachineSpec) -> String {
+    format!("{MARKER_PREFIX}{}", spec.state.root.display())
+}
+
+/// Who a VM found under our name or recorded UUID belongs to, from its description.
+#[derive(Debug, PartialEq, Eq)]
+enum Owner {
+    /// Complete, and its marker names this machine's state dir (under any spelling).
+    Us,
+    /// No description: a clone an interrupted `create` left before its last step.
+    HalfMade,
+    /// Another provisioner machine's state dir, or a description we did not write.
+    Other(String),
+}
+
+fn owner(info: &VmInfo, state: &StateDir) -> Owner {
+    match info.get("description").unwrap_or("") {
+        "" => Owner::HalfMade,
+        d => match d.strip_prefix(MARKER_PREFIX) {
+            Some(dir) if crate::machine::identity::same_dir(Path::new(dir), &state.root) => Owner::Us,
+            _ => Owner::Other(d.to_string()),
+        },
+    }
+}
+
+/// A VM name or UUID as a VBoxManage operand: never one that could be read as an option.
+fn operand(vm: &str) -> Result<&str> {
+    if vm.is_empty() || vm.starts_with('-') {
+        bail!("refusing the VirtualBox VM reference {vm:?}: it is empty or starts with '-'\nhint: state.json is damaged; `provisioner destroy -f` resets it");
+    }
+    Ok(vm)
+}
+
+/// A random (version 4) UUID for a new VM.
+fn new_uuid() -> String {
+    use rand_core::RngCore;
+    let mut b = [0u8; 16];
+    rand_core::OsRng.fill_bytes(&mut b);
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h = hex::encode(b);
+    format!("{}-{}-{}-{}-{}", &h[..8], &h[8..12], &h[12..16], &h[16..20], &h[20..])
+}
+
+/// Record the VM's UUID in state.json (before the VM is made with it).
+fn record_uuid(spec: &MachineSpec, uuid: &str) -> Result<()> {
+    let mut st = MachineState::load(&spec.state)?.unwrap_or_else(|| MachineState {
+        provider: "virtualbox".into(),
+        vm_name: spec.vm_name.clone(),
+        ..Default::default()
+    });
+    if st.vm_id.as_deref() != Some(uuid) {
+        st.vm_id = Some(uuid.to_string());
+        st.save(&spec.state)?;
+    }
+    Ok(())
+}
+
+/// The error for a VM VirtualBox cannot read.
+fn inaccessible(vm: &str) -> anyhow::Error {
+    anyhow!(
+        "VirtualBox lists the VM {vm} as inaccessible: its settings file or a disk it needs was moved or deleted\n{}",
+        advice("inaccessible").unwrap_or_default()
+    )
 }
 
 /// Non-zero VBoxManage exit: the command, its status, its message and what to do.
@@ -318,6 +460,9 @@ pub fn nat_rules(spec: &MachineSpec) -> Result<Vec<NatRule>> {
                     .chars()
                     .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
                     .collect();
+                // Never a value VBoxManage could take for an option.
+                let label =
+                    if label.starts_with('-') || label.is_empty() { format!("fwd{label}") } else { label };
                 format!("{label}-{proto}-{}", f.host)
             };
             Ok(NatRule {
@@ -391,30 +536,12 @@ impl Provider for VirtualBox {
     }
 
     fn preflight(&self) -> Result<()> {
-        let out = self.vbox(args!["--version"], QUERY)?;
-        let all = format!("{}\n{}", out.stdout, out.stderr);
-        if all.contains("vboxdrv") {
-            let hint = advice(&all).unwrap_or_default();
-            bail!(
-                "VirtualBox is installed but its kernel driver is not usable:\n{}\n{hint}",
-                out.stderr.trim()
-            );
-        }
-        let version = out.stdout.trim();
-        let major: u32 = version.split('.').next().and_then(|m| m.parse().ok()).unwrap_or(0);
-        if major < MIN_MAJOR {
-            bail!(
-                "VirtualBox {version} ({}) is too old or unrecognised.\nhint: install VirtualBox {MIN_MAJOR}.1 or newer",
-                self.vboxmanage.display()
-            );
-        }
-        Ok(())
+        self.version().map(drop)
     }
 
-    fn state(&self, vm_name: &str) -> Result<VmState> {
-        Ok(match self.info(vm_name)? {
+    fn state(&self, vm: &str) -> Result<VmState> {
+        Ok(match self.info(vm)? {
             None => VmState::NotCreated,
-            Some(i) if i.inaccessible() => VmState::Other("inaccessible".into()),
             Some(i) => i.state(),
         })
     }
@@ -430,20 +557,41 @@ impl Provider for VirtualBox {
             );
         }
         let master = self.ensure_master(&spec.base)?;
-        let vm = spec.vm_name.as_str();
-        let marker = marker(spec)?;
-        match self.info(vm)? {
-            // Ours and complete: keep it; re-apply the settings while it is off, so config edits take effect.
-            Some(i) if i.get("description") == Some(marker.as_str()) => {
-                return match i.state() {
-                    VmState::Stopped => self.configure(spec, &i),
-                    _ => Ok(()),
-                };
+        let recorded = MachineState::load(&spec.state)?.and_then(|st| st.vm_id);
+        let mut uuid = recorded.clone();
+        if let Some(i) = self.find(spec, recorded.as_deref())? {
+            let found = i.get("UUID").unwrap_or("").to_string();
+            let vm = operand(&found)?.to_string();
+            if i.inaccessible() {
+                return Err(inaccessible(&vm));
             }
-            // Left by an interrupted create (no completion marker): remove, then clone afresh.
-            Some(i) => self.remove(vm, &i).with_context(|| format!("remove the half-made VM {vm}"))?,
-            None => {}
+            match owner(&i, &spec.state) {
+                // Ours and complete: keep it. Re-apply the settings while it is off, so config edits take effect; a
+                // saved VM is not mutable (modifyvm fails with VBOX_E_INVALID_VM_STATE) and is left as it is.
+                Owner::Us => {
+                    record_uuid(spec, &vm)?;
+                    return match i.state() {
+                        s if s.is_off() => self.configure(spec, &vm, &i),
+                        _ => Ok(()),
+                    };
+                }
+                // Left by an interrupted create (no completion marker): remove, then clone afresh.
+                Owner::HalfMade => {
+                    self.remove(&vm, &i).with_context(|| format!("remove the half-made VM {}", spec.vm_name))?;
+                    uuid.get_or_insert(vm);
+                }
+                Owner::Other(description) => bail!(
+                    "the VirtualBox VM {} ({vm}) does not belong to this machine ({}): its description says \
+                     {description:?}; it was left untouched\nhint: destroy it from the project it belongs to, or \
+                     rename this machine ([machine] name in box-config.toml)",
+                    spec.vm_name,
+                    spec.state.root.display()
+                ),
+            }
         }
+        // Recorded before the VM exists, so an interrupted clone is found (and completed) by UUID next time.
+        let uuid = uuid.unwrap_or_else(new_uuid);
+        record_uuid(spec, &uuid)?;
         self.vbox(
             args![
                 "clonevm",
@@ -453,64 +601,84 @@ impl Provider for VirtualBox {
                 "--options",
                 "link",
                 "--name",
-                vm,
+                operand(&spec.vm_name)?,
+                "--uuid",
+                &uuid,
                 "--register"
             ],
             IMPORT,
         )?;
-        let info = self.info_required(vm)?;
-        self.configure(spec, &info).with_context(|| format!("configure the VM {vm}"))
+        let info = self.info_required(&uuid)?;
+        self.configure(spec, &uuid, &info).with_context(|| format!("configure the VM {}", spec.vm_name))
     }
 
-    fn start(&self, vm_name: &str) -> Result<()> {
-        match self.state(vm_name)? {
+    fn start(&self, vm: &str) -> Result<()> {
+        match self.state(vm)? {
             VmState::Running => Ok(()),
-            VmState::Paused => self.vbox(args!["controlvm", vm_name, "resume"], CHANGE).map(drop),
+            VmState::Paused => self.vbox(args!["controlvm", vm, "resume"], CHANGE).map(drop),
             VmState::NotCreated => {
-                bail!("VirtualBox has no VM named {vm_name}\nhint: run `provisioner up`")
+                bail!("VirtualBox has no VM {vm}\nhint: run `provisioner up`")
             }
+            VmState::Inaccessible => Err(inaccessible(vm)),
+            // poweroff/aborted boot; saved/aborted-saved restore their saved state (Vagrant: Resume -> Boot).
             _ => self
-                .vbox(args!["startvm", vm_name, "--type", "headless"], START)
+                .vbox(args!["startvm", vm, "--type", "headless"], START)
                 .map(drop)
-                .with_context(|| format!("start the VM {vm_name}")),
+                .with_context(|| format!("start the VM {vm}")),
         }
     }
 
-    fn halt(&self, vm_name: &str, timeout: Duration, force: bool) -> Result<()> {
-        let state = self.state(vm_name)?;
-        if matches!(state, VmState::NotCreated | VmState::Stopped) {
-            return Ok(());
+    fn halt(&self, vm: &str, timeout: Duration, force: bool) -> Result<()> {
+        let state = self.state(vm)?;
+        match &state {
+            VmState::NotCreated | VmState::Stopped | VmState::Aborted => return Ok(()),
+            // Powered off already, with memory on disk: drop it so the next start is a cold boot (Vagrant's
+            // DiscardState). Afterwards the VM is "poweroff" (from saved) or "aborted" (from aborted-saved).
+            VmState::Saved | VmState::AbortedSaved => {
+                return self.vbox(args!["discardstate", vm], CHANGE).map(drop);
+            }
+            VmState::Inaccessible => return Err(inaccessible(vm)),
+            VmState::Paused if !force => {
+                // A paused guest cannot see the ACPI button: resume it first (Vagrant's halt does the same).
+                self.vbox(args!["controlvm", vm, "resume"], CHANGE)?;
+            }
+            _ => {}
         }
-        if !force && state == VmState::Running {
-            self.vbox(args!["controlvm", vm_name, "acpipowerbutton"], CHANGE)?;
+        if !force && matches!(state, VmState::Running | VmState::Paused) {
+            self.vbox(args!["controlvm", vm, "acpipowerbutton"], CHANGE)?;
             let stopped = process::wait_until(timeout, "the guest to power off", || {
-                Ok((self.state(vm_name)? == VmState::Stopped).then_some(()))
+                Ok(self.state(vm)?.is_off().then_some(()))
             });
             if stopped.is_ok() {
                 return Ok(());
             }
         }
-        self.vbox(args!["controlvm", vm_name, "poweroff"], CHANGE).map(drop)
+        self.vbox(args!["controlvm", vm, "poweroff"], CHANGE).map(drop)
     }
 
-    fn destroy(&self, vm_name: &str, _state: &StateDir) -> Result<()> {
-        match self.info(vm_name)? {
-            None => Ok(()),
-            Some(i) => self.remove(vm_name, &i),
+    fn destroy(&self, vm: &str, state: &StateDir) -> Result<()> {
+        let Some(i) = self.info(vm)? else { return Ok(()) };
+        if !i.inaccessible() {
+            if let Owner::Other(description) = owner(&i, state) {
+                bail!(
+                    "the VirtualBox VM {vm} does not belong to this machine ({}): its description says \
+                     {description:?}; it was left untouched\nhint: destroy it from the project it belongs to",
+                    state.root.display()
+                );
+            }
         }
+        self.remove(vm, &i)
     }
 
-    fn ssh_endpoint(&self, vm_name: &str, _state: &StateDir) -> Result<SocketAddr> {
-        let info = self.info_required(vm_name)?;
-        let rule = info.nat_rules().into_iter().find(|r| r.name == "ssh").ok_or_else(|| {
-            anyhow!(
-                "the VM {vm_name} has no NAT rule named ssh\nhint: run `provisioner reload` to re-apply the forwards"
-            )
+    fn ssh_endpoint(&self, vm: &str, _state: &StateDir) -> Result<SocketAddr> {
+        let info = self.info_required(vm)?;
+        let rule = self.nat_rules_of(&info, NIC)?.into_iter().find(|r| r.name == "ssh").ok_or_else(|| {
+            anyhow!("the VM {vm} has no NAT rule named ssh\nhint: run `provisioner reload` to re-apply the forwards")
         })?;
         let ip: IpAddr = match rule.host_ip.as_str() {
             // Empty (or 0.0.0.0) means every host interface: loopback reaches it.
             "" | "0.0.0.0" => IpAddr::from([127, 0, 0, 1]),
-            s => s.parse().with_context(|| format!("host IP {s:?} of the ssh NAT rule of {vm_name}"))?,
+            s => s.parse().with_context(|| format!("host IP {s:?} of the ssh NAT rule of {vm}"))?,
         };
         Ok(SocketAddr::new(ip, rule.host_port))
     }

@@ -5,6 +5,8 @@
 //! without data the overall deadline is checked and a keepalive is sent, so a long silent command neither hangs
 //! forever nor lets the connection idle out.
 
+pub mod control;
+
 use std::io::{BufWriter, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -38,19 +40,10 @@ pub struct Endpoint {
 impl Endpoint {
     /// The endpoint of a created machine: address from `state.json`, user from the config, keys from the state dir.
     pub fn for_machine(cfg: &Config, state: &StateDir) -> Result<Endpoint> {
-        let not_created = || {
-            anyhow!(
-                "machine `{}` not created; run `provisioner up`\n(no SSH endpoint recorded in {})",
-                cfg.machine.name,
-                state.state_file().display()
-            )
-        };
-        let ms = MachineState::load(state)?.ok_or_else(not_created)?;
-        let port = ms.ssh_port.ok_or_else(not_created)?;
-        let host = ms.ssh_host.unwrap_or_else(|| cfg.ssh.host_ip.clone());
-        let ip: std::net::IpAddr = host
-            .parse()
-            .with_context(|| format!("state.json has SSH host \"{}\", not an IP address; `provisioner destroy -f && provisioner up` resets it", crate::text::shown(&host)))?;
+        let ms = MachineState::load(state)?;
+        if ms.as_ref().and_then(|m| m.ssh_port).is_none() {
+            return Err(not_created(cfg, state));
+        }
         let host_pub = state.host_key().with_extension("pub");
         let host_key = std::fs::read_to_string(&host_pub).with_context(|| {
             format!(
@@ -58,6 +51,23 @@ impl Endpoint {
                 host_pub.display()
             )
         })?;
+        Self::from_state(cfg, state, ms.as_ref(), host_key.trim())
+    }
+
+    /// The one place an endpoint is made: address from the recorded state (`up` passes the state it read once
+    /// per run), user from the config, key paths from the state dir, the pinned host public key as given.
+    pub fn from_state(
+        cfg: &Config,
+        state: &StateDir,
+        ms: Option<&MachineState>,
+        host_key: &str,
+    ) -> Result<Endpoint> {
+        let ms = ms.ok_or_else(|| not_created(cfg, state))?;
+        let port = ms.ssh_port.ok_or_else(|| not_created(cfg, state))?;
+        let host = ms.ssh_host.clone().unwrap_or_else(|| cfg.ssh.host_ip.clone());
+        let ip: std::net::IpAddr = host
+            .parse()
+            .with_context(|| format!("state.json has SSH host \"{}\", not an IP address; `provisioner destroy -f && provisioner up` resets it", crate::text::shown(&host)))?;
         let root =
             std::path::absolute(&state.root).with_context(|| format!("resolve {}", state.root.display()))?;
         Ok(Endpoint {
@@ -67,6 +77,14 @@ impl Endpoint {
             host_key: host_key.trim().to_string(),
         })
     }
+}
+
+fn not_created(cfg: &Config, state: &StateDir) -> anyhow::Error {
+    anyhow!(
+        "machine `{}` not created; run `provisioner up`\n(no SSH endpoint recorded in {})",
+        cfg.machine.name,
+        state.state_file().display()
+    )
 }
 
 /// An authenticated session.
@@ -133,7 +151,8 @@ impl Session {
                     now - start
                 )));
             }
-            std::thread::sleep(pause.min(deadline - now));
+            crate::process::sleep_interruptible(pause.min(deadline - now));
+            crate::process::check_interrupted()?;
             pause = (pause * 2).min(Duration::from_secs(2));
         }
     }
@@ -383,6 +402,10 @@ impl<'a> Exec<'a> {
 
     /// Arm the per-call timeout for the next blocking call; error once the overall deadline passed.
     fn arm(&self) -> std::io::Result<()> {
+        // Not ErrorKind::Interrupted: io::copy and write_all retry those.
+        if let Some(sig) = crate::process::interrupted() {
+            return Err(std::io::Error::other(sig));
+        }
         let left = self.deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             let last = crate::process::tail(&self.output, 20);

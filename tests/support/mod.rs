@@ -226,3 +226,22 @@ pub fn tail(s: &str, n: usize) -> String {
     let l: Vec<&str> = s.lines().collect();
     l[l.len().saturating_sub(n)..].join("\n")
 }
+
+/// Processes (`"PID COMM"`) whose environment holds `marker` (e.g. `PROVISIONER_TEST_RUN=<unique>` set on a
+/// process the test started): that process and every descendant that inherited its environment, wherever they
+/// were reparented. Zombies have no readable environment and do not count.
+pub fn processes_with_env(marker: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !name.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let Ok(env) = std::fs::read(e.path().join("environ")) else { continue };
+        if env.split(|b| *b == 0).any(|kv| kv == marker.as_bytes()) {
+            let comm = std::fs::read_to_string(e.path().join("comm")).unwrap_or_default();
+            found.push(format!("{name} {}", comm.trim()));
+        }
+    }
+    found
+}

@@ -71,12 +71,18 @@ impl VmInfo {
         self.pairs.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
     }
 
-    /// `VMState` mapped to the provider-neutral state.
+    /// `VMState` mapped to the provider-neutral state (names from `machineStateToName` in VBoxManageInfo.cpp).
     pub fn state(&self) -> VmState {
+        if self.inaccessible() {
+            return VmState::Inaccessible;
+        }
         match self.get("VMState").unwrap_or("unknown") {
             "running" => VmState::Running,
             "paused" => VmState::Paused,
-            "poweroff" | "aborted" | "aborted-saved" | "saved" | "teleported" => VmState::Stopped,
+            "poweroff" | "teleported" => VmState::Stopped,
+            "aborted" => VmState::Aborted,
+            "saved" => VmState::Saved,
+            "aborted-saved" => VmState::AbortedSaved,
             other => VmState::Other(other.to_string()),
         }
     }
@@ -86,13 +92,20 @@ impl VmInfo {
         self.get("name") == Some("<inaccessible>")
     }
 
-    /// NAT rules shown as `Forwarding(N)` (adapter 1 is the only NAT adapter we configure).
-    pub fn nat_rules(&self) -> Vec<NatRule> {
-        self.pairs
-            .iter()
-            .filter(|(k, _)| k.starts_with("Forwarding(") && k.ends_with(')'))
-            .filter_map(|(_, v)| NatRule::parse(v))
-            .collect()
+    /// NAT rules of NIC `adapter` (1-based) shown as `Forwarding(N)`. VBoxManageInfo.cpp prints, per enabled
+    /// NIC, `natnetN`, `macaddressN`, `cableconnectedN`, `nicN`, ..., then that NIC's rules with `N` restarting at
+    /// 0: so a rule belongs to the `nicN` line before it.
+    pub fn nat_rules(&self, adapter: u32) -> Vec<NatRule> {
+        let mut current = None;
+        let mut rules = Vec::new();
+        for (k, v) in &self.pairs {
+            if let Some(n) = k.strip_prefix("nic").and_then(|n| n.parse::<u32>().ok()) {
+                current = Some(n);
+            } else if k.starts_with("Forwarding(") && k.ends_with(')') && current == Some(adapter) {
+                rules.extend(NatRule::parse(v));
+            }
+        }
+        rules
     }
 
     pub fn controllers(&self) -> Vec<Controller> {
@@ -175,8 +188,27 @@ storagecontrollermaxportcount1="2"
 storagecontrollerportcount1="2"
 "SATA Controller-0-0"="/home/u/VirtualBox VMs/x/Snapshots/{1}.vmdk"
 "SATA Controller-1-0"="none"
+natnet1="nat"
+macaddress1="080027BB1475"
+cableconnected1="on"
+nic1="nat"
+nictype1="82540EM"
+nicspeed1="0"
+mtu="0"
+sockSnd="64"
+sockRcv="64"
+tcpWndSnd="64"
+tcpWndRcv="64"
 Forwarding(0)="ssh,tcp,127.0.0.1,2222,,22"
 Forwarding(1)="web,tcp,,8080,,80"
+natnet2="nat"
+macaddress2="080027DD5ADF"
+cableconnected2="on"
+nic2="nat"
+nictype2="82540EM"
+nicspeed2="0"
+Forwarding(0)="other,tcp,,9999,,99"
+nic3="none"
 description="say \"hi\" \\ there"
 SnapshotName="base"
 SnapshotName-1="later"
@@ -194,23 +226,29 @@ SnapshotName-1="later"
         assert_eq!(c.len(), 2);
         assert!(c[0].is_sata() && c[0].port_count == 2 && c[0].max_port_count == 30);
         assert!(c[1].is_ide());
-        let r = i.nat_rules();
+        let r = i.nat_rules(1);
+        assert_eq!(r.len(), 2, "rules of nic2 are not nic1's: {r:?}");
         assert_eq!(r[0].to_arg(), "ssh,tcp,127.0.0.1,2222,,22");
         assert_eq!((r[1].host_ip.as_str(), r[1].host_port, r[1].guest_port), ("", 8080, 80));
+        assert_eq!(i.nat_rules(2).iter().map(|r| r.name.as_str()).collect::<Vec<_>>(), ["other"]);
+        assert!(i.nat_rules(3).is_empty());
     }
 
     #[test]
     fn states_map_to_vmstate() {
         for (s, want) in [
             ("poweroff", VmState::Stopped),
-            ("aborted", VmState::Stopped),
-            ("saved", VmState::Stopped),
+            ("aborted", VmState::Aborted),
+            ("saved", VmState::Saved),
+            ("aborted-saved", VmState::AbortedSaved),
             ("paused", VmState::Paused),
             ("gurumeditation", VmState::Other("gurumeditation".into())),
         ] {
             assert_eq!(VmInfo::parse(&format!("VMState=\"{s}\"")).state(), want, "{s}");
         }
-        assert!(VmInfo::parse("name=\"<inaccessible>\"\nUUID=\"x\"").inaccessible());
+        let dead = VmInfo::parse("name=\"<inaccessible>\"\nUUID=\"x\"");
+        assert!(dead.inaccessible());
+        assert_eq!(dead.state(), VmState::Inaccessible);
     }
 
     #[test]
