@@ -3,8 +3,8 @@
 pub mod boxcmd;
 pub mod lifecycle;
 pub mod load;
-pub mod port;
 mod plan;
+pub mod port;
 pub mod provision;
 pub mod render;
 pub mod ssh;
