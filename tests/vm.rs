@@ -317,6 +317,10 @@ fn vm_lifecycle_end_to_end() {
     assert_eq!(ssh_masters(&socket).len(), 1, "one master process");
     let r = vm.run(&["status"]).success();
     assert!(r.stdout().contains(&format!("{}: running (libvirt, 127.0.0.1:", vm.name)), "{}", r.stdout());
+    // The forwarded ports of a real machine, SSH first (what `vagrant port` shows), and `port --guest 22`.
+    assert!(r.stdout().contains("forwarded ports:\n     22 (guest) => 127.0.0.1:"), "{}", r.stdout());
+    let ssh_port = vm.run(&["port", "--guest", "22"]).success().stdout().trim().to_string();
+    assert!(r.stdout().contains(&format!("127.0.0.1:{ssh_port} ")), "{ssh_port}: {}", r.stdout());
 
     vm.run(&["halt"]).success();
     assert!(ssh_masters(&socket).is_empty(), "halt left ssh masters: {:?}", ssh_masters(&socket));

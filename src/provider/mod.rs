@@ -149,8 +149,9 @@ pub fn check_snapshot_name(name: &str) -> Result<()> {
         && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
     if !ok {
         anyhow::bail!(
-            "{name:?} is not a valid snapshot name\nhint: use 1-64 letters, digits, `-`, `_` or `.`, not starting \
-             with `-` or `.`"
+            "\"{}\" is not a valid snapshot name\nhint: use 1-64 letters, digits, `-`, `_` or `.`, not starting \
+             with `-` or `.`",
+            crate::text::shown(name)
         );
     }
     Ok(())
