@@ -68,9 +68,18 @@ pub enum Command {
     Verify(VerifyArgs),
     /// Bounded load on the demo app (/, /error, /slow) through its forwarded port.
     Load(LoadArgs),
-    /// Manage cached base boxes.
+    /// Manage cached base boxes and cached labs.
     #[command(subcommand)]
     Box(BoxCommand),
+    /// Save, restore, list or delete named snapshots of the machine (disk and, when running, memory).
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
+    /// Save the running machine's memory to disk and stop it; `resume` continues where it was.
+    Suspend,
+    /// Start a suspended machine from its saved memory.
+    Resume,
+    /// Write the machine as a vagrant-libvirt box (box.img + metadata.json + Vagrantfile).
+    Package(PackageArgs),
     /// Print shell completions for bash, zsh, fish, elvish or powershell.
     Completions {
         #[arg(value_enum)]
@@ -197,6 +206,25 @@ pub enum BoxCommand {
     },
     /// Remove a cached box by its id (see `box list`).
     Remove { id: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SnapshotCommand {
+    /// Take a snapshot NAME of the machine (with its memory when it runs).
+    Save { name: String },
+    /// Bring the machine back to snapshot NAME (running again when it was taken running).
+    Restore { name: String },
+    /// List the machine's snapshots.
+    List,
+    /// Delete snapshot NAME.
+    Delete { name: String },
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct PackageArgs {
+    /// The box file to write.
+    #[arg(long, short = 'o', default_value = "package.box")]
+    pub out: PathBuf,
 }
 
 /// Output style chosen from the global flags.

@@ -71,6 +71,10 @@ pub struct MachineConfig {
     pub disk_gb: u64,
     #[serde(default)]
     pub accel: Accel,
+    /// Keep a capture of the freshly provisioned machine in the cache, restored by the next `up` of an identical
+    /// machine (docs/vm.md, "Cached lab").
+    #[serde(default = "default_true")]
+    pub cache_lab: bool,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
@@ -260,6 +264,9 @@ fn default_cpus() -> u32 {
 fn default_memory() -> u64 {
     4096
 }
+fn default_true() -> bool {
+    true
+}
 fn default_disk() -> u64 {
     20
 }
@@ -433,6 +440,7 @@ impl Config {
                 memory_mb: default_memory(),
                 disk_gb: default_disk(),
                 accel: Accel::Auto,
+                cache_lab: true,
             },
             base_box: BoxConfig::default(),
             ssh: SshConfig::default(),

@@ -79,7 +79,7 @@ fn report_interrupt(sig: process::Interrupted, json: bool, err: Option<anyhow::E
         );
     }
     eprintln!(
-        "error: {sig}: child processes were stopped and nothing half-made was kept{}
+        "error: {sig}: child processes were stopped and nothing half-made was kept{}\n\
          hint: run the same command again; it continues from the last consistent state",
         detail.map(|d| format!(" ({d})")).unwrap_or_default()
     );

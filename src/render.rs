@@ -424,8 +424,9 @@ pub fn render_tree(cfg: &Config, source: &Path, secrets: &Secrets) -> Result<Ren
                         shown(&name)
                     )
                 })?;
-                let ast =
-                    handlebars::Template::compile(&text).map_err(|e| template_error(&shown(&name), e))?;
+                // Parsed once: the same tree is checked, registered and kept for later templates' partial checks.
+                let ast = handlebars::Template::compile_with_name(&text, name.clone())
+                    .map_err(|e| template_error(&shown(&name), e))?;
                 partials::check(&name, &ast, &registered).map_err(|e| {
                     anyhow!(
                         "{}: {e}\nhint: a partial may include other partials, but none may include itself, \
@@ -433,7 +434,7 @@ pub fn render_tree(cfg: &Config, source: &Path, secrets: &Secrets) -> Result<Ren
                         shown(&name)
                     )
                 })?;
-                hb.register_template_string(&name, &text).map_err(|e| template_error(&shown(&name), e))?;
+                hb.register_template(&name, ast.clone());
                 registered.insert(name.clone(), ast);
                 let rendered = hb.render(&name, &ctx).map_err(|e| render_error(&shown(&name), e))?;
                 (out.to_string(), rendered.into_bytes())

@@ -756,7 +756,7 @@ fn vm_unbootable_box_reports_the_firmware_error() {
     t.write(
         "box-config.toml",
         format!(
-            "[machine]\nname = \"{name}\"\nprovider = \"libvirt\"\ncpus = 1\nmemory_mb = 512\ndisk_gb = 1\n\n\
+            "[machine]\nname = \"{name}\"\nprovider = \"libvirt\"\ncpus = 1\nmemory_mb = 512\ndisk_gb = 2\n\n\
              [box]\nimage = \"blank.raw\"\n\n[ssh]\nhost_port = {}\n\n[provision]\nenabled = false\n\n\
              [libvirt]\nuri = \"qemu:///session\"\n",
             support::free_port()
@@ -780,7 +780,7 @@ fn vm_unbootable_box_reports_the_firmware_error() {
     let r = run(&["up", "--no-provision", "--boot-timeout", "45"]).failure();
     eprintln!("up failed after {:?}", started.elapsed());
     let serial = std::fs::read_to_string(dir.join(".provisioner/serial.log")).unwrap_or_default();
-    assert!(serial.contains("SeaBIOS"), "firmware output on the serial console:\n{serial}");
+    assert!(serial.contains("SeaBIOS"), "firmware output on the serial console:\n{serial}\n{}", r.stderr());
     assert!(serial.contains("Boot failed") || serial.contains("No bootable device"), "{serial}");
     r.stderr_contains("the firmware found nothing to boot on the disk");
 }

@@ -93,7 +93,7 @@ fn unknown_key_names_the_table_and_the_allowed_keys() {
     fails_with(
         BASE.replace("cpus = 1", "cpu = 1"),
         "box-config.toml:3:1: unknown key `cpu` in [machine]; expected one of: name, hostname, provider, cpus, \
-         memory_mb, disk_gb, accel\nhint: did you mean `cpus`?",
+         memory_mb, disk_gb, accel, cache_lab\nhint: did you mean `cpus`?",
     );
     fails_with(
         BASE.replace("host = 19090", "host = 19090\nhots = 1"),

@@ -14,6 +14,7 @@ mod lab;
 mod live_stack;
 mod render;
 mod seed;
+mod snapshots;
 mod ssh;
 mod virtualbox;
 mod vm;

@@ -218,6 +218,12 @@ fn root_and_foreign_directories_are_refused_unless_forced() {
     let t = fixture();
     render(&t, "/").failure().stderr_contains("--out /").stderr_contains("hint:");
     render(&t, ".").failure().stderr_contains("holds this project");
+    // Nor the machine's state (keys, disk), even with --force.
+    render(&t, "out").success();
+    let force = |out: &str| Test::new().cwd(t.path()).args(["render", "--out", out, "--force"]).run();
+    force(".provisioner").failure().stderr_contains("the machine's state directory");
+    force(".provisioner/x").failure().stderr_contains("is inside the machine's state directory");
+    assert!(t.path().join(".provisioner/secrets.toml").is_file());
     let foreign = t.path().join("mine");
     std::fs::create_dir_all(&foreign).unwrap();
     std::fs::write(foreign.join("keep.txt"), "mine\n").unwrap();

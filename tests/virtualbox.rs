@@ -860,3 +860,78 @@ fn e2e_real_virtualbox() {
         .args(["unregistervm", &master, "--delete-all"])
         .run();
 }
+
+// ---------------------------------------------------------------------------------------------------------------
+// Snapshots, suspend and resume (issue 11).
+
+#[test]
+fn snapshot_restore_powers_off_a_running_vm_restores_and_starts_it_again() {
+    let b = Bench::new();
+    let spec = b.spec("web", WEB, 2222);
+    b.vbox.create(&spec).unwrap();
+    b.vbox.start(WEB).unwrap();
+    b.take_calls();
+    b.vbox.snapshot_save(WEB, "clean").unwrap();
+    let err = err_text(b.vbox.snapshot_save(WEB, "clean").unwrap_err());
+    assert!(err.contains("already has a snapshot named \"clean\"") && err.contains("hint:"), "{err}");
+    assert_eq!(b.vbox.snapshot_list(WEB).unwrap(), ["clean"]);
+    b.vbox.snapshot_restore(WEB, "clean").unwrap();
+    golden("snapshot_save_restore_running", &b.take_calls());
+    assert_eq!(b.vm(WEB).unwrap()["state"], "running", "a running machine is running again after restore");
+    // The master's `base` snapshot is not the machine's.
+    assert!(!b.vbox.snapshot_list(WEB).unwrap().contains(&"base".to_string()));
+}
+
+#[test]
+fn snapshot_restore_of_a_stopped_vm_leaves_it_as_the_snapshot_was() {
+    let b = Bench::new();
+    b.vbox.create(&b.spec("web", WEB, 2222)).unwrap();
+    b.vbox.snapshot_save(WEB, "off").unwrap();
+    b.vbox.start(WEB).unwrap();
+    b.vbox.snapshot_save(WEB, "on").unwrap();
+    b.vbox.halt(WEB, Duration::ZERO, true).unwrap();
+    b.vbox.snapshot_restore(WEB, "on").unwrap();
+    assert_eq!(b.vm(WEB).unwrap()["state"], "saved", "an online snapshot comes back with its memory");
+    b.vbox.snapshot_restore(WEB, "off").unwrap();
+    assert_eq!(b.vm(WEB).unwrap()["state"], "poweroff");
+    b.vbox.snapshot_delete(WEB, "on").unwrap();
+    assert_eq!(b.vbox.snapshot_list(WEB).unwrap(), ["off"]);
+    let err = err_text(b.vbox.snapshot_delete(WEB, "on").unwrap_err());
+    assert!(err.contains("no snapshot named \"on\" (it has: off)") && err.contains("hint:"), "{err}");
+}
+
+#[test]
+fn the_double_refuses_a_restore_while_running_as_virtualbox_does() {
+    let b = Bench::new();
+    b.vbox.create(&b.spec("web", WEB, 2222)).unwrap();
+    b.vbox.start(WEB).unwrap();
+    b.vbox.snapshot_save(WEB, "s").unwrap();
+    let out = std::process::Command::new(&b.vbox.vboxmanage)
+        .args(["snapshot", WEB, "restore", "s"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("Cannot delete the current state of the running machine (machine state: Running)"),
+        "{err}"
+    );
+    assert!(err.contains("VBOX_E_INVALID_VM_STATE"), "{err}");
+}
+
+#[test]
+fn suspend_saves_state_and_resume_starts_from_it() {
+    let b = Bench::new();
+    b.vbox.create(&b.spec("web", WEB, 2222)).unwrap();
+    let err = err_text(b.vbox.suspend(WEB).unwrap_err());
+    assert!(err.contains("only a running machine can be suspended") && err.contains("hint:"), "{err}");
+    let err = err_text(b.vbox.resume(WEB).unwrap_err());
+    assert!(err.contains("not suspended") && err.contains("hint:"), "{err}");
+    b.vbox.start(WEB).unwrap();
+    b.take_calls();
+    b.vbox.suspend(WEB).unwrap();
+    assert_eq!(b.vm(WEB).unwrap()["state"], "saved");
+    b.vbox.resume(WEB).unwrap();
+    assert_eq!(b.vm(WEB).unwrap()["state"], "running");
+    golden("suspend_resume", &b.take_calls());
+}

@@ -95,6 +95,28 @@ fn domain_xml_uefi() {
     golden("uefi.xml", &domain_xml(&spec(false, false, Firmware::Uefi), None, None).unwrap());
 }
 
+/// A cached lab's memory image is restored in another state dir with the current forwards; nothing else changes.
+#[test]
+fn restore_xml_moves_the_state_dir_and_takes_the_current_forwards() {
+    use provisioner::provider::libvirt::restore_xml;
+    let saved =
+        domain_xml(&spec(false, true, Firmware::Bios), Some("5f2c1c4e-8f7e-4a55-9d43-0c3f4e0a6b21"), None)
+            .unwrap();
+    let new_dir = Path::new("/srv/o'brien & co/.provisioner");
+    let xml = restore_xml(&saved, new_dir, "user,id=net0,hostfwd=tcp:127.0.0.1:2999-:22").unwrap();
+    assert_eq!(owner_state_dir(&xml).as_deref(), Some("/srv/o'brien & co/.provisioner"));
+    assert!(!xml.contains("lab &amp; co"), "old state dir left in:\n{xml}");
+    assert!(xml.contains("<source file='/srv/o&apos;brien &amp; co/.provisioner/disk.qcow2'/>"), "{xml}");
+    assert!(xml.contains("<qemu:arg value='user,id=net0,hostfwd=tcp:127.0.0.1:2999-:22'/>"), "{xml}");
+    assert!(!xml.contains("2222"), "old forward left in:\n{xml}");
+    // Devices, uuid and the box's kernel stay as saved (libvirt checks the guest ABI).
+    assert!(
+        xml.contains("5f2c1c4e-8f7e-4a55-9d43-0c3f4e0a6b21") && xml.contains("/cache/boxes/0123abcd/vmlinuz")
+    );
+    assert_eq!(xml.lines().count(), saved.lines().count());
+    assert!(restore_xml("<domain/>", new_dir, "user,id=net0").is_err());
+}
+
 #[test]
 fn a_domain_without_our_metadata_has_no_owner() {
     assert_eq!(owner_state_dir("<domain type='kvm'><name>lab</name></domain>"), None);
@@ -177,6 +199,10 @@ struct Vm {
 
 impl Vm {
     fn new(tag: &str) -> Vm {
+        Vm::with_box(tag, &test_box())
+    }
+    /// A machine booting the `[box]` table `box_toml`.
+    fn with_box(tag: &str, box_toml: &str) -> Vm {
         let t = Test::new();
         let name = format!("vm{tag}{}", std::process::id() % 100_000);
         let uri = "qemu:///session".to_string();
@@ -186,7 +212,7 @@ impl Vm {
                 "[machine]\nname = \"{name}\"\nprovider = \"libvirt\"\ncpus = 2\nmemory_mb = 1024\ndisk_gb = 8\n\n\
                  {}\n[ssh]\nhost_port = {}\nconnect_timeout_secs = 1500\n\n[[forward]]\nname = \"web\"\nguest = 80\nhost = {}\n\n\
                  [provision]\nenabled = false\n\n[libvirt]\nuri = \"{uri}\"\n",
-                test_box(),
+                box_toml,
                 support::free_port(),
                 support::free_port()
             ),
@@ -293,6 +319,10 @@ fn vm_lifecycle_end_to_end() {
     assert_eq!(ssh_masters(&socket).len(), 1, "one master process");
     let r = vm.run(&["status"]).success();
     assert!(r.stdout().contains(&format!("{}: running (libvirt, 127.0.0.1:", vm.name)), "{}", r.stdout());
+    // The forwarded ports of a real machine, SSH first (what `vagrant port` shows), and `port --guest 22`.
+    assert!(r.stdout().contains("forwarded ports:\n     22 (guest) => 127.0.0.1:"), "{}", r.stdout());
+    let ssh_port = vm.run(&["port", "--guest", "22"]).success().stdout().trim().to_string();
+    assert!(r.stdout().contains(&format!("127.0.0.1:{ssh_port} ")), "{ssh_port}: {}", r.stdout());
 
     vm.run(&["halt"]).success();
     assert!(ssh_masters(&socket).is_empty(), "halt left ssh masters: {:?}", ssh_masters(&socket));
@@ -378,4 +408,103 @@ fn vm_interrupted_up_recovers_without_leaks() {
         vm.run(&["halt", "-f"]).success();
         std::fs::write(&serial, "").unwrap();
     }
+}
+
+/// The JSON events of a `--json` run, by kind.
+fn events(out: &str, kind: &str) -> Vec<serde_json::Value> {
+    out.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["event"] == kind)
+        .collect()
+}
+
+#[test]
+#[ignore = "vm: one TCG guest: snapshot save/restore, suspend/resume, cached lab restore, cache miss on a template \
+            edit, package, and a second guest booted from the packaged box (~4-8 min)"]
+fn vm_snapshots_cached_lab_and_package() {
+    let vm = Vm::new("snap");
+    vm.t.write("provision/motd.hbs", "line one\nline two\n");
+
+    // Cold up: nothing cached for these inputs; the machine is captured at the end.
+    let r = vm.run(&["--json", "up"]).success();
+    let out = r.stdout();
+    assert_eq!(events(&out, "lab_cache").first().map(|e| e["hit"].clone()), Some(false.into()), "{out}");
+    let saved = events(&out, "lab_saved");
+    let key = saved.first().and_then(|e| e["key"].as_str()).unwrap_or_else(|| panic!("no lab_saved: {out}"));
+    let key = key.to_string();
+    vm.run(&["box", "list"]).success().stdout_contains(&key[..12]);
+
+    // Snapshot: a change made after `save` is gone after `restore`, and the guest answers again.
+    vm.run(&["snapshot", "save", "clean"]).success();
+    vm.run(&["ssh", "-c", "echo changed > ~/marker"]).success();
+    vm.run(&["snapshot", "list"]).success().stdout_contains("clean");
+    let t = std::time::Instant::now();
+    vm.run(&["snapshot", "restore", "clean"]).success();
+    eprintln!("snapshot restore: {:.1}s", t.elapsed().as_secs_f64());
+    let r = vm.run(&["ssh", "-c", "test -e ~/marker && echo present || echo gone"]).success();
+    assert_eq!(r.stdout().trim(), "gone");
+    vm.run(&["status"]).success().stdout_contains("running");
+    vm.run(&["snapshot", "restore", "nope"]).failure().stderr_contains("hint:");
+    vm.run(&["snapshot", "delete", "clean"]).success();
+    assert!(!vm.run(&["snapshot", "list"]).success().stdout().contains("clean"));
+
+    // Suspend / resume.
+    vm.run(&["suspend"]).success();
+    vm.run(&["status"]).success().stdout_contains("stopped");
+    vm.run(&["resume"]).success();
+    vm.run(&["ssh", "-c", "true"]).success();
+
+    // destroy -f && up with unchanged inputs: restored from the cache, no boot, clock set from the host.
+    vm.run(&["destroy", "-f"]).success();
+    let t = std::time::Instant::now();
+    let r = vm.run(&["--json", "up"]).success();
+    let secs = t.elapsed().as_secs_f64();
+    let out = r.stdout();
+    assert_eq!(events(&out, "lab_cache")[0]["hit"], true, "{out}");
+    assert_eq!(events(&out, "lab_restored")[0]["key"], key.as_str(), "{out}");
+    let phases: Vec<String> =
+        events(&out, "phase_start").iter().map(|e| e["phase"].as_str().unwrap_or("").to_string()).collect();
+    assert!(!phases.iter().any(|p| p == "boot"), "a restored lab must not boot: {phases:?}");
+    eprintln!("cached up: {secs:.1}s");
+    let r = vm.run(&["ssh", "-c", "cat /etc/hostname; date +%s"]).success();
+    let stdout = r.stdout();
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines[0].trim(), vm.name);
+    let guest: u64 = lines[1].trim().parse().unwrap();
+    let host = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    assert!(guest.abs_diff(host) < 120, "guest clock {guest} vs host {host}");
+
+    // package: a vagrant-libvirt box of this machine.
+    let boxfile = vm.t.path().join("lab.box");
+    vm.run(&["package", "--out", &boxfile.to_string_lossy()]).success();
+    let list = std::process::Command::new("tar").arg("tf").arg(&boxfile).output().unwrap();
+    let names = String::from_utf8_lossy(&list.stdout).into_owned();
+    for f in ["metadata.json", "Vagrantfile", "box.img"] {
+        assert!(names.lines().any(|l| l == f), "{f} missing from the box: {names}");
+    }
+
+    // A one-line template edit: the cache misses and `up` takes the full path (interrupted once it says so).
+    vm.run(&["destroy", "-f"]).success();
+    vm.t.write("provision/motd.hbs", "line one\nline two edited\n");
+    let mut c = std::process::Command::new(support::bin());
+    c.args(["--json", "up"]).current_dir(vm.t.path()).env("PROVISIONER_CACHE_DIR", support::cache_dir());
+    let mut up = support::Proc::spawn("up", c, vm.t.path().join("miss.log"));
+    let line = support::wait_until(BOOT, "the lab_cache event", || {
+        let text = up.log_text();
+        text.lines().find(|l| l.contains("\"lab_cache\"")).map(str::to_string)
+    });
+    assert!(line.contains("\"hit\":false"), "{line}");
+    unsafe { libc::kill(up.child.id() as i32, libc::SIGINT) };
+    Vm::wait_exit(&mut up, std::time::Duration::from_secs(60));
+    vm.run(&["destroy", "-f"]).success();
+    Test::new().args(["box", "remove", &key]).run().success();
+
+    // The packaged box boots with `[box] vagrant =`.
+    let other = Vm::with_box("pkg", &format!("[box]\nvagrant = \"{}\"\n", boxfile.display()));
+    other.run(&["up", "--no-provision"]).success();
+    let box_id = provisioner::boxes::cache::sha256_file(&boxfile).unwrap();
+    let r = other.run(&["ssh", "-c", "cat /etc/hostname"]).success();
+    assert_eq!(r.stdout().trim(), other.name);
+    other.run(&["destroy", "-f"]).success();
+    Test::new().args(["box", "remove", &box_id]).run().success();
 }

@@ -142,7 +142,13 @@ fn from_tree(dir: &Path, source: String) -> Result<BoxMeta> {
                 }
                 let format = qemu_format(&img)?;
                 integrity::check(&img)?;
-                Ok(BoxMeta::new(source, "libvirt", &format, "box.img"))
+                let mut meta = BoxMeta::new(source, "libvirt", &format, "box.img");
+                // A box made by `provisioner package` from a box without bootloader carries its kernel.
+                if dir.join(super::package::KERNEL).is_file() && dir.join(super::package::INITRD).is_file() {
+                    meta.kernel = Some(super::package::KERNEL.into());
+                    meta.initrd = Some(super::package::INITRD.into());
+                }
+                Ok(meta)
             }
             "virtualbox" => match find_ovf(dir)? {
                 Some(ovf) => Ok(BoxMeta::new(source, "virtualbox", "ovf", &ovf)),

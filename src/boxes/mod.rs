@@ -9,6 +9,8 @@ pub mod debian;
 pub mod fetch;
 pub mod import;
 pub mod integrity;
+pub mod lab;
+pub mod package;
 
 use std::path::PathBuf;
 

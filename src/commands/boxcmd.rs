@@ -1,8 +1,9 @@
-//! `box list|build|remove`.
+//! `box list|build|remove`: cached boxes, and the cached labs made from them.
 
 use anyhow::Result;
 
 use super::Ctx;
+use crate::boxes::lab::{LabMeta, Labs};
 use crate::boxes::{self, cache::short, Cache};
 use crate::cli::BoxCommand;
 
@@ -17,10 +18,16 @@ pub fn run(ctx: &Ctx, cmd: BoxCommand) -> Result<i32> {
 fn list(ctx: &Ctx) -> Result<i32> {
     let cache = Cache::open()?;
     let boxes = cache.list()?;
+    let labs = Labs::open()?.list()?;
     if ctx.global.json {
+        // Boxes stay a JSON array (as before); cached labs are JSON lines after it, tagged.
         println!("{}", serde_json::to_string(&boxes)?);
+        for l in &labs {
+            println!("{}", serde_json::json!({"lab": l}));
+        }
         return Ok(0);
     }
+    print_labs(&labs);
     if boxes.is_empty() {
         ctx.ui.info(format!("no cached boxes in {}", cache.root.display()));
         return Ok(0);
@@ -38,6 +45,26 @@ fn list(ctx: &Ctx) -> Result<i32> {
         );
     }
     Ok(0)
+}
+
+/// Cached labs (restored by `up` instead of provisioning), one line each, on stdout before the boxes.
+fn print_labs(labs: &[LabMeta]) {
+    if labs.is_empty() {
+        return;
+    }
+    println!("{:<12}  {:<10}  {:<12}  {:>9}  {:<20}  PROJECT", "LAB", "MACHINE", "BOX", "SIZE", "CREATED");
+    for l in labs {
+        println!(
+            "{:<12}  {:<10}  {:<12}  {:>9}  {:<20}  {}",
+            short(&l.key),
+            l.machine,
+            short(&l.box_id),
+            human_size(l.size),
+            l.created,
+            l.project_dir
+        );
+    }
+    println!();
 }
 
 fn build(ctx: &Ctx, force: bool) -> Result<i32> {
@@ -68,7 +95,30 @@ fn build(ctx: &Ctx, force: bool) -> Result<i32> {
 
 fn remove(ctx: &Ctx, id: &str) -> Result<i32> {
     let cache = Cache::open()?;
+    let labs = Labs::open()?;
+    // An id is a box's or a cached lab's (both are 64 hex digits; a prefix matching both is ambiguous).
+    let is_lab = labs.list()?.iter().any(|l| l.key.starts_with(id));
+    let is_box = cache.list()?.iter().any(|b| b.id.starts_with(id));
+    if is_lab && is_box {
+        anyhow::bail!("{id:?} matches a cached box and a cached lab; give more of the id");
+    }
+    if is_lab {
+        let gone = labs.remove(id)?;
+        ctx.ui.info(format!(
+            "removed cached lab {} of {} ({}); a machine restored from it must be destroyed and created again",
+            short(&gone.key),
+            gone.project_dir,
+            human_size(gone.size)
+        ));
+        ctx.ui.event("lab_removed", serde_json::json!({"key": gone.key}));
+        return Ok(0);
+    }
     let gone = cache.remove(id, &ctx.ui)?;
+    // A lab's disk is an overlay on its box: it goes with it.
+    for l in labs.list()?.into_iter().filter(|l| l.box_id == gone.id) {
+        labs.remove(&l.key)?;
+        ctx.ui.info(format!("removed cached lab {} (made from this box)", short(&l.key)));
+    }
     ctx.ui.info(format!(
         "removed box {} ({}, {}); machines created from it must be destroyed and created again",
         short(&gone.id),

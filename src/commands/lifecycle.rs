@@ -35,7 +35,7 @@ pub(super) struct Machine {
 }
 
 impl Machine {
-    fn load(ctx: &Ctx) -> Result<Self> {
+    pub(super) fn load(ctx: &Ctx) -> Result<Self> {
         Self::new(ctx, ctx.config()?)
     }
 
@@ -47,7 +47,7 @@ impl Machine {
 
     /// How the provider addresses the VM: the UUID recorded in state.json when there is one (VirtualBox), else
     /// its name. Read again after `create`, which records the UUID before it makes the VM.
-    fn vm_ref(&self) -> Result<String> {
+    pub(super) fn vm_ref(&self) -> Result<String> {
         Ok(vm_ref(MachineState::load(&self.state)?.as_ref(), &self.vm_name))
     }
 
@@ -162,7 +162,7 @@ fn up_locked(ctx: &Ctx, m: &Machine, p: &dyn Provider, args: &UpArgs) -> Result<
         ui.event("base_image_build_started", json!({}));
     }
 
-    let (_, host_key) = match live {
+    let (_, host_key, lab) = match live {
         VmState::Running => {
             let keys = crate::keys::ensure_machine_keys(&m.state, &m.cfg.machine.name)?;
             if plan.state.is_none() {
@@ -172,7 +172,7 @@ fn up_locked(ctx: &Ctx, m: &Machine, p: &dyn Provider, args: &UpArgs) -> Result<
                     m.vm_name
                 );
             }
-            keys
+            (keys.0, keys.1, None)
         }
         VmState::NotCreated | VmState::Stopped | VmState::Aborted => boot(ctx, m, p, live, &mut plan.state)?,
         // Saved or paused: resume as it is. A saved VM is not mutable, so nothing is reconfigured (config edits
@@ -182,7 +182,7 @@ fn up_locked(ctx: &Ctx, m: &Machine, p: &dyn Provider, args: &UpArgs) -> Result<
             let ph = ui.phase("resume");
             p.start(&vm_ref(plan.state.as_ref(), &m.vm_name))?;
             ph.done(&format!("resumed from {live}"));
-            keys
+            (keys.0, keys.1, None)
         }
         VmState::Inaccessible => bail!(
             "VirtualBox lists the machine {} as inaccessible: its settings file or a disk it needs (for a linked \
@@ -202,6 +202,13 @@ fn up_locked(ctx: &Ctx, m: &Machine, p: &dyn Provider, args: &UpArgs) -> Result<
     let timeout = Duration::from_secs(args.boot_timeout.unwrap_or(m.cfg.ssh.connect_timeout_secs));
     let session = Session::connect(&ep, timeout).map_err(|e| e.context(serial_tail(&m.state)))?;
     ph.done(&ep.addr.to_string());
+    let restored = lab.as_ref().is_some_and(|l| l.restored);
+    if restored {
+        let now = super::snapshot::clock_command(std::time::SystemTime::now());
+        if let Err(e) = session.exec_ok(&now, Duration::from_secs(30)) {
+            ui.warn(format!("could not set the guest's clock after restoring the cached lab: {e:#}"));
+        }
+    }
 
     let ph = ui.phase("cloud-init");
     // Fast path: cloud-init writes result.json (on tmpfs, so per boot) when its final stage ends. A clean one
@@ -230,8 +237,8 @@ fn up_locked(ctx: &Ctx, m: &Machine, p: &dyn Provider, args: &UpArgs) -> Result<
     }
     ph.done("done");
 
-    let lab = match (&plan.lab, provisioning) {
-        (Some(lab), true) => lab,
+    let render = match (&plan.lab, provisioning) {
+        (Some(render), true) => render,
         _ => {
             ui.info(format!(
                 "{}: running ({}, {}); provisioning skipped",
@@ -239,12 +246,21 @@ fn up_locked(ctx: &Ctx, m: &Machine, p: &dyn Provider, args: &UpArgs) -> Result<
                 p.name(),
                 ep.addr
             ));
+            // A machine without provisioning is cached as booted; `--no-provision` leaves it unprovisioned.
+            if let Some(cache) = lab.as_ref().filter(|l| !l.restored && !args.no_provision) {
+                super::lab::capture(&m.cfg, p, &m.vm_name, &m.state, cache, ui);
+            }
             report_counts(ui);
             return Ok(crate::exit::OK);
         }
     };
-    crate::guest::provision(&m.cfg, &session, lab, ui, false, host_build)?;
-    let (available, unavailable) = lab.services(&m.cfg);
+    let (available, unavailable) = render.services(&m.cfg);
+    if restored {
+        // The cached lab is the provisioned lab: only its health is checked (the host-side build is cancelled).
+        drop(host_build);
+    } else {
+        crate::guest::provision(&m.cfg, &session, render, ui, false, host_build)?;
+    }
     let healthy = crate::health::check_services(
         &m.cfg,
         Some(&session),
@@ -253,6 +269,9 @@ fn up_locked(ctx: &Ctx, m: &Machine, p: &dyn Provider, args: &UpArgs) -> Result<
         &available,
         &unavailable,
     )?;
+    if let Some(cache) = lab.as_ref().filter(|l| healthy && !l.restored) {
+        super::lab::capture(&m.cfg, p, &m.vm_name, &m.state, cache, ui);
+    }
     report_counts(ui);
     Ok(if healthy { crate::exit::OK } else { crate::exit::UNHEALTHY })
 }
@@ -265,15 +284,16 @@ fn report_counts(ui: &crate::ui::Ui) {
     );
 }
 
-/// Create or start the machine, recording it in `recorded` (and state.json) before the hypervisor is touched;
-/// returns its (user, host) keys.
+/// Create or start the machine (from the cached lab when one matches), recording it in `recorded` (and
+/// state.json) before the hypervisor is touched; returns its (user, host) keys and, for a machine created now,
+/// the lab cache plan.
 fn boot(
     ctx: &Ctx,
     m: &Machine,
     p: &dyn Provider,
     live: VmState,
     recorded: &mut Option<MachineState>,
-) -> Result<(crate::keys::KeyPair, crate::keys::KeyPair)> {
+) -> Result<(crate::keys::KeyPair, crate::keys::KeyPair, Option<super::lab::Plan>)> {
     let ui = &ctx.ui;
     // A master connection left from the machine's previous run would talk to a dead guest.
     close_ssh_master(ctx, &m.state);
@@ -286,6 +306,15 @@ fn boot(
     let ph = ui.phase("box");
     let base = crate::boxes::ensure_ui(&m.cfg, p.name(), false, ui)?.0;
     ph.done(&base.id);
+
+    let accel = crate::accel::decide_accel(m.cfg.machine.accel, &crate::accel::HostAccel::probe())?;
+    let mut lab = match live {
+        VmState::NotCreated => super::lab::plan(&m.cfg, &m.vm_name, p.name(), accel.label(), &base.id, ui)?,
+        _ => None,
+    };
+    if let Some(hit) = lab.as_ref().and_then(|l| l.hit.as_ref()) {
+        super::lab::install_keys(hit, &m.state)?;
+    }
 
     let ph = ui.phase("keys");
     let (user_key, host_key) = crate::keys::ensure_machine_keys(&m.state, &m.cfg.machine.name)?;
@@ -303,7 +332,6 @@ fn boot(
     crate::seed::write_seed(&seed, &m.state.seed_iso())?;
     ph.done("cidata");
 
-    let accel = crate::accel::decide_accel(m.cfg.machine.accel, &crate::accel::HostAccel::probe())?;
     // KVM vs TCG is a QEMU choice; VirtualBox picks its own execution engine.
     if let (Some(w), "libvirt") = (&accel.warning, p.name()) {
         ui.warn(w);
@@ -335,6 +363,11 @@ fn boot(
         state: m.state.clone(),
         kvm: accel.kvm,
     };
+    if let Some(plan) = lab.as_mut().filter(|l| l.hit.is_some()) {
+        ph.done("from the cached lab");
+        super::lab::restore(p, &spec, plan, ui)?;
+        return Ok((user_key, host_key, lab));
+    }
     p.create(&spec)?;
     // The provider may have recorded the VM's id (VirtualBox's UUID) in state.json: the one read after create.
     *recorded = Some(MachineState::load(&m.state)?.unwrap_or(st));
@@ -343,7 +376,7 @@ fn boot(
     let ph = ui.phase("boot");
     p.start(&vm_ref(recorded.as_ref(), &m.vm_name))?;
     ph.done(if live == VmState::NotCreated { "created and started" } else { "started" });
-    Ok((user_key, host_key))
+    Ok((user_key, host_key, lab))
 }
 
 /// Every forward, SSH first; an SSH host port of 0 becomes the port recorded earlier or a free one.

@@ -1,12 +1,14 @@
 //! One function per subcommand; `dispatch` is the only place that maps the CLI to them.
 
 pub mod boxcmd;
+pub mod lab;
 pub mod lifecycle;
 pub mod load;
 mod plan;
 pub mod port;
 pub mod provision;
 pub mod render;
+pub mod snapshot;
 pub mod ssh;
 pub mod validate;
 
@@ -52,6 +54,10 @@ pub fn dispatch(cli: Cli) -> Result<i32> {
         Command::Verify(a) => provision::verify(&ctx, &a),
         Command::Load(a) => load::load(&ctx, &a),
         Command::Box(c) => boxcmd::run(&ctx, c),
+        Command::Snapshot(c) => snapshot::snapshot(&ctx, c),
+        Command::Suspend => snapshot::suspend(&ctx),
+        Command::Resume => snapshot::resume(&ctx),
+        Command::Package(a) => snapshot::package(&ctx, &a),
         Command::Completions { shell } => {
             use clap::CommandFactory;
             clap_complete::generate(shell, &mut Cli::command(), "provisioner", &mut std::io::stdout());

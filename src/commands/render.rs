@@ -41,18 +41,26 @@ pub fn render(ctx: &Ctx, args: &RenderArgs) -> Result<i32> {
             );
         }
     }
-    // The output directory is replaced whole: never the project (or a directory holding it).
-    if let Ok(project) = cfg.base_dir().canonicalize() {
-        if project.starts_with(&out) {
+    let state = ctx.state(&cfg);
+    // The output directory is replaced whole: never the project, the provision tree or the machine's state (nor
+    // a directory holding one of them), and never a directory inside the state (keys, disk).
+    let protected = [
+        (cfg.base_dir(), "this project"),
+        (source.clone(), "the provision tree"),
+        (state.root.clone(), "the machine's state directory"),
+    ];
+    for (dir, what) in protected {
+        let Ok(dir) = dir.canonicalize() else { continue };
+        if dir.starts_with(&out) || (what != "this project" && out.starts_with(&dir)) {
             bail!(
-                "--out {} holds this project ({}); render replaces its output directory whole\n\
+                "--out {} {} {what} ({}); render replaces its output directory whole\n\
                  hint: render somewhere else, e.g. --out /tmp/rendered",
                 shown(&args.out.display().to_string()),
-                project.display()
+                if dir.starts_with(&out) { "holds" } else { "is inside" },
+                dir.display()
             );
         }
     }
-    let state = ctx.state(&cfg);
     let rendered = crate::render::render_to_dir(&cfg, &state, &args.out, args.force)?;
     let bytes: usize = rendered.files.iter().map(|f| f.contents.len()).sum();
     if ctx.ui.json() {

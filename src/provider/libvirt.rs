@@ -153,18 +153,23 @@ impl Libvirt {
 
     /// The qcow2 overlay on the box; made once (atomically: a temp name, then renamed).
     fn ensure_overlay(&self, spec: &MachineSpec) -> Result<()> {
+        self.overlay_on(spec, &spec.base.disk, &spec.base.format)
+    }
+
+    /// The machine's qcow2 overlay on `backing` (the box, or a cached lab's disk).
+    fn overlay_on(&self, spec: &MachineSpec, backing: &Path, format: &str) -> Result<()> {
         let disk = spec.state.disk();
         if disk.exists() {
             return Ok(());
         }
         check_free_space(&spec.state.root, spec.disk_gb)?;
-        let base = std::fs::canonicalize(&spec.base.disk).with_context(|| {
-            format!("box disk {} is missing; run `provisioner box build`", spec.base.disk.display())
+        let base = std::fs::canonicalize(backing).with_context(|| {
+            format!("box disk {} is missing; run `provisioner box build`", backing.display())
         })?;
         let tmp = spec.state.path("disk.qcow2.partial");
         let _ = std::fs::remove_file(&tmp);
         Cmd::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2", "-F", &spec.base.format, "-b"])
+            .args(["create", "-q", "-f", "qcow2", "-F", format, "-b"])
             .arg(&base)
             .arg(&tmp)
             .arg(format!("{}G", spec.disk_gb))
@@ -323,6 +328,25 @@ fn domain_uuid(xml: &str) -> Option<&str> {
     Some(xml[start..start + xml[start..].find("</uuid>")?].trim())
 }
 
+impl Libvirt {
+    /// Write and `virsh define` the domain XML of `spec` (keeping `uuid` when given).
+    fn define(&self, spec: &MachineSpec, uuid: Option<&str>) -> Result<()> {
+        let xml = domain_xml(spec, uuid, local_dac_label(&self.uri).as_deref())?;
+        let file = spec.state.path("domain.xml");
+        crate::machine::write_private(&file, xml.as_bytes(), 0o600)?;
+        let path = file.to_string_lossy();
+        self.run(&["define", "--", &path]).map_err(|e| {
+            let hint = if spec.base.firmware == Firmware::Uefi {
+                "\nhint: UEFI boxes need OVMF firmware on the host (Debian/Ubuntu: `apt-get install ovmf`)"
+            } else {
+                ""
+            };
+            e.context(format!("define the domain from {}{hint}", file.display()))
+        })?;
+        Ok(())
+    }
+}
+
 impl Provider for Libvirt {
     fn name(&self) -> &'static str {
         "libvirt"
@@ -369,19 +393,7 @@ impl Provider for Libvirt {
         }
         self.ensure_overlay(spec)?;
         let uuid = existing.as_deref().and_then(domain_uuid);
-        let xml = domain_xml(spec, uuid, local_dac_label(&self.uri).as_deref())?;
-        let file = spec.state.path("domain.xml");
-        crate::machine::write_private(&file, xml.as_bytes(), 0o600)?;
-        let path = file.to_string_lossy();
-        self.run(&["define", "--", &path]).map_err(|e| {
-            let hint = if spec.base.firmware == Firmware::Uefi {
-                "\nhint: UEFI boxes need OVMF firmware on the host (Debian/Ubuntu: `apt-get install ovmf`)"
-            } else {
-                ""
-            };
-            e.context(format!("define the domain from {}{hint}", file.display()))
-        })?;
-        Ok(())
+        self.define(spec, uuid)
     }
 
     fn start(&self, vm_name: &str) -> Result<()> {
@@ -421,7 +433,8 @@ impl Provider for Libvirt {
         if let Some(xml) = self.dumpxml(vm_name)? {
             self.check_ours(vm_name, &xml, state)?;
             self.halt(vm_name, Duration::ZERO, true)?;
-            self.run(&["undefine", "--nvram", "--", vm_name])?;
+            // Internal snapshots live in the overlay (removed below); their metadata and a suspend image go too.
+            self.run(&["undefine", "--nvram", "--snapshots-metadata", "--managed-save", "--", vm_name])?;
         }
         // Our disks are plain files in the state dir (no storage pool): remove them ourselves.
         for f in [
@@ -450,6 +463,153 @@ impl Provider for Libvirt {
             .parse()
             .with_context(|| format!("bad SSH endpoint {host}:{port} in state.json"))
     }
+
+    fn snapshot_save(&self, vm_name: &str, name: &str) -> Result<()> {
+        // Internal qcow2 snapshot, with memory when running; the raw seed ISO is left out of it.
+        self.run(&[
+            "snapshot-create-as",
+            "--domain",
+            vm_name,
+            "--name",
+            name,
+            "--diskspec",
+            "sda,snapshot=no",
+        ])
+        .map(drop)
+        .with_context(|| format!("take snapshot {name:?} of {vm_name}"))
+    }
+
+    fn snapshot_restore(&self, vm_name: &str, name: &str) -> Result<()> {
+        self.require_snapshot(vm_name, name)?;
+        // A snapshot taken running comes back running, with its memory; `--force` as vagrant-libvirt does.
+        self.run(&["snapshot-revert", "--domain", vm_name, "--snapshotname", name, "--force"])
+            .map(drop)
+            .with_context(|| format!("restore snapshot {name:?} of {vm_name}"))
+    }
+
+    fn snapshot_list(&self, vm_name: &str) -> Result<Vec<String>> {
+        let out = self.run(&["snapshot-list", "--domain", vm_name, "--name", "--topological"])?;
+        Ok(out.lines().map(str::trim).filter(|l| !l.is_empty()).map(str::to_string).collect())
+    }
+
+    fn snapshot_delete(&self, vm_name: &str, name: &str) -> Result<()> {
+        self.require_snapshot(vm_name, name)?;
+        self.run(&["snapshot-delete", "--domain", vm_name, "--snapshotname", name]).map(drop)
+    }
+
+    fn lab_capture(&self, vm_name: &str, state: &StateDir, into: &Path) -> Result<Option<String>> {
+        let xml = self.dumpxml(vm_name)?.context("the machine's domain is gone")?;
+        self.check_ours(vm_name, &xml, state)?;
+        let uuid = domain_uuid(&xml).context("the domain XML has no <uuid>")?.to_string();
+        let mem = into.join(LAB_MEMORY);
+        let mem_s = mem.to_string_lossy();
+        // `save` stops the guest with its memory in the file; the disk is then consistent with it and copied.
+        self.virsh()
+            .args(["save", vm_name, &mem_s])
+            .timeout(LAB_TIMEOUT)
+            .run()
+            .context("save the machine's memory")?;
+        let copied = (|| -> Result<()> {
+            let xml = self.run(&["save-image-dumpxml", &mem_s])?;
+            crate::machine::write_private(&into.join(LAB_XML), xml.as_bytes(), 0o600)?;
+            Cmd::new("cp")
+                .arg("--sparse=always")
+                .arg(state.disk())
+                .arg(into.join(LAB_DISK))
+                .timeout(LAB_TIMEOUT)
+                .run()
+                .context("copy the disk into the cache")?;
+            Ok(())
+        })();
+        // The machine runs on, from the same file, whatever happened to the copy.
+        self.virsh().args(["restore", &mem_s]).timeout(LAB_TIMEOUT).run().context("resume the machine")?;
+        copied?;
+        Ok(Some(uuid))
+    }
+
+    fn lab_restore(&self, spec: &MachineSpec, from: &Path, data: &str) -> Result<()> {
+        if self.dumpxml(&spec.vm_name)?.is_some() {
+            bail!(
+                "the domain {} exists already; a cached lab only replaces a machine that is not created",
+                spec.vm_name
+            );
+        }
+        self.overlay_on(spec, &from.join(LAB_DISK), "qcow2")?;
+        self.define(spec, Some(data))?;
+        let saved = std::fs::read_to_string(from.join(LAB_XML))
+            .with_context(|| format!("read {}", from.join(LAB_XML).display()))?;
+        let xml = restore_xml(&saved, &spec.state.root, &netdev(&spec.forwards))?;
+        let file = spec.state.path("restore.xml");
+        crate::machine::write_private(&file, xml.as_bytes(), 0o600)?;
+        let mem = from.join(LAB_MEMORY);
+        self.virsh()
+            .args(["restore", &mem.to_string_lossy(), "--xml", &file.to_string_lossy()])
+            .timeout(LAB_TIMEOUT)
+            .run()
+            .context("restore the cached lab's memory")?;
+        Ok(())
+    }
+
+    fn suspend(&self, vm_name: &str) -> Result<()> {
+        match self.state(vm_name)? {
+            VmState::Running | VmState::Paused => self.run(&["managedsave", "--", vm_name]).map(drop),
+            other => bail!(
+                "the machine {vm_name} is {other}; only a running machine can be suspended\nhint: `provisioner up` \
+                 starts it"
+            ),
+        }
+    }
+
+    fn resume(&self, vm_name: &str) -> Result<()> {
+        match self.state(vm_name)? {
+            VmState::Running => Ok(()),
+            VmState::Paused => self.run(&["resume", "--", vm_name]).map(drop),
+            VmState::Stopped if self.has_managed_save(vm_name)? => self.start(vm_name),
+            other => bail!(
+                "the machine {vm_name} is {other} and not suspended; nothing to resume\nhint: `provisioner up` \
+                 starts a stopped machine"
+            ),
+        }
+    }
+}
+
+impl Libvirt {
+    fn require_snapshot(&self, vm_name: &str, name: &str) -> Result<()> {
+        let all = self.snapshot_list(vm_name)?;
+        if !all.iter().any(|s| s == name) {
+            bail!(
+                "the machine has no snapshot named {name:?} (it has: {})\nhint: `provisioner snapshot list` shows them",
+                if all.is_empty() { "none".to_string() } else { all.join(", ") }
+            );
+        }
+        Ok(())
+    }
+
+    fn has_managed_save(&self, vm_name: &str) -> Result<bool> {
+        let info = self.run(&["dominfo", "--", vm_name])?;
+        Ok(info.lines().any(|l| l.starts_with("Managed save:") && l.trim_end().ends_with("yes")))
+    }
+}
+
+/// Files of a cached lab entry (libvirt).
+const LAB_MEMORY: &str = "memory.save";
+const LAB_XML: &str = "memory.xml";
+const LAB_DISK: &str = "disk.qcow2";
+/// Saving or restoring a few GiB of guest memory on a slow disk.
+const LAB_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// The domain XML of a memory image (`save-image-dumpxml`), moved to another state dir and given the current
+/// forwards: every path under the old state dir is rewritten, and the `-netdev user` argument replaced. Devices
+/// stay as saved (libvirt refuses a restore whose guest ABI differs). Pure.
+pub fn restore_xml(saved: &str, state_dir: &Path, netdev_arg: &str) -> Result<String> {
+    let old = owner_state_dir(saved).context("the saved domain XML has no provisioner state dir")?;
+    let mut xml = saved.replace(&xml_escape(&old), &xml_escape(&state_dir.to_string_lossy()));
+    let start =
+        xml.find("value='user,id=net0").context("the saved domain XML has no -netdev user argument")?
+            + "value='".len();
+    let end = start + xml[start..].find('\'').context("unterminated -netdev argument")?;
+    xml.replace_range(start..end, &xml_escape(netdev_arg));
+    Ok(xml)
 }
 
 /// `virsh domstate` output to a state.

@@ -4,7 +4,7 @@ pub mod libvirt;
 pub mod virtualbox;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Result;
@@ -117,6 +117,44 @@ pub trait Provider {
     fn destroy(&self, vm_name: &str, state: &StateDir) -> Result<()>;
     /// Where SSH reaches the guest on the host.
     fn ssh_endpoint(&self, vm_name: &str, state: &StateDir) -> Result<SocketAddr>;
+
+    /// Take a snapshot `name` of the whole machine (disk, and memory when it runs). An existing name is an error.
+    fn snapshot_save(&self, vm_name: &str, name: &str) -> Result<()>;
+    /// Bring the machine back to snapshot `name`, in the run state it had then (running when taken running).
+    fn snapshot_restore(&self, vm_name: &str, name: &str) -> Result<()>;
+    /// The machine's snapshots, oldest first.
+    fn snapshot_list(&self, vm_name: &str) -> Result<Vec<String>>;
+    fn snapshot_delete(&self, vm_name: &str, name: &str) -> Result<()>;
+    /// Save the running machine's memory to disk and stop it (Vagrant's `suspend`).
+    fn suspend(&self, vm_name: &str) -> Result<()>;
+    /// Start a suspended machine from its saved memory (Vagrant's `resume`).
+    fn resume(&self, vm_name: &str) -> Result<()>;
+
+    /// Cached lab: capture the running machine (disk and memory) into the empty directory `into`, leaving it
+    /// running. Returns what [`Provider::lab_restore`] needs, or None when this provider cannot.
+    fn lab_capture(&self, _vm_name: &str, _state: &StateDir, _into: &Path) -> Result<Option<String>> {
+        Ok(None)
+    }
+    /// Create the machine of `spec` from a capture in `from` and leave it running where the capture was taken.
+    fn lab_restore(&self, _spec: &MachineSpec, _from: &Path, _data: &str) -> Result<()> {
+        anyhow::bail!("the {} provider cannot restore a cached lab", self.name())
+    }
+}
+
+/// Snapshot names: what every hypervisor accepts and a shell needs no quoting for.
+pub fn check_snapshot_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with(['-', '.'])
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if !ok {
+        anyhow::bail!(
+            "\"{}\" is not a valid snapshot name\nhint: use 1-64 letters, digits, `-`, `_` or `.`, not starting \
+             with `-` or `.`",
+            crate::text::shown(name)
+        );
+    }
+    Ok(())
 }
 
 /// The one place a provider is chosen.

@@ -682,6 +682,81 @@ impl Provider for VirtualBox {
         };
         Ok(SocketAddr::new(ip, rule.host_port))
     }
+
+    // Snapshots and suspend/resume (issue 11), kept together: VirtualBox's state rules live in `snapshots`.
+    fn snapshot_save(&self, vm_name: &str, name: &str) -> Result<()> {
+        let info = self.info_required(vm_name)?;
+        if info.snapshot_names().contains(&name) {
+            bail!(
+                "the machine already has a snapshot named {name:?}\nhint: pick another name, or `provisioner \
+                 snapshot delete {name}` first"
+            );
+        }
+        // A running VM is snapshotted online (memory included); VirtualBox pauses it for the moment it takes.
+        self.vbox(args!["snapshot", vm_name, "take", name], IMPORT).map(drop)
+    }
+
+    fn snapshot_restore(&self, vm_name: &str, name: &str) -> Result<()> {
+        let info = self.require_snapshot(vm_name, name)?;
+        let was = info.state();
+        // VirtualBox restores only a VM that is powered off or saved: power it off first, start it again after.
+        if matches!(was, VmState::Running | VmState::Paused) {
+            self.vbox(args!["controlvm", vm_name, "poweroff"], CHANGE)?;
+        }
+        self.vbox(args!["snapshot", vm_name, "restore", name], IMPORT)?;
+        if was == VmState::Running {
+            self.start(vm_name)?;
+        }
+        Ok(())
+    }
+
+    fn snapshot_list(&self, vm_name: &str) -> Result<Vec<String>> {
+        Ok(self.info_required(vm_name)?.snapshot_names().into_iter().map(str::to_string).collect())
+    }
+
+    fn snapshot_delete(&self, vm_name: &str, name: &str) -> Result<()> {
+        self.require_snapshot(vm_name, name)?;
+        self.vbox(args!["snapshot", vm_name, "delete", name], IMPORT).map(drop)
+    }
+
+    fn suspend(&self, vm_name: &str) -> Result<()> {
+        match self.state(vm_name)? {
+            VmState::Running | VmState::Paused => {
+                self.vbox(args!["controlvm", vm_name, "savestate"], IMPORT).map(drop)
+            }
+            other => bail!(
+                "the machine {vm_name} is {other}; only a running machine can be suspended\nhint: `provisioner up` \
+                 starts it"
+            ),
+        }
+    }
+
+    fn resume(&self, vm_name: &str) -> Result<()> {
+        let info = self.info_required(vm_name)?;
+        match info.state() {
+            VmState::Running => Ok(()),
+            // aborted-saved (the VM process died while suspended) restores like saved.
+            s if s.is_saved() || s == VmState::Paused => self.start(vm_name),
+            other => bail!(
+                "the machine {vm_name} is {other} and not suspended; nothing to resume\nhint: `provisioner up` \
+                 starts a stopped machine"
+            ),
+        }
+    }
+}
+
+impl VirtualBox {
+    fn require_snapshot(&self, vm_name: &str, name: &str) -> Result<VmInfo> {
+        let info = self.info_required(vm_name)?;
+        let all = info.snapshot_names();
+        if !all.contains(&name) {
+            bail!(
+                "the machine has no snapshot named {name:?} (it has: {})\nhint: `provisioner snapshot list` shows them",
+                if all.is_empty() { "none".to_string() } else { all.join(", ") }
+            );
+        }
+        Ok(info)
+    }
 }
 
 #[cfg(test)]
@@ -704,6 +779,17 @@ mod tests {
         assert_eq!(seed_slot(&i, "/s/seed.iso"), want);
         let i2 = info("storagecontrollername0=\"S\"\nstoragecontrollertype0=\"IntelAhci\"\nstoragecontrollerportcount0=\"2\"\n\"S-0-0\"=\"/d\"\n\"S-1-0\"=\"/s/seed.iso\"\n");
         assert_eq!(seed_slot(&i2, "/s/seed.iso"), SeedSlot::Attached);
+    }
+
+    #[test]
+    fn nothing_we_pass_can_be_read_as_an_option() {
+        assert!(operand("--delete").is_err() && operand("").is_err());
+        assert_eq!(
+            operand("0c4f6d2e-6a57-4ad4-9a8f-1d9c0e2f3b4a").unwrap(),
+            "0c4f6d2e-6a57-4ad4-9a8f-1d9c0e2f3b4a"
+        );
+        let u = new_uuid();
+        assert_eq!((u.len(), &u[14..15]), (36, "4"), "{u}");
     }
 
     #[test]

@@ -119,11 +119,11 @@ fn uses(t: &Template) -> Result<Vec<String>, String> {
                     out.extend(uses(sub)?);
                 }
             }
-            TemplateElement::DecoratorBlock(d) | TemplateElement::DecoratorExpression(d) => {
-                if d.name.as_name() != Some("inline") {
-                    if let Some(sub) = &d.template {
-                        out.extend(uses(sub)?);
-                    }
+            TemplateElement::DecoratorBlock(d) | TemplateElement::DecoratorExpression(d)
+                if d.name.as_name() != Some("inline") =>
+            {
+                if let Some(sub) = &d.template {
+                    out.extend(uses(sub)?);
                 }
             }
             TemplateElement::HtmlExpression(h)
@@ -161,7 +161,7 @@ fn visit(
             names.join(" → ")
         };
         // The template itself is chain[0]; a partial is a cycle when it is already open.
-        if chain.iter().any(|n| *n == used) {
+        if chain.contains(&used) {
             return Err(format!(
                 "partial \"{}\" includes itself ({}); handlebars would recurse until the stack overflows",
                 crate::text::shown(&used),

@@ -1,0 +1,133 @@
+//! The cached clean lab inside `up`: look the machine up before it is created ([`plan`]), restore it instead of
+//! booting ([`restore`]), and capture it after an `up` that created it and ended healthy ([`capture`]).
+//! The store and its key are in [`crate::boxes::lab`].
+
+use std::time::Instant;
+
+use anyhow::Result;
+use serde_json::json;
+
+use crate::boxes::lab::{self, LabInputs, LabMeta, Labs};
+use crate::config::Config;
+use crate::machine::StateDir;
+use crate::provider::{MachineSpec, Provider};
+use crate::ui::Ui;
+
+/// What `up` knows about the cache for a machine it is about to create.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub key: String,
+    /// The entry to restore, when one matches.
+    pub hit: Option<LabMeta>,
+    /// Whether the machine was restored from `hit` (set by [`restore`]).
+    pub restored: bool,
+}
+
+/// The cache key of the machine `up` is about to create, and its entry if cached. None when the config opts out
+/// or the provider cannot restore captures (VirtualBox).
+pub fn plan(
+    cfg: &Config,
+    vm_name: &str,
+    provider: &str,
+    accel: &str,
+    box_id: &str,
+    ui: &Ui,
+) -> Result<Option<Plan>> {
+    if !cfg.machine.cache_lab || provider != "libvirt" {
+        return Ok(None);
+    }
+    let inputs = LabInputs {
+        tool_version: env!("CARGO_PKG_VERSION").to_string(),
+        provider: provider.to_string(),
+        accel: accel.to_string(),
+        vm_name: vm_name.to_string(),
+        box_id: box_id.to_string(),
+        config: lab::config_fingerprint(cfg)?,
+        tree: lab::tree_hash(&cfg.resolve(&cfg.provision.source))?,
+    };
+    let key = lab::lab_key(&inputs);
+    let hit = Labs::open()?.get(&key)?;
+    ui.event("lab_cache", json!({"key": key, "hit": hit.is_some()}));
+    Ok(Some(Plan { key, hit, restored: false }))
+}
+
+/// Put the entry's keys and secrets into the state dir, before the seed and the machine are made from them.
+pub fn install_keys(hit: &LabMeta, state: &StateDir) -> Result<()> {
+    state.ensure()?;
+    lab::copy_keys(&Labs::open()?.entry_dir(&hit.key).join("keys"), &state.root)
+}
+
+/// Create and run the machine from the entry (instead of create + start).
+pub fn restore(p: &dyn Provider, spec: &MachineSpec, plan: &mut Plan, ui: &Ui) -> Result<()> {
+    let Some(hit) = &plan.hit else { return Ok(()) };
+    let ph = ui.phase("restore lab");
+    p.lab_restore(spec, &Labs::open()?.entry_dir(&hit.key), &hit.provider_data).map_err(|e| {
+        e.context(format!(
+            "restore the cached lab {}\nhint: drop it with `provisioner box remove {}`, then `provisioner destroy -f` \
+             and `provisioner up` take the full path",
+            crate::boxes::cache::short(&hit.key),
+            crate::boxes::cache::short(&hit.key)
+        ))
+    })?;
+    plan.restored = true;
+    ph.done(&format!("cached lab {} (provisioning skipped)", crate::boxes::cache::short(&hit.key)));
+    ui.event("lab_restored", json!({"key": hit.key}));
+    Ok(())
+}
+
+/// Keep a capture of the machine just created by this `up`. Best effort: a failure is a warning, the machine
+/// is fine either way.
+pub fn capture(cfg: &Config, p: &dyn Provider, vm_name: &str, state: &StateDir, plan: &Plan, ui: &Ui) {
+    let ph = ui.phase("cache lab");
+    let start = Instant::now();
+    let result = (|| -> Result<Option<LabMeta>> {
+        let labs = Labs::open()?;
+        let partial = labs.begin(&plan.key)?;
+        let done = (|| -> Result<Option<LabMeta>> {
+            let Some(data) = p.lab_capture(vm_name, state, &partial)? else { return Ok(None) };
+            lab::copy_keys(&state.root, &partial.join("keys"))?;
+            let st = crate::machine::state::MachineState::load(state)?.unwrap_or_default();
+            let meta = LabMeta {
+                key: plan.key.clone(),
+                machine: cfg.machine.name.clone(),
+                vm_name: vm_name.to_string(),
+                project_dir: cfg.base_dir().display().to_string(),
+                provider: p.name().to_string(),
+                box_id: st.box_id.unwrap_or_default(),
+                provider_data: data,
+                created: String::new(),
+                size: 0,
+            };
+            labs.commit(&partial, meta).map(Some)
+        })();
+        if !matches!(done, Ok(Some(_))) {
+            let _ = crate::boxes::cache::remove_tree(&partial);
+        }
+        done
+    })();
+    if p.state(vm_name).is_ok_and(|s| s == crate::provider::VmState::Running) {
+        // The guest was stopped for the capture: its clock lags by that long.
+        super::snapshot::sync_clock(cfg, state, ui);
+    }
+    match result {
+        Ok(Some(meta)) => {
+            ph.done(&format!(
+                "{} ({} MiB, {:.1}s); `destroy -f && up` restores it",
+                crate::boxes::cache::short(&meta.key),
+                meta.size >> 20,
+                start.elapsed().as_secs_f64()
+            ));
+            ui.event("lab_saved", json!({"key": meta.key, "bytes": meta.size}));
+        }
+        Ok(None) => {
+            ph.done("not supported by this provider");
+        }
+        Err(e) => {
+            ph.done("failed");
+            ui.warn(format!(
+                "the lab was not cached: {e:#}\nhint: the machine is fine; free space in the cache dir or set \
+                 [machine] cache_lab = false"
+            ));
+        }
+    }
+}
