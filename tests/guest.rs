@@ -234,10 +234,18 @@ fn vm_up_verify_reprovision_destroy() {
     let t = Test::with_lab();
     let cfg_path = t.path().join("box-config.toml");
     let text = std::fs::read_to_string(&cfg_path).unwrap();
-    // Unique free host ports per test (the repo's config uses fixed ones).
-    let mut text = text.replace("host_port = 2222", &format!("host_port = {}", free_port()));
+    // Unique free host ports per test (the repo's config uses fixed ones); free_port() may hand out the same
+    // port twice, so draw until they differ.
+    let mut ports = std::collections::BTreeSet::new();
+    let mut port = || loop {
+        let p = free_port();
+        if ports.insert(p) {
+            return p;
+        }
+    };
+    let mut text = text.replace("host_port = 2222", &format!("host_port = {}", port()));
     for p in [8000, 9090, 9093, 3000, 9100, 8080] {
-        text = text.replace(&format!("host = {p}\n"), &format!("host = {}\n", free_port()));
+        text = text.replace(&format!("host = {p}\n"), &format!("host = {}\n", port()));
     }
     std::fs::write(&cfg_path, text).unwrap();
     let run = |args: &[&str]| Test::new().cwd(t.path()).args(args.iter().copied()).run();
