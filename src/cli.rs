@@ -204,8 +204,19 @@ pub enum BoxCommand {
         #[arg(long)]
         force: bool,
     },
-    /// Remove a cached box by its id (see `box list`).
-    Remove { id: String },
+    /// Remove a cached box by its id (see `box list`); with `--host URI`, its uploaded copy in that libvirt host's pool.
+    Remove {
+        id: String,
+        /// A remote libvirt URI (qemu+ssh://...): remove the box's volumes from its pool ([libvirt] pool), not the cache.
+        #[arg(long, value_name = "URI")]
+        host: Option<String>,
+    },
+    /// Upload the box box-config.toml names into a remote libvirt host's pool (`up` does it when needed).
+    Upload {
+        /// The libvirt URI (default: [libvirt] uri).
+        #[arg(long, value_name = "URI")]
+        host: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
