@@ -1,0 +1,150 @@
+//! Remote libvirt hosts (docs/remote.md) against a real second host: a network namespace with its own sshd and
+//! libvirtd and private storage ([`crate::support::nethost::NetHost`]). Fast tier: the host key check (unknown and
+//! changed keys refused by the real sshd's key), the box uploaded into the host's pool once (0 bytes the second
+//! time), an interrupted upload redone, `box remove --host`. The VM test is `vm::vm_remote_up_ssh_destroy`.
+
+use std::path::Path;
+use std::process::Command;
+
+use crate::support::nethost::{self, NetHost};
+use crate::support::Test;
+
+/// A small bootable-looking box (ext4 at its start, some MiB of data): `tiny.qcow2` in `dir`.
+pub fn tiny_box(dir: &Path) {
+    let raw = dir.join("tiny.raw");
+    let data = dir.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let bytes: Vec<u8> = (0..6u32 << 20).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    std::fs::write(data.join("payload"), bytes).unwrap();
+    let ok = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-L", "rootfs", "-d"])
+        .arg(&data)
+        .arg(&raw)
+        .arg("16M")
+        .status()
+        .unwrap();
+    assert!(ok.success(), "mkfs.ext4");
+    let ok = Command::new("qemu-img")
+        .args(["convert", "-q", "-O", "qcow2"])
+        .arg(&raw)
+        .arg(dir.join("tiny.qcow2"))
+        .status()
+        .unwrap();
+    assert!(ok.success(), "qemu-img convert");
+}
+
+/// A project on the remote host with the tiny box, its own HOME (known_hosts) and box cache.
+fn project(host: &NetHost) -> Test {
+    let t = Test::new();
+    tiny_box(t.path());
+    t.write(
+        "box-config.toml",
+        format!(
+            "[machine]\nname = \"far\"\nprovider = \"libvirt\"\n[box]\nimage = \"tiny.qcow2\"\n[provision]\nenabled = false\n[libvirt]\nuri = \
+             \"{}\"\npool = \"provtest\"\n",
+            host.uri()
+        ),
+    );
+    std::fs::create_dir_all(t.path().join("home/.ssh")).unwrap();
+    std::fs::create_dir_all(t.path().join("provision")).unwrap();
+    t
+}
+
+fn run(t: &Test, args: &[&str]) -> crate::support::Run {
+    Test::new()
+        .cwd(t.path())
+        .env("HOME", t.path().join("home").to_string_lossy())
+        .env("PROVISIONER_CACHE_DIR", t.path().join("cache").to_string_lossy())
+        .args(args.iter().copied())
+        .run()
+}
+
+#[test]
+fn remote_host_key_unknown_or_changed_is_refused() {
+    if !nethost::available() {
+        panic!("the remote-host fixture needs root, libvirtd, virtlogd, sshd and virt-ssh-helper");
+    }
+    let host = NetHost::start();
+    let t = project(&host);
+    // Unknown: refused before any connection, with the command that adds it.
+    let keyscan = format!("ssh-keyscan {} ", host.addr);
+    run(&t, &["validate"])
+        .failure()
+        .stderr_contains("is not in")
+        .stderr_contains(&keyscan)
+        .stderr_contains("hint:");
+    run(&t, &["box", "upload"]).failure().stderr_contains("never accepts an unknown host key");
+    // Known under a different key: the real sshd's key does not match, and OpenSSH (through the tool's
+    // wrapper) refuses; nothing was uploaded.
+    let other = tempfile::tempdir().unwrap();
+    let k = other.path().join("k");
+    assert!(Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", ""])
+        .arg("-f")
+        .arg(&k)
+        .status()
+        .unwrap()
+        .success());
+    let wrong = std::fs::read_to_string(k.with_extension("pub")).unwrap();
+    let wrong: Vec<&str> = wrong.split_whitespace().take(2).collect();
+    t.write("home/.ssh/known_hosts", format!("{} {}\n", host.addr, wrong.join(" ")));
+    run(&t, &["validate"]).success();
+    run(&t, &["box", "upload"]).failure().stderr_contains("has CHANGED").stderr_contains("ssh-keygen -R");
+    assert!(host.volumes("provtest").is_empty(), "nothing reached the host: {:?}", host.volumes("provtest"));
+    // The right key (hashed, as `ssh-keyscan -H` writes it): accepted.
+    t.write("home/.ssh/known_hosts", host.known_hosts_line());
+    let kh = t.path().join("home/.ssh/known_hosts");
+    assert!(Command::new("ssh-keygen").arg("-H").arg("-f").arg(&kh).output().unwrap().status.success());
+    assert!(!std::fs::read_to_string(&kh).unwrap().contains(&host.addr), "hashed");
+    run(&t, &["box", "upload"]).success().stdout_contains("bytes sent");
+}
+
+#[test]
+fn remote_box_upload_once_per_host_then_remove() {
+    if !nethost::available() {
+        panic!("the remote-host fixture needs root, libvirtd, virtlogd, sshd and virt-ssh-helper");
+    }
+    let host = NetHost::start();
+    let t = project(&host);
+    t.write("home/.ssh/known_hosts", host.known_hosts_line());
+    run(&t, &["validate"]).success();
+    let size = std::fs::metadata(t.path().join("tiny.qcow2")).unwrap().len();
+    let first = run(&t, &["--json", "box", "upload"]).success();
+    let doc: serde_json::Value = serde_json::from_str(first.stdout().lines().last().unwrap()).unwrap();
+    assert_eq!(doc["bytes_sent"], size, "{}", first.stdout());
+    let id = doc["id"].as_str().unwrap().to_string();
+    let vols = host.volumes("provtest");
+    assert!(
+        vols.contains(&format!("box-{id}.qcow2")) && vols.contains(&format!("box-{id}.done")),
+        "{vols:?}"
+    );
+    // The volume holds the box's bytes (read on the host, not through the tool).
+    let path = host.virsh(&["vol-path", "--pool", "provtest", &format!("box-{id}.qcow2")]).unwrap();
+    let there = host.exec(&["sha256sum", path.trim()]).unwrap();
+    assert!(there.starts_with(&id), "the volume holds the box's bytes: {there} vs {id}");
+    assert!(
+        !Path::new(path.trim()).exists(),
+        "the pool is in the host's private storage, not on this filesystem"
+    );
+
+    // Second time: nothing sent.
+    let again = run(&t, &["--json", "box", "upload"]).success();
+    let doc: serde_json::Value = serde_json::from_str(again.stdout().lines().last().unwrap()).unwrap();
+    assert_eq!(doc["bytes_sent"], 0, "{}", again.stdout());
+
+    // An interrupted upload (data volume without its completion marker) is sent again, whole.
+    host.virsh(&["vol-delete", "--pool", "provtest", &format!("box-{id}.done")]).unwrap();
+    let redo = run(&t, &["--json", "box", "upload"]).success();
+    let doc: serde_json::Value = serde_json::from_str(redo.stdout().lines().last().unwrap()).unwrap();
+    assert_eq!(doc["bytes_sent"], size, "{}", redo.stdout());
+
+    // `box remove --host` removes it from the pool (the local cache keeps it).
+    run(&t, &["box", "remove", &id[..12], "--host", &host.uri()]).success();
+    let left: Vec<String> = host.volumes("provtest").into_iter().filter(|v| v.starts_with("box-")).collect();
+    assert!(left.is_empty(), "{left:?}");
+    run(&t, &["box", "list"]).success().stdout_contains(&id[..12]);
+    // A local URI is not a host to upload to.
+    run(&t, &["box", "upload", "--host", "qemu:///session"])
+        .failure()
+        .stderr_contains("not a remote libvirt host");
+}
