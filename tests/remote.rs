@@ -148,3 +148,105 @@ fn remote_box_upload_once_per_host_then_remove() {
         .failure()
         .stderr_contains("not a remote libvirt host");
 }
+
+/// A machine project on `host` booting the `[box]` table `box_toml`, with free ports (mirrored locally too).
+fn remote_machine(host: &NetHost, name: &str, box_toml: &str, home: &Path) -> Test {
+    let t = Test::new();
+    t.write(
+        "box-config.toml",
+        format!(
+            "[machine]\nname = \"{name}\"\nprovider = \"libvirt\"\ncpus = 2\nmemory_mb = 1024\ndisk_gb = 8\naccel = \
+             \"tcg\"\n\n{box_toml}\n[ssh]\nhost_port = {}\nconnect_timeout_secs = 1500\n\n[[forward]]\nname = \
+             \"web\"\nguest = 80\nhost = {}\n\n[provision]\nenabled = false\n\n[libvirt]\nuri = \"{}\"\n",
+            crate::support::free_port(),
+            crate::support::free_port(),
+            host.uri()
+        ),
+    );
+    std::fs::create_dir_all(t.path().join("provision")).unwrap();
+    let _ = home;
+    t
+}
+
+fn in_dir(t: &Test, home: &Path, args: &[&str]) -> crate::support::Run {
+    Test::new()
+        .cwd(t.path())
+        .env("HOME", home.to_string_lossy())
+        .env("PROVISIONER_CONFIG", t.path().join("box-config.toml").to_string_lossy())
+        .args(args.iter().copied())
+        .run()
+}
+
+/// The VM test (called from `vm::vm_remote_up_ssh_status_destroy`): from nothing on the far host to SSH, `ssh -c`,
+/// `status`, a second machine reusing the uploaded box (0 bytes), `destroy -f` leaving only the box volumes.
+pub fn vm_remote_up_ssh_status_destroy(box_toml: &str) {
+    assert!(
+        nethost::available(),
+        "the remote-host fixture needs root, libvirtd, virtlogd, sshd, virt-ssh-helper"
+    );
+    let host = NetHost::start();
+    let home = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(home.path().join(".ssh")).unwrap();
+    std::fs::write(home.path().join(".ssh/known_hosts"), host.known_hosts_line()).unwrap();
+    let pid = std::process::id() % 100_000;
+    let (n1, n2) = (format!("far{pid}"), format!("near{pid}"));
+    let m1 = remote_machine(&host, &n1, box_toml, home.path());
+    let m2 = remote_machine(&host, &n2, box_toml, home.path());
+    // Whatever happens, the machines go (the fixture then stops the host).
+    struct Cleanup<'a>(&'a [&'a Test], &'a Path);
+    impl Drop for Cleanup<'_> {
+        fn drop(&mut self) {
+            for t in self.0 {
+                let _ = in_dir(t, self.1, &["destroy", "-f"]);
+            }
+        }
+    }
+    let _cleanup = Cleanup(&[&m1, &m2], home.path());
+
+    let t0 = std::time::Instant::now();
+    let up = in_dir(&m1, home.path(), &["up", "--no-provision"]).success();
+    eprintln!("remote up (upload + boot to SSH): {:.1} s", t0.elapsed().as_secs_f64());
+    assert!(
+        up.stderr().contains("uploaded to root@") && !up.stderr().contains(" 0 bytes sent"),
+        "{}",
+        up.stderr()
+    );
+    let r = in_dir(&m1, home.path(), &["ssh", "-c", "cat /etc/hostname"]).success();
+    assert_eq!(r.stdout().trim(), n1);
+    assert_eq!(in_dir(&m1, home.path(), &["ssh", "-c", "exit 7"]).code(), Some(7));
+    in_dir(&m1, home.path(), &["status"]).success().stdout_contains("running");
+    let cfg = in_dir(&m1, home.path(), &["ssh-config"]).success();
+    assert!(
+        cfg.stdout().contains("ProxyCommand ssh ") && cfg.stdout().contains("-W %h:%p"),
+        "{}",
+        cfg.stdout()
+    );
+    // The domain names only paths on the far host (its pool), none of this machine's state dir or cache.
+    let xml = host.virsh(&["dumpxml", &format!("{}", vm_name_of(&m1, home.path()))]).unwrap();
+    assert!(xml.contains("/var/lib/libvirt/images/provisioner/"), "{xml}");
+    assert!(
+        !xml.contains(".cache/provisioner")
+            && !xml.contains(&*m1.path().join(".provisioner/disk").to_string_lossy()),
+        "{xml}"
+    );
+
+    // A second machine on the same host: the box is there already.
+    let up2 = in_dir(&m2, home.path(), &["up", "--no-provision"]).success();
+    assert!(up2.stderr().contains(": 0 bytes sent"), "{}", up2.stderr());
+    in_dir(&m2, home.path(), &["ssh", "-c", "true"]).success();
+
+    in_dir(&m1, home.path(), &["destroy", "-f"]).success();
+    in_dir(&m2, home.path(), &["destroy", "-f"]).success();
+    let left = host.volumes("provisioner");
+    assert!(!left.is_empty() && left.iter().all(|v| v.starts_with("box-")), "only the box stays: {left:?}");
+    let domains = host.virsh(&["list", "--all", "--name"]).unwrap();
+    assert!(domains.trim().is_empty(), "domains left: {domains}");
+}
+
+/// The domain name of a machine (from its state.json).
+fn vm_name_of(t: &Test, _home: &Path) -> String {
+    let st: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(t.path().join(".provisioner/state.json")).unwrap())
+            .unwrap();
+    st["vm_name"].as_str().unwrap().to_string()
+}
