@@ -413,21 +413,6 @@ impl super::Libvirt {
     /// blocks, with a byte progress bar on a terminal. Returns the bytes sent.
     fn upload_file(&self, name: &str, file: &Path) -> Result<u64> {
         let size = std::fs::metadata(file).with_context(|| format!("read {}", file.display()))?.len();
-        if self.vol_exists(name)? {
-            self.vol_delete(name)?;
-        }
-        self.run(&[
-            "vol-create-as",
-            "--pool",
-            &self.pool,
-            "--name",
-            name,
-            "--capacity",
-            &size.to_string(),
-            "--format",
-            "raw",
-        ])
-        .with_context(|| format!("create the volume {name} in pool {}", self.pool))?;
         let bar = crate::ui::bytes_bar(size, name);
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         // Progress: the volume's allocation on the host, polled beside the upload (the stream itself is virsh's).
@@ -447,12 +432,11 @@ impl super::Libvirt {
                 }
             })
         });
-        let path = file.to_string_lossy();
-        let res = self
-            .virsh()
-            .args(["vol-upload", "--pool", &self.pool, "--vol", name, "--file", &path, "--sparse"])
-            .timeout(upload_timeout(size))
-            .output();
+        // One virsh connection (one SSH handshake) for the three steps: a leftover of that name goes (its
+        // "not found" is expected and ignored), a raw volume of the file's size is made, the file is streamed into
+        // it. virsh runs `;`-separated commands in order and exits with the last one's status.
+        let batch = upload_batch(&self.pool, name, size, &file.to_string_lossy());
+        let res = self.virsh().arg(&batch).timeout(upload_timeout(size)).output();
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         if let Some(t) = poll {
             let _ = t.join();
@@ -462,7 +446,15 @@ impl super::Libvirt {
             if let Some(b) = &bar {
                 b.abandon();
             }
-            let err = out.stderr.trim();
+            // The leftover's absence is not the error.
+            let err: Vec<&str> = out
+                .stderr
+                .lines()
+                .filter(|l| !l.contains("failed to get vol") && !l.contains("Storage volume not found"))
+                .filter(|l| !l.trim().is_empty())
+                .collect();
+            let err = err.join("\n");
+            let err = err.as_str();
             if let Some(e) = self.remote.as_ref().and_then(|r| r.host_key_failure(err)) {
                 return Err(e);
             }
@@ -592,6 +584,18 @@ impl super::Libvirt {
         }
         Ok(())
     }
+}
+
+/// The virsh batch that (re)creates volume `name` and uploads `file` into it. Every word is quoted for virsh's
+/// own parser (the same single-quote rules as a POSIX shell). Pure.
+pub fn upload_batch(pool: &str, name: &str, size: u64, file: &str) -> String {
+    let q = crate::ssh::shell_quote;
+    let (p, n) = (q(pool), q(name));
+    format!(
+        "vol-delete --pool {p} --vol {n}; vol-create-as --pool {p} --name {n} --capacity {size} --format raw; \
+         vol-upload --pool {p} --vol {n} --file {} --sparse",
+        q(file)
+    )
 }
 
 /// `Allocation:` of `virsh vol-info --bytes`.
