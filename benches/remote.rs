@@ -133,6 +133,41 @@ fn main() {
         doc2["bytes_sent"]
     );
 
+    // The primitive alone: one virsh vol-upload (sparse and not) into a fresh volume, same connection kind.
+    let wrapper = dir.path().join("ssh-wrapper");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nexec ssh -o UserKnownHostsFile={} -o StrictHostKeyChecking=yes -o BatchMode=yes \"$@\"\n",
+            home.join(".ssh/known_hosts").display()
+        ),
+    )
+    .unwrap();
+    assert!(Command::new("chmod").arg("700").arg(&wrapper).status().unwrap().success());
+    let conn = format!("{}&command={}&no_tty=1", host.uri(), wrapper.display());
+    for sparse in [true, false] {
+        let name = format!("raw-{sparse}");
+        let mut batch = format!(
+            "vol-create-as --pool provisioner --name {name} --capacity {size} --format raw; vol-upload --pool \
+             provisioner --vol {name} --file {}",
+            img.display()
+        );
+        if sparse {
+            batch.push_str(" --sparse");
+        }
+        let t = Instant::now();
+        let out = Command::new("virsh").args(["-q", "-c", &conn, &batch]).output().unwrap();
+        let d = t.elapsed();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        println!(
+            "virsh create+vol-upload{}   {:>8.2} s  {:>7.1} MiB/s",
+            if sparse { " --sparse" } else { "         " },
+            d.as_secs_f64(),
+            size as f64 / 1048576.0 / d.as_secs_f64()
+        );
+        let _ = host.virsh(&["vol-delete", "--pool", "provisioner", &name]);
+    }
+
     let t = Instant::now();
     let st = Command::new("scp")
         .args(["-q", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes", "-o"])

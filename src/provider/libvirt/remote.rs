@@ -361,33 +361,44 @@ impl super::Libvirt {
         [verb, "--pool", &self.pool, "--vol", vol]
     }
 
-    /// The pool exists and runs (made as a dir pool when missing).
-    pub fn ensure_pool(&self) -> Result<()> {
+    /// The pool exists and runs (made as a dir pool when missing); returns whether volume `probe` is in it.
+    /// One virsh connection when the pool runs (pool-info and vol-info as one batch), two when it is made.
+    pub fn ensure_pool(&self, probe: &str) -> Result<bool> {
         let host = self.remote.as_ref().map(|r| r.destination()).unwrap_or_else(|| self.uri.clone());
-        let out = self.virsh().args(["pool-info", "--pool", &self.pool]).output()?;
-        if out.success() {
-            if out.stdout.lines().any(|l| l.starts_with("State:") && l.contains("running")) {
-                return Ok(());
+        let q = crate::ssh::shell_quote;
+        let batch = format!(
+            "pool-info --pool {}; vol-info --pool {} --vol {}",
+            q(&self.pool),
+            q(&self.pool),
+            q(probe)
+        );
+        let out = self.virsh().arg(&batch).output()?;
+        let has_probe =
+            out.stdout.lines().any(|l| l.strip_prefix("Name:").is_some_and(|n| n.trim() == probe));
+        let pool_line = out.stdout.lines().find(|l| l.starts_with("State:"));
+        if let Some(state) = pool_line {
+            if state.contains("running") {
+                return Ok(has_probe);
             }
-            return self
-                .run(&["pool-start", "--pool", &self.pool])
-                .map(drop)
-                .map_err(|e| pool_error(&self.pool, &host, &format!("{e:#}")));
+            self.run(&["pool-start", "--pool", &self.pool])
+                .map_err(|e| pool_error(&self.pool, &host, &format!("{e:#}")))?;
+            return Ok(has_probe);
         }
         if super::is_connect_error(&out.stderr)
             || self.remote.as_ref().and_then(|r| r.host_key_failure(&out.stderr)).is_some()
         {
             return Err(self.unreachable(out.stderr.trim()));
         }
-        let target = pool_target(&self.pool);
-        (|| -> Result<()> {
-            self.run(&["pool-define-as", "--name", &self.pool, "--type", "dir", "--target", &target])?;
-            self.run(&["pool-build", "--pool", &self.pool])?;
-            self.run(&["pool-start", "--pool", &self.pool])?;
-            self.run(&["pool-autostart", "--pool", &self.pool])?;
-            Ok(())
-        })()
-        .map_err(|e| pool_error(&self.pool, &host, &format!("{e:#}")))
+        let (p, t) = (q(&self.pool), q(&pool_target(&self.pool)));
+        let create = format!(
+            "pool-define-as --name {p} --type dir --target {t}; pool-build --pool {p}; pool-autostart --pool {p}; \
+             pool-start --pool {p}"
+        );
+        let out = self.virsh().arg(&create).output()?;
+        if !out.success() {
+            return Err(pool_error(&self.pool, &host, out.stderr.trim()));
+        }
+        Ok(false)
     }
 
     pub fn vol_exists(&self, name: &str) -> Result<bool> {
@@ -474,9 +485,8 @@ impl super::Libvirt {
     /// The box in the host's pool, once per host: nothing is sent when its complete marker exists. An interrupted
     /// upload has no marker and is deleted and sent again. Returns the bytes sent.
     pub fn upload_box(&self, base: &crate::provider::BoxImage) -> Result<u64> {
-        self.ensure_pool()?;
         let done = box_volume(&base.id, ".done");
-        if self.vol_exists(&done)? {
+        if self.ensure_pool(&done)? {
             return Ok(0);
         }
         let mut sent = self.upload_file(&box_volume(&base.id, &format!(".{}", base.format)), &base.disk)?;
