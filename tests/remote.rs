@@ -250,3 +250,82 @@ fn vm_name_of(t: &Test, _home: &Path) -> String {
             .unwrap();
     st["vm_name"].as_str().unwrap().to_string()
 }
+
+/// The tunnel to a remote machine's forwards (src/ssh/tunnel.rs), against the real namespaced sshd: an HTTP server
+/// on the far host's 127.0.0.1 is reached on the local 127.0.0.1 at the same port, several requests at once and a
+/// 4 MiB body intact; a host key that does not match known_hosts is refused before anything is forwarded.
+#[test]
+fn remote_tunnel_reaches_the_hosts_loopback_with_its_key_checked() {
+    if !nethost::available() {
+        panic!("the remote-host fixture needs root, libvirtd, virtlogd, sshd and virt-ssh-helper");
+    }
+    let host = NetHost::start();
+    let dir = tempfile::tempdir().unwrap();
+    let body: Vec<u8> = (0..4u32 << 20).map(|i| (i.wrapping_mul(40503) >> 7) as u8).collect();
+    std::fs::write(dir.path().join("known_hosts"), "").unwrap();
+    let port = crate::support::free_port();
+    // The server runs in the host's namespaces and serves a file that exists only there (its /tmp is private).
+    host.exec(&["sh", "-c", "mkdir -p /tmp/www && head -c 0 /dev/null > /tmp/www/empty"]).unwrap();
+    let local_body = dir.path().join("body");
+    std::fs::write(&local_body, &body).unwrap();
+    // The test dir is hidden there: pipe the body in.
+    let ok = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "nsenter -t {} -m -n sh -c 'cat > /tmp/www/body' < {}",
+            host_pid(&host),
+            local_body.display()
+        ))
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let mut server = Command::new("nsenter");
+    server
+        .args(["-t", &host_pid(&host), "-m", "-n", "python3", "-m", "http.server", "--bind", "127.0.0.1"])
+        .arg(port.to_string())
+        .args(["--directory", "/tmp/www"]);
+    let _server = crate::support::Proc::spawn("http", server, dir.path().join("http.log"));
+    crate::support::wait_until(std::time::Duration::from_secs(20), "the far HTTP server", || {
+        host.exec(&["bash", "-c", &format!("exec 3<>/dev/tcp/127.0.0.1/{port}")]).ok()
+    });
+
+    let uri = |kh: &Path| {
+        format!(
+            "qemu+ssh://root@{}/system?keyfile={}&known_hosts={}",
+            host.addr,
+            host.key.display(),
+            kh.display()
+        )
+    };
+    // Unknown key: refused, nothing listens locally.
+    let far = provisioner::provider::libvirt::remote::parse(&uri(&dir.path().join("known_hosts"))).unwrap();
+    let e = provisioner::ssh::tunnel::ensure(&far, &[port]).unwrap_err();
+    assert!(format!("{e:#}").contains("never accepts an unknown host key"), "{e:#}");
+    assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err(), "nothing may listen after a refusal");
+
+    std::fs::write(dir.path().join("known_hosts"), host.known_hosts_line()).unwrap();
+    provisioner::ssh::tunnel::ensure(&far, &[port]).unwrap();
+    let threads: Vec<_> = (0..4)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+                s.set_read_timeout(Some(std::time::Duration::from_secs(60))).unwrap();
+                use std::io::{Read, Write};
+                s.write_all(b"GET /body HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+                let mut all = Vec::new();
+                s.read_to_end(&mut all).unwrap();
+                all
+            })
+        })
+        .collect();
+    for t in threads {
+        let all = t.join().unwrap();
+        let split = all.windows(4).position(|w| w == b"\r\n\r\n").expect("an HTTP response") + 4;
+        assert!(all.starts_with(b"HTTP/1.0 200"), "{}", String::from_utf8_lossy(&all[..split]));
+        assert!(all[split..] == body[..], "body differs: {} bytes vs {}", all.len() - split, body.len());
+    }
+}
+
+fn host_pid(host: &NetHost) -> String {
+    host.libvirtd_pid().to_string()
+}

@@ -166,6 +166,11 @@ impl NetHost {
         self.exec(&all)
     }
 
+    /// The PID of the host's libvirtd (inside its namespaces: `nsenter -t PID -m -n`).
+    pub fn libvirtd_pid(&self) -> i32 {
+        self.pids[1]
+    }
+
     /// A command on the host itself (its mount and network namespaces).
     pub fn exec(&self, args: &[&str]) -> Result<String, String> {
         let pid = self.pids.get(1).copied().ok_or("no libvirtd")?;
