@@ -126,6 +126,10 @@ pub struct PortArgs {
     /// Print only the host port forwarded to this guest port.
     #[arg(long)]
     pub guest: Option<u16>,
+    /// A machine on a remote libvirt host: open its forwards on this machine's 127.0.0.1 (same ports) until
+    /// Ctrl-C, so the lab's web pages open in a local browser.
+    #[arg(long, conflicts_with = "guest")]
+    pub local: bool,
 }
 
 #[derive(Debug, Clone, Args)]
