@@ -177,7 +177,10 @@ fn pump(sess: ssh2::Session, listeners: Vec<(TcpListener, u16)>, stop: Arc<Atomi
                 busy = true;
             }
         }
-        conns.retain_mut(|c| step(&sess, c, &mut buf, &mut busy));
+        // libssh2 keeps one channel-open in progress per session (a non-blocking open is resumed by calling it
+        // again): open one at a time, oldest first.
+        let mut may_open = true;
+        conns.retain_mut(|c| step(&sess, c, &mut buf, &mut busy, &mut may_open));
         if last_keepalive.elapsed() > Duration::from_secs(10) {
             let _ = sess.keepalive_send();
             last_keepalive = Instant::now();
@@ -189,12 +192,17 @@ fn pump(sess: ssh2::Session, listeners: Vec<(TcpListener, u16)>, stop: Arc<Atomi
 }
 
 /// Move bytes of one connection; false when it is finished (dropped).
-fn step(sess: &ssh2::Session, c: &mut Conn, buf: &mut [u8], busy: &mut bool) -> bool {
+fn step(sess: &ssh2::Session, c: &mut Conn, buf: &mut [u8], busy: &mut bool, may_open: &mut bool) -> bool {
     if c.chan.is_none() {
+        if !*may_open {
+            return true;
+        }
+        *may_open = false;
         match sess.channel_direct_tcpip("127.0.0.1", c.port, None) {
             Ok(ch) => {
                 c.chan = Some(ch);
                 *busy = true;
+                *may_open = true;
             }
             Err(e) if would_block(&e) && c.opened.elapsed() < Duration::from_secs(30) => return true,
             // The far side refused (no listener yet: the guest is booting) or the session is gone: close.
