@@ -138,6 +138,20 @@ fn remote_box_upload_once_per_host_then_remove() {
     let doc: serde_json::Value = serde_json::from_str(redo.stdout().lines().last().unwrap()).unwrap();
     assert_eq!(doc["bytes_sent"], size, "{}", redo.stdout());
 
+    // A lost connection: a clear error, then the next run completes (the incomplete box is sent again).
+    host.virsh(&["vol-delete", "--pool", "provtest", &format!("box-{id}.done")]).unwrap();
+    host.link(false);
+    let t0 = std::time::Instant::now();
+    run(&t, &["box", "upload"])
+        .failure()
+        .stderr_contains("is not reachable over SSH")
+        .stderr_contains("hint:");
+    assert!(t0.elapsed() < std::time::Duration::from_secs(60), "a dead host must fail within a minute");
+    host.link(true);
+    let redo = run(&t, &["--json", "box", "upload"]).success();
+    let doc: serde_json::Value = serde_json::from_str(redo.stdout().lines().last().unwrap()).unwrap();
+    assert_eq!(doc["bytes_sent"], size, "{}", redo.stdout());
+
     // `box remove --host` removes it from the pool (the local cache keeps it).
     run(&t, &["box", "remove", &id[..12], "--host", &host.uri()]).success();
     let left: Vec<String> = host.volumes("provtest").into_iter().filter(|v| v.starts_with("box-")).collect();

@@ -166,6 +166,18 @@ impl NetHost {
         self.exec(&all)
     }
 
+    /// Take the link to the host down (a lost connection) or up again.
+    pub fn link(&self, up: bool) {
+        must(&format!("ip link set {} {}", self.veth, if up { "up" } else { "down" }));
+        if up {
+            must(&format!("ip addr replace {}/30 dev {}", self.local_addr, self.veth));
+            let sock = format!("{}:22", self.addr);
+            wait_until(Duration::from_secs(30), "the link to the test host", || {
+                std::net::TcpStream::connect_timeout(&sock.parse().unwrap(), Duration::from_millis(500)).ok()
+            });
+        }
+    }
+
     /// The PID of the host's libvirtd (inside its namespaces: `nsenter -t PID -m -n`).
     pub fn libvirtd_pid(&self) -> i32 {
         self.pids[1]

@@ -112,6 +112,14 @@ impl RemoteHost {
             "StrictHostKeyChecking=yes".into(),
             "-o".into(),
             "BatchMode=yes".into(),
+            // A host that stopped answering (link down, host gone) fails the command within a minute instead of
+            // hanging it: the next run then completes what was left.
+            "-o".into(),
+            "ConnectTimeout=10".into(),
+            "-o".into(),
+            "ServerAliveInterval=15".into(),
+            "-o".into(),
+            "ServerAliveCountMax=3".into(),
         ]
     }
 
