@@ -164,7 +164,7 @@ fn remote_box_upload_once_per_host_then_remove() {
 }
 
 /// A machine project on `host` booting the `[box]` table `box_toml`, with free ports (mirrored locally too).
-fn remote_machine(host: &NetHost, name: &str, box_toml: &str, home: &Path) -> Test {
+fn remote_machine(host: &NetHost, name: &str, box_toml: &str) -> Test {
     let t = Test::new();
     t.write(
         "box-config.toml",
@@ -178,7 +178,6 @@ fn remote_machine(host: &NetHost, name: &str, box_toml: &str, home: &Path) -> Te
         ),
     );
     std::fs::create_dir_all(t.path().join("provision")).unwrap();
-    let _ = home;
     t
 }
 
@@ -204,8 +203,8 @@ pub fn vm_remote_up_ssh_status_destroy(box_toml: &str) {
     std::fs::write(home.path().join(".ssh/known_hosts"), host.known_hosts_line()).unwrap();
     let pid = std::process::id() % 100_000;
     let (n1, n2) = (format!("far{pid}"), format!("near{pid}"));
-    let m1 = remote_machine(&host, &n1, box_toml, home.path());
-    let m2 = remote_machine(&host, &n2, box_toml, home.path());
+    let m1 = remote_machine(&host, &n1, box_toml);
+    let m2 = remote_machine(&host, &n2, box_toml);
     // Whatever happens, the machines go (the fixture then stops the host).
     struct Cleanup<'a>(&'a [&'a Test], &'a Path);
     impl Drop for Cleanup<'_> {
@@ -236,7 +235,7 @@ pub fn vm_remote_up_ssh_status_destroy(box_toml: &str) {
         cfg.stdout()
     );
     // The domain names only paths on the far host (its pool), none of this machine's state dir or cache.
-    let xml = host.virsh(&["dumpxml", &format!("{}", vm_name_of(&m1, home.path()))]).unwrap();
+    let xml = host.virsh(&["dumpxml", &vm_name_of(&m1)]).unwrap();
     assert!(xml.contains("/var/lib/libvirt/images/provisioner/"), "{xml}");
     assert!(
         !xml.contains(".cache/provisioner")
@@ -258,7 +257,7 @@ pub fn vm_remote_up_ssh_status_destroy(box_toml: &str) {
 }
 
 /// The domain name of a machine (from its state.json).
-fn vm_name_of(t: &Test, _home: &Path) -> String {
+fn vm_name_of(t: &Test) -> String {
     let st: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(t.path().join(".provisioner/state.json")).unwrap())
             .unwrap();
