@@ -299,17 +299,6 @@ pub fn check_uri_host(uri: &str) -> Result<()> {
     }
 }
 
-/// Refuse anything but what a human can read as a size.
-pub fn human_bytes(n: u64) -> String {
-    if n >= 1 << 30 {
-        format!("{:.2} GiB", n as f64 / (1u64 << 30) as f64)
-    } else if n >= 1 << 20 {
-        format!("{:.1} MiB", n as f64 / (1u64 << 20) as f64)
-    } else {
-        format!("{n} bytes")
-    }
-}
-
 /// Errors about a pool that cannot be made.
 pub fn pool_error(pool: &str, host: &str, err: &str) -> anyhow::Error {
     anyhow::anyhow!(
