@@ -175,6 +175,21 @@ mod tests {
     use super::*;
 
     #[test]
+    fn proxy_command_goes_through_the_libvirt_host_with_its_key_checked() {
+        let h = crate::provider::libvirt::remote::parse(
+            "qemu+ssh://root@10.201.3.2:2200/system?keyfile=/k%20x&known_hosts=/kh",
+        )
+        .unwrap();
+        let p = proxy_command(&h);
+        assert!(
+            p.starts_with("ssh -o UserKnownHostsFile=/kh -o StrictHostKeyChecking=yes -o BatchMode=yes"),
+            "{p}"
+        );
+        assert!(p.contains(" -i '/k x' -o IdentitiesOnly=yes -p 2200 -l root -W %h:%p 10.201.3.2"), "{p}");
+        assert_eq!(config_value("ProxyCommand", &p).unwrap(), p, "the command is written as is");
+    }
+
+    #[test]
     fn stanza_quotes_spaces_and_escapes_percent() {
         let s = stanza(
             "lab",

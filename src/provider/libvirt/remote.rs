@@ -69,8 +69,10 @@ pub fn parse(uri: &str) -> Option<RemoteHost> {
     let mut known_hosts = None;
     for pair in query.split(['&', ';']).filter(|p| !p.is_empty()) {
         let (n, v) = pair.split_once('=').unwrap_or((pair, ""));
+        // libvirt percent-decodes parameter names and values; so do we (the URI check refused malformed ones).
+        let (n, v) = (percent_decode(n), percent_decode(v));
         match n.to_ascii_lowercase().as_str() {
-            "keyfile" => keyfile = Some(v.to_string()),
+            "keyfile" => keyfile = Some(v),
             "known_hosts" => known_hosts = Some(PathBuf::from(v)),
             _ => {}
         }
@@ -84,6 +86,27 @@ pub fn parse(uri: &str) -> Option<RemoteHost> {
         known_hosts_given: known_hosts.is_some(),
         known_hosts: known_hosts.unwrap_or_else(default_known_hosts),
     })
+}
+
+/// `%XX` decoding (a malformed escape is kept as written).
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = b.get(i + 1..i + 3).and_then(|h| std::str::from_utf8(h).ok());
+        match (b[i], hex.and_then(|h| u8::from_str_radix(h, 16).ok())) {
+            (b'%', Some(v)) => {
+                out.push(v);
+                i += 3;
+            }
+            (c, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 impl RemoteHost {
