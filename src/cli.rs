@@ -126,6 +126,10 @@ pub struct PortArgs {
     /// Print only the host port forwarded to this guest port.
     #[arg(long)]
     pub guest: Option<u16>,
+    /// A machine on a remote libvirt host: open its forwards on this machine's 127.0.0.1 (same ports) until
+    /// Ctrl-C, so the lab's web pages open in a local browser.
+    #[arg(long, conflicts_with = "guest")]
+    pub local: bool,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -204,8 +208,19 @@ pub enum BoxCommand {
         #[arg(long)]
         force: bool,
     },
-    /// Remove a cached box by its id (see `box list`).
-    Remove { id: String },
+    /// Remove a cached box by its id (see `box list`); with `--host URI`, its uploaded copy in that libvirt host's pool.
+    Remove {
+        id: String,
+        /// A remote libvirt URI (qemu+ssh://...): remove the box's volumes from its pool ([libvirt] pool), not the cache.
+        #[arg(long, value_name = "URI")]
+        host: Option<String>,
+    },
+    /// Upload the box box-config.toml names into a remote libvirt host's pool (`up` does it when needed).
+    Upload {
+        /// The libvirt URI (default: [libvirt] uri).
+        #[arg(long, value_name = "URI")]
+        host: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]

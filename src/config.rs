@@ -248,6 +248,9 @@ pub struct LibvirtConfig {
     /// `qemu:///session` (default, no root), `qemu:///system`, or a remote `qemu+ssh://` URI.
     #[serde(default = "default_libvirt_uri")]
     pub uri: String,
+    /// Storage pool on a remote host for the uploaded box and the machine's volumes (created if missing).
+    #[serde(default = "default_libvirt_pool")]
+    pub pool: String,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -306,6 +309,9 @@ fn default_probe_timeout() -> u64 {
 fn default_libvirt_uri() -> String {
     "qemu:///session".into()
 }
+pub fn default_libvirt_pool() -> String {
+    "provisioner".into()
+}
 
 impl Default for SshConfig {
     fn default() -> Self {
@@ -331,7 +337,7 @@ impl Default for ProvisionConfig {
 }
 impl Default for LibvirtConfig {
     fn default() -> Self {
-        Self { uri: default_libvirt_uri() }
+        Self { uri: default_libvirt_uri(), pool: default_libvirt_pool() }
     }
 }
 

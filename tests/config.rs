@@ -504,8 +504,17 @@ fn libvirt_uris_that_run_programs_or_skip_checks_are_refused_at_their_position()
         assert!(first.contains(says), "{uri}: {}", r.stderr());
         assert!(r.stderr().contains("\nhint: "), "{uri}: {}", r.stderr());
     }
-    validate(format!("{BASE}\n[libvirt]\nuri = \"qemu+ssh://root@10.0.0.2/system?keyfile=/k&no_tty=1\"\n"))
-        .success();
+    // A remote host must be in known_hosts (issue 10): unknown is refused, recorded passes.
+    let kh = tempfile::tempdir().unwrap();
+    let file = kh.path().join("known_hosts");
+    let remote =
+        format!("qemu+ssh://root@10.0.0.2/system?keyfile=/k&no_tty=1&known_hosts={}", file.display());
+    validate(format!("{BASE}\n[libvirt]\nuri = \"{remote}\"\n"))
+        .failure()
+        .stderr_contains("ssh-keyscan 10.0.0.2");
+    let key = provisioner::keys::generate("h").unwrap().public_openssh;
+    std::fs::write(&file, format!("10.0.0.2 {key}\n")).unwrap();
+    validate(format!("{BASE}\n[libvirt]\nuri = \"{remote}\"\n")).success();
 }
 
 #[test]

@@ -12,6 +12,7 @@ mod config;
 mod guest;
 mod lab;
 mod live_stack;
+mod remote;
 mod render;
 mod seed;
 mod snapshots;

@@ -69,6 +69,7 @@ impl Sshd {
             user: current_user(),
             key: self.state.user_key(),
             host_key: self.host.public_openssh.clone(),
+            via: None,
         }
     }
 
@@ -305,6 +306,7 @@ fn closed_port_is_retried_until_the_deadline() {
         user: current_user(),
         key: PathBuf::from("/nonexistent"),
         host_key: keys::generate("h").unwrap().public_openssh,
+        via: None,
     };
     let start = Instant::now();
     let err = Session::connect(&ep, Duration::from_secs(3)).err().expect("nothing listens there");

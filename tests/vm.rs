@@ -508,3 +508,9 @@ fn vm_snapshots_cached_lab_and_package() {
     other.run(&["destroy", "-f"]).success();
     Test::new().args(["box", "remove", &box_id]).run().success();
 }
+
+#[test]
+#[ignore = "vm: boots TCG guests on a second libvirt host in a network namespace (tests/remote.rs)"]
+fn vm_remote_up_ssh_status_destroy() {
+    crate::remote::vm_remote_up_ssh_status_destroy(&test_box());
+}

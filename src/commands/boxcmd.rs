@@ -11,7 +11,9 @@ pub fn run(ctx: &Ctx, cmd: BoxCommand) -> Result<i32> {
     match cmd {
         BoxCommand::List => list(ctx),
         BoxCommand::Build { force } => build(ctx, force),
-        BoxCommand::Remove { id } => remove(ctx, &id),
+        BoxCommand::Remove { id, host: None } => remove(ctx, &id),
+        BoxCommand::Remove { id, host: Some(uri) } => remove_remote(ctx, &id, &uri),
+        BoxCommand::Upload { host } => upload(ctx, host.as_deref()),
     }
 }
 
@@ -90,6 +92,58 @@ fn build(ctx: &Ctx, force: bool) -> Result<i32> {
             image.disk.display()
         ));
     }
+    Ok(0)
+}
+
+/// The remote libvirt host of `uri` (or the config's), with the config's pool.
+fn remote_host(ctx: &Ctx, uri: Option<&str>) -> Result<crate::provider::libvirt::Libvirt> {
+    let (cfg_uri, pool) = match ctx.config() {
+        Ok(cfg) => (cfg.libvirt.uri.clone(), cfg.libvirt.pool.clone()),
+        Err(_) if uri.is_some() => (String::new(), crate::config::default_libvirt_pool()),
+        Err(e) => return Err(e),
+    };
+    let uri = uri.unwrap_or(&cfg_uri);
+    let lv = crate::provider::libvirt::Libvirt::for_uri(uri, &pool)?;
+    let Some(r) = lv.remote() else {
+        anyhow::bail!(
+            "{uri:?} is not a remote libvirt host; boxes are uploaded only to qemu+ssh:// or qemu+libssh:// hosts\n\
+             hint: give --host qemu+ssh://USER@HOST/system (or set [libvirt] uri)"
+        );
+    };
+    r.check_known()?;
+    Ok(lv)
+}
+
+fn upload(ctx: &Ctx, uri: Option<&str>) -> Result<i32> {
+    let cfg = ctx.config()?;
+    let lv = remote_host(ctx, uri)?;
+    let (image, _) = boxes::ensure_ui(&cfg, "libvirt", false, &ctx.ui)?;
+    let start = std::time::Instant::now();
+    let sent = lv.upload_box(&image)?;
+    let secs = start.elapsed().as_secs_f64();
+    if ctx.global.json {
+        println!("{}", serde_json::json!({"id": image.id, "host": lv.uri, "bytes_sent": sent, "secs": secs}));
+    } else {
+        println!("box {} on {}: {sent} bytes sent in {secs:.2} s", short(&image.id), lv.uri);
+    }
+    Ok(0)
+}
+
+fn remove_remote(ctx: &Ctx, id: &str, uri: &str) -> Result<i32> {
+    if id.len() < 4 || !id.chars().all(|c| c.is_ascii_hexdigit()) {
+        anyhow::bail!(
+            "{id:?} is not a box id\nhint: give at least 4 hex digits of the id (`provisioner box list`)"
+        );
+    }
+    let lv = remote_host(ctx, Some(uri))?;
+    let gone = lv.remove_box(id)?;
+    if gone.is_empty() {
+        anyhow::bail!(
+            "no box {id} in the pool of {uri}\nhint: the box volumes are named box-<id>...; `virsh -c URI vol-list \
+             --pool POOL` lists them"
+        );
+    }
+    ctx.ui.info(format!("removed {} from {uri}: {}", id, gone.join(", ")));
     Ok(0)
 }
 

@@ -23,6 +23,11 @@ pub fn load(ctx: &Ctx, args: &LoadArgs) -> Result<i32> {
                     cfg.path.display()
                 )
             })?;
+            // A machine on a remote libvirt host: its forwards are mirrored here for this run.
+            let state = ctx.state(&cfg);
+            if let Ok(ep) = crate::ssh::Endpoint::for_machine(&cfg, &state) {
+                ep.open_tunnel()?;
+            }
             format!("http://{ip}:{port}")
         }
     };

@@ -69,6 +69,9 @@ pub fn port(ctx: &Ctx, args: &PortArgs) -> Result<i32> {
         ),
     };
     let forwards = machine_forwards(&m.cfg, &st);
+    if args.local {
+        return local(ctx, &m, &forwards);
+    }
     if let Some(guest) = args.guest {
         let Some(f) = forwards.iter().find(|f| f.guest == guest) else {
             bail!(
@@ -89,4 +92,27 @@ pub fn port(ctx: &Ctx, args: &PortArgs) -> Result<i32> {
         print!("{}", forwards_table(&forwards));
     }
     Ok(crate::exit::OK)
+}
+
+/// `port --local`: mirror a remote machine's forwards on the local 127.0.0.1 until interrupted.
+fn local(ctx: &Ctx, m: &Machine, forwards: &[Forward]) -> Result<i32> {
+    let ep = crate::ssh::Endpoint::for_machine(&m.cfg, &m.state)?;
+    let Some(via) = &ep.via else {
+        bail!(
+            "machine `{}` runs on this machine: its forwards already listen here (`provisioner port` lists them)\n\
+             hint: --local is for machines on a remote libvirt host (qemu+ssh://)",
+            m.cfg.machine.name
+        );
+    };
+    ep.open_tunnel()?;
+    print!("{}", forwards_table(forwards));
+    ctx.ui.info(format!(
+        "forwarding 127.0.0.1:PORT here to 127.0.0.1:PORT on {} (ports {}); Ctrl-C stops",
+        via.host.destination(),
+        via.ports.iter().map(u16::to_string).collect::<Vec<_>>().join(", ")
+    ));
+    loop {
+        crate::process::sleep_interruptible(std::time::Duration::from_secs(3600));
+        crate::process::check_interrupted()?;
+    }
 }

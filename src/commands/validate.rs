@@ -10,7 +10,14 @@ use crate::config::{ConfigError, Diagnostic};
 
 pub fn validate(ctx: &Ctx) -> Result<i32> {
     let file = ctx.global.config.display().to_string();
-    let checked = ctx.config().and_then(|cfg| cfg.validate_all().map(|w| (cfg, w)));
+    let checked = ctx.config().and_then(|cfg| {
+        let w = cfg.validate_all()?;
+        // A remote libvirt host must be in known_hosts: refused here, before any connection is tried.
+        if cfg.machine.provider != crate::config::ProviderKind::Virtualbox {
+            crate::provider::libvirt::remote::check_uri_host(&cfg.libvirt.uri)?;
+        }
+        Ok((cfg, w))
+    });
     match checked {
         Ok((cfg, warnings)) => {
             if ctx.ui.json() {

@@ -186,6 +186,17 @@ pub fn local(cfg: &Config, src: &Source) -> Findings {
             &p.hint,
         );
     }
+    let pool = &cfg.libvirt.pool;
+    let pool_ok = !pool.is_empty()
+        && pool.len() <= 64
+        && !pool.starts_with(['-', '.'])
+        && pool.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if !pool_ok {
+        f.error(
+            src.at_path(&["libvirt", "pool"], format!("`pool` \"{}\" in [libvirt] is not a valid pool name", shown(pool))),
+            "use 1-64 letters, digits, `-`, `_` or `.`, not starting with `-` or `.`; the default is \"provisioner\"",
+        );
+    }
     f
 }
 

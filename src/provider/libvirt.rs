@@ -30,26 +30,45 @@ const DEFAULT_CMDLINE: &str = "root=/dev/vda rw console=ttyS0";
 const MIN_FREE_BYTES: u64 = 2 << 30;
 const VIRSH_TIMEOUT: Duration = Duration::from_secs(60);
 
+pub mod remote;
+
 pub struct Libvirt {
+    /// The URI as the user wrote it (shown in messages).
     pub uri: String,
+    /// The URI virsh connects with: for a remote host, with the tool's own host key checks added.
+    conn: String,
+    /// Storage pool for a remote host's volumes.
+    pool: String,
+    /// The SSH host of a remote URI.
+    remote: Option<remote::RemoteHost>,
 }
 
 impl Libvirt {
     pub fn new(cfg: &Config) -> Result<Self> {
+        Self::for_uri(&cfg.libvirt.uri, &cfg.libvirt.pool)
+    }
+
+    /// A connection to `uri` (any source: project, machine, `--host`); remote volumes go into `pool`.
+    pub fn for_uri(uri: &str, pool: &str) -> Result<Self> {
         // Whatever the URI came from (file, state.json, code), nothing reaches virsh that makes libvirt run a program.
-        crate::config::check_libvirt_uri(&cfg.libvirt.uri).map_err(|p| {
-            anyhow::anyhow!(
-                "the libvirt URI \"{}\" {}\nhint: {}",
-                crate::text::shown(&cfg.libvirt.uri),
-                p.message,
-                p.hint
-            )
+        crate::config::check_libvirt_uri(uri).map_err(|p| {
+            anyhow::anyhow!("the libvirt URI \"{}\" {}\nhint: {}", crate::text::shown(uri), p.message, p.hint)
         })?;
-        Ok(Self { uri: cfg.libvirt.uri.clone() })
+        let remote = remote::parse(uri);
+        let conn = match &remote {
+            Some(r) => r.connect_uri(uri, &r.write_wrapper()?),
+            None => uri.to_string(),
+        };
+        Ok(Self { uri: uri.to_string(), conn, pool: pool.to_string(), remote })
+    }
+
+    /// The remote SSH host, for a `qemu+ssh://` or `qemu+libssh://` URI.
+    pub fn remote(&self) -> Option<&remote::RemoteHost> {
+        self.remote.as_ref()
     }
 
     fn virsh(&self) -> Cmd {
-        Cmd::new("virsh").args(["-q", "-c", &self.uri]).timeout(VIRSH_TIMEOUT)
+        Cmd::new("virsh").args(["-q", "-c", &self.conn]).timeout(VIRSH_TIMEOUT)
     }
 
     /// Run a virsh subcommand; a connection failure becomes the "daemon not reachable" error with its hint.
@@ -57,6 +76,9 @@ impl Libvirt {
         let out = self.virsh().args(args).output()?;
         if !out.success() {
             let err = out.stderr.trim();
+            if let Some(e) = self.remote.as_ref().and_then(|r| r.host_key_failure(err)) {
+                return Err(e);
+            }
             if is_connect_error(err) {
                 return Err(self.unreachable(err));
             }
@@ -66,6 +88,19 @@ impl Libvirt {
     }
 
     fn unreachable(&self, err: &str) -> anyhow::Error {
+        if let Some(r) = &self.remote {
+            if let Some(e) = r.host_key_failure(err) {
+                return e;
+            }
+            return anyhow::anyhow!(
+                "the libvirt host {} is not reachable over SSH (URI {}): {err}\nhint: check the host is up and \
+                 `ssh {} virsh -c qemu:///system version` works; a connection lost during `up` is resumed by \
+                 running `provisioner up` again",
+                r.destination(),
+                self.uri,
+                r.destination()
+            );
+        }
         if err.contains("virtlogd-sock") {
             return anyhow::anyhow!(
                 "virtlogd, libvirt's log daemon, is not running, so QEMU cannot start: {err}\nhint: start it \
@@ -90,6 +125,9 @@ impl Libvirt {
     fn ensure_daemon(&self) -> Result<()> {
         // SAFETY: geteuid has no preconditions.
         let may_start = self.is_local() && unsafe { libc::geteuid() } == 0;
+        if let Some(r) = &self.remote {
+            r.check_known()?;
+        }
         if may_start {
             ensure_virtlogd()?;
         }
@@ -278,8 +316,42 @@ fn local_dac_label(uri: &str) -> Option<String> {
     local.then(|| format!("+{}:+{}", unsafe { libc::getuid() }, unsafe { libc::getgid() }))
 }
 
+/// Where the domain's files are: local paths in the state dir and box cache, or remote volume paths.
+#[derive(Debug, Clone)]
+pub struct DomainPaths {
+    pub disk: String,
+    pub seed: String,
+    pub serial_log: String,
+    pub kernel: Option<String>,
+    pub initrd: Option<String>,
+}
+
+impl DomainPaths {
+    /// The local layout (state dir + box cache).
+    pub fn local(spec: &MachineSpec) -> Self {
+        let esc = |p: &Path| p.to_string_lossy().into_owned();
+        Self {
+            disk: esc(&spec.state.disk()),
+            seed: esc(&spec.seed_iso),
+            serial_log: esc(&spec.state.serial_log()),
+            kernel: spec.base.kernel.as_deref().map(esc),
+            initrd: spec.base.initrd.as_deref().map(esc),
+        }
+    }
+}
+
 /// Render the domain XML for a machine spec.
 pub fn domain_xml(spec: &MachineSpec, uuid: Option<&str>, dac_label: Option<&str>) -> Result<String> {
+    domain_xml_with(spec, uuid, dac_label, &DomainPaths::local(spec))
+}
+
+/// Render the domain XML for a machine spec with its files at `paths`.
+pub fn domain_xml_with(
+    spec: &MachineSpec,
+    uuid: Option<&str>,
+    dac_label: Option<&str>,
+    paths: &DomainPaths,
+) -> Result<String> {
     let esc = |p: &Path| p.to_string_lossy().into_owned();
     let ctx = json!({
         "domain_type": if spec.kvm { "kvm" } else { "qemu" },
@@ -292,12 +364,12 @@ pub fn domain_xml(spec: &MachineSpec, uuid: Option<&str>, dac_label: Option<&str
         "memory_mb": spec.memory_mb,
         "cpus": spec.cpus,
         "uefi": spec.base.firmware == Firmware::Uefi && spec.base.kernel.is_none(),
-        "kernel": spec.base.kernel.as_deref().map(esc),
-        "initrd": spec.base.initrd.as_deref().map(esc),
+        "kernel": paths.kernel,
+        "initrd": paths.initrd,
         "cmdline": spec.base.cmdline.as_deref().unwrap_or(DEFAULT_CMDLINE),
-        "disk": esc(&spec.state.disk()),
-        "seed": esc(&spec.seed_iso),
-        "serial_log": esc(&spec.state.serial_log()),
+        "disk": paths.disk,
+        "seed": paths.seed,
+        "serial_log": paths.serial_log,
         "netdev": netdev(&spec.forwards),
         "uuid": uuid,
         "dac_label": dac_label,
@@ -331,7 +403,11 @@ fn domain_uuid(xml: &str) -> Option<&str> {
 impl Libvirt {
     /// Write and `virsh define` the domain XML of `spec` (keeping `uuid` when given).
     fn define(&self, spec: &MachineSpec, uuid: Option<&str>) -> Result<()> {
-        let xml = domain_xml(spec, uuid, local_dac_label(&self.uri).as_deref())?;
+        self.define_with(spec, uuid, &DomainPaths::local(spec))
+    }
+
+    fn define_with(&self, spec: &MachineSpec, uuid: Option<&str>, paths: &DomainPaths) -> Result<()> {
+        let xml = domain_xml_with(spec, uuid, local_dac_label(&self.uri).as_deref(), paths)?;
         let file = spec.state.path("domain.xml");
         crate::machine::write_private(&file, xml.as_bytes(), 0o600)?;
         let path = file.to_string_lossy();
@@ -359,9 +435,11 @@ impl Provider for Libvirt {
                  scripts/host-deps.sh, or `apt-get install libvirt-clients libvirt-daemon-system`)"
             )
         })?;
-        which::which("qemu-img").map_err(|_| {
-            anyhow::anyhow!("`qemu-img` was not found on PATH\nhint: install qemu-utils (Debian/Ubuntu)")
-        })?;
+        if self.remote.is_none() {
+            which::which("qemu-img").map_err(|_| {
+                anyhow::anyhow!("`qemu-img` was not found on PATH\nhint: install qemu-utils (Debian/Ubuntu)")
+            })?;
+        }
         self.ensure_daemon()?;
         if self.is_local() && which::which("qemu-system-x86_64").is_err() {
             bail!(
@@ -391,8 +469,12 @@ impl Provider for Libvirt {
         if let Some(xml) = &existing {
             self.check_ours(&spec.vm_name, xml, &spec.state)?;
         }
-        self.ensure_overlay(spec)?;
         let uuid = existing.as_deref().and_then(domain_uuid);
+        if self.remote.is_some() {
+            let paths = self.remote_volumes(spec)?;
+            return self.define_with(spec, uuid, &paths);
+        }
+        self.ensure_overlay(spec)?;
         self.define(spec, uuid)
     }
 
@@ -435,6 +517,9 @@ impl Provider for Libvirt {
             self.halt(vm_name, Duration::ZERO, true)?;
             // Internal snapshots live in the overlay (removed below); their metadata and a suspend image go too.
             self.run(&["undefine", "--nvram", "--snapshots-metadata", "--managed-save", "--", vm_name])?;
+        }
+        if self.remote.is_some() {
+            self.delete_machine_volumes(vm_name)?;
         }
         // Our disks are plain files in the state dir (no storage pool): remove them ourselves.
         for f in [
@@ -498,6 +583,10 @@ impl Provider for Libvirt {
     }
 
     fn lab_capture(&self, vm_name: &str, state: &StateDir, into: &Path) -> Result<Option<String>> {
+        if self.remote.is_some() {
+            // The memory image and disk live on the remote host; a cached lab is local only.
+            return Ok(None);
+        }
         let xml = self.dumpxml(vm_name)?.context("the machine's domain is gone")?;
         self.check_ours(vm_name, &xml, state)?;
         let uuid = domain_uuid(&xml).context("the domain XML has no <uuid>")?.to_string();

@@ -6,6 +6,7 @@
 //! forever nor lets the connection idle out.
 
 pub mod control;
+pub mod tunnel;
 
 use std::io::{BufWriter, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -35,6 +36,27 @@ pub struct Endpoint {
     pub key: PathBuf,
     /// The pinned host public key, `ssh-ed25519 AAAA...`.
     pub host_key: String,
+    /// A machine on a remote libvirt host: `addr` is on that host's loopback, reached through it (these ports
+    /// mirrored locally by [`tunnel`] for ssh2 and HTTP; ProxyCommand for the system `ssh`).
+    pub via: Option<Via>,
+}
+
+/// The libvirt host a remote machine's forwards listen on, and the host ports to mirror (SSH first).
+#[derive(Debug, Clone)]
+pub struct Via {
+    pub host: crate::provider::libvirt::remote::RemoteHost,
+    pub ports: Vec<u16>,
+}
+
+impl Endpoint {
+    /// For a machine on a remote host: mirror its forwards on the local 127.0.0.1 for this process (so the
+    /// recorded 127.0.0.1:PORT addresses work here). Nothing for a local machine.
+    pub fn open_tunnel(&self) -> Result<()> {
+        match &self.via {
+            Some(v) => tunnel::ensure(&v.host, &v.ports),
+            None => Ok(()),
+        }
+    }
 }
 
 impl Endpoint {
@@ -68,11 +90,24 @@ impl Endpoint {
             .with_context(|| format!("state.json has SSH host \"{}\", not an IP address; `provisioner destroy -f && provisioner up` resets it", crate::text::shown(&host)))?;
         let root =
             std::path::absolute(&state.root).with_context(|| format!("resolve {}", state.root.display()))?;
+        let via = ms
+            .libvirt_uri
+            .as_deref()
+            .filter(|_| ms.provider == "libvirt")
+            .and_then(crate::provider::libvirt::remote::parse)
+            .map(|host| {
+                let mut ports = vec![port];
+                ports.extend(
+                    cfg.all_forwards().iter().skip(1).map(|f| f.host).filter(|p| *p != 0 && *p != port),
+                );
+                Via { host, ports }
+            });
         Ok(Endpoint {
             addr: SocketAddr::new(ip, port),
             user: cfg.ssh.user.clone(),
             key: StateDir::at(root).user_key(),
             host_key: host_key.trim().to_string(),
+            via,
         })
     }
 }
@@ -119,6 +154,7 @@ impl Session {
     pub fn connect(ep: &Endpoint, timeout: Duration) -> Result<Session> {
         let pinned = keys::public_blob(&ep.host_key)
             .context("the pinned host key in the machine state is unreadable")?;
+        ep.open_tunnel()?;
         let start = Instant::now();
         let deadline = start + timeout;
         let mut pause = Duration::from_millis(200);

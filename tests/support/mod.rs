@@ -248,3 +248,4 @@ pub fn processes_with_env(marker: &str) -> Vec<String> {
     }
     found
 }
+pub mod nethost;

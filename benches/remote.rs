@@ -1,0 +1,254 @@
+//! Remote libvirt hosts, measured against a second host made here (a network namespace with its own sshd and
+//! libvirtd, tests/support/nethost.rs), in one run:
+//! - box upload throughput (`provisioner box upload`: vol-create-as + vol-upload --sparse over SSH) vs `scp` of the
+//!   same file to the same host, and the second upload (0 bytes);
+//! - with `PROVISIONER_BENCH_VM=1` (boots two TCG guests: run it through /work/wt/vmslot): `status` and
+//!   `ssh -c true` on a machine on that host vs the same on a local machine (qemu:///session).
+//!
+//! Run: `cargo bench --bench remote` as root (needs ip, unshare, libvirtd, sshd). Skips with a message otherwise.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+#[path = "../tests/support/mod.rs"]
+#[allow(dead_code, unused_imports)]
+mod support;
+
+use support::nethost::{self, NetHost};
+
+const ROUNDS: usize = 7;
+
+fn median(name: &str, mut f: impl FnMut() -> bool) -> Duration {
+    let mut t = Vec::new();
+    for _ in 0..ROUNDS {
+        let s = Instant::now();
+        assert!(f(), "{name} failed");
+        t.push(s.elapsed());
+    }
+    t.sort();
+    println!("{name:<34} median {:>8.1} ms   min {:>8.1} ms", ms(t[ROUNDS / 2]), ms(t[0]));
+    t[ROUNDS / 2]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn prov(dir: &Path, home: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(support::bin())
+        .args(args)
+        .current_dir(dir)
+        .env("HOME", home)
+        .env("PROVISIONER_CACHE_DIR", dir.join("cache"))
+        .output()
+        .expect("run provisioner")
+}
+
+fn main() {
+    if !nethost::available() || which::which("virsh").is_err() {
+        println!("remote: skipped (needs root, libvirtd, virtlogd, sshd, virt-ssh-helper, virsh)");
+        return;
+    }
+    let host = NetHost::start();
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("home");
+    std::fs::create_dir_all(home.join(".ssh")).unwrap();
+    std::fs::write(home.join(".ssh/known_hosts"), host.known_hosts_line()).unwrap();
+    std::fs::create_dir_all(dir.path().join("provision")).unwrap();
+    // A 192 MiB box of incompressible data in an ext4 image (what `box upload` accepts), as qcow2.
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let mut bytes = vec![0u8; 192 << 20];
+    let mut x: u64 = 0x9E3779B97F4A7C15;
+    for b in bytes.iter_mut() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *b = x as u8;
+    }
+    std::fs::write(data.join("payload"), &bytes).unwrap();
+    drop(bytes);
+    let raw = dir.path().join("big.raw");
+    assert!(Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-d"])
+        .arg(&data)
+        .arg(&raw)
+        .arg("256M")
+        .status()
+        .unwrap()
+        .success());
+    let img = dir.path().join("big.qcow2");
+    assert!(Command::new("qemu-img")
+        .args(["convert", "-q", "-O", "qcow2"])
+        .arg(&raw)
+        .arg(&img)
+        .status()
+        .unwrap()
+        .success());
+    std::fs::remove_dir_all(&data).unwrap();
+    std::fs::remove_file(&raw).unwrap();
+    let size = std::fs::metadata(&img).unwrap().len();
+    std::fs::write(
+        dir.path().join("box-config.toml"),
+        format!(
+            "[machine]\nname = \"bench\"\nprovider = \"libvirt\"\n[box]\nimage = \"big.qcow2\"\n[provision]\nenabled = \
+             false\n[libvirt]\nuri = \"{}\"\n",
+            host.uri()
+        ),
+    )
+    .unwrap();
+
+    // Import into the (bench's own) cache first, so the upload timing is the upload only.
+    let out = prov(dir.path(), &home, &["box", "build"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    println!(
+        "remote: box of {:.1} MiB, libvirt host {} (network namespace, veth)",
+        size as f64 / 1048576.0,
+        host.addr
+    );
+
+    let t = Instant::now();
+    let out = prov(dir.path(), &home, &["--json", "box", "upload"]);
+    let up = t.elapsed();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let doc: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().last().unwrap()).unwrap();
+    let secs = doc["secs"].as_f64().unwrap();
+    let rate = size as f64 / 1048576.0 / secs;
+    println!(
+        "box upload (vol-upload --sparse)   {:>8.2} s  {rate:>7.1} MiB/s  (command total {:.2} s)",
+        secs,
+        up.as_secs_f64()
+    );
+
+    let t = Instant::now();
+    let out = prov(dir.path(), &home, &["--json", "box", "upload"]);
+    let again = t.elapsed();
+    let doc2: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().last().unwrap()).unwrap();
+    println!(
+        "second box upload                  {:>8.2} s  {} bytes sent",
+        again.as_secs_f64(),
+        doc2["bytes_sent"]
+    );
+
+    // The primitive alone: one virsh vol-upload (sparse and not) into a fresh volume, same connection kind.
+    let wrapper = dir.path().join("ssh-wrapper");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nexec ssh -o UserKnownHostsFile={} -o StrictHostKeyChecking=yes -o BatchMode=yes \"$@\"\n",
+            home.join(".ssh/known_hosts").display()
+        ),
+    )
+    .unwrap();
+    assert!(Command::new("chmod").arg("700").arg(&wrapper).status().unwrap().success());
+    let conn = format!("{}&command={}&no_tty=1", host.uri(), wrapper.display());
+    for sparse in [true, false] {
+        let name = format!("raw-{sparse}");
+        let mut batch = format!(
+            "vol-create-as --pool provisioner --name {name} --capacity {size} --format raw; vol-upload --pool \
+             provisioner --vol {name} --file {}",
+            img.display()
+        );
+        if sparse {
+            batch.push_str(" --sparse");
+        }
+        let t = Instant::now();
+        let out = Command::new("virsh").args(["-q", "-c", &conn, &batch]).output().unwrap();
+        let d = t.elapsed();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        println!(
+            "virsh create+vol-upload{}   {:>8.2} s  {:>7.1} MiB/s",
+            if sparse { " --sparse" } else { "         " },
+            d.as_secs_f64(),
+            size as f64 / 1048576.0 / d.as_secs_f64()
+        );
+        let _ = host.virsh(&["vol-delete", "--pool", "provisioner", &name]);
+    }
+
+    let t = Instant::now();
+    let st = Command::new("scp")
+        .args(["-q", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes", "-o"])
+        .arg(format!("UserKnownHostsFile={}", home.join(".ssh/known_hosts").display()))
+        .arg("-i")
+        .arg(&host.key)
+        .arg(&img)
+        .arg(format!("root@{}:/var/tmp/scp-copy", host.addr))
+        .status()
+        .unwrap();
+    let scp = t.elapsed();
+    assert!(st.success(), "scp");
+    let scp_rate = size as f64 / 1048576.0 / scp.as_secs_f64();
+    println!("scp of the same file               {:>8.2} s  {scp_rate:>7.1} MiB/s", scp.as_secs_f64());
+    println!("ratio upload/scp throughput        {:>8.2}", rate / scp_rate);
+    let _ = host.exec(&["rm", "-f", "/var/tmp/scp-copy"]);
+
+    if std::env::var("PROVISIONER_BENCH_VM").as_deref() != Ok("1") {
+        println!(
+            "remote: status / ssh -c true skipped (set PROVISIONER_BENCH_VM=1, run through /work/wt/vmslot)"
+        );
+        return;
+    }
+    let boxdef = std::env::var("PROVISIONER_BENCH_BOX")
+        .unwrap_or_else(|_| "[box.debian]\nsuite = \"bookworm\"\n".to_string());
+    let shared_cache =
+        std::env::var("PROVISIONER_CACHE_DIR").map(std::path::PathBuf::from).unwrap_or_else(|_| {
+            std::path::PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/provisioner")
+        });
+    let mut dirs = Vec::new();
+    for (tag, uri) in [("remote", host.uri()), ("local", "qemu:///session".to_string())] {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(d.path().join("provision")).unwrap();
+        std::fs::write(
+            d.path().join("box-config.toml"),
+            format!(
+                "[machine]\nname = \"b{tag}{}\"\nprovider = \"libvirt\"\ncpus = 1\nmemory_mb = 1024\ndisk_gb = 4\naccel \
+                 = \"tcg\"\n\n{boxdef}\n\n[ssh]\nhost_port = {}\nconnect_timeout_secs = 1500\n\n[[forward]]\nguest = \
+                 80\nhost = {}\n\n[provision]\nenabled = false\n\n[libvirt]\nuri = \"{uri}\"\n",
+                std::process::id() % 100_000,
+                support::free_port(),
+                support::free_port()
+            ),
+        )
+        .unwrap();
+        dirs.push((tag, d));
+    }
+    let run = |d: &Path, args: &[&str]| {
+        Command::new(support::bin())
+            .args(args)
+            .current_dir(d)
+            .env("HOME", &home)
+            .env("PROVISIONER_CACHE_DIR", &shared_cache)
+            .output()
+            .expect("run provisioner")
+    };
+    struct Destroy<'a>(Vec<&'a Path>, &'a dyn Fn(&Path, &[&str]) -> std::process::Output);
+    impl Drop for Destroy<'_> {
+        fn drop(&mut self) {
+            for d in &self.0 {
+                let _ = (self.1)(d, &["destroy", "-f"]);
+            }
+        }
+    }
+    let _g = Destroy(dirs.iter().map(|(_, d)| d.path()).collect(), &run);
+    for (tag, d) in &dirs {
+        let t = Instant::now();
+        let out = run(d.path(), &["up", "--no-provision"]);
+        assert!(out.status.success(), "{tag} up: {}", String::from_utf8_lossy(&out.stderr));
+        println!("{tag} up --no-provision (cold)      {:>8.1} s", t.elapsed().as_secs_f64());
+    }
+    let mut res = Vec::new();
+    for (tag, d) in &dirs {
+        let s = median(&format!("{tag} status"), || run(d.path(), &["status"]).status.success());
+        let c =
+            median(&format!("{tag} ssh -c true"), || run(d.path(), &["ssh", "-c", "true"]).status.success());
+        res.push((s, c));
+    }
+    println!(
+        "remote/local: status {:.2}x, ssh -c true {:.2}x",
+        res[0].0.as_secs_f64() / res[1].0.as_secs_f64(),
+        res[0].1.as_secs_f64() / res[1].1.as_secs_f64()
+    );
+}

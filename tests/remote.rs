@@ -1,0 +1,344 @@
+//! Remote libvirt hosts (docs/remote.md) against a real second host: a network namespace with its own sshd and
+//! libvirtd and private storage ([`crate::support::nethost::NetHost`]). Fast tier: the host key check (unknown and
+//! changed keys refused by the real sshd's key), the box uploaded into the host's pool once (0 bytes the second
+//! time), an interrupted upload redone, `box remove --host`. The VM test is `vm::vm_remote_up_ssh_destroy`.
+
+use std::path::Path;
+use std::process::Command;
+
+use crate::support::nethost::{self, NetHost};
+use crate::support::Test;
+
+/// A small bootable-looking box (ext4 at its start, some MiB of data): `tiny.qcow2` in `dir`.
+pub fn tiny_box(dir: &Path) {
+    let raw = dir.join("tiny.raw");
+    let data = dir.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let bytes: Vec<u8> = (0..6u32 << 20).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    std::fs::write(data.join("payload"), bytes).unwrap();
+    let ok = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-L", "rootfs", "-d"])
+        .arg(&data)
+        .arg(&raw)
+        .arg("16M")
+        .status()
+        .unwrap();
+    assert!(ok.success(), "mkfs.ext4");
+    let ok = Command::new("qemu-img")
+        .args(["convert", "-q", "-O", "qcow2"])
+        .arg(&raw)
+        .arg(dir.join("tiny.qcow2"))
+        .status()
+        .unwrap();
+    assert!(ok.success(), "qemu-img convert");
+}
+
+/// A project on the remote host with the tiny box, its own HOME (known_hosts) and box cache.
+fn project(host: &NetHost) -> Test {
+    let t = Test::new();
+    tiny_box(t.path());
+    t.write(
+        "box-config.toml",
+        format!(
+            "[machine]\nname = \"far\"\nprovider = \"libvirt\"\n[box]\nimage = \"tiny.qcow2\"\n[provision]\nenabled = false\n[libvirt]\nuri = \
+             \"{}\"\npool = \"provtest\"\n",
+            host.uri()
+        ),
+    );
+    std::fs::create_dir_all(t.path().join("home/.ssh")).unwrap();
+    std::fs::create_dir_all(t.path().join("provision")).unwrap();
+    t
+}
+
+fn run(t: &Test, args: &[&str]) -> crate::support::Run {
+    Test::new()
+        .cwd(t.path())
+        .env("HOME", t.path().join("home").to_string_lossy())
+        .env("PROVISIONER_CACHE_DIR", t.path().join("cache").to_string_lossy())
+        .args(args.iter().copied())
+        .run()
+}
+
+#[test]
+fn remote_host_key_unknown_or_changed_is_refused() {
+    if !nethost::available() {
+        panic!("the remote-host fixture needs root, libvirtd, virtlogd, sshd and virt-ssh-helper");
+    }
+    let host = NetHost::start();
+    let t = project(&host);
+    // Unknown: refused before any connection, with the command that adds it.
+    let keyscan = format!("ssh-keyscan {} ", host.addr);
+    run(&t, &["validate"])
+        .failure()
+        .stderr_contains("is not in")
+        .stderr_contains(&keyscan)
+        .stderr_contains("hint:");
+    run(&t, &["box", "upload"]).failure().stderr_contains("never accepts an unknown host key");
+    // Known under a different key: the real sshd's key does not match, and OpenSSH (through the tool's
+    // wrapper) refuses; nothing was uploaded.
+    let other = tempfile::tempdir().unwrap();
+    let k = other.path().join("k");
+    assert!(Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", ""])
+        .arg("-f")
+        .arg(&k)
+        .status()
+        .unwrap()
+        .success());
+    let wrong = std::fs::read_to_string(k.with_extension("pub")).unwrap();
+    let wrong: Vec<&str> = wrong.split_whitespace().take(2).collect();
+    t.write("home/.ssh/known_hosts", format!("{} {}\n", host.addr, wrong.join(" ")));
+    run(&t, &["validate"]).success();
+    run(&t, &["box", "upload"]).failure().stderr_contains("has CHANGED").stderr_contains("ssh-keygen -R");
+    assert!(host.volumes("provtest").is_empty(), "nothing reached the host: {:?}", host.volumes("provtest"));
+    // The right key (hashed, as `ssh-keyscan -H` writes it): accepted.
+    t.write("home/.ssh/known_hosts", host.known_hosts_line());
+    let kh = t.path().join("home/.ssh/known_hosts");
+    assert!(Command::new("ssh-keygen").arg("-H").arg("-f").arg(&kh).output().unwrap().status.success());
+    assert!(!std::fs::read_to_string(&kh).unwrap().contains(&host.addr), "hashed");
+    run(&t, &["box", "upload"]).success().stdout_contains("bytes sent");
+}
+
+#[test]
+fn remote_box_upload_once_per_host_then_remove() {
+    if !nethost::available() {
+        panic!("the remote-host fixture needs root, libvirtd, virtlogd, sshd and virt-ssh-helper");
+    }
+    let host = NetHost::start();
+    let t = project(&host);
+    t.write("home/.ssh/known_hosts", host.known_hosts_line());
+    run(&t, &["validate"]).success();
+    let size = std::fs::metadata(t.path().join("tiny.qcow2")).unwrap().len();
+    let first = run(&t, &["--json", "box", "upload"]).success();
+    let doc: serde_json::Value = serde_json::from_str(first.stdout().lines().last().unwrap()).unwrap();
+    assert_eq!(doc["bytes_sent"], size, "{}", first.stdout());
+    let id = doc["id"].as_str().unwrap().to_string();
+    let vols = host.volumes("provtest");
+    assert!(
+        vols.contains(&format!("box-{id}.qcow2")) && vols.contains(&format!("box-{id}.done")),
+        "{vols:?}"
+    );
+    // The volume holds the box's bytes (read on the host, not through the tool).
+    let path = host.virsh(&["vol-path", "--pool", "provtest", &format!("box-{id}.qcow2")]).unwrap();
+    let there = host.exec(&["sha256sum", path.trim()]).unwrap();
+    assert!(there.starts_with(&id), "the volume holds the box's bytes: {there} vs {id}");
+    assert!(
+        !Path::new(path.trim()).exists(),
+        "the pool is in the host's private storage, not on this filesystem"
+    );
+
+    // Second time: nothing sent.
+    let again = run(&t, &["--json", "box", "upload"]).success();
+    let doc: serde_json::Value = serde_json::from_str(again.stdout().lines().last().unwrap()).unwrap();
+    assert_eq!(doc["bytes_sent"], 0, "{}", again.stdout());
+
+    // An interrupted upload (data volume without its completion marker) is sent again, whole.
+    host.virsh(&["vol-delete", "--pool", "provtest", &format!("box-{id}.done")]).unwrap();
+    let redo = run(&t, &["--json", "box", "upload"]).success();
+    let doc: serde_json::Value = serde_json::from_str(redo.stdout().lines().last().unwrap()).unwrap();
+    assert_eq!(doc["bytes_sent"], size, "{}", redo.stdout());
+
+    // A lost connection: a clear error, then the next run completes (the incomplete box is sent again).
+    host.virsh(&["vol-delete", "--pool", "provtest", &format!("box-{id}.done")]).unwrap();
+    host.link(false);
+    let t0 = std::time::Instant::now();
+    run(&t, &["box", "upload"])
+        .failure()
+        .stderr_contains("is not reachable over SSH")
+        .stderr_contains("hint:");
+    assert!(t0.elapsed() < std::time::Duration::from_secs(60), "a dead host must fail within a minute");
+    host.link(true);
+    let redo = run(&t, &["--json", "box", "upload"]).success();
+    let doc: serde_json::Value = serde_json::from_str(redo.stdout().lines().last().unwrap()).unwrap();
+    assert_eq!(doc["bytes_sent"], size, "{}", redo.stdout());
+
+    // `box remove --host` removes it from the pool (the local cache keeps it).
+    run(&t, &["box", "remove", &id[..12], "--host", &host.uri()]).success();
+    let left: Vec<String> = host.volumes("provtest").into_iter().filter(|v| v.starts_with("box-")).collect();
+    assert!(left.is_empty(), "{left:?}");
+    run(&t, &["box", "list"]).success().stdout_contains(&id[..12]);
+    // A local URI is not a host to upload to.
+    run(&t, &["box", "upload", "--host", "qemu:///session"])
+        .failure()
+        .stderr_contains("not a remote libvirt host");
+}
+
+/// A machine project on `host` booting the `[box]` table `box_toml`, with free ports (mirrored locally too).
+fn remote_machine(host: &NetHost, name: &str, box_toml: &str) -> Test {
+    let t = Test::new();
+    t.write(
+        "box-config.toml",
+        format!(
+            "[machine]\nname = \"{name}\"\nprovider = \"libvirt\"\ncpus = 2\nmemory_mb = 1024\ndisk_gb = 8\naccel = \
+             \"tcg\"\n\n{box_toml}\n[ssh]\nhost_port = {}\nconnect_timeout_secs = 1500\n\n[[forward]]\nname = \
+             \"web\"\nguest = 80\nhost = {}\n\n[provision]\nenabled = false\n\n[libvirt]\nuri = \"{}\"\n",
+            crate::support::free_port(),
+            crate::support::free_port(),
+            host.uri()
+        ),
+    );
+    std::fs::create_dir_all(t.path().join("provision")).unwrap();
+    t
+}
+
+fn in_dir(t: &Test, home: &Path, args: &[&str]) -> crate::support::Run {
+    Test::new()
+        .cwd(t.path())
+        .env("HOME", home.to_string_lossy())
+        .env("PROVISIONER_CONFIG", t.path().join("box-config.toml").to_string_lossy())
+        .args(args.iter().copied())
+        .run()
+}
+
+/// The VM test (called from `vm::vm_remote_up_ssh_status_destroy`): from nothing on the far host to SSH, `ssh -c`,
+/// `status`, a second machine reusing the uploaded box (0 bytes), `destroy -f` leaving only the box volumes.
+pub fn vm_remote_up_ssh_status_destroy(box_toml: &str) {
+    assert!(
+        nethost::available(),
+        "the remote-host fixture needs root, libvirtd, virtlogd, sshd, virt-ssh-helper"
+    );
+    let host = NetHost::start();
+    let home = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(home.path().join(".ssh")).unwrap();
+    std::fs::write(home.path().join(".ssh/known_hosts"), host.known_hosts_line()).unwrap();
+    let pid = std::process::id() % 100_000;
+    let (n1, n2) = (format!("far{pid}"), format!("near{pid}"));
+    let m1 = remote_machine(&host, &n1, box_toml);
+    let m2 = remote_machine(&host, &n2, box_toml);
+    // Whatever happens, the machines go (the fixture then stops the host).
+    struct Cleanup<'a>(&'a [&'a Test], &'a Path);
+    impl Drop for Cleanup<'_> {
+        fn drop(&mut self) {
+            for t in self.0 {
+                let _ = in_dir(t, self.1, &["destroy", "-f"]);
+            }
+        }
+    }
+    let _cleanup = Cleanup(&[&m1, &m2], home.path());
+
+    let t0 = std::time::Instant::now();
+    let up = in_dir(&m1, home.path(), &["up", "--no-provision"]).success();
+    eprintln!("remote up (upload + boot to SSH): {:.1} s", t0.elapsed().as_secs_f64());
+    assert!(
+        up.stderr().contains("uploaded to root@") && !up.stderr().contains(" 0 bytes sent"),
+        "{}",
+        up.stderr()
+    );
+    let r = in_dir(&m1, home.path(), &["ssh", "-c", "cat /etc/hostname"]).success();
+    assert_eq!(r.stdout().trim(), n1);
+    assert_eq!(in_dir(&m1, home.path(), &["ssh", "-c", "exit 7"]).code(), Some(7));
+    in_dir(&m1, home.path(), &["status"]).success().stdout_contains("running");
+    let cfg = in_dir(&m1, home.path(), &["ssh-config"]).success();
+    assert!(
+        cfg.stdout().contains("ProxyCommand ssh ") && cfg.stdout().contains("-W %h:%p"),
+        "{}",
+        cfg.stdout()
+    );
+    // The domain names only paths on the far host (its pool), none of this machine's state dir or cache.
+    let xml = host.virsh(&["dumpxml", &vm_name_of(&m1)]).unwrap();
+    assert!(xml.contains("/var/lib/libvirt/images/provisioner/"), "{xml}");
+    assert!(
+        !xml.contains(".cache/provisioner")
+            && !xml.contains(&*m1.path().join(".provisioner/disk").to_string_lossy()),
+        "{xml}"
+    );
+
+    // A second machine on the same host: the box is there already.
+    let up2 = in_dir(&m2, home.path(), &["up", "--no-provision"]).success();
+    assert!(up2.stderr().contains(": 0 bytes sent"), "{}", up2.stderr());
+    in_dir(&m2, home.path(), &["ssh", "-c", "true"]).success();
+
+    in_dir(&m1, home.path(), &["destroy", "-f"]).success();
+    in_dir(&m2, home.path(), &["destroy", "-f"]).success();
+    let left = host.volumes("provisioner");
+    assert!(!left.is_empty() && left.iter().all(|v| v.starts_with("box-")), "only the box stays: {left:?}");
+    let domains = host.virsh(&["list", "--all", "--name"]).unwrap();
+    assert!(domains.trim().is_empty(), "domains left: {domains}");
+}
+
+/// The domain name of a machine (from its state.json).
+fn vm_name_of(t: &Test) -> String {
+    let st: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(t.path().join(".provisioner/state.json")).unwrap())
+            .unwrap();
+    st["vm_name"].as_str().unwrap().to_string()
+}
+
+/// The tunnel to a remote machine's forwards (src/ssh/tunnel.rs), against the real namespaced sshd: an HTTP server
+/// on the far host's 127.0.0.1 is reached on the local 127.0.0.1 at the same port, several requests at once and a
+/// 4 MiB body intact; a host key that does not match known_hosts is refused before anything is forwarded.
+#[test]
+fn remote_tunnel_reaches_the_hosts_loopback_with_its_key_checked() {
+    if !nethost::available() {
+        panic!("the remote-host fixture needs root, libvirtd, virtlogd, sshd and virt-ssh-helper");
+    }
+    let host = NetHost::start();
+    let dir = tempfile::tempdir().unwrap();
+    let body: Vec<u8> = (0..4u32 << 20).map(|i| (i.wrapping_mul(40503) >> 7) as u8).collect();
+    std::fs::write(dir.path().join("known_hosts"), "").unwrap();
+    let port = crate::support::free_port();
+    // The server runs in the host's namespaces and serves a file that exists only there (its /tmp is private).
+    host.exec(&["sh", "-c", "mkdir -p /tmp/www && head -c 0 /dev/null > /tmp/www/empty"]).unwrap();
+    let local_body = dir.path().join("body");
+    std::fs::write(&local_body, &body).unwrap();
+    // The test dir is hidden there: pipe the body in.
+    let ok = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "nsenter -t {} -m -n sh -c 'cat > /tmp/www/body' < {}",
+            host_pid(&host),
+            local_body.display()
+        ))
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let mut server = Command::new("nsenter");
+    server
+        .args(["-t", &host_pid(&host), "-m", "-n", "python3", "-m", "http.server", "--bind", "127.0.0.1"])
+        .arg(port.to_string())
+        .args(["--directory", "/tmp/www"]);
+    let _server = crate::support::Proc::spawn("http", server, dir.path().join("http.log"));
+    crate::support::wait_until(std::time::Duration::from_secs(20), "the far HTTP server", || {
+        host.exec(&["bash", "-c", &format!("exec 3<>/dev/tcp/127.0.0.1/{port}")]).ok()
+    });
+
+    let uri = |kh: &Path| {
+        format!(
+            "qemu+ssh://root@{}/system?keyfile={}&known_hosts={}",
+            host.addr,
+            host.key.display(),
+            kh.display()
+        )
+    };
+    // Unknown key: refused, nothing listens locally.
+    let far = provisioner::provider::libvirt::remote::parse(&uri(&dir.path().join("known_hosts"))).unwrap();
+    let e = provisioner::ssh::tunnel::ensure(&far, &[port]).unwrap_err();
+    assert!(format!("{e:#}").contains("never accepts an unknown host key"), "{e:#}");
+    assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err(), "nothing may listen after a refusal");
+
+    std::fs::write(dir.path().join("known_hosts"), host.known_hosts_line()).unwrap();
+    provisioner::ssh::tunnel::ensure(&far, &[port]).unwrap();
+    let threads: Vec<_> = (0..4)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+                s.set_read_timeout(Some(std::time::Duration::from_secs(60))).unwrap();
+                use std::io::{Read, Write};
+                s.write_all(b"GET /body HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+                let mut all = Vec::new();
+                s.read_to_end(&mut all).unwrap();
+                all
+            })
+        })
+        .collect();
+    for t in threads {
+        let all = t.join().unwrap();
+        let split = all.windows(4).position(|w| w == b"\r\n\r\n").expect("an HTTP response") + 4;
+        assert!(all.starts_with(b"HTTP/1.0 200"), "{}", String::from_utf8_lossy(&all[..split]));
+        assert!(all[split..] == body[..], "body differs: {} bytes vs {}", all.len() - split, body.len());
+    }
+}
+
+fn host_pid(host: &NetHost) -> String {
+    host.libvirtd_pid().to_string()
+}
