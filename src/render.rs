@@ -8,6 +8,7 @@
 //! - `machine.*`  name, hostname, cpus, memory_mb
 //! - `provision.*` guest_path, images ("registry" | "debian")
 //! - `secrets.*`  generated once per machine, kept 0600 in `.provisioner/secrets.toml`
+//! - `cluster.*`  the project's machines (`[[machine]]` files): `machines` (name, hostname, ip), `ip`, `profiles`
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -355,7 +356,26 @@ pub fn context(cfg: &Config, source: &Path, secrets: &Secrets) -> Result<serde_j
         },
         "forwards": forwards,
         "secrets": secrets,
+        "cluster": cluster(cfg),
     }))
+}
+
+/// `cluster.*`: for a machine of a `[[machine]]` file, every machine of the project (`machines`: name,
+/// hostname, ip), this machine's `ip` and compose `profiles` (joined by commas in `profiles_csv`); for a
+/// single machine, `machines` is empty.
+fn cluster(cfg: &Config) -> serde_json::Value {
+    match &cfg.member {
+        Some(m) => serde_json::json!({
+            "multi": true,
+            "machines": m.peers,
+            "ip": m.ip.to_string(),
+            "prefix": m.prefix,
+            "profiles": m.profiles,
+            "profiles_csv": m.profiles.join(","),
+            "network": m.network.name,
+        }),
+        None => serde_json::json!({"multi": false, "machines": [], "profiles": [], "profiles_csv": ""}),
+    }
 }
 
 /// Render the config's provision tree with the machine's secrets.

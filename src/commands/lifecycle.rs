@@ -41,7 +41,7 @@ impl Machine {
 
     fn new(_ctx: &Ctx, cfg: Config) -> Result<Self> {
         // The one identity of this machine (canonical state dir + VM name), computed once for the whole run.
-        let id = MachineId::new(&cfg.base_dir(), &cfg.machine.name)?;
+        let id = MachineId::for_config(&cfg)?;
         Ok(Self { cfg, state: id.state_dir(), vm_name: id.vm_name().to_string() })
     }
 
@@ -55,6 +55,10 @@ impl Machine {
     /// machine that exists. When the file does not validate, the machine is found from what still reads of it
     /// and from its recorded state (provider, libvirt URI, VM name), with a warning carrying the errors.
     pub(super) fn load_existing(ctx: &Ctx) -> Result<Self> {
+        if ctx.member.is_some() {
+            // A machine of a `[[machine]]` file: the project validated as a whole.
+            return Self::load(ctx);
+        }
         let path = &ctx.global.config;
         let (cfg, invalid) = match Config::load_lenient(path) {
             Ok(pair) => pair,
@@ -378,13 +382,29 @@ fn boot(
         super::lab::restore(p, &spec, plan, ui)?;
         return Ok((user_key, host_key, lab));
     }
-    p.create(&spec)?;
+    {
+        // The machines of one project share their private network: one creates it at a time.
+        let _project = project_lock(&m.cfg)?;
+        p.create(&spec)?;
+    }
     ph.done(&format!("{} ({})", m.vm_name, accel.label()));
 
     let ph = ui.phase("boot");
     p.start(&m.vm_ref()?)?;
     ph.done(if live == VmState::NotCreated { "created and started" } else { "started" });
     Ok((user_key, host_key, lab))
+}
+
+/// For a machine of a `[[machine]]` file, the project's lock (`.provisioner/project.lock`), waited for: held
+/// while the machine's hypervisor objects (and the shared private network) are made.
+fn project_lock(cfg: &Config) -> Result<Option<std::fs::File>> {
+    if cfg.member.is_none() {
+        return Ok(None);
+    }
+    let dir = StateDir::beside(&cfg.path);
+    dir.ensure()?;
+    let path = dir.path(super::multi::PROJECT_LOCK);
+    Ok(Some(crate::machine::lock::wait_for(&path, Duration::from_secs(600))?))
 }
 
 /// Every forward, SSH first; an SSH host port of 0 becomes the port recorded earlier or a free one.
@@ -444,10 +464,7 @@ pub fn status(ctx: &Ctx) -> Result<i32> {
     };
     let p = provider::select(&m.cfg)?;
     let live = p.state(&vm_ref(Some(&st), &st.vm_name))?;
-    let ssh = match (&st.ssh_host, st.ssh_port) {
-        (Some(h), Some(port)) => Some(format!("{h}:{port}")),
-        _ => None,
-    };
+    let ssh = ssh_of(&st);
     let forwards =
         if live == VmState::NotCreated { Vec::new() } else { super::port::machine_forwards(&m.cfg, &st) };
     if ctx.ui.json() {
@@ -465,6 +482,58 @@ pub fn status(ctx: &Ctx) -> Result<i32> {
         print!("{}", super::port::forwards_table(&forwards));
     }
     Ok(crate::exit::OK)
+}
+
+fn ssh_of(st: &MachineState) -> Option<String> {
+    match (&st.ssh_host, st.ssh_port) {
+        (Some(h), Some(port)) => Some(format!("{h}:{port}")),
+        _ => None,
+    }
+}
+
+/// One machine's line of the multi-machine `status` table.
+pub(super) struct StatusRow {
+    pub machine: String,
+    pub state: String,
+    pub provider: Option<String>,
+    pub vm_name: Option<String>,
+    pub ssh: Option<String>,
+    pub error: Option<String>,
+}
+
+impl StatusRow {
+    pub fn error(machine: &str, e: &anyhow::Error) -> Self {
+        let first = format!("{e}").lines().next().unwrap_or_default().to_string();
+        StatusRow {
+            machine: machine.to_string(),
+            state: "unknown".into(),
+            provider: None,
+            vm_name: None,
+            ssh: None,
+            error: Some(first),
+        }
+    }
+}
+
+/// Ask the hypervisor once for this machine's state (nothing when it was never created).
+pub(super) fn status_row(ctx: &Ctx) -> Result<StatusRow> {
+    let m = Machine::load_existing(ctx)?;
+    let machine = m.cfg.machine.name.clone();
+    let Some(st) = MachineState::load(&m.state)? else {
+        let state = VmState::NotCreated.to_string();
+        return Ok(StatusRow { machine, state, provider: None, vm_name: None, ssh: None, error: None });
+    };
+    let p = provider::select(&m.cfg)?;
+    let live = p.state(&vm_ref(Some(&st), &st.vm_name))?;
+    let ssh = (live != VmState::NotCreated).then(|| ssh_of(&st)).flatten();
+    Ok(StatusRow {
+        machine,
+        state: live.to_string(),
+        provider: Some(p.name().to_string()),
+        vm_name: Some(st.vm_name.clone()),
+        ssh,
+        error: None,
+    })
 }
 
 pub fn halt(ctx: &Ctx, args: &HaltArgs) -> Result<i32> {
@@ -489,7 +558,7 @@ fn halt_locked(ctx: &Ctx, m: &Machine, args: &HaltArgs) -> Result<i32> {
 pub fn reload(ctx: &Ctx, args: &UpArgs) -> Result<i32> {
     let m = Machine::load(ctx)?;
     let _lock = MachineLock::acquire(&m.state, "reload")?;
-    halt_locked(ctx, &m, &HaltArgs { force: false, timeout: 60 })?;
+    halt_locked(ctx, &m, &HaltArgs { machines: Vec::new(), force: false, timeout: 60 })?;
     let p = provider::select(&m.cfg)?;
     up_locked(ctx, &m, p.as_ref(), args)
 }
@@ -536,7 +605,7 @@ fn remove_state_dir(root: &Path) -> Result<()> {
 }
 
 /// Ask on the terminal; without one, refuse (the caller must pass -f).
-fn confirm(question: &str) -> Result<bool> {
+pub(super) fn confirm(question: &str) -> Result<bool> {
     if !std::io::stdin().is_terminal() {
         bail!(
             "refusing to destroy without confirmation: stdin is not a terminal\nhint: pass -f (`provisioner destroy \
