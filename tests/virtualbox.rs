@@ -90,6 +90,7 @@ impl Bench {
             forwards: vec![fwd(22, ssh_port, "ssh"), fwd(3000, ssh_port + 1, "grafana dashboards")],
             state,
             kvm: false,
+            private_net: None,
         }
     }
 

@@ -56,6 +56,7 @@ fn spec(kvm: bool, kernel: bool, firmware: Firmware) -> MachineSpec {
         ],
         state: StateDir::at("/home/u/lab & co/.provisioner"),
         kvm,
+        private_net: None,
     }
 }
 
@@ -93,6 +94,45 @@ fn domain_xml_kvm_disk_boot() {
 #[test]
 fn domain_xml_uefi() {
     golden("uefi.xml", &domain_xml(&spec(false, false, Firmware::Uefi), None, None).unwrap());
+}
+
+fn private(isolated: bool) -> provisioner::provider::PrivateNic {
+    use provisioner::provider::network::{mac_for, net_name, PrivateNet};
+    provisioner::provider::PrivateNic {
+        ip: "10.77.0.11".parse().unwrap(),
+        prefix: 24,
+        mac: mac_for("/home/u/lab & co", "web"),
+        net: PrivateNet::new(&net_name("/home/u/lab & co", "private"), isolated),
+    }
+}
+
+/// qemu:///session: the private NIC is a QEMU multicast socket bound to the loopback interface, the first NIC
+/// gets the MAC the guest's network-config matches.
+#[test]
+fn domain_xml_private_network_mcast() {
+    let mut s = spec(false, true, Firmware::Bios);
+    s.private_net = Some(private(false));
+    let xml = domain_xml(&s, None, Some("+0:+0")).unwrap();
+    golden("private-mcast.xml", &xml);
+    assert!(xml.contains(",localaddr=127.0.0.1'/>"), "{xml}");
+    assert!(xml.contains("netdev=net0,mac=52:54:00:12:34:56,"), "{xml}");
+    assert!(!xml.contains("<interface"), "no libvirt NIC (and no bridge) in session mode:\n{xml}");
+}
+
+/// qemu:///system on request: the private NIC joins the project's isolated libvirt network.
+#[test]
+fn domain_xml_private_network_isolated() {
+    let mut s = spec(false, true, Firmware::Bios);
+    s.private_net = Some(private(true));
+    let xml = domain_xml(&s, None, Some("+0:+0")).unwrap();
+    golden("private-isolated.xml", &xml);
+    assert_eq!(
+        provisioner::provider::libvirt::private_network_of(&xml).as_deref(),
+        Some(private(true).net.name.as_str())
+    );
+    assert!(!xml.contains("mcast="), "{xml}");
+    let net = provisioner::provider::network::isolated_network_xml(&private(true).net.name);
+    golden("private-network.xml", &net);
 }
 
 /// A cached lab's memory image is restored in another state dir with the current forwards; nothing else changes.

@@ -376,6 +376,7 @@ fn boot(
         forwards,
         state: m.state.clone(),
         kvm: accel.kvm,
+        private_net: None,
     };
     if let Some(plan) = lab.as_mut().filter(|l| l.hit.is_some()) {
         ph.done("from the cached lab");
