@@ -409,6 +409,9 @@ pub fn render_tree(cfg: &Config, source: &Path, secrets: &Secrets) -> Result<Ren
     let ctx = context(cfg, source, secrets)?;
     let mut hb = Handlebars::new();
     hb.set_strict_mode(true);
+    // `{{#if (has LIST "item")}}`: whether a list (e.g. `cluster.profiles`) holds an item.
+    handlebars::handlebars_helper!(has: |list: array, item: str| list.iter().any(|v| v.as_str() == Some(item)));
+    hb.register_helper("has", Box::new(has));
     hb.register_escape_fn(handlebars::no_escape);
     let mut files = Vec::new();
     let mut registered = std::collections::HashMap::new();

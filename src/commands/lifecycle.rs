@@ -376,7 +376,7 @@ fn boot(
         forwards,
         state: m.state.clone(),
         kvm: accel.kvm,
-        private_net: None,
+        private_net: private_nic(&m.cfg)?,
     };
     if let Some(plan) = lab.as_mut().filter(|l| l.hit.is_some()) {
         ph.done("from the cached lab");
@@ -394,6 +394,23 @@ fn boot(
     p.start(&m.vm_ref()?)?;
     ph.done(if live == VmState::NotCreated { "created and started" } else { "started" });
     Ok((user_key, host_key, lab))
+}
+
+/// The machine's NIC on its project's private network (machines of a `[[machine]]` file only): MAC and network
+/// name derived from the canonical project directory, so they are stable and unique per project.
+fn private_nic(cfg: &Config) -> Result<Option<crate::provider::PrivateNic>> {
+    let Some(member) = &cfg.member else { return Ok(None) };
+    let project = std::fs::canonicalize(cfg.base_dir())
+        .with_context(|| format!("resolve the project directory {}", cfg.base_dir().display()))?;
+    let project = project.to_string_lossy();
+    let name = crate::provider::network::net_name(&project, &member.network.name);
+    let isolated = member.network.isolated && cfg.libvirt.uri.ends_with("/system");
+    Ok(Some(crate::provider::PrivateNic {
+        ip: member.ip,
+        prefix: member.prefix,
+        mac: crate::provider::network::mac_for(&project, &cfg.machine.name),
+        net: crate::provider::PrivateNet::new(&name, isolated),
+    }))
 }
 
 /// For a machine of a `[[machine]]` file, the project's lock (`.provisioner/project.lock`), waited for: held

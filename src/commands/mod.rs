@@ -71,7 +71,7 @@ pub fn dispatch(cli: Cli) -> Result<i32> {
         Command::Validate => validate::validate(&ctx),
         Command::Render(a) => one(&a.machine.machine, &|c| render::render(c, &a)),
         Command::Health(a) => multi::each(&ctx, &a.machines, &|c| provision::health(c, &a)),
-        Command::Verify(a) => provision::verify(&ctx, &a),
+        Command::Verify(a) => multi::verify(&ctx, &a),
         Command::Load(a) => one(&a.machine.machine, &|c| load::load(c, &a)),
         Command::Box(crate::cli::BoxCommand::Build { force }) => {
             // Every machine's box (machines sharing one build it once: the cache holds it).

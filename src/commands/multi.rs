@@ -267,6 +267,33 @@ pub fn destroy(ctx: &Ctx, args: &DestroyArgs) -> Result<i32> {
     Ok(code)
 }
 
+/// `verify [NAME]`: Prometheus on the machine that forwards it, load on the named machine's demo app (default:
+/// the first machine that forwards the demo app).
+pub fn verify(ctx: &Ctx, args: &crate::cli::VerifyArgs) -> Result<i32> {
+    let names: Vec<String> = args.machine.iter().cloned().collect();
+    let Some(p) = multi_project(ctx, &names)? else { return super::provision::verify(ctx, args) };
+    let forwards = |c: &&Config, port: u16| c.host_addr_for(port).is_some();
+    let monitor = p.machines.iter().find(|c| forwards(c, 9090)).ok_or_else(|| {
+        anyhow::anyhow!(
+            "no machine of {} forwards Prometheus (guest port 9090)\nhint: add a [[machine.forward]] with guest = \
+             9090 to the machine that runs it",
+            p.path.display()
+        )
+    })?;
+    let app = match &args.machine {
+        Some(_) => p.select(&names)?[0],
+        None => p.machines.iter().find(|c| forwards(c, super::load::DEMO_APP_PORT)).ok_or_else(|| {
+            anyhow::anyhow!(
+                "no machine of {} forwards the demo app (guest port 8000)\nhint: add a [[machine.forward]] with \
+                 guest = 8000 to an app machine",
+                p.path.display()
+            )
+        })?,
+    };
+    let actx = ctx.for_machine(app, None);
+    super::provision::verify_on(&actx, monitor, app, args)
+}
+
 /// The project lock file in `.provisioner/`, held while the project's private network is set up.
 pub const PROJECT_LOCK: &str = "project.lock";
 

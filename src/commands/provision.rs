@@ -126,12 +126,20 @@ fn get(url: &str) -> Result<String> {
 
 pub fn verify(ctx: &Ctx, args: &VerifyArgs) -> Result<i32> {
     let cfg = ctx.config()?;
-    let state = ctx.state(&cfg);
-    let ssh = connect(&cfg, &state, Duration::from_secs(60))?;
+    verify_on(ctx, &cfg, &cfg, args)
+}
+
+/// `verify` where Prometheus runs on `monitor` and the demo app (the webhook receiver, whose log proves
+/// delivery) on `app`: the same machine for the single-machine lab, two machines of a cluster.
+pub fn verify_on(ctx: &Ctx, monitor: &Config, app: &Config, args: &VerifyArgs) -> Result<i32> {
+    let cfg = app;
+    let state = crate::machine::StateDir::for_config(cfg);
+    let ssh = connect(cfg, &state, Duration::from_secs(60))?;
     let probes = cfg.health_probes();
     let port_of = |svc: &str, dflt: u16| probes.get(svc).map(|p| p.port).unwrap_or(dflt);
     let url = |svc: &str, dflt: u16, path: &str| {
-        crate::health::forwarded_url(&cfg, port_of(svc, dflt), path).with_context(|| {
+        let on = if svc == "prometheus" { monitor } else { app };
+        crate::health::forwarded_url(on, port_of(svc, dflt), path).with_context(|| {
             format!(
                 "{svc}'s port {} is not forwarded\nhint: add a [[forward]] for it in box-config.toml",
                 port_of(svc, dflt)

@@ -129,6 +129,8 @@ pub struct Peer {
     pub name: String,
     pub hostname: String,
     pub ip: Ipv4Addr,
+    /// Its compose profiles (which part of the lab it runs).
+    pub profiles: Vec<String>,
 }
 
 /// What a machine of a `[[machine]]` file knows beyond its own [`Config`].
@@ -341,6 +343,14 @@ fn expand(path: &Path, bytes: &[u8]) -> anyhow::Result<Vec<Config>> {
             None
         }
     };
+    if pf.network.isolated && !pf.libvirt.uri.ends_with("/system") {
+        errors.push(err(
+            &src,
+            &["network", "isolated"],
+            "`isolated = true` needs the libvirt URI qemu:///system (an isolated libvirt network)".into(),
+            "set [libvirt] uri = \"qemu:///system\", or remove `isolated` to use the private tunnel of qemu:///session",
+        ));
+    }
     if !check::valid_machine_name(&pf.network.name) {
         errors.push(err(
             &src,
@@ -503,6 +513,7 @@ fn expand(path: &Path, bytes: &[u8]) -> anyhow::Result<Vec<Config>> {
             name: e.name.clone(),
             hostname: e.hostname.clone().unwrap_or_else(|| e.name.clone()),
             ip: ip.expect("assigned above"),
+            profiles: e.profiles.clone(),
         })
         .collect();
     let d = &pf.defaults;
