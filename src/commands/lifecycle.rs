@@ -341,6 +341,8 @@ fn boot(
         user: m.cfg.ssh.user.clone(),
         user_key: user_key.clone(),
         host_key: host_key.clone(),
+        hosts: Vec::new(),
+        private_nic: None,
     };
     crate::seed::write_seed(&seed, &m.state.seed_iso())?;
     ph.done("cidata");
