@@ -334,6 +334,7 @@ fn boot(
     ph.done("ed25519");
 
     let ph = ui.phase("seed");
+    let private_net = private_nic(&m.cfg)?;
     let seed = crate::seed::SeedSpec {
         // Changes whenever the host key does, so cloud-init re-applies a regenerated seed.
         instance_id: crate::seed::instance_id(&m.vm_name, &host_key),
@@ -341,8 +342,8 @@ fn boot(
         user: m.cfg.ssh.user.clone(),
         user_key: user_key.clone(),
         host_key: host_key.clone(),
-        hosts: Vec::new(),
-        private_nic: None,
+        hosts: peer_hosts(&m.cfg),
+        private_nic: private_net.as_ref().map(|n| (n.mac.clone(), n.ip, n.prefix)),
     };
     crate::seed::write_seed(&seed, &m.state.seed_iso())?;
     ph.done("cidata");
@@ -378,7 +379,7 @@ fn boot(
         forwards,
         state: m.state.clone(),
         kvm: accel.kvm,
-        private_net: private_nic(&m.cfg)?,
+        private_net,
     };
     if let Some(plan) = lab.as_mut().filter(|l| l.hit.is_some()) {
         ph.done("from the cached lab");
@@ -413,6 +414,19 @@ fn private_nic(cfg: &Config) -> Result<Option<crate::provider::PrivateNic>> {
         mac: crate::provider::network::mac_for(&project, &cfg.machine.name),
         net: crate::provider::PrivateNet::new(&name, isolated),
     }))
+}
+
+/// `/etc/hosts` entries for every machine of the project (its name, and its hostname when that differs).
+fn peer_hosts(cfg: &Config) -> Vec<(String, std::net::Ipv4Addr)> {
+    let Some(member) = &cfg.member else { return Vec::new() };
+    let mut hosts = Vec::new();
+    for p in &member.peers {
+        hosts.push((p.name.clone(), p.ip));
+        if p.hostname != p.name {
+            hosts.push((p.hostname.clone(), p.ip));
+        }
+    }
+    hosts
 }
 
 /// For a machine of a `[[machine]]` file, the project's lock (`.provisioner/project.lock`), waited for: held
