@@ -340,15 +340,7 @@ impl Default for LibvirtConfig {
     }
 }
 
-/// The lab's services: (name, HTTP path, guest port).
-pub const LAB_PROBES: &[(&str, &str, u16)] = &[
-    ("demo-app", "/health", 8000),
-    ("prometheus", "/-/ready", 9090),
-    ("alertmanager", "/-/ready", 9093),
-    ("grafana", "/api/health", 3000),
-    ("node-exporter", "/metrics", 9100),
-    ("cadvisor", "/healthz", 8080),
-];
+pub use crate::lab::PROBES as LAB_PROBES;
 
 /// The directory of a config file: relative paths in it resolve from here; `.provisioner/` lives here.
 pub fn base_dir_of(config_path: &Path) -> PathBuf {
