@@ -180,6 +180,14 @@ fn selection_status_table_and_json_machine_field_on_the_double() {
     p.run(&["destroy", "-f"]).success();
     assert!(p.vms().iter().all(|(n, _)| !n.starts_with("provisioner-one-")), "{:?}", p.vms());
     assert!(!p.dir().join(".provisioner").exists(), "the last machine's destroy leaves no state");
+
+    // Without a primary, a one-machine command needs a name.
+    p.write(&two_machines(&p.vbox, "", support::free_port()).replace("primary = true\n", ""));
+    p.run(&["ssh", "-c", "true"])
+        .failure()
+        .stderr_contains("defines 2 machines (one, two) and none is `primary`")
+        .stderr_contains("hint: name it");
+    p.run(&["port", "--machine", "two"]).failure().stderr_contains("machine `two` is not created");
 }
 
 #[test]
