@@ -76,9 +76,11 @@ pub fn network_config(spec: &SeedSpec) -> Result<Option<String>> {
             },
         },
     });
-    let yaml = serde_yaml::to_string(&doc).context("render network-config")?;
+    // JSON, which is YAML with every string quoted: unquoted, cloud-init's YAML 1.1 parser reads a MAC such as
+    // 52:54:00:12:34:56 as a base-60 integer (and fails with "'int' object has no attribute 'lower'").
+    let json = serde_json::to_string_pretty(&doc).context("render network-config")?;
     Ok(Some(format!(
-        "# Written by provisioner: the first NIC by MAC with DHCP, the private one static.\n{yaml}"
+        "# Written by provisioner: the first NIC by MAC with DHCP, the private one static.\n{json}\n"
     )))
 }
 
@@ -264,7 +266,10 @@ mod tests {
     fn private_network_config_matches_both_nics_by_mac() {
         let mut s = spec();
         on_network(&mut s);
-        let net: serde_yaml::Value = serde_yaml::from_str(&network_config(&s).unwrap().unwrap()).unwrap();
+        let text = network_config(&s).unwrap().unwrap();
+        // Quoted: YAML 1.1 (cloud-init's PyYAML) reads an unquoted 52:54:00:12:34:56 as a base-60 integer.
+        assert!(text.contains("\"52:54:00:12:34:56\"") && text.contains("\"52:54:00:ab:cd:01\""), "{text}");
+        let net: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
         assert_eq!(net["version"], 2);
         let primary = &net["ethernets"]["primary"];
         assert_eq!(primary["match"]["macaddress"], crate::provider::network::PRIMARY_MAC);

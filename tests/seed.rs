@@ -87,6 +87,17 @@ fn seed_iso_carries_network_config_and_hosts() {
     assert_eq!(Some(net.clone()), seed::network_config(&spec).unwrap());
     let doc: serde_yaml::Value = serde_yaml::from_str(&net).unwrap();
     assert_eq!(doc["ethernets"]["private"]["addresses"][0], "10.77.0.11/24");
+    // cloud-init reads it with PyYAML (YAML 1.1), where an unquoted 52:54:00:12:34:56 is a base-60 integer.
+    let py = Cmd::new("python3")
+        .args([
+            "-c",
+            "import sys,yaml\nd=yaml.safe_load(open(sys.argv[1]))['ethernets']\n\
+             print(*[type(d[k]['match']['macaddress']).__name__ for k in sorted(d)])",
+        ])
+        .arg(dir.path().join("net.yaml"))
+        .timeout(Duration::from_secs(30));
+    std::fs::write(dir.path().join("net.yaml"), &net).unwrap();
+    assert_eq!(py.run().unwrap().stdout.trim(), "str str", "MACs must load as strings in YAML 1.1");
     assert_eq!(doc["ethernets"]["private"]["match"]["macaddress"], "52:54:00:aa:bb:cc");
     let user_data = tool("isoinfo", &["-J", "-x", "/user-data", "-i"], &iso);
     let doc: serde_yaml::Value = serde_yaml::from_str(&user_data).unwrap();

@@ -652,14 +652,25 @@ struct NetGuest {
 }
 
 impl NetGuest {
-    /// `ssh` into the guest with the pinned host key; (success, stdout + stderr).
+    /// `ssh` into the guest with the pinned host key; (success, stdout + stderr). A connection that fails (exit
+    /// 255: the banner exchange times out on a loaded host) is tried again, up to 4 times.
     fn ssh(&self, script: &str) -> (bool, String) {
+        let mut last = (false, String::new());
+        for _ in 0..4 {
+            last = self.ssh_once(script);
+            if last.0 || !last.1.contains("Connection") {
+                break;
+            }
+        }
+        last
+    }
+    fn ssh_once(&self, script: &str) -> (bool, String) {
         let out = std::process::Command::new("ssh")
             .args(["-F", "/dev/null", "-i"])
             .arg(self.state.user_key())
             .arg("-o")
             .arg(format!("UserKnownHostsFile={}", self.state.known_hosts().display()))
-            .args(["-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes", "-o", "ConnectTimeout=5", "-p"])
+            .args(["-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes", "-o", "ConnectTimeout=30", "-p"])
             .arg(self.port.to_string())
             .arg(format!("{}@127.0.0.1", self.user))
             .arg(script)

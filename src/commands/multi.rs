@@ -93,6 +93,10 @@ pub fn parallel(ctx: &Ctx, names: &[String], parallel: Option<u32>, what: &str, 
     std::thread::scope(|s| {
         for _ in 0..width.min(selected.len()) {
             s.spawn(|| loop {
+                // After Ctrl-C no further machine is started (the running ones stop at their next step).
+                if crate::process::interrupted().is_some() {
+                    return;
+                }
                 let Some(cfg) = queue.lock().expect("queue").pop_front() else { return };
                 let mctx = ctx.for_machine(cfg, bars.as_ref());
                 let start = Instant::now();
@@ -114,6 +118,10 @@ pub fn parallel(ctx: &Ctx, names: &[String], parallel: Option<u32>, what: &str, 
         }
     });
     let mut outcomes = outcomes.into_inner().expect("outcomes");
+    for cfg in queue.into_inner().expect("queue") {
+        let result = Err(anyhow::anyhow!("not started: the command was interrupted"));
+        outcomes.push(Outcome { machine: cfg.machine.name.clone(), result, took: Duration::ZERO });
+    }
     outcomes.sort_by_key(|o| p.names().iter().position(|n| *n == o.machine));
     if !ctx.ui.json() {
         eprint!("{}", summary_table(&outcomes));
