@@ -275,7 +275,7 @@ fn vm_cluster_up_health_private_network_verify_destroy() {
     let _cleanup = Cleanup(t.path());
 
     let started = std::time::Instant::now();
-    let up = run(&["--json", "up"]);
+    let up = run(&["--json", "up", "--parallel", "3"]);
     let out = up.stdout();
     eprintln!("cluster up: {:.0} s", started.elapsed().as_secs_f64());
     let done = events(&out, "machine_done");
