@@ -123,6 +123,9 @@ pub fn parallel(ctx: &Ctx, names: &[String], parallel: Option<u32>, what: &str, 
         outcomes.push(Outcome { machine: cfg.machine.name.clone(), result, took: Duration::ZERO });
     }
     outcomes.sort_by_key(|o| p.names().iter().position(|n| *n == o.machine));
+    if let Some(b) = &bars {
+        let _ = b.clear();
+    }
     if !ctx.ui.json() {
         eprint!("{}", summary_table(&outcomes));
     }
