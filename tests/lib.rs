@@ -13,6 +13,7 @@ mod guest;
 mod lab;
 mod live_stack;
 mod remote;
+mod multi;
 mod render;
 mod seed;
 mod snapshots;

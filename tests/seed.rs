@@ -24,6 +24,8 @@ fn seed_iso_reads_back_with_isoinfo_and_blkid() {
         user: "provisioner".into(),
         user_key,
         host_key,
+        hosts: Vec::new(),
+        private_nic: None,
     };
     let iso = state.seed_iso();
     seed::write_seed(&spec, &iso).unwrap();
@@ -55,4 +57,52 @@ fn seed_iso_reads_back_with_isoinfo_and_blkid() {
     seed::write_seed(&spec2, &iso).unwrap();
     let meta2 = tool("isoinfo", &["-J", "-x", "/meta-data", "-i"], &iso);
     assert!(meta2.contains(&spec2.instance_id) && !meta2.contains(&spec.instance_id), "{meta2}");
+}
+
+/// A machine on the private network: `network-config` is on the image too, and reads back as written.
+#[test]
+fn seed_iso_carries_network_config_and_hosts() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = StateDir::at(dir.path().join(".provisioner"));
+    let (user_key, host_key) = keys::ensure_machine_keys(&state, "web").unwrap();
+    let spec = SeedSpec {
+        instance_id: seed::instance_id("web", &host_key),
+        hostname: "web".into(),
+        user: "provisioner".into(),
+        user_key,
+        host_key,
+        hosts: vec![
+            ("monitor".into(), "10.77.0.10".parse().unwrap()),
+            ("web".into(), "10.77.0.11".parse().unwrap()),
+        ],
+        private_nic: Some(("52:54:00:aa:bb:cc".into(), "10.77.0.11".parse().unwrap(), 24)),
+    };
+    let iso = state.seed_iso();
+    seed::write_seed(&spec, &iso).unwrap();
+    let listing = tool("isoinfo", &["-J", "-f", "-i"], &iso);
+    let mut names: Vec<&str> = listing.lines().collect();
+    names.sort();
+    assert_eq!(names, ["/meta-data", "/network-config", "/user-data"], "{listing}");
+    let net = tool("isoinfo", &["-J", "-x", "/network-config", "-i"], &iso);
+    assert_eq!(Some(net.clone()), seed::network_config(&spec).unwrap());
+    let doc: serde_yaml::Value = serde_yaml::from_str(&net).unwrap();
+    assert_eq!(doc["ethernets"]["private"]["addresses"][0], "10.77.0.11/24");
+    // cloud-init reads it with PyYAML (YAML 1.1), where an unquoted 52:54:00:12:34:56 is a base-60 integer.
+    let py = Cmd::new("python3")
+        .args([
+            "-c",
+            "import sys,yaml\nd=yaml.safe_load(open(sys.argv[1]))['ethernets']\n\
+             print(*[type(d[k]['match']['macaddress']).__name__ for k in sorted(d)])",
+        ])
+        .arg(dir.path().join("net.yaml"))
+        .timeout(Duration::from_secs(30));
+    std::fs::write(dir.path().join("net.yaml"), &net).unwrap();
+    assert_eq!(py.run().unwrap().stdout.trim(), "str str", "MACs must load as strings in YAML 1.1");
+    assert_eq!(doc["ethernets"]["private"]["match"]["macaddress"], "52:54:00:aa:bb:cc");
+    let user_data = tool("isoinfo", &["-J", "-x", "/user-data", "-i"], &iso);
+    let doc: serde_yaml::Value = serde_yaml::from_str(&user_data).unwrap();
+    assert!(
+        doc["write_files"][0]["content"].as_str().unwrap().contains("10.77.0.10\tmonitor"),
+        "{user_data}"
+    );
 }

@@ -90,6 +90,7 @@ impl Bench {
             forwards: vec![fwd(22, ssh_port, "ssh"), fwd(3000, ssh_port + 1, "grafana dashboards")],
             state,
             kvm: false,
+            private_net: None,
         }
     }
 
@@ -934,4 +935,55 @@ fn suspend_saves_state_and_resume_starts_from_it() {
     b.vbox.resume(WEB).unwrap();
     assert_eq!(b.vm(WEB).unwrap()["state"], "running");
     golden("suspend_resume", &b.take_calls());
+}
+
+/// The private network: both machines' NIC 2 on one internal network with their own MACs, NIC 1 with the MAC the
+/// guests' network-config matches; showvminfo reads it back; removing the network detaches NIC 2.
+#[test]
+fn private_network_is_an_internal_network_on_nic2() {
+    use provisioner::provider::network::{mac_for, net_name, PrivateNet, PRIMARY_MAC};
+    use provisioner::provider::PrivateNic;
+    let b = Bench::new();
+    let net = PrivateNet::new(&net_name("/home/u/cluster", "private"), false);
+    let nic = |name: &str, ip: &str| PrivateNic {
+        ip: ip.parse().unwrap(),
+        prefix: 24,
+        mac: mac_for("/home/u/cluster", name),
+        net: net.clone(),
+    };
+    let mut web = b.spec("web", WEB, 2222);
+    web.private_net = Some(nic("web", "10.77.0.11"));
+    let mut db = b.spec("db", DB, 2224);
+    db.private_net = Some(nic("db", "10.77.0.12"));
+    b.vbox.create(&web).unwrap();
+    b.vbox.create(&db).unwrap();
+    let calls = b.take_calls();
+    let hex = |m: &str| m.replace(':', "").to_uppercase();
+    for (vm, spec) in [(WEB, &web), (DB, &db)] {
+        let modify = calls
+            .iter()
+            .find(|c| c.starts_with(&format!("modifyvm {{{vm}}} --cpus")))
+            .unwrap_or_else(|| panic!("{calls:#?}"));
+        let mac = hex(&spec.private_net.as_ref().unwrap().mac);
+        assert!(
+            modify.contains(&format!("--nic2 intnet --intnet2 {} --macaddress2 {mac}", net.name)),
+            "{modify}"
+        );
+        assert!(modify.contains(&format!("--macaddress1 {}", hex(PRIMARY_MAC))), "{modify}");
+        let v = b.vm(vm).unwrap();
+        assert_eq!(v["nics"]["2"], "intnet");
+        assert_eq!(v["intnet"]["2"], net.name.as_str());
+        assert_eq!(v["macs"]["2"], mac.as_str());
+        // NAT and its forwards stay on NIC 1.
+        assert_eq!(v["nics"]["1"], "nat");
+        assert_eq!(v["natpf"]["1"].as_array().unwrap().len(), 2);
+    }
+    assert_ne!(b.vm(WEB).unwrap()["macs"]["2"], b.vm(DB).unwrap()["macs"]["2"]);
+
+    // The network removed from the config: NIC 2 goes on the next create of the stopped machine.
+    web.private_net = None;
+    b.vbox.create(&web).unwrap();
+    let again = b.take_calls();
+    assert!(again.iter().any(|c| c.contains("--nic2 none")), "{again:#?}");
+    assert_eq!(b.vm(WEB).unwrap()["nics"]["2"], "none");
 }

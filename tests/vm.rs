@@ -56,6 +56,7 @@ fn spec(kvm: bool, kernel: bool, firmware: Firmware) -> MachineSpec {
         ],
         state: StateDir::at("/home/u/lab & co/.provisioner"),
         kvm,
+        private_net: None,
     }
 }
 
@@ -93,6 +94,45 @@ fn domain_xml_kvm_disk_boot() {
 #[test]
 fn domain_xml_uefi() {
     golden("uefi.xml", &domain_xml(&spec(false, false, Firmware::Uefi), None, None).unwrap());
+}
+
+fn private(isolated: bool) -> provisioner::provider::PrivateNic {
+    use provisioner::provider::network::{mac_for, net_name, PrivateNet};
+    provisioner::provider::PrivateNic {
+        ip: "10.77.0.11".parse().unwrap(),
+        prefix: 24,
+        mac: mac_for("/home/u/lab & co", "web"),
+        net: PrivateNet::new(&net_name("/home/u/lab & co", "private"), isolated),
+    }
+}
+
+/// qemu:///session: the private NIC is a QEMU multicast socket bound to the loopback interface, the first NIC
+/// gets the MAC the guest's network-config matches.
+#[test]
+fn domain_xml_private_network_mcast() {
+    let mut s = spec(false, true, Firmware::Bios);
+    s.private_net = Some(private(false));
+    let xml = domain_xml(&s, None, Some("+0:+0")).unwrap();
+    golden("private-mcast.xml", &xml);
+    assert!(xml.contains(",localaddr=127.0.0.1'/>"), "{xml}");
+    assert!(xml.contains("netdev=net0,mac=52:54:00:12:34:56,"), "{xml}");
+    assert!(!xml.contains("<interface"), "no libvirt NIC (and no bridge) in session mode:\n{xml}");
+}
+
+/// qemu:///system on request: the private NIC joins the project's isolated libvirt network.
+#[test]
+fn domain_xml_private_network_isolated() {
+    let mut s = spec(false, true, Firmware::Bios);
+    s.private_net = Some(private(true));
+    let xml = domain_xml(&s, None, Some("+0:+0")).unwrap();
+    golden("private-isolated.xml", &xml);
+    assert_eq!(
+        provisioner::provider::libvirt::private_network_of(&xml).as_deref(),
+        Some(private(true).net.name.as_str())
+    );
+    assert!(!xml.contains("mcast="), "{xml}");
+    let net = provisioner::provider::network::isolated_network_xml(&private(true).net.name);
+    golden("private-network.xml", &net);
 }
 
 /// A cached lab's memory image is restored in another state dir with the current forwards; nothing else changes.
@@ -188,6 +228,103 @@ fn test_box() -> String {
     let mut doc = toml::Table::new();
     doc.insert("box".into(), toml::Value::try_from(&cfg.base_box).unwrap());
     toml::to_string(&doc).unwrap()
+}
+
+/// The shipped cluster (examples/cluster) from nothing: three 1 GiB TCG machines up in parallel, every service of
+/// every machine healthy, Prometheus on `monitor` scraping the app machines by name over the private network, a
+/// machine reaching another by name (TCP: the minbase box has no ping) and over HTTP, an alert raised by load on
+/// app1 delivered to its webhook, `destroy -f app2` leaving the others running and `destroy -f` leaving nothing.
+/// Cost: ~15-25 min on an idle 2-core host the first time (three guests build their images under TCG); a few
+/// minutes once the cached labs exist (`box list`).
+#[test]
+#[ignore = "vm: three TCG guests: the cluster example up, health, private network, verify, destroy (~15-25 min)"]
+fn vm_cluster_up_health_private_network_verify_destroy() {
+    let t = Test::new();
+    support::copy_dir(&support::repo().join("examples/cluster"), t.path());
+    let _ = std::fs::remove_dir_all(t.path().join(".provisioner"));
+    let text = std::fs::read_to_string(t.path().join("box-config.toml")).unwrap();
+    // The test box, free host ports, the session URI and a deadline fit for TCG.
+    let start = text.find("[box.debian]").unwrap();
+    let end = start + text[start..].find("\n\n").unwrap();
+    let mut cfg = format!("{}{}\n{}", &text[..start], test_box(), &text[end..]);
+    for port in ["19090", "19093", "13000", "18001", "19101", "18081", "18002", "19102", "18082"] {
+        cfg = cfg.replace(&format!("host = {port}\n"), &format!("host = {}\n", support::free_port()));
+    }
+    cfg.push_str("\n[ssh]\nconnect_timeout_secs = 1500\n\n[libvirt]\nuri = \"qemu:///session\"\n");
+    t.write("box-config.toml", &cfg);
+    let run = |args: &[&str]| Test::new().cwd(t.path()).args(args.iter().copied()).run();
+    let ours = || -> Vec<String> {
+        let out = std::process::Command::new("virsh")
+            .args(["-c", "qemu:///session", "list", "--all", "--name"])
+            .output()
+            .unwrap();
+        let id = provisioner::machine::identity::MachineId::new(t.path(), "x").unwrap();
+        let hash = id.vm_name().rsplit('-').next().unwrap().to_string();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.ends_with(&hash))
+            .map(str::to_string)
+            .collect()
+    };
+    struct Cleanup<'a>(&'a Path);
+    impl Drop for Cleanup<'_> {
+        fn drop(&mut self) {
+            let _ = Test::new().cwd(self.0).args(["destroy", "-f"]).run();
+        }
+    }
+    let _cleanup = Cleanup(t.path());
+
+    let started = std::time::Instant::now();
+    let up = run(&["--json", "up", "--parallel", "3"]);
+    let out = up.stdout();
+    eprintln!("cluster up: {:.0} s", started.elapsed().as_secs_f64());
+    let done = events(&out, "machine_done");
+    assert_eq!(done.len(), 3, "{out}\n{}", up.stderr());
+    assert!(done.iter().all(|e| e["exit_code"] == 0), "{done:?}\n{}", up.stderr());
+    assert_eq!(ours().len(), 3);
+
+    // Every service of every machine, and the monitor's Prometheus sees the app machines up.
+    let health = run(&["--json", "health"]).success().stdout();
+    let docs: Vec<serde_json::Value> = health.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    let machines: Vec<&str> = docs.iter().filter_map(|d| d["machine"].as_str()).collect();
+    assert_eq!(machines, ["monitor", "app1", "app2"], "{health}");
+    let status = run(&["status"]).success().stdout();
+    assert_eq!(status.lines().filter(|l| l.contains("running")).count(), 3, "{status}");
+
+    // Machine to machine over the private network: by name, TCP and HTTP.
+    let probe = "getent hosts app2 && timeout 10 bash -c 'echo > /dev/tcp/app2/9100' && echo tcp-ok && \
+                 python3 -c 'import urllib.request;print(urllib.request.urlopen(\"http://app1:8000/health\",timeout=10).status)'";
+    let r = run(&["ssh", "monitor", "-c", probe]).success().stdout();
+    assert!(r.starts_with("10.77.0.12") && r.contains("tcp-ok") && r.trim_end().ends_with("200"), "{r}");
+    // Prometheus (monitor) scrapes app1 and app2 by name: `health` on monitor reports its targets.
+    let targets = docs.iter().find(|d| d["machine"] == "monitor").unwrap().to_string();
+    for want in ["app1:8000", "app2:8000", "app1:9100", "app2:9100"] {
+        assert!(targets.contains(want), "{want} missing from the monitor's targets: {targets}");
+    }
+
+    // An alert raised by load on app1 reaches the webhook (the demo app on app1).
+    run(&["verify", "app1", "--timeout", "900"]).success().stdout_contains("delivered");
+
+    // destroy one: the others keep running.
+    run(&["destroy", "-f", "app2"]).success();
+    let left = ours();
+    assert_eq!(left.len(), 2, "{left:?}");
+    assert!(left.iter().all(|d| !d.contains("-app2-")), "{left:?}");
+    run(&["ssh", "app1", "-c", "true"]).success();
+    assert!(!t.path().join(".provisioner/machines/app2").exists());
+
+    // destroy all: no domain, disk, socket, state or process of the project is left.
+    run(&["destroy", "-f"]).success();
+    assert!(ours().is_empty(), "{:?}", ours());
+    assert!(!t.path().join(".provisioner").exists(), "state (disks, seeds, sockets) removed");
+    let ps = std::process::Command::new("ps").args(["-eo", "args"]).output().unwrap();
+    let needle = std::fs::canonicalize(t.path()).unwrap().to_string_lossy().into_owned();
+    let left: Vec<String> = String::from_utf8_lossy(&ps.stdout)
+        .lines()
+        .filter(|l| l.contains(&needle))
+        .map(str::to_string)
+        .collect();
+    assert!(left.is_empty(), "processes still naming the project: {left:?}");
 }
 
 /// A machine in its own temp dir with free ports; destroyed (and any background `up` killed) on drop.
@@ -513,4 +650,253 @@ fn vm_snapshots_cached_lab_and_package() {
 #[ignore = "vm: boots TCG guests on a second libvirt host in a network namespace (tests/remote.rs)"]
 fn vm_remote_up_ssh_status_destroy() {
     crate::remote::vm_remote_up_ssh_status_destroy(&test_box());
+// ---------------------------------------------------------------------------------------------------------------
+// Private network between two guests (qemu:///session multicast socket on 127.0.0.1), through the provider API.
+
+/// One guest of [`vm_private_network_two_guests`]; destroyed on drop.
+struct NetGuest {
+    lv: provisioner::provider::libvirt::Libvirt,
+    vm_name: String,
+    state: StateDir,
+    user: String,
+    port: u16,
+}
+
+impl NetGuest {
+    /// `ssh` into the guest with the pinned host key; (success, stdout + stderr). A connection that fails (exit
+    /// 255: the banner exchange times out on a loaded host) is tried again, up to 4 times.
+    fn ssh(&self, script: &str) -> (bool, String) {
+        let mut last = (false, String::new());
+        for _ in 0..4 {
+            last = self.ssh_once(script);
+            if last.0 || !last.1.contains("Connection") {
+                break;
+            }
+        }
+        last
+    }
+    fn ssh_once(&self, script: &str) -> (bool, String) {
+        let out = std::process::Command::new("ssh")
+            .args(["-F", "/dev/null", "-i"])
+            .arg(self.state.user_key())
+            .arg("-o")
+            .arg(format!("UserKnownHostsFile={}", self.state.known_hosts().display()))
+            .args(["-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes", "-o", "ConnectTimeout=30", "-p"])
+            .arg(self.port.to_string())
+            .arg(format!("{}@127.0.0.1", self.user))
+            .arg(script)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        let text =
+            format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        (out.status.success(), text)
+    }
+    #[track_caller]
+    fn must(&self, script: &str) -> String {
+        let (ok, out) = self.ssh(script);
+        assert!(ok, "{} `{script}` failed:\n{out}", self.vm_name);
+        out
+    }
+}
+
+impl Drop for NetGuest {
+    fn drop(&mut self) {
+        use provisioner::provider::Provider;
+        if let Err(e) = self.lv.destroy(&self.vm_name, &self.state) {
+            eprintln!("cleanup of {} failed: {e:#}", self.vm_name);
+        }
+    }
+}
+
+/// A network interface counter of the host.
+fn host_counter(dev: &str, what: &str) -> u64 {
+    std::fs::read_to_string(format!("/sys/class/net/{dev}/statistics/{what}"))
+        .map(|s| s.trim().parse().unwrap_or(0))
+        .unwrap_or(0)
+}
+
+/// The host interfaces that joined multicast `group` (/proc/net/igmp lists groups as little-endian hex).
+fn igmp_devices(group: std::net::Ipv4Addr) -> Vec<String> {
+    let hex = format!("{:08X}", u32::from_le_bytes(group.octets()));
+    let text = std::fs::read_to_string("/proc/net/igmp").unwrap();
+    let mut dev = String::new();
+    let mut found = Vec::new();
+    for line in text.lines().skip(1) {
+        if !line.starts_with(char::is_whitespace) {
+            dev = line.split_whitespace().nth(1).unwrap_or("").to_string();
+        } else if line.split_whitespace().next() == Some(hex.as_str()) {
+            found.push(dev.clone());
+        }
+    }
+    found
+}
+
+/// Two 1 GiB TCG guests on one private network: static addresses, names in /etc/hosts, no wait for the private
+/// NIC at boot, TCP and HTTP between them by name; the multicast group lives on the host's loopback only. Prints
+/// the latency and throughput figures (docs/multi-machine.md). Costs about 2-4 min (two boots in parallel).
+#[test]
+#[ignore = "vm: boots two TCG guests on a private network (~2-4 min)"]
+fn vm_private_network_two_guests() {
+    use provisioner::provider::network::{mac_for, net_name, PrivateNet};
+    use provisioner::provider::{PrivateNic, Provider};
+    let t = Test::new();
+    t.write(
+        "box-config.toml",
+        format!(
+            "[machine]\nname = \"net\"\nprovider = \"libvirt\"\n\n{}\n[provision]\nenabled = false\n\n[libvirt]\n\
+             uri = \"qemu:///session\"\n",
+            test_box()
+        ),
+    );
+    let cfg = provisioner::config::Config::load(&t.path().join("box-config.toml")).unwrap();
+    let ui = provisioner::ui::Ui::new(false, true);
+    let (base, _) = provisioner::boxes::ensure_ui(&cfg, "libvirt", false, &ui).unwrap();
+    let project = std::fs::canonicalize(t.path()).unwrap().to_string_lossy().into_owned();
+    let net = PrivateNet::new(&net_name(&project, "private"), false);
+    let names = ["neta", "netb"];
+    let ips: Vec<std::net::Ipv4Addr> = vec!["10.77.0.11".parse().unwrap(), "10.77.0.12".parse().unwrap()];
+    let hosts: Vec<(String, std::net::Ipv4Addr)> =
+        names.iter().map(|n| n.to_string()).zip(ips.clone()).collect();
+    let started = std::time::Instant::now();
+    let mut guests = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        let lv = provisioner::provider::libvirt::Libvirt::new(&cfg).unwrap();
+        lv.preflight().unwrap();
+        let state = StateDir::at(t.path().join(name));
+        state.ensure().unwrap();
+        let (user_key, host_key) = provisioner::keys::ensure_machine_keys(&state, name).unwrap();
+        let port = support::free_port();
+        provisioner::keys::write_known_hosts(&state, "127.0.0.1", port, &host_key.public_openssh).unwrap();
+        let mac = mac_for(&project, name);
+        let seed = provisioner::seed::SeedSpec {
+            instance_id: provisioner::seed::instance_id(name, &host_key),
+            hostname: name.to_string(),
+            user: cfg.ssh.user.clone(),
+            user_key,
+            host_key,
+            hosts: hosts.clone(),
+            private_nic: Some((mac.clone(), ips[i], 24)),
+        };
+        provisioner::seed::write_seed(&seed, &state.seed_iso()).unwrap();
+        let vm_name = format!("provisioner-{name}-{}", std::process::id());
+        let spec = MachineSpec {
+            vm_name: vm_name.clone(),
+            hostname: name.to_string(),
+            cpus: 1,
+            memory_mb: 1024,
+            disk_gb: 8,
+            base: base.clone(),
+            seed_iso: state.seed_iso(),
+            forwards: vec![Forward {
+                guest: 22,
+                host: port,
+                host_ip: "127.0.0.1".into(),
+                protocol: Protocol::Tcp,
+                name: Some("ssh".into()),
+            }],
+            state: state.clone(),
+            kvm: false,
+            private_net: Some(PrivateNic { ip: ips[i], prefix: 24, mac, net: net.clone() }),
+        };
+        let g = NetGuest { lv, vm_name: vm_name.clone(), state, user: cfg.ssh.user.clone(), port };
+        g.lv.create(&spec).unwrap();
+        g.lv.start(&vm_name).unwrap();
+        guests.push(g);
+    }
+    // The group is joined on the loopback interface only: nothing of this network is on a real interface.
+    let joined = igmp_devices(net.mcast_group);
+    assert!(
+        !joined.is_empty() && joined.iter().all(|d| d == "lo"),
+        "group {} joined on {joined:?}",
+        net.mcast_group
+    );
+
+    for g in &guests {
+        support::wait_until(BOOT, "SSH into the guest", || g.ssh("true").0.then_some(()));
+        g.must("cloud-init status --wait >/dev/null; true");
+    }
+    eprintln!("two guests up (SSH + cloud-init final) in {:.0?}", started.elapsed());
+    let (a, b) = (&guests[0], &guests[1]);
+
+    for (g, ip) in guests.iter().zip(&ips) {
+        let addrs = g.must("ip -4 -o addr show");
+        assert!(addrs.contains(&format!("inet {ip}/24")), "{addrs}");
+        let routes = g.must("ip -4 route show default");
+        assert_eq!(routes.lines().count(), 1, "one default route, via the first NIC:\n{routes}");
+        assert!(!routes.contains("10.77."), "{routes}");
+        // networkd-wait-online did not wait for the private NIC (the box's `en*` DHCP file would make it 2 min).
+        let w = g.must(
+            "systemctl show systemd-networkd-wait-online -p ExecMainStartTimestampMonotonic \
+             -p ExecMainExitTimestampMonotonic -p Result",
+        );
+        let field = |k: &str| -> u64 {
+            w.lines().find_map(|l| l.strip_prefix(&format!("{k}="))).and_then(|v| v.parse().ok()).unwrap_or(0)
+        };
+        let waited =
+            field("ExecMainExitTimestampMonotonic").saturating_sub(field("ExecMainStartTimestampMonotonic"));
+        assert!(w.contains("Result=success"), "{w}");
+        assert!(waited < 60_000_000, "wait-online took {} s:\n{w}", waited / 1_000_000);
+        eprintln!("{}: wait-online {:.1} s", g.vm_name, waited as f64 / 1e6);
+    }
+    let resolved = a.must("getent hosts netb");
+    assert!(resolved.starts_with("10.77.0.12"), "{resolved}");
+
+    // Latency: TCP request/response round trips by name (no ping in a minbase box).
+    b.must(
+        "setsid nohup python3 -c 'import socket\ns=socket.socket();s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n\
+         s.bind((\"0.0.0.0\",7007));s.listen(1)\nc,_=s.accept();c.setsockopt(socket.IPPROTO_TCP,socket.TCP_NODELAY,1)\n\
+         while True:\n d=c.recv(64)\n if not d: break\n c.sendall(d)' >/tmp/echo.log 2>&1 </dev/null &",
+    );
+    let rtt = support::wait_until(std::time::Duration::from_secs(120), "the echo server", || {
+        let (ok, out) = a.ssh(
+            "python3 -c 'import socket,time\nc=socket.create_connection((\"netb\",7007),5)\n\
+             c.setsockopt(socket.IPPROTO_TCP,socket.TCP_NODELAY,1)\nr=[]\nfor i in range(200):\n t=time.perf_counter();\
+             c.sendall(b\"x\");c.recv(64);r.append((time.perf_counter()-t)*1000)\nr.sort()\n\
+             print(\"rtt_ms min %.2f median %.2f p90 %.2f max %.2f\"%(r[0],r[100],r[180],r[-1]))'",
+        );
+        (ok && out.contains("rtt_ms")).then_some(out)
+    });
+    eprintln!("private network, TCP round trip neta->netb (200 x 1 byte): {}", rtt.trim());
+
+    // HTTP by name, and throughput: 128 MiB over HTTP (python3 http.server).
+    b.must(
+        "head -c 128M /dev/zero >/tmp/blob && echo hello-from-netb >/tmp/hello && cd /tmp && setsid nohup \
+         python3 -m http.server 8080 --bind 10.77.0.12 >/tmp/http.log 2>&1 </dev/null &",
+    );
+    support::wait_until(std::time::Duration::from_secs(120), "HTTP from neta to netb", || {
+        let (ok, out) = a.ssh("curl -sf --max-time 10 http://netb:8080/hello");
+        (ok && out.contains("hello-from-netb")).then_some(())
+    });
+    let (lo0, eth0) = (host_counter("lo", "tx_packets"), host_counter("eth0", "tx_packets"));
+    let got = a.must(
+        "curl -sf -o /dev/null -w '%{http_code} %{size_download} %{time_total} %{speed_download}' \
+         http://netb:8080/blob",
+    );
+    let (lo1, eth1) = (host_counter("lo", "tx_packets"), host_counter("eth0", "tx_packets"));
+    let f: Vec<&str> = got.split_whitespace().collect();
+    assert_eq!(f.first(), Some(&"200"), "{got}");
+    assert_eq!(f.get(1), Some(&"134217728"), "{got}");
+    let secs: f64 = f[2].parse().unwrap();
+    let mbs = 134217728.0 / secs / 1e6;
+    eprintln!("private network, HTTP 128 MiB netb->neta: {secs:.1} s = {mbs:.1} MB/s");
+    // The frames went over the host's loopback, not out of its real interface (~90 000 frames of 1.5 KB).
+    let (lo_d, eth_d) = (lo1 - lo0, eth1.saturating_sub(eth0));
+    eprintln!("host packets during the transfer: lo +{lo_d}, eth0 +{eth_d}");
+    assert!(lo_d > 60_000, "the transfer did not go over lo (+{lo_d} packets)");
+    assert!(
+        eth_d * 4 < lo_d,
+        "eth0 sent {eth_d} packets during the transfer (lo {lo_d}): frames leave the host"
+    );
+
+    drop(guests);
+    let left = std::process::Command::new("virsh")
+        .args(["-c", "qemu:///session", "list", "--all", "--name"])
+        .output()
+        .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&left.stdout).contains(&format!("-{}", std::process::id())),
+        "domains left"
+    );
+    assert!(igmp_devices(net.mcast_group).is_empty(), "the group is still joined after destroy");
 }

@@ -14,7 +14,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use serde_json::json;
 
-use super::{MachineSpec, Provider, VmState};
+use super::{network, MachineSpec, Provider, VmState};
 pub use crate::accel::decide_accel;
 use crate::config::{Config, Firmware, Forward, Protocol};
 use crate::machine::state::MachineState;
@@ -353,6 +353,7 @@ pub fn domain_xml_with(
     paths: &DomainPaths,
 ) -> Result<String> {
     let esc = |p: &Path| p.to_string_lossy().into_owned();
+    let private = spec.private_net.as_ref();
     let ctx = json!({
         "domain_type": if spec.kvm { "kvm" } else { "qemu" },
         "kvm": spec.kvm,
@@ -371,6 +372,11 @@ pub fn domain_xml_with(
         "seed": paths.seed,
         "serial_log": paths.serial_log,
         "netdev": netdev(&spec.forwards),
+        "device": primary_device(spec.private_net.is_some()),
+        "private_netdev": private.filter(|n| !n.net.isolated_libvirt_network).map(|n| network::mcast_netdev(&n.net)),
+        "private_device": private.filter(|n| !n.net.isolated_libvirt_network).map(|n| network::private_device(&n.mac)),
+        "private_network": private.filter(|n| n.net.isolated_libvirt_network).map(|n| n.net.name.clone()),
+        "private_mac": private.map(|n| n.mac.clone()),
         "uuid": uuid,
         "dac_label": dac_label,
     });
@@ -392,6 +398,13 @@ fn netdev(forwards: &[Forward]) -> String {
         arg.push_str(&format!(",hostfwd={proto}:{ip}:{}-:{}", f.host, f.guest));
     }
     arg
+}
+
+/// The `-device` argument of the first NIC; with a private NIC its MAC is set (the guest's network-config matches
+/// it by MAC), to the address QEMU would give it anyway.
+fn primary_device(with_private: bool) -> String {
+    let mac = if with_private { format!(",mac={}", network::PRIMARY_MAC) } else { String::new() };
+    format!("virtio-net-pci,netdev=net0{mac},bus=pcie.0,addr=0x10")
 }
 
 /// The `<uuid>` of a domain XML (a re-define must keep it).
@@ -469,6 +482,9 @@ impl Provider for Libvirt {
         if let Some(xml) = &existing {
             self.check_ours(&spec.vm_name, xml, &spec.state)?;
         }
+        if let Some(nic) = spec.private_net.as_ref().filter(|n| n.net.isolated_libvirt_network) {
+            self.ensure_network(&nic.net.name)?;
+        }
         let uuid = existing.as_deref().and_then(domain_uuid);
         if self.remote.is_some() {
             let paths = self.remote_volumes(spec)?;
@@ -517,6 +533,9 @@ impl Provider for Libvirt {
             self.halt(vm_name, Duration::ZERO, true)?;
             // Internal snapshots live in the overlay (removed below); their metadata and a suspend image go too.
             self.run(&["undefine", "--nvram", "--snapshots-metadata", "--managed-save", "--", vm_name])?;
+            if let Some(net) = private_network_of(&xml) {
+                self.remove_network_if_unused(&net)?;
+            }
         }
         if self.remote.is_some() {
             self.delete_machine_volumes(vm_name)?;
@@ -662,7 +681,82 @@ impl Provider for Libvirt {
     }
 }
 
+/// The isolated private network an (our) domain XML joins, if any: `<source network='provisioner-...'/>`.
+pub fn private_network_of(xml: &str) -> Option<String> {
+    let start = xml.find("<source network='")? + "<source network='".len();
+    let name = xml_unescape(&xml[start..start + xml[start..].find('\'')?]);
+    name.starts_with("provisioner-").then_some(name)
+}
+
+/// How long a machine waits for another one creating the project's network.
+const NETWORK_LOCK: Duration = Duration::from_secs(120);
+
 impl Libvirt {
+    /// The project's isolated network (qemu:///system): defined, started and set to autostart once, under a lock
+    /// per network so machines created in parallel do not race. Its XML has no `<forward>` and no `<ip>`: no
+    /// NAT, no host address, no DHCP server.
+    fn ensure_network(&self, name: &str) -> Result<()> {
+        let _lock = self.network_lock(name)?;
+        let info = self.virsh().args(["net-info", "--", name]).output()?;
+        if !info.success() {
+            if is_connect_error(&info.stderr) {
+                return Err(self.unreachable(info.stderr.trim()));
+            }
+            let dir = crate::boxes::cache_dir().join("networks");
+            std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+            let file = dir.join(format!("{name}.xml"));
+            crate::machine::write_private(&file, network::isolated_network_xml(name).as_bytes(), 0o600)?;
+            self.run(&["net-define", "--", &file.to_string_lossy()])
+                .with_context(|| format!("define the private network {name}"))?;
+        }
+        let info = self.run(&["net-info", "--", name])?;
+        if !info.lines().any(|l| l.starts_with("Active:") && l.trim_end().ends_with("yes")) {
+            self.run(&["net-start", "--", name]).with_context(|| {
+                format!(
+                    "start the private network {name}
+hint: an isolated libvirt network needs a system daemon                      (qemu:///system) that may create bridges; with qemu:///session leave [network]                      libvirt_network off (the default: a multicast socket on 127.0.0.1)"
+                )
+            })?;
+        }
+        self.run(&["net-autostart", "--", name])?;
+        Ok(())
+    }
+
+    /// Undefine the project's network once no domain uses it any more (the last machine was destroyed).
+    fn remove_network_if_unused(&self, name: &str) -> Result<()> {
+        let _lock = self.network_lock(name)?;
+        let domains = self.run(&["list", "--all", "--name"])?;
+        for d in domains.lines().map(str::trim).filter(|d| !d.is_empty()) {
+            if let Some(xml) = self.dumpxml(d)? {
+                if private_network_of(&xml).as_deref() == Some(name) {
+                    return Ok(());
+                }
+            }
+        }
+        let _ = self.virsh().args(["net-destroy", "--", name]).output()?;
+        let out = self.virsh().args(["net-undefine", "--", name]).output()?;
+        if !out.success()
+            && !out.stderr.contains("Network not found")
+            && !out.stderr.contains("no network with")
+        {
+            bail!(
+                "could not remove the private network {name}: {}
+hint: remove it by hand (`virsh -c {}                  net-destroy {name}; virsh -c {} net-undefine {name}`)",
+                out.stderr.trim(),
+                self.uri,
+                self.uri
+            );
+        }
+        let _ = std::fs::remove_file(crate::boxes::cache_dir().join("networks").join(format!("{name}.xml")));
+        Ok(())
+    }
+
+    fn network_lock(&self, name: &str) -> Result<std::fs::File> {
+        let dir = crate::boxes::cache_dir().join("networks");
+        std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+        crate::machine::lock::wait_for(&dir.join(format!("{name}.lock")), NETWORK_LOCK)
+    }
+
     fn require_snapshot(&self, vm_name: &str, name: &str) -> Result<()> {
         let all = self.snapshot_list(vm_name)?;
         if !all.iter().any(|s| s == name) {

@@ -1,6 +1,7 @@
 //! Hypervisor backends behind one trait, chosen in ONE place ([`select`]).
 
 pub mod libvirt;
+pub mod network;
 pub mod virtualbox;
 
 use std::net::SocketAddr;
@@ -12,6 +13,7 @@ use serde::Serialize;
 
 use crate::config::{Config, Firmware, Forward, ProviderKind};
 use crate::machine::StateDir;
+pub use network::{PrivateNet, PrivateNic};
 
 /// Live run state as the hypervisor reports it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -98,6 +100,8 @@ pub struct MachineSpec {
     pub state: StateDir,
     /// true = KVM, false = TCG (decided by [`crate::provider::libvirt::decide_accel`] or the config).
     pub kvm: bool,
+    /// The machine's NIC on the project's private network ([`network`]), if it has one.
+    pub private_net: Option<PrivateNic>,
 }
 
 /// What every hypervisor backend implements. All calls go through the hypervisor's own CLI.
@@ -182,7 +186,7 @@ pub fn select(cfg: &Config) -> Result<Box<dyn Provider>> {
 /// path as given when the project directory cannot be resolved; [`crate::machine::identity::MachineId`] is the
 /// one place the name is defined.
 pub fn vm_name(cfg: &Config) -> String {
-    match crate::machine::identity::MachineId::new(&cfg.base_dir(), &cfg.machine.name) {
+    match crate::machine::identity::MachineId::for_config(cfg) {
         Ok(id) => id.vm_name().to_string(),
         Err(_) => crate::machine::identity::MachineId::from_canonical(&cfg.base_dir(), &cfg.machine.name)
             .vm_name()

@@ -272,6 +272,7 @@ impl VirtualBox {
         for rule in nat_rules(spec)? {
             a.extend(args!["--natpf1", rule.to_arg()]);
         }
+        a.extend(private_nic_args(spec, info));
         let serial = std::path::absolute(spec.state.serial_log())?;
         a.extend(args!["--uart1", "0x3F8", "4", "--uartmode1", "file", &serial]);
         self.vbox(a, CHANGE)?;
@@ -331,6 +332,33 @@ impl VirtualBox {
         self.vbox(args!["modifyvm", vm, "--description", marker(spec)], CHANGE)?;
         Ok(())
     }
+}
+
+/// The private network's NIC: an internal network (`--nic2 intnet --intnet2 NAME`, the VBoxManage manual's
+/// modifyvm networking settings) with the machine's MAC, and the first NIC's MAC set to the one the guest's
+/// network-config matches. Without a private network a NIC 2 we attached earlier is removed. Pure.
+pub fn private_nic_args(spec: &MachineSpec, info: &VmInfo) -> Vec<OsString> {
+    match &spec.private_net {
+        Some(nic) => args![
+            "--macaddress1",
+            vbox_mac(super::network::PRIMARY_MAC),
+            "--nic2",
+            "intnet",
+            "--intnet2",
+            &nic.net.name,
+            "--macaddress2",
+            vbox_mac(&nic.mac),
+            "--cableconnected2",
+            "on"
+        ],
+        None if info.get("nic2") == Some("intnet") => args!["--nic2", "none"],
+        None => Vec::new(),
+    }
+}
+
+/// `52:54:00:ab:cd:ef` as VBoxManage takes it: `525400ABCDEF`.
+fn vbox_mac(mac: &str) -> String {
+    mac.replace(':', "").to_ascii_uppercase()
 }
 
 /// The description that marks a clone as complete and names the (canonical) state dir it belongs to.
