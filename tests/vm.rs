@@ -650,6 +650,8 @@ fn vm_snapshots_cached_lab_and_package() {
 #[ignore = "vm: boots TCG guests on a second libvirt host in a network namespace (tests/remote.rs)"]
 fn vm_remote_up_ssh_status_destroy() {
     crate::remote::vm_remote_up_ssh_status_destroy(&test_box());
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // Private network between two guests (qemu:///session multicast socket on 127.0.0.1), through the provider API.
 
