@@ -46,8 +46,8 @@ pub enum Command {
     Ssh(SshArgs),
     /// Print an OpenSSH config stanza for this machine (for ~/.ssh/config, VS Code, Ansible).
     SshConfig(SshConfigArgs),
-    /// Show the machine's state, asked live from the hypervisor, and its forwarded ports.
-    Status,
+    /// Show each machine's state, asked live from the hypervisor, and its forwarded ports.
+    Status(MachinesArg),
     /// List the forwarded ports (guest => host), or print the host port of one guest port (like `vagrant port`).
     Port(PortArgs),
     /// Shut the machine down gracefully (ACPI), forcing it off after a deadline.
@@ -58,7 +58,8 @@ pub enum Command {
     Provision(ProvisionArgs),
     /// Remove the machine and every trace of it: domain/VM, disks, seed, keys, logs, state.
     Destroy(DestroyArgs),
-    /// Check box-config.toml strictly (types, unknown keys, cross-references) without touching any VM.
+    /// Check box-config.toml strictly (types, unknown keys, cross-references, rules between machines) without
+    /// touching any VM.
     Validate,
     /// Render the provision/ templates into a directory, exactly as they would be uploaded.
     Render(RenderArgs),
@@ -75,9 +76,9 @@ pub enum Command {
     #[command(subcommand)]
     Snapshot(SnapshotCommand),
     /// Save the running machine's memory to disk and stop it; `resume` continues where it was.
-    Suspend,
+    Suspend(MachinesArg),
     /// Start a suspended machine from its saved memory.
-    Resume,
+    Resume(MachinesArg),
     /// Write the machine as a vagrant-libvirt box (box.img + metadata.json + Vagrantfile).
     Package(PackageArgs),
     /// Print shell completions for bash, zsh, fish, elvish or powershell.
@@ -87,8 +88,30 @@ pub enum Command {
     },
 }
 
+/// Machines of a `[[machine]]` file to act on (all when none is named).
+#[derive(Debug, Clone, Args, Default)]
+pub struct MachinesArg {
+    /// Machine names (default: every machine of the file).
+    #[arg(value_name = "NAME")]
+    pub machines: Vec<String>,
+}
+
+/// The one machine a command acts on.
+#[derive(Debug, Clone, Args, Default)]
+pub struct MachineArg {
+    /// Machine name (default: the primary machine, or the only one).
+    #[arg(long = "machine", short = 'm', value_name = "NAME")]
+    pub machine: Option<String>,
+}
+
 #[derive(Debug, Clone, Args, Default)]
 pub struct UpArgs {
+    /// Machine names (default: every machine of the file).
+    #[arg(value_name = "NAME")]
+    pub machines: Vec<String>,
+    /// Machines brought up at once [default: the machine count, at most the host's cores, at least 2].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub parallel: Option<u32>,
     /// Boot the machine only; skip Docker, upload, images, compose and health.
     #[arg(long)]
     pub no_provision: bool,
@@ -99,6 +122,9 @@ pub struct UpArgs {
 
 #[derive(Debug, Clone, Args, Default)]
 pub struct ProvisionArgs {
+    /// Machine names (default: every machine of the file).
+    #[arg(value_name = "NAME")]
+    pub machines: Vec<String>,
     /// Upload and restart even when nothing changed.
     #[arg(long)]
     pub force: bool,
@@ -106,6 +132,9 @@ pub struct ProvisionArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct SshArgs {
+    /// Machine name (default: the primary machine, or the only one).
+    #[arg(value_name = "NAME")]
+    pub machine: Option<String>,
     /// Run this command instead of an interactive shell; exit with its status.
     #[arg(short = 'c', long = "command", conflicts_with = "args")]
     pub command: Option<String>,
@@ -116,6 +145,9 @@ pub struct SshArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct SshConfigArgs {
+    /// Machine names (default: every machine, one stanza each).
+    #[arg(value_name = "NAME")]
+    pub machines: Vec<String>,
     /// Host alias in the stanza (default: the machine name).
     #[arg(long)]
     pub host: Option<String>,
@@ -123,6 +155,8 @@ pub struct SshConfigArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct PortArgs {
+    #[command(flatten)]
+    pub machine: MachineArg,
     /// Print only the host port forwarded to this guest port.
     #[arg(long)]
     pub guest: Option<u16>,
@@ -130,6 +164,9 @@ pub struct PortArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct HaltArgs {
+    /// Machine names (default: every machine of the file).
+    #[arg(value_name = "NAME")]
+    pub machines: Vec<String>,
     /// Power off at once instead of an ACPI shutdown.
     #[arg(long, short = 'f')]
     pub force: bool,
@@ -140,6 +177,9 @@ pub struct HaltArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct DestroyArgs {
+    /// Machine names (default: every machine of the file).
+    #[arg(value_name = "NAME")]
+    pub machines: Vec<String>,
     /// Do not ask for confirmation (required when stdin is not a terminal).
     #[arg(long, short = 'f')]
     pub force: bool,
@@ -147,6 +187,8 @@ pub struct DestroyArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct RenderArgs {
+    #[command(flatten)]
+    pub machine: MachineArg,
     /// Output directory: new, empty, or made by an earlier render; it is replaced whole (never through a link).
     #[arg(long, short = 'o')]
     pub out: PathBuf,
@@ -157,6 +199,9 @@ pub struct RenderArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct HealthArgs {
+    /// Machine names (default: every machine of the file).
+    #[arg(value_name = "NAME")]
+    pub machines: Vec<String>,
     /// Seconds to keep retrying before reporting a service unhealthy (1-86400).
     #[arg(long, default_value_t = 120, value_parser = secs())]
     pub timeout: u64,
@@ -164,6 +209,9 @@ pub struct HealthArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct VerifyArgs {
+    /// The machine whose demo app gets the load (default: the first machine that forwards it).
+    #[arg(value_name = "NAME")]
+    pub machine: Option<String>,
     /// Alert to wait for (the lab's error-rate alert is `AppHighErrorRate`).
     #[arg(long, default_value = "AppHighErrorRate")]
     pub alert: String,
@@ -174,6 +222,8 @@ pub struct VerifyArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct LoadArgs {
+    #[command(flatten)]
+    pub machine: MachineArg,
     /// Base URL of the demo app (default: its forwarded port on the host).
     #[arg(long)]
     pub url: Option<String>,
@@ -208,20 +258,37 @@ pub enum BoxCommand {
     Remove { id: String },
 }
 
-#[derive(Debug, Subcommand)]
+#[derive(Debug, Clone, Subcommand)]
 pub enum SnapshotCommand {
     /// Take a snapshot NAME of the machine (with its memory when it runs).
-    Save { name: String },
+    Save {
+        name: String,
+        #[command(flatten)]
+        machine: MachineArg,
+    },
     /// Bring the machine back to snapshot NAME (running again when it was taken running).
-    Restore { name: String },
+    Restore {
+        name: String,
+        #[command(flatten)]
+        machine: MachineArg,
+    },
     /// List the machine's snapshots.
-    List,
+    List {
+        #[command(flatten)]
+        machine: MachineArg,
+    },
     /// Delete snapshot NAME.
-    Delete { name: String },
+    Delete {
+        name: String,
+        #[command(flatten)]
+        machine: MachineArg,
+    },
 }
 
 #[derive(Debug, Clone, Args)]
 pub struct PackageArgs {
+    #[command(flatten)]
+    pub machine: MachineArg,
     /// The box file to write.
     #[arg(long, short = 'o', default_value = "package.box")]
     pub out: PathBuf,

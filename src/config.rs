@@ -6,6 +6,7 @@
 mod check;
 mod diag;
 pub mod limits;
+mod project;
 mod uri;
 
 use std::collections::BTreeMap;
@@ -16,6 +17,7 @@ use serde::{Deserialize, Serialize};
 pub use check::{published_ports, render_failed, valid_machine_name, valid_unix_user, COMPOSE_FILES};
 use diag::Source;
 pub use diag::{line_col, ConfigError, Diagnostic, Warning};
+pub use project::{Member, NetworkConfig, Peer, Project};
 pub use uri::{check_libvirt_uri, UriProblem};
 
 pub const DEFAULT_FILE: &str = "box-config.toml";
@@ -50,6 +52,9 @@ pub struct Config {
     /// The decoded text it was parsed from (for positions in messages); None when built in code.
     #[serde(skip)]
     pub source_text: Option<String>,
+    /// Set when this machine is one `[[machine]]` entry of a multi-machine file (see [`Project`]).
+    #[serde(skip)]
+    pub member: Option<Member>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -335,15 +340,7 @@ impl Default for LibvirtConfig {
     }
 }
 
-/// The lab's services: (name, HTTP path, guest port).
-pub const LAB_PROBES: &[(&str, &str, u16)] = &[
-    ("demo-app", "/health", 8000),
-    ("prometheus", "/-/ready", 9090),
-    ("alertmanager", "/-/ready", 9093),
-    ("grafana", "/api/health", 3000),
-    ("node-exporter", "/metrics", 9100),
-    ("cadvisor", "/healthz", 8080),
-];
+pub use crate::lab::PROBES as LAB_PROBES;
 
 /// The directory of a config file: relative paths in it resolve from here; `.provisioner/` lives here.
 pub fn base_dir_of(config_path: &Path) -> PathBuf {
@@ -452,11 +449,16 @@ impl Config {
             virtualbox: VirtualBoxConfig::default(),
             path: path.to_path_buf(),
             source_text: None,
+            member: None,
         }
     }
 
     fn source(&self) -> Source<'_> {
-        Source::new(&self.path.display().to_string(), self.source_text.as_deref())
+        let src = Source::new(&self.path.display().to_string(), self.source_text.as_deref());
+        match &self.member {
+            Some(m) => src.with_remap(m.remap()),
+            None => src,
+        }
     }
 
     /// Every check, including cross-references against the provision tree (rendered in memory with throwaway

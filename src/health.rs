@@ -405,8 +405,15 @@ pub fn check_services(
         drop(phase);
     }
     if ui.json() {
-        println!("{}", to_json(&report));
+        let mut doc = to_json(&report);
+        if let Some(m) = ui.machine() {
+            doc["machine"] = serde_json::json!(m);
+        }
+        println!("{doc}");
     } else {
+        if let Some(m) = ui.machine() {
+            println!("{m}:");
+        }
         print!("{}", render_table(&report));
     }
     Ok(report.healthy)

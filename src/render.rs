@@ -8,19 +8,19 @@
 //! - `machine.*`  name, hostname, cpus, memory_mb
 //! - `provision.*` guest_path, images ("registry" | "debian")
 //! - `secrets.*`  generated once per machine, kept 0600 in `.provisioner/secrets.toml`
+//! - `cluster.*`  the project's machines (`[[machine]]` files): `machines` (name, hostname, ip), `ip`, `profiles`
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
 use handlebars::Handlebars;
-use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use std::os::unix::fs::DirBuilderExt;
 
 use crate::config::Config;
-use crate::machine::{write_private, StateDir};
+use crate::machine::StateDir;
 use crate::text::shown;
 
 mod partials;
@@ -230,76 +230,7 @@ fn exchange(a: &Path, b: &Path) -> std::io::Result<()> {
     }
 }
 
-/// Secrets generated once per machine.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Secrets {
-    /// 32 random bytes, hex.
-    pub prometheus_hex: String,
-    /// Grafana admin password: 24 characters from [A-Za-z0-9].
-    pub grafana_admin_password: String,
-}
-
-impl Secrets {
-    pub fn generate() -> Self {
-        use rand_core::{OsRng, RngCore};
-        let mut b = [0u8; 32];
-        OsRng.fill_bytes(&mut b);
-        const ALPHA: &[u8] = b"ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz23456789";
-        let mut pw = String::new();
-        while pw.len() < 24 {
-            let mut x = [0u8; 1];
-            OsRng.fill_bytes(&mut x);
-            // Rejection sampling keeps the distribution uniform.
-            if (x[0] as usize) < 256 - (256 % ALPHA.len()) {
-                pw.push(ALPHA[x[0] as usize % ALPHA.len()] as char);
-            }
-        }
-        Self { prometheus_hex: hex::encode(b), grafana_admin_password: pw }
-    }
-
-    /// Load from the state dir, generating (and saving 0600) on first use. Creation happens under the
-    /// state dir's secrets lock, so concurrent commands (two `render`s, `render` and `up`) agree on one set.
-    pub fn load_or_create(state: &StateDir) -> Result<Self> {
-        let p = state.secrets();
-        if let Some(s) = Self::load(&p)? {
-            return Ok(s);
-        }
-        state.ensure()?;
-        let _lock = crate::machine::lock::wait_for(&state.path("secrets.lock"), SECRETS_LOCK_WAIT)?;
-        // Another command may have made them while this one waited.
-        if let Some(s) = Self::load(&p)? {
-            return Ok(s);
-        }
-        let s = Self::generate();
-        write_private(&p, toml::to_string(&s)?.as_bytes(), 0o600)?;
-        Ok(s)
-    }
-
-    /// The saved secrets, if any. A damaged file is reported by position only: neither the parser's message nor
-    /// its quote of the line is shown, since either may hold a secret.
-    fn load(p: &Path) -> Result<Option<Self>> {
-        let text = match std::fs::read(p) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(e).with_context(|| format!("read {}", p.display())),
-        };
-        let damaged = |at: String| {
-            anyhow!(
-                "{}{at}: the lab secrets file is damaged (its contents are not shown)\nhint: delete it to generate \
-                 new lab secrets; `provisioner provision` then uploads them to the guest",
-                p.display()
-            )
-        };
-        let text = String::from_utf8(text).map_err(|_| damaged(String::new()))?;
-        toml::from_str(&text).map(Some).map_err(|e| {
-            let at = e.span().map(|r| crate::config::line_col(&text, r.start));
-            damaged(at.map(|(l, c)| format!(":{l}:{c}")).unwrap_or_default())
-        })
-    }
-}
-
-/// How long a command waits for another one creating the lab secrets (a few milliseconds of work).
-const SECRETS_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+pub use crate::lab::secrets::Secrets;
 
 /// Lab defaults from `<source>/vars.toml` overlaid with `[vars]` from the config.
 pub fn template_vars(cfg: &Config, source: &Path) -> Result<BTreeMap<String, toml::Value>> {
@@ -355,7 +286,26 @@ pub fn context(cfg: &Config, source: &Path, secrets: &Secrets) -> Result<serde_j
         },
         "forwards": forwards,
         "secrets": secrets,
+        "cluster": cluster(cfg),
     }))
+}
+
+/// `cluster.*`: for a machine of a `[[machine]]` file, every machine of the project (`machines`: name,
+/// hostname, ip), this machine's `ip` and compose `profiles` (joined by commas in `profiles_csv`); for a
+/// single machine, `machines` is empty.
+fn cluster(cfg: &Config) -> serde_json::Value {
+    match &cfg.member {
+        Some(m) => serde_json::json!({
+            "multi": true,
+            "machines": m.peers,
+            "ip": m.ip.to_string(),
+            "prefix": m.prefix,
+            "profiles": m.profiles,
+            "profiles_csv": m.profiles.join(","),
+            "network": m.network.name,
+        }),
+        None => serde_json::json!({"multi": false, "machines": [], "profiles": [], "profiles_csv": ""}),
+    }
 }
 
 /// Render the config's provision tree with the machine's secrets.
@@ -389,6 +339,9 @@ pub fn render_tree(cfg: &Config, source: &Path, secrets: &Secrets) -> Result<Ren
     let ctx = context(cfg, source, secrets)?;
     let mut hb = Handlebars::new();
     hb.set_strict_mode(true);
+    // `{{#if (has LIST "item")}}`: whether a list (e.g. `cluster.profiles`) holds an item.
+    handlebars::handlebars_helper!(has: |list: array, item: str| list.iter().any(|v| v.as_str() == Some(item)));
+    hb.register_helper("has", Box::new(has));
     hb.register_escape_fn(handlebars::no_escape);
     let mut files = Vec::new();
     let mut registered = std::collections::HashMap::new();

@@ -4,7 +4,7 @@
 use std::io::IsTerminal;
 use std::time::{Duration, Instant};
 
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use serde_json::json;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -20,6 +20,11 @@ pub struct Ui {
     tty: bool,
     /// Period of the plain-text progress lines a long phase prints when stderr is not a terminal.
     progress_every: Duration,
+    /// The machine this output is about, in a command acting on several: JSON events carry it as `"machine"`,
+    /// human lines start with `[name]`.
+    machine: Option<std::sync::Arc<str>>,
+    /// Shared by the machines of one command so each keeps its own progress line on a terminal.
+    bars: Option<MultiProgress>,
 }
 
 /// Default period of the plain-text progress lines (`PROVISIONER_PROGRESS_SECS` overrides it).
@@ -58,6 +63,38 @@ impl Ui {
             mode,
             tty: std::io::stderr().is_terminal(),
             progress_every: progress_every(std::env::var("PROVISIONER_PROGRESS_SECS").ok().as_deref()),
+            machine: None,
+            bars: None,
+        }
+    }
+
+    /// The output of one machine among several: labelled with its name; progress lines share `bars`.
+    pub fn for_machine(&self, name: &str, bars: Option<&MultiProgress>) -> Ui {
+        Ui { machine: Some(name.into()), bars: bars.cloned(), ..self.clone() }
+    }
+
+    /// A MultiProgress for the machines of one command when spinners are shown (human mode on a terminal).
+    pub fn multi_progress(&self) -> Option<MultiProgress> {
+        (self.mode == Mode::Human && self.tty).then(MultiProgress::new)
+    }
+
+    /// The machine label of this output, if any.
+    pub fn machine(&self) -> Option<&str> {
+        self.machine.as_deref()
+    }
+
+    /// `[name] ` for a machine among several, else nothing.
+    fn tag(&self) -> String {
+        self.machine.as_deref().map(|m| format!("[{m}] ")).unwrap_or_default()
+    }
+
+    /// A human line on stderr, above the progress lines when there are some.
+    fn line(&self, text: String) {
+        match &self.bars {
+            Some(b) => {
+                let _ = b.println(text);
+            }
+            None => eprintln!("{text}"),
         }
     }
 
@@ -69,6 +106,9 @@ impl Ui {
     pub fn event(&self, kind: &str, fields: serde_json::Value) {
         if self.mode == Mode::Json {
             let mut v = json!({"event": kind});
+            if let Some(m) = &self.machine {
+                v["machine"] = json!(m.as_ref());
+            }
             if let (Some(obj), serde_json::Value::Object(extra)) = (v.as_object_mut(), fields) {
                 obj.extend(extra);
             }
@@ -78,7 +118,7 @@ impl Ui {
 
     pub fn info(&self, msg: impl AsRef<str>) {
         match self.mode {
-            Mode::Human => eprintln!("{}", msg.as_ref()),
+            Mode::Human => self.line(format!("{}{}", self.tag(), msg.as_ref())),
             Mode::Json => self.event("info", json!({"message": msg.as_ref()})),
             Mode::Quiet => {}
         }
@@ -88,7 +128,7 @@ impl Ui {
     pub fn warn(&self, msg: impl AsRef<str>) {
         match self.mode {
             Mode::Json => self.event("warning", json!({"message": msg.as_ref()})),
-            _ => eprintln!("warning: {}", msg.as_ref()),
+            _ => self.line(format!("{}warning: {}", self.tag(), msg.as_ref())),
         }
     }
 
@@ -100,19 +140,25 @@ impl Ui {
                 ProgressStyle::with_template("{spinner:.cyan} {prefix:.bold} {wide_msg} {elapsed:>4}")
                     .expect("valid template"),
             );
-            pb.set_prefix(name.to_string());
+            pb.set_prefix(format!("{}{name}", self.tag()));
+            let pb = match &self.bars {
+                Some(b) => b.add(pb),
+                None => pb,
+            };
             pb.enable_steady_tick(Duration::from_millis(120));
             Some(pb)
         } else {
             if self.mode == Mode::Human {
-                eprintln!("==> {name}");
+                self.line(format!("==> {}{name}", self.tag()));
             }
             None
         };
         self.event("phase_start", json!({"phase": name}));
         let start = Instant::now();
-        let ticker = (self.mode == Mode::Human && bar.is_none())
-            .then(|| Ticker::start(name, start, self.progress_every, |line| eprintln!("{line}")));
+        let ticker = (self.mode == Mode::Human && bar.is_none()).then(|| {
+            let label = format!("{}{name}", self.tag());
+            Ticker::start(&label, start, self.progress_every, |line| eprintln!("{line}"))
+        });
         Phase { ui: self.clone(), name: name.to_string(), start, bar, ticker, finished: false }
     }
 }
@@ -200,7 +246,7 @@ impl Phase {
         match self.ui.mode {
             Mode::Human => {
                 let mark = if status == "ok" { "✓" } else { "✗" };
-                eprintln!("{mark} {:<10} {:>7.1}s  {summary}", self.name, secs)
+                self.ui.line(format!("{mark} {}{:<10} {:>7.1}s  {summary}", self.ui.tag(), self.name, secs))
             }
             Mode::Json => self.ui.event(
                 "phase_end",

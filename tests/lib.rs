@@ -12,6 +12,7 @@ mod config;
 mod guest;
 mod lab;
 mod live_stack;
+mod multi;
 mod render;
 mod seed;
 mod snapshots;

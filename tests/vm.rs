@@ -230,6 +230,103 @@ fn test_box() -> String {
     toml::to_string(&doc).unwrap()
 }
 
+/// The shipped cluster (examples/cluster) from nothing: three 1 GiB TCG machines up in parallel, every service of
+/// every machine healthy, Prometheus on `monitor` scraping the app machines by name over the private network, a
+/// machine reaching another by name (TCP: the minbase box has no ping) and over HTTP, an alert raised by load on
+/// app1 delivered to its webhook, `destroy -f app2` leaving the others running and `destroy -f` leaving nothing.
+/// Cost: ~15-25 min on an idle 2-core host the first time (three guests build their images under TCG); a few
+/// minutes once the cached labs exist (`box list`).
+#[test]
+#[ignore = "vm: three TCG guests: the cluster example up, health, private network, verify, destroy (~15-25 min)"]
+fn vm_cluster_up_health_private_network_verify_destroy() {
+    let t = Test::new();
+    support::copy_dir(&support::repo().join("examples/cluster"), t.path());
+    let _ = std::fs::remove_dir_all(t.path().join(".provisioner"));
+    let text = std::fs::read_to_string(t.path().join("box-config.toml")).unwrap();
+    // The test box, free host ports, the session URI and a deadline fit for TCG.
+    let start = text.find("[box.debian]").unwrap();
+    let end = start + text[start..].find("\n\n").unwrap();
+    let mut cfg = format!("{}{}\n{}", &text[..start], test_box(), &text[end..]);
+    for port in ["19090", "19093", "13000", "18001", "19101", "18081", "18002", "19102", "18082"] {
+        cfg = cfg.replace(&format!("host = {port}\n"), &format!("host = {}\n", support::free_port()));
+    }
+    cfg.push_str("\n[ssh]\nconnect_timeout_secs = 1500\n\n[libvirt]\nuri = \"qemu:///session\"\n");
+    t.write("box-config.toml", &cfg);
+    let run = |args: &[&str]| Test::new().cwd(t.path()).args(args.iter().copied()).run();
+    let ours = || -> Vec<String> {
+        let out = std::process::Command::new("virsh")
+            .args(["-c", "qemu:///session", "list", "--all", "--name"])
+            .output()
+            .unwrap();
+        let id = provisioner::machine::identity::MachineId::new(t.path(), "x").unwrap();
+        let hash = id.vm_name().rsplit('-').next().unwrap().to_string();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.ends_with(&hash))
+            .map(str::to_string)
+            .collect()
+    };
+    struct Cleanup<'a>(&'a Path);
+    impl Drop for Cleanup<'_> {
+        fn drop(&mut self) {
+            let _ = Test::new().cwd(self.0).args(["destroy", "-f"]).run();
+        }
+    }
+    let _cleanup = Cleanup(t.path());
+
+    let started = std::time::Instant::now();
+    let up = run(&["--json", "up", "--parallel", "3"]);
+    let out = up.stdout();
+    eprintln!("cluster up: {:.0} s", started.elapsed().as_secs_f64());
+    let done = events(&out, "machine_done");
+    assert_eq!(done.len(), 3, "{out}\n{}", up.stderr());
+    assert!(done.iter().all(|e| e["exit_code"] == 0), "{done:?}\n{}", up.stderr());
+    assert_eq!(ours().len(), 3);
+
+    // Every service of every machine, and the monitor's Prometheus sees the app machines up.
+    let health = run(&["--json", "health"]).success().stdout();
+    let docs: Vec<serde_json::Value> = health.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    let machines: Vec<&str> = docs.iter().filter_map(|d| d["machine"].as_str()).collect();
+    assert_eq!(machines, ["monitor", "app1", "app2"], "{health}");
+    let status = run(&["status"]).success().stdout();
+    assert_eq!(status.lines().filter(|l| l.contains("running")).count(), 3, "{status}");
+
+    // Machine to machine over the private network: by name, TCP and HTTP.
+    let probe = "getent hosts app2 && timeout 10 bash -c 'echo > /dev/tcp/app2/9100' && echo tcp-ok && \
+                 python3 -c 'import urllib.request;print(urllib.request.urlopen(\"http://app1:8000/health\",timeout=10).status)'";
+    let r = run(&["ssh", "monitor", "-c", probe]).success().stdout();
+    assert!(r.starts_with("10.77.0.12") && r.contains("tcp-ok") && r.trim_end().ends_with("200"), "{r}");
+    // Prometheus (monitor) scrapes app1 and app2 by name: `health` on monitor reports its targets.
+    let targets = docs.iter().find(|d| d["machine"] == "monitor").unwrap().to_string();
+    for want in ["app1:8000", "app2:8000", "app1:9100", "app2:9100"] {
+        assert!(targets.contains(want), "{want} missing from the monitor's targets: {targets}");
+    }
+
+    // An alert raised by load on app1 reaches the webhook (the demo app on app1).
+    run(&["verify", "app1", "--timeout", "900"]).success().stdout_contains("delivered");
+
+    // destroy one: the others keep running.
+    run(&["destroy", "-f", "app2"]).success();
+    let left = ours();
+    assert_eq!(left.len(), 2, "{left:?}");
+    assert!(left.iter().all(|d| !d.contains("-app2-")), "{left:?}");
+    run(&["ssh", "app1", "-c", "true"]).success();
+    assert!(!t.path().join(".provisioner/machines/app2").exists());
+
+    // destroy all: no domain, disk, socket, state or process of the project is left.
+    run(&["destroy", "-f"]).success();
+    assert!(ours().is_empty(), "{:?}", ours());
+    assert!(!t.path().join(".provisioner").exists(), "state (disks, seeds, sockets) removed");
+    let ps = std::process::Command::new("ps").args(["-eo", "args"]).output().unwrap();
+    let needle = std::fs::canonicalize(t.path()).unwrap().to_string_lossy().into_owned();
+    let left: Vec<String> = String::from_utf8_lossy(&ps.stdout)
+        .lines()
+        .filter(|l| l.contains(&needle))
+        .map(str::to_string)
+        .collect();
+    assert!(left.is_empty(), "processes still naming the project: {left:?}");
+}
+
 /// A machine in its own temp dir with free ports; destroyed (and any background `up` killed) on drop.
 struct Vm {
     t: Test,

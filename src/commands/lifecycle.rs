@@ -41,7 +41,7 @@ impl Machine {
 
     fn new(_ctx: &Ctx, cfg: Config) -> Result<Self> {
         // The one identity of this machine (canonical state dir + VM name), computed once for the whole run.
-        let id = MachineId::new(&cfg.base_dir(), &cfg.machine.name)?;
+        let id = MachineId::for_config(&cfg)?;
         Ok(Self { cfg, state: id.state_dir(), vm_name: id.vm_name().to_string() })
     }
 
@@ -55,6 +55,10 @@ impl Machine {
     /// machine that exists. When the file does not validate, the machine is found from what still reads of it
     /// and from its recorded state (provider, libvirt URI, VM name), with a warning carrying the errors.
     pub(super) fn load_existing(ctx: &Ctx) -> Result<Self> {
+        if ctx.member.is_some() {
+            // A machine of a `[[machine]]` file: the project validated as a whole.
+            return Self::load(ctx);
+        }
         let path = &ctx.global.config;
         let (cfg, invalid) = match Config::load_lenient(path) {
             Ok(pair) => pair,
@@ -330,6 +334,7 @@ fn boot(
     ph.done("ed25519");
 
     let ph = ui.phase("seed");
+    let private_net = private_nic(&m.cfg)?;
     let seed = crate::seed::SeedSpec {
         // Changes whenever the host key does, so cloud-init re-applies a regenerated seed.
         instance_id: crate::seed::instance_id(&m.vm_name, &host_key),
@@ -337,8 +342,8 @@ fn boot(
         user: m.cfg.ssh.user.clone(),
         user_key: user_key.clone(),
         host_key: host_key.clone(),
-        hosts: Vec::new(),
-        private_nic: None,
+        hosts: peer_hosts(&m.cfg),
+        private_nic: private_net.as_ref().map(|n| (n.mac.clone(), n.ip, n.prefix)),
     };
     crate::seed::write_seed(&seed, &m.state.seed_iso())?;
     ph.done("cidata");
@@ -374,20 +379,66 @@ fn boot(
         forwards,
         state: m.state.clone(),
         kvm: accel.kvm,
-        private_net: None,
+        private_net,
     };
     if let Some(plan) = lab.as_mut().filter(|l| l.hit.is_some()) {
         ph.done("from the cached lab");
         super::lab::restore(p, &spec, plan, ui)?;
         return Ok((user_key, host_key, lab));
     }
-    p.create(&spec)?;
+    {
+        // The machines of one project share their private network: one creates it at a time.
+        let _project = project_lock(&m.cfg)?;
+        p.create(&spec)?;
+    }
     ph.done(&format!("{} ({})", m.vm_name, accel.label()));
 
     let ph = ui.phase("boot");
     p.start(&m.vm_ref()?)?;
     ph.done(if live == VmState::NotCreated { "created and started" } else { "started" });
     Ok((user_key, host_key, lab))
+}
+
+/// The machine's NIC on its project's private network (machines of a `[[machine]]` file only): MAC and network
+/// name derived from the canonical project directory, so they are stable and unique per project.
+fn private_nic(cfg: &Config) -> Result<Option<crate::provider::PrivateNic>> {
+    let Some(member) = &cfg.member else { return Ok(None) };
+    let project = std::fs::canonicalize(cfg.base_dir())
+        .with_context(|| format!("resolve the project directory {}", cfg.base_dir().display()))?;
+    let project = project.to_string_lossy();
+    let name = crate::provider::network::net_name(&project, &member.network.name);
+    let isolated = member.network.isolated && cfg.libvirt.uri.ends_with("/system");
+    Ok(Some(crate::provider::PrivateNic {
+        ip: member.ip,
+        prefix: member.prefix,
+        mac: crate::provider::network::mac_for(&project, &cfg.machine.name),
+        net: crate::provider::PrivateNet::new(&name, isolated),
+    }))
+}
+
+/// `/etc/hosts` entries for every machine of the project (its name, and its hostname when that differs).
+fn peer_hosts(cfg: &Config) -> Vec<(String, std::net::Ipv4Addr)> {
+    let Some(member) = &cfg.member else { return Vec::new() };
+    let mut hosts = Vec::new();
+    for p in &member.peers {
+        hosts.push((p.name.clone(), p.ip));
+        if p.hostname != p.name {
+            hosts.push((p.hostname.clone(), p.ip));
+        }
+    }
+    hosts
+}
+
+/// For a machine of a `[[machine]]` file, the project's lock (`.provisioner/project.lock`), waited for: held
+/// while the machine's hypervisor objects (and the shared private network) are made.
+fn project_lock(cfg: &Config) -> Result<Option<std::fs::File>> {
+    if cfg.member.is_none() {
+        return Ok(None);
+    }
+    let dir = StateDir::beside(&cfg.path);
+    dir.ensure()?;
+    let path = dir.path(super::multi::PROJECT_LOCK);
+    Ok(Some(crate::machine::lock::wait_for(&path, Duration::from_secs(600))?))
 }
 
 /// Every forward, SSH first; an SSH host port of 0 becomes the port recorded earlier or a free one.
@@ -447,10 +498,7 @@ pub fn status(ctx: &Ctx) -> Result<i32> {
     };
     let p = provider::select(&m.cfg)?;
     let live = p.state(&vm_ref(Some(&st), &st.vm_name))?;
-    let ssh = match (&st.ssh_host, st.ssh_port) {
-        (Some(h), Some(port)) => Some(format!("{h}:{port}")),
-        _ => None,
-    };
+    let ssh = ssh_of(&st);
     let forwards =
         if live == VmState::NotCreated { Vec::new() } else { super::port::machine_forwards(&m.cfg, &st) };
     if ctx.ui.json() {
@@ -468,6 +516,58 @@ pub fn status(ctx: &Ctx) -> Result<i32> {
         print!("{}", super::port::forwards_table(&forwards));
     }
     Ok(crate::exit::OK)
+}
+
+fn ssh_of(st: &MachineState) -> Option<String> {
+    match (&st.ssh_host, st.ssh_port) {
+        (Some(h), Some(port)) => Some(format!("{h}:{port}")),
+        _ => None,
+    }
+}
+
+/// One machine's line of the multi-machine `status` table.
+pub(super) struct StatusRow {
+    pub machine: String,
+    pub state: String,
+    pub provider: Option<String>,
+    pub vm_name: Option<String>,
+    pub ssh: Option<String>,
+    pub error: Option<String>,
+}
+
+impl StatusRow {
+    pub fn error(machine: &str, e: &anyhow::Error) -> Self {
+        let first = format!("{e}").lines().next().unwrap_or_default().to_string();
+        StatusRow {
+            machine: machine.to_string(),
+            state: "unknown".into(),
+            provider: None,
+            vm_name: None,
+            ssh: None,
+            error: Some(first),
+        }
+    }
+}
+
+/// Ask the hypervisor once for this machine's state (nothing when it was never created).
+pub(super) fn status_row(ctx: &Ctx) -> Result<StatusRow> {
+    let m = Machine::load_existing(ctx)?;
+    let machine = m.cfg.machine.name.clone();
+    let Some(st) = MachineState::load(&m.state)? else {
+        let state = VmState::NotCreated.to_string();
+        return Ok(StatusRow { machine, state, provider: None, vm_name: None, ssh: None, error: None });
+    };
+    let p = provider::select(&m.cfg)?;
+    let live = p.state(&vm_ref(Some(&st), &st.vm_name))?;
+    let ssh = (live != VmState::NotCreated).then(|| ssh_of(&st)).flatten();
+    Ok(StatusRow {
+        machine,
+        state: live.to_string(),
+        provider: Some(p.name().to_string()),
+        vm_name: Some(st.vm_name.clone()),
+        ssh,
+        error: None,
+    })
 }
 
 pub fn halt(ctx: &Ctx, args: &HaltArgs) -> Result<i32> {
@@ -492,7 +592,7 @@ fn halt_locked(ctx: &Ctx, m: &Machine, args: &HaltArgs) -> Result<i32> {
 pub fn reload(ctx: &Ctx, args: &UpArgs) -> Result<i32> {
     let m = Machine::load(ctx)?;
     let _lock = MachineLock::acquire(&m.state, "reload")?;
-    halt_locked(ctx, &m, &HaltArgs { force: false, timeout: 60 })?;
+    halt_locked(ctx, &m, &HaltArgs { machines: Vec::new(), force: false, timeout: 60 })?;
     let p = provider::select(&m.cfg)?;
     up_locked(ctx, &m, p.as_ref(), args)
 }
@@ -539,7 +639,7 @@ fn remove_state_dir(root: &Path) -> Result<()> {
 }
 
 /// Ask on the terminal; without one, refuse (the caller must pass -f).
-fn confirm(question: &str) -> Result<bool> {
+pub(super) fn confirm(question: &str) -> Result<bool> {
     if !std::io::stdin().is_terminal() {
         bail!(
             "refusing to destroy without confirmation: stdin is not a terminal\nhint: pass -f (`provisioner destroy \

@@ -8,8 +8,7 @@ use super::Ctx;
 use crate::cli::LoadArgs;
 use crate::loadgen::{self, Plan};
 
-/// The demo app's port in the guest.
-pub const DEMO_APP_PORT: u16 = 8000;
+pub use crate::lab::DEMO_APP_PORT;
 
 pub fn load(ctx: &Ctx, args: &LoadArgs) -> Result<i32> {
     let url = match &args.url {

@@ -4,6 +4,7 @@ pub mod boxcmd;
 pub mod lab;
 pub mod lifecycle;
 pub mod load;
+mod multi;
 mod plan;
 pub mod port;
 pub mod provision;
@@ -23,12 +24,26 @@ use crate::ui::Ui;
 pub struct Ctx {
     pub global: Global,
     pub ui: Ui,
+    /// The machine this command acts on when it is one of a `[[machine]]` file (validated with the project).
+    pub member: Option<Config>,
 }
 
 impl Ctx {
-    /// Load and validate the config named by --config.
+    /// Load and validate the config named by --config (the machine's own config for one of several).
     pub fn config(&self) -> Result<Config> {
-        crate::config::Config::load(&self.global.config)
+        match &self.member {
+            Some(cfg) => Ok(cfg.clone()),
+            None => crate::config::Config::load(&self.global.config),
+        }
+    }
+
+    /// The context of one machine of a `[[machine]]` file: its config, output labelled with its name.
+    pub fn for_machine(&self, cfg: &Config, bars: Option<&indicatif::MultiProgress>) -> Ctx {
+        Ctx {
+            global: self.global.clone(),
+            ui: self.ui.for_machine(&cfg.machine.name, bars),
+            member: Some(cfg.clone()),
+        }
     }
     pub fn state(&self, cfg: &Config) -> StateDir {
         StateDir::for_config(cfg)
@@ -37,27 +52,44 @@ impl Ctx {
 
 /// Run a parsed command; the returned value is the process exit code.
 pub fn dispatch(cli: Cli) -> Result<i32> {
-    let ctx = Ctx { ui: Ui::new(cli.global.json, cli.global.quiet), global: cli.global };
+    let ctx = Ctx { ui: Ui::new(cli.global.json, cli.global.quiet), global: cli.global, member: None };
+    let one = |name: &Option<String>, f: &dyn Fn(&Ctx) -> Result<i32>| multi::one(&ctx, name.as_deref(), f);
     match cli.command {
-        Command::Up(a) => lifecycle::up(&ctx, &a),
-        Command::Ssh(a) => ssh::ssh(&ctx, &a),
-        Command::SshConfig(a) => ssh::ssh_config(&ctx, &a),
-        Command::Status => lifecycle::status(&ctx),
-        Command::Port(a) => port::port(&ctx, &a),
-        Command::Halt(a) => lifecycle::halt(&ctx, &a),
-        Command::Reload(a) => lifecycle::reload(&ctx, &a),
-        Command::Provision(a) => provision::provision(&ctx, &a),
-        Command::Destroy(a) => lifecycle::destroy(&ctx, &a),
+        Command::Up(a) => multi::parallel(&ctx, &a.machines, a.parallel, "up", &|c| lifecycle::up(c, &a)),
+        Command::Ssh(a) => one(&a.machine, &|c| ssh::ssh(c, &a)),
+        Command::SshConfig(a) => multi::each(&ctx, &a.machines, &|c| ssh::ssh_config(c, &a)),
+        Command::Status(a) => multi::status(&ctx, &a.machines),
+        Command::Port(a) => one(&a.machine.machine, &|c| port::port(c, &a)),
+        Command::Halt(a) => multi::parallel(&ctx, &a.machines, None, "halt", &|c| lifecycle::halt(c, &a)),
+        Command::Reload(a) => {
+            multi::parallel(&ctx, &a.machines, a.parallel, "reload", &|c| lifecycle::reload(c, &a))
+        }
+        Command::Provision(a) => {
+            multi::parallel(&ctx, &a.machines, None, "provision", &|c| provision::provision(c, &a))
+        }
+        Command::Destroy(a) => multi::destroy(&ctx, &a),
         Command::Validate => validate::validate(&ctx),
-        Command::Render(a) => render::render(&ctx, &a),
-        Command::Health(a) => provision::health(&ctx, &a),
-        Command::Verify(a) => provision::verify(&ctx, &a),
-        Command::Load(a) => load::load(&ctx, &a),
+        Command::Render(a) => one(&a.machine.machine, &|c| render::render(c, &a)),
+        Command::Health(a) => multi::each(&ctx, &a.machines, &|c| provision::health(c, &a)),
+        Command::Verify(a) => multi::verify(&ctx, &a),
+        Command::Load(a) => one(&a.machine.machine, &|c| load::load(c, &a)),
+        Command::Box(crate::cli::BoxCommand::Build { force }) => {
+            // Every machine's box (machines sharing one build it once: the cache holds it).
+            multi::each(&ctx, &[], &|c| boxcmd::run(c, crate::cli::BoxCommand::Build { force }))
+        }
         Command::Box(c) => boxcmd::run(&ctx, c),
-        Command::Snapshot(c) => snapshot::snapshot(&ctx, c),
-        Command::Suspend => snapshot::suspend(&ctx),
-        Command::Resume => snapshot::resume(&ctx),
-        Command::Package(a) => snapshot::package(&ctx, &a),
+        Command::Snapshot(c) => {
+            let name = match &c {
+                crate::cli::SnapshotCommand::Save { machine, .. }
+                | crate::cli::SnapshotCommand::Restore { machine, .. }
+                | crate::cli::SnapshotCommand::List { machine }
+                | crate::cli::SnapshotCommand::Delete { machine, .. } => machine.machine.clone(),
+            };
+            one(&name, &|x| snapshot::snapshot(x, c.clone()))
+        }
+        Command::Suspend(a) => multi::each(&ctx, &a.machines, &snapshot::suspend),
+        Command::Resume(a) => multi::each(&ctx, &a.machines, &snapshot::resume),
+        Command::Package(a) => one(&a.machine.machine, &|c| snapshot::package(c, &a)),
         Command::Completions { shell } => {
             use clap::CommandFactory;
             clap_complete::generate(shell, &mut Cli::command(), "provisioner", &mut std::io::stdout());

@@ -3,7 +3,8 @@
 //! tree is what validation checks, the guest receives and the health check reads its services from; `state.json`
 //! is read once and kept up to date in memory; the SSH endpoint comes from that state alone.
 //!
-//! Groundwork for several machines per project (issue 9): one plan per machine.
+//! One plan per machine: in a `[[machine]]` project each machine's `up` (its own thread, see `multi`) builds its own
+//! plan from its own [`Config`] and state dir, so nothing is shared between machines but the read-only project.
 
 use anyhow::{Context, Result};
 

@@ -40,14 +40,14 @@ pub fn snapshot(ctx: &Ctx, cmd: SnapshotCommand) -> Result<i32> {
     let _lock = MachineLock::acquire(&t.state, "snapshot")?;
     let ui = &ctx.ui;
     match cmd {
-        SnapshotCommand::Save { name } => {
+        SnapshotCommand::Save { name, .. } => {
             provider::check_snapshot_name(&name)?;
             let ph = ui.phase("snapshot");
             t.p.snapshot_save(&t.vm_name, &name)?;
             ph.done(&format!("saved {name}"));
             ui.event("snapshot_saved", json!({"name": name}));
         }
-        SnapshotCommand::Restore { name } => {
+        SnapshotCommand::Restore { name, .. } => {
             let ph = ui.phase("restore");
             t.p.snapshot_restore(&t.vm_name, &name)?;
             let live = t.p.state(&t.vm_name)?;
@@ -57,7 +57,7 @@ pub fn snapshot(ctx: &Ctx, cmd: SnapshotCommand) -> Result<i32> {
             ph.done(&format!("{name} ({live})"));
             ui.event("snapshot_restored", json!({"name": name, "state": live}));
         }
-        SnapshotCommand::List => {
+        SnapshotCommand::List { .. } => {
             let all = t.p.snapshot_list(&t.vm_name)?;
             if ctx.global.json {
                 println!("{}", json!({"machine": t.cfg.machine.name, "snapshots": all}));
@@ -69,7 +69,7 @@ pub fn snapshot(ctx: &Ctx, cmd: SnapshotCommand) -> Result<i32> {
                 }
             }
         }
-        SnapshotCommand::Delete { name } => {
+        SnapshotCommand::Delete { name, .. } => {
             let ph = ui.phase("snapshot delete");
             t.p.snapshot_delete(&t.vm_name, &name)?;
             ph.done(&name);

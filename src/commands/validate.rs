@@ -10,6 +10,9 @@ use crate::config::{ConfigError, Diagnostic};
 
 pub fn validate(ctx: &Ctx) -> Result<i32> {
     let file = ctx.global.config.display().to_string();
+    if crate::config::Project::is_multi_file(&ctx.global.config) {
+        return validate_project(ctx);
+    }
     let checked = ctx.config().and_then(|cfg| cfg.validate_all().map(|w| (cfg, w)));
     match checked {
         Ok((cfg, warnings)) => {
@@ -41,7 +44,73 @@ pub fn validate(ctx: &Ctx) -> Result<i32> {
             }
             Ok(crate::exit::OK)
         }
-        Err(e) if ctx.ui.json() => {
+        Err(e) => invalid(ctx, e),
+    }
+}
+
+/// `validate` of a `[[machine]]` file: the rules between machines, then every machine's own checks against its
+/// rendered provision tree.
+fn validate_project(ctx: &Ctx) -> Result<i32> {
+    let file = ctx.global.config.display().to_string();
+    let checked = crate::config::Project::load(&ctx.global.config).and_then(|p| {
+        p.machines.into_iter().map(|cfg| cfg.validate_all().map(|w| (cfg, w))).collect::<Result<Vec<_>>>()
+    });
+    let machines = match checked {
+        Ok(m) => m,
+        Err(e) => return invalid(ctx, e),
+    };
+    let mut warnings: Vec<Diagnostic> = Vec::new();
+    for (_, w) in &machines {
+        for d in w {
+            if !warnings.contains(d) {
+                warnings.push(d.clone());
+            }
+        }
+    }
+    if ctx.ui.json() {
+        let list: Vec<_> = machines
+            .iter()
+            .map(|(cfg, _)| {
+                json!({"machine": cfg.machine.name, "ip": cfg.member.as_ref().map(|m| m.ip.to_string()),
+                       "primary": cfg.member.as_ref().is_some_and(|m| m.primary),
+                       "forwards": cfg.all_forwards().len(), "source": cfg.provision.source})
+            })
+            .collect();
+        println!(
+            "{}",
+            json!({"valid": true, "file": file, "machines": list, "warnings": warnings, "errors": []})
+        );
+    } else {
+        for w in &warnings {
+            ctx.ui.warn(w.to_string());
+        }
+        if ctx.ui.mode != crate::ui::Mode::Quiet {
+            let names: Vec<String> = machines
+                .iter()
+                .map(|(c, _)| {
+                    format!(
+                        "{} {}",
+                        c.machine.name,
+                        c.member.as_ref().map(|m| m.ip.to_string()).unwrap_or_default()
+                    )
+                })
+                .collect();
+            println!(
+                "{file}: valid ({} machines: {}; {} warning(s))",
+                machines.len(),
+                names.join(", "),
+                warnings.len()
+            );
+        }
+    }
+    Ok(crate::exit::OK)
+}
+
+/// The verdict for a file that does not validate: the error (human), or a document listing every problem.
+fn invalid(ctx: &Ctx, e: anyhow::Error) -> Result<i32> {
+    let file = ctx.global.config.display().to_string();
+    match e {
+        e if ctx.ui.json() => {
             let errors = match e.downcast_ref::<ConfigError>() {
                 Some(ce) => ce.diagnostics.clone(),
                 None => {
@@ -54,6 +123,6 @@ pub fn validate(ctx: &Ctx) -> Result<i32> {
             );
             Ok(crate::exit::FAILURE)
         }
-        Err(e) => Err(e),
+        e => Err(e),
     }
 }

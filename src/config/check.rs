@@ -392,7 +392,9 @@ pub fn cross(cfg: &Config, src: &Source, rendered: Option<&crate::render::Render
         let hint = format!("add a [[forward]] with guest = {}, or change [health.{name}] port", probe.port);
         if cfg.health.contains_key(&name) {
             f.error(src.at_path(&["health", &name, "port"], msg), &hint);
-        } else {
+        } else if cfg.member.is_none() {
+            // (A machine of a `[[machine]]` file runs part of the lab: the defaults of services it does not run
+            // are never probed, since health asks its compose file which services it has.)
             f.warn(
                 src.at_path(&["forward"], format!("{msg} (lab default); it will be reported unreachable")),
                 &hint,

@@ -144,11 +144,25 @@ pub struct Source<'a> {
     /// None for a config built in code: diagnostics then name only the file.
     text: Option<&'a str>,
     doc: Option<toml_edit::ImDocument<&'a str>>,
+    /// For one machine of a `[[machine]]` file: where the machine's own tables live (`machine` →
+    /// `machine.2`, `forward` → `machine.2.forward`, ...), so a rule on the machine points into its entry.
+    remap: Vec<(String, Vec<String>)>,
 }
 
 impl<'a> Source<'a> {
     pub fn new(file: &str, text: Option<&'a str>) -> Self {
-        Self { file: file.to_string(), text, doc: text.and_then(|t| toml_edit::ImDocument::parse(t).ok()) }
+        Self {
+            file: file.to_string(),
+            text,
+            doc: text.and_then(|t| toml_edit::ImDocument::parse(t).ok()),
+            remap: Vec::new(),
+        }
+    }
+
+    /// Look the first segment `from` up under `to` instead (see the `remap` field).
+    pub fn with_remap(mut self, remap: Vec<(String, Vec<String>)>) -> Self {
+        self.remap = remap;
+        self
     }
 
     /// A diagnostic at a byte offset.
@@ -175,8 +189,12 @@ impl<'a> Source<'a> {
         if path.is_empty() {
             return None;
         }
+        let mapped: Vec<&str> = match self.remap.iter().find(|(from, _)| from == path[0]) {
+            Some((_, to)) => to.iter().map(String::as_str).chain(path[1..].iter().copied()).collect(),
+            None => path.to_vec(),
+        };
         let mut node = Node::Item(self.doc.as_ref()?.as_item());
-        for seg in path {
+        for seg in &mapped {
             node = node.child(seg)?;
         }
         node.span()

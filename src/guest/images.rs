@@ -23,17 +23,7 @@ const BUILD_SCRIPT: &str = include_str!("../../assets/docker/base-image.sh");
 /// The suite the lab's Dockerfiles build FROM (`provisioner-base:bookworm`).
 pub const BASE_SUITE: &str = "bookworm";
 
-/// Packages in the base image: every service of the lab that builds FROM it finds its program here.
-pub const BASE_PACKAGES: &[&str] = &[
-    "prometheus",
-    "prometheus-alertmanager",
-    "prometheus-node-exporter",
-    "python3-flask",
-    "python3-prometheus-client",
-    "gunicorn",
-    "curl",
-    "ca-certificates",
-];
+pub use crate::lab::BASE_PACKAGES;
 
 /// Longest host-side build of the base image.
 const BUILD_TIMEOUT: Duration = Duration::from_secs(30 * 60);

@@ -28,6 +28,16 @@ impl MachineId {
         Ok(Self::from_canonical(&base, name))
     }
 
+    /// The identity of the machine a config describes: for a machine of a `[[machine]]` file the state dir is
+    /// `.provisioner/machines/<name>` (the VM name is formed the same way in both layouts).
+    pub fn for_config(cfg: &crate::config::Config) -> Result<Self> {
+        let mut id = Self::new(&cfg.base_dir(), &cfg.machine.name)?;
+        if cfg.member.is_some() {
+            id.state_dir = id.state_dir.join(super::MACHINES_DIR).join(&cfg.machine.name);
+        }
+        Ok(id)
+    }
+
     /// From an already canonical base dir (no file system access).
     pub fn from_canonical(base: &Path, name: &str) -> Self {
         Self { state_dir: base.join(STATE_DIR_NAME), vm_name: vm_name_for(base, name) }

@@ -13,6 +13,8 @@
 //!   disk.qcow2         copy-on-write overlay on the cached box (libvirt)
 //!   serial.log         the guest's serial console
 //! ```
+//! A `[[machine]]` project keeps the same files per machine in `.provisioner/machines/<name>/`, plus a project
+//! lock `.provisioner/project.lock` held while the private network is set up.
 
 pub mod identity;
 pub mod lock;
@@ -25,6 +27,8 @@ use anyhow::{Context, Result};
 use crate::config::Config;
 
 pub const STATE_DIR_NAME: &str = ".provisioner";
+/// In a `[[machine]]` project, each machine's state dir is `.provisioner/machines/<name>/` (same layout as above).
+pub const MACHINES_DIR: &str = "machines";
 
 /// Paths of one machine's state directory.
 #[derive(Debug, Clone)]
@@ -34,7 +38,11 @@ pub struct StateDir {
 
 impl StateDir {
     pub fn for_config(cfg: &Config) -> Self {
-        Self::beside(&cfg.path)
+        let dir = Self::beside(&cfg.path);
+        match &cfg.member {
+            Some(_) => Self::at(dir.root.join(MACHINES_DIR).join(&cfg.machine.name)),
+            None => dir,
+        }
     }
     /// The state dir of the config file at `config_path`, which need not parse.
     pub fn beside(config_path: &std::path::Path) -> Self {

@@ -185,7 +185,7 @@ pub fn select(cfg: &Config) -> Result<Box<dyn Provider>> {
 /// path as given when the project directory cannot be resolved; [`crate::machine::identity::MachineId`] is the
 /// one place the name is defined.
 pub fn vm_name(cfg: &Config) -> String {
-    match crate::machine::identity::MachineId::new(&cfg.base_dir(), &cfg.machine.name) {
+    match crate::machine::identity::MachineId::for_config(cfg) {
         Ok(id) => id.vm_name().to_string(),
         Err(_) => crate::machine::identity::MachineId::from_canonical(&cfg.base_dir(), &cfg.machine.name)
             .vm_name()

@@ -1,0 +1,593 @@
+//! Multi-machine files: `[[machine]]` entries with shared `[defaults]` and a `[network]`, expanded into one
+//! complete [`Config`] per machine (so every single-machine code path works on it unchanged), plus the rules
+//! between machines (unique names and addresses, addresses inside the subnet, host ports, one primary).
+//!
+//! A file with a single `[machine]` table is a project of one machine, loaded exactly as before.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::diag::{self, Diagnostic, Source};
+use super::{
+    check, sorted, Accel, BoxConfig, Config, ConfigError, Forward, HealthProbe, LibvirtConfig, MachineConfig,
+    Protocol, ProviderKind, ProvisionConfig, SshConfig, VirtualBoxConfig,
+};
+use crate::text::shown;
+
+/// The whole multi-machine file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProjectFile {
+    machine: Vec<MachineEntry>,
+    #[serde(default)]
+    defaults: Defaults,
+    #[serde(default)]
+    network: NetworkConfig,
+    #[serde(default, rename = "box")]
+    base_box: Option<BoxConfig>,
+    #[serde(default)]
+    ssh: SshConfig,
+    #[serde(default)]
+    provision: ProvisionConfig,
+    #[serde(default)]
+    vars: BTreeMap<String, toml::Value>,
+    #[serde(default)]
+    health: BTreeMap<String, HealthProbe>,
+    #[serde(default)]
+    libvirt: LibvirtConfig,
+    #[serde(default)]
+    virtualbox: VirtualBoxConfig,
+}
+
+/// `[defaults]`: machine settings every `[[machine]]` inherits unless it sets them itself.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Defaults {
+    provider: Option<ProviderKind>,
+    cpus: Option<u32>,
+    memory_mb: Option<u64>,
+    disk_gb: Option<u64>,
+    accel: Option<Accel>,
+    cache_lab: Option<bool>,
+}
+
+/// One `[[machine]]` entry.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MachineEntry {
+    name: String,
+    hostname: Option<String>,
+    #[serde(default)]
+    primary: bool,
+    /// Address on the private network (default: the subnet's 10th host address onwards, in file order).
+    ip: Option<String>,
+    provider: Option<ProviderKind>,
+    cpus: Option<u32>,
+    memory_mb: Option<u64>,
+    disk_gb: Option<u64>,
+    accel: Option<Accel>,
+    cache_lab: Option<bool>,
+    /// Host port forwarded to the guest's SSH (0 or absent: a free port picked at create time).
+    ssh_port: Option<u16>,
+    #[serde(rename = "box")]
+    base_box: Option<BoxConfig>,
+    #[serde(default, rename = "forward")]
+    forwards: Vec<Forward>,
+    /// Compose profiles this machine runs (templates see them as `machine.profiles`; written to the rendered
+    /// tree's `.env` as `COMPOSE_PROFILES` by the lab's template).
+    #[serde(default)]
+    profiles: Vec<String>,
+    provision: Option<MachineProvision>,
+    #[serde(default)]
+    vars: BTreeMap<String, toml::Value>,
+    #[serde(default)]
+    health: BTreeMap<String, HealthProbe>,
+}
+
+/// What a machine may change of the shared `[provision]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MachineProvision {
+    source: Option<PathBuf>,
+    enabled: Option<bool>,
+}
+
+/// `[network]`: the private network between the machines of a project.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkConfig {
+    /// IPv4 subnet in CIDR form, prefix 8-30 (default "10.77.0.0/24").
+    #[serde(default = "default_subnet")]
+    pub subnet: String,
+    /// Network name, unique within the project (default "lab").
+    #[serde(default = "default_net_name")]
+    pub name: String,
+    /// libvirt with `qemu:///system` only: an isolated libvirt network (no `<forward>`) instead of the tunnel.
+    #[serde(default)]
+    pub isolated: bool,
+}
+
+impl Default for NetworkConfig {
+    fn default() -> Self {
+        Self { subnet: default_subnet(), name: default_net_name(), isolated: false }
+    }
+}
+
+fn default_subnet() -> String {
+    "10.77.0.0/24".into()
+}
+fn default_net_name() -> String {
+    "lab".into()
+}
+
+/// A machine of the project as the others see it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Peer {
+    pub name: String,
+    pub hostname: String,
+    pub ip: Ipv4Addr,
+    /// Its compose profiles (which part of the lab it runs).
+    pub profiles: Vec<String>,
+}
+
+/// What a machine of a `[[machine]]` file knows beyond its own [`Config`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    /// Position in the file (0-based).
+    pub index: usize,
+    pub primary: bool,
+    /// Its address on the private network and the subnet's prefix length.
+    pub ip: Ipv4Addr,
+    pub prefix: u8,
+    pub network: NetworkConfig,
+    pub profiles: Vec<String>,
+    /// Every machine of the project, this one included, in file order.
+    pub peers: Vec<Peer>,
+    own_box: bool,
+    own_provision: bool,
+}
+
+impl Member {
+    /// Where the machine's tables are in the file, for positions in messages.
+    pub(super) fn remap(&self) -> Vec<(String, Vec<String>)> {
+        let at = |rest: &[&str]| -> Vec<String> {
+            ["machine", &self.index.to_string()].iter().chain(rest).map(|s| s.to_string()).collect()
+        };
+        let mut v = vec![("machine".to_string(), at(&[])), ("forward".to_string(), at(&["forward"]))];
+        if self.own_box {
+            v.push(("box".into(), at(&["box"])));
+        }
+        if self.own_provision {
+            v.push(("provision".into(), at(&["provision"])));
+        }
+        v
+    }
+}
+
+/// The machines of one file: one for a `[machine]` file, one per entry for a `[[machine]]` file.
+#[derive(Debug, Clone)]
+pub struct Project {
+    pub path: PathBuf,
+    pub machines: Vec<Config>,
+    /// Whether the file uses `[[machine]]` (state under `.provisioner/machines/<name>/`).
+    pub multi: bool,
+}
+
+impl Project {
+    /// Read and validate a file of either form.
+    pub fn load(path: &Path) -> anyhow::Result<Project> {
+        let bytes = std::fs::read(path).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot read {}: {e}\nhint: run from the directory holding box-config.toml, or pass --config PATH",
+                path.display()
+            )
+        })?;
+        if !is_multi(&bytes) {
+            let cfg = Config::from_bytes(path, &bytes)?;
+            return Ok(Project { path: path.to_path_buf(), machines: vec![cfg], multi: false });
+        }
+        let machines = expand(path, &bytes)?;
+        Ok(Project { path: path.to_path_buf(), machines, multi: true })
+    }
+
+    /// Whether the file at `path` is a `[[machine]]` file (false when it cannot be read or parsed).
+    pub fn is_multi_file(path: &Path) -> bool {
+        std::fs::read(path).is_ok_and(|b| is_multi(&b))
+    }
+
+    pub fn names(&self) -> Vec<&str> {
+        self.machines.iter().map(|m| m.machine.name.as_str()).collect()
+    }
+
+    /// The named machines in file order (all when `names` is empty); an unknown name is an error listing them.
+    pub fn select(&self, names: &[String]) -> anyhow::Result<Vec<&Config>> {
+        for n in names {
+            if !self.machines.iter().any(|m| &m.machine.name == n) {
+                anyhow::bail!(
+                    "no machine named \"{}\" in {}; its machines are: {}\nhint: pass one of these names, or none \
+                     to act on every machine",
+                    shown(n),
+                    self.path.display(),
+                    self.names().join(", ")
+                );
+            }
+        }
+        Ok(self.machines.iter().filter(|m| names.is_empty() || names.contains(&m.machine.name)).collect())
+    }
+
+    /// The one machine a single-machine command (`ssh`) acts on: the named one, else the primary or the only one.
+    pub fn one(&self, name: Option<&str>) -> anyhow::Result<&Config> {
+        if let Some(n) = name {
+            return Ok(self.select(&[n.to_string()])?[0]);
+        }
+        if self.machines.len() == 1 {
+            return Ok(&self.machines[0]);
+        }
+        match self.machines.iter().find(|m| m.member.as_ref().is_some_and(|x| x.primary)) {
+            Some(m) => Ok(m),
+            None => anyhow::bail!(
+                "{} defines {} machines ({}) and none is `primary`; this command needs one\nhint: name it (e.g. \
+                 `provisioner ssh {}`), or set `primary = true` on one [[machine]]",
+                self.path.display(),
+                self.machines.len(),
+                self.names().join(", "),
+                self.machines[0].machine.name
+            ),
+        }
+    }
+}
+
+/// Whether the text has `machine` as an array of tables. Undecodable text is not (the single-machine loader
+/// reports why).
+fn is_multi(bytes: &[u8]) -> bool {
+    diag::decode("", bytes)
+        .ok()
+        .and_then(|t| toml::from_str::<toml::Table>(t).ok())
+        .is_some_and(|t| matches!(t.get("machine"), Some(toml::Value::Array(_))))
+}
+
+/// A parsed `a.b.c.d/p`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Subnet {
+    pub addr: Ipv4Addr,
+    pub prefix: u8,
+}
+
+impl Subnet {
+    /// Parse a CIDR subnet with a prefix of 8-30 and no host bits set. Pure.
+    pub fn parse(s: &str) -> Result<Subnet, String> {
+        let (a, p) = s.split_once('/').ok_or("write it as ADDRESS/PREFIX, e.g. \"10.77.0.0/24\"")?;
+        let addr: Ipv4Addr = a.parse().map_err(|_| format!("\"{}\" is not an IPv4 address", shown(a)))?;
+        let prefix: u8 = p.parse().map_err(|_| format!("\"{}\" is not a prefix length", shown(p)))?;
+        if !(8..=30).contains(&prefix) {
+            return Err(format!("prefix /{prefix} is outside 8-30"));
+        }
+        let net = Subnet { addr, prefix };
+        if net.network() != addr {
+            return Err(format!("host bits are set; the subnet is {}/{prefix}", net.network()));
+        }
+        Ok(net)
+    }
+    fn mask(&self) -> u32 {
+        u32::MAX << (32 - self.prefix)
+    }
+    pub fn network(&self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.addr) & self.mask())
+    }
+    pub fn broadcast(&self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.addr) | !self.mask())
+    }
+    pub fn contains(&self, ip: Ipv4Addr) -> bool {
+        u32::from(ip) & self.mask() == u32::from(self.network())
+    }
+    fn overlaps(&self, other: &Subnet) -> bool {
+        self.contains(other.network()) || other.contains(self.network())
+    }
+}
+
+/// The subnet QEMU user networking and VirtualBox NAT give the first NIC: the private network must not overlap.
+const NAT_SUBNET: Subnet = Subnet { addr: Ipv4Addr::new(10, 0, 2, 0), prefix: 24 };
+
+fn err(src: &Source, path: &[&str], msg: String, hint: &str) -> Diagnostic {
+    src.at_path(path, msg).with_hint(hint)
+}
+
+/// Parse a `[[machine]]` file, check it, and expand one [`Config`] per machine.
+fn expand(path: &Path, bytes: &[u8]) -> anyhow::Result<Vec<Config>> {
+    let file = path.display().to_string();
+    let text = diag::decode(&file, bytes).map_err(|d| ConfigError { diagnostics: vec![d] })?;
+    let src = Source::new(&file, Some(text));
+    let pf: ProjectFile = toml::from_str(text)
+        .map_err(|e| ConfigError { diagnostics: vec![diag::from_toml_error(&src, &e)] })?;
+    let mut errors = Vec::new();
+    if pf.machine.is_empty() {
+        errors.push(err(
+            &src,
+            &["machine"],
+            "no machine in `machine = []`".into(),
+            "add a [[machine]] table",
+        ));
+    }
+    if src.span_of(&["ssh", "host_port"]).is_some() {
+        errors.push(err(
+            &src,
+            &["ssh", "host_port"],
+            "`host_port` in [ssh] does not apply to a file of several machines".into(),
+            "set `ssh_port` in each [[machine]] that needs a fixed one; without it a free port is picked",
+        ));
+    }
+    let subnet = match Subnet::parse(&pf.network.subnet) {
+        Ok(s) if s.overlaps(&NAT_SUBNET) => {
+            errors.push(err(
+                &src,
+                &["network", "subnet"],
+                format!(
+                    "subnet {} overlaps 10.0.2.0/24, the NAT network of every machine's first NIC",
+                    pf.network.subnet
+                ),
+                "pick another private range, e.g. \"10.77.0.0/24\"",
+            ));
+            None
+        }
+        Ok(s) => Some(s),
+        Err(m) => {
+            errors.push(err(
+                &src,
+                &["network", "subnet"],
+                format!("subnet \"{}\" in [network]: {m}", shown(&pf.network.subnet)),
+                "write an IPv4 subnet such as \"10.77.0.0/24\" (prefix 8-30)",
+            ));
+            None
+        }
+    };
+    if pf.network.isolated && !pf.libvirt.uri.ends_with("/system") {
+        errors.push(err(
+            &src,
+            &["network", "isolated"],
+            "`isolated = true` needs the libvirt URI qemu:///system (an isolated libvirt network)".into(),
+            "set [libvirt] uri = \"qemu:///system\", or remove `isolated` to use the private tunnel of qemu:///session",
+        ));
+    }
+    if !check::valid_machine_name(&pf.network.name) {
+        errors.push(err(
+            &src,
+            &["network", "name"],
+            format!("network name \"{}\" is not allowed", shown(&pf.network.name)),
+            "use 1-31 characters from a-z, 0-9 and '-'",
+        ));
+    }
+
+    // Names and primary.
+    let mut seen: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut primary: Option<usize> = None;
+    for (i, e) in pf.machine.iter().enumerate() {
+        let idx = i.to_string();
+        if let Some(first) = seen.insert(&e.name, i) {
+            let line = src.at_path(&["machine", &first.to_string(), "name"], "").line.unwrap_or(0);
+            errors.push(err(
+                &src,
+                &["machine", &idx, "name"],
+                format!("machine name \"{}\" is already used at line {line}", shown(&e.name)),
+                "give every [[machine]] its own name",
+            ));
+        }
+        if e.primary {
+            if let Some(first) = primary {
+                let line = src.at_path(&["machine", &first.to_string(), "primary"], "").line.unwrap_or(0);
+                errors.push(err(
+                    &src,
+                    &["machine", &idx, "primary"],
+                    format!(
+                        "a second primary machine (\"{}\" is primary at line {line})",
+                        shown(&pf.machine[first].name)
+                    ),
+                    "set `primary = true` on at most one [[machine]]",
+                ));
+            } else {
+                primary = Some(i);
+            }
+        }
+        if e.base_box.is_none() && pf.base_box.is_none() {
+            errors.push(err(
+                &src,
+                &["machine", &idx, "name"],
+                format!("machine \"{}\" has no box", shown(&e.name)),
+                "add a shared [box] table, or a [machine.box] table after this [[machine]]",
+            ));
+        }
+    }
+
+    // Addresses: explicit ones checked, the rest assigned from the 10th host address on.
+    let mut ips: Vec<Option<Ipv4Addr>> = vec![None; pf.machine.len()];
+    let mut used: BTreeMap<Ipv4Addr, usize> = BTreeMap::new();
+    for (i, e) in pf.machine.iter().enumerate() {
+        let Some(raw) = &e.ip else { continue };
+        let at = ["machine", &i.to_string(), "ip"];
+        let Ok(ip) = raw.parse::<Ipv4Addr>() else {
+            errors.push(err(
+                &src,
+                &at,
+                format!("ip \"{}\" is not an IPv4 address", shown(raw)),
+                "e.g. ip = \"10.77.0.11\"",
+            ));
+            continue;
+        };
+        if let Some(net) = subnet {
+            let range = format!("{}/{}", net.network(), net.prefix);
+            if !net.contains(ip) {
+                errors.push(err(
+                    &src,
+                    &at,
+                    format!("ip {ip} is outside the subnet {range} of [network]"),
+                    "pick an address inside [network] subnet, or change the subnet",
+                ));
+            } else if ip == net.network() || ip == net.broadcast() {
+                let what = if ip == net.network() { "network" } else { "broadcast" };
+                errors.push(err(
+                    &src,
+                    &at,
+                    format!("ip {ip} is the {what} address of {range}"),
+                    "pick a host address between them",
+                ));
+            }
+        }
+        if let Some(first) = used.insert(ip, i) {
+            errors.push(err(
+                &src,
+                &at,
+                format!("ip {ip} is already given to machine \"{}\"", shown(&pf.machine[first].name)),
+                "give every machine its own address",
+            ));
+        }
+        ips[i] = Some(ip);
+    }
+    if let Some(net) = subnet {
+        let mut next = u32::from(net.network()) + 10;
+        for slot in ips.iter_mut().filter(|s| s.is_none()) {
+            while used.contains_key(&Ipv4Addr::from(next)) {
+                next += 1;
+            }
+            let ip = Ipv4Addr::from(next);
+            if !net.contains(ip) || ip == net.broadcast() {
+                errors.push(err(
+                    &src,
+                    &["network", "subnet"],
+                    format!("subnet {} has no room left for the machines without `ip`", pf.network.subnet),
+                    "give them an `ip`, or a larger subnet",
+                ));
+                break;
+            }
+            used.insert(ip, usize::MAX);
+            *slot = Some(ip);
+        }
+    }
+
+    // Host ports across machines.
+    let mut ports: BTreeMap<(Protocol, u16), (usize, String)> = BTreeMap::new();
+    for (i, e) in pf.machine.iter().enumerate() {
+        let idx = i.to_string();
+        let mut claims: Vec<(Protocol, u16, Vec<String>)> = Vec::new();
+        if let Some(p) = e.ssh_port.filter(|p| *p != 0) {
+            claims.push((Protocol::Tcp, p, vec!["machine".into(), idx.clone(), "ssh_port".into()]));
+        }
+        for (j, f) in e.forwards.iter().enumerate() {
+            claims.push((
+                f.protocol,
+                f.host,
+                vec!["machine".into(), idx.clone(), "forward".into(), j.to_string(), "host".into()],
+            ));
+        }
+        for (proto, port, at) in claims {
+            let at: Vec<&str> = at.iter().map(String::as_str).collect();
+            match ports.get(&(proto, port)) {
+                Some((other, what)) if *other != i => errors.push(err(
+                    &src,
+                    &at,
+                    format!(
+                        "host port {port} is already used by machine \"{}\" ({what})",
+                        shown(&pf.machine[*other].name)
+                    ),
+                    "every machine's forwards and ssh_port need host ports of their own",
+                )),
+                Some(_) => {}
+                None => {
+                    let what = if at.last() == Some(&"ssh_port") { "its ssh_port" } else { "a forward" };
+                    ports.insert((proto, port), (i, what.to_string()));
+                }
+            }
+        }
+    }
+    if !errors.is_empty() {
+        return Err(ConfigError { diagnostics: sorted(errors) }.into());
+    }
+
+    let subnet = subnet.expect("checked above");
+    let peers: Vec<Peer> = pf
+        .machine
+        .iter()
+        .zip(&ips)
+        .map(|(e, ip)| Peer {
+            name: e.name.clone(),
+            hostname: e.hostname.clone().unwrap_or_else(|| e.name.clone()),
+            ip: ip.expect("assigned above"),
+            profiles: e.profiles.clone(),
+        })
+        .collect();
+    let d = &pf.defaults;
+    let mut machines = Vec::new();
+    for (i, e) in pf.machine.iter().enumerate() {
+        let mut vars = pf.vars.clone();
+        vars.extend(e.vars.clone());
+        let mut health = pf.health.clone();
+        health.extend(e.health.clone());
+        let mp = e.provision.clone().unwrap_or_default();
+        let cfg = Config {
+            machine: MachineConfig {
+                name: e.name.clone(),
+                hostname: e.hostname.clone(),
+                provider: e.provider.or(d.provider).unwrap_or_default(),
+                cpus: e.cpus.or(d.cpus).unwrap_or_else(super::default_cpus),
+                memory_mb: e.memory_mb.or(d.memory_mb).unwrap_or_else(super::default_memory),
+                disk_gb: e.disk_gb.or(d.disk_gb).unwrap_or_else(super::default_disk),
+                accel: e.accel.or(d.accel).unwrap_or_default(),
+                cache_lab: e.cache_lab.or(d.cache_lab).unwrap_or(true),
+            },
+            base_box: e.base_box.clone().or_else(|| pf.base_box.clone()).unwrap_or_default(),
+            ssh: SshConfig { host_port: e.ssh_port.unwrap_or(0), ..pf.ssh.clone() },
+            forwards: e.forwards.clone(),
+            provision: ProvisionConfig {
+                source: mp.source.clone().unwrap_or_else(|| pf.provision.source.clone()),
+                enabled: mp.enabled.or(pf.provision.enabled),
+                ..pf.provision.clone()
+            },
+            vars,
+            health,
+            libvirt: pf.libvirt.clone(),
+            virtualbox: pf.virtualbox.clone(),
+            path: path.to_path_buf(),
+            source_text: Some(text.to_string()),
+            member: Some(Member {
+                index: i,
+                primary: e.primary,
+                ip: peers[i].ip,
+                prefix: subnet.prefix,
+                network: pf.network.clone(),
+                profiles: e.profiles.clone(),
+                peers: peers.clone(),
+                own_box: e.base_box.is_some(),
+                own_provision: e.provision.is_some(),
+            }),
+        };
+        let local = check::local(&cfg, &cfg.source());
+        for d in local.errors {
+            if !errors.contains(&d) {
+                errors.push(d);
+            }
+        }
+        machines.push(cfg);
+    }
+    if !errors.is_empty() {
+        return Err(ConfigError { diagnostics: sorted(errors) }.into());
+    }
+    Ok(machines)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subnets_parse_and_contain() {
+        let n = Subnet::parse("10.77.0.0/24").unwrap();
+        assert!(n.contains("10.77.0.5".parse().unwrap()));
+        assert!(!n.contains("10.77.1.5".parse().unwrap()));
+        assert_eq!(n.broadcast(), Ipv4Addr::new(10, 77, 0, 255));
+        assert!(Subnet::parse("10.77.0.1/24").unwrap_err().contains("host bits"));
+        assert!(Subnet::parse("10.77.0.0/31").is_err());
+        assert!(Subnet::parse("10.77.0.0").is_err());
+        assert!(Subnet::parse("10.0.0.0/8").unwrap().overlaps(&NAT_SUBNET));
+    }
+}

@@ -1,0 +1,34 @@
+//! Everything specific to the shipped monitoring lab, behind one module so the tool's core (config, providers,
+//! SSH, guest upload, compose, health) stays generic: its services and probes, ports, the alert `verify` waits for,
+//! the load it drives, its secrets and the packages of its base image.
+
+pub mod loadgen;
+pub mod secrets;
+pub mod verify;
+
+/// The lab's services: (name, HTTP path, guest port).
+pub const PROBES: &[(&str, &str, u16)] = &[
+    ("demo-app", "/health", 8000),
+    ("prometheus", "/-/ready", 9090),
+    ("alertmanager", "/-/ready", 9093),
+    ("grafana", "/api/health", 3000),
+    ("node-exporter", "/metrics", 9100),
+    ("cadvisor", "/healthz", 8080),
+];
+
+/// The demo app's port in the guest (the webhook receiver, the target of `load` and `verify`).
+pub const DEMO_APP_PORT: u16 = 8000;
+/// Prometheus' port in the guest.
+pub const PROMETHEUS_PORT: u16 = 9090;
+
+/// Packages in the base image: every service of the lab that builds FROM it finds its program here.
+pub const BASE_PACKAGES: &[&str] = &[
+    "prometheus",
+    "prometheus-alertmanager",
+    "prometheus-node-exporter",
+    "python3-flask",
+    "python3-prometheus-client",
+    "gunicorn",
+    "curl",
+    "ca-certificates",
+];
