@@ -863,7 +863,8 @@ fn vm_private_network_two_guests() {
 
     // HTTP by name, and throughput: 128 MiB over HTTP (python3 http.server).
     b.must(
-        "head -c 128M /dev/zero >/tmp/blob && echo hello-from-netb >/tmp/hello && cd /tmp && setsid nohup \
+        // Only the server is in the background (a backgrounded `a && b` list would keep the SSH channel open).
+        "head -c 128M /dev/zero >/tmp/blob; echo hello-from-netb >/tmp/hello; cd /tmp; setsid nohup \
          python3 -m http.server 8080 --bind 10.77.0.12 >/tmp/http.log 2>&1 </dev/null &",
     );
     support::wait_until(std::time::Duration::from_secs(120), "HTTP from neta to netb", || {
@@ -885,6 +886,30 @@ fn vm_private_network_two_guests() {
     // The frames went over the host's loopback, not out of its real interface (~90 000 frames of 1.5 KB).
     let (lo_d, eth_d) = (lo1 - lo0, eth1.saturating_sub(eth0));
     eprintln!("host packets during the transfer: lo +{lo_d}, eth0 +{eth_d}");
+
+    // Raw TCP throughput: 64 MiB from bash's /dev/tcp on netb to a Python reader on neta.
+    a.must(
+        "rm -f /tmp/tcp.out; setsid nohup python3 -c 'import socket,time\ns=socket.socket()\n\
+         s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1);s.bind((\"0.0.0.0\",7008));s.listen(1)\n\
+         c,_=s.accept();n=0;t=time.perf_counter()\nwhile True:\n d=c.recv(262144)\n if not d: break\n n+=len(d)\n\
+         open(\"/tmp/tcp.out\",\"w\").write(\"%d %.3f\"%(n,time.perf_counter()-t))' >/dev/null 2>&1 </dev/null &",
+    );
+    support::wait_until(std::time::Duration::from_secs(300), "the TCP stream", || {
+        b.ssh("head -c 64M /dev/zero >/dev/tcp/neta/7008").0.then_some(())
+    });
+    let out = support::wait_until(std::time::Duration::from_secs(300), "the TCP reader's figures", || {
+        let (ok, out) = a.ssh("cat /tmp/tcp.out");
+        (ok && out.split_whitespace().count() == 2).then_some(out)
+    });
+    let f: Vec<f64> = out.split_whitespace().map(|x| x.parse().unwrap()).collect();
+    assert_eq!(f[0] as u64, 64 << 20, "{out}");
+    eprintln!("private network, raw TCP 64 MiB netb->neta: {:.1} s = {:.1} MB/s", f[1], f[0] / f[1] / 1e6);
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    eprintln!(
+        "host: {} cores, load average {}",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        load.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
+    );
     assert!(lo_d > 60_000, "the transfer did not go over lo (+{lo_d} packets)");
     assert!(
         eth_d * 4 < lo_d,
