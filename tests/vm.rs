@@ -247,9 +247,14 @@ fn vm_cluster_up_health_private_network_verify_destroy() {
     let start = text.find("[box.debian]").unwrap();
     let end = start + text[start..].find("\n\n").unwrap();
     let mut cfg = format!("{}{}\n{}", &text[..start], test_box(), &text[end..]);
-    for port in ["19090", "19093", "13000", "18001", "19101", "18081", "18002", "19102", "18082"] {
-        cfg = cfg.replace(&format!("host = {port}\n"), &format!("host = {}\n", support::free_port()));
+    // Distinct free ports: the listeners are held until every port is picked, so none is handed out twice.
+    let held: Vec<std::net::TcpListener> =
+        (0..9).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+    let ports = ["19090", "19093", "13000", "18001", "19101", "18081", "18002", "19102", "18082"];
+    for (port, l) in ports.iter().zip(&held) {
+        cfg = cfg.replace(&format!("host = {port}\n"), &format!("host = {}\n", l.local_addr().unwrap().port()));
     }
+    drop(held);
     cfg.push_str("\n[ssh]\nconnect_timeout_secs = 1500\n\n[libvirt]\nuri = \"qemu:///session\"\n");
     t.write("box-config.toml", &cfg);
     let run = |args: &[&str]| Test::new().cwd(t.path()).args(args.iter().copied()).run();
