@@ -108,7 +108,8 @@ fn a_quiet_command_outlives_the_read_slice_and_a_hung_one_hits_the_deadline() {
     let start = Instant::now();
     let err = s.exec("echo started; sleep 60", Duration::from_secs(3)).unwrap_err();
     let msg = format!("{err:#}");
-    assert!(start.elapsed() < Duration::from_secs(6), "deadline not kept: {:?}", start.elapsed());
+    // Far below the command's 60 s: the 3 s deadline was kept (the margin absorbs a loaded 2-core host).
+    assert!(start.elapsed() < Duration::from_secs(15), "deadline not kept: {:?}", start.elapsed());
     assert!(
         msg.contains("did not finish within 3s") && msg.contains("started") && msg.contains("hint:"),
         "{msg}"
