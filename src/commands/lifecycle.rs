@@ -374,6 +374,7 @@ fn boot(
     if let Some(plan) = lab.as_mut().filter(|l| l.hit.is_some()) {
         ph.done("from the cached lab");
         super::lab::restore(p, &spec, plan, ui)?;
+        *recorded = Some(st);
         return Ok((user_key, host_key, lab));
     }
     {
