@@ -252,7 +252,8 @@ fn vm_cluster_up_health_private_network_verify_destroy() {
         (0..9).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap()).collect();
     let ports = ["19090", "19093", "13000", "18001", "19101", "18081", "18002", "19102", "18082"];
     for (port, l) in ports.iter().zip(&held) {
-        cfg = cfg.replace(&format!("host = {port}\n"), &format!("host = {}\n", l.local_addr().unwrap().port()));
+        cfg =
+            cfg.replace(&format!("host = {port}\n"), &format!("host = {}\n", l.local_addr().unwrap().port()));
     }
     drop(held);
     cfg.push_str("\n[ssh]\nconnect_timeout_secs = 1500\n\n[libvirt]\nuri = \"qemu:///session\"\n");
@@ -592,7 +593,7 @@ fn vm_snapshots_cached_lab_and_package() {
 
     // Suspend / resume.
     vm.run(&["suspend"]).success();
-    vm.run(&["status"]).success().stdout_contains("stopped");
+    vm.run(&["status"]).success().stdout_contains("saved");
     vm.run(&["resume"]).success();
     vm.run(&["ssh", "-c", "true"]).success();
 
@@ -931,4 +932,19 @@ fn vm_private_network_two_guests() {
         "domains left"
     );
     assert!(igmp_devices(net.mcast_group).is_empty(), "the group is still joined after destroy");
+}
+
+/// `virsh domstate --reason` output: a suspended (managed-saved) domain is `saved`, not merely stopped.
+#[test]
+fn domstate_with_its_reason_tells_a_suspended_domain_from_a_stopped_one() {
+    use provisioner::provider::libvirt::parse_domstate;
+    use provisioner::provider::VmState;
+    assert_eq!(parse_domstate("shut off (saved)\n\n"), VmState::Saved);
+    assert_eq!(parse_domstate("shut off (destroyed)\n"), VmState::Stopped);
+    assert_eq!(parse_domstate("shut off (shutdown)\n"), VmState::Stopped);
+    assert_eq!(parse_domstate("running (booted)\n"), VmState::Running);
+    assert_eq!(parse_domstate("running (restored)\n"), VmState::Running);
+    assert_eq!(parse_domstate("paused (user)\n"), VmState::Paused);
+    assert_eq!(parse_domstate("shut off\n"), VmState::Stopped);
+    assert_eq!(parse_domstate("blocked (unknown)\n"), VmState::Other("blocked (unknown)".into()));
 }

@@ -464,7 +464,8 @@ impl Provider for Libvirt {
     }
 
     fn state(&self, vm_name: &str) -> Result<VmState> {
-        let out = self.virsh().args(["domstate", "--", vm_name]).output()?;
+        // `--reason` costs nothing extra and tells a suspended (managed-saved) domain from a powered-off one.
+        let out = self.virsh().args(["domstate", "--reason", "--", vm_name]).output()?;
         if !out.success() {
             if is_no_domain(&out.stderr) {
                 return Ok(VmState::NotCreated);
@@ -507,7 +508,12 @@ impl Provider for Libvirt {
 
     fn halt(&self, vm_name: &str, timeout: Duration, force: bool) -> Result<()> {
         let running = |s: &VmState| matches!(s, VmState::Running | VmState::Paused | VmState::Other(_));
-        if !running(&self.state(vm_name)?) {
+        let now = self.state(vm_name)?;
+        if now == VmState::Saved {
+            // As Vagrant's `halt` on a saved VM: drop the saved memory, so the machine is plainly powered off.
+            return self.run(&["managedsave-remove", "--", vm_name]).map(drop);
+        }
+        if !running(&now) {
             return Ok(());
         }
         if !force {
@@ -672,6 +678,7 @@ impl Provider for Libvirt {
         match self.state(vm_name)? {
             VmState::Running => Ok(()),
             VmState::Paused => self.run(&["resume", "--", vm_name]).map(drop),
+            VmState::Saved => self.start(vm_name),
             VmState::Stopped if self.has_managed_save(vm_name)? => self.start(vm_name),
             other => bail!(
                 "the machine {vm_name} is {other} and not suspended; nothing to resume\nhint: `provisioner up` \
@@ -796,11 +803,19 @@ pub fn restore_xml(saved: &str, state_dir: &Path, netdev_arg: &str) -> Result<St
 }
 
 /// `virsh domstate` output to a state.
+/// The state in `virsh domstate [--reason]` output (`shut off (saved)`, `running (booted)`, or a bare state).
 pub fn parse_domstate(out: &str) -> VmState {
-    match out.trim() {
-        "running" | "in shutdown" => VmState::Running,
-        "shut off" | "crashed" => VmState::Stopped,
-        "paused" | "pmsuspended" => VmState::Paused,
-        other => VmState::Other(other.to_string()),
+    let out = out.trim();
+    let (state, reason) = match out.split_once(" (") {
+        Some((state, rest)) => (state, rest.strip_suffix(')').unwrap_or(rest)),
+        None => (out, ""),
+    };
+    match (state, reason) {
+        // `suspend` (managedsave): the next start resumes the saved memory.
+        ("shut off", "saved") => VmState::Saved,
+        ("running" | "in shutdown", _) => VmState::Running,
+        ("shut off" | "crashed", _) => VmState::Stopped,
+        ("paused" | "pmsuspended", _) => VmState::Paused,
+        _ => VmState::Other(out.to_string()),
     }
 }
