@@ -286,7 +286,12 @@ fn vm_cluster_up_health_private_network_verify_destroy() {
     eprintln!("cluster up: {:.0} s", started.elapsed().as_secs_f64());
     let done = events(&out, "machine_done");
     assert_eq!(done.len(), 3, "{out}\n{}", up.stderr());
-    assert!(done.iter().all(|e| e["exit_code"] == 0), "{done:?}\n{}", up.stderr());
+    assert!(
+        done.iter().all(|e| e["exit_code"] == 0),
+        "{done:?}\nerrors: {:?}\n{}",
+        events(&out, "error"),
+        up.stderr()
+    );
     assert_eq!(ours().len(), 3);
 
     // Every service of every machine, and the monitor's Prometheus sees the app machines up.
