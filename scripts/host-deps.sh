@@ -37,6 +37,7 @@ base_pkgs=(
   python3-flask python3-prometheus-client gunicorn               # the demo app on the host
   debootstrap e2fsprogs                      # box built from a Debian mirror
   genisoimage util-linux                     # isoinfo/blkid to read seeds back in tests
+  python3-yaml                               # tests/seed.rs loads network-config with PyYAML, as cloud-init does
   curl ca-certificates iproute2 procps psmisc
   docker-compose                             # v1 1.29 as in the guest: tests/lab.rs parses the rendered compose file (no engine needed)
 )

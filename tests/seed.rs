@@ -88,7 +88,8 @@ fn seed_iso_carries_network_config_and_hosts() {
     let doc: serde_yaml::Value = serde_yaml::from_str(&net).unwrap();
     assert_eq!(doc["ethernets"]["private"]["addresses"][0], "10.77.0.11/24");
     // cloud-init reads it with PyYAML (YAML 1.1), where an unquoted 52:54:00:12:34:56 is a base-60 integer.
-    let py = Cmd::new("python3")
+    // The system Python with Debian's PyYAML, as cloud-init itself runs (not a pyenv or venv python on PATH).
+    let py = Cmd::new("/usr/bin/python3")
         .args([
             "-c",
             "import sys,yaml\nd=yaml.safe_load(open(sys.argv[1]))['ethernets']\n\
