@@ -10,12 +10,11 @@
 //! only: a few minutes instead of ~10). Needs libvirt + QEMU and the cached box; the machine and its cache entry are
 //! removed at the end however the bench ends. Skips with a message when no VM can be made.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{free_port, run};
+use common::run;
 
 /// Destroys the machine and drops its cached lab when the bench ends.
 struct Guard<'a> {
@@ -55,17 +54,8 @@ fn timed(dir: &Path, args: &[&str]) -> (std::process::Output, Duration) {
 }
 
 fn main() {
-    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let boot_only = std::env::var("LAB_CACHE_BENCH").is_ok_and(|v| v == "boot");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let status = Command::new("cp").arg("-r").arg(repo.join("provision")).arg(dir.path()).status();
-    assert!(status.map(|s| s.success()).unwrap_or(false), "copy provision/");
-    let mut cfg = std::fs::read_to_string(repo.join("box-config.toml")).expect("box-config.toml");
-    cfg = cfg.replace("host_port = 2222", &format!("host_port = {}", free_port()));
-    for p in [8000, 9090, 9093, 3000, 9100, 8080] {
-        cfg = cfg.replace(&format!("host = {p}\n"), &format!("host = {}\n", free_port()));
-    }
-    cfg = cfg.replace("name = \"lab\"", &format!("name = \"labc{}\"", std::process::id()));
+    let (dir, mut cfg) = common::lab_project(&format!("labc{}", std::process::id()));
     if boot_only {
         cfg = cfg.replace("[provision]\n", "[provision]\nenabled = false\n");
     }

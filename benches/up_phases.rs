@@ -6,12 +6,11 @@
 //! cache like `up`, so delete `$PROVISIONER_CACHE_DIR/images` first to include the host-side base image build).
 //! The machine is destroyed at the end however the bench ends. Skips with a message when no VM can be made.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{free_port, run};
+use common::run;
 
 /// Destroys the machine when the bench ends.
 struct Guard<'a>(&'a Path);
@@ -83,16 +82,7 @@ fn report(title: &str, out: &std::process::Output, wall: Duration) {
 }
 
 fn main() {
-    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let dir = tempfile::tempdir().expect("tempdir");
-    let status = Command::new("cp").arg("-r").arg(repo.join("provision")).arg(dir.path()).status();
-    assert!(status.map(|s| s.success()).unwrap_or(false), "copy provision/");
-    let mut cfg = std::fs::read_to_string(repo.join("box-config.toml")).expect("box-config.toml");
-    cfg = cfg.replace("host_port = 2222", &format!("host_port = {}", free_port()));
-    for p in [8000, 9090, 9093, 3000, 9100, 8080] {
-        cfg = cfg.replace(&format!("host = {p}\n"), &format!("host = {}\n", free_port()));
-    }
-    cfg = cfg.replace("name = \"lab\"", &format!("name = \"bench{}\"", std::process::id()));
+    let (dir, cfg) = common::lab_project(&format!("bench{}", std::process::id()));
     std::fs::write(dir.path().join("box-config.toml"), cfg).expect("write config");
 
     let _guard = Guard(dir.path());
