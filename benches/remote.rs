@@ -2,7 +2,7 @@
 //! libvirtd, tests/support/nethost.rs), in one run:
 //! - box upload throughput (`provisioner box upload`: vol-create-as + vol-upload --sparse over SSH) vs `scp` of the
 //!   same file to the same host, and the second upload (0 bytes);
-//! - with `PROVISIONER_BENCH_VM=1` (boots two TCG guests: run it through /work/wt/vmslot): `status` and
+//! - with `PROVISIONER_BENCH_VM=1` (boots two TCG guests): `status` and
 //!   `ssh -c true` on a machine on that host vs the same on a local machine (qemu:///session).
 //!
 //! Run: `cargo bench --bench remote` as root (needs ip, unshare, libvirtd, sshd). Skips with a message otherwise.
@@ -186,9 +186,7 @@ fn main() {
     let _ = host.exec(&["rm", "-f", "/var/tmp/scp-copy"]);
 
     if std::env::var("PROVISIONER_BENCH_VM").as_deref() != Ok("1") {
-        println!(
-            "remote: status / ssh -c true skipped (set PROVISIONER_BENCH_VM=1, run through /work/wt/vmslot)"
-        );
+        println!("remote: status / ssh -c true skipped (set PROVISIONER_BENCH_VM=1: two more TCG boots)");
         return;
     }
     let boxdef = std::env::var("PROVISIONER_BENCH_BOX")
