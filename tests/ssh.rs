@@ -323,8 +323,13 @@ fn closed_port_is_retried_until_the_deadline() {
 
 /// A project dir (path with a space) whose state points at a fresh test sshd, as `provisioner up` leaves it.
 fn project_with_sshd() -> (support::Test, PathBuf, Sshd) {
+    project_with_sshd_in("my lab")
+}
+
+/// [`project_with_sshd`] in a project directory of the given name.
+fn project_with_sshd_in(dir_name: &str) -> (support::Test, PathBuf, Sshd) {
     let t = support::Test::new();
-    let project = t.path().join("my lab");
+    let project = t.path().join(dir_name);
     std::fs::create_dir_all(&project).unwrap();
     let config = std::fs::read_to_string(support::repo().join("box-config.toml"))
         .unwrap()
@@ -443,19 +448,8 @@ fn provisioner_ssh_reuses_one_connection_and_can_opt_out() {
 #[test]
 fn a_state_dir_too_long_for_a_socket_puts_it_in_a_private_runtime_dir() {
     use std::os::unix::fs::PermissionsExt;
-    let t = support::Test::new();
-    let project = t.path().join("a-project-directory-whose-path-is-far-too-long-for-a-unix-socket-address-x");
-    std::fs::create_dir_all(&project).unwrap();
-    let config = std::fs::read_to_string(support::repo().join("box-config.toml"))
-        .unwrap()
-        .replace("user = \"provisioner\"", &format!("user = \"{}\"", current_user()));
-    std::fs::write(project.join("box-config.toml"), config).unwrap();
-    support::copy_dir(&support::repo().join("provision"), &project.join("provision"));
-    let state = StateDir::at(project.join(".provisioner"));
-    let sshd = Sshd::start_for(tempfile::tempdir().unwrap(), state.clone(), "");
-    MachineState { ssh_host: Some("127.0.0.1".into()), ssh_port: Some(sshd.port), ..Default::default() }
-        .save(&state)
-        .unwrap();
+    let (_t, project, sshd) =
+        project_with_sshd_in("a-project-directory-whose-path-is-far-too-long-for-a-unix-socket-address-x");
     let runtime = tempfile::tempdir().unwrap();
     let run = || {
         support::Test::new()
@@ -474,7 +468,7 @@ fn a_state_dir_too_long_for_a_socket_puts_it_in_a_private_runtime_dir() {
     let sockets: Vec<_> = std::fs::read_dir(&dir).unwrap().flatten().map(|e| e.path()).collect();
     let _masters: Vec<Master> = sockets.iter().cloned().map(Master).collect();
     assert_eq!(sockets.len(), 1, "{sockets:?}");
-    assert!(!state.root.join("ssh-control").exists());
+    assert!(!project.join(".provisioner/ssh-control").exists());
     let (ok, msg) = control(&sockets[0], "exit");
     assert!(ok, "{msg}");
 }
