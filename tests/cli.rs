@@ -110,6 +110,7 @@ struct Domain(String);
 
 impl Domain {
     fn define(name: &str) -> Domain {
+        crate::support::session_libvirt();
         let xml = format!(
             "<domain type='qemu'><name>{name}</name><memory unit='MiB'>64</memory>\
              <os><type arch='x86_64'>hvm</type></os></domain>"

@@ -166,6 +166,29 @@ pub fn wait_until<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Optio
     }
 }
 
+/// The session libvirt answers `virsh`. On a fresh machine no daemon runs yet; `provisioner` starts one itself
+/// (as root) on its first call, but a test that calls `virsh` first must do the same: virtlogd, then libvirtd.
+pub fn session_libvirt() {
+    let answers = || {
+        Command::new("virsh")
+            .args(["-q", "-c", "qemu:///session", "version"])
+            .output()
+            .expect("virsh (scripts/host-deps.sh installs libvirt)")
+            .status
+            .success()
+    };
+    if answers() {
+        return;
+    }
+    for daemon in ["/usr/sbin/virtlogd", "/usr/sbin/libvirtd"] {
+        // A daemon started concurrently by another test makes ours exit on its pid file lock; the wait settles it.
+        let _ = Command::new(daemon).arg("-d").status();
+    }
+    wait_until(Duration::from_secs(30), "the session libvirt to answer `virsh version`", || {
+        answers().then_some(())
+    });
+}
+
 /// A free TCP port on 127.0.0.1 (bound then released).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
