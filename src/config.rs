@@ -199,6 +199,10 @@ pub struct ProvisionConfig {
     /// The template tree, relative to the config file's directory.
     #[serde(default = "default_provision_source")]
     pub source: PathBuf,
+    /// A template tree that `source` builds on: every file of `base` is rendered unless `source` holds a file of
+    /// the same relative path, which replaces it (`vars.toml` of both are merged, `source`'s winning).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<PathBuf>,
     /// Where the rendered tree lives in the guest.
     #[serde(default = "default_guest_path")]
     pub guest_path: String,
@@ -333,6 +337,7 @@ impl Default for ProvisionConfig {
     fn default() -> Self {
         Self {
             source: default_provision_source(),
+            base: None,
             guest_path: default_guest_path(),
             images: ImageSource::default(),
             docker_install: DockerInstall::default(),
@@ -522,6 +527,11 @@ impl Config {
         } else {
             self.base_dir().join(p)
         }
+    }
+
+    /// The provision tree's layers, resolved: `[provision] base` (when set), then `source`, which overrides it.
+    pub fn template_layers(&self) -> Vec<PathBuf> {
+        self.provision.base.iter().chain([&self.provision.source]).map(|p| self.resolve(p)).collect()
     }
 
     pub fn hostname(&self) -> &str {

@@ -232,23 +232,31 @@ fn exchange(a: &Path, b: &Path) -> std::io::Result<()> {
 
 pub use crate::lab::secrets::Secrets;
 
-/// Lab defaults from `<source>/vars.toml` overlaid with `[vars]` from the config.
-pub fn template_vars(cfg: &Config, source: &Path) -> Result<BTreeMap<String, toml::Value>> {
+/// Lab defaults from each layer's `vars.toml` (a later layer's value wins) overlaid with `[vars]` from the config.
+pub fn template_vars(cfg: &Config, layers: &[PathBuf]) -> Result<BTreeMap<String, toml::Value>> {
     let mut vars = BTreeMap::new();
-    let defaults = source.join(VARS_FILE);
-    match std::fs::symlink_metadata(&defaults) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e).with_context(|| format!("inspect {}", defaults.display())),
+    for layer in layers {
+        vars.extend(layer_vars(&layer.join(VARS_FILE))?);
+    }
+    vars.extend(cfg.vars.clone());
+    Ok(vars)
+}
+
+/// One layer's `vars.toml` (empty when there is none).
+fn layer_vars(defaults: &Path) -> Result<BTreeMap<String, toml::Value>> {
+    match std::fs::symlink_metadata(defaults) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(BTreeMap::new()),
+        Err(e) => Err(e).with_context(|| format!("inspect {}", defaults.display())),
         Ok(m) => {
             if !m.is_file() {
-                return Err(not_a_file(&defaults, &m));
+                return Err(not_a_file(defaults, &m));
             }
-            let raw = read_no_follow(&defaults)?;
+            let raw = read_no_follow(defaults)?;
             let text = String::from_utf8(raw).map_err(|_| {
                 anyhow!("{}: not UTF-8; save it as UTF-8", shown(&defaults.display().to_string()))
             })?;
             // The parser's message and position only: its Display would quote the offending line.
-            let table: BTreeMap<String, toml::Value> = toml::from_str(&text).map_err(|e| {
+            toml::from_str(&text).map_err(|e| {
                 let (line, col) = e.span().map_or((1, 1), |r| crate::config::line_col(&text, r.start));
                 anyhow!(
                     "{}:{line}:{col}: {}\nhint: vars.toml holds the lab's default template variables as TOML \
@@ -256,17 +264,14 @@ pub fn template_vars(cfg: &Config, source: &Path) -> Result<BTreeMap<String, tom
                     shown(&defaults.display().to_string()),
                     shown(e.message().trim())
                 )
-            })?;
-            vars.extend(table);
+            })
         }
     }
-    vars.extend(cfg.vars.clone());
-    Ok(vars)
 }
 
 /// The full handlebars context.
-pub fn context(cfg: &Config, source: &Path, secrets: &Secrets) -> Result<serde_json::Value> {
-    let vars = template_vars(cfg, source)?;
+pub fn context(cfg: &Config, layers: &[PathBuf], secrets: &Secrets) -> Result<serde_json::Value> {
+    let vars = template_vars(cfg, layers)?;
     let forwards: Vec<_> = cfg
         .forwards
         .iter()
@@ -310,9 +315,8 @@ fn cluster(cfg: &Config) -> serde_json::Value {
 
 /// Render the config's provision tree with the machine's secrets.
 pub fn render_config(cfg: &Config, state: &StateDir) -> Result<Rendered> {
-    let source = cfg.resolve(&cfg.provision.source);
     let secrets = Secrets::load_or_create(state)?;
-    render_tree(cfg, &source, &secrets)
+    render_layers(cfg, &cfg.template_layers(), &secrets)
 }
 
 thread_local! {
@@ -327,16 +331,45 @@ pub fn renders_in_thread() -> usize {
 
 /// Render a template tree with explicit secrets (pure apart from reading `source`).
 pub fn render_tree(cfg: &Config, source: &Path, secrets: &Secrets) -> Result<Rendered> {
+    render_layers(cfg, &[source.to_path_buf()], secrets)
+}
+
+/// The files of stacked template trees by relative path: a later layer's file replaces an earlier one's.
+/// Links, FIFOs and devices are refused in every layer, and `vars.toml` is left out.
+fn layer_files(layers: &[PathBuf]) -> Result<BTreeMap<String, (PathBuf, std::fs::Metadata)>> {
+    let mut files = BTreeMap::new();
+    for source in layers {
+        for entry in walkdir::WalkDir::new(source).sort_by_file_name() {
+            let entry = entry.with_context(|| format!("walk {}", source.display()))?;
+            if entry.depth() == 0 || entry.file_type().is_dir() {
+                continue;
+            }
+            let meta = entry.metadata()?;
+            if !entry.file_type().is_file() {
+                return Err(not_a_file(entry.path(), &meta));
+            }
+            let rel = rel_slash(entry.path().strip_prefix(source).expect("under source"))?;
+            if rel != VARS_FILE {
+                files.insert(rel, (entry.into_path(), meta));
+            }
+        }
+    }
+    Ok(files)
+}
+
+/// Render stacked template trees (`[provision] base`, then `source`) with explicit secrets.
+pub fn render_layers(cfg: &Config, layers: &[PathBuf], secrets: &Secrets) -> Result<Rendered> {
     use std::os::unix::fs::PermissionsExt;
     RENDERS.with(|c| c.set(c.get() + 1));
-    if !source.is_dir() {
+    if let Some(source) = layers.iter().find(|l| !l.is_dir()) {
         bail!(
-            "provision source {} is not a directory; set [provision] source in {} to the lab's template tree",
+            "provision source {} is not a directory; set [provision] source (or base) in {} to the lab's \
+             template tree",
             source.display(),
             cfg.path.display()
         );
     }
-    let ctx = context(cfg, source, secrets)?;
+    let ctx = context(cfg, layers, secrets)?;
     let mut hb = Handlebars::new();
     hb.set_strict_mode(true);
     // `{{#if (has LIST "item")}}`: whether a list (e.g. `cluster.profiles`) holds an item.
@@ -345,32 +378,16 @@ pub fn render_tree(cfg: &Config, source: &Path, secrets: &Secrets) -> Result<Ren
     hb.register_escape_fn(handlebars::no_escape);
     let mut files = Vec::new();
     let mut registered = std::collections::HashMap::new();
-    for entry in walkdir::WalkDir::new(source).sort_by_file_name() {
-        let entry = entry.with_context(|| format!("walk {}", source.display()))?;
-        if entry.depth() == 0 || entry.file_type().is_dir() {
-            continue;
-        }
-        let meta = entry.metadata()?;
-        if !entry.file_type().is_file() {
-            return Err(not_a_file(entry.path(), &meta));
-        }
-        let rel = entry.path().strip_prefix(source).expect("under source");
-        let rel_str = rel_slash(rel)?;
-        if rel_str == VARS_FILE {
-            continue;
-        }
+    for (rel_str, (file, meta)) in layer_files(layers)? {
         // Modes are kept but for setuid, setgid and sticky bits, which a lab has no use for.
         let mode = meta.permissions().mode() & 0o777;
-        let raw = read_no_follow(entry.path())?;
+        let raw = read_no_follow(&file)?;
         let (path, contents) = match rel_str.strip_suffix(TEMPLATE_SUFFIX) {
             Some(out) => {
                 let text = String::from_utf8(raw).map_err(|_| {
-                    anyhow!(
-                        "{}: template is not UTF-8; save it as UTF-8",
-                        shown(&entry.path().display().to_string())
-                    )
+                    anyhow!("{}: template is not UTF-8; save it as UTF-8", shown(&file.display().to_string()))
                 })?;
-                let name = entry.path().display().to_string();
+                let name = file.display().to_string();
                 partials::check_nesting(&text).map_err(|(line, e)| {
                     anyhow!(
                         "{}:{line}: {e}\nhint: flatten the template (or split it into partials)",
@@ -398,12 +415,12 @@ pub fn render_tree(cfg: &Config, source: &Path, secrets: &Secrets) -> Result<Ren
             bail!(
                 "{}: renders to the file name \"{bad}\", which cannot be written\nhint: rename it; a template \
                  NAME.hbs renders to NAME, so `.hbs`, `..hbs` and `...hbs` name nothing usable",
-                shown(&entry.path().display().to_string())
+                shown(&file.display().to_string())
             );
         }
         // Secrets files are private however they sit in the tree, and docker compose reads them as ASCII lines.
         let (contents, mode) = if path.rsplit('/').next() == Some(".env") {
-            (env_file(&shown(&entry.path().display().to_string()), contents)?, 0o600)
+            (env_file(&shown(&file.display().to_string()), contents)?, 0o600)
         } else {
             (contents, mode)
         };

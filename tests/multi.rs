@@ -219,8 +219,7 @@ fn one_failing_machine_does_not_stop_the_others_and_is_named() {
 #[test]
 fn cluster_example_renders_and_passes_promtool_and_compose() {
     let t = Test::new();
-    support::copy_dir(&support::repo().join("examples/cluster"), t.path());
-    let _ = std::fs::remove_dir_all(t.path().join(".provisioner"));
+    support::copy_cluster_example(t.path());
     Test::new().cwd(t.path()).arg("validate").run().success().stdout_contains("3 machines");
     let mut services = std::collections::BTreeMap::new();
     for m in ["monitor", "app1", "app2"] {

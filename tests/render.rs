@@ -385,3 +385,35 @@ fn a_damaged_secrets_file_is_never_echoed() {
     assert!(r.stderr().contains("damaged") && r.stderr().contains("hint: delete it"), "{}", r.stderr());
     assert!(!r.stderr().contains(&secret[..8]), "the secret was echoed: {}", r.stderr());
 }
+
+/// `[provision] base`: the source tree overrides the base file by file (a template may replace a plain file),
+/// both `vars.toml` are merged with the source's winning, links in the base are refused like in the source, and a
+/// missing base is reported at its line and column.
+#[test]
+fn a_base_tree_is_overridden_file_by_file_by_the_source() {
+    let t = fixture();
+    t.write("base/vars.toml", "greeting = \"from the base\"\nextra = \"only in the base\"\n");
+    t.write("base/run.sh", "#!/bin/sh\necho base\n");
+    t.write("base/only-base.txt.hbs", "{{vars.extra}} / {{vars.port}}\n");
+    t.write("base/app/conf.yml.hbs", "replaced by the source\n");
+    let cfg = CONFIG.replace("source = \"tree\"", "base = \"base\"\nsource = \"tree\"");
+    t.write("box-config.toml", cfg.replace("greeting = \"hello from the config\"\n", ""));
+    render(&t, "out").success();
+    let read = |rel: &str| std::fs::read_to_string(t.path().join("out").join(rel)).unwrap();
+    assert_eq!(read("only-base.txt"), "only in the base / 8000\n", "base file with the merged vars");
+    assert!(read("app/conf.yml").contains("say: default"), "the source's file and vars.toml win");
+    assert_eq!(read("run.sh"), "#!/bin/sh\necho plain {{not.rendered}}\n");
+    assert!(!t.path().join("out/vars.toml").exists());
+    // A link in the base is refused as in the source.
+    std::os::unix::fs::symlink("/etc/passwd", t.path().join("base/passwd")).unwrap();
+    render(&t, "out2").failure().stderr_contains("base/passwd");
+    std::fs::remove_file(t.path().join("base/passwd")).unwrap();
+    // A missing base: validate names the key's position.
+    std::fs::rename(t.path().join("base"), t.path().join("gone")).unwrap();
+    let r = Test::new().cwd(t.path()).arg("validate").run().failure();
+    assert!(
+        r.stderr().contains("box-config.toml:8:8") && r.stderr().contains("does not exist"),
+        "{}",
+        r.stderr()
+    );
+}

@@ -240,8 +240,7 @@ fn test_box() -> String {
 #[ignore = "vm: three TCG guests: the cluster example up, health, private network, verify, destroy (~15-25 min)"]
 fn vm_cluster_up_health_private_network_verify_destroy() {
     let t = Test::new();
-    support::copy_dir(&support::repo().join("examples/cluster"), t.path());
-    let _ = std::fs::remove_dir_all(t.path().join(".provisioner"));
+    support::copy_cluster_example(t.path());
     let text = std::fs::read_to_string(t.path().join("box-config.toml")).unwrap();
     // The test box, free host ports, the session URI and a deadline fit for TCG.
     let start = text.find("[box.debian]").unwrap();

@@ -33,7 +33,7 @@ pub struct LabInputs {
     pub box_id: String,
     /// The parsed box-config.toml (JSON), see [`config_fingerprint`].
     pub config: String,
-    /// [`tree_hash`] of the provision source ("" when there is none).
+    /// [`tree_hash`] of the provision tree's layers (`[provision] base`, then `source`).
     pub tree: String,
 }
 
@@ -51,25 +51,25 @@ pub fn config_fingerprint(cfg: &crate::config::Config) -> Result<String> {
     Ok(serde_json::to_string(&c)?)
 }
 
-/// sha256 over the relative path, executable bit and content of every file under `dir`, in path order
-/// ("" when `dir` does not exist).
-pub fn tree_hash(dir: &Path) -> Result<String> {
+/// sha256 over the relative path, executable bit and content of every file under each of `layers`, in layer
+/// then path order (a missing layer adds nothing: `[""]` hashes a project with no tree).
+pub fn tree_hash(layers: &[PathBuf]) -> Result<String> {
     use sha2::{Digest, Sha256};
     use std::os::unix::fs::PermissionsExt;
-    if !dir.is_dir() {
-        return Ok(String::new());
-    }
     let mut h = Sha256::new();
-    for e in walkdir::WalkDir::new(dir).sort_by_file_name() {
-        let e = e.with_context(|| format!("read {}", dir.display()))?;
-        if !e.file_type().is_file() {
-            continue;
+    for (i, dir) in layers.iter().enumerate().filter(|(_, d)| d.is_dir()) {
+        h.update(format!("layer {i}\0").as_bytes());
+        for e in walkdir::WalkDir::new(dir).sort_by_file_name() {
+            let e = e.with_context(|| format!("read {}", dir.display()))?;
+            if !e.file_type().is_file() {
+                continue;
+            }
+            let rel = e.path().strip_prefix(dir).unwrap_or(e.path()).to_string_lossy().into_owned();
+            let exec = e.metadata()?.permissions().mode() & 0o111 != 0;
+            let data = std::fs::read(e.path()).with_context(|| format!("read {}", e.path().display()))?;
+            h.update(format!("{rel}\0{exec}\0{}\0", data.len()).as_bytes());
+            h.update(&data);
         }
-        let rel = e.path().strip_prefix(dir).unwrap_or(e.path()).to_string_lossy().into_owned();
-        let exec = e.metadata()?.permissions().mode() & 0o111 != 0;
-        let data = std::fs::read(e.path()).with_context(|| format!("read {}", e.path().display()))?;
-        h.update(format!("{rel}\0{exec}\0{}\0", data.len()).as_bytes());
-        h.update(&data);
     }
     Ok(hex::encode(h.finalize()))
 }
@@ -257,23 +257,34 @@ mod tests {
     }
 
     #[test]
-    fn tree_hash_sees_a_one_line_edit_a_new_file_and_the_exec_bit() {
+    fn tree_hash_sees_a_one_line_edit_a_new_file_the_exec_bit_and_each_layer() {
         use std::os::unix::fs::PermissionsExt;
         let t = tempfile::tempdir().unwrap();
-        assert_eq!(tree_hash(&t.path().join("missing")).unwrap(), "");
+        let hash = |layers: &[&str]| {
+            tree_hash(&layers.iter().map(|l| t.path().join(l)).collect::<Vec<_>>()).unwrap()
+        };
+        assert_eq!(hash(&["missing"]), hash(&[]));
         std::fs::create_dir_all(t.path().join("p/sub")).unwrap();
         std::fs::write(t.path().join("p/a.hbs"), "line 1\nline 2\n").unwrap();
         std::fs::write(t.path().join("p/sub/b"), "x").unwrap();
-        let h0 = tree_hash(&t.path().join("p")).unwrap();
-        assert_eq!(h0, tree_hash(&t.path().join("p")).unwrap());
+        let h0 = hash(&["p"]);
+        assert_eq!(h0, hash(&["p"]));
         std::fs::write(t.path().join("p/a.hbs"), "line 1\nline 2 edited\n").unwrap();
-        let h1 = tree_hash(&t.path().join("p")).unwrap();
+        let h1 = hash(&["p"]);
         assert_ne!(h0, h1);
         std::fs::set_permissions(t.path().join("p/sub/b"), std::fs::Permissions::from_mode(0o755)).unwrap();
-        let h2 = tree_hash(&t.path().join("p")).unwrap();
+        let h2 = hash(&["p"]);
         assert_ne!(h1, h2);
         std::fs::write(t.path().join("p/c"), "").unwrap();
-        assert_ne!(h2, tree_hash(&t.path().join("p")).unwrap());
+        let h3 = hash(&["p"]);
+        assert_ne!(h2, h3);
+        // A base layer counts, and the same file in the base or in the overlay is a different lab.
+        std::fs::create_dir_all(t.path().join("base")).unwrap();
+        std::fs::write(t.path().join("base/d"), "d").unwrap();
+        let h4 = hash(&["base", "p"]);
+        assert_ne!(h3, h4);
+        std::fs::rename(t.path().join("base/d"), t.path().join("p/d")).unwrap();
+        assert_ne!(h4, hash(&["base", "p"]));
     }
 
     #[test]

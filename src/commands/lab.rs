@@ -43,7 +43,7 @@ pub fn plan(
         vm_name: vm_name.to_string(),
         box_id: box_id.to_string(),
         config: lab::config_fingerprint(cfg)?,
-        tree: lab::tree_hash(&cfg.resolve(&cfg.provision.source))?,
+        tree: lab::tree_hash(&cfg.template_layers())?,
     };
     let key = lab::lab_key(&inputs);
     let hit = Labs::open()?.get(&key)?;

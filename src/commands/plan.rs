@@ -31,7 +31,8 @@ impl<'a> Plan<'a> {
     /// to `ui`), and read the recorded state.
     pub fn build(cfg: &'a Config, dir: &'a StateDir, ui: &Ui) -> Result<Plan<'a>> {
         let source = cfg.resolve(&cfg.provision.source);
-        let lab = if cfg.provision.enabled != Some(false) && source.is_dir() {
+        let lab = if cfg.provision.enabled != Some(false) && cfg.template_layers().iter().all(|l| l.is_dir())
+        {
             Some(Lab::render(cfg, dir).with_context(|| crate::config::render_failed(&source))?)
         } else {
             None

@@ -29,26 +29,25 @@ fn resolved(out: &std::path::Path) -> std::path::PathBuf {
 
 pub fn render(ctx: &Ctx, args: &RenderArgs) -> Result<i32> {
     let cfg = ctx.config()?;
-    let source = cfg.resolve(&cfg.provision.source);
+    let layers = cfg.template_layers();
+    let source = layers.last().expect("the source layer").clone();
     let out = resolved(&args.out);
-    if let Ok(src) = source.canonicalize() {
-        if out.starts_with(&src) {
+    for layer in &layers {
+        if layer.canonicalize().is_ok_and(|src| out.starts_with(src)) {
             bail!(
                 "--out {} is inside the provision tree {}: the next render would pick up its own output\n\
                  hint: render somewhere else, e.g. --out /tmp/rendered",
                 shown(&args.out.display().to_string()),
-                source.display()
+                layer.display()
             );
         }
     }
     let state = ctx.state(&cfg);
     // The output directory is replaced whole: never the project, the provision tree or the machine's state (nor
     // a directory holding one of them), and never a directory inside the state (keys, disk).
-    let protected = [
-        (cfg.base_dir(), "this project"),
-        (source.clone(), "the provision tree"),
-        (state.root.clone(), "the machine's state directory"),
-    ];
+    let protected = [(cfg.base_dir(), "this project"), (state.root.clone(), "the machine's state directory")]
+        .into_iter()
+        .chain(layers.iter().map(|l| (l.clone(), "the provision tree")));
     for (dir, what) in protected {
         let Ok(dir) = dir.canonicalize() else { continue };
         if dir.starts_with(&out) || (what != "this project" && out.starts_with(&dir)) {

@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 
 use super::diag::{Diagnostic, Source};
 use super::{check_libvirt_uri, Config, Protocol};
-use crate::render::{render_tree, Secrets};
+use crate::render::{render_layers, Secrets};
 use crate::text::shown;
 
 /// What validation found.
@@ -416,22 +416,23 @@ pub fn cross(cfg: &Config, src: &Source, rendered: Option<&crate::render::Render
         return Ok(f);
     }
     let source = cfg.resolve(&cfg.provision.source);
-    if !source.is_dir() {
-        f.error(
-            src.at_path(
-                &["provision", "source"],
-                format!("provision directory {} does not exist", source.display()),
-            ),
-            "run from the directory holding the lab's provision/ tree, or set [provision] source to it",
-        );
-        return Ok(f);
+    for (key, dir) in [("base", cfg.provision.base.as_ref()), ("source", Some(&cfg.provision.source))] {
+        let Some(dir) = dir.map(|d| cfg.resolve(d)) else { continue };
+        if !dir.is_dir() {
+            f.error(
+                src.at_path(&["provision", key], format!("provision directory {} does not exist", dir.display())),
+                "run from the directory holding the lab's provision/ tree, or set [provision] source (and base) \
+                 to it",
+            );
+            return Ok(f);
+        }
     }
     let owned;
     let rendered = match rendered {
         Some(r) => r,
         None => {
-            owned =
-                render_tree(cfg, &source, &Secrets::generate()).with_context(|| render_failed(&source))?;
+            owned = render_layers(cfg, &cfg.template_layers(), &Secrets::generate())
+                .with_context(|| render_failed(&source))?;
             &owned
         }
     };

@@ -194,6 +194,18 @@ pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
+/// The shipped cluster example copied into `dir`, its `[provision] base` (the repo's lab, `../../provision`)
+/// pointed at the repo by absolute path.
+pub fn copy_cluster_example(dir: &Path) {
+    copy_dir(&repo().join("examples/cluster"), dir);
+    let _ = std::fs::remove_dir_all(dir.join(".provisioner"));
+    let cfg = dir.join("box-config.toml");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    let base = format!("base = {:?}", repo().join("provision").display().to_string());
+    assert!(text.contains("base = \"../../provision\""), "the example builds on the repo's lab");
+    std::fs::write(&cfg, text.replace("base = \"../../provision\"", &base)).unwrap();
+}
+
 /// Copy a directory tree, keeping modes.
 pub fn copy_dir(from: &Path, to: &Path) {
     for e in walkdir::WalkDir::new(from) {
