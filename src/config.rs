@@ -534,6 +534,12 @@ impl Config {
         self.provision.base.iter().chain([&self.provision.source]).map(|p| self.resolve(p)).collect()
     }
 
+    /// A `[[machine]]`'s `profiles` (empty for a single machine): compose profiles `up` activates, and what
+    /// templates see as `cluster.profiles`.
+    pub fn compose_profiles(&self) -> &[String] {
+        self.member.as_ref().map_or(&[], |m| &m.profiles)
+    }
+
     pub fn hostname(&self) -> &str {
         self.machine.hostname.as_deref().unwrap_or(&self.machine.name)
     }

@@ -111,6 +111,9 @@ fn cross_machine_rules_are_errors_at_their_line_and_column() {
     // A machine's own rules point into its entry.
     let e = errors_of(&format!("{BOX}[[machine]]\nname = \"a\"\n[[machine]]\nname = \"B\"\n"));
     assert!(e.contains("box-config.toml:6:8: machine name \"B\" is not allowed"), "{e}");
+    // Profiles are passed to compose as `--profile`: its naming rule, at the offending entry.
+    let e = errors_of(&format!("{BOX}[[machine]]\nname = \"a\"\nprofiles = [\"app\", \"-x\"]\n"));
+    assert!(e.contains("box-config.toml:5:20: profile \"-x\" is not a compose profile name"), "{e}");
 }
 
 #[test]

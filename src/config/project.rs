@@ -76,8 +76,8 @@ struct MachineEntry {
     base_box: Option<BoxConfig>,
     #[serde(default, rename = "forward")]
     forwards: Vec<Forward>,
-    /// Compose profiles this machine runs (templates see them as `machine.profiles`; written to the rendered
-    /// tree's `.env` as `COMPOSE_PROFILES` by the lab's template).
+    /// Compose profiles this machine runs: `up` passes each as `--profile`, and templates see them as
+    /// `cluster.profiles`.
     #[serde(default)]
     profiles: Vec<String>,
     provision: Option<MachineProvision>,
@@ -388,6 +388,19 @@ fn expand(path: &Path, bytes: &[u8]) -> anyhow::Result<Vec<Config>> {
                 ));
             } else {
                 primary = Some(i);
+            }
+        }
+        for (j, p) in e.profiles.iter().enumerate() {
+            // Compose's own rule for profile names.
+            let ok = p.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
+                && p.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
+            if !ok {
+                errors.push(err(
+                    &src,
+                    &["machine", &idx, "profiles", &j.to_string()],
+                    format!("profile \"{}\" is not a compose profile name", shown(p)),
+                    "start with a letter or digit, then letters, digits, '_', '.' or '-'",
+                ));
             }
         }
         if e.base_box.is_none() && pf.base_box.is_none() {

@@ -247,6 +247,8 @@ pub struct Compose {
     pub dir: String,
     pub project: String,
     pub file: String,
+    /// The machine's `profiles`, passed as `--profile` so services in those compose profiles start too.
+    pub profiles: Vec<String>,
 }
 
 impl Compose {
@@ -256,8 +258,10 @@ impl Compose {
             ComposeKind::V2 => "docker compose",
             ComposeKind::V1 => "docker-compose",
         };
+        let profiles: String =
+            self.profiles.iter().map(|p| format!(" --profile {}", shell_quote(p))).collect();
         format!(
-            "cd {} && sudo -n {bin} -p {} -f {} {args}",
+            "cd {} && sudo -n {bin} -p {} -f {}{profiles} {args}",
             shell_quote(&self.dir),
             shell_quote(&self.project),
             shell_quote(&self.file)
@@ -537,6 +541,7 @@ volumes:
             dir: "/opt/provision".into(),
             project: project_name("Lab_1"),
             file: "compose.yaml".into(),
+            profiles: Vec::new(),
         };
         assert_eq!(
             c.cmd("up -d"),
@@ -544,5 +549,11 @@ volumes:
         );
         let c = Compose { kind: ComposeKind::V2, ..c };
         assert!(c.cmd("pull").contains("sudo -n docker compose -p provisioner-lab-1 -f compose.yaml pull"));
+        let c = Compose { profiles: vec!["app".into(), "it's".into()], ..c };
+        assert!(
+            c.cmd("up -d").ends_with("-f compose.yaml --profile app --profile 'it'\\''s' up -d"),
+            "{}",
+            c.cmd("up -d")
+        );
     }
 }

@@ -49,16 +49,21 @@ impl Lab {
     /// [`split_services`]), else the probe table (every entry available).
     pub fn services(&self, cfg: &Config) -> (Vec<String>, Vec<String>) {
         match &self.model {
-            Ok(model) => split_services(model, cfg.provision.images),
+            Ok(model) => split_services(model, cfg.provision.images, cfg.compose_profiles()),
             Err(_) => (cfg.health_probes().into_keys().collect(), Vec::new()),
         }
     }
 }
 
-/// Services `up -d` starts (no compose profile), and those reported "unavailable offline": in `debian` mode, a
-/// profiled service that nothing can build offline (grafana, cadvisor). Other profiled services (e.g. the lab's
-/// on-demand `loadgen`, whose image another service builds) are neither.
-pub fn split_services(model: &ComposeModel, images: ImageSource) -> (Vec<String>, Vec<String>) {
+/// Services `up -d` starts (no compose profile, or one of the machine's `profiles`, which `up` passes as
+/// `--profile`), and those reported "unavailable offline": in `debian` mode, a profiled service that nothing can
+/// build offline (grafana, cadvisor). Other profiled services (e.g. the lab's on-demand `loadgen`, whose image
+/// another service builds) are neither.
+pub fn split_services(
+    model: &ComposeModel,
+    images: ImageSource,
+    active_profiles: &[String],
+) -> (Vec<String>, Vec<String>) {
     let built_images: Vec<&str> = model
         .services
         .iter()
@@ -68,7 +73,7 @@ pub fn split_services(model: &ComposeModel, images: ImageSource) -> (Vec<String>
     let mut active = Vec::new();
     let mut unavailable = Vec::new();
     for s in &model.services {
-        if s.profiles.is_empty() {
+        if s.profiles.is_empty() || s.profiles.iter().any(|p| active_profiles.contains(p)) {
             active.push(s.name.clone());
         } else if images == ImageSource::Debian
             && s.build_context.is_none()
@@ -87,6 +92,7 @@ pub fn compose_for(cfg: &Config, model: &ComposeModel, kind: compose::ComposeKin
         dir: cfg.provision.guest_path.clone(),
         project: compose::project_name(&cfg.machine.name),
         file: model.file.clone(),
+        profiles: cfg.compose_profiles().to_vec(),
     }
 }
 
@@ -127,7 +133,7 @@ pub fn provision(
     phase.done(&summary);
 
     let compose = compose_for(cfg, model, ready.compose);
-    let (active, unavailable) = split_services(model, cfg.provision.images);
+    let (active, unavailable) = split_services(model, cfg.provision.images, cfg.compose_profiles());
 
     let phase = ui.phase("upload");
     let guest_path = &cfg.provision.guest_path;
@@ -295,11 +301,15 @@ mod tests {
     #[test]
     fn profiles_are_unavailable_offline_only_in_debian_mode() {
         let m = ComposeModel::parse("compose.yaml", LAB).unwrap();
-        let (a, u) = split_services(&m, ImageSource::Debian);
+        let (a, u) = split_services(&m, ImageSource::Debian, &[]);
         assert_eq!(a, ["demo-app", "prometheus"]);
         assert_eq!(u, ["grafana", "cadvisor"]);
-        let (a, u) = split_services(&m, ImageSource::Registry);
+        let (a, u) = split_services(&m, ImageSource::Registry, &[]);
         assert_eq!(a, ["demo-app", "prometheus"], "registry-mode compose files put no service in a profile");
+        assert!(u.is_empty());
+        // A machine's `profiles` start the services of those compose profiles too.
+        let (a, u) = split_services(&m, ImageSource::Registry, &["load".into(), "other".into()]);
+        assert_eq!(a, ["demo-app", "prometheus", "loadgen"]);
         assert!(u.is_empty());
     }
 
