@@ -93,7 +93,7 @@ fn cross_machine_rules_are_errors_at_their_line_and_column() {
         "box-config.toml:18:11: a second primary machine (\"a\" is primary at line 9)",
         "box-config.toml:19:6: ip 10.77.0.5 is already given to machine \"a\"",
         "box-config.toml:23:6: ip 10.78.0.5 is outside the subnet 10.77.0.0/24 of [network]",
-        "box-config.toml:27:8: host port 18000 is already used by machine \"a\" (a forward)",
+        "box-config.toml:27:8: host port 18000 is already used by machine \"a\" (a forward on 127.0.0.1)",
         "box-config.toml:31:6: ip 10.77.0.255 is the broadcast address of 10.77.0.0/24",
     ] {
         assert!(e.contains(want), "missing {want:?} in:\n{e}");
@@ -114,6 +114,45 @@ fn cross_machine_rules_are_errors_at_their_line_and_column() {
     // Profiles are passed to compose as `--profile`: its naming rule, at the offending entry.
     let e = errors_of(&format!("{BOX}[[machine]]\nname = \"a\"\nprofiles = [\"app\", \"-x\"]\n"));
     assert!(e.contains("box-config.toml:5:20: profile \"-x\" is not a compose profile name"), "{e}");
+}
+
+/// A host port clashes only on the same libvirt host and overlapping bind addresses: another `host_ip` or a
+/// machine on another host (`[machine.libvirt] uri`) may reuse it; a wildcard bind clashes with any address.
+#[test]
+fn host_ports_clash_per_host_and_bind_address() {
+    let fwd =
+        |host_ip: &str| format!("[[machine.forward]]\nguest = 8000\nhost = 18000\nhost_ip = \"{host_ip}\"\n");
+    let remote = "[machine.libvirt]\nuri = \"qemu+ssh://lab@far.example/system\"\n";
+    let file = |b_ip: &str, b_remote: bool| {
+        format!(
+            "{BOX}[[machine]]\nname = \"a\"\n{}[[machine]]\nname = \"b\"\n{}{}",
+            fwd("127.0.0.1"),
+            fwd(b_ip),
+            if b_remote { remote } else { "" }
+        )
+    };
+    let ok = |toml: String| {
+        let t = Test::new();
+        t.write("box-config.toml", toml);
+        std::fs::create_dir_all(t.path().join("provision")).unwrap();
+        Test::new().cwd(t.path()).arg("validate").run()
+    };
+    let r = ok(file("127.0.0.2", false));
+    assert!(!r.stderr().contains("already used"), "another loopback address: {}", r.stderr());
+    let r = ok(file("127.0.0.1", true));
+    assert!(!r.stderr().contains("already used"), "another host: {}", r.stderr());
+    let e = errors_of(&file("0.0.0.0", false));
+    assert!(
+        e.contains(
+            "box-config.toml:13:8: host port 18000 is already used by machine \"a\" (a forward on 127.0.0.1)"
+        ),
+        "{e}"
+    );
+    // A machine's own URI is checked at its own position.
+    let e = errors_of(&format!(
+        "{BOX}[[machine]]\nname = \"a\"\n[machine.libvirt]\nuri = \"qemu+ssh://h/system?command=x\"\n"
+    ));
+    assert!(e.contains("box-config.toml:6:7:") && e.contains("`command`"), "{e}");
 }
 
 #[test]

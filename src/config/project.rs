@@ -81,10 +81,33 @@ struct MachineEntry {
     #[serde(default)]
     profiles: Vec<String>,
     provision: Option<MachineProvision>,
+    /// The machine's own libvirt host and pool (e.g. one machine on a remote host).
+    libvirt: Option<MachineLibvirt>,
     #[serde(default)]
     vars: BTreeMap<String, toml::Value>,
     #[serde(default)]
     health: BTreeMap<String, HealthProbe>,
+}
+
+/// What a machine may change of the shared `[libvirt]`: its host (URI) and the storage pool there.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MachineLibvirt {
+    uri: Option<String>,
+    pool: Option<String>,
+}
+
+/// The host a libvirt URI reaches ("" for this machine): where a machine's forwarded ports are bound.
+fn libvirt_host(uri: &str) -> String {
+    let rest = uri.split_once("://").map_or("", |(_, r)| r);
+    let authority = rest.split('/').next().unwrap_or("");
+    authority.rsplit('@').next().unwrap_or("").to_ascii_lowercase()
+}
+
+/// Two bind addresses of one host overlap when they are equal or either is a wildcard.
+fn binds_overlap(a: &str, b: &str) -> bool {
+    let any = |ip: &str| matches!(ip, "" | "0.0.0.0" | "::" | "[::]");
+    a == b || any(a) || any(b)
 }
 
 /// What a machine may change of the shared `[provision]`.
@@ -148,6 +171,7 @@ pub struct Member {
     pub peers: Vec<Peer>,
     own_box: bool,
     own_provision: bool,
+    own_libvirt: bool,
 }
 
 impl Member {
@@ -162,6 +186,9 @@ impl Member {
         }
         if self.own_provision {
             v.push(("provision".into(), at(&["provision"])));
+        }
+        if self.own_libvirt {
+            v.push(("libvirt".into(), at(&["libvirt"])));
         }
         v
     }
@@ -478,38 +505,71 @@ fn expand(path: &Path, bytes: &[u8]) -> anyhow::Result<Vec<Config>> {
         }
     }
 
-    // Host ports across machines.
-    let mut ports: BTreeMap<(Protocol, u16), (usize, String)> = BTreeMap::new();
+    // Host ports across machines: a clash is the same protocol and port on the same libvirt host, on
+    // overlapping bind addresses (equal, or either a wildcard).
+    struct Claim {
+        machine: usize,
+        host: String,
+        ip: String,
+        proto: Protocol,
+        port: u16,
+        what: &'static str,
+    }
+    let mut claimed: Vec<Claim> = Vec::new();
     for (i, e) in pf.machine.iter().enumerate() {
         let idx = i.to_string();
-        let mut claims: Vec<(Protocol, u16, Vec<String>)> = Vec::new();
+        let uri = e.libvirt.as_ref().and_then(|l| l.uri.as_deref()).unwrap_or(&pf.libvirt.uri);
+        let host = libvirt_host(uri);
+        let mut claims: Vec<(Claim, Vec<String>)> = Vec::new();
         if let Some(p) = e.ssh_port.filter(|p| *p != 0) {
-            claims.push((Protocol::Tcp, p, vec!["machine".into(), idx.clone(), "ssh_port".into()]));
+            let c = Claim {
+                machine: i,
+                host: host.clone(),
+                ip: pf.ssh.host_ip.clone(),
+                proto: Protocol::Tcp,
+                port: p,
+                what: "its ssh_port",
+            };
+            claims.push((c, vec!["machine".into(), idx.clone(), "ssh_port".into()]));
         }
         for (j, f) in e.forwards.iter().enumerate() {
+            let c = Claim {
+                machine: i,
+                host: host.clone(),
+                ip: f.host_ip.clone(),
+                proto: f.protocol,
+                port: f.host,
+                what: "a forward",
+            };
             claims.push((
-                f.protocol,
-                f.host,
+                c,
                 vec!["machine".into(), idx.clone(), "forward".into(), j.to_string(), "host".into()],
             ));
         }
-        for (proto, port, at) in claims {
+        for (c, at) in claims {
             let at: Vec<&str> = at.iter().map(String::as_str).collect();
-            match ports.get(&(proto, port)) {
-                Some((other, what)) if *other != i => errors.push(err(
+            let clash = claimed.iter().find(|o| {
+                o.machine != i
+                    && o.proto == c.proto
+                    && o.port == c.port
+                    && o.host == c.host
+                    && binds_overlap(&o.ip, &c.ip)
+            });
+            if let Some(o) = clash {
+                errors.push(err(
                     &src,
                     &at,
                     format!(
-                        "host port {port} is already used by machine \"{}\" ({what})",
-                        shown(&pf.machine[*other].name)
+                        "host port {} is already used by machine \"{}\" ({} on {})",
+                        c.port,
+                        shown(&pf.machine[o.machine].name),
+                        o.what,
+                        if o.ip.is_empty() { "every address" } else { &o.ip }
                     ),
-                    "every machine's forwards and ssh_port need host ports of their own",
-                )),
-                Some(_) => {}
-                None => {
-                    let what = if at.last() == Some(&"ssh_port") { "its ssh_port" } else { "a forward" };
-                    ports.insert((proto, port), (i, what.to_string()));
-                }
+                    "every machine's forwards and ssh_port need host ports of their own (or another host_ip)",
+                ));
+            } else {
+                claimed.push(c);
             }
         }
     }
@@ -558,7 +618,14 @@ fn expand(path: &Path, bytes: &[u8]) -> anyhow::Result<Vec<Config>> {
             },
             vars,
             health,
-            libvirt: pf.libvirt.clone(),
+            libvirt: LibvirtConfig {
+                uri: e.libvirt.as_ref().and_then(|l| l.uri.clone()).unwrap_or_else(|| pf.libvirt.uri.clone()),
+                pool: e
+                    .libvirt
+                    .as_ref()
+                    .and_then(|l| l.pool.clone())
+                    .unwrap_or_else(|| pf.libvirt.pool.clone()),
+            },
             virtualbox: pf.virtualbox.clone(),
             path: path.to_path_buf(),
             source_text: Some(text.to_string()),
@@ -572,6 +639,7 @@ fn expand(path: &Path, bytes: &[u8]) -> anyhow::Result<Vec<Config>> {
                 peers: peers.clone(),
                 own_box: e.base_box.is_some(),
                 own_provision: e.provision.is_some(),
+                own_libvirt: e.libvirt.is_some(),
             }),
         };
         let local = check::local(&cfg, &cfg.source());
