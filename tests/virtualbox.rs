@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use provisioner::config::{Config, Firmware, Forward, Protocol};
+use provisioner::machine::state::MachineState;
 use provisioner::machine::StateDir;
 use provisioner::provider::virtualbox::{self, VirtualBox};
 use provisioner::provider::{BoxImage, MachineSpec, Provider, VmState};
@@ -152,6 +153,17 @@ fn golden(name: &str, calls: &[String]) {
     assert_eq!(got, want, "VBoxManage calls differ from {}", path.display());
 }
 
+/// `Provider::create` as `up` calls it: with the machine's recorded state (state.json, where VirtualBox keeps the
+/// VM's UUID between runs).
+fn create(p: &impl Provider, spec: &MachineSpec) -> anyhow::Result<()> {
+    let mut st = MachineState::load(&spec.state).unwrap().unwrap_or_else(|| MachineState {
+        provider: "virtualbox".into(),
+        vm_name: spec.vm_name.clone(),
+        ..Default::default()
+    });
+    p.create(spec, &mut st)
+}
+
 fn err_text(e: anyhow::Error) -> String {
     format!("{e:#}")
 }
@@ -160,7 +172,7 @@ fn err_text(e: anyhow::Error) -> String {
 fn first_machine_imports_the_box_once_snapshots_and_links_a_clone() {
     let b = Bench::new();
     let spec = b.spec("web", WEB, 2222);
-    b.vbox.create(&spec).unwrap();
+    create(&b.vbox, &spec).unwrap();
     b.vbox.start(WEB).unwrap();
     golden("first_create_start", &b.take_calls());
 
@@ -176,7 +188,7 @@ fn first_machine_imports_the_box_once_snapshots_and_links_a_clone() {
 
     // create again while running: nothing is changed, nothing imported or cloned.
     b.take_calls();
-    b.vbox.create(&spec).unwrap();
+    create(&b.vbox, &spec).unwrap();
     let again = b.take_calls();
     assert_eq!(
         again,
@@ -188,10 +200,10 @@ fn first_machine_imports_the_box_once_snapshots_and_links_a_clone() {
 #[test]
 fn second_machine_is_only_a_clone() {
     let b = Bench::new();
-    b.vbox.create(&b.spec("web", WEB, 2222)).unwrap();
+    create(&b.vbox, &b.spec("web", WEB, 2222)).unwrap();
     b.take_calls();
     let db = b.spec("db", DB, 2224);
-    b.vbox.create(&db).unwrap();
+    create(&b.vbox, &db).unwrap();
     b.vbox.start(DB).unwrap();
     let calls = b.take_calls();
     golden("second_create_start", &calls);
@@ -203,11 +215,11 @@ fn second_machine_is_only_a_clone() {
 fn stopped_machine_gets_config_changes_on_create() {
     let b = Bench::new();
     let mut spec = b.spec("web", WEB, 2222);
-    b.vbox.create(&spec).unwrap();
+    create(&b.vbox, &spec).unwrap();
     b.take_calls();
     spec.cpus = 4;
     spec.forwards[1].host = 3300;
-    b.vbox.create(&spec).unwrap();
+    create(&b.vbox, &spec).unwrap();
     golden("recreate_stopped", &b.take_calls());
     let web = b.vm(WEB).unwrap();
     assert_eq!(web["cpus"], 4);
@@ -219,7 +231,7 @@ fn stopped_machine_gets_config_changes_on_create() {
 fn halt_presses_the_power_button_and_waits_then_forces() {
     let b = Bench::new();
     let spec = b.spec("web", WEB, 2222);
-    b.vbox.create(&spec).unwrap();
+    create(&b.vbox, &spec).unwrap();
     b.vbox.start(WEB).unwrap();
     b.take_calls();
     b.vbox.halt(WEB, Duration::from_secs(30), false).unwrap();
@@ -255,7 +267,7 @@ fn halt_presses_the_power_button_and_waits_then_forces() {
 fn destroy_removes_the_clone_and_its_disks_and_keeps_the_master() {
     let b = Bench::new();
     let spec = b.spec("web", WEB, 2222);
-    b.vbox.create(&spec).unwrap();
+    create(&b.vbox, &spec).unwrap();
     b.vbox.start(WEB).unwrap();
     let clone_dir = b.double_dir().join("VirtualBox VMs").join(WEB);
     assert!(clone_dir.join("Snapshots").is_dir());
@@ -278,7 +290,7 @@ fn destroy_on_virtualbox_6_falls_back_to_delete() {
     b.settings(serde_json::json!({"version": "6.1.50r161033"}));
     let spec = b.spec("web", WEB, 2222);
     b.vbox.preflight().unwrap();
-    b.vbox.create(&spec).unwrap();
+    create(&b.vbox, &spec).unwrap();
     b.take_calls();
     b.vbox.destroy(WEB, &spec.state).unwrap();
     let calls = b.take_calls();
@@ -305,9 +317,9 @@ fn import_killed_midway_says_which_folder_to_delete() {
     let b = Bench::new();
     let spec = b.spec("web", WEB, 2222);
     b.settings(serde_json::json!({"die_during": "import"}));
-    assert!(b.vbox.create(&spec).is_err());
+    assert!(create(&b.vbox, &spec).is_err());
     b.settings(serde_json::json!({}));
-    let e = err_text(b.vbox.create(&spec).unwrap_err());
+    let e = err_text(create(&b.vbox, &spec).unwrap_err());
     assert!(e.contains("already exists") && e.contains("delete the folder named in the message"), "{e}");
     assert!(e.contains("import the box"), "{e}");
 }
@@ -315,7 +327,7 @@ fn import_killed_midway_says_which_folder_to_delete() {
 #[test]
 fn known_failures_carry_advice() {
     let b = Bench::new();
-    b.vbox.create(&b.spec("web", WEB, 2222)).unwrap();
+    create(&b.vbox, &b.spec("web", WEB, 2222)).unwrap();
     for (kind, want) in [
         ("vtx", "bcdedit /set hypervisorlaunchtype off"),
         ("amdv", "Hyper-V"),
@@ -341,10 +353,10 @@ fn interrupted_import_is_completed_not_repeated() {
     let b = Bench::new();
     let spec = b.spec("web", WEB, 2222);
     b.settings(serde_json::json!({"die_after": "import"}));
-    let e = err_text(b.vbox.create(&spec).unwrap_err());
+    let e = err_text(create(&b.vbox, &spec).unwrap_err());
     assert!(e.contains("exit code 137"), "{e}");
     assert!(b.vm(MASTER).is_some() && b.vm(MASTER).unwrap()["snapshots"].as_array().unwrap().is_empty());
-    b.vbox.create(&spec).unwrap();
+    create(&b.vbox, &spec).unwrap();
     let calls = b.take_calls();
     assert_eq!(calls.iter().filter(|c| c.starts_with("import ")).count(), 1, "{calls:#?}");
     assert_eq!(calls.iter().filter(|c| c.starts_with("snapshot ")).count(), 1, "{calls:#?}");
@@ -356,11 +368,11 @@ fn half_made_clone_is_recreated_not_leaked() {
     let b = Bench::new();
     let spec = b.spec("web", WEB, 2222);
     b.settings(serde_json::json!({"die_after": "clonevm"}));
-    assert!(b.vbox.create(&spec).is_err());
+    assert!(create(&b.vbox, &spec).is_err());
     let half = b.vm(WEB).expect("clone registered before the kill");
     assert_eq!(half["description"], "", "no completion marker");
     b.take_calls();
-    b.vbox.create(&spec).unwrap();
+    create(&b.vbox, &spec).unwrap();
     golden("resume_half_made_clone", &b.take_calls());
     let names: Vec<String> = b.vms().iter().map(|v| v["name"].as_str().unwrap().to_string()).collect();
     assert_eq!(names, [MASTER, WEB]);
@@ -376,8 +388,8 @@ fn parallel_creates_import_the_box_once() {
     let b = Bench::new();
     let (web, db) = (b.spec("web", WEB, 2222), b.spec("db", DB, 2224));
     std::thread::scope(|s| {
-        let one = s.spawn(|| b.vbox.create(&web));
-        let two = s.spawn(|| b.vbox.create(&db));
+        let one = s.spawn(|| create(&b.vbox, &web));
+        let two = s.spawn(|| create(&b.vbox, &db));
         one.join().unwrap().unwrap();
         two.join().unwrap().unwrap();
     });
@@ -391,7 +403,7 @@ fn non_ovf_box_is_refused_with_advice() {
     let b = Bench::new();
     let mut spec = b.spec("web", WEB, 2222);
     spec.base.format = "qcow2".into();
-    let e = err_text(b.vbox.create(&spec).unwrap_err());
+    let e = err_text(create(&b.vbox, &spec).unwrap_err());
     assert!(e.contains("needs an OVF box") && e.contains("provider = \"libvirt\""), "{e}");
     assert!(b.take_calls().is_empty(), "nothing run");
 }
@@ -399,7 +411,7 @@ fn non_ovf_box_is_refused_with_advice() {
 #[test]
 fn the_double_rejects_what_the_manual_does_not_allow() {
     let b = Bench::new();
-    b.vbox.create(&b.spec("web", WEB, 2222)).unwrap();
+    create(&b.vbox, &b.spec("web", WEB, 2222)).unwrap();
     let run = |args: &[&str]| {
         let out = std::process::Command::new(&b.vbox.vboxmanage).args(args).output().unwrap();
         (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
@@ -838,7 +850,7 @@ fn e2e_real_virtualbox() {
     spec.forwards.truncate(1);
     spec.forwards[0].host = port;
     let vm = spec.vm_name.clone();
-    vbox.create(&spec).unwrap();
+    create(&vbox, &spec).unwrap();
     vbox.start(&vm).unwrap();
     let addr = vbox.ssh_endpoint(&vm, &spec.state).unwrap();
     assert_eq!(addr.port(), port);
@@ -869,7 +881,7 @@ fn e2e_real_virtualbox() {
 fn snapshot_restore_powers_off_a_running_vm_restores_and_starts_it_again() {
     let b = Bench::new();
     let spec = b.spec("web", WEB, 2222);
-    b.vbox.create(&spec).unwrap();
+    create(&b.vbox, &spec).unwrap();
     b.vbox.start(WEB).unwrap();
     b.take_calls();
     b.vbox.snapshot_save(WEB, "clean").unwrap();
@@ -886,7 +898,7 @@ fn snapshot_restore_powers_off_a_running_vm_restores_and_starts_it_again() {
 #[test]
 fn snapshot_restore_of_a_stopped_vm_leaves_it_as_the_snapshot_was() {
     let b = Bench::new();
-    b.vbox.create(&b.spec("web", WEB, 2222)).unwrap();
+    create(&b.vbox, &b.spec("web", WEB, 2222)).unwrap();
     b.vbox.snapshot_save(WEB, "off").unwrap();
     b.vbox.start(WEB).unwrap();
     b.vbox.snapshot_save(WEB, "on").unwrap();
@@ -904,7 +916,7 @@ fn snapshot_restore_of_a_stopped_vm_leaves_it_as_the_snapshot_was() {
 #[test]
 fn the_double_refuses_a_restore_while_running_as_virtualbox_does() {
     let b = Bench::new();
-    b.vbox.create(&b.spec("web", WEB, 2222)).unwrap();
+    create(&b.vbox, &b.spec("web", WEB, 2222)).unwrap();
     b.vbox.start(WEB).unwrap();
     b.vbox.snapshot_save(WEB, "s").unwrap();
     let out = std::process::Command::new(&b.vbox.vboxmanage)
@@ -923,7 +935,7 @@ fn the_double_refuses_a_restore_while_running_as_virtualbox_does() {
 #[test]
 fn suspend_saves_state_and_resume_starts_from_it() {
     let b = Bench::new();
-    b.vbox.create(&b.spec("web", WEB, 2222)).unwrap();
+    create(&b.vbox, &b.spec("web", WEB, 2222)).unwrap();
     let err = err_text(b.vbox.suspend(WEB).unwrap_err());
     assert!(err.contains("only a running machine can be suspended") && err.contains("hint:"), "{err}");
     let err = err_text(b.vbox.resume(WEB).unwrap_err());
@@ -955,8 +967,8 @@ fn private_network_is_an_internal_network_on_nic2() {
     web.private_net = Some(nic("web", "10.77.0.11"));
     let mut db = b.spec("db", DB, 2224);
     db.private_net = Some(nic("db", "10.77.0.12"));
-    b.vbox.create(&web).unwrap();
-    b.vbox.create(&db).unwrap();
+    create(&b.vbox, &web).unwrap();
+    create(&b.vbox, &db).unwrap();
     let calls = b.take_calls();
     let hex = |m: &str| m.replace(':', "").to_uppercase();
     for (vm, spec) in [(WEB, &web), (DB, &db)] {
@@ -982,7 +994,7 @@ fn private_network_is_an_internal_network_on_nic2() {
 
     // The network removed from the config: NIC 2 goes on the next create of the stopped machine.
     web.private_net = None;
-    b.vbox.create(&web).unwrap();
+    create(&b.vbox, &web).unwrap();
     let again = b.take_calls();
     assert!(again.iter().any(|c| c.contains("--nic2 none")), "{again:#?}");
     assert_eq!(b.vm(WEB).unwrap()["nics"]["2"], "none");

@@ -77,7 +77,15 @@ pub fn restore(p: &dyn Provider, spec: &MachineSpec, plan: &mut Plan, ui: &Ui) -
 
 /// Keep a capture of the machine just created by this `up`. Best effort: a failure is a warning, the machine
 /// is fine either way.
-pub fn capture(cfg: &Config, p: &dyn Provider, vm_name: &str, state: &StateDir, plan: &Plan, ui: &Ui) {
+pub fn capture(
+    cfg: &Config,
+    p: &dyn Provider,
+    vm_name: &str,
+    state: &StateDir,
+    box_id: Option<&str>,
+    plan: &Plan,
+    ui: &Ui,
+) {
     let ph = ui.phase("cache lab");
     let start = Instant::now();
     let result = (|| -> Result<Option<LabMeta>> {
@@ -86,14 +94,13 @@ pub fn capture(cfg: &Config, p: &dyn Provider, vm_name: &str, state: &StateDir, 
         let done = (|| -> Result<Option<LabMeta>> {
             let Some(data) = p.lab_capture(vm_name, state, &partial)? else { return Ok(None) };
             lab::copy_keys(&state.root, &partial.join("keys"))?;
-            let st = crate::machine::state::MachineState::load(state)?.unwrap_or_default();
             let meta = LabMeta {
                 key: plan.key.clone(),
                 machine: cfg.machine.name.clone(),
                 vm_name: vm_name.to_string(),
                 project_dir: cfg.base_dir().display().to_string(),
                 provider: p.name().to_string(),
-                box_id: st.box_id.unwrap_or_default(),
+                box_id: box_id.unwrap_or_default().to_string(),
                 provider_data: data,
                 created: String::new(),
                 size: 0,

@@ -241,6 +241,7 @@ fn up_locked(ctx: &Ctx, m: &Machine, p: &dyn Provider, args: &UpArgs) -> Result<
     }
     ph.done("done");
 
+    let box_id = plan.state.as_ref().and_then(|s| s.box_id.as_deref());
     let render = match (&plan.lab, provisioning) {
         (Some(render), true) => render,
         _ => {
@@ -252,7 +253,7 @@ fn up_locked(ctx: &Ctx, m: &Machine, p: &dyn Provider, args: &UpArgs) -> Result<
             ));
             // A machine without provisioning is cached as booted; `--no-provision` leaves it unprovisioned.
             if let Some(cache) = lab.as_ref().filter(|l| !l.restored && !args.no_provision) {
-                super::lab::capture(&m.cfg, p, &m.vm_name, &m.state, cache, ui);
+                super::lab::capture(&m.cfg, p, &m.vm_name, &m.state, box_id, cache, ui);
             }
             report_counts(ui);
             return Ok(crate::exit::OK);
@@ -274,7 +275,7 @@ fn up_locked(ctx: &Ctx, m: &Machine, p: &dyn Provider, args: &UpArgs) -> Result<
         &unavailable,
     )?;
     if let Some(cache) = lab.as_ref().filter(|l| healthy && !l.restored) {
-        super::lab::capture(&m.cfg, p, &m.vm_name, &m.state, cache, ui);
+        super::lab::capture(&m.cfg, p, &m.vm_name, &m.state, box_id, cache, ui);
     }
     report_counts(ui);
     Ok(if healthy { crate::exit::OK } else { crate::exit::UNHEALTHY })
@@ -380,10 +381,10 @@ fn boot(
     {
         // The machines of one project share their private network: one creates it at a time.
         let _project = project_lock(&m.cfg)?;
-        p.create(&spec)?;
+        // The provider may record the VM's id (VirtualBox's UUID) in `st` (and state.json).
+        p.create(&spec, &mut st)?;
     }
-    // The provider may have recorded the VM's id (VirtualBox's UUID) in state.json: the one read after create.
-    *recorded = Some(MachineState::load(&m.state)?.unwrap_or(st));
+    *recorded = Some(st);
     ph.done(&format!("{} ({})", m.vm_name, accel.label()));
 
     let ph = ui.phase("boot");

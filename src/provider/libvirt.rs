@@ -478,7 +478,7 @@ impl Provider for Libvirt {
         Ok(parse_domstate(&out.stdout))
     }
 
-    fn create(&self, spec: &MachineSpec) -> Result<()> {
+    fn create(&self, spec: &MachineSpec, _recorded: &mut MachineState) -> Result<()> {
         let existing = self.dumpxml(&spec.vm_name)?;
         if let Some(xml) = &existing {
             self.check_ours(&spec.vm_name, xml, &spec.state)?;

@@ -113,7 +113,9 @@ pub trait Provider {
     /// Live state of the VM named `vm_name` (one hypervisor call).
     fn state(&self, vm_name: &str) -> Result<VmState>;
     /// Define/import the VM (disk overlay, seed attached, forwards); idempotent: an existing VM of ours is kept.
-    fn create(&self, spec: &MachineSpec) -> Result<()>;
+    /// `recorded` is the machine's state.json as saved by `up`; a provider that identifies VMs by an id of its
+    /// own (VirtualBox's UUID) records it there, and saves it, before the VM is made.
+    fn create(&self, spec: &MachineSpec, recorded: &mut crate::machine::state::MachineState) -> Result<()>;
     fn start(&self, vm_name: &str) -> Result<()>;
     /// Graceful shutdown, waiting up to `timeout`, then forced off.
     fn halt(&self, vm_name: &str, timeout: Duration, force: bool) -> Result<()>;

@@ -407,12 +407,7 @@ fn new_uuid() -> String {
 }
 
 /// Record the VM's UUID in state.json (before the VM is made with it).
-fn record_uuid(spec: &MachineSpec, uuid: &str) -> Result<()> {
-    let mut st = MachineState::load(&spec.state)?.unwrap_or_else(|| MachineState {
-        provider: "virtualbox".into(),
-        vm_name: spec.vm_name.clone(),
-        ..Default::default()
-    });
+fn record_uuid(spec: &MachineSpec, st: &mut MachineState, uuid: &str) -> Result<()> {
     if st.vm_id.as_deref() != Some(uuid) {
         st.vm_id = Some(uuid.to_string());
         st.save(&spec.state)?;
@@ -574,7 +569,7 @@ impl Provider for VirtualBox {
         })
     }
 
-    fn create(&self, spec: &MachineSpec) -> Result<()> {
+    fn create(&self, spec: &MachineSpec, recorded: &mut MachineState) -> Result<()> {
         if spec.base.format != "ovf" {
             bail!(
                 "the VirtualBox provider needs an OVF box, but this box is {} ({}).\n\
@@ -585,9 +580,9 @@ impl Provider for VirtualBox {
             );
         }
         let master = self.ensure_master(&spec.base)?;
-        let recorded = MachineState::load(&spec.state)?.and_then(|st| st.vm_id);
-        let mut uuid = recorded.clone();
-        if let Some(i) = self.find(spec, recorded.as_deref())? {
+        let known = recorded.vm_id.clone();
+        let mut uuid = known.clone();
+        if let Some(i) = self.find(spec, known.as_deref())? {
             let found = i.get("UUID").unwrap_or("").to_string();
             let vm = operand(&found)?.to_string();
             if i.inaccessible() {
@@ -597,7 +592,7 @@ impl Provider for VirtualBox {
                 // Ours and complete: keep it. Re-apply the settings while it is off, so config edits take effect; a
                 // saved VM is not mutable (modifyvm fails with VBOX_E_INVALID_VM_STATE) and is left as it is.
                 Owner::Us => {
-                    record_uuid(spec, &vm)?;
+                    record_uuid(spec, recorded, &vm)?;
                     return match i.state() {
                         s if s.is_off() => self.configure(spec, &vm, &i),
                         _ => Ok(()),
@@ -619,7 +614,7 @@ impl Provider for VirtualBox {
         }
         // Recorded before the VM exists, so an interrupted clone is found (and completed) by UUID next time.
         let uuid = uuid.unwrap_or_else(new_uuid);
-        record_uuid(spec, &uuid)?;
+        record_uuid(spec, recorded, &uuid)?;
         self.vbox(
             args![
                 "clonevm",
