@@ -181,6 +181,34 @@ fn remote_machine(host: &NetHost, name: &str, box_toml: &str) -> Test {
     t
 }
 
+/// The repo's lab (box-config.toml and provision/) as a machine on `host`, booting the `[box]` table `box_toml`,
+/// with free host ports (bound on the far host's 127.0.0.1, reached through the SSH tunnel).
+fn remote_lab(host: &NetHost, name: &str, box_toml: &str) -> Test {
+    let t = Test::with_lab();
+    let mut cfg = std::fs::read_to_string(t.path().join("box-config.toml")).unwrap();
+    let start = cfg.find("[box.debian]").unwrap();
+    let end = start + cfg[start..].find("\n\n").unwrap();
+    cfg = format!("{}{box_toml}\n{}", &cfg[..start], &cfg[end..]);
+    cfg = cfg
+        .replace("name = \"lab\"", &format!("name = \"{name}\""))
+        .replace("accel = \"auto\"", "accel = \"tcg\"");
+    let held: Vec<std::net::TcpListener> =
+        (0..7).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+    let mut ports = held.iter().map(|l| l.local_addr().unwrap().port());
+    cfg = cfg.replace(
+        "host_port = 2222",
+        &format!("host_port = {}\nconnect_timeout_secs = 1500", ports.next().unwrap()),
+    );
+    for p in [8000, 9090, 9093, 3000, 9100, 8080] {
+        cfg = cfg.replace(&format!("host = {p}\n"), &format!("host = {}\n", ports.next().unwrap()));
+    }
+    drop(held);
+    assert!(cfg.contains("uri = \"qemu:///session\""));
+    cfg = cfg.replace("uri = \"qemu:///session\"", &format!("uri = \"{}\"", host.uri()));
+    t.write("box-config.toml", cfg);
+    t
+}
+
 fn in_dir(t: &Test, home: &Path, args: &[&str]) -> crate::support::Run {
     Test::new()
         .cwd(t.path())
@@ -190,8 +218,10 @@ fn in_dir(t: &Test, home: &Path, args: &[&str]) -> crate::support::Run {
         .run()
 }
 
-/// The VM test (called from `vm::vm_remote_up_ssh_status_destroy`): from nothing on the far host to SSH, `ssh -c`,
-/// `status`, a second machine reusing the uploaded box (0 bytes), `destroy -f` leaving only the box volumes.
+/// The VM test (called from `vm::vm_remote_up_ssh_status_destroy`): the repo's lab from nothing on the far host to
+/// a green health table (box uploaded, base image built here and sent through the tunnel, every probe through the
+/// tunnel), `ssh -c`, `status`, `health`, a second machine reusing the uploaded box (0 bytes), `destroy -f` leaving
+/// only the box volumes.
 pub fn vm_remote_up_ssh_status_destroy(box_toml: &str) {
     assert!(
         nethost::available(),
@@ -203,7 +233,7 @@ pub fn vm_remote_up_ssh_status_destroy(box_toml: &str) {
     std::fs::write(home.path().join(".ssh/known_hosts"), host.known_hosts_line()).unwrap();
     let pid = std::process::id() % 100_000;
     let (n1, n2) = (format!("far{pid}"), format!("near{pid}"));
-    let m1 = remote_machine(&host, &n1, box_toml);
+    let m1 = remote_lab(&host, &n1, box_toml);
     let m2 = remote_machine(&host, &n2, box_toml);
     // Whatever happens, the machines go (the fixture then stops the host).
     struct Cleanup<'a>(&'a [&'a Test], &'a Path);
@@ -217,8 +247,15 @@ pub fn vm_remote_up_ssh_status_destroy(box_toml: &str) {
     let _cleanup = Cleanup(&[&m1, &m2], home.path());
 
     let t0 = std::time::Instant::now();
-    let up = in_dir(&m1, home.path(), &["up", "--no-provision"]).success();
-    eprintln!("remote up (upload + boot to SSH): {:.1} s", t0.elapsed().as_secs_f64());
+    let up = in_dir(&m1, home.path(), &["up"]);
+    eprintln!("remote up (upload, boot, provision, health): {:.1} s", t0.elapsed().as_secs_f64());
+    let up = up.success();
+    // The health table: every available service of the lab up, its probe answered through the tunnel.
+    for svc in ["demo-app", "prometheus", "alertmanager", "node-exporter"] {
+        assert!(up.stdout().contains(&format!("✓ {svc} ")), "{svc} in the health table:\n{}", up.stdout());
+    }
+    assert!(up.stdout().contains("healthy: every available service is up"), "{}", up.stdout());
+    in_dir(&m1, home.path(), &["health"]).success().stdout_contains("✓ demo-app ");
     assert!(
         up.stderr().contains("uploaded to root@") && !up.stderr().contains(" 0 bytes sent"),
         "{}",
