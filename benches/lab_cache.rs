@@ -95,6 +95,10 @@ fn main() {
     for phase in ["restore lab", "ssh", "cloud-init", "health"] {
         println!("    {phase:<19} {:>8.1} s", phase_secs(&cached.stdout, phase));
     }
+    // What the health phase waited for after the restore, round by round.
+    for (i, e) in events(&cached.stdout, "health_waiting").iter().enumerate() {
+        println!("      health round {}: waiting for {}", i + 1, e["services"]);
+    }
     println!(
         "destroy -f && up: with the cache {with:.1} s, without {without:.1} s; with / without = {:.3} ({:.1}x faster)",
         with / without,

@@ -393,6 +393,16 @@ pub fn check_services(
             .map(|s| s.service.as_str())
             .collect();
         phase.message(&format!("waiting for {}", bad.join(", ")));
+        if !r.healthy {
+            // With --json, what each round still waits for (and why): where a slow health phase spends its time.
+            let waiting: serde_json::Map<String, serde_json::Value> = r
+                .services
+                .iter()
+                .filter(|s| s.verdict == Verdict::Unhealthy)
+                .map(|s| (s.service.clone(), serde_json::json!(s.detail)))
+                .collect();
+            ui.event("health_waiting", serde_json::json!({"services": waiting}));
+        }
         let ok = r.healthy;
         last = Some(r);
         Ok(ok.then_some(()))
