@@ -293,6 +293,39 @@ pub fn vm_remote_up_ssh_status_destroy(box_toml: &str) {
     assert!(domains.trim().is_empty(), "domains left: {domains}");
 }
 
+/// The VM test (called from `vm::vm_remote_unbootable_box_shows_the_far_serial_console`): a box with nothing to
+/// boot on the far host; the SSH timeout explains it from the serial console QEMU wrote on that host (downloaded
+/// from its pool), and names where it lives there, not the empty local serial.log.
+pub fn vm_remote_unbootable_box_shows_the_far_serial_console() {
+    assert!(
+        nethost::available(),
+        "the remote-host fixture needs root, libvirtd, virtlogd, sshd, virt-ssh-helper"
+    );
+    let host = NetHost::start();
+    let t = project(&host);
+    std::fs::write(t.path().join("home/.ssh/known_hosts"), host.known_hosts_line()).unwrap();
+    let cfg = std::fs::read_to_string(t.path().join("box-config.toml")).unwrap();
+    let cfg = cfg.replace(
+        "provider = \"libvirt\"\n",
+        &format!(
+            "provider = \"libvirt\"\ncpus = 1\nmemory_mb = 512\ndisk_gb = 2\naccel = \"tcg\"\n[ssh]\nhost_port = {}\n",
+            crate::support::free_port()
+        ),
+    );
+    t.write("box-config.toml", cfg);
+    struct Destroy<'a>(&'a Test);
+    impl Drop for Destroy<'_> {
+        fn drop(&mut self) {
+            let _ = run(self.0, &["destroy", "-f"]);
+        }
+    }
+    let _cleanup = Destroy(&t);
+    let r = run(&t, &["up", "--boot-timeout", "45"]).failure();
+    assert!(r.stderr().contains("SeaBIOS"), "the far host's serial console in the error:\n{}", r.stderr());
+    r.stderr_contains("the firmware found nothing to boot on the disk")
+        .stderr_contains("vol-download --pool provtest");
+}
+
 /// The domain name of a machine (from its state.json).
 fn vm_name_of(t: &Test) -> String {
     let st: serde_json::Value =

@@ -657,6 +657,12 @@ fn vm_snapshots_cached_lab_and_package() {
 }
 
 #[test]
+#[ignore = "vm: boots a box with nothing to boot on a second libvirt host in a network namespace (tests/remote.rs)"]
+fn vm_remote_unbootable_box_shows_the_far_serial_console() {
+    crate::remote::vm_remote_unbootable_box_shows_the_far_serial_console();
+}
+
+#[test]
 #[ignore = "vm: boots TCG guests on a second libvirt host in a network namespace (tests/remote.rs)"]
 fn vm_remote_up_ssh_status_destroy() {
     crate::remote::vm_remote_up_ssh_status_destroy(&test_box());

@@ -204,7 +204,10 @@ fn up_locked(ctx: &Ctx, m: &Machine, p: &dyn Provider, args: &UpArgs) -> Result<
     let ep = plan.endpoint(&host_key.public_openssh)?;
     let ph = ui.phase("ssh");
     let timeout = Duration::from_secs(args.boot_timeout.unwrap_or(m.cfg.ssh.connect_timeout_secs));
-    let session = Session::connect(&ep, timeout).map_err(|e| e.context(serial_tail(&m.state)))?;
+    let session = Session::connect(&ep, timeout).map_err(|e| {
+        let (text, place) = p.serial_console(&m.vm_name, &m.state);
+        e.context(serial_tail(&text, &place))
+    })?;
     ph.done(&ep.addr.to_string());
     let restored = lab.as_ref().is_some_and(|l| l.restored);
     if restored {
@@ -451,9 +454,8 @@ fn resolve_forwards(cfg: &Config, st: &MachineState) -> Vec<Forward> {
 
 /// The last lines of the serial console, as context for an SSH timeout, with what an empty console or a firmware
 /// error means.
-fn serial_tail(state: &StateDir) -> String {
-    let log = state.serial_log();
-    let text = std::fs::read(&log).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
+/// Why the guest did not answer SSH, from its serial console `text` (found at `place`).
+fn serial_tail(text: &str, place: &str) -> String {
     if text.trim().is_empty() {
         return format!(
             "the guest did not answer SSH and its serial console ({}) stayed empty: not even the firmware printed \
@@ -461,7 +463,7 @@ fn serial_tail(state: &StateDir) -> String {
              hint: the box's disk is most likely unusable (truncated, damaged or not bootable): run `qemu-img check` \
              on it, remove it with `provisioner box remove ID` (`provisioner box list` shows the ids), get or build \
              it again, then `provisioner destroy -f && provisioner up`",
-            log.display()
+            place
         );
     }
     let hint = if text.contains("No bootable device") || text.contains("Boot failed") {
@@ -473,9 +475,8 @@ fn serial_tail(state: &StateDir) -> String {
          does may be slow (TCG): raise --boot-timeout"
     };
     format!(
-        "the guest did not answer SSH; last {SERIAL_TAIL_LINES} lines of its serial console ({}):\n{}\nhint: {hint}",
-        log.display(),
-        crate::process::tail(&text, SERIAL_TAIL_LINES)
+        "the guest did not answer SSH; last {SERIAL_TAIL_LINES} lines of its serial console ({place}):\n{}\nhint: {hint}",
+        crate::process::tail(text, SERIAL_TAIL_LINES)
     )
 }
 

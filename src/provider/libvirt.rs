@@ -564,6 +564,15 @@ impl Provider for Libvirt {
         Ok(())
     }
 
+    fn serial_console(&self, vm_name: &str, state: &StateDir) -> (String, String) {
+        if self.remote.is_some() {
+            return self.remote_serial_console(vm_name);
+        }
+        let log = state.serial_log();
+        let text = std::fs::read(&log).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
+        (text, log.display().to_string())
+    }
+
     fn ssh_endpoint(&self, _vm_name: &str, state: &StateDir) -> Result<SocketAddr> {
         let st = MachineState::load(state)?.context("the machine has no state.json; run `provisioner up`")?;
         let (Some(host), Some(port)) = (st.ssh_host, st.ssh_port) else {

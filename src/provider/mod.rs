@@ -136,6 +136,14 @@ pub trait Provider {
     /// Start a suspended machine from its saved memory (Vagrant's `resume`).
     fn resume(&self, vm_name: &str) -> Result<()>;
 
+    /// The guest's serial console so far (for boot diagnostics) and where a user finds it. Best effort: empty
+    /// text when it cannot be read.
+    fn serial_console(&self, _vm_name: &str, state: &StateDir) -> (String, String) {
+        let log = state.serial_log();
+        let text = std::fs::read(&log).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
+        (text, log.display().to_string())
+    }
+
     /// Cached lab: capture the running machine (disk and memory) into the empty directory `into`, leaving it
     /// running. Returns what [`Provider::lab_restore`] needs, or None when this provider cannot.
     fn lab_capture(&self, _vm_name: &str, _state: &StateDir, _into: &Path) -> Result<Option<String>> {

@@ -597,6 +597,27 @@ impl super::Libvirt {
         })
     }
 
+    /// The serial console of a machine on the remote host (QEMU writes it into the pool's directory): downloaded
+    /// after a pool refresh, with where it lives and the command that reads it. Empty when it cannot be read.
+    pub(super) fn remote_serial_console(&self, vm_name: &str) -> (String, String) {
+        let vol = machine_volume(vm_name, "serial.log");
+        let place = format!(
+            "the volume {vol} on {} (`virsh -c {} vol-download --pool {} {vol} /dev/stdout`)",
+            self.remote.as_ref().map(|r| r.destination()).unwrap_or_default(),
+            self.uri,
+            self.pool
+        );
+        let text = (|| -> Result<String> {
+            self.run(&["pool-refresh", "--pool", &self.pool])?;
+            let tmp = tempfile::NamedTempFile::new()?;
+            let path = tmp.path().to_string_lossy().into_owned();
+            self.run(&["vol-download", "--pool", &self.pool, "--vol", &vol, "--file", &path])?;
+            Ok(String::from_utf8_lossy(&std::fs::read(tmp.path())?).into_owned())
+        })()
+        .unwrap_or_default();
+        (text, place)
+    }
+
     /// Delete every volume of the machine (named `<domain>-...`); the box volume stays.
     pub(super) fn delete_machine_volumes(&self, vm_name: &str) -> Result<()> {
         let out = self.virsh().args(["pool-refresh", "--pool", &self.pool]).output()?;
