@@ -152,6 +152,31 @@ fn remote_box_upload_once_per_host_then_remove() {
     let doc: serde_json::Value = serde_json::from_str(redo.stdout().lines().last().unwrap()).unwrap();
     assert_eq!(doc["bytes_sent"], size, "{}", redo.stdout());
 
+    // A box a machine's disk is backed by is not removed: the volume is named, nothing is deleted.
+    let backing = format!("box-{id}.qcow2");
+    host.virsh(&[
+        "vol-create-as",
+        "--pool",
+        "provtest",
+        "--name",
+        "m-disk.qcow2",
+        "--capacity",
+        "1G",
+        "--format",
+        "qcow2",
+        "--backing-vol",
+        &backing,
+        "--backing-vol-format",
+        "qcow2",
+    ])
+    .unwrap();
+    run(&t, &["box", "remove", &id[..12], "--host", &host.uri()])
+        .failure()
+        .stderr_contains("is in use by the volume m-disk.qcow2")
+        .stderr_contains("hint:");
+    assert!(host.volumes("provtest").contains(&backing), "the box stays while used");
+    host.virsh(&["vol-delete", "--pool", "provtest", "m-disk.qcow2"]).unwrap();
+
     // `box remove --host` removes it from the pool (the local cache keeps it).
     run(&t, &["box", "remove", &id[..12], "--host", &host.uri()]).success();
     let left: Vec<String> = host.volumes("provtest").into_iter().filter(|v| v.starts_with("box-")).collect();

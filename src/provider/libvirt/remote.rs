@@ -292,8 +292,11 @@ impl RemoteHost {
 
 /// The pool volume of a box: `box-<content hash>` (+ `-vmlinuz`, `-initrd`); `.done` marks a complete upload.
 pub fn box_volume(box_id: &str, part: &str) -> String {
-    format!("box-{box_id}{part}")
+    format!("{BOX_PREFIX}{box_id}{part}")
 }
+
+/// Every box volume's name starts with it.
+const BOX_PREFIX: &str = "box-";
 
 /// A machine's volume: `<domain name>-<what>`, so `destroy` finds all of them by prefix.
 pub fn machine_volume(vm_name: &str, what: &str) -> String {
@@ -535,7 +538,16 @@ impl super::Libvirt {
         self.run(&["pool-refresh", "--pool", &self.pool])?;
         let vols = parse_vol_list(&self.run(&["vol-list", "--pool", &self.pool])?);
         let prefix = box_volume(id_prefix, "");
-        let mut mine: Vec<String> = vols.into_iter().filter(|v| v.starts_with(&prefix)).collect();
+        let mut mine: Vec<String> = vols.iter().filter(|v| v.starts_with(&prefix)).cloned().collect();
+        let users = self.box_users(&vols, &mine)?;
+        if !users.is_empty() {
+            bail!(
+                "the box {id_prefix} on {} is in use by {}: removing it would break those machines' disks
+hint:                  `provisioner destroy -f` those machines first (in their projects), then remove the box",
+                self.uri,
+                users.join(", ")
+            );
+        }
         // The marker first: a box half removed is then uploaded again, never used half there.
         mine.sort_by_key(|v| !v.ends_with(".done"));
         for v in &mine {
@@ -595,6 +607,28 @@ impl super::Libvirt {
             kernel: spec.base.kernel.as_ref().map(|_| part("-vmlinuz")).transpose()?,
             initrd: spec.base.initrd.as_ref().map(|_| part("-initrd")).transpose()?,
         })
+    }
+
+    /// What uses the box volumes `boxes` of the pool: other volumes backed by them (machine disks) and domains that
+    /// name them (direct-boot kernel and initrd).
+    fn box_users(&self, vols: &[String], boxes: &[String]) -> Result<Vec<String>> {
+        let paths: Vec<String> = boxes.iter().map(|b| self.vol_path(b)).collect::<Result<_>>()?;
+        // A path as an element's text (`<path>`, `<kernel>`) or an attribute value (`<source file=...>`).
+        let names = |xml: &str| {
+            paths.iter().any(|p| ["<", "'", "\""].iter().any(|end| xml.contains(&format!("{p}{end}"))))
+        };
+        let mut users = Vec::new();
+        for v in vols.iter().filter(|v| !v.starts_with(BOX_PREFIX)) {
+            if names(&self.run(&["vol-dumpxml", "--pool", &self.pool, v])?) {
+                users.push(format!("the volume {v}"));
+            }
+        }
+        for d in self.run(&["list", "--all", "--name"])?.lines().map(str::trim).filter(|d| !d.is_empty()) {
+            if names(&self.run(&["dumpxml", "--", d])?) {
+                users.push(format!("the domain {d}"));
+            }
+        }
+        Ok(users)
     }
 
     /// The serial console of a machine on the remote host (QEMU writes it into the pool's directory): downloaded
