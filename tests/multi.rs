@@ -292,6 +292,14 @@ fn cluster_example_renders_and_passes_promtool_and_compose() {
     };
     assert_eq!(targets("demo-app"), ["app1:8000", "app2:8000"]);
     assert_eq!(targets("node-exporter"), ["app1:9100", "app2:9100"]);
+    // Offline (images = "debian") no machine runs cAdvisor: a scrape job for it would only be down.
+    let jobs: Vec<&str> = prom["scrape_configs"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|j| j["job_name"].as_str().unwrap())
+        .collect();
+    assert_eq!(jobs, ["prometheus", "demo-app", "node-exporter", "alertmanager"]);
     let compose = std::fs::read_to_string(t.path().join("out-monitor/docker-compose.yml")).unwrap();
     assert!(compose.contains("- \"app2:10.77.0.12\""), "names resolve inside the containers too");
     let app = std::fs::read_to_string(t.path().join("out-app2/docker-compose.yml")).unwrap();

@@ -287,8 +287,9 @@ fn vm_cluster_up_health_private_network_verify_destroy() {
     assert_eq!(done.len(), 3, "{out}\n{}", up.stderr());
     assert!(
         done.iter().all(|e| e["exit_code"] == 0),
-        "{done:?}\nerrors: {:?}\n{}",
+        "{done:?}\nerrors: {:?}\nhealth reports: {:?}\n{}",
         events(&out, "error"),
+        out.lines().filter(|l| l.contains("\"services\"")).collect::<Vec<_>>(),
         up.stderr()
     );
     assert_eq!(ours().len(), 3);
