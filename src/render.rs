@@ -378,6 +378,8 @@ pub fn render_layers(cfg: &Config, layers: &[PathBuf], secrets: &Secrets) -> Res
     hb.register_escape_fn(handlebars::no_escape);
     let mut files = Vec::new();
     let mut registered = std::collections::HashMap::new();
+    // Output path -> the file it came from: two files may not render to one path.
+    let mut sources: BTreeMap<String, PathBuf> = BTreeMap::new();
     for (rel_str, (file, meta)) in layer_files(layers)? {
         // Modes are kept but for setuid, setgid and sticky bits, which a lab has no use for.
         let mode = meta.permissions().mode() & 0o777;
@@ -415,6 +417,14 @@ pub fn render_layers(cfg: &Config, layers: &[PathBuf], secrets: &Secrets) -> Res
             bail!(
                 "{}: renders to the file name \"{bad}\", which cannot be written\nhint: rename it; a template \
                  NAME.hbs renders to NAME, so `.hbs`, `..hbs` and `...hbs` name nothing usable",
+                shown(&file.display().to_string())
+            );
+        }
+        if let Some(first) = sources.insert(path.clone(), file.clone()) {
+            bail!(
+                "{} and {} both render to {path}\nhint: keep one of them (NAME.hbs renders to NAME; to replace a \
+                 file of [provision] base, give the overriding file the same name, suffix included)",
+                shown(&first.display().to_string()),
                 shown(&file.display().to_string())
             );
         }

@@ -404,6 +404,10 @@ fn a_base_tree_is_overridden_file_by_file_by_the_source() {
     assert!(read("app/conf.yml").contains("say: default"), "the source's file and vars.toml win");
     assert_eq!(read("run.sh"), "#!/bin/sh\necho plain {{not.rendered}}\n");
     assert!(!t.path().join("out/vars.toml").exists());
+    // A plain file in the source and a template of the same output in the base would both write one file.
+    t.write("tree/only-base.txt", "plain\n");
+    render(&t, "out3").failure().stderr_contains("both render to only-base.txt").stderr_contains("hint:");
+    std::fs::remove_file(t.path().join("tree/only-base.txt")).unwrap();
     // A link in the base is refused as in the source.
     std::os::unix::fs::symlink("/etc/passwd", t.path().join("base/passwd")).unwrap();
     render(&t, "out2").failure().stderr_contains("base/passwd");
