@@ -2,6 +2,7 @@
 //!
 //! 1. `up` of a fresh machine: the full path (boot, cloud-init, provisioning, health), then the `cache lab` capture;
 //! 2. `destroy -f && up` with unchanged inputs: restored from the cache (no boot, no provisioning), then health.
+//!
 //! The "without" figure is (1) minus its capture phase, i.e. what `destroy -f && up` costs with
 //! `[machine] cache_lab = false`.
 //!

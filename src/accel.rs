@@ -62,7 +62,7 @@ impl Decision {
 pub fn decide_accel(requested: Accel, host: &HostAccel) -> Result<Decision> {
     let why_not = match (&host.kvm_node, host.virt_flag) {
         (Ok(()), true) => None,
-        (Err(e), _) => Some(format!("{e}")),
+        (Err(e), _) => Some(e.to_string()),
         (Ok(()), false) => Some(
             "/dev/kvm exists but the CPU flags in /proc/cpuinfo have neither vmx nor svm (nested or paravirtual \
              KVM cannot run a stock guest kernel)"

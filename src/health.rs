@@ -333,7 +333,7 @@ pub fn gather(cfg: &Config, ssh: Option<&Session>, available: &[String], unavail
     let project = crate::guest::compose::project_name(&cfg.machine.name);
     let containers: Containers = ssh.and_then(|s| containers(s, &project).ok());
     let probes = cfg.health_probes();
-    let prom_port = probes.get("prometheus").map(|p| p.port).unwrap_or(9090);
+    let prom_port = probes.get("prometheus").map(|p| p.port).unwrap_or(crate::lab::PROMETHEUS_PORT);
     let targets = forwarded_url(cfg, prom_port, "/api/v1/targets?state=active").and_then(|url| {
         let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(5)).build();
         let body = agent.get(&url).call().ok()?.into_string().ok()?;

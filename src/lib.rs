@@ -3,24 +3,23 @@
 //! `main` only calls [`run`]. Library code returns `anyhow::Result` with context on every hop; [`run`] prints
 //! the whole cause chain and maps the error to an exit code.
 
-pub mod accel;
+mod accel;
 pub mod boxes;
-pub mod cli;
-pub mod commands;
+mod cli;
+mod commands;
 pub mod config;
 pub mod guest;
-pub mod health;
+mod health;
 pub mod keys;
-pub mod lab;
-pub use lab::loadgen;
+mod lab;
 pub mod machine;
-pub mod ports;
+mod ports;
 pub mod process;
 pub mod provider;
 pub mod render;
 pub mod seed;
 pub mod ssh;
-pub mod text;
+mod text;
 pub mod ui;
 
 /// Exit codes.

@@ -266,6 +266,22 @@ impl Drop for Phase {
     }
 }
 
+/// A byte progress bar on a terminal (stderr), None otherwise (logs and `--json` get the phase lines only).
+pub fn bytes_bar(total: u64, label: &str) -> Option<ProgressBar> {
+    use std::io::IsTerminal;
+    if !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let pb = ProgressBar::new(total);
+    pb.set_style(
+        ProgressStyle::with_template("  {prefix} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {eta}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    pb.set_prefix(label.to_string());
+    Some(pb)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -308,20 +324,4 @@ mod tests {
             "{last}"
         );
     }
-}
-
-/// A byte progress bar on a terminal (stderr), None otherwise (logs and `--json` get the phase lines only).
-pub fn bytes_bar(total: u64, label: &str) -> Option<ProgressBar> {
-    use std::io::IsTerminal;
-    if !std::io::stderr().is_terminal() {
-        return None;
-    }
-    let pb = ProgressBar::new(total);
-    pb.set_style(
-        ProgressStyle::with_template("  {prefix} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {eta}")
-            .expect("valid template")
-            .progress_chars("=> "),
-    );
-    pb.set_prefix(label.to_string());
-    Some(pb)
 }

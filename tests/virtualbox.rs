@@ -758,7 +758,7 @@ fn inaccessible_vm_gets_a_clear_error_and_destroy_clears_it() {
     p.here(&["halt"]).failure().stderr_contains("inaccessible");
     p.here(&["destroy", "-f"]).success();
     assert!(
-        b.take_calls().contains(&format!("unregistervm {{uuid}}"))
+        b.take_calls().contains(&"unregistervm {uuid}".to_string())
             || b.vms().iter().all(|v| v["uuid"] != vm["uuid"])
     );
     assert!(b.vms().iter().all(|v| v["uuid"] != vm["uuid"]), "the dead entry is unregistered");

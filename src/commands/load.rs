@@ -6,7 +6,7 @@ use anyhow::{anyhow, bail, Result};
 
 use super::Ctx;
 use crate::cli::LoadArgs;
-use crate::loadgen::{self, Plan};
+use crate::lab::loadgen::{self, Plan};
 
 pub use crate::lab::DEMO_APP_PORT;
 

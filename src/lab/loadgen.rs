@@ -128,8 +128,9 @@ pub fn run_controlled(plan: &Plan, control: &Control) -> Result<Summary> {
     let start = Instant::now();
     let deadline = start + plan.duration;
     let next = AtomicU64::new(0);
-    let results: Mutex<(Vec<(&'static str, String, Duration)>, Option<String>)> =
-        Mutex::new((Vec::new(), None));
+    // (endpoint, outcome, latency) of every request, and the first error.
+    type Results = (Vec<(&'static str, String, Duration)>, Option<String>);
+    let results: Mutex<Results> = Mutex::new((Vec::new(), None));
     std::thread::scope(|s| {
         for _ in 0..plan.concurrency {
             s.spawn(|| loop {
@@ -217,11 +218,11 @@ mod tests {
         let p = plan(0.3, 0.2);
         let mut n = BTreeMap::new();
         for i in 0..100 {
-            *n.entry(p.endpoint(i)).or_insert(0) += 1;
+            *n.entry(p.endpoint(i)).or_insert(0i32) += 1;
         }
         for (endpoint, want) in [("/error", 30), ("/slow", 20), ("/", 50)] {
             let got = n[endpoint];
-            assert!((got as i32 - want).abs() <= 2, "{endpoint}: {got} of 100, want about {want}");
+            assert!((got - want).abs() <= 2, "{endpoint}: {got} of 100, want about {want}");
         }
     }
 

@@ -118,7 +118,7 @@ pub fn run(ui: &Ui, monitor: &Config, app: &Config, args: &VerifyArgs) -> Result
     let start = Instant::now();
     // Half the requests fail and one in ten is slow, paced so a TCG guest keeps answering: enough for the
     // error-rate and latency rules, and bounded by --timeout in both count and time.
-    let load = crate::loadgen::Plan {
+    let load = crate::lab::loadgen::Plan {
         url: app,
         requests: args.timeout * 10,
         duration: Duration::from_secs(args.timeout),
@@ -129,10 +129,10 @@ pub fn run(ui: &Ui, monitor: &Config, app: &Config, args: &VerifyArgs) -> Result
         pause: Duration::from_millis(100),
     };
     load.validate().context("--timeout must be at least 1 second")?;
-    let control = crate::loadgen::Control::default();
+    let control = crate::lab::loadgen::Control::default();
     let mut t = Timeline::default();
     let (result, load_result) = std::thread::scope(|s| {
-        let worker = s.spawn(|| crate::loadgen::run_controlled(&load, &control));
+        let worker = s.spawn(|| crate::lab::loadgen::run_controlled(&load, &control));
         let result = crate::process::wait_until(
             Duration::from_secs(args.timeout),
             "the alert to be delivered",

@@ -21,7 +21,9 @@ const EAGAIN: i32 = -37;
 const BUF: usize = 256 * 1024;
 
 /// The open tunnel of this process (one remote machine per command).
-static OPEN: OnceLock<Mutex<Vec<(String, Vec<u16>)>>> = OnceLock::new();
+/// (host, mirrored ports) of each open tunnel.
+type Open = Vec<(String, Vec<u16>)>;
+static OPEN: OnceLock<Mutex<Open>> = OnceLock::new();
 
 /// Mirror `ports` of `host`'s 127.0.0.1 on the local 127.0.0.1, once per process. Errors say what to do.
 pub fn ensure(host: &RemoteHost, ports: &[u16]) -> Result<()> {

@@ -335,45 +335,6 @@ pub fn pool_error(pool: &str, host: &str, err: &str) -> anyhow::Error {
     )
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_ssh_uris() {
-        let r = parse("qemu+ssh://root@10.201.0.2:2200/system?keyfile=/k&no_tty=1").unwrap();
-        assert_eq!(r.host, "10.201.0.2");
-        assert_eq!(r.port, Some(2200));
-        assert_eq!(r.user.as_deref(), Some("root"));
-        assert_eq!(r.keyfile.as_deref(), Some("/k"));
-        assert_eq!(r.known_hosts_name(), "[10.201.0.2]:2200");
-        assert!(parse("qemu:///system").is_none());
-        assert!(parse("qemu+tls://h/system").is_none());
-        let l = parse("qemu+libssh://h/system?known_hosts=/kh").unwrap();
-        assert_eq!(l.known_hosts, PathBuf::from("/kh"));
-        assert_eq!(l.known_hosts_name(), "h");
-    }
-
-    #[test]
-    fn connect_uri_adds_our_checks() {
-        let r = parse("qemu+ssh://root@h/system?keyfile=/k").unwrap();
-        let u = r.connect_uri("qemu+ssh://root@h/system?keyfile=/k", Path::new("/c/ssh-1"));
-        assert_eq!(u, "qemu+ssh://root@h/system?keyfile=/k&command=/c/ssh-1&no_tty=1");
-        let l = parse("qemu+libssh://h/system").unwrap();
-        let u = l.connect_uri("qemu+libssh://h/system", Path::new("/x"));
-        assert!(u.starts_with("qemu+libssh://h/system?known_hosts="), "{u}");
-        assert!(u.ends_with("&known_hosts_verify=normal"), "{u}");
-        let w = r.wrapper_script();
-        assert!(w.contains("StrictHostKeyChecking=yes") && w.contains("BatchMode=yes"), "{w}");
-    }
-
-    #[test]
-    fn vol_list_names() {
-        let out = " Name          Path\n------------------------\n box-ab   /p/box-ab\n m-disk.qcow2  /p/m\n";
-        assert_eq!(parse_vol_list(out), vec!["box-ab", "m-disk.qcow2"]);
-    }
-}
-
 /// Upload deadline for `bytes`: generous for a slow link (1 MiB/s) plus a minute.
 fn upload_timeout(bytes: u64) -> std::time::Duration {
     std::time::Duration::from_secs(60 + bytes / (1 << 20))
@@ -688,4 +649,43 @@ fn allocation(out: &str) -> Option<u64> {
     out.lines()
         .find_map(|l| l.strip_prefix("Allocation:"))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_ssh_uris() {
+        let r = parse("qemu+ssh://root@10.201.0.2:2200/system?keyfile=/k&no_tty=1").unwrap();
+        assert_eq!(r.host, "10.201.0.2");
+        assert_eq!(r.port, Some(2200));
+        assert_eq!(r.user.as_deref(), Some("root"));
+        assert_eq!(r.keyfile.as_deref(), Some("/k"));
+        assert_eq!(r.known_hosts_name(), "[10.201.0.2]:2200");
+        assert!(parse("qemu:///system").is_none());
+        assert!(parse("qemu+tls://h/system").is_none());
+        let l = parse("qemu+libssh://h/system?known_hosts=/kh").unwrap();
+        assert_eq!(l.known_hosts, PathBuf::from("/kh"));
+        assert_eq!(l.known_hosts_name(), "h");
+    }
+
+    #[test]
+    fn connect_uri_adds_our_checks() {
+        let r = parse("qemu+ssh://root@h/system?keyfile=/k").unwrap();
+        let u = r.connect_uri("qemu+ssh://root@h/system?keyfile=/k", Path::new("/c/ssh-1"));
+        assert_eq!(u, "qemu+ssh://root@h/system?keyfile=/k&command=/c/ssh-1&no_tty=1");
+        let l = parse("qemu+libssh://h/system").unwrap();
+        let u = l.connect_uri("qemu+libssh://h/system", Path::new("/x"));
+        assert!(u.starts_with("qemu+libssh://h/system?known_hosts="), "{u}");
+        assert!(u.ends_with("&known_hosts_verify=normal"), "{u}");
+        let w = r.wrapper_script();
+        assert!(w.contains("StrictHostKeyChecking=yes") && w.contains("BatchMode=yes"), "{w}");
+    }
+
+    #[test]
+    fn vol_list_names() {
+        let out = " Name          Path\n------------------------\n box-ab   /p/box-ab\n m-disk.qcow2  /p/m\n";
+        assert_eq!(parse_vol_list(out), vec!["box-ab", "m-disk.qcow2"]);
+    }
 }

@@ -30,11 +30,11 @@ pub fn locate(
         .map(|d| d.trim().trim_matches('"'))
         .filter(|d| !d.is_empty())
         .map(|d| join(d, exe, windows));
-    let windows_dirs = windows
-        .then(|| {
+    let windows_dirs = if windows {
+        {
             ["VBOX_MSI_INSTALL_PATH", "VBOX_INSTALL_PATH"]
                 .into_iter()
-                .filter_map(|k| env(k))
+                .filter_map(&env)
                 .chain(
                     env("ProgramFiles")
                         .map(|pf| OsString::from(join(&pf.to_string_lossy(), r"Oracle\VirtualBox", true))),
@@ -42,8 +42,10 @@ pub fn locate(
                 .map(|d| join(d.to_string_lossy().trim().trim_matches('"'), exe, true))
                 .chain(std::iter::once(PathBuf::from(WINDOWS_DEFAULT)))
                 .collect::<Vec<_>>()
-        })
-        .unwrap_or_default();
+        }
+    } else {
+        Default::default()
+    };
     from_path.chain(windows_dirs).find(|p| exists(p))
 }
 
