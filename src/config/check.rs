@@ -416,13 +416,28 @@ pub fn cross(cfg: &Config, src: &Source, rendered: Option<&crate::render::Render
         return Ok(f);
     }
     let source = cfg.resolve(&cfg.provision.source);
-    for (key, dir) in [("base", cfg.provision.base.as_ref()), ("source", Some(&cfg.provision.source))] {
+    let layers = [
+        (
+            "base",
+            cfg.provision.base.as_ref(),
+            "set [provision] base to the template tree this one builds on (relative to box-config.toml), or \
+             remove it",
+        ),
+        (
+            "source",
+            Some(&cfg.provision.source),
+            "run from the directory holding the lab's provision/ tree, or set [provision] source to it",
+        ),
+    ];
+    for (key, dir, hint) in layers {
         let Some(dir) = dir.map(|d| cfg.resolve(d)) else { continue };
         if !dir.is_dir() {
             f.error(
-                src.at_path(&["provision", key], format!("provision directory {} does not exist", dir.display())),
-                "run from the directory holding the lab's provision/ tree, or set [provision] source (and base) \
-                 to it",
+                src.at_path(
+                    &["provision", key],
+                    format!("provision directory {} does not exist", dir.display()),
+                ),
+                hint,
             );
             return Ok(f);
         }
