@@ -90,8 +90,8 @@ pub fn run(ui: &Ui, monitor: &Config, app: &Config, args: &VerifyArgs) -> Result
             )
         })
     };
-    let prom = url("prometheus", 9090, "")?;
-    let app = url("demo-app", 8000, "")?;
+    let prom = url("prometheus", super::PROMETHEUS_PORT, "")?;
+    let app = url("demo-app", super::DEMO_APP_PORT, "")?;
 
     let names = rule_alert_names(&get(&format!("{prom}/api/v1/rules")).context(
         "cannot ask Prometheus for its rules through the forwarded port\nhint: run `provisioner health` first",
