@@ -189,8 +189,13 @@ fn main() {
         println!("remote: status / ssh -c true skipped (set PROVISIONER_BENCH_VM=1: two more TCG boots)");
         return;
     }
-    let boxdef = std::env::var("PROVISIONER_BENCH_BOX")
-        .unwrap_or_else(|_| "[box.debian]\nsuite = \"bookworm\"\n".to_string());
+    // The repo's box (cached by the VM tier), unless another is given.
+    let boxdef = std::env::var("PROVISIONER_BENCH_BOX").unwrap_or_else(|_| {
+        let main = std::fs::read_to_string(support::repo().join("box-config.toml")).expect("box-config.toml");
+        let start = main.find("[box.debian]").expect("the repo's box");
+        let end = start + main[start..].find("\n\n").expect("end of [box.debian]");
+        main[start..end].to_string()
+    });
     let shared_cache =
         std::env::var("PROVISIONER_CACHE_DIR").map(std::path::PathBuf::from).unwrap_or_else(|_| {
             std::path::PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/provisioner")
