@@ -24,7 +24,8 @@ impl Drop for Guard<'_> {
 fn project(n: usize) -> tempfile::TempDir {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
     let main = std::fs::read_to_string(repo.join("box-config.toml")).expect("box-config.toml");
-    let start = main.find("[box.debian]").expect("the repo's box");
+    // The table itself, not its mention in the comment above it.
+    let start = main.find("\n[box.debian]\n").expect("the repo's box") + 1;
     let end = start + main[start..].find("\n\n").expect("end of [box.debian]");
     let dir = tempfile::tempdir().expect("tempdir");
     let mut cfg = format!(

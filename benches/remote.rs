@@ -192,9 +192,7 @@ fn main() {
     // The repo's box (cached by the VM tier), unless another is given.
     let boxdef = std::env::var("PROVISIONER_BENCH_BOX").unwrap_or_else(|_| {
         let main = std::fs::read_to_string(support::repo().join("box-config.toml")).expect("box-config.toml");
-        let start = main.find("[box.debian]").expect("the repo's box");
-        let end = start + main[start..].find("\n\n").expect("end of [box.debian]");
-        main[start..end].to_string()
+        main[support::box_table(&main)].to_string()
     });
     let shared_cache =
         std::env::var("PROVISIONER_CACHE_DIR").map(std::path::PathBuf::from).unwrap_or_else(|_| {

@@ -211,9 +211,7 @@ fn remote_machine(host: &NetHost, name: &str, box_toml: &str) -> Test {
 fn remote_lab(host: &NetHost, name: &str, box_toml: &str) -> Test {
     let t = Test::with_lab();
     let mut cfg = std::fs::read_to_string(t.path().join("box-config.toml")).unwrap();
-    let start = cfg.find("[box.debian]").unwrap();
-    let end = start + cfg[start..].find("\n\n").unwrap();
-    cfg = format!("{}{box_toml}\n{}", &cfg[..start], &cfg[end..]);
+    cfg = crate::support::with_box(&cfg, box_toml);
     cfg = cfg
         .replace("name = \"lab\"", &format!("name = \"{name}\""))
         .replace("accel = \"auto\"", "accel = \"tcg\"");

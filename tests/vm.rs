@@ -243,9 +243,7 @@ fn vm_cluster_up_health_private_network_verify_destroy() {
     support::copy_cluster_example(t.path());
     let text = std::fs::read_to_string(t.path().join("box-config.toml")).unwrap();
     // The test box, free host ports, the session URI and a deadline fit for TCG.
-    let start = text.find("[box.debian]").unwrap();
-    let end = start + text[start..].find("\n\n").unwrap();
-    let mut cfg = format!("{}{}\n{}", &text[..start], test_box(), &text[end..]);
+    let mut cfg = support::with_box(&text, &test_box());
     // Distinct free ports: the listeners are held until every port is picked, so none is handed out twice.
     let held: Vec<std::net::TcpListener> =
         (0..9).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap()).collect();

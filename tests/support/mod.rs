@@ -194,6 +194,19 @@ pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
+/// Where the `[box.debian]` table of a config text is: from its header line (not a mention of it in a comment) to
+/// the blank line after it.
+pub fn box_table(text: &str) -> std::ops::Range<usize> {
+    let start = text.find("\n[box.debian]\n").expect("a [box.debian] table") + 1;
+    start..start + text[start..].find("\n\n").expect("a blank line after [box.debian]")
+}
+
+/// The config text with its `[box.debian]` table replaced by `box_toml`.
+pub fn with_box(text: &str, box_toml: &str) -> String {
+    let r = box_table(text);
+    format!("{}{}\n{}", &text[..r.start], box_toml.trim_end(), &text[r.end..])
+}
+
 /// The shipped cluster example copied into `dir`, its `[provision] base` (the repo's lab, `../../provision`)
 /// pointed at the repo by absolute path.
 pub fn copy_cluster_example(dir: &Path) {
