@@ -294,9 +294,15 @@ fn vm_cluster_up_health_private_network_verify_destroy() {
 
     // Every service of every machine, and the monitor's Prometheus sees the app machines up.
     let health = run(&["--json", "health"]).success().stdout();
-    let docs: Vec<serde_json::Value> = health.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    // The health reports (one per machine, among the phase events), each all green.
+    let docs: Vec<serde_json::Value> = health
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|d| d["event"] == "health")
+        .collect();
     let machines: Vec<&str> = docs.iter().filter_map(|d| d["machine"].as_str()).collect();
     assert_eq!(machines, ["monitor", "app1", "app2"], "{health}");
+    assert!(docs.iter().all(|d| d["healthy"] == true), "{health}");
     let status = run(&["status"]).success().stdout();
     assert_eq!(status.lines().filter(|l| l.contains("running")).count(), 3, "{status}");
 
