@@ -254,6 +254,10 @@ fn vm_cluster_up_health_private_network_verify_destroy() {
     }
     drop(held);
     cfg.push_str("\n[ssh]\nconnect_timeout_secs = 1500\n\n[libvirt]\nuri = \"qemu:///session\"\n");
+    // No cached-lab capture after the healthy `up` (three memory saves and disk copies): not what this test is
+    // about, and CI time is short.
+    assert!(cfg.contains("[defaults]\n"));
+    cfg = cfg.replace("[defaults]\n", "[defaults]\ncache_lab = false\n");
     t.write("box-config.toml", &cfg);
     let run = |args: &[&str]| Test::new().cwd(t.path()).args(args.iter().copied()).run();
     let ours = || -> Vec<String> {
