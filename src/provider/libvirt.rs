@@ -565,12 +565,10 @@ impl Provider for Libvirt {
     }
 
     fn serial_console(&self, vm_name: &str, state: &StateDir) -> (String, String) {
-        if self.remote.is_some() {
-            return self.remote_serial_console(vm_name);
+        match self.remote {
+            Some(_) => self.remote_serial_console(vm_name),
+            None => super::local_serial_console(state),
         }
-        let log = state.serial_log();
-        let text = std::fs::read(&log).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
-        (text, log.display().to_string())
     }
 
     fn ssh_endpoint(&self, _vm_name: &str, state: &StateDir) -> Result<SocketAddr> {

@@ -139,9 +139,7 @@ pub trait Provider {
     /// The guest's serial console so far (for boot diagnostics) and where a user finds it. Best effort: empty
     /// text when it cannot be read.
     fn serial_console(&self, _vm_name: &str, state: &StateDir) -> (String, String) {
-        let log = state.serial_log();
-        let text = std::fs::read(&log).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
-        (text, log.display().to_string())
+        local_serial_console(state)
     }
 
     /// Cached lab: capture the running machine (disk and memory) into the empty directory `into`, leaving it
@@ -153,6 +151,13 @@ pub trait Provider {
     fn lab_restore(&self, _spec: &MachineSpec, _from: &Path, _data: &str) -> Result<()> {
         anyhow::bail!("the {} provider cannot restore a cached lab", self.name())
     }
+}
+
+/// The serial log in the state dir, where a local hypervisor writes the console (empty when there is none yet).
+fn local_serial_console(state: &StateDir) -> (String, String) {
+    let log = state.serial_log();
+    let text = std::fs::read(&log).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
+    (text, log.display().to_string())
 }
 
 /// Snapshot names: what every hypervisor accepts and a shell needs no quoting for.
