@@ -370,6 +370,9 @@ pub fn render_layers(cfg: &Config, layers: &[PathBuf], secrets: &Secrets) -> Res
         );
     }
     let ctx = context(cfg, layers, secrets)?;
+    let hb_ctx = handlebars::Context::wraps(&ctx).context("build the template context")?;
+    // Bounds on the templates' output, checked as it is written (see [`Bounded`]).
+    let (mut total_left, deadline) = (MAX_RENDERED_TOTAL, std::time::Instant::now() + MAX_RENDER_TIME);
     let mut hb = Handlebars::new();
     hb.set_strict_mode(true);
     // `{{#if (has LIST "item")}}`: whether a list (e.g. `cluster.profiles`) holds an item.
@@ -408,8 +411,14 @@ pub fn render_layers(cfg: &Config, layers: &[PathBuf], secrets: &Secrets) -> Res
                 })?;
                 hb.register_template(&name, ast.clone());
                 registered.insert(name.clone(), ast);
-                let rendered = hb.render(&name, &ctx).map_err(|e| render_error(&shown(&name), e))?;
-                (out.to_string(), rendered.into_bytes())
+                let mut sink = Bounded::new(total_left, deadline);
+                let result = hb.render_with_context_to_write(&name, &hb_ctx, &mut sink);
+                if let Some(over) = sink.over {
+                    return Err(over.error(&shown(&name)));
+                }
+                result.map_err(|e| render_error(&shown(&name), e))?;
+                total_left -= sink.buf.len();
+                (out.to_string(), sink.buf)
             }
             None => (rel_str, raw),
         };
@@ -438,6 +447,82 @@ pub fn render_layers(cfg: &Config, layers: &[PathBuf], secrets: &Secrets) -> Res
     }
     files.sort_by(|a, b| a.path.cmp(&b.path));
     Ok(Rendered { files })
+}
+
+/// Most bytes one template may render to (the lab's largest renders to about 10 KiB).
+pub const MAX_RENDERED_FILE: usize = 8 << 20;
+/// Most bytes all templates of a tree may render to together.
+pub const MAX_RENDERED_TOTAL: usize = 32 << 20;
+/// Longest time rendering a tree's templates may take (the lab's take milliseconds).
+pub const MAX_RENDER_TIME: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Which bound a template passed.
+#[derive(Debug, Clone, Copy)]
+enum Over {
+    File,
+    Total,
+    Time,
+}
+
+impl Over {
+    fn error(self, template: &str) -> anyhow::Error {
+        let what = match self {
+            Over::File => format!("renders to more than {} MiB", MAX_RENDERED_FILE >> 20),
+            Over::Total => format!(
+                "takes the rendered templates of the tree past {} MiB together",
+                MAX_RENDERED_TOTAL >> 20
+            ),
+            Over::Time => format!("took more than {} s to render", MAX_RENDER_TIME.as_secs()),
+        };
+        anyhow!(
+            "{template}: {what}; rendering stopped there\nhint: a partial included many times over (or a loop over \
+             a large value) multiplies the output; include partials fewer times, or copy a large file without \
+             the .hbs suffix (the limits are fixed: {} MiB per template, {} MiB in all, {} s)",
+            MAX_RENDERED_FILE >> 20,
+            MAX_RENDERED_TOTAL >> 20,
+            MAX_RENDER_TIME.as_secs()
+        )
+    }
+}
+
+/// The output of one template: refuses a write that passes [`MAX_RENDERED_FILE`], the tree's bytes left, or the
+/// deadline, so a template that multiplies its output (partials within partials) stops at the bound instead of
+/// filling memory first. `over` says which bound stopped it.
+struct Bounded {
+    buf: Vec<u8>,
+    limit: usize,
+    total_left: usize,
+    deadline: std::time::Instant,
+    over: Option<Over>,
+}
+
+impl Bounded {
+    fn new(total_left: usize, deadline: std::time::Instant) -> Self {
+        Self { buf: Vec::new(), limit: MAX_RENDERED_FILE, total_left, deadline, over: None }
+    }
+}
+
+impl std::io::Write for Bounded {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        let len = self.buf.len() + data.len();
+        self.over = if len > self.limit {
+            Some(Over::File)
+        } else if len > self.total_left {
+            Some(Over::Total)
+        } else if std::time::Instant::now() > self.deadline {
+            Some(Over::Time)
+        } else {
+            None
+        };
+        if self.over.is_some() {
+            return Err(std::io::Error::other("template output bound passed"));
+        }
+        self.buf.extend_from_slice(data);
+        Ok(data.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// A `.env` file as compose wants it: ASCII, LF line ends (CRLF from a Windows editor is converted).
@@ -540,4 +625,26 @@ pub fn render_to_dir(cfg: &Config, state: &StateDir, out: &Path, force: bool) ->
 /// Convenience: the path the rendered file would have under a directory.
 pub fn out_path(out: &Path, f: &RenderedFile) -> PathBuf {
     out.join(&f.path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn the_bounded_output_stops_at_each_bound() {
+        let later = Instant::now() + Duration::from_secs(60);
+        let mut w = Bounded::new(MAX_RENDERED_TOTAL, later);
+        w.write_all(&vec![b'x'; MAX_RENDERED_FILE]).unwrap();
+        assert!(w.write_all(b"y").is_err() && matches!(w.over, Some(Over::File)));
+        assert_eq!(w.buf.len(), MAX_RENDERED_FILE, "nothing past the bound is kept");
+        let mut w = Bounded::new(10, later);
+        assert!(w.write_all(&[0; 11]).is_err() && matches!(w.over, Some(Over::Total)));
+        let mut w = Bounded::new(MAX_RENDERED_TOTAL, Instant::now() - Duration::from_millis(1));
+        assert!(w.write_all(b"z").is_err() && matches!(w.over, Some(Over::Time)));
+        let e = Over::Time.error("t.hbs").to_string();
+        assert!(e.starts_with("t.hbs: took more than 10 s to render; rendering stopped there\nhint: "), "{e}");
+    }
 }

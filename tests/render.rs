@@ -421,3 +421,58 @@ fn a_base_tree_is_overridden_file_by_file_by_the_source() {
         r.stderr()
     );
 }
+
+/// Partials that each include the next ten times: `levels` deep, the innermost writing `inner`.
+fn partial_nest(levels: usize, inner: &str) -> String {
+    let mut src = format!("{{{{#*inline \"p0\"}}}}{inner}{{{{/inline}}}}\n");
+    for i in 1..=levels {
+        src.push_str(&format!("{{{{#*inline \"p{i}\"}}}}{}{{{{/inline}}}}\n", format!("{{{{> p{}}}}}", i - 1).repeat(10)));
+    }
+    src + &format!("{{{{> p{levels}}}}}\n")
+}
+
+#[test]
+fn a_nest_of_partials_is_refused_before_it_expands() {
+    // 12 lines of partials: 10^12 expansions of a 120-byte line; refused by counting, before rendering anything.
+    let t = fixture();
+    t.write("tree/app/conf.yml.hbs", partial_nest(12, &"x".repeat(120)));
+    for args in [vec!["validate"], vec!["render", "--out", "out"]] {
+        let start = std::time::Instant::now();
+        let r = Test::new().cwd(t.path()).args(args.clone()).run();
+        let took = start.elapsed();
+        assert_eq!(r.code(), Some(1), "{args:?}: {}", r.stderr());
+        assert!(
+            r.stderr().contains("conf.yml.hbs: partials expand more than 10000 times"),
+            "{args:?}: {}",
+            r.stderr()
+        );
+        assert!(r.stderr().contains("conf.yml.hbs → p12 → p11") && r.stderr().contains("hint:"), "{}", r.stderr());
+        assert!(took < std::time::Duration::from_secs(20), "{args:?} took {took:?}");
+    }
+    assert!(!t.path().join("out").exists(), "nothing written");
+}
+
+#[test]
+fn output_past_the_size_bound_stops_rendering_at_the_bound() {
+    // 1110 expansions (under the count) of a 100 kB value: 111 MB if rendered whole; stopped at 8 MiB.
+    let t = fixture();
+    t.write("box-config.toml", format!("{CONFIG}big = \"{}\"\n", "y".repeat(100_000)));
+    t.write("tree/app/conf.yml.hbs", partial_nest(3, "{{vars.big}}"));
+    let start = std::time::Instant::now();
+    let r = render(&t, "out");
+    let took = start.elapsed();
+    assert_eq!(r.code(), Some(1), "{}", r.stderr());
+    let err = r.stderr();
+    assert!(err.contains("conf.yml.hbs: renders to more than 8 MiB; rendering stopped there"), "{err}");
+    assert!(err.contains("hint:") && err.contains("8 MiB per template, 32 MiB in all, 10 s"), "{err}");
+    assert!(took < std::time::Duration::from_secs(30), "took {took:?}");
+    assert!(!t.path().join("out").exists(), "nothing written");
+    // Eight templates of 5 MB each (1 MB written five times) pass the bound per file, not the bound in all.
+    t.write("tree/app/conf.yml.hbs", "ok\n");
+    for i in 0..8 {
+        t.write(&format!("tree/big{i}.hbs"), partial_nest(1, "{{vars.big}}").replace("{{> p1}}\n", &"{{> p1}}".repeat(5)));
+    }
+    let r = render(&t, "out");
+    assert_eq!(r.code(), Some(1), "{}", r.stderr());
+    assert!(r.stderr().contains("big6.hbs: takes the rendered templates of the tree past 32 MiB together"), "{}", r.stderr());
+}

@@ -12,6 +12,12 @@ use handlebars::template::{Parameter, Template, TemplateElement};
 /// Partials nested deeper than this are refused (far more than a provision tree needs, far less than the stack).
 pub const MAX_DEPTH: usize = 16;
 
+/// A template may expand partials at most this many times, counting each inclusion inside included partials
+/// (the lab's largest template expands 4). Partials that each include the next several times multiply: 12 levels
+/// of 5 inclusions expand 5^11 times, hundreds of megabytes, so they are refused before rendering (and before this
+/// walk itself would take that long).
+pub const MAX_EXPANSIONS: usize = 10_000;
+
 /// Blocks (`{{#...}}`) nested deeper than this are refused before handlebars parses them: its parser and
 /// renderer recurse once per level, and some thousands of levels overflow the stack.
 pub const MAX_BLOCK_DEPTH: usize = 64;
@@ -144,7 +150,8 @@ fn uses(t: &Template) -> Result<Vec<String>, String> {
 pub fn check(name: &str, t: &Template, registered: &HashMap<String, Template>) -> Result<(), String> {
     let root_inlines = inlines(t);
     let mut chain = vec![name.to_string()];
-    visit(t, &root_inlines, &root_inlines, registered, &mut chain)
+    let mut budget = MAX_EXPANSIONS;
+    visit(t, &root_inlines, &root_inlines, registered, &mut chain, &mut budget)
 }
 
 fn visit(
@@ -153,6 +160,7 @@ fn visit(
     root: &HashMap<String, &Template>,
     registered: &HashMap<String, Template>,
     chain: &mut Vec<String>,
+    budget: &mut usize,
 ) -> Result<(), String> {
     for used in uses(t)? {
         let shown_chain = |last: &str| {
@@ -182,8 +190,16 @@ fn visit(
             // Not found: handlebars reports it when rendering ("Partial not found").
             continue;
         };
+        if *budget == 0 {
+            return Err(format!(
+                "partials expand more than {MAX_EXPANSIONS} times (the last counted: {}); partials that include \
+                 others several times multiply, and the output with them",
+                shown_chain(&used)
+            ));
+        }
+        *budget -= 1;
         chain.push(used);
-        visit(body, next_own.as_ref().unwrap_or(own), root, registered, chain)?;
+        visit(body, next_own.as_ref().unwrap_or(own), root, registered, chain, budget)?;
         chain.pop();
     }
     Ok(())
@@ -225,6 +241,22 @@ mod tests {
         assert_eq!(check_nesting(&format!("{}\n{}", deep(MAX_BLOCK_DEPTH), deep(3))), Ok(()));
         assert_eq!(check_nesting(&format!("\n{}", deep(MAX_BLOCK_DEPTH + 1))).unwrap_err().0, 2);
         assert_eq!(check_nesting(&"\\{{#x}}".repeat(1000)), Ok(()));
+    }
+
+    #[test]
+    fn expansions_are_counted_with_their_multiplicity() {
+        // p1 includes p0 ten times, p2 includes p1 ten times...: p4 expands 10 + 100 + 1000 + 10000 times.
+        let nest = |levels: usize| {
+            let mut src = String::from("{{#*inline \"p0\"}}x{{/inline}}");
+            for i in 1..=levels {
+                src.push_str(&format!("{{{{#*inline \"p{i}\"}}}}{}{{{{/inline}}}}", format!("{{{{> p{}}}}}", i - 1).repeat(10)));
+            }
+            src + &format!("{{{{> p{levels}}}}}")
+        };
+        assert_eq!(check_src(&nest(3)), Ok(()));
+        let e = check_src(&nest(12)).unwrap_err();
+        assert!(e.starts_with("partials expand more than 10000 times"), "{e}");
+        assert!(e.contains("t.hbs → p12 → p11"), "{e}");
     }
 
     #[test]
