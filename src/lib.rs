@@ -3,6 +3,25 @@
 //! `main` only calls [`run`]. Library code returns `anyhow::Result` with context on every hop; [`run`] prints
 //! the whole cause chain and maps the error to an exit code.
 
+// `println!`, `print!`, `eprintln!` and `eprint!` of std panic when the reader of a pipe has gone
+// (`provisioner status | head -0`: EPIPE) or the disk is full. These shadow them in the whole crate (a `macro_rules!`
+// defined before the modules comes before std's prelude), so every output, including output added later, goes
+// through [`ui::output`], which records the failure instead.
+macro_rules! println {
+    () => { $crate::ui::output::stdout(format_args!(""), true) };
+    ($($arg:tt)*) => { $crate::ui::output::stdout(format_args!($($arg)*), true) };
+}
+macro_rules! print {
+    ($($arg:tt)*) => { $crate::ui::output::stdout(format_args!($($arg)*), false) };
+}
+macro_rules! eprintln {
+    () => { $crate::ui::output::stderr(format_args!(""), true) };
+    ($($arg:tt)*) => { $crate::ui::output::stderr(format_args!($($arg)*), true) };
+}
+macro_rules! eprint {
+    ($($arg:tt)*) => { $crate::ui::output::stderr(format_args!($($arg)*), false) };
+}
+
 mod accel;
 pub mod boxes;
 mod cli;
@@ -32,6 +51,9 @@ pub mod exit {
     pub const USAGE: i32 = 2;
     /// The lab came up but a service is unhealthy / an alert was not delivered.
     pub const UNHEALTHY: i32 = 3;
+    /// Stdout was a pipe whose reader went away (`provisioner status | head -0`): 128 + SIGPIPE, as a shell
+    /// reports a tool that SIGPIPE stopped. Nothing is printed; the command itself ran to its end.
+    pub const CLOSED_PIPE: i32 = 141;
     // Interrupted by a signal: 128 + its number (130 SIGINT, 143 SIGTERM, 129 SIGHUP), as shells report it.
 }
 
@@ -44,7 +66,16 @@ pub fn run() -> i32 {
     if let Err(e) = process::install_interrupt_handler() {
         eprintln!("warning: {e:#}; Ctrl-C will not stop child processes cleanly");
     }
-    let result = commands::dispatch(cli);
+    let code = finish(commands::dispatch(cli), json);
+    let stdout = ui::output::stdout_lost();
+    if let Some(ui::output::Lost::Failed(e)) = &stdout {
+        eprintln!("error: writing to stdout failed: {e}\nhint: make room where the output goes (or send it elsewhere) and run the command again");
+    }
+    ui::output::exit_code(code, stdout.as_ref())
+}
+
+/// The exit code of a command's result, its error (or interruption) reported.
+fn finish(result: anyhow::Result<i32>, json: bool) -> i32 {
     if let Some(sig) = process::interrupted() {
         return report_interrupt(sig, json, result.err());
     }

@@ -645,6 +645,9 @@ mod tests {
         let mut w = Bounded::new(MAX_RENDERED_TOTAL, Instant::now() - Duration::from_millis(1));
         assert!(w.write_all(b"z").is_err() && matches!(w.over, Some(Over::Time)));
         let e = Over::Time.error("t.hbs").to_string();
-        assert!(e.starts_with("t.hbs: took more than 10 s to render; rendering stopped there\nhint: "), "{e}");
+        assert!(
+            e.starts_with("t.hbs: took more than 10 s to render; rendering stopped there\nhint: "),
+            "{e}"
+        );
     }
 }

@@ -7,6 +7,106 @@ use std::time::{Duration, Instant};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use serde_json::json;
 
+/// Writing to stdout and stderr without panicking: `println!` and friends panic when the reader of a pipe has
+/// gone (`provisioner status | head -0`: EPIPE) or the disk is full. The crate's own `println!`, `print!`, `eprintln!` and
+/// `eprint!` (lib.rs, shadowing std's) write through these instead: the first failure of a stream is recorded and later writes to it are
+/// dropped, the command goes on (a closed pipe is no reason to leave a VM half-made), and [`crate::run`] turns the
+/// record into the exit code (141 for a closed stdout, as a shell reports a tool stopped by SIGPIPE).
+pub mod output {
+    use std::io::Write;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::OnceLock;
+
+    /// How a stream failed, first failure only.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub enum Lost {
+        /// The reader went away (EPIPE).
+        Closed,
+        /// Any other write error (e.g. no space left on the device of `> file`).
+        Failed(String),
+    }
+
+    struct Stream {
+        failed: AtomicBool,
+        why: OnceLock<Lost>,
+    }
+
+    static STDOUT: Stream = Stream { failed: AtomicBool::new(false), why: OnceLock::new() };
+    static STDERR: Stream = Stream { failed: AtomicBool::new(false), why: OnceLock::new() };
+
+    impl Stream {
+        fn write(&self, w: &mut dyn Write, args: std::fmt::Arguments, newline: bool) {
+            if self.failed.load(Ordering::Relaxed) {
+                return;
+            }
+            let r = w
+                .write_fmt(args)
+                .and_then(|()| if newline { w.write_all(b"\n") } else { Ok(()) })
+                .and_then(|()| w.flush());
+            if let Err(e) = r {
+                self.fail(e);
+            }
+        }
+
+        fn fail(&self, e: std::io::Error) {
+            let lost = if e.kind() == std::io::ErrorKind::BrokenPipe {
+                Lost::Closed
+            } else {
+                Lost::Failed(e.to_string())
+            };
+            let _ = self.why.set(lost);
+            self.failed.store(true, Ordering::Relaxed);
+        }
+
+        fn lost(&self) -> Option<Lost> {
+            self.why.get().cloned()
+        }
+    }
+
+    /// Write to stdout (a line with `newline`); a failure is recorded, never a panic.
+    pub fn stdout(args: std::fmt::Arguments, newline: bool) {
+        STDOUT.write(&mut std::io::stdout().lock(), args, newline)
+    }
+
+    /// Bytes to stdout as they are (completion scripts).
+    pub fn stdout_bytes(data: &[u8]) {
+        if STDOUT.failed.load(Ordering::Relaxed) {
+            return;
+        }
+        let mut out = std::io::stdout().lock();
+        if let Err(e) = out.write_all(data).and_then(|()| out.flush()) {
+            STDOUT.fail(e);
+        }
+    }
+
+    /// Write to stderr (a line with `newline`); a failure is recorded, never a panic.
+    pub fn stderr(args: std::fmt::Arguments, newline: bool) {
+        STDERR.write(&mut std::io::stderr().lock(), args, newline)
+    }
+
+    /// How stdout failed, if it did.
+    pub fn stdout_lost() -> Option<Lost> {
+        STDOUT.lost()
+    }
+
+    /// How stderr failed, if it did.
+    pub fn stderr_lost() -> Option<Lost> {
+        STDERR.lost()
+    }
+
+    /// The exit code once stdout failed: 141 (128 + SIGPIPE) for a closed pipe, [`crate::exit::FAILURE`] for
+    /// another error; a failed command keeps its own code. Stderr carries messages, not data: losing it does not
+    /// change the code.
+    pub fn exit_code(code: i32, stdout: Option<&Lost>) -> i32 {
+        match stdout {
+            Some(_) if code != crate::exit::OK => code,
+            Some(Lost::Closed) => crate::exit::CLOSED_PIPE,
+            Some(Lost::Failed(_)) => crate::exit::FAILURE,
+            None => code,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
     Human,

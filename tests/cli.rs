@@ -161,3 +161,117 @@ fn status_and_port_list_the_forwarded_ports() {
     assert_eq!(run(&["port", "--guest", "22"]).success().stdout(), "2299\n");
     run(&["port", "--guest", "1234"]).failure().stderr_contains("guest port 1234").stderr_contains("hint:");
 }
+
+/// How the child's stdout or stderr is broken.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Broken {
+    /// A pipe whose read end was closed before the child started (`provisioner status | head -0`).
+    StdoutPipe,
+    /// The same for stderr (`provisioner validate 2>&1 >/dev/null | true`).
+    StderrPipe,
+    /// No stderr at all (`2>&-`).
+    StderrClosed,
+}
+
+/// Run the binary in `dir` with one output broken; the other one is captured.
+fn run_broken(dir: &std::path::Path, args: &[&str], broken: Option<Broken>) -> std::process::Output {
+    use std::process::{Command, Stdio};
+    let mut c = if broken == Some(Broken::StderrClosed) {
+        let mut c = Command::new("sh");
+        c.args(["-c", "exec \"$0\" \"$@\" 2>&-"]).arg(crate::support::bin()).args(args);
+        c
+    } else {
+        let mut c = Command::new(crate::support::bin());
+        c.args(args);
+        c
+    };
+    c.current_dir(dir)
+        .env("PROVISIONER_CACHE_DIR", dir.join("cache"))
+        .env("PROVISIONER_SSH_REUSE", "0")
+        .env("RUST_BACKTRACE", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    match broken {
+        Some(Broken::StdoutPipe) => c.stdout(writer),
+        Some(Broken::StderrPipe) => c.stderr(writer),
+        _ => &mut c,
+    };
+    c.output().expect("run provisioner")
+}
+
+#[test]
+fn a_closed_stdout_or_stderr_never_panics_in_any_command() {
+    let single = Test::with_lab();
+    let cluster = Test::new();
+    crate::support::copy_cluster_example(cluster.path());
+    // Every command that prints without a VM: its data on stdout, its messages (and errors) on stderr.
+    let commands: &[(&Test, &[&str])] = &[
+        (&single, &["validate"]),
+        (&single, &["validate", "--json"]),
+        (&single, &["render", "--out", "r1"]),
+        (&single, &["render", "--out", "r2", "--json"]),
+        (&single, &["status"]),
+        (&single, &["status", "--json"]),
+        (&single, &["port"]),
+        (&single, &["port", "--json"]),
+        (&single, &["ssh-config"]),
+        (&single, &["halt"]),
+        (&single, &["health", "--timeout", "1"]),
+        (&single, &["verify", "--timeout", "1"]),
+        (&single, &["load", "--duration", "1"]),
+        (&single, &["provision"]),
+        (&single, &["box", "list"]),
+        (&single, &["box", "list", "--json"]),
+        (&single, &["snapshot", "list"]),
+        (&single, &["suspend"]),
+        (&single, &["resume"]),
+        (&single, &["package"]),
+        (&single, &["completions", "bash"]),
+        (&single, &["--help"]),
+        (&single, &["help", "status"]),
+        (&single, &["--version"]),
+        (&single, &["nonsense"]),
+        (&cluster, &["validate"]),
+        (&cluster, &["status"]),
+        (&cluster, &["status", "--json"]),
+        (&cluster, &["halt"]),
+    ];
+    for (t, args) in commands {
+        // The same command with both outputs read: its own exit code, and whether it writes data to stdout.
+        let normal = run_broken(t.path(), args, None);
+        let code = normal.status.code().expect("exit code");
+        let clap = args.iter().any(|a| a.starts_with("--help") || *a == "help" || *a == "--version");
+        for broken in [Broken::StdoutPipe, Broken::StderrPipe, Broken::StderrClosed] {
+            let out = run_broken(t.path(), args, Some(broken));
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            let what = format!("{args:?} with {broken:?}: {:?}\n{stderr}", out.status);
+            assert!(!stderr.contains("panicked"), "{what}");
+            // A closed stdout under data a successful command wrote: 141 as a shell shows SIGPIPE; clap's own
+            // output (help, version) exits as clap does; otherwise the command's own code.
+            let expected = if broken == Broken::StdoutPipe && code == 0 && !normal.stdout.is_empty() && !clap
+            {
+                141
+            } else {
+                code
+            };
+            assert_eq!(out.status.code(), Some(expected), "{what}");
+            if broken == Broken::StdoutPipe {
+                assert!(!stderr.contains("writing to stdout failed"), "a closed pipe is quiet: {what}");
+            }
+        }
+    }
+    // Another failure to write stdout is an error that says so.
+    let full = std::process::Command::new(crate::support::bin())
+        .arg("validate")
+        .current_dir(single.path())
+        .stdout(std::fs::File::options().write(true).open("/dev/full").unwrap())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&full.stderr);
+    assert_eq!(full.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("error: writing to stdout failed: No space left on device"), "{stderr}");
+    assert!(stderr.contains("hint:") && !stderr.contains("panicked"), "{stderr}");
+}

@@ -426,7 +426,10 @@ fn a_base_tree_is_overridden_file_by_file_by_the_source() {
 fn partial_nest(levels: usize, inner: &str) -> String {
     let mut src = format!("{{{{#*inline \"p0\"}}}}{inner}{{{{/inline}}}}\n");
     for i in 1..=levels {
-        src.push_str(&format!("{{{{#*inline \"p{i}\"}}}}{}{{{{/inline}}}}\n", format!("{{{{> p{}}}}}", i - 1).repeat(10)));
+        src.push_str(&format!(
+            "{{{{#*inline \"p{i}\"}}}}{}{{{{/inline}}}}\n",
+            format!("{{{{> p{}}}}}", i - 1).repeat(10)
+        ));
     }
     src + &format!("{{{{> p{levels}}}}}\n")
 }
@@ -446,7 +449,11 @@ fn a_nest_of_partials_is_refused_before_it_expands() {
             "{args:?}: {}",
             r.stderr()
         );
-        assert!(r.stderr().contains("conf.yml.hbs → p12 → p11") && r.stderr().contains("hint:"), "{}", r.stderr());
+        assert!(
+            r.stderr().contains("conf.yml.hbs → p12 → p11") && r.stderr().contains("hint:"),
+            "{}",
+            r.stderr()
+        );
         assert!(took < std::time::Duration::from_secs(20), "{args:?} took {took:?}");
     }
     assert!(!t.path().join("out").exists(), "nothing written");
@@ -470,9 +477,16 @@ fn output_past_the_size_bound_stops_rendering_at_the_bound() {
     // Eight templates of 5 MB each (1 MB written five times) pass the bound per file, not the bound in all.
     t.write("tree/app/conf.yml.hbs", "ok\n");
     for i in 0..8 {
-        t.write(&format!("tree/big{i}.hbs"), partial_nest(1, "{{vars.big}}").replace("{{> p1}}\n", &"{{> p1}}".repeat(5)));
+        t.write(
+            &format!("tree/big{i}.hbs"),
+            partial_nest(1, "{{vars.big}}").replace("{{> p1}}\n", &"{{> p1}}".repeat(5)),
+        );
     }
     let r = render(&t, "out");
     assert_eq!(r.code(), Some(1), "{}", r.stderr());
-    assert!(r.stderr().contains("big6.hbs: takes the rendered templates of the tree past 32 MiB together"), "{}", r.stderr());
+    assert!(
+        r.stderr().contains("big6.hbs: takes the rendered templates of the tree past 32 MiB together"),
+        "{}",
+        r.stderr()
+    );
 }

@@ -92,7 +92,10 @@ pub fn dispatch(cli: Cli) -> Result<i32> {
         Command::Package(a) => one(&a.machine.machine, &|c| snapshot::package(c, &a)),
         Command::Completions { shell } => {
             use clap::CommandFactory;
-            clap_complete::generate(shell, &mut Cli::command(), "provisioner", &mut std::io::stdout());
+            // Into memory first: clap_complete panics when its writer fails (a closed pipe).
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "provisioner", &mut script);
+            crate::ui::output::stdout_bytes(&script);
             Ok(0)
         }
     }

@@ -249,7 +249,10 @@ mod tests {
         let nest = |levels: usize| {
             let mut src = String::from("{{#*inline \"p0\"}}x{{/inline}}");
             for i in 1..=levels {
-                src.push_str(&format!("{{{{#*inline \"p{i}\"}}}}{}{{{{/inline}}}}", format!("{{{{> p{}}}}}", i - 1).repeat(10)));
+                src.push_str(&format!(
+                    "{{{{#*inline \"p{i}\"}}}}{}{{{{/inline}}}}",
+                    format!("{{{{> p{}}}}}", i - 1).repeat(10)
+                ));
             }
             src + &format!("{{{{> p{levels}}}}}")
         };
