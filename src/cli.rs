@@ -196,7 +196,8 @@ pub struct RenderArgs {
     /// Output directory: new, empty, or made by an earlier render; it is replaced whole (never through a link).
     #[arg(long, short = 'o')]
     pub out: PathBuf,
-    /// Replace --out even when it is a non-empty directory that render did not make.
+    /// Replace --out when it holds only files render writes but no marker (an older render's output). A
+    /// directory holding anything else is refused, --force or not.
     #[arg(long)]
     pub force: bool,
 }

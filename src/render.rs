@@ -58,8 +58,10 @@ impl Rendered {
     /// Write the tree as the directory `out`, never through a symbolic link: the files go into a new directory
     /// beside `out` (made by this process, so nothing in it can be a planted link), which then takes `out`'s
     /// place in one rename (an atomic exchange when `out` exists). `out` may be missing, empty, or a directory an
-    /// earlier render made (it holds [`RENDER_MARKER`]); any other non-empty directory is replaced only with
-    /// `force`. `/`, a symbolic link and a non-directory are always refused.
+    /// earlier render made (it holds [`RENDER_MARKER`]); a directory without the marker that holds only files this
+    /// tree writes (an older render's output) is replaced only with `force`; any other directory is refused,
+    /// `force` or not, naming what render did not write. `/`, a symbolic link and a non-directory are always
+    /// refused.
     pub fn write_to(&self, out: &Path, force: bool) -> Result<()> {
         let target = output_target(out)?;
         let replace = match std::fs::symlink_metadata(&target) {
@@ -75,14 +77,30 @@ impl Rendered {
                 shown(&out.display().to_string())
             ),
             Ok(_) => {
-                if !force && !made_by_render(&target)? {
-                    bail!(
-                        "--out {} is a non-empty directory that render did not make; render replaces its output \
-                         directory whole\nhint: pass a new or empty directory, or add --force to replace {} and \
-                         everything in it",
-                        shown(&out.display().to_string()),
-                        shown(&target.display().to_string())
-                    );
+                let shown_out = shown(&out.display().to_string());
+                match self.existing_output(&target)? {
+                    Existing::Empty | Existing::Marked => {}
+                    Existing::Unmarked if force => {}
+                    Existing::Unmarked => bail!(
+                        "--out {shown_out} holds only files render writes, but no {RENDER_MARKER} marker (an \
+                         output of an older provisioner, or a copy); render replaces its output directory whole\n\
+                         hint: add --force to replace it (edits to those files are lost), or pass a new or empty \
+                         directory"
+                    ),
+                    Existing::Foreign(names) => {
+                        let n = names.len();
+                        let mut list: Vec<String> = names.iter().take(5).map(|n| shown(n)).collect();
+                        if n > 5 {
+                            list.push("...".into());
+                        }
+                        bail!(
+                            "--out {shown_out} holds {n} {} render did not write: {}; render replaces only a \
+                             directory it made (marked by {RENDER_MARKER}), so it refuses this one, --force or \
+                             not\nhint: pass a new or empty directory (e.g. --out /tmp/rendered)",
+                            if n == 1 { "entry" } else { "entries" },
+                            list.join(", ")
+                        )
+                    }
                 }
                 true
             }
@@ -134,13 +152,53 @@ fn output_target(out: &Path) -> Result<PathBuf> {
     Ok(target)
 }
 
-/// Whether a directory is empty or holds the marker of an earlier render (a regular file, not a link).
-fn made_by_render(dir: &Path) -> Result<bool> {
-    let mut entries = std::fs::read_dir(dir).with_context(|| format!("read {}", dir.display()))?;
-    if entries.next().is_none() {
-        return Ok(true);
+/// What an existing `--out` directory holds.
+#[derive(Debug, PartialEq, Eq)]
+enum Existing {
+    Empty,
+    /// The marker of an earlier render (a regular file, not a link or a directory): replaced whole.
+    Marked,
+    /// No marker, but nothing render would not write: directories on the way to the tree's files and those files.
+    Unmarked,
+    /// Entries render did not write (a directory is named once, not its contents), by relative path.
+    Foreign(Vec<String>),
+}
+
+impl Rendered {
+    fn existing_output(&self, dir: &Path) -> Result<Existing> {
+        let mut entries = std::fs::read_dir(dir).with_context(|| format!("read {}", dir.display()))?;
+        if entries.next().is_none() {
+            return Ok(Existing::Empty);
+        }
+        if std::fs::symlink_metadata(dir.join(RENDER_MARKER)).is_ok_and(|m| m.is_file()) {
+            return Ok(Existing::Marked);
+        }
+        let files: std::collections::HashSet<&str> = self.files.iter().map(|f| f.path.as_str()).collect();
+        let dirs: std::collections::HashSet<&str> =
+            self.files.iter().flat_map(|f| f.path.match_indices('/').map(|(i, _)| &f.path[..i])).collect();
+        let mut foreign = Vec::new();
+        // walkdir does not follow links: a link is an entry of its own (render never writes one).
+        let mut walk = walkdir::WalkDir::new(dir).min_depth(1).sort_by_file_name().into_iter();
+        while let Some(entry) = walk.next() {
+            let entry = entry.with_context(|| format!("read {}", dir.display()))?;
+            let rel = entry.path().strip_prefix(dir).expect("under dir").to_string_lossy().into_owned();
+            let kind = entry.file_type();
+            if (kind.is_dir() && dirs.contains(rel.as_str()))
+                || (kind.is_file() && files.contains(rel.as_str()))
+            {
+                continue;
+            }
+            if kind.is_dir() {
+                walk.skip_current_dir();
+                foreign.push(format!("{rel}/"));
+            } else if kind.is_symlink() {
+                foreign.push(format!("{rel} (a symbolic link)"));
+            } else {
+                foreign.push(rel);
+            }
+        }
+        Ok(if foreign.is_empty() { Existing::Unmarked } else { Existing::Foreign(foreign) })
     }
-    Ok(std::fs::symlink_metadata(dir.join(RENDER_MARKER)).is_ok_and(|m| m.is_file()))
 }
 
 /// Create a file that must not exist yet (never following a link) with exactly `mode` (setuid, setgid and

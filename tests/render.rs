@@ -214,7 +214,7 @@ fn links_planted_in_the_output_are_never_followed() {
 }
 
 #[test]
-fn root_and_foreign_directories_are_refused_unless_forced() {
+fn root_and_foreign_directories_are_refused() {
     let t = fixture();
     render(&t, "/").failure().stderr_contains("--out /").stderr_contains("hint:");
     render(&t, ".").failure().stderr_contains("holds this project");
@@ -227,13 +227,15 @@ fn root_and_foreign_directories_are_refused_unless_forced() {
     let foreign = t.path().join("mine");
     std::fs::create_dir_all(&foreign).unwrap();
     std::fs::write(foreign.join("keep.txt"), "mine\n").unwrap();
-    render(&t, "mine")
+    // A directory render did not make is refused, --force or not (issue 16: --force used to replace it whole).
+    render(&t, "mine").failure().stderr_contains("holds 1 entry render did not write: keep.txt");
+    force("mine")
         .failure()
-        .stderr_contains("is a non-empty directory that render did not make")
-        .stderr_contains("--force");
+        .stderr_contains("holds 1 entry render did not write: keep.txt")
+        .stderr_contains("hint:");
     assert_eq!(std::fs::read_to_string(foreign.join("keep.txt")).unwrap(), "mine\n");
-    Test::new().cwd(t.path()).args(["render", "--out", "mine", "--force"]).run().success();
-    assert!(!foreign.join("keep.txt").exists(), "--force replaces the directory whole");
+    std::fs::remove_file(foreign.join("keep.txt")).unwrap();
+    render(&t, "mine").success();
     assert!(foreign.join("app/conf.yml").is_file());
     // A directory render made is replaced without --force; stale files go with it.
     std::fs::write(foreign.join("stale"), "x").unwrap();
@@ -489,4 +491,100 @@ fn output_past_the_size_bound_stops_rendering_at_the_bound() {
         "{}",
         r.stderr()
     );
+}
+
+/// Every file under `dir` (relative paths), to see that a refused render deleted nothing.
+fn tree(dir: &Path) -> Vec<String> {
+    let mut out: Vec<String> = walkdir::WalkDir::new(dir)
+        .min_depth(1)
+        .into_iter()
+        .map(|e| e.unwrap().path().strip_prefix(dir).unwrap().display().to_string())
+        .collect();
+    out.sort();
+    out
+}
+
+#[test]
+fn force_never_replaces_a_directory_render_did_not_make() {
+    let t = fixture();
+    let run = |args: &[&str]| Test::new().cwd(t.path()).arg("render").args(args.iter().copied()).run();
+    // Another project, its machine's state and disk included.
+    t.write("other/box-config.toml", CONFIG);
+    t.write("other/.provisioner/disk.qcow2", vec![7u8; 4096]);
+    t.write("other/.provisioner/state.json", "{}");
+    t.write("other/.provisioner/id_ed25519", "key");
+    // A git checkout.
+    t.write("repo/.git/HEAD", "ref: refs/heads/main\n");
+    t.write("repo/README.md", "mine\n");
+    // A file where a rendered one would go, among others (an older render's output, edited).
+    t.write("mixed/run.sh", "#!/bin/sh\n");
+    t.write("mixed/notes.txt", "mine\n");
+    let before: Vec<_> = ["other", "repo", "mixed"].iter().map(|d| (d, tree(&t.path().join(d)))).collect();
+    for (out, names) in [
+        ("other", "holds 2 entries render did not write: .provisioner/, box-config.toml;"),
+        ("other/.provisioner", "holds 3 entries render did not write: disk.qcow2, id_ed25519, state.json;"),
+        ("repo", "holds 2 entries render did not write: .git/, README.md;"),
+        ("mixed", "holds 1 entry render did not write: notes.txt;"),
+    ] {
+        for force in [false, true] {
+            let args: &[&str] = if force { &["--out", out, "--force"] } else { &["--out", out] };
+            let r = run(args).failure();
+            assert_eq!(r.code(), Some(1), "{out}");
+            let err = r.stderr();
+            assert!(err.contains(&format!("--out {out} {names}")), "{out} {force}: {err}");
+            assert!(
+                err.contains("--force or not") && err.contains("\nhint: pass a new or empty directory"),
+                "{err}"
+            );
+        }
+    }
+    for (dir, files) in &before {
+        assert_eq!(&tree(&t.path().join(dir)), files, "{dir}: something was deleted");
+    }
+    assert_eq!(std::fs::read(t.path().join("other/.provisioner/disk.qcow2")).unwrap(), vec![7u8; 4096]);
+    let no_temp = |d: &str| tree(&t.path().join(d)).iter().all(|p| !p.contains(".render-"));
+    assert!(no_temp("."), "{:?}", tree(t.path()));
+
+    // The marker only counts as a regular file: a link or a directory of that name is named, not trusted.
+    t.write("linkmark/x", "mine\n");
+    std::os::unix::fs::symlink("/etc/hostname", t.path().join("linkmark/.provisioner-render")).unwrap();
+    run(&["--out", "linkmark", "--force"])
+        .failure()
+        .stderr_contains("holds 2 entries render did not write: .provisioner-render (a symbolic link), x;");
+    t.write("dirmark/.provisioner-render/keep", "mine\n");
+    run(&["--out", "dirmark", "--force"])
+        .failure()
+        .stderr_contains("holds 1 entry render did not write: .provisioner-render/;");
+    assert!(
+        t.path().join("linkmark/x").is_file() && t.path().join("dirmark/.provisioner-render/keep").is_file()
+    );
+    // A file is not a directory, --force or not.
+    t.write("afile", "mine\n");
+    for args in [&["--out", "afile"][..], &["--out", "afile", "--force"]] {
+        run(args).failure().stderr_contains("--out afile exists and is not a directory");
+    }
+    assert_eq!(std::fs::read_to_string(t.path().join("afile")).unwrap(), "mine\n");
+
+    // Its own output is replaced, with or without --force; stale files go with it.
+    run(&["--out", "out"]).success();
+    t.write("out/stale", "x");
+    run(&["--out", "out"]).success();
+    assert!(!t.path().join("out/stale").exists() && t.path().join("out/app/conf.yml").is_file());
+    t.write("out/stale", "x");
+    run(&["--out", "out", "--force"]).success();
+    assert!(!t.path().join("out/stale").exists() && t.path().join("out/.provisioner-render").is_file());
+    // An older render's output (no marker) holding only files render writes: replaced with --force only.
+    std::fs::remove_file(t.path().join("out/.provisioner-render")).unwrap();
+    t.write("out/run.sh", "edited\n");
+    run(&["--out", "out"])
+        .failure()
+        .stderr_contains("--out out holds only files render writes, but no .provisioner-render marker")
+        .stderr_contains("hint: add --force");
+    assert_eq!(std::fs::read_to_string(t.path().join("out/run.sh")).unwrap(), "edited\n");
+    run(&["--out", "out", "--force"]).success();
+    assert_eq!(
+        std::fs::read_to_string(t.path().join("out/run.sh")).unwrap(),
+        "#!/bin/sh\necho plain {{not.rendered}}\n"
+    );
+    assert!(t.path().join("out/.provisioner-render").is_file());
 }
