@@ -189,6 +189,8 @@ fn run_broken(dir: &std::path::Path, args: &[&str], broken: Option<Broken>) -> s
         .env("PROVISIONER_CACHE_DIR", dir.join("cache"))
         .env("PROVISIONER_SSH_REUSE", "0")
         .env("RUST_BACKTRACE", "1")
+        // The progress printer's thread writes too (`... health 1s: waiting for ...`).
+        .env("PROVISIONER_PROGRESS_SECS", "1")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -219,7 +221,7 @@ fn a_closed_stdout_or_stderr_never_panics_in_any_command() {
         (&single, &["port", "--json"]),
         (&single, &["ssh-config"]),
         (&single, &["halt"]),
-        (&single, &["health", "--timeout", "1"]),
+        (&single, &["health", "--timeout", "2"]),
         (&single, &["verify", "--timeout", "1"]),
         (&single, &["load", "--duration", "1"]),
         (&single, &["provision"]),
