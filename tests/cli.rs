@@ -194,7 +194,13 @@ fn run_broken(dir: &std::path::Path, args: &[&str], broken: Option<Broken>) -> s
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    let (reader, writer) = std::io::pipe().unwrap();
+    let mut fds = [0; 2];
+    // SAFETY: pipe(2) fills both descriptors, each then owned once.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0, "pipe");
+    let (reader, writer) = unsafe {
+        use std::os::fd::FromRawFd;
+        (std::os::fd::OwnedFd::from_raw_fd(fds[0]), std::os::fd::OwnedFd::from_raw_fd(fds[1]))
+    };
     drop(reader);
     match broken {
         Some(Broken::StdoutPipe) => c.stdout(writer),
