@@ -461,11 +461,13 @@ pub fn render_layers(cfg: &Config, layers: &[PathBuf], secrets: &Secrets) -> Res
                 let ast = handlebars::Template::compile_with_name(&text, name.clone())
                     .map_err(|e| template_error(&shown(&name), e))?;
                 partials::check(&name, &ast, &registered).map_err(|e| {
-                    anyhow!(
-                        "{}: {e}\nhint: a partial may include other partials, but none may include itself, \
-                         directly or through others",
-                        shown(&name)
-                    )
+                    let hint = if e.contains("\nhint:") {
+                        ""
+                    } else {
+                        "\nhint: a partial may include other partials, but none may include itself, directly or \
+                         through others"
+                    };
+                    anyhow!("{}: {e}{hint}", shown(&name))
                 })?;
                 hb.register_template(&name, ast.clone());
                 registered.insert(name.clone(), ast);

@@ -193,7 +193,8 @@ fn visit(
         if *budget == 0 {
             return Err(format!(
                 "partials expand more than {MAX_EXPANSIONS} times (the last counted: {}); partials that include \
-                 others several times multiply, and the output with them",
+                 others several times multiply, and the output with them\nhint: include partials fewer times (or \
+                 write the repeated text out); the limit is fixed",
                 shown_chain(&used)
             ));
         }
