@@ -14,7 +14,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use serde_json::json;
 
-use super::{network, MachineSpec, Provider, VmState};
+use super::{network, Lookup, MachineSpec, Provider, VmState};
 pub use crate::accel::decide_accel;
 use crate::config::{Config, Firmware, Forward, Protocol};
 use crate::machine::state::MachineState;
@@ -476,6 +476,17 @@ impl Provider for Libvirt {
             bail!("`virsh domstate {vm_name}` failed: {}", out.stderr.trim());
         }
         Ok(parse_domstate(&out.stdout))
+    }
+
+    fn lookup(&self, vm_name: &str, state: &StateDir) -> Result<Lookup> {
+        let Some(xml) = self.dumpxml(vm_name)? else { return Ok(Lookup::NotCreated) };
+        Ok(match owner_state_dir(&xml) {
+            // Any spelling of our state dir (symlink, `..`, an older marker) is ours: one identity per machine.
+            Some(dir) if crate::machine::identity::same_dir(Path::new(&dir), &state.root) => {
+                Lookup::Mine(self.state(vm_name)?)
+            }
+            owner => Lookup::Foreign { owner },
+        })
     }
 
     fn create(&self, spec: &MachineSpec, _recorded: &mut MachineState) -> Result<()> {
