@@ -1091,7 +1091,8 @@ fn a_copied_project_never_acts_on_the_original_vm() {
     assert!(cp.success());
     let cfg = std::fs::read_to_string(copy.join("box-config.toml")).unwrap();
     let port = support::free_port();
-    std::fs::write(copy.join("box-config.toml"), cfg.replace(&p.port.to_string(), &port.to_string())).unwrap();
+    std::fs::write(copy.join("box-config.toml"), cfg.replace(&p.port.to_string(), &port.to_string()))
+        .unwrap();
     p.up_reaches_ssh(&copy, &[]).stderr_contains(&format!(
         "the virtualbox VM {uuid} recorded in {}/state.json belongs to another project (state dir {})",
         ours.display(),

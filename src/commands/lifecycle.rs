@@ -146,7 +146,9 @@ fn adopt_copy(ctx: &Ctx, m: &Machine, p: &dyn Provider, plan: &mut Plan, owner: 
         p.name(),
         m.state.root.display()
     ));
-    for f in [m.state.disk(), m.state.path("disk.qcow2.partial"), m.state.path("domain.xml"), m.state.seed_iso()] {
+    for f in
+        [m.state.disk(), m.state.path("disk.qcow2.partial"), m.state.path("domain.xml"), m.state.seed_iso()]
+    {
         match std::fs::remove_file(&f) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
                 return Err(e).with_context(|| format!("remove the copied {}", f.display()));
@@ -566,7 +568,8 @@ pub fn status(ctx: &Ctx) -> Result<i32> {
                            "owner": owner, "message": format!("recorded VM belongs to another project ({why})")})
                 );
             } else {
-                let refusal = format!("{:#}", provider::foreign_vm(p.name(), &vm, owner.as_deref(), &m.state));
+                let refusal =
+                    format!("{:#}", provider::foreign_vm(p.name(), &vm, owner.as_deref(), &m.state));
                 let hint = refusal.lines().last().unwrap_or_default();
                 println!("{name}: recorded VM belongs to another project ({why})\n{hint}");
             }

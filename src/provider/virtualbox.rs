@@ -578,9 +578,9 @@ impl Provider for VirtualBox {
         Ok(match owner(&i, state) {
             // A clone without its marker was left by an interrupted `up` of this machine (`up` completes it).
             Owner::Us | Owner::HalfMade => Lookup::Mine(i.state()),
-            Owner::Other(description) => Lookup::Foreign {
-                owner: description.strip_prefix(MARKER_PREFIX).map(str::to_string),
-            },
+            Owner::Other(description) => {
+                Lookup::Foreign { owner: description.strip_prefix(MARKER_PREFIX).map(str::to_string) }
+            }
         })
     }
 
