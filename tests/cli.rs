@@ -280,3 +280,37 @@ fn a_copied_project_never_acts_on_the_original_libvirt_domain() {
     run(&moved, &["status"]).success().stdout_contains("which no longer exists");
     assert_eq!(virsh(&["domstate", &name]).trim(), "shut off");
 }
+
+/// Issue 16.7: the lock message tells the truth in both cases: with the holder's PID it says how to stop it; when
+/// the holder wrote none (yet), it says so and how to find the process, instead of pointing at a PID "above".
+#[test]
+fn a_held_lock_names_its_pid_or_says_how_to_find_the_holder() {
+    let t = Test::with_lab();
+    let state = t.path().join(".provisioner");
+    std::fs::create_dir_all(&state).unwrap();
+    let lock = std::fs::canonicalize(&state).unwrap().join("lock");
+    let mut held = match provisioner::machine::lock::try_lock(&lock).unwrap() {
+        Ok(f) => f,
+        Err(_) => panic!("the lock is free"),
+    };
+    let run = || Test::new().cwd(t.path()).args(["halt"]).run().failure().stderr();
+    assert_eq!(
+        run(),
+        format!(
+            "error: another process holds the lock on this machine and has not written its PID into the lock file \
+             {} (it may have only just started)\nhint: wait for it to finish, then run again; `fuser -v {}` shows \
+             which process holds it\n",
+            lock.display(),
+            lock.display()
+        )
+    );
+    provisioner::machine::lock::write_holder(&mut held, "pid 4242 (up)").unwrap();
+    assert_eq!(
+        run(),
+        format!(
+            "error: another provisioner command holds the lock on this machine: pid 4242 (up) (lock file {})\nhint: \
+             wait for it to finish, or stop it (`kill 4242`), then run again\n",
+            lock.display()
+        )
+    );
+}

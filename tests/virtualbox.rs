@@ -1109,3 +1109,17 @@ fn a_copied_project_never_acts_on_the_original_vm() {
     assert_eq!(left.len(), 1);
     assert_eq!((&left[0]["uuid"], &left[0]["state"]), (&original["uuid"], &serde_json::json!("running")));
 }
+
+/// Issue 16.7: `status --json` of a state VirtualBox names but we do not know prints it as a string, verbatim, as
+/// docs/virtualbox.md says (it printed an object `{"other": ...}`).
+#[test]
+fn status_json_of_an_unknown_state_is_the_word_verbatim() {
+    let b = Bench::new();
+    let p = Project::new(&b, "proj", &[]);
+    p.up_reaches_ssh(&p.dir, &[]);
+    b.force_state(b.clone_vm()["uuid"].as_str().unwrap(), "gurumeditation");
+    let doc: serde_json::Value =
+        serde_json::from_str(p.here(&["--json", "status"]).success().stdout().trim()).unwrap();
+    assert_eq!(doc["state"], "gurumeditation", "{doc}");
+    p.here(&["status"]).success().stdout_contains("vb: gurumeditation (virtualbox)");
+}

@@ -298,3 +298,18 @@ pub fn vm_name(cfg: &Config) -> String {
             .to_string(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::VmState;
+
+    #[test]
+    fn every_state_is_a_string_in_json() {
+        let json = |s: VmState| serde_json::to_value(s).unwrap();
+        assert_eq!(json(VmState::Other("gurumeditation".into())), "gurumeditation");
+        assert_eq!(json(VmState::AbortedSaved), "aborted_saved");
+        assert_eq!(json(VmState::NotCreated), "not_created");
+        assert_eq!(json(VmState::Running), "running");
+        assert_eq!(json(VmState::Inaccessible), "inaccessible");
+    }
+}
