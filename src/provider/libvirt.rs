@@ -87,6 +87,14 @@ impl Libvirt {
         Ok(out.stdout)
     }
 
+    /// A failed virsh call: the "not reachable" error (with the host key advice) when it is one, else `what` failed.
+    fn unreachable_or(&self, err: &str, what: &str) -> anyhow::Error {
+        if self.remote.as_ref().and_then(|r| r.host_key_failure(err)).is_some() || is_connect_error(err) {
+            return self.unreachable(err);
+        }
+        anyhow::anyhow!("{what} failed: {err}")
+    }
+
     fn unreachable(&self, err: &str) -> anyhow::Error {
         if let Some(r) = &self.remote {
             if let Some(e) = r.host_key_failure(err) {
@@ -479,11 +487,26 @@ impl Provider for Libvirt {
     }
 
     fn lookup(&self, vm_name: &str, state: &StateDir) -> Result<Lookup> {
-        let Some(xml) = self.dumpxml(vm_name)? else { return Ok(Lookup::NotCreated) };
-        Ok(match owner_state_dir(&xml) {
+        // The marker and the state in one virsh connection (one SSH handshake on a remote host), as a virsh batch.
+        let name = crate::ssh::shell_quote(vm_name);
+        let out = self.virsh().arg(format!("dumpxml -- {name}; domstate --reason -- {name}")).output()?;
+        if !out.success() {
+            if is_no_domain(&out.stderr) {
+                return Ok(Lookup::NotCreated);
+            }
+            return Err(
+                self.unreachable_or(out.stderr.trim(), &format!("`virsh dumpxml/domstate {vm_name}`"))
+            );
+        }
+        let (xml, domstate) = out
+            .stdout
+            .rsplit_once("</domain>")
+            .with_context(|| format!("`virsh dumpxml {vm_name}` printed no domain XML"))?;
+        let live = parse_domstate(domstate);
+        Ok(match owner_state_dir(xml) {
             // Any spelling of our state dir (symlink, `..`, an older marker) is ours: one identity per machine.
             Some(dir) if crate::machine::identity::same_dir(Path::new(&dir), &state.root) => {
-                Lookup::Mine(self.state(vm_name)?)
+                Lookup::Mine(live)
             }
             owner => Lookup::Foreign { owner },
         })
