@@ -109,11 +109,16 @@ fn ssh_config_refuses_aliases_openssh_cannot_use() {
 struct Domain(String);
 
 impl Domain {
-    fn define(name: &str) -> Domain {
+    /// The domain `name` whose provisioner marker names the state dir `.provisioner` of `project`.
+    fn define(name: &str, project: &std::path::Path) -> Domain {
+        let dir = std::fs::canonicalize(project).unwrap_or(project.to_path_buf()).join(".provisioner");
         crate::support::session_libvirt();
         let xml = format!(
-            "<domain type='qemu'><name>{name}</name><memory unit='MiB'>64</memory>\
-             <os><type arch='x86_64'>hvm</type></os></domain>"
+            "<domain type='qemu'><name>{name}</name><metadata><provisioner:machine xmlns:provisioner='{}'>\
+             <provisioner:state-dir>{}</provisioner:state-dir></provisioner:machine></metadata>\
+             <memory unit='MiB'>64</memory><os><type arch='x86_64'>hvm</type></os></domain>",
+            provisioner::provider::libvirt::METADATA_NS,
+            dir.display()
         );
         let file = tempfile::NamedTempFile::new().unwrap();
         std::fs::write(file.path(), xml).unwrap();
@@ -139,7 +144,7 @@ impl Drop for Domain {
 fn status_and_port_list_the_forwarded_ports() {
     let t = Test::with_lab();
     let name = format!("provisioner-lab-{:08x}", std::process::id());
-    let _domain = Domain::define(&name);
+    let _domain = Domain::define(&name, t.path());
     let state = serde_json::json!({"provider": "libvirt", "vm_name": name, "ssh_host": "127.0.0.1",
                                    "ssh_port": 2299, "libvirt_uri": "qemu:///session"});
     t.write(".provisioner/state.json", state.to_string());
@@ -282,4 +287,152 @@ fn a_closed_stdout_or_stderr_never_panics_in_any_command() {
     assert_eq!(full.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("error: writing to stdout failed: No space left on device"), "{stderr}");
     assert!(stderr.contains("hint:") && !stderr.contains("panicked"), "{stderr}");
+}
+
+/// What `virsh -c qemu:///session ARGS` prints (it must succeed).
+fn virsh(args: &[&str]) -> String {
+    let out = std::process::Command::new("virsh")
+        .args(["-q", "-c", "qemu:///session"])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "virsh {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Issue 16.1 on libvirt: a copied project (`cp -a`, `.provisioner/` included) whose state.json records a domain
+/// whose `<metadata>` names the original project's state dir refuses every command that acts on a VM, `status`
+/// says the recorded VM belongs to another project, `destroy -f` only forgets the copied state; a domain naming a
+/// state dir that no longer exists (a moved project) is refused by `destroy` too. The domain is never touched.
+#[test]
+fn a_copied_project_never_acts_on_the_original_libvirt_domain() {
+    let t = Test::with_lab();
+    let orig = t.path().join("proj");
+    std::fs::create_dir_all(&orig).unwrap();
+    for f in ["box-config.toml", "provision"] {
+        std::fs::rename(t.path().join(f), orig.join(f)).unwrap();
+    }
+    let name = provisioner::machine::identity::MachineId::new(&orig, "lab").unwrap().vm_name().to_string();
+    let _domain = Domain::define(&name, &orig);
+    let state = serde_json::json!({"provider": "libvirt", "vm_name": name, "ssh_host": "127.0.0.1",
+                                   "ssh_port": 2299, "libvirt_uri": "qemu:///session"});
+    std::fs::create_dir_all(orig.join(".provisioner")).unwrap();
+    std::fs::write(orig.join(".provisioner/state.json"), state.to_string()).unwrap();
+    std::fs::write(orig.join(".provisioner/host_ed25519.pub"), "ssh-ed25519 AAAA").unwrap();
+    let copy = t.path().join("projcopy");
+    assert!(std::process::Command::new("cp").arg("-a").arg(&orig).arg(&copy).status().unwrap().success());
+    let run = |dir: &std::path::Path, args: &[&str]| Test::new().cwd(dir).args(args.iter().copied()).run();
+    let theirs = std::fs::canonicalize(&orig).unwrap();
+    let ours = std::fs::canonicalize(&copy).unwrap().join(".provisioner");
+    let refusal = format!(
+        "error: the libvirt domain {name} recorded in {}/state.json belongs to another project (state dir {}), \
+         not to this one; it was left untouched\nhint: this project's .provisioner/ is a copy of that project's: \
+         manage that VM from {}; `provisioner up` here creates this project's own VM, `provisioner destroy -f` \
+         here forgets the copied state (the other VM stays)\n",
+        ours.display(),
+        theirs.join(".provisioner").display(),
+        theirs.display()
+    );
+    let out = copy.join("copy.box");
+    for args in [
+        vec!["halt"],
+        vec!["halt", "-f"],
+        vec!["suspend"],
+        vec!["resume"],
+        vec!["snapshot", "save", "s2"],
+        vec!["snapshot", "restore", "s1"],
+        vec!["snapshot", "delete", "s1"],
+        vec!["snapshot", "list"],
+        vec!["reload"],
+        vec!["provision"],
+        vec!["ssh", "-c", "true"],
+        vec!["ssh-config"],
+        vec!["port"],
+        vec!["health", "--timeout", "1"],
+        vec!["verify", "--timeout", "1"],
+        vec!["load", "--requests", "1"],
+        vec!["package", "--out", out.to_str().unwrap()],
+    ] {
+        let r = run(&copy, &args).failure();
+        assert_eq!(r.stderr(), refusal, "{args:?}");
+    }
+    assert_eq!(virsh(&["domstate", &name]).trim(), "shut off");
+    assert_eq!(virsh(&["snapshot-list", "--domain", &name, "--name"]).trim(), "");
+    assert!(!out.exists());
+
+    let r = run(&copy, &["status"]).success();
+    let hint = refusal.lines().last().unwrap();
+    let theirs_state = theirs.join(".provisioner");
+    assert_eq!(
+        r.stdout(),
+        format!(
+            "lab: recorded VM belongs to another project (state dir {})\n{hint}\n",
+            theirs_state.display()
+        )
+    );
+    let doc: serde_json::Value =
+        serde_json::from_str(run(&copy, &["--json", "status"]).success().stdout().trim()).unwrap();
+    assert_eq!(
+        (&doc["state"], &doc["owner"], &doc["vm_name"]),
+        (&"foreign".into(), &theirs_state.to_str().unwrap().into(), &name.clone().into()),
+        "{doc}"
+    );
+    assert!(run(&orig, &["status"]).success().stdout().starts_with("lab: stopped (libvirt)\n"));
+
+    // destroy -f in the copy forgets the copied state; the domain stays.
+    run(&copy, &["destroy", "-f"]).success().stderr_contains("left untouched");
+    assert!(!copy.join(".provisioner").exists());
+    assert_eq!(virsh(&["domstate", &name]).trim(), "shut off");
+
+    // A moved project: the marker names a state dir that is gone; even destroy refuses, saying what to do.
+    let moved = t.path().join("moved");
+    std::fs::rename(&orig, &moved).unwrap();
+    let ours = std::fs::canonicalize(&moved).unwrap().join(".provisioner");
+    let moved_refusal = format!(
+        "error: the libvirt domain {name} recorded in {}/state.json belongs to another project (state dir {}, which \
+         no longer exists), not to this one; it was left untouched\nhint: if this project was moved from there, \
+         move it back to manage that VM; to let it go, remove it yourself (`virsh undefine {name}`), then \
+         `provisioner destroy -f` here\n",
+        ours.display(),
+        theirs_state.display()
+    );
+    for args in [vec!["halt"], vec!["destroy", "-f"]] {
+        assert_eq!(run(&moved, &args).failure().stderr(), moved_refusal, "{args:?}");
+    }
+    run(&moved, &["status"]).success().stdout_contains("which no longer exists");
+    assert_eq!(virsh(&["domstate", &name]).trim(), "shut off");
+}
+
+/// Issue 16.7: the lock message tells the truth in both cases: with the holder's PID it says how to stop it; when
+/// the holder wrote none (yet), it says so and how to find the process, instead of pointing at a PID "above".
+#[test]
+fn a_held_lock_names_its_pid_or_says_how_to_find_the_holder() {
+    let t = Test::with_lab();
+    let state = t.path().join(".provisioner");
+    std::fs::create_dir_all(&state).unwrap();
+    let lock = std::fs::canonicalize(&state).unwrap().join("lock");
+    let mut held = match provisioner::machine::lock::try_lock(&lock).unwrap() {
+        Ok(f) => f,
+        Err(_) => panic!("the lock is free"),
+    };
+    let run = || Test::new().cwd(t.path()).args(["halt"]).run().failure().stderr();
+    assert_eq!(
+        run(),
+        format!(
+            "error: another process holds the lock on this machine and has not written its PID into the lock file \
+             {} (it may have only just started)\nhint: wait for it to finish, then run again; `fuser -v {}` shows \
+             which process holds it\n",
+            lock.display(),
+            lock.display()
+        )
+    );
+    provisioner::machine::lock::write_holder(&mut held, "pid 4242 (up)").unwrap();
+    assert_eq!(
+        run(),
+        format!(
+            "error: another provisioner command holds the lock on this machine: pid 4242 (up) (lock file {})\nhint: \
+             wait for it to finish, or stop it (`kill 4242`), then run again\n",
+            lock.display()
+        )
+    );
 }

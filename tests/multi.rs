@@ -311,3 +311,40 @@ fn cluster_example_renders_and_passes_promtool_and_compose() {
         assert!(t.path().join(format!(".provisioner/machines/{m}/secrets.toml")).is_file());
     }
 }
+
+/// Issue 16.1 in a `[[machine]]` project: a copy (`cp -a`) shows the recorded VM as another project's in the
+/// status table and JSON, and refuses to halt it; the original's VM keeps running.
+#[test]
+fn a_copied_multi_machine_project_shows_and_refuses_the_original_vm() {
+    let p = Project::new();
+    p.write(&two_machines(&p.vbox, "", support::free_port()));
+    p.run(&["up", "one", "--no-provision", "--boot-timeout", "2"]).failure();
+    let copy = p.t.path().join("projcopy");
+    assert!(std::process::Command::new("cp").arg("-a").arg(p.dir()).arg(&copy).status().unwrap().success());
+    let run = |args: &[&str]| {
+        Test::new()
+            .cwd(&copy)
+            .env("PROVISIONER_CACHE_DIR", p.t.path().join("cache").to_str().unwrap())
+            .args(args.iter().copied())
+            .run()
+    };
+    let theirs = std::fs::canonicalize(p.dir()).unwrap().join(".provisioner/machines/one");
+    let status = run(&["status"]).success().stdout();
+    let row = status.lines().find(|l| l.starts_with("one ")).unwrap();
+    assert!(row.contains("foreign") && row.contains("virtualbox"), "{status}");
+    assert!(
+        row.ends_with(&format!("recorded VM belongs to another project (state dir {})", theirs.display())),
+        "{status}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&run(&["--json", "status"]).success().stdout()).unwrap();
+    assert_eq!(json["machines"][0]["state"], "foreign", "{json}");
+    run(&["halt", "one"]).failure().stderr_contains(&format!(
+        "belongs to another project (state dir {}), not to this one; it was left untouched",
+        theirs.display()
+    ));
+    let vms = p.vms();
+    let one = vms.iter().find(|(n, _)| n.starts_with("provisioner-one-")).unwrap();
+    assert_eq!(one.1, "running", "{vms:?}");
+    p.run(&["status"]).success().stdout_contains("running");
+}

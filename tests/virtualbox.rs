@@ -999,3 +999,127 @@ fn private_network_is_an_internal_network_on_nic2() {
     assert!(again.iter().any(|c| c.contains("--nic2 none")), "{again:#?}");
     assert_eq!(b.vm(WEB).unwrap()["nics"]["2"], "none");
 }
+
+/// Issue 16.1: a copied project (`cp -a proj projcopy`, `.provisioner/` included) never acts on the original
+/// project's VM: every command that acts on a VM refuses in the copy, naming the other project, with only
+/// read-only VBoxManage calls; `status` says the recorded VM belongs to another project; `up` in the copy makes
+/// the copy's own VM and `destroy -f` there removes only that one; a copy's `destroy -f` forgets a copied record.
+#[test]
+fn a_copied_project_never_acts_on_the_original_vm() {
+    let b = Bench::new();
+    let p = Project::new(&b, "proj", &[]);
+    p.up_reaches_ssh(&p.dir, &[]);
+    p.here(&["snapshot", "save", "s1"]).success();
+    let original = b.clone_vm();
+    assert_eq!(original["state"], "running");
+    let copy = b.dir.path().join("projcopy");
+    let cp = std::process::Command::new("cp").arg("-a").arg(&p.dir).arg(&copy).status().unwrap();
+    assert!(cp.success());
+    let uuid = original["uuid"].as_str().unwrap();
+    let theirs = std::fs::canonicalize(&p.dir).unwrap();
+    let ours = std::fs::canonicalize(&copy).unwrap().join(".provisioner");
+    let refusal = format!(
+        "error: the VirtualBox VM {uuid} recorded in {}/state.json belongs to another project (state dir {}), not \
+         to this one; it was left untouched\nhint: this project's .provisioner/ is a copy of that project's: manage \
+         that VM from {}; `provisioner up` here creates this project's own VM, `provisioner destroy -f` here \
+         forgets the copied state (the other VM stays)\n",
+        ours.display(),
+        theirs.join(".provisioner").display(),
+        theirs.display()
+    );
+    b.take_calls();
+    let out = copy.join("copy.box");
+    let commands: Vec<Vec<&str>> = vec![
+        vec!["halt"],
+        vec!["halt", "-f"],
+        vec!["suspend"],
+        vec!["resume"],
+        vec!["snapshot", "save", "s2"],
+        vec!["snapshot", "restore", "s1"],
+        vec!["snapshot", "delete", "s1"],
+        vec!["snapshot", "list"],
+        vec!["reload"],
+        vec!["provision"],
+        vec!["ssh", "-c", "true"],
+        vec!["ssh-config"],
+        vec!["port"],
+        vec!["health", "--timeout", "1"],
+        vec!["verify", "--timeout", "1"],
+        vec!["load", "--url", "http://127.0.0.1:1", "--requests", "1"],
+        vec!["package", "--out", out.to_str().unwrap()],
+    ];
+    for args in &commands {
+        let r = p.run(&copy, args).failure();
+        if args[0] == "load" {
+            // `load --url` names its target itself: nothing of the machine is used.
+            continue;
+        }
+        assert_eq!(r.stderr(), refusal, "{args:?}");
+    }
+    let calls = b.take_calls();
+    assert!(calls.iter().all(|c| c.starts_with("showvminfo ") || c == "--version"), "{calls:#?}");
+    let now = b.clone_vm();
+    assert_eq!((&now["uuid"], &now["state"]), (&original["uuid"], &original["state"]), "original untouched");
+    assert_eq!(now["snapshots"], original["snapshots"], "snapshots untouched");
+    assert!(!out.exists());
+
+    // status: text and JSON say so instead of reporting the other VM's state as the copy's own.
+    let hint = refusal.lines().last().unwrap();
+    let r = p.run(&copy, &["status"]).success();
+    assert_eq!(
+        r.stdout(),
+        format!(
+            "vb: recorded VM belongs to another project (state dir {})\n{hint}\n",
+            theirs.join(".provisioner").display()
+        )
+    );
+    let r = p.run(&copy, &["--json", "status"]).success();
+    let doc: serde_json::Value = serde_json::from_str(r.stdout().trim()).unwrap();
+    assert_eq!(doc["state"], "foreign", "{doc}");
+    assert_eq!(doc["owner"], theirs.join(".provisioner").to_str().unwrap(), "{doc}");
+    p.here(&["status"]).success().stdout_contains("vb: running (virtualbox");
+
+    // `destroy -f` in the copy forgets the copied state; the original VM stays.
+    p.run(&copy, &["destroy", "-f"]).success().stderr_contains("left untouched");
+    assert!(!copy.join(".provisioner").exists());
+    assert!(b.take_calls().iter().all(|c| c.starts_with("showvminfo ") || c == "--version"));
+    assert_eq!(b.clone_vm()["state"], "running");
+
+    // `up` in a fresh copy makes the copy's own VM (with its own SSH port), after saying why.
+    std::fs::remove_dir_all(&copy).unwrap();
+    let cp = std::process::Command::new("cp").arg("-a").arg(&p.dir).arg(&copy).status().unwrap();
+    assert!(cp.success());
+    let cfg = std::fs::read_to_string(copy.join("box-config.toml")).unwrap();
+    let port = support::free_port();
+    std::fs::write(copy.join("box-config.toml"), cfg.replace(&p.port.to_string(), &port.to_string()))
+        .unwrap();
+    p.up_reaches_ssh(&copy, &[]).stderr_contains(&format!(
+        "the virtualbox VM {uuid} recorded in {}/state.json belongs to another project (state dir {})",
+        ours.display(),
+        theirs.join(".provisioner").display()
+    ));
+    let clones: Vec<_> = b.vms().into_iter().filter(|v| v["parent"].is_string()).collect();
+    assert_eq!(clones.len(), 2, "{clones:#?}");
+    let mine = clones.iter().find(|v| v["uuid"] != original["uuid"]).unwrap();
+    assert_eq!(mine["description"], format!("provisioner machine; state dir: {}", ours.display()));
+    p.run(&copy, &["status"]).success().stdout_contains("vb: running (virtualbox");
+    p.run(&copy, &["halt", "-f"]).success();
+    p.run(&copy, &["destroy", "-f"]).success();
+    let left: Vec<_> = b.vms().into_iter().filter(|v| v["parent"].is_string()).collect();
+    assert_eq!(left.len(), 1);
+    assert_eq!((&left[0]["uuid"], &left[0]["state"]), (&original["uuid"], &serde_json::json!("running")));
+}
+
+/// Issue 16.7: `status --json` of a state VirtualBox names but we do not know prints it as a string, verbatim, as
+/// docs/virtualbox.md says (it printed an object `{"other": ...}`).
+#[test]
+fn status_json_of_an_unknown_state_is_the_word_verbatim() {
+    let b = Bench::new();
+    let p = Project::new(&b, "proj", &[]);
+    p.up_reaches_ssh(&p.dir, &[]);
+    b.force_state(b.clone_vm()["uuid"].as_str().unwrap(), "gurumeditation");
+    let doc: serde_json::Value =
+        serde_json::from_str(p.here(&["--json", "status"]).success().stdout().trim()).unwrap();
+    assert_eq!(doc["state"], "gurumeditation", "{doc}");
+    p.here(&["status"]).success().stdout_contains("vb: gurumeditation (virtualbox)");
+}

@@ -19,7 +19,7 @@ use crate::machine::identity::MachineId;
 use crate::machine::lock::MachineLock;
 use crate::machine::state::MachineState;
 use crate::machine::StateDir;
-use crate::provider::{self, MachineSpec, Provider, VmState};
+use crate::provider::{self, vm_ref, Lookup, MachineSpec, Provider, VmState};
 use crate::ssh::Session;
 
 /// Deadline for `cloud-init status --wait` once SSH answers.
@@ -46,9 +46,17 @@ impl Machine {
     }
 
     /// How the provider addresses the VM: the UUID recorded in state.json when there is one (VirtualBox), else
-    /// its name. Read again after `create`, which records the UUID before it makes the VM.
+    /// its recorded name. Read again after `create`, which records the UUID before it makes the VM.
     pub(super) fn vm_ref(&self) -> Result<String> {
         Ok(vm_ref(MachineState::load(&self.state)?.as_ref(), &self.vm_name))
+    }
+
+    /// The machine's VM and its live state, for a command that acts on it: the recorded VM, checked to be this
+    /// project's ([`provider::my_vm_state`]); one that belongs to another project is refused, untouched.
+    pub(super) fn my_vm(&self, p: &dyn Provider) -> Result<(String, VmState)> {
+        let vm = self.vm_ref()?;
+        let live = provider::my_vm_state(p, &vm, &self.state)?;
+        Ok((vm, live))
     }
 
     /// For `status`, `halt` and `destroy`: an edit that breaks box-config.toml must not lock the user out of a
@@ -105,9 +113,53 @@ impl Machine {
     }
 }
 
-/// The recorded VM UUID, else the name.
-fn vm_ref(st: Option<&MachineState>, vm_name: &str) -> String {
-    st.and_then(|s| s.vm_id.clone()).unwrap_or_else(|| vm_name.to_string())
+/// For a command that reaches the guest over SSH (`ssh`, `ssh-config`, `provision`, `health`, `load`, `verify`):
+/// refuse when state.json was recorded for another project's VM, with the same check (and message) as every
+/// command that drives the hypervisor. The hypervisor is asked only when the recorded VM name was made for
+/// another project directory (its hash part differs: a copied or moved `.provisioner/`), so the usual `ssh` costs
+/// no hypervisor call.
+pub(super) fn refuse_foreign(cfg: &Config) -> Result<()> {
+    let id = MachineId::for_config(cfg)?;
+    let state = id.state_dir();
+    let Some(st) = MachineState::load(&state)? else { return Ok(()) };
+    let hash = |name: &str| name.rsplit_once('-').map(|(_, h)| h.to_string());
+    let elsewhere = machine_name_of(&st.vm_name).is_some() && hash(&st.vm_name) != hash(id.vm_name());
+    if !elsewhere {
+        return Ok(());
+    }
+    let mut cfg = cfg.clone();
+    if let Some(kind) = crate::config::ProviderKind::parse(&st.provider) {
+        cfg.machine.provider = kind;
+    }
+    let p = provider::select(&cfg)?;
+    provider::my_vm_state(p.as_ref(), &vm_ref(Some(&st), id.vm_name()), &state).map(drop)
+}
+
+/// The copied record of another project's VM in `plan`, set aside so that `up` makes this project's own VM:
+/// what belongs to that VM (its disk overlay, domain XML, seed) is removed from this state dir; the machine's keys
+/// and lab secrets stay. Returns the live state of this project's own VM (normally not created).
+fn adopt_copy(ctx: &Ctx, m: &Machine, p: &dyn Provider, plan: &mut Plan, owner: &str) -> Result<VmState> {
+    let vm = vm_ref(plan.state.as_ref(), &m.vm_name);
+    ctx.ui.warn(format!(
+        "the {} VM {vm} recorded in {}/state.json belongs to another project (state dir {owner}): this project's \
+         .provisioner/ is a copy of that project's; that VM is left untouched and this project gets its own",
+        p.name(),
+        m.state.root.display()
+    ));
+    for f in
+        [m.state.disk(), m.state.path("disk.qcow2.partial"), m.state.path("domain.xml"), m.state.seed_iso()]
+    {
+        match std::fs::remove_file(&f) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(e).with_context(|| format!("remove the copied {}", f.display()));
+            }
+            _ => {}
+        }
+    }
+    plan.state = None;
+    std::fs::remove_file(m.state.state_file())
+        .with_context(|| format!("remove the copied {}", m.state.state_file().display()))?;
+    provider::my_vm_state(p, &m.vm_name, &m.state)
 }
 
 /// Whether cloud-init's `result.json` says it finished with no errors (and no recoverable ones, which
@@ -152,7 +204,18 @@ fn up_locked(ctx: &Ctx, m: &Machine, p: &dyn Provider, args: &UpArgs) -> Result<
     }
     let ph = ui.phase("preflight");
     p.preflight()?;
-    let live = p.state(&vm_ref(plan.state.as_ref(), &m.vm_name))?;
+    let recorded = vm_ref(plan.state.as_ref(), &m.vm_name);
+    let live = match p.lookup(&recorded, &m.state)? {
+        Lookup::NotCreated => VmState::NotCreated,
+        Lookup::Mine(live) => live,
+        // A copied project: its own VM is made; the original's stays the original's.
+        Lookup::Foreign { owner: Some(owner) } if provider::owner_exists(Some(&owner)) => {
+            adopt_copy(ctx, m, p, &mut plan, &owner)?
+        }
+        Lookup::Foreign { owner } => {
+            return Err(provider::foreign_vm(p.name(), &recorded, owner.as_deref(), &m.state))
+        }
+    };
     ph.done(&format!("{} ({})", p.name(), live));
 
     // A new machine needs the lab's base image: build it on the host while the guest boots (both take about a
@@ -492,7 +555,27 @@ pub fn status(ctx: &Ctx) -> Result<i32> {
         return Ok(crate::exit::OK);
     };
     let p = provider::select(&m.cfg)?;
-    let live = p.state(&vm_ref(Some(&st), &st.vm_name))?;
+    let vm = vm_ref(Some(&st), &m.vm_name);
+    let live = match p.lookup(&vm, &m.state)? {
+        Lookup::NotCreated => VmState::NotCreated,
+        Lookup::Mine(live) => live,
+        Lookup::Foreign { owner } => {
+            let why = foreign_note(owner.as_deref());
+            if ctx.ui.json() {
+                println!(
+                    "{}",
+                    json!({"machine": name, "state": "foreign", "provider": p.name(), "vm_name": st.vm_name,
+                           "owner": owner, "message": format!("recorded VM belongs to another project ({why})")})
+                );
+            } else {
+                let refusal =
+                    format!("{:#}", provider::foreign_vm(p.name(), &vm, owner.as_deref(), &m.state));
+                let hint = refusal.lines().last().unwrap_or_default();
+                println!("{name}: recorded VM belongs to another project ({why})\n{hint}");
+            }
+            return Ok(crate::exit::OK);
+        }
+    };
     let ssh = ssh_of(&st);
     let forwards =
         if live == VmState::NotCreated { Vec::new() } else { super::port::machine_forwards(&m.cfg, &st) };
@@ -511,6 +594,15 @@ pub fn status(ctx: &Ctx) -> Result<i32> {
         print!("{}", super::port::forwards_table(&forwards));
     }
     Ok(crate::exit::OK)
+}
+
+/// What `status` says of a recorded VM's owner.
+fn foreign_note(owner: Option<&str>) -> String {
+    match owner {
+        Some(dir) if provider::owner_exists(owner) => format!("state dir {dir}"),
+        Some(dir) => format!("state dir {dir}, which no longer exists"),
+        None => "not made by provisioner".to_string(),
+    }
 }
 
 fn ssh_of(st: &MachineState) -> Option<String> {
@@ -553,7 +645,23 @@ pub(super) fn status_row(ctx: &Ctx) -> Result<StatusRow> {
         return Ok(StatusRow { machine, state, provider: None, vm_name: None, ssh: None, error: None });
     };
     let p = provider::select(&m.cfg)?;
-    let live = p.state(&vm_ref(Some(&st), &st.vm_name))?;
+    let live = match p.lookup(&vm_ref(Some(&st), &m.vm_name), &m.state)? {
+        Lookup::NotCreated => VmState::NotCreated,
+        Lookup::Mine(live) => live,
+        Lookup::Foreign { owner } => {
+            return Ok(StatusRow {
+                machine,
+                state: "foreign".into(),
+                provider: Some(p.name().to_string()),
+                vm_name: Some(st.vm_name.clone()),
+                ssh: None,
+                error: Some(format!(
+                    "recorded VM belongs to another project ({})",
+                    foreign_note(owner.as_deref())
+                )),
+            })
+        }
+    };
     let ssh = (live != VmState::NotCreated).then(|| ssh_of(&st)).flatten();
     Ok(StatusRow {
         machine,
@@ -577,9 +685,10 @@ fn halt_locked(ctx: &Ctx, m: &Machine, args: &HaltArgs) -> Result<i32> {
         return Ok(crate::exit::OK);
     }
     let p = provider::select(&m.cfg)?;
+    let (vm, _) = m.my_vm(p.as_ref())?;
     close_ssh_master(ctx, &m.state);
     let ph = ctx.ui.phase("halt");
-    p.halt(&m.vm_ref()?, Duration::from_secs(args.timeout), args.force)?;
+    p.halt(&vm, Duration::from_secs(args.timeout), args.force)?;
     ph.done(if args.force { "powered off" } else { "shut down" });
     Ok(crate::exit::OK)
 }
@@ -606,9 +715,28 @@ pub fn destroy(ctx: &Ctx, args: &DestroyArgs) -> Result<i32> {
     let recorded = MachineState::load(&m.state).ok().flatten();
     let vm_name = recorded.as_ref().map(|s| s.vm_name.clone()).unwrap_or(m.vm_name.clone());
     let p = provider::select(&m.cfg)?;
+    let vm = vm_ref(recorded.as_ref(), &vm_name);
+    if recorded.is_some() {
+        if let Lookup::Foreign { owner } = p.lookup(&vm, &m.state)? {
+            if owner.is_some() && !provider::owner_exists(owner.as_deref()) {
+                // Moved, not copied: that VM has no other project to be destroyed from.
+                return Err(provider::foreign_vm(p.name(), &vm, owner.as_deref(), &m.state));
+            }
+            // A copied record (or one of a VM provisioner did not make): forget it, never touch that VM.
+            let ph = ctx.ui.phase("destroy");
+            remove_state_dir(&m.state.root)?;
+            ph.done(&format!(
+                "forgot this project's copied state; the {} VM {vm} belongs to another project ({}) and was left \
+                 untouched",
+                p.name(),
+                foreign_note(owner.as_deref())
+            ));
+            return Ok(crate::exit::OK);
+        }
+    }
     close_ssh_master(ctx, &m.state);
     let ph = ctx.ui.phase("destroy");
-    p.destroy(&vm_ref(recorded.as_ref(), &vm_name), &m.state)?;
+    p.destroy(&vm, &m.state)?;
     remove_state_dir(&m.state.root)?;
     ph.done(&vm_name);
     Ok(crate::exit::OK)

@@ -63,7 +63,7 @@ pub fn port(ctx: &Ctx, args: &PortArgs) -> Result<i32> {
     let m = Machine::load_existing(ctx)?;
     let name = &m.cfg.machine.name;
     let st = match MachineState::load(&m.state)? {
-        Some(st) if provider::select(&m.cfg)?.state(&st.vm_name)? != VmState::NotCreated => st,
+        Some(st) if m.my_vm(provider::select(&m.cfg)?.as_ref())?.1 != VmState::NotCreated => st,
         _ => bail!(
             "machine `{name}` is not created, so no port is forwarded\nhint: `provisioner up` creates it"
         ),

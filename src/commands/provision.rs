@@ -40,6 +40,7 @@ fn health_code(healthy: bool) -> Result<i32> {
 
 pub fn provision(ctx: &Ctx, args: &ProvisionArgs) -> Result<i32> {
     let cfg = ctx.config()?;
+    super::lifecycle::refuse_foreign(&cfg)?;
     let state = ctx.state(&cfg);
     let _lock = MachineLock::acquire(&state, "provision")?;
     let ssh = connect(&cfg, &state, Duration::from_secs(60))?;
@@ -48,6 +49,7 @@ pub fn provision(ctx: &Ctx, args: &ProvisionArgs) -> Result<i32> {
 
 pub fn health(ctx: &Ctx, args: &HealthArgs) -> Result<i32> {
     let cfg = ctx.config()?;
+    super::lifecycle::refuse_foreign(&cfg)?;
     let state = ctx.state(&cfg);
     // Without SSH the HTTP probes still say something useful; the container column shows "?".
     let ssh = match connect(&cfg, &state, Duration::from_secs(20)) {
@@ -67,5 +69,9 @@ pub fn verify(ctx: &Ctx, args: &VerifyArgs) -> Result<i32> {
 
 /// `verify` where Prometheus runs on `monitor` and the demo app on `app` (the lab's alert path, [`crate::lab::verify`]).
 pub fn verify_on(ctx: &Ctx, monitor: &Config, app: &Config, args: &VerifyArgs) -> Result<i32> {
+    super::lifecycle::refuse_foreign(monitor)?;
+    if app.machine.name != monitor.machine.name {
+        super::lifecycle::refuse_foreign(app)?;
+    }
     crate::lab::verify::run(&ctx.ui, monitor, app, args)
 }

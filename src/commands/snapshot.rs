@@ -30,8 +30,8 @@ fn target(ctx: &Ctx) -> Result<Target> {
         bail!("machine {:?} is not created\nhint: `provisioner up` creates it", m.cfg.machine.name);
     }
     let p = provider::select(&m.cfg)?;
-    // VirtualBox VMs are addressed by their recorded UUID, libvirt domains by name.
-    let vm_name = m.vm_ref()?;
+    // VirtualBox VMs are addressed by their recorded UUID, libvirt domains by name; checked to be this project's.
+    let (vm_name, _) = m.my_vm(p.as_ref())?;
     Ok(Target { cfg: m.cfg, state: m.state, vm_name, p })
 }
 

@@ -22,15 +22,34 @@ impl MachineLock {
         let path = state.lock_file();
         let mut file = match try_lock(&path)? {
             Ok(file) => file,
-            Err((_, holder)) => bail!(
-                "another provisioner command holds the lock on this machine ({}); wait for it to finish, \
-                 or stop it (its PID is above) and run again\nlock file: {}",
-                if holder.is_empty() { "holder unknown".to_string() } else { holder },
-                path.display()
-            ),
+            Err((_, holder)) => bail!("{}", held(&holder, &path)),
         };
         write_holder(&mut file, &format!("pid {} ({what})", std::process::id()))?;
         Ok(Self { file })
+    }
+}
+
+/// Why the lock on `path` cannot be taken, from what its holder wrote in it (`pid N (command)`, or nothing yet):
+/// the PID and how to stop it when the holder wrote one, else how to find the process.
+pub fn held(holder: &str, path: &Path) -> String {
+    let pid = holder
+        .strip_prefix("pid ")
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse::<u32>().ok());
+    match pid {
+        Some(pid) => format!(
+            "another provisioner command holds the lock on this machine: {} (lock file {})\nhint: wait for it to \
+             finish, or stop it (`kill {pid}`), then run again",
+            crate::text::shown(holder),
+            path.display()
+        ),
+        None => format!(
+            "another process holds the lock on this machine and has not written its PID into the lock file {} \
+             (it may have only just started)\nhint: wait for it to finish, then run again; `fuser -v {}` shows \
+             which process holds it",
+            path.display(),
+            crate::ssh::shell_quote(&path.to_string_lossy())
+        ),
     }
 }
 

@@ -14,7 +14,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use serde_json::json;
 
-use super::{network, MachineSpec, Provider, VmState};
+use super::{network, Lookup, MachineSpec, Provider, VmState};
 pub use crate::accel::decide_accel;
 use crate::config::{Config, Firmware, Forward, Protocol};
 use crate::machine::state::MachineState;
@@ -85,6 +85,14 @@ impl Libvirt {
             bail!("`virsh -c {} {}` failed: {err}", self.uri, args.join(" "));
         }
         Ok(out.stdout)
+    }
+
+    /// A failed virsh call: the "not reachable" error (with the host key advice) when it is one, else `what` failed.
+    fn unreachable_or(&self, err: &str, what: &str) -> anyhow::Error {
+        if self.remote.as_ref().and_then(|r| r.host_key_failure(err)).is_some() || is_connect_error(err) {
+            return self.unreachable(err);
+        }
+        anyhow::anyhow!("{what} failed: {err}")
     }
 
     fn unreachable(&self, err: &str) -> anyhow::Error {
@@ -476,6 +484,32 @@ impl Provider for Libvirt {
             bail!("`virsh domstate {vm_name}` failed: {}", out.stderr.trim());
         }
         Ok(parse_domstate(&out.stdout))
+    }
+
+    fn lookup(&self, vm_name: &str, state: &StateDir) -> Result<Lookup> {
+        // The marker and the state in one virsh connection (one SSH handshake on a remote host), as a virsh batch.
+        let name = crate::ssh::shell_quote(vm_name);
+        let out = self.virsh().arg(format!("dumpxml -- {name}; domstate --reason -- {name}")).output()?;
+        if !out.success() {
+            if is_no_domain(&out.stderr) {
+                return Ok(Lookup::NotCreated);
+            }
+            return Err(
+                self.unreachable_or(out.stderr.trim(), &format!("`virsh dumpxml/domstate {vm_name}`"))
+            );
+        }
+        let (xml, domstate) = out
+            .stdout
+            .rsplit_once("</domain>")
+            .with_context(|| format!("`virsh dumpxml {vm_name}` printed no domain XML"))?;
+        let live = parse_domstate(domstate);
+        Ok(match owner_state_dir(xml) {
+            // Any spelling of our state dir (symlink, `..`, an older marker) is ours: one identity per machine.
+            Some(dir) if crate::machine::identity::same_dir(Path::new(&dir), &state.root) => {
+                Lookup::Mine(live)
+            }
+            owner => Lookup::Foreign { owner },
+        })
     }
 
     fn create(&self, spec: &MachineSpec, _recorded: &mut MachineState) -> Result<()> {

@@ -15,9 +15,9 @@ use crate::config::{Config, Firmware, Forward, ProviderKind};
 use crate::machine::StateDir;
 pub use network::{PrivateNet, PrivateNic};
 
-/// Live run state as the hypervisor reports it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
+/// Live run state as the hypervisor reports it. In JSON it is always a string: the snake_case name of a known
+/// state (`aborted_saved`), or the hypervisor's own word, verbatim, for any other.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum VmState {
     /// No VM of ours exists.
     NotCreated,
@@ -50,6 +50,17 @@ impl VmState {
     }
 }
 
+impl Serialize for VmState {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        match self {
+            VmState::Other(word) => s.serialize_str(word),
+            VmState::AbortedSaved => s.serialize_str("aborted_saved"),
+            VmState::NotCreated => s.serialize_str("not_created"),
+            known => s.serialize_str(&known.to_string()),
+        }
+    }
+}
+
 impl std::fmt::Display for VmState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -64,6 +75,20 @@ impl std::fmt::Display for VmState {
             VmState::Other(s) => f.write_str(s),
         }
     }
+}
+
+/// What the hypervisor holds under the reference a machine recorded (VirtualBox UUID, libvirt domain name), judged
+/// by the ownership marker written into it (VirtualBox `--description`, libvirt `<metadata>`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Lookup {
+    /// No VM by that reference.
+    NotCreated,
+    /// This machine's VM (its marker names this state dir under any spelling, or a VM `up` left half-made), in
+    /// this state.
+    Mine(VmState),
+    /// A VM that is not this machine's: `owner` is the state dir its marker names, None when it carries no
+    /// provisioner marker at all.
+    Foreign { owner: Option<String> },
 }
 
 /// A base box ready for a provider: a disk image (and, for boxes built from a mirror, kernel + initrd).
@@ -112,6 +137,9 @@ pub trait Provider {
     fn preflight(&self) -> Result<()>;
     /// Live state of the VM named `vm_name` (one hypervisor call).
     fn state(&self, vm_name: &str) -> Result<VmState>;
+    /// The VM `vm` (name or id) and whether it is the machine's whose state dir is `state`: the ownership check
+    /// every command that acts on a VM goes through ([`my_vm_state`]).
+    fn lookup(&self, vm: &str, state: &StateDir) -> Result<Lookup>;
     /// Define/import the VM (disk overlay, seed attached, forwards); idempotent: an existing VM of ours is kept.
     /// `recorded` is the machine's state.json as saved by `up`; a provider that identifies VMs by an id of its
     /// own (VirtualBox's UUID) records it there, and saves it, before the VM is made.
@@ -160,6 +188,68 @@ fn local_serial_console(state: &StateDir) -> (String, String) {
     (text, log.display().to_string())
 }
 
+/// How a provider addresses a machine's VM: the UUID recorded in state.json (VirtualBox), else the recorded name,
+/// else `vm_name` (the name this machine's VM gets).
+pub fn vm_ref(recorded: Option<&crate::machine::state::MachineState>, vm_name: &str) -> String {
+    recorded
+        .and_then(|s| s.vm_id.clone().or_else(|| Some(s.vm_name.clone()).filter(|n| !n.is_empty())))
+        .unwrap_or_else(|| vm_name.to_string())
+}
+
+/// THE ownership check: the live state of the machine's VM `vm`, or, when the hypervisor's marker says it
+/// belongs to another project (a copied `.provisioner/`), an error naming that project; nothing is touched.
+pub fn my_vm_state(p: &dyn Provider, vm: &str, state: &StateDir) -> Result<VmState> {
+    match p.lookup(vm, state)? {
+        Lookup::NotCreated => Ok(VmState::NotCreated),
+        Lookup::Mine(s) => Ok(s),
+        Lookup::Foreign { owner } => Err(foreign_vm(p.name(), vm, owner.as_deref(), state)),
+    }
+}
+
+/// Whether the state dir a foreign VM's marker names still exists: then this project's record is a copy of that
+/// project's (the VM has a project to be managed from); otherwise this project may have been moved from there.
+pub fn owner_exists(owner: Option<&str>) -> bool {
+    owner.is_some_and(|o| Path::new(o).is_dir())
+}
+
+/// The refusal for a recorded VM that belongs to another project (or that provisioner did not make).
+pub fn foreign_vm(provider: &str, vm: &str, owner: Option<&str>, state: &StateDir) -> anyhow::Error {
+    let ours = state.root.display();
+    let what = match provider {
+        "virtualbox" => format!("VirtualBox VM {vm}"),
+        _ => format!("libvirt domain {vm}"),
+    };
+    match owner {
+        Some(dir) if owner_exists(owner) => anyhow::anyhow!(
+            "the {what} recorded in {ours}/state.json belongs to another project (state dir {dir}), not to this one; \
+             it was left untouched\nhint: this project's .provisioner/ is a copy of that project's: manage that VM \
+             from {}; `provisioner up` here creates this project's own VM, `provisioner destroy -f` here forgets \
+             the copied state (the other VM stays)",
+            Path::new(dir).parent().unwrap_or(Path::new(dir)).display()
+        ),
+        Some(dir) => anyhow::anyhow!(
+            "the {what} recorded in {ours}/state.json belongs to another project (state dir {dir}, which no longer \
+             exists), not to this one; it was left untouched\nhint: if this project was moved from there, move it \
+             back to manage that VM; to let it go, remove it yourself ({}), then `provisioner destroy -f` here",
+            remove_by_hand(provider, vm)
+        ),
+        None => anyhow::anyhow!(
+            "the {what} recorded in {ours}/state.json was not made by provisioner for this project (it carries no \
+             provisioner marker); it was left untouched\nhint: `provisioner destroy -f` here forgets the record \
+             (the VM stays), then `provisioner up` creates this project's own VM; remove that VM yourself ({}) if \
+             you are sure it is not needed",
+            remove_by_hand(provider, vm)
+        ),
+    }
+}
+
+fn remove_by_hand(provider: &str, vm: &str) -> String {
+    match provider {
+        "virtualbox" => format!("`VBoxManage unregistervm {vm} --delete-all`"),
+        _ => format!("`virsh undefine {vm}`"),
+    }
+}
+
 /// Snapshot names: what every hypervisor accepts and a shell needs no quoting for.
 pub fn check_snapshot_name(name: &str) -> Result<()> {
     let ok = !name.is_empty()
@@ -206,5 +296,20 @@ pub fn vm_name(cfg: &Config) -> String {
         Err(_) => crate::machine::identity::MachineId::from_canonical(&cfg.base_dir(), &cfg.machine.name)
             .vm_name()
             .to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::VmState;
+
+    #[test]
+    fn every_state_is_a_string_in_json() {
+        let json = |s: VmState| serde_json::to_value(s).unwrap();
+        assert_eq!(json(VmState::Other("gurumeditation".into())), "gurumeditation");
+        assert_eq!(json(VmState::AbortedSaved), "aborted_saved");
+        assert_eq!(json(VmState::NotCreated), "not_created");
+        assert_eq!(json(VmState::Running), "running");
+        assert_eq!(json(VmState::Inaccessible), "inaccessible");
     }
 }

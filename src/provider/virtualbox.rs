@@ -29,7 +29,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 
-use super::{BoxImage, MachineSpec, Provider, VmState};
+use super::{BoxImage, Lookup, MachineSpec, Provider, VmState};
 use crate::config::{Config, Firmware, Protocol};
 use crate::machine::state::MachineState;
 use crate::machine::StateDir;
@@ -566,6 +566,21 @@ impl Provider for VirtualBox {
         Ok(match self.info(vm)? {
             None => VmState::NotCreated,
             Some(i) => i.state(),
+        })
+    }
+
+    fn lookup(&self, vm: &str, state: &StateDir) -> Result<Lookup> {
+        let Some(i) = self.info(vm)? else { return Ok(Lookup::NotCreated) };
+        if i.inaccessible() {
+            // Its settings (and description) cannot be read: the commands report it with the fix.
+            return Ok(Lookup::Mine(VmState::Inaccessible));
+        }
+        Ok(match owner(&i, state) {
+            // A clone without its marker was left by an interrupted `up` of this machine (`up` completes it).
+            Owner::Us | Owner::HalfMade => Lookup::Mine(i.state()),
+            Owner::Other(description) => {
+                Lookup::Foreign { owner: description.strip_prefix(MARKER_PREFIX).map(str::to_string) }
+            }
         })
     }
 
