@@ -501,7 +501,7 @@ fn up_status_halt_destroy_through_the_binary() {
     // `up` validates the provision tree before it touches the hypervisor; an empty one is enough here.
     std::fs::create_dir_all(proj.join("provision")).unwrap();
     std::fs::copy(fixtures().join("box.ovf"), proj.join("box/box.ovf")).unwrap();
-    std::fs::write(proj.join("box/box-disk001.vmdk"), b"vmdk").unwrap();
+    std::fs::copy(fixtures().join("box-disk001.vmdk"), proj.join("box/box-disk001.vmdk")).unwrap();
     let port = support::free_port();
     let toml = format!(
         "[machine]\nname = \"vb\"\nprovider = \"virtualbox\"\ncpus = 1\nmemory_mb = 1024\n\n[box]\n\
@@ -570,7 +570,7 @@ impl Project {
         std::fs::create_dir_all(proj.join("box")).unwrap();
         std::fs::create_dir_all(proj.join("provision")).unwrap();
         std::fs::copy(fixtures().join("box.ovf"), proj.join("box/box.ovf")).unwrap();
-        std::fs::write(proj.join("box/box-disk001.vmdk"), b"vmdk").unwrap();
+        std::fs::copy(fixtures().join("box-disk001.vmdk"), proj.join("box/box-disk001.vmdk")).unwrap();
         let port = support::free_port();
         let mut toml = format!(
             "[machine]\nname = \"vb\"\nprovider = \"virtualbox\"\ncpus = 1\nmemory_mb = 1024\n\n[box]\n\
