@@ -290,6 +290,73 @@ fn interrupted_download_restarts_when_server_ignores_range() {
     interrupted_then(true);
 }
 
+/// Ctrl-C during a download: the run stops at once (the download is in-process, no child to kill), exits 130, and
+/// the message says exactly what stays (the part file, kept for the resume) instead of "nothing half-made was
+/// kept"; the next run resumes from it with a Range request.
+#[test]
+fn interrupted_download_says_what_stays_and_the_next_run_resumes() {
+    let body = payload(8 << 20);
+    let sum = sha256(&body);
+    let server = Server::start(body.clone());
+    server.state.slow.store(true, Ordering::SeqCst);
+    let t = Test::new();
+    t.write(
+        "box-config.toml",
+        format!(
+            "[machine]\nname = \"t\"\nprovider = \"libvirt\"\n\n[box]\nurl = \"{}\"\nsha256 = \"{sum}\"\n",
+            server.url
+        ),
+    );
+    let cache = t.path().join("cache");
+    let part = cache.join(format!("boxes/downloads/{sum}.part"));
+    let mut c = std::process::Command::new(support::bin());
+    c.args(["box", "build"]).current_dir(t.path()).env("PROVISIONER_CACHE_DIR", &cache);
+    // SAFETY: only async-signal-safe signal(2) between fork and exec (a background runner may ignore SIGINT).
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        c.pre_exec(|| {
+            libc::signal(libc::SIGINT, libc::SIG_DFL);
+            Ok(())
+        });
+    }
+    let mut p = support::Proc::spawn("box build", c, t.path().join("build.log"));
+    support::wait_until(Duration::from_secs(60), "the download to begin", || {
+        if let Some(st) = p.child.try_wait().unwrap() {
+            panic!("box build ended before the interrupt ({st}):\n{}", p.log_text());
+        }
+        part.metadata().is_ok_and(|m| m.len() > 0).then_some(())
+    });
+    // SAFETY: kill(2) on the child we started.
+    unsafe { libc::kill(p.child.id() as i32, libc::SIGINT) };
+    let st =
+        support::wait_until(Duration::from_secs(10), "box build to exit", || p.child.try_wait().unwrap());
+    let log = p.log_text();
+    assert_eq!(st.code(), Some(130), "{log}");
+    let kept = part.metadata().unwrap().len();
+    assert!(kept > 0 && kept < body.len() as u64, "{kept}");
+    let last: Vec<&str> = log.lines().rev().take(2).collect();
+    assert_eq!(
+        last,
+        [
+            "hint: run the same command again; it continues from the last consistent state",
+            &*format!(
+                "error: interrupted by SIGINT: child processes were stopped and the {kept} bytes downloaded so far \
+                 stay in {}; the next run resumes from them",
+                part.display()
+            ),
+        ],
+        "{log}"
+    );
+    server.state.slow.store(false, Ordering::SeqCst);
+    Test::new()
+        .cwd(t.path())
+        .env("PROVISIONER_CACHE_DIR", cache.display().to_string())
+        .args(["box", "build"])
+        .run()
+        .success();
+    assert_eq!(server.requests(), vec![None, Some(kept)], "the second run resumed from the part file");
+}
+
 #[test]
 fn vagrant_boxes_tar_and_targz_for_both_providers() {
     let tmp = tempfile::tempdir().unwrap();
