@@ -489,12 +489,17 @@ impl super::Libvirt {
             }
             other => format!(
                 "the partial volume {name} stays in the pool {} on {host} (deleting it within {} s failed: {}); \
-                 the next `box upload` or `up` deletes it and sends the box again",
+                 the next {}",
                 self.pool,
                 PARTIAL_DELETE.as_secs(),
                 match other {
                     Ok(o) => o.stderr.trim().lines().last().unwrap_or("no message").to_string(),
                     Err(e) => format!("{e:#}"),
+                },
+                if name.starts_with(&box_volume("", "")) {
+                    "`box upload` or `up` deletes it and sends the box again"
+                } else {
+                    "`up` deletes it and sends it again"
                 }
             ),
         };
