@@ -102,16 +102,19 @@ fn finish(result: anyhow::Result<i32>, json: bool) -> i32 {
 fn report_interrupt(sig: process::Interrupted, json: bool, err: Option<anyhow::Error>) -> i32 {
     // The error chain of a cancelled step is noise ("`debootstrap` failed: killed by signal 9"); show it with -v.
     let detail = err.filter(|_| process::verbosity() >= 1).map(|e| format!("{e:#}"));
+    // What stays, where a step said so (a partial remote volume); otherwise every step cleaned up after itself.
+    let kept = process::interrupt_note();
     if json {
         println!(
             "{}",
             serde_json::json!({"event": "interrupted", "signal": sig.signal_name(), "exit_code": sig.exit_code(),
-                               "detail": detail})
+                               "detail": detail, "left": kept})
         );
     }
     eprintln!(
-        "error: {sig}: child processes were stopped and nothing half-made was kept{}\n\
+        "error: {sig}: child processes were stopped and {}{}\n\
          hint: run the same command again; it continues from the last consistent state",
+        kept.as_deref().unwrap_or("nothing half-made was kept"),
         detail.map(|d| format!(" ({d})")).unwrap_or_default()
     );
     sig.exit_code()

@@ -443,6 +443,20 @@ fn signal_name(sig: i32) -> &'static str {
     }
 }
 
+/// What an interrupted run leaves behind, when a step knows it leaves something (see [`set_interrupt_note`]).
+static INTERRUPT_NOTE: Mutex<Option<String>> = Mutex::new(None);
+
+/// Say what this interrupted run leaves behind: the interrupt message prints it instead of "nothing half-made
+/// was kept" (e.g. a partial volume on a remote host that could not be deleted in time).
+pub fn set_interrupt_note(note: impl Into<String>) {
+    *INTERRUPT_NOTE.lock().unwrap_or_else(|e| e.into_inner()) = Some(note.into());
+}
+
+/// The note of [`set_interrupt_note`], if a step set one.
+pub fn interrupt_note() -> Option<String> {
+    INTERRUPT_NOTE.lock().unwrap_or_else(|e| e.into_inner()).clone()
+}
+
 /// The signal that interrupted this run, if any.
 pub fn interrupted() -> Option<Interrupted> {
     match INTERRUPT.load(Ordering::SeqCst) {

@@ -290,6 +290,73 @@ fn interrupted_download_restarts_when_server_ignores_range() {
     interrupted_then(true);
 }
 
+/// Ctrl-C during a download: the run stops at once (the download is in-process, no child to kill), exits 130, and
+/// the message says exactly what stays (the part file, kept for the resume) instead of "nothing half-made was
+/// kept"; the next run resumes from it with a Range request.
+#[test]
+fn interrupted_download_says_what_stays_and_the_next_run_resumes() {
+    let body = payload(8 << 20);
+    let sum = sha256(&body);
+    let server = Server::start(body.clone());
+    server.state.slow.store(true, Ordering::SeqCst);
+    let t = Test::new();
+    t.write(
+        "box-config.toml",
+        format!(
+            "[machine]\nname = \"t\"\nprovider = \"libvirt\"\n\n[box]\nurl = \"{}\"\nsha256 = \"{sum}\"\n",
+            server.url
+        ),
+    );
+    let cache = t.path().join("cache");
+    let part = cache.join(format!("boxes/downloads/{sum}.part"));
+    let mut c = std::process::Command::new(support::bin());
+    c.args(["box", "build"]).current_dir(t.path()).env("PROVISIONER_CACHE_DIR", &cache);
+    // SAFETY: only async-signal-safe signal(2) between fork and exec (a background runner may ignore SIGINT).
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        c.pre_exec(|| {
+            libc::signal(libc::SIGINT, libc::SIG_DFL);
+            Ok(())
+        });
+    }
+    let mut p = support::Proc::spawn("box build", c, t.path().join("build.log"));
+    support::wait_until(Duration::from_secs(60), "the download to begin", || {
+        if let Some(st) = p.child.try_wait().unwrap() {
+            panic!("box build ended before the interrupt ({st}):\n{}", p.log_text());
+        }
+        part.metadata().is_ok_and(|m| m.len() > 0).then_some(())
+    });
+    // SAFETY: kill(2) on the child we started.
+    unsafe { libc::kill(p.child.id() as i32, libc::SIGINT) };
+    let st =
+        support::wait_until(Duration::from_secs(10), "box build to exit", || p.child.try_wait().unwrap());
+    let log = p.log_text();
+    assert_eq!(st.code(), Some(130), "{log}");
+    let kept = part.metadata().unwrap().len();
+    assert!(kept > 0 && kept < body.len() as u64, "{kept}");
+    let last: Vec<&str> = log.lines().rev().take(2).collect();
+    assert_eq!(
+        last,
+        [
+            "hint: run the same command again; it continues from the last consistent state",
+            &*format!(
+                "error: interrupted by SIGINT: child processes were stopped and the {kept} bytes downloaded so far \
+                 stay in {}; the next run resumes from them",
+                part.display()
+            ),
+        ],
+        "{log}"
+    );
+    server.state.slow.store(false, Ordering::SeqCst);
+    Test::new()
+        .cwd(t.path())
+        .env("PROVISIONER_CACHE_DIR", cache.display().to_string())
+        .args(["box", "build"])
+        .run()
+        .success();
+    assert_eq!(server.requests(), vec![None, Some(kept)], "the second run resumed from the part file");
+}
+
 #[test]
 fn vagrant_boxes_tar_and_targz_for_both_providers() {
     let tmp = tempfile::tempdir().unwrap();
@@ -307,7 +374,8 @@ fn vagrant_boxes_tar_and_targz_for_both_providers() {
         assert_eq!(std::fs::read(&image.disk).unwrap(), img);
 
         let vb = tmp.path().join(format!("virtualbox-{gzip}.box"));
-        let files: [(&str, &[u8]); 2] = [("box.ovf", ovf), ("box-disk001.vmdk", b"vmdk bytes")];
+        let vmdk = std::fs::read(support::repo().join("tests/fixtures/vbox/box-disk001.vmdk")).unwrap();
+        let files: [(&str, &[u8]); 2] = [("box.ovf", ovf), ("box-disk001.vmdk", &vmdk)];
         std::fs::write(&vb, vagrant_box("virtualbox", &files, gzip)).unwrap();
         let cfg = config(tmp.path(), "virtualbox", &format!("vagrant = \"{}\"", vb.display()));
         let (image, _) = boxes::ensure_in(&cache, &cfg, "virtualbox", false, &quiet()).unwrap();
@@ -588,6 +656,106 @@ fn truncated_and_stub_images_are_refused_and_nothing_is_cached() {
     assert_eq!(cache_entries(&cache), vec![sha256(&bytes)]);
 }
 
+/// A VMDK of a 64 MiB disk with 3 MB of data, as qemu-img writes `subformat` (streamOptimized: compressed grains;
+/// monolithicSparse; monolithicFlat: a descriptor and a `-flat` file). Returns the file the `.ovf` names.
+fn qemu_vmdk(dir: &Path, subformat: &str) -> PathBuf {
+    let raw = dir.join("data.raw");
+    if !raw.exists() {
+        let mut data = payload_bytes(3 << 20);
+        data.resize(64 << 20, 0);
+        std::fs::write(&raw, data).unwrap();
+    }
+    let out = dir.join(format!("{subformat}.vmdk"));
+    run_ok(
+        std::process::Command::new("qemu-img")
+            .args(["convert", "-q", "-f", "raw", "-O", "vmdk", "-o", &format!("subformat={subformat}")])
+            .arg(&raw)
+            .arg(&out),
+    );
+    out
+}
+
+/// The check is pure Rust (no qemu-img on a VirtualBox host), so it is held against what a real tool writes:
+/// every whole VMDK qemu-img makes passes, and each cut one is refused with what is wrong.
+#[test]
+fn vmdks_qemu_img_writes_pass_and_their_truncated_copies_fail() {
+    use provisioner::boxes::integrity::check_vmdk;
+    let t = tempfile::tempdir().unwrap();
+    for (sub, cut_why) in
+        [("streamOptimized", "a compressed grain is cut off"), ("monolithicSparse", "a grain is cut off")]
+    {
+        let f = qemu_vmdk(t.path(), sub);
+        check_vmdk(&f).unwrap_or_else(|e| panic!("{sub}: {e}"));
+        let bytes = std::fs::read(&f).unwrap();
+        let cut = t.path().join(format!("cut-{sub}.vmdk"));
+        std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+        let e = check_vmdk(&cut).unwrap_err();
+        assert!(e.contains(cut_why) && e.contains("(truncated)"), "{sub}: {e}");
+    }
+    let flat = qemu_vmdk(t.path(), "monolithicFlat");
+    check_vmdk(&flat).unwrap();
+    let extent = t.path().join("monolithicFlat-flat.vmdk");
+    std::fs::OpenOptions::new().write(true).open(&extent).unwrap().set_len(1 << 20).unwrap();
+    assert_eq!(
+        check_vmdk(&flat).unwrap_err(),
+        "its flat extent monolithicFlat-flat.vmdk has 1048576 bytes, the descriptor needs 67108864"
+    );
+}
+
+/// A VirtualBox `.box` whose VMDK is truncated or garbage is refused on import with what is wrong and what to
+/// do, and nothing of it stays in the cache (it used to be cached and stay after VirtualBox's import failed). The
+/// same box with its whole VMDK is then cached.
+#[test]
+fn virtualbox_box_with_a_bad_vmdk_is_refused_and_not_cached() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = Cache::at(tmp.path().join("c/boxes")).unwrap();
+    let vmdk = std::fs::read(qemu_vmdk(tmp.path(), "streamOptimized")).unwrap();
+    let ovf = std::fs::read(support::repo().join("tests/fixtures/vbox/box.ovf")).unwrap();
+    let cases: [(&str, &[u8], &str); 3] = [
+        ("truncated", &vmdk[..vmdk.len() / 3], "grain is cut off"),
+        ("garbage", b"<html>404 Not Found</html>", "it starts with neither the sparse-extent magic KDMV"),
+        ("empty", b"", "the file is empty"),
+    ];
+    for (name, disk, why) in cases {
+        let vb = tmp.path().join(format!("{name}.box"));
+        std::fs::write(
+            &vb,
+            vagrant_box("virtualbox", &[("box.ovf", &ovf), ("box-disk001.vmdk", disk)], true),
+        )
+        .unwrap();
+        let cfg = config(tmp.path(), "virtualbox", &format!("vagrant = \"{}\"", vb.display()));
+        let e = boxes::ensure_in(&cache, &cfg, "virtualbox", false, &quiet()).unwrap_err();
+        let e = format!("{e:#}");
+        assert!(
+            e.starts_with(&format!(
+                "the box {} is not usable: box-disk001.vmdk is not a usable VMDK disk: ",
+                vb.display()
+            )),
+            "{name}: {e}"
+        );
+        assert!(e.contains(why), "{name}: {e}");
+        assert!(
+            e.contains("\nhint: the box file is probably truncated or damaged (an interrupted download or copy): get it \
+                        again and compare its sha256 with the publisher's, or export it again; it was not added to the \
+                        box cache"),
+            "{name}: {e}"
+        );
+        assert!(entries(&cache).is_empty(), "{name}: cached");
+        assert_eq!(
+            cache_entries(&tmp.path().join("c")),
+            Vec::<String>::new(),
+            "{name}: left in the cache dir"
+        );
+    }
+    let vb = tmp.path().join("whole.box");
+    std::fs::write(&vb, vagrant_box("virtualbox", &[("box.ovf", &ovf), ("box-disk001.vmdk", &vmdk)], true))
+        .unwrap();
+    let cfg = config(tmp.path(), "virtualbox", &format!("vagrant = \"{}\"", vb.display()));
+    let (image, built) = boxes::ensure_in(&cache, &cfg, "virtualbox", false, &quiet()).unwrap();
+    assert!(built);
+    assert_eq!(std::fs::read(image.disk.with_file_name("box-disk001.vmdk")).unwrap(), vmdk);
+}
+
 /// `up --json` on a cold box cache: the box import reports through the command's Ui, so stdout carries only JSON
 /// events and stderr no human phase lines (it did print `==> box hash` / `✓ box hash` there). Runs against the
 /// VBoxManage double; `up` stops at its one-second SSH deadline.
@@ -601,7 +769,7 @@ fn vbox_project(t: &Test, name: &str) {
     std::fs::create_dir_all(dir.join("box")).unwrap();
     std::fs::create_dir_all(dir.join("provision")).unwrap();
     std::fs::copy(fixtures.join("box.ovf"), dir.join("box/box.ovf")).unwrap();
-    std::fs::write(dir.join("box/box-disk001.vmdk"), b"vmdk").unwrap();
+    std::fs::copy(fixtures.join("box-disk001.vmdk"), dir.join("box/box-disk001.vmdk")).unwrap();
     t.write(
         "box-config.toml",
         format!(

@@ -36,7 +36,7 @@ impl Project {
         std::fs::create_dir_all(proj.join("box")).unwrap();
         std::fs::create_dir_all(proj.join("provision")).unwrap();
         std::fs::copy(fixtures.join("box.ovf"), proj.join("box/box.ovf")).unwrap();
-        std::fs::write(proj.join("box/box-disk001.vmdk"), b"vmdk").unwrap();
+        std::fs::copy(fixtures.join("box-disk001.vmdk"), proj.join("box/box-disk001.vmdk")).unwrap();
         Project { vbox: bin.join("VBoxManage"), t }
     }
     fn dir(&self) -> PathBuf {

@@ -99,6 +99,101 @@ fn remote_host_key_unknown_or_changed_is_refused() {
     run(&t, &["box", "upload"]).success().stdout_contains("bytes sent");
 }
 
+/// `box upload` interrupted mid-stream (a slow link): the partial volume is deleted on the host within the
+/// deadline and the message says so; with the link gone it cannot be, and the message says it stays and that the
+/// next upload replaces it, which it does.
+#[test]
+fn remote_box_upload_interrupted_says_what_stays_on_the_host() {
+    if !nethost::available() {
+        panic!("the remote-host fixture needs root, libvirtd, virtlogd, sshd and virt-ssh-helper");
+    }
+    let host = NetHost::start();
+    let t = project(&host);
+    t.write("home/.ssh/known_hosts", host.known_hosts_line());
+    let bytes = std::fs::read(t.path().join("tiny.qcow2")).unwrap();
+    let id = {
+        use sha2::{Digest, Sha256};
+        hex::encode(Sha256::digest(&bytes))
+    };
+    let vol = format!("box-{id}.qcow2");
+    // Interrupt `box upload` once its volume exists on the host (the stream has begun); `cut` runs just before.
+    let interrupted = |round: &str, cut: &dyn Fn()| -> (Option<i32>, String) {
+        let mut c = Command::new(crate::support::bin());
+        c.args(["box", "upload"])
+            .current_dir(t.path())
+            .env("HOME", t.path().join("home"))
+            .env("PROVISIONER_CACHE_DIR", t.path().join("cache"));
+        // SAFETY: only async-signal-safe signal(2) between fork and exec (a background runner may ignore SIGINT).
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            c.pre_exec(|| {
+                libc::signal(libc::SIGINT, libc::SIG_DFL);
+                Ok(())
+            });
+        }
+        let mut p =
+            crate::support::Proc::spawn("box upload", c, t.path().join(format!("upload-{round}.log")));
+        crate::support::wait_until(std::time::Duration::from_secs(60), "the upload to start", || {
+            if let Some(st) = p.child.try_wait().unwrap() {
+                panic!("box upload ended before the interrupt ({st}):\n{}", p.log_text());
+            }
+            host.volumes("provtest").contains(&vol).then_some(())
+        });
+        cut();
+        // SAFETY: kill(2) on the child we started.
+        unsafe { libc::kill(p.child.id() as i32, libc::SIGINT) };
+        let st = crate::support::wait_until(std::time::Duration::from_secs(30), "box upload to exit", || {
+            p.child.try_wait().unwrap()
+        });
+        (st.code(), p.log_text())
+    };
+    host.throttle(Some("16mbit"));
+    let (code, log) = interrupted("deleted", &|| {});
+    assert_eq!(code, Some(130), "{log}");
+    let last: Vec<&str> = log.lines().rev().take(2).collect();
+    assert_eq!(
+        last,
+        [
+            "hint: run the same command again; it continues from the last consistent state",
+            &*format!(
+                "error: interrupted by SIGINT: child processes were stopped and the partial volume {vol} was deleted \
+                 from the pool provtest on root@{}",
+                host.addr
+            ),
+        ],
+        "{log}"
+    );
+    assert!(!host.volumes("provtest").contains(&vol), "{:?}", host.volumes("provtest"));
+
+    // The link goes down mid-stream: the partial volume cannot be deleted, and the message says it stays.
+    let (code, log) = interrupted("kept", &|| host.link(false));
+    assert_eq!(code, Some(130), "{log}");
+    let err = log.lines().rev().nth(1).unwrap_or_default();
+    assert!(
+        err.starts_with(&format!(
+            "error: interrupted by SIGINT: child processes were stopped and the partial volume {vol} stays in the \
+             pool provtest on root@{} (deleting it within 10 s failed: ",
+            host.addr
+        )) && err.ends_with("); the next `box upload` or `up` deletes it and sends the box again"),
+        "{log}"
+    );
+    host.link(true);
+    host.throttle(None);
+    let vols = host.volumes("provtest");
+    assert!(
+        vols.contains(&vol) && !vols.contains(&format!("box-{id}.done")),
+        "the partial volume stays: {vols:?}"
+    );
+    let redo = run(&t, &["--json", "box", "upload"]).success();
+    let doc: serde_json::Value = serde_json::from_str(redo.stdout().lines().last().unwrap()).unwrap();
+    assert_eq!(doc["bytes_sent"], bytes.len(), "{}", redo.stdout());
+    let path = host.virsh(&["vol-path", "--pool", "provtest", &vol]).unwrap();
+    assert!(
+        host.exec(&["sha256sum", path.trim()]).unwrap().starts_with(&id),
+        "the next upload replaced it whole"
+    );
+}
+
 #[test]
 fn remote_box_upload_once_per_host_then_remove() {
     if !nethost::available() {

@@ -324,6 +324,32 @@ fn import_killed_midway_says_which_folder_to_delete() {
     assert!(e.contains("import the box"), "{e}");
 }
 
+/// VirtualBox refusing a box's files (exit 1, a text we have no advice for) removes the box's cache entry, and the
+/// error says so: the next `up` unpacks it again instead of failing on the same files. A killed import (exit 137,
+/// above) and a leftover VM folder keep it.
+#[test]
+fn failed_import_removes_the_box_from_the_cache() {
+    let b = Bench::new();
+    let spec = b.spec("web", WEB, 2222);
+    let entry = b.base.disk.parent().unwrap().to_path_buf();
+    b.settings(serde_json::json!({"fail": "import:generic"}));
+    let e = err_text(create(&b.vbox, &spec).unwrap_err());
+    assert!(e.contains("Something the double was told to fail"), "{e}");
+    assert!(
+        e.contains(&format!(
+            "(the box was removed from the box cache, {}: the next `up` unpacks or downloads it again; if VirtualBox \
+             refuses it again, the box itself is damaged: get it again or use another box)",
+            entry.display()
+        )),
+        "{e}"
+    );
+    assert!(!entry.exists(), "the box the import refused stays cached");
+    let left: Vec<_> =
+        std::fs::read_dir(entry.parent().unwrap()).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert!(left.is_empty(), "{left:?}");
+    assert!(b.vm(MASTER).is_none());
+}
+
 #[test]
 fn known_failures_carry_advice() {
     let b = Bench::new();
@@ -501,7 +527,7 @@ fn up_status_halt_destroy_through_the_binary() {
     // `up` validates the provision tree before it touches the hypervisor; an empty one is enough here.
     std::fs::create_dir_all(proj.join("provision")).unwrap();
     std::fs::copy(fixtures().join("box.ovf"), proj.join("box/box.ovf")).unwrap();
-    std::fs::write(proj.join("box/box-disk001.vmdk"), b"vmdk").unwrap();
+    std::fs::copy(fixtures().join("box-disk001.vmdk"), proj.join("box/box-disk001.vmdk")).unwrap();
     let port = support::free_port();
     let toml = format!(
         "[machine]\nname = \"vb\"\nprovider = \"virtualbox\"\ncpus = 1\nmemory_mb = 1024\n\n[box]\n\
@@ -570,7 +596,7 @@ impl Project {
         std::fs::create_dir_all(proj.join("box")).unwrap();
         std::fs::create_dir_all(proj.join("provision")).unwrap();
         std::fs::copy(fixtures().join("box.ovf"), proj.join("box/box.ovf")).unwrap();
-        std::fs::write(proj.join("box/box-disk001.vmdk"), b"vmdk").unwrap();
+        std::fs::copy(fixtures().join("box-disk001.vmdk"), proj.join("box/box-disk001.vmdk")).unwrap();
         let port = support::free_port();
         let mut toml = format!(
             "[machine]\nname = \"vb\"\nprovider = \"virtualbox\"\ncpus = 1\nmemory_mb = 1024\n\n[box]\n\

@@ -155,6 +155,16 @@ fn download(agent: &ureq::Agent, url: &str, part: &Path, ui: &Ui) -> Result<(), 
             .map_err(Failure::Fatal)?;
         got += n as u64;
         bar.set_position(got);
+        if let Err(stop) = crate::process::check_interrupted() {
+            // Kept on purpose: the next run resumes from it. Say so instead of "nothing half-made was kept".
+            bar.abandon();
+            let _ = file.flush();
+            crate::process::set_interrupt_note(format!(
+                "the {got} bytes downloaded so far stay in {}; the next run resumes from them",
+                part.display()
+            ));
+            return Err(Failure::Fatal(stop));
+        }
     }
     file.flush().map_err(|e| Failure::Fatal(e.into()))?;
     bar.finish_and_clear();

@@ -33,6 +33,7 @@ pub fn ensure(cache: &Cache, path: &Path, force: bool, ui: &Ui) -> Result<(BoxMe
                     .with_context(|| format!("copy {} into the cache", f.display()))?;
             }
             let ovf = path.file_name().context("file name")?.to_string_lossy().into_owned();
+            integrity::check_ovf(dir, &ovf, &source)?;
             Ok(BoxMeta::new(source.clone(), "virtualbox", "ovf", &ovf))
         });
     }
@@ -151,7 +152,10 @@ fn from_tree(dir: &Path, source: String) -> Result<BoxMeta> {
                 Ok(meta)
             }
             "virtualbox" => match find_ovf(dir)? {
-                Some(ovf) => Ok(BoxMeta::new(source, "virtualbox", "ovf", &ovf)),
+                Some(ovf) => {
+                    integrity::check_ovf(dir, &ovf, &source)?;
+                    Ok(BoxMeta::new(source, "virtualbox", "ovf", &ovf))
+                }
                 None => bail!("this virtualbox Vagrant box has no .ovf; it holds: {}", listing(dir)),
             },
             "" => bail!("metadata.json of the Vagrant box names no provider; it holds: {}", listing(dir)),
@@ -162,6 +166,7 @@ fn from_tree(dir: &Path, source: String) -> Result<BoxMeta> {
         };
     }
     if let Some(ovf) = find_ovf(dir)? {
+        integrity::check_ovf(dir, &ovf, &source)?;
         return Ok(BoxMeta::new(source, "virtualbox", "ovf", &ovf));
     }
     bail!(

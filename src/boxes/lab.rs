@@ -9,6 +9,11 @@
 //!
 //! An entry is written in `<key>.partial-<pid>` and renamed into place with `lab.json` inside, so a crash never
 //! leaves an entry that counts. Entries are private (0700 dir, 0600 files): they hold the machine's keys.
+//!
+//! `lab.json` records every file of the entry (size, mtime, sha256; a sampled hash of the large ones), and
+//! [`Labs::lookup`] checks the entry against that record before `up` uses it ([`verify`]): a truncated, edited or
+//! missing file drops the entry with the reason, and `up` takes the full path instead of restoring a lab that
+//! cannot work.
 
 use std::path::{Path, PathBuf};
 
@@ -18,7 +23,14 @@ use serde::{Deserialize, Serialize};
 use super::cache::{dir_size, now_rfc3339, remove_tree, short};
 
 /// Bump when the layout of an entry changes: older entries then simply miss.
-const FORMAT: u32 = 1;
+/// 2: `lab.json` records the entry's files.
+const FORMAT: u32 = 2;
+/// Files up to this size are hashed whole at every lookup (memory.xml, the keys); larger ones (memory.save,
+/// disk.qcow2: hundreds of MB) by size, mtime and [`SAMPLES`] blocks of [`SAMPLE`] bytes, and whole only when
+/// their mtime moved. A whole sha256 costs about 0.8 s per GiB on the 2-core build host (see docs/vm.md).
+const SMALL: u64 = 4 << 20;
+const SAMPLES: u64 = 32;
+const SAMPLE: u64 = 64 << 10;
 /// Files of the state dir that travel with an entry (in `keys/`), all 0600.
 pub const KEY_FILES: [&str; 6] =
     ["id_ed25519", "id_ed25519.pub", "host_ed25519", "host_ed25519.pub", "known_hosts", "secrets.toml"];
@@ -89,6 +101,110 @@ pub struct LabMeta {
     /// UTC, RFC 3339.
     pub created: String,
     pub size: u64,
+    /// Every file of the entry but lab.json, as committed (filled by [`Labs::commit`]).
+    #[serde(default)]
+    pub files: Vec<FileRecord>,
+}
+
+/// One file of an entry as it was when the entry was committed.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FileRecord {
+    /// Relative to the entry directory, `/`-separated.
+    pub path: String,
+    pub size: u64,
+    /// Modification time, `seconds.nanoseconds`.
+    pub mtime: String,
+    /// sha256 of the whole file.
+    pub sha256: String,
+    /// For files above [`SMALL`]: sha256 of the sampled blocks ([`sampled_sha256`]).
+    #[serde(default)]
+    pub sampled: String,
+}
+
+/// The record of every file under `dir` but lab.json, in path order.
+pub fn record_files(dir: &Path) -> Result<Vec<FileRecord>> {
+    let mut out = Vec::new();
+    for e in walkdir::WalkDir::new(dir).sort_by_file_name() {
+        let e = e.with_context(|| format!("read {}", dir.display()))?;
+        if !e.file_type().is_file() || (e.depth() == 1 && e.file_name() == "lab.json") {
+            continue;
+        }
+        let rel = e.path().strip_prefix(dir).unwrap_or(e.path()).to_string_lossy().into_owned();
+        let md = e.metadata().with_context(|| format!("stat {}", e.path().display()))?;
+        let size = md.len();
+        out.push(FileRecord {
+            path: rel,
+            size,
+            mtime: mtime(&md),
+            sha256: super::cache::sha256_file(e.path())?,
+            sampled: if size > SMALL { sampled_sha256(e.path(), size)? } else { String::new() },
+        });
+    }
+    Ok(out)
+}
+
+fn mtime(md: &std::fs::Metadata) -> String {
+    use std::os::unix::fs::MetadataExt;
+    format!("{}.{:09}", md.mtime(), md.mtime_nsec())
+}
+
+/// sha256 over [`SAMPLES`] blocks of [`SAMPLE`] bytes spread evenly over a file of `size` bytes, the first and
+/// the last included (2 MiB read, whatever the size).
+pub fn sampled_sha256(path: &Path, size: u64) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open(path).with_context(|| format!("open {}", path.display()))?;
+    let mut h = Sha256::new();
+    let block = SAMPLE.min(size);
+    let mut buf = vec![0u8; block as usize];
+    for i in 0..SAMPLES {
+        let at = (size - block) * i / (SAMPLES - 1);
+        f.read_exact_at(&mut buf, at).with_context(|| format!("read {} at byte {at}", path.display()))?;
+        h.update(&buf);
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
+/// Check the files of the entry in `dir` against their record: `Err` says what is wrong (pure but for reading
+/// the files). Every recorded file must exist with its size; a small one must have its sha256; a large one its
+/// sampled hash, and its whole sha256 too when its mtime is not the recorded one (an edit that kept the size).
+pub fn verify(dir: &Path, files: &[FileRecord]) -> std::result::Result<(), String> {
+    if files.is_empty() {
+        return Err("lab.json records none of its files (an entry of an older version)".into());
+    }
+    for r in files {
+        let path = dir.join(&r.path);
+        let md = match std::fs::metadata(&path) {
+            Ok(md) if md.is_file() => md,
+            Ok(_) => return Err(format!("{} is not a file", r.path)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(format!("{} is missing", r.path))
+            }
+            Err(e) => return Err(format!("cannot read {}: {e}", r.path)),
+        };
+        if md.len() != r.size {
+            return Err(format!(
+                "{} has {} bytes, {} were recorded (truncated or replaced)",
+                r.path,
+                md.len(),
+                r.size
+            ));
+        }
+        let changed = || format!("{} has other content than was recorded (same size, edited)", r.path);
+        let unreadable = |e: anyhow::Error| format!("cannot read {}: {e:#}", r.path);
+        if r.size > SMALL {
+            if sampled_sha256(&path, r.size).map_err(unreadable)? != r.sampled {
+                return Err(changed());
+            }
+            if mtime(&md) == r.mtime {
+                continue;
+            }
+        }
+        if super::cache::sha256_file(&path).map_err(unreadable)? != r.sha256 {
+            return Err(changed());
+        }
+    }
+    Ok(())
 }
 
 /// The `labs/` directory of the cache.
@@ -126,6 +242,30 @@ impl Labs {
         }
     }
 
+    /// Entry `key` if it is there and its files are as recorded ([`verify`]). An entry that is not is removed, and
+    /// the second value says why (for a warning): the caller then takes the full path.
+    pub fn lookup(&self, key: &str) -> Result<(Option<LabMeta>, Option<String>)> {
+        let Some(meta) = self.get(key)? else { return Ok((None, None)) };
+        let dir = self.entry_dir(key);
+        match verify(&dir, &meta.files) {
+            Ok(()) => Ok((Some(meta), None)),
+            Err(why) => {
+                let removed = match self.remove_dir(&dir) {
+                    Ok(()) => "it was removed".to_string(),
+                    Err(e) => format!("removing it failed ({e:#}); the next capture replaces it"),
+                };
+                Ok((
+                    None,
+                    Some(format!(
+                        "the cached lab {} is not usable: {why}; {removed}, and this `up` takes the full path \
+                         (boot and provisioning)",
+                        short(key)
+                    )),
+                ))
+            }
+        }
+    }
+
     /// Every complete entry, oldest first.
     pub fn list(&self) -> Result<Vec<LabMeta>> {
         let mut out = Vec::new();
@@ -158,6 +298,7 @@ impl Labs {
     pub fn commit(&self, partial: &Path, mut meta: LabMeta) -> Result<LabMeta> {
         meta.created = now_rfc3339();
         meta.size = dir_size(partial);
+        meta.files = record_files(partial)?;
         crate::machine::write_private(&partial.join("lab.json"), &serde_json::to_vec_pretty(&meta)?, 0o600)?;
         let entry = self.entry_dir(&meta.key);
         if entry.exists() {
@@ -303,6 +444,7 @@ mod tests {
             provider_data: "uuid".into(),
             created: String::new(),
             size: 0,
+            files: Vec::new(),
         };
         let fill = |key: &str| {
             let p = labs.begin(key).unwrap();
@@ -321,6 +463,127 @@ mod tests {
         assert!(labs.list().unwrap().is_empty());
         let leftovers: Vec<_> = std::fs::read_dir(&labs.root).unwrap().collect();
         assert!(leftovers.is_empty(), "{leftovers:?}");
+    }
+
+    /// A committed entry as the libvirt capture writes it: a memory image and a disk above [`SMALL`] (checked by
+    /// size, sampled hash and mtime), the saved XML and the keys below it (hashed whole at every lookup).
+    fn committed(labs: &Labs, project: &Path) -> LabMeta {
+        let p = labs.begin("k").unwrap();
+        let big = |n: usize, seed: u8| {
+            (0..n).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect::<Vec<u8>>()
+        };
+        std::fs::write(p.join("memory.save"), big(5 << 20, 1)).unwrap();
+        std::fs::write(p.join("disk.qcow2"), big(6 << 20, 2)).unwrap();
+        std::fs::write(p.join("memory.xml"), "<domain><name>vm-a</name></domain>\n").unwrap();
+        std::fs::create_dir_all(p.join("keys")).unwrap();
+        std::fs::write(p.join("keys/id_ed25519"), "private key").unwrap();
+        let meta = LabMeta {
+            key: "k".into(),
+            machine: "lab".into(),
+            vm_name: "vm-a".into(),
+            project_dir: project.display().to_string(),
+            provider: "libvirt".into(),
+            box_id: "b".into(),
+            provider_data: "uuid".into(),
+            created: String::new(),
+            size: 0,
+            files: Vec::new(),
+        };
+        labs.commit(&p, meta).unwrap()
+    }
+
+    /// Change one byte of `file` in place, keeping its size (and, with `keep_mtime`, its mtime).
+    fn poke(file: &Path, at: u64, keep_mtime: bool) {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().read(true).write(true).open(file).unwrap();
+        let before = f.metadata().unwrap().modified().unwrap();
+        let mut b = [0u8];
+        f.read_exact_at(&mut b, at).unwrap();
+        f.write_all_at(&[b[0] ^ 0xff], at).unwrap();
+        if keep_mtime {
+            f.set_modified(before).unwrap();
+        } else {
+            f.set_modified(before + std::time::Duration::from_secs(5)).unwrap();
+        }
+    }
+
+    /// What a lookup of the bad entry returns: no hit, the reason, and the entry is gone (a second lookup is a
+    /// plain miss).
+    fn dropped(labs: &Labs) -> String {
+        let (hit, why) = labs.lookup("k").unwrap();
+        assert!(hit.is_none(), "a bad entry must not be used");
+        let why = why.expect("a dropped entry says why");
+        assert!(!labs.entry_dir("k").exists(), "the bad entry must be removed: {why}");
+        assert_eq!(labs.lookup("k").unwrap(), (None, None));
+        assert!(labs.list().unwrap().is_empty());
+        why
+    }
+
+    #[test]
+    fn intact_entry_is_used_and_records_every_file() {
+        let t = tempfile::tempdir().unwrap();
+        let labs = Labs::at(t.path().join("labs")).unwrap();
+        let meta = committed(&labs, t.path());
+        let paths: Vec<&str> = meta.files.iter().map(|f| f.path.as_str()).collect();
+        assert_eq!(paths, ["disk.qcow2", "keys/id_ed25519", "memory.save", "memory.xml"]);
+        assert!(meta.files.iter().all(|f| f.sha256.len() == 64));
+        assert_eq!(meta.files.iter().filter(|f| !f.sampled.is_empty()).count(), 2, "the two large files");
+        let (hit, why) = labs.lookup("k").unwrap();
+        assert_eq!((hit, why), (Some(meta.clone()), None));
+        // A copy of the cache that did not keep mtimes: the whole hash decides, and it matches.
+        let disk = labs.entry_dir("k").join("disk.qcow2");
+        let f = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
+        f.set_modified(std::time::SystemTime::now() + std::time::Duration::from_secs(60)).unwrap();
+        assert_eq!(labs.lookup("k").unwrap(), (Some(meta), None));
+    }
+
+    #[test]
+    fn truncated_memory_image_drops_the_entry_with_the_reason() {
+        let t = tempfile::tempdir().unwrap();
+        let labs = Labs::at(t.path().join("labs")).unwrap();
+        committed(&labs, t.path());
+        let mem = labs.entry_dir("k").join("memory.save");
+        std::fs::OpenOptions::new().write(true).open(&mem).unwrap().set_len(1 << 20).unwrap();
+        assert_eq!(
+            dropped(&labs),
+            "the cached lab k is not usable: memory.save has 1048576 bytes, 5242880 were recorded (truncated or \
+             replaced); it was removed, and this `up` takes the full path (boot and provisioning)"
+        );
+    }
+
+    #[test]
+    fn edited_files_of_the_same_size_drop_the_entry() {
+        let t = tempfile::tempdir().unwrap();
+        let labs = Labs::at(t.path().join("labs")).unwrap();
+        // A small file: hashed whole at every lookup, whatever its mtime says.
+        committed(&labs, t.path());
+        poke(&labs.entry_dir("k").join("memory.xml"), 3, true);
+        let why = dropped(&labs);
+        assert!(why.contains("memory.xml has other content than was recorded (same size, edited)"), "{why}");
+        // A large file edited in a sampled block with its mtime put back: the sampled hash sees it.
+        committed(&labs, t.path());
+        poke(&labs.entry_dir("k").join("memory.save"), 0, true);
+        let why = dropped(&labs);
+        assert!(why.contains("memory.save has other content"), "{why}");
+        // A large file edited between the sampled blocks: its mtime moved, so it is hashed whole.
+        committed(&labs, t.path());
+        poke(&labs.entry_dir("k").join("disk.qcow2"), 100_000, false);
+        let why = dropped(&labs);
+        assert!(why.contains("disk.qcow2 has other content"), "{why}");
+    }
+
+    #[test]
+    fn missing_file_and_an_entry_without_a_record_are_dropped() {
+        let t = tempfile::tempdir().unwrap();
+        let labs = Labs::at(t.path().join("labs")).unwrap();
+        committed(&labs, t.path());
+        std::fs::remove_file(labs.entry_dir("k").join("keys/id_ed25519")).unwrap();
+        assert!(dropped(&labs).contains(": keys/id_ed25519 is missing;"));
+        let meta = committed(&labs, t.path());
+        let old = LabMeta { files: Vec::new(), ..meta };
+        let json = serde_json::to_string(&old).unwrap().replace(",\"files\":[]", "");
+        std::fs::write(labs.entry_dir("k").join("lab.json"), json).unwrap();
+        assert!(dropped(&labs).contains("lab.json records none of its files"));
     }
 
     #[test]

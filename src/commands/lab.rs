@@ -46,8 +46,11 @@ pub fn plan(
         tree: lab::tree_hash(&cfg.template_layers())?,
     };
     let key = lab::lab_key(&inputs);
-    let hit = Labs::open()?.get(&key)?;
-    ui.event("lab_cache", json!({"key": key, "hit": hit.is_some()}));
+    let (hit, dropped) = Labs::open()?.lookup(&key)?;
+    if let Some(why) = &dropped {
+        ui.warn(why);
+    }
+    ui.event("lab_cache", json!({"key": key, "hit": hit.is_some(), "dropped": dropped}));
     Ok(Some(Plan { key, hit, restored: false }))
 }
 
@@ -105,6 +108,7 @@ pub fn capture(
                 provider_data: data,
                 created: String::new(),
                 size: 0,
+                files: Vec::new(),
             };
             labs.commit(&partial, meta).map(Some)
         })();

@@ -676,8 +676,14 @@ impl Provider for Libvirt {
                 .context("copy the disk into the cache")?;
             Ok(())
         })();
-        // The machine runs on, from the same file, whatever happened to the copy.
-        self.virsh().args(["restore", &mem_s]).timeout(LAB_TIMEOUT).run().context("resume the machine")?;
+        // The machine runs on, from the same file, whatever happened to the copy, even after Ctrl-C (a cleanup
+        // step): an interrupted capture must not leave the machine stopped with its memory in a deleted entry.
+        self.virsh()
+            .args(["restore", &mem_s])
+            .timeout(LAB_TIMEOUT)
+            .cleanup()
+            .run()
+            .context("resume the machine")?;
         copied?;
         Ok(Some(uuid))
     }

@@ -191,8 +191,15 @@ impl VirtualBox {
             Some(i) => i,
             None => {
                 let ovf = std::path::absolute(&base.disk)?;
-                self.vbox(args!["import", &ovf, "--vsys", "0", "--vmname", &master], IMPORT)
-                    .with_context(|| format!("import the box {} into VirtualBox", ovf.display()))?;
+                let cmd = Cmd::new(&self.vboxmanage)
+                    .args(args!["import", &ovf, "--vsys", "0", "--vmname", &master])
+                    .timeout(IMPORT);
+                let out = cmd.output()?;
+                if !out.success() {
+                    let dropped = drop_unimportable_box(base, &out);
+                    return Err(failure(&cmd, &out)
+                        .context(format!("import the box {} into VirtualBox{dropped}", ovf.display())));
+                }
                 self.info_required(&master)?
             }
         };
@@ -436,6 +443,38 @@ fn failure(cmd: &Cmd, out: &Output) -> anyhow::Error {
         process::describe_status(&out.status),
         process::tail(text, 20)
     )
+}
+
+/// After VirtualBox refused to import a box: remove its box cache entry (`<cache>/boxes/<id>/`, the directory of
+/// the `.ovf`), so the next `up` unpacks or downloads it again instead of failing on the same files. Not when
+/// the failure is not the box's: VBoxManage killed or interrupted (not its exit 1), or a failure VirtualBox's text
+/// explains (a leftover VM folder, the host's virtualization). Returns what to add to the error.
+fn drop_unimportable_box(base: &BoxImage, out: &Output) -> String {
+    let text = format!("{}\n{}", out.stderr, out.stdout);
+    if out.code() != Some(1) || process::interrupted().is_some() || advice(&text).is_some() {
+        return String::new();
+    }
+    let Some(entry) = base.disk.parent() else { return String::new() };
+    let is_entry = entry.file_name().is_some_and(|n| n.to_string_lossy() == base.id)
+        && entry.parent().and_then(|p| p.file_name()).is_some_and(|n| n == "boxes");
+    if !is_entry {
+        return String::new();
+    }
+    let gone = entry.with_file_name(format!("{}.removing-{}", base.id, std::process::id()));
+    match std::fs::rename(entry, &gone)
+        .map_err(anyhow::Error::from)
+        .and_then(|()| crate::boxes::cache::remove_tree(&gone))
+    {
+        Ok(()) => format!(
+            " (the box was removed from the box cache, {}: the next `up` unpacks or downloads it again; if \
+             VirtualBox refuses it again, the box itself is damaged: get it again or use another box)",
+            entry.display()
+        ),
+        Err(e) => format!(
+            " (removing the box from the box cache failed: {e:#}; `provisioner box remove {}` does it)",
+            base.id
+        ),
+    }
 }
 
 fn is_not_found(stderr: &str) -> bool {

@@ -178,6 +178,18 @@ impl NetHost {
         }
     }
 
+    /// Limit what this side sends to the host to `rate` (tc syntax, e.g. "16mbit"), or lift the limit (`None`):
+    /// a slow link, so an upload takes seconds.
+    pub fn throttle(&self, rate: Option<&str>) {
+        match rate {
+            Some(r) => must(&format!(
+                "tc qdisc replace dev {} root tbf rate {r} burst 32kbit latency 400ms",
+                self.veth
+            )),
+            None => must(&format!("tc qdisc del dev {} root", self.veth)),
+        }
+    }
+
     /// The PID of the host's libvirtd (inside its namespaces: `nsenter -t PID -m -n`).
     pub fn libvirtd_pid(&self) -> i32 {
         self.pids[1]

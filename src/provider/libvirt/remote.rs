@@ -335,6 +335,9 @@ pub fn pool_error(pool: &str, host: &str, err: &str) -> anyhow::Error {
     )
 }
 
+/// How long an interrupted upload may take to delete its partial volume (within the interrupt grace).
+const PARTIAL_DELETE: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Upload deadline for `bytes`: generous for a slow link (1 MiB/s) plus a minute.
 fn upload_timeout(bytes: u64) -> std::time::Duration {
     std::time::Duration::from_secs(60 + bytes / (1 << 20))
@@ -436,6 +439,13 @@ impl super::Libvirt {
         if let Some(t) = poll {
             let _ = t.join();
         }
+        if crate::process::interrupted().is_some() {
+            if let Some(b) = &bar {
+                b.abandon();
+            }
+            self.delete_partial(name);
+            crate::process::check_interrupted()?;
+        }
         let out = res?;
         if !out.success() {
             if let Some(b) = &bar {
@@ -466,6 +476,36 @@ impl super::Libvirt {
         Ok(size)
     }
 
+    /// After an interrupt during the upload of volume `name`: delete the partial volume within
+    /// [`PARTIAL_DELETE`] (a cleanup step: it runs although the run is cancelled), and say in the interrupt
+    /// message what stays on the host.
+    fn delete_partial(&self, name: &str) {
+        let host = self.remote.as_ref().map(|r| r.destination()).unwrap_or_else(|| self.uri.clone());
+        let out =
+            self.virsh().args(self.pool_args("vol-delete", name)).timeout(PARTIAL_DELETE).cleanup().output();
+        let note = match out {
+            Ok(o) if o.success() || o.stderr.contains("Storage volume not found") => {
+                format!("the partial volume {name} was deleted from the pool {} on {host}", self.pool)
+            }
+            other => format!(
+                "the partial volume {name} stays in the pool {} on {host} (deleting it within {} s failed: {}); \
+                 the next {}",
+                self.pool,
+                PARTIAL_DELETE.as_secs(),
+                match other {
+                    Ok(o) => o.stderr.trim().lines().last().unwrap_or("no message").to_string(),
+                    Err(e) => format!("{e:#}"),
+                },
+                if name.starts_with(&box_volume("", "")) {
+                    "`box upload` or `up` deletes it and sends the box again"
+                } else {
+                    "`up` deletes it and sends it again"
+                }
+            ),
+        };
+        crate::process::set_interrupt_note(note);
+    }
+
     /// The box in the host's pool, once per host: nothing is sent when its complete marker exists. An interrupted
     /// upload has no marker and is deleted and sent again. Returns the bytes sent.
     pub fn upload_box(&self, base: &crate::provider::BoxImage) -> Result<u64> {
@@ -473,12 +513,33 @@ impl super::Libvirt {
         if self.ensure_pool(&done)? {
             return Ok(0);
         }
-        let mut sent = self.upload_file(&box_volume(&base.id, &format!(".{}", base.format)), &base.disk)?;
+        let mut files = vec![(box_volume(&base.id, &format!(".{}", base.format)), base.disk.clone())];
         if let Some(k) = &base.kernel {
-            sent += self.upload_file(&box_volume(&base.id, "-vmlinuz"), k)?;
+            files.push((box_volume(&base.id, "-vmlinuz"), k.clone()));
         }
         if let Some(i) = &base.initrd {
-            sent += self.upload_file(&box_volume(&base.id, "-initrd"), i)?;
+            files.push((box_volume(&base.id, "-initrd"), i.clone()));
+        }
+        let mut sent = 0;
+        for (n, (vol, file)) in files.iter().enumerate() {
+            sent += self.upload_file(vol, file).inspect_err(|_| {
+                // Volumes sent whole before the interrupt stay too, without the marker that makes them count.
+                if let (Some(note), true) = (crate::process::interrupt_note(), n > 0) {
+                    let whole: Vec<&str> = files[..n].iter().map(|(v, _)| v.as_str()).collect();
+                    crate::process::set_interrupt_note(format!(
+                        "{note}; {} (sent whole) stay without the box's marker {done}, and the next `box upload` \
+                         or `up` sends them again",
+                        whole.join(", ")
+                    ));
+                }
+            })?;
+        }
+        if crate::process::interrupted().is_some() {
+            crate::process::set_interrupt_note(format!(
+                "the box's volumes (sent whole) stay in the pool {} without their marker {done}; the next `box \
+                 upload` or `up` sends them again",
+                self.pool
+            ));
         }
         self.run(&[
             "vol-create-as",
