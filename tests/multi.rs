@@ -326,7 +326,8 @@ fn validate_file(toml: &str) -> support::Run {
     Test::new().cwd(t.path()).arg("validate").run()
 }
 
-const SUBNET_HINT: &str = "hint: pick a range of 10.0.0.0/8, 172.16.0.0/12 or 192.168.0.0/16 that no network of \
+const SUBNET_HINT: &str =
+    "hint: pick a range of 10.0.0.0/8, 172.16.0.0/12 or 192.168.0.0/16 that no network of \
                            the host uses, e.g. \"10.77.0.0/24\"";
 
 #[test]
@@ -363,7 +364,8 @@ fn reserved_subnets_are_refused_at_their_position() {
 
 #[test]
 fn names_and_hostnames_that_would_reach_another_machine_are_refused() {
-    let hint_host = "hint: every machine's name and hostname must reach only that machine (/etc/hosts of every \
+    let hint_host =
+        "hint: every machine's name and hostname must reach only that machine (/etc/hosts of every \
                      guest lists them): give it a hostname of its own, or remove `hostname` to use its name";
     refused_exactly(
         &format!("{BOX}[[machine]]\nname = \"localhost\"\n[[machine]]\nname = \"b-\"\n"),
@@ -407,7 +409,8 @@ fn one_remote_host_spelt_two_ways_is_one_host_for_port_clashes() {
              [[machine.forward]]\nguest = 8000\nhost = 18000\n"
         )
     };
-    for same in ["qemu+ssh://root@H:22/system", "qemu+libssh://someone@h./system", "qemu+ssh://h:022/system"] {
+    for same in ["qemu+ssh://root@H:22/system", "qemu+libssh://someone@h./system", "qemu+ssh://h:022/system"]
+    {
         refused_exactly(
             &file(same),
             "box-config.toml:16:8: host port 18000 is already used by machine \"a\" (a forward on 127.0.0.1)\n\
@@ -431,7 +434,9 @@ fn errors_that_had_no_position_get_their_own() {
     );
     // A machine's own value is still reported at its own line.
     refused_exactly(
-        &format!("{BOX}[defaults]\ncpus = 1\n[[machine]]\nname = \"a\"\ncpus = 0\n[[machine]]\nname = \"b\"\n"),
+        &format!(
+            "{BOX}[defaults]\ncpus = 1\n[[machine]]\nname = \"a\"\ncpus = 0\n[[machine]]\nname = \"b\"\n"
+        ),
         "box-config.toml:7:8: `cpus` must be from 1 to 256, found 0\nhint: the lab itself wants cpus = 2, \
          memory_mb = 4096, disk_gb = 20",
     );
@@ -453,7 +458,9 @@ fn errors_that_had_no_position_get_their_own() {
     // A provision tree that does not render (here /etc) is named with the position of its `source`.
     let e = errors_of(&format!("{BOX}[[machine]]\nname = \"a\"\n[machine.provision]\nsource = \"/etc\"\n"));
     assert!(
-        e.starts_with("error: box-config.toml:6:10: the provision tree /etc does not render (validate renders it"),
+        e.starts_with(
+            "error: box-config.toml:6:10: the provision tree /etc does not render (validate renders it"
+        ),
         "{e}"
     );
     // A guest_path of / in the shared [provision], with a machine that has its own [machine.provision].
@@ -568,7 +575,10 @@ fn validate_refuses_a_subnet_the_host_is_on() {
     let t = Test::new();
     std::fs::create_dir_all(t.path().join("provision")).unwrap();
     let run = |subnet: &str| {
-        t.write("box-config.toml", format!("{BOX}[network]\nsubnet = \"{subnet}\"\n[[machine]]\nname = \"a\"\n"));
+        t.write(
+            "box-config.toml",
+            format!("{BOX}[network]\nsubnet = \"{subnet}\"\n[[machine]]\nname = \"a\"\n"),
+        );
         let script = "ip link set lo up && ip addr add 10.123.0.1/24 dev lo && exec \"$0\" validate";
         let out = std::process::Command::new("unshare")
             .args(["-n", "sh", "-c", script])

@@ -92,7 +92,10 @@ pub fn local(cfg: &Config, src: &Source) -> Findings {
     if let Some(h) = &m.hostname {
         if h == "localhost" {
             f.error(
-                src.at_path(&["machine", "hostname"], format!("hostname \"localhost\" is reserved: {itself}")),
+                src.at_path(
+                    &["machine", "hostname"],
+                    format!("hostname \"localhost\" is reserved: {itself}"),
+                ),
                 "pick another hostname, or remove it to use the machine's name",
             );
         } else if !valid_hostname(h) {
@@ -171,7 +174,10 @@ pub fn local(cfg: &Config, src: &Source) -> Findings {
         None
     };
     if let Some(msg) = gp_problem {
-        f.error(src.at_path(&["provision", "guest_path"], msg), "use a dedicated directory such as \"/opt/provision\"");
+        f.error(
+            src.at_path(&["provision", "guest_path"], msg),
+            "use a dedicated directory such as \"/opt/provision\"",
+        );
     }
     for (name, p) in &cfg.health {
         let at = |key: &str, msg: String| src.at_path(&["health", name, key], msg);
@@ -403,7 +409,10 @@ fn check_network(cfg: &Config, src: &Source, f: &mut Findings) {
                         message: format!("host port {} of {label} is already used by {first}{at}", fw.host),
                         ..here
                     },
-                    &format!("give every forward (and {}) its own host port", ssh_key.trim_start_matches("its ")),
+                    &format!(
+                        "give every forward (and {}) its own host port",
+                        ssh_key.trim_start_matches("its ")
+                    ),
                 );
             }
             None => {

@@ -113,7 +113,9 @@ pub fn decode<'a>(file: &str, bytes: &'a [u8]) -> Result<&'a str, Diagnostic> {
     })?;
     // TOML allows a carriage return only before a line feed: a file saved with old Mac (CR-only) line endings
     // is one long line to the parser, whose message at the first CR would be empty or misleading.
-    if let Some(at) = text.match_indices('\r').map(|(i, _)| i).find(|&i| text.as_bytes().get(i + 1) != Some(&b'\n')) {
+    if let Some(at) =
+        text.match_indices('\r').map(|(i, _)| i).find(|&i| text.as_bytes().get(i + 1) != Some(&b'\n'))
+    {
         let (line, col) = line_col(text, at);
         return Err(Diagnostic {
             file: file.to_string(),
@@ -216,10 +218,13 @@ impl<'a> Source<'a> {
         if path.is_empty() {
             return None;
         }
-        let prefix_of = |from: &[String]| from.len() <= path.len() && from.iter().zip(path).all(|(a, b)| a == b);
+        let prefix_of =
+            |from: &[String]| from.len() <= path.len() && from.iter().zip(path).all(|(a, b)| a == b);
         let mapped: Vec<&str> =
             match self.remap.iter().filter(|(from, _)| prefix_of(from)).max_by_key(|(from, _)| from.len()) {
-                Some((from, to)) => to.iter().map(String::as_str).chain(path[from.len()..].iter().copied()).collect(),
+                Some((from, to)) => {
+                    to.iter().map(String::as_str).chain(path[from.len()..].iter().copied()).collect()
+                }
                 None => path.to_vec(),
             };
         self.span_unmapped(&mapped)
@@ -365,7 +370,8 @@ pub fn from_toml_error(src: &Source, e: &toml::de::Error) -> Diagnostic {
     if src.is_datetime(&path) && message.ends_with(", found a table") {
         message = format!("{}, found a datetime", message.trim_end_matches(", found a table"));
         if message.contains("expected a string") {
-            hint = Some("TOML reads an unquoted date or time as a datetime: write the value in quotes".into());
+            hint =
+                Some("TOML reads an unquoted date or time as a datetime: write the value in quotes".into());
         }
     }
     let mut d = src.at(offset, message);
@@ -394,9 +400,11 @@ fn reword(msg: &str, path: &[Seg]) -> (String, Option<String>) {
         };
         let multi_top = parent == "the top level" && expected.iter().any(|k| k == "defaults");
         let hint = match closest(&unknown, expected) {
-            _ if multi_top && unknown == "forward" => "in a file of several machines a forward belongs to one \
+            _ if multi_top && unknown == "forward" => {
+                "in a file of several machines a forward belongs to one \
                 machine: write it as [[machine.forward]] after that machine's [[machine]] table"
-                .to_string(),
+                    .to_string()
+            }
             Some(s) => format!("did you mean `{s}`?"),
             None => format!("remove `{unknown}` or move it to the table it belongs to"),
         };
@@ -463,7 +471,10 @@ fn reword(msg: &str, path: &[Seg]) -> (String, Option<String>) {
     if text.is_empty() {
         return (
             "this is not valid TOML".to_string(),
-            Some("see docs/box-config.md for the file's syntax (key = value lines under [table] headers)".into()),
+            Some(
+                "see docs/box-config.md for the file's syntax (key = value lines under [table] headers)"
+                    .into(),
+            ),
         );
     }
     (shown(&text), None)

@@ -47,7 +47,7 @@ pub fn nets_overlap(a: Ipv4Addr, pa: u8, b: Ipv4Addr, pb: u8) -> bool {
 }
 
 /// The host networks `subnet/prefix` overlaps. Pure.
-pub fn overlapping<'n>(subnet: Ipv4Addr, prefix: u8, host: &'n [HostNet]) -> Vec<&'n HostNet> {
+pub fn overlapping(subnet: Ipv4Addr, prefix: u8, host: &[HostNet]) -> Vec<&HostNet> {
     host.iter().filter(|h| nets_overlap(subnet, prefix, h.addr, h.prefix)).collect()
 }
 
@@ -101,9 +101,6 @@ mod tests {
         assert!(!nets_overlap(ip("10.10.0.0"), 24, ip("10.10.1.7"), 24));
         assert!(nets_overlap(ip("10.10.0.0"), 24, ip("1.2.3.4"), 0));
         let host = [HostNet::new("eth0", ip("10.77.0.5"), 24)];
-        assert_eq!(
-            free_subnet(&host, &[("a", ip("10.77.0.0"), 24), ("b", ip("10.78.0.0"), 24)]),
-            Some("b")
-        );
+        assert_eq!(free_subnet(&host, &[("a", ip("10.77.0.0"), 24), ("b", ip("10.78.0.0"), 24)]), Some("b"));
     }
 }

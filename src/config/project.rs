@@ -358,8 +358,14 @@ const NAT_SUBNET: Subnet = Subnet { addr: Ipv4Addr::new(10, 0, 2, 0), prefix: 24
 
 /// Ranges no private network can use (RFC 6890), with what they are.
 const RESERVED: &[(Subnet, &str)] = &[
-    (Subnet { addr: Ipv4Addr::new(0, 0, 0, 0), prefix: 8 }, "0.0.0.0/8, \"this network\" (never a host's address)"),
-    (Subnet { addr: Ipv4Addr::new(127, 0, 0, 0), prefix: 8 }, "127.0.0.0/8, the loopback range (every machine's own)"),
+    (
+        Subnet { addr: Ipv4Addr::new(0, 0, 0, 0), prefix: 8 },
+        "0.0.0.0/8, \"this network\" (never a host's address)",
+    ),
+    (
+        Subnet { addr: Ipv4Addr::new(127, 0, 0, 0), prefix: 8 },
+        "127.0.0.0/8, the loopback range (every machine's own)",
+    ),
     (Subnet { addr: Ipv4Addr::new(169, 254, 0, 0), prefix: 16 }, "169.254.0.0/16, the link-local range"),
     (Subnet { addr: Ipv4Addr::new(224, 0, 0, 0), prefix: 4 }, "224.0.0.0/4, the multicast range"),
     (
@@ -500,9 +506,8 @@ fn expand(path: &Path, bytes: &[u8]) -> anyhow::Result<Vec<Config>> {
             }
         }
         if let Some(h) = &e.hostname {
-            let line_of = |j: usize, key: &str| {
-                src.at_path(&["machine", &j.to_string(), key], "").line.unwrap_or(0)
-            };
+            let line_of =
+                |j: usize, key: &str| src.at_path(&["machine", &j.to_string(), key], "").line.unwrap_or(0);
             let named = pf.machine.iter().position(|o| &o.name == h).filter(|&j| j != i);
             let hosted = pf.machine[..i].iter().position(|o| o.hostname.as_ref() == Some(h));
             let clash = match (named, hosted) {
