@@ -541,7 +541,7 @@ fn guest_path_of_the_guests_root_is_refused() {
             format!("{BASE}\n[provision]\nguest_path = \"{gp}\"\n"),
             &format!(
                 "box-config.toml:23:14: `guest_path` \"{gp}\" is the guest's / once `.` and `..` are resolved: the \
-                 upload would replace files of the whole guest\n{hint}"
+                 provision tree would be unpacked over the guest's root\n{hint}"
             ),
         );
     }

@@ -469,8 +469,8 @@ fn errors_that_had_no_position_get_their_own() {
             "{BOX}[provision]\nguest_path = \"/opt/..\"\n[[machine]]\nname = \"a\"\n[machine.provision]\n\
              enabled = false\n"
         ),
-        "box-config.toml:4:14: `guest_path` \"/opt/..\" is the guest's / once `.` and `..` are resolved: the upload \
-         would replace files of the whole guest\nhint: use a dedicated directory such as \"/opt/provision\"",
+        "box-config.toml:4:14: `guest_path` \"/opt/..\" is the guest's / once `.` and `..` are resolved: the \
+         provision tree would be unpacked over the guest's root\nhint: use a dedicated directory such as \"/opt/provision\"",
     );
     // A remote libvirt host whose key is unknown: at the `uri` naming it.
     let kh = tempfile::tempdir().unwrap();

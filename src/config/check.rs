@@ -146,7 +146,7 @@ pub fn local(cfg: &Config, src: &Source) -> Findings {
         );
     }
     let gp = &cfg.provision.guest_path;
-    // Resolved as the guest would (without links): `.` stays, `..` goes up, and `/..` is `/`.
+    // Resolved as the guest would (without links): `.` is dropped, `..` goes up, and `/..` is `/`.
     let mut resolved: Vec<&str> = Vec::new();
     for c in gp.split('/').filter(|c| !c.is_empty() && *c != ".") {
         if c == ".." {
@@ -160,8 +160,8 @@ pub fn local(cfg: &Config, src: &Source) -> Findings {
         Some(format!("`guest_path` must be an absolute directory below /, found \"{}\"", shown(gp)))
     } else if dotted && resolved.is_empty() {
         Some(format!(
-            "`guest_path` \"{}\" is the guest's / once `.` and `..` are resolved: the upload would replace files \
-             of the whole guest",
+            "`guest_path` \"{}\" is the guest's / once `.` and `..` are resolved: the provision tree would be \
+             unpacked over the guest's root",
             shown(gp)
         ))
     } else if dotted {
