@@ -5,6 +5,7 @@
 
 mod check;
 mod diag;
+pub mod hostnet;
 pub mod limits;
 mod project;
 mod uri;
@@ -538,6 +539,36 @@ impl Config {
     /// templates see as `cluster.profiles`.
     pub fn compose_profiles(&self) -> &[String] {
         self.member.as_ref().map_or(&[], |m| &m.profiles)
+    }
+
+    /// The libvirt host this machine runs on when it is another host (`far.example` of
+    /// `qemu+ssh://u@far.example/system`); None for this host (a local URI, or VirtualBox).
+    pub fn remote_libvirt_host(&self) -> Option<String> {
+        if self.machine.provider == ProviderKind::Virtualbox {
+            return None;
+        }
+        let host = project::libvirt_host(&self.libvirt.uri);
+        let name = host.rsplit_once(':').map_or(host.as_str(), |(h, _)| h);
+        (!name.is_empty()).then(|| name.to_string())
+    }
+
+    /// The private subnet of a `[[machine]]` file against the networks of this host (`host`; Err: why they could
+    /// not be read): errors for an overlap on this host, warnings where one is only possible (a machine on a
+    /// remote host, whose networks are not known here). Empty for a single machine. `validate`, `up` and
+    /// `provision` run it with [`hostnet::read`].
+    pub fn check_host_networks(
+        &self,
+        host: Result<&[hostnet::HostNet], String>,
+    ) -> (Vec<Diagnostic>, Vec<Warning>) {
+        let mut f = check::Findings::default();
+        check::host_networks(self, &self.source(), host, &mut f);
+        (f.errors, f.warnings)
+    }
+
+    /// A diagnostic at a key of this machine's part of the file (e.g. `["libvirt", "uri"]`), for findings made
+    /// outside the config's own checks.
+    pub fn diagnostic_at(&self, path: &[&str], message: impl Into<String>) -> Diagnostic {
+        self.source().at_path(path, message)
     }
 
     pub fn hostname(&self) -> &str {

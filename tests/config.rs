@@ -532,3 +532,94 @@ fn echoed_values_lose_control_characters_and_are_cut() {
     let r = validate(BASE.replace("cpus = 1", "\"c\\u001b[2Jpu\" = 1")).failure();
     assert!(!r.stderr().contains('\u{1b}'), "{:?}", r.stderr());
 }
+
+#[test]
+fn guest_path_of_the_guests_root_is_refused() {
+    let hint = "hint: use a dedicated directory such as \"/opt/provision\"";
+    for gp in ["/.", "/opt/..", "/opt/../", "//./opt/../.."] {
+        fails_with(
+            format!("{BASE}\n[provision]\nguest_path = \"{gp}\"\n"),
+            &format!(
+                "box-config.toml:23:14: `guest_path` \"{gp}\" is the guest's / once `.` and `..` are resolved: the \
+                 provision tree would be unpacked over the guest's root\n{hint}"
+            ),
+        );
+    }
+    fails_with(
+        format!("{BASE}\n[provision]\nguest_path = \"/opt/./x/../provision\"\n"),
+        &format!(
+            "box-config.toml:23:14: `guest_path` \"/opt/./x/../provision\" has a `.` or `..` component; write the \
+             directory it means: \"/opt/provision\"\n{hint}"
+        ),
+    );
+    // Neighbours: a plain directory, with a trailing slash, or a name with dots.
+    for gp in ["/opt/provision/", "/srv/lab..d", "/.lab"] {
+        validate(format!("{BASE}\n[provision]\nguest_path = \"{gp}\"\n")).success();
+    }
+}
+
+#[test]
+fn reserved_machine_names_and_hostnames_are_refused() {
+    fails_with(
+        BASE.replace("name = \"cfg-test\"", "name = \"localhost\""),
+        "box-config.toml:2:8: machine name \"localhost\" is reserved: in every guest it names the guest itself \
+         (127.0.0.1), so it cannot name a machine\nhint: pick another name (e.g. \"lab\")",
+    );
+    fails_with(
+        BASE.replace("name = \"cfg-test\"", "name = \"cfg-\""),
+        "box-config.toml:2:8: machine name \"cfg-\" ends with '-': it is also the guest's host name, which cannot \
+         end with '-'\nhint: end the name with a letter or digit (e.g. \"lab\")",
+    );
+    fails_with(
+        BASE.replace("name = \"cfg-test\"", "name = \"cfg-test\"\nhostname = \"localhost\""),
+        "box-config.toml:3:12: hostname \"localhost\" is reserved: in every guest it names the guest itself \
+         (127.0.0.1), so it cannot name a machine\nhint: pick another hostname, or remove it to use the machine's \
+         name",
+    );
+    validate(BASE.replace("name = \"cfg-test\"", "name = \"cfg-test\"\nhostname = \"localhost2\"")).success();
+}
+
+#[test]
+fn a_datetime_is_named_as_a_datetime() {
+    fails_with(
+        BASE.replace("name = \"cfg-test\"", "name = 1979-05-27T07:32:00Z"),
+        "box-config.toml:2:8: wrong type for `name` in [machine]: expected a string, found a datetime\nhint: TOML \
+         reads an unquoted date or time as a datetime: write the value in quotes",
+    );
+    fails_with(
+        BASE.replace("cpus = 1", "cpus = 07:32:00"),
+        "box-config.toml:3:8: wrong type for `cpus` in [machine]: expected an integer, found a datetime",
+    );
+    // A real table is still a table.
+    fails_with(
+        BASE.replace("cpus = 1", "cpus = {}"),
+        "box-config.toml:3:8: wrong type for `cpus` in [machine]: expected an integer, found a table",
+    );
+}
+
+#[test]
+fn cr_only_line_endings_are_named_at_the_first_one() {
+    let expected = |col: usize| {
+        format!(
+            "box-config.toml:1:{col}: a carriage return (CR) without a line feed: TOML lines end with LF or CR LF, \
+             and this file has CR-only (old Mac) line endings\nhint: save the file with LF (Unix) or CR LF \
+             (Windows) line endings (in most editors: \"Line endings\" > LF)"
+        )
+    };
+    fails_with(BASE.replace('\n', "\r"), &expected(10));
+    fails_with(format!("# box\r{BASE}").replace('\n', "\r"), &expected(6));
+    // After LF lines, the position is on its own line.
+    let one = BASE.replacen("cpus = 1\n", "cpus = 1\r", 1);
+    fails_with(one, &expected(9).replacen(":1:9:", ":3:9:", 1));
+    // CR LF is fine.
+    validate(BASE.replace('\n', "\r\n")).success();
+}
+
+#[test]
+fn a_forward_on_the_default_ssh_port_names_the_default() {
+    fails_with(
+        BASE.replace("[ssh]\nhost_port = 2222\n", "").replace("host = 19090", "host = 2222"),
+        "box-config.toml:18:8: host port 2222 of [[forward]] #2 (\"prometheus\") is already used by [ssh] host_port \
+         (the SSH forward's default port)\nhint: give every forward (and [ssh] host_port) its own host port",
+    );
+}

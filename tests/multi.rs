@@ -348,3 +348,292 @@ fn a_copied_multi_machine_project_shows_and_refuses_the_original_vm() {
     assert_eq!(one.1, "running", "{vms:?}");
     p.run(&["status"]).success().stdout_contains("running");
 }
+
+/// `validate` of this `[[machine]]` file fails with exactly this (after `error: `).
+#[track_caller]
+fn refused_exactly(toml: &str, expected: &str) {
+    assert_eq!(errors_of(toml), format!("error: {expected}\n"), "stderr differs for:\n{toml}");
+}
+
+/// `validate` of this `[[machine]]` file: the run (the caller asserts success or what it needs).
+fn validate_file(toml: &str) -> support::Run {
+    let t = Test::new();
+    t.write("box-config.toml", toml);
+    std::fs::create_dir_all(t.path().join("provision")).unwrap();
+    Test::new().cwd(t.path()).arg("validate").run()
+}
+
+const SUBNET_HINT: &str =
+    "hint: pick a range of 10.0.0.0/8, 172.16.0.0/12 or 192.168.0.0/16 that no network of \
+                           the host uses, e.g. \"10.77.0.0/24\"";
+
+#[test]
+fn reserved_subnets_are_refused_at_their_position() {
+    let file = |subnet: &str| format!("{BOX}[network]\nsubnet = \"{subnet}\"\n[[machine]]\nname = \"a\"\n");
+    for (subnet, range) in [
+        ("127.0.0.0/8", "127.0.0.0/8, the loopback range (every machine's own)"),
+        ("127.1.2.0/24", "127.0.0.0/8, the loopback range (every machine's own)"),
+        ("239.1.0.0/16", "224.0.0.0/4, the multicast range"),
+        ("224.0.0.0/8", "224.0.0.0/4, the multicast range"),
+        ("0.0.0.0/8", "0.0.0.0/8, \"this network\" (never a host's address)"),
+        ("255.255.255.0/24", "240.0.0.0/4, the reserved range (with the broadcast address 255.255.255.255)"),
+        ("169.254.0.0/16", "169.254.0.0/16, the link-local range"),
+        ("169.0.0.0/8", "169.254.0.0/16, the link-local range"),
+    ] {
+        refused_exactly(
+            &file(subnet),
+            &format!(
+                "box-config.toml:4:10: subnet {subnet} in [network] overlaps {range}: the machines cannot have \
+                 addresses there\n{SUBNET_HINT}"
+            ),
+        );
+    }
+    // Neighbours of those ranges are private ranges like any other (the host's own networks are checked apart:
+    // see host_network_overlap_is_an_error_on_this_host_and_a_warning_for_a_remote_one).
+    for ok in ["10.10.0.0/24", "126.0.0.0/8", "172.16.0.0/12", "192.168.254.0/24"] {
+        let r = validate_file(&file(ok));
+        if r.stderr().contains("a network this host is on") {
+            continue; // this machine is on it: the host check refuses it, rightly
+        }
+        r.success();
+    }
+}
+
+#[test]
+fn names_and_hostnames_that_would_reach_another_machine_are_refused() {
+    let hint_host =
+        "hint: every machine's name and hostname must reach only that machine (/etc/hosts of every \
+                     guest lists them): give it a hostname of its own, or remove `hostname` to use its name";
+    refused_exactly(
+        &format!("{BOX}[[machine]]\nname = \"localhost\"\n[[machine]]\nname = \"b-\"\n"),
+        "box-config.toml:4:8: machine name \"localhost\" is reserved: in every guest it names the guest itself \
+         (127.0.0.1), so it cannot name a machine\nhint: pick another name (e.g. \"lab\")\n\
+         box-config.toml:6:8: machine name \"b-\" ends with '-': it is also the guest's host name, which cannot end \
+         with '-'\nhint: end the name with a letter or digit (e.g. \"lab\")",
+    );
+    refused_exactly(
+        &format!(
+            "{BOX}[[machine]]\nname = \"a\"\nhostname = \"web\"\n[[machine]]\nname = \"b\"\nhostname = \"web\"\n\
+             [[machine]]\nname = \"c\"\nhostname = \"a\"\n"
+        ),
+        &format!(
+            "box-config.toml:8:12: hostname \"web\" is already the hostname of machine \"a\" (line 5)\n{hint_host}\n\
+             box-config.toml:11:12: hostname \"a\" is the name of machine \"a\" (line 4)\n{hint_host}"
+        ),
+    );
+    refused_exactly(
+        &format!("{BOX}[[machine]]\nname = \"a\"\nhostname = \"localhost\"\n"),
+        "box-config.toml:5:12: hostname \"localhost\" is reserved: in every guest it names the guest itself \
+         (127.0.0.1), so it cannot name a machine\nhint: pick another hostname, or remove it to use the machine's \
+         name",
+    );
+    // A hostname of its own, or its own name as hostname, is fine; so is '-' inside a name.
+    validate_file(&format!(
+        "{BOX}[[machine]]\nname = \"a\"\nhostname = \"a\"\n[[machine]]\nname = \"b-1\"\nhostname = \"web\"\n\
+         [[machine]]\nname = \"local-host\"\n"
+    ))
+    .success();
+}
+
+/// `qemu+ssh://h/system` and `qemu+ssh://root@H:22/system` are one host: their forwarded host ports clash.
+#[test]
+fn one_remote_host_spelt_two_ways_is_one_host_for_port_clashes() {
+    let file = |uri_b: &str| {
+        format!(
+            "{BOX}[[machine]]\nname = \"a\"\n[machine.libvirt]\nuri = \"qemu+ssh://h/system\"\n\
+             [[machine.forward]]\nguest = 8000\nhost = 18000\n\
+             [[machine]]\nname = \"b\"\n[machine.libvirt]\nuri = \"{uri_b}\"\n\
+             [[machine.forward]]\nguest = 8000\nhost = 18000\n"
+        )
+    };
+    for same in ["qemu+ssh://root@H:22/system", "qemu+libssh://someone@h./system", "qemu+ssh://h:022/system"]
+    {
+        refused_exactly(
+            &file(same),
+            "box-config.toml:16:8: host port 18000 is already used by machine \"a\" (a forward on 127.0.0.1)\n\
+             hint: every machine's forwards and ssh_port need host ports of their own (or another host_ip)",
+        );
+    }
+    // Another SSH port may be another machine behind a forward; another name is another host.
+    for other in ["qemu+ssh://h:2222/system", "qemu+ssh://h2/system"] {
+        let r = validate_file(&file(other)).failure(); // (the hosts are not in known_hosts)
+        assert!(!r.stderr().contains("already used"), "{other}: {}", r.stderr());
+    }
+}
+
+#[test]
+fn errors_that_had_no_position_get_their_own() {
+    // [defaults] cpus = 0: once, at its own line (not at every [[machine]]).
+    refused_exactly(
+        &format!("{BOX}[defaults]\ncpus = 0\nmemory_mb = 1024\n[[machine]]\nname = \"a\"\n[[machine]]\nname = \"b\"\n"),
+        "box-config.toml:4:8: `cpus` must be from 1 to 256, found 0\nhint: the lab itself wants cpus = 2, \
+         memory_mb = 4096, disk_gb = 20",
+    );
+    // A machine's own value is still reported at its own line.
+    refused_exactly(
+        &format!(
+            "{BOX}[defaults]\ncpus = 1\n[[machine]]\nname = \"a\"\ncpus = 0\n[[machine]]\nname = \"b\"\n"
+        ),
+        "box-config.toml:7:8: `cpus` must be from 1 to 256, found 0\nhint: the lab itself wants cpus = 2, \
+         memory_mb = 4096, disk_gb = 20",
+    );
+    // A forward on the machine's own ssh_port names that key and its line.
+    refused_exactly(
+        &format!(
+            "{BOX}[[machine]]\nname = \"a\"\nssh_port = 2222\n[[machine.forward]]\nguest = 8000\nhost = 2222\n"
+        ),
+        "box-config.toml:8:8: host port 2222 of [[machine.forward]] #1 is already used by its ssh_port (line 5)\n\
+         hint: give every forward (and ssh_port) its own host port",
+    );
+    // A top-level [[forward]] says where forwards go in such a file.
+    refused_exactly(
+        &format!("{BOX}[[machine]]\nname = \"a\"\n[[forward]]\nguest = 8000\nhost = 18000\n"),
+        "box-config.toml:5:3: unknown key `forward` at the top level; expected one of: machine, defaults, network, \
+         box, ssh, provision, vars, health, libvirt, virtualbox\nhint: in a file of several machines a forward \
+         belongs to one machine: write it as [[machine.forward]] after that machine's [[machine]] table",
+    );
+    // A provision tree that does not render (here /etc) is named with the position of its `source`.
+    let e = errors_of(&format!("{BOX}[[machine]]\nname = \"a\"\n[machine.provision]\nsource = \"/etc\"\n"));
+    assert!(
+        e.starts_with(
+            "error: box-config.toml:6:10: the provision tree /etc does not render (validate renders it"
+        ),
+        "{e}"
+    );
+    // A guest_path of / in the shared [provision], with a machine that has its own [machine.provision].
+    refused_exactly(
+        &format!(
+            "{BOX}[provision]\nguest_path = \"/opt/..\"\n[[machine]]\nname = \"a\"\n[machine.provision]\n\
+             enabled = false\n"
+        ),
+        "box-config.toml:4:14: `guest_path` \"/opt/..\" is the guest's / once `.` and `..` are resolved: the \
+         provision tree would be unpacked over the guest's root\nhint: use a dedicated directory such as \"/opt/provision\"",
+    );
+    // A remote libvirt host whose key is unknown: at the `uri` naming it.
+    let kh = tempfile::tempdir().unwrap();
+    let known = kh.path().join("known_hosts");
+    std::fs::write(&known, "").unwrap();
+    let uri = format!("qemu+ssh://root@10.0.0.2/system?known_hosts={}", known.display());
+    let e = errors_of(&format!(
+        "{BOX}[[machine]]\nname = \"a\"\n[machine.provision]\nenabled = false\n[machine.libvirt]\nuri = \"{uri}\"\n"
+    ));
+    assert!(
+        e.starts_with(&format!(
+            "error: box-config.toml:8:7: the SSH host key of the libvirt host 10.0.0.2 is not in {}",
+            known.display()
+        )),
+        "{e}"
+    );
+    assert!(e.contains("\nhint: check the key's fingerprint and add it: ssh-keyscan 10.0.0.2"), "{e}");
+}
+
+/// The subnet against the host's networks, injected: an overlap on this host is an error at `subnet`; a
+/// machine on a remote host gets a warning at its `uri` (its host's networks are not known); networks that
+/// cannot be read are a warning.
+#[test]
+fn host_network_overlap_is_an_error_on_this_host_and_a_warning_for_a_remote_one() {
+    use provisioner::config::hostnet::HostNet;
+    use provisioner::config::Project;
+    let t = Test::new();
+    let path = t.path().join("box-config.toml");
+    let load = |toml: &str| {
+        std::fs::write(&path, toml).unwrap();
+        Project::load(&path).unwrap()
+    };
+    let host = [
+        HostNet::new("lo", "127.0.0.1".parse().unwrap(), 8),
+        HostNet::new("eth0", "10.10.3.4".parse().unwrap(), 16),
+    ];
+    let shown = path.display().to_string();
+    let p = load(&format!("{BOX}[network]\nsubnet = \"10.10.0.0/24\"\n[[machine]]\nname = \"a\"\n"));
+    let (errors, warnings) = p.machines[0].check_host_networks(Ok(&host));
+    let errors: Vec<String> = errors.iter().map(|d| d.to_string()).collect();
+    assert_eq!(
+        errors,
+        [format!(
+            "{shown}:4:10: subnet 10.10.0.0/24 in [network] overlaps a network this host is on (eth0 10.10.3.4/16): \
+             the guests would send that network's traffic into the private segment\nhint: pick a range no network \
+             of this host uses, e.g. subnet = \"10.77.0.0/24\""
+        )]
+    );
+    assert!(warnings.is_empty(), "{warnings:?}");
+    // The neighbour 10.11.0.0/24 is not on the host: accepted.
+    let p = load(&format!("{BOX}[network]\nsubnet = \"10.11.0.0/24\"\n[[machine]]\nname = \"a\"\n"));
+    assert_eq!(p.machines[0].check_host_networks(Ok(&host)), (vec![], vec![]));
+    // A host on 10.77.0.0/24 is offered the next spare range.
+    let on_default = [HostNet::new("wlan0", "10.77.0.99".parse().unwrap(), 24)];
+    let p = load(&format!("{BOX}[[machine]]\nname = \"a\"\n"));
+    let (errors, _) = p.machines[0].check_host_networks(Ok(&on_default));
+    assert!(errors[0].to_string().ends_with("e.g. subnet = \"10.78.0.0/24\""), "{errors:?}");
+    // Unreadable networks: a warning, not a refusal.
+    let p = load(&format!("{BOX}[network]\nsubnet = \"10.10.0.0/24\"\n[[machine]]\nname = \"a\"\n"));
+    let (errors, warnings) = p.machines[0].check_host_networks(Err("getifaddrs failed".into()));
+    assert!(errors.is_empty());
+    assert_eq!(
+        warnings[0].to_string(),
+        format!(
+            "{shown}:4:10: this host's networks could not be read (getifaddrs failed); subnet 10.10.0.0/24 was not \
+             checked against them\nhint: make sure no network of this host (`ip -4 addr`) overlaps [network] subnet"
+        )
+    );
+    // A machine on a remote host: its host's networks are unknown, so a possible overlap is a warning at its uri
+    // (this host's overlapping network does not concern it); the local machine is still checked.
+    let p = load(&format!(
+        "{BOX}[network]\nsubnet = \"10.10.0.0/24\"\n[[machine]]\nname = \"a\"\n[[machine]]\nname = \"b\"\n\
+         [machine.libvirt]\nuri = \"qemu+ssh://lab@Far.Example/system\"\n"
+    ));
+    let (errors, warnings) = p.machines[1].check_host_networks(Ok(&host));
+    assert!(errors.is_empty(), "{errors:?}");
+    assert_eq!(
+        warnings.iter().map(|d| d.to_string()).collect::<Vec<_>>(),
+        [format!(
+            "{shown}:10:7: machine \"b\" runs on far.example, whose networks are not known here: none of them may \
+             overlap the private subnet 10.10.0.0/24\nhint: list them on far.example with `ip -4 addr`; if one \
+             overlaps, pick another [network] subnet"
+        )]
+    );
+    assert_eq!(p.machines[0].check_host_networks(Ok(&host)).0.len(), 1);
+}
+
+/// The real reader on this machine: loopback is 127.0.0.1/8 on lo.
+#[test]
+fn host_networks_reader_finds_loopback() {
+    let nets = provisioner::config::hostnet::read().unwrap();
+    assert!(
+        nets.iter().any(|n| n.interface == "lo" && n.addr.to_string() == "127.0.0.1" && n.prefix == 8),
+        "{nets:?}"
+    );
+}
+
+/// `validate` reads the host's networks itself: in a network namespace of its own whose loopback also holds
+/// 10.123.0.1/24, the subnet 10.123.0.0/24 is refused and its neighbour 10.124.0.0/24 accepted.
+#[test]
+fn validate_refuses_a_subnet_the_host_is_on() {
+    let t = Test::new();
+    std::fs::create_dir_all(t.path().join("provision")).unwrap();
+    let run = |subnet: &str| {
+        t.write(
+            "box-config.toml",
+            format!("{BOX}[network]\nsubnet = \"{subnet}\"\n[[machine]]\nname = \"a\"\n"),
+        );
+        let script = "ip link set lo up && ip addr add 10.123.0.1/24 dev lo && exec \"$0\" validate";
+        let out = std::process::Command::new("unshare")
+            .args(["-n", "sh", "-c", script])
+            .arg(support::bin())
+            .current_dir(t.path())
+            .output()
+            .expect("run unshare");
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (code, stderr) = run("10.123.0.0/24");
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.starts_with(
+            "error: box-config.toml:4:10: subnet 10.123.0.0/24 in [network] overlaps a network this host is on \
+             (lo 10.123.0.1/24)"
+        ),
+        "{stderr}"
+    );
+    let (code, stderr) = run("10.124.0.0/24");
+    assert_eq!(code, Some(0), "{stderr}");
+}

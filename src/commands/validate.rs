@@ -6,7 +6,7 @@ use anyhow::Result;
 use serde_json::json;
 
 use super::Ctx;
-use crate::config::{ConfigError, Diagnostic};
+use crate::config::{Config, ConfigError, Diagnostic};
 
 pub fn validate(ctx: &Ctx) -> Result<i32> {
     let file = ctx.global.config.display().to_string();
@@ -16,9 +16,7 @@ pub fn validate(ctx: &Ctx) -> Result<i32> {
     let checked = ctx.config().and_then(|cfg| {
         let w = cfg.validate_all()?;
         // A remote libvirt host must be in known_hosts: refused here, before any connection is tried.
-        if cfg.machine.provider != crate::config::ProviderKind::Virtualbox {
-            crate::provider::libvirt::remote::check_uri_host(&cfg.libvirt.uri)?;
-        }
+        check_remote_host(&cfg)?;
         Ok((cfg, w))
     });
     match checked {
@@ -64,9 +62,7 @@ fn validate_project(ctx: &Ctx) -> Result<i32> {
             .into_iter()
             .map(|cfg| {
                 let w = cfg.validate_all()?;
-                if cfg.machine.provider != crate::config::ProviderKind::Virtualbox {
-                    crate::provider::libvirt::remote::check_uri_host(&cfg.libvirt.uri)?;
-                }
+                check_remote_host(&cfg)?;
                 Ok((cfg, w))
             })
             .collect::<Result<Vec<_>>>()
@@ -120,6 +116,23 @@ fn validate_project(ctx: &Ctx) -> Result<i32> {
         }
     }
     Ok(crate::exit::OK)
+}
+
+/// A remote libvirt host whose SSH key is not in known_hosts is a finding about the file: at the `uri` that
+/// names the host (the machine's own, or the shared [libvirt] one).
+fn check_remote_host(cfg: &Config) -> Result<()> {
+    if cfg.machine.provider == crate::config::ProviderKind::Virtualbox {
+        return Ok(());
+    }
+    let Some(host) = crate::provider::libvirt::remote::parse(&cfg.libvirt.uri) else { return Ok(()) };
+    if host.is_known()? {
+        return Ok(());
+    }
+    let text = host.unknown_host_error().to_string();
+    let (message, hint) = text.split_once("\nhint: ").unwrap_or((&text, ""));
+    let mut d = cfg.diagnostic_at(&["libvirt", "uri"], message);
+    d.hint = (!hint.is_empty()).then(|| hint.to_string());
+    Err(ConfigError { diagnostics: vec![d] }.into())
 }
 
 /// The verdict for a file that does not validate: the error (human), or a document listing every problem.

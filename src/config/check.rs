@@ -7,6 +7,7 @@ use std::net::IpAddr;
 use anyhow::{Context, Result};
 
 use super::diag::{Diagnostic, Source};
+use super::hostnet::{self, HostNet};
 use super::{check_libvirt_uri, Config, Protocol};
 use crate::render::{render_layers, Secrets};
 use crate::text::shown;
@@ -70,8 +71,34 @@ pub fn local(cfg: &Config, src: &Source) -> Findings {
             "use 1-31 characters from a-z, 0-9 and '-', starting with a letter or digit (e.g. \"lab\")",
         );
     }
+    let itself = "in every guest it names the guest itself (127.0.0.1), so it cannot name a machine";
+    if valid_machine_name(&m.name) && m.name.ends_with('-') {
+        f.error(
+            src.at_path(
+                &["machine", "name"],
+                format!(
+                    "machine name \"{}\" ends with '-': it is also the guest's host name, which cannot end with '-'",
+                    shown(&m.name)
+                ),
+            ),
+            "end the name with a letter or digit (e.g. \"lab\")",
+        );
+    } else if m.name == "localhost" {
+        f.error(
+            src.at_path(&["machine", "name"], format!("machine name \"localhost\" is reserved: {itself}")),
+            "pick another name (e.g. \"lab\")",
+        );
+    }
     if let Some(h) = &m.hostname {
-        if !valid_hostname(h) {
+        if h == "localhost" {
+            f.error(
+                src.at_path(
+                    &["machine", "hostname"],
+                    format!("hostname \"localhost\" is reserved: {itself}"),
+                ),
+                "pick another hostname, or remove it to use the machine's name",
+            );
+        } else if !valid_hostname(h) {
             f.error(
                 src.at_path(&["machine", "hostname"], format!("hostname \"{}\" is not a valid host name", shown(h))),
                 "use dot-separated labels of a-z, 0-9 and '-' (e.g. \"lab.local\"), or remove it to use the name",
@@ -119,12 +146,36 @@ pub fn local(cfg: &Config, src: &Source) -> Findings {
         );
     }
     let gp = &cfg.provision.guest_path;
-    if !gp.starts_with('/') || gp.trim_end_matches('/').is_empty() {
+    // Resolved as the guest would (without links): `.` is dropped, `..` goes up, and `/..` is `/`.
+    let mut resolved: Vec<&str> = Vec::new();
+    for c in gp.split('/').filter(|c| !c.is_empty() && *c != ".") {
+        if c == ".." {
+            resolved.pop();
+        } else {
+            resolved.push(c);
+        }
+    }
+    let dotted = gp.split('/').any(|c| c == "." || c == "..");
+    let gp_problem = if !gp.starts_with('/') || gp.trim_end_matches('/').is_empty() {
+        Some(format!("`guest_path` must be an absolute directory below /, found \"{}\"", shown(gp)))
+    } else if dotted && resolved.is_empty() {
+        Some(format!(
+            "`guest_path` \"{}\" is the guest's / once `.` and `..` are resolved: the provision tree would be \
+             unpacked over the guest's root",
+            shown(gp)
+        ))
+    } else if dotted {
+        Some(format!(
+            "`guest_path` \"{}\" has a `.` or `..` component; write the directory it means: \"/{}\"",
+            shown(gp),
+            shown(&resolved.join("/"))
+        ))
+    } else {
+        None
+    };
+    if let Some(msg) = gp_problem {
         f.error(
-            src.at_path(
-                &["provision", "guest_path"],
-                format!("`guest_path` must be an absolute directory below /, found \"{}\"", shown(gp)),
-            ),
+            src.at_path(&["provision", "guest_path"], msg),
             "use a dedicated directory such as \"/opt/provision\"",
         );
     }
@@ -317,15 +368,25 @@ fn check_network(cfg: &Config, src: &Source, f: &mut Findings) {
     let mut used: BTreeMap<(Protocol, u16), (Option<usize>, String)> = BTreeMap::new();
     let ssh_ip = ["ssh", "host_ip"];
     check_ip(&cfg.ssh.host_ip, &ssh_ip, "the SSH forward", src, f);
+    // In a `[[machine]]` file the SSH port is the machine's `ssh_port` and its forwards are [[machine.forward]].
+    let (ssh_key, forward_table) = match cfg.member {
+        Some(_) => ("its ssh_port", "[[machine.forward]]"),
+        None => ("[ssh] host_port", "[[forward]]"),
+    };
     if cfg.ssh.host_port != 0 {
-        let line = src.at_path(&["ssh", "host_port"], "").line;
-        used.insert((Protocol::Tcp, cfg.ssh.host_port), (line, "[ssh] host_port".into()));
+        let written = src.written(&["ssh", "host_port"]);
+        let (line, label) = if written {
+            (src.at_path(&["ssh", "host_port"], "").line, ssh_key.to_string())
+        } else {
+            (None, format!("{ssh_key} (the SSH forward's default port)"))
+        };
+        used.insert((Protocol::Tcp, cfg.ssh.host_port), (line, label));
     }
     for (i, fw) in cfg.forwards.iter().enumerate() {
         let idx = i.to_string();
         let label = match &fw.name {
-            Some(n) => format!("[[forward]] #{} (\"{}\")", i + 1, shown(n)),
-            None => format!("[[forward]] #{}", i + 1),
+            Some(n) => format!("{forward_table} #{} (\"{}\")", i + 1, shown(n)),
+            None => format!("{forward_table} #{}", i + 1),
         };
         for (key, port) in [("guest", fw.guest), ("host", fw.host)] {
             if port == 0 {
@@ -348,7 +409,10 @@ fn check_network(cfg: &Config, src: &Source, f: &mut Findings) {
                         message: format!("host port {} of {label} is already used by {first}{at}", fw.host),
                         ..here
                     },
-                    "give every forward (and [ssh] host_port) its own host port",
+                    &format!(
+                        "give every forward (and {}) its own host port",
+                        ssh_key.trim_start_matches("its ")
+                    ),
                 );
             }
             None => {
@@ -377,6 +441,69 @@ fn check_ip(ip: &str, path: &[&str], what: &str, src: &Source, f: &mut Findings)
     }
 }
 
+/// Private ranges offered in the hint when the subnet overlaps a network of this host.
+const SPARE_SUBNETS: &[(&str, std::net::Ipv4Addr, u8)] = &[
+    ("10.77.0.0/24", std::net::Ipv4Addr::new(10, 77, 0, 0), 24),
+    ("10.78.0.0/24", std::net::Ipv4Addr::new(10, 78, 0, 0), 24),
+    ("172.30.77.0/24", std::net::Ipv4Addr::new(172, 30, 77, 0), 24),
+    ("192.168.177.0/24", std::net::Ipv4Addr::new(192, 168, 177, 0), 24),
+];
+
+/// The private subnet of a `[[machine]]` file against the networks of the host the machine runs on: an overlap
+/// with a network of this host is an error (the guests would send that network's traffic into the private
+/// segment); a machine on a remote host gets a warning, since that host's networks are not known here.
+pub fn host_networks(cfg: &Config, src: &Source, host: Result<&[HostNet], String>, f: &mut Findings) {
+    let Some(m) = &cfg.member else { return };
+    let subnet = &m.network.subnet;
+    let at = ["network", "subnet"];
+    if let Some(remote) = cfg.remote_libvirt_host() {
+        f.warn(
+            src.at_path(
+                &["libvirt", "uri"],
+                format!(
+                    "machine \"{}\" runs on {}, whose networks are not known here: none of them may overlap the \
+                     private subnet {subnet}",
+                    shown(&cfg.machine.name),
+                    shown(&remote)
+                ),
+            ),
+            &format!("list them on {} with `ip -4 addr`; if one overlaps, pick another [network] subnet", shown(&remote)),
+        );
+        return;
+    }
+    match host {
+        Err(e) => f.warn(
+            src.at_path(
+                &at,
+                format!("this host's networks could not be read ({e}); subnet {subnet} was not checked against them"),
+            ),
+            "make sure no network of this host (`ip -4 addr`) overlaps [network] subnet",
+        ),
+        Ok(nets) => {
+            let hits = hostnet::overlapping(m.ip, m.prefix, nets);
+            if hits.is_empty() {
+                return;
+            }
+            let list: Vec<String> = hits.iter().map(|h| h.describe()).collect();
+            let hint = match hostnet::free_subnet(nets, SPARE_SUBNETS) {
+                Some(free) => format!("pick a range no network of this host uses, e.g. subnet = \"{free}\""),
+                None => super::project::SUBNET_HINT.to_string(),
+            };
+            f.error(
+                src.at_path(
+                    &at,
+                    format!(
+                        "subnet {subnet} in [network] overlaps a network this host is on ({}): the guests would send \
+                         that network's traffic into the private segment",
+                        list.join(", ")
+                    ),
+                ),
+                &hint,
+            );
+        }
+    }
+}
+
 /// Compose file names in the order docker compose looks for them.
 pub const COMPOSE_FILES: &[&str] =
     &["compose.yaml", "compose.yml", "docker-compose.yml", "docker-compose.yaml"];
@@ -391,6 +518,10 @@ pub fn render_failed(source: &std::path::Path) -> String {
 /// template, line and column); findings about the config come back in [`Findings`].
 pub fn cross(cfg: &Config, src: &Source, rendered: Option<&crate::render::Rendered>) -> Result<Findings> {
     let mut f = Findings::default();
+    if cfg.member.is_some() {
+        let nets = hostnet::read();
+        host_networks(cfg, src, nets.as_deref().map_err(|e| format!("{e:#}")), &mut f);
+    }
     for (name, probe) in cfg.health_probes() {
         if cfg.host_addr_for(probe.port).is_some() {
             continue;
@@ -446,8 +577,11 @@ pub fn cross(cfg: &Config, src: &Source, rendered: Option<&crate::render::Render
     let rendered = match rendered {
         Some(r) => r,
         None => {
+            // The position of `source` when the file writes it (a tree such as /etc fails for its own reasons).
+            let at = ["provision", "source"];
+            let written = src.written(&at).then(|| format!("{}: ", src.at_path(&at, "").location()));
             owned = render_layers(cfg, &cfg.template_layers(), &Secrets::generate())
-                .with_context(|| render_failed(&source))?;
+                .with_context(|| format!("{}{}", written.unwrap_or_default(), render_failed(&source)))?;
             &owned
         }
     };

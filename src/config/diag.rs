@@ -98,7 +98,7 @@ pub fn decode<'a>(file: &str, bytes: &'a [u8]) -> Result<&'a str, Diagnostic> {
         }
     }
     let body = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
-    std::str::from_utf8(body).map_err(|e| {
+    let text = std::str::from_utf8(body).map_err(|e| {
         let good = e.valid_up_to();
         let prefix = std::str::from_utf8(&body[..good]).expect("valid prefix");
         let (line, col) = line_col(prefix, good);
@@ -110,7 +110,28 @@ pub fn decode<'a>(file: &str, bytes: &'a [u8]) -> Result<&'a str, Diagnostic> {
             message: format!("invalid UTF-8 at byte {offset} (0x{:02X})", body[good]),
             hint: Some(save.to_string()),
         }
-    })
+    })?;
+    // TOML allows a carriage return only before a line feed: a file saved with old Mac (CR-only) line endings
+    // is one long line to the parser, whose message at the first CR would be empty or misleading.
+    if let Some(at) =
+        text.match_indices('\r').map(|(i, _)| i).find(|&i| text.as_bytes().get(i + 1) != Some(&b'\n'))
+    {
+        let (line, col) = line_col(text, at);
+        return Err(Diagnostic {
+            file: file.to_string(),
+            line: Some(line),
+            col: Some(col),
+            message: "a carriage return (CR) without a line feed: TOML lines end with LF or CR LF, and this file \
+                      has CR-only (old Mac) line endings"
+                .to_string(),
+            hint: Some(
+                "save the file with LF (Unix) or CR LF (Windows) line endings (in most editors: \"Line endings\" > \
+                 LF)"
+                .to_string(),
+            ),
+        });
+    }
+    Ok(text)
 }
 
 /// 1-based line and character column of a byte offset.
@@ -144,9 +165,11 @@ pub struct Source<'a> {
     /// None for a config built in code: diagnostics then name only the file.
     text: Option<&'a str>,
     doc: Option<toml_edit::ImDocument<&'a str>>,
-    /// For one machine of a `[[machine]]` file: where the machine's own tables live (`machine` →
-    /// `machine.2`, `forward` → `machine.2.forward`, ...), so a rule on the machine points into its entry.
-    remap: Vec<(String, Vec<String>)>,
+    /// For one machine of a `[[machine]]` file: where the machine's own tables and keys live (`machine` →
+    /// `machine.2`, `forward` → `machine.2.forward`, `ssh.host_port` → `machine.2.ssh_port`, `machine.cpus` →
+    /// `defaults.cpus` when inherited, ...), so a rule on the machine points where the value is written. The
+    /// longest matching prefix wins.
+    remap: Vec<(Vec<String>, Vec<String>)>,
 }
 
 impl<'a> Source<'a> {
@@ -159,8 +182,8 @@ impl<'a> Source<'a> {
         }
     }
 
-    /// Look the first segment `from` up under `to` instead (see the `remap` field).
-    pub fn with_remap(mut self, remap: Vec<(String, Vec<String>)>) -> Self {
+    /// Look paths starting with `from` up under `to` instead (see the `remap` field).
+    pub fn with_remap(mut self, remap: Vec<(Vec<String>, Vec<String>)>) -> Self {
         self.remap = remap;
         self
     }
@@ -179,8 +202,14 @@ impl<'a> Source<'a> {
 
     /// A diagnostic at the value of a key path (e.g. `["forward", "2", "host"]`: numeric segments index arrays).
     /// Falls back to the nearest ancestor that is in the file, then to the top of the file.
+    /// A key a machine's own table does not set is looked up in the shared table next (a machine's
+    /// `[machine.provision]` without `guest_path` uses `[provision] guest_path`).
     pub fn at_path(&self, path: &[&str], message: impl Into<String>) -> Diagnostic {
-        let offset = (0..=path.len()).rev().find_map(|n| self.span_of(&path[..n])).map_or(0, |r| r.start);
+        let offset = self
+            .span_of(path)
+            .or_else(|| self.span_unmapped(path))
+            .or_else(|| (0..path.len()).rev().find_map(|n| self.span_of(&path[..n])))
+            .map_or(0, |r| r.start);
         self.at(offset, message)
     }
 
@@ -189,15 +218,54 @@ impl<'a> Source<'a> {
         if path.is_empty() {
             return None;
         }
-        let mapped: Vec<&str> = match self.remap.iter().find(|(from, _)| from == path[0]) {
-            Some((_, to)) => to.iter().map(String::as_str).chain(path[1..].iter().copied()).collect(),
-            None => path.to_vec(),
-        };
+        let prefix_of =
+            |from: &[String]| from.len() <= path.len() && from.iter().zip(path).all(|(a, b)| a == b);
+        let mapped: Vec<&str> =
+            match self.remap.iter().filter(|(from, _)| prefix_of(from)).max_by_key(|(from, _)| from.len()) {
+                Some((from, to)) => {
+                    to.iter().map(String::as_str).chain(path[from.len()..].iter().copied()).collect()
+                }
+                None => path.to_vec(),
+            };
+        self.span_unmapped(&mapped)
+    }
+
+    /// Whether the file writes a value at `path` (remapped for a machine, else in the shared table).
+    pub fn written(&self, path: &[&str]) -> bool {
+        self.span_of(path).or_else(|| self.span_unmapped(path)).is_some()
+    }
+
+    /// Span at `path` as written, without the machine's remapping.
+    fn span_unmapped(&self, path: &[&str]) -> Option<Range<usize>> {
+        if path.is_empty() {
+            return None;
+        }
         let mut node = Node::Item(self.doc.as_ref()?.as_item());
-        for seg in &mapped {
+        for seg in path {
             node = node.child(seg)?;
         }
         node.span()
+    }
+
+    /// Whether the value at `path` (as written) is a TOML datetime (serde reports one as a table).
+    fn is_datetime(&self, path: &[Seg]) -> bool {
+        let Some(doc) = &self.doc else { return false };
+        let mut node = Node::Item(doc.as_item());
+        for seg in path {
+            let s = match seg {
+                Seg::Key(k) => k.clone(),
+                Seg::Index(i) => i.to_string(),
+            };
+            match node.child(&s) {
+                Some(n) => node = n,
+                None => return false,
+            }
+        }
+        matches!(
+            node,
+            Node::Item(toml_edit::Item::Value(toml_edit::Value::Datetime(_)))
+                | Node::Value(toml_edit::Value::Datetime(_))
+        )
     }
 
     /// The key path of the innermost key, value or table header covering `offset`.
@@ -298,7 +366,14 @@ pub fn from_toml_error(src: &Source, e: &toml::de::Error) -> Diagnostic {
     let offset = e.span().map_or(0, |r| r.start);
     let msg = e.message().trim();
     let path = src.path_at(offset);
-    let (message, hint) = reword(msg, &path);
+    let (mut message, mut hint) = reword(msg, &path);
+    if src.is_datetime(&path) && message.ends_with(", found a table") {
+        message = format!("{}, found a datetime", message.trim_end_matches(", found a table"));
+        if message.contains("expected a string") {
+            hint =
+                Some("TOML reads an unquoted date or time as a datetime: write the value in quotes".into());
+        }
+    }
     let mut d = src.at(offset, message);
     d.hint = hint;
     d
@@ -317,11 +392,24 @@ fn reword(msg: &str, path: &[Seg]) -> (String, Option<String>) {
         let expected = &ticked[1.min(ticked.len())..];
         let list =
             if rest.contains("there are no fields") { "(none)".to_string() } else { expected.join(", ") };
+        // The table the unknown key is in: the path up to the key itself (the innermost entry at the
+        // position may be below it, e.g. `[[forward]]` #1 for a top-level key `forward`).
+        let parent = match path.iter().rposition(|s| matches!(s, Seg::Key(k) if shown(k) == unknown)) {
+            Some(at) => table_name(&path[..at]),
+            None => parent,
+        };
+        let multi_top = parent == "the top level" && expected.iter().any(|k| k == "defaults");
         let hint = match closest(&unknown, expected) {
+            _ if multi_top && unknown == "forward" => {
+                "in a file of several machines a forward belongs to one \
+                machine: write it as [[machine.forward]] after that machine's [[machine]] table"
+                    .to_string()
+            }
             Some(s) => format!("did you mean `{s}`?"),
             None => format!("remove `{unknown}` or move it to the table it belongs to"),
         };
-        return (format!("unknown key `{unknown}` in {parent}; expected one of: {list}"), Some(hint));
+        let place = if parent == "the top level" { "at" } else { "in" };
+        return (format!("unknown key `{unknown}` {place} {parent}; expected one of: {list}"), Some(hint));
     }
     if first_line.starts_with("unknown variant ") {
         let bad = ticked.first().cloned().unwrap_or_default();
@@ -379,7 +467,17 @@ fn reword(msg: &str, path: &[Seg]) -> (String, Option<String>) {
         );
     }
     // Syntax errors: toml's message is already specific ("invalid table header\nexpected `.`, `]`").
-    (shown(&msg.lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join("; ")), None)
+    let text = msg.lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join("; ");
+    if text.is_empty() {
+        return (
+            "this is not valid TOML".to_string(),
+            Some(
+                "see docs/box-config.md for the file's syntax (key = value lines under [table] headers)"
+                    .into(),
+            ),
+        );
+    }
+    (shown(&text), None)
 }
 
 fn backticked(s: &str) -> Vec<String> {

@@ -97,11 +97,39 @@ struct MachineLibvirt {
     pool: Option<String>,
 }
 
-/// The host a libvirt URI reaches ("" for this machine): where a machine's forwarded ports are bound.
-fn libvirt_host(uri: &str) -> String {
-    let rest = uri.split_once("://").map_or("", |(_, r)| r);
-    let authority = rest.split('/').next().unwrap_or("");
-    authority.rsplit('@').next().unwrap_or("").to_ascii_lowercase()
+/// The host a libvirt URI reaches ("" for this machine): where a machine's forwarded ports are bound. One host
+/// spelt two ways is one host: the name is compared without case (and a trailing dot), the port defaults to the
+/// transport's (22 for ssh and libssh, 16514 for tls, 16509 for tcp), and the user is left out: a port forwarded
+/// on a host is bound in that host's network stack, whichever account's libvirt binds it (and an SSH URI without
+/// a user may log in as the local user or as ~/.ssh/config says, which is still the same host). Two ports of one
+/// name stay two hosts (an SSH port forwarded to another machine is another machine). Pure.
+pub(crate) fn libvirt_host(uri: &str) -> String {
+    let Some((scheme, rest)) = uri.split_once("://") else { return String::new() };
+    let transport = scheme.split_once('+').map_or("", |(_, t)| t).to_ascii_lowercase();
+    let authority = rest.split(['/', '?']).next().unwrap_or("");
+    let hostport = authority.rsplit('@').next().unwrap_or("");
+    let (host, port) = match hostport.strip_prefix('[') {
+        Some(v6) => match v6.split_once(']') {
+            Some((h, p)) => (h, p.strip_prefix(':')),
+            None => (v6, None),
+        },
+        None => match hostport.split_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (hostport, None),
+        },
+    };
+    let host = host.trim_end_matches('.').to_ascii_lowercase();
+    if host.is_empty() {
+        return String::new();
+    }
+    let default_port = match transport.as_str() {
+        "ssh" | "libssh" => "22",
+        "tls" => "16514",
+        "tcp" => "16509",
+        _ => "",
+    };
+    let port = port.filter(|p| !p.is_empty()).map(|p| p.trim_start_matches('0')).unwrap_or(default_port);
+    format!("{host}:{port}")
 }
 
 /// Two bind addresses of one host overlap when they are equal or either is a wildcard.
@@ -172,23 +200,33 @@ pub struct Member {
     own_box: bool,
     own_provision: bool,
     own_libvirt: bool,
+    /// Machine keys whose value comes from `[defaults]` (for positions in messages).
+    from_defaults: Vec<&'static str>,
 }
 
 impl Member {
     /// Where the machine's tables are in the file, for positions in messages.
-    pub(super) fn remap(&self) -> Vec<(String, Vec<String>)> {
+    pub(super) fn remap(&self) -> Vec<(Vec<String>, Vec<String>)> {
         let at = |rest: &[&str]| -> Vec<String> {
             ["machine", &self.index.to_string()].iter().chain(rest).map(|s| s.to_string()).collect()
         };
-        let mut v = vec![("machine".to_string(), at(&[])), ("forward".to_string(), at(&["forward"]))];
+        let key = |path: &[&str]| -> Vec<String> { path.iter().map(|s| s.to_string()).collect() };
+        let mut v = vec![
+            (key(&["machine"]), at(&[])),
+            (key(&["forward"]), at(&["forward"])),
+            (key(&["ssh", "host_port"]), at(&["ssh_port"])),
+        ];
+        for k in &self.from_defaults {
+            v.push((key(&["machine", k]), key(&["defaults", k])));
+        }
         if self.own_box {
-            v.push(("box".into(), at(&["box"])));
+            v.push((key(&["box"]), at(&["box"])));
         }
         if self.own_provision {
-            v.push(("provision".into(), at(&["provision"])));
+            v.push((key(&["provision"]), at(&["provision"])));
         }
         if self.own_libvirt {
-            v.push(("libvirt".into(), at(&["libvirt"])));
+            v.push((key(&["libvirt"]), at(&["libvirt"])));
         }
         v
     }
@@ -318,6 +356,29 @@ impl Subnet {
 /// The subnet QEMU user networking and VirtualBox NAT give the first NIC: the private network must not overlap.
 const NAT_SUBNET: Subnet = Subnet { addr: Ipv4Addr::new(10, 0, 2, 0), prefix: 24 };
 
+/// Ranges no private network can use (RFC 6890), with what they are.
+const RESERVED: &[(Subnet, &str)] = &[
+    (
+        Subnet { addr: Ipv4Addr::new(0, 0, 0, 0), prefix: 8 },
+        "0.0.0.0/8, \"this network\" (never a host's address)",
+    ),
+    (
+        Subnet { addr: Ipv4Addr::new(127, 0, 0, 0), prefix: 8 },
+        "127.0.0.0/8, the loopback range (every machine's own)",
+    ),
+    (Subnet { addr: Ipv4Addr::new(169, 254, 0, 0), prefix: 16 }, "169.254.0.0/16, the link-local range"),
+    (Subnet { addr: Ipv4Addr::new(224, 0, 0, 0), prefix: 4 }, "224.0.0.0/4, the multicast range"),
+    (
+        Subnet { addr: Ipv4Addr::new(240, 0, 0, 0), prefix: 4 },
+        "240.0.0.0/4, the reserved range (with the broadcast address 255.255.255.255)",
+    ),
+];
+
+/// The hint of every subnet refusal.
+pub(crate) const SUBNET_HINT: &str =
+    "pick a range of 10.0.0.0/8, 172.16.0.0/12 or 192.168.0.0/16 that no network of the host uses, e.g. \
+     \"10.77.0.0/24\"";
+
 fn err(src: &Source, path: &[&str], msg: String, hint: &str) -> Diagnostic {
     src.at_path(path, msg).with_hint(hint)
 }
@@ -346,7 +407,21 @@ fn expand(path: &Path, bytes: &[u8]) -> anyhow::Result<Vec<Config>> {
             "set `ssh_port` in each [[machine]] that needs a fixed one; without it a free port is picked",
         ));
     }
+    let reserved = |s: &Subnet| RESERVED.iter().find(|(r, _)| r.overlaps(s)).map(|(_, what)| *what);
     let subnet = match Subnet::parse(&pf.network.subnet) {
+        Ok(s) if reserved(&s).is_some() => {
+            errors.push(err(
+                &src,
+                &["network", "subnet"],
+                format!(
+                    "subnet {} in [network] overlaps {}: the machines cannot have addresses there",
+                    pf.network.subnet,
+                    reserved(&s).unwrap_or_default()
+                ),
+                SUBNET_HINT,
+            ));
+            None
+        }
         Ok(s) if s.overlaps(&NAT_SUBNET) => {
             errors.push(err(
                 &src,
@@ -427,6 +502,36 @@ fn expand(path: &Path, bytes: &[u8]) -> anyhow::Result<Vec<Config>> {
                     &["machine", &idx, "profiles", &j.to_string()],
                     format!("profile \"{}\" is not a compose profile name", shown(p)),
                     "start with a letter or digit, then letters, digits, '_', '.' or '-'",
+                ));
+            }
+        }
+        if let Some(h) = &e.hostname {
+            let line_of =
+                |j: usize, key: &str| src.at_path(&["machine", &j.to_string(), key], "").line.unwrap_or(0);
+            let named = pf.machine.iter().position(|o| &o.name == h).filter(|&j| j != i);
+            let hosted = pf.machine[..i].iter().position(|o| o.hostname.as_ref() == Some(h));
+            let clash = match (named, hosted) {
+                (Some(j), _) => Some(format!(
+                    "hostname \"{}\" is the name of machine \"{}\" (line {})",
+                    shown(h),
+                    shown(&pf.machine[j].name),
+                    line_of(j, "name")
+                )),
+                (None, Some(j)) => Some(format!(
+                    "hostname \"{}\" is already the hostname of machine \"{}\" (line {})",
+                    shown(h),
+                    shown(&pf.machine[j].name),
+                    line_of(j, "hostname")
+                )),
+                (None, None) => None,
+            };
+            if let Some(msg) = clash {
+                errors.push(err(
+                    &src,
+                    &["machine", &idx, "hostname"],
+                    msg,
+                    "every machine's name and hostname must reach only that machine (/etc/hosts of every guest \
+                     lists them): give it a hostname of its own, or remove `hostname` to use its name",
                 ));
             }
         }
@@ -640,6 +745,17 @@ fn expand(path: &Path, bytes: &[u8]) -> anyhow::Result<Vec<Config>> {
                 own_box: e.base_box.is_some(),
                 own_provision: e.provision.is_some(),
                 own_libvirt: e.libvirt.is_some(),
+                from_defaults: [
+                    ("provider", e.provider.is_none() && d.provider.is_some()),
+                    ("cpus", e.cpus.is_none() && d.cpus.is_some()),
+                    ("memory_mb", e.memory_mb.is_none() && d.memory_mb.is_some()),
+                    ("disk_gb", e.disk_gb.is_none() && d.disk_gb.is_some()),
+                    ("accel", e.accel.is_none() && d.accel.is_some()),
+                    ("cache_lab", e.cache_lab.is_none() && d.cache_lab.is_some()),
+                ]
+                .into_iter()
+                .filter_map(|(k, inherited)| inherited.then_some(k))
+                .collect(),
             }),
         };
         let local = check::local(&cfg, &cfg.source());
@@ -670,5 +786,15 @@ mod tests {
         assert!(Subnet::parse("10.77.0.0/31").is_err());
         assert!(Subnet::parse("10.77.0.0").is_err());
         assert!(Subnet::parse("10.0.0.0/8").unwrap().overlaps(&NAT_SUBNET));
+    }
+
+    #[test]
+    fn one_host_spelt_two_ways_is_one_host() {
+        assert_eq!(libvirt_host("qemu+ssh://h/system"), libvirt_host("qemu+ssh://root@H:22/system"));
+        assert_eq!(libvirt_host("qemu+ssh://h./system?keyfile=/k"), "h:22");
+        assert_eq!(libvirt_host("qemu+libssh://u@[::1]/system"), "::1:22");
+        assert_ne!(libvirt_host("qemu+ssh://h/system"), libvirt_host("qemu+ssh://h:2222/system"));
+        assert_eq!(libvirt_host("qemu:///system"), "");
+        assert_eq!(libvirt_host("qemu+unix:///system"), "");
     }
 }
