@@ -70,6 +70,10 @@ pub struct Report {
     pub services: Vec<ServiceHealth>,
     /// Prometheus' active targets (None when Prometheus could not be asked).
     pub targets: Option<Vec<Target>>,
+    /// Targets on other machines of a multi-machine `up` that were still coming up: not judged in this round
+    /// (the run judges them in its final round, once every machine is up).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub deferred: Vec<Target>,
 }
 
 /// Parse `docker inspect` output (a JSON array) into state per compose service. Pure.
@@ -117,6 +121,15 @@ pub fn parse_targets(json_text: &str) -> Result<Vec<Target>> {
 /// Whether a target scrapes this service (job named like it, or its instance host is the service name).
 fn target_of(t: &Target, service: &str) -> bool {
     t.job == service || t.instance.split(':').next() == Some(service)
+}
+
+/// Split Prometheus' targets into the ones judged now and the ones on `deferred_hosts` (names, host names and
+/// addresses of machines still coming up in this run). Pure.
+pub fn split_deferred(targets: Vec<Target>, deferred_hosts: &[String]) -> (Vec<Target>, Vec<Target>) {
+    targets.into_iter().partition(|t| {
+        let host = t.instance.rsplit_once(':').map_or(t.instance.as_str(), |(h, _)| h);
+        !deferred_hosts.iter().any(|d| d == host)
+    })
 }
 
 /// What the guest said about containers: `None` = could not ask; `Some(map)` = the answer.
@@ -328,8 +341,15 @@ pub fn containers(ssh: &Session, project: &str) -> Result<BTreeMap<String, Conta
     parse_inspect(&out)
 }
 
-/// One round of every check.
-pub fn gather(cfg: &Config, ssh: Option<&Session>, available: &[String], unavailable: &[String]) -> Report {
+/// One round of every check, leaving out of the verdict Prometheus' targets on `deferred_hosts` (see
+/// [`split_deferred`]; empty: every target is judged).
+pub fn gather(
+    cfg: &Config,
+    ssh: Option<&Session>,
+    available: &[String],
+    unavailable: &[String],
+    deferred_hosts: &[String],
+) -> Report {
     let project = crate::guest::compose::project_name(&cfg.machine.name);
     let containers: Containers = ssh.and_then(|s| containers(s, &project).ok());
     let probes = cfg.health_probes();
@@ -339,7 +359,7 @@ pub fn gather(cfg: &Config, ssh: Option<&Session>, available: &[String], unavail
         let body = agent.get(&url).call().ok()?.into_string().ok()?;
         parse_targets(&body).ok()
     });
-    let mut services = Vec::new();
+    let mut checked = Vec::new();
     for name in available.iter().chain(unavailable) {
         let is_available = available.contains(name);
         let probe = probes.get(name);
@@ -353,18 +373,74 @@ pub fn gather(cfg: &Config, ssh: Option<&Session>, available: &[String], unavail
             },
         });
         let expect = probe.map(|p| p.expect_status).unwrap_or(200);
-        services.push(judge(
-            name,
-            is_available,
-            &containers,
-            result.as_ref(),
-            expect,
-            targets.as_deref(),
-            unavailable,
-        ));
+        checked.push(Checked { service: name.clone(), available: is_available, probe: result, expect });
+    }
+    assemble(&checked, &containers, targets, unavailable, deferred_hosts)
+}
+
+/// What one round found for one service before it is judged.
+#[derive(Debug, Clone)]
+pub struct Checked {
+    pub service: String,
+    pub available: bool,
+    pub probe: Option<ProbeResult>,
+    pub expect: u16,
+}
+
+/// The report of one round: every service judged, Prometheus' targets on `deferred_hosts` left out of the
+/// verdict (and listed as deferred). Pure.
+pub fn assemble(
+    checked: &[Checked],
+    containers: &Containers,
+    targets: Option<Vec<Target>>,
+    unavailable: &[String],
+    deferred_hosts: &[String],
+) -> Report {
+    let (targets, deferred) = match targets {
+        Some(ts) => {
+            let (judged, deferred) = split_deferred(ts, deferred_hosts);
+            (Some(judged), deferred)
+        }
+        None => (None, Vec::new()),
+    };
+    let mut services: Vec<ServiceHealth> = checked
+        .iter()
+        .map(|c| {
+            judge(
+                &c.service,
+                c.available,
+                containers,
+                c.probe.as_ref(),
+                c.expect,
+                targets.as_deref(),
+                unavailable,
+            )
+        })
+        .collect();
+    if !deferred.is_empty() {
+        if let Some(s) = services.iter_mut().find(|s| s.service == "prometheus") {
+            let mut hosts: Vec<&str> = Vec::new();
+            for t in &deferred {
+                let host = t.instance.rsplit_once(':').map_or(t.instance.as_str(), |(h, _)| h);
+                if !hosts.contains(&host) {
+                    hosts.push(host);
+                }
+            }
+            let note = format!(
+                "{} target(s) on {} judged once every machine is up",
+                deferred.len(),
+                hosts.join(", ")
+            );
+            s.detail = if s.detail.is_empty() { note } else { format!("{}; {note}", s.detail) };
+        }
     }
     let healthy = services.iter().all(|s| s.verdict != Verdict::Unhealthy);
-    Report { healthy, services, targets }
+    // Shown with every target; the verdict above left the deferred ones out.
+    let targets = targets.map(|mut ts| {
+        ts.extend(deferred.iter().cloned());
+        ts
+    });
+    Report { healthy, services, targets, deferred }
 }
 
 /// Probe everything; print the table; Ok(true) when every available service is healthy.
@@ -382,10 +458,24 @@ pub fn check_services(
     available: &[String],
     unavailable: &[String],
 ) -> Result<bool> {
+    Ok(check_deferring(cfg, ssh, ui, timeout, available, unavailable, &[])?.healthy)
+}
+
+/// [`check_services`] leaving Prometheus' targets on `deferred_hosts` out of the verdict (a multi-machine `up`
+/// while those machines are still coming up); the last round's report.
+pub fn check_deferring(
+    cfg: &Config,
+    ssh: Option<&Session>,
+    ui: &Ui,
+    timeout: Duration,
+    available: &[String],
+    unavailable: &[String],
+    deferred_hosts: &[String],
+) -> Result<Report> {
     let phase = ui.phase("health");
     let mut last = None;
     let healthy = crate::process::wait_until(timeout, "every lab service healthy", || {
-        let r = gather(cfg, ssh, available, unavailable);
+        let r = gather(cfg, ssh, available, unavailable, deferred_hosts);
         let bad: Vec<&str> = r
             .services
             .iter()
@@ -426,7 +516,7 @@ pub fn check_services(
         }
         print!("{}", render_table(&report));
     }
-    Ok(report.healthy)
+    Ok(report)
 }
 
 #[cfg(test)]
@@ -481,7 +571,7 @@ mod tests {
             judge("grafana", false, &containers, None, 200, Some(&targets), &unavailable),
         ];
         let healthy = services.iter().all(|s| s.verdict != Verdict::Unhealthy);
-        Report { healthy, services, targets: Some(targets) }
+        Report { healthy, services, targets: Some(targets), deferred: Vec::new() }
     }
 
     #[test]

@@ -436,3 +436,56 @@ fn a_held_lock_names_its_pid_or_says_how_to_find_the_holder() {
         )
     );
 }
+
+/// scripts/up's install step (scripts/install), run for real into a fake prefix: the binary lands in PREFIX/bin,
+/// a shell with that on PATH runs `provisioner` from any directory, and the message names the command to type
+/// (the bare name when PATH finds it, the full path when it does not). scripts/up runs this step after its build.
+#[test]
+fn the_install_step_puts_provisioner_on_path() {
+    let t = Test::new();
+    let prefix = t.path().join("prefix");
+    let install = |path: &str, bin: &std::path::Path| {
+        std::process::Command::new("bash")
+            .arg(crate::support::repo().join("scripts/install"))
+            .arg(bin)
+            .env("PREFIX", &prefix)
+            .env("PATH", path)
+            .output()
+            .unwrap()
+    };
+    let on_path = format!("{}:/usr/bin:/bin", prefix.join("bin").display());
+    let out = install(&on_path, &crate::support::bin());
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    let dest = prefix.join("bin/provisioner");
+    assert_eq!(text.trim_end(), format!("installed {}: type `provisioner`", dest.display()));
+    assert_eq!(std::fs::read(&dest).unwrap(), std::fs::read(crate::support::bin()).unwrap(), "a copy of the build");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&dest).unwrap().permissions().mode() & 0o777, 0o755);
+    // The next step of the README, as a user's shell runs it: found by name, from another directory.
+    let v = std::process::Command::new("sh")
+        .args(["-c", "provisioner --version"])
+        .current_dir(t.path())
+        .env("PATH", &on_path)
+        .output()
+        .unwrap();
+    assert!(v.status.success() && String::from_utf8_lossy(&v.stdout).starts_with("provisioner "), "{v:?}");
+
+    // Installed again (an update) with the prefix not on PATH: the message gives the full path to type.
+    let out = install("/usr/bin:/bin", &crate::support::bin());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains(&format!("type `{}`", dest.display())), "{text}");
+
+    // Nothing built: an error that says what to do, nothing installed over the good copy.
+    let out = install(&on_path, &t.path().join("missing"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("hint: build it first"), "{err}");
+    assert_eq!(std::fs::read(&dest).unwrap(), std::fs::read(crate::support::bin()).unwrap());
+
+    // scripts/up runs this step right after its release build, and runs `up` from the installed binary.
+    let up = std::fs::read_to_string(crate::support::repo().join("scripts/up")).unwrap();
+    let build = up.find("cargo build --release --locked").unwrap();
+    let step = up.find("bash scripts/install target/release/provisioner").expect("scripts/up installs");
+    assert!(build < step && up[step..].contains("\"$dest\" up \"$@\""), "{up}");
+}

@@ -254,10 +254,6 @@ fn vm_cluster_up_health_private_network_verify_destroy() {
     }
     drop(held);
     cfg.push_str("\n[ssh]\nconnect_timeout_secs = 1500\n\n[libvirt]\nuri = \"qemu:///session\"\n");
-    // No cached-lab capture after the healthy `up` (three memory saves and disk copies): not what this test is
-    // about, and CI time is short.
-    assert!(cfg.contains("[defaults]\n"));
-    cfg = cfg.replace("[defaults]\n", "[defaults]\ncache_lab = false\n");
     t.write("box-config.toml", &cfg);
     let run = |args: &[&str]| Test::new().cwd(t.path()).args(args.iter().copied()).run();
     let ours = || -> Vec<String> {
@@ -281,10 +277,24 @@ fn vm_cluster_up_health_private_network_verify_destroy() {
     }
     let _cleanup = Cleanup(t.path());
 
+    // `up` as docs/multi-machine.md says: the default parallelism (two machines at once on a 2-core host), so
+    // the monitor's Prometheus is up while app2 is still being provisioned; its targets there are judged in the
+    // final round, and every machine's lab is cached.
     let started = std::time::Instant::now();
-    let up = run(&["--json", "up", "--parallel", "3"]);
+    let up = run(&["--json", "up"]);
     let out = up.stdout();
     eprintln!("cluster up: {:.0} s", started.elapsed().as_secs_f64());
+    let saved = events(&out, "lab_saved");
+    // The cached labs belong to this temp project: removed at the end, whatever happens.
+    struct DropLabs(Vec<String>);
+    impl Drop for DropLabs {
+        fn drop(&mut self) {
+            for key in &self.0 {
+                let _ = Test::new().args(["box", "remove", key]).run();
+            }
+        }
+    }
+    let _labs = DropLabs(saved.iter().filter_map(|e| e["key"].as_str().map(str::to_string)).collect());
     let done = events(&out, "machine_done");
     assert_eq!(done.len(), 3, "{out}\n{}", up.stderr());
     assert!(
@@ -294,7 +304,27 @@ fn vm_cluster_up_health_private_network_verify_destroy() {
         out.lines().filter(|l| l.contains("\"services\"")).collect::<Vec<_>>(),
         up.stderr()
     );
+    let up = up.success();
     assert_eq!(ours().len(), 3);
+    let cached: Vec<&str> = saved.iter().filter_map(|e| e["machine"].as_str()).collect();
+    let mut sorted = cached.clone();
+    sorted.sort_unstable();
+    assert_eq!(
+        sorted,
+        ["app1", "app2", "monitor"],
+        "every machine's lab cached: {cached:?}\n{}",
+        up.stderr()
+    );
+    let cores = std::thread::available_parallelism().unwrap().get();
+    let par = events(&out, "parallel");
+    assert_eq!(par[0]["parallel"], 3.min(cores).max(2), "the default parallelism: {par:?}");
+    // The monitor's own round left its targets on the app machines to the final round, which judged them.
+    let monitor: Vec<serde_json::Value> =
+        events(&out, "health").into_iter().filter(|d| d["machine"] == "monitor").collect();
+    assert_eq!(monitor.len(), 2, "its own round, then the final one: {monitor:?}");
+    let deferred = monitor[0]["deferred"].to_string();
+    assert!(deferred.contains("app2:9100"), "{deferred}");
+    assert!(monitor[1]["deferred"].is_null() && monitor[1]["healthy"] == true, "{:?}", monitor[1]);
 
     // Every service of every machine, and the monitor's Prometheus sees the app machines up.
     let health = run(&["--json", "health"]).success().stdout();

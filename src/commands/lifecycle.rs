@@ -332,19 +332,60 @@ fn up_locked(ctx: &Ctx, m: &Machine, p: &dyn Provider, args: &UpArgs) -> Result<
     } else {
         crate::guest::provision(&m.cfg, &session, render, ui, false, host_build)?;
     }
-    let healthy = crate::health::check_services(
+    // In a multi-machine `up`, what lives on the machines still coming up is judged in the run's final round.
+    let coming_up = ctx.round.as_ref().map(|r| r.hosts_coming_up(&m.cfg)).unwrap_or_default();
+    let report = crate::health::check_deferring(
         &m.cfg,
         Some(&session),
         ui,
         super::provision::HEALTH_TIMEOUT,
         &available,
         &unavailable,
+        &coming_up,
     )?;
-    if let Some(cache) = lab.as_ref().filter(|l| healthy && !l.restored) {
+    let healthy = report.healthy;
+    let deferred = !report.deferred.is_empty();
+    let cache = lab.as_ref().filter(|l| healthy && !l.restored);
+    if let (Some(round), true) = (&ctx.round, healthy) {
+        round.record(super::multi::Judged {
+            machine: m.cfg.machine.name.clone(),
+            deferred,
+            // Cached only once the final round has judged it whole.
+            capture: cache.filter(|_| deferred).map(|c| (c.clone(), box_id.map(str::to_string))),
+        });
+    }
+    if let Some(cache) = cache.filter(|_| !deferred) {
         super::lab::capture(&m.cfg, p, &m.vm_name, &m.state, box_id, cache, ui);
     }
     report_counts(ui);
     Ok(if healthy { crate::exit::OK } else { crate::exit::UNHEALTHY })
+}
+
+/// The final health round of a multi-machine `up` for one machine ([`super::multi::Round`]): every service
+/// judged with every Prometheus target (the other machines are up now), then the lab capture that waited for this
+/// verdict. The machine's lock is taken again (its `up` released it).
+pub(super) fn final_health(ctx: &Ctx, capture: Option<&(super::lab::Plan, Option<String>)>) -> Result<i32> {
+    let m = Machine::load(ctx)?;
+    let _lock = MachineLock::acquire(&m.state, "up")?;
+    let session = super::provision::connect(&m.cfg, &m.state, Duration::from_secs(60))?;
+    let (available, unavailable) = crate::health::services(&m.cfg);
+    let report = crate::health::check_deferring(
+        &m.cfg,
+        Some(&session),
+        &ctx.ui,
+        super::provision::HEALTH_TIMEOUT,
+        &available,
+        &unavailable,
+        &[],
+    )?;
+    if !report.healthy {
+        return Ok(crate::exit::UNHEALTHY);
+    }
+    if let Some((plan, box_id)) = capture {
+        let p = provider::select(&m.cfg)?;
+        super::lab::capture(&m.cfg, p.as_ref(), &m.vm_name, &m.state, box_id.as_deref(), plan, &ctx.ui);
+    }
+    Ok(crate::exit::OK)
 }
 
 /// With `--json`: how many times this run rendered the provision tree and read state.json (once each).

@@ -26,6 +26,8 @@ pub struct Ctx {
     pub ui: Ui,
     /// The machine this command acts on when it is one of a `[[machine]]` file (validated with the project).
     pub member: Option<Config>,
+    /// The multi-machine `up`/`reload` this machine is brought up in, with other machines at once.
+    pub round: Option<std::sync::Arc<multi::Round>>,
 }
 
 impl Ctx {
@@ -43,6 +45,7 @@ impl Ctx {
             global: self.global.clone(),
             ui: self.ui.for_machine(&cfg.machine.name, bars),
             member: Some(cfg.clone()),
+            round: self.round.clone(),
         }
     }
     pub fn state(&self, cfg: &Config) -> StateDir {
@@ -52,7 +55,8 @@ impl Ctx {
 
 /// Run a parsed command; the returned value is the process exit code.
 pub fn dispatch(cli: Cli) -> Result<i32> {
-    let ctx = Ctx { ui: Ui::new(cli.global.json, cli.global.quiet), global: cli.global, member: None };
+    let ctx =
+        Ctx { ui: Ui::new(cli.global.json, cli.global.quiet), global: cli.global, member: None, round: None };
     let one = |name: &Option<String>, f: &dyn Fn(&Ctx) -> Result<i32>| multi::one(&ctx, name.as_deref(), f);
     match cli.command {
         Command::Up(a) => multi::parallel(&ctx, &a.machines, a.parallel, "up", &|c| lifecycle::up(c, &a)),

@@ -5,7 +5,7 @@
 //!
 //! A file with one `[machine]` table goes straight to the single-machine command, as before.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
@@ -76,11 +76,115 @@ struct Outcome {
     took: Duration,
 }
 
+/// A multi-machine `up` (or `reload`) of several machines at once. A machine's own health round cannot judge
+/// what lives on the others while they are still being provisioned (the monitor's Prometheus scraping the app
+/// machines), so it leaves Prometheus' targets on them out of its verdict ([`Round::hosts_coming_up`]) and
+/// records itself here; once every machine's run has ended, [`final_round`] judges the whole project and takes
+/// the lab captures that waited for that judgement.
+pub struct Round {
+    /// The machines this run brings up.
+    machines: Vec<String>,
+    judged: Mutex<Vec<Judged>>,
+}
+
+/// A machine whose own health round ended healthy in a [`Round`].
+pub struct Judged {
+    pub machine: String,
+    /// Whether targets on other machines of the run were left out of its verdict.
+    pub deferred: bool,
+    /// The lab capture (cache plan, box id) left for the final round, as its judgement was not final.
+    pub capture: Option<(super::lab::Plan, Option<String>)>,
+}
+
+impl Round {
+    pub fn new(machines: Vec<String>) -> Self {
+        Round { machines, judged: Mutex::new(Vec::new()) }
+    }
+
+    /// How Prometheus' targets may name the other machines of this run: name, host name, private address. Pure.
+    pub fn hosts_coming_up(&self, cfg: &Config) -> Vec<String> {
+        let Some(member) = &cfg.member else { return Vec::new() };
+        let mut hosts = Vec::new();
+        for peer in
+            member.peers.iter().filter(|p| p.name != cfg.machine.name && self.machines.contains(&p.name))
+        {
+            for h in [peer.name.clone(), peer.hostname.clone(), peer.ip.to_string()] {
+                if !hosts.contains(&h) {
+                    hosts.push(h);
+                }
+            }
+        }
+        hosts
+    }
+
+    pub fn record(&self, j: Judged) {
+        self.judged.lock().expect("judged").push(j);
+    }
+}
+
+/// The machines the final round judges: none when no machine left anything out of its own verdict (every
+/// verdict is final); else every machine whose own round ended healthy and whose run ended ok. Pure.
+fn final_judgement(judged: &[Judged], ok: &dyn Fn(&str) -> bool) -> Vec<String> {
+    if !judged.iter().any(|j| j.deferred) {
+        return Vec::new();
+    }
+    judged.iter().filter(|j| ok(&j.machine)).map(|j| j.machine.clone()).collect()
+}
+
+/// The last health round of a [`Round`], once every machine's run has ended: every machine of [`final_judgement`]
+/// judged with every target (in parallel, each with the usual deadline), then the captures that waited for it.
+/// A machine's outcome becomes that verdict.
+fn final_round(ctx: &Ctx, p: &Project, round: &Round, outcomes: &mut [Outcome]) {
+    let judged = std::mem::take(&mut *round.judged.lock().expect("judged"));
+    let ok = |name: &str| outcomes.iter().any(|o| o.machine == name && matches!(o.result, Ok(0)));
+    let names = final_judgement(&judged, &ok);
+    if names.is_empty() || crate::process::interrupted().is_some() {
+        return;
+    }
+    ctx.ui.info(format!(
+        "every machine is up: final health round over {} (targets on other machines included)",
+        names.join(", ")
+    ));
+    let results: Vec<(String, Result<i32>, Duration)> = std::thread::scope(|s| {
+        let handles: Vec<_> = judged
+            .iter()
+            .filter(|j| names.contains(&j.machine))
+            .filter_map(|j| p.machines.iter().find(|c| c.machine.name == j.machine).map(|cfg| (j, cfg)))
+            .map(|(j, cfg)| {
+                s.spawn(move || {
+                    let mctx = ctx.for_machine(cfg, None);
+                    let start = Instant::now();
+                    let result = super::lifecycle::final_health(&mctx, j.capture.as_ref());
+                    if let Err(e) = &result {
+                        mctx.ui.warn(format!("final health round failed: {e:#}"));
+                    }
+                    (j.machine.clone(), result, start.elapsed())
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join().unwrap_or_else(|_| (String::new(), Err(anyhow::anyhow!("panicked")), Duration::ZERO))
+            })
+            .collect()
+    });
+    for (machine, result, took) in results {
+        if let Some(o) = outcomes.iter_mut().find(|o| o.machine == machine) {
+            o.result = result;
+            o.took += took;
+        }
+    }
+}
+
 /// The selected machines concurrently, at most `parallel` at once; one failing does not stop the others. Ends
-/// with a summary table (machine, result, time); the error names every machine that failed.
+/// with a summary table (machine, result, time); the error names every machine that failed. An `up` or
+/// `reload` of several machines ends with a final health round over them ([`Round`]).
 pub fn parallel(ctx: &Ctx, names: &[String], parallel: Option<u32>, what: &str, f: Body) -> Result<i32> {
     let Some(p) = multi_project(ctx, names)? else { return f(ctx) };
     let selected = p.select(names)?;
+    let round = (matches!(what, "up" | "reload") && selected.len() > 1)
+        .then(|| Arc::new(Round::new(selected.iter().map(|c| c.machine.name.clone()).collect())));
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
     let width = parallel.map(|n| n as usize).unwrap_or_else(|| default_parallel(selected.len(), cores));
     ctx.ui.event(
@@ -98,17 +202,16 @@ pub fn parallel(ctx: &Ctx, names: &[String], parallel: Option<u32>, what: &str, 
                     return;
                 }
                 let Some(cfg) = queue.lock().expect("queue").pop_front() else { return };
-                let mctx = ctx.for_machine(cfg, bars.as_ref());
+                let mut mctx = ctx.for_machine(cfg, bars.as_ref());
+                mctx.round = round.clone();
                 let start = Instant::now();
                 let result = f(&mctx);
                 if let Err(e) = &result {
                     mctx.ui.warn(format!("{what} failed: {e:#}"));
                 }
-                mctx.ui.event(
-                    "machine_done",
-                    json!({"command": what, "ok": matches!(result, Ok(0)), "exit_code": exit_of(&result),
-                           "seconds": start.elapsed().as_secs_f64()}),
-                );
+                if round.is_none() {
+                    machine_done(&mctx, what, &result, start.elapsed());
+                }
                 outcomes.lock().expect("outcomes").push(Outcome {
                     machine: cfg.machine.name.clone(),
                     result,
@@ -125,6 +228,15 @@ pub fn parallel(ctx: &Ctx, names: &[String], parallel: Option<u32>, what: &str, 
     outcomes.sort_by_key(|o| p.names().iter().position(|n| *n == o.machine));
     if let Some(b) = &bars {
         let _ = b.clear();
+    }
+    if let Some(round) = &round {
+        final_round(ctx, &p, round, &mut outcomes);
+        // Each machine's result is known only now.
+        for o in outcomes.iter().filter(|o| o.took > Duration::ZERO) {
+            if let Some(cfg) = p.machines.iter().find(|c| c.machine.name == o.machine) {
+                machine_done(&ctx.for_machine(cfg, None), what, &o.result, o.took);
+            }
+        }
     }
     if !ctx.ui.json() {
         eprint!("{}", summary_table(&outcomes));
@@ -152,6 +264,15 @@ pub fn parallel(ctx: &Ctx, names: &[String], parallel: Option<u32>, what: &str, 
         ctx.ui.warn(format!("{what}: not healthy on {}", bad.join(", ")));
     }
     Ok(worst)
+}
+
+/// The `machine_done` event of one machine.
+fn machine_done(mctx: &Ctx, what: &str, result: &Result<i32>, took: Duration) {
+    mctx.ui.event(
+        "machine_done",
+        json!({"command": what, "ok": matches!(result, Ok(0)), "exit_code": exit_of(result),
+               "seconds": took.as_secs_f64()}),
+    );
 }
 
 fn exit_of(r: &Result<i32>) -> i32 {
@@ -318,6 +439,89 @@ mod tests {
         assert_eq!(default_parallel(3, 8), 3);
         assert_eq!(default_parallel(1, 8), 2);
         assert_eq!(default_parallel(5, 1), 2);
+    }
+
+    fn cluster() -> Project {
+        Project::load(
+            &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/cluster/box-config.toml"),
+        )
+        .unwrap()
+    }
+
+    fn target(instance: &str, health: &str) -> crate::health::Target {
+        crate::health::Target {
+            job: "node-exporter".into(),
+            instance: instance.into(),
+            health: health.into(),
+            last_error: if health == "up" { String::new() } else { "connection refused".into() },
+        }
+    }
+
+    /// The monitor's Prometheus, answering, with app2's node exporter still down.
+    fn monitor_round(deferred_hosts: &[String]) -> crate::health::Report {
+        let checked = [crate::health::Checked {
+            service: "prometheus".into(),
+            available: true,
+            probe: Some(crate::health::ProbeResult {
+                url: "http://127.0.0.1:19090/-/ready".into(),
+                status: Some(200),
+                latency_ms: Some(3),
+                error: None,
+            }),
+            expect: 200,
+        }];
+        let running = crate::health::ContainerState { status: "running".into(), health: None, restarts: 0 };
+        let containers = Some(std::collections::BTreeMap::from([("prometheus".to_string(), running)]));
+        let targets =
+            vec![target("localhost:9090", "up"), target("app1:9100", "up"), target("app2:9100", "down")];
+        crate::health::assemble(&checked, &containers, Some(targets), &[], deferred_hosts)
+    }
+
+    #[test]
+    fn a_target_on_a_machine_still_coming_up_is_judged_in_the_final_round() {
+        let p = cluster();
+        let monitor = p.one(Some("monitor")).unwrap();
+        let round = Round::new(p.names().iter().map(|n| n.to_string()).collect());
+        // The other machines of the run, as Prometheus' targets may name them; never the machine itself.
+        let hosts = round.hosts_coming_up(monitor);
+        assert_eq!(hosts, ["app1", "10.77.0.11", "app2", "10.77.0.12"]);
+
+        // The monitor's own round: app2 is still being provisioned; its target does not fail the monitor.
+        let own = monitor_round(&hosts);
+        assert!(own.healthy, "{own:?}");
+        assert_eq!(own.deferred.len(), 2);
+        assert_eq!(
+            own.services[0].detail,
+            "targets 1/1 up; 2 target(s) on app1, app2 judged once every machine is up"
+        );
+        assert_eq!(own.targets.as_ref().unwrap().len(), 3, "every target is still shown");
+
+        // The final round judges every target: app2's down target fails it, by name.
+        let last = monitor_round(&[]);
+        assert!(!last.healthy);
+        assert!(last.deferred.is_empty());
+        assert!(
+            last.services[0].detail.contains("target node-exporter down (connection refused)"),
+            "{last:?}"
+        );
+
+        // A run of the monitor alone defers nothing: the app machines are not coming up in it.
+        let alone = Round::new(vec!["monitor".into()]);
+        assert!(alone.hosts_coming_up(monitor).is_empty());
+        assert!(!monitor_round(&alone.hosts_coming_up(monitor)).healthy);
+    }
+
+    #[test]
+    fn the_final_round_judges_every_healthy_machine_once_one_deferred() {
+        let j = |m: &str, deferred: bool| Judged { machine: m.into(), deferred, capture: None };
+        let all_ok = |_: &str| true;
+        // Nothing left out anywhere: every verdict is final, no final round.
+        assert!(final_judgement(&[j("monitor", false), j("app1", false)], &all_ok).is_empty());
+        // The monitor deferred: the whole project is judged again (app1 was stopped for its capture since).
+        assert_eq!(final_judgement(&[j("monitor", true), j("app1", false)], &all_ok), ["monitor", "app1"]);
+        // A machine whose run failed afterwards (or was unhealthy) is not judged again.
+        let not_app1 = |m: &str| m != "app1";
+        assert_eq!(final_judgement(&[j("monitor", true), j("app1", false)], &not_app1), ["monitor"]);
     }
 
     #[test]
