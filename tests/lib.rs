@@ -6,6 +6,7 @@
 
 mod support;
 
+mod architecture;
 mod boxes;
 mod cli;
 mod config;
