@@ -223,7 +223,7 @@ pub struct ProvisionConfig {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ImageSource {
-    /// Pinned official images from a registry; `docker compose build demo-app`.
+    /// Pinned official images from a registry; `docker compose build` for the services the tree builds.
     Registry,
     /// Images built from a Debian mirror (for places where only a mirror is reachable).
     #[default]

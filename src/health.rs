@@ -103,7 +103,8 @@ pub fn parse_inspect(json_text: &str) -> Result<BTreeMap<String, ContainerState>
     Ok(out)
 }
 
-/// Parse a `/api/v1/targets` answer (the Prometheus HTTP API's shape). Pure.
+/// Parse a `/api/v1/targets` answer (`data.activeTargets[]`: `labels.job`, `labels.instance`, `health`,
+/// `lastError`). Pure.
 pub fn parse_targets(json_text: &str) -> Result<Vec<Target>> {
     let v: serde_json::Value = serde_json::from_str(json_text).context("parse the scrape targets")?;
     let s = |t: &serde_json::Value, p: &str| t.pointer(p).and_then(|x| x.as_str()).unwrap_or("").to_string();

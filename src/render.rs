@@ -658,7 +658,7 @@ fn template_error(template: &str, e: handlebars::TemplateError) -> anyhow::Error
         None => template.to_string(),
     };
     anyhow!(
-        "{pos}: template syntax error: {}\nhint: a literal `{{{{` (e.g. a Prometheus or Grafana template) is written `\\{{{{` \
+        "{pos}: template syntax error: {}\nhint: a literal `{{{{` (e.g. a Go template in a shipped config file) is written `\\{{{{` \
          in a .hbs file; or keep the file without the .hbs suffix",
         shown(&e.reason().to_string())
     )

@@ -62,8 +62,8 @@ impl Lab {
 
 /// Services `up -d` starts (no compose profile, or one of the machine's `profiles`, which `up` passes as
 /// `--profile`), and those reported "unavailable offline": in `debian` mode, a profiled service that nothing can
-/// build offline (grafana, cadvisor). Other profiled services (e.g. the lab's on-demand `loadgen`, whose image
-/// another service builds) are neither.
+/// build offline (no build of its own, and no other service builds its image). Other profiled services (e.g. an
+/// on-demand one whose image another service builds) are neither.
 pub fn split_services(
     model: &ComposeModel,
     images: ImageSource,
