@@ -22,8 +22,8 @@ pub struct Profile {
     pub sample_secrets: fn() -> serde_json::Value,
 }
 
-/// A service whose health includes the scrape targets it reports (an `/api/v1/targets` answer, see
-/// [`crate::health::parse_targets`]).
+/// A service whose health includes the scrape targets it reports (an `/api/v1/targets` answer, which the health
+/// check parses).
 #[derive(Debug, Clone, Copy)]
 pub struct TargetsCheck {
     /// The service's name (its probe's port, when the file overrides it, is where the targets are asked).

@@ -373,7 +373,7 @@ fn cluster(cfg: &Config) -> serde_json::Value {
     }
 }
 
-/// Render the config's provision tree with the machine's secrets (see [`crate::profile::Profile::secrets_in`]).
+/// Render the config's provision tree with the machine's secrets (the workload profile's, from the state dir).
 pub fn render_config<S: Serialize + ?Sized>(cfg: &Config, secrets: &S) -> Result<Rendered> {
     render_layers(cfg, &cfg.template_layers(), secrets)
 }
