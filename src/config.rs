@@ -15,6 +15,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::profile::Profile;
+
 pub use check::{published_ports, render_failed, valid_machine_name, valid_unix_user, COMPOSE_FILES};
 use diag::Source;
 pub use diag::{line_col, ConfigError, Diagnostic, Warning};
@@ -221,7 +223,7 @@ pub struct ProvisionConfig {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ImageSource {
-    /// Pinned official images from a registry; `docker compose build demo-app`.
+    /// Pinned official images from a registry; `docker compose build` for the services the tree builds.
     Registry,
     /// Images built from a Debian mirror (for places where only a mirror is reachable).
     #[default]
@@ -352,8 +354,6 @@ impl Default for LibvirtConfig {
     }
 }
 
-pub use crate::lab::PROBES as LAB_PROBES;
-
 /// The directory of a config file: relative paths in it resolve from here; `.provisioner/` lives here.
 pub fn base_dir_of(config_path: &Path) -> PathBuf {
     match config_path.parent() {
@@ -363,8 +363,8 @@ pub fn base_dir_of(config_path: &Path) -> PathBuf {
 }
 
 /// Free function form of [`Config::validate_all`] for callers that prefer it.
-pub fn validate_all(cfg: &Config) -> anyhow::Result<Vec<Warning>> {
-    cfg.validate_all()
+pub fn validate_all(cfg: &Config, profile: &Profile) -> anyhow::Result<Vec<Warning>> {
+    cfg.validate_all(profile)
 }
 
 fn sorted(mut v: Vec<Diagnostic>) -> Vec<Diagnostic> {
@@ -476,19 +476,20 @@ impl Config {
     /// Every check, including cross-references against the provision tree (rendered in memory with throwaway
     /// secrets): forwarded guest ports published by the compose file, health probe ports forwarded, the provision
     /// directory present. Errors are a [`ConfigError`] (or a render error naming the template); Ok holds warnings.
-    pub fn validate_all(&self) -> anyhow::Result<Vec<Warning>> {
-        self.validate_all_with(None)
+    pub fn validate_all(&self, profile: &Profile) -> anyhow::Result<Vec<Warning>> {
+        self.validate_all_with(profile, None)
     }
 
     /// [`Config::validate_all`] with the provision tree already rendered (`up` renders it once per run, with the
     /// machine's secrets, and validates that same tree).
     pub fn validate_all_with(
         &self,
+        profile: &Profile,
         rendered: Option<&crate::render::Rendered>,
     ) -> anyhow::Result<Vec<Warning>> {
         let src = self.source();
         let mut local = check::local(self, &src);
-        let cross = check::cross(self, &src, rendered)?;
+        let cross = check::cross(self, &src, profile, rendered)?;
         local.errors.extend(cross.errors);
         local.warnings.extend(cross.warnings);
         if !local.errors.is_empty() {
@@ -497,10 +498,11 @@ impl Config {
         Ok(sorted(local.warnings))
     }
 
-    /// The lab's health probes overlaid by the file's `[health.NAME]` tables (a table replaces the default of the
-    /// same name).
-    pub fn health_probes(&self) -> BTreeMap<String, HealthProbe> {
-        let mut probes: BTreeMap<String, HealthProbe> = LAB_PROBES
+    /// The profile's health probes overlaid by the file's `[health.NAME]` tables (a table replaces the default of
+    /// the same name).
+    pub fn health_probes(&self, profile: &Profile) -> BTreeMap<String, HealthProbe> {
+        let mut probes: BTreeMap<String, HealthProbe> = profile
+            .probes
             .iter()
             .map(|(name, path, port)| {
                 let probe = HealthProbe {

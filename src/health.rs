@@ -1,5 +1,6 @@
-//! Health of every lab service: container state from the guest, an HTTP probe through the forwarded port, and
-//! Prometheus' own view of its targets. Retried until a deadline, then a table (or JSON).
+//! Health of every service of the machine's workload: container state from the guest, an HTTP probe through the
+//! forwarded port, and the scrape targets of the service that reports them (the profile's extra check, see
+//! [`crate::profile::TargetsCheck`]). Retried until a deadline, then a table (or JSON).
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -9,6 +10,7 @@ use serde::Serialize;
 use serde_json::json;
 
 use crate::config::Config;
+use crate::profile::Profile;
 use crate::ssh::shell_quote;
 use crate::ssh::Session;
 use crate::ui::Ui;
@@ -42,7 +44,7 @@ pub struct ProbeResult {
     pub error: Option<String>,
 }
 
-/// One scrape target as Prometheus sees it.
+/// One scrape target as the profile's targets service reports it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Target {
     pub job: String,
@@ -68,7 +70,7 @@ pub struct ServiceHealth {
 pub struct Report {
     pub healthy: bool,
     pub services: Vec<ServiceHealth>,
-    /// Prometheus' active targets (None when Prometheus could not be asked).
+    /// The targets service's active targets (None when it could not be asked).
     pub targets: Option<Vec<Target>>,
     /// Targets on other machines of a multi-machine `up` that were still coming up: not judged in this round
     /// (the run judges them in its final round, once every machine is up).
@@ -101,13 +103,14 @@ pub fn parse_inspect(json_text: &str) -> Result<BTreeMap<String, ContainerState>
     Ok(out)
 }
 
-/// Parse Prometheus' `/api/v1/targets` answer. Pure.
+/// Parse a `/api/v1/targets` answer (`data.activeTargets[]`: `labels.job`, `labels.instance`, `health`,
+/// `lastError`). Pure.
 pub fn parse_targets(json_text: &str) -> Result<Vec<Target>> {
-    let v: serde_json::Value = serde_json::from_str(json_text).context("parse Prometheus targets")?;
+    let v: serde_json::Value = serde_json::from_str(json_text).context("parse the scrape targets")?;
     let s = |t: &serde_json::Value, p: &str| t.pointer(p).and_then(|x| x.as_str()).unwrap_or("").to_string();
     Ok(v.pointer("/data/activeTargets")
         .and_then(|a| a.as_array())
-        .context("Prometheus answer has no data.activeTargets")?
+        .context("the targets answer has no data.activeTargets")?
         .iter()
         .map(|t| Target {
             job: s(t, "/labels/job"),
@@ -123,7 +126,7 @@ fn target_of(t: &Target, service: &str) -> bool {
     t.job == service || t.instance.split(':').next() == Some(service)
 }
 
-/// Split Prometheus' targets into the ones judged now and the ones on `deferred_hosts` (names, host names and
+/// Split the scrape targets into the ones judged now and the ones on `deferred_hosts` (names, host names and
 /// addresses of machines still coming up in this run). Pure.
 pub fn split_deferred(targets: Vec<Target>, deferred_hosts: &[String]) -> (Vec<Target>, Vec<Target>) {
     targets.into_iter().partition(|t| {
@@ -135,7 +138,8 @@ pub fn split_deferred(targets: Vec<Target>, deferred_hosts: &[String]) -> (Vec<T
 /// What the guest said about containers: `None` = could not ask; `Some(map)` = the answer.
 pub type Containers = Option<BTreeMap<String, ContainerState>>;
 
-/// Judge one service from what was gathered. Pure.
+/// Judge one service from what was gathered; the profile's targets service is judged on its targets too. Pure.
+#[allow(clippy::too_many_arguments)]
 pub fn judge(
     service: &str,
     available: bool,
@@ -144,6 +148,7 @@ pub fn judge(
     expect_status: u16,
     targets: Option<&[Target]>,
     unavailable: &[String],
+    profile: &Profile,
 ) -> ServiceHealth {
     let container = containers.as_ref().map(|m| m.get(service).cloned().unwrap_or_default());
     if !available {
@@ -178,7 +183,7 @@ pub fn judge(
     }
     let mut notes = Vec::new();
     if let Some(ts) = targets {
-        if service == "prometheus" {
+        if profile.reports_targets(service) {
             let relevant: Vec<&Target> =
                 ts.iter().filter(|t| !unavailable.iter().any(|u| target_of(t, u))).collect();
             let up = relevant.iter().filter(|t| t.health == "up").count();
@@ -323,11 +328,11 @@ pub fn forwarded_url(cfg: &Config, guest_port: u16, path: &str) -> Option<String
 
 /// Service names to report: (available, unavailable offline). From the rendered compose file when it renders,
 /// else the probe table (every entry available).
-pub fn services(cfg: &Config) -> (Vec<String>, Vec<String>) {
+pub fn services(cfg: &Config, profile: &'static Profile) -> (Vec<String>, Vec<String>) {
     let state = crate::machine::StateDir::for_config(cfg);
-    match crate::guest::Lab::render(cfg, &state) {
+    match crate::guest::Lab::render(cfg, &state, profile) {
         Ok(lab) => lab.services(cfg),
-        Err(_) => (cfg.health_probes().into_keys().collect(), Vec::new()),
+        Err(_) => (cfg.health_probes(profile).into_keys().collect(), Vec::new()),
     }
 }
 
@@ -341,10 +346,11 @@ pub fn containers(ssh: &Session, project: &str) -> Result<BTreeMap<String, Conta
     parse_inspect(&out)
 }
 
-/// One round of every check, leaving out of the verdict Prometheus' targets on `deferred_hosts` (see
+/// One round of every check, leaving out of the verdict the scrape targets on `deferred_hosts` (see
 /// [`split_deferred`]; empty: every target is judged).
 pub fn gather(
     cfg: &Config,
+    profile: &Profile,
     ssh: Option<&Session>,
     available: &[String],
     unavailable: &[String],
@@ -352,9 +358,10 @@ pub fn gather(
 ) -> Report {
     let project = crate::guest::compose::project_name(&cfg.machine.name);
     let containers: Containers = ssh.and_then(|s| containers(s, &project).ok());
-    let probes = cfg.health_probes();
-    let prom_port = probes.get("prometheus").map(|p| p.port).unwrap_or(crate::lab::PROMETHEUS_PORT);
-    let targets = forwarded_url(cfg, prom_port, "/api/v1/targets?state=active").and_then(|url| {
+    let probes = cfg.health_probes(profile);
+    let targets = profile.targets.and_then(|t| {
+        let port = probes.get(t.service).map(|p| p.port).unwrap_or(t.port);
+        let url = forwarded_url(cfg, port, t.path)?;
         let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(5)).build();
         let body = agent.get(&url).call().ok()?.into_string().ok()?;
         parse_targets(&body).ok()
@@ -375,7 +382,7 @@ pub fn gather(
         let expect = probe.map(|p| p.expect_status).unwrap_or(200);
         checked.push(Checked { service: name.clone(), available: is_available, probe: result, expect });
     }
-    assemble(&checked, &containers, targets, unavailable, deferred_hosts)
+    assemble(&checked, &containers, targets, unavailable, deferred_hosts, profile)
 }
 
 /// What one round found for one service before it is judged.
@@ -387,14 +394,15 @@ pub struct Checked {
     pub expect: u16,
 }
 
-/// The report of one round: every service judged, Prometheus' targets on `deferred_hosts` left out of the
-/// verdict (and listed as deferred). Pure.
+/// The report of one round: every service judged, the scrape targets on `deferred_hosts` left out of the
+/// verdict (and listed as deferred, on the targets service's row). Pure.
 pub fn assemble(
     checked: &[Checked],
     containers: &Containers,
     targets: Option<Vec<Target>>,
     unavailable: &[String],
     deferred_hosts: &[String],
+    profile: &Profile,
 ) -> Report {
     let (targets, deferred) = match targets {
         Some(ts) => {
@@ -414,11 +422,12 @@ pub fn assemble(
                 c.expect,
                 targets.as_deref(),
                 unavailable,
+                profile,
             )
         })
         .collect();
     if !deferred.is_empty() {
-        if let Some(s) = services.iter_mut().find(|s| s.service == "prometheus") {
+        if let Some(s) = services.iter_mut().find(|s| profile.reports_targets(&s.service)) {
             let mut hosts: Vec<&str> = Vec::new();
             for t in &deferred {
                 let host = t.instance.rsplit_once(':').map_or(t.instance.as_str(), |(h, _)| h);
@@ -444,27 +453,36 @@ pub fn assemble(
 }
 
 /// Probe everything; print the table; Ok(true) when every available service is healthy.
-pub fn check(cfg: &Config, ssh: Option<&Session>, ui: &Ui, timeout: Duration) -> Result<bool> {
-    let (available, unavailable) = services(cfg);
-    check_services(cfg, ssh, ui, timeout, &available, &unavailable)
+pub fn check(
+    cfg: &Config,
+    profile: &'static Profile,
+    ssh: Option<&Session>,
+    ui: &Ui,
+    timeout: Duration,
+) -> Result<bool> {
+    let (available, unavailable) = services(cfg, profile);
+    check_services(cfg, profile, ssh, ui, timeout, &available, &unavailable)
 }
 
 /// [`check`] for services already known (from the run's [`crate::guest::Lab`]), so nothing is rendered again.
 pub fn check_services(
     cfg: &Config,
+    profile: &Profile,
     ssh: Option<&Session>,
     ui: &Ui,
     timeout: Duration,
     available: &[String],
     unavailable: &[String],
 ) -> Result<bool> {
-    Ok(check_deferring(cfg, ssh, ui, timeout, available, unavailable, &[])?.healthy)
+    Ok(check_deferring(cfg, profile, ssh, ui, timeout, available, unavailable, &[])?.healthy)
 }
 
-/// [`check_services`] leaving Prometheus' targets on `deferred_hosts` out of the verdict (a multi-machine `up`
+/// [`check_services`] leaving the scrape targets on `deferred_hosts` out of the verdict (a multi-machine `up`
 /// while those machines are still coming up); the last round's report.
+#[allow(clippy::too_many_arguments)]
 pub fn check_deferring(
     cfg: &Config,
+    profile: &Profile,
     ssh: Option<&Session>,
     ui: &Ui,
     timeout: Duration,
@@ -475,7 +493,7 @@ pub fn check_deferring(
     let phase = ui.phase("health");
     let mut last = None;
     let healthy = crate::process::wait_until(timeout, "every lab service healthy", || {
-        let r = gather(cfg, ssh, available, unavailable, deferred_hosts);
+        let r = gather(cfg, profile, ssh, available, unavailable, deferred_hosts);
         let bad: Vec<&str> = r
             .services
             .iter()
@@ -522,158 +540,6 @@ pub fn check_deferring(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn running(health: Option<&str>) -> ContainerState {
-        ContainerState { status: "running".into(), health: health.map(String::from), restarts: 0 }
-    }
-    fn ok_probe(ms: u64) -> ProbeResult {
-        ProbeResult {
-            url: "http://127.0.0.1:1/x".into(),
-            status: Some(200),
-            latency_ms: Some(ms),
-            error: None,
-        }
-    }
-    fn target(job: &str, instance: &str, health: &str) -> Target {
-        Target {
-            job: job.into(),
-            instance: instance.into(),
-            health: health.into(),
-            last_error: String::new(),
-        }
-    }
-
-    fn sample() -> Report {
-        let containers: Containers = Some(BTreeMap::from([
-            ("demo-app".to_string(), running(Some("healthy"))),
-            ("prometheus".to_string(), ContainerState { restarts: 2, ..running(None) }),
-            (
-                "alertmanager".to_string(),
-                ContainerState { status: "exited".into(), health: None, restarts: 5 },
-            ),
-        ]));
-        let targets = vec![
-            target("demo-app", "demo-app:8000", "up"),
-            target("prometheus", "localhost:9090", "up"),
-            target("cadvisor", "cadvisor:8080", "down"),
-        ];
-        let unavailable = vec!["grafana".to_string(), "cadvisor".to_string()];
-        let refused = ProbeResult {
-            url: "u".into(),
-            status: None,
-            latency_ms: None,
-            error: Some("connection refused".into()),
-        };
-        let services = vec![
-            judge("demo-app", true, &containers, Some(&ok_probe(12)), 200, Some(&targets), &unavailable),
-            judge("prometheus", true, &containers, Some(&ok_probe(3)), 200, Some(&targets), &unavailable),
-            judge("alertmanager", true, &containers, Some(&refused), 200, Some(&targets), &unavailable),
-            judge("grafana", false, &containers, None, 200, Some(&targets), &unavailable),
-        ];
-        let healthy = services.iter().all(|s| s.verdict != Verdict::Unhealthy);
-        Report { healthy, services, targets: Some(targets), deferred: Vec::new() }
-    }
-
-    #[test]
-    fn judge_rules() {
-        let r = sample();
-        let v: Vec<Verdict> = r.services.iter().map(|s| s.verdict).collect();
-        assert_eq!(v, [Verdict::Healthy, Verdict::Healthy, Verdict::Unhealthy, Verdict::UnavailableOffline]);
-        assert!(!r.healthy);
-        assert_eq!(r.services[1].detail, "targets 2/2 up; 2 restarts", "cadvisor's target is excluded");
-        assert_eq!(r.services[2].detail, "container exited; connection refused; 5 restarts");
-    }
-
-    #[test]
-    fn judge_catches_wrong_status_unhealthy_check_and_down_target() {
-        let c: Containers = Some(BTreeMap::from([("x".to_string(), running(Some("unhealthy")))]));
-        let p = ProbeResult { status: Some(503), ..ok_probe(1) };
-        let s = judge("x", true, &c, Some(&p), 200, None, &[]);
-        assert_eq!(s.verdict, Verdict::Unhealthy);
-        assert_eq!(s.detail, "healthcheck unhealthy; HTTP 503, expected 200");
-        let ts = vec![target("node-exporter", "node-exporter:9100", "down")];
-        let c: Containers = Some(BTreeMap::from([("prometheus".to_string(), running(None))]));
-        let s = judge("prometheus", true, &c, Some(&ok_probe(1)), 200, Some(&ts), &[]);
-        assert_eq!(s.verdict, Verdict::Unhealthy);
-        // Without SSH the container state is unknown, not a failure; a missing container is.
-        assert_eq!(judge("x", true, &None, Some(&ok_probe(1)), 200, None, &[]).verdict, Verdict::Healthy);
-        let none: Containers = Some(BTreeMap::new());
-        assert_eq!(judge("x", true, &none, Some(&ok_probe(1)), 200, None, &[]).detail, "no container");
-    }
-
-    #[test]
-    fn table_lists_every_service_with_columns() {
-        let t = render_table(&sample());
-        let lines: Vec<&str> = t.lines().collect();
-        assert!(lines[0].starts_with("SERVICE"));
-        assert!(lines[0].contains("STATE") && lines[0].contains("LATENCY") && lines[0].contains("DETAIL"));
-        assert!(
-            lines[1].starts_with("✓ demo-app")
-                && lines[1].contains("running (healthy)")
-                && lines[1].contains("12 ms")
-        );
-        assert!(
-            lines[3].starts_with("✗ alertmanager")
-                && lines[3].contains("exited")
-                && lines[3].contains("error")
-        );
-        assert!(lines[4].starts_with("- grafana") && lines[4].contains("unavailable offline"));
-        assert!(lines[5].starts_with("UNHEALTHY: 1 service"));
-        // Columns line up: STATE starts at the same offset on every row.
-        let col = lines[0].find("STATE").unwrap();
-        assert_eq!(lines[1].chars().skip(col).take(7).collect::<String>(), "running");
-    }
-
-    #[test]
-    fn json_carries_the_same_data() {
-        let j = to_json(&sample());
-        assert_eq!(j["event"], "health");
-        assert_eq!(j["healthy"], false);
-        assert_eq!(j["services"].as_array().unwrap().len(), 4);
-        assert_eq!(j["services"][0]["verdict"], "healthy");
-        assert_eq!(j["services"][0]["probe"]["latency_ms"], 12);
-        assert_eq!(j["services"][2]["container"]["restarts"], 5);
-        assert_eq!(j["services"][3]["verdict"], "unavailable_offline");
-        assert_eq!(j["targets"][2]["health"], "down");
-    }
-
-    #[test]
-    fn parses_docker_inspect_and_skips_one_off_containers() {
-        let text = r#"[
-          {"RestartCount": 1, "State": {"Status": "running", "Health": {"Status": "healthy"}},
-           "Config": {"Labels": {"com.docker.compose.service": "demo-app", "com.docker.compose.oneoff": "False"}}},
-          {"RestartCount": 0, "State": {"Status": "exited"},
-           "Config": {"Labels": {"com.docker.compose.service": "demo-app", "com.docker.compose.oneoff": "True"}}},
-          {"RestartCount": 0, "State": {"Status": "exited"}, "Config": {"Labels": {}}}
-        ]"#;
-        let m = parse_inspect(text).unwrap();
-        assert_eq!(m.len(), 1);
-        assert_eq!(
-            m["demo-app"],
-            ContainerState { status: "running".into(), health: Some("healthy".into()), restarts: 1 }
-        );
-        assert!(parse_inspect("[]").unwrap().is_empty());
-        assert!(parse_inspect("not json").is_err());
-    }
-
-    #[test]
-    fn parses_prometheus_targets() {
-        let text = r#"{"status":"success","data":{"activeTargets":[
-          {"labels":{"job":"demo-app","instance":"demo-app:8000"},"health":"up","lastError":""},
-          {"labels":{"job":"node-exporter","instance":"node-exporter:9100"},"health":"down","lastError":"connection refused"}
-        ]}}"#;
-        let t = parse_targets(text).unwrap();
-        assert_eq!(
-            t[1],
-            Target {
-                job: "node-exporter".into(),
-                instance: "node-exporter:9100".into(),
-                health: "down".into(),
-                last_error: "connection refused".into()
-            }
-        );
-        assert!(parse_targets(r#"{"status":"error"}"#).is_err());
-    }
 
     #[test]
     fn http_probe_against_a_real_listener() {

@@ -15,12 +15,12 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
 use handlebars::Handlebars;
+use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use std::os::unix::fs::DirBuilderExt;
 
 use crate::config::Config;
-use crate::machine::StateDir;
 use crate::text::shown;
 
 mod partials;
@@ -288,8 +288,6 @@ fn exchange(a: &Path, b: &Path) -> std::io::Result<()> {
     }
 }
 
-pub use crate::lab::secrets::Secrets;
-
 /// Lab defaults from each layer's `vars.toml` (a later layer's value wins) overlaid with `[vars]` from the config.
 pub fn template_vars(cfg: &Config, layers: &[PathBuf]) -> Result<BTreeMap<String, toml::Value>> {
     let mut vars = BTreeMap::new();
@@ -328,7 +326,11 @@ fn layer_vars(defaults: &Path) -> Result<BTreeMap<String, toml::Value>> {
 }
 
 /// The full handlebars context.
-pub fn context(cfg: &Config, layers: &[PathBuf], secrets: &Secrets) -> Result<serde_json::Value> {
+pub fn context<S: Serialize + ?Sized>(
+    cfg: &Config,
+    layers: &[PathBuf],
+    secrets: &S,
+) -> Result<serde_json::Value> {
     let vars = template_vars(cfg, layers)?;
     let forwards: Vec<_> = cfg
         .forwards
@@ -348,7 +350,7 @@ pub fn context(cfg: &Config, layers: &[PathBuf], secrets: &Secrets) -> Result<se
             "images": cfg.provision.images,
         },
         "forwards": forwards,
-        "secrets": secrets,
+        "secrets": serde_json::to_value(secrets)?,
         "cluster": cluster(cfg),
     }))
 }
@@ -371,10 +373,9 @@ fn cluster(cfg: &Config) -> serde_json::Value {
     }
 }
 
-/// Render the config's provision tree with the machine's secrets.
-pub fn render_config(cfg: &Config, state: &StateDir) -> Result<Rendered> {
-    let secrets = Secrets::load_or_create(state)?;
-    render_layers(cfg, &cfg.template_layers(), &secrets)
+/// Render the config's provision tree with the machine's secrets (the workload profile's, from the state dir).
+pub fn render_config<S: Serialize + ?Sized>(cfg: &Config, secrets: &S) -> Result<Rendered> {
+    render_layers(cfg, &cfg.template_layers(), secrets)
 }
 
 thread_local! {
@@ -388,7 +389,7 @@ pub fn renders_in_thread() -> usize {
 }
 
 /// Render a template tree with explicit secrets (pure apart from reading `source`).
-pub fn render_tree(cfg: &Config, source: &Path, secrets: &Secrets) -> Result<Rendered> {
+pub fn render_tree<S: Serialize + ?Sized>(cfg: &Config, source: &Path, secrets: &S) -> Result<Rendered> {
     render_layers(cfg, &[source.to_path_buf()], secrets)
 }
 
@@ -416,7 +417,11 @@ fn layer_files(layers: &[PathBuf]) -> Result<BTreeMap<String, (PathBuf, std::fs:
 }
 
 /// Render stacked template trees (`[provision] base`, then `source`) with explicit secrets.
-pub fn render_layers(cfg: &Config, layers: &[PathBuf], secrets: &Secrets) -> Result<Rendered> {
+pub fn render_layers<S: Serialize + ?Sized>(
+    cfg: &Config,
+    layers: &[PathBuf],
+    secrets: &S,
+) -> Result<Rendered> {
     use std::os::unix::fs::PermissionsExt;
     RENDERS.with(|c| c.set(c.get() + 1));
     if let Some(source) = layers.iter().find(|l| !l.is_dir()) {
@@ -653,7 +658,7 @@ fn template_error(template: &str, e: handlebars::TemplateError) -> anyhow::Error
         None => template.to_string(),
     };
     anyhow!(
-        "{pos}: template syntax error: {}\nhint: a literal `{{{{` (e.g. a Prometheus or Grafana template) is written `\\{{{{` \
+        "{pos}: template syntax error: {}\nhint: a literal `{{{{` (e.g. a Go template in a shipped config file) is written `\\{{{{` \
          in a .hbs file; or keep the file without the .hbs suffix",
         shown(&e.reason().to_string())
     )
@@ -676,8 +681,13 @@ fn render_error(template: &str, e: handlebars::RenderError) -> anyhow::Error {
 }
 
 /// Helper for tests and `render --out`: render and write.
-pub fn render_to_dir(cfg: &Config, state: &StateDir, out: &Path, force: bool) -> Result<Rendered> {
-    let r = render_config(cfg, state)?;
+pub fn render_to_dir<S: Serialize + ?Sized>(
+    cfg: &Config,
+    secrets: &S,
+    out: &Path,
+    force: bool,
+) -> Result<Rendered> {
+    let r = render_config(cfg, secrets)?;
     r.write_to(out, force)?;
     Ok(r)
 }

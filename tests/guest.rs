@@ -20,7 +20,7 @@ fn base_image_tarball_is_built_once_trimmed_and_complete() {
         b"[machine]\nname = \"t\"\n[box.debian]\n",
     )
     .unwrap();
-    let base = BaseImage::for_config(&cfg);
+    let base = BaseImage::for_config(&cfg, &provisioner::lab::PROFILE);
     let never = std::sync::atomic::AtomicBool::new(false);
     base.ensure_tarball(&|_| {}, &never).expect("build the base image");
     assert!(!base.ensure_tarball(&|_| {}, &never).unwrap(), "second call must reuse the cached tarball");
@@ -74,7 +74,7 @@ fn host_build_bench(
         b"[machine]\nname = \"t\"\n[box.debian]\n",
     )
     .unwrap();
-    Some((t, pidfile, provisioner::guest::images::BaseImage::for_config(&cfg)))
+    Some((t, pidfile, provisioner::guest::images::BaseImage::for_config(&cfg, &provisioner::lab::PROFILE)))
 }
 
 fn work_dirs(base: &provisioner::guest::images::BaseImage) -> Vec<String> {

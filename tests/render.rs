@@ -6,7 +6,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 use provisioner::config::Config;
-use provisioner::render::{render_tree, Secrets};
+use provisioner::lab::secrets::Secrets;
+use provisioner::render::render_tree;
 
 use crate::support::Test;
 

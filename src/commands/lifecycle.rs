@@ -223,7 +223,12 @@ fn up_locked(ctx: &Ctx, m: &Machine, p: &dyn Provider, args: &UpArgs) -> Result<
     let host_build = (provisioning
         && live == VmState::NotCreated
         && m.cfg.provision.images == crate::config::ImageSource::Debian)
-        .then(|| crate::guest::images::HostBuild::start(&crate::guest::images::BaseImage::for_config(&m.cfg)))
+        .then(|| {
+            crate::guest::images::HostBuild::start(&crate::guest::images::BaseImage::for_config(
+                &m.cfg,
+                &crate::lab::PROFILE,
+            ))
+        })
         .flatten();
     if host_build.is_some() {
         ui.event("base_image_build_started", json!({}));
@@ -336,6 +341,7 @@ fn up_locked(ctx: &Ctx, m: &Machine, p: &dyn Provider, args: &UpArgs) -> Result<
     let coming_up = ctx.round.as_ref().map(|r| r.hosts_coming_up(&m.cfg)).unwrap_or_default();
     let report = crate::health::check_deferring(
         &m.cfg,
+        &crate::lab::PROFILE,
         Some(&session),
         ui,
         super::provision::HEALTH_TIMEOUT,
@@ -368,9 +374,10 @@ pub(super) fn final_health(ctx: &Ctx, capture: Option<&(super::lab::Plan, Option
     let m = Machine::load(ctx)?;
     let _lock = MachineLock::acquire(&m.state, "up")?;
     let session = super::provision::connect(&m.cfg, &m.state, Duration::from_secs(60))?;
-    let (available, unavailable) = crate::health::services(&m.cfg);
+    let (available, unavailable) = crate::health::services(&m.cfg, &crate::lab::PROFILE);
     let report = crate::health::check_deferring(
         &m.cfg,
+        &crate::lab::PROFILE,
         Some(&session),
         &ctx.ui,
         super::provision::HEALTH_TIMEOUT,

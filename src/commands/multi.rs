@@ -399,29 +399,12 @@ pub fn destroy(ctx: &Ctx, args: &DestroyArgs) -> Result<i32> {
     Ok(code)
 }
 
-/// `verify [NAME]`: Prometheus on the machine that forwards it, load on the named machine's demo app (default:
-/// the first machine that forwards the demo app).
+/// `verify [NAME]`: the lab picks its machines ([`crate::lab::verify::pick`]), then its alert path runs on them.
 pub fn verify(ctx: &Ctx, args: &crate::cli::VerifyArgs) -> Result<i32> {
     let names: Vec<String> = args.machine.iter().cloned().collect();
     let Some(p) = multi_project(ctx, &names)? else { return super::provision::verify(ctx, args) };
-    let forwards = |c: &&Config, port: u16| c.host_addr_for(port).is_some();
-    let monitor = p.machines.iter().find(|c| forwards(c, 9090)).ok_or_else(|| {
-        anyhow::anyhow!(
-            "no machine of {} forwards Prometheus (guest port 9090)\nhint: add a [[machine.forward]] with guest = \
-             9090 to the machine that runs it",
-            p.path.display()
-        )
-    })?;
-    let app = match &args.machine {
-        Some(_) => p.select(&names)?[0],
-        None => p.machines.iter().find(|c| forwards(c, super::load::DEMO_APP_PORT)).ok_or_else(|| {
-            anyhow::anyhow!(
-                "no machine of {} forwards the demo app (guest port 8000)\nhint: add a [[machine.forward]] with \
-                 guest = 8000 to an app machine",
-                p.path.display()
-            )
-        })?,
-    };
+    let named = || Ok(if args.machine.is_some() { Some(p.select(&names)?[0]) } else { None });
+    let (monitor, app) = crate::lab::verify::pick(&p.machines, &p.path, named)?;
     let actx = ctx.for_machine(app, None);
     super::provision::verify_on(&actx, monitor, app, args)
 }
@@ -474,7 +457,14 @@ mod tests {
         let containers = Some(std::collections::BTreeMap::from([("prometheus".to_string(), running)]));
         let targets =
             vec![target("localhost:9090", "up"), target("app1:9100", "up"), target("app2:9100", "down")];
-        crate::health::assemble(&checked, &containers, Some(targets), &[], deferred_hosts)
+        crate::health::assemble(
+            &checked,
+            &containers,
+            Some(targets),
+            &[],
+            deferred_hosts,
+            &crate::lab::PROFILE,
+        )
     }
 
     #[test]

@@ -33,11 +33,14 @@ impl<'a> Plan<'a> {
         let source = cfg.resolve(&cfg.provision.source);
         let lab = if cfg.provision.enabled != Some(false) && cfg.template_layers().iter().all(|l| l.is_dir())
         {
-            Some(Lab::render(cfg, dir).with_context(|| crate::config::render_failed(&source))?)
+            Some(
+                Lab::render(cfg, dir, &crate::lab::PROFILE)
+                    .with_context(|| crate::config::render_failed(&source))?,
+            )
         } else {
             None
         };
-        for w in cfg.validate_all_with(lab.as_ref().map(|l| &l.rendered))? {
+        for w in cfg.validate_all_with(&crate::lab::PROFILE, lab.as_ref().map(|l| &l.rendered))? {
             ui.warn(w.to_string());
         }
         let state = MachineState::load(dir)?;

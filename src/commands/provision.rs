@@ -28,10 +28,18 @@ pub fn provision_and_check(
     ui: &Ui,
     force: bool,
 ) -> Result<i32> {
-    let lab = crate::guest::Lab::render(cfg, state)?;
+    let lab = crate::guest::Lab::render(cfg, state, &crate::lab::PROFILE)?;
     crate::guest::provision(cfg, ssh, &lab, ui, force, None)?;
     let (available, unavailable) = lab.services(cfg);
-    health_code(crate::health::check_services(cfg, Some(ssh), ui, HEALTH_TIMEOUT, &available, &unavailable)?)
+    health_code(crate::health::check_services(
+        cfg,
+        &crate::lab::PROFILE,
+        Some(ssh),
+        ui,
+        HEALTH_TIMEOUT,
+        &available,
+        &unavailable,
+    )?)
 }
 
 fn health_code(healthy: bool) -> Result<i32> {
@@ -59,7 +67,13 @@ pub fn health(ctx: &Ctx, args: &HealthArgs) -> Result<i32> {
             None
         }
     };
-    health_code(crate::health::check(&cfg, ssh.as_ref(), &ctx.ui, Duration::from_secs(args.timeout))?)
+    health_code(crate::health::check(
+        &cfg,
+        &crate::lab::PROFILE,
+        ssh.as_ref(),
+        &ctx.ui,
+        Duration::from_secs(args.timeout),
+    )?)
 }
 
 pub fn verify(ctx: &Ctx, args: &VerifyArgs) -> Result<i32> {

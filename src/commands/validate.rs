@@ -14,7 +14,7 @@ pub fn validate(ctx: &Ctx) -> Result<i32> {
         return validate_project(ctx);
     }
     let checked = ctx.config().and_then(|cfg| {
-        let w = cfg.validate_all()?;
+        let w = cfg.validate_all(&crate::lab::PROFILE)?;
         // A remote libvirt host must be in known_hosts: refused here, before any connection is tried.
         check_remote_host(&cfg)?;
         Ok((cfg, w))
@@ -27,7 +27,7 @@ pub fn validate(ctx: &Ctx) -> Result<i32> {
                     "file": file,
                     "machine": cfg.machine.name,
                     "forwards": cfg.all_forwards().len(),
-                    "health_probes": cfg.health_probes().keys().collect::<Vec<_>>(),
+                    "health_probes": cfg.health_probes(&crate::lab::PROFILE).keys().collect::<Vec<_>>(),
                     "warnings": warnings,
                     "errors": [],
                 });
@@ -42,7 +42,7 @@ pub fn validate(ctx: &Ctx) -> Result<i32> {
                     "{file}: valid (machine \"{}\", {} forwards incl. SSH, {} health probes, {} warning(s))",
                     cfg.machine.name,
                     cfg.all_forwards().len(),
-                    cfg.health_probes().len(),
+                    cfg.health_probes(&crate::lab::PROFILE).len(),
                     warnings.len()
                     );
                 }
@@ -61,7 +61,7 @@ fn validate_project(ctx: &Ctx) -> Result<i32> {
         p.machines
             .into_iter()
             .map(|cfg| {
-                let w = cfg.validate_all()?;
+                let w = cfg.validate_all(&crate::lab::PROFILE)?;
                 check_remote_host(&cfg)?;
                 Ok((cfg, w))
             })

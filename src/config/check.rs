@@ -9,7 +9,8 @@ use anyhow::{Context, Result};
 use super::diag::{Diagnostic, Source};
 use super::hostnet::{self, HostNet};
 use super::{check_libvirt_uri, Config, Protocol};
-use crate::render::{render_layers, Secrets};
+use crate::profile::Profile;
+use crate::render::render_layers;
 use crate::text::shown;
 
 /// What validation found.
@@ -516,13 +517,18 @@ pub fn render_failed(source: &std::path::Path) -> String {
 /// Cross-references: the provision dir exists and renders, every forwarded port is published by the rendered
 /// compose file, every health probe's port is forwarded. Render failures are returned as errors (they name the
 /// template, line and column); findings about the config come back in [`Findings`].
-pub fn cross(cfg: &Config, src: &Source, rendered: Option<&crate::render::Rendered>) -> Result<Findings> {
+pub fn cross(
+    cfg: &Config,
+    src: &Source,
+    profile: &Profile,
+    rendered: Option<&crate::render::Rendered>,
+) -> Result<Findings> {
     let mut f = Findings::default();
     if cfg.member.is_some() {
         let nets = hostnet::read();
         host_networks(cfg, src, nets.as_deref().map_err(|e| format!("{e:#}")), &mut f);
     }
-    for (name, probe) in cfg.health_probes() {
+    for (name, probe) in cfg.health_probes(profile) {
         if cfg.host_addr_for(probe.port).is_some() {
             continue;
         }
@@ -580,7 +586,7 @@ pub fn cross(cfg: &Config, src: &Source, rendered: Option<&crate::render::Render
             // The position of `source` when the file writes it (a tree such as /etc fails for its own reasons).
             let at = ["provision", "source"];
             let written = src.written(&at).then(|| format!("{}: ", src.at_path(&at, "").location()));
-            owned = render_layers(cfg, &cfg.template_layers(), &Secrets::generate())
+            owned = render_layers(cfg, &cfg.template_layers(), &(profile.sample_secrets)())
                 .with_context(|| format!("{}{}", written.unwrap_or_default(), render_failed(&source)))?;
             &owned
         }

@@ -89,11 +89,11 @@ pub struct Service {
     pub name: String,
     /// Compose profiles; a service with any is not started by a plain `up -d`.
     pub profiles: Vec<String>,
-    /// Build context relative to the tree root (`demo-app`), when the service is built.
+    /// Build context relative to the tree root (`app`), when the service is built.
     pub build_context: Option<String>,
     /// Image reference, when named.
     pub image: Option<String>,
-    /// Relative bind-mount sources (`prometheus/prometheus.yml`, `grafana/provisioning`).
+    /// Relative bind-mount sources (`monitor/monitor.yml`, `dashboards/provisioning`).
     pub mounts: Vec<String>,
 }
 
@@ -177,7 +177,7 @@ impl ComposeModel {
     }
 }
 
-/// A path relative to the tree root (`./prometheus/x.yml` -> `prometheus/x.yml`, `.` -> ``); None for named
+/// A path relative to the tree root (`./monitor/x.yml` -> `monitor/x.yml`, `.` -> ``); None for named
 /// volumes and absolute paths, which are not part of the uploaded tree.
 fn relative(src: &str) -> Option<String> {
     if src == "." || src == "./" {

@@ -14,6 +14,7 @@ use sha2::{Digest, Sha256};
 
 use crate::config::Config;
 use crate::process::Cmd;
+use crate::profile::Profile;
 use crate::ssh::shell_quote;
 use crate::ssh::Session;
 use crate::ui::Phase;
@@ -22,8 +23,6 @@ const BUILD_SCRIPT: &str = include_str!("../../assets/docker/base-image.sh");
 
 /// The suite the lab's Dockerfiles build FROM (`provisioner-base:bookworm`).
 pub const BASE_SUITE: &str = "bookworm";
-
-pub use crate::lab::BASE_PACKAGES;
 
 /// Longest host-side build of the base image.
 const BUILD_TIMEOUT: Duration = Duration::from_secs(30 * 60);
@@ -38,10 +37,12 @@ pub struct BaseImage {
     pub mirror: String,
     /// First 16 hex of sha256(build script, suite, mirror, packages).
     pub key: String,
+    /// The packages installed in it (the profile's base packages).
+    pub packages: &'static [&'static str],
 }
 
 impl BaseImage {
-    pub fn for_config(cfg: &Config) -> Self {
+    pub fn for_config(cfg: &Config, profile: &Profile) -> Self {
         let mirror = cfg
             .base_box
             .debian
@@ -49,12 +50,14 @@ impl BaseImage {
             .map(|d| d.mirror.clone())
             .unwrap_or_else(|| "http://deb.debian.org/debian".to_string());
         let mut h = Sha256::new();
-        for part in [BUILD_SCRIPT, BASE_SUITE, &mirror].into_iter().chain(BASE_PACKAGES.iter().copied()) {
+        for part in
+            [BUILD_SCRIPT, BASE_SUITE, &mirror].into_iter().chain(profile.base_packages.iter().copied())
+        {
             h.update(part.as_bytes());
             h.update([0]);
         }
         let key = hex::encode(h.finalize())[..16].to_string();
-        Self { tag: format!("provisioner-base:{BASE_SUITE}"), mirror, key }
+        Self { tag: format!("provisioner-base:{BASE_SUITE}"), mirror, key, packages: profile.base_packages }
     }
 
     /// The cached rootfs tarball.
@@ -98,7 +101,7 @@ impl BaseImage {
         let root = unsafe { libc::geteuid() } == 0;
         let cmd = if root { Cmd::new("sh") } else { Cmd::new("sudo").args(["-n", "sh"]) };
         let cmd = cmd.arg("-c").arg(BUILD_SCRIPT).arg("base-image").args([BASE_SUITE, &self.mirror]).arg(out);
-        let cmd = cmd.args(BASE_PACKAGES);
+        let cmd = cmd.args(self.packages);
         let log = out.with_extension("log");
         let _ = std::fs::remove_file(&log);
         let mut child = cmd
@@ -284,9 +287,15 @@ mod tests {
 
     #[test]
     fn key_depends_on_mirror_only_among_config_inputs() {
-        let a = BaseImage::for_config(&cfg("[box.debian]\nmirror = \"http://deb.debian.org/debian\""));
-        let b = BaseImage::for_config(&cfg("[box.debian]\nmirror = \"http://mirror.example/debian\""));
-        let c = BaseImage::for_config(&cfg("image = \"x.qcow2\""));
+        let a = BaseImage::for_config(
+            &cfg("[box.debian]\nmirror = \"http://deb.debian.org/debian\""),
+            &crate::lab::PROFILE,
+        );
+        let b = BaseImage::for_config(
+            &cfg("[box.debian]\nmirror = \"http://mirror.example/debian\""),
+            &crate::lab::PROFILE,
+        );
+        let c = BaseImage::for_config(&cfg("image = \"x.qcow2\""), &crate::lab::PROFILE);
         assert_ne!(a.key, b.key);
         assert_eq!(a.key, c.key, "default mirror without [box.debian]");
         assert_eq!(a.tag, "provisioner-base:bookworm");

@@ -15,6 +15,7 @@ use anyhow::{bail, Context, Result};
 use serde_json::json;
 
 use crate::config::{Config, ImageSource};
+use crate::profile::Profile;
 use crate::render::Rendered;
 use crate::ssh::shell_quote;
 use crate::ssh::Session;
@@ -27,18 +28,22 @@ pub struct Lab {
     pub rendered: Rendered,
     /// The parsed compose file, or why it does not parse (an error only when the guest pipeline needs it).
     model: std::result::Result<ComposeModel, String>,
+    /// The workload this tree belongs to (its probes, secrets and base packages).
+    pub profile: &'static Profile,
 }
 
 impl Lab {
-    /// Render the config's tree with the machine's secrets and parse its compose file.
-    pub fn render(cfg: &Config, state: &crate::machine::StateDir) -> Result<Lab> {
-        Ok(Self::of(crate::render::render_config(cfg, state)?))
+    /// Render the config's tree with the machine's secrets (the profile's, from the state dir) and parse its
+    /// compose file.
+    pub fn render(cfg: &Config, state: &crate::machine::StateDir, profile: &'static Profile) -> Result<Lab> {
+        let secrets = profile.secrets_in(&state.root)?;
+        Ok(Self::of(crate::render::render_config(cfg, &secrets)?, profile))
     }
 
     /// Parse the compose file of a rendered tree.
-    pub fn of(rendered: Rendered) -> Lab {
+    pub fn of(rendered: Rendered, profile: &'static Profile) -> Lab {
         let model = ComposeModel::from_rendered(&rendered).map_err(|e| format!("{e:#}"));
-        Lab { rendered, model }
+        Lab { rendered, model, profile }
     }
 
     pub fn model(&self) -> Result<&ComposeModel> {
@@ -50,15 +55,15 @@ impl Lab {
     pub fn services(&self, cfg: &Config) -> (Vec<String>, Vec<String>) {
         match &self.model {
             Ok(model) => split_services(model, cfg.provision.images, cfg.compose_profiles()),
-            Err(_) => (cfg.health_probes().into_keys().collect(), Vec::new()),
+            Err(_) => (cfg.health_probes(self.profile).into_keys().collect(), Vec::new()),
         }
     }
 }
 
 /// Services `up -d` starts (no compose profile, or one of the machine's `profiles`, which `up` passes as
 /// `--profile`), and those reported "unavailable offline": in `debian` mode, a profiled service that nothing can
-/// build offline (grafana, cadvisor). Other profiled services (e.g. the lab's on-demand `loadgen`, whose image
-/// another service builds) are neither.
+/// build offline (no build of its own, and no other service builds its image). Other profiled services (e.g. an
+/// on-demand one whose image another service builds) are neither.
 pub fn split_services(
     model: &ComposeModel,
     images: ImageSource,
@@ -175,7 +180,7 @@ pub fn provision(
     let mut summary = Vec::new();
     match cfg.provision.images {
         ImageSource::Debian => {
-            let base = images::BaseImage::for_config(cfg);
+            let base = images::BaseImage::for_config(cfg, lab.profile);
             match host_build {
                 Some(build) => {
                     let o = build.join(&phase)?;

@@ -6,6 +6,25 @@ pub mod loadgen;
 pub mod secrets;
 pub mod verify;
 
+#[cfg(test)]
+mod health_tests;
+
+use crate::profile::{Profile, TargetsCheck};
+
+/// The lab as a profile of the generic tool: its probes, base packages, secrets and Prometheus' targets judged
+/// as part of Prometheus' health.
+pub const PROFILE: Profile = Profile {
+    probes: PROBES,
+    base_packages: BASE_PACKAGES,
+    targets: Some(TargetsCheck {
+        service: "prometheus",
+        port: PROMETHEUS_PORT,
+        path: "/api/v1/targets?state=active",
+    }),
+    secrets: secrets::Secrets::json_in,
+    sample_secrets: secrets::Secrets::sample_json,
+};
+
 /// The lab's services: (name, HTTP path, guest port).
 pub const PROBES: &[(&str, &str, u16)] = &[
     ("demo-app", "/health", 8000),

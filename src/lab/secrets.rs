@@ -35,6 +35,16 @@ impl Secrets {
         Self { prometheus_hex: hex::encode(b), grafana_admin_password: pw }
     }
 
+    /// [`Secrets::load_or_create`] in the state dir at `root`, as templates see them (the profile's hook).
+    pub fn json_in(root: &Path) -> Result<serde_json::Value> {
+        Ok(serde_json::to_value(Self::load_or_create(&StateDir::at(root))?)?)
+    }
+
+    /// Fresh secrets as templates see them, saved nowhere (validation renders with them).
+    pub fn sample_json() -> serde_json::Value {
+        serde_json::to_value(Self::generate()).expect("secrets serialize")
+    }
+
     /// Load from the state dir, generating (and saving 0600) on first use. Creation happens under the
     /// state dir's secrets lock, so concurrent commands (two `render`s, `render` and `up`) agree on one set.
     pub fn load_or_create(state: &StateDir) -> Result<Self> {

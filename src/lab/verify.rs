@@ -73,13 +73,45 @@ fn get(url: &str) -> Result<String> {
     Ok(agent.get(url).call()?.into_string()?)
 }
 
+/// The machines of a project `verify` uses: `monitor`, the first that forwards Prometheus' port, and `app`, the
+/// one `named` picks (asked once the monitor is found) or else the first that forwards the demo app's port.
+/// `project` names the file in errors.
+pub fn pick<'a>(
+    machines: &'a [Config],
+    project: &std::path::Path,
+    named: impl FnOnce() -> Result<Option<&'a Config>>,
+) -> Result<(&'a Config, &'a Config)> {
+    let forwards = |c: &&Config, port: u16| c.host_addr_for(port).is_some();
+    let monitor = machines.iter().find(|c| forwards(c, super::PROMETHEUS_PORT)).ok_or_else(|| {
+        anyhow::anyhow!(
+            "no machine of {} forwards Prometheus (guest port {port})\nhint: add a [[machine.forward]] with guest = \
+             {port} to the machine that runs it",
+            project.display(),
+            port = super::PROMETHEUS_PORT
+        )
+    })?;
+    let app = match named()? {
+        Some(c) => c,
+        None => machines.iter().find(|c| forwards(c, super::DEMO_APP_PORT)).ok_or_else(|| {
+            anyhow::anyhow!(
+                "no machine of {} forwards the demo app (guest port {port})\nhint: add a [[machine.forward]] with \
+                 guest = {port} to an app machine",
+                project.display(),
+                port = super::DEMO_APP_PORT
+            )
+        })?,
+    };
+    Ok((monitor, app))
+}
+
 /// `verify` where Prometheus runs on `monitor` and the demo app (the webhook receiver, whose log proves
 /// delivery) on `app`: the same machine for the single-machine lab, two machines of a cluster.
 pub fn run(ui: &Ui, monitor: &Config, app: &Config, args: &VerifyArgs) -> Result<i32> {
     let cfg = app;
     let state = crate::machine::StateDir::for_config(cfg);
-    let ssh = crate::commands::provision::connect(cfg, &state, Duration::from_secs(60))?;
-    let probes = cfg.health_probes();
+    let endpoint = crate::ssh::Endpoint::for_machine(cfg, &state)?;
+    let ssh = crate::ssh::Session::connect(&endpoint, Duration::from_secs(60))?;
+    let probes = cfg.health_probes(&super::PROFILE);
     let port_of = |svc: &str, dflt: u16| probes.get(svc).map(|p| p.port).unwrap_or(dflt);
     let url = |svc: &str, dflt: u16, path: &str| {
         let on = if svc == "prometheus" { monitor } else { app };
