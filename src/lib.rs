@@ -29,6 +29,7 @@ mod commands;
 pub mod config;
 pub mod guest;
 mod health;
+pub mod host;
 pub mod keys;
 mod lab;
 pub mod machine;

@@ -1,0 +1,107 @@
+//! The host a machine's VM runs on: this machine ([`Host::Local`]), or a remote libvirt host reached over SSH
+//! ([`Host::Remote`]). A host owns what reaching it means: its known_hosts pin ([`remote`]), the ssh2 session to
+//! it and the tunnel that mirrors a guest's forwards from its loopback ([`tunnel`], one session per host and
+//! process), the `ssh -W` ProxyCommand through it, and the names in its storage pool ([`pool`]).
+//!
+//! Below both `ssh/` (guest sessions) and `provider/` (hypervisors): they use this module, it uses neither.
+
+pub mod pool;
+pub mod remote;
+pub mod tunnel;
+
+use std::net::SocketAddr;
+
+use anyhow::Result;
+
+pub use remote::{default_known_hosts, RemoteHost};
+
+/// Where a machine's VM runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Host {
+    /// This machine: forwards listen on its own loopback.
+    Local,
+    /// A libvirt host reached over SSH: forwards listen on that host's loopback.
+    Remote(RemoteHost),
+}
+
+impl Host {
+    /// The host of a libvirt URI: remote for `qemu+ssh://` and `qemu+libssh://`, local for every other URI.
+    pub fn from_uri(uri: &str) -> Host {
+        remote::parse(uri).map_or(Host::Local, Host::Remote)
+    }
+
+    /// The remote host, None for this machine.
+    pub fn remote(&self) -> Option<&RemoteHost> {
+        match self {
+            Host::Local => None,
+            Host::Remote(r) => Some(r),
+        }
+    }
+
+    pub fn is_remote(&self) -> bool {
+        matches!(self, Host::Remote(_))
+    }
+
+    /// The refusal for a remote host whose key is not in known_hosts, None when it is known (or local). Errors
+    /// only when known_hosts cannot be searched.
+    pub fn unknown_key(&self) -> Result<Option<anyhow::Error>> {
+        match self {
+            Host::Remote(r) if !r.is_known()? => Ok(Some(r.unknown_host_error())),
+            _ => Ok(None),
+        }
+    }
+
+    /// Refuse a remote host whose key is not in known_hosts, before any connection is made. Local passes.
+    pub fn check_known(&self) -> Result<()> {
+        match self {
+            Host::Local => Ok(()),
+            Host::Remote(r) => r.check_known(),
+        }
+    }
+
+    /// A connection error about a remote host's key (or login) made clear; None for this machine and other errors.
+    pub fn host_key_failure(&self, stderr: &str) -> Option<anyhow::Error> {
+        self.remote().and_then(|r| r.host_key_failure(stderr))
+    }
+}
+
+/// How a guest's SSH is reached (as Vagrant's `ssh_info`): the address its forward listens on and the route there.
+#[derive(Debug, Clone)]
+pub struct GuestAddr {
+    /// The forward's address on the host it runs on (127.0.0.1:PORT for a remote host: that host's loopback).
+    pub addr: SocketAddr,
+    /// The route: direct for [`Host::Local`], through the host (tunnel, ProxyCommand) for [`Host::Remote`].
+    pub host: Host,
+    /// The host ports to mirror here for a remote host (SSH first, then the other forwards).
+    pub ports: Vec<u16>,
+}
+
+impl GuestAddr {
+    /// Reached directly (the forward is on this machine's loopback).
+    pub fn is_direct(&self) -> bool {
+        !self.host.is_remote()
+    }
+
+    /// For a guest on a remote host: mirror its forwards on the local 127.0.0.1 for this process (so the recorded
+    /// 127.0.0.1:PORT addresses work here). Nothing for a local guest.
+    pub fn open_route(&self) -> Result<()> {
+        match &self.host {
+            Host::Local => Ok(()),
+            Host::Remote(r) => tunnel::ensure(r, &self.ports),
+        }
+    }
+
+    /// The system `ssh`'s ProxyCommand through the remote host; None for a local guest.
+    pub fn proxy_command(&self) -> Option<String> {
+        self.host.remote().map(RemoteHost::proxy_command)
+    }
+}
+
+/// Quote a string for a POSIX shell (single quotes).
+pub fn shell_quote(s: &str) -> String {
+    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_./=:,+@%".contains(&b)) {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', r"'\''"))
+    }
+}
