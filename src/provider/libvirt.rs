@@ -16,7 +16,7 @@ use serde_json::json;
 
 use super::{network, Lookup, MachineSpec, Provider, VmState};
 pub use crate::accel::decide_accel;
-use crate::config::{Config, Firmware, Forward, Protocol};
+use crate::config::{Config, Firmware, Forward, Protocol, ProviderKind};
 use crate::machine::state::MachineState;
 use crate::machine::StateDir;
 use crate::process::Cmd;
@@ -461,6 +461,14 @@ impl Libvirt {
 impl Provider for Libvirt {
     fn name(&self) -> &'static str {
         "libvirt"
+    }
+
+    fn kind(&self) -> ProviderKind {
+        ProviderKind::Libvirt
+    }
+
+    fn host(&self) -> Host {
+        self.host.clone()
     }
 
     fn preflight(&self) -> Result<()> {

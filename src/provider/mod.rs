@@ -133,6 +133,13 @@ pub struct MachineSpec {
 pub trait Provider {
     /// "libvirt" / "virtualbox".
     fn name(&self) -> &'static str;
+    /// Which provider this is (never [`ProviderKind::Auto`]): what callers branch on instead of the name.
+    fn kind(&self) -> ProviderKind;
+    /// The host the VMs run on: this machine, or (libvirt over SSH) a remote host whose loopback their forwards
+    /// listen on.
+    fn host(&self) -> crate::host::Host {
+        crate::host::Host::Local
+    }
     /// Check the host can run this provider (CLI present, daemon reachable, ...); errors say what to install/start.
     fn preflight(&self) -> Result<()>;
     /// Live state of the VM named `vm_name` (one hypervisor call).
@@ -215,8 +222,8 @@ pub fn owner_exists(owner: Option<&str>) -> bool {
 /// The refusal for a recorded VM that belongs to another project (or that provisioner did not make).
 pub fn foreign_vm(provider: &str, vm: &str, owner: Option<&str>, state: &StateDir) -> anyhow::Error {
     let ours = state.root.display();
-    let what = match provider {
-        "virtualbox" => format!("VirtualBox VM {vm}"),
+    let what = match ProviderKind::parse(provider) {
+        Some(ProviderKind::Virtualbox) => format!("VirtualBox VM {vm}"),
         _ => format!("libvirt domain {vm}"),
     };
     match owner {
@@ -244,8 +251,8 @@ pub fn foreign_vm(provider: &str, vm: &str, owner: Option<&str>, state: &StateDi
 }
 
 fn remove_by_hand(provider: &str, vm: &str) -> String {
-    match provider {
-        "virtualbox" => format!("`VBoxManage unregistervm {vm} --delete-all`"),
+    match ProviderKind::parse(provider) {
+        Some(ProviderKind::Virtualbox) => format!("`VBoxManage unregistervm {vm} --delete-all`"),
         _ => format!("`virsh undefine {vm}`"),
     }
 }

@@ -44,6 +44,12 @@ pub struct PrivateNet {
 
 impl PrivateNet {
     /// The network called `name`, with its multicast group and port derived from the name.
+    /// The network a `[network]` asking for `isolated` gets on the libvirt instance of `libvirt_uri`: an isolated
+    /// libvirt network on the system instance, else (session, VirtualBox) the multicast socket.
+    pub fn for_uri(name: &str, isolated: bool, libvirt_uri: &str) -> PrivateNet {
+        PrivateNet::new(name, isolated && crate::config::is_system_instance(libvirt_uri))
+    }
+
     pub fn new(name: &str, isolated_libvirt_network: bool) -> PrivateNet {
         let (mcast_group, port) = mcast_for(name);
         PrivateNet { name: name.to_string(), mcast_group, port, isolated_libvirt_network }
