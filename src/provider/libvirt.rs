@@ -467,10 +467,6 @@ impl Provider for Libvirt {
         ProviderKind::Libvirt
     }
 
-    fn host(&self) -> Host {
-        self.host.clone()
-    }
-
     fn preflight(&self) -> Result<()> {
         which::which("virsh").map_err(|_| {
             anyhow::anyhow!(

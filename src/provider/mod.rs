@@ -11,8 +11,9 @@ use std::time::Duration;
 use anyhow::Result;
 use serde::Serialize;
 
-use crate::config::{Config, Firmware, Forward, ProviderKind};
+use crate::config::{Config, Forward, ProviderKind};
 use crate::machine::StateDir;
+pub use crate::boxes::BoxImage;
 pub use network::{PrivateNet, PrivateNic};
 
 /// Live run state as the hypervisor reports it. In JSON it is always a string: the snake_case name of a known
@@ -91,23 +92,6 @@ pub enum Lookup {
     Foreign { owner: Option<String> },
 }
 
-/// A base box ready for a provider: a disk image (and, for boxes built from a mirror, kernel + initrd).
-#[derive(Debug, Clone)]
-pub struct BoxImage {
-    /// Cache id (content hash based).
-    pub id: String,
-    /// Disk image: qcow2/raw for libvirt; for VirtualBox the `.ovf` to import.
-    pub disk: PathBuf,
-    /// "qcow2", "raw", "ovf", "vmdk".
-    pub format: String,
-    /// Direct kernel boot (boxes built from a Debian mirror have no bootloader).
-    pub kernel: Option<PathBuf>,
-    pub initrd: Option<PathBuf>,
-    /// Kernel command line for direct boot.
-    pub cmdline: Option<String>,
-    pub firmware: Firmware,
-}
-
 /// Everything a provider needs to create a machine.
 #[derive(Debug, Clone)]
 pub struct MachineSpec {
@@ -135,11 +119,6 @@ pub trait Provider {
     fn name(&self) -> &'static str;
     /// Which provider this is (never [`ProviderKind::Auto`]): what callers branch on instead of the name.
     fn kind(&self) -> ProviderKind;
-    /// The host the VMs run on: this machine, or (libvirt over SSH) a remote host whose loopback their forwards
-    /// listen on.
-    fn host(&self) -> crate::host::Host {
-        crate::host::Host::Local
-    }
     /// Check the host can run this provider (CLI present, daemon reachable, ...); errors say what to install/start.
     fn preflight(&self) -> Result<()>;
     /// Live state of the VM named `vm_name` (one hypervisor call).
