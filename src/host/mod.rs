@@ -105,3 +105,50 @@ pub fn shell_quote(s: &str) -> String {
         format!("'{}'", s.replace('\'', r"'\''"))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_uri_names_this_host_or_a_remote_one() {
+        let r = Host::from_uri("qemu+ssh://root@10.201.0.2:2200/system?keyfile=/k");
+        assert_eq!(r.remote().map(|r| r.known_hosts_name()).as_deref(), Some("[10.201.0.2]:2200"));
+        assert!(Host::from_uri("qemu+libssh://h/system").is_remote());
+        for local in ["qemu:///system", "qemu:///session", "qemu+unix:///system", "qemu+tls://h/system"] {
+            assert_eq!(Host::from_uri(local), Host::Local, "{local}");
+        }
+    }
+
+    #[test]
+    fn a_guest_is_reached_directly_or_through_its_host() {
+        let addr: SocketAddr = "127.0.0.1:2222".parse().unwrap();
+        let local = GuestAddr { addr, host: Host::Local, ports: vec![2222] };
+        assert!(local.is_direct());
+        assert_eq!(local.proxy_command(), None);
+        local.open_route().unwrap();
+        let far = GuestAddr {
+            addr,
+            host: Host::from_uri("qemu+ssh://root@10.201.3.2/system?known_hosts=/kh"),
+            ports: vec![2222, 8080],
+        };
+        assert!(!far.is_direct());
+        let p = far.proxy_command().unwrap();
+        assert!(p.starts_with("ssh -o UserKnownHostsFile=/kh -o StrictHostKeyChecking=yes"), "{p}");
+        assert!(p.ends_with(" -l root -W %h:%p 10.201.3.2"), "{p}");
+    }
+
+    #[test]
+    fn an_unknown_remote_host_is_refused_with_the_command_that_adds_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let kh = dir.path().join("known_hosts");
+        std::fs::write(&kh, "").unwrap();
+        let h = Host::from_uri(&format!("qemu+ssh://root@unknown.invalid:2299/system?known_hosts={}", kh.display()));
+        let e = h.unknown_key().unwrap().expect("an unknown host is refused").to_string();
+        assert!(e.contains("[unknown.invalid]:2299 is not in"), "{e}");
+        assert!(e.contains("\nhint: check the key's fingerprint and add it: ssh-keyscan -p 2299 unknown.invalid"), "{e}");
+        assert!(h.check_known().is_err());
+        assert!(Host::Local.unknown_key().unwrap().is_none());
+        Host::Local.check_known().unwrap();
+    }
+}

@@ -186,4 +186,12 @@ mod tests {
         assert!(xml.contains("<name>provisioner-0123abcd-private</name>"));
         assert!(!xml.contains("<forward") && !xml.contains("<ip") && !xml.contains("<dhcp"), "{xml}");
     }
+
+    #[test]
+    fn only_the_system_instance_gets_an_isolated_network() {
+        assert!(PrivateNet::for_uri("n", true, "qemu:///system").isolated_libvirt_network);
+        assert!(PrivateNet::for_uri("n", true, "qemu+ssh://root@h/system").isolated_libvirt_network);
+        assert!(!PrivateNet::for_uri("n", true, "qemu:///session").isolated_libvirt_network);
+        assert!(!PrivateNet::for_uri("n", false, "qemu:///system").isolated_libvirt_network);
+    }
 }

@@ -567,6 +567,33 @@ mod tests {
     use super::shell_quote;
 
     #[test]
+    fn the_recorded_libvirt_host_decides_the_route_to_the_guest() {
+        use super::{Endpoint, MachineState, StateDir};
+        let dir = tempfile::tempdir().unwrap();
+        let text = "[machine]\nname = \"t\"\n\n[box]\nurl = \"https://example.org/b.box\"\nsha256 = \"{}\"\n";
+        let path = dir.path().join("box-config.toml");
+        let text = text.replace("{}", &"a".repeat(64));
+        let cfg = crate::config::Config::from_bytes(&path, text.as_bytes()).unwrap();
+        let state = StateDir::at(dir.path().join(".provisioner"));
+        let far = "qemu+ssh://root@10.201.0.2/system?known_hosts=/kh";
+        let ms = |provider: &str, uri: &str| MachineState {
+            provider: provider.into(),
+            ssh_port: Some(2222),
+            libvirt_uri: Some(uri.into()),
+            ..Default::default()
+        };
+        let ep = Endpoint::from_state(&cfg, &state, Some(&ms("libvirt", far)), "").unwrap();
+        let g = ep.guest_addr();
+        assert!(!g.is_direct() && g.ports[0] == 2222, "{g:?}");
+        assert!(g.proxy_command().unwrap().ends_with(" -l root -W %h:%p 10.201.0.2"));
+        for (provider, uri) in [("libvirt", "qemu:///system"), ("virtualbox", far)] {
+            let ep = Endpoint::from_state(&cfg, &state, Some(&ms(provider, uri)), "").unwrap();
+            assert!(ep.guest_addr().is_direct(), "{provider} {uri}");
+            assert_eq!(ep.guest_addr().proxy_command(), None);
+        }
+    }
+
+    #[test]
     fn shell_quote_quotes_only_when_needed() {
         assert_eq!(shell_quote("/opt/lab"), "/opt/lab");
         assert_eq!(shell_quote("a b"), "'a b'");
