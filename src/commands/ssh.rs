@@ -47,10 +47,8 @@ fn options(t: &Target) -> Vec<(&'static str, String)> {
         ("GlobalKnownHostsFile", "/dev/null".into()),
         ("LogLevel", "ERROR".into()),
     ];
-    if let Some(proxy) = t.ep.guest_addr().proxy_command() {
-        // A machine on a remote libvirt host: its forward is on that host's loopback, reached through the host.
-        opts.push(("ProxyCommand", proxy));
-    }
+    // A machine on a remote libvirt host: its forward is on that host's loopback, reached through the host.
+    opts.extend(t.ep.guest_addr().proxy_command().map(|proxy| ("ProxyCommand", proxy)));
     if let Some(socket) = &t.control {
         opts.extend(control::options(socket));
     }
@@ -62,8 +60,8 @@ pub fn ssh(ctx: &Ctx, args: &SshArgs) -> Result<i32> {
     // Fail with a useful message rather than ssh's bare "Connection refused" when the machine is down. A live
     // master proves the machine answers, and spares the guest's sshd a connection per call.
     let via_master = t.control.as_deref().is_some_and(control::master_alive);
-    if !via_master && t.ep.guest_addr().is_direct() {
-        if let Err(e) = std::net::TcpStream::connect_timeout(&t.ep.addr, std::time::Duration::from_secs(5)) {
+    if !via_master {
+        if let Err(e) = t.ep.guest_addr().probe(std::time::Duration::from_secs(5)) {
             bail!(
                 "machine `{}` is not reachable over SSH at {}: {e}\nhint: is it running? check `provisioner status`; \
                  `provisioner up` starts it",

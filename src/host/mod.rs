@@ -91,6 +91,15 @@ impl GuestAddr {
         }
     }
 
+    /// Does the guest's forward accept a TCP connection within `timeout`? Only a direct route is probed: a remote
+    /// host's loopback is reached through the host (ProxyCommand), whose own errors say more.
+    pub fn probe(&self, timeout: std::time::Duration) -> std::io::Result<()> {
+        match self.host {
+            Host::Local => std::net::TcpStream::connect_timeout(&self.addr, timeout).map(drop),
+            Host::Remote(_) => Ok(()),
+        }
+    }
+
     /// The system `ssh`'s ProxyCommand through the remote host; None for a local guest.
     pub fn proxy_command(&self) -> Option<String> {
         self.host.remote().map(RemoteHost::proxy_command)
@@ -127,12 +136,19 @@ mod tests {
         assert!(local.is_direct());
         assert_eq!(local.proxy_command(), None);
         local.open_route().unwrap();
+        let open = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let up = GuestAddr { addr: open.local_addr().unwrap(), host: Host::Local, ports: vec![] };
+        up.probe(std::time::Duration::from_secs(5)).unwrap();
+        drop(open);
+        // Nothing listens there now: a direct route is refused, a route through a host is not probed here.
+        assert!(up.probe(std::time::Duration::from_secs(5)).is_err());
         let far = GuestAddr {
             addr,
             host: Host::from_uri("qemu+ssh://root@10.201.3.2/system?known_hosts=/kh"),
             ports: vec![2222, 8080],
         };
         assert!(!far.is_direct());
+        GuestAddr { addr: up.addr, ..far.clone() }.probe(std::time::Duration::from_secs(5)).unwrap();
         let p = far.proxy_command().unwrap();
         assert!(p.starts_with("ssh -o UserKnownHostsFile=/kh -o StrictHostKeyChecking=yes"), "{p}");
         assert!(p.ends_with(" -l root -W %h:%p 10.201.3.2"), "{p}");
