@@ -21,7 +21,7 @@ pub use check::{published_ports, render_failed, valid_machine_name, valid_unix_u
 use diag::Source;
 pub use diag::{line_col, ConfigError, Diagnostic, Warning};
 pub use project::{Member, NetworkConfig, Peer, Project};
-pub use uri::{check_libvirt_uri, UriProblem};
+pub use uri::{check_libvirt_uri, is_system_instance, UriProblem};
 
 pub const DEFAULT_FILE: &str = "box-config.toml";
 

@@ -29,6 +29,7 @@ mod commands;
 pub mod config;
 pub mod guest;
 mod health;
+pub mod host;
 pub mod keys;
 pub mod lab;
 pub mod machine;

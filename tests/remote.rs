@@ -499,13 +499,13 @@ fn remote_tunnel_reaches_the_hosts_loopback_with_its_key_checked() {
         )
     };
     // Unknown key: refused, nothing listens locally.
-    let far = provisioner::provider::libvirt::remote::parse(&uri(&dir.path().join("known_hosts"))).unwrap();
-    let e = provisioner::ssh::tunnel::ensure(&far, &[port]).unwrap_err();
+    let far = provisioner::host::remote::parse(&uri(&dir.path().join("known_hosts"))).unwrap();
+    let e = provisioner::host::tunnel::ensure(&far, &[port]).unwrap_err();
     assert!(format!("{e:#}").contains("never accepts an unknown host key"), "{e:#}");
     assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err(), "nothing may listen after a refusal");
 
     std::fs::write(dir.path().join("known_hosts"), host.known_hosts_line()).unwrap();
-    provisioner::ssh::tunnel::ensure(&far, &[port]).unwrap();
+    provisioner::host::tunnel::ensure(&far, &[port]).unwrap();
     let threads: Vec<_> = (0..4)
         .map(|_| {
             std::thread::spawn(move || {

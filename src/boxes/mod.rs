@@ -19,8 +19,24 @@ use anyhow::{bail, Result};
 pub use cache::{BoxMeta, Cache};
 
 use crate::config::{BoxConfig, Config};
-use crate::provider::BoxImage;
 use crate::ui::Ui;
+
+/// A base box ready for a provider: a disk image (and, for boxes built from a mirror, kernel + initrd).
+#[derive(Debug, Clone)]
+pub struct BoxImage {
+    /// Cache id (content hash based).
+    pub id: String,
+    /// Disk image: qcow2/raw for libvirt; for VirtualBox the `.ovf` to import.
+    pub disk: PathBuf,
+    /// "qcow2", "raw", "ovf", "vmdk".
+    pub format: String,
+    /// Direct kernel boot (boxes built from a Debian mirror have no bootloader).
+    pub kernel: Option<PathBuf>,
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line for direct boot.
+    pub cmdline: Option<String>,
+    pub firmware: crate::config::Firmware,
+}
 
 /// The cache root: `$PROVISIONER_CACHE_DIR`, else `~/.cache/provisioner`.
 pub fn cache_dir() -> PathBuf {

@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 
 use crate::process::Cmd;
-use crate::provider::BoxImage;
+use super::BoxImage;
 
 pub const KERNEL: &str = "vmlinuz";
 pub const INITRD: &str = "initrd.img";

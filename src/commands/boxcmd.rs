@@ -103,15 +103,7 @@ fn remote_host(ctx: &Ctx, uri: Option<&str>) -> Result<crate::provider::libvirt:
         Err(e) => return Err(e),
     };
     let uri = uri.unwrap_or(&cfg_uri);
-    let lv = crate::provider::libvirt::Libvirt::for_uri(uri, &pool)?;
-    let Some(r) = lv.remote() else {
-        anyhow::bail!(
-            "{uri:?} is not a remote libvirt host; boxes are uploaded only to qemu+ssh:// or qemu+libssh:// hosts\n\
-             hint: give --host qemu+ssh://USER@HOST/system (or set [libvirt] uri)"
-        );
-    };
-    r.check_known()?;
-    Ok(lv)
+    crate::provider::libvirt::Libvirt::for_remote_uri(uri, &pool)
 }
 
 fn upload(ctx: &Ctx, uri: Option<&str>) -> Result<i32> {

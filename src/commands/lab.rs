@@ -8,7 +8,7 @@ use anyhow::Result;
 use serde_json::json;
 
 use crate::boxes::lab::{self, LabInputs, LabMeta, Labs};
-use crate::config::Config;
+use crate::config::{Config, ProviderKind};
 use crate::machine::StateDir;
 use crate::provider::{MachineSpec, Provider};
 use crate::ui::Ui;
@@ -33,7 +33,7 @@ pub fn plan(
     box_id: &str,
     ui: &Ui,
 ) -> Result<Option<Plan>> {
-    if !cfg.machine.cache_lab || provider != "libvirt" {
+    if !cfg.machine.cache_lab || ProviderKind::parse(provider) != Some(ProviderKind::Libvirt) {
         return Ok(None);
     }
     let inputs = LabInputs {

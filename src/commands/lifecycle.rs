@@ -14,7 +14,7 @@ use serde_json::json;
 use super::plan::Plan;
 use super::Ctx;
 use crate::cli::{DestroyArgs, HaltArgs, UpArgs};
-use crate::config::{Config, Forward};
+use crate::config::{Config, Forward, ProviderKind};
 use crate::machine::identity::MachineId;
 use crate::machine::lock::MachineLock;
 use crate::machine::state::MachineState;
@@ -455,7 +455,7 @@ fn boot(
     ph.done("cidata");
 
     // KVM vs TCG is a QEMU choice; VirtualBox picks its own execution engine.
-    if let (Some(w), "libvirt") = (&accel.warning, p.name()) {
+    if let (Some(w), ProviderKind::Libvirt) = (&accel.warning, p.kind()) {
         ui.warn(w);
     }
     let ssh = &forwards[0];
@@ -465,7 +465,7 @@ fn boot(
         box_id: Some(base.id.clone()),
         ssh_host: Some(ssh.host_ip.clone()),
         ssh_port: Some(ssh.host),
-        libvirt_uri: (p.name() == "libvirt").then(|| m.cfg.libvirt.uri.clone()),
+        libvirt_uri: (p.kind() == ProviderKind::Libvirt).then(|| m.cfg.libvirt.uri.clone()),
         accel: Some(accel.label().to_string()),
         ..st
     };
@@ -515,12 +515,11 @@ fn private_nic(cfg: &Config) -> Result<Option<crate::provider::PrivateNic>> {
         .with_context(|| format!("resolve the project directory {}", cfg.base_dir().display()))?;
     let project = project.to_string_lossy();
     let name = crate::provider::network::net_name(&project, &member.network.name);
-    let isolated = member.network.isolated && cfg.libvirt.uri.ends_with("/system");
     Ok(Some(crate::provider::PrivateNic {
         ip: member.ip,
         prefix: member.prefix,
         mac: crate::provider::network::mac_for(&project, &cfg.machine.name),
-        net: crate::provider::PrivateNet::new(&name, isolated),
+        net: crate::provider::PrivateNet::for_uri(&name, member.network.isolated, &cfg.libvirt.uri),
     }))
 }
 

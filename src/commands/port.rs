@@ -97,19 +97,20 @@ pub fn port(ctx: &Ctx, args: &PortArgs) -> Result<i32> {
 /// `port --local`: mirror a remote machine's forwards on the local 127.0.0.1 until interrupted.
 fn local(ctx: &Ctx, m: &Machine, forwards: &[Forward]) -> Result<i32> {
     let ep = crate::ssh::Endpoint::for_machine(&m.cfg, &m.state)?;
-    let Some(via) = &ep.via else {
+    let guest = ep.guest_addr();
+    let Some(far) = guest.host.remote() else {
         bail!(
             "machine `{}` runs on this machine: its forwards already listen here (`provisioner port` lists them)\n\
              hint: --local is for machines on a remote libvirt host (qemu+ssh://)",
             m.cfg.machine.name
         );
     };
-    ep.open_tunnel()?;
+    guest.open_route()?;
     print!("{}", forwards_table(forwards));
     ctx.ui.info(format!(
         "forwarding 127.0.0.1:PORT here to 127.0.0.1:PORT on {} (ports {}); Ctrl-C stops",
-        via.host.destination(),
-        via.ports.iter().map(u16::to_string).collect::<Vec<_>>().join(", ")
+        far.destination(),
+        guest.ports.iter().map(u16::to_string).collect::<Vec<_>>().join(", ")
     ));
     loop {
         crate::process::sleep_interruptible(std::time::Duration::from_secs(3600));

@@ -120,7 +120,7 @@ pub fn package(ctx: &Ctx, args: &PackageArgs) -> Result<i32> {
     let t = target(ctx)?;
     let _lock = MachineLock::acquire(&t.state, "package")?;
     let ui = &ctx.ui;
-    if t.p.name() != "libvirt" {
+    if t.p.kind() != crate::config::ProviderKind::Libvirt {
         bail!(
             "`package` writes vagrant-libvirt boxes and needs the libvirt provider; this machine runs on {}\nhint: \
              VirtualBox users: `VBoxManage export {} -o box.ova` exports the VM",

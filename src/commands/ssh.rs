@@ -47,25 +47,12 @@ fn options(t: &Target) -> Vec<(&'static str, String)> {
         ("GlobalKnownHostsFile", "/dev/null".into()),
         ("LogLevel", "ERROR".into()),
     ];
-    if let Some(via) = &t.ep.via {
-        // A machine on a remote libvirt host: its forward is on that host's loopback. `-W` through the host with
-        // the host's key checked as for virsh (`-J` would not apply the URI's key file to the jump).
-        opts.push(("ProxyCommand", proxy_command(&via.host)));
-    }
+    // A machine on a remote libvirt host: its forward is on that host's loopback, reached through the host.
+    opts.extend(t.ep.guest_addr().proxy_command().map(|proxy| ("ProxyCommand", proxy)));
     if let Some(socket) = &t.control {
         opts.extend(control::options(socket));
     }
     opts
-}
-
-/// `ssh ... -W %h:%p HOST` for the libvirt host: every argument shell-quoted, `%` escaped but in `%h:%p`.
-pub fn proxy_command(host: &crate::provider::libvirt::remote::RemoteHost) -> String {
-    let mut words: Vec<String> = vec!["ssh".into()];
-    words.extend(host.ssh_args().iter().map(|a| shell_quote(&a.replace('%', "%%"))));
-    words.push("-W".into());
-    words.push("%h:%p".into());
-    words.push(shell_quote(&host.host.replace('%', "%%")));
-    words.join(" ")
 }
 
 pub fn ssh(ctx: &Ctx, args: &SshArgs) -> Result<i32> {
@@ -73,8 +60,8 @@ pub fn ssh(ctx: &Ctx, args: &SshArgs) -> Result<i32> {
     // Fail with a useful message rather than ssh's bare "Connection refused" when the machine is down. A live
     // master proves the machine answers, and spares the guest's sshd a connection per call.
     let via_master = t.control.as_deref().is_some_and(control::master_alive);
-    if !via_master && t.ep.via.is_none() {
-        if let Err(e) = std::net::TcpStream::connect_timeout(&t.ep.addr, std::time::Duration::from_secs(5)) {
+    if !via_master {
+        if let Err(e) = t.ep.guest_addr().probe(std::time::Duration::from_secs(5)) {
             bail!(
                 "machine `{}` is not reachable over SSH at {}: {e}\nhint: is it running? check `provisioner status`; \
                  `provisioner up` starts it",
@@ -177,11 +164,9 @@ mod tests {
 
     #[test]
     fn proxy_command_goes_through_the_libvirt_host_with_its_key_checked() {
-        let h = crate::provider::libvirt::remote::parse(
-            "qemu+ssh://root@10.201.3.2:2200/system?keyfile=/k%20x&known_hosts=/kh",
-        )
-        .unwrap();
-        let p = proxy_command(&h);
+        let h = crate::host::remote::parse("qemu+ssh://root@10.201.3.2:2200/system?keyfile=/k%20x&known_hosts=/kh")
+            .unwrap();
+        let p = h.proxy_command();
         assert!(
             p.starts_with("ssh -o UserKnownHostsFile=/kh -o StrictHostKeyChecking=yes -o BatchMode=yes"),
             "{p}"

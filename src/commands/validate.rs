@@ -124,11 +124,8 @@ fn check_remote_host(cfg: &Config) -> Result<()> {
     if cfg.machine.provider == crate::config::ProviderKind::Virtualbox {
         return Ok(());
     }
-    let Some(host) = crate::provider::libvirt::remote::parse(&cfg.libvirt.uri) else { return Ok(()) };
-    if host.is_known()? {
-        return Ok(());
-    }
-    let text = host.unknown_host_error().to_string();
+    let Some(e) = crate::host::Host::from_uri(&cfg.libvirt.uri).unknown_key()? else { return Ok(()) };
+    let text = e.to_string();
     let (message, hint) = text.split_once("\nhint: ").unwrap_or((&text, ""));
     let mut d = cfg.diagnostic_at(&["libvirt", "uri"], message);
     d.hint = (!hint.is_empty()).then(|| hint.to_string());

@@ -445,7 +445,7 @@ fn expand(path: &Path, bytes: &[u8]) -> anyhow::Result<Vec<Config>> {
             None
         }
     };
-    if pf.network.isolated && !pf.libvirt.uri.ends_with("/system") {
+    if pf.network.isolated && !super::is_system_instance(&pf.libvirt.uri) {
         errors.push(err(
             &src,
             &["network", "isolated"],

@@ -43,6 +43,12 @@ fn problem(message: impl Into<String>, hint: impl Into<String>) -> Result<(), Ur
     Err(UriProblem { message: message.into(), hint: hint.into() })
 }
 
+/// Whether `uri` names libvirt's system instance (`qemu:///system`, `qemu+ssh://HOST/system`): the one that may
+/// make host-side networks such as an isolated private network (a session instance cannot).
+pub fn is_system_instance(uri: &str) -> bool {
+    uri.ends_with("/system")
+}
+
 /// Check a libvirt URI against the rules in the module docs.
 pub fn check_libvirt_uri(uri: &str) -> Result<(), UriProblem> {
     if uri.chars().any(|c| c.is_control() || c.is_whitespace()) {

@@ -16,7 +16,7 @@ use serde_json::json;
 
 use super::{network, Lookup, MachineSpec, Provider, VmState};
 pub use crate::accel::decide_accel;
-use crate::config::{Config, Firmware, Forward, Protocol};
+use crate::config::{Config, Firmware, Forward, Protocol, ProviderKind};
 use crate::machine::state::MachineState;
 use crate::machine::StateDir;
 use crate::process::Cmd;
@@ -32,6 +32,8 @@ const VIRSH_TIMEOUT: Duration = Duration::from_secs(60);
 
 pub mod remote;
 
+use crate::host::{Host, RemoteHost};
+
 pub struct Libvirt {
     /// The URI as the user wrote it (shown in messages).
     pub uri: String,
@@ -39,8 +41,8 @@ pub struct Libvirt {
     conn: String,
     /// Storage pool for a remote host's volumes.
     pool: String,
-    /// The SSH host of a remote URI.
-    remote: Option<remote::RemoteHost>,
+    /// The host the URI names: this machine, or a remote one reached over SSH.
+    host: Host,
 }
 
 impl Libvirt {
@@ -54,17 +56,31 @@ impl Libvirt {
         crate::config::check_libvirt_uri(uri).map_err(|p| {
             anyhow::anyhow!("the libvirt URI \"{}\" {}\nhint: {}", crate::text::shown(uri), p.message, p.hint)
         })?;
-        let remote = remote::parse(uri);
-        let conn = match &remote {
-            Some(r) => r.connect_uri(uri, &r.write_wrapper()?),
-            None => uri.to_string(),
+        let host = Host::from_uri(uri);
+        let conn = match &host {
+            Host::Remote(r) => r.connect_uri(uri, &remote::write_wrapper(r)?),
+            Host::Local => uri.to_string(),
         };
-        Ok(Self { uri: uri.to_string(), conn, pool: pool.to_string(), remote })
+        Ok(Self { uri: uri.to_string(), conn, pool: pool.to_string(), host })
+    }
+
+    /// A connection to the remote host of `uri` (for its box pool), its key checked against known_hosts; a URI of
+    /// this machine is refused.
+    pub fn for_remote_uri(uri: &str, pool: &str) -> Result<Self> {
+        let lv = Self::for_uri(uri, pool)?;
+        let Some(r) = lv.remote() else {
+            anyhow::bail!(
+                "{uri:?} is not a remote libvirt host; boxes are uploaded only to qemu+ssh:// or qemu+libssh:// hosts\n\
+                 hint: give --host qemu+ssh://USER@HOST/system (or set [libvirt] uri)"
+            );
+        };
+        r.check_known()?;
+        Ok(lv)
     }
 
     /// The remote SSH host, for a `qemu+ssh://` or `qemu+libssh://` URI.
-    pub fn remote(&self) -> Option<&remote::RemoteHost> {
-        self.remote.as_ref()
+    pub fn remote(&self) -> Option<&RemoteHost> {
+        self.host.remote()
     }
 
     fn virsh(&self) -> Cmd {
@@ -76,7 +92,7 @@ impl Libvirt {
         let out = self.virsh().args(args).output()?;
         if !out.success() {
             let err = out.stderr.trim();
-            if let Some(e) = self.remote.as_ref().and_then(|r| r.host_key_failure(err)) {
+            if let Some(e) = self.host.host_key_failure(err) {
                 return Err(e);
             }
             if is_connect_error(err) {
@@ -89,14 +105,14 @@ impl Libvirt {
 
     /// A failed virsh call: the "not reachable" error (with the host key advice) when it is one, else `what` failed.
     fn unreachable_or(&self, err: &str, what: &str) -> anyhow::Error {
-        if self.remote.as_ref().and_then(|r| r.host_key_failure(err)).is_some() || is_connect_error(err) {
+        if self.host.host_key_failure(err).is_some() || is_connect_error(err) {
             return self.unreachable(err);
         }
         anyhow::anyhow!("{what} failed: {err}")
     }
 
     fn unreachable(&self, err: &str) -> anyhow::Error {
-        if let Some(r) = &self.remote {
+        if let Some(r) = self.host.remote() {
             if let Some(e) = r.host_key_failure(err) {
                 return e;
             }
@@ -133,9 +149,7 @@ impl Libvirt {
     fn ensure_daemon(&self) -> Result<()> {
         // SAFETY: geteuid has no preconditions.
         let may_start = self.is_local() && unsafe { libc::geteuid() } == 0;
-        if let Some(r) = &self.remote {
-            r.check_known()?;
-        }
+        self.host.check_known()?;
         if may_start {
             ensure_virtlogd()?;
         }
@@ -449,6 +463,10 @@ impl Provider for Libvirt {
         "libvirt"
     }
 
+    fn kind(&self) -> ProviderKind {
+        ProviderKind::Libvirt
+    }
+
     fn preflight(&self) -> Result<()> {
         which::which("virsh").map_err(|_| {
             anyhow::anyhow!(
@@ -456,7 +474,7 @@ impl Provider for Libvirt {
                  scripts/host-deps.sh, or `apt-get install libvirt-clients libvirt-daemon-system`)"
             )
         })?;
-        if self.remote.is_none() {
+        if !self.host.is_remote() {
             which::which("qemu-img").map_err(|_| {
                 anyhow::anyhow!("`qemu-img` was not found on PATH\nhint: install qemu-utils (Debian/Ubuntu)")
             })?;
@@ -488,7 +506,7 @@ impl Provider for Libvirt {
 
     fn lookup(&self, vm_name: &str, state: &StateDir) -> Result<Lookup> {
         // The marker and the state in one virsh connection (one SSH handshake on a remote host), as a virsh batch.
-        let name = crate::ssh::shell_quote(vm_name);
+        let name = crate::host::shell_quote(vm_name);
         let out = self.virsh().arg(format!("dumpxml -- {name}; domstate --reason -- {name}")).output()?;
         if !out.success() {
             if is_no_domain(&out.stderr) {
@@ -521,7 +539,7 @@ impl Provider for Libvirt {
             self.ensure_network(&nic.net.name)?;
         }
         let uuid = existing.as_deref().and_then(domain_uuid);
-        if self.remote.is_some() {
+        if self.host.is_remote() {
             let paths = self.remote_volumes(spec)?;
             return self.define_with(spec, uuid, &paths);
         }
@@ -577,7 +595,7 @@ impl Provider for Libvirt {
                 self.remove_network_if_unused(&net)?;
             }
         }
-        if self.remote.is_some() {
+        if self.host.is_remote() {
             self.delete_machine_volumes(vm_name)?;
         }
         // Our disks are plain files in the state dir (no storage pool): remove them ourselves.
@@ -599,9 +617,9 @@ impl Provider for Libvirt {
     }
 
     fn serial_console(&self, vm_name: &str, state: &StateDir) -> (String, String) {
-        match self.remote {
-            Some(_) => self.remote_serial_console(vm_name),
-            None => super::local_serial_console(state),
+        match self.host {
+            Host::Remote(_) => self.remote_serial_console(vm_name),
+            Host::Local => super::local_serial_console(state),
         }
     }
 
@@ -649,7 +667,7 @@ impl Provider for Libvirt {
     }
 
     fn lab_capture(&self, vm_name: &str, state: &StateDir, into: &Path) -> Result<Option<String>> {
-        if self.remote.is_some() {
+        if self.host.is_remote() {
             // The memory image and disk live on the remote host; a cached lab is local only.
             return Ok(None);
         }

@@ -11,8 +11,9 @@ use std::time::Duration;
 use anyhow::Result;
 use serde::Serialize;
 
-use crate::config::{Config, Firmware, Forward, ProviderKind};
+use crate::config::{Config, Forward, ProviderKind};
 use crate::machine::StateDir;
+pub use crate::boxes::BoxImage;
 pub use network::{PrivateNet, PrivateNic};
 
 /// Live run state as the hypervisor reports it. In JSON it is always a string: the snake_case name of a known
@@ -91,23 +92,6 @@ pub enum Lookup {
     Foreign { owner: Option<String> },
 }
 
-/// A base box ready for a provider: a disk image (and, for boxes built from a mirror, kernel + initrd).
-#[derive(Debug, Clone)]
-pub struct BoxImage {
-    /// Cache id (content hash based).
-    pub id: String,
-    /// Disk image: qcow2/raw for libvirt; for VirtualBox the `.ovf` to import.
-    pub disk: PathBuf,
-    /// "qcow2", "raw", "ovf", "vmdk".
-    pub format: String,
-    /// Direct kernel boot (boxes built from a Debian mirror have no bootloader).
-    pub kernel: Option<PathBuf>,
-    pub initrd: Option<PathBuf>,
-    /// Kernel command line for direct boot.
-    pub cmdline: Option<String>,
-    pub firmware: Firmware,
-}
-
 /// Everything a provider needs to create a machine.
 #[derive(Debug, Clone)]
 pub struct MachineSpec {
@@ -133,6 +117,8 @@ pub struct MachineSpec {
 pub trait Provider {
     /// "libvirt" / "virtualbox".
     fn name(&self) -> &'static str;
+    /// Which provider this is (never [`ProviderKind::Auto`]): what callers branch on instead of the name.
+    fn kind(&self) -> ProviderKind;
     /// Check the host can run this provider (CLI present, daemon reachable, ...); errors say what to install/start.
     fn preflight(&self) -> Result<()>;
     /// Live state of the VM named `vm_name` (one hypervisor call).
@@ -215,8 +201,8 @@ pub fn owner_exists(owner: Option<&str>) -> bool {
 /// The refusal for a recorded VM that belongs to another project (or that provisioner did not make).
 pub fn foreign_vm(provider: &str, vm: &str, owner: Option<&str>, state: &StateDir) -> anyhow::Error {
     let ours = state.root.display();
-    let what = match provider {
-        "virtualbox" => format!("VirtualBox VM {vm}"),
+    let what = match ProviderKind::parse(provider) {
+        Some(ProviderKind::Virtualbox) => format!("VirtualBox VM {vm}"),
         _ => format!("libvirt domain {vm}"),
     };
     match owner {
@@ -244,8 +230,8 @@ pub fn foreign_vm(provider: &str, vm: &str, owner: Option<&str>, state: &StateDi
 }
 
 fn remove_by_hand(provider: &str, vm: &str) -> String {
-    match provider {
-        "virtualbox" => format!("`VBoxManage unregistervm {vm} --delete-all`"),
+    match ProviderKind::parse(provider) {
+        Some(ProviderKind::Virtualbox) => format!("`VBoxManage unregistervm {vm} --delete-all`"),
         _ => format!("`virsh undefine {vm}`"),
     }
 }

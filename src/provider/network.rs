@@ -44,6 +44,12 @@ pub struct PrivateNet {
 
 impl PrivateNet {
     /// The network called `name`, with its multicast group and port derived from the name.
+    /// The network a `[network]` asking for `isolated` gets on the libvirt instance of `libvirt_uri`: an isolated
+    /// libvirt network on the system instance, else (session, VirtualBox) the multicast socket.
+    pub fn for_uri(name: &str, isolated: bool, libvirt_uri: &str) -> PrivateNet {
+        PrivateNet::new(name, isolated && crate::config::is_system_instance(libvirt_uri))
+    }
+
     pub fn new(name: &str, isolated_libvirt_network: bool) -> PrivateNet {
         let (mcast_group, port) = mcast_for(name);
         PrivateNet { name: name.to_string(), mcast_group, port, isolated_libvirt_network }
@@ -179,5 +185,13 @@ mod tests {
         let xml = isolated_network_xml("provisioner-0123abcd-private");
         assert!(xml.contains("<name>provisioner-0123abcd-private</name>"));
         assert!(!xml.contains("<forward") && !xml.contains("<ip") && !xml.contains("<dhcp"), "{xml}");
+    }
+
+    #[test]
+    fn only_the_system_instance_gets_an_isolated_network() {
+        assert!(PrivateNet::for_uri("n", true, "qemu:///system").isolated_libvirt_network);
+        assert!(PrivateNet::for_uri("n", true, "qemu+ssh://root@h/system").isolated_libvirt_network);
+        assert!(!PrivateNet::for_uri("n", true, "qemu:///session").isolated_libvirt_network);
+        assert!(!PrivateNet::for_uri("n", false, "qemu:///system").isolated_libvirt_network);
     }
 }

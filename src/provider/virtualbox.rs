@@ -597,6 +597,10 @@ impl Provider for VirtualBox {
         "virtualbox"
     }
 
+    fn kind(&self) -> crate::config::ProviderKind {
+        crate::config::ProviderKind::Virtualbox
+    }
+
     fn preflight(&self) -> Result<()> {
         self.version().map(drop)
     }

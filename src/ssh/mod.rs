@@ -6,7 +6,6 @@
 //! forever nor lets the connection idle out.
 
 pub mod control;
-pub mod tunnel;
 
 use std::io::{BufWriter, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -37,25 +36,31 @@ pub struct Endpoint {
     /// The pinned host public key, `ssh-ed25519 AAAA...`.
     pub host_key: String,
     /// A machine on a remote libvirt host: `addr` is on that host's loopback, reached through it (these ports
-    /// mirrored locally by [`tunnel`] for ssh2 and HTTP; ProxyCommand for the system `ssh`).
+    /// mirrored locally by [`crate::host::tunnel`] for ssh2 and HTTP; ProxyCommand for the system `ssh`).
     pub via: Option<Via>,
 }
 
 /// The libvirt host a remote machine's forwards listen on, and the host ports to mirror (SSH first).
 #[derive(Debug, Clone)]
 pub struct Via {
-    pub host: crate::provider::libvirt::remote::RemoteHost,
+    pub host: crate::host::RemoteHost,
     pub ports: Vec<u16>,
 }
 
 impl Endpoint {
+    /// How the guest is reached: its address and the route there (direct, or through its remote host).
+    pub fn guest_addr(&self) -> crate::host::GuestAddr {
+        use crate::host::{GuestAddr, Host};
+        match &self.via {
+            Some(v) => GuestAddr { addr: self.addr, host: Host::Remote(v.host.clone()), ports: v.ports.clone() },
+            None => GuestAddr { addr: self.addr, host: Host::Local, ports: vec![self.addr.port()] },
+        }
+    }
+
     /// For a machine on a remote host: mirror its forwards on the local 127.0.0.1 for this process (so the
     /// recorded 127.0.0.1:PORT addresses work here). Nothing for a local machine.
     pub fn open_tunnel(&self) -> Result<()> {
-        match &self.via {
-            Some(v) => tunnel::ensure(&v.host, &v.ports),
-            None => Ok(()),
-        }
+        self.guest_addr().open_route()
     }
 }
 
@@ -93,8 +98,8 @@ impl Endpoint {
         let via = ms
             .libvirt_uri
             .as_deref()
-            .filter(|_| ms.provider == "libvirt")
-            .and_then(crate::provider::libvirt::remote::parse)
+            .filter(|_| crate::config::ProviderKind::parse(&ms.provider) == Some(crate::config::ProviderKind::Libvirt))
+            .and_then(|uri| crate::host::Host::from_uri(uri).remote().cloned())
             .map(|host| {
                 let mut ports = vec![port];
                 ports.extend(
@@ -387,14 +392,7 @@ fn millis(d: Duration) -> u32 {
     d.as_millis().clamp(1, u32::MAX as u128) as u32
 }
 
-/// Quote a string for a POSIX shell (single quotes).
-pub fn shell_quote(s: &str) -> String {
-    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_./=:,+@%".contains(&b)) {
-        s.to_string()
-    } else {
-        format!("'{}'", s.replace('\'', r"'\''"))
-    }
-}
+pub use crate::host::shell_quote;
 
 /// A running remote command: its channel (stderr merged into stdout), output split into lines, and a deadline.
 struct Exec<'a> {
@@ -567,6 +565,33 @@ impl Write for Exec<'_> {
 #[cfg(test)]
 mod tests {
     use super::shell_quote;
+
+    #[test]
+    fn the_recorded_libvirt_host_decides_the_route_to_the_guest() {
+        use super::{Endpoint, MachineState, StateDir};
+        let dir = tempfile::tempdir().unwrap();
+        let text = "[machine]\nname = \"t\"\n\n[box]\nurl = \"https://example.org/b.box\"\nsha256 = \"{}\"\n";
+        let path = dir.path().join("box-config.toml");
+        let text = text.replace("{}", &"a".repeat(64));
+        let cfg = crate::config::Config::from_bytes(&path, text.as_bytes()).unwrap();
+        let state = StateDir::at(dir.path().join(".provisioner"));
+        let far = "qemu+ssh://root@10.201.0.2/system?known_hosts=/kh";
+        let ms = |provider: &str, uri: &str| MachineState {
+            provider: provider.into(),
+            ssh_port: Some(2222),
+            libvirt_uri: Some(uri.into()),
+            ..Default::default()
+        };
+        let ep = Endpoint::from_state(&cfg, &state, Some(&ms("libvirt", far)), "").unwrap();
+        let g = ep.guest_addr();
+        assert!(!g.is_direct() && g.ports[0] == 2222, "{g:?}");
+        assert!(g.proxy_command().unwrap().ends_with(" -l root -W %h:%p 10.201.0.2"));
+        for (provider, uri) in [("libvirt", "qemu:///system"), ("virtualbox", far)] {
+            let ep = Endpoint::from_state(&cfg, &state, Some(&ms(provider, uri)), "").unwrap();
+            assert!(ep.guest_addr().is_direct(), "{provider} {uri}");
+            assert_eq!(ep.guest_addr().proxy_command(), None);
+        }
+    }
 
     #[test]
     fn shell_quote_quotes_only_when_needed() {

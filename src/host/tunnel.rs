@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 
-use crate::provider::libvirt::remote::RemoteHost;
+use super::RemoteHost;
 
 /// libssh2's "would block".
 const EAGAIN: i32 = -37;
@@ -125,7 +125,7 @@ fn authenticate(sess: &ssh2::Session, host: &RemoteHost, user: &str) -> Result<(
     if sess.userauth_agent(user).is_ok() && sess.authenticated() {
         return Ok(());
     }
-    let home = crate::provider::libvirt::remote::default_known_hosts();
+    let home = super::default_known_hosts();
     let ssh_dir = home.parent().map(Path::to_path_buf).unwrap_or_default();
     for name in ["id_ed25519", "id_ecdsa", "id_rsa"] {
         let k = ssh_dir.join(name);
