@@ -59,27 +59,14 @@ impl Machine {
         Ok((vm, live))
     }
 
-    /// For `status`, `halt` and `destroy`: an edit that breaks box-config.toml must not lock the user out of a
-    /// machine that exists. When the file does not validate, the machine is found from what still reads of it
-    /// and from its recorded state (provider, libvirt URI, VM name), with a warning carrying the errors.
+    /// For `status`, `port`, `halt` and `destroy`: an edit that breaks box-config.toml must not lock the user out
+    /// of a machine that exists. When the file does not validate (the project was loaded leniently, [`Ctx::invalid`]),
+    /// the machine is found from what still reads of it and from its recorded state (provider, libvirt URI, VM
+    /// name), with a warning carrying the errors.
     pub(super) fn load_existing(ctx: &Ctx) -> Result<Self> {
-        if ctx.member.is_some() {
-            // A machine of a `[[machine]]` file: the project validated as a whole.
-            return Self::load(ctx);
-        }
-        let path = &ctx.global.config;
-        let (cfg, invalid) = match Config::load_lenient(path) {
-            Ok(pair) => pair,
-            Err(e) => {
-                // Not even the machine name reads: the state beside the file may still name the machine.
-                let recorded = MachineState::load(&StateDir::beside(path)).ok().flatten();
-                match recorded.as_ref().and_then(|st| machine_name_of(&st.vm_name)) {
-                    Some(name) => (Config::stand_in(path, name), Some(e)),
-                    None => return Err(e),
-                }
-            }
-        };
-        let Some(invalid) = invalid else {
+        let cfg = ctx.config()?;
+        let path = cfg.path.clone();
+        let Some(invalid) = &ctx.invalid else {
             return Self::new(ctx, cfg);
         };
         let mut m = Self::new(ctx, cfg)?;
@@ -181,7 +168,7 @@ fn cloud_init_clean(result_json: &str) -> bool {
 }
 
 /// The machine name inside a VM name made by [`provider::vm_name`]: `provisioner-NAME-HASH8`.
-fn machine_name_of(vm_name: &str) -> Option<&str> {
+pub(super) fn machine_name_of(vm_name: &str) -> Option<&str> {
     let rest = vm_name.strip_prefix("provisioner-")?;
     let (name, hash) = rest.rsplit_once('-')?;
     (hash.len() == 8 && crate::config::valid_machine_name(name)).then_some(name)
@@ -584,59 +571,6 @@ fn serial_tail(text: &str, place: &str) -> String {
     )
 }
 
-pub fn status(ctx: &Ctx) -> Result<i32> {
-    let m = Machine::load_existing(ctx)?;
-    let name = &m.cfg.machine.name;
-    let Some(st) = MachineState::load(&m.state)? else {
-        if ctx.ui.json() {
-            println!("{}", json!({"machine": name, "state": VmState::NotCreated}));
-        } else {
-            println!("{name}: not created");
-        }
-        return Ok(crate::exit::OK);
-    };
-    let p = provider::select(&m.cfg)?;
-    let vm = vm_ref(Some(&st), &m.vm_name);
-    let live = match p.lookup(&vm, &m.state)? {
-        Lookup::NotCreated => VmState::NotCreated,
-        Lookup::Mine(live) => live,
-        Lookup::Foreign { owner } => {
-            let why = foreign_note(owner.as_deref());
-            if ctx.ui.json() {
-                println!(
-                    "{}",
-                    json!({"machine": name, "state": "foreign", "provider": p.name(), "vm_name": st.vm_name,
-                           "owner": owner, "message": format!("recorded VM belongs to another project ({why})")})
-                );
-            } else {
-                let refusal =
-                    format!("{:#}", provider::foreign_vm(p.name(), &vm, owner.as_deref(), &m.state));
-                let hint = refusal.lines().last().unwrap_or_default();
-                println!("{name}: recorded VM belongs to another project ({why})\n{hint}");
-            }
-            return Ok(crate::exit::OK);
-        }
-    };
-    let ssh = ssh_of(&st);
-    let forwards =
-        if live == VmState::NotCreated { Vec::new() } else { super::port::machine_forwards(&m.cfg, &st) };
-    if ctx.ui.json() {
-        println!(
-            "{}",
-            json!({"machine": name, "state": live, "provider": p.name(), "vm_name": st.vm_name, "ssh": ssh,
-                   "accel": st.accel, "forwards": super::port::forwards_json(&forwards)})
-        );
-    } else {
-        match (&live, ssh) {
-            (VmState::Running, Some(ssh)) => println!("{name}: running ({}, {ssh})", p.name()),
-            (VmState::NotCreated, _) => println!("{name}: not created"),
-            (other, _) => println!("{name}: {other} ({})", p.name()),
-        }
-        print!("{}", super::port::forwards_table(&forwards));
-    }
-    Ok(crate::exit::OK)
-}
-
 /// What `status` says of a recorded VM's owner.
 fn foreign_note(owner: Option<&str>) -> String {
     match owner {
@@ -653,27 +587,48 @@ fn ssh_of(st: &MachineState) -> Option<String> {
     }
 }
 
-/// One machine's line of the multi-machine `status` table.
+/// One machine's status, as the hypervisor reports it (asked once); [`print_status`] shows the machine of a
+/// `[machine]` file, the table of `[[machine]]` files shows a row per machine.
 pub(super) struct StatusRow {
     pub machine: String,
     pub state: String,
     pub provider: Option<String>,
     pub vm_name: Option<String>,
+    /// The recorded SSH endpoint.
     pub ssh: Option<String>,
     pub error: Option<String>,
+    /// The live state (None: never created, no state.json).
+    live: Option<VmState>,
+    accel: Option<String>,
+    forwards: Vec<Forward>,
+    /// A recorded VM of another project: its owner and the last line (hint) of the refusal.
+    foreign: Option<(Option<String>, String)>,
 }
 
 impl StatusRow {
     pub fn error(machine: &str, e: &anyhow::Error) -> Self {
         let first = format!("{e}").lines().next().unwrap_or_default().to_string();
+        StatusRow { error: Some(first), ..Self::blank(machine, "unknown") }
+    }
+
+    fn blank(machine: &str, state: &str) -> Self {
         StatusRow {
             machine: machine.to_string(),
-            state: "unknown".into(),
+            state: state.into(),
             provider: None,
             vm_name: None,
             ssh: None,
-            error: Some(first),
+            error: None,
+            live: None,
+            accel: None,
+            forwards: Vec::new(),
+            foreign: None,
         }
+    }
+
+    /// The SSH endpoint of the table: none for a machine that is not created.
+    pub fn table_ssh(&self) -> Option<String> {
+        self.ssh.clone().filter(|_| self.live.as_ref().is_some_and(|l| *l != VmState::NotCreated))
     }
 }
 
@@ -682,36 +637,83 @@ pub(super) fn status_row(ctx: &Ctx) -> Result<StatusRow> {
     let m = Machine::load_existing(ctx)?;
     let machine = m.cfg.machine.name.clone();
     let Some(st) = MachineState::load(&m.state)? else {
-        let state = VmState::NotCreated.to_string();
-        return Ok(StatusRow { machine, state, provider: None, vm_name: None, ssh: None, error: None });
+        return Ok(StatusRow::blank(&machine, &VmState::NotCreated.to_string()));
     };
     let p = provider::select(&m.cfg)?;
-    let live = match p.lookup(&vm_ref(Some(&st), &m.vm_name), &m.state)? {
+    let vm = vm_ref(Some(&st), &m.vm_name);
+    let recorded = StatusRow {
+        provider: Some(p.name().to_string()),
+        vm_name: Some(st.vm_name.clone()),
+        ..StatusRow::blank(&machine, "")
+    };
+    let live = match p.lookup(&vm, &m.state)? {
         Lookup::NotCreated => VmState::NotCreated,
         Lookup::Mine(live) => live,
         Lookup::Foreign { owner } => {
+            let refusal = format!("{:#}", provider::foreign_vm(p.name(), &vm, owner.as_deref(), &m.state));
+            let hint = refusal.lines().last().unwrap_or_default().to_string();
             return Ok(StatusRow {
-                machine,
                 state: "foreign".into(),
-                provider: Some(p.name().to_string()),
-                vm_name: Some(st.vm_name.clone()),
-                ssh: None,
                 error: Some(format!(
                     "recorded VM belongs to another project ({})",
                     foreign_note(owner.as_deref())
                 )),
-            })
+                foreign: Some((owner, hint)),
+                ..recorded
+            });
         }
     };
-    let ssh = (live != VmState::NotCreated).then(|| ssh_of(&st)).flatten();
+    let forwards =
+        if live == VmState::NotCreated { Vec::new() } else { super::port::machine_forwards(&m.cfg, &st) };
     Ok(StatusRow {
-        machine,
         state: live.to_string(),
-        provider: Some(p.name().to_string()),
-        vm_name: Some(st.vm_name.clone()),
-        ssh,
-        error: None,
+        ssh: ssh_of(&st),
+        live: Some(live),
+        accel: st.accel.clone(),
+        forwards,
+        ..recorded
     })
+}
+
+/// `status` of the machine of a `[machine]` file: its line (and forwards), or one JSON document.
+pub(super) fn print_status(ctx: &Ctx, r: &StatusRow) {
+    let name = &r.machine;
+    let provider = r.provider.as_deref().unwrap_or_default();
+    if let Some((owner, hint)) = &r.foreign {
+        let message = r.error.as_deref().unwrap_or_default();
+        if ctx.ui.json() {
+            println!(
+                "{}",
+                json!({"machine": name, "state": "foreign", "provider": provider, "vm_name": r.vm_name,
+                       "owner": owner, "message": message})
+            );
+        } else {
+            println!("{name}: {message}\n{hint}");
+        }
+        return;
+    }
+    let Some(live) = &r.live else {
+        if ctx.ui.json() {
+            println!("{}", json!({"machine": name, "state": VmState::NotCreated}));
+        } else {
+            println!("{name}: not created");
+        }
+        return;
+    };
+    if ctx.ui.json() {
+        println!(
+            "{}",
+            json!({"machine": name, "state": live, "provider": provider, "vm_name": r.vm_name, "ssh": r.ssh,
+                   "accel": r.accel, "forwards": super::port::forwards_json(&r.forwards)})
+        );
+    } else {
+        match (live, &r.ssh) {
+            (VmState::Running, Some(ssh)) => println!("{name}: running ({provider}, {ssh})"),
+            (VmState::NotCreated, _) => println!("{name}: not created"),
+            (other, _) => println!("{name}: {other} ({provider})"),
+        }
+        print!("{}", super::port::forwards_table(&r.forwards));
+    }
 }
 
 pub fn halt(ctx: &Ctx, args: &HaltArgs) -> Result<i32> {

@@ -28,6 +28,9 @@ pub struct Ctx {
     pub member: Option<Config>,
     /// The multi-machine `up`/`reload` this machine is brought up in, with other machines at once.
     pub round: Option<std::sync::Arc<multi::Round>>,
+    /// Why the `[machine]` file, loaded leniently for a command that looks after an existing machine (`status`,
+    /// `port`, `halt`, `destroy`), does not validate: the machine is then found from its recorded state.
+    pub invalid: Option<std::sync::Arc<anyhow::Error>>,
 }
 
 impl Ctx {
@@ -46,6 +49,26 @@ impl Ctx {
             ui: self.ui.for_machine(&cfg.machine.name, bars),
             member: Some(cfg.clone()),
             round: self.round.clone(),
+            invalid: self.invalid.clone(),
+        }
+    }
+
+    /// The context of one machine of `project`: output labelled with its name when the project has several
+    /// (a `[[machine]]` file), unlabelled for the machine of a `[machine]` file.
+    pub fn for_member(&self, project: &crate::config::Project, cfg: &Config) -> Ctx {
+        match project.multi {
+            true => self.for_machine(cfg, None),
+            false => Ctx { member: Some(cfg.clone()), ..self.clone_base() },
+        }
+    }
+
+    fn clone_base(&self) -> Ctx {
+        Ctx {
+            global: self.global.clone(),
+            ui: self.ui.clone(),
+            member: self.member.clone(),
+            round: self.round.clone(),
+            invalid: self.invalid.clone(),
         }
     }
     pub fn state(&self, cfg: &Config) -> StateDir {
@@ -55,15 +78,21 @@ impl Ctx {
 
 /// Run a parsed command; the returned value is the process exit code.
 pub fn dispatch(cli: Cli) -> Result<i32> {
-    let ctx =
-        Ctx { ui: Ui::new(cli.global.json, cli.global.quiet), global: cli.global, member: None, round: None };
-    let one = |name: &Option<String>, f: &dyn Fn(&Ctx) -> Result<i32>| multi::one(&ctx, name.as_deref(), f);
+    let ctx = Ctx {
+        ui: Ui::new(cli.global.json, cli.global.quiet),
+        global: cli.global,
+        member: None,
+        round: None,
+        invalid: None,
+    };
+    let one =
+        |name: &Option<String>, f: &dyn Fn(&Ctx) -> Result<i32>| multi::one(&ctx, "one", name.as_deref(), f);
     match cli.command {
         Command::Up(a) => multi::parallel(&ctx, &a.machines, a.parallel, "up", &|c| lifecycle::up(c, &a)),
         Command::Ssh(a) => one(&a.machine, &|c| ssh::ssh(c, &a)),
         Command::SshConfig(a) => multi::each(&ctx, &a.machines, &|c| ssh::ssh_config(c, &a)),
         Command::Status(a) => multi::status(&ctx, &a.machines),
-        Command::Port(a) => one(&a.machine.machine, &|c| port::port(c, &a)),
+        Command::Port(a) => multi::one(&ctx, "port", a.machine.machine.as_deref(), &|c| port::port(c, &a)),
         Command::Halt(a) => multi::parallel(&ctx, &a.machines, None, "halt", &|c| lifecycle::halt(c, &a)),
         Command::Reload(a) => {
             multi::parallel(&ctx, &a.machines, a.parallel, "reload", &|c| lifecycle::reload(c, &a))
@@ -76,6 +105,8 @@ pub fn dispatch(cli: Cli) -> Result<i32> {
         Command::Render(a) => one(&a.machine.machine, &|c| render::render(c, &a)),
         Command::Health(a) => multi::each(&ctx, &a.machines, &|c| provision::health(c, &a)),
         Command::Verify(a) => multi::verify(&ctx, &a),
+        // Load at a given URL needs no project.
+        Command::Load(a) if a.url.is_some() => load::load(&ctx, &a),
         Command::Load(a) => one(&a.machine.machine, &|c| load::load(c, &a)),
         Command::Box(crate::cli::BoxCommand::Build { force }) => {
             // Every machine's box (machines sharing one build it once: the cache holds it).

@@ -62,11 +62,6 @@ pub fn health(ctx: &Ctx, args: &HealthArgs) -> Result<i32> {
     health_code(crate::health::check(&cfg, ssh.as_ref(), &ctx.ui, Duration::from_secs(args.timeout))?)
 }
 
-pub fn verify(ctx: &Ctx, args: &VerifyArgs) -> Result<i32> {
-    let cfg = ctx.config()?;
-    verify_on(ctx, &cfg, &cfg, args)
-}
-
 /// `verify` where Prometheus runs on `monitor` and the demo app on `app` (the lab's alert path, [`crate::lab::verify`]).
 pub fn verify_on(ctx: &Ctx, monitor: &Config, app: &Config, args: &VerifyArgs) -> Result<i32> {
     super::lifecycle::refuse_foreign(monitor)?;

@@ -242,25 +242,39 @@ pub struct Project {
 }
 
 impl Project {
-    /// Read and validate a file of either form.
+    /// Read and validate a file of either form: the one load of the file per command. A `[machine]` file is a
+    /// project of one machine (its state dir and VM name are those it always had).
     pub fn load(path: &Path) -> anyhow::Result<Project> {
-        let bytes = std::fs::read(path).map_err(|e| {
-            anyhow::anyhow!(
-                "cannot read {}: {e}\nhint: run from the directory holding box-config.toml, or pass --config PATH",
-                path.display()
-            )
-        })?;
+        let bytes = read(path)?;
         if !is_multi(&bytes) {
             let cfg = Config::from_bytes(path, &bytes)?;
-            return Ok(Project { path: path.to_path_buf(), machines: vec![cfg], multi: false });
+            return Ok(Project::of_one(path, cfg));
         }
         let machines = expand(path, &bytes)?;
         Ok(Project { path: path.to_path_buf(), machines, multi: true })
     }
 
-    /// Whether the file at `path` is a `[[machine]]` file (false when it cannot be read or parsed).
-    pub fn is_multi_file(path: &Path) -> bool {
-        std::fs::read(path).is_ok_and(|b| is_multi(&b))
+    /// For commands that look after machines that exist (`status`, `port`, `halt`, `destroy`): a `[[machine]]`
+    /// file is validated as a whole (as [`Project::load`]); a `[machine]` file that no longer validates still
+    /// names its machine ([`Config::load_lenient`]), the validation error coming back beside it.
+    pub fn load_lenient(path: &Path) -> anyhow::Result<(Project, Option<anyhow::Error>)> {
+        let bytes = match std::fs::read(path) {
+            Ok(b) => b,
+            Err(_) => return Self::load(path).map(|p| (p, None)),
+        };
+        if is_multi(&bytes) {
+            return Ok((
+                Project { path: path.to_path_buf(), machines: expand(path, &bytes)?, multi: true },
+                None,
+            ));
+        }
+        let (cfg, invalid) = Config::from_bytes_lenient(path, &bytes)?;
+        Ok((Project::of_one(path, cfg), invalid))
+    }
+
+    /// The project of a `[machine]` file.
+    pub fn of_one(path: &Path, cfg: Config) -> Project {
+        Project { path: path.to_path_buf(), machines: vec![cfg], multi: false }
     }
 
     pub fn names(&self) -> Vec<&str> {
@@ -303,6 +317,15 @@ impl Project {
             ),
         }
     }
+}
+
+fn read(path: &Path) -> anyhow::Result<Vec<u8>> {
+    std::fs::read(path).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot read {}: {e}\nhint: run from the directory holding box-config.toml, or pass --config PATH",
+            path.display()
+        )
+    })
 }
 
 /// Whether the text has `machine` as an array of tables. Undecodable text is not (the single-machine loader

@@ -30,6 +30,17 @@ pub const STATE_DIR_NAME: &str = ".provisioner";
 /// In a `[[machine]]` project, each machine's state dir is `.provisioner/machines/<name>/` (same layout as above).
 pub const MACHINES_DIR: &str = "machines";
 
+/// The one rule for where a machine's state lives under its project directory `base`: `.provisioner/` for the
+/// machine of a `[machine]` file (a project of one: its state dir is unchanged since the first release, so existing
+/// machines are found), `.provisioner/machines/<name>/` for a machine of a `[[machine]]` file. Pure.
+pub fn machine_dir(base: &Path, cfg: &Config) -> PathBuf {
+    let root = base.join(STATE_DIR_NAME);
+    match &cfg.member {
+        Some(_) => root.join(MACHINES_DIR).join(&cfg.machine.name),
+        None => root,
+    }
+}
+
 /// Paths of one machine's state directory.
 #[derive(Debug, Clone)]
 pub struct StateDir {
@@ -37,12 +48,9 @@ pub struct StateDir {
 }
 
 impl StateDir {
+    /// The machine's state dir, spelt from the config's directory as given (see [`machine_dir`]).
     pub fn for_config(cfg: &Config) -> Self {
-        let dir = Self::beside(&cfg.path);
-        match &cfg.member {
-            Some(_) => Self::at(dir.root.join(MACHINES_DIR).join(&cfg.machine.name)),
-            None => dir,
-        }
+        Self::at(machine_dir(&cfg.base_dir(), cfg))
     }
     /// The state dir of the config file at `config_path`, which need not parse.
     pub fn beside(config_path: &std::path::Path) -> Self {
