@@ -1,11 +1,9 @@
 //! One function per subcommand; `dispatch` is the only place that maps the CLI to them.
 
 pub mod boxcmd;
-pub mod lab;
 pub mod lifecycle;
 pub mod load;
 mod multi;
-mod plan;
 pub mod port;
 pub mod provision;
 pub mod render;
@@ -27,7 +25,7 @@ pub struct Ctx {
     /// The machine this command acts on when it is one of a `[[machine]]` file (validated with the project).
     pub member: Option<Config>,
     /// The multi-machine `up`/`reload` this machine is brought up in, with other machines at once.
-    pub round: Option<std::sync::Arc<multi::Round>>,
+    pub round: Option<std::sync::Arc<crate::machine::round::Round>>,
     /// Why the `[machine]` file, loaded leniently for a command that looks after an existing machine (`status`,
     /// `port`, `halt`, `destroy`), does not validate: the machine is then found from its recorded state.
     pub invalid: Option<std::sync::Arc<anyhow::Error>>,
@@ -71,6 +69,17 @@ impl Ctx {
             invalid: self.invalid.clone(),
         }
     }
+    /// The machine this command acts on: its config, identity and lifecycle.
+    pub fn machine(&self) -> Result<crate::machine::Machine> {
+        crate::machine::Machine::new(self.config()?)
+    }
+
+    /// The machine of a command that looks after it (`status`, `port`, `halt`, `destroy`): found from its
+    /// recorded state when the file no longer validates ([`crate::machine::Machine::existing`]).
+    pub fn existing_machine(&self) -> Result<crate::machine::Machine> {
+        crate::machine::Machine::existing(self.config()?, self.invalid.as_deref(), &self.ui)
+    }
+
     pub fn state(&self, cfg: &Config) -> StateDir {
         StateDir::for_config(cfg)
     }

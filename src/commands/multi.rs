@@ -14,6 +14,7 @@ use serde_json::json;
 use super::Ctx;
 use crate::cli::DestroyArgs;
 use crate::config::{Config, Project};
+use crate::machine::round::{Judged, Round};
 use crate::machine::state::MachineState;
 use crate::machine::StateDir;
 
@@ -36,7 +37,8 @@ fn project(ctx: &Ctx, names: &[String], what: &str) -> Result<(Project, Ctx)> {
             Err(e) => {
                 // Not even the machine name reads: the state beside the file may still name the machine.
                 let recorded = MachineState::load(&StateDir::beside(path)).ok().flatten();
-                match recorded.as_ref().and_then(|st| super::lifecycle::machine_name_of(&st.vm_name)) {
+                match recorded.as_ref().and_then(|st| crate::machine::lifecycle::machine_name_of(&st.vm_name))
+                {
                     Some(name) => (Project::of_one(path, Config::stand_in(path, name)), Some(e)),
                     None => return Err(e),
                 }
@@ -92,52 +94,6 @@ struct Outcome {
     took: Duration,
 }
 
-/// A multi-machine `up` (or `reload`) of several machines at once. A machine's own health round cannot judge
-/// what lives on the others while they are still being provisioned (the monitor's Prometheus scraping the app
-/// machines), so it leaves Prometheus' targets on them out of its verdict ([`Round::hosts_coming_up`]) and
-/// records itself here; once every machine's run has ended, [`final_round`] judges the whole project and takes
-/// the lab captures that waited for that judgement.
-pub struct Round {
-    /// The machines this run brings up.
-    machines: Vec<String>,
-    judged: Mutex<Vec<Judged>>,
-}
-
-/// A machine whose own health round ended healthy in a [`Round`].
-pub struct Judged {
-    pub machine: String,
-    /// Whether targets on other machines of the run were left out of its verdict.
-    pub deferred: bool,
-    /// The lab capture (cache plan, box id) left for the final round, as its judgement was not final.
-    pub capture: Option<(super::lab::Plan, Option<String>)>,
-}
-
-impl Round {
-    pub fn new(machines: Vec<String>) -> Self {
-        Round { machines, judged: Mutex::new(Vec::new()) }
-    }
-
-    /// How Prometheus' targets may name the other machines of this run: name, host name, private address. Pure.
-    pub fn hosts_coming_up(&self, cfg: &Config) -> Vec<String> {
-        let Some(member) = &cfg.member else { return Vec::new() };
-        let mut hosts = Vec::new();
-        for peer in
-            member.peers.iter().filter(|p| p.name != cfg.machine.name && self.machines.contains(&p.name))
-        {
-            for h in [peer.name.clone(), peer.hostname.clone(), peer.ip.to_string()] {
-                if !hosts.contains(&h) {
-                    hosts.push(h);
-                }
-            }
-        }
-        hosts
-    }
-
-    pub fn record(&self, j: Judged) {
-        self.judged.lock().expect("judged").push(j);
-    }
-}
-
 /// The machines the final round judges: none when no machine left anything out of its own verdict (every
 /// verdict is final); else every machine whose own round ended healthy and whose run ended ok. Pure.
 fn final_judgement(judged: &[Judged], ok: &dyn Fn(&str) -> bool) -> Vec<String> {
@@ -151,7 +107,7 @@ fn final_judgement(judged: &[Judged], ok: &dyn Fn(&str) -> bool) -> Vec<String> 
 /// judged with every target (in parallel, each with the usual deadline), then the captures that waited for it.
 /// A machine's outcome becomes that verdict.
 fn final_round(ctx: &Ctx, p: &Project, round: &Round, outcomes: &mut [Outcome]) {
-    let judged = std::mem::take(&mut *round.judged.lock().expect("judged"));
+    let judged = round.take_judged();
     let ok = |name: &str| outcomes.iter().any(|o| o.machine == name && matches!(o.result, Ok(0)));
     let names = final_judgement(&judged, &ok);
     if names.is_empty() || crate::process::interrupted().is_some() {
@@ -170,7 +126,7 @@ fn final_round(ctx: &Ctx, p: &Project, round: &Round, outcomes: &mut [Outcome]) 
                 s.spawn(move || {
                     let mctx = ctx.for_machine(cfg, None);
                     let start = Instant::now();
-                    let result = super::lifecycle::final_health(&mctx, j.capture.as_ref());
+                    let result = mctx.machine().and_then(|m| m.final_health(&mctx.ui, j.capture.as_ref()));
                     if let Err(e) = &result {
                         mctx.ui.warn(format!("final health round failed: {e:#}"));
                     }
@@ -438,7 +394,7 @@ pub fn destroy(ctx: &Ctx, args: &DestroyArgs) -> Result<i32> {
     let machines_dir = StateDir::beside(&p.path).root.join(crate::machine::MACHINES_DIR);
     if p.multi && std::fs::read_dir(&machines_dir).is_ok_and(|mut d| d.next().is_none()) {
         let _ = std::fs::remove_dir(&machines_dir);
-        let _ = std::fs::remove_file(StateDir::beside(&p.path).path(PROJECT_LOCK));
+        let _ = std::fs::remove_file(StateDir::beside(&p.path).path(crate::machine::PROJECT_LOCK));
         let _ = std::fs::remove_dir(StateDir::beside(&p.path).root);
     }
     Ok(code)
@@ -471,9 +427,6 @@ pub fn verify(ctx: &Ctx, args: &crate::cli::VerifyArgs) -> Result<i32> {
     };
     super::provision::verify_on(&ctx.for_member(&p, app), monitor, app, args)
 }
-
-/// The project lock file in `.provisioner/`, held while the project's private network is set up.
-pub const PROJECT_LOCK: &str = "project.lock";
 
 #[cfg(test)]
 mod tests {

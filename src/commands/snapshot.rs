@@ -13,7 +13,6 @@ use crate::machine::lock::MachineLock;
 use crate::machine::state::MachineState;
 use crate::machine::StateDir;
 use crate::provider::{self, Provider, VmState};
-use crate::ui::Ui;
 
 /// The machine a snapshot command works on: it must exist.
 struct Target {
@@ -25,7 +24,7 @@ struct Target {
 
 fn target(ctx: &Ctx) -> Result<Target> {
     // The machine's one identity (canonical state dir), as every other command finds it.
-    let m = super::lifecycle::Machine::load(ctx)?;
+    let m = ctx.machine()?;
     if MachineState::load(&m.state)?.is_none() {
         bail!("machine {:?} is not created\nhint: `provisioner up` creates it", m.cfg.machine.name);
     }
@@ -97,24 +96,7 @@ pub fn resume(ctx: &Ctx) -> Result<i32> {
     Ok(crate::exit::OK)
 }
 
-/// A guest brought back from saved memory keeps the clock of the moment it was saved: set it from the host's.
-/// Best effort (a warning): the machine is usable either way.
-pub fn sync_clock(cfg: &Config, state: &StateDir, ui: &Ui) {
-    let set = || -> Result<()> {
-        let ssh = super::provision::connect(cfg, state, Duration::from_secs(60))?;
-        ssh.exec_ok(&clock_command(std::time::SystemTime::now()), Duration::from_secs(30))?;
-        Ok(())
-    };
-    if let Err(e) = set() {
-        ui.warn(format!("could not set the guest's clock after the restore: {e:#}"));
-    }
-}
-
-/// The guest command that sets its clock to `now` (UTC seconds).
-pub fn clock_command(now: std::time::SystemTime) -> String {
-    let secs = now.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-    format!("sudo -n date -u -s @{secs} >/dev/null")
-}
+pub use crate::machine::lifecycle::sync_clock;
 
 pub fn package(ctx: &Ctx, args: &PackageArgs) -> Result<i32> {
     let t = target(ctx)?;

@@ -17,8 +17,14 @@
 //! lock `.provisioner/project.lock` held while the private network is set up.
 
 pub mod identity;
+pub mod lab_cache;
+pub mod lifecycle;
 pub mod lock;
+pub mod plan;
+pub mod round;
 pub mod state;
+
+pub use lifecycle::Machine;
 
 use std::path::{Path, PathBuf};
 
@@ -27,6 +33,8 @@ use anyhow::{Context, Result};
 use crate::config::Config;
 
 pub const STATE_DIR_NAME: &str = ".provisioner";
+/// The project lock file in `.provisioner/`, held while the project's private network is set up.
+pub const PROJECT_LOCK: &str = "project.lock";
 /// In a `[[machine]]` project, each machine's state dir is `.provisioner/machines/<name>/` (same layout as above).
 pub const MACHINES_DIR: &str = "machines";
 

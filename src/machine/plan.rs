@@ -3,15 +3,15 @@
 //! tree is what validation checks, the guest receives and the health check reads its services from; `state.json`
 //! is read once and kept up to date in memory; the SSH endpoint comes from that state alone.
 //!
-//! One plan per machine: in a `[[machine]]` project each machine's `up` (its own thread, see `multi`) builds its own
+//! One plan per machine: in a `[[machine]]` project each machine's `up` (its own thread) builds its own
 //! plan from its own [`Config`] and state dir, so nothing is shared between machines but the read-only project.
 
 use anyhow::{Context, Result};
 
+use super::state::MachineState;
+use super::StateDir;
 use crate::config::Config;
 use crate::guest::Lab;
-use crate::machine::state::MachineState;
-use crate::machine::StateDir;
 use crate::ssh::Endpoint;
 use crate::ui::Ui;
 
