@@ -597,6 +597,88 @@ fn serial_tail(text: &str, place: &str) -> String {
     )
 }
 
+/// The VM of a created machine, with its lock held: what snapshots, suspend, resume and `package` act on.
+pub struct CreatedVm {
+    pub p: Box<dyn Provider>,
+    /// How the provider addresses the VM (VirtualBox: its recorded UUID; libvirt: the domain name).
+    pub vm: String,
+    _lock: MachineLock,
+}
+
+impl Machine {
+    /// The machine's VM for `what`: it must exist and be this project's (one of another project is refused,
+    /// untouched); the machine's lock is held as long as the value lives.
+    pub fn created(&self, what: &str) -> Result<CreatedVm> {
+        if MachineState::load(&self.state)?.is_none() {
+            bail!("machine {:?} is not created\nhint: `provisioner up` creates it", self.cfg.machine.name);
+        }
+        let p = provider::select(&self.cfg)?;
+        // VirtualBox VMs are addressed by their recorded UUID, libvirt domains by name; checked to be this project's.
+        let (vm, _) = self.my_vm(p.as_ref())?;
+        let lock = MachineLock::acquire(&self.state, what)?;
+        Ok(CreatedVm { p, vm, _lock: lock })
+    }
+
+    /// `snapshot save NAME`.
+    pub fn snapshot_save(&self, ui: &Ui, name: &str) -> Result<()> {
+        let t = self.created("snapshot")?;
+        provider::check_snapshot_name(name)?;
+        let ph = ui.phase("snapshot");
+        t.p.snapshot_save(&t.vm, name)?;
+        ph.done(&format!("saved {name}"));
+        ui.event("snapshot_saved", json!({"name": name}));
+        Ok(())
+    }
+
+    /// `snapshot restore NAME`; a guest running afterwards gets the host's clock.
+    pub fn snapshot_restore(&self, ui: &Ui, name: &str) -> Result<()> {
+        let t = self.created("snapshot")?;
+        let ph = ui.phase("restore");
+        t.p.snapshot_restore(&t.vm, name)?;
+        let live = t.p.state(&t.vm)?;
+        if live == VmState::Running {
+            sync_clock(&self.cfg, &self.state, ui);
+        }
+        ph.done(&format!("{name} ({live})"));
+        ui.event("snapshot_restored", json!({"name": name, "state": live}));
+        Ok(())
+    }
+
+    /// `snapshot list`: the snapshot names.
+    pub fn snapshot_list(&self) -> Result<Vec<String>> {
+        let t = self.created("snapshot")?;
+        t.p.snapshot_list(&t.vm)
+    }
+
+    /// `snapshot delete NAME`.
+    pub fn snapshot_delete(&self, ui: &Ui, name: &str) -> Result<()> {
+        let t = self.created("snapshot")?;
+        let ph = ui.phase("snapshot delete");
+        t.p.snapshot_delete(&t.vm, name)?;
+        ph.done(name);
+        Ok(())
+    }
+
+    /// `suspend`: the guest's memory saved by the hypervisor.
+    pub fn suspend(&self, ui: &Ui) -> Result<()> {
+        let t = self.created("suspend")?;
+        let ph = ui.phase("suspend");
+        t.p.suspend(&t.vm)?;
+        ph.done("memory saved; `provisioner resume` continues");
+        Ok(())
+    }
+
+    /// `resume`: back from saved memory, with the host's clock.
+    pub fn resume(&self, ui: &Ui) -> Result<()> {
+        let t = self.created("resume")?;
+        let ph = ui.phase("resume");
+        t.p.resume(&t.vm)?;
+        sync_clock(&self.cfg, &self.state, ui);
+        ph.done("running");
+        Ok(())
+    }
+}
+
 /// A guest brought back from saved memory keeps the clock of the moment it was saved: set it from the host's.
 /// Best effort (a warning): the machine is usable either way.
 pub fn sync_clock(cfg: &Config, state: &StateDir, ui: &Ui) {
