@@ -1,6 +1,7 @@
 //! One function per subcommand; `dispatch` is the only place that maps the CLI to them.
 
 pub mod boxcmd;
+mod ctx;
 pub mod lifecycle;
 pub mod load;
 mod multi;
@@ -13,77 +14,9 @@ pub mod validate;
 
 use anyhow::Result;
 
-use crate::cli::{Cli, Command, Global};
-use crate::config::Config;
-use crate::machine::StateDir;
+use crate::cli::{Cli, Command};
 use crate::ui::Ui;
-
-/// What every command gets.
-pub struct Ctx {
-    pub global: Global,
-    pub ui: Ui,
-    /// The machine this command acts on when it is one of a `[[machine]]` file (validated with the project).
-    pub member: Option<Config>,
-    /// The multi-machine `up`/`reload` this machine is brought up in, with other machines at once.
-    pub round: Option<std::sync::Arc<crate::machine::round::Round>>,
-    /// Why the `[machine]` file, loaded leniently for a command that looks after an existing machine (`status`,
-    /// `port`, `halt`, `destroy`), does not validate: the machine is then found from its recorded state.
-    pub invalid: Option<std::sync::Arc<anyhow::Error>>,
-}
-
-impl Ctx {
-    /// Load and validate the config named by --config (the machine's own config for one of several).
-    pub fn config(&self) -> Result<Config> {
-        match &self.member {
-            Some(cfg) => Ok(cfg.clone()),
-            None => crate::config::Config::load(&self.global.config),
-        }
-    }
-
-    /// The context of one machine of a `[[machine]]` file: its config, output labelled with its name.
-    pub fn for_machine(&self, cfg: &Config, bars: Option<&indicatif::MultiProgress>) -> Ctx {
-        Ctx {
-            global: self.global.clone(),
-            ui: self.ui.for_machine(&cfg.machine.name, bars),
-            member: Some(cfg.clone()),
-            round: self.round.clone(),
-            invalid: self.invalid.clone(),
-        }
-    }
-
-    /// The context of one machine of `project`: output labelled with its name when the project has several
-    /// (a `[[machine]]` file), unlabelled for the machine of a `[machine]` file.
-    pub fn for_member(&self, project: &crate::config::Project, cfg: &Config) -> Ctx {
-        match project.multi {
-            true => self.for_machine(cfg, None),
-            false => Ctx { member: Some(cfg.clone()), ..self.clone_base() },
-        }
-    }
-
-    fn clone_base(&self) -> Ctx {
-        Ctx {
-            global: self.global.clone(),
-            ui: self.ui.clone(),
-            member: self.member.clone(),
-            round: self.round.clone(),
-            invalid: self.invalid.clone(),
-        }
-    }
-    /// The machine this command acts on: its config, identity and lifecycle.
-    pub fn machine(&self) -> Result<crate::machine::Machine> {
-        crate::machine::Machine::new(self.config()?)
-    }
-
-    /// The machine of a command that looks after it (`status`, `port`, `halt`, `destroy`): found from its
-    /// recorded state when the file no longer validates ([`crate::machine::Machine::existing`]).
-    pub fn existing_machine(&self) -> Result<crate::machine::Machine> {
-        crate::machine::Machine::existing(self.config()?, self.invalid.as_deref(), &self.ui)
-    }
-
-    pub fn state(&self, cfg: &Config) -> StateDir {
-        StateDir::for_config(cfg)
-    }
-}
+pub use ctx::Ctx;
 
 /// Run a parsed command; the returned value is the process exit code.
 pub fn dispatch(cli: Cli) -> Result<i32> {

@@ -48,7 +48,7 @@ fn project(ctx: &Ctx, names: &[String], what: &str) -> Result<(Project, Ctx)> {
         (Project::load(path)?, None)
     };
     p.select(names)?;
-    Ok((p, Ctx { invalid: invalid.map(Arc::new), ..ctx.clone_base() }))
+    Ok((p, Ctx { invalid: invalid.map(Arc::new), ..ctx.clone() }))
 }
 
 /// One machine: the named one, else the primary or the only one.

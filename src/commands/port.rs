@@ -7,8 +7,8 @@ use serde_json::json;
 use super::Ctx;
 use crate::cli::PortArgs;
 use crate::config::{Config, Forward, Protocol};
+use crate::machine::lifecycle::Machine;
 use crate::machine::state::MachineState;
-use crate::machine::Machine;
 use crate::provider::{self, VmState};
 
 /// Every forward of a created machine, SSH first with its recorded host address and port.

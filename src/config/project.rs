@@ -812,6 +812,33 @@ mod tests {
     }
 
     #[test]
+    fn a_machine_file_is_a_project_of_one_and_a_broken_one_still_names_its_machine() {
+        let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let text = std::fs::read_to_string(repo.join("box-config.toml")).unwrap();
+        let t = tempfile::tempdir().unwrap();
+        let path = t.path().join("box-config.toml");
+        std::fs::write(&path, &text).unwrap();
+        let p = Project::load(&path).unwrap();
+        assert!(!p.multi);
+        assert_eq!(p.machines.len(), 1);
+        assert!(p.machines[0].member.is_none(), "its state dir stays .provisioner/");
+        assert_eq!(p.one(None).unwrap().machine.name, p.machines[0].machine.name);
+
+        // A value broken: the strict load refuses it, the lenient one keeps the machine and says why.
+        let broken = text.replacen("[machine]", "[machine]\ncolour = \"red\"", 1);
+        std::fs::write(&path, &broken).unwrap();
+        assert!(Project::load(&path).is_err());
+        let (p, invalid) = Project::load_lenient(&path).unwrap();
+        assert_eq!(p.machines.len(), 1);
+        assert!(!p.multi);
+        assert!(format!("{:#}", invalid.expect("the validation error")).contains("box-config.toml:"));
+
+        // A broken `[[machine]]` file is validated as a whole, leniently or not.
+        std::fs::write(&path, "[[machine]]\nname = \"a\"\ncpus = \"many\"\n").unwrap();
+        assert!(Project::load_lenient(&path).is_err());
+    }
+
+    #[test]
     fn one_host_spelt_two_ways_is_one_host() {
         assert_eq!(libvirt_host("qemu+ssh://h/system"), libvirt_host("qemu+ssh://root@H:22/system"));
         assert_eq!(libvirt_host("qemu+ssh://h./system?keyfile=/k"), "h:22");

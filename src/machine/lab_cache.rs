@@ -119,7 +119,7 @@ pub fn capture(
     })();
     if p.state(vm_name).is_ok_and(|s| s == crate::provider::VmState::Running) {
         // The guest was stopped for the capture: its clock lags by that long.
-        super::lifecycle::sync_clock(cfg, state, ui);
+        super::session::sync_clock(cfg, state, ui);
     }
     match result {
         Ok(Some(meta)) => {

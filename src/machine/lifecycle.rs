@@ -18,12 +18,13 @@ use super::lab_cache;
 use super::lock::MachineLock;
 use super::plan::Plan;
 use super::round::{Judged, Round};
+use super::session::{clock_command, connect, sync_clock};
 use super::state::MachineState;
 use super::StateDir;
 use crate::cli::{HaltArgs, UpArgs};
 use crate::config::{Config, Forward};
 use crate::provider::{self, vm_ref, Lookup, MachineSpec, Provider, VmState};
-use crate::ssh::{Endpoint, Session};
+use crate::ssh::Session;
 use crate::ui::Ui;
 
 /// Deadline for `cloud-init status --wait` once SSH answers.
@@ -32,11 +33,6 @@ const CLOUD_INIT_TIMEOUT: Duration = Duration::from_secs(600);
 const SERIAL_TAIL_LINES: usize = 30;
 /// Seconds `up` and `provision` wait for the lab to turn healthy.
 pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(300);
-
-/// Connect to the machine recorded in the state dir (host key pinned).
-pub fn connect(cfg: &Config, state: &StateDir, timeout: Duration) -> Result<Session> {
-    Session::connect(&Endpoint::for_machine(cfg, state)?, timeout)
-}
 
 /// One machine: its config, its one identity (absolute state dir, VM name), computed once for the whole run.
 pub struct Machine {
@@ -677,25 +673,6 @@ impl Machine {
         ph.done("running");
         Ok(())
     }
-}
-
-/// A guest brought back from saved memory keeps the clock of the moment it was saved: set it from the host's.
-/// Best effort (a warning): the machine is usable either way.
-pub fn sync_clock(cfg: &Config, state: &StateDir, ui: &Ui) {
-    let set = || -> Result<()> {
-        let ssh = connect(cfg, state, Duration::from_secs(60))?;
-        ssh.exec_ok(&clock_command(std::time::SystemTime::now()), Duration::from_secs(30))?;
-        Ok(())
-    };
-    if let Err(e) = set() {
-        ui.warn(format!("could not set the guest's clock after the restore: {e:#}"));
-    }
-}
-
-/// The guest command that sets its clock to `now` (UTC seconds).
-pub fn clock_command(now: std::time::SystemTime) -> String {
-    let secs = now.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-    format!("sudo -n date -u -s @{secs} >/dev/null")
 }
 
 /// What `status` (and `destroy`) say of a recorded VM's owner.

@@ -22,9 +22,8 @@ pub mod lifecycle;
 pub mod lock;
 pub mod plan;
 pub mod round;
+pub mod session;
 pub mod state;
-
-pub use lifecycle::Machine;
 
 use std::path::{Path, PathBuf};
 
@@ -126,4 +125,33 @@ pub fn write_private(path: &Path, data: &[u8], mode: u32) -> Result<()> {
     tmp.as_file().sync_all()?;
     tmp.persist(path).with_context(|| format!("write {}", path.display()))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::identity::MachineId;
+    use super::*;
+
+    #[test]
+    fn one_rule_places_every_machines_state_dir() {
+        // The machine of a `[machine]` file: `.provisioner/` beside the file, as since the first release, whether
+        // spelt as given (StateDir) or canonical (MachineId); its VM name is the historic one.
+        let t = tempfile::tempdir().unwrap();
+        let single = Config::stand_in(&t.path().join("box-config.toml"), "lab");
+        assert_eq!(StateDir::for_config(&single).root, t.path().join(STATE_DIR_NAME));
+        let canon = std::fs::canonicalize(t.path()).unwrap();
+        let id = MachineId::for_config(&single).unwrap();
+        assert_eq!(id.state_dir().root, canon.join(STATE_DIR_NAME));
+        assert_eq!(id.vm_name(), MachineId::new(t.path(), "lab").unwrap().vm_name());
+
+        // A machine of a `[[machine]]` file: its own dir under `machines/`, both ways; the VM name formed alike.
+        let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/cluster");
+        let project = crate::config::Project::load(&base.join("box-config.toml")).unwrap();
+        let monitor = project.one(Some("monitor")).unwrap();
+        let rel = Path::new(STATE_DIR_NAME).join(MACHINES_DIR).join("monitor");
+        assert_eq!(StateDir::for_config(monitor).root, base.join(&rel));
+        let id = MachineId::for_config(monitor).unwrap();
+        assert_eq!(id.state_dir().root, std::fs::canonicalize(&base).unwrap().join(&rel));
+        assert_eq!(id.vm_name(), MachineId::new(&base, "monitor").unwrap().vm_name());
+    }
 }
