@@ -34,6 +34,8 @@ fn project(ctx: &Ctx, names: &[String], what: &str) -> Result<(Project, Ctx)> {
     let (p, invalid) = if looks_after_existing(what) {
         match Project::load_lenient(path) {
             Ok(pair) => pair,
+            // A broken `[[machine]]` file is refused whole.
+            Err(e) if Project::is_multi_file(path) => return Err(e),
             Err(e) => {
                 // Not even the machine name reads: the state beside the file may still name the machine.
                 let recorded = MachineState::load(&StateDir::beside(path)).ok().flatten();

@@ -272,6 +272,12 @@ impl Project {
         Ok((Project::of_one(path, cfg), invalid))
     }
 
+    /// Whether the file at `path` is a `[[machine]]` file (false when it cannot be read or parsed). Only for a file
+    /// that did not load: [`Project::load`] tells the two forms apart itself.
+    pub fn is_multi_file(path: &Path) -> bool {
+        std::fs::read(path).is_ok_and(|b| is_multi(&b))
+    }
+
     /// The project of a `[machine]` file.
     pub fn of_one(path: &Path, cfg: Config) -> Project {
         Project { path: path.to_path_buf(), machines: vec![cfg], multi: false }
