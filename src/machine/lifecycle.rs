@@ -744,7 +744,7 @@ fn destroy(ui: &Ui, m: &Machine) -> Result<i32> {
 
 /// Close the machine's OpenSSH master connection (see [`crate::ssh::control`]) so no ssh process outlives the
 /// machine; a failure only warns: the machine going down ends the connection anyway.
-pub fn close_ssh_master(ui: &Ui, state: &StateDir) {
+fn close_ssh_master(ui: &Ui, state: &StateDir) {
     match crate::ssh::control::close_master(state) {
         Ok(true) => ui.event("ssh_master_closed", json!({})),
         Ok(false) => {}
