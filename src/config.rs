@@ -411,16 +411,20 @@ impl Config {
     /// The second value is the validation error, for the caller to show as a warning. Errors only when not even
     /// the machine name can be read (the caller may still know it from the machine's state).
     pub fn load_lenient(path: &Path) -> anyhow::Result<(Config, Option<anyhow::Error>)> {
-        let bytes = match std::fs::read(path) {
-            Ok(b) => b,
-            Err(_) => return Self::load(path).map(|c| (c, None)),
-        };
-        let strict = match Self::from_bytes(path, &bytes) {
+        match std::fs::read(path) {
+            Ok(bytes) => Self::from_bytes_lenient(path, &bytes),
+            Err(_) => Self::load(path).map(|c| (c, None)),
+        }
+    }
+
+    /// [`Config::load_lenient`] of bytes already read.
+    pub fn from_bytes_lenient(path: &Path, bytes: &[u8]) -> anyhow::Result<(Config, Option<anyhow::Error>)> {
+        let strict = match Self::from_bytes(path, bytes) {
             Ok(cfg) => return Ok((cfg, None)),
             Err(e) => e,
         };
         let doc: Option<toml::Table> =
-            diag::decode("", &bytes).ok().and_then(|text| toml::from_str::<toml::Table>(text).ok());
+            diag::decode("", bytes).ok().and_then(|text| toml::from_str::<toml::Table>(text).ok());
         let get = |table: &str, key: &str| -> Option<String> {
             doc.as_ref()?.get(table)?.get(key)?.as_str().map(str::to_string)
         };

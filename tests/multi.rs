@@ -172,6 +172,20 @@ fn a_single_machine_file_is_unchanged_and_names_are_checked() {
 }
 
 #[test]
+fn a_broken_multi_machine_file_is_refused_even_beside_a_single_machines_state() {
+    // A file turned into `[[machine]]` keeps the old machine's `.provisioner/state.json` (docs/multi-machine.md).
+    // Broken, it is refused whole: `status` must not fall back to that old single machine.
+    let t = Test::new();
+    t.write("box-config.toml", format!("{BOX}[[machine]]\nname = \"a\"\ncpus = \"many\"\n"));
+    t.write(
+        ".provisioner/state.json",
+        r#"{"provider": "libvirt", "vm_name": "provisioner-lab-86ee3d20", "provisioned": false}"#,
+    );
+    let run = Test::new().cwd(t.path()).args(["status"]).run().failure().stderr_contains("box-config.toml:");
+    assert!(!run.stdout().contains("lab"), "{}", run.stdout());
+}
+
+#[test]
 fn selection_status_table_and_json_machine_field_on_the_double() {
     let p = Project::new();
     p.write(&two_machines(&p.vbox, "", support::free_port()));

@@ -1,11 +1,10 @@
 //! One function per subcommand; `dispatch` is the only place that maps the CLI to them.
 
 pub mod boxcmd;
-pub mod lab;
+mod ctx;
 pub mod lifecycle;
 pub mod load;
 mod multi;
-mod plan;
 pub mod port;
 pub mod provision;
 pub mod render;
@@ -15,55 +14,27 @@ pub mod validate;
 
 use anyhow::Result;
 
-use crate::cli::{Cli, Command, Global};
-use crate::config::Config;
-use crate::machine::StateDir;
+use crate::cli::{Cli, Command};
 use crate::ui::Ui;
-
-/// What every command gets.
-pub struct Ctx {
-    pub global: Global,
-    pub ui: Ui,
-    /// The machine this command acts on when it is one of a `[[machine]]` file (validated with the project).
-    pub member: Option<Config>,
-    /// The multi-machine `up`/`reload` this machine is brought up in, with other machines at once.
-    pub round: Option<std::sync::Arc<multi::Round>>,
-}
-
-impl Ctx {
-    /// Load and validate the config named by --config (the machine's own config for one of several).
-    pub fn config(&self) -> Result<Config> {
-        match &self.member {
-            Some(cfg) => Ok(cfg.clone()),
-            None => crate::config::Config::load(&self.global.config),
-        }
-    }
-
-    /// The context of one machine of a `[[machine]]` file: its config, output labelled with its name.
-    pub fn for_machine(&self, cfg: &Config, bars: Option<&indicatif::MultiProgress>) -> Ctx {
-        Ctx {
-            global: self.global.clone(),
-            ui: self.ui.for_machine(&cfg.machine.name, bars),
-            member: Some(cfg.clone()),
-            round: self.round.clone(),
-        }
-    }
-    pub fn state(&self, cfg: &Config) -> StateDir {
-        StateDir::for_config(cfg)
-    }
-}
+pub use ctx::Ctx;
 
 /// Run a parsed command; the returned value is the process exit code.
 pub fn dispatch(cli: Cli) -> Result<i32> {
-    let ctx =
-        Ctx { ui: Ui::new(cli.global.json, cli.global.quiet), global: cli.global, member: None, round: None };
-    let one = |name: &Option<String>, f: &dyn Fn(&Ctx) -> Result<i32>| multi::one(&ctx, name.as_deref(), f);
+    let ctx = Ctx {
+        ui: Ui::new(cli.global.json, cli.global.quiet),
+        global: cli.global,
+        member: None,
+        round: None,
+        invalid: None,
+    };
+    let one =
+        |name: &Option<String>, f: &dyn Fn(&Ctx) -> Result<i32>| multi::one(&ctx, "one", name.as_deref(), f);
     match cli.command {
         Command::Up(a) => multi::parallel(&ctx, &a.machines, a.parallel, "up", &|c| lifecycle::up(c, &a)),
         Command::Ssh(a) => one(&a.machine, &|c| ssh::ssh(c, &a)),
         Command::SshConfig(a) => multi::each(&ctx, &a.machines, &|c| ssh::ssh_config(c, &a)),
         Command::Status(a) => multi::status(&ctx, &a.machines),
-        Command::Port(a) => one(&a.machine.machine, &|c| port::port(c, &a)),
+        Command::Port(a) => multi::one(&ctx, "port", a.machine.machine.as_deref(), &|c| port::port(c, &a)),
         Command::Halt(a) => multi::parallel(&ctx, &a.machines, None, "halt", &|c| lifecycle::halt(c, &a)),
         Command::Reload(a) => {
             multi::parallel(&ctx, &a.machines, a.parallel, "reload", &|c| lifecycle::reload(c, &a))
@@ -76,6 +47,8 @@ pub fn dispatch(cli: Cli) -> Result<i32> {
         Command::Render(a) => one(&a.machine.machine, &|c| render::render(c, &a)),
         Command::Health(a) => multi::each(&ctx, &a.machines, &|c| provision::health(c, &a)),
         Command::Verify(a) => multi::verify(&ctx, &a),
+        // Load at a given URL needs no project.
+        Command::Load(a) if a.url.is_some() => load::load(&ctx, &a),
         Command::Load(a) => one(&a.machine.machine, &|c| load::load(c, &a)),
         Command::Box(crate::cli::BoxCommand::Build { force }) => {
             // Every machine's box (machines sharing one build it once: the cache holds it).

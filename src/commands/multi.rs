@@ -14,44 +14,64 @@ use serde_json::json;
 use super::Ctx;
 use crate::cli::DestroyArgs;
 use crate::config::{Config, Project};
+use crate::machine::round::{Judged, Round};
+use crate::machine::state::MachineState;
+use crate::machine::StateDir;
 
 /// A command body for one machine.
 type Body<'a> = &'a (dyn Fn(&Ctx) -> Result<i32> + Sync);
 
-/// The project behind --config when it is a `[[machine]]` file; None for a single-machine file (whose commands
-/// keep their own loading, including the lenient one of `status`, `halt` and `destroy`).
-fn multi_project(ctx: &Ctx, names: &[String]) -> Result<Option<Project>> {
-    if !Project::is_multi_file(&ctx.global.config) {
-        if !names.is_empty() {
-            // Names still have to match the one machine.
-            let (cfg, _) = Config::load_lenient(&ctx.global.config)?;
-            let project = Project { path: ctx.global.config.clone(), machines: vec![cfg], multi: false };
-            project.select(names)?;
+/// Commands that look after a machine that exists: a `[machine]` file that no longer validates must not lock the
+/// user out of it (the machine is found from what still reads of the file and from its recorded state).
+fn looks_after_existing(what: &str) -> bool {
+    matches!(what, "status" | "port" | "halt" | "destroy")
+}
+
+/// The project behind --config, loaded once for the command (a `[machine]` file is a project of one), with the
+/// named machines checked against it. `what` is the command: see [`looks_after_existing`].
+fn project(ctx: &Ctx, names: &[String], what: &str) -> Result<(Project, Ctx)> {
+    let path = &ctx.global.config;
+    let (p, invalid) = if looks_after_existing(what) {
+        match Project::load_lenient(path) {
+            Ok(pair) => pair,
+            // A broken `[[machine]]` file is refused whole.
+            Err(e) if Project::is_multi_file(path) => return Err(e),
+            Err(e) => {
+                // Not even the machine name reads: the state beside the file may still name the machine.
+                let recorded = MachineState::load(&StateDir::beside(path)).ok().flatten();
+                match recorded.as_ref().and_then(|st| crate::machine::lifecycle::machine_name_of(&st.vm_name))
+                {
+                    Some(name) => (Project::of_one(path, Config::stand_in(path, name)), Some(e)),
+                    None => return Err(e),
+                }
+            }
         }
-        return Ok(None);
-    }
-    Ok(Some(Project::load(&ctx.global.config)?))
+    } else {
+        (Project::load(path)?, None)
+    };
+    p.select(names)?;
+    Ok((p, Ctx { invalid: invalid.map(Arc::new), ..ctx.clone() }))
 }
 
 /// One machine: the named one, else the primary or the only one.
-pub fn one(ctx: &Ctx, name: Option<&str>, f: &dyn Fn(&Ctx) -> Result<i32>) -> Result<i32> {
+pub fn one(ctx: &Ctx, what: &str, name: Option<&str>, f: &dyn Fn(&Ctx) -> Result<i32>) -> Result<i32> {
     let names: Vec<String> = name.map(str::to_string).into_iter().collect();
-    match multi_project(ctx, &names)? {
-        None => f(ctx),
-        Some(p) => f(&ctx.for_machine(p.one(name)?, None)),
-    }
+    let (p, ctx) = project(ctx, &names, what)?;
+    f(&ctx.for_member(&p, p.one(name)?))
 }
 
 /// Each selected machine in turn (short commands whose output is per machine: `ssh-config`, `health`).
-/// Every machine is tried; the worst exit code wins and a failure names its machine.
+/// Every machine is tried; the worst exit code wins and a failure names its machine (the machine of a `[machine]`
+/// file, the only one, fails with its own error).
 pub fn each(ctx: &Ctx, names: &[String], f: Body) -> Result<i32> {
-    let Some(p) = multi_project(ctx, names)? else { return f(ctx) };
+    let (p, ctx) = project(ctx, names, "each")?;
     let mut worst = crate::exit::OK;
     let mut failed = Vec::new();
     for cfg in p.select(names)? {
-        let mctx = ctx.for_machine(cfg, None);
+        let mctx = ctx.for_member(&p, cfg);
         match f(&mctx) {
             Ok(code) => worst = worst.max(code),
+            Err(e) if !p.multi => return Err(e),
             Err(e) => {
                 mctx.ui.warn(format!("failed: {e:#}"));
                 failed.push(cfg.machine.name.clone());
@@ -76,52 +96,6 @@ struct Outcome {
     took: Duration,
 }
 
-/// A multi-machine `up` (or `reload`) of several machines at once. A machine's own health round cannot judge
-/// what lives on the others while they are still being provisioned (the monitor's Prometheus scraping the app
-/// machines), so it leaves Prometheus' targets on them out of its verdict ([`Round::hosts_coming_up`]) and
-/// records itself here; once every machine's run has ended, [`final_round`] judges the whole project and takes
-/// the lab captures that waited for that judgement.
-pub struct Round {
-    /// The machines this run brings up.
-    machines: Vec<String>,
-    judged: Mutex<Vec<Judged>>,
-}
-
-/// A machine whose own health round ended healthy in a [`Round`].
-pub struct Judged {
-    pub machine: String,
-    /// Whether targets on other machines of the run were left out of its verdict.
-    pub deferred: bool,
-    /// The lab capture (cache plan, box id) left for the final round, as its judgement was not final.
-    pub capture: Option<(super::lab::Plan, Option<String>)>,
-}
-
-impl Round {
-    pub fn new(machines: Vec<String>) -> Self {
-        Round { machines, judged: Mutex::new(Vec::new()) }
-    }
-
-    /// How Prometheus' targets may name the other machines of this run: name, host name, private address. Pure.
-    pub fn hosts_coming_up(&self, cfg: &Config) -> Vec<String> {
-        let Some(member) = &cfg.member else { return Vec::new() };
-        let mut hosts = Vec::new();
-        for peer in
-            member.peers.iter().filter(|p| p.name != cfg.machine.name && self.machines.contains(&p.name))
-        {
-            for h in [peer.name.clone(), peer.hostname.clone(), peer.ip.to_string()] {
-                if !hosts.contains(&h) {
-                    hosts.push(h);
-                }
-            }
-        }
-        hosts
-    }
-
-    pub fn record(&self, j: Judged) {
-        self.judged.lock().expect("judged").push(j);
-    }
-}
-
 /// The machines the final round judges: none when no machine left anything out of its own verdict (every
 /// verdict is final); else every machine whose own round ended healthy and whose run ended ok. Pure.
 fn final_judgement(judged: &[Judged], ok: &dyn Fn(&str) -> bool) -> Vec<String> {
@@ -135,7 +109,7 @@ fn final_judgement(judged: &[Judged], ok: &dyn Fn(&str) -> bool) -> Vec<String> 
 /// judged with every target (in parallel, each with the usual deadline), then the captures that waited for it.
 /// A machine's outcome becomes that verdict.
 fn final_round(ctx: &Ctx, p: &Project, round: &Round, outcomes: &mut [Outcome]) {
-    let judged = std::mem::take(&mut *round.judged.lock().expect("judged"));
+    let judged = round.take_judged();
     let ok = |name: &str| outcomes.iter().any(|o| o.machine == name && matches!(o.result, Ok(0)));
     let names = final_judgement(&judged, &ok);
     if names.is_empty() || crate::process::interrupted().is_some() {
@@ -154,7 +128,7 @@ fn final_round(ctx: &Ctx, p: &Project, round: &Round, outcomes: &mut [Outcome]) 
                 s.spawn(move || {
                     let mctx = ctx.for_machine(cfg, None);
                     let start = Instant::now();
-                    let result = super::lifecycle::final_health(&mctx, j.capture.as_ref());
+                    let result = mctx.machine().and_then(|m| m.final_health(&mctx.ui, j.capture.as_ref()));
                     if let Err(e) = &result {
                         mctx.ui.warn(format!("final health round failed: {e:#}"));
                     }
@@ -180,9 +154,26 @@ fn final_round(ctx: &Ctx, p: &Project, round: &Round, outcomes: &mut [Outcome]) 
 /// The selected machines concurrently, at most `parallel` at once; one failing does not stop the others. Ends
 /// with a summary table (machine, result, time); the error names every machine that failed. An `up` or
 /// `reload` of several machines ends with a final health round over them ([`Round`]).
+///
+/// The machine of a `[machine]` file is the whole project: its command runs as it is, without the summary.
 pub fn parallel(ctx: &Ctx, names: &[String], parallel: Option<u32>, what: &str, f: Body) -> Result<i32> {
-    let Some(p) = multi_project(ctx, names)? else { return f(ctx) };
+    let (p, ctx) = project(ctx, names, what)?;
+    run_parallel(&ctx, &p, names, parallel, what, f)
+}
+
+/// [`parallel`] over a project already loaded.
+fn run_parallel(
+    ctx: &Ctx,
+    p: &Project,
+    names: &[String],
+    parallel: Option<u32>,
+    what: &str,
+    f: Body,
+) -> Result<i32> {
     let selected = p.select(names)?;
+    if !p.multi {
+        return f(&ctx.for_member(p, selected[0]));
+    }
     let round = (matches!(what, "up" | "reload") && selected.len() > 1)
         .then(|| Arc::new(Round::new(selected.iter().map(|c| c.machine.name.clone()).collect())));
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
@@ -230,7 +221,7 @@ pub fn parallel(ctx: &Ctx, names: &[String], parallel: Option<u32>, what: &str, 
         let _ = b.clear();
     }
     if let Some(round) = &round {
-        final_round(ctx, &p, round, &mut outcomes);
+        final_round(ctx, p, round, &mut outcomes);
         // Each machine's result is known only now.
         for o in outcomes.iter().filter(|o| o.took > Duration::ZERO) {
             if let Some(cfg) = p.machines.iter().find(|c| c.machine.name == o.machine) {
@@ -334,27 +325,36 @@ fn table(head: &[&str], rows: &[Vec<String>]) -> String {
     out
 }
 
-/// `status`: one table row per machine; the hypervisor is asked for every machine at once (one query each).
+/// `status`: the hypervisor is asked for every machine at once (one query each). A `[[machine]]` file shows one
+/// table row per machine; the machine of a `[machine]` file is shown as its own line and forwards.
 pub fn status(ctx: &Ctx, names: &[String]) -> Result<i32> {
-    let Some(p) = multi_project(ctx, names)? else { return super::lifecycle::status(ctx) };
+    let (p, ctx) = project(ctx, names, "status")?;
+    let ctx = &ctx;
     let selected = p.select(names)?;
-    let rows: Vec<Result<super::lifecycle::StatusRow>> = std::thread::scope(|s| {
+    let p = &p;
+    let mut rows: Vec<Result<super::lifecycle::StatusRow>> = std::thread::scope(|s| {
         let handles: Vec<_> = selected
             .iter()
-            .map(|cfg| s.spawn(move || super::lifecycle::status_row(&ctx.for_machine(cfg, None))))
+            .map(|cfg| s.spawn(move || super::lifecycle::status_row(&ctx.for_member(p, cfg))))
             .collect();
         handles
             .into_iter()
             .map(|h| h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("status panicked"))))
             .collect()
     });
+    if !p.multi {
+        let row = rows.pop().expect("the machine's row")?;
+        super::lifecycle::print_status(ctx, &row);
+        return Ok(crate::exit::OK);
+    }
     let mut cells = Vec::new();
     let mut docs = Vec::new();
     for (cfg, row) in selected.iter().zip(rows) {
         let ip = cfg.member.as_ref().map(|m| m.ip.to_string()).unwrap_or_default();
         let r = row.unwrap_or_else(|e| super::lifecycle::StatusRow::error(&cfg.machine.name, &e));
+        let ssh = r.table_ssh();
         docs.push(
-            json!({"machine": r.machine, "state": r.state, "provider": r.provider, "ssh": r.ssh, "ip": ip,
+            json!({"machine": r.machine, "state": r.state, "provider": r.provider, "ssh": ssh, "ip": ip,
                          "vm_name": r.vm_name, "error": r.error}),
         );
         cells.push(vec![
@@ -362,7 +362,7 @@ pub fn status(ctx: &Ctx, names: &[String]) -> Result<i32> {
             r.state.clone(),
             r.provider.clone().unwrap_or_else(|| "-".into()),
             ip,
-            r.ssh.clone().unwrap_or_else(|| "-".into()),
+            ssh.unwrap_or_else(|| "-".into()),
             r.error.clone().unwrap_or_default(),
         ]);
     }
@@ -374,43 +374,48 @@ pub fn status(ctx: &Ctx, names: &[String]) -> Result<i32> {
     Ok(crate::exit::OK)
 }
 
-/// `destroy [-f] [NAME...]`: one confirmation for the lot, then every machine concurrently.
+/// `destroy [-f] [NAME...]`: one confirmation for the lot, then every machine concurrently (the machine of a
+/// `[machine]` file asks for itself, once its state is read).
 pub fn destroy(ctx: &Ctx, args: &DestroyArgs) -> Result<i32> {
-    let Some(p) = multi_project(ctx, &args.machines)? else { return super::lifecycle::destroy(ctx, args) };
+    let (p, pctx) = project(ctx, &args.machines, "destroy")?;
     let selected: Vec<String> = p.select(&args.machines)?.iter().map(|c| c.machine.name.clone()).collect();
-    if !args.force
+    let forced = DestroyArgs { machines: Vec::new(), force: true };
+    let each = if p.multi { &forced } else { args };
+    if p.multi
+        && !args.force
         && !super::lifecycle::confirm(&format!(
             "Destroy machines {} and all their data?",
             selected.join(", ")
         ))?
     {
-        ctx.ui.info("not destroyed");
+        pctx.ui.info("not destroyed");
         return Ok(crate::exit::FAILURE);
     }
-    let forced = DestroyArgs { machines: Vec::new(), force: true };
-    let code = parallel(ctx, &selected, None, "destroy", &|c| super::lifecycle::destroy(c, &forced))?;
+    let code = run_parallel(&pctx, &p, &selected, None, "destroy", &|c| super::lifecycle::destroy(c, each))?;
     // Nothing of the project is left once its last machine is gone.
-    let machines_dir = crate::machine::StateDir::beside(&p.path).root.join(crate::machine::MACHINES_DIR);
-    if std::fs::read_dir(&machines_dir).is_ok_and(|mut d| d.next().is_none()) {
+    let machines_dir = StateDir::beside(&p.path).root.join(crate::machine::MACHINES_DIR);
+    if p.multi && std::fs::read_dir(&machines_dir).is_ok_and(|mut d| d.next().is_none()) {
         let _ = std::fs::remove_dir(&machines_dir);
-        let _ = std::fs::remove_file(crate::machine::StateDir::beside(&p.path).path(PROJECT_LOCK));
-        let _ = std::fs::remove_dir(crate::machine::StateDir::beside(&p.path).root);
+        let _ = std::fs::remove_file(StateDir::beside(&p.path).path(crate::machine::PROJECT_LOCK));
+        let _ = std::fs::remove_dir(StateDir::beside(&p.path).root);
     }
     Ok(code)
 }
 
 /// `verify [NAME]`: the lab picks its machines ([`crate::lab::verify::pick`]), then its alert path runs on them.
+/// The machine of a `[machine]` file is both.
 pub fn verify(ctx: &Ctx, args: &crate::cli::VerifyArgs) -> Result<i32> {
     let names: Vec<String> = args.machine.iter().cloned().collect();
-    let Some(p) = multi_project(ctx, &names)? else { return super::provision::verify(ctx, args) };
-    let named = || Ok(if args.machine.is_some() { Some(p.select(&names)?[0]) } else { None });
-    let (monitor, app) = crate::lab::verify::pick(&p.machines, &p.path, named)?;
-    let actx = ctx.for_machine(app, None);
-    super::provision::verify_on(&actx, monitor, app, args)
+    let (p, ctx) = project(ctx, &names, "verify")?;
+    let (monitor, app) = match p.multi {
+        false => (&p.machines[0], &p.machines[0]),
+        true => {
+            let named = || Ok(if args.machine.is_some() { Some(p.select(&names)?[0]) } else { None });
+            crate::lab::verify::pick(&p.machines, &p.path, named)?
+        }
+    };
+    super::provision::verify_on(&ctx.for_member(&p, app), monitor, app, args)
 }
-
-/// The project lock file in `.provisioner/`, held while the project's private network is set up.
-pub const PROJECT_LOCK: &str = "project.lock";
 
 #[cfg(test)]
 mod tests {

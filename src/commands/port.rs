@@ -4,10 +4,10 @@
 use anyhow::{bail, Result};
 use serde_json::json;
 
-use super::lifecycle::Machine;
 use super::Ctx;
 use crate::cli::PortArgs;
 use crate::config::{Config, Forward, Protocol};
+use crate::machine::lifecycle::Machine;
 use crate::machine::state::MachineState;
 use crate::provider::{self, VmState};
 
@@ -60,7 +60,7 @@ pub fn forwards_json(forwards: &[Forward]) -> serde_json::Value {
 }
 
 pub fn port(ctx: &Ctx, args: &PortArgs) -> Result<i32> {
-    let m = Machine::load_existing(ctx)?;
+    let m = ctx.existing_machine()?;
     let name = &m.cfg.machine.name;
     let st = match MachineState::load(&m.state)? {
         Some(st) if m.my_vm(provider::select(&m.cfg)?.as_ref())?.1 != VmState::NotCreated => st,

@@ -9,16 +9,11 @@ use crate::cli::{HealthArgs, ProvisionArgs, VerifyArgs};
 use crate::config::Config;
 use crate::machine::lock::MachineLock;
 use crate::machine::StateDir;
-use crate::ssh::{Endpoint, Session};
+use crate::ssh::Session;
 use crate::ui::Ui;
 
-/// Seconds `up` and `provision` wait for the lab to turn healthy.
-pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(300);
-
-/// Connect to the machine recorded in the state dir (host key pinned).
-pub fn connect(cfg: &Config, state: &StateDir, timeout: Duration) -> Result<Session> {
-    Session::connect(&Endpoint::for_machine(cfg, state)?, timeout)
-}
+pub use crate::machine::lifecycle::HEALTH_TIMEOUT;
+pub use crate::machine::session::connect;
 
 /// Render, provision the guest and print the health table; returns the exit code. `up` ends with this too.
 pub fn provision_and_check(
@@ -74,11 +69,6 @@ pub fn health(ctx: &Ctx, args: &HealthArgs) -> Result<i32> {
         &ctx.ui,
         Duration::from_secs(args.timeout),
     )?)
-}
-
-pub fn verify(ctx: &Ctx, args: &VerifyArgs) -> Result<i32> {
-    let cfg = ctx.config()?;
-    verify_on(ctx, &cfg, &cfg, args)
 }
 
 /// `verify` where Prometheus runs on `monitor` and the demo app on `app` (the lab's alert path, [`crate::lab::verify`]).

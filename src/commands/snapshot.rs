@@ -1,5 +1,6 @@
 //! `snapshot save|restore|list|delete`, `suspend`, `resume` and `package`: the machine's state kept by the
-//! hypervisor (provider methods), plus what the guest needs afterwards (its clock).
+//! hypervisor. The machine's [`crate::machine::lifecycle::Machine`] does the work (and sets the guest's clock afterwards);
+//! these parse, call it and print.
 
 use std::time::Duration;
 
@@ -9,116 +10,55 @@ use serde_json::json;
 use super::Ctx;
 use crate::cli::{PackageArgs, SnapshotCommand};
 use crate::config::Config;
-use crate::machine::lock::MachineLock;
 use crate::machine::state::MachineState;
 use crate::machine::StateDir;
-use crate::provider::{self, Provider, VmState};
-use crate::ui::Ui;
-
-/// The machine a snapshot command works on: it must exist.
-struct Target {
-    cfg: Config,
-    state: StateDir,
-    vm_name: String,
-    p: Box<dyn Provider>,
-}
-
-fn target(ctx: &Ctx) -> Result<Target> {
-    // The machine's one identity (canonical state dir), as every other command finds it.
-    let m = super::lifecycle::Machine::load(ctx)?;
-    if MachineState::load(&m.state)?.is_none() {
-        bail!("machine {:?} is not created\nhint: `provisioner up` creates it", m.cfg.machine.name);
-    }
-    let p = provider::select(&m.cfg)?;
-    // VirtualBox VMs are addressed by their recorded UUID, libvirt domains by name; checked to be this project's.
-    let (vm_name, _) = m.my_vm(p.as_ref())?;
-    Ok(Target { cfg: m.cfg, state: m.state, vm_name, p })
-}
+use crate::provider::{Provider, VmState};
 
 pub fn snapshot(ctx: &Ctx, cmd: SnapshotCommand) -> Result<i32> {
-    let t = target(ctx)?;
-    let _lock = MachineLock::acquire(&t.state, "snapshot")?;
+    let m = ctx.machine()?;
     let ui = &ctx.ui;
     match cmd {
-        SnapshotCommand::Save { name, .. } => {
-            provider::check_snapshot_name(&name)?;
-            let ph = ui.phase("snapshot");
-            t.p.snapshot_save(&t.vm_name, &name)?;
-            ph.done(&format!("saved {name}"));
-            ui.event("snapshot_saved", json!({"name": name}));
-        }
-        SnapshotCommand::Restore { name, .. } => {
-            let ph = ui.phase("restore");
-            t.p.snapshot_restore(&t.vm_name, &name)?;
-            let live = t.p.state(&t.vm_name)?;
-            if live == VmState::Running {
-                sync_clock(&t.cfg, &t.state, ui);
-            }
-            ph.done(&format!("{name} ({live})"));
-            ui.event("snapshot_restored", json!({"name": name, "state": live}));
-        }
+        SnapshotCommand::Save { name, .. } => m.snapshot_save(ui, &name)?,
+        SnapshotCommand::Restore { name, .. } => m.snapshot_restore(ui, &name)?,
         SnapshotCommand::List { .. } => {
-            let all = t.p.snapshot_list(&t.vm_name)?;
+            let all = m.snapshot_list()?;
             if ctx.global.json {
-                println!("{}", json!({"machine": t.cfg.machine.name, "snapshots": all}));
+                println!("{}", json!({"machine": m.cfg.machine.name, "snapshots": all}));
             } else if all.is_empty() {
-                ui.info(format!("{}: no snapshots", t.cfg.machine.name));
+                ui.info(format!("{}: no snapshots", m.cfg.machine.name));
             } else {
                 for s in &all {
                     println!("{s}");
                 }
             }
         }
-        SnapshotCommand::Delete { name, .. } => {
-            let ph = ui.phase("snapshot delete");
-            t.p.snapshot_delete(&t.vm_name, &name)?;
-            ph.done(&name);
-        }
+        SnapshotCommand::Delete { name, .. } => m.snapshot_delete(ui, &name)?,
     }
     Ok(crate::exit::OK)
 }
 
 pub fn suspend(ctx: &Ctx) -> Result<i32> {
-    let t = target(ctx)?;
-    let _lock = MachineLock::acquire(&t.state, "suspend")?;
-    let ph = ctx.ui.phase("suspend");
-    t.p.suspend(&t.vm_name)?;
-    ph.done("memory saved; `provisioner resume` continues");
+    ctx.machine()?.suspend(&ctx.ui)?;
     Ok(crate::exit::OK)
 }
 
 pub fn resume(ctx: &Ctx) -> Result<i32> {
-    let t = target(ctx)?;
-    let _lock = MachineLock::acquire(&t.state, "resume")?;
-    let ph = ctx.ui.phase("resume");
-    t.p.resume(&t.vm_name)?;
-    sync_clock(&t.cfg, &t.state, &ctx.ui);
-    ph.done("running");
+    ctx.machine()?.resume(&ctx.ui)?;
     Ok(crate::exit::OK)
 }
 
-/// A guest brought back from saved memory keeps the clock of the moment it was saved: set it from the host's.
-/// Best effort (a warning): the machine is usable either way.
-pub fn sync_clock(cfg: &Config, state: &StateDir, ui: &Ui) {
-    let set = || -> Result<()> {
-        let ssh = super::provision::connect(cfg, state, Duration::from_secs(60))?;
-        ssh.exec_ok(&clock_command(std::time::SystemTime::now()), Duration::from_secs(30))?;
-        Ok(())
-    };
-    if let Err(e) = set() {
-        ui.warn(format!("could not set the guest's clock after the restore: {e:#}"));
-    }
-}
-
-/// The guest command that sets its clock to `now` (UTC seconds).
-pub fn clock_command(now: std::time::SystemTime) -> String {
-    let secs = now.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-    format!("sudo -n date -u -s @{secs} >/dev/null")
+/// The machine `package` works on.
+struct Target<'a> {
+    cfg: Config,
+    state: StateDir,
+    vm_name: String,
+    p: &'a dyn Provider,
 }
 
 pub fn package(ctx: &Ctx, args: &PackageArgs) -> Result<i32> {
-    let t = target(ctx)?;
-    let _lock = MachineLock::acquire(&t.state, "package")?;
+    let m = ctx.machine()?;
+    let vm = m.created("package")?;
+    let t = Target { cfg: m.cfg.clone(), state: m.state.clone(), vm_name: vm.vm.clone(), p: vm.p.as_ref() };
     let ui = &ctx.ui;
     if t.p.kind() != crate::config::ProviderKind::Libvirt {
         bail!(

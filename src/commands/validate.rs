@@ -8,111 +8,94 @@ use serde_json::json;
 use super::Ctx;
 use crate::config::{Config, ConfigError, Diagnostic};
 
+/// Every machine of the project (the machine of a `[machine]` file is a project of one): the rules between
+/// machines, then each machine's own checks against its rendered provision tree. The verdict names the machine of a
+/// `[machine]` file with its counts, the machines of a `[[machine]]` file with their addresses.
 pub fn validate(ctx: &Ctx) -> Result<i32> {
     let file = ctx.global.config.display().to_string();
-    if crate::config::Project::is_multi_file(&ctx.global.config) {
-        return validate_project(ctx);
-    }
-    let checked = ctx.config().and_then(|cfg| {
-        let w = cfg.validate_all(&crate::lab::PROFILE)?;
-        // A remote libvirt host must be in known_hosts: refused here, before any connection is tried.
-        check_remote_host(&cfg)?;
-        Ok((cfg, w))
-    });
-    match checked {
-        Ok((cfg, warnings)) => {
-            if ctx.ui.json() {
-                let doc = json!({
-                    "valid": true,
-                    "file": file,
-                    "machine": cfg.machine.name,
-                    "forwards": cfg.all_forwards().len(),
-                    "health_probes": cfg.health_probes(&crate::lab::PROFILE).keys().collect::<Vec<_>>(),
-                    "warnings": warnings,
-                    "errors": [],
-                });
-                println!("{doc}");
-            } else {
-                for w in &warnings {
-                    ctx.ui.warn(w.to_string());
-                }
-                // The verdict is the command's result: stdout (warnings and errors stay on stderr).
-                if ctx.ui.mode != crate::ui::Mode::Quiet {
-                    println!(
-                    "{file}: valid (machine \"{}\", {} forwards incl. SSH, {} health probes, {} warning(s))",
-                    cfg.machine.name,
-                    cfg.all_forwards().len(),
-                    cfg.health_probes(&crate::lab::PROFILE).len(),
-                    warnings.len()
-                    );
-                }
-            }
-            Ok(crate::exit::OK)
-        }
-        Err(e) => invalid(ctx, e),
-    }
-}
-
-/// `validate` of a `[[machine]]` file: the rules between machines, then every machine's own checks against its
-/// rendered provision tree.
-fn validate_project(ctx: &Ctx) -> Result<i32> {
-    let file = ctx.global.config.display().to_string();
     let checked = crate::config::Project::load(&ctx.global.config).and_then(|p| {
+        let multi = p.multi;
         p.machines
             .into_iter()
             .map(|cfg| {
                 let w = cfg.validate_all(&crate::lab::PROFILE)?;
+                // A remote libvirt host must be in known_hosts: refused here, before any connection is tried.
                 check_remote_host(&cfg)?;
                 Ok((cfg, w))
             })
             .collect::<Result<Vec<_>>>()
+            .map(|m| (multi, m))
     });
-    let machines = match checked {
+    let (multi, machines) = match checked {
         Ok(m) => m,
         Err(e) => return invalid(ctx, e),
     };
     let mut warnings: Vec<Diagnostic> = Vec::new();
     for (_, w) in &machines {
         for d in w {
-            if !warnings.contains(d) {
+            // A warning about what the machines share is shown once.
+            if !multi || !warnings.contains(d) {
                 warnings.push(d.clone());
             }
         }
     }
     if ctx.ui.json() {
-        let list: Vec<_> = machines
-            .iter()
-            .map(|(cfg, _)| {
-                json!({"machine": cfg.machine.name, "ip": cfg.member.as_ref().map(|m| m.ip.to_string()),
-                       "primary": cfg.member.as_ref().is_some_and(|m| m.primary),
-                       "forwards": cfg.all_forwards().len(), "source": cfg.provision.source})
-            })
-            .collect();
-        println!(
-            "{}",
-            json!({"valid": true, "file": file, "machines": list, "warnings": warnings, "errors": []})
-        );
+        let doc = match (multi, machines.as_slice()) {
+            (false, [(cfg, _)]) => json!({
+                "valid": true,
+                "file": file,
+                "machine": cfg.machine.name,
+                "forwards": cfg.all_forwards().len(),
+                "health_probes": cfg.health_probes(&crate::lab::PROFILE).keys().collect::<Vec<_>>(),
+                "warnings": warnings,
+                "errors": [],
+            }),
+            _ => {
+                let list: Vec<_> = machines
+                    .iter()
+                    .map(|(cfg, _)| {
+                        json!({"machine": cfg.machine.name, "ip": cfg.member.as_ref().map(|m| m.ip.to_string()),
+                               "primary": cfg.member.as_ref().is_some_and(|m| m.primary),
+                               "forwards": cfg.all_forwards().len(), "source": cfg.provision.source})
+                    })
+                    .collect();
+                json!({"valid": true, "file": file, "machines": list, "warnings": warnings, "errors": []})
+            }
+        };
+        println!("{doc}");
     } else {
         for w in &warnings {
             ctx.ui.warn(w.to_string());
         }
+        // The verdict is the command's result: stdout (warnings and errors stay on stderr).
         if ctx.ui.mode != crate::ui::Mode::Quiet {
-            let names: Vec<String> = machines
-                .iter()
-                .map(|(c, _)| {
-                    format!(
-                        "{} {}",
-                        c.machine.name,
-                        c.member.as_ref().map(|m| m.ip.to_string()).unwrap_or_default()
-                    )
-                })
-                .collect();
-            println!(
-                "{file}: valid ({} machines: {}; {} warning(s))",
-                machines.len(),
-                names.join(", "),
-                warnings.len()
-            );
+            match (multi, machines.as_slice()) {
+                (false, [(cfg, _)]) => println!(
+                    "{file}: valid (machine \"{}\", {} forwards incl. SSH, {} health probes, {} warning(s))",
+                    cfg.machine.name,
+                    cfg.all_forwards().len(),
+                    cfg.health_probes(&crate::lab::PROFILE).len(),
+                    warnings.len()
+                ),
+                _ => {
+                    let names: Vec<String> = machines
+                        .iter()
+                        .map(|(c, _)| {
+                            format!(
+                                "{} {}",
+                                c.machine.name,
+                                c.member.as_ref().map(|m| m.ip.to_string()).unwrap_or_default()
+                            )
+                        })
+                        .collect();
+                    println!(
+                        "{file}: valid ({} machines: {}; {} warning(s))",
+                        machines.len(),
+                        names.join(", "),
+                        warnings.len()
+                    );
+                }
+            }
         }
     }
     Ok(crate::exit::OK)

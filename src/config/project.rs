@@ -242,25 +242,45 @@ pub struct Project {
 }
 
 impl Project {
-    /// Read and validate a file of either form.
+    /// Read and validate a file of either form: the one load of the file per command. A `[machine]` file is a
+    /// project of one machine (its state dir and VM name are those it always had).
     pub fn load(path: &Path) -> anyhow::Result<Project> {
-        let bytes = std::fs::read(path).map_err(|e| {
-            anyhow::anyhow!(
-                "cannot read {}: {e}\nhint: run from the directory holding box-config.toml, or pass --config PATH",
-                path.display()
-            )
-        })?;
+        let bytes = read(path)?;
         if !is_multi(&bytes) {
             let cfg = Config::from_bytes(path, &bytes)?;
-            return Ok(Project { path: path.to_path_buf(), machines: vec![cfg], multi: false });
+            return Ok(Project::of_one(path, cfg));
         }
         let machines = expand(path, &bytes)?;
         Ok(Project { path: path.to_path_buf(), machines, multi: true })
     }
 
-    /// Whether the file at `path` is a `[[machine]]` file (false when it cannot be read or parsed).
+    /// For commands that look after machines that exist (`status`, `port`, `halt`, `destroy`): a `[[machine]]`
+    /// file is validated as a whole (as [`Project::load`]); a `[machine]` file that no longer validates still
+    /// names its machine ([`Config::load_lenient`]), the validation error coming back beside it.
+    pub fn load_lenient(path: &Path) -> anyhow::Result<(Project, Option<anyhow::Error>)> {
+        let bytes = match std::fs::read(path) {
+            Ok(b) => b,
+            Err(_) => return Self::load(path).map(|p| (p, None)),
+        };
+        if is_multi(&bytes) {
+            return Ok((
+                Project { path: path.to_path_buf(), machines: expand(path, &bytes)?, multi: true },
+                None,
+            ));
+        }
+        let (cfg, invalid) = Config::from_bytes_lenient(path, &bytes)?;
+        Ok((Project::of_one(path, cfg), invalid))
+    }
+
+    /// Whether the file at `path` is a `[[machine]]` file (false when it cannot be read or parsed). Only for a file
+    /// that did not load: [`Project::load`] tells the two forms apart itself.
     pub fn is_multi_file(path: &Path) -> bool {
         std::fs::read(path).is_ok_and(|b| is_multi(&b))
+    }
+
+    /// The project of a `[machine]` file.
+    pub fn of_one(path: &Path, cfg: Config) -> Project {
+        Project { path: path.to_path_buf(), machines: vec![cfg], multi: false }
     }
 
     pub fn names(&self) -> Vec<&str> {
@@ -303,6 +323,15 @@ impl Project {
             ),
         }
     }
+}
+
+fn read(path: &Path) -> anyhow::Result<Vec<u8>> {
+    std::fs::read(path).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot read {}: {e}\nhint: run from the directory holding box-config.toml, or pass --config PATH",
+            path.display()
+        )
+    })
 }
 
 /// Whether the text has `machine` as an array of tables. Undecodable text is not (the single-machine loader
@@ -786,6 +815,33 @@ mod tests {
         assert!(Subnet::parse("10.77.0.0/31").is_err());
         assert!(Subnet::parse("10.77.0.0").is_err());
         assert!(Subnet::parse("10.0.0.0/8").unwrap().overlaps(&NAT_SUBNET));
+    }
+
+    #[test]
+    fn a_machine_file_is_a_project_of_one_and_a_broken_one_still_names_its_machine() {
+        let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let text = std::fs::read_to_string(repo.join("box-config.toml")).unwrap();
+        let t = tempfile::tempdir().unwrap();
+        let path = t.path().join("box-config.toml");
+        std::fs::write(&path, &text).unwrap();
+        let p = Project::load(&path).unwrap();
+        assert!(!p.multi);
+        assert_eq!(p.machines.len(), 1);
+        assert!(p.machines[0].member.is_none(), "its state dir stays .provisioner/");
+        assert_eq!(p.one(None).unwrap().machine.name, p.machines[0].machine.name);
+
+        // A value broken: the strict load refuses it, the lenient one keeps the machine and says why.
+        let broken = text.replacen("[machine]", "[machine]\ncolour = \"red\"", 1);
+        std::fs::write(&path, &broken).unwrap();
+        assert!(Project::load(&path).is_err());
+        let (p, invalid) = Project::load_lenient(&path).unwrap();
+        assert_eq!(p.machines.len(), 1);
+        assert!(!p.multi);
+        assert!(format!("{:#}", invalid.expect("the validation error")).contains("box-config.toml:"));
+
+        // A broken `[[machine]]` file is validated as a whole, leniently or not.
+        std::fs::write(&path, "[[machine]]\nname = \"a\"\ncpus = \"many\"\n").unwrap();
+        assert!(Project::load_lenient(&path).is_err());
     }
 
     #[test]

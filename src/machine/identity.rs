@@ -31,11 +31,9 @@ impl MachineId {
     /// The identity of the machine a config describes: for a machine of a `[[machine]]` file the state dir is
     /// `.provisioner/machines/<name>` (the VM name is formed the same way in both layouts).
     pub fn for_config(cfg: &crate::config::Config) -> Result<Self> {
-        let mut id = Self::new(&cfg.base_dir(), &cfg.machine.name)?;
-        if cfg.member.is_some() {
-            id.state_dir = id.state_dir.join(super::MACHINES_DIR).join(&cfg.machine.name);
-        }
-        Ok(id)
+        let base = std::fs::canonicalize(cfg.base_dir())
+            .with_context(|| format!("resolve the project directory {}", cfg.base_dir().display()))?;
+        Ok(Self { state_dir: super::machine_dir(&base, cfg), vm_name: vm_name_for(&base, &cfg.machine.name) })
     }
 
     /// From an already canonical base dir (no file system access).

@@ -17,7 +17,12 @@
 //! lock `.provisioner/project.lock` held while the private network is set up.
 
 pub mod identity;
+pub mod lab_cache;
+pub mod lifecycle;
 pub mod lock;
+pub mod plan;
+pub mod round;
+pub mod session;
 pub mod state;
 
 use std::path::{Path, PathBuf};
@@ -27,8 +32,21 @@ use anyhow::{Context, Result};
 use crate::config::Config;
 
 pub const STATE_DIR_NAME: &str = ".provisioner";
+/// The project lock file in `.provisioner/`, held while the project's private network is set up.
+pub const PROJECT_LOCK: &str = "project.lock";
 /// In a `[[machine]]` project, each machine's state dir is `.provisioner/machines/<name>/` (same layout as above).
 pub const MACHINES_DIR: &str = "machines";
+
+/// The one rule for where a machine's state lives under its project directory `base`: `.provisioner/` for the
+/// machine of a `[machine]` file (a project of one: its state dir is unchanged since the first release, so existing
+/// machines are found), `.provisioner/machines/<name>/` for a machine of a `[[machine]]` file. Pure.
+pub fn machine_dir(base: &Path, cfg: &Config) -> PathBuf {
+    let root = base.join(STATE_DIR_NAME);
+    match &cfg.member {
+        Some(_) => root.join(MACHINES_DIR).join(&cfg.machine.name),
+        None => root,
+    }
+}
 
 /// Paths of one machine's state directory.
 #[derive(Debug, Clone)]
@@ -37,12 +55,9 @@ pub struct StateDir {
 }
 
 impl StateDir {
+    /// The machine's state dir, spelt from the config's directory as given (see [`machine_dir`]).
     pub fn for_config(cfg: &Config) -> Self {
-        let dir = Self::beside(&cfg.path);
-        match &cfg.member {
-            Some(_) => Self::at(dir.root.join(MACHINES_DIR).join(&cfg.machine.name)),
-            None => dir,
-        }
+        Self::at(machine_dir(&cfg.base_dir(), cfg))
     }
     /// The state dir of the config file at `config_path`, which need not parse.
     pub fn beside(config_path: &std::path::Path) -> Self {
@@ -110,4 +125,33 @@ pub fn write_private(path: &Path, data: &[u8], mode: u32) -> Result<()> {
     tmp.as_file().sync_all()?;
     tmp.persist(path).with_context(|| format!("write {}", path.display()))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::identity::MachineId;
+    use super::*;
+
+    #[test]
+    fn one_rule_places_every_machines_state_dir() {
+        // The machine of a `[machine]` file: `.provisioner/` beside the file, as since the first release, whether
+        // spelt as given (StateDir) or canonical (MachineId); its VM name is the historic one.
+        let t = tempfile::tempdir().unwrap();
+        let single = Config::stand_in(&t.path().join("box-config.toml"), "lab");
+        assert_eq!(StateDir::for_config(&single).root, t.path().join(STATE_DIR_NAME));
+        let canon = std::fs::canonicalize(t.path()).unwrap();
+        let id = MachineId::for_config(&single).unwrap();
+        assert_eq!(id.state_dir().root, canon.join(STATE_DIR_NAME));
+        assert_eq!(id.vm_name(), MachineId::new(t.path(), "lab").unwrap().vm_name());
+
+        // A machine of a `[[machine]]` file: its own dir under `machines/`, both ways; the VM name formed alike.
+        let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/cluster");
+        let project = crate::config::Project::load(&base.join("box-config.toml")).unwrap();
+        let monitor = project.one(Some("monitor")).unwrap();
+        let rel = Path::new(STATE_DIR_NAME).join(MACHINES_DIR).join("monitor");
+        assert_eq!(StateDir::for_config(monitor).root, base.join(&rel));
+        let id = MachineId::for_config(monitor).unwrap();
+        assert_eq!(id.state_dir().root, std::fs::canonicalize(&base).unwrap().join(&rel));
+        assert_eq!(id.vm_name(), MachineId::new(&base, "monitor").unwrap().vm_name());
+    }
 }

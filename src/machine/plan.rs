@@ -3,15 +3,16 @@
 //! tree is what validation checks, the guest receives and the health check reads its services from; `state.json`
 //! is read once and kept up to date in memory; the SSH endpoint comes from that state alone.
 //!
-//! One plan per machine: in a `[[machine]]` project each machine's `up` (its own thread, see `multi`) builds its own
+//! One plan per machine: in a `[[machine]]` project each machine's `up` (its own thread) builds its own
 //! plan from its own [`Config`] and state dir, so nothing is shared between machines but the read-only project.
 
 use anyhow::{Context, Result};
 
+use super::state::MachineState;
+use super::StateDir;
 use crate::config::Config;
+use crate::profile::Profile;
 use crate::guest::Lab;
-use crate::machine::state::MachineState;
-use crate::machine::StateDir;
 use crate::ssh::Endpoint;
 use crate::ui::Ui;
 
@@ -29,18 +30,18 @@ pub struct Plan<'a> {
 impl<'a> Plan<'a> {
     /// Render the provision tree (when provisioning is on), validate the config against that tree (warnings go
     /// to `ui`), and read the recorded state.
-    pub fn build(cfg: &'a Config, dir: &'a StateDir, ui: &Ui) -> Result<Plan<'a>> {
+    pub fn build(cfg: &'a Config, dir: &'a StateDir, profile: &'static Profile, ui: &Ui) -> Result<Plan<'a>> {
         let source = cfg.resolve(&cfg.provision.source);
         let lab = if cfg.provision.enabled != Some(false) && cfg.template_layers().iter().all(|l| l.is_dir())
         {
             Some(
-                Lab::render(cfg, dir, &crate::lab::PROFILE)
+                Lab::render(cfg, dir, profile)
                     .with_context(|| crate::config::render_failed(&source))?,
             )
         } else {
             None
         };
-        for w in cfg.validate_all_with(&crate::lab::PROFILE, lab.as_ref().map(|l| &l.rendered))? {
+        for w in cfg.validate_all_with(profile, lab.as_ref().map(|l| &l.rendered))? {
             ui.warn(w.to_string());
         }
         let state = MachineState::load(dir)?;
@@ -87,7 +88,7 @@ mod tests {
         };
         st.save(&dir).unwrap();
         let (renders, reads) = (crate::render::renders_in_thread(), MachineState::reads_in_thread());
-        let plan = Plan::build(&cfg, &dir, &Ui::new(false, true)).unwrap();
+        let plan = Plan::build(&cfg, &dir, &crate::lab::PROFILE, &Ui::new(false, true)).unwrap();
         assert_eq!(crate::render::renders_in_thread() - renders, 1, "validation reuses the rendered tree");
         assert_eq!(MachineState::reads_in_thread() - reads, 1);
         let lab = plan.lab.as_ref().expect("the lab renders");
@@ -109,13 +110,13 @@ mod tests {
         let dir = StateDir::for_config(&cfg);
         cfg.provision.enabled = Some(false);
         let renders = crate::render::renders_in_thread();
-        let plan = Plan::build(&cfg, &dir, &Ui::new(false, true)).unwrap();
+        let plan = Plan::build(&cfg, &dir, &crate::lab::PROFILE, &Ui::new(false, true)).unwrap();
         assert!(plan.lab.is_none() && plan.state.is_none());
         assert_eq!(crate::render::renders_in_thread(), renders);
         assert!(plan.endpoint("k").unwrap_err().to_string().contains("not created; run `provisioner up`"));
         cfg.provision.enabled = None;
         std::fs::remove_dir_all(t.path().join("provision")).unwrap();
-        let e = format!("{:#}", Plan::build(&cfg, &dir, &Ui::new(false, true)).err().unwrap());
+        let e = format!("{:#}", Plan::build(&cfg, &dir, &crate::lab::PROFILE, &Ui::new(false, true)).err().unwrap());
         assert!(e.contains("does not exist"), "{e}");
     }
 }

@@ -7,9 +7,9 @@ use std::time::Instant;
 use anyhow::Result;
 use serde_json::json;
 
+use super::StateDir;
 use crate::boxes::lab::{self, LabInputs, LabMeta, Labs};
 use crate::config::{Config, ProviderKind};
-use crate::machine::StateDir;
 use crate::provider::{MachineSpec, Provider};
 use crate::ui::Ui;
 
@@ -119,7 +119,7 @@ pub fn capture(
     })();
     if p.state(vm_name).is_ok_and(|s| s == crate::provider::VmState::Running) {
         // The guest was stopped for the capture: its clock lags by that long.
-        super::snapshot::sync_clock(cfg, state, ui);
+        super::session::sync_clock(cfg, state, ui);
     }
     match result {
         Ok(Some(meta)) => {

@@ -1,0 +1,71 @@
+//! What every command gets: the global options, the output, and the machine it acts on.
+
+use anyhow::Result;
+
+use crate::cli::Global;
+use crate::config::Config;
+use crate::machine::StateDir;
+use crate::ui::Ui;
+
+/// What every command gets.
+#[derive(Clone)]
+pub struct Ctx {
+    pub global: Global,
+    pub ui: Ui,
+    /// The machine this command acts on when it is one of a `[[machine]]` file (validated with the project).
+    pub member: Option<Config>,
+    /// The multi-machine `up`/`reload` this machine is brought up in, with other machines at once.
+    pub round: Option<std::sync::Arc<crate::machine::round::Round>>,
+    /// Why the `[machine]` file, loaded leniently for a command that looks after an existing machine (`status`,
+    /// `port`, `halt`, `destroy`), does not validate: the machine is then found from its recorded state.
+    pub invalid: Option<std::sync::Arc<anyhow::Error>>,
+}
+
+impl Ctx {
+    /// Load and validate the config named by --config (the machine's own config for one of several).
+    pub fn config(&self) -> Result<Config> {
+        match &self.member {
+            Some(cfg) => Ok(cfg.clone()),
+            None => crate::config::Config::load(&self.global.config),
+        }
+    }
+
+    /// The context of one machine of a `[[machine]]` file: its config, output labelled with its name.
+    pub fn for_machine(&self, cfg: &Config, bars: Option<&indicatif::MultiProgress>) -> Ctx {
+        Ctx {
+            global: self.global.clone(),
+            ui: self.ui.for_machine(&cfg.machine.name, bars),
+            member: Some(cfg.clone()),
+            round: self.round.clone(),
+            invalid: self.invalid.clone(),
+        }
+    }
+
+    /// The context of one machine of `project`: output labelled with its name when the project has several
+    /// (a `[[machine]]` file), unlabelled for the machine of a `[machine]` file.
+    pub fn for_member(&self, project: &crate::config::Project, cfg: &Config) -> Ctx {
+        match project.multi {
+            true => self.for_machine(cfg, None),
+            false => Ctx { member: Some(cfg.clone()), ..self.clone() },
+        }
+    }
+    /// The machine this command acts on: its config, identity and lifecycle.
+    pub fn machine(&self) -> Result<crate::machine::lifecycle::Machine> {
+        crate::machine::lifecycle::Machine::new(self.config()?, &crate::lab::PROFILE)
+    }
+
+    /// The machine of a command that looks after it (`status`, `port`, `halt`, `destroy`): found from its
+    /// recorded state when the file no longer validates ([`crate::machine::lifecycle::Machine::existing`]).
+    pub fn existing_machine(&self) -> Result<crate::machine::lifecycle::Machine> {
+        crate::machine::lifecycle::Machine::existing(
+            self.config()?,
+            &crate::lab::PROFILE,
+            self.invalid.as_deref(),
+            &self.ui,
+        )
+    }
+
+    pub fn state(&self, cfg: &Config) -> StateDir {
+        StateDir::for_config(cfg)
+    }
+}
