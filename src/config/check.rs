@@ -488,7 +488,7 @@ pub fn host_networks(cfg: &Config, src: &Source, host: Result<&[HostNet], String
             let list: Vec<String> = hits.iter().map(|h| h.describe()).collect();
             let hint = match hostnet::free_subnet(nets, SPARE_SUBNETS) {
                 Some(free) => format!("pick a range no network of this host uses, e.g. subnet = \"{free}\""),
-                None => super::project::SUBNET_HINT.to_string(),
+                None => SUBNET_HINT.to_string(),
             };
             f.error(
                 src.at_path(
@@ -513,6 +513,11 @@ pub const COMPOSE_FILES: &[&str] =
 pub fn render_failed(source: &std::path::Path) -> String {
     format!("the provision tree {} does not render (validate renders it as `up` would)", source.display())
 }
+
+/// The hint of every subnet refusal.
+pub(crate) const SUBNET_HINT: &str =
+    "pick a range of 10.0.0.0/8, 172.16.0.0/12 or 192.168.0.0/16 that no network of the host uses, e.g. \
+     \"10.77.0.0/24\"";
 
 /// Cross-references: the provision dir exists and renders, every forwarded port is published by the rendered
 /// compose file, every health probe's port is forwarded. Render failures are returned as errors (they name the

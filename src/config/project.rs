@@ -403,10 +403,6 @@ const RESERVED: &[(Subnet, &str)] = &[
     ),
 ];
 
-/// The hint of every subnet refusal.
-pub(crate) const SUBNET_HINT: &str =
-    "pick a range of 10.0.0.0/8, 172.16.0.0/12 or 192.168.0.0/16 that no network of the host uses, e.g. \
-     \"10.77.0.0/24\"";
 
 fn err(src: &Source, path: &[&str], msg: String, hint: &str) -> Diagnostic {
     src.at_path(path, msg).with_hint(hint)
@@ -447,7 +443,7 @@ fn expand(path: &Path, bytes: &[u8]) -> anyhow::Result<Vec<Config>> {
                     pf.network.subnet,
                     reserved(&s).unwrap_or_default()
                 ),
-                SUBNET_HINT,
+                super::check::SUBNET_HINT,
             ));
             None
         }
