@@ -459,7 +459,11 @@ fn the_install_step_puts_provisioner_on_path() {
     assert!(out.status.success(), "{text}");
     let dest = prefix.join("bin/provisioner");
     assert_eq!(text.trim_end(), format!("installed {}: type `provisioner`", dest.display()));
-    assert_eq!(std::fs::read(&dest).unwrap(), std::fs::read(crate::support::bin()).unwrap(), "a copy of the build");
+    assert_eq!(
+        std::fs::read(&dest).unwrap(),
+        std::fs::read(crate::support::bin()).unwrap(),
+        "a copy of the build"
+    );
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(std::fs::metadata(&dest).unwrap().permissions().mode() & 0o777, 0o755);
     // The next step of the README, as a user's shell runs it: found by name, from another directory.

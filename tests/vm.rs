@@ -296,6 +296,14 @@ fn vm_cluster_up_health_private_network_verify_destroy() {
     }
     let _labs = DropLabs(saved.iter().filter_map(|e| e["key"].as_str().map(str::to_string)).collect());
     let done = events(&out, "machine_done");
+    for d in &done {
+        eprintln!(
+            "  {}: exit {} after {:.0} s",
+            d["machine"],
+            d["exit_code"],
+            d["seconds"].as_f64().unwrap_or(0.0)
+        );
+    }
     assert_eq!(done.len(), 3, "{out}\n{}", up.stderr());
     assert!(
         done.iter().all(|e| e["exit_code"] == 0),
