@@ -7,7 +7,6 @@
 //! (slirp) `-netdev user,hostfwd=...` through `<qemu:commandline>`: passt (libvirt's
 //! `<portForward>`) fails as root, where passt drops to `nobody` and cannot write its PID file (docs/vm.md).
 
-use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
@@ -603,16 +602,6 @@ impl Provider for Libvirt {
             Some(_) => self.remote_serial_console(vm_name),
             None => super::local_serial_console(state),
         }
-    }
-
-    fn ssh_endpoint(&self, _vm_name: &str, state: &StateDir) -> Result<SocketAddr> {
-        let st = MachineState::load(state)?.context("the machine has no state.json; run `provisioner up`")?;
-        let (Some(host), Some(port)) = (st.ssh_host, st.ssh_port) else {
-            bail!("state.json has no SSH endpoint; run `provisioner up` (or `destroy -f` then `up` to recreate)");
-        };
-        format!("{host}:{port}")
-            .parse()
-            .with_context(|| format!("bad SSH endpoint {host}:{port} in state.json"))
     }
 
     fn snapshot_save(&self, vm_name: &str, name: &str) -> Result<()> {

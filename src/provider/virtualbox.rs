@@ -23,7 +23,6 @@ mod settings;
 pub mod version;
 
 use std::ffi::OsString;
-use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -745,19 +744,6 @@ impl Provider for VirtualBox {
             }
         }
         self.remove(vm, &i)
-    }
-
-    fn ssh_endpoint(&self, vm: &str, _state: &StateDir) -> Result<SocketAddr> {
-        let info = self.info_required(vm)?;
-        let rule = self.nat_rules_of(&info, NIC)?.into_iter().find(|r| r.name == "ssh").ok_or_else(|| {
-            anyhow!("the VM {vm} has no NAT rule named ssh\nhint: run `provisioner reload` to re-apply the forwards")
-        })?;
-        let ip: IpAddr = match rule.host_ip.as_str() {
-            // Empty (or 0.0.0.0) means every host interface: loopback reaches it.
-            "" | "0.0.0.0" => IpAddr::from([127, 0, 0, 1]),
-            s => s.parse().with_context(|| format!("host IP {s:?} of the ssh NAT rule of {vm}"))?,
-        };
-        Ok(SocketAddr::new(ip, rule.host_port))
     }
 
     // Snapshots and suspend/resume (issue 11), kept together: VirtualBox's state rules live in `snapshots`.
