@@ -794,7 +794,7 @@ hint: remove it by hand (`virsh -c {}                  net-destroy {name}; virsh
         Ok(())
     }
 
-    fn network_lock(&self, name: &str) -> Result<std::fs::File> {
+    fn network_lock(&self, name: &str) -> Result<crate::machine::lock::FileLock> {
         let dir = crate::boxes::cache_dir().join("networks");
         std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
         crate::machine::lock::wait_for(&dir.join(format!("{name}.lock")), NETWORK_LOCK)

@@ -30,6 +30,7 @@ use anyhow::{anyhow, bail, Context, Result};
 
 use super::{BoxImage, Lookup, MachineSpec, Provider, VmState};
 use crate::config::{Config, Firmware, Protocol};
+use crate::machine::lock::FileLock;
 use crate::machine::state::MachineState;
 use crate::machine::StateDir;
 use crate::process::{self, Cmd, Output};
@@ -480,22 +481,10 @@ fn is_not_found(stderr: &str) -> bool {
     stderr.contains("VBOX_E_OBJECT_NOT_FOUND") || stderr.contains("Could not find a registered machine")
 }
 
-/// Hold an exclusive lock on `<dir of path>/.vbox-master.lock` (waiting for a parallel import to finish).
-fn lock_beside(path: &Path) -> Result<std::fs::File> {
-    use fs4::fs_std::FileExt;
+/// Hold the exclusive lock on `<dir of path>/.vbox-master.lock` (waiting up to IMPORT for a parallel import).
+fn lock_beside(path: &Path) -> Result<FileLock> {
     let lock = path.with_file_name(".vbox-master.lock");
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&lock)
-        .with_context(|| format!("open {}\nhint: the box cache must be writable", lock.display()))?;
-    process::wait_until(
-        IMPORT,
-        &format!("the lock {} (another import of this box)", lock.display()),
-        || Ok(file.try_lock_exclusive()?.then_some(())),
-    )?;
-    Ok(file)
+    crate::machine::lock::wait(&lock, IMPORT, &format!("the lock {} (another import of this box)", lock.display()))
 }
 
 /// The NAT rules for a spec: the first forward is SSH and is named `ssh`; others `<name>-<proto>-<host port>`.
