@@ -266,30 +266,11 @@ fn find_sbin(name: &str) -> Option<std::path::PathBuf> {
     })
 }
 
-/// The state dir named in our metadata element, if the XML has one.
+/// The state dir named in our metadata element (`<provisioner:state-dir>` in [`METADATA_NS`]), if the XML has one.
 pub fn owner_state_dir(xml: &str) -> Option<String> {
-    if !xml.contains(METADATA_NS) {
-        return None;
-    }
-    let start = xml.find("<provisioner:state-dir>")? + "<provisioner:state-dir>".len();
-    let end = start + xml[start..].find("</provisioner:state-dir>")?;
-    Some(xml_unescape(&xml[start..end]))
-}
-
-fn xml_escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('\'', "&apos;")
-        .replace('"', "&quot;")
-}
-
-fn xml_unescape(s: &str) -> String {
-    s.replace("&lt;", "<")
-        .replace("&gt;", ">")
-        .replace("&apos;", "'")
-        .replace("&quot;", "\"")
-        .replace("&amp;", "&")
+    let doc = crate::xml::parse(xml)?;
+    let dir = doc.descendants().find(|n| n.has_tag_name((METADATA_NS, "state-dir")))?;
+    Some(dir.text().unwrap_or_default().to_string())
 }
 
 /// Error out when the filesystem of `dir` is nearly full; the overlay grows up to `disk_gb`.
@@ -389,7 +370,7 @@ pub fn domain_xml_with(
     });
     let mut hb = handlebars::Handlebars::new();
     hb.set_strict_mode(true);
-    hb.register_escape_fn(xml_escape);
+    hb.register_escape_fn(crate::xml::escape);
     hb.render_template(DOMAIN_TEMPLATE, &ctx).context("render assets/libvirt/domain.xml.hbs")
 }
 
@@ -415,9 +396,10 @@ fn primary_device(with_private: bool) -> String {
 }
 
 /// The `<uuid>` of a domain XML (a re-define must keep it).
-fn domain_uuid(xml: &str) -> Option<&str> {
-    let start = xml.find("<uuid>")? + "<uuid>".len();
-    Some(xml[start..start + xml[start..].find("</uuid>")?].trim())
+fn domain_uuid(xml: &str) -> Option<String> {
+    let doc = crate::xml::parse(xml)?;
+    let uuid = doc.root_element().children().find(|n| n.has_tag_name("uuid"))?;
+    Some(uuid.text()?.trim().to_string())
 }
 
 impl Libvirt {
@@ -502,7 +484,7 @@ impl Provider for Libvirt {
             .rsplit_once("</domain>")
             .with_context(|| format!("`virsh dumpxml {vm_name}` printed no domain XML"))?;
         let live = parse_domstate(domstate);
-        Ok(match owner_state_dir(xml) {
+        Ok(match owner_state_dir(&format!("{xml}</domain>")) {
             // Any spelling of our state dir (symlink, `..`, an older marker) is ours: one identity per machine.
             Some(dir) if crate::machine::identity::same_dir(Path::new(&dir), &state.root) => {
                 Lookup::Mine(live)
@@ -520,6 +502,7 @@ impl Provider for Libvirt {
             self.ensure_network(&nic.net.name)?;
         }
         let uuid = existing.as_deref().and_then(domain_uuid);
+        let uuid = uuid.as_deref();
         if self.remote.is_some() {
             let paths = self.remote_volumes(spec)?;
             return self.define_with(spec, uuid, &paths);
@@ -644,7 +627,7 @@ impl Provider for Libvirt {
         }
         let xml = self.dumpxml(vm_name)?.context("the machine's domain is gone")?;
         self.check_ours(vm_name, &xml, state)?;
-        let uuid = domain_uuid(&xml).context("the domain XML has no <uuid>")?.to_string();
+        let uuid = domain_uuid(&xml).context("the domain XML has no <uuid>")?;
         let mem = into.join(LAB_MEMORY);
         let mem_s = mem.to_string_lossy();
         // `save` stops the guest with its memory in the file; the disk is then consistent with it and copied.
@@ -724,11 +707,12 @@ impl Provider for Libvirt {
     }
 }
 
-/// The isolated private network an (our) domain XML joins, if any: `<source network='provisioner-...'/>`.
+/// The isolated private network an (our) domain XML joins, if any: `<source network='provisioner-...'/>` (of
+/// the first interface on a libvirt network).
 pub fn private_network_of(xml: &str) -> Option<String> {
-    let start = xml.find("<source network='")? + "<source network='".len();
-    let name = xml_unescape(&xml[start..start + xml[start..].find('\'')?]);
-    name.starts_with("provisioner-").then_some(name)
+    let doc = crate::xml::parse(xml)?;
+    let name = doc.descendants().filter(|n| n.has_tag_name("source")).find_map(|n| n.attribute("network"))?;
+    name.starts_with("provisioner-").then(|| name.to_string())
 }
 
 /// How long a machine waits for another one creating the project's network.
@@ -829,12 +813,20 @@ const LAB_TIMEOUT: Duration = Duration::from_secs(600);
 /// stay as saved (libvirt refuses a restore whose guest ABI differs). Pure.
 pub fn restore_xml(saved: &str, state_dir: &Path, netdev_arg: &str) -> Result<String> {
     let old = owner_state_dir(saved).context("the saved domain XML has no provisioner state dir")?;
-    let mut xml = saved.replace(&xml_escape(&old), &xml_escape(&state_dir.to_string_lossy()));
-    let start =
-        xml.find("value='user,id=net0").context("the saved domain XML has no -netdev user argument")?
-            + "value='".len();
-    let end = start + xml[start..].find('\'').context("unterminated -netdev argument")?;
-    xml.replace_range(start..end, &xml_escape(netdev_arg));
+    let escape = crate::xml::escape;
+    let mut xml = saved.replace(&escape(&old), &escape(&state_dir.to_string_lossy()));
+    // Where the `-netdev user` argument's value is in the text: `<qemu:arg value='user,id=net0,...'/>`.
+    let value = {
+        let doc = crate::xml::parse(&xml).context("the domain XML is not well-formed")?;
+        let arg = doc
+            .descendants()
+            .filter(|n| n.tag_name().name() == "arg")
+            .filter_map(|n| n.attribute_node("value"))
+            .find(|a| a.value().starts_with("user,id=net0"))
+            .context("the saved domain XML has no -netdev user argument")?;
+        arg.range_value()
+    };
+    xml.replace_range(value, &escape(netdev_arg));
     Ok(xml)
 }
 
