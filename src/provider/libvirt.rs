@@ -847,3 +847,31 @@ pub fn parse_domstate(out: &str) -> VmState {
         _ => VmState::Other(out.to_string()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Read as XML, not as text: any namespace prefix of our metadata, entities decoded, and nothing from inside a
+    /// comment or from an element of another namespace.
+    #[test]
+    fn domain_xml_is_read_by_its_structure() {
+        let xml = format!(
+            "<domain type='kvm'>\n  <!-- <uuid>not-this</uuid> <source network='provisioner-old'/> -->\n  \
+             <uuid> 5f2c1c4e-8f7e-4a55-9d43-0c3f4e0a6b21 </uuid>\n  <metadata>\n    <other:state-dir \
+             xmlns:other='urn:other'>/not/ours</other:state-dir>\n    <m:machine xmlns:m='{METADATA_NS}'>\
+             <m:state-dir>/srv/a &amp; b</m:state-dir></m:machine>\n  </metadata>\n  <devices>\n    \
+             <interface type='network'><source network=\"provisioner-0123-private\"/></interface>\n  \
+             </devices>\n</domain>\n"
+        );
+        assert_eq!(owner_state_dir(&xml).as_deref(), Some("/srv/a & b"));
+        assert_eq!(domain_uuid(&xml).as_deref(), Some("5f2c1c4e-8f7e-4a55-9d43-0c3f4e0a6b21"));
+        assert_eq!(private_network_of(&xml).as_deref(), Some("provisioner-0123-private"));
+        // What `lookup` reads: the batch output cut at the domain's end tag, which it puts back.
+        let batch = format!("{xml}\nrunning (booted)\n");
+        let (cut, state) = batch.rsplit_once("</domain>").unwrap();
+        assert_eq!(owner_state_dir(cut), None);
+        assert_eq!(owner_state_dir(&format!("{cut}</domain>")).as_deref(), Some("/srv/a & b"));
+        assert_eq!(parse_domstate(state), VmState::Running);
+    }
+}

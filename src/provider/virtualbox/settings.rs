@@ -105,4 +105,18 @@ mod tests {
         assert!(nat_rules(VBOX, 3).is_empty());
         assert!(nat_rules("not xml <", 1).is_empty());
     }
+
+    /// Entities, single-quoted attributes and a commented-out rule: what a text search gets wrong.
+    #[test]
+    fn reads_the_file_as_xml() {
+        let xml = r#"<?xml version="1.0"?>
+<VirtualBox xmlns="http://www.virtualbox.org/"><Machine name="vm"><Hardware><Network>
+  <Adapter slot='0'><NAT>
+    <!-- <Forwarding name="gone" proto="1" hostport="1" guestport="1"/> -->
+    <Forwarding name='web &amp; api' proto='1' hostip='127.0.0.1' hostport='8080' guestport='80'/>
+  </NAT></Adapter>
+</Network></Hardware></Machine></VirtualBox>"#;
+        let rules: Vec<String> = nat_rules(xml, 1).iter().map(NatRule::to_arg).collect();
+        assert_eq!(rules, ["web & api,tcp,127.0.0.1,8080,,80"]);
+    }
 }
