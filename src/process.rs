@@ -413,7 +413,8 @@ static WAKE_FD: AtomicI32 = AtomicI32::new(-1);
 static GROUPS: Mutex<Vec<i32>> = Mutex::new(Vec::new());
 
 /// The error a cancelled operation returns; `run()` maps it to exit code 128+signal.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("interrupted by {}", self.signal_name())]
 pub struct Interrupted(pub i32);
 
 impl Interrupted {
@@ -425,14 +426,6 @@ impl Interrupted {
         signal_name(self.0)
     }
 }
-
-impl std::fmt::Display for Interrupted {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "interrupted by {}", self.signal_name())
-    }
-}
-
-impl std::error::Error for Interrupted {}
 
 fn signal_name(sig: i32) -> &'static str {
     match sig {

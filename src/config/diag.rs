@@ -50,25 +50,13 @@ impl fmt::Display for Diagnostic {
     }
 }
 
-/// Everything wrong with a config file, in file order. `validate --json` downcasts to this to list them.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Everything wrong with a config file, in file order (one per line). `validate --json` downcasts to this to list
+/// them.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}", self.diagnostics.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
 pub struct ConfigError {
     pub diagnostics: Vec<Diagnostic>,
 }
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, d) in self.diagnostics.iter().enumerate() {
-            if i > 0 {
-                writeln!(f)?;
-            }
-            write!(f, "{d}")?;
-        }
-        Ok(())
-    }
-}
-
-impl std::error::Error for ConfigError {}
 
 /// Decode the file's bytes: UTF-8, with an optional BOM. UTF-16 and invalid UTF-8 say where and what to do.
 pub fn decode<'a>(file: &str, bytes: &'a [u8]) -> Result<&'a str, Diagnostic> {
