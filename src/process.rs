@@ -206,22 +206,6 @@ impl Cmd {
         Ok(out)
     }
 
-    /// Run with inherited stdio (interactive); returns the exit status.
-    pub fn run_interactive(&self) -> Result<ExitStatus> {
-        if verbosity() >= 1 {
-            eprintln!("+ {}", self.display());
-        }
-        let mut cmd = Command::new(&self.program);
-        cmd.args(&self.args);
-        for (k, v) in &self.env {
-            cmd.env(k, v);
-        }
-        if let Some(d) = &self.cwd {
-            cmd.current_dir(d);
-        }
-        cmd.status().map_err(|e| spawn_error(&self.program, e))
-    }
-
     /// Start in the background (stdout/stderr to the given file, or null); killed when the guard drops.
     pub fn spawn(&self, log: Option<&Path>) -> Result<ChildGuard> {
         if !self.cleanup {
@@ -360,12 +344,6 @@ impl ChildGuard {
             let _ = c.wait();
             self.reaped(pid as u32);
         }
-    }
-    /// Let the child live on after we drop (e.g. a daemon we started on purpose).
-    pub fn detach(mut self) -> u32 {
-        let pid = self.child.take().map(|c| c.id()).unwrap_or(0);
-        self.reaped(pid);
-        pid
     }
 }
 
