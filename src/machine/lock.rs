@@ -73,19 +73,15 @@ pub fn held(holder: &str, path: &Path) -> String {
 
 /// Open (creating) the lock file `path`, not truncating what its holder wrote in it.
 fn open(path: &Path) -> Result<File> {
-    std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(path)
-        .with_context(|| {
+    std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path).with_context(
+        || {
             format!(
                 "open lock {}\nhint: its directory must be writable by you (`ls -ld {}`)",
                 path.display(),
                 crate::ssh::shell_quote(&path.parent().unwrap_or(path).to_string_lossy())
             )
-        })
+        },
+    )
 }
 
 /// Try to take the exclusive lock on `path` (created if missing) without waiting: `Ok(lock)` when taken,

@@ -484,7 +484,11 @@ fn is_not_found(stderr: &str) -> bool {
 /// Hold the exclusive lock on `<dir of path>/.vbox-master.lock` (waiting up to IMPORT for a parallel import).
 fn lock_beside(path: &Path) -> Result<FileLock> {
     let lock = path.with_file_name(".vbox-master.lock");
-    crate::machine::lock::wait(&lock, IMPORT, &format!("the lock {} (another import of this box)", lock.display()))
+    crate::machine::lock::wait(
+        &lock,
+        IMPORT,
+        &format!("the lock {} (another import of this box)", lock.display()),
+    )
 }
 
 /// The NAT rules for a spec: the first forward is SSH and is named `ssh`; others `<name>-<proto>-<host port>`.
