@@ -396,10 +396,11 @@ fn primary_device(with_private: bool) -> String {
 }
 
 /// The `<uuid>` of a domain XML (a re-define must keep it).
-fn domain_uuid(xml: &str) -> Option<String> {
+fn domain_uuid(xml: &str) -> Option<&str> {
     let doc = crate::xml::parse(xml)?;
     let uuid = doc.root_element().children().find(|n| n.has_tag_name("uuid"))?;
-    Some(uuid.text()?.trim().to_string())
+    // A UUID has no entities: its text is the input's, unchanged.
+    Some(xml[uuid.first_child().filter(|t| t.is_text())?.range()].trim())
 }
 
 impl Libvirt {
@@ -502,7 +503,6 @@ impl Provider for Libvirt {
             self.ensure_network(&nic.net.name)?;
         }
         let uuid = existing.as_deref().and_then(domain_uuid);
-        let uuid = uuid.as_deref();
         if self.remote.is_some() {
             let paths = self.remote_volumes(spec)?;
             return self.define_with(spec, uuid, &paths);
@@ -627,7 +627,7 @@ impl Provider for Libvirt {
         }
         let xml = self.dumpxml(vm_name)?.context("the machine's domain is gone")?;
         self.check_ours(vm_name, &xml, state)?;
-        let uuid = domain_uuid(&xml).context("the domain XML has no <uuid>")?;
+        let uuid = domain_uuid(&xml).context("the domain XML has no <uuid>")?.to_string();
         let mem = into.join(LAB_MEMORY);
         let mem_s = mem.to_string_lossy();
         // `save` stops the guest with its memory in the file; the disk is then consistent with it and copied.
