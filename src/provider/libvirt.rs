@@ -865,7 +865,7 @@ mod tests {
              </devices>\n</domain>\n"
         );
         assert_eq!(owner_state_dir(&xml).as_deref(), Some("/srv/a & b"));
-        assert_eq!(domain_uuid(&xml).as_deref(), Some("5f2c1c4e-8f7e-4a55-9d43-0c3f4e0a6b21"));
+        assert_eq!(domain_uuid(&xml), Some("5f2c1c4e-8f7e-4a55-9d43-0c3f4e0a6b21"));
         assert_eq!(private_network_of(&xml).as_deref(), Some("provisioner-0123-private"));
         // What `lookup` reads: the batch output cut at the domain's end tag, which it puts back.
         let batch = format!("{xml}\nrunning (booted)\n");
