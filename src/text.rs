@@ -1,15 +1,6 @@
 //! Showing user input in messages: [`shown`] is the one helper every error that echoes a value from a file, a
 //! flag or the machine's state goes through, so a value can neither drive the terminal (escape sequences, bidi
-//! overrides) nor flood it. [`shell_quote`] quotes a value for a POSIX shell.
-
-/// Quote a string for a POSIX shell (single quotes).
-pub fn shell_quote(s: &str) -> String {
-    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_./=:,+@%".contains(&b)) {
-        s.to_string()
-    } else {
-        format!("'{}'", s.replace('\'', r"'\''"))
-    }
-}
+//! overrides) nor flood it.
 
 /// Characters shown of one echoed value; the rest is counted, not printed.
 pub const MAX_SHOWN: usize = 100;

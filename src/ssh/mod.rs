@@ -326,8 +326,14 @@ fn millis(d: Duration) -> u32 {
     d.as_millis().clamp(1, u32::MAX as u128) as u32
 }
 
-/// Quote a string for a POSIX shell (single quotes); lives in [`crate::text`], below ssh/ and machine/.
-pub use crate::text::shell_quote;
+/// Quote a string for a POSIX shell (single quotes).
+pub fn shell_quote(s: &str) -> String {
+    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_./=:,+@%".contains(&b)) {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', r"'\''"))
+    }
+}
 
 /// A running remote command: its channel (stderr merged into stdout), output split into lines, and a deadline.
 struct Exec<'a> {
