@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand};
 
 use crate::config::limits::{CONCURRENCY_MAX, REQUESTS_MAX, SECS_MAX, SECS_MIN};
 
@@ -308,13 +308,6 @@ pub struct PackageArgs {
     /// The box file to write.
     #[arg(long, short = 'o', default_value = "package.box")]
     pub out: PathBuf,
-}
-
-/// Output style chosen from the global flags.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum OutputMode {
-    Human,
-    Json,
 }
 
 #[cfg(test)]

@@ -23,8 +23,6 @@ pub use diag::{line_col, ConfigError, Diagnostic, Warning};
 pub use project::{Member, NetworkConfig, Peer, Project};
 pub use uri::{check_libvirt_uri, is_system_instance, UriProblem};
 
-pub const DEFAULT_FILE: &str = "box-config.toml";
-
 /// The whole file.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]

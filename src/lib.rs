@@ -42,6 +42,7 @@ pub mod seed;
 pub mod ssh;
 mod text;
 pub mod ui;
+mod xml;
 
 /// Exit codes.
 pub mod exit {

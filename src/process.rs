@@ -206,22 +206,6 @@ impl Cmd {
         Ok(out)
     }
 
-    /// Run with inherited stdio (interactive); returns the exit status.
-    pub fn run_interactive(&self) -> Result<ExitStatus> {
-        if verbosity() >= 1 {
-            eprintln!("+ {}", self.display());
-        }
-        let mut cmd = Command::new(&self.program);
-        cmd.args(&self.args);
-        for (k, v) in &self.env {
-            cmd.env(k, v);
-        }
-        if let Some(d) = &self.cwd {
-            cmd.current_dir(d);
-        }
-        cmd.status().map_err(|e| spawn_error(&self.program, e))
-    }
-
     /// Start in the background (stdout/stderr to the given file, or null); killed when the guard drops.
     pub fn spawn(&self, log: Option<&Path>) -> Result<ChildGuard> {
         if !self.cleanup {
@@ -361,12 +345,6 @@ impl ChildGuard {
             self.reaped(pid as u32);
         }
     }
-    /// Let the child live on after we drop (e.g. a daemon we started on purpose).
-    pub fn detach(mut self) -> u32 {
-        let pid = self.child.take().map(|c| c.id()).unwrap_or(0);
-        self.reaped(pid);
-        pid
-    }
 }
 
 impl Drop for ChildGuard {
@@ -413,7 +391,8 @@ static WAKE_FD: AtomicI32 = AtomicI32::new(-1);
 static GROUPS: Mutex<Vec<i32>> = Mutex::new(Vec::new());
 
 /// The error a cancelled operation returns; `run()` maps it to exit code 128+signal.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("interrupted by {}", self.signal_name())]
 pub struct Interrupted(pub i32);
 
 impl Interrupted {
@@ -425,14 +404,6 @@ impl Interrupted {
         signal_name(self.0)
     }
 }
-
-impl std::fmt::Display for Interrupted {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "interrupted by {}", self.signal_name())
-    }
-}
-
-impl std::error::Error for Interrupted {}
 
 fn signal_name(sig: i32) -> &'static str {
     match sig {

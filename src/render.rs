@@ -692,11 +692,6 @@ pub fn render_to_dir<S: Serialize + ?Sized>(
     Ok(r)
 }
 
-/// Convenience: the path the rendered file would have under a directory.
-pub fn out_path(out: &Path, f: &RenderedFile) -> PathBuf {
-    out.join(&f.path)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

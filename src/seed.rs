@@ -215,7 +215,7 @@ mod tests {
         let s = spec();
         let (user_data, meta_data) = render(&s).unwrap();
         assert!(user_data.starts_with("#cloud-config\n"));
-        let doc: serde_yaml::Value = serde_yaml::from_str(&user_data).unwrap();
+        let doc: serde_norway::Value = serde_norway::from_str(&user_data).unwrap();
         assert_eq!(doc["hostname"], "lab");
         assert_eq!(doc["users"][0]["name"], "provisioner");
         assert_eq!(doc["users"][0]["sudo"], "ALL=(ALL) NOPASSWD:ALL");
@@ -228,7 +228,7 @@ mod tests {
         assert_eq!(doc["ssh_deletekeys"], true);
         assert_eq!(doc["ssh_pwauth"], false);
         assert_eq!(doc["ssh_genkeytypes"].as_sequence().map(Vec::len), Some(0));
-        let meta: serde_yaml::Value = serde_yaml::from_str(&meta_data).unwrap();
+        let meta: serde_norway::Value = serde_norway::from_str(&meta_data).unwrap();
         assert_eq!(meta["instance-id"].as_str(), Some(s.instance_id.as_str()));
         assert_eq!(meta["local-hostname"], "lab");
     }
@@ -255,10 +255,10 @@ mod tests {
         let s = spec();
         assert_eq!(network_config(&s).unwrap(), None);
         let (user_data, meta_data) = render(&s).unwrap();
-        let doc: serde_yaml::Value = serde_yaml::from_str(&user_data).unwrap();
+        let doc: serde_norway::Value = serde_norway::from_str(&user_data).unwrap();
         assert_eq!(doc["manage_etc_hosts"], true);
         assert!(doc.get("write_files").is_none());
-        let meta: serde_yaml::Value = serde_yaml::from_str(&meta_data).unwrap();
+        let meta: serde_norway::Value = serde_norway::from_str(&meta_data).unwrap();
         assert_eq!(meta["instance-id"].as_str(), Some(s.instance_id.as_str()));
     }
 
@@ -269,7 +269,7 @@ mod tests {
         let text = network_config(&s).unwrap().unwrap();
         // Quoted: YAML 1.1 (cloud-init's PyYAML) reads an unquoted 52:54:00:12:34:56 as a base-60 integer.
         assert!(text.contains("\"52:54:00:12:34:56\"") && text.contains("\"52:54:00:ab:cd:01\""), "{text}");
-        let net: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
+        let net: serde_norway::Value = serde_norway::from_str(&text).unwrap();
         assert_eq!(net["version"], 2);
         let primary = &net["ethernets"]["primary"];
         assert_eq!(primary["match"]["macaddress"], crate::provider::network::PRIMARY_MAC);
@@ -287,7 +287,7 @@ mod tests {
         let mut s = spec();
         on_network(&mut s);
         let (user_data, meta_data) = render(&s).unwrap();
-        let doc: serde_yaml::Value = serde_yaml::from_str(&user_data).unwrap();
+        let doc: serde_norway::Value = serde_norway::from_str(&user_data).unwrap();
         assert_eq!(doc["manage_etc_hosts"], false);
         assert_eq!(doc["write_files"][0]["path"], "/etc/hosts");
         let hosts = doc["write_files"][0]["content"].as_str().unwrap();
@@ -297,7 +297,7 @@ mod tests {
         // Its own name is its private address, not 127.0.1.1.
         assert!(!hosts.contains("127.0.1.1"), "{hosts}");
         // A changed network is a new instance for cloud-init (it applies network-config once per instance).
-        let meta: serde_yaml::Value = serde_yaml::from_str(&meta_data).unwrap();
+        let meta: serde_norway::Value = serde_norway::from_str(&meta_data).unwrap();
         let id = meta["instance-id"].as_str().unwrap().to_string();
         assert!(id.starts_with(&format!("{}-n", s.instance_id)), "{id}");
         s.hosts.push(("db".into(), "10.77.0.12".parse().unwrap()));
@@ -328,7 +328,7 @@ mod tests {
         let mut s = spec();
         s.hostname = "x\nruncmd: [reboot]".into();
         let (user_data, _) = render(&s).unwrap();
-        let doc: serde_yaml::Value = serde_yaml::from_str(&user_data).unwrap();
+        let doc: serde_norway::Value = serde_norway::from_str(&user_data).unwrap();
         assert!(doc.get("runcmd").is_none());
         assert_eq!(doc["hostname"], "x\nruncmd: [reboot]");
     }

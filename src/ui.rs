@@ -89,11 +89,6 @@ pub mod output {
         STDOUT.lost()
     }
 
-    /// How stderr failed, if it did.
-    pub fn stderr_lost() -> Option<Lost> {
-        STDERR.lost()
-    }
-
     /// The exit code once stdout failed: 141 (128 + SIGPIPE) for a closed pipe, [`crate::exit::FAILURE`] for
     /// another error; a failed command keeps its own code. Stderr carries messages, not data: losing it does not
     /// change the code.

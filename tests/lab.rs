@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use serde_yaml::Value;
+use serde_norway::Value;
 
 use crate::support::{self, Test};
 
@@ -53,7 +53,7 @@ impl Lab {
         std::fs::read_to_string(self.out.join(rel)).unwrap_or_else(|e| panic!("read rendered {rel}: {e}"))
     }
     pub fn yaml(&self, rel: &str) -> Value {
-        serde_yaml::from_str(&self.read(rel)).unwrap_or_else(|e| panic!("{rel} is not YAML: {e}"))
+        serde_norway::from_str(&self.read(rel)).unwrap_or_else(|e| panic!("{rel} is not YAML: {e}"))
     }
     /// Every Grafana dashboard: (file name, JSON).
     pub fn dashboards(&self) -> Vec<(String, serde_json::Value)> {
@@ -321,7 +321,7 @@ fn check_compose(lab: &Lab, images: &str) -> Value {
     assert_eq!(grafana["GF_SECURITY_ADMIN_PASSWORD"].as_str(), Some("${GF_SECURITY_ADMIN_PASSWORD}"));
     assert_eq!(grafana["GF_USERS_ALLOW_SIGN_UP"].as_str(), Some("false"));
     // The env password only applies when the database is created; the volume outlives it, so it is re-applied.
-    let entry = serde_yaml::to_string(&c["services"]["grafana"]["entrypoint"]).unwrap();
+    let entry = serde_norway::to_string(&c["services"]["grafana"]["entrypoint"]).unwrap();
     assert!(entry.contains("reset-admin-password") && entry.contains("exec /run.sh"), "{entry}");
     // docker-compose v1 (Debian bookworm's 1.29, what the guest runs) parses it, profiles included.
     tool(&lab.out, "docker-compose", &["config", "-q"]);

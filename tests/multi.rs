@@ -282,8 +282,9 @@ fn cluster_example_renders_and_passes_promtool_and_compose() {
         let out = t.path().join(format!("out-{m}"));
         Test::new().cwd(t.path()).args(["render", "-m", m, "--out", out.to_str().unwrap()]).run().success();
         tool(&out, "docker-compose", &["config", "-q"]);
-        let doc: serde_yaml::Value =
-            serde_yaml::from_str(&std::fs::read_to_string(out.join("docker-compose.yml")).unwrap()).unwrap();
+        let doc: serde_norway::Value =
+            serde_norway::from_str(&std::fs::read_to_string(out.join("docker-compose.yml")).unwrap())
+                .unwrap();
         let names: Vec<String> =
             doc["services"].as_mapping().unwrap().keys().map(|k| k.as_str().unwrap().to_string()).collect();
         services.insert(m, names);
@@ -292,8 +293,8 @@ fn cluster_example_renders_and_passes_promtool_and_compose() {
     assert_eq!(services["app1"], ["demo-app", "node-exporter", "cadvisor", "loadgen"]);
     let mon = t.path().join("out-monitor/prometheus");
     tool(&mon, "promtool", &["check", "config", "prometheus.yml"]);
-    let prom: serde_yaml::Value =
-        serde_yaml::from_str(&std::fs::read_to_string(mon.join("prometheus.yml")).unwrap()).unwrap();
+    let prom: serde_norway::Value =
+        serde_norway::from_str(&std::fs::read_to_string(mon.join("prometheus.yml")).unwrap()).unwrap();
     let targets = |job: &str| -> Vec<String> {
         let jobs = prom["scrape_configs"].as_sequence().unwrap();
         let j = jobs.iter().find(|j| j["job_name"] == job).unwrap();

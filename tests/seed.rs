@@ -85,7 +85,7 @@ fn seed_iso_carries_network_config_and_hosts() {
     assert_eq!(names, ["/meta-data", "/network-config", "/user-data"], "{listing}");
     let net = tool("isoinfo", &["-J", "-x", "/network-config", "-i"], &iso);
     assert_eq!(Some(net.clone()), seed::network_config(&spec).unwrap());
-    let doc: serde_yaml::Value = serde_yaml::from_str(&net).unwrap();
+    let doc: serde_norway::Value = serde_norway::from_str(&net).unwrap();
     assert_eq!(doc["ethernets"]["private"]["addresses"][0], "10.77.0.11/24");
     // cloud-init reads it with PyYAML (YAML 1.1), where an unquoted 52:54:00:12:34:56 is a base-60 integer.
     // The system Python with Debian's PyYAML, as cloud-init itself runs (not a pyenv or venv python on PATH).
@@ -101,7 +101,7 @@ fn seed_iso_carries_network_config_and_hosts() {
     assert_eq!(py.run().unwrap().stdout.trim(), "str str", "MACs must load as strings in YAML 1.1");
     assert_eq!(doc["ethernets"]["private"]["match"]["macaddress"], "52:54:00:aa:bb:cc");
     let user_data = tool("isoinfo", &["-J", "-x", "/user-data", "-i"], &iso);
-    let doc: serde_yaml::Value = serde_yaml::from_str(&user_data).unwrap();
+    let doc: serde_norway::Value = serde_norway::from_str(&user_data).unwrap();
     assert!(
         doc["write_files"][0]["content"].as_str().unwrap().contains("10.77.0.10\tmonitor"),
         "{user_data}"

@@ -193,10 +193,49 @@ fn manifest(root: &Path) -> std::collections::BTreeMap<PathBuf, (String, u32)> {
         .collect()
 }
 
-#[test]
-fn upload_dir_is_byte_identical_and_keeps_modes() {
+/// An sshd whose sessions find a `sudo` that runs its command as is (the test user is the one the files belong
+/// to): the guest upload runs `sudo -n tar ...` as in a real guest.
+fn sshd_with_sudo() -> Sshd {
     use std::os::unix::fs::PermissionsExt;
-    let sshd = Sshd::start();
+    let dir = tempfile::tempdir().unwrap();
+    let bin = dir.path().join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let sudo = bin.join("sudo");
+    std::fs::write(&sudo, "#!/bin/sh\nwhile [ \"${1#-}\" != \"$1\" ]; do shift; done\nexec \"$@\"\n")
+        .unwrap();
+    std::fs::set_permissions(&sudo, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let state = StateDir::at(dir.path().join(".provisioner"));
+    let extra = format!("SetEnv PATH={}:/usr/local/bin:/usr/bin:/bin\n", bin.display());
+    Sshd::start_for(dir, state, &extra)
+}
+
+/// A tree as the upload sends it: every file under `root`, with its bytes and permission bits.
+fn tree_of(root: &Path) -> provisioner::render::Rendered {
+    use std::os::unix::fs::PermissionsExt;
+    let mut files: Vec<provisioner::render::RenderedFile> = walkdir::WalkDir::new(root)
+        .into_iter()
+        .map(Result::unwrap)
+        .filter(|e| e.file_type().is_file())
+        .map(|e| provisioner::render::RenderedFile {
+            path: e.path().strip_prefix(root).unwrap().to_string_lossy().into_owned(),
+            contents: std::fs::read(e.path()).unwrap(),
+            mode: e.metadata().unwrap().permissions().mode() & 0o7777,
+        })
+        .collect();
+    files.sort_by(|a, b| a.path.cmp(&b.path));
+    provisioner::render::Rendered { files }
+}
+
+/// Send all of `tree` (as to an empty guest) into `dest` with the one tar upload the tool has.
+fn upload_all(s: &Session, dest: &str, tree: &provisioner::render::Rendered) -> anyhow::Result<usize> {
+    use provisioner::guest::upload::{apply, diff, Manifest};
+    apply(s, dest, tree, &diff(&Manifest::default(), &Manifest::of(tree)))
+}
+
+#[test]
+fn upload_is_byte_identical_and_keeps_modes() {
+    use std::os::unix::fs::PermissionsExt;
+    let sshd = sshd_with_sudo();
     let s = sshd.session();
     let tmp = tempfile::tempdir().unwrap();
     let src = tmp.path().join("src");
@@ -213,11 +252,12 @@ fn upload_dir_is_byte_identical_and_keeps_modes() {
         walkdir::WalkDir::new(&src).into_iter().map(|e| e.unwrap().metadata().unwrap().len()).sum();
 
     let dest = tmp.path().join("remote dir/with 'quotes'");
+    let tree = tree_of(&src);
     let start = Instant::now();
-    s.upload_dir(&src, dest.to_str().unwrap(), Duration::from_secs(300)).unwrap();
+    upload_all(&s, dest.to_str().unwrap(), &tree).unwrap();
     let took = start.elapsed();
     eprintln!(
-        "bench: upload_dir 2001 files, {:.1} MiB in {took:.2?}: {:.0} files/s, {:.1} MiB/s",
+        "bench: upload 2001 files, {:.1} MiB in {took:.2?}: {:.0} files/s, {:.1} MiB/s",
         total as f64 / 1048576.0,
         2001.0 / took.as_secs_f64(),
         total as f64 / 1048576.0 / took.as_secs_f64()
@@ -228,20 +268,29 @@ fn upload_dir_is_byte_identical_and_keeps_modes() {
 }
 
 #[test]
-fn upload_bytes_writes_one_file_with_mode() {
+fn upload_writes_one_file_with_mode() {
     use std::os::unix::fs::PermissionsExt;
-    let sshd = Sshd::start();
+    let sshd = sshd_with_sudo();
     let s = sshd.session();
     let tmp = tempfile::tempdir().unwrap();
-    let target = tmp.path().join("new/dir/secret.env");
-    s.upload_bytes(target.to_str().unwrap(), b"TOKEN=1\n", 0o600, T).unwrap();
+    let one = |data: &[u8], mode: u32| provisioner::render::Rendered {
+        files: vec![provisioner::render::RenderedFile {
+            path: "dir/secret.env".into(),
+            contents: data.to_vec(),
+            mode,
+        }],
+    };
+    let dest = tmp.path().join("new");
+    let target = dest.join("dir/secret.env");
+    upload_all(&s, dest.to_str().unwrap(), &one(b"TOKEN=1\n", 0o600)).unwrap();
     assert_eq!(std::fs::read(&target).unwrap(), b"TOKEN=1\n");
     assert_eq!(std::fs::metadata(&target).unwrap().permissions().mode() & 0o777, 0o600);
     // Replacing works too, and a failing extraction is an error that says what happened.
-    s.upload_bytes(target.to_str().unwrap(), b"TOKEN=2\n", 0o644, T).unwrap();
+    upload_all(&s, dest.to_str().unwrap(), &one(b"TOKEN=2\n", 0o644)).unwrap();
     assert_eq!(std::fs::read(&target).unwrap(), b"TOKEN=2\n");
+    assert_eq!(std::fs::metadata(&target).unwrap().permissions().mode() & 0o777, 0o644);
     std::fs::write(tmp.path().join("file"), "x").unwrap();
-    let err = s.upload_bytes(tmp.path().join("file/below").to_str().unwrap(), b"y", 0o644, T).unwrap_err();
+    let err = upload_all(&s, tmp.path().join("file/below").to_str().unwrap(), &one(b"y", 0o644)).unwrap_err();
     assert!(format!("{err:#}").contains("failed"), "{err:#}");
 }
 

@@ -182,7 +182,8 @@ fn first_machine_imports_the_box_once_snapshots_and_links_a_clone() {
     assert_eq!(web["parent"], master["uuid"], "a linked clone of the master");
     assert_eq!(web["state"], "running");
     assert_eq!(b.vbox.state(WEB).unwrap(), VmState::Running);
-    assert_eq!(b.vbox.ssh_endpoint(WEB, &spec.state).unwrap(), "127.0.0.1:2222".parse().unwrap());
+    // SSH is forwarded from 127.0.0.1:2222 (the state.json endpoint `up` records from the spec's first forward).
+    assert_eq!(web["natpf"]["1"][0], "ssh,tcp,127.0.0.1,2222,,22");
     let serial = std::fs::read_to_string(spec.state.serial_log()).unwrap();
     assert!(serial.contains(WEB), "serial console goes to the state dir: {serial:?}");
 
@@ -878,7 +879,12 @@ fn e2e_real_virtualbox() {
     let vm = spec.vm_name.clone();
     create(&vbox, &spec).unwrap();
     vbox.start(&vm).unwrap();
-    let addr = vbox.ssh_endpoint(&vm, &spec.state).unwrap();
+    let ssh = provisioner::provider::virtualbox::nat_rules(&spec)
+        .unwrap()
+        .into_iter()
+        .find(|r| r.name == "ssh")
+        .unwrap();
+    let addr = std::net::SocketAddr::new(ssh.host_ip.parse().unwrap(), ssh.host_port);
     assert_eq!(addr.port(), port);
     let banner = support::wait_until(Duration::from_secs(300), "the SSH banner", || {
         use std::io::Read;

@@ -7,9 +7,9 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use fs4::fs_std::FileExt;
 use serde::{Deserialize, Serialize};
 
+use crate::machine::lock::{self, FileLock};
 use crate::ui::Ui;
 
 /// `box.json`: what one cache entry holds. Paths are relative to the entry directory.
@@ -173,23 +173,22 @@ impl Cache {
     }
 
     /// Exclusive lock on `<id>.lock`; waits (saying so) while another process builds the same box.
-    fn lock(&self, id: &str, ui: &Ui) -> Result<BoxLock> {
+    fn lock(&self, id: &str, ui: &Ui) -> Result<FileLock> {
         let path = self.root.join(format!("{id}.lock"));
-        let mut file = match crate::machine::lock::try_lock(&path)? {
-            Ok(file) => file,
-            Err((file, holder)) => {
+        let mut lock = match lock::try_lock(&path)? {
+            Ok(lock) => lock,
+            Err(holder) => {
                 ui.info(format!(
                     "waiting for another provisioner ({}) that is building box {}",
                     if holder.is_empty() { "pid unknown" } else { &holder },
                     short(id)
                 ));
                 ui.event("box_wait", serde_json::json!({"id": id}));
-                file.lock_exclusive().with_context(|| format!("lock {}", path.display()))?;
-                file
+                lock::block(&path)?
             }
         };
-        crate::machine::lock::write_holder(&mut file, &format!("pid {}", std::process::id()))?;
-        Ok(BoxLock { file })
+        lock::write_holder(&mut lock, &format!("pid {}", std::process::id()))?;
+        Ok(lock)
     }
 
     /// Every complete entry, oldest first.
@@ -236,18 +235,6 @@ impl Cache {
         remove_tree(&gone)?;
         let _ = std::fs::remove_file(self.log_path(&meta.id));
         Ok(meta)
-    }
-}
-
-/// Held while building or removing one box; the kernel drops the flock if we die.
-struct BoxLock {
-    file: File,
-}
-
-impl Drop for BoxLock {
-    fn drop(&mut self) {
-        let _ = self.file.set_len(0);
-        let _ = FileExt::unlock(&self.file);
     }
 }
 

@@ -610,7 +610,7 @@ pub fn cross(
         return Ok(f);
     };
     let compose_path = shown(&source.join(&compose.path).display().to_string());
-    let doc: serde_yaml::Value = serde_yaml::from_slice(&compose.contents).map_err(|e| {
+    let doc: serde_norway::Value = serde_norway::from_slice(&compose.contents).map_err(|e| {
         let at = e.location().map(|l| format!(":{}:{}", l.line(), l.column())).unwrap_or_default();
         anyhow::anyhow!("{compose_path}{at} (rendered): not valid YAML: {e}\nhint: fix the compose template")
     })?;
@@ -647,22 +647,22 @@ pub fn cross(
 }
 
 /// (protocol, port on the guest) of every port a compose file publishes.
-pub fn published_ports(doc: &serde_yaml::Value) -> BTreeSet<(Protocol, u16)> {
+pub fn published_ports(doc: &serde_norway::Value) -> BTreeSet<(Protocol, u16)> {
     let mut out = BTreeSet::new();
     let Some(services) = doc.get("services").and_then(|s| s.as_mapping()) else { return out };
     for svc in services.values() {
         let Some(ports) = svc.get("ports").and_then(|p| p.as_sequence()) else { continue };
         for p in ports {
             let (published, proto) = match p {
-                serde_yaml::Value::String(s) => {
+                serde_norway::Value::String(s) => {
                     let (spec, proto) = s.rsplit_once('/').unwrap_or((s, "tcp"));
                     let parts: Vec<&str> = spec.rsplitn(3, ':').collect();
                     // "C" alone publishes on a random port; "[IP:]H:C" publishes H.
                     (if parts.len() >= 2 { Some(parts[1].to_string()) } else { None }, proto.to_string())
                 }
-                serde_yaml::Value::Mapping(m) => (
+                serde_norway::Value::Mapping(m) => (
                     m.get("published").map(|v| match v {
-                        serde_yaml::Value::Number(n) => n.to_string(),
+                        serde_norway::Value::Number(n) => n.to_string(),
                         other => other.as_str().unwrap_or_default().to_string(),
                     }),
                     m.get("protocol").and_then(|v| v.as_str()).unwrap_or("tcp").to_string(),
@@ -680,7 +680,7 @@ pub fn published_ports(doc: &serde_yaml::Value) -> BTreeSet<(Protocol, u16)> {
     out
 }
 
-fn host_network_services(doc: &serde_yaml::Value) -> Vec<String> {
+fn host_network_services(doc: &serde_norway::Value) -> Vec<String> {
     let Some(services) = doc.get("services").and_then(|s| s.as_mapping()) else { return vec![] };
     services
         .iter()
@@ -708,7 +708,7 @@ mod tests {
 
     #[test]
     fn compose_ports_short_and_long_syntax() {
-        let doc: serde_yaml::Value = serde_yaml::from_str(
+        let doc: serde_norway::Value = serde_norway::from_str(
             r#"
 services:
   a: {ports: ["127.0.0.1:8000:8000", "9000-9001:9000-9001", "7000", "[::1]:6000:6001/udp", "5000:5000/tcp"]}

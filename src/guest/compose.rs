@@ -121,14 +121,14 @@ impl ComposeModel {
 
     /// Parse compose YAML (only the keys provisioning uses).
     pub fn parse(file: &str, text: &str) -> Result<ComposeModel> {
-        let doc: serde_yaml::Value = serde_yaml::from_str(text).map_err(|e| {
+        let doc: serde_norway::Value = serde_norway::from_str(text).map_err(|e| {
             anyhow!("{file}: {e}\nhint: `provisioner render --out DIR` shows the rendered file")
         })?;
         let services = doc
             .get("services")
             .and_then(|s| s.as_mapping())
             .ok_or_else(|| anyhow!("{file}: no `services:` mapping"))?;
-        let str_list = |v: Option<&serde_yaml::Value>| -> Vec<String> {
+        let str_list = |v: Option<&serde_norway::Value>| -> Vec<String> {
             v.and_then(|v| v.as_sequence())
                 .map(|s| s.iter().filter_map(|x| x.as_str().map(String::from)).collect())
                 .unwrap_or_default()
@@ -137,7 +137,7 @@ impl ComposeModel {
         for (name, svc) in services {
             let name = name.as_str().ok_or_else(|| anyhow!("{file}: a service name is not a string"))?;
             let build_context = match svc.get("build") {
-                Some(serde_yaml::Value::String(ctx)) => Some(ctx.as_str()),
+                Some(serde_norway::Value::String(ctx)) => Some(ctx.as_str()),
                 Some(b) => Some(b.get("context").and_then(|c| c.as_str()).unwrap_or(".")),
                 None => None,
             }
@@ -148,7 +148,7 @@ impl ComposeModel {
                 .map(|vols| {
                     vols.iter()
                         .filter_map(|v| match v {
-                            serde_yaml::Value::String(s) => s.split(':').next().and_then(relative),
+                            serde_norway::Value::String(s) => s.split(':').next().and_then(relative),
                             other => {
                                 let bind = other.get("type").and_then(|t| t.as_str()) == Some("bind");
                                 other

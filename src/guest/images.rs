@@ -71,14 +71,11 @@ impl BaseImage {
     /// progress text; `cancel` set from another thread stops the build (its process group is killed and the
     /// half-made work dir removed). Returns whether it was built now.
     pub fn ensure_tarball(&self, note: &dyn Fn(&str), cancel: &AtomicBool) -> Result<bool> {
-        use fs4::fs_std::FileExt;
         let out = self.tarball();
         let dir = out.parent().expect("tarball has a parent");
         std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
         let lock_path = dir.join(".build.lock");
-        let lock =
-            std::fs::File::create(&lock_path).with_context(|| format!("open {}", lock_path.display()))?;
-        lock.lock_exclusive().with_context(|| format!("lock {}", lock_path.display()))?;
+        let _lock = crate::machine::lock::block(&lock_path)?;
         if out.is_file() {
             return Ok(false);
         }

@@ -552,7 +552,7 @@ fn peer_hosts(cfg: &Config) -> Vec<(String, std::net::Ipv4Addr)> {
 
 /// For a machine of a `[[machine]]` file, the project's lock (`.provisioner/project.lock`), waited for: held
 /// while the machine's hypervisor objects (and the shared private network) are made.
-fn project_lock(cfg: &Config) -> Result<Option<std::fs::File>> {
+fn project_lock(cfg: &Config) -> Result<Option<super::lock::FileLock>> {
     if cfg.member.is_none() {
         return Ok(None);
     }

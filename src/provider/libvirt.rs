@@ -7,7 +7,6 @@
 //! (slirp) `-netdev user,hostfwd=...` through `<qemu:commandline>`: passt (libvirt's
 //! `<portForward>`) fails as root, where passt drops to `nobody` and cannot write its PID file (docs/vm.md).
 
-use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
@@ -281,30 +280,11 @@ fn find_sbin(name: &str) -> Option<std::path::PathBuf> {
     })
 }
 
-/// The state dir named in our metadata element, if the XML has one.
+/// The state dir named in our metadata element (`<provisioner:state-dir>` in [`METADATA_NS`]), if the XML has one.
 pub fn owner_state_dir(xml: &str) -> Option<String> {
-    if !xml.contains(METADATA_NS) {
-        return None;
-    }
-    let start = xml.find("<provisioner:state-dir>")? + "<provisioner:state-dir>".len();
-    let end = start + xml[start..].find("</provisioner:state-dir>")?;
-    Some(xml_unescape(&xml[start..end]))
-}
-
-fn xml_escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('\'', "&apos;")
-        .replace('"', "&quot;")
-}
-
-fn xml_unescape(s: &str) -> String {
-    s.replace("&lt;", "<")
-        .replace("&gt;", ">")
-        .replace("&apos;", "'")
-        .replace("&quot;", "\"")
-        .replace("&amp;", "&")
+    let doc = crate::xml::parse(xml)?;
+    let dir = doc.descendants().find(|n| n.has_tag_name((METADATA_NS, "state-dir")))?;
+    Some(dir.text().unwrap_or_default().to_string())
 }
 
 /// Error out when the filesystem of `dir` is nearly full; the overlay grows up to `disk_gb`.
@@ -404,7 +384,7 @@ pub fn domain_xml_with(
     });
     let mut hb = handlebars::Handlebars::new();
     hb.set_strict_mode(true);
-    hb.register_escape_fn(xml_escape);
+    hb.register_escape_fn(crate::xml::escape);
     hb.render_template(DOMAIN_TEMPLATE, &ctx).context("render assets/libvirt/domain.xml.hbs")
 }
 
@@ -431,8 +411,10 @@ fn primary_device(with_private: bool) -> String {
 
 /// The `<uuid>` of a domain XML (a re-define must keep it).
 fn domain_uuid(xml: &str) -> Option<&str> {
-    let start = xml.find("<uuid>")? + "<uuid>".len();
-    Some(xml[start..start + xml[start..].find("</uuid>")?].trim())
+    let doc = crate::xml::parse(xml)?;
+    let uuid = doc.root_element().children().find(|n| n.has_tag_name("uuid"))?;
+    // A UUID has no entities: its text is the input's, unchanged.
+    Some(xml[uuid.first_child().filter(|t| t.is_text())?.range()].trim())
 }
 
 impl Libvirt {
@@ -521,7 +503,7 @@ impl Provider for Libvirt {
             .rsplit_once("</domain>")
             .with_context(|| format!("`virsh dumpxml {vm_name}` printed no domain XML"))?;
         let live = parse_domstate(domstate);
-        Ok(match owner_state_dir(xml) {
+        Ok(match owner_state_dir(&format!("{xml}</domain>")) {
             // Any spelling of our state dir (symlink, `..`, an older marker) is ours: one identity per machine.
             Some(dir) if crate::machine::identity::same_dir(Path::new(&dir), &state.root) => {
                 Lookup::Mine(live)
@@ -621,16 +603,6 @@ impl Provider for Libvirt {
             Host::Remote(_) => self.remote_serial_console(vm_name),
             Host::Local => super::local_serial_console(state),
         }
-    }
-
-    fn ssh_endpoint(&self, _vm_name: &str, state: &StateDir) -> Result<SocketAddr> {
-        let st = MachineState::load(state)?.context("the machine has no state.json; run `provisioner up`")?;
-        let (Some(host), Some(port)) = (st.ssh_host, st.ssh_port) else {
-            bail!("state.json has no SSH endpoint; run `provisioner up` (or `destroy -f` then `up` to recreate)");
-        };
-        format!("{host}:{port}")
-            .parse()
-            .with_context(|| format!("bad SSH endpoint {host}:{port} in state.json"))
     }
 
     fn snapshot_save(&self, vm_name: &str, name: &str) -> Result<()> {
@@ -753,11 +725,12 @@ impl Provider for Libvirt {
     }
 }
 
-/// The isolated private network an (our) domain XML joins, if any: `<source network='provisioner-...'/>`.
+/// The isolated private network an (our) domain XML joins, if any: `<source network='provisioner-...'/>` (of
+/// the first interface on a libvirt network).
 pub fn private_network_of(xml: &str) -> Option<String> {
-    let start = xml.find("<source network='")? + "<source network='".len();
-    let name = xml_unescape(&xml[start..start + xml[start..].find('\'')?]);
-    name.starts_with("provisioner-").then_some(name)
+    let doc = crate::xml::parse(xml)?;
+    let name = doc.descendants().filter(|n| n.has_tag_name("source")).find_map(|n| n.attribute("network"))?;
+    name.starts_with("provisioner-").then(|| name.to_string())
 }
 
 /// How long a machine waits for another one creating the project's network.
@@ -823,7 +796,7 @@ hint: remove it by hand (`virsh -c {}                  net-destroy {name}; virsh
         Ok(())
     }
 
-    fn network_lock(&self, name: &str) -> Result<std::fs::File> {
+    fn network_lock(&self, name: &str) -> Result<crate::machine::lock::FileLock> {
         let dir = crate::boxes::cache_dir().join("networks");
         std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
         crate::machine::lock::wait_for(&dir.join(format!("{name}.lock")), NETWORK_LOCK)
@@ -858,12 +831,20 @@ const LAB_TIMEOUT: Duration = Duration::from_secs(600);
 /// stay as saved (libvirt refuses a restore whose guest ABI differs). Pure.
 pub fn restore_xml(saved: &str, state_dir: &Path, netdev_arg: &str) -> Result<String> {
     let old = owner_state_dir(saved).context("the saved domain XML has no provisioner state dir")?;
-    let mut xml = saved.replace(&xml_escape(&old), &xml_escape(&state_dir.to_string_lossy()));
-    let start =
-        xml.find("value='user,id=net0").context("the saved domain XML has no -netdev user argument")?
-            + "value='".len();
-    let end = start + xml[start..].find('\'').context("unterminated -netdev argument")?;
-    xml.replace_range(start..end, &xml_escape(netdev_arg));
+    let escape = crate::xml::escape;
+    let mut xml = saved.replace(&escape(&old), &escape(&state_dir.to_string_lossy()));
+    // Where the `-netdev user` argument's value is in the text: `<qemu:arg value='user,id=net0,...'/>`.
+    let value = {
+        let doc = crate::xml::parse(&xml).context("the domain XML is not well-formed")?;
+        let arg = doc
+            .descendants()
+            .filter(|n| n.tag_name().name() == "arg")
+            .filter_map(|n| n.attribute_node("value"))
+            .find(|a| a.value().starts_with("user,id=net0"))
+            .context("the saved domain XML has no -netdev user argument")?;
+        arg.range_value()
+    };
+    xml.replace_range(value, &escape(netdev_arg));
     Ok(xml)
 }
 
@@ -882,5 +863,33 @@ pub fn parse_domstate(out: &str) -> VmState {
         ("shut off" | "crashed", _) => VmState::Stopped,
         ("paused" | "pmsuspended", _) => VmState::Paused,
         _ => VmState::Other(out.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Read as XML, not as text: any namespace prefix of our metadata, entities decoded, and nothing from inside a
+    /// comment or from an element of another namespace.
+    #[test]
+    fn domain_xml_is_read_by_its_structure() {
+        let xml = format!(
+            "<domain type='kvm'>\n  <!-- <uuid>not-this</uuid> <source network='provisioner-old'/> -->\n  \
+             <uuid> 5f2c1c4e-8f7e-4a55-9d43-0c3f4e0a6b21 </uuid>\n  <metadata>\n    <other:state-dir \
+             xmlns:other='urn:other'>/not/ours</other:state-dir>\n    <m:machine xmlns:m='{METADATA_NS}'>\
+             <m:state-dir>/srv/a &amp; b</m:state-dir></m:machine>\n  </metadata>\n  <devices>\n    \
+             <interface type='network'><source network=\"provisioner-0123-private\"/></interface>\n  \
+             </devices>\n</domain>\n"
+        );
+        assert_eq!(owner_state_dir(&xml).as_deref(), Some("/srv/a & b"));
+        assert_eq!(domain_uuid(&xml), Some("5f2c1c4e-8f7e-4a55-9d43-0c3f4e0a6b21"));
+        assert_eq!(private_network_of(&xml).as_deref(), Some("provisioner-0123-private"));
+        // What `lookup` reads: the batch output cut at the domain's end tag, which it puts back.
+        let batch = format!("{xml}\nrunning (booted)\n");
+        let (cut, state) = batch.rsplit_once("</domain>").unwrap();
+        assert_eq!(owner_state_dir(cut), None);
+        assert_eq!(owner_state_dir(&format!("{cut}</domain>")).as_deref(), Some("/srv/a & b"));
+        assert_eq!(parse_domstate(state), VmState::Running);
     }
 }

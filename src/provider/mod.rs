@@ -4,7 +4,6 @@ pub mod libvirt;
 pub mod network;
 pub mod virtualbox;
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -135,8 +134,6 @@ pub trait Provider {
     fn halt(&self, vm_name: &str, timeout: Duration, force: bool) -> Result<()>;
     /// Remove the VM and everything the provider made for it. Idempotent.
     fn destroy(&self, vm_name: &str, state: &StateDir) -> Result<()>;
-    /// Where SSH reaches the guest on the host.
-    fn ssh_endpoint(&self, vm_name: &str, state: &StateDir) -> Result<SocketAddr>;
 
     /// Take a snapshot `name` of the whole machine (disk, and memory when it runs). An existing name is an error.
     fn snapshot_save(&self, vm_name: &str, name: &str) -> Result<()>;

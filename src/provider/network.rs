@@ -112,7 +112,7 @@ pub fn private_device(mac: &str) -> String {
 /// The isolated libvirt network (qemu:///system): no `<forward>` (nothing routed or NATed), no `<ip>` (no host
 /// address, no DHCP server): a bare bridge that only the guests' private NICs join.
 pub fn isolated_network_xml(name: &str) -> String {
-    let name = name.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;");
+    let name = crate::xml::escape(name);
     format!(
         "<network>\n  <name>{name}</name>\n  <!-- provisioner private network: isolated (no forward, no host \
          address) -->\n  <bridge stp='off' delay='0'/>\n</network>\n"

@@ -23,7 +23,6 @@ mod settings;
 pub mod version;
 
 use std::ffi::OsString;
-use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -31,6 +30,7 @@ use anyhow::{anyhow, bail, Context, Result};
 
 use super::{BoxImage, Lookup, MachineSpec, Provider, VmState};
 use crate::config::{Config, Firmware, Protocol};
+use crate::machine::lock::FileLock;
 use crate::machine::state::MachineState;
 use crate::machine::StateDir;
 use crate::process::{self, Cmd, Output};
@@ -481,22 +481,14 @@ fn is_not_found(stderr: &str) -> bool {
     stderr.contains("VBOX_E_OBJECT_NOT_FOUND") || stderr.contains("Could not find a registered machine")
 }
 
-/// Hold an exclusive lock on `<dir of path>/.vbox-master.lock` (waiting for a parallel import to finish).
-fn lock_beside(path: &Path) -> Result<std::fs::File> {
-    use fs4::fs_std::FileExt;
+/// Hold the exclusive lock on `<dir of path>/.vbox-master.lock` (waiting up to IMPORT for a parallel import).
+fn lock_beside(path: &Path) -> Result<FileLock> {
     let lock = path.with_file_name(".vbox-master.lock");
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&lock)
-        .with_context(|| format!("open {}\nhint: the box cache must be writable", lock.display()))?;
-    process::wait_until(
+    crate::machine::lock::wait(
+        &lock,
         IMPORT,
         &format!("the lock {} (another import of this box)", lock.display()),
-        || Ok(file.try_lock_exclusive()?.then_some(())),
-    )?;
-    Ok(file)
+    )
 }
 
 /// The NAT rules for a spec: the first forward is SSH and is named `ssh`; others `<name>-<proto>-<host port>`.
@@ -749,19 +741,6 @@ impl Provider for VirtualBox {
             }
         }
         self.remove(vm, &i)
-    }
-
-    fn ssh_endpoint(&self, vm: &str, _state: &StateDir) -> Result<SocketAddr> {
-        let info = self.info_required(vm)?;
-        let rule = self.nat_rules_of(&info, NIC)?.into_iter().find(|r| r.name == "ssh").ok_or_else(|| {
-            anyhow!("the VM {vm} has no NAT rule named ssh\nhint: run `provisioner reload` to re-apply the forwards")
-        })?;
-        let ip: IpAddr = match rule.host_ip.as_str() {
-            // Empty (or 0.0.0.0) means every host interface: loopback reaches it.
-            "" | "0.0.0.0" => IpAddr::from([127, 0, 0, 1]),
-            s => s.parse().with_context(|| format!("host IP {s:?} of the ssh NAT rule of {vm}"))?,
-        };
-        Ok(SocketAddr::new(ip, rule.host_port))
     }
 
     // Snapshots and suspend/resume (issue 11), kept together: VirtualBox's state rules live in `snapshots`.

@@ -9,10 +9,10 @@ pub mod control;
 
 use std::io::{BufWriter, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, Context, Result};
 
 use crate::config::Config;
 use crate::keys;
@@ -226,67 +226,6 @@ impl Session {
     pub fn exec_with_stdin(&self, cmd: &str, stdin: &mut dyn Read, timeout: Duration) -> Result<ExecOutput> {
         self.exec_feeding(cmd, timeout, &mut |w| std::io::copy(stdin, w).map(|_| ()))
     }
-    /// Upload a local directory tree as one tar stream to `remote_dir` (created). Modes are kept; the files
-    /// belong to the login user.
-    pub fn upload_dir(&self, local: &Path, remote_dir: &str, timeout: Duration) -> Result<()> {
-        if !local.is_dir() {
-            bail!("cannot upload {}: not a directory", local.display());
-        }
-        self.upload_tar(remote_dir, timeout, &format!("upload {} to {remote_dir}", local.display()), |b| {
-            b.follow_symlinks(false);
-            b.append_dir_all(".", local)
-        })
-    }
-    /// Write one file (created or replaced, parent directories created) with `mode`.
-    pub fn upload_bytes(&self, remote_path: &str, data: &[u8], mode: u32, timeout: Duration) -> Result<()> {
-        let (dir, name) = match remote_path.rsplit_once('/') {
-            Some(("", name)) => ("/", name),
-            Some((dir, name)) => (dir, name),
-            None => (".", remote_path),
-        };
-        if name.is_empty() {
-            bail!("cannot upload to {remote_path:?}: it names a directory, not a file");
-        }
-        self.upload_tar(dir, timeout, &format!("upload {remote_path}"), |b| {
-            let mut h = tar::Header::new_gnu();
-            h.set_size(data.len() as u64);
-            h.set_mode(mode);
-            h.set_mtime(
-                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
-            );
-            h.set_entry_type(tar::EntryType::Regular);
-            b.append_data(&mut h, name, data)
-        })
-    }
-
-    /// Stream a tar archive built by `fill` into `tar -x` under `remote_dir` over one exec channel.
-    fn upload_tar(
-        &self,
-        remote_dir: &str,
-        timeout: Duration,
-        what: &str,
-        fill: impl FnOnce(&mut tar::Builder<&mut dyn Write>) -> std::io::Result<()>,
-    ) -> Result<()> {
-        let dir = shell_quote(remote_dir);
-        let cmd = format!("mkdir -p {dir} && tar --no-same-owner -xpf - -C {dir}");
-        let mut fill = Some(fill);
-        let out = self
-            .exec_feeding(&cmd, timeout, &mut |w| {
-                let mut b = tar::Builder::new(w);
-                (fill.take().expect("fed once"))(&mut b)?;
-                b.finish()
-            })
-            .with_context(|| format!("{what} failed"))?;
-        if out.status != 0 {
-            bail!(
-                "{what} failed: `{cmd}` exited {} in the guest:\n{}\nhint: check free space (`df -h`) and the permissions of {remote_dir} in the guest (`provisioner ssh`)",
-                out.status,
-                crate::process::tail(&out.output, 20)
-            );
-        }
-        Ok(())
-    }
-
     /// Run `cmd`, write its stdin through a 64 KiB buffer with `feed`, then send EOF and collect the result.
     fn exec_feeding(
         &self,

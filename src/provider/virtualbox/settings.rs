@@ -9,93 +9,46 @@
 
 use super::info::NatRule;
 
-/// The rules of NIC `adapter` (1-based, as in `--natpf1`) of the machine's current hardware.
+/// The rules of NIC `adapter` (1-based, as in `--natpf1`) of the machine's current hardware; none when the file
+/// is not well-formed XML.
 pub fn nat_rules(xml: &str, adapter: u32) -> Vec<NatRule> {
-    const PATH: [&str; 6] = ["VirtualBox", "Machine", "Hardware", "Network", "Adapter", "NAT"];
-    let mut stack: Vec<String> = Vec::new();
-    let mut slot: Option<u32> = None;
+    let Some(doc) = crate::xml::parse(xml) else { return Vec::new() };
+    let root = doc.root_element();
+    if root.tag_name().name() != "VirtualBox" {
+        return Vec::new();
+    }
     let mut rules = Vec::new();
-    let mut rest = xml;
-    while let Some(open) = rest.find('<') {
-        rest = &rest[open + 1..];
-        if let Some(r) = rest.strip_prefix("!--") {
-            rest = r.find("-->").map_or("", |e| &r[e + 3..]);
-            continue;
-        }
-        let Some(close) = tag_end(rest) else { break };
-        let tag = &rest[..close];
-        rest = &rest[close + 1..];
-        if tag.starts_with('?') || tag.starts_with('!') {
-            continue;
-        }
-        if let Some(name) = tag.strip_prefix('/') {
-            if stack.last().map(String::as_str) == Some(name.trim()) {
-                stack.pop();
+    for network in child(root, "Machine").flat_map(|m| child(m, "Hardware")).flat_map(|h| child(h, "Network"))
+    {
+        let slot = |a: &roxmltree::Node<'_, '_>| a.attribute("slot").and_then(|s| s.parse::<u32>().ok());
+        for nat in child(network, "Adapter")
+            .filter(|a| slot(a).map(|s| s + 1) == Some(adapter))
+            .flat_map(|a| child(a, "NAT"))
+        {
+            for f in child(nat, "Forwarding") {
+                let port = |k| f.attribute(k).and_then(|p| p.parse().ok()).unwrap_or(0);
+                let attr = |k| f.attribute(k).unwrap_or("").to_string();
+                rules.push(NatRule {
+                    name: attr("name"),
+                    proto: if f.attribute("proto") == Some("0") { "udp" } else { "tcp" }.to_string(),
+                    host_ip: attr("hostip"),
+                    host_port: port("hostport"),
+                    guest_ip: attr("guestip"),
+                    guest_port: port("guestport"),
+                });
             }
-            continue;
-        }
-        let self_closing = tag.ends_with('/');
-        let body = tag.trim_end_matches('/');
-        let name = body.split(|c: char| c.is_whitespace()).next().unwrap_or("");
-        let name = name.rsplit(':').next().unwrap_or(name);
-        let attrs = attributes(body);
-        let attr = |k: &str| attrs.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
-        if name == "Adapter" && stack.len() == 4 && stack[..] == PATH[..4] {
-            slot = attr("slot").and_then(|s| s.parse().ok());
-        }
-        if name == "Forwarding" && stack[..] == PATH[..] && slot.map(|s| s + 1) == Some(adapter) {
-            let port = |k| attr(k).and_then(|p| p.parse().ok()).unwrap_or(0);
-            rules.push(NatRule {
-                name: attr("name").unwrap_or("").to_string(),
-                proto: if attr("proto") == Some("0") { "udp" } else { "tcp" }.to_string(),
-                host_ip: attr("hostip").unwrap_or("").to_string(),
-                host_port: port("hostport"),
-                guest_ip: attr("guestip").unwrap_or("").to_string(),
-                guest_port: port("guestport"),
-            });
-        }
-        if !self_closing {
-            stack.push(name.to_string());
         }
     }
     rules
 }
 
-/// Index of the `>` that ends a tag, skipping quoted attribute values.
-fn tag_end(s: &str) -> Option<usize> {
-    let mut quote = None;
-    for (i, c) in s.char_indices() {
-        match (quote, c) {
-            (None, '"' | '\'') => quote = Some(c),
-            (Some(q), c) if c == q => quote = None,
-            (None, '>') => return Some(i),
-            _ => {}
-        }
-    }
-    None
-}
-
-/// `name="value"` pairs of a start tag, entities decoded.
-fn attributes(tag: &str) -> Vec<(String, String)> {
-    let mut out = Vec::new();
-    let mut rest = tag.split_once(char::is_whitespace).map_or("", |(_, r)| r);
-    while let Some(eq) = rest.find('=') {
-        let name = rest[..eq].trim().to_string();
-        let after = rest[eq + 1..].trim_start();
-        let Some(q) = after.chars().next().filter(|c| *c == '"' || *c == '\'') else { break };
-        let Some(end) = after[1..].find(q) else { break };
-        out.push((name, unescape(&after[1..1 + end])));
-        rest = &after[end + 2..];
-    }
-    out
-}
-
-fn unescape(s: &str) -> String {
-    s.replace("&lt;", "<")
-        .replace("&gt;", ">")
-        .replace("&quot;", "\"")
-        .replace("&apos;", "'")
-        .replace("&amp;", "&")
+/// The element children of `node` with the local name `name` (the file's elements are in VirtualBox's default
+/// namespace).
+fn child<'a, 'i>(
+    node: roxmltree::Node<'a, 'i>,
+    name: &'static str,
+) -> impl Iterator<Item = roxmltree::Node<'a, 'i>> {
+    node.children().filter(move |n| n.is_element() && n.tag_name().name() == name)
 }
 
 #[cfg(test)]
@@ -151,5 +104,19 @@ mod tests {
         assert_eq!(two, ["ssh,tcp,,2299,,22"]);
         assert!(nat_rules(VBOX, 3).is_empty());
         assert!(nat_rules("not xml <", 1).is_empty());
+    }
+
+    /// Entities, single-quoted attributes and a commented-out rule: what a text search gets wrong.
+    #[test]
+    fn reads_the_file_as_xml() {
+        let xml = r#"<?xml version="1.0"?>
+<VirtualBox xmlns="http://www.virtualbox.org/"><Machine name="vm"><Hardware><Network>
+  <Adapter slot='0'><NAT>
+    <!-- <Forwarding name="gone" proto="1" hostport="1" guestport="1"/> -->
+    <Forwarding name='web &amp; api' proto='1' hostip='127.0.0.1' hostport='8080' guestport='80'/>
+  </NAT></Adapter>
+</Network></Hardware></Machine></VirtualBox>"#;
+        let rules: Vec<String> = nat_rules(xml, 1).iter().map(NatRule::to_arg).collect();
+        assert_eq!(rules, ["web & api,tcp,127.0.0.1,8080,,80"]);
     }
 }
