@@ -11,7 +11,7 @@ use serde_json::json;
 
 use crate::config::Config;
 use crate::profile::Profile;
-use crate::ssh::shell_quote;
+use crate::host::shell_quote;
 use crate::ssh::Session;
 use crate::ui::Ui;
 

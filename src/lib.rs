@@ -32,6 +32,7 @@ mod health;
 pub mod host;
 pub mod keys;
 pub mod lab;
+pub mod lifecycle;
 pub mod machine;
 mod ports;
 pub mod process;

@@ -15,7 +15,7 @@ pub struct Ctx {
     /// The machine this command acts on when it is one of a `[[machine]]` file (validated with the project).
     pub member: Option<Config>,
     /// The multi-machine `up`/`reload` this machine is brought up in, with other machines at once.
-    pub round: Option<std::sync::Arc<crate::machine::round::Round>>,
+    pub round: Option<std::sync::Arc<crate::lifecycle::round::Round>>,
     /// Why the `[machine]` file, loaded leniently for a command that looks after an existing machine (`status`,
     /// `port`, `halt`, `destroy`), does not validate: the machine is then found from its recorded state.
     pub invalid: Option<std::sync::Arc<anyhow::Error>>,
@@ -50,14 +50,14 @@ impl Ctx {
         }
     }
     /// The machine this command acts on: its config, identity and lifecycle.
-    pub fn machine(&self) -> Result<crate::machine::lifecycle::Machine> {
-        crate::machine::lifecycle::Machine::new(self.config()?, &crate::lab::PROFILE)
+    pub fn machine(&self) -> Result<crate::lifecycle::Machine> {
+        crate::lifecycle::Machine::new(self.config()?, &crate::lab::PROFILE)
     }
 
     /// The machine of a command that looks after it (`status`, `port`, `halt`, `destroy`): found from its
-    /// recorded state when the file no longer validates ([`crate::machine::lifecycle::Machine::existing`]).
-    pub fn existing_machine(&self) -> Result<crate::machine::lifecycle::Machine> {
-        crate::machine::lifecycle::Machine::existing(
+    /// recorded state when the file no longer validates ([`crate::lifecycle::Machine::existing`]).
+    pub fn existing_machine(&self) -> Result<crate::lifecycle::Machine> {
+        crate::lifecycle::Machine::existing(
             self.config()?,
             &crate::lab::PROFILE,
             self.invalid.as_deref(),

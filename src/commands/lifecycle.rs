@@ -9,8 +9,8 @@ use serde_json::json;
 use super::Ctx;
 use crate::cli::{DestroyArgs, HaltArgs, UpArgs};
 use crate::config::Forward;
-use crate::machine::lifecycle::foreign_note;
-pub use crate::machine::lifecycle::refuse_foreign;
+use crate::lifecycle::foreign_note;
+pub use crate::lifecycle::refuse_foreign;
 use crate::machine::state::MachineState;
 use crate::provider::{self, vm_ref, Lookup, VmState};
 

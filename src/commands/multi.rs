@@ -14,7 +14,7 @@ use serde_json::json;
 use super::Ctx;
 use crate::cli::DestroyArgs;
 use crate::config::{Config, Project};
-use crate::machine::round::{Judged, Round};
+use crate::lifecycle::round::{Judged, Round};
 use crate::machine::state::MachineState;
 use crate::machine::StateDir;
 
@@ -39,7 +39,7 @@ fn project(ctx: &Ctx, names: &[String], what: &str) -> Result<(Project, Ctx)> {
             Err(e) => {
                 // Not even the machine name reads: the state beside the file may still name the machine.
                 let recorded = MachineState::load(&StateDir::beside(path)).ok().flatten();
-                match recorded.as_ref().and_then(|st| crate::machine::lifecycle::machine_name_of(&st.vm_name))
+                match recorded.as_ref().and_then(|st| crate::lifecycle::machine_name_of(&st.vm_name))
                 {
                     Some(name) => (Project::of_one(path, Config::stand_in(path, name)), Some(e)),
                     None => return Err(e),

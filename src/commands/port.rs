@@ -7,7 +7,7 @@ use serde_json::json;
 use super::Ctx;
 use crate::cli::PortArgs;
 use crate::config::{Config, Forward, Protocol};
-use crate::machine::lifecycle::Machine;
+use crate::lifecycle::Machine;
 use crate::machine::state::MachineState;
 use crate::provider::{self, VmState};
 

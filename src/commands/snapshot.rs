@@ -1,5 +1,5 @@
 //! `snapshot save|restore|list|delete`, `suspend`, `resume` and `package`: the machine's state kept by the
-//! hypervisor. The machine's [`crate::machine::lifecycle::Machine`] does the work (and sets the guest's clock afterwards);
+//! hypervisor. The machine's [`crate::lifecycle::Machine`] does the work (and sets the guest's clock afterwards);
 //! these parse, call it and print.
 
 use std::time::Duration;

@@ -8,7 +8,7 @@ use anyhow::{anyhow, Context, Result};
 use serde::Serialize;
 
 use crate::render::Rendered;
-use crate::ssh::shell_quote;
+use crate::host::shell_quote;
 
 /// Which Compose the guest has.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

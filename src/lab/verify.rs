@@ -11,7 +11,7 @@ use serde_json::json;
 use crate::cli::VerifyArgs;
 use crate::config::Config;
 use crate::guest::compose::project_name;
-use crate::ssh::shell_quote;
+use crate::host::shell_quote;
 use crate::ui::Ui;
 
 /// When each step of the alert's journey was first seen, in seconds after the traffic started.

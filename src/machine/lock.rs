@@ -66,7 +66,7 @@ pub fn held(holder: &str, path: &Path) -> String {
              (it may have only just started)\nhint: wait for it to finish, then run again; `fuser -v {}` shows \
              which process holds it",
             path.display(),
-            crate::ssh::shell_quote(&path.to_string_lossy())
+            crate::host::shell_quote(&path.to_string_lossy())
         ),
     }
 }
@@ -78,7 +78,7 @@ fn open(path: &Path) -> Result<File> {
             format!(
                 "open lock {}\nhint: its directory must be writable by you (`ls -ld {}`)",
                 path.display(),
-                crate::ssh::shell_quote(&path.parent().unwrap_or(path).to_string_lossy())
+                crate::host::shell_quote(&path.parent().unwrap_or(path).to_string_lossy())
             )
         },
     )

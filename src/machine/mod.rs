@@ -17,12 +17,7 @@
 //! lock `.provisioner/project.lock` held while the private network is set up.
 
 pub mod identity;
-pub mod lab_cache;
-pub mod lifecycle;
 pub mod lock;
-pub mod plan;
-pub mod round;
-pub mod session;
 pub mod state;
 
 use std::path::{Path, PathBuf};

@@ -7,20 +7,24 @@
 //! `create` is idempotent (an existing domain of ours is re-defined, the overlay is made once under a temp name),
 //! and a running machine is only waited for. So a half-created machine is completed, never duplicated.
 
+pub mod lab_cache;
+pub mod plan;
+pub mod round;
+pub mod session;
+
 use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use serde_json::json;
 
-use super::identity::MachineId;
-use super::lab_cache;
-use super::lock::MachineLock;
-use super::plan::Plan;
-use super::round::{Judged, Round};
-use super::session::{clock_command, connect, sync_clock};
-use super::state::MachineState;
-use super::StateDir;
+use crate::machine::identity::MachineId;
+use crate::machine::lock::MachineLock;
+use self::plan::Plan;
+use self::round::{Judged, Round};
+use self::session::{clock_command, connect, sync_clock};
+use crate::machine::state::MachineState;
+use crate::machine::StateDir;
 use crate::cli::{HaltArgs, UpArgs};
 use crate::config::{Config, Forward, ProviderKind};
 use crate::profile::Profile;
@@ -552,14 +556,14 @@ fn peer_hosts(cfg: &Config) -> Vec<(String, std::net::Ipv4Addr)> {
 
 /// For a machine of a `[[machine]]` file, the project's lock (`.provisioner/project.lock`), waited for: held
 /// while the machine's hypervisor objects (and the shared private network) are made.
-fn project_lock(cfg: &Config) -> Result<Option<super::lock::FileLock>> {
+fn project_lock(cfg: &Config) -> Result<Option<crate::machine::lock::FileLock>> {
     if cfg.member.is_none() {
         return Ok(None);
     }
     let dir = StateDir::beside(&cfg.path);
     dir.ensure()?;
-    let path = dir.path(super::PROJECT_LOCK);
-    Ok(Some(super::lock::wait_for(&path, Duration::from_secs(600))?))
+    let path = dir.path(crate::machine::PROJECT_LOCK);
+    Ok(Some(crate::machine::lock::wait_for(&path, Duration::from_secs(600))?))
 }
 
 /// Every forward, SSH first; an SSH host port of 0 becomes the port recorded earlier or a free one.

@@ -8,8 +8,8 @@
 
 use anyhow::{Context, Result};
 
-use super::state::MachineState;
-use super::StateDir;
+use crate::machine::state::MachineState;
+use crate::machine::StateDir;
 use crate::config::Config;
 use crate::profile::Profile;
 use crate::guest::Lab;

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 
-use super::StateDir;
+use crate::machine::StateDir;
 use crate::config::Config;
 use crate::ssh::{Endpoint, Session};
 use crate::ui::Ui;

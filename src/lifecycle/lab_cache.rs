@@ -7,7 +7,7 @@ use std::time::Instant;
 use anyhow::Result;
 use serde_json::json;
 
-use super::StateDir;
+use crate::machine::StateDir;
 use crate::boxes::lab::{self, LabInputs, LabMeta, Labs};
 use crate::config::{Config, ProviderKind};
 use crate::provider::{MachineSpec, Provider};
