@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::profile::Profile;
 
-pub use check::{published_ports, render_failed, valid_machine_name, valid_unix_user, COMPOSE_FILES};
+pub use check::{published_ports, ComposeOf, render_failed, valid_machine_name, valid_unix_user, COMPOSE_FILES};
 use diag::Source;
 pub use diag::{line_col, ConfigError, Diagnostic, Warning};
 pub use project::{Member, NetworkConfig, Peer, Project};
@@ -360,11 +360,6 @@ pub fn base_dir_of(config_path: &Path) -> PathBuf {
     }
 }
 
-/// Free function form of [`Config::validate_all`] for callers that prefer it.
-pub fn validate_all(cfg: &Config, profile: &Profile) -> anyhow::Result<Vec<Warning>> {
-    cfg.validate_all(profile)
-}
-
 fn sorted(mut v: Vec<Diagnostic>) -> Vec<Diagnostic> {
     v.sort_by_key(|d| (d.line, d.col));
     v
@@ -475,23 +470,14 @@ impl Config {
         }
     }
 
-    /// Every check, including cross-references against the provision tree (rendered in memory with throwaway
-    /// secrets): forwarded guest ports published by the compose file, health probe ports forwarded, the provision
-    /// directory present. Errors are a [`ConfigError`] (or a render error naming the template); Ok holds warnings.
-    pub fn validate_all(&self, profile: &Profile) -> anyhow::Result<Vec<Warning>> {
-        self.validate_all_with(profile, None)
-    }
-
-    /// [`Config::validate_all`] with the provision tree already rendered (`up` renders it once per run, with the
-    /// machine's secrets, and validates that same tree).
-    pub fn validate_all_with(
-        &self,
-        profile: &Profile,
-        rendered: Option<&crate::render::Rendered>,
-    ) -> anyhow::Result<Vec<Warning>> {
+    /// Every check, including the cross-references against the provision tree whose compose file `compose`
+    /// gives (rendering it is `crate::validate`'s: render sits above config): forwarded guest ports published by
+    /// the compose file, health probe ports forwarded, the provision directory present. Errors are a
+    /// [`ConfigError`] (or a render error naming the template); Ok holds warnings.
+    pub fn validate_with_tree(&self, profile: &Profile, compose: &check::ComposeOf) -> anyhow::Result<Vec<Warning>> {
         let src = self.source();
         let mut local = check::local(self, &src);
-        let cross = check::cross(self, &src, profile, rendered)?;
+        let cross = check::cross(self, &src, profile, compose)?;
         local.errors.extend(cross.errors);
         local.warnings.extend(cross.warnings);
         if !local.errors.is_empty() {

@@ -43,6 +43,7 @@ pub mod seed;
 pub mod ssh;
 mod text;
 pub mod ui;
+pub mod validate;
 mod xml;
 
 /// Exit codes.

@@ -406,7 +406,7 @@ fn mutated_configs_never_panic_and_always_say_where() {
     let outcome = runner.run(&strategy, |ms| {
         let bytes = ms.iter().fold(rich.clone(), |b, m| apply(&b, m));
         let result = Config::from_bytes(&path, &bytes)
-            .and_then(|cfg| cfg.validate_all(&provisioner::lab::PROFILE).map(|_| ()));
+            .and_then(|cfg| provisioner::validate::all(&cfg, &provisioner::lab::PROFILE).map(|_| ()));
         if let Err(e) = result {
             let msg = format!("{e:#}");
             let positioned = e.downcast_ref::<ConfigError>().map_or_else(
@@ -434,7 +434,7 @@ fn config_built_in_code_gets_messages_without_positions() {
     cfg.machine.cpus = 0;
     cfg.path = "generated.toml".into();
     cfg.provision.enabled = Some(false); // no provision tree beside "generated.toml"
-    let err = cfg.validate_all(&provisioner::lab::PROFILE).unwrap_err();
+    let err = provisioner::validate::all(&cfg, &provisioner::lab::PROFILE).unwrap_err();
     let ce = err.downcast_ref::<ConfigError>().expect("a ConfigError");
     assert_eq!(ce.diagnostics.len(), 1);
     assert_eq!(

@@ -18,7 +18,7 @@ pub fn validate(ctx: &Ctx) -> Result<i32> {
         p.machines
             .into_iter()
             .map(|cfg| {
-                let w = cfg.validate_all(&crate::lab::PROFILE)?;
+                let w = crate::validate::all(&cfg, &crate::lab::PROFILE)?;
                 // A remote libvirt host must be in known_hosts: refused here, before any connection is tried.
                 check_remote_host(&cfg)?;
                 Ok((cfg, w))

@@ -10,7 +10,6 @@ use super::diag::{Diagnostic, Source};
 use super::hostnet::{self, HostNet};
 use super::{check_libvirt_uri, Config, Protocol};
 use crate::profile::Profile;
-use crate::render::render_layers;
 use crate::text::shown;
 
 /// What validation found.
@@ -519,15 +518,14 @@ pub(crate) const SUBNET_HINT: &str =
     "pick a range of 10.0.0.0/8, 172.16.0.0/12 or 192.168.0.0/16 that no network of the host uses, e.g. \
      \"10.77.0.0/24\"";
 
+/// The provision tree's compose file as the tree renders (its path in the tree and its bytes), or None when the tree
+/// renders none. Rendering is the caller's (the render module sits above config): see `crate::validate`.
+pub type ComposeOf<'a> = dyn Fn() -> Result<Option<(String, Vec<u8>)>> + 'a;
+
 /// Cross-references: the provision dir exists and renders, every forwarded port is published by the rendered
 /// compose file, every health probe's port is forwarded. Render failures are returned as errors (they name the
 /// template, line and column); findings about the config come back in [`Findings`].
-pub fn cross(
-    cfg: &Config,
-    src: &Source,
-    profile: &Profile,
-    rendered: Option<&crate::render::Rendered>,
-) -> Result<Findings> {
+pub fn cross(cfg: &Config, src: &Source, profile: &Profile, compose: &ComposeOf) -> Result<Findings> {
     let mut f = Findings::default();
     if cfg.member.is_some() {
         let nets = hostnet::read();
@@ -584,19 +582,11 @@ pub fn cross(
             return Ok(f);
         }
     }
-    let owned;
-    let rendered = match rendered {
-        Some(r) => r,
-        None => {
-            // The position of `source` when the file writes it (a tree such as /etc fails for its own reasons).
-            let at = ["provision", "source"];
-            let written = src.written(&at).then(|| format!("{}: ", src.at_path(&at, "").location()));
-            owned = render_layers(cfg, &cfg.template_layers(), &(profile.sample_secrets)())
-                .with_context(|| format!("{}{}", written.unwrap_or_default(), render_failed(&source)))?;
-            &owned
-        }
-    };
-    let Some(compose) = COMPOSE_FILES.iter().find_map(|n| rendered.get(n)) else {
+    // The position of `source` when the file writes it (a tree such as /etc fails for its own reasons).
+    let at = ["provision", "source"];
+    let written = src.written(&at).then(|| format!("{}: ", src.at_path(&at, "").location()));
+    let compose = compose().with_context(|| format!("{}{}", written.unwrap_or_default(), render_failed(&source)))?;
+    let Some((compose_file, compose_contents)) = compose else {
         f.warn(
             src.at_path(
                 &["provision", "source"],
@@ -609,8 +599,8 @@ pub fn cross(
         );
         return Ok(f);
     };
-    let compose_path = shown(&source.join(&compose.path).display().to_string());
-    let doc: serde_norway::Value = serde_norway::from_slice(&compose.contents).map_err(|e| {
+    let compose_path = shown(&source.join(&compose_file).display().to_string());
+    let doc: serde_norway::Value = serde_norway::from_slice(&compose_contents).map_err(|e| {
         let at = e.location().map(|l| format!(":{}:{}", l.line(), l.column())).unwrap_or_default();
         anyhow::anyhow!("{compose_path}{at} (rendered): not valid YAML: {e}\nhint: fix the compose template")
     })?;

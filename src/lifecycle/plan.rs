@@ -41,7 +41,7 @@ impl<'a> Plan<'a> {
         } else {
             None
         };
-        for w in cfg.validate_all_with(profile, lab.as_ref().map(|l| &l.rendered))? {
+        for w in crate::validate::all_with(cfg, profile, lab.as_ref().map(|l| &l.rendered))? {
             ui.warn(w.to_string());
         }
         let state = MachineState::load(dir)?;
