@@ -17,7 +17,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::profile::Profile;
 
-pub use check::{published_ports, ComposeOf, render_failed, valid_machine_name, valid_unix_user, COMPOSE_FILES};
+pub use check::{
+    published_ports, render_failed, valid_machine_name, valid_unix_user, ComposeOf, COMPOSE_FILES,
+};
 use diag::Source;
 pub use diag::{line_col, ConfigError, Diagnostic, Warning};
 pub use project::{Member, NetworkConfig, Peer, Project};
@@ -474,7 +476,11 @@ impl Config {
     /// gives (rendering it is `crate::validate`'s: render sits above config): forwarded guest ports published by
     /// the compose file, health probe ports forwarded, the provision directory present. Errors are a
     /// [`ConfigError`] (or a render error naming the template); Ok holds warnings.
-    pub fn validate_with_tree(&self, profile: &Profile, compose: &check::ComposeOf) -> anyhow::Result<Vec<Warning>> {
+    pub fn validate_with_tree(
+        &self,
+        profile: &Profile,
+        compose: &check::ComposeOf,
+    ) -> anyhow::Result<Vec<Warning>> {
         let src = self.source();
         let mut local = check::local(self, &src);
         let cross = check::cross(self, &src, profile, compose)?;

@@ -10,8 +10,8 @@ use serde::Serialize;
 use serde_json::json;
 
 use crate::config::Config;
-use crate::profile::Profile;
 use crate::host::shell_quote;
+use crate::profile::Profile;
 use crate::ssh::Session;
 use crate::ui::Ui;
 

@@ -308,7 +308,7 @@ fn resolve(from: &Module, path: &[String], modules: &BTreeSet<Module>) -> Option
         Some("super") => from.clone(),
         _ => return None,
     };
-    let mut rest = &path[..];
+    let mut rest = path;
     if rest[0] == "crate" || rest[0] == "self" {
         rest = &rest[1..];
     }
@@ -386,14 +386,17 @@ fn cycles<'a>(edges: &'a BTreeMap<(Module, String, String), String>) -> Vec<(Vec
             if done.contains(n) {
                 continue;
             }
-            let scc: Vec<&str> = nodes.iter().copied().filter(|&m| reaches[n].contains(m) && reaches[m].contains(n)).collect();
+            let scc: Vec<&str> =
+                nodes.iter().copied().filter(|&m| reaches[n].contains(m) && reaches[m].contains(n)).collect();
             done.extend(scc.iter().copied());
             if scc.len() > 1 {
                 let full: Vec<String> =
                     scc.iter().map(|m| name(&[parent.clone(), vec![m.to_string()]].concat())).collect();
                 let why: Vec<String> = edges
                     .iter()
-                    .filter(|((p, a, b), _)| p == parent && scc.contains(&a.as_str()) && scc.contains(&b.as_str()))
+                    .filter(|((p, a, b), _)| {
+                        p == parent && scc.contains(&a.as_str()) && scc.contains(&b.as_str())
+                    })
                     .map(|((_, a, b), ex)| format!("{a} -> {b} ({ex})"))
                     .collect();
                 out.push((full, why));
@@ -446,7 +449,13 @@ fn a_cycle_is_found_at_its_level() {
 fn no_import_cycle_between_modules() {
     let src = crate::support::repo().join("src");
     let found = cycles(&edges(&src));
-    let report: Vec<String> =
-        found.iter().map(|(scc, why)| format!("cycle {}:\n    {}", scc.join(" <-> "), why.join("\n    "))).collect();
-    assert!(report.is_empty(), "import cycles in src/ (docs/architecture.md says where each kind of code goes):\n{}", report.join("\n"));
+    let report: Vec<String> = found
+        .iter()
+        .map(|(scc, why)| format!("cycle {}:\n    {}", scc.join(" <-> "), why.join("\n    ")))
+        .collect();
+    assert!(
+        report.is_empty(),
+        "import cycles in src/ (docs/architecture.md says where each kind of code goes):\n{}",
+        report.join("\n")
+    );
 }

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 
-use crate::process::Cmd;
 use super::BoxImage;
+use crate::process::Cmd;
 
 pub const KERNEL: &str = "vmlinuz";
 pub const INITRD: &str = "initrd.img";

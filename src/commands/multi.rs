@@ -39,8 +39,7 @@ fn project(ctx: &Ctx, names: &[String], what: &str) -> Result<(Project, Ctx)> {
             Err(e) => {
                 // Not even the machine name reads: the state beside the file may still name the machine.
                 let recorded = MachineState::load(&StateDir::beside(path)).ok().flatten();
-                match recorded.as_ref().and_then(|st| crate::lifecycle::machine_name_of(&st.vm_name))
-                {
+                match recorded.as_ref().and_then(|st| crate::lifecycle::machine_name_of(&st.vm_name)) {
                     Some(name) => (Project::of_one(path, Config::stand_in(path, name)), Some(e)),
                     None => return Err(e),
                 }

@@ -12,8 +12,8 @@ use crate::machine::StateDir;
 use crate::ssh::Session;
 use crate::ui::Ui;
 
-pub use crate::lifecycle::HEALTH_TIMEOUT;
 pub use crate::lifecycle::session::connect;
+pub use crate::lifecycle::HEALTH_TIMEOUT;
 
 /// Render, provision the guest and print the health table; returns the exit code. `up` ends with this too.
 pub fn provision_and_check(

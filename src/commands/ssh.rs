@@ -164,8 +164,10 @@ mod tests {
 
     #[test]
     fn proxy_command_goes_through_the_libvirt_host_with_its_key_checked() {
-        let h = crate::host::remote::parse("qemu+ssh://root@10.201.3.2:2200/system?keyfile=/k%20x&known_hosts=/kh")
-            .unwrap();
+        let h = crate::host::remote::parse(
+            "qemu+ssh://root@10.201.3.2:2200/system?keyfile=/k%20x&known_hosts=/kh",
+        )
+        .unwrap();
         let p = h.proxy_command();
         assert!(
             p.starts_with("ssh -o UserKnownHostsFile=/kh -o StrictHostKeyChecking=yes -o BatchMode=yes"),

@@ -585,7 +585,8 @@ pub fn cross(cfg: &Config, src: &Source, profile: &Profile, compose: &ComposeOf)
     // The position of `source` when the file writes it (a tree such as /etc fails for its own reasons).
     let at = ["provision", "source"];
     let written = src.written(&at).then(|| format!("{}: ", src.at_path(&at, "").location()));
-    let compose = compose().with_context(|| format!("{}{}", written.unwrap_or_default(), render_failed(&source)))?;
+    let compose =
+        compose().with_context(|| format!("{}{}", written.unwrap_or_default(), render_failed(&source)))?;
     let Some((compose_file, compose_contents)) = compose else {
         f.warn(
             src.at_path(

@@ -403,7 +403,6 @@ const RESERVED: &[(Subnet, &str)] = &[
     ),
 ];
 
-
 fn err(src: &Source, path: &[&str], msg: String, hint: &str) -> Diagnostic {
     src.at_path(path, msg).with_hint(hint)
 }

@@ -7,8 +7,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use anyhow::{anyhow, Context, Result};
 use serde::Serialize;
 
-use crate::render::Rendered;
 use crate::host::shell_quote;
+use crate::render::Rendered;
 
 /// Which Compose the guest has.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

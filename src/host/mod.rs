@@ -159,10 +159,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let kh = dir.path().join("known_hosts");
         std::fs::write(&kh, "").unwrap();
-        let h = Host::from_uri(&format!("qemu+ssh://root@unknown.invalid:2299/system?known_hosts={}", kh.display()));
+        let h = Host::from_uri(&format!(
+            "qemu+ssh://root@unknown.invalid:2299/system?known_hosts={}",
+            kh.display()
+        ));
         let e = h.unknown_key().unwrap().expect("an unknown host is refused").to_string();
         assert!(e.contains("[unknown.invalid]:2299 is not in"), "{e}");
-        assert!(e.contains("\nhint: check the key's fingerprint and add it: ssh-keyscan -p 2299 unknown.invalid"), "{e}");
+        assert!(
+            e.contains("\nhint: check the key's fingerprint and add it: ssh-keyscan -p 2299 unknown.invalid"),
+            "{e}"
+        );
         assert!(h.check_known().is_err());
         assert!(Host::Local.unknown_key().unwrap().is_none());
         Host::Local.check_known().unwrap();

@@ -251,7 +251,6 @@ impl RemoteHost {
         }
     }
 
-
     /// A connection error from virsh about the host key, made clear; None for other errors.
     pub fn host_key_failure(&self, stderr: &str) -> Option<anyhow::Error> {
         if stderr.contains("REMOTE HOST IDENTIFICATION HAS CHANGED") {

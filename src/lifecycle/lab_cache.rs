@@ -7,9 +7,9 @@ use std::time::Instant;
 use anyhow::Result;
 use serde_json::json;
 
-use crate::machine::StateDir;
 use crate::boxes::lab::{self, LabInputs, LabMeta, Labs};
 use crate::config::{Config, ProviderKind};
+use crate::machine::StateDir;
 use crate::provider::{MachineSpec, Provider};
 use crate::ui::Ui;
 

@@ -18,15 +18,15 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use serde_json::json;
 
-use crate::machine::identity::MachineId;
-use crate::machine::lock::MachineLock;
 use self::plan::Plan;
 use self::round::{Judged, Round};
 use self::session::{clock_command, connect, sync_clock};
-use crate::machine::state::MachineState;
-use crate::machine::StateDir;
 use crate::cli::{HaltArgs, UpArgs};
 use crate::config::{Config, Forward, ProviderKind};
+use crate::machine::identity::MachineId;
+use crate::machine::lock::MachineLock;
+use crate::machine::state::MachineState;
+use crate::machine::StateDir;
 use crate::profile::Profile;
 use crate::provider::{self, vm_ref, Lookup, MachineSpec, Provider, VmState};
 use crate::ssh::Session;
@@ -241,7 +241,9 @@ fn up_locked(ui: &Ui, round: Option<&Round>, m: &Machine, p: &dyn Provider, args
         && live == VmState::NotCreated
         && m.cfg.provision.images == crate::config::ImageSource::Debian)
         .then(|| {
-            crate::guest::images::HostBuild::start(&crate::guest::images::BaseImage::for_config(&m.cfg, m.profile))
+            crate::guest::images::HostBuild::start(&crate::guest::images::BaseImage::for_config(
+                &m.cfg, m.profile,
+            ))
         })
         .flatten();
     if host_build.is_some() {

@@ -8,11 +8,11 @@
 
 use anyhow::{Context, Result};
 
+use crate::config::Config;
+use crate::guest::Lab;
 use crate::machine::state::MachineState;
 use crate::machine::StateDir;
-use crate::config::Config;
 use crate::profile::Profile;
-use crate::guest::Lab;
 use crate::ssh::Endpoint;
 use crate::ui::Ui;
 
@@ -34,10 +34,7 @@ impl<'a> Plan<'a> {
         let source = cfg.resolve(&cfg.provision.source);
         let lab = if cfg.provision.enabled != Some(false) && cfg.template_layers().iter().all(|l| l.is_dir())
         {
-            Some(
-                Lab::render(cfg, dir, profile)
-                    .with_context(|| crate::config::render_failed(&source))?,
-            )
+            Some(Lab::render(cfg, dir, profile).with_context(|| crate::config::render_failed(&source))?)
         } else {
             None
         };
@@ -116,7 +113,10 @@ mod tests {
         assert!(plan.endpoint("k").unwrap_err().to_string().contains("not created; run `provisioner up`"));
         cfg.provision.enabled = None;
         std::fs::remove_dir_all(t.path().join("provision")).unwrap();
-        let e = format!("{:#}", Plan::build(&cfg, &dir, &crate::lab::PROFILE, &Ui::new(false, true)).err().unwrap());
+        let e = format!(
+            "{:#}",
+            Plan::build(&cfg, &dir, &crate::lab::PROFILE, &Ui::new(false, true)).err().unwrap()
+        );
         assert!(e.contains("does not exist"), "{e}");
     }
 }

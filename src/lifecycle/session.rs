@@ -4,8 +4,8 @@ use std::time::Duration;
 
 use anyhow::Result;
 
-use crate::machine::StateDir;
 use crate::config::Config;
+use crate::machine::StateDir;
 use crate::ssh::{Endpoint, Session};
 use crate::ui::Ui;
 

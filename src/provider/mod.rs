@@ -10,9 +10,9 @@ use std::time::Duration;
 use anyhow::Result;
 use serde::Serialize;
 
+pub use crate::boxes::BoxImage;
 use crate::config::{Config, Forward, ProviderKind};
 use crate::machine::StateDir;
-pub use crate::boxes::BoxImage;
 pub use network::{PrivateNet, PrivateNic};
 
 /// Live run state as the hypervisor reports it. In JSON it is always a string: the snake_case name of a known

@@ -52,7 +52,9 @@ impl Endpoint {
     pub fn guest_addr(&self) -> crate::host::GuestAddr {
         use crate::host::{GuestAddr, Host};
         match &self.via {
-            Some(v) => GuestAddr { addr: self.addr, host: Host::Remote(v.host.clone()), ports: v.ports.clone() },
+            Some(v) => {
+                GuestAddr { addr: self.addr, host: Host::Remote(v.host.clone()), ports: v.ports.clone() }
+            }
             None => GuestAddr { addr: self.addr, host: Host::Local, ports: vec![self.addr.port()] },
         }
     }
@@ -98,7 +100,9 @@ impl Endpoint {
         let via = ms
             .libvirt_uri
             .as_deref()
-            .filter(|_| crate::config::ProviderKind::parse(&ms.provider) == Some(crate::config::ProviderKind::Libvirt))
+            .filter(|_| {
+                crate::config::ProviderKind::parse(&ms.provider) == Some(crate::config::ProviderKind::Libvirt)
+            })
             .and_then(|uri| crate::host::Host::from_uri(uri).remote().cloned())
             .map(|host| {
                 let mut ports = vec![port];
