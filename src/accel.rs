@@ -32,7 +32,7 @@ impl HostAccel {
 }
 
 /// Whether any `flags` line of a /proc/cpuinfo text names vmx or svm.
-pub fn cpuinfo_has_virt_flag(cpuinfo: &str) -> bool {
+pub(crate) fn cpuinfo_has_virt_flag(cpuinfo: &str) -> bool {
     cpuinfo
         .lines()
         .filter(|l| l.starts_with("flags"))

@@ -15,7 +15,7 @@ fn secs() -> clap::builder::RangedU64ValueParser<u64> {
 /// host key, SSH, and a Docker Compose monitoring lab provisioned inside.
 #[derive(Debug, Parser)]
 #[command(name = "provisioner", version, propagate_version = true, max_term_width = 110)]
-pub struct Cli {
+pub(crate) struct Cli {
     #[command(flatten)]
     pub global: Global,
     #[command(subcommand)]
@@ -23,7 +23,7 @@ pub struct Cli {
 }
 
 #[derive(Debug, Clone, Args)]
-pub struct Global {
+pub(crate) struct Global {
     /// The box definition. Its directory holds the `.provisioner/` state dir.
     #[arg(long, global = true, env = "PROVISIONER_CONFIG", default_value = "box-config.toml")]
     pub config: PathBuf,
@@ -39,7 +39,7 @@ pub struct Global {
 }
 
 #[derive(Debug, Subcommand)]
-pub enum Command {
+pub(crate) enum Command {
     /// Create and boot the machine, then provision the lab and print its health (idempotent).
     Up(UpArgs),
     /// Open a shell in the machine (system `ssh`, host key pinned), or run one command with -c / `--`.
@@ -90,7 +90,7 @@ pub enum Command {
 
 /// Machines of a `[[machine]]` file to act on (all when none is named).
 #[derive(Debug, Clone, Args, Default)]
-pub struct MachinesArg {
+pub(crate) struct MachinesArg {
     /// Machine names (default: every machine of the file).
     #[arg(value_name = "NAME")]
     pub machines: Vec<String>,
@@ -98,7 +98,7 @@ pub struct MachinesArg {
 
 /// The one machine a command acts on.
 #[derive(Debug, Clone, Args, Default)]
-pub struct MachineArg {
+pub(crate) struct MachineArg {
     /// Machine name (default: the primary machine, or the only one).
     #[arg(long = "machine", short = 'm', value_name = "NAME")]
     pub machine: Option<String>,
@@ -121,7 +121,7 @@ pub struct UpArgs {
 }
 
 #[derive(Debug, Clone, Args, Default)]
-pub struct ProvisionArgs {
+pub(crate) struct ProvisionArgs {
     /// Machine names (default: every machine of the file).
     #[arg(value_name = "NAME")]
     pub machines: Vec<String>,
@@ -131,7 +131,7 @@ pub struct ProvisionArgs {
 }
 
 #[derive(Debug, Clone, Args)]
-pub struct SshArgs {
+pub(crate) struct SshArgs {
     /// Machine name (default: the primary machine, or the only one).
     #[arg(value_name = "NAME")]
     pub machine: Option<String>,
@@ -144,7 +144,7 @@ pub struct SshArgs {
 }
 
 #[derive(Debug, Clone, Args)]
-pub struct SshConfigArgs {
+pub(crate) struct SshConfigArgs {
     /// Machine names (default: every machine, one stanza each).
     #[arg(value_name = "NAME")]
     pub machines: Vec<String>,
@@ -154,7 +154,7 @@ pub struct SshConfigArgs {
 }
 
 #[derive(Debug, Clone, Args)]
-pub struct PortArgs {
+pub(crate) struct PortArgs {
     #[command(flatten)]
     pub machine: MachineArg,
     /// Print only the host port forwarded to this guest port.
@@ -180,7 +180,7 @@ pub struct HaltArgs {
 }
 
 #[derive(Debug, Clone, Args)]
-pub struct DestroyArgs {
+pub(crate) struct DestroyArgs {
     /// Machine names (default: every machine of the file).
     #[arg(value_name = "NAME")]
     pub machines: Vec<String>,
@@ -190,7 +190,7 @@ pub struct DestroyArgs {
 }
 
 #[derive(Debug, Clone, Args)]
-pub struct RenderArgs {
+pub(crate) struct RenderArgs {
     #[command(flatten)]
     pub machine: MachineArg,
     /// Output directory: new, empty, or made by an earlier render; it is replaced whole (never through a link).
@@ -203,7 +203,7 @@ pub struct RenderArgs {
 }
 
 #[derive(Debug, Clone, Args)]
-pub struct HealthArgs {
+pub(crate) struct HealthArgs {
     /// Machine names (default: every machine of the file).
     #[arg(value_name = "NAME")]
     pub machines: Vec<String>,
@@ -226,7 +226,7 @@ pub struct VerifyArgs {
 }
 
 #[derive(Debug, Clone, Args)]
-pub struct LoadArgs {
+pub(crate) struct LoadArgs {
     #[command(flatten)]
     pub machine: MachineArg,
     /// Base URL of the demo app (default: its forwarded port on the host).
@@ -250,7 +250,7 @@ pub struct LoadArgs {
 }
 
 #[derive(Debug, Subcommand)]
-pub enum BoxCommand {
+pub(crate) enum BoxCommand {
     /// List cached boxes.
     List,
     /// Fetch or build the box that box-config.toml names, into the cache.
@@ -275,7 +275,7 @@ pub enum BoxCommand {
 }
 
 #[derive(Debug, Clone, Subcommand)]
-pub enum SnapshotCommand {
+pub(crate) enum SnapshotCommand {
     /// Take a snapshot NAME of the machine (with its memory when it runs).
     Save {
         name: String,
@@ -302,7 +302,7 @@ pub enum SnapshotCommand {
 }
 
 #[derive(Debug, Clone, Args)]
-pub struct PackageArgs {
+pub(crate) struct PackageArgs {
     #[command(flatten)]
     pub machine: MachineArg,
     /// The box file to write.

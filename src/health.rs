@@ -18,7 +18,7 @@ use crate::ui::Ui;
 /// Overall verdict for one service.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
-pub enum Verdict {
+pub(crate) enum Verdict {
     Healthy,
     Unhealthy,
     /// Not startable in this image mode (no image source offline); shown, never failed.
@@ -27,7 +27,7 @@ pub enum Verdict {
 
 /// A container as `docker inspect` reports it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Default)]
-pub struct ContainerState {
+pub(crate) struct ContainerState {
     /// created | running | restarting | exited | paused | dead
     pub status: String,
     /// Docker healthcheck: starting | healthy | unhealthy (None without a healthcheck).
@@ -37,7 +37,7 @@ pub struct ContainerState {
 
 /// One HTTP probe through the forwarded port.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct ProbeResult {
+pub(crate) struct ProbeResult {
     pub url: String,
     pub status: Option<u16>,
     pub latency_ms: Option<u64>,
@@ -46,7 +46,7 @@ pub struct ProbeResult {
 
 /// One scrape target as the profile's targets service reports it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Target {
+pub(crate) struct Target {
     pub job: String,
     pub instance: String,
     /// up | down | unknown
@@ -56,7 +56,7 @@ pub struct Target {
 
 /// One row of the table.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct ServiceHealth {
+pub(crate) struct ServiceHealth {
     pub service: String,
     pub verdict: Verdict,
     /// None when the guest could not be asked (no SSH).
@@ -67,7 +67,7 @@ pub struct ServiceHealth {
 
 /// Everything one round of checks found.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Report {
+pub(crate) struct Report {
     pub healthy: bool,
     pub services: Vec<ServiceHealth>,
     /// The targets service's active targets (None when it could not be asked).
@@ -79,7 +79,7 @@ pub struct Report {
 }
 
 /// Parse `docker inspect` output (a JSON array) into state per compose service. Pure.
-pub fn parse_inspect(json_text: &str) -> Result<BTreeMap<String, ContainerState>> {
+pub(crate) fn parse_inspect(json_text: &str) -> Result<BTreeMap<String, ContainerState>> {
     let v: serde_json::Value =
         serde_json::from_str(json_text.trim()).context("parse `docker inspect` output")?;
     let mut out = BTreeMap::new();
@@ -105,7 +105,7 @@ pub fn parse_inspect(json_text: &str) -> Result<BTreeMap<String, ContainerState>
 
 /// Parse a `/api/v1/targets` answer (`data.activeTargets[]`: `labels.job`, `labels.instance`, `health`,
 /// `lastError`). Pure.
-pub fn parse_targets(json_text: &str) -> Result<Vec<Target>> {
+pub(crate) fn parse_targets(json_text: &str) -> Result<Vec<Target>> {
     let v: serde_json::Value = serde_json::from_str(json_text).context("parse the scrape targets")?;
     let s = |t: &serde_json::Value, p: &str| t.pointer(p).and_then(|x| x.as_str()).unwrap_or("").to_string();
     Ok(v.pointer("/data/activeTargets")
@@ -128,7 +128,7 @@ fn target_of(t: &Target, service: &str) -> bool {
 
 /// Split the scrape targets into the ones judged now and the ones on `deferred_hosts` (names, host names and
 /// addresses of machines still coming up in this run). Pure.
-pub fn split_deferred(targets: Vec<Target>, deferred_hosts: &[String]) -> (Vec<Target>, Vec<Target>) {
+pub(crate) fn split_deferred(targets: Vec<Target>, deferred_hosts: &[String]) -> (Vec<Target>, Vec<Target>) {
     targets.into_iter().partition(|t| {
         let host = t.instance.rsplit_once(':').map_or(t.instance.as_str(), |(h, _)| h);
         !deferred_hosts.iter().any(|d| d == host)
@@ -136,11 +136,11 @@ pub fn split_deferred(targets: Vec<Target>, deferred_hosts: &[String]) -> (Vec<T
 }
 
 /// What the guest said about containers: `None` = could not ask; `Some(map)` = the answer.
-pub type Containers = Option<BTreeMap<String, ContainerState>>;
+pub(crate) type Containers = Option<BTreeMap<String, ContainerState>>;
 
 /// Judge one service from what was gathered; the profile's targets service is judged on its targets too. Pure.
 #[allow(clippy::too_many_arguments)]
-pub fn judge(
+pub(crate) fn judge(
     service: &str,
     available: bool,
     containers: &Containers,
@@ -226,7 +226,7 @@ fn state_cell(s: &ServiceHealth) -> String {
 }
 
 /// The human table: service | state | probe | latency | detail. Pure.
-pub fn render_table(r: &Report) -> String {
+pub(crate) fn render_table(r: &Report) -> String {
     let rows: Vec<[String; 5]> = r
         .services
         .iter()
@@ -287,14 +287,14 @@ pub fn render_table(r: &Report) -> String {
 }
 
 /// The JSON document (`--json`). Pure.
-pub fn to_json(r: &Report) -> serde_json::Value {
+pub(crate) fn to_json(r: &Report) -> serde_json::Value {
     let mut v = serde_json::to_value(r).expect("report serializes");
     v.as_object_mut().expect("object").insert("event".into(), json!("health"));
     v
 }
 
 /// One HTTP GET with a timeout, measuring latency; never an error (failures are data).
-pub fn http_probe(url: &str, timeout: Duration) -> ProbeResult {
+pub(crate) fn http_probe(url: &str, timeout: Duration) -> ProbeResult {
     let agent = ureq::AgentBuilder::new().timeout(timeout).redirects(0).build();
     let start = Instant::now();
     let res = agent.get(url).call();
@@ -322,13 +322,13 @@ fn short_error(e: &ureq::Error) -> String {
 }
 
 /// URL on the host that reaches a guest port through its forward.
-pub fn forwarded_url(cfg: &Config, guest_port: u16, path: &str) -> Option<String> {
+pub(crate) fn forwarded_url(cfg: &Config, guest_port: u16, path: &str) -> Option<String> {
     cfg.host_addr_for(guest_port).map(|(ip, port)| format!("http://{ip}:{port}{path}"))
 }
 
 /// Service names to report: (available, unavailable offline). From the rendered compose file when it renders,
 /// else the probe table (every entry available).
-pub fn services(cfg: &Config, profile: &'static Profile) -> (Vec<String>, Vec<String>) {
+pub(crate) fn services(cfg: &Config, profile: &'static Profile) -> (Vec<String>, Vec<String>) {
     let state = crate::machine::StateDir::for_config(cfg);
     match crate::guest::Lab::render(cfg, &state, profile) {
         Ok(lab) => lab.services(cfg),
@@ -337,7 +337,7 @@ pub fn services(cfg: &Config, profile: &'static Profile) -> (Vec<String>, Vec<St
 }
 
 /// Container state of every compose service of this machine's project.
-pub fn containers(ssh: &Session, project: &str) -> Result<BTreeMap<String, ContainerState>> {
+pub(crate) fn containers(ssh: &Session, project: &str) -> Result<BTreeMap<String, ContainerState>> {
     let label = shell_quote(&format!("label=com.docker.compose.project={project}"));
     let out = ssh.exec_ok(
         &format!("ids=$(sudo -n docker ps -aq --filter {label}); if [ -n \"$ids\" ]; then sudo -n docker inspect $ids; else echo '[]'; fi"),
@@ -348,7 +348,7 @@ pub fn containers(ssh: &Session, project: &str) -> Result<BTreeMap<String, Conta
 
 /// One round of every check, leaving out of the verdict the scrape targets on `deferred_hosts` (see
 /// [`split_deferred`]; empty: every target is judged).
-pub fn gather(
+pub(crate) fn gather(
     cfg: &Config,
     profile: &Profile,
     ssh: Option<&Session>,
@@ -387,7 +387,7 @@ pub fn gather(
 
 /// What one round found for one service before it is judged.
 #[derive(Debug, Clone)]
-pub struct Checked {
+pub(crate) struct Checked {
     pub service: String,
     pub available: bool,
     pub probe: Option<ProbeResult>,
@@ -396,7 +396,7 @@ pub struct Checked {
 
 /// The report of one round: every service judged, the scrape targets on `deferred_hosts` left out of the
 /// verdict (and listed as deferred, on the targets service's row). Pure.
-pub fn assemble(
+pub(crate) fn assemble(
     checked: &[Checked],
     containers: &Containers,
     targets: Option<Vec<Target>>,
@@ -453,7 +453,7 @@ pub fn assemble(
 }
 
 /// Probe everything; print the table; Ok(true) when every available service is healthy.
-pub fn check(
+pub(crate) fn check(
     cfg: &Config,
     profile: &'static Profile,
     ssh: Option<&Session>,
@@ -465,7 +465,7 @@ pub fn check(
 }
 
 /// [`check`] for services already known (from the run's [`crate::guest::Lab`]), so nothing is rendered again.
-pub fn check_services(
+pub(crate) fn check_services(
     cfg: &Config,
     profile: &Profile,
     ssh: Option<&Session>,
@@ -480,7 +480,7 @@ pub fn check_services(
 /// [`check_services`] leaving the scrape targets on `deferred_hosts` out of the verdict (a multi-machine `up`
 /// while those machines are still coming up); the last round's report.
 #[allow(clippy::too_many_arguments)]
-pub fn check_deferring(
+pub(crate) fn check_deferring(
     cfg: &Config,
     profile: &Profile,
     ssh: Option<&Session>,

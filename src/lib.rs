@@ -3,6 +3,9 @@
 //! `main` only calls [`run`]. Library code returns `anyhow::Result` with context on every hop; [`run`] prints
 //! the whole cause chain and maps the error to an exit code.
 
+// Items are `pub(crate)` unless the public facade (the modules the integration tests use) exports them.
+#![warn(unreachable_pub)]
+
 // `println!`, `print!`, `eprintln!` and `eprint!` of std panic when the reader of a pipe has gone
 // (`provisioner status | head -0`: EPIPE) or the disk is full. These shadow them in the whole crate (a `macro_rules!`
 // defined before the modules comes before std's prelude), so every output, including output added later, goes

@@ -10,7 +10,7 @@ use crate::config::{Forward, Protocol};
 
 /// A process that holds a socket.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Holder {
+pub(crate) struct Holder {
     pub pid: u32,
     pub command: String,
 }
@@ -22,7 +22,7 @@ impl std::fmt::Display for Holder {
 }
 
 /// Check that every forward's host address can be bound; the first taken one is an error naming its holder.
-pub fn check_free(forwards: &[Forward]) -> Result<()> {
+pub(crate) fn check_free(forwards: &[Forward]) -> Result<()> {
     for f in forwards {
         let ip: IpAddr = f.host_ip.parse().with_context(|| {
             format!(
@@ -69,7 +69,7 @@ fn proto_name(p: Protocol) -> &'static str {
 }
 
 /// Who holds a socket bound to `addr` (or to the wildcard address on that port).
-pub fn holder(addr: SocketAddr, proto: Protocol) -> Option<Holder> {
+pub(crate) fn holder(addr: SocketAddr, proto: Protocol) -> Option<Holder> {
     let tables: &[&str] = match proto {
         Protocol::Tcp => &["/proc/net/tcp", "/proc/net/tcp6"],
         Protocol::Udp => &["/proc/net/udp", "/proc/net/udp6"],

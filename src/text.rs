@@ -3,7 +3,7 @@
 //! overrides) nor flood it.
 
 /// Characters shown of one echoed value; the rest is counted, not printed.
-pub const MAX_SHOWN: usize = 100;
+pub(crate) const MAX_SHOWN: usize = 100;
 
 /// Control characters (C0, DEL, C1), Unicode bidirectional controls and line/paragraph separators.
 fn is_unsafe(c: char) -> bool {
@@ -14,7 +14,7 @@ fn is_unsafe(c: char) -> bool {
 
 /// A value as it may appear in a message: unsafe characters written as `\u{1b}` escapes, cut after
 /// [`MAX_SHOWN`] characters with how many more there were.
-pub fn shown(s: &str) -> String {
+pub(crate) fn shown(s: &str) -> String {
     let total = s.chars().count();
     let mut out = String::new();
     for c in s.chars().take(MAX_SHOWN) {

@@ -3,7 +3,7 @@
 //! parser ([`parse`], roxmltree), never by searching the text.
 
 /// `s` as XML text or as an attribute value in either quote: `& < > ' "` become entities.
-pub fn escape(s: &str) -> String {
+pub(crate) fn escape(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")
@@ -12,7 +12,7 @@ pub fn escape(s: &str) -> String {
 }
 
 /// The document, or `None` when `xml` is not well-formed (the callers' "no such value").
-pub fn parse(xml: &str) -> Option<roxmltree::Document<'_>> {
+pub(crate) fn parse(xml: &str) -> Option<roxmltree::Document<'_>> {
     roxmltree::Document::parse(xml).ok()
 }
 

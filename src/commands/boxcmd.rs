@@ -7,7 +7,7 @@ use crate::boxes::lab::{LabMeta, Labs};
 use crate::boxes::{self, cache::short, Cache};
 use crate::cli::BoxCommand;
 
-pub fn run(ctx: &Ctx, cmd: BoxCommand) -> Result<i32> {
+pub(crate) fn run(ctx: &Ctx, cmd: BoxCommand) -> Result<i32> {
     match cmd {
         BoxCommand::List => list(ctx),
         BoxCommand::Build { force } => build(ctx, force),

@@ -9,7 +9,7 @@ use crate::ui::Ui;
 
 /// What every command gets.
 #[derive(Clone)]
-pub struct Ctx {
+pub(crate) struct Ctx {
     pub global: Global,
     pub ui: Ui,
     /// The machine this command acts on when it is one of a `[[machine]]` file (validated with the project).
@@ -23,7 +23,7 @@ pub struct Ctx {
 
 impl Ctx {
     /// Load and validate the config named by --config (the machine's own config for one of several).
-    pub fn config(&self) -> Result<Config> {
+    pub(crate) fn config(&self) -> Result<Config> {
         match &self.member {
             Some(cfg) => Ok(cfg.clone()),
             None => crate::config::Config::load(&self.global.config),
@@ -31,7 +31,7 @@ impl Ctx {
     }
 
     /// The context of one machine of a `[[machine]]` file: its config, output labelled with its name.
-    pub fn for_machine(&self, cfg: &Config, bars: Option<&indicatif::MultiProgress>) -> Ctx {
+    pub(crate) fn for_machine(&self, cfg: &Config, bars: Option<&indicatif::MultiProgress>) -> Ctx {
         Ctx {
             global: self.global.clone(),
             ui: self.ui.for_machine(&cfg.machine.name, bars),
@@ -43,20 +43,20 @@ impl Ctx {
 
     /// The context of one machine of `project`: output labelled with its name when the project has several
     /// (a `[[machine]]` file), unlabelled for the machine of a `[machine]` file.
-    pub fn for_member(&self, project: &crate::config::Project, cfg: &Config) -> Ctx {
+    pub(crate) fn for_member(&self, project: &crate::config::Project, cfg: &Config) -> Ctx {
         match project.multi {
             true => self.for_machine(cfg, None),
             false => Ctx { member: Some(cfg.clone()), ..self.clone() },
         }
     }
     /// The machine this command acts on: its config, identity and lifecycle.
-    pub fn machine(&self) -> Result<crate::lifecycle::Machine> {
+    pub(crate) fn machine(&self) -> Result<crate::lifecycle::Machine> {
         crate::lifecycle::Machine::new(self.config()?, &crate::lab::PROFILE)
     }
 
     /// The machine of a command that looks after it (`status`, `port`, `halt`, `destroy`): found from its
     /// recorded state when the file no longer validates ([`crate::lifecycle::Machine::existing`]).
-    pub fn existing_machine(&self) -> Result<crate::lifecycle::Machine> {
+    pub(crate) fn existing_machine(&self) -> Result<crate::lifecycle::Machine> {
         crate::lifecycle::Machine::existing(
             self.config()?,
             &crate::lab::PROFILE,
@@ -65,7 +65,7 @@ impl Ctx {
         )
     }
 
-    pub fn state(&self, cfg: &Config) -> StateDir {
+    pub(crate) fn state(&self, cfg: &Config) -> StateDir {
         StateDir::for_config(cfg)
     }
 }

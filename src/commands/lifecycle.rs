@@ -10,23 +10,23 @@ use super::Ctx;
 use crate::cli::{DestroyArgs, HaltArgs, UpArgs};
 use crate::config::Forward;
 use crate::lifecycle::foreign_note;
-pub use crate::lifecycle::refuse_foreign;
+pub(crate) use crate::lifecycle::refuse_foreign;
 use crate::machine::state::MachineState;
 use crate::provider::{self, vm_ref, Lookup, VmState};
 
-pub fn up(ctx: &Ctx, args: &UpArgs) -> Result<i32> {
+pub(crate) fn up(ctx: &Ctx, args: &UpArgs) -> Result<i32> {
     ctx.machine()?.up(&ctx.ui, ctx.round.as_deref(), args)
 }
 
-pub fn reload(ctx: &Ctx, args: &UpArgs) -> Result<i32> {
+pub(crate) fn reload(ctx: &Ctx, args: &UpArgs) -> Result<i32> {
     ctx.machine()?.reload(&ctx.ui, ctx.round.as_deref(), args)
 }
 
-pub fn halt(ctx: &Ctx, args: &HaltArgs) -> Result<i32> {
+pub(crate) fn halt(ctx: &Ctx, args: &HaltArgs) -> Result<i32> {
     ctx.existing_machine()?.halt(&ctx.ui, args)
 }
 
-pub fn destroy(ctx: &Ctx, args: &DestroyArgs) -> Result<i32> {
+pub(crate) fn destroy(ctx: &Ctx, args: &DestroyArgs) -> Result<i32> {
     let m = ctx.existing_machine()?;
     if !args.force && !confirm(&format!("Destroy machine {:?} and all its data?", m.cfg.machine.name))? {
         ctx.ui.info("not destroyed");
@@ -61,7 +61,7 @@ pub(super) struct StatusRow {
 }
 
 impl StatusRow {
-    pub fn error(machine: &str, e: &anyhow::Error) -> Self {
+    pub(super) fn error(machine: &str, e: &anyhow::Error) -> Self {
         let first = format!("{e}").lines().next().unwrap_or_default().to_string();
         StatusRow { error: Some(first), ..Self::blank(machine, "unknown") }
     }
@@ -82,7 +82,7 @@ impl StatusRow {
     }
 
     /// The SSH endpoint of the table: none for a machine that is not created.
-    pub fn table_ssh(&self) -> Option<String> {
+    pub(super) fn table_ssh(&self) -> Option<String> {
         self.ssh.clone().filter(|_| self.live.as_ref().is_some_and(|l| *l != VmState::NotCreated))
     }
 }

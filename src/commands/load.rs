@@ -8,9 +8,9 @@ use super::Ctx;
 use crate::cli::LoadArgs;
 use crate::lab::loadgen::{self, Plan};
 
-pub use crate::lab::DEMO_APP_PORT;
+pub(crate) use crate::lab::DEMO_APP_PORT;
 
-pub fn load(ctx: &Ctx, args: &LoadArgs) -> Result<i32> {
+pub(crate) fn load(ctx: &Ctx, args: &LoadArgs) -> Result<i32> {
     let url = match &args.url {
         Some(u) => u.clone(),
         None => {

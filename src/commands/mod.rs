@@ -1,25 +1,25 @@
 //! One function per subcommand; `dispatch` is the only place that maps the CLI to them.
 
-pub mod boxcmd;
+pub(crate) mod boxcmd;
 mod ctx;
-pub mod lifecycle;
-pub mod load;
+pub(crate) mod lifecycle;
+pub(crate) mod load;
 mod multi;
-pub mod port;
-pub mod provision;
-pub mod render;
-pub mod snapshot;
-pub mod ssh;
-pub mod validate;
+pub(crate) mod port;
+pub(crate) mod provision;
+pub(crate) mod render;
+pub(crate) mod snapshot;
+pub(crate) mod ssh;
+pub(crate) mod validate;
 
 use anyhow::Result;
 
 use crate::cli::{Cli, Command};
 use crate::ui::Ui;
-pub use ctx::Ctx;
+pub(crate) use ctx::Ctx;
 
 /// Run a parsed command; the returned value is the process exit code.
-pub fn dispatch(cli: Cli) -> Result<i32> {
+pub(crate) fn dispatch(cli: Cli) -> Result<i32> {
     let ctx = Ctx {
         ui: Ui::new(cli.global.json, cli.global.quiet),
         global: cli.global,

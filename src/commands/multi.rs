@@ -53,7 +53,7 @@ fn project(ctx: &Ctx, names: &[String], what: &str) -> Result<(Project, Ctx)> {
 }
 
 /// One machine: the named one, else the primary or the only one.
-pub fn one(ctx: &Ctx, what: &str, name: Option<&str>, f: &dyn Fn(&Ctx) -> Result<i32>) -> Result<i32> {
+pub(super) fn one(ctx: &Ctx, what: &str, name: Option<&str>, f: &dyn Fn(&Ctx) -> Result<i32>) -> Result<i32> {
     let names: Vec<String> = name.map(str::to_string).into_iter().collect();
     let (p, ctx) = project(ctx, &names, what)?;
     f(&ctx.for_member(&p, p.one(name)?))
@@ -62,7 +62,7 @@ pub fn one(ctx: &Ctx, what: &str, name: Option<&str>, f: &dyn Fn(&Ctx) -> Result
 /// Each selected machine in turn (short commands whose output is per machine: `ssh-config`, `health`).
 /// Every machine is tried; the worst exit code wins and a failure names its machine (the machine of a `[machine]`
 /// file, the only one, fails with its own error).
-pub fn each(ctx: &Ctx, names: &[String], f: Body) -> Result<i32> {
+pub(super) fn each(ctx: &Ctx, names: &[String], f: Body) -> Result<i32> {
     let (p, ctx) = project(ctx, names, "each")?;
     let mut worst = crate::exit::OK;
     let mut failed = Vec::new();
@@ -84,7 +84,7 @@ pub fn each(ctx: &Ctx, names: &[String], f: Body) -> Result<i32> {
 }
 
 /// The default of `--parallel`: every machine at once, at most one per host core, but at least 2. Pure.
-pub fn default_parallel(machines: usize, cores: usize) -> usize {
+pub(super) fn default_parallel(machines: usize, cores: usize) -> usize {
     machines.min(cores).max(2)
 }
 
@@ -155,7 +155,13 @@ fn final_round(ctx: &Ctx, p: &Project, round: &Round, outcomes: &mut [Outcome]) 
 /// `reload` of several machines ends with a final health round over them ([`Round`]).
 ///
 /// The machine of a `[machine]` file is the whole project: its command runs as it is, without the summary.
-pub fn parallel(ctx: &Ctx, names: &[String], parallel: Option<u32>, what: &str, f: Body) -> Result<i32> {
+pub(super) fn parallel(
+    ctx: &Ctx,
+    names: &[String],
+    parallel: Option<u32>,
+    what: &str,
+    f: Body,
+) -> Result<i32> {
     let (p, ctx) = project(ctx, names, what)?;
     run_parallel(&ctx, &p, names, parallel, what, f)
 }
@@ -326,7 +332,7 @@ fn table(head: &[&str], rows: &[Vec<String>]) -> String {
 
 /// `status`: the hypervisor is asked for every machine at once (one query each). A `[[machine]]` file shows one
 /// table row per machine; the machine of a `[machine]` file is shown as its own line and forwards.
-pub fn status(ctx: &Ctx, names: &[String]) -> Result<i32> {
+pub(super) fn status(ctx: &Ctx, names: &[String]) -> Result<i32> {
     let (p, ctx) = project(ctx, names, "status")?;
     let ctx = &ctx;
     let selected = p.select(names)?;
@@ -375,7 +381,7 @@ pub fn status(ctx: &Ctx, names: &[String]) -> Result<i32> {
 
 /// `destroy [-f] [NAME...]`: one confirmation for the lot, then every machine concurrently (the machine of a
 /// `[machine]` file asks for itself, once its state is read).
-pub fn destroy(ctx: &Ctx, args: &DestroyArgs) -> Result<i32> {
+pub(super) fn destroy(ctx: &Ctx, args: &DestroyArgs) -> Result<i32> {
     let (p, pctx) = project(ctx, &args.machines, "destroy")?;
     let selected: Vec<String> = p.select(&args.machines)?.iter().map(|c| c.machine.name.clone()).collect();
     let forced = DestroyArgs { machines: Vec::new(), force: true };
@@ -403,7 +409,7 @@ pub fn destroy(ctx: &Ctx, args: &DestroyArgs) -> Result<i32> {
 
 /// `verify [NAME]`: the lab picks its machines ([`crate::lab::verify::pick`]), then its alert path runs on them.
 /// The machine of a `[machine]` file is both.
-pub fn verify(ctx: &Ctx, args: &crate::cli::VerifyArgs) -> Result<i32> {
+pub(super) fn verify(ctx: &Ctx, args: &crate::cli::VerifyArgs) -> Result<i32> {
     let names: Vec<String> = args.machine.iter().cloned().collect();
     let (p, ctx) = project(ctx, &names, "verify")?;
     let (monitor, app) = match p.multi {

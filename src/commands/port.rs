@@ -12,7 +12,7 @@ use crate::machine::state::MachineState;
 use crate::provider::{self, VmState};
 
 /// Every forward of a created machine, SSH first with its recorded host address and port.
-pub fn machine_forwards(cfg: &Config, st: &MachineState) -> Vec<Forward> {
+pub(crate) fn machine_forwards(cfg: &Config, st: &MachineState) -> Vec<Forward> {
     let mut forwards = cfg.all_forwards();
     if let Some(port) = st.ssh_port {
         forwards[0].host = port;
@@ -31,7 +31,7 @@ fn proto(p: Protocol) -> &'static str {
 }
 
 /// `  GUEST (guest) => HOST_IP:HOST (host)  PROTO  NAME`, one line per forward, under a heading. Pure.
-pub fn forwards_table(forwards: &[Forward]) -> String {
+pub(crate) fn forwards_table(forwards: &[Forward]) -> String {
     if forwards.is_empty() {
         return String::new();
     }
@@ -49,7 +49,7 @@ pub fn forwards_table(forwards: &[Forward]) -> String {
 }
 
 /// The same list as JSON objects. Pure.
-pub fn forwards_json(forwards: &[Forward]) -> serde_json::Value {
+pub(crate) fn forwards_json(forwards: &[Forward]) -> serde_json::Value {
     forwards
         .iter()
         .map(|f| {
@@ -59,7 +59,7 @@ pub fn forwards_json(forwards: &[Forward]) -> serde_json::Value {
         .collect()
 }
 
-pub fn port(ctx: &Ctx, args: &PortArgs) -> Result<i32> {
+pub(crate) fn port(ctx: &Ctx, args: &PortArgs) -> Result<i32> {
     let m = ctx.existing_machine()?;
     let name = &m.cfg.machine.name;
     let st = match MachineState::load(&m.state)? {

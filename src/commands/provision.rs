@@ -12,11 +12,11 @@ use crate::machine::StateDir;
 use crate::ssh::Session;
 use crate::ui::Ui;
 
-pub use crate::lifecycle::session::connect;
-pub use crate::lifecycle::HEALTH_TIMEOUT;
+pub(crate) use crate::lifecycle::session::connect;
+pub(crate) use crate::lifecycle::HEALTH_TIMEOUT;
 
 /// Render, provision the guest and print the health table; returns the exit code. `up` ends with this too.
-pub fn provision_and_check(
+pub(crate) fn provision_and_check(
     cfg: &Config,
     state: &StateDir,
     ssh: &Session,
@@ -41,7 +41,7 @@ fn health_code(healthy: bool) -> Result<i32> {
     Ok(if healthy { crate::exit::OK } else { crate::exit::UNHEALTHY })
 }
 
-pub fn provision(ctx: &Ctx, args: &ProvisionArgs) -> Result<i32> {
+pub(crate) fn provision(ctx: &Ctx, args: &ProvisionArgs) -> Result<i32> {
     let cfg = ctx.config()?;
     super::lifecycle::refuse_foreign(&cfg)?;
     let state = ctx.state(&cfg);
@@ -50,7 +50,7 @@ pub fn provision(ctx: &Ctx, args: &ProvisionArgs) -> Result<i32> {
     provision_and_check(&cfg, &state, &ssh, &ctx.ui, args.force)
 }
 
-pub fn health(ctx: &Ctx, args: &HealthArgs) -> Result<i32> {
+pub(crate) fn health(ctx: &Ctx, args: &HealthArgs) -> Result<i32> {
     let cfg = ctx.config()?;
     super::lifecycle::refuse_foreign(&cfg)?;
     let state = ctx.state(&cfg);
@@ -72,7 +72,7 @@ pub fn health(ctx: &Ctx, args: &HealthArgs) -> Result<i32> {
 }
 
 /// `verify` where Prometheus runs on `monitor` and the demo app on `app` (the lab's alert path, [`crate::lab::verify`]).
-pub fn verify_on(ctx: &Ctx, monitor: &Config, app: &Config, args: &VerifyArgs) -> Result<i32> {
+pub(crate) fn verify_on(ctx: &Ctx, monitor: &Config, app: &Config, args: &VerifyArgs) -> Result<i32> {
     super::lifecycle::refuse_foreign(monitor)?;
     if app.machine.name != monitor.machine.name {
         super::lifecycle::refuse_foreign(app)?;

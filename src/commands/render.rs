@@ -27,7 +27,7 @@ fn resolved(out: &std::path::Path) -> std::path::PathBuf {
     }
 }
 
-pub fn render(ctx: &Ctx, args: &RenderArgs) -> Result<i32> {
+pub(crate) fn render(ctx: &Ctx, args: &RenderArgs) -> Result<i32> {
     let cfg = ctx.config()?;
     let layers = cfg.template_layers();
     let source = layers.last().expect("the source layer").clone();

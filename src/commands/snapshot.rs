@@ -14,7 +14,7 @@ use crate::machine::state::MachineState;
 use crate::machine::StateDir;
 use crate::provider::{Provider, VmState};
 
-pub fn snapshot(ctx: &Ctx, cmd: SnapshotCommand) -> Result<i32> {
+pub(crate) fn snapshot(ctx: &Ctx, cmd: SnapshotCommand) -> Result<i32> {
     let m = ctx.machine()?;
     let ui = &ctx.ui;
     match cmd {
@@ -37,12 +37,12 @@ pub fn snapshot(ctx: &Ctx, cmd: SnapshotCommand) -> Result<i32> {
     Ok(crate::exit::OK)
 }
 
-pub fn suspend(ctx: &Ctx) -> Result<i32> {
+pub(crate) fn suspend(ctx: &Ctx) -> Result<i32> {
     ctx.machine()?.suspend(&ctx.ui)?;
     Ok(crate::exit::OK)
 }
 
-pub fn resume(ctx: &Ctx) -> Result<i32> {
+pub(crate) fn resume(ctx: &Ctx) -> Result<i32> {
     ctx.machine()?.resume(&ctx.ui)?;
     Ok(crate::exit::OK)
 }
@@ -55,7 +55,7 @@ struct Target<'a> {
     p: &'a dyn Provider,
 }
 
-pub fn package(ctx: &Ctx, args: &PackageArgs) -> Result<i32> {
+pub(crate) fn package(ctx: &Ctx, args: &PackageArgs) -> Result<i32> {
     let m = ctx.machine()?;
     let vm = m.created("package")?;
     let t = Target { cfg: m.cfg.clone(), state: m.state.clone(), vm_name: vm.vm.clone(), p: vm.p.as_ref() };

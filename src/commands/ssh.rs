@@ -55,7 +55,7 @@ fn options(t: &Target) -> Vec<(&'static str, String)> {
     opts
 }
 
-pub fn ssh(ctx: &Ctx, args: &SshArgs) -> Result<i32> {
+pub(crate) fn ssh(ctx: &Ctx, args: &SshArgs) -> Result<i32> {
     let t = target(ctx)?;
     // Fail with a useful message rather than ssh's bare "Connection refused" when the machine is down. A live
     // master proves the machine answers, and spares the guest's sshd a connection per call.
@@ -96,7 +96,7 @@ pub fn ssh(ctx: &Ctx, args: &SshArgs) -> Result<i32> {
     Err(err).with_context(|| format!("cannot run {}", ssh.display()))
 }
 
-pub fn ssh_config(ctx: &Ctx, args: &SshConfigArgs) -> Result<i32> {
+pub(crate) fn ssh_config(ctx: &Ctx, args: &SshConfigArgs) -> Result<i32> {
     if let Some(alias) = &args.host {
         check_alias(alias)?;
     }

@@ -11,7 +11,7 @@ use crate::config::{Config, ConfigError, Diagnostic};
 /// Every machine of the project (the machine of a `[machine]` file is a project of one): the rules between
 /// machines, then each machine's own checks against its rendered provision tree. The verdict names the machine of a
 /// `[machine]` file with its counts, the machines of a `[[machine]]` file with their addresses.
-pub fn validate(ctx: &Ctx) -> Result<i32> {
+pub(crate) fn validate(ctx: &Ctx) -> Result<i32> {
     let file = ctx.global.config.display().to_string();
     let checked = crate::config::Project::load(&ctx.global.config).and_then(|p| {
         let multi = p.multi;

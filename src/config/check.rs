@@ -14,7 +14,7 @@ use crate::text::shown;
 
 /// What validation found.
 #[derive(Debug, Default)]
-pub struct Findings {
+pub(super) struct Findings {
     pub errors: Vec<Diagnostic>,
     pub warnings: Vec<Diagnostic>,
 }
@@ -62,7 +62,7 @@ fn url_scheme_ok(url: &str, schemes: &[&str]) -> bool {
 }
 
 /// Rules on the file alone.
-pub fn local(cfg: &Config, src: &Source) -> Findings {
+pub(super) fn local(cfg: &Config, src: &Source) -> Findings {
     let mut f = Findings::default();
     let m = &cfg.machine;
     if !valid_machine_name(&m.name) {
@@ -452,7 +452,7 @@ const SPARE_SUBNETS: &[(&str, std::net::Ipv4Addr, u8)] = &[
 /// The private subnet of a `[[machine]]` file against the networks of the host the machine runs on: an overlap
 /// with a network of this host is an error (the guests would send that network's traffic into the private
 /// segment); a machine on a remote host gets a warning, since that host's networks are not known here.
-pub fn host_networks(cfg: &Config, src: &Source, host: Result<&[HostNet], String>, f: &mut Findings) {
+pub(super) fn host_networks(cfg: &Config, src: &Source, host: Result<&[HostNet], String>, f: &mut Findings) {
     let Some(m) = &cfg.member else { return };
     let subnet = &m.network.subnet;
     let at = ["network", "subnet"];
@@ -525,7 +525,7 @@ pub type ComposeOf<'a> = dyn Fn() -> Result<Option<(String, Vec<u8>)>> + 'a;
 /// Cross-references: the provision dir exists and renders, every forwarded port is published by the rendered
 /// compose file, every health probe's port is forwarded. Render failures are returned as errors (they name the
 /// template, line and column); findings about the config come back in [`Findings`].
-pub fn cross(cfg: &Config, src: &Source, profile: &Profile, compose: &ComposeOf) -> Result<Findings> {
+pub(super) fn cross(cfg: &Config, src: &Source, profile: &Profile, compose: &ComposeOf) -> Result<Findings> {
     let mut f = Findings::default();
     if cfg.member.is_some() {
         let nets = hostnet::read();

@@ -59,7 +59,7 @@ pub struct ConfigError {
 }
 
 /// Decode the file's bytes: UTF-8, with an optional BOM. UTF-16 and invalid UTF-8 say where and what to do.
-pub fn decode<'a>(file: &str, bytes: &'a [u8]) -> Result<&'a str, Diagnostic> {
+pub(super) fn decode<'a>(file: &str, bytes: &'a [u8]) -> Result<&'a str, Diagnostic> {
     let save = "save the file as UTF-8 (in most editors: \"Save with encoding\" > UTF-8)";
     let utf16 = |order: &str, how: &str| Diagnostic {
         file: file.to_string(),
@@ -136,7 +136,7 @@ pub fn line_col(text: &str, offset: usize) -> (usize, usize) {
 
 /// One step of a key path: a table key or an array index.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Seg {
+pub(super) enum Seg {
     Key(String),
     Index(usize),
 }
@@ -148,7 +148,7 @@ struct Entry {
 }
 
 /// Positions in the decoded text of one config file.
-pub struct Source<'a> {
+pub(super) struct Source<'a> {
     pub file: String,
     /// None for a config built in code: diagnostics then name only the file.
     text: Option<&'a str>,
@@ -161,7 +161,7 @@ pub struct Source<'a> {
 }
 
 impl<'a> Source<'a> {
-    pub fn new(file: &str, text: Option<&'a str>) -> Self {
+    pub(super) fn new(file: &str, text: Option<&'a str>) -> Self {
         Self {
             file: file.to_string(),
             text,
@@ -171,13 +171,13 @@ impl<'a> Source<'a> {
     }
 
     /// Look paths starting with `from` up under `to` instead (see the `remap` field).
-    pub fn with_remap(mut self, remap: Vec<(Vec<String>, Vec<String>)>) -> Self {
+    pub(super) fn with_remap(mut self, remap: Vec<(Vec<String>, Vec<String>)>) -> Self {
         self.remap = remap;
         self
     }
 
     /// A diagnostic at a byte offset.
-    pub fn at(&self, offset: usize, message: impl Into<String>) -> Diagnostic {
+    pub(super) fn at(&self, offset: usize, message: impl Into<String>) -> Diagnostic {
         let pos = self.text.map(|t| line_col(t, offset));
         Diagnostic {
             file: self.file.clone(),
@@ -192,7 +192,7 @@ impl<'a> Source<'a> {
     /// Falls back to the nearest ancestor that is in the file, then to the top of the file.
     /// A key a machine's own table does not set is looked up in the shared table next (a machine's
     /// `[machine.provision]` without `guest_path` uses `[provision] guest_path`).
-    pub fn at_path(&self, path: &[&str], message: impl Into<String>) -> Diagnostic {
+    pub(super) fn at_path(&self, path: &[&str], message: impl Into<String>) -> Diagnostic {
         let offset = self
             .span_of(path)
             .or_else(|| self.span_unmapped(path))
@@ -202,7 +202,7 @@ impl<'a> Source<'a> {
     }
 
     /// Span of the value (or table header) at `path`.
-    pub fn span_of(&self, path: &[&str]) -> Option<Range<usize>> {
+    pub(super) fn span_of(&self, path: &[&str]) -> Option<Range<usize>> {
         if path.is_empty() {
             return None;
         }
@@ -219,7 +219,7 @@ impl<'a> Source<'a> {
     }
 
     /// Whether the file writes a value at `path` (remapped for a machine, else in the shared table).
-    pub fn written(&self, path: &[&str]) -> bool {
+    pub(super) fn written(&self, path: &[&str]) -> bool {
         self.span_of(path).or_else(|| self.span_unmapped(path)).is_some()
     }
 
@@ -257,7 +257,7 @@ impl<'a> Source<'a> {
     }
 
     /// The key path of the innermost key, value or table header covering `offset`.
-    pub fn path_at(&self, offset: usize) -> Vec<Seg> {
+    pub(super) fn path_at(&self, offset: usize) -> Vec<Seg> {
         let Some(doc) = &self.doc else { return vec![] };
         let mut entries = Vec::new();
         collect_table(doc.as_table(), &mut vec![], &mut entries);
@@ -350,7 +350,7 @@ fn collect_value(v: &toml_edit::Value, path: &mut Vec<Seg>, out: &mut Vec<Entry>
 }
 
 /// Reword a parse or serde error from `toml` into a positioned diagnostic that says what is expected.
-pub fn from_toml_error(src: &Source, e: &toml::de::Error) -> Diagnostic {
+pub(super) fn from_toml_error(src: &Source, e: &toml::de::Error) -> Diagnostic {
     let offset = e.span().map_or(0, |r| r.start);
     let msg = e.message().trim();
     let path = src.path_at(offset);
@@ -480,7 +480,7 @@ fn seg_name(s: &Seg) -> String {
 }
 
 /// How a table is named in messages: `[machine]`, `[box.debian]`, `[[forward]] #2`, `the top level`.
-pub fn table_name(path: &[Seg]) -> String {
+pub(super) fn table_name(path: &[Seg]) -> String {
     if path.is_empty() {
         return "the top level".into();
     }
@@ -520,7 +520,7 @@ fn found_phrase(found: &str) -> String {
 
 /// The candidate closest to `word` by edit distance (optimal string alignment: insertions, deletions,
 /// substitutions and swaps of neighbours cost 1), if it is close enough to be a typo.
-pub fn closest<'c>(word: &str, candidates: &'c [String]) -> Option<&'c str> {
+pub(super) fn closest<'c>(word: &str, candidates: &'c [String]) -> Option<&'c str> {
     candidates
         .iter()
         .map(|c| (strsim::osa_distance(word, c), c))

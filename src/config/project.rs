@@ -345,14 +345,14 @@ fn is_multi(bytes: &[u8]) -> bool {
 
 /// A parsed `a.b.c.d/p`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Subnet {
+pub(super) struct Subnet {
     pub addr: Ipv4Addr,
     pub prefix: u8,
 }
 
 impl Subnet {
     /// Parse a CIDR subnet with a prefix of 8-30 and no host bits set. Pure.
-    pub fn parse(s: &str) -> Result<Subnet, String> {
+    pub(super) fn parse(s: &str) -> Result<Subnet, String> {
         let (a, p) = s.split_once('/').ok_or("write it as ADDRESS/PREFIX, e.g. \"10.77.0.0/24\"")?;
         let addr: Ipv4Addr = a.parse().map_err(|_| format!("\"{}\" is not an IPv4 address", shown(a)))?;
         let prefix: u8 = p.parse().map_err(|_| format!("\"{}\" is not a prefix length", shown(p)))?;
@@ -368,13 +368,13 @@ impl Subnet {
     fn mask(&self) -> u32 {
         u32::MAX << (32 - self.prefix)
     }
-    pub fn network(&self) -> Ipv4Addr {
+    pub(super) fn network(&self) -> Ipv4Addr {
         Ipv4Addr::from(u32::from(self.addr) & self.mask())
     }
-    pub fn broadcast(&self) -> Ipv4Addr {
+    pub(super) fn broadcast(&self) -> Ipv4Addr {
         Ipv4Addr::from(u32::from(self.addr) | !self.mask())
     }
-    pub fn contains(&self, ip: Ipv4Addr) -> bool {
+    pub(super) fn contains(&self, ip: Ipv4Addr) -> bool {
         u32::from(ip) & self.mask() == u32::from(self.network())
     }
     fn overlaps(&self, other: &Subnet) -> bool {

@@ -10,21 +10,21 @@ use std::collections::HashMap;
 use handlebars::template::{Parameter, Template, TemplateElement};
 
 /// Partials nested deeper than this are refused (far more than a provision tree needs, far less than the stack).
-pub const MAX_DEPTH: usize = 16;
+pub(super) const MAX_DEPTH: usize = 16;
 
 /// A template may expand partials at most this many times, counting each inclusion inside included partials
 /// (the lab's largest template expands 4). Partials that each include the next several times multiply: 12 levels
 /// of 5 inclusions expand 5^11 times, hundreds of megabytes, so they are refused before rendering (and before this
 /// walk itself would take that long).
-pub const MAX_EXPANSIONS: usize = 10_000;
+pub(super) const MAX_EXPANSIONS: usize = 10_000;
 
 /// Blocks (`{{#...}}`) nested deeper than this are refused before handlebars parses them: its parser and
 /// renderer recurse once per level, and some thousands of levels overflow the stack.
-pub const MAX_BLOCK_DEPTH: usize = 64;
+pub(super) const MAX_BLOCK_DEPTH: usize = 64;
 
 /// Refuse blocks nested deeper than [`MAX_BLOCK_DEPTH`], by a scan of the text (no recursion); `Err` holds the
 /// line where the limit was passed. Escaped `\{{` does not count.
-pub fn check_nesting(text: &str) -> Result<(), (usize, String)> {
+pub(super) fn check_nesting(text: &str) -> Result<(), (usize, String)> {
     let b = text.as_bytes();
     let (mut depth, mut line, mut i) = (0usize, 1usize, 0usize);
     while i < b.len() {
@@ -147,7 +147,7 @@ fn uses(t: &Template) -> Result<Vec<String>, String> {
 
 /// Check the template registered as `name` against the templates registered before it (which handlebars would
 /// also resolve as partials). `Err` says what is wrong and names the chain of partials.
-pub fn check(name: &str, t: &Template, registered: &HashMap<String, Template>) -> Result<(), String> {
+pub(super) fn check(name: &str, t: &Template, registered: &HashMap<String, Template>) -> Result<(), String> {
     let root_inlines = inlines(t);
     let mut chain = vec![name.to_string()];
     let mut budget = MAX_EXPANSIONS;

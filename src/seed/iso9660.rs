@@ -17,7 +17,7 @@ const FIRST_DATA: u32 = 25;
 
 /// A UTC time as ISO9660 records it.
 #[derive(Debug, Clone, Copy)]
-pub struct Stamp {
+pub(super) struct Stamp {
     year: u32,
     month: u32,
     day: u32,
@@ -27,7 +27,7 @@ pub struct Stamp {
 }
 
 impl Stamp {
-    pub fn from_unix(secs: u64) -> Stamp {
+    pub(super) fn from_unix(secs: u64) -> Stamp {
         // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
         let days = (secs / 86400) as i64;
         let rem = secs % 86400;
@@ -66,7 +66,7 @@ impl Stamp {
 }
 
 /// Build an image holding `files` (name, contents) in its root directory, with volume label `label`.
-pub fn build(label: &str, files: &[(&str, &[u8])], stamp: Stamp) -> Result<Vec<u8>> {
+pub(super) fn build(label: &str, files: &[(&str, &[u8])], stamp: Stamp) -> Result<Vec<u8>> {
     if label.is_empty() || label.len() > 16 || !label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
     {
         bail!("ISO volume label {label:?} must be 1-16 letters, digits or '_'");

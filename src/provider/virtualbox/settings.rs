@@ -11,7 +11,7 @@ use super::info::NatRule;
 
 /// The rules of NIC `adapter` (1-based, as in `--natpf1`) of the machine's current hardware; none when the file
 /// is not well-formed XML.
-pub fn nat_rules(xml: &str, adapter: u32) -> Vec<NatRule> {
+pub(super) fn nat_rules(xml: &str, adapter: u32) -> Vec<NatRule> {
     let Some(doc) = crate::xml::parse(xml) else { return Vec::new() };
     let root = doc.root_element();
     if root.tag_name().name() != "VirtualBox" {
