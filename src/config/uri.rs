@@ -108,7 +108,7 @@ pub fn check_libvirt_uri(uri: &str) -> Result<(), UriProblem> {
     check_authority(authority, transport)?;
     for pair in query.split(['&', ';']).filter(|p| !p.is_empty()) {
         let (raw_name, raw_value) = pair.split_once('=').unwrap_or((pair, ""));
-        let (Some(name), Some(value)) = (percent_decode(raw_name), percent_decode(raw_value)) else {
+        let (Some(name), Some(value)) = (crate::text::percent_decode(raw_name), crate::text::percent_decode(raw_value)) else {
             return problem(format!("has a malformed %-escape in `{}`", crate::text::shown(pair)), EXAMPLES);
         };
         check_param(&name.to_ascii_lowercase(), &value)?;
@@ -196,23 +196,6 @@ fn check_param(name: &str, value: &str) -> Result<(), UriProblem> {
     }
 }
 
-/// `%XX` decoding; None on a malformed escape or a result that is not UTF-8.
-fn percent_decode(s: &str) -> Option<String> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' {
-            let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok()
-}
 
 #[cfg(test)]
 mod tests {

@@ -67,7 +67,9 @@ pub fn parse(uri: &str) -> Option<RemoteHost> {
     for pair in query.split(['&', ';']).filter(|p| !p.is_empty()) {
         let (n, v) = pair.split_once('=').unwrap_or((pair, ""));
         // libvirt percent-decodes parameter names and values; so do we (the URI check refused malformed ones).
-        let (n, v) = (percent_decode(n), percent_decode(v));
+        // Validated URIs only reach here (config::check_libvirt_uri); a bad escape is kept as written.
+        let decode = |x: &str| crate::text::percent_decode(x).unwrap_or_else(|| x.to_string());
+        let (n, v) = (decode(n), decode(v));
         match n.to_ascii_lowercase().as_str() {
             "keyfile" => keyfile = Some(v),
             "known_hosts" => known_hosts = Some(PathBuf::from(v)),
@@ -85,26 +87,6 @@ pub fn parse(uri: &str) -> Option<RemoteHost> {
     })
 }
 
-/// `%XX` decoding (a malformed escape is kept as written).
-fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let hex = b.get(i + 1..i + 3).and_then(|h| std::str::from_utf8(h).ok());
-        match (b[i], hex.and_then(|h| u8::from_str_radix(h, 16).ok())) {
-            (b'%', Some(v)) => {
-                out.push(v);
-                i += 3;
-            }
-            (c, _) => {
-                out.push(c);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
 
 impl RemoteHost {
     /// How the host appears in known_hosts: `host`, or `[host]:port` for a port other than 22.
