@@ -334,25 +334,7 @@ fn a_copied_project_never_acts_on_the_original_libvirt_domain() {
         theirs.display()
     );
     let out = copy.join("copy.box");
-    for args in [
-        vec!["halt"],
-        vec!["halt", "-f"],
-        vec!["suspend"],
-        vec!["resume"],
-        vec!["snapshot", "save", "s2"],
-        vec!["snapshot", "restore", "s1"],
-        vec!["snapshot", "delete", "s1"],
-        vec!["snapshot", "list"],
-        vec!["reload"],
-        vec!["provision"],
-        vec!["ssh", "-c", "true"],
-        vec!["ssh-config"],
-        vec!["port"],
-        vec!["health", "--timeout", "1"],
-        vec!["verify", "--timeout", "1"],
-        vec!["load", "--requests", "1"],
-        vec!["package", "--out", out.to_str().unwrap()],
-    ] {
+    for args in crate::support::vm_commands(out.to_str().unwrap(), &[]) {
         let r = run(&copy, &args).failure();
         assert_eq!(r.stderr(), refusal, "{args:?}");
     }

@@ -1061,25 +1061,7 @@ fn a_copied_project_never_acts_on_the_original_vm() {
     );
     b.take_calls();
     let out = copy.join("copy.box");
-    let commands: Vec<Vec<&str>> = vec![
-        vec!["halt"],
-        vec!["halt", "-f"],
-        vec!["suspend"],
-        vec!["resume"],
-        vec!["snapshot", "save", "s2"],
-        vec!["snapshot", "restore", "s1"],
-        vec!["snapshot", "delete", "s1"],
-        vec!["snapshot", "list"],
-        vec!["reload"],
-        vec!["provision"],
-        vec!["ssh", "-c", "true"],
-        vec!["ssh-config"],
-        vec!["port"],
-        vec!["health", "--timeout", "1"],
-        vec!["verify", "--timeout", "1"],
-        vec!["load", "--url", "http://127.0.0.1:1", "--requests", "1"],
-        vec!["package", "--out", out.to_str().unwrap()],
-    ];
+    let commands = crate::support::vm_commands(out.to_str().unwrap(), &["--url", "http://127.0.0.1:1"]);
     for args in &commands {
         let r = p.run(&copy, args).failure();
         if args[0] == "load" {

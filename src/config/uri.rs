@@ -108,7 +108,9 @@ pub fn check_libvirt_uri(uri: &str) -> Result<(), UriProblem> {
     check_authority(authority, transport)?;
     for pair in query.split(['&', ';']).filter(|p| !p.is_empty()) {
         let (raw_name, raw_value) = pair.split_once('=').unwrap_or((pair, ""));
-        let (Some(name), Some(value)) = (crate::text::percent_decode(raw_name), crate::text::percent_decode(raw_value)) else {
+        let (Some(name), Some(value)) =
+            (crate::text::percent_decode(raw_name), crate::text::percent_decode(raw_value))
+        else {
             return problem(format!("has a malformed %-escape in `{}`", crate::text::shown(pair)), EXAMPLES);
         };
         check_param(&name.to_ascii_lowercase(), &value)?;
@@ -195,7 +197,6 @@ fn check_param(name: &str, value: &str) -> Result<(), UriProblem> {
         ),
     }
 }
-
 
 #[cfg(test)]
 mod tests {

@@ -87,7 +87,6 @@ pub fn parse(uri: &str) -> Option<RemoteHost> {
     })
 }
 
-
 impl RemoteHost {
     /// How the host appears in known_hosts: `host`, or `[host]:port` for a port other than 22.
     pub fn known_hosts_name(&self) -> String {

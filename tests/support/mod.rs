@@ -8,6 +8,33 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 /// The repository root.
+/// Every command that acts on a machine's VM (issue 16: each must refuse a VM that belongs to another project),
+/// `package` writing to `out`, and `load` with `load_args` before its request count.
+pub fn vm_commands<'a>(out: &'a str, load_args: &[&'a str]) -> Vec<Vec<&'a str>> {
+    let mut load = vec!["load"];
+    load.extend_from_slice(load_args);
+    load.extend(["--requests", "1"]);
+    vec![
+        vec!["halt"],
+        vec!["halt", "-f"],
+        vec!["suspend"],
+        vec!["resume"],
+        vec!["snapshot", "save", "s2"],
+        vec!["snapshot", "restore", "s1"],
+        vec!["snapshot", "delete", "s1"],
+        vec!["snapshot", "list"],
+        vec!["reload"],
+        vec!["provision"],
+        vec!["ssh", "-c", "true"],
+        vec!["ssh-config"],
+        vec!["port"],
+        vec!["health", "--timeout", "1"],
+        vec!["verify", "--timeout", "1"],
+        load,
+        vec!["package", "--out", out],
+    ]
+}
+
 pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
