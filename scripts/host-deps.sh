@@ -24,7 +24,7 @@ fi
 PIN=/etc/apt/preferences.d/provisioner-backports
 if [ ! -f "$PIN" ]; then
   $SUDO tee "$PIN" >/dev/null <<PREF
-Package: qemu-system* qemu-block-extra libvirt* seabios ipxe-qemu
+Package: qemu-system* qemu-utils qemu-block-extra libvirt* seabios ipxe-qemu
 Pin: release n=bookworm-backports
 Pin-Priority: 990
 PREF
@@ -42,7 +42,7 @@ base_pkgs=(
   docker-compose                             # v1 1.29 as in the guest: tests/lab.rs parses the rendered compose file (no engine needed)
 )
 bpo_pkgs=(
-  qemu-system-x86 qemu-system-common qemu-system-data qemu-block-extra
+  qemu-system-x86 qemu-system-common qemu-system-data qemu-block-extra qemu-utils   # qemu-img: overlays, box checks
   libvirt-daemon-system libvirt-clients libvirt-daemon-driver-qemu libvirt-daemon
 )
 
