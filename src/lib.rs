@@ -74,7 +74,7 @@ pub fn run() -> i32 {
     if let Err(e) = process::install_interrupt_handler() {
         eprintln!("warning: {e:#}; Ctrl-C will not stop child processes cleanly");
     }
-    let code = finish(commands::dispatch(cli), json);
+    let code = finish(commands::dispatch(cli, &lab::PROFILE), json);
     let stdout = ui::output::stdout_lost();
     if let Some(ui::output::Lost::Failed(e)) = &stdout {
         eprintln!("error: writing to stdout failed: {e}\nhint: make room where the output goes (or send it elsewhere) and run the command again");

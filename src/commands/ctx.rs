@@ -5,6 +5,7 @@ use anyhow::Result;
 use crate::cli::Global;
 use crate::config::Config;
 use crate::machine::StateDir;
+use crate::profile::Profile;
 use crate::ui::Ui;
 
 /// What every command gets.
@@ -12,6 +13,8 @@ use crate::ui::Ui;
 pub(crate) struct Ctx {
     pub global: Global,
     pub ui: Ui,
+    /// The workload every machine of the run provisions (given once, by [`crate::run`]).
+    pub profile: &'static Profile,
     /// The machine this command acts on when it is one of a `[[machine]]` file (validated with the project).
     pub member: Option<Config>,
     /// The multi-machine `up`/`reload` this machine is brought up in, with other machines at once.
@@ -35,6 +38,7 @@ impl Ctx {
         Ctx {
             global: self.global.clone(),
             ui: self.ui.for_machine(&cfg.machine.name, bars),
+            profile: self.profile,
             member: Some(cfg.clone()),
             round: self.round.clone(),
             invalid: self.invalid.clone(),
@@ -51,7 +55,7 @@ impl Ctx {
     }
     /// The machine this command acts on: its config, identity and lifecycle.
     pub(crate) fn machine(&self) -> Result<crate::lifecycle::Machine> {
-        crate::lifecycle::Machine::new(self.config()?, &crate::lab::PROFILE)
+        crate::lifecycle::Machine::new(self.config()?, self.profile)
     }
 
     /// The machine of a command that looks after it (`status`, `port`, `halt`, `destroy`): found from its
@@ -59,7 +63,7 @@ impl Ctx {
     pub(crate) fn existing_machine(&self) -> Result<crate::lifecycle::Machine> {
         crate::lifecycle::Machine::existing(
             self.config()?,
-            &crate::lab::PROFILE,
+            self.profile,
             self.invalid.as_deref(),
             &self.ui,
         )

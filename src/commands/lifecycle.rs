@@ -8,11 +8,8 @@ use serde_json::json;
 
 use super::Ctx;
 use crate::cli::{DestroyArgs, HaltArgs, UpArgs};
-use crate::config::Forward;
-use crate::lifecycle::foreign_note;
-pub(crate) use crate::lifecycle::refuse_foreign;
-use crate::machine::state::MachineState;
-use crate::provider::{self, vm_ref, Lookup, VmState};
+use crate::lifecycle::status::StatusRow;
+use crate::provider::VmState;
 
 pub(crate) fn up(ctx: &Ctx, args: &UpArgs) -> Result<i32> {
     ctx.machine()?.up(&ctx.ui, ctx.round.as_deref(), args)
@@ -33,101 +30,6 @@ pub(crate) fn destroy(ctx: &Ctx, args: &DestroyArgs) -> Result<i32> {
         return Ok(crate::exit::FAILURE);
     }
     m.destroy(&ctx.ui)
-}
-
-fn ssh_of(st: &MachineState) -> Option<String> {
-    match (&st.ssh_host, st.ssh_port) {
-        (Some(h), Some(port)) => Some(format!("{h}:{port}")),
-        _ => None,
-    }
-}
-
-/// One machine's status, as the hypervisor reports it (asked once); [`print_status`] shows the machine of a
-/// `[machine]` file, the table of `[[machine]]` files shows a row per machine.
-pub(super) struct StatusRow {
-    pub machine: String,
-    pub state: String,
-    pub provider: Option<String>,
-    pub vm_name: Option<String>,
-    /// The recorded SSH endpoint.
-    pub ssh: Option<String>,
-    pub error: Option<String>,
-    /// The live state (None: never created, no state.json).
-    live: Option<VmState>,
-    accel: Option<String>,
-    forwards: Vec<Forward>,
-    /// A recorded VM of another project: its owner and the last line (hint) of the refusal.
-    foreign: Option<(Option<String>, String)>,
-}
-
-impl StatusRow {
-    pub(super) fn error(machine: &str, e: &anyhow::Error) -> Self {
-        let first = format!("{e}").lines().next().unwrap_or_default().to_string();
-        StatusRow { error: Some(first), ..Self::blank(machine, "unknown") }
-    }
-
-    fn blank(machine: &str, state: &str) -> Self {
-        StatusRow {
-            machine: machine.to_string(),
-            state: state.into(),
-            provider: None,
-            vm_name: None,
-            ssh: None,
-            error: None,
-            live: None,
-            accel: None,
-            forwards: Vec::new(),
-            foreign: None,
-        }
-    }
-
-    /// The SSH endpoint of the table: none for a machine that is not created.
-    pub(super) fn table_ssh(&self) -> Option<String> {
-        self.ssh.clone().filter(|_| self.live.as_ref().is_some_and(|l| *l != VmState::NotCreated))
-    }
-}
-
-/// Ask the hypervisor once for this machine's state (nothing when it was never created).
-pub(super) fn status_row(ctx: &Ctx) -> Result<StatusRow> {
-    let m = ctx.existing_machine()?;
-    let machine = m.cfg.machine.name.clone();
-    let Some(st) = MachineState::load(&m.state)? else {
-        return Ok(StatusRow::blank(&machine, &VmState::NotCreated.to_string()));
-    };
-    let p = provider::select(&m.cfg)?;
-    let vm = vm_ref(Some(&st), &m.vm_name);
-    let recorded = StatusRow {
-        provider: Some(p.name().to_string()),
-        vm_name: Some(st.vm_name.clone()),
-        ..StatusRow::blank(&machine, "")
-    };
-    let live = match p.lookup(&vm, &m.state)? {
-        Lookup::NotCreated => VmState::NotCreated,
-        Lookup::Mine(live) => live,
-        Lookup::Foreign { owner } => {
-            let refusal = format!("{:#}", provider::foreign_vm(p.name(), &vm, owner.as_deref(), &m.state));
-            let hint = refusal.lines().last().unwrap_or_default().to_string();
-            return Ok(StatusRow {
-                state: "foreign".into(),
-                error: Some(format!(
-                    "recorded VM belongs to another project ({})",
-                    foreign_note(owner.as_deref())
-                )),
-                foreign: Some((owner, hint)),
-                ..recorded
-            });
-        }
-    };
-    let forwards =
-        if live == VmState::NotCreated { Vec::new() } else { super::port::machine_forwards(&m.cfg, &st) };
-    Ok(StatusRow {
-        state: live.to_string(),
-        ssh: ssh_of(&st),
-        live: Some(live),
-        accel: st.accel.clone(),
-        forwards,
-        ..recorded
-    })
 }
 
 /// `status` of the machine of a `[machine]` file: its line (and forwards), or one JSON document.

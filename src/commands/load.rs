@@ -15,7 +15,7 @@ pub(crate) fn load(ctx: &Ctx, args: &LoadArgs) -> Result<i32> {
         Some(u) => u.clone(),
         None => {
             let cfg = ctx.config()?;
-            super::lifecycle::refuse_foreign(&cfg)?;
+            crate::lifecycle::refuse_foreign(&cfg)?;
             let (ip, port) = cfg.host_addr_for(DEMO_APP_PORT).ok_or_else(|| {
                 anyhow!(
                     "{} forwards no host port to the demo app (guest port {DEMO_APP_PORT})\n\

@@ -19,9 +19,11 @@ use crate::ui::Ui;
 pub(crate) use ctx::Ctx;
 
 /// Run a parsed command; the returned value is the process exit code.
-pub(crate) fn dispatch(cli: Cli) -> Result<i32> {
+/// `profile` is the workload every machine provisions.
+pub(crate) fn dispatch(cli: Cli, profile: &'static crate::profile::Profile) -> Result<i32> {
     let ctx = Ctx {
         ui: Ui::new(cli.global.json, cli.global.quiet),
+        profile,
         global: cli.global,
         member: None,
         round: None,

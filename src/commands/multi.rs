@@ -15,6 +15,7 @@ use super::Ctx;
 use crate::cli::DestroyArgs;
 use crate::config::{Config, Project};
 use crate::lifecycle::round::{Judged, Round};
+use crate::lifecycle::status::StatusRow;
 use crate::machine::state::MachineState;
 use crate::machine::StateDir;
 
@@ -337,10 +338,10 @@ pub(super) fn status(ctx: &Ctx, names: &[String]) -> Result<i32> {
     let ctx = &ctx;
     let selected = p.select(names)?;
     let p = &p;
-    let mut rows: Vec<Result<super::lifecycle::StatusRow>> = std::thread::scope(|s| {
+    let mut rows: Vec<Result<StatusRow>> = std::thread::scope(|s| {
         let handles: Vec<_> = selected
             .iter()
-            .map(|cfg| s.spawn(move || super::lifecycle::status_row(&ctx.for_member(p, cfg))))
+            .map(|cfg| s.spawn(move || ctx.for_member(p, cfg).existing_machine().and_then(|m| m.status())))
             .collect();
         handles
             .into_iter()
@@ -356,7 +357,7 @@ pub(super) fn status(ctx: &Ctx, names: &[String]) -> Result<i32> {
     let mut docs = Vec::new();
     for (cfg, row) in selected.iter().zip(rows) {
         let ip = cfg.member.as_ref().map(|m| m.ip.to_string()).unwrap_or_default();
-        let r = row.unwrap_or_else(|e| super::lifecycle::StatusRow::error(&cfg.machine.name, &e));
+        let r = row.unwrap_or_else(|e| StatusRow::error(&cfg.machine.name, &e));
         let ssh = r.table_ssh();
         docs.push(
             json!({"machine": r.machine, "state": r.state, "provider": r.provider, "ssh": ssh, "ip": ip,

@@ -6,22 +6,10 @@ use serde_json::json;
 
 use super::Ctx;
 use crate::cli::PortArgs;
-use crate::config::{Config, Forward, Protocol};
+use crate::config::{Forward, Protocol};
 use crate::lifecycle::Machine;
 use crate::machine::state::MachineState;
 use crate::provider::{self, VmState};
-
-/// Every forward of a created machine, SSH first with its recorded host address and port.
-pub(crate) fn machine_forwards(cfg: &Config, st: &MachineState) -> Vec<Forward> {
-    let mut forwards = cfg.all_forwards();
-    if let Some(port) = st.ssh_port {
-        forwards[0].host = port;
-    }
-    if let Some(ip) = &st.ssh_host {
-        forwards[0].host_ip = ip.clone();
-    }
-    forwards
-}
 
 fn proto(p: Protocol) -> &'static str {
     match p {
@@ -68,7 +56,7 @@ pub(crate) fn port(ctx: &Ctx, args: &PortArgs) -> Result<i32> {
             "machine `{name}` is not created, so no port is forwarded\nhint: `provisioner up` creates it"
         ),
     };
-    let forwards = machine_forwards(&m.cfg, &st);
+    let forwards = crate::lifecycle::status::machine_forwards(&m.cfg, &st);
     if args.local {
         return local(ctx, &m, &forwards);
     }

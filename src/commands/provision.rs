@@ -10,25 +10,19 @@ use crate::config::Config;
 use crate::machine::lock::MachineLock;
 use crate::machine::StateDir;
 use crate::ssh::Session;
-use crate::ui::Ui;
 
-pub(crate) use crate::lifecycle::session::connect;
-pub(crate) use crate::lifecycle::HEALTH_TIMEOUT;
+use crate::lifecycle::session::connect;
+use crate::lifecycle::{refuse_foreign, HEALTH_TIMEOUT};
 
-/// Render, provision the guest and print the health table; returns the exit code. `up` ends with this too.
-pub(crate) fn provision_and_check(
-    cfg: &Config,
-    state: &StateDir,
-    ssh: &Session,
-    ui: &Ui,
-    force: bool,
-) -> Result<i32> {
-    let lab = crate::guest::Lab::render(cfg, state, &crate::lab::PROFILE)?;
+/// Render, provision the guest and print the health table; returns the exit code.
+fn provision_and_check(ctx: &Ctx, cfg: &Config, state: &StateDir, ssh: &Session, force: bool) -> Result<i32> {
+    let ui = &ctx.ui;
+    let lab = crate::guest::Lab::render(cfg, state, ctx.profile)?;
     crate::guest::provision(cfg, ssh, &lab, ui, force, None)?;
     let (available, unavailable) = lab.services(cfg);
     health_code(crate::health::check_services(
         cfg,
-        &crate::lab::PROFILE,
+        ctx.profile,
         Some(ssh),
         ui,
         HEALTH_TIMEOUT,
@@ -43,16 +37,16 @@ fn health_code(healthy: bool) -> Result<i32> {
 
 pub(crate) fn provision(ctx: &Ctx, args: &ProvisionArgs) -> Result<i32> {
     let cfg = ctx.config()?;
-    super::lifecycle::refuse_foreign(&cfg)?;
+    refuse_foreign(&cfg)?;
     let state = ctx.state(&cfg);
     let _lock = MachineLock::acquire(&state, "provision")?;
     let ssh = connect(&cfg, &state, Duration::from_secs(60))?;
-    provision_and_check(&cfg, &state, &ssh, &ctx.ui, args.force)
+    provision_and_check(ctx, &cfg, &state, &ssh, args.force)
 }
 
 pub(crate) fn health(ctx: &Ctx, args: &HealthArgs) -> Result<i32> {
     let cfg = ctx.config()?;
-    super::lifecycle::refuse_foreign(&cfg)?;
+    refuse_foreign(&cfg)?;
     let state = ctx.state(&cfg);
     // Without SSH the HTTP probes still say something useful; the container column shows "?".
     let ssh = match connect(&cfg, &state, Duration::from_secs(20)) {
@@ -64,7 +58,7 @@ pub(crate) fn health(ctx: &Ctx, args: &HealthArgs) -> Result<i32> {
     };
     health_code(crate::health::check(
         &cfg,
-        &crate::lab::PROFILE,
+        ctx.profile,
         ssh.as_ref(),
         &ctx.ui,
         Duration::from_secs(args.timeout),
@@ -73,9 +67,9 @@ pub(crate) fn health(ctx: &Ctx, args: &HealthArgs) -> Result<i32> {
 
 /// `verify` where Prometheus runs on `monitor` and the demo app on `app` (the lab's alert path, [`crate::lab::verify`]).
 pub(crate) fn verify_on(ctx: &Ctx, monitor: &Config, app: &Config, args: &VerifyArgs) -> Result<i32> {
-    super::lifecycle::refuse_foreign(monitor)?;
+    refuse_foreign(monitor)?;
     if app.machine.name != monitor.machine.name {
-        super::lifecycle::refuse_foreign(app)?;
+        refuse_foreign(app)?;
     }
     crate::lab::verify::run(&ctx.ui, monitor, app, args)
 }

@@ -62,7 +62,7 @@ pub(crate) fn render(ctx: &Ctx, args: &RenderArgs) -> Result<i32> {
     }
     let rendered = crate::render::render_to_dir(
         &cfg,
-        &crate::lab::PROFILE.secrets_in(&state.root)?,
+        &ctx.profile.secrets_in(&state.root)?,
         &args.out,
         args.force,
     )?;

@@ -77,7 +77,7 @@ pub(crate) fn package(ctx: &Ctx, args: &PackageArgs) -> Result<i32> {
         // As `vagrant package` does with virt-sysprep: the box must not carry this machine's cloud-init instance
         // or its login key. The next boot of this machine runs cloud-init again from its seed (same keys).
         let ph = ui.phase("generalize");
-        let ssh = super::provision::connect(&t.cfg, &t.state, Duration::from_secs(60))?;
+        let ssh = crate::lifecycle::session::connect(&t.cfg, &t.state, Duration::from_secs(60))?;
         ssh.exec_ok(GENERALIZE, Duration::from_secs(120))?;
         ph.done("cloud-init state and authorized_keys removed");
     } else {

@@ -21,7 +21,7 @@ struct Target {
 
 fn target(ctx: &Ctx) -> Result<Target> {
     let cfg = ctx.config()?;
-    super::lifecycle::refuse_foreign(&cfg)?;
+    crate::lifecycle::refuse_foreign(&cfg)?;
     let state = ctx.state(&cfg);
     let ep = Endpoint::for_machine(&cfg, &state)?;
     // Re-pin from the host key and the recorded port, so the file always matches the current forward.

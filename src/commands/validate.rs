@@ -18,7 +18,7 @@ pub(crate) fn validate(ctx: &Ctx) -> Result<i32> {
         p.machines
             .into_iter()
             .map(|cfg| {
-                let w = crate::validate::all(&cfg, &crate::lab::PROFILE)?;
+                let w = crate::validate::all(&cfg, ctx.profile)?;
                 // A remote libvirt host must be in known_hosts: refused here, before any connection is tried.
                 check_remote_host(&cfg)?;
                 Ok((cfg, w))
@@ -46,7 +46,7 @@ pub(crate) fn validate(ctx: &Ctx) -> Result<i32> {
                 "file": file,
                 "machine": cfg.machine.name,
                 "forwards": cfg.all_forwards().len(),
-                "health_probes": cfg.health_probes(&crate::lab::PROFILE).keys().collect::<Vec<_>>(),
+                "health_probes": cfg.health_probes(ctx.profile).keys().collect::<Vec<_>>(),
                 "warnings": warnings,
                 "errors": [],
             }),
@@ -74,7 +74,7 @@ pub(crate) fn validate(ctx: &Ctx) -> Result<i32> {
                     "{file}: valid (machine \"{}\", {} forwards incl. SSH, {} health probes, {} warning(s))",
                     cfg.machine.name,
                     cfg.all_forwards().len(),
-                    cfg.health_probes(&crate::lab::PROFILE).len(),
+                    cfg.health_probes(ctx.profile).len(),
                     warnings.len()
                 ),
                 _ => {

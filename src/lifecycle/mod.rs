@@ -11,6 +11,7 @@ pub mod lab_cache;
 pub mod plan;
 pub mod round;
 pub mod session;
+pub(crate) mod status;
 
 use std::path::Path;
 use std::time::Duration;
