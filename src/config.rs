@@ -388,12 +388,16 @@ impl Config {
     pub fn from_bytes(path: &Path, bytes: &[u8]) -> anyhow::Result<Config> {
         let file = path.display().to_string();
         let text = diag::decode(&file, bytes).map_err(|d| ConfigError { diagnostics: vec![d] })?;
-        let src = Source::new(&file, Some(text));
-        let mut cfg: Config = toml::from_str(text)
-            .map_err(|e| ConfigError { diagnostics: vec![diag::from_toml_error(&src, &e)] })?;
+        Self::from_source(path, &Source::new(&file, Some(text)))
+    }
+
+    /// [`Config::from_bytes`] of a file already decoded and parsed.
+    fn from_source(path: &Path, src: &Source) -> anyhow::Result<Config> {
+        let text = src.text().unwrap_or_default();
+        let mut cfg: Config = src.deserialize().map_err(|d| ConfigError { diagnostics: vec![d] })?;
         cfg.path = path.to_path_buf();
         cfg.source_text = Some(text.to_string());
-        let findings = check::local(&cfg, &src);
+        let findings = check::local(&cfg, src);
         if !findings.errors.is_empty() {
             return Err(ConfigError { diagnostics: sorted(findings.errors) }.into());
         }

@@ -163,9 +163,10 @@ impl Ui {
         }
     }
 
-    /// The output of one machine among several: labelled with its name; progress lines share `bars`.
-    pub fn for_machine(&self, name: &str, bars: Option<&MultiProgress>) -> Ui {
-        Ui { machine: Some(name.into()), bars: bars.cloned(), ..self.clone() }
+    /// The output of one machine: labelled with `label` (its name, among several machines); progress lines share
+    /// `bars`.
+    pub fn for_machine(&self, label: Option<&str>, bars: Option<&MultiProgress>) -> Ui {
+        Ui { machine: label.map(Into::into), bars: bars.cloned(), ..self.clone() }
     }
 
     /// A MultiProgress for the machines of one command when spinners are shown (human mode on a terminal).

@@ -33,26 +33,21 @@ impl Ctx {
         }
     }
 
-    /// The context of one machine of a `[[machine]]` file: its config, output labelled with its name.
-    pub(crate) fn for_machine(&self, cfg: &Config, bars: Option<&indicatif::MultiProgress>) -> Ctx {
+    /// The context of one machine of `project`: its config, its output labelled as the project says
+    /// ([`crate::config::Project::label_for`]: by name among several, as it always was for a `[machine]` file).
+    pub(crate) fn for_member(
+        &self,
+        project: &crate::config::Project,
+        cfg: &Config,
+        bars: Option<&indicatif::MultiProgress>,
+    ) -> Ctx {
         Ctx {
-            global: self.global.clone(),
-            ui: self.ui.for_machine(&cfg.machine.name, bars),
-            profile: self.profile,
+            ui: self.ui.for_machine(project.label_for(cfg), bars),
             member: Some(cfg.clone()),
-            round: self.round.clone(),
-            invalid: self.invalid.clone(),
+            ..self.clone()
         }
     }
 
-    /// The context of one machine of `project`: output labelled with its name when the project has several
-    /// (a `[[machine]]` file), unlabelled for the machine of a `[machine]` file.
-    pub(crate) fn for_member(&self, project: &crate::config::Project, cfg: &Config) -> Ctx {
-        match project.multi {
-            true => self.for_machine(cfg, None),
-            false => Ctx { member: Some(cfg.clone()), ..self.clone() },
-        }
-    }
     /// The machine this command acts on: its config, identity and lifecycle.
     pub(crate) fn machine(&self) -> Result<crate::lifecycle::Machine> {
         crate::lifecycle::Machine::new(self.config()?, self.profile)
@@ -61,12 +56,7 @@ impl Ctx {
     /// The machine of a command that looks after it (`status`, `port`, `halt`, `destroy`): found from its
     /// recorded state when the file no longer validates ([`crate::lifecycle::Machine::existing`]).
     pub(crate) fn existing_machine(&self) -> Result<crate::lifecycle::Machine> {
-        crate::lifecycle::Machine::existing(
-            self.config()?,
-            self.profile,
-            self.invalid.as_deref(),
-            &self.ui,
-        )
+        crate::lifecycle::Machine::existing(self.config()?, self.profile, self.invalid.as_deref(), &self.ui)
     }
 
     pub(crate) fn state(&self, cfg: &Config) -> StateDir {

@@ -16,7 +16,6 @@ use crate::cli::DestroyArgs;
 use crate::config::{Config, Project};
 use crate::lifecycle::round::{Judged, Round};
 use crate::lifecycle::status::StatusRow;
-use crate::machine::state::MachineState;
 use crate::machine::StateDir;
 
 /// A command body for one machine.
@@ -33,19 +32,8 @@ fn looks_after_existing(what: &str) -> bool {
 fn project(ctx: &Ctx, names: &[String], what: &str) -> Result<(Project, Ctx)> {
     let path = &ctx.global.config;
     let (p, invalid) = if looks_after_existing(what) {
-        match Project::load_lenient(path) {
-            Ok(pair) => pair,
-            // A broken `[[machine]]` file is refused whole.
-            Err(e) if Project::is_multi_file(path) => return Err(e),
-            Err(e) => {
-                // Not even the machine name reads: the state beside the file may still name the machine.
-                let recorded = MachineState::load(&StateDir::beside(path)).ok().flatten();
-                match recorded.as_ref().and_then(|st| crate::lifecycle::machine_name_of(&st.vm_name)) {
-                    Some(name) => (Project::of_one(path, Config::stand_in(path, name)), Some(e)),
-                    None => return Err(e),
-                }
-            }
-        }
+        // Not even the machine name reads: the state beside the file may still name the machine.
+        Project::load_lenient(path, &|| crate::lifecycle::recorded_machine_name(path))?
     } else {
         (Project::load(path)?, None)
     };
@@ -57,7 +45,7 @@ fn project(ctx: &Ctx, names: &[String], what: &str) -> Result<(Project, Ctx)> {
 pub(super) fn one(ctx: &Ctx, what: &str, name: Option<&str>, f: &dyn Fn(&Ctx) -> Result<i32>) -> Result<i32> {
     let names: Vec<String> = name.map(str::to_string).into_iter().collect();
     let (p, ctx) = project(ctx, &names, what)?;
-    f(&ctx.for_member(&p, p.one(name)?))
+    f(&ctx.for_member(&p, p.one(name)?, None))
 }
 
 /// Each selected machine in turn (short commands whose output is per machine: `ssh-config`, `health`).
@@ -68,13 +56,14 @@ pub(super) fn each(ctx: &Ctx, names: &[String], f: Body) -> Result<i32> {
     let mut worst = crate::exit::OK;
     let mut failed = Vec::new();
     for cfg in p.select(names)? {
-        let mctx = ctx.for_member(&p, cfg);
+        let mctx = ctx.for_member(&p, cfg, None);
         match f(&mctx) {
             Ok(code) => worst = worst.max(code),
-            Err(e) if !p.multi => return Err(e),
             Err(e) => {
+                // The machine of a `[machine]` file (unlabelled) fails with its own error.
+                let Some(name) = p.label_for(cfg) else { return Err(e) };
                 mctx.ui.warn(format!("failed: {e:#}"));
-                failed.push(cfg.machine.name.clone());
+                failed.push(name.to_string());
             }
         }
     }
@@ -126,7 +115,7 @@ fn final_round(ctx: &Ctx, p: &Project, round: &Round, outcomes: &mut [Outcome]) 
             .filter_map(|j| p.machines.iter().find(|c| c.machine.name == j.machine).map(|cfg| (j, cfg)))
             .map(|(j, cfg)| {
                 s.spawn(move || {
-                    let mctx = ctx.for_machine(cfg, None);
+                    let mctx = ctx.for_member(p, cfg, None);
                     let start = Instant::now();
                     let result = mctx.machine().and_then(|m| m.final_health(&mctx.ui, j.capture.as_ref()));
                     if let Err(e) = &result {
@@ -177,8 +166,8 @@ fn run_parallel(
     f: Body,
 ) -> Result<i32> {
     let selected = p.select(names)?;
-    if !p.multi {
-        return f(&ctx.for_member(p, selected[0]));
+    if let Some(solo) = p.solo() {
+        return f(&ctx.for_member(p, solo, None));
     }
     let round = (matches!(what, "up" | "reload") && selected.len() > 1)
         .then(|| Arc::new(Round::new(selected.iter().map(|c| c.machine.name.clone()).collect())));
@@ -199,7 +188,7 @@ fn run_parallel(
                     return;
                 }
                 let Some(cfg) = queue.lock().expect("queue").pop_front() else { return };
-                let mut mctx = ctx.for_machine(cfg, bars.as_ref());
+                let mut mctx = ctx.for_member(p, cfg, bars.as_ref());
                 mctx.round = round.clone();
                 let start = Instant::now();
                 let result = f(&mctx);
@@ -231,7 +220,7 @@ fn run_parallel(
         // Each machine's result is known only now.
         for o in outcomes.iter().filter(|o| o.took > Duration::ZERO) {
             if let Some(cfg) = p.machines.iter().find(|c| c.machine.name == o.machine) {
-                machine_done(&ctx.for_machine(cfg, None), what, &o.result, o.took);
+                machine_done(&ctx.for_member(p, cfg, None), what, &o.result, o.took);
             }
         }
     }
@@ -341,14 +330,16 @@ pub(super) fn status(ctx: &Ctx, names: &[String]) -> Result<i32> {
     let mut rows: Vec<Result<StatusRow>> = std::thread::scope(|s| {
         let handles: Vec<_> = selected
             .iter()
-            .map(|cfg| s.spawn(move || ctx.for_member(p, cfg).existing_machine().and_then(|m| m.status())))
+            .map(|cfg| {
+                s.spawn(move || ctx.for_member(p, cfg, None).existing_machine().and_then(|m| m.status()))
+            })
             .collect();
         handles
             .into_iter()
             .map(|h| h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("status panicked"))))
             .collect()
     });
-    if !p.multi {
+    if p.solo().is_some() {
         let row = rows.pop().expect("the machine's row")?;
         super::lifecycle::print_status(ctx, &row);
         return Ok(crate::exit::OK);
@@ -385,10 +376,13 @@ pub(super) fn status(ctx: &Ctx, names: &[String]) -> Result<i32> {
 pub(super) fn destroy(ctx: &Ctx, args: &DestroyArgs) -> Result<i32> {
     let (p, pctx) = project(ctx, &args.machines, "destroy")?;
     let selected: Vec<String> = p.select(&args.machines)?.iter().map(|c| c.machine.name.clone()).collect();
+    // The machine of a `[machine]` file asks for itself (once its state is read); several are asked for at once.
     let forced = DestroyArgs { machines: Vec::new(), force: true };
-    let each = if p.multi { &forced } else { args };
-    if p.multi
-        && !args.force
+    let (each, ask) = match p.solo() {
+        Some(_) => (args, false),
+        None => (&forced, !args.force),
+    };
+    if ask
         && !super::lifecycle::confirm(&format!(
             "Destroy machines {} and all their data?",
             selected.join(", ")
@@ -398,9 +392,9 @@ pub(super) fn destroy(ctx: &Ctx, args: &DestroyArgs) -> Result<i32> {
         return Ok(crate::exit::FAILURE);
     }
     let code = run_parallel(&pctx, &p, &selected, None, "destroy", &|c| super::lifecycle::destroy(c, each))?;
-    // Nothing of the project is left once its last machine is gone.
+    // Nothing of the project is left once its last machine is gone (only a `[[machine]]` file has machines/).
     let machines_dir = StateDir::beside(&p.path).root.join(crate::machine::MACHINES_DIR);
-    if p.multi && std::fs::read_dir(&machines_dir).is_ok_and(|mut d| d.next().is_none()) {
+    if std::fs::read_dir(&machines_dir).is_ok_and(|mut d| d.next().is_none()) {
         let _ = std::fs::remove_dir(&machines_dir);
         let _ = std::fs::remove_file(StateDir::beside(&p.path).path(crate::machine::PROJECT_LOCK));
         let _ = std::fs::remove_dir(StateDir::beside(&p.path).root);
@@ -413,14 +407,9 @@ pub(super) fn destroy(ctx: &Ctx, args: &DestroyArgs) -> Result<i32> {
 pub(super) fn verify(ctx: &Ctx, args: &crate::cli::VerifyArgs) -> Result<i32> {
     let names: Vec<String> = args.machine.iter().cloned().collect();
     let (p, ctx) = project(ctx, &names, "verify")?;
-    let (monitor, app) = match p.multi {
-        false => (&p.machines[0], &p.machines[0]),
-        true => {
-            let named = || Ok(if args.machine.is_some() { Some(p.select(&names)?[0]) } else { None });
-            crate::lab::verify::pick(&p.machines, &p.path, named)?
-        }
-    };
-    super::provision::verify_on(&ctx.for_member(&p, app), monitor, app, args)
+    let named = || Ok(if args.machine.is_some() { Some(p.select(&names)?[0]) } else { None });
+    let (monitor, app) = crate::lab::verify::machines_of(&p, named)?;
+    super::provision::verify_on(&ctx.for_member(&p, app, None), monitor, app, args)
 }
 
 #[cfg(test)]

@@ -60,12 +60,8 @@ pub(crate) fn render(ctx: &Ctx, args: &RenderArgs) -> Result<i32> {
             );
         }
     }
-    let rendered = crate::render::render_to_dir(
-        &cfg,
-        &ctx.profile.secrets_in(&state.root)?,
-        &args.out,
-        args.force,
-    )?;
+    let rendered =
+        crate::render::render_to_dir(&cfg, &ctx.profile.secrets_in(&state.root)?, &args.out, args.force)?;
     let bytes: usize = rendered.files.iter().map(|f| f.contents.len()).sum();
     if ctx.ui.json() {
         let files: Vec<_> = rendered

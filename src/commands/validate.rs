@@ -9,39 +9,38 @@ use super::Ctx;
 use crate::config::{Config, ConfigError, Diagnostic};
 
 /// Every machine of the project (the machine of a `[machine]` file is a project of one): the rules between
-/// machines, then each machine's own checks against its rendered provision tree. The verdict names the machine of a
-/// `[machine]` file with its counts, the machines of a `[[machine]]` file with their addresses.
+/// machines, then each machine's own checks against its rendered provision tree.
 pub(crate) fn validate(ctx: &Ctx) -> Result<i32> {
     let file = ctx.global.config.display().to_string();
     let checked = crate::config::Project::load(&ctx.global.config).and_then(|p| {
-        let multi = p.multi;
-        p.machines
-            .into_iter()
+        let warnings = p
+            .machines
+            .iter()
             .map(|cfg| {
-                let w = crate::validate::all(&cfg, ctx.profile)?;
+                let w = crate::validate::all(cfg, ctx.profile)?;
                 // A remote libvirt host must be in known_hosts: refused here, before any connection is tried.
-                check_remote_host(&cfg)?;
-                Ok((cfg, w))
+                check_remote_host(cfg)?;
+                Ok(w)
             })
-            .collect::<Result<Vec<_>>>()
-            .map(|m| (multi, m))
+            .collect::<Result<Vec<_>>>()?;
+        Ok((p, warnings))
     });
-    let (multi, machines) = match checked {
+    let (p, each) = match checked {
         Ok(m) => m,
         Err(e) => return invalid(ctx, e),
     };
     let mut warnings: Vec<Diagnostic> = Vec::new();
-    for (_, w) in &machines {
-        for d in w {
-            // A warning about what the machines share is shown once.
-            if !multi || !warnings.contains(d) {
-                warnings.push(d.clone());
-            }
+    for d in each.iter().flatten() {
+        // A warning about what the machines share is shown once.
+        if !warnings.contains(d) {
+            warnings.push(d.clone());
         }
     }
-    if ctx.ui.json() {
-        let doc = match (multi, machines.as_slice()) {
-            (false, [(cfg, _)]) => json!({
+    // The verdict: the machine of a `[machine]` file with its counts, the machines of a `[[machine]]` file with
+    // their addresses.
+    let (doc, line) = match p.solo() {
+        Some(cfg) => (
+            json!({
                 "valid": true,
                 "file": file,
                 "machine": cfg.machine.name,
@@ -50,18 +49,47 @@ pub(crate) fn validate(ctx: &Ctx) -> Result<i32> {
                 "warnings": warnings,
                 "errors": [],
             }),
-            _ => {
-                let list: Vec<_> = machines
-                    .iter()
-                    .map(|(cfg, _)| {
-                        json!({"machine": cfg.machine.name, "ip": cfg.member.as_ref().map(|m| m.ip.to_string()),
-                               "primary": cfg.member.as_ref().is_some_and(|m| m.primary),
-                               "forwards": cfg.all_forwards().len(), "source": cfg.provision.source})
-                    })
-                    .collect();
-                json!({"valid": true, "file": file, "machines": list, "warnings": warnings, "errors": []})
-            }
-        };
+            format!(
+                "{file}: valid (machine \"{}\", {} forwards incl. SSH, {} health probes, {} warning(s))",
+                cfg.machine.name,
+                cfg.all_forwards().len(),
+                cfg.health_probes(ctx.profile).len(),
+                warnings.len()
+            ),
+        ),
+        None => {
+            let list: Vec<_> = p
+                .machines
+                .iter()
+                .map(|cfg| {
+                    json!({"machine": cfg.machine.name, "ip": cfg.member.as_ref().map(|m| m.ip.to_string()),
+                           "primary": cfg.member.as_ref().is_some_and(|m| m.primary),
+                           "forwards": cfg.all_forwards().len(), "source": cfg.provision.source})
+                })
+                .collect();
+            let names: Vec<String> = p
+                .machines
+                .iter()
+                .map(|c| {
+                    format!(
+                        "{} {}",
+                        c.machine.name,
+                        c.member.as_ref().map(|m| m.ip.to_string()).unwrap_or_default()
+                    )
+                })
+                .collect();
+            (
+                json!({"valid": true, "file": file, "machines": list, "warnings": warnings, "errors": []}),
+                format!(
+                    "{file}: valid ({} machines: {}; {} warning(s))",
+                    p.machines.len(),
+                    names.join(", "),
+                    warnings.len()
+                ),
+            )
+        }
+    };
+    if ctx.ui.json() {
         println!("{doc}");
     } else {
         for w in &warnings {
@@ -69,33 +97,7 @@ pub(crate) fn validate(ctx: &Ctx) -> Result<i32> {
         }
         // The verdict is the command's result: stdout (warnings and errors stay on stderr).
         if ctx.ui.mode != crate::ui::Mode::Quiet {
-            match (multi, machines.as_slice()) {
-                (false, [(cfg, _)]) => println!(
-                    "{file}: valid (machine \"{}\", {} forwards incl. SSH, {} health probes, {} warning(s))",
-                    cfg.machine.name,
-                    cfg.all_forwards().len(),
-                    cfg.health_probes(ctx.profile).len(),
-                    warnings.len()
-                ),
-                _ => {
-                    let names: Vec<String> = machines
-                        .iter()
-                        .map(|(c, _)| {
-                            format!(
-                                "{} {}",
-                                c.machine.name,
-                                c.member.as_ref().map(|m| m.ip.to_string()).unwrap_or_default()
-                            )
-                        })
-                        .collect();
-                    println!(
-                        "{file}: valid ({} machines: {}; {} warning(s))",
-                        machines.len(),
-                        names.join(", "),
-                        warnings.len()
-                    );
-                }
-            }
+            println!("{line}");
         }
     }
     Ok(crate::exit::OK)

@@ -153,6 +153,8 @@ pub(super) struct Source<'a> {
     /// None for a config built in code: diagnostics then name only the file.
     text: Option<&'a str>,
     doc: Option<toml_edit::ImDocument<&'a str>>,
+    /// Why the text does not parse as TOML (then `doc` is None).
+    syntax: Option<toml_edit::TomlError>,
     /// For one machine of a `[[machine]]` file: where the machine's own tables and keys live (`machine` →
     /// `machine.2`, `forward` → `machine.2.forward`, `ssh.host_port` → `machine.2.ssh_port`, `machine.cpus` →
     /// `defaults.cpus` when inherited, ...), so a rule on the machine points where the value is written. The
@@ -161,13 +163,43 @@ pub(super) struct Source<'a> {
 }
 
 impl<'a> Source<'a> {
+    /// The text parsed once: its positions, and through [`Source::deserialize`] the typed model.
     pub(super) fn new(file: &str, text: Option<&'a str>) -> Self {
-        Self {
-            file: file.to_string(),
-            text,
-            doc: text.and_then(|t| toml_edit::ImDocument::parse(t).ok()),
-            remap: Vec::new(),
-        }
+        let parsed = text.map(toml_edit::ImDocument::parse);
+        let (doc, syntax) = match parsed {
+            Some(Ok(doc)) => (Some(doc), None),
+            Some(Err(e)) => (None, Some(e)),
+            None => (None, None),
+        };
+        Self { file: file.to_string(), text, doc, syntax, remap: Vec::new() }
+    }
+
+    /// The typed model of the document parsed in [`Source::new`] (no second parse), or the positioned reason it
+    /// is not one (a syntax error, a missing key, a wrong type, ...).
+    pub(super) fn deserialize<T: serde::de::DeserializeOwned>(&self) -> Result<T, Diagnostic> {
+        let result = match (&self.doc, &self.syntax) {
+            (Some(doc), _) => T::deserialize(toml_edit::de::Deserializer::from(doc.clone())),
+            (None, Some(e)) => Err(toml_edit::de::Error::from(e.clone())),
+            (None, None) => T::deserialize(toml_edit::de::Deserializer::from(
+                toml_edit::ImDocument::parse("").expect("the empty document parses"),
+            )),
+        };
+        result.map_err(|e| from_toml_error(self, &e))
+    }
+
+    /// Whether `machine` is an array of tables (a `[[machine]]` file) rather than one table.
+    pub(super) fn is_multi(&self) -> bool {
+        self.doc.as_ref().and_then(|d| d.get("machine")).is_some_and(|m| {
+            matches!(
+                m,
+                toml_edit::Item::ArrayOfTables(_) | toml_edit::Item::Value(toml_edit::Value::Array(_))
+            )
+        })
+    }
+
+    /// The decoded text.
+    pub(super) fn text(&self) -> Option<&'a str> {
+        self.text
     }
 
     /// Look paths starting with `from` up under `to` instead (see the `remap` field).
@@ -350,7 +382,7 @@ fn collect_value(v: &toml_edit::Value, path: &mut Vec<Seg>, out: &mut Vec<Entry>
 }
 
 /// Reword a parse or serde error from `toml` into a positioned diagnostic that says what is expected.
-pub(super) fn from_toml_error(src: &Source, e: &toml::de::Error) -> Diagnostic {
+fn from_toml_error(src: &Source, e: &toml_edit::de::Error) -> Diagnostic {
     let offset = e.span().map_or(0, |r| r.start);
     let msg = e.message().trim();
     let path = src.path_at(offset);

@@ -237,50 +237,74 @@ impl Member {
 pub struct Project {
     pub path: PathBuf,
     pub machines: Vec<Config>,
-    /// Whether the file uses `[[machine]]` (state under `.provisioner/machines/<name>/`).
-    pub multi: bool,
+    /// Whether the file uses `[[machine]]` (state under `.provisioner/machines/<name>/`): read only by
+    /// [`Project::label_for`] and [`Project::solo`].
+    several: bool,
 }
 
 impl Project {
-    /// Read and validate a file of either form: the one load of the file per command. A `[machine]` file is a
-    /// project of one machine (its state dir and VM name are those it always had).
+    /// Read and validate a file of either form: the one load (and the one TOML parse) of the file per command.
+    /// A `[machine]` file is a project of one machine (its state dir and VM name are those it always had).
     pub fn load(path: &Path) -> anyhow::Result<Project> {
         let bytes = read(path)?;
-        if !is_multi(&bytes) {
-            let cfg = Config::from_bytes(path, &bytes)?;
-            return Ok(Project::of_one(path, cfg));
+        let file = path.display().to_string();
+        let text = diag::decode(&file, &bytes).map_err(|d| ConfigError { diagnostics: vec![d] })?;
+        let src = Source::new(&file, Some(text));
+        if src.is_multi() {
+            return Ok(Project { path: path.to_path_buf(), machines: expand(path, &src)?, several: true });
         }
-        let machines = expand(path, &bytes)?;
-        Ok(Project { path: path.to_path_buf(), machines, multi: true })
+        Ok(Project::of_one(path, Config::from_source(path, &src)?))
     }
 
     /// For commands that look after machines that exist (`status`, `port`, `halt`, `destroy`): a `[[machine]]`
     /// file is validated as a whole (as [`Project::load`]); a `[machine]` file that no longer validates still
-    /// names its machine ([`Config::load_lenient`]), the validation error coming back beside it.
-    pub fn load_lenient(path: &Path) -> anyhow::Result<(Project, Option<anyhow::Error>)> {
-        let bytes = match std::fs::read(path) {
-            Ok(b) => b,
-            Err(_) => return Self::load(path).map(|p| (p, None)),
+    /// names its machine ([`Config::load_lenient`]), the validation error coming back beside it. When not even
+    /// the machine's name reads, `recorded` may still know it (from the machine's recorded state).
+    pub fn load_lenient(
+        path: &Path,
+        recorded: &dyn Fn() -> Option<String>,
+    ) -> anyhow::Result<(Project, Option<anyhow::Error>)> {
+        let one = match std::fs::read(path) {
+            Ok(bytes) => {
+                let file = path.display().to_string();
+                if let Some(src) = diag::decode(&file, &bytes).ok().map(|t| Source::new(&file, Some(t))) {
+                    if src.is_multi() {
+                        let machines = expand(path, &src)?;
+                        return Ok((Project { path: path.to_path_buf(), machines, several: true }, None));
+                    }
+                }
+                Config::from_bytes_lenient(path, &bytes)
+            }
+            Err(_) => Self::load(path).map(|p| (p.machines[0].clone(), None)),
         };
-        if is_multi(&bytes) {
-            return Ok((
-                Project { path: path.to_path_buf(), machines: expand(path, &bytes)?, multi: true },
-                None,
-            ));
+        match one {
+            Ok((cfg, invalid)) => Ok((Project::of_one(path, cfg), invalid)),
+            Err(e) => match recorded() {
+                Some(name) => Ok((Project::of_one(path, Config::stand_in(path, &name)), Some(e))),
+                None => Err(e),
+            },
         }
-        let (cfg, invalid) = Config::from_bytes_lenient(path, &bytes)?;
-        Ok((Project::of_one(path, cfg), invalid))
-    }
-
-    /// Whether the file at `path` is a `[[machine]]` file (false when it cannot be read or parsed). Only for a file
-    /// that did not load: [`Project::load`] tells the two forms apart itself.
-    pub fn is_multi_file(path: &Path) -> bool {
-        std::fs::read(path).is_ok_and(|b| is_multi(&b))
     }
 
     /// The project of a `[machine]` file.
     pub fn of_one(path: &Path, cfg: Config) -> Project {
-        Project { path: path.to_path_buf(), machines: vec![cfg], multi: false }
+        Project { path: path.to_path_buf(), machines: vec![cfg], several: false }
+    }
+
+    /// The label of a machine's output: its name among the machines of a `[[machine]]` file (`[name]` before
+    /// each line, `"machine"` in each JSON event, a row of the summary); none for the machine of a `[machine]`
+    /// file, whose output is as it always was. The one place that decides the shape of a command's output.
+    pub fn label_for<'c>(&self, cfg: &'c Config) -> Option<&'c str> {
+        self.several.then_some(cfg.machine.name.as_str())
+    }
+
+    /// The machine of a `[machine]` file: the whole project, which a command runs as it is (unlabelled, without a
+    /// summary over machines); none for a `[[machine]]` file, even of one machine.
+    pub fn solo(&self) -> Option<&Config> {
+        match self.machines.as_slice() {
+            [cfg] if self.label_for(cfg).is_none() => Some(cfg),
+            _ => None,
+        }
     }
 
     pub fn names(&self) -> Vec<&str> {
@@ -332,15 +356,6 @@ fn read(path: &Path) -> anyhow::Result<Vec<u8>> {
             path.display()
         )
     })
-}
-
-/// Whether the text has `machine` as an array of tables. Undecodable text is not (the single-machine loader
-/// reports why).
-fn is_multi(bytes: &[u8]) -> bool {
-    diag::decode("", bytes)
-        .ok()
-        .and_then(|t| toml::from_str::<toml::Table>(t).ok())
-        .is_some_and(|t| matches!(t.get("machine"), Some(toml::Value::Array(_))))
 }
 
 /// A parsed `a.b.c.d/p`.
@@ -408,24 +423,16 @@ fn err(src: &Source, path: &[&str], msg: String, hint: &str) -> Diagnostic {
 }
 
 /// Parse a `[[machine]]` file, check it, and expand one [`Config`] per machine.
-fn expand(path: &Path, bytes: &[u8]) -> anyhow::Result<Vec<Config>> {
-    let file = path.display().to_string();
-    let text = diag::decode(&file, bytes).map_err(|d| ConfigError { diagnostics: vec![d] })?;
-    let src = Source::new(&file, Some(text));
-    let pf: ProjectFile = toml::from_str(text)
-        .map_err(|e| ConfigError { diagnostics: vec![diag::from_toml_error(&src, &e)] })?;
+fn expand(path: &Path, src: &Source) -> anyhow::Result<Vec<Config>> {
+    let text = src.text().unwrap_or_default();
+    let pf: ProjectFile = src.deserialize().map_err(|d| ConfigError { diagnostics: vec![d] })?;
     let mut errors = Vec::new();
     if pf.machine.is_empty() {
-        errors.push(err(
-            &src,
-            &["machine"],
-            "no machine in `machine = []`".into(),
-            "add a [[machine]] table",
-        ));
+        errors.push(err(src, &["machine"], "no machine in `machine = []`".into(), "add a [[machine]] table"));
     }
     if src.span_of(&["ssh", "host_port"]).is_some() {
         errors.push(err(
-            &src,
+            src,
             &["ssh", "host_port"],
             "`host_port` in [ssh] does not apply to a file of several machines".into(),
             "set `ssh_port` in each [[machine]] that needs a fixed one; without it a free port is picked",
@@ -435,7 +442,7 @@ fn expand(path: &Path, bytes: &[u8]) -> anyhow::Result<Vec<Config>> {
     let subnet = match Subnet::parse(&pf.network.subnet) {
         Ok(s) if reserved(&s).is_some() => {
             errors.push(err(
-                &src,
+                src,
                 &["network", "subnet"],
                 format!(
                     "subnet {} in [network] overlaps {}: the machines cannot have addresses there",
@@ -448,7 +455,7 @@ fn expand(path: &Path, bytes: &[u8]) -> anyhow::Result<Vec<Config>> {
         }
         Ok(s) if s.overlaps(&NAT_SUBNET) => {
             errors.push(err(
-                &src,
+                src,
                 &["network", "subnet"],
                 format!(
                     "subnet {} overlaps 10.0.2.0/24, the NAT network of every machine's first NIC",
@@ -461,7 +468,7 @@ fn expand(path: &Path, bytes: &[u8]) -> anyhow::Result<Vec<Config>> {
         Ok(s) => Some(s),
         Err(m) => {
             errors.push(err(
-                &src,
+                src,
                 &["network", "subnet"],
                 format!("subnet \"{}\" in [network]: {m}", shown(&pf.network.subnet)),
                 "write an IPv4 subnet such as \"10.77.0.0/24\" (prefix 8-30)",
@@ -471,7 +478,7 @@ fn expand(path: &Path, bytes: &[u8]) -> anyhow::Result<Vec<Config>> {
     };
     if pf.network.isolated && !super::is_system_instance(&pf.libvirt.uri) {
         errors.push(err(
-            &src,
+            src,
             &["network", "isolated"],
             "`isolated = true` needs the libvirt URI qemu:///system (an isolated libvirt network)".into(),
             "set [libvirt] uri = \"qemu:///system\", or remove `isolated` to use the private tunnel of qemu:///session",
@@ -479,7 +486,7 @@ fn expand(path: &Path, bytes: &[u8]) -> anyhow::Result<Vec<Config>> {
     }
     if !check::valid_machine_name(&pf.network.name) {
         errors.push(err(
-            &src,
+            src,
             &["network", "name"],
             format!("network name \"{}\" is not allowed", shown(&pf.network.name)),
             "use 1-31 characters from a-z, 0-9 and '-'",
@@ -494,7 +501,7 @@ fn expand(path: &Path, bytes: &[u8]) -> anyhow::Result<Vec<Config>> {
         if let Some(first) = seen.insert(&e.name, i) {
             let line = src.at_path(&["machine", &first.to_string(), "name"], "").line.unwrap_or(0);
             errors.push(err(
-                &src,
+                src,
                 &["machine", &idx, "name"],
                 format!("machine name \"{}\" is already used at line {line}", shown(&e.name)),
                 "give every [[machine]] its own name",
@@ -504,7 +511,7 @@ fn expand(path: &Path, bytes: &[u8]) -> anyhow::Result<Vec<Config>> {
             if let Some(first) = primary {
                 let line = src.at_path(&["machine", &first.to_string(), "primary"], "").line.unwrap_or(0);
                 errors.push(err(
-                    &src,
+                    src,
                     &["machine", &idx, "primary"],
                     format!(
                         "a second primary machine (\"{}\" is primary at line {line})",
@@ -522,7 +529,7 @@ fn expand(path: &Path, bytes: &[u8]) -> anyhow::Result<Vec<Config>> {
                 && p.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
             if !ok {
                 errors.push(err(
-                    &src,
+                    src,
                     &["machine", &idx, "profiles", &j.to_string()],
                     format!("profile \"{}\" is not a compose profile name", shown(p)),
                     "start with a letter or digit, then letters, digits, '_', '.' or '-'",
@@ -551,7 +558,7 @@ fn expand(path: &Path, bytes: &[u8]) -> anyhow::Result<Vec<Config>> {
             };
             if let Some(msg) = clash {
                 errors.push(err(
-                    &src,
+                    src,
                     &["machine", &idx, "hostname"],
                     msg,
                     "every machine's name and hostname must reach only that machine (/etc/hosts of every guest \
@@ -561,7 +568,7 @@ fn expand(path: &Path, bytes: &[u8]) -> anyhow::Result<Vec<Config>> {
         }
         if e.base_box.is_none() && pf.base_box.is_none() {
             errors.push(err(
-                &src,
+                src,
                 &["machine", &idx, "name"],
                 format!("machine \"{}\" has no box", shown(&e.name)),
                 "add a shared [box] table, or a [machine.box] table after this [[machine]]",
@@ -577,7 +584,7 @@ fn expand(path: &Path, bytes: &[u8]) -> anyhow::Result<Vec<Config>> {
         let at = ["machine", &i.to_string(), "ip"];
         let Ok(ip) = raw.parse::<Ipv4Addr>() else {
             errors.push(err(
-                &src,
+                src,
                 &at,
                 format!("ip \"{}\" is not an IPv4 address", shown(raw)),
                 "e.g. ip = \"10.77.0.11\"",
@@ -588,7 +595,7 @@ fn expand(path: &Path, bytes: &[u8]) -> anyhow::Result<Vec<Config>> {
             let range = format!("{}/{}", net.network(), net.prefix);
             if !net.contains(ip) {
                 errors.push(err(
-                    &src,
+                    src,
                     &at,
                     format!("ip {ip} is outside the subnet {range} of [network]"),
                     "pick an address inside [network] subnet, or change the subnet",
@@ -596,7 +603,7 @@ fn expand(path: &Path, bytes: &[u8]) -> anyhow::Result<Vec<Config>> {
             } else if ip == net.network() || ip == net.broadcast() {
                 let what = if ip == net.network() { "network" } else { "broadcast" };
                 errors.push(err(
-                    &src,
+                    src,
                     &at,
                     format!("ip {ip} is the {what} address of {range}"),
                     "pick a host address between them",
@@ -605,7 +612,7 @@ fn expand(path: &Path, bytes: &[u8]) -> anyhow::Result<Vec<Config>> {
         }
         if let Some(first) = used.insert(ip, i) {
             errors.push(err(
-                &src,
+                src,
                 &at,
                 format!("ip {ip} is already given to machine \"{}\"", shown(&pf.machine[first].name)),
                 "give every machine its own address",
@@ -622,7 +629,7 @@ fn expand(path: &Path, bytes: &[u8]) -> anyhow::Result<Vec<Config>> {
             let ip = Ipv4Addr::from(next);
             if !net.contains(ip) || ip == net.broadcast() {
                 errors.push(err(
-                    &src,
+                    src,
                     &["network", "subnet"],
                     format!("subnet {} has no room left for the machines without `ip`", pf.network.subnet),
                     "give them an `ip`, or a larger subnet",
@@ -686,7 +693,7 @@ fn expand(path: &Path, bytes: &[u8]) -> anyhow::Result<Vec<Config>> {
             });
             if let Some(o) = clash {
                 errors.push(err(
-                    &src,
+                    src,
                     &at,
                     format!(
                         "host port {} is already used by machine \"{}\" ({} on {})",
@@ -820,7 +827,7 @@ mod tests {
         let path = t.path().join("box-config.toml");
         std::fs::write(&path, &text).unwrap();
         let p = Project::load(&path).unwrap();
-        assert!(!p.multi);
+        assert!(p.solo().is_some());
         assert_eq!(p.machines.len(), 1);
         assert!(p.machines[0].member.is_none(), "its state dir stays .provisioner/");
         assert_eq!(p.one(None).unwrap().machine.name, p.machines[0].machine.name);
@@ -829,14 +836,14 @@ mod tests {
         let broken = text.replacen("[machine]", "[machine]\ncolour = \"red\"", 1);
         std::fs::write(&path, &broken).unwrap();
         assert!(Project::load(&path).is_err());
-        let (p, invalid) = Project::load_lenient(&path).unwrap();
+        let (p, invalid) = Project::load_lenient(&path, &|| None).unwrap();
         assert_eq!(p.machines.len(), 1);
-        assert!(!p.multi);
+        assert!(p.solo().is_some());
         assert!(format!("{:#}", invalid.expect("the validation error")).contains("box-config.toml:"));
 
         // A broken `[[machine]]` file is validated as a whole, leniently or not.
         std::fs::write(&path, "[[machine]]\nname = \"a\"\ncpus = \"many\"\n").unwrap();
-        assert!(Project::load_lenient(&path).is_err());
+        assert!(Project::load_lenient(&path, &|| None).is_err());
     }
 
     #[test]

@@ -73,6 +73,17 @@ fn get(url: &str) -> Result<String> {
     Ok(agent.get(url).call()?.into_string()?)
 }
 
+/// The machines of `project` `verify` uses: the machine of a `[machine]` file is both; else [`pick`].
+pub fn machines_of<'a>(
+    project: &'a crate::config::Project,
+    named: impl FnOnce() -> Result<Option<&'a Config>>,
+) -> Result<(&'a Config, &'a Config)> {
+    match project.solo() {
+        Some(m) => Ok((m, m)),
+        None => pick(&project.machines, &project.path, named),
+    }
+}
+
 /// The machines of a project `verify` uses: `monitor`, the first that forwards Prometheus' port, and `app`, the
 /// one `named` picks (asked once the monitor is found) or else the first that forwards the demo app's port.
 /// `project` names the file in errors.

@@ -182,6 +182,13 @@ fn cloud_init_clean(result_json: &str) -> bool {
         && empty(v1.get("recoverable_errors"))
 }
 
+/// The machine name recorded beside the config file at `config` (for a file so broken that not even its machine
+/// name reads).
+pub fn recorded_machine_name(config: &Path) -> Option<String> {
+    let st = MachineState::load(&StateDir::beside(config)).ok().flatten()?;
+    machine_name_of(&st.vm_name).map(str::to_string)
+}
+
 /// The machine name inside a VM name made by [`provider::vm_name`]: `provisioner-NAME-HASH8`.
 pub fn machine_name_of(vm_name: &str) -> Option<&str> {
     let rest = vm_name.strip_prefix("provisioner-")?;

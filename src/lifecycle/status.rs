@@ -103,7 +103,8 @@ impl Machine {
                 });
             }
         };
-        let forwards = if live == VmState::NotCreated { Vec::new() } else { machine_forwards(&self.cfg, &st) };
+        let forwards =
+            if live == VmState::NotCreated { Vec::new() } else { machine_forwards(&self.cfg, &st) };
         Ok(StatusRow {
             state: live.to_string(),
             ssh: ssh_of(&st),
