@@ -49,6 +49,11 @@ impl Libvirt {
         Self::for_uri(&cfg.libvirt.uri, &cfg.libvirt.pool)
     }
 
+    /// The host a machine recorded on libvirt runs on: the one of its recorded URI ([`super::ssh_info`]).
+    pub(crate) fn host_of(recorded: &MachineState) -> Host {
+        recorded.libvirt_uri.as_deref().map_or(Host::Local, Host::from_uri)
+    }
+
     /// A connection to `uri` (any source: project, machine, `--host`); remote volumes go into `pool`.
     pub fn for_uri(uri: &str, pool: &str) -> Result<Self> {
         // Whatever the URI came from (file, state.json, code), nothing reaches virsh that makes libvirt run a program.

@@ -4,6 +4,7 @@ pub mod libvirt;
 pub mod network;
 pub mod virtualbox;
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -12,6 +13,8 @@ use serde::Serialize;
 
 pub use crate::boxes::BoxImage;
 use crate::config::{Config, Forward, ProviderKind};
+use crate::host::{GuestAddr, Host};
+use crate::machine::state::MachineState;
 use crate::machine::StateDir;
 pub use network::{PrivateNet, PrivateNic};
 
@@ -247,6 +250,23 @@ pub fn check_snapshot_name(name: &str) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// How the guest of a created machine is reached over SSH (as Vagrant's `ssh_info`), as the provider that
+/// recorded it in state.json says: the address of its SSH forward and the route there (directly, or through the
+/// libvirt host it runs on, mirroring the host ports of its forwards: SSH first). No hypervisor call.
+pub fn ssh_info(cfg: &Config, recorded: &MachineState, ssh: SocketAddr) -> GuestAddr {
+    let host = match ProviderKind::parse(&recorded.provider) {
+        Some(ProviderKind::Libvirt) => libvirt::Libvirt::host_of(recorded),
+        _ => Host::Local,
+    };
+    let ports = match host {
+        Host::Local => vec![ssh.port()],
+        Host::Remote(_) => std::iter::once(ssh.port())
+            .chain(cfg.all_forwards().iter().skip(1).map(|f| f.host).filter(|p| *p != 0 && *p != ssh.port()))
+            .collect(),
+    };
+    GuestAddr { addr: ssh, host, ports }
 }
 
 /// The one place a provider is chosen.

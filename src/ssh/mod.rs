@@ -97,20 +97,9 @@ impl Endpoint {
             .with_context(|| format!("state.json has SSH host \"{}\", not an IP address; `provisioner destroy -f && provisioner up` resets it", crate::text::shown(&host)))?;
         let root =
             std::path::absolute(&state.root).with_context(|| format!("resolve {}", state.root.display()))?;
-        let via = ms
-            .libvirt_uri
-            .as_deref()
-            .filter(|_| {
-                crate::config::ProviderKind::parse(&ms.provider) == Some(crate::config::ProviderKind::Libvirt)
-            })
-            .and_then(|uri| crate::host::Host::from_uri(uri).remote().cloned())
-            .map(|host| {
-                let mut ports = vec![port];
-                ports.extend(
-                    cfg.all_forwards().iter().skip(1).map(|f| f.host).filter(|p| *p != 0 && *p != port),
-                );
-                Via { host, ports }
-            });
+        // The provider says how the guest is reached.
+        let guest = crate::provider::ssh_info(cfg, ms, SocketAddr::new(ip, port));
+        let via = guest.host.remote().cloned().map(|host| Via { host, ports: guest.ports });
         Ok(Endpoint {
             addr: SocketAddr::new(ip, port),
             user: cfg.ssh.user.clone(),
