@@ -16,9 +16,31 @@ pub(crate) fn parse(xml: &str) -> Option<roxmltree::Document<'_>> {
     roxmltree::Document::parse(xml).ok()
 }
 
+/// Whether one of `values` is, whole, the text of an element (`<path>V</path>`) or the value of an attribute
+/// (`<source file='V'/>`) of the document `xml`. False when `xml` is not well-formed.
+pub(crate) fn mentions(xml: &str, values: &[String]) -> bool {
+    let Some(doc) = parse(xml) else { return false };
+    let is_one = |s: &str| values.iter().any(|v| v == s);
+    doc.descendants()
+        .filter(roxmltree::Node::is_element)
+        .any(|n| n.attributes().any(|a| is_one(a.value())) || n.text().is_some_and(|t| is_one(t.trim())))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mentions_finds_a_value_as_text_or_attribute_only_whole() {
+        let vol = "<volume><target><path>/p/m-disk.qcow2</path></target>\
+                   <backingStore><path>/p/box-ab.qcow2</path></backingStore></volume>";
+        assert!(mentions(vol, &["/p/box-ab.qcow2".into()]));
+        assert!(!mentions(vol, &["/p/box-a".into()]));
+        let dom = "<domain><os><kernel>/p/box-ab-vmlinuz</kernel></os><disk><source file=\"/p/x\"/></disk></domain>";
+        assert!(mentions(dom, &["/p/x".into()]));
+        assert!(mentions(dom, &["/p/box-ab-vmlinuz".into()]));
+        assert!(!mentions("<a>", &["/p/x".into()]));
+    }
 
     #[test]
     fn escaped_values_read_back_unchanged() {

@@ -59,6 +59,14 @@ impl Host {
         }
     }
 
+    /// The host as messages name it: the SSH destination of a remote host (`user@host`), else `uri`.
+    pub fn name(&self, uri: &str) -> String {
+        match self {
+            Host::Local => uri.to_string(),
+            Host::Remote(r) => r.destination(),
+        }
+    }
+
     /// A connection error about a remote host's key (or login) made clear; None for this machine and other errors.
     pub fn host_key_failure(&self, stderr: &str) -> Option<anyhow::Error> {
         self.remote().and_then(|r| r.host_key_failure(stderr))

@@ -42,7 +42,7 @@ impl super::Libvirt {
     /// The pool exists and runs (made as a dir pool when missing); returns whether volume `probe` is in it.
     /// One virsh connection when the pool runs (pool-info and vol-info as one batch), two when it is made.
     pub fn ensure_pool(&self, probe: &str) -> Result<bool> {
-        let host = self.host.remote().map(|r| r.destination()).unwrap_or_else(|| self.uri.clone());
+        let host = self.host.name(&self.uri);
         let q = crate::host::shell_quote;
         let batch = format!(
             "pool-info --pool {}; vol-info --pool {} --vol {}",
@@ -62,9 +62,7 @@ impl super::Libvirt {
                 .map_err(|e| pool_error(&self.pool, &host, &format!("{e:#}")))?;
             return Ok(has_probe);
         }
-        if super::is_connect_error(&out.stderr)
-            || self.host.remote().and_then(|r| r.host_key_failure(&out.stderr)).is_some()
-        {
+        if super::is_connect_error(&out.stderr) || self.host.host_key_failure(&out.stderr).is_some() {
             return Err(self.unreachable(out.stderr.trim()));
         }
         let (p, t) = (q(&self.pool), q(&pool_target(&self.pool)));
@@ -151,7 +149,7 @@ impl super::Libvirt {
                 .collect();
             let err = err.join("\n");
             let err = err.as_str();
-            if let Some(e) = self.host.remote().and_then(|r| r.host_key_failure(err)) {
+            if let Some(e) = self.host.host_key_failure(err) {
                 return Err(e);
             }
             bail!(
@@ -171,7 +169,7 @@ impl super::Libvirt {
     /// [`PARTIAL_DELETE`] (a cleanup step: it runs although the run is cancelled), and say in the interrupt
     /// message what stays on the host.
     fn delete_partial(&self, name: &str) {
-        let host = self.host.remote().map(|r| r.destination()).unwrap_or_else(|| self.uri.clone());
+        let host = self.host.name(&self.uri);
         let out =
             self.virsh().args(self.pool_args("vol-delete", name)).timeout(PARTIAL_DELETE).cleanup().output();
         let note = match out {
@@ -271,7 +269,7 @@ hint:                  `provisioner destroy -f` those machines first (in their p
 
     /// The machine's volumes (box uploaded if needed, overlay, seed) and the remote paths for its domain XML.
     pub(super) fn remote_volumes(&self, spec: &crate::provider::MachineSpec) -> Result<super::DomainPaths> {
-        let host = self.host.remote().map(|r| r.destination()).unwrap_or_default();
+        let host = self.host.name(&self.uri);
         let start = std::time::Instant::now();
         let sent = self.upload_box(&spec.base)?;
         let secs = start.elapsed().as_secs_f64();
@@ -327,9 +325,7 @@ hint:                  `provisioner destroy -f` those machines first (in their p
     fn box_users(&self, vols: &[String], boxes: &[String]) -> Result<Vec<String>> {
         let paths: Vec<String> = boxes.iter().map(|b| self.vol_path(b)).collect::<Result<_>>()?;
         // A path as an element's text (`<path>`, `<kernel>`) or an attribute value (`<source file=...>`).
-        let names = |xml: &str| {
-            paths.iter().any(|p| ["<", "'", "\""].iter().any(|end| xml.contains(&format!("{p}{end}"))))
-        };
+        let names = |xml: &str| crate::xml::mentions(xml, &paths);
         let mut users = Vec::new();
         for v in vols.iter().filter(|v| !v.starts_with(BOX_PREFIX)) {
             if names(&self.run(&["vol-dumpxml", "--pool", &self.pool, v])?) {
@@ -350,7 +346,7 @@ hint:                  `provisioner destroy -f` those machines first (in their p
         let vol = machine_volume(vm_name, "serial.log");
         let place = format!(
             "the volume {vol} on {} (`virsh -c {} vol-download --pool {} {vol} /dev/stdout`)",
-            self.host.remote().map(|r| r.destination()).unwrap_or_default(),
+            self.host.name(&self.uri),
             self.uri,
             self.pool
         );
