@@ -418,10 +418,18 @@ impl Config {
 
     /// [`Config::load_lenient`] of bytes already read.
     pub fn from_bytes_lenient(path: &Path, bytes: &[u8]) -> anyhow::Result<(Config, Option<anyhow::Error>)> {
-        let strict = match Self::from_bytes(path, bytes) {
-            Ok(cfg) => return Ok((cfg, None)),
-            Err(e) => e,
-        };
+        match Self::from_bytes(path, bytes) {
+            Ok(cfg) => Ok((cfg, None)),
+            Err(strict) => Self::stand_in_of(path, bytes, strict),
+        }
+    }
+
+    /// The stand-in of a file that does not validate (`strict` says why), from what of it still reads.
+    fn stand_in_of(
+        path: &Path,
+        bytes: &[u8],
+        strict: anyhow::Error,
+    ) -> anyhow::Result<(Config, Option<anyhow::Error>)> {
         let doc: Option<toml::Table> =
             diag::decode("", bytes).ok().and_then(|text| toml::from_str::<toml::Table>(text).ok());
         let get = |table: &str, key: &str| -> Option<String> {

@@ -267,15 +267,23 @@ impl Project {
         let one = match std::fs::read(path) {
             Ok(bytes) => {
                 let file = path.display().to_string();
-                if let Some(src) = diag::decode(&file, &bytes).ok().map(|t| Source::new(&file, Some(t))) {
-                    if src.is_multi() {
+                match diag::decode(&file, &bytes).ok().map(|t| Source::new(&file, Some(t))) {
+                    Some(src) if src.is_multi() => {
                         let machines = expand(path, &src)?;
                         return Ok((Project { path: path.to_path_buf(), machines, several: true }, None));
                     }
+                    Some(src) => match Config::from_source(path, &src) {
+                        Ok(cfg) => Ok((cfg, None)),
+                        Err(strict) => Config::stand_in_of(path, &bytes, strict),
+                    },
+                    None => Config::from_bytes_lenient(path, &bytes),
                 }
-                Config::from_bytes_lenient(path, &bytes)
             }
-            Err(_) => Self::load(path).map(|p| (p.machines[0].clone(), None)),
+            // Unreadable: the error of the strict load (which says why), unless it reads now.
+            Err(_) => match Self::load(path) {
+                Ok(p) => return Ok((p, None)),
+                Err(e) => Err(e),
+            },
         };
         match one {
             Ok((cfg, invalid)) => Ok((Project::of_one(path, cfg), invalid)),
