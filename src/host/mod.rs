@@ -67,6 +67,21 @@ impl Host {
         }
     }
 
+    /// Why the libvirt daemon at `uri` on a remote host did not answer (`err`: virsh's message): its key, or the
+    /// host not reachable over SSH. None for this machine (the caller says what a local daemon needs).
+    pub fn unreachable(&self, uri: &str, err: &str) -> Option<anyhow::Error> {
+        let r = self.remote()?;
+        Some(r.host_key_failure(err).unwrap_or_else(|| {
+            anyhow::anyhow!(
+                "the libvirt host {} is not reachable over SSH (URI {uri}): {err}\nhint: check the host is up and \
+                 `ssh {} virsh -c qemu:///system version` works; a connection lost during `up` is resumed by \
+                 running `provisioner up` again",
+                r.destination(),
+                r.destination()
+            )
+        }))
+    }
+
     /// A connection error about a remote host's key (or login) made clear; None for this machine and other errors.
     pub fn host_key_failure(&self, stderr: &str) -> Option<anyhow::Error> {
         self.remote().and_then(|r| r.host_key_failure(stderr))

@@ -116,18 +116,8 @@ impl Libvirt {
     }
 
     fn unreachable(&self, err: &str) -> anyhow::Error {
-        if let Some(r) = self.host.remote() {
-            if let Some(e) = r.host_key_failure(err) {
-                return e;
-            }
-            return anyhow::anyhow!(
-                "the libvirt host {} is not reachable over SSH (URI {}): {err}\nhint: check the host is up and \
-                 `ssh {} virsh -c qemu:///system version` works; a connection lost during `up` is resumed by \
-                 running `provisioner up` again",
-                r.destination(),
-                self.uri,
-                r.destination()
-            );
+        if let Some(e) = self.host.unreachable(&self.uri, err) {
+            return e;
         }
         if err.contains("virtlogd-sock") {
             return anyhow::anyhow!(
