@@ -114,9 +114,12 @@ fn upload(ctx: &Ctx, uri: Option<&str>) -> Result<i32> {
     let sent = lv.upload_box(&image)?;
     let secs = start.elapsed().as_secs_f64();
     if ctx.global.json {
-        println!("{}", serde_json::json!({"id": image.id, "host": lv.uri, "bytes_sent": sent, "secs": secs}));
+        println!(
+            "{}",
+            serde_json::json!({"id": image.id, "host": lv.uri(), "bytes_sent": sent, "secs": secs})
+        );
     } else {
-        println!("box {} on {}: {sent} bytes sent in {secs:.2} s", short(&image.id), lv.uri);
+        println!("box {} on {}: {sent} bytes sent in {secs:.2} s", short(&image.id), lv.uri());
     }
     Ok(0)
 }

@@ -1,10 +1,12 @@
 //! The host a machine's VM runs on: this machine ([`Host::Local`]), or a remote libvirt host reached over SSH
 //! ([`Host::Remote`]). A host owns what reaching it means: its known_hosts pin ([`remote`]), the ssh2 session to
 //! it and the tunnel that mirrors a guest's forwards from its loopback ([`tunnel`], one session per host and
-//! process), the `ssh -W` ProxyCommand through it, and the names in its storage pool ([`pool`]).
+//! process), the `ssh -W` ProxyCommand through it, its libvirt daemon ([`libvirtd`], the one virsh runner) and
+//! the storage pool on it ([`pool`]: the volumes' names and the virsh calls on them).
 //!
 //! Below both `ssh/` (guest sessions) and `provider/` (hypervisors): they use this module, it uses neither.
 
+pub mod libvirtd;
 pub mod pool;
 pub mod remote;
 pub mod tunnel;

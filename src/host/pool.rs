@@ -1,6 +1,14 @@
 //! The storage pool of a libvirt host that holds remote machines' volumes: the box goes in once per host, keyed
 //! by its content hash ([`box_volume`]); machines get volumes named after the domain ([`machine_volume`]). The
-//! names and parsing are here; the virsh calls that fill the pool are the libvirt provider's.
+//! names, the parsing and the virsh calls on the pool (through the host's [`Libvirtd`]) are here; what goes in
+//! (a box, a machine's disk and seed) is the libvirt provider's.
+
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+
+use super::libvirtd::{is_connect_error, Libvirtd};
+use crate::process::Cmd;
 
 /// The pool volume of a box: `box-<content hash>` (+ `-vmlinuz`, `-initrd`); `.done` marks a complete upload.
 pub fn box_volume(box_id: &str, part: &str) -> String {
@@ -37,6 +45,266 @@ pub fn pool_error(pool: &str, host: &str, err: &str) -> anyhow::Error {
          virsh pool-build {pool}; virsh pool-start {pool}`) or name an existing pool in [libvirt] pool",
         pool_target(pool)
     )
+}
+
+/// How long an interrupted upload may take to delete its partial volume (within the interrupt grace).
+const PARTIAL_DELETE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Upload deadline for `bytes`: generous for a slow link (1 MiB/s) plus a minute.
+fn upload_timeout(bytes: u64) -> std::time::Duration {
+    std::time::Duration::from_secs(60 + bytes / (1 << 20))
+}
+
+impl Libvirtd {
+    fn pool_args<'a>(&'a self, verb: &'a str, vol: &'a str) -> [&'a str; 5] {
+        [verb, "--pool", &self.pool, "--vol", vol]
+    }
+
+    /// The pool exists and runs (made as a dir pool when missing); returns whether volume `probe` is in it.
+    /// One virsh connection when the pool runs (pool-info and vol-info as one batch), two when it is made.
+    pub fn ensure_pool(&self, probe: &str) -> Result<bool> {
+        let host = self.host.name(&self.uri);
+        let q = crate::host::shell_quote;
+        let batch = format!(
+            "pool-info --pool {}; vol-info --pool {} --vol {}",
+            q(&self.pool),
+            q(&self.pool),
+            q(probe)
+        );
+        let out = self.virsh().arg(&batch).output()?;
+        let has_probe =
+            out.stdout.lines().any(|l| l.strip_prefix("Name:").is_some_and(|n| n.trim() == probe));
+        let pool_line = out.stdout.lines().find(|l| l.starts_with("State:"));
+        if let Some(state) = pool_line {
+            if state.contains("running") {
+                return Ok(has_probe);
+            }
+            self.run(&["pool-start", "--pool", &self.pool])
+                .map_err(|e| pool_error(&self.pool, &host, &format!("{e:#}")))?;
+            return Ok(has_probe);
+        }
+        if is_connect_error(&out.stderr) || self.host.host_key_failure(&out.stderr).is_some() {
+            return Err(self.unreachable(out.stderr.trim()));
+        }
+        let (p, t) = (q(&self.pool), q(&pool_target(&self.pool)));
+        let create = format!(
+            "pool-define-as --name {p} --type dir --target {t}; pool-build --pool {p}; pool-autostart --pool {p}; \
+             pool-start --pool {p}"
+        );
+        let out = self.virsh().arg(&create).output()?;
+        if !out.success() {
+            return Err(pool_error(&self.pool, &host, out.stderr.trim()));
+        }
+        Ok(false)
+    }
+
+    pub fn vol_exists(&self, name: &str) -> Result<bool> {
+        let out = self.virsh().args(self.pool_args("vol-info", name)).output()?;
+        if out.success() {
+            return Ok(true);
+        }
+        if out.stderr.contains("Storage volume not found") || out.stderr.contains("no storage vol") {
+            return Ok(false);
+        }
+        Err(self.unreachable(out.stderr.trim()))
+    }
+
+    pub fn vol_path(&self, name: &str) -> Result<String> {
+        Ok(self.run(&self.pool_args("vol-path", name))?.trim().to_string())
+    }
+
+    fn vol_delete(&self, name: &str) -> Result<()> {
+        self.run(&self.pool_args("vol-delete", name)).map(drop)
+    }
+
+    /// Upload `file` as volume `name` (replacing a leftover of that name): sparse, in libvirt's large stream
+    /// blocks, with a byte progress bar on a terminal. Returns the bytes sent.
+    pub fn upload_file(&self, name: &str, file: &Path) -> Result<u64> {
+        let size = std::fs::metadata(file).with_context(|| format!("read {}", file.display()))?.len();
+        let bar = crate::ui::bytes_bar(size, name);
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        // Progress: the volume's allocation on the host, polled beside the upload (the stream itself is virsh's).
+        let poll = bar.clone().map(|bar| {
+            let (conn, pool, name, stop) =
+                (self.conn.clone(), self.pool.clone(), name.to_string(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let out = Cmd::new("virsh")
+                        .args(["-q", "-c", &conn, "vol-info", "--bytes", "--pool", &pool, "--vol", &name])
+                        .timeout(std::time::Duration::from_secs(20))
+                        .output();
+                    if let Some(n) = out.ok().and_then(|o| allocation(&o.stdout)) {
+                        bar.set_position(n);
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(700));
+                }
+            })
+        });
+        // One virsh connection (one SSH handshake) for the three steps: a leftover of that name goes (its
+        // "not found" is expected and ignored), a raw volume of the file's size is made, the file is streamed into
+        // it. virsh runs `;`-separated commands in order and exits with the last one's status.
+        let batch = upload_batch(&self.pool, name, size, &file.to_string_lossy());
+        let res = self.virsh().arg(&batch).timeout(upload_timeout(size)).output();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = poll {
+            let _ = t.join();
+        }
+        if crate::process::interrupted().is_some() {
+            if let Some(b) = &bar {
+                b.abandon();
+            }
+            self.delete_partial(name);
+            crate::process::check_interrupted()?;
+        }
+        let out = res?;
+        if !out.success() {
+            if let Some(b) = &bar {
+                b.abandon();
+            }
+            // The leftover's absence is not the error.
+            let err: Vec<&str> = out
+                .stderr
+                .lines()
+                .filter(|l| !l.contains("failed to get vol") && !l.contains("Storage volume not found"))
+                .filter(|l| !l.trim().is_empty())
+                .collect();
+            let err = err.join("\n");
+            let err = err.as_str();
+            if let Some(e) = self.host.host_key_failure(err) {
+                return Err(e);
+            }
+            bail!(
+                "uploading {} to the volume {name} on {} failed: {err}\nhint: run the command again: an \
+                 incomplete upload is deleted and started over",
+                file.display(),
+                self.uri
+            );
+        }
+        if let Some(b) = bar {
+            b.finish_and_clear();
+        }
+        Ok(size)
+    }
+
+    /// After an interrupt during the upload of volume `name`: delete the partial volume within
+    /// [`PARTIAL_DELETE`] (a cleanup step: it runs although the run is cancelled), and say in the interrupt
+    /// message what stays on the host.
+    fn delete_partial(&self, name: &str) {
+        let host = self.host.name(&self.uri);
+        let out =
+            self.virsh().args(self.pool_args("vol-delete", name)).timeout(PARTIAL_DELETE).cleanup().output();
+        let note = match out {
+            Ok(o) if o.success() || o.stderr.contains("Storage volume not found") => {
+                format!("the partial volume {name} was deleted from the pool {} on {host}", self.pool)
+            }
+            other => format!(
+                "the partial volume {name} stays in the pool {} on {host} (deleting it within {} s failed: {}); \
+                 the next {}",
+                self.pool,
+                PARTIAL_DELETE.as_secs(),
+                match other {
+                    Ok(o) => o.stderr.trim().lines().last().unwrap_or("no message").to_string(),
+                    Err(e) => format!("{e:#}"),
+                },
+                if name.starts_with(&box_volume("", "")) {
+                    "`box upload` or `up` deletes it and sends the box again"
+                } else {
+                    "`up` deletes it and sends it again"
+                }
+            ),
+        };
+        crate::process::set_interrupt_note(note);
+    }
+
+    /// The text of volume `vol` (a machine's serial log, which QEMU writes into the pool's directory), read after
+    /// a pool refresh.
+    pub fn download(&self, vol: &str) -> Result<String> {
+        self.run(&["pool-refresh", "--pool", &self.pool])?;
+        let tmp = tempfile::NamedTempFile::new()?;
+        let path = tmp.path().to_string_lossy().into_owned();
+        self.run(&["vol-download", "--pool", &self.pool, "--vol", vol, "--file", &path])?;
+        Ok(String::from_utf8_lossy(&std::fs::read(tmp.path())?).into_owned())
+    }
+
+    /// Remove a box (every volume named `box-<id>...`) from the host's pool. Returns the volumes removed.
+    pub fn remove_box(&self, id_prefix: &str) -> Result<Vec<String>> {
+        self.run(&["pool-refresh", "--pool", &self.pool])?;
+        let vols = parse_vol_list(&self.run(&["vol-list", "--pool", &self.pool])?);
+        let prefix = box_volume(id_prefix, "");
+        let mut mine: Vec<String> = vols.iter().filter(|v| v.starts_with(&prefix)).cloned().collect();
+        let users = self.box_users(&vols, &mine)?;
+        if !users.is_empty() {
+            bail!(
+                "the box {id_prefix} on {} is in use by {}: removing it would break those machines' disks
+hint:                  `provisioner destroy -f` those machines first (in their projects), then remove the box",
+                self.uri,
+                users.join(", ")
+            );
+        }
+        // The marker first: a box half removed is then uploaded again, never used half there.
+        mine.sort_by_key(|v| !v.ends_with(".done"));
+        for v in &mine {
+            self.vol_delete(v)?;
+        }
+        Ok(mine)
+    }
+
+    /// What uses the box volumes `boxes` of the pool: other volumes backed by them (machine disks) and domains that
+    /// name them (direct-boot kernel and initrd).
+    fn box_users(&self, vols: &[String], boxes: &[String]) -> Result<Vec<String>> {
+        let paths: Vec<String> = boxes.iter().map(|b| self.vol_path(b)).collect::<Result<_>>()?;
+        // A path as an element's text (`<path>`, `<kernel>`) or an attribute value (`<source file=...>`).
+        let names = |xml: &str| crate::xml::mentions(xml, &paths);
+        let mut users = Vec::new();
+        for v in vols.iter().filter(|v| !v.starts_with(BOX_PREFIX)) {
+            if names(&self.run(&["vol-dumpxml", "--pool", &self.pool, v])?) {
+                users.push(format!("the volume {v}"));
+            }
+        }
+        for d in self.run(&["list", "--all", "--name"])?.lines().map(str::trim).filter(|d| !d.is_empty()) {
+            if names(&self.run(&["dumpxml", "--", d])?) {
+                users.push(format!("the domain {d}"));
+            }
+        }
+        Ok(users)
+    }
+
+    /// Delete every volume of the machine (named `<domain>-...`); the box volume stays.
+    pub fn delete_machine_volumes(&self, vm_name: &str) -> Result<()> {
+        let out = self.virsh().args(["pool-refresh", "--pool", &self.pool]).output()?;
+        if !out.success() {
+            if out.stderr.contains("Storage pool not found") || out.stderr.contains("no storage pool") {
+                return Ok(());
+            }
+            return Err(self.unreachable(out.stderr.trim()));
+        }
+        let prefix = machine_volume(vm_name, "");
+        for v in parse_vol_list(&self.run(&["vol-list", "--pool", &self.pool])?) {
+            if v.starts_with(&prefix) {
+                self.vol_delete(&v)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The virsh batch that (re)creates volume `name` and uploads `file` into it. Every word is quoted for virsh's
+/// own parser (the same single-quote rules as a POSIX shell). Pure.
+pub fn upload_batch(pool: &str, name: &str, size: u64, file: &str) -> String {
+    let q = crate::host::shell_quote;
+    let (p, n) = (q(pool), q(name));
+    format!(
+        "vol-delete --pool {p} --vol {n}; vol-create-as --pool {p} --name {n} --capacity {size} --format raw; \
+         vol-upload --pool {p} --vol {n} --file {} --sparse",
+        q(file)
+    )
+}
+
+/// `Allocation:` of `virsh vol-info --bytes`.
+fn allocation(out: &str) -> Option<u64> {
+    out.lines()
+        .find_map(|l| l.strip_prefix("Allocation:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
 }
 
 #[cfg(test)]

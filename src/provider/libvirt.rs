@@ -27,21 +27,16 @@ const DOMAIN_TEMPLATE: &str = include_str!("../../assets/libvirt/domain.xml.hbs"
 const DEFAULT_CMDLINE: &str = "root=/dev/vda rw console=ttyS0";
 /// Free space the state dir needs before an overlay is made (the overlay starts small and grows with writes).
 const MIN_FREE_BYTES: u64 = 2 << 30;
-const VIRSH_TIMEOUT: Duration = Duration::from_secs(60);
 
 pub mod remote;
 
+use crate::host::libvirtd::{is_connect_error, Libvirtd};
 use crate::host::{Host, RemoteHost};
 
 pub struct Libvirt {
-    /// The URI as the user wrote it (shown in messages).
-    pub uri: String,
-    /// The URI virsh connects with: for a remote host, with the tool's own host key checks added.
-    conn: String,
-    /// Storage pool for a remote host's volumes.
-    pool: String,
-    /// The host the URI names: this machine, or a remote one reached over SSH.
-    host: Host,
+    /// The libvirt daemon of the host the URI names (this machine, or a remote one reached over SSH): virsh calls
+    /// go through it, and a remote host's volumes into its pool.
+    d: Libvirtd,
 }
 
 impl Libvirt {
@@ -65,7 +60,7 @@ impl Libvirt {
             Host::Remote(r) => r.connect_uri(uri, &remote::write_wrapper(r)?),
             Host::Local => uri.to_string(),
         };
-        Ok(Self { uri: uri.to_string(), conn, pool: pool.to_string(), host })
+        Ok(Self { d: Libvirtd::new(uri, conn, pool, host) })
     }
 
     /// A connection to the remote host of `uri` (for its box pool), its key checked against known_hosts; a URI of
@@ -84,76 +79,29 @@ impl Libvirt {
 
     /// The remote SSH host, for a `qemu+ssh://` or `qemu+libssh://` URI.
     pub fn remote(&self) -> Option<&RemoteHost> {
-        self.host.remote()
+        self.d.host.remote()
     }
 
-    fn virsh(&self) -> Cmd {
-        Cmd::new("virsh").args(["-q", "-c", &self.conn]).timeout(VIRSH_TIMEOUT)
-    }
-
-    /// Run a virsh subcommand; a connection failure becomes the "daemon not reachable" error with its hint.
-    fn run(&self, args: &[&str]) -> Result<String> {
-        let out = self.virsh().args(args).output()?;
-        if !out.success() {
-            let err = out.stderr.trim();
-            if let Some(e) = self.host.host_key_failure(err) {
-                return Err(e);
-            }
-            if is_connect_error(err) {
-                return Err(self.unreachable(err));
-            }
-            bail!("`virsh -c {} {}` failed: {err}", self.uri, args.join(" "));
-        }
-        Ok(out.stdout)
-    }
-
-    /// A failed virsh call: the "not reachable" error (with the host key advice) when it is one, else `what` failed.
-    fn unreachable_or(&self, err: &str, what: &str) -> anyhow::Error {
-        if self.host.host_key_failure(err).is_some() || is_connect_error(err) {
-            return self.unreachable(err);
-        }
-        anyhow::anyhow!("{what} failed: {err}")
-    }
-
-    fn unreachable(&self, err: &str) -> anyhow::Error {
-        if let Some(e) = self.host.unreachable(&self.uri, err) {
-            return e;
-        }
-        if err.contains("virtlogd-sock") {
-            return anyhow::anyhow!(
-                "virtlogd, libvirt's log daemon, is not running, so QEMU cannot start: {err}\nhint: start it \
-                 (`virtlogd -d`; under systemd `systemctl start virtlogd.socket`); as root, `provisioner up` \
-                 starts it itself"
-            );
-        }
-        anyhow::anyhow!(
-            "the libvirt daemon for {} is not reachable: {err}\nhint: start it (`virtqemud -d` or `libvirtd -d`, \
-             with `virtlogd -d`; under systemd `systemctl start libvirtd`), check that your user may use that URI, \
-             or set [libvirt] uri in box-config.toml",
-            self.uri
-        )
-    }
-
-    /// Local URIs (no host part) are served by a daemon on this machine, which we may start.
-    fn is_local(&self) -> bool {
-        self.uri.split_once("://").is_some_and(|(_, rest)| rest.starts_with('/'))
+    /// The URI as the user wrote it (shown in messages).
+    pub fn uri(&self) -> &str {
+        &self.d.uri
     }
 
     /// Make sure the daemons answer; as root with a local URI, start the ones that are not running.
     fn ensure_daemon(&self) -> Result<()> {
         // SAFETY: geteuid has no preconditions.
-        let may_start = self.is_local() && unsafe { libc::geteuid() } == 0;
-        self.host.check_known()?;
+        let may_start = self.d.is_local() && unsafe { libc::geteuid() } == 0;
+        self.d.host.check_known()?;
         if may_start {
             ensure_virtlogd()?;
         }
-        let first = self.virsh().arg("version").output()?;
+        let first = self.d.virsh().arg("version").output()?;
         if first.success() {
             return Ok(());
         }
         let err = first.stderr.trim().to_string();
         if !(is_connect_error(&err) && may_start) {
-            return Err(self.unreachable(&err));
+            return Err(self.d.unreachable(&err));
         }
         let daemon = find_sbin("virtqemud").or_else(|| find_sbin("libvirtd")).ok_or_else(|| {
             anyhow::anyhow!(
@@ -164,15 +112,17 @@ impl Libvirt {
         // A daemon started concurrently by someone else makes ours exit on its pid file lock; that is fine.
         let _ = Cmd::new(&daemon).arg("-d").timeout(Duration::from_secs(30)).output()?;
         crate::process::wait_until(Duration::from_secs(30), "the libvirt daemon to answer", || {
-            let out = self.virsh().arg("version").output()?;
+            let out = self.d.virsh().arg("version").output()?;
             Ok(out.success().then_some(()))
         })
-        .map_err(|e| self.unreachable(&format!("started {} but it does not answer: {e:#}", daemon.display())))
+        .map_err(|e| {
+            self.d.unreachable(&format!("started {} but it does not answer: {e:#}", daemon.display()))
+        })
     }
 
     /// The domain's XML if it exists.
     fn dumpxml(&self, vm_name: &str) -> Result<Option<String>> {
-        let out = self.virsh().args(["dumpxml", "--", vm_name]).output()?;
+        let out = self.d.virsh().args(["dumpxml", "--", vm_name]).output()?;
         if out.success() {
             return Ok(Some(out.stdout));
         }
@@ -180,7 +130,7 @@ impl Libvirt {
             return Ok(None);
         }
         if is_connect_error(&out.stderr) {
-            return Err(self.unreachable(out.stderr.trim()));
+            return Err(self.d.unreachable(out.stderr.trim()));
         }
         bail!("`virsh dumpxml {vm_name}` failed: {}", out.stderr.trim())
     }
@@ -199,8 +149,8 @@ impl Libvirt {
                 "a libvirt domain named {vm_name:?} exists on {} but was not made by provisioner; it was left \
                  untouched\nhint: rename this machine ([machine] name in box-config.toml), or remove that domain \
                  yourself (`virsh -c {} undefine {vm_name}`) if you are sure it is not needed",
-                self.uri,
-                self.uri
+                self.d.uri,
+                self.d.uri
             ),
         }
     }
@@ -233,13 +183,6 @@ impl Libvirt {
         std::fs::rename(&tmp, &disk)
             .with_context(|| format!("rename {} to {}", tmp.display(), disk.display()))
     }
-}
-
-/// virsh / libvirt wording for "cannot talk to the daemon".
-fn is_connect_error(stderr: &str) -> bool {
-    ["failed to connect", "Failed to connect socket", "Cannot recv data", "no connection driver available"]
-        .iter()
-        .any(|m| stderr.contains(m))
 }
 
 /// virsh wording for "no such domain".
@@ -419,11 +362,11 @@ impl Libvirt {
     }
 
     fn define_with(&self, spec: &MachineSpec, uuid: Option<&str>, paths: &DomainPaths) -> Result<()> {
-        let xml = domain_xml_with(spec, uuid, local_dac_label(&self.uri).as_deref(), paths)?;
+        let xml = domain_xml_with(spec, uuid, local_dac_label(&self.d.uri).as_deref(), paths)?;
         let file = spec.state.path("domain.xml");
         crate::machine::write_private(&file, xml.as_bytes(), 0o600)?;
         let path = file.to_string_lossy();
-        self.run(&["define", "--", &path]).map_err(|e| {
+        self.d.run(&["define", "--", &path]).map_err(|e| {
             let hint = if spec.base.firmware == Firmware::Uefi {
                 "\nhint: UEFI boxes need OVMF firmware on the host (Debian/Ubuntu: `apt-get install ovmf`)"
             } else {
@@ -451,13 +394,13 @@ impl Provider for Libvirt {
                  scripts/host-deps.sh, or `apt-get install libvirt-clients libvirt-daemon-system`)"
             )
         })?;
-        if !self.host.is_remote() {
+        if !self.d.host.is_remote() {
             which::which("qemu-img").map_err(|_| {
                 anyhow::anyhow!("`qemu-img` was not found on PATH\nhint: install qemu-utils (Debian/Ubuntu)")
             })?;
         }
         self.ensure_daemon()?;
-        if self.is_local() && which::which("qemu-system-x86_64").is_err() {
+        if self.d.is_local() && which::which("qemu-system-x86_64").is_err() {
             bail!(
                 "`qemu-system-x86_64` was not found on PATH\nhint: install qemu-system-x86 (Debian 12: from \
                  bookworm-backports to match libvirt 11, see scripts/host-deps.sh)"
@@ -468,13 +411,13 @@ impl Provider for Libvirt {
 
     fn state(&self, vm_name: &str) -> Result<VmState> {
         // `--reason` costs nothing extra and tells a suspended (managed-saved) domain from a powered-off one.
-        let out = self.virsh().args(["domstate", "--reason", "--", vm_name]).output()?;
+        let out = self.d.virsh().args(["domstate", "--reason", "--", vm_name]).output()?;
         if !out.success() {
             if is_no_domain(&out.stderr) {
                 return Ok(VmState::NotCreated);
             }
             if is_connect_error(&out.stderr) {
-                return Err(self.unreachable(out.stderr.trim()));
+                return Err(self.d.unreachable(out.stderr.trim()));
             }
             bail!("`virsh domstate {vm_name}` failed: {}", out.stderr.trim());
         }
@@ -484,14 +427,14 @@ impl Provider for Libvirt {
     fn lookup(&self, vm_name: &str, state: &StateDir) -> Result<Lookup> {
         // The marker and the state in one virsh connection (one SSH handshake on a remote host), as a virsh batch.
         let name = crate::host::shell_quote(vm_name);
-        let out = self.virsh().arg(format!("dumpxml -- {name}; domstate --reason -- {name}")).output()?;
+        let out = self.d.virsh().arg(format!("dumpxml -- {name}; domstate --reason -- {name}")).output()?;
         if !out.success() {
             if is_no_domain(&out.stderr) {
                 return Ok(Lookup::NotCreated);
             }
-            return Err(
-                self.unreachable_or(out.stderr.trim(), &format!("`virsh dumpxml/domstate {vm_name}`"))
-            );
+            return Err(self
+                .d
+                .unreachable_or(out.stderr.trim(), &format!("`virsh dumpxml/domstate {vm_name}`")));
         }
         let (xml, domstate) = out
             .stdout
@@ -516,7 +459,7 @@ impl Provider for Libvirt {
             self.ensure_network(&nic.net.name)?;
         }
         let uuid = existing.as_deref().and_then(domain_uuid);
-        if self.host.is_remote() {
+        if self.d.host.is_remote() {
             let paths = self.remote_volumes(spec)?;
             return self.define_with(spec, uuid, &paths);
         }
@@ -527,9 +470,9 @@ impl Provider for Libvirt {
     fn start(&self, vm_name: &str) -> Result<()> {
         // `up` on a paused domain resumes it (as for VirtualBox); `virsh start` would say "already active".
         if self.state(vm_name)? == VmState::Paused {
-            return self.run(&["resume", "--", vm_name]).map(drop).context("resume the paused machine");
+            return self.d.run(&["resume", "--", vm_name]).map(drop).context("resume the paused machine");
         }
-        self.run(&["start", "--", vm_name]).map(drop).context(
+        self.d.run(&["start", "--", vm_name]).map(drop).context(
             "start the machine\nhint: see the serial log in .provisioner/serial.log and the daemon's log \
              (/var/log/libvirt/qemu/<domain>.log for qemu:///system, ~/.cache/libvirt/qemu/log/ for session)",
         )
@@ -540,13 +483,13 @@ impl Provider for Libvirt {
         let now = self.state(vm_name)?;
         if now == VmState::Saved {
             // As Vagrant's `halt` on a saved VM: drop the saved memory, so the machine is plainly powered off.
-            return self.run(&["managedsave-remove", "--", vm_name]).map(drop);
+            return self.d.run(&["managedsave-remove", "--", vm_name]).map(drop);
         }
         if !running(&now) {
             return Ok(());
         }
         if !force {
-            self.run(&["shutdown", "--mode", "acpi", "--", vm_name])?;
+            self.d.run(&["shutdown", "--mode", "acpi", "--", vm_name])?;
             let down = crate::process::wait_until(timeout, "the guest to power off", || {
                 Ok((!running(&self.state(vm_name)?)).then_some(()))
             });
@@ -554,7 +497,7 @@ impl Provider for Libvirt {
                 return Ok(());
             }
         }
-        match self.run(&["destroy", "--", vm_name]) {
+        match self.d.run(&["destroy", "--", vm_name]) {
             Ok(_) => Ok(()),
             // It may have powered off between our check and the destroy.
             Err(_) if !running(&self.state(vm_name)?) => Ok(()),
@@ -567,12 +510,12 @@ impl Provider for Libvirt {
             self.check_ours(vm_name, &xml, state)?;
             self.halt(vm_name, Duration::ZERO, true)?;
             // Internal snapshots live in the overlay (removed below); their metadata and a suspend image go too.
-            self.run(&["undefine", "--nvram", "--snapshots-metadata", "--managed-save", "--", vm_name])?;
+            self.d.run(&["undefine", "--nvram", "--snapshots-metadata", "--managed-save", "--", vm_name])?;
             if let Some(net) = private_network_of(&xml) {
                 self.remove_network_if_unused(&net)?;
             }
         }
-        if self.host.is_remote() {
+        if self.d.host.is_remote() {
             self.delete_machine_volumes(vm_name)?;
         }
         // Our disks are plain files in the state dir (no storage pool): remove them ourselves.
@@ -594,7 +537,7 @@ impl Provider for Libvirt {
     }
 
     fn serial_console(&self, vm_name: &str, state: &StateDir) -> (String, String) {
-        match self.host {
+        match self.d.host {
             Host::Remote(_) => self.remote_serial_console(vm_name),
             Host::Local => super::local_serial_console(state),
         }
@@ -602,39 +545,41 @@ impl Provider for Libvirt {
 
     fn snapshot_save(&self, vm_name: &str, name: &str) -> Result<()> {
         // Internal qcow2 snapshot, with memory when running; the raw seed ISO is left out of it.
-        self.run(&[
-            "snapshot-create-as",
-            "--domain",
-            vm_name,
-            "--name",
-            name,
-            "--diskspec",
-            "sda,snapshot=no",
-        ])
-        .map(drop)
-        .with_context(|| format!("take snapshot {name:?} of {vm_name}"))
+        self.d
+            .run(&[
+                "snapshot-create-as",
+                "--domain",
+                vm_name,
+                "--name",
+                name,
+                "--diskspec",
+                "sda,snapshot=no",
+            ])
+            .map(drop)
+            .with_context(|| format!("take snapshot {name:?} of {vm_name}"))
     }
 
     fn snapshot_restore(&self, vm_name: &str, name: &str) -> Result<()> {
         self.require_snapshot(vm_name, name)?;
         // A snapshot taken running comes back running, with its memory; `--force` as vagrant-libvirt does.
-        self.run(&["snapshot-revert", "--domain", vm_name, "--snapshotname", name, "--force"])
+        self.d
+            .run(&["snapshot-revert", "--domain", vm_name, "--snapshotname", name, "--force"])
             .map(drop)
             .with_context(|| format!("restore snapshot {name:?} of {vm_name}"))
     }
 
     fn snapshot_list(&self, vm_name: &str) -> Result<Vec<String>> {
-        let out = self.run(&["snapshot-list", "--domain", vm_name, "--name", "--topological"])?;
+        let out = self.d.run(&["snapshot-list", "--domain", vm_name, "--name", "--topological"])?;
         Ok(out.lines().map(str::trim).filter(|l| !l.is_empty()).map(str::to_string).collect())
     }
 
     fn snapshot_delete(&self, vm_name: &str, name: &str) -> Result<()> {
         self.require_snapshot(vm_name, name)?;
-        self.run(&["snapshot-delete", "--domain", vm_name, "--snapshotname", name]).map(drop)
+        self.d.run(&["snapshot-delete", "--domain", vm_name, "--snapshotname", name]).map(drop)
     }
 
     fn lab_capture(&self, vm_name: &str, state: &StateDir, into: &Path) -> Result<Option<String>> {
-        if self.host.is_remote() {
+        if self.d.host.is_remote() {
             // The memory image and disk live on the remote host; a cached lab is local only.
             return Ok(None);
         }
@@ -644,13 +589,14 @@ impl Provider for Libvirt {
         let mem = into.join(LAB_MEMORY);
         let mem_s = mem.to_string_lossy();
         // `save` stops the guest with its memory in the file; the disk is then consistent with it and copied.
-        self.virsh()
+        self.d
+            .virsh()
             .args(["save", vm_name, &mem_s])
             .timeout(LAB_TIMEOUT)
             .run()
             .context("save the machine's memory")?;
         let copied = (|| -> Result<()> {
-            let xml = self.run(&["save-image-dumpxml", &mem_s])?;
+            let xml = self.d.run(&["save-image-dumpxml", &mem_s])?;
             crate::machine::write_private(&into.join(LAB_XML), xml.as_bytes(), 0o600)?;
             Cmd::new("cp")
                 .arg("--sparse=always")
@@ -663,7 +609,8 @@ impl Provider for Libvirt {
         })();
         // The machine runs on, from the same file, whatever happened to the copy, even after Ctrl-C (a cleanup
         // step): an interrupted capture must not leave the machine stopped with its memory in a deleted entry.
-        self.virsh()
+        self.d
+            .virsh()
             .args(["restore", &mem_s])
             .timeout(LAB_TIMEOUT)
             .cleanup()
@@ -688,7 +635,8 @@ impl Provider for Libvirt {
         let file = spec.state.path("restore.xml");
         crate::machine::write_private(&file, xml.as_bytes(), 0o600)?;
         let mem = from.join(LAB_MEMORY);
-        self.virsh()
+        self.d
+            .virsh()
             .args(["restore", &mem.to_string_lossy(), "--xml", &file.to_string_lossy()])
             .timeout(LAB_TIMEOUT)
             .run()
@@ -698,7 +646,7 @@ impl Provider for Libvirt {
 
     fn suspend(&self, vm_name: &str) -> Result<()> {
         match self.state(vm_name)? {
-            VmState::Running | VmState::Paused => self.run(&["managedsave", "--", vm_name]).map(drop),
+            VmState::Running | VmState::Paused => self.d.run(&["managedsave", "--", vm_name]).map(drop),
             other => bail!(
                 "the machine {vm_name} is {other}; only a running machine can be suspended\nhint: `provisioner up` \
                  starts it"
@@ -709,7 +657,7 @@ impl Provider for Libvirt {
     fn resume(&self, vm_name: &str) -> Result<()> {
         match self.state(vm_name)? {
             VmState::Running => Ok(()),
-            VmState::Paused => self.run(&["resume", "--", vm_name]).map(drop),
+            VmState::Paused => self.d.run(&["resume", "--", vm_name]).map(drop),
             VmState::Saved => self.start(vm_name),
             VmState::Stopped if self.has_managed_save(vm_name)? => self.start(vm_name),
             other => bail!(
@@ -737,35 +685,36 @@ impl Libvirt {
     /// NAT, no host address, no DHCP server.
     fn ensure_network(&self, name: &str) -> Result<()> {
         let _lock = self.network_lock(name)?;
-        let info = self.virsh().args(["net-info", "--", name]).output()?;
+        let info = self.d.virsh().args(["net-info", "--", name]).output()?;
         if !info.success() {
             if is_connect_error(&info.stderr) {
-                return Err(self.unreachable(info.stderr.trim()));
+                return Err(self.d.unreachable(info.stderr.trim()));
             }
             let dir = crate::boxes::cache_dir().join("networks");
             std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
             let file = dir.join(format!("{name}.xml"));
             crate::machine::write_private(&file, network::isolated_network_xml(name).as_bytes(), 0o600)?;
-            self.run(&["net-define", "--", &file.to_string_lossy()])
+            self.d
+                .run(&["net-define", "--", &file.to_string_lossy()])
                 .with_context(|| format!("define the private network {name}"))?;
         }
-        let info = self.run(&["net-info", "--", name])?;
+        let info = self.d.run(&["net-info", "--", name])?;
         if !info.lines().any(|l| l.starts_with("Active:") && l.trim_end().ends_with("yes")) {
-            self.run(&["net-start", "--", name]).with_context(|| {
+            self.d.run(&["net-start", "--", name]).with_context(|| {
                 format!(
                     "start the private network {name}
 hint: an isolated libvirt network needs a system daemon                      (qemu:///system) that may create bridges; with qemu:///session leave [network]                      libvirt_network off (the default: a multicast socket on 127.0.0.1)"
                 )
             })?;
         }
-        self.run(&["net-autostart", "--", name])?;
+        self.d.run(&["net-autostart", "--", name])?;
         Ok(())
     }
 
     /// Undefine the project's network once no domain uses it any more (the last machine was destroyed).
     fn remove_network_if_unused(&self, name: &str) -> Result<()> {
         let _lock = self.network_lock(name)?;
-        let domains = self.run(&["list", "--all", "--name"])?;
+        let domains = self.d.run(&["list", "--all", "--name"])?;
         for d in domains.lines().map(str::trim).filter(|d| !d.is_empty()) {
             if let Some(xml) = self.dumpxml(d)? {
                 if private_network_of(&xml).as_deref() == Some(name) {
@@ -773,8 +722,8 @@ hint: an isolated libvirt network needs a system daemon                      (qe
                 }
             }
         }
-        let _ = self.virsh().args(["net-destroy", "--", name]).output()?;
-        let out = self.virsh().args(["net-undefine", "--", name]).output()?;
+        let _ = self.d.virsh().args(["net-destroy", "--", name]).output()?;
+        let out = self.d.virsh().args(["net-undefine", "--", name]).output()?;
         if !out.success()
             && !out.stderr.contains("Network not found")
             && !out.stderr.contains("no network with")
@@ -783,8 +732,8 @@ hint: an isolated libvirt network needs a system daemon                      (qe
                 "could not remove the private network {name}: {}
 hint: remove it by hand (`virsh -c {}                  net-destroy {name}; virsh -c {} net-undefine {name}`)",
                 out.stderr.trim(),
-                self.uri,
-                self.uri
+                self.d.uri,
+                self.d.uri
             );
         }
         let _ = std::fs::remove_file(crate::boxes::cache_dir().join("networks").join(format!("{name}.xml")));
@@ -809,7 +758,7 @@ hint: remove it by hand (`virsh -c {}                  net-destroy {name}; virsh
     }
 
     fn has_managed_save(&self, vm_name: &str) -> Result<bool> {
-        let info = self.run(&["dominfo", "--", vm_name])?;
+        let info = self.d.run(&["dominfo", "--", vm_name])?;
         Ok(info.lines().any(|l| l.starts_with("Managed save:") && l.trim_end().ends_with("yes")))
     }
 }

@@ -1,0 +1,91 @@
+//! The libvirt daemon of a host, reached with virsh: the one runner of virsh calls (for a remote host over the
+//! tool's own ssh wrapper, its key checked), and what it means when the daemon does not answer. The storage pool a
+//! remote host keeps machines' volumes in is driven through it ([`super::pool`]). The libvirt provider drives the
+//! hypervisor through this; what a domain is stays the provider's.
+
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+
+use super::Host;
+use crate::process::Cmd;
+
+const VIRSH_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The libvirt daemon at a URI.
+pub struct Libvirtd {
+    /// The URI as the user wrote it (shown in messages).
+    pub uri: String,
+    /// The URI virsh connects with: for a remote host, with the tool's own host key checks added.
+    pub conn: String,
+    /// Storage pool for a remote host's volumes.
+    pub pool: String,
+    /// The host the URI names: this machine, or a remote one reached over SSH.
+    pub host: Host,
+}
+
+impl Libvirtd {
+    /// The daemon at `uri` (connected to as `conn`) on `host`; a remote host's volumes go into `pool`.
+    pub fn new(uri: &str, conn: String, pool: &str, host: Host) -> Self {
+        Self { uri: uri.to_string(), conn, pool: pool.to_string(), host }
+    }
+
+    pub fn virsh(&self) -> Cmd {
+        Cmd::new("virsh").args(["-q", "-c", &self.conn]).timeout(VIRSH_TIMEOUT)
+    }
+
+    /// Run a virsh subcommand; a connection failure becomes the "daemon not reachable" error with its hint.
+    pub fn run(&self, args: &[&str]) -> Result<String> {
+        let out = self.virsh().args(args).output()?;
+        if !out.success() {
+            let err = out.stderr.trim();
+            if let Some(e) = self.host.host_key_failure(err) {
+                return Err(e);
+            }
+            if is_connect_error(err) {
+                return Err(self.unreachable(err));
+            }
+            bail!("`virsh -c {} {}` failed: {err}", self.uri, args.join(" "));
+        }
+        Ok(out.stdout)
+    }
+
+    /// A failed virsh call: the "not reachable" error (with the host key advice) when it is one, else `what` failed.
+    pub fn unreachable_or(&self, err: &str, what: &str) -> anyhow::Error {
+        if self.host.host_key_failure(err).is_some() || is_connect_error(err) {
+            return self.unreachable(err);
+        }
+        anyhow::anyhow!("{what} failed: {err}")
+    }
+
+    pub fn unreachable(&self, err: &str) -> anyhow::Error {
+        if let Some(e) = self.host.unreachable(&self.uri, err) {
+            return e;
+        }
+        if err.contains("virtlogd-sock") {
+            return anyhow::anyhow!(
+                "virtlogd, libvirt's log daemon, is not running, so QEMU cannot start: {err}\nhint: start it \
+                 (`virtlogd -d`; under systemd `systemctl start virtlogd.socket`); as root, `provisioner up` \
+                 starts it itself"
+            );
+        }
+        anyhow::anyhow!(
+            "the libvirt daemon for {} is not reachable: {err}\nhint: start it (`virtqemud -d` or `libvirtd -d`, \
+             with `virtlogd -d`; under systemd `systemctl start libvirtd`), check that your user may use that URI, \
+             or set [libvirt] uri in box-config.toml",
+            self.uri
+        )
+    }
+
+    /// Local URIs (no host part) are served by a daemon on this machine, which we may start.
+    pub fn is_local(&self) -> bool {
+        self.uri.split_once("://").is_some_and(|(_, rest)| rest.starts_with('/'))
+    }
+}
+
+/// virsh / libvirt wording for "cannot talk to the daemon".
+pub fn is_connect_error(stderr: &str) -> bool {
+    ["failed to connect", "Failed to connect socket", "Cannot recv data", "no connection driver available"]
+        .iter()
+        .any(|m| stderr.contains(m))
+}
