@@ -530,3 +530,53 @@ fn remote_tunnel_reaches_the_hosts_loopback_with_its_key_checked() {
 fn host_pid(host: &NetHost) -> String {
     host.libvirtd_pid().to_string()
 }
+
+/// A remote machine's virsh calls share one SSH connection to the host (ControlMaster under the cache dir, the
+/// tool's wrapper): three `status` calls in a row make ONE sshd login; `destroy -f` closes that master (no socket,
+/// no ssh process answering on it afterwards).
+#[test]
+fn remote_status_calls_share_one_ssh_connection_and_destroy_closes_it() {
+    if !nethost::available() {
+        panic!("the remote-host fixture needs root, libvirtd, virtlogd, sshd and virt-ssh-helper");
+    }
+    let host = NetHost::start();
+    let t = project(&host);
+    t.write("home/.ssh/known_hosts", host.known_hosts_line());
+    // A machine recorded on that host (its domain is not there: status asks the host and says so).
+    let state = serde_json::json!({"provider": "libvirt", "vm_name": "provisioner-far-reuse", "ssh_host": "127.0.0.1",
+                                   "ssh_port": 2299, "libvirt_uri": host.uri()});
+    t.write(".provisioner/state.json", state.to_string());
+    let status = |reuse: &str| {
+        let r = Test::new()
+            .cwd(t.path())
+            .env("HOME", t.path().join("home").to_string_lossy())
+            .env("PROVISIONER_CACHE_DIR", t.path().join("cache").to_string_lossy())
+            .env("PROVISIONER_SSH_REUSE", reuse)
+            .args(["status"])
+            .run();
+        assert!(r.code() == Some(0), "status: {}{}", r.stdout(), r.stderr());
+        assert!(r.stdout().contains("not created"), "{}", r.stdout());
+    };
+    // Without reuse (the switch off), every call logs in anew: the count below sees the difference.
+    let before = host.sshd_logins();
+    (0..3).for_each(|_| status("0"));
+    assert_eq!(host.sshd_logins() - before, 3, "without reuse every status logs in");
+    let before = host.sshd_logins();
+    (0..3).for_each(|_| status("1"));
+    let logins = host.sshd_logins() - before;
+    assert_eq!(logins, 1, "three remote `status` calls make one SSH login to the host, not {logins}");
+    let far = provisioner::host::remote::parse(&host.uri()).unwrap();
+    // The control path depends on the cache dir the runs used (this test runs in its own process).
+    std::env::set_var("PROVISIONER_CACHE_DIR", t.path().join("cache"));
+    let socket = far.control_path();
+    assert!(far.master_alive(), "the master stays up between commands ({})", socket.display());
+    Test::new()
+        .cwd(t.path())
+        .env("HOME", t.path().join("home").to_string_lossy())
+        .env("PROVISIONER_CACHE_DIR", t.path().join("cache").to_string_lossy())
+        .env("PROVISIONER_SSH_REUSE", "1")
+        .args(["destroy", "-f"])
+        .run()
+        .success();
+    assert!(!far.master_alive() && !socket.exists(), "destroy closed the master ({})", socket.display());
+}

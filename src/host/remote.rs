@@ -13,6 +13,30 @@ use anyhow::Result;
 
 use crate::process::Cmd;
 
+/// How long an idle master connection to a libvirt host stays up after its last virsh call or ProxyCommand ended
+/// (OpenSSH `ControlPersist`, seconds): long enough for the calls of one command and the next command, short
+/// enough that nothing lingers.
+pub const CONTROL_PERSIST: &str = "60";
+/// The environment switch shared with the guest's connection reuse (`ssh::control::ENV`): `0`/`no`/`false`/`off`
+/// turns the host's master connection off too.
+const REUSE_ENV: &str = "PROVISIONER_SSH_REUSE";
+/// `sun_path` holds 104 bytes on macOS and the BSDs; OpenSSH binds `PATH.` + 16 random characters first.
+const SUN_PATH_ROOM: usize = 104 - 17;
+
+/// The tool's cache root, as `boxes::cache_dir` (which sits above this module): `$PROVISIONER_CACHE_DIR`, else the
+/// user's cache dir + `provisioner`.
+fn cache_root() -> PathBuf {
+    if let Some(d) = std::env::var_os("PROVISIONER_CACHE_DIR") {
+        return PathBuf::from(d);
+    }
+    dirs::cache_dir().unwrap_or_else(|| PathBuf::from("/var/tmp")).join("provisioner")
+}
+
+/// Whether the master connection to a libvirt host is used (on unless [`REUSE_ENV`] turns it off). Pure.
+pub fn reuse_enabled(env: Option<&str>) -> bool {
+    !env.is_some_and(|v| ["0", "no", "false", "off"].contains(&v.trim().to_ascii_lowercase().as_str()))
+}
+
 /// A remote libvirt host reached over SSH, parsed from a URI that passed `config::check_libvirt_uri`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RemoteHost {
@@ -104,6 +128,97 @@ impl RemoteHost {
         }
     }
 
+    /// The name of the host's control socket: `cm-` and 16 hex of sha256 of `user@host:port` and the key file (one
+    /// master per login). Pure.
+    pub fn control_name(&self) -> String {
+        use sha2::Digest;
+        let id = format!(
+            "{}:{}\n{}",
+            self.destination(),
+            self.port.unwrap_or(22),
+            self.keyfile.as_deref().unwrap_or("")
+        );
+        format!("cm-{}", &hex::encode(sha2::Sha256::digest(id.as_bytes()))[..16])
+    }
+
+    /// Where the master connection's socket goes: `CACHE/remote/cm-HASH` when that fits a unix socket address, else
+    /// `/tmp/provisioner-UID/cm-HASH`. Pure but for the environment (the cache dir).
+    pub fn control_path(&self) -> PathBuf {
+        let inside = cache_root().join("remote").join(self.control_name());
+        if inside.as_os_str().len() < SUN_PATH_ROOM {
+            return inside;
+        }
+        // SAFETY: geteuid has no preconditions.
+        PathBuf::from(format!("/tmp/provisioner-{}", unsafe { libc::geteuid() })).join(self.control_name())
+    }
+
+    /// Make the control socket's directory (0700); None when reuse is off or the directory cannot be made (ssh then
+    /// runs without a master, as before).
+    fn control_socket(&self) -> Option<PathBuf> {
+        if !reuse_enabled(std::env::var(REUSE_ENV).ok().as_deref()) {
+            return None;
+        }
+        let path = self.control_path();
+        let dir = path.parent()?;
+        use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+        let _ = std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir);
+        let md = std::fs::symlink_metadata(dir).ok()?;
+        // SAFETY: geteuid has no preconditions.
+        let mine = md.is_dir() && md.uid() == unsafe { libc::geteuid() };
+        if !mine {
+            return None;
+        }
+        if md.permissions().mode() & 0o077 != 0 {
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).ok()?;
+        }
+        Some(path)
+    }
+
+    /// The `-o` options that make OpenSSH share one connection to the host (`ControlMaster auto`, the socket of
+    /// [`Self::control_path`], `ControlPersist` [`CONTROL_PERSIST`]); empty when reuse is off. `%` in the path is
+    /// escaped for OpenSSH's token expansion.
+    pub fn control_options(&self) -> Vec<String> {
+        let Some(socket) = self.control_socket() else { return vec![] };
+        vec![
+            "-o".into(),
+            "ControlMaster=auto".into(),
+            "-o".into(),
+            format!("ControlPath={}", socket.display().to_string().replace('%', "%%")),
+            "-o".into(),
+            format!("ControlPersist={CONTROL_PERSIST}"),
+        ]
+    }
+
+    /// Whether a master connection to the host answers on its socket (a connect; no process started).
+    pub fn master_alive(&self) -> bool {
+        std::os::unix::net::UnixStream::connect(self.control_path()).is_ok()
+    }
+
+    /// Close the master connection to the host if one runs (`ssh -O exit`), and remove a stale socket. True when a
+    /// master was closed. Best effort for the caller: the master would exit [`CONTROL_PERSIST`] seconds later anyway.
+    pub fn close_master(&self) -> Result<bool> {
+        let socket = self.control_path();
+        if std::fs::symlink_metadata(&socket).is_err() {
+            return Ok(false);
+        }
+        let mut closed = false;
+        if self.master_alive() {
+            let out = Cmd::new("ssh")
+                .args(["-F", "none", "-o", "LogLevel=QUIET", "-o"])
+                .arg(format!("ControlPath={}", socket.display().to_string().replace('%', "%%")))
+                .args(["-O", "exit", &self.host])
+                .timeout(std::time::Duration::from_secs(10))
+                .output()?;
+            closed = out.success();
+        }
+        match std::fs::remove_file(&socket) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(anyhow::Error::from(e)
+                .context(format!("remove the SSH control socket {}", socket.display())))?,
+            _ => {}
+        }
+        Ok(closed)
+    }
+
     /// The `-o` options that make OpenSSH check the host key against our known_hosts and never prompt.
     pub fn host_key_options(&self) -> Vec<String> {
         vec![
@@ -127,6 +242,13 @@ impl RemoteHost {
     /// Every option of a system `ssh` to the host (host key checks, key file, port, user), without the host.
     pub fn ssh_args(&self) -> Vec<String> {
         let mut a = self.host_key_options();
+        a.extend(self.login_args());
+        a
+    }
+
+    /// The key file, port and user options of a system `ssh` to the host.
+    fn login_args(&self) -> Vec<String> {
+        let mut a = Vec::new();
         if let Some(k) = &self.keyfile {
             a.extend(["-i".into(), k.clone(), "-o".into(), "IdentitiesOnly=yes".into()]);
         }
@@ -143,7 +265,10 @@ impl RemoteHost {
     /// key file to the jump): every argument shell-quoted, `%` escaped but in `%h:%p`.
     pub fn proxy_command(&self) -> String {
         let mut words: Vec<String> = vec!["ssh".into()];
-        words.extend(self.ssh_args().iter().map(|a| super::shell_quote(&a.replace('%', "%%"))));
+        let mut args = self.host_key_options();
+        args.extend(self.control_options());
+        args.extend(self.login_args());
+        words.extend(args.iter().map(|a| super::shell_quote(&a.replace('%', "%%"))));
         words.push("-W".into());
         words.push("%h:%p".into());
         words.push(super::shell_quote(&self.host.replace('%', "%%")));
@@ -207,9 +332,17 @@ impl RemoteHost {
 
     /// The ssh wrapper libvirt's `ssh` transport runs (its `command=`): OpenSSH with our host key options and
     /// every argument libvirt passes. Written by the tool itself, from values that passed the URI check.
+    /// Every virsh call shares one connection to the host: the master the first one opens (ControlMaster, see
+    /// [`Self::control_options`]).
     pub fn wrapper_script(&self) -> String {
-        let opts: Vec<String> = self.host_key_options().iter().map(|o| super::shell_quote(o)).collect();
-        format!("#!/bin/sh\n# written by provisioner: libvirt's ssh transport with the host key checked\nexec ssh {} \"$@\"\n", opts.join(" "))
+        let mut opts = self.host_key_options();
+        opts.extend(self.control_options());
+        let opts: Vec<String> = opts.iter().map(|o| super::shell_quote(o)).collect();
+        format!(
+            "#!/bin/sh\n# written by provisioner: libvirt's ssh transport with the host key checked, over one \
+             shared connection\nexec ssh {} \"$@\"\n",
+            opts.join(" ")
+        )
     }
 
     /// The URI handed to virsh: for `ssh`, the wrapper as `command=`; for `libssh`, our known_hosts with

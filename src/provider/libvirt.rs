@@ -479,63 +479,16 @@ impl Provider for Libvirt {
     }
 
     fn halt(&self, vm_name: &str, timeout: Duration, force: bool) -> Result<()> {
-        let running = |s: &VmState| matches!(s, VmState::Running | VmState::Paused | VmState::Other(_));
-        let now = self.state(vm_name)?;
-        if now == VmState::Saved {
-            // As Vagrant's `halt` on a saved VM: drop the saved memory, so the machine is plainly powered off.
-            return self.d.run(&["managedsave-remove", "--", vm_name]).map(drop);
-        }
-        if !running(&now) {
-            return Ok(());
-        }
-        if !force {
-            self.d.run(&["shutdown", "--mode", "acpi", "--", vm_name])?;
-            let down = crate::process::wait_until(timeout, "the guest to power off", || {
-                Ok((!running(&self.state(vm_name)?)).then_some(()))
-            });
-            if down.is_ok() {
-                return Ok(());
-            }
-        }
-        match self.d.run(&["destroy", "--", vm_name]) {
-            Ok(_) => Ok(()),
-            // It may have powered off between our check and the destroy.
-            Err(_) if !running(&self.state(vm_name)?) => Ok(()),
-            Err(e) => Err(e),
-        }
+        let r = self.halt_vm(vm_name, timeout, force);
+        self.close_host_connection();
+        r
     }
 
     fn destroy(&self, vm_name: &str, state: &StateDir) -> Result<()> {
-        if let Some(xml) = self.dumpxml(vm_name)? {
-            self.check_ours(vm_name, &xml, state)?;
-            self.halt(vm_name, Duration::ZERO, true)?;
-            // Internal snapshots live in the overlay (removed below); their metadata and a suspend image go too.
-            self.d.run(&["undefine", "--nvram", "--snapshots-metadata", "--managed-save", "--", vm_name])?;
-            if let Some(net) = private_network_of(&xml) {
-                self.remove_network_if_unused(&net)?;
-            }
-        }
-        if self.d.host.is_remote() {
-            self.delete_machine_volumes(vm_name)?;
-        }
-        // Our disks are plain files in the state dir (no storage pool): remove them ourselves.
-        for f in [
-            state.disk(),
-            state.path("disk.qcow2.partial"),
-            state.seed_iso(),
-            state.serial_log(),
-            state.path("domain.xml"),
-        ] {
-            match std::fs::remove_file(&f) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                    return Err(e).with_context(|| format!("remove {}", f.display()));
-                }
-                _ => {}
-            }
-        }
-        Ok(())
+        let r = self.destroy_vm(vm_name, state);
+        self.close_host_connection();
+        r
     }
-
     fn serial_console(&self, vm_name: &str, state: &StateDir) -> (String, String) {
         match self.d.host {
             Host::Remote(_) => self.remote_serial_console(vm_name),
@@ -678,6 +631,77 @@ pub fn private_network_of(xml: &str) -> Option<String> {
 
 /// How long a machine waits for another one creating the project's network.
 const NETWORK_LOCK: Duration = Duration::from_secs(120);
+
+
+impl Libvirt {
+    /// A remote host's shared SSH connection (the master the virsh calls ride) is closed by `halt` and `destroy`,
+    /// so no ssh process outlives the command that stopped the machine; best effort (it would exit on its own).
+    fn close_host_connection(&self) {
+        if let Some(r) = self.d.host.remote() {
+            if let Err(e) = r.close_master() {
+                eprintln!("warning: could not close the SSH connection to {}: {e:#}", r.destination());
+            }
+        }
+    }
+
+    fn halt_vm(&self, vm_name: &str, timeout: Duration, force: bool) -> Result<()> {
+        let running = |s: &VmState| matches!(s, VmState::Running | VmState::Paused | VmState::Other(_));
+        let now = self.state(vm_name)?;
+        if now == VmState::Saved {
+            // As Vagrant's `halt` on a saved VM: drop the saved memory, so the machine is plainly powered off.
+            return self.d.run(&["managedsave-remove", "--", vm_name]).map(drop);
+        }
+        if !running(&now) {
+            return Ok(());
+        }
+        if !force {
+            self.d.run(&["shutdown", "--mode", "acpi", "--", vm_name])?;
+            let down = crate::process::wait_until(timeout, "the guest to power off", || {
+                Ok((!running(&self.state(vm_name)?)).then_some(()))
+            });
+            if down.is_ok() {
+                return Ok(());
+            }
+        }
+        match self.d.run(&["destroy", "--", vm_name]) {
+            Ok(_) => Ok(()),
+            // It may have powered off between our check and the destroy.
+            Err(_) if !running(&self.state(vm_name)?) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn destroy_vm(&self, vm_name: &str, state: &StateDir) -> Result<()> {
+        if let Some(xml) = self.dumpxml(vm_name)? {
+            self.check_ours(vm_name, &xml, state)?;
+            self.halt_vm(vm_name, Duration::ZERO, true)?;
+            // Internal snapshots live in the overlay (removed below); their metadata and a suspend image go too.
+            self.d.run(&["undefine", "--nvram", "--snapshots-metadata", "--managed-save", "--", vm_name])?;
+            if let Some(net) = private_network_of(&xml) {
+                self.remove_network_if_unused(&net)?;
+            }
+        }
+        if self.d.host.is_remote() {
+            self.delete_machine_volumes(vm_name)?;
+        }
+        // Our disks are plain files in the state dir (no storage pool): remove them ourselves.
+        for f in [
+            state.disk(),
+            state.path("disk.qcow2.partial"),
+            state.seed_iso(),
+            state.serial_log(),
+            state.path("domain.xml"),
+        ] {
+            match std::fs::remove_file(&f) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(e).with_context(|| format!("remove {}", f.display()));
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+}
 
 impl Libvirt {
     /// The project's isolated network (qemu:///system): defined, started and set to autostart once, under a lock

@@ -223,6 +223,12 @@ impl NetHost {
         }
     }
 
+    /// How many SSH logins the host's sshd accepted so far (its log's `Accepted publickey` lines).
+    pub fn sshd_logins(&self) -> usize {
+        let log = std::fs::read_to_string(self.dir.path().join("sshd.log")).unwrap_or_default();
+        log.lines().filter(|l| l.contains("Accepted publickey")).count()
+    }
+
     /// The daemons' logs (for a failing test).
     pub fn logs(&self) -> String {
         let mut s = String::new();
