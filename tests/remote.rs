@@ -580,3 +580,32 @@ fn remote_status_calls_share_one_ssh_connection_and_destroy_closes_it() {
         .success();
     assert!(!far.master_alive() && !socket.exists(), "destroy closed the master ({})", socket.display());
 }
+
+/// A hardened host (its sshd has `AllowTcpForwarding no`): the tunnel to a remote machine's forwards stops at the
+/// first channel with the cause and the sshd setting that fixes it, in seconds (not the 600 s SSH deadline), and
+/// nothing is left listening here.
+#[test]
+fn remote_host_without_tcp_forwarding_is_a_clear_error_at_once() {
+    if !nethost::available() {
+        panic!("the remote-host fixture needs root, libvirtd, virtlogd, sshd and virt-ssh-helper");
+    }
+    let host = NetHost::start_with("AllowTcpForwarding no\n");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("known_hosts"), host.known_hosts_line()).unwrap();
+    let far = provisioner::host::remote::parse(&format!(
+        "qemu+ssh://root@{}/system?keyfile={}&known_hosts={}",
+        host.addr,
+        host.key.display(),
+        dir.path().join("known_hosts").display()
+    ))
+    .unwrap();
+    let port = crate::support::free_port();
+    let started = std::time::Instant::now();
+    let e = format!("{:#}", provisioner::host::tunnel::ensure(&far, &[port]).unwrap_err());
+    let took = started.elapsed();
+    assert!(took < std::time::Duration::from_secs(5), "took {took:?}: {e}");
+    assert!(e.contains(&format!("the libvirt host root@{} refuses to forward TCP connections", host.addr)), "{e}");
+    assert!(e.contains("administratively prohibited"), "{e}");
+    assert!(e.contains("\nhint: ") && e.contains("AllowTcpForwarding yes") && e.contains("Match User root"), "{e}");
+    assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err(), "nothing may listen after a refusal");
+}

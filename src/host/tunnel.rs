@@ -48,6 +48,9 @@ pub fn ensure(host: &RemoteHost, ports: &[u16]) -> Result<()> {
         listeners.push((l, *p));
     }
     let sess = connect_host(host)?;
+    // A host whose sshd forbids forwarding (`AllowTcpForwarding no`, `DisableForwarding yes`, a `PermitOpen` that
+    // leaves out its loopback) refuses every channel: say so now, not after the callers' SSH deadline.
+    probe_forwarding(&sess, host, missing[0])?;
     sess.set_blocking(false);
     let stop = Arc::new(AtomicBool::new(false));
     std::thread::Builder::new()
@@ -56,6 +59,38 @@ pub fn ensure(host: &RemoteHost, ports: &[u16]) -> Result<()> {
         .context("start the tunnel thread")?;
     open.push((key, missing));
     Ok(())
+}
+
+/// Open one `direct-tcpip` channel to the host's 127.0.0.1:`port` (blocking session) and close it again. Nothing
+/// listening there is fine (the guest may still be booting); a channel the sshd refuses by policy ("administratively
+/// prohibited") is the error that names the setting to change.
+fn probe_forwarding(sess: &ssh2::Session, host: &RemoteHost, port: u16) -> Result<()> {
+    match sess.channel_direct_tcpip("127.0.0.1", port, None) {
+        Ok(mut ch) => {
+            let _ = ch.close();
+            Ok(())
+        }
+        Err(e) if forwarding_prohibited(e.message()) => Err(forwarding_refused_error(host, port, e.message())),
+        Err(_) => Ok(()),
+    }
+}
+
+/// Is this channel-open failure the sshd's policy (not a port without a listener)? Pure.
+pub fn forwarding_prohibited(message: &str) -> bool {
+    message.contains("administratively prohibited")
+}
+
+/// The error for a libvirt host whose sshd refuses TCP forwarding, with the setting that fixes it.
+pub fn forwarding_refused_error(host: &RemoteHost, port: u16, detail: &str) -> anyhow::Error {
+    let user = host.user.clone().unwrap_or_else(|| "USER".to_string());
+    anyhow!(
+        "the libvirt host {} refuses to forward TCP connections (its sshd answered a channel to its 127.0.0.1:{port}          with \"{detail}\"): the machine's SSH and forwards listen on that host's loopback and cannot be reached \
+         through it\nhint: on the host, allow local forwarding in /etc/ssh/sshd_config, for everyone \
+         (`AllowTcpForwarding yes`, or `local`) or only for this login (`Match User {user}` followed by \
+         `AllowTcpForwarding local`), make sure no `DisableForwarding yes` or `PermitOpen` excludes 127.0.0.1, then \
+         reload sshd (`systemctl reload ssh`) and run the command again",
+        host.destination()
+    )
 }
 
 /// An authenticated ssh2 session to the libvirt host, its key checked against known_hosts.

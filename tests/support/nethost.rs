@@ -83,6 +83,12 @@ extern "C" {
 impl NetHost {
     /// Make the namespace and start its daemons; panics (after cleaning up) if it is not ready within a minute.
     pub fn start() -> NetHost {
+        Self::start_with("")
+    }
+
+    /// [`NetHost::start`] with `sshd_extra` lines first in the sshd's config (the first value of an option wins):
+    /// e.g. `AllowTcpForwarding no` for a hardened host.
+    pub fn start_with(sshd_extra: &str) -> NetHost {
         let pid = std::process::id();
         // One /30 per test process: 10.201.N.0/30 with N from the PID (tests run in their own processes).
         let n = 20 + pid % 200;
@@ -100,7 +106,7 @@ impl NetHost {
         std::fs::write(
             dir.path().join("sshd_config"),
             format!(
-                "ListenAddress {addr}\nPort 22\nHostKey /run/fix/host_key\nAuthorizedKeysFile \
+                "{sshd_extra}ListenAddress {addr}\nPort 22\nHostKey /run/fix/host_key\nAuthorizedKeysFile \
                  /run/fix/authorized_keys\nPermitRootLogin prohibit-password\nPasswordAuthentication no\n\
                  KbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\nPidFile /run/sshd.pid\n\
                  AllowTcpForwarding yes\nSubsystem sftp internal-sftp\nMaxStartups 50\nMaxSessions 50\n"
