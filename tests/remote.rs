@@ -604,8 +604,14 @@ fn remote_host_without_tcp_forwarding_is_a_clear_error_at_once() {
     let e = format!("{:#}", provisioner::host::tunnel::ensure(&far, &[port]).unwrap_err());
     let took = started.elapsed();
     assert!(took < std::time::Duration::from_secs(5), "took {took:?}: {e}");
-    assert!(e.contains(&format!("the libvirt host root@{} refuses to forward TCP connections", host.addr)), "{e}");
+    assert!(
+        e.contains(&format!("the libvirt host root@{} refuses to forward TCP connections", host.addr)),
+        "{e}"
+    );
     assert!(e.contains("administratively prohibited"), "{e}");
-    assert!(e.contains("\nhint: ") && e.contains("AllowTcpForwarding yes") && e.contains("Match User root"), "{e}");
+    assert!(
+        e.contains("\nhint: ") && e.contains("AllowTcpForwarding yes") && e.contains("Match User root"),
+        "{e}"
+    );
     assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err(), "nothing may listen after a refusal");
 }

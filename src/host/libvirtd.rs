@@ -59,6 +59,17 @@ impl Libvirtd {
     }
 
     pub fn unreachable(&self, err: &str) -> anyhow::Error {
+        if err.contains("no connection driver available") {
+            // The daemon (or the host) answered: it has no driver for this URI's hypervisor.
+            return anyhow::anyhow!(
+                "the libvirt daemon for {} on {} answered but has no QEMU driver: {err}\nhint: install it on that \
+                 host (Debian: `apt install libvirt-daemon-driver-qemu qemu-system-x86`, or libvirt-daemon-system) \
+                 and restart the daemon (`systemctl restart libvirtd`, or virtqemud); `virsh -c qemu:///system \
+                 version` there must name QEMU",
+                self.uri,
+                self.host.remote().map_or_else(|| "this machine".to_string(), |r| r.destination())
+            );
+        }
         if let Some(e) = self.host.unreachable(&self.uri, err) {
             return e;
         }
@@ -88,4 +99,20 @@ pub fn is_connect_error(stderr: &str) -> bool {
     ["failed to connect", "Failed to connect socket", "Cannot recv data", "no connection driver available"]
         .iter()
         .any(|m| stderr.contains(m))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_daemon_without_the_qemu_driver_is_not_called_unreachable() {
+        let uri = "qemu+ssh://root@hv1/system";
+        let d = Libvirtd::new(uri, uri.to_string(), "p", Host::from_uri(uri));
+        let e = d
+            .unreachable("error: failed to connect to the hypervisor\nerror: no connection driver available for qemu:///system")
+            .to_string();
+        assert!(e.starts_with("the libvirt daemon for qemu+ssh://root@hv1/system on root@hv1 answered but has no QEMU driver"), "{e}");
+        assert!(e.contains("\nhint: install it") && !e.contains("not reachable"), "{e}");
+    }
 }

@@ -212,8 +212,10 @@ impl RemoteHost {
             closed = out.success();
         }
         match std::fs::remove_file(&socket) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(anyhow::Error::from(e)
-                .context(format!("remove the SSH control socket {}", socket.display())))?,
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(anyhow::Error::from(e)
+                    .context(format!("remove the SSH control socket {}", socket.display())))?
+            }
             _ => {}
         }
         Ok(closed)

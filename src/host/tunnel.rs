@@ -70,7 +70,9 @@ fn probe_forwarding(sess: &ssh2::Session, host: &RemoteHost, port: u16) -> Resul
             let _ = ch.close();
             Ok(())
         }
-        Err(e) if forwarding_prohibited(e.message()) => Err(forwarding_refused_error(host, port, e.message())),
+        Err(e) if forwarding_prohibited(e.message()) => {
+            Err(forwarding_refused_error(host, port, e.message()))
+        }
         Err(_) => Ok(()),
     }
 }

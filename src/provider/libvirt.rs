@@ -632,7 +632,6 @@ pub fn private_network_of(xml: &str) -> Option<String> {
 /// How long a machine waits for another one creating the project's network.
 const NETWORK_LOCK: Duration = Duration::from_secs(120);
 
-
 impl Libvirt {
     /// A remote host's shared SSH connection (the master the virsh calls ride) is closed by `halt` and `destroy`,
     /// so no ssh process outlives the command that stopped the machine; best effort (it would exit on its own).
