@@ -2,6 +2,9 @@
 //! libvirtd, tests/support/nethost.rs), in one run:
 //! - box upload throughput (`provisioner box upload`: vol-create-as + vol-upload --sparse over SSH) vs `scp` of the
 //!   same file to the same host, and the second upload (0 bytes);
+//! - `status` of a machine recorded on that host (its domain absent: one virsh call over SSH) with the host's
+//!   shared connection (ControlMaster, the default) and without it (`PROVISIONER_SSH_REUSE=0`), vs the same on a
+//!   machine recorded on qemu:///session, as ratios;
 //! - with `PROVISIONER_BENCH_VM=1` (boots two TCG guests): `status` and
 //!   `ssh -c true` on a machine on that host vs the same on a local machine (qemu:///session).
 //!
@@ -185,6 +188,8 @@ fn main() {
     println!("ratio upload/scp throughput        {:>8.2}", rate / scp_rate);
     let _ = host.exec(&["rm", "-f", "/var/tmp/scp-copy"]);
 
+    status_on_recorded_machines(&host, &home);
+
     if std::env::var("PROVISIONER_BENCH_VM").as_deref() != Ok("1") {
         println!("remote: status / ssh -c true skipped (set PROVISIONER_BENCH_VM=1: two more TCG boots)");
         return;
@@ -252,4 +257,62 @@ fn main() {
         res[0].0.as_secs_f64() / res[1].0.as_secs_f64(),
         res[0].1.as_secs_f64() / res[1].1.as_secs_f64()
     );
+}
+
+/// `status` of a machine recorded on the far host (its domain absent, so no guest is booted: the cost is the virsh
+/// call over SSH) with and without the shared connection, against the same on this machine's qemu:///session.
+fn status_on_recorded_machines(host: &NetHost, home: &Path) {
+    let mut dirs = Vec::new();
+    for (tag, uri) in [("remote", host.uri()), ("local", "qemu:///session".to_string())] {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(d.path().join("provision")).unwrap();
+        std::fs::create_dir_all(d.path().join(".provisioner")).unwrap();
+        std::fs::write(
+            d.path().join("box-config.toml"),
+            format!(
+                "[machine]\nname = \"s{tag}\"\nprovider = \"libvirt\"\n[box]\nimage = \"none.qcow2\"\n[provision]\n\
+                 enabled = false\n[libvirt]\nuri = \"{uri}\"\n"
+            ),
+        )
+        .unwrap();
+        let state = serde_json::json!({"provider": "libvirt", "vm_name": format!("provisioner-bench-absent-{tag}"),
+                                       "ssh_host": "127.0.0.1", "ssh_port": 2299, "libvirt_uri": uri});
+        std::fs::write(d.path().join(".provisioner/state.json"), state.to_string()).unwrap();
+        dirs.push((tag, d));
+    }
+    let status = |d: &Path, reuse: &str| {
+        Command::new(support::bin())
+            .arg("status")
+            .current_dir(d)
+            .env("HOME", home)
+            .env("PROVISIONER_CACHE_DIR", d.join("cache"))
+            .env("PROVISIONER_SSH_REUSE", reuse)
+            .output()
+            .expect("run provisioner")
+            .status
+            .success()
+    };
+    let (remote, local) = (dirs[0].1.path(), dirs[1].1.path());
+    let logins = host.sshd_logins();
+    let cold = median("remote status, no reuse", || status(remote, "0"));
+    let without = host.sshd_logins() - logins;
+    let logins = host.sshd_logins();
+    let warm = median("remote status, shared connection", || status(remote, "1"));
+    let with = host.sshd_logins() - logins;
+    let here = median("local status (qemu:///session)", || status(local, "1"));
+    println!(
+        "remote/local status: {:.2}x with the shared connection ({with} SSH logins for {ROUNDS} calls), {:.2}x \
+         without ({without} logins)",
+        warm.as_secs_f64() / here.as_secs_f64(),
+        cold.as_secs_f64() / here.as_secs_f64()
+    );
+    // The master would outlive the bench for ControlPersist: close it.
+    let out = Command::new(support::bin())
+        .args(["destroy", "-f"])
+        .current_dir(remote)
+        .env("HOME", home)
+        .env("PROVISIONER_CACHE_DIR", remote.join("cache"))
+        .output()
+        .expect("run provisioner");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
