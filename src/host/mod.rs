@@ -1,9 +1,9 @@
 //! The host a machine's VM runs on: this machine ([`Host::Local`]), or a remote libvirt host reached over SSH
-//! ([`Host::Remote`]). A host owns what reaching it means: its known_hosts pin and the one OpenSSH master connection to it that
-//! virsh and the guest's ProxyCommand share ([`remote`]), the ssh2 session to
-//! it and the tunnel that mirrors a guest's forwards from its loopback ([`tunnel`], one session per host and
-//! process), the `ssh -W` ProxyCommand through it, its libvirt daemon ([`libvirtd`], the one virsh runner) and
-//! the storage pool on it ([`pool`]: the volumes' names and the virsh calls on them).
+//! ([`Host::Remote`]). A host owns what reaching it means: its known_hosts pin and the one OpenSSH master
+//! connection to it that virsh and the guest's ProxyCommand share ([`remote`]), the ssh2 session to it and the
+//! tunnel that mirrors a guest's forwards from its loopback ([`tunnel`], one session per host and process), the
+//! `ssh -W` ProxyCommand through it, its libvirt daemon ([`libvirtd`], the one virsh runner) and the storage pool
+//! on it ([`pool`]: the volumes' names and the virsh calls on them).
 //!
 //! Below both `ssh/` (guest sessions) and `provider/` (hypervisors): they use this module, it uses neither.
 
