@@ -570,6 +570,30 @@ fn remote_status_calls_share_one_ssh_connection_and_destroy_closes_it() {
     std::env::set_var("PROVISIONER_CACHE_DIR", t.path().join("cache"));
     let socket = far.control_path();
     assert!(far.master_alive(), "the master stays up between commands ({})", socket.display());
+    // The guest's ProxyCommand (`ssh-config`, `provisioner ssh`) rides the same master: its `-W` is a channel, not
+    // a login. Here the "guest" is the host's own sshd, reached through the host: one login (the inner ssh's).
+    let kh = t.path().join("home/.ssh/known_hosts");
+    let via =
+        provisioner::host::remote::parse(&format!("{}&known_hosts={}", host.uri(), kh.display())).unwrap();
+    assert_eq!(via.control_path(), socket, "one master per login, whatever the known_hosts file");
+    let before = host.sshd_logins();
+    let out = Command::new("ssh")
+        .args(["-F", "none", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes", "-o"])
+        .arg(format!("UserKnownHostsFile={}", kh.display()))
+        .arg("-o")
+        .arg(format!("ProxyCommand={}", via.proxy_command()))
+        .arg("-i")
+        .arg(&host.key)
+        .arg(format!("root@{}", host.addr))
+        .arg("true")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "ssh through the ProxyCommand: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        host.sshd_logins() - before,
+        1,
+        "the ProxyCommand's -W rode the master (one login: the inner ssh)"
+    );
     Test::new()
         .cwd(t.path())
         .env("HOME", t.path().join("home").to_string_lossy())
@@ -609,6 +633,7 @@ fn remote_host_without_tcp_forwarding_is_a_clear_error_at_once() {
         "{e}"
     );
     assert!(e.contains("administratively prohibited"), "{e}");
+    assert!(!e.contains("  "), "one line of prose, no runs of spaces: {e}");
     assert!(
         e.contains("\nhint: ") && e.contains("AllowTcpForwarding yes") && e.contains("Match User root"),
         "{e}"

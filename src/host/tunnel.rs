@@ -86,8 +86,9 @@ pub fn forwarding_prohibited(message: &str) -> bool {
 pub fn forwarding_refused_error(host: &RemoteHost, port: u16, detail: &str) -> anyhow::Error {
     let user = host.user.clone().unwrap_or_else(|| "USER".to_string());
     anyhow!(
-        "the libvirt host {} refuses to forward TCP connections (its sshd answered a channel to its 127.0.0.1:{port}          with \"{detail}\"): the machine's SSH and forwards listen on that host's loopback and cannot be reached \
-         through it\nhint: on the host, allow local forwarding in /etc/ssh/sshd_config, for everyone \
+        "the libvirt host {} refuses to forward TCP connections (its sshd answered a channel to its 127.0.0.1:{port} \
+         with \"{detail}\"): the machine's SSH and forwards listen on that host's loopback and cannot be \
+         reached through it\nhint: on the host, allow local forwarding in /etc/ssh/sshd_config, for everyone \
          (`AllowTcpForwarding yes`, or `local`) or only for this login (`Match User {user}` followed by \
          `AllowTcpForwarding local`), make sure no `DisableForwarding yes` or `PermitOpen` excludes 127.0.0.1, then \
          reload sshd (`systemctl reload ssh`) and run the command again",
