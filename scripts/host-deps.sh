@@ -40,6 +40,7 @@ base_pkgs=(
   python3-yaml                               # tests/seed.rs loads network-config with PyYAML, as cloud-init does
   curl ca-certificates iproute2 procps psmisc
   docker-compose                             # v1 1.29 as in the guest: tests/lab.rs parses the rendered compose file (no engine needed)
+  docker-registry apache2-utils openssl      # tests/vm.rs: a real registry (Distribution 2.8) with TLS and htpasswd auth
 )
 bpo_pkgs=(
   qemu-system-x86 qemu-system-common qemu-system-data qemu-block-extra qemu-utils   # qemu-img: overlays, box checks

@@ -218,16 +218,109 @@ pub struct ProvisionConfig {
     /// Skip provisioning entirely (boot only).
     #[serde(default)]
     pub enabled: Option<bool>,
+    /// Docker Hub mirrors (`registry-mirrors` in the guest's /etc/docker/daemon.json), as URLs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub registry_mirrors: Vec<String>,
+    /// Registries Docker reaches over plain HTTP or unverified TLS (`insecure-registries`), as `host[:port]`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub insecure_registries: Vec<String>,
+    /// CA certificates (PEM files, relative to the config's directory) the guest's Docker trusts for every
+    /// registry the config names (installed as `/etc/docker/certs.d/HOST/ca.crt`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ca_certs: Vec<PathBuf>,
+    /// A TOML file (mode 0600, outside the config) with `["HOST"] username, password` per registry; used with
+    /// `docker login --password-stdin` in the guest, never printed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registry_credentials: Option<PathBuf>,
+    /// Upstream registry -> the path prefix that proxies it (a Harbor/Nexus proxy project): every image of that
+    /// registry is pulled as `PREFIX/REPOSITORY:TAG` (`docker.io` images as `PREFIX/library/NAME` for official ones).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub registry_proxies: BTreeMap<String, String>,
+    /// The package index the registry-mode builds use for Python packages (`PIP_INDEX_URL`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pip_index_url: Option<String>,
+}
+
+/// A Docker image reference split into its registry and the rest (`python:3` -> `docker.io`,
+/// `library/python:3`; `gcr.io/team/tool:v1` -> `gcr.io`, `team/tool:v1`).
+pub fn split_image(image: &str) -> (&str, String) {
+    match image.split_once('/') {
+        Some((first, rest)) if first.contains('.') || first.contains(':') || first == "localhost" => {
+            (first, rest.to_string())
+        }
+        Some(_) => ("docker.io", image.to_string()),
+        None => ("docker.io", format!("library/{image}")),
+    }
+}
+
+impl ProvisionConfig {
+    /// The reference an image is pulled by: through its registry's proxy prefix when `registry_proxies` names one
+    /// (`index.docker.io` and `registry-1.docker.io` count as `docker.io`), else unchanged.
+    pub fn proxied_image(&self, image: &str) -> String {
+        let (registry, rest) = split_image(image);
+        let key = match registry {
+            "index.docker.io" | "registry-1.docker.io" => "docker.io",
+            r => r,
+        };
+        match self.registry_proxies.get(key) {
+            Some(prefix) => format!("{}/{rest}", prefix.trim_end_matches('/')),
+            None => image.to_string(),
+        }
+    }
+
+    /// Every registry host the config names (mirrors, insecure registries, proxy prefixes), sorted, each once:
+    /// where the CA certificates are installed.
+    pub fn registry_hosts(&self) -> Vec<String> {
+        let mut hosts: Vec<String> = self
+            .registry_mirrors
+            .iter()
+            .filter_map(|m| url_host(m))
+            .chain(self.insecure_registries.iter().cloned())
+            .chain(self.registry_proxies.values().map(|p| p.split('/').next().unwrap_or(p).to_string()))
+            .collect();
+        hosts.sort();
+        hosts.dedup();
+        hosts
+    }
+}
+
+/// `host[:port]` of an `http(s)://` URL.
+pub fn url_host(url: &str) -> Option<String> {
+    let rest = url.strip_prefix("https://").or_else(|| url.strip_prefix("http://"))?;
+    let host = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let host = host.rsplit_once('@').map_or(host, |(_, h)| h);
+    (!host.is_empty()).then(|| host.to_string())
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ImageSource {
+    /// The guest checks, with a short deadline, whether the registry (or its proxy/mirror) answers for the
+    /// images: registry mode if it does, debian mode if not.
+    Auto,
     /// Pinned official images from a registry; `docker compose build` for the services the tree builds.
     Registry,
     /// Images built from a Debian mirror (for places where only a mirror is reachable).
     #[default]
     Debian,
+}
+
+impl ImageSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ImageSource::Registry => "registry",
+            ImageSource::Debian => "debian",
+            ImageSource::Auto => "auto",
+        }
+    }
+    /// The mode templates see: `auto` not (yet) resolved against a guest renders as debian mode, the one that
+    /// needs no registry (`render`, `validate`).
+    pub fn rendered(self) -> ImageSource {
+        match self {
+            ImageSource::Auto => ImageSource::Debian,
+            m => m,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
@@ -345,6 +438,12 @@ impl Default for ProvisionConfig {
             images: ImageSource::default(),
             docker_install: DockerInstall::default(),
             enabled: None,
+            registry_mirrors: Vec::new(),
+            insecure_registries: Vec::new(),
+            ca_certs: Vec::new(),
+            registry_credentials: None,
+            registry_proxies: BTreeMap::new(),
+            pip_index_url: None,
         }
     }
 }
@@ -527,6 +626,13 @@ impl Config {
     /// Directory of the config file: relative paths in it resolve from here; `.provisioner/` lives here.
     pub fn base_dir(&self) -> PathBuf {
         base_dir_of(&self.path)
+    }
+
+    /// This config with `[provision] images` set to `mode` (the mode `auto` resolved to).
+    pub fn with_images(&self, mode: ImageSource) -> Config {
+        let mut c = self.clone();
+        c.provision.images = mode;
+        c
     }
 
     /// Resolve a path from the file relative to its directory.

@@ -330,10 +330,20 @@ pub(crate) fn forwarded_url(cfg: &Config, guest_port: u16, path: &str) -> Option
 /// else the probe table (every entry available).
 pub(crate) fn services(cfg: &Config, profile: &'static Profile) -> (Vec<String>, Vec<String>) {
     let state = crate::machine::StateDir::for_config(cfg);
+    // `auto`: the mode the last provisioning ran in.
+    let cfg = &match image_mode(cfg) {
+        Some(r) if cfg.provision.images == crate::config::ImageSource::Auto => cfg.with_images(r.mode),
+        _ => cfg.clone(),
+    };
     match crate::guest::Lab::render(cfg, &state, profile) {
         Ok(lab) => lab.services(cfg),
         Err(_) => (cfg.health_probes(profile).into_keys().collect(), Vec::new()),
     }
+}
+
+/// The image mode the machine's lab last ran in, and why (`.provisioner/images.json`).
+pub(crate) fn image_mode(cfg: &Config) -> Option<crate::guest::registry::Resolved> {
+    crate::guest::registry::ImagesRecord::load(&crate::guest::registry::state_root(cfg)).resolved
 }
 
 /// Container state of every compose service of this machine's project.
@@ -522,10 +532,14 @@ pub(crate) fn check_deferring(
     } else {
         drop(phase);
     }
+    let mode = image_mode(cfg);
     if ui.json() {
         let mut doc = to_json(&report);
         if let Some(m) = ui.machine() {
             doc["machine"] = serde_json::json!(m);
+        }
+        if let Some(r) = &mode {
+            doc["images"] = serde_json::json!({"mode": r.mode.as_str(), "reason": r.reason});
         }
         println!("{doc}");
     } else {
@@ -533,6 +547,9 @@ pub(crate) fn check_deferring(
             println!("{m}:");
         }
         print!("{}", render_table(&report));
+        if let Some(r) = &mode {
+            println!("images: {} mode ({})", r.mode.as_str(), r.reason);
+        }
     }
     Ok(report)
 }

@@ -347,7 +347,16 @@ pub fn context<S: Serialize + ?Sized>(
         },
         "provision": {
             "guest_path": cfg.provision.guest_path,
-            "images": cfg.provision.images,
+            "images": cfg.provision.images.rendered(),
+            "pip_index_url": cfg.provision.pip_index_url.as_deref().unwrap_or(""),
+            "pip_trusted_host": cfg
+                .provision
+                .pip_index_url
+                .as_deref()
+                .filter(|u| u.starts_with("http://"))
+                .and_then(crate::config::url_host)
+                .map(|h| h.rsplit_once(':').map_or(h.clone(), |(h, _)| h.to_string()))
+                .unwrap_or_default(),
         },
         "forwards": forwards,
         "secrets": serde_json::to_value(secrets)?,
@@ -376,6 +385,27 @@ fn cluster(cfg: &Config) -> serde_json::Value {
 /// Render the config's provision tree with the machine's secrets (the workload profile's, from the state dir).
 pub fn render_config<S: Serialize + ?Sized>(cfg: &Config, secrets: &S) -> Result<Rendered> {
     render_layers(cfg, &cfg.template_layers(), secrets)
+}
+
+/// The `image` helper: an image reference as the guest pulls it (see `ProvisionConfig::proxied_image`).
+struct ImageHelper(crate::config::ProvisionConfig);
+
+impl handlebars::HelperDef for ImageHelper {
+    fn call<'reg: 'rc, 'rc>(
+        &self,
+        h: &handlebars::Helper<'rc>,
+        _: &'reg Handlebars<'reg>,
+        _: &'rc handlebars::Context,
+        _: &mut handlebars::RenderContext<'reg, 'rc>,
+        out: &mut dyn handlebars::Output,
+    ) -> handlebars::HelperResult {
+        let image = h
+            .param(0)
+            .and_then(|p| p.value().as_str())
+            .ok_or(handlebars::RenderErrorReason::ParamNotFoundForIndex("image", 0))?;
+        out.write(&self.0.proxied_image(image))?;
+        Ok(())
+    }
 }
 
 thread_local! {
@@ -441,6 +471,8 @@ pub fn render_layers<S: Serialize + ?Sized>(
     // `{{#if (has LIST "item")}}`: whether a list (e.g. `cluster.profiles`) holds an item.
     handlebars::handlebars_helper!(has: |list: array, item: str| list.iter().any(|v| v.as_str() == Some(item)));
     hb.register_helper("has", Box::new(has));
+    // `{{image vars.x_image}}`: the reference an image is pulled by, through `[provision] registry_proxies`.
+    hb.register_helper("image", Box::new(ImageHelper(cfg.provision.clone())));
     hb.register_escape_fn(handlebars::no_escape);
     let mut files = Vec::new();
     let mut registered = std::collections::HashMap::new();

@@ -624,3 +624,70 @@ fn a_forward_on_the_default_ssh_port_names_the_default() {
          (the SSH forward's default port)\nhint: give every forward (and [ssh] host_port) its own host port",
     );
 }
+
+/// BASE with a `[provision]` table of registry keys (a provision tree beside it, as `validate` expects).
+fn with_provision(keys: &str) -> String {
+    format!("{BASE}\n[provision]\nimages = \"auto\"\n{keys}")
+}
+
+#[test]
+fn registry_keys_are_checked_at_their_position() {
+    fails_with(
+        with_provision(
+            "registry_mirrors = [\"https://m.example\", \"ftp://mirror.example\"]\n\
+             insecure_registries = [\"https://registry.example:5000\"]\n\
+             registry_proxies = { \"gcr.io\" = \"https://harbor.example/gcr\" }\n\
+             pip_index_url = \"nexus.example/simple\"\n",
+        ),
+        "box-config.toml:24:42: `registry_mirrors` entry \"ftp://mirror.example\" is not an http(s) URL of a \
+         registry\nhint: write the mirror's URL, e.g. \"https://mirror.example.com\" (Docker uses it for Docker Hub \
+         images only; see registry_proxies for the others)\n\
+         box-config.toml:25:24: `insecure_registries` entry \"https://registry.example:5000\" is not a registry \
+         host[:port]\nhint: write the host and port only, without scheme or path, e.g. \"registry.example:5000\"\n\
+         box-config.toml:26:33: `registry_proxies` prefix \"https://harbor.example/gcr\" for gcr.io is not \
+         REGISTRY[:PORT]/PATH\nhint: write the proxy project's prefix without scheme, e.g. \
+         \"harbor.example.com/dockerhub-proxy\"\n\
+         box-config.toml:27:17: `pip_index_url` \"nexus.example/simple\" is not an http(s) URL\nhint: write the simple \
+         index's URL, e.g. \"https://nexus.example.com/repository/pypi/simple\"",
+    );
+    fails_with(
+        with_provision("images = \"cloud\"\n").replace("images = \"auto\"\n", ""),
+        "box-config.toml:23:10: bad value \"cloud\" for `images` in [provision]; expected one of: auto, registry, \
+         debian\nhint: set `images` to one of: auto, registry, debian",
+    );
+}
+
+#[test]
+fn credentials_file_must_be_private_and_its_secret_is_never_printed() {
+    use std::os::unix::fs::PermissionsExt;
+    const SECRET: &str = "hunter2-never-printed";
+    let run = |mode: u32, json: bool| {
+        let t = Test::new().arg("validate");
+        let t = if json { t.arg("--json") } else { t };
+        tree(&t);
+        t.write("ca.pem", "-----BEGIN CERTIFICATE-----\n-----END CERTIFICATE-----\n");
+        t.write("creds.toml", format!("[\"r.example:5000\"]\nusername = \"lab\"\npassword = \"{SECRET}\"\n"));
+        std::fs::set_permissions(t.path().join("creds.toml"), std::fs::Permissions::from_mode(mode)).unwrap();
+        t.write(
+            "box-config.toml",
+            with_provision(
+                "registry_mirrors = [\"https://r.example:5000\"]\nca_certs = [\"ca.pem\", \"gone.pem\"]\n\
+                 registry_credentials = \"creds.toml\"\n",
+            ),
+        );
+        t.run()
+    };
+    let r = run(0o644, false).failure();
+    let err = r.stderr();
+    assert!(err.contains("box-config.toml:25:23: CA certificate "), "{err}");
+    assert!(err.contains("gone.pem does not exist\n"), "{err}");
+    assert!(err.contains("box-config.toml:26:24: registry credentials file "), "{err}");
+    assert!(
+        err.contains("creds.toml is readable by others (mode 0644); it holds passwords\nhint: chmod 600 "),
+        "{err}"
+    );
+    for (mode, json) in [(0o644, true), (0o600, false), (0o600, true)] {
+        let r = run(mode, json);
+        assert!(!r.stdout().contains(SECRET) && !r.stderr().contains(SECRET), "mode {mode:o} json {json}");
+    }
+}

@@ -321,6 +321,9 @@ fn vm_up_verify_reprovision_destroy() {
     let restarted: Vec<&String> = after.keys().filter(|svc| before.get(*svc) != after.get(*svc)).collect();
     assert_eq!(restarted, ["prometheus"], "before {before:?}\nafter {after:?}");
 
+    // images = "auto" against a real registry, on this running guest (tests/registry_vm.rs): no boot of its own.
+    crate::registry_vm::registry_cases(t.path(), &run);
+
     run(&["destroy", "-f"]).success();
     assert!(!t.path().join(".provisioner").exists(), "destroy left the state dir");
 }

@@ -32,8 +32,8 @@ impl Lab {
         let test = Test::with_lab();
         let cfg_path = test.path().join("box-config.toml");
         let cfg = std::fs::read_to_string(&cfg_path).unwrap();
-        assert!(cfg.contains("images = \"debian\""), "box-config.toml no longer sets images = \"debian\"");
-        let cfg = cfg.replace("images = \"debian\"", &format!("images = \"{images}\""));
+        assert!(cfg.contains("images = \"auto\""), "box-config.toml no longer sets images = \"auto\"");
+        let cfg = cfg.replace("images = \"auto\"", &format!("images = \"{images}\""));
         std::fs::write(&cfg_path, format!("{cfg}\n[vars]\n{vars}\n")).unwrap();
         test.write(
             ".provisioner/secrets.toml",
@@ -329,6 +329,41 @@ fn check_compose(lab: &Lab, images: &str) -> Value {
 }
 
 #[test]
+fn registry_proxies_and_pip_index_reach_every_image_and_the_demo_app_build() {
+    let test = Test::with_lab();
+    let cfg_path = test.path().join("box-config.toml");
+    let cfg = std::fs::read_to_string(&cfg_path).unwrap().replace(
+        "images = \"auto\"",
+        "images = \"registry\"\nregistry_proxies = { \"docker.io\" = \"harbor.corp:8443/hub\", \"gcr.io\" = \
+         \"harbor.corp:8443/gcr\" }\npip_index_url = \"http://10.0.2.2:8765/simple\"",
+    );
+    std::fs::write(&cfg_path, cfg).unwrap();
+    Test::new()
+        .cwd(test.path())
+        .args(["--config", "box-config.toml", "render", "--out", "out"])
+        .run()
+        .success();
+    let compose = std::fs::read_to_string(test.path().join("out/docker-compose.yml")).unwrap();
+    let c: Value = serde_norway::from_str(&compose).unwrap();
+    for (s, image) in [
+        ("prometheus", "harbor.corp:8443/hub/prom/prometheus:v2.53.2"),
+        ("alertmanager", "harbor.corp:8443/hub/prom/alertmanager:v0.27.0"),
+        ("node-exporter", "harbor.corp:8443/hub/prom/node-exporter:v1.8.2"),
+        ("grafana", "harbor.corp:8443/hub/grafana/grafana:11.2.2"),
+        ("cadvisor", "harbor.corp:8443/gcr/cadvisor/cadvisor:v0.49.1"),
+    ] {
+        assert_eq!(c["services"][s]["image"].as_str(), Some(image), "{s}");
+    }
+    let args = &c["services"]["demo-app"]["build"]["args"];
+    assert_eq!(
+        args["PYTHON_IMAGE"].as_str(),
+        Some("harbor.corp:8443/hub/library/python:3.12.7-slim-bookworm")
+    );
+    assert_eq!(args["PIP_INDEX_URL"].as_str(), Some("http://10.0.2.2:8765/simple"));
+    assert_eq!(args["PIP_TRUSTED_HOST"].as_str(), Some("10.0.2.2"), "plain HTTP index: trusted by host");
+}
+
+#[test]
 fn compose_registry_mode_pins_every_image_and_binds_loopback() {
     let lab = Lab::render("registry", "");
     let c = check_compose(&lab, "registry");
@@ -339,8 +374,14 @@ fn compose_registry_mode_pins_every_image_and_binds_loopback() {
         assert!(c["services"][s].get("build").is_none(), "registry mode: {s} is pulled, not built");
     }
     let dockerfile = lab.read("demo-app/Dockerfile");
+    // The base is a build arg (so it can come through a registry proxy) whose default and compose value are pinned.
     let from = dockerfile.lines().find(|l| l.starts_with("FROM ")).unwrap();
-    assert!(from.contains("python:3.") && from.contains("-slim"), "{from}");
+    assert_eq!(from, "FROM ${PYTHON_IMAGE}");
+    let arg = dockerfile.lines().find(|l| l.starts_with("ARG PYTHON_IMAGE=")).unwrap();
+    assert!(arg.contains("python:3.") && arg.contains("-slim"), "{arg}");
+    let args = &c["services"]["demo-app"]["build"]["args"];
+    assert_eq!(args["PYTHON_IMAGE"].as_str(), Some(&arg["ARG PYTHON_IMAGE=".len()..]));
+    assert_eq!(args["PIP_INDEX_URL"].as_str(), Some(""), "PyPI unless [provision] pip_index_url");
     assert!(
         dockerfile.contains("\nUSER ") && dockerfile.contains("\nHEALTHCHECK "),
         "non-root + HEALTHCHECK"

@@ -14,6 +14,7 @@ mod guest;
 mod lab;
 mod live_stack;
 mod multi;
+mod registry_vm;
 mod remote;
 mod render;
 mod seed;

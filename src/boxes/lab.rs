@@ -104,6 +104,9 @@ pub struct LabMeta {
     /// Every file of the entry but lab.json, as committed (filled by [`Labs::commit`]).
     #[serde(default)]
     pub files: Vec<FileRecord>,
+    /// The image mode the lab ran in ("registry" | "debian"; absent in entries made before it was recorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub images_mode: Option<String>,
 }
 
 /// One file of an entry as it was when the entry was committed.
@@ -445,6 +448,7 @@ mod tests {
             created: String::new(),
             size: 0,
             files: Vec::new(),
+            images_mode: None,
         };
         let fill = |key: &str| {
             let p = labs.begin(key).unwrap();
@@ -488,6 +492,7 @@ mod tests {
             created: String::new(),
             size: 0,
             files: Vec::new(),
+            images_mode: None,
         };
         labs.commit(&p, meta).unwrap()
     }

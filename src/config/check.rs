@@ -61,6 +61,137 @@ fn url_scheme_ok(url: &str, schemes: &[&str]) -> bool {
         .any(|s| url.strip_prefix(s).and_then(|r| r.strip_prefix("://")).is_some_and(|r| !r.is_empty()))
 }
 
+/// `host[:port]` as Docker names a registry: a host name or IPv4 address, an optional port.
+fn valid_registry_host(s: &str) -> bool {
+    let (host, port) = match s.rsplit_once(':') {
+        Some((h, p)) => (h, Some(p)),
+        None => (s, None),
+    };
+    port.map_or(true, |p| p.parse::<u16>().is_ok_and(|n| n > 0))
+        && (valid_hostname(&host.to_ascii_lowercase()) || host.parse::<std::net::Ipv4Addr>().is_ok())
+}
+
+/// `[provision]` registry keys: mirrors and the package index are URLs, insecure registries and proxy prefixes
+/// name a registry host, proxied registries are registry names.
+fn check_registries(cfg: &Config, src: &Source, f: &mut Findings) {
+    let p = &cfg.provision;
+    for (i, m) in p.registry_mirrors.iter().enumerate() {
+        let ok = url_scheme_ok(m, &["https", "http"])
+            && super::url_host(m).is_some_and(|h| valid_registry_host(&h));
+        if !ok {
+            f.error(
+                src.at_path(
+                    &["provision", "registry_mirrors", &i.to_string()],
+                    format!("`registry_mirrors` entry \"{}\" is not an http(s) URL of a registry", shown(m)),
+                ),
+                "write the mirror's URL, e.g. \"https://mirror.example.com\" (Docker uses it for Docker Hub images \
+                 only; see registry_proxies for the others)",
+            );
+        }
+    }
+    for (i, h) in p.insecure_registries.iter().enumerate() {
+        if !valid_registry_host(h) {
+            f.error(
+                src.at_path(
+                    &["provision", "insecure_registries", &i.to_string()],
+                    format!("`insecure_registries` entry \"{}\" is not a registry host[:port]", shown(h)),
+                ),
+                "write the host and port only, without scheme or path, e.g. \"registry.example:5000\"",
+            );
+        }
+    }
+    for (i, c) in p.ca_certs.iter().enumerate() {
+        if c.as_os_str().is_empty() {
+            f.error(
+                src.at_path(&["provision", "ca_certs", &i.to_string()], "`ca_certs` entry is empty"),
+                "name a PEM file, relative to box-config.toml (e.g. \"certs/corp-ca.pem\")",
+            );
+        }
+    }
+    for (registry, prefix) in &p.registry_proxies {
+        let host = prefix.split('/').next().unwrap_or("");
+        if registry != "docker.io"
+            && !(registry.contains('.') || registry.contains(':') || registry == "localhost")
+        {
+            f.error(
+                src.at_path(
+                    &["provision", "registry_proxies", registry],
+                    format!("`registry_proxies` key \"{}\" is not a registry name", shown(registry)),
+                ),
+                "use the registry an image names, e.g. \"docker.io\", \"gcr.io\", \"quay.io\"",
+            );
+        }
+        if prefix.contains("://")
+            || !valid_registry_host(host)
+            || prefix.ends_with('/')
+            || prefix.contains("//")
+        {
+            f.error(
+                src.at_path(
+                    &["provision", "registry_proxies", registry],
+                    format!(
+                        "`registry_proxies` prefix \"{}\" for {} is not REGISTRY[:PORT]/PATH",
+                        shown(prefix),
+                        shown(registry)
+                    ),
+                ),
+                "write the proxy project's prefix without scheme, e.g. \"harbor.example.com/dockerhub-proxy\"",
+            );
+        }
+    }
+    if let Some(u) = &p.pip_index_url {
+        if !url_scheme_ok(u, &["https", "http"]) {
+            f.error(
+                src.at_path(
+                    &["provision", "pip_index_url"],
+                    format!("`pip_index_url` \"{}\" is not an http(s) URL", shown(u)),
+                ),
+                "write the simple index's URL, e.g. \"https://nexus.example.com/repository/pypi/simple\"",
+            );
+        }
+    }
+}
+
+/// Files the `[provision]` registry keys name: CA certificates exist, the credentials file exists and is private.
+fn registry_files(cfg: &Config, src: &Source, f: &mut Findings) {
+    use std::os::unix::fs::PermissionsExt;
+    let p = &cfg.provision;
+    for (i, c) in p.ca_certs.iter().enumerate() {
+        let path = cfg.resolve(c);
+        if !c.as_os_str().is_empty() && !path.is_file() {
+            f.error(
+                src.at_path(
+                    &["provision", "ca_certs", &i.to_string()],
+                    format!("CA certificate {} does not exist", path.display()),
+                ),
+                "name a PEM file, relative to box-config.toml",
+            );
+        }
+    }
+    if let Some(c) = &p.registry_credentials {
+        let path = cfg.resolve(c);
+        let at = ["provision", "registry_credentials"];
+        match std::fs::metadata(&path) {
+            Err(_) => f.error(
+                src.at_path(&at, format!("registry credentials file {} does not exist", path.display())),
+                "create it (mode 0600) with [\"host:port\"] tables holding username and password",
+            ),
+            Ok(m) if m.permissions().mode() & 0o077 != 0 => f.error(
+                src.at_path(
+                    &at,
+                    format!(
+                        "registry credentials file {} is readable by others (mode {:04o}); it holds passwords",
+                        path.display(),
+                        m.permissions().mode() & 0o777
+                    ),
+                ),
+                &format!("chmod 600 {}", path.display()),
+            ),
+            Ok(_) => {}
+        }
+    }
+}
+
 /// Rules on the file alone.
 pub(super) fn local(cfg: &Config, src: &Source) -> Findings {
     let mut f = Findings::default();
@@ -123,6 +254,7 @@ pub(super) fn local(cfg: &Config, src: &Source) -> Findings {
     }
     check_box(cfg, src, &mut f);
     check_network(cfg, src, &mut f);
+    check_registries(cfg, src, &mut f);
     if !valid_unix_user(&cfg.ssh.user) {
         f.error(
             src.at_path(
@@ -527,6 +659,7 @@ pub type ComposeOf<'a> = dyn Fn() -> Result<Option<(String, Vec<u8>)>> + 'a;
 /// template, line and column); findings about the config come back in [`Findings`].
 pub(super) fn cross(cfg: &Config, src: &Source, profile: &Profile, compose: &ComposeOf) -> Result<Findings> {
     let mut f = Findings::default();
+    registry_files(cfg, src, &mut f);
     if cfg.member.is_some() {
         let nets = hostnet::read();
         host_networks(cfg, src, nets.as_deref().map_err(|e| format!("{e:#}")), &mut f);

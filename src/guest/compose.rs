@@ -254,14 +254,17 @@ pub struct Compose {
 impl Compose {
     /// The shell command for `compose <args>`.
     pub fn cmd(&self, args: &str) -> String {
+        const COMPOSE_HTTP_TIMEOUT: u32 = 600;
         let bin = match self.kind {
             ComposeKind::V2 => "docker compose",
             ComposeKind::V1 => "docker-compose",
         };
         let profiles: String =
             self.profiles.iter().map(|p| format!(" --profile {}", shell_quote(p))).collect();
+        // Compose's Docker API timeout (60 s by default) ran out creating a container in a TCG guest on a loaded
+        // host ("consider setting COMPOSE_HTTP_TIMEOUT"); `sudo` resets the environment, hence `env`.
         format!(
-            "cd {} && sudo -n {bin} -p {} -f {}{profiles} {args}",
+            "cd {} && sudo -n env COMPOSE_HTTP_TIMEOUT={COMPOSE_HTTP_TIMEOUT} {bin} -p {} -f {}{profiles} {args}",
             shell_quote(&self.dir),
             shell_quote(&self.project),
             shell_quote(&self.file)
@@ -545,10 +548,11 @@ volumes:
         };
         assert_eq!(
             c.cmd("up -d"),
-            "cd /opt/provision && sudo -n docker-compose -p provisioner-lab-1 -f compose.yaml up -d"
+            "cd /opt/provision && sudo -n env COMPOSE_HTTP_TIMEOUT=600 docker-compose -p provisioner-lab-1 -f \
+             compose.yaml up -d"
         );
         let c = Compose { kind: ComposeKind::V2, ..c };
-        assert!(c.cmd("pull").contains("sudo -n docker compose -p provisioner-lab-1 -f compose.yaml pull"));
+        assert!(c.cmd("pull").contains("docker compose -p provisioner-lab-1 -f compose.yaml pull"));
         let c = Compose { profiles: vec!["app".into(), "it's".into()], ..c };
         assert!(
             c.cmd("up -d").ends_with("-f compose.yaml --profile app --profile 'it'\\''s' up -d"),

@@ -6,6 +6,7 @@ pub mod compose;
 pub mod docker;
 pub mod forwards;
 pub mod images;
+pub mod registry;
 pub mod upload;
 
 use std::collections::BTreeSet;
@@ -30,6 +31,8 @@ pub struct Lab {
     model: std::result::Result<ComposeModel, String>,
     /// The workload this tree belongs to (its probes, secrets and base packages).
     pub profile: &'static Profile,
+    /// The secrets it was rendered with (to render it again for the mode `auto` resolves to).
+    secrets: Option<serde_json::Value>,
 }
 
 impl Lab {
@@ -37,13 +40,24 @@ impl Lab {
     /// compose file.
     pub fn render(cfg: &Config, state: &crate::machine::StateDir, profile: &'static Profile) -> Result<Lab> {
         let secrets = profile.secrets_in(&state.root)?;
-        Ok(Self::of(crate::render::render_config(cfg, &secrets)?, profile))
+        let mut lab = Self::of(crate::render::render_config(cfg, &secrets)?, profile);
+        lab.secrets = Some(secrets);
+        Ok(lab)
+    }
+
+    /// The same tree rendered for another image mode (`auto` resolved), with the same secrets.
+    pub fn for_mode(&self, cfg: &Config, mode: ImageSource) -> Result<Lab> {
+        let cfg = cfg.with_images(mode);
+        let secrets = self.secrets.clone().unwrap_or(serde_json::Value::Null);
+        let mut lab = Self::of(crate::render::render_config(&cfg, &secrets)?, self.profile);
+        lab.secrets = self.secrets.clone();
+        Ok(lab)
     }
 
     /// Parse the compose file of a rendered tree.
     pub fn of(rendered: Rendered, profile: &'static Profile) -> Lab {
         let model = ComposeModel::from_rendered(&rendered).map_err(|e| format!("{e:#}"));
-        Lab { rendered, model, profile }
+        Lab { rendered, model, profile, secrets: None }
     }
 
     pub fn model(&self) -> Result<&ComposeModel> {
@@ -53,8 +67,17 @@ impl Lab {
     /// Services to report: (available, unavailable offline). From the compose file when it parses (see
     /// [`split_services`]), else the probe table (every entry available).
     pub fn services(&self, cfg: &Config) -> (Vec<String>, Vec<String>) {
+        // `auto` renders as debian mode; once the guest resolved it to registry mode, that tree's services count.
+        if cfg.provision.images == ImageSource::Auto {
+            let rec = registry::ImagesRecord::load(&registry::state_root(cfg));
+            if let Some(r) = rec.resolved.filter(|r| r.mode == ImageSource::Registry) {
+                if let Ok(lab) = self.for_mode(cfg, r.mode) {
+                    return lab.services(&cfg.with_images(r.mode));
+                }
+            }
+        }
         match &self.model {
-            Ok(model) => split_services(model, cfg.provision.images, cfg.compose_profiles()),
+            Ok(model) => split_services(model, cfg.provision.images.rendered(), cfg.compose_profiles()),
             Err(_) => (cfg.health_probes(self.profile).into_keys().collect(), Vec::new()),
         }
     }
@@ -123,7 +146,7 @@ pub fn provision(
     force: bool,
     host_build: Option<images::HostBuild>,
 ) -> Result<()> {
-    let (rendered, model) = (&lab.rendered, lab.model()?);
+    let model = lab.model()?;
 
     let phase = ui.phase("docker");
     let ready = docker::ensure(ssh, cfg.provision.docker_install, &phase)?;
@@ -136,6 +159,70 @@ pub fn provision(
     let phase = ui.phase("forwards");
     let summary = forwards::ensure(ssh, cfg)?;
     phase.done(&summary);
+
+    // Registries: CA certificates, daemon.json and logins before the first pull; `auto` asks them now.
+    let state_root = registry::state_root(cfg);
+    let mut record = registry::ImagesRecord::load(&state_root);
+    let previous_mode = record.resolved.as_ref().map(|r| r.mode);
+    let wants_registry = cfg.provision.images != ImageSource::Debian;
+    let has_settings =
+        !cfg.provision.registry_hosts().is_empty() || cfg.provision.registry_credentials.is_some();
+    if wants_registry || has_settings {
+        let phase = ui.phase("registry");
+        let summary = registry::apply(cfg, ssh, false)?;
+        phase.done(if summary.is_empty() { "no registry settings" } else { &summary });
+    }
+    let mut resolved_lab = None;
+    let resolved = match cfg.provision.images {
+        ImageSource::Auto => {
+            let phase = ui.phase("image mode");
+            let reg_lab = lab.for_mode(cfg, ImageSource::Registry)?;
+            let reg_model = reg_lab.model()?;
+            let (_, offline) = split_services(model, ImageSource::Debian, cfg.compose_profiles());
+            let images: Vec<String> = reg_model
+                .services
+                .iter()
+                .filter(|s| s.build_context.is_none())
+                .filter(|s| {
+                    s.profiles.is_empty() || s.profiles.iter().any(|p| cfg.compose_profiles().contains(p))
+                })
+                .filter_map(|s| s.image.clone())
+                .collect();
+            let targets = registry::probe_targets(&cfg.provision, &images);
+            let out = ssh.exec(
+                &registry::probe_script(&cfg.provision, &targets, registry::PROBE_SECS),
+                Duration::from_secs(registry::PROBE_SECS + 30),
+            )?;
+            let r = registry::judge_probe(&out.output, &targets, registry::PROBE_SECS, &offline);
+            if let Some(prev) = record.resolved.as_ref().filter(|p| p.mode != r.mode) {
+                ui.warn(format!(
+                    "images = \"auto\": this lab ran in {} mode before; now {} mode ({})",
+                    prev.mode.as_str(),
+                    r.mode.as_str(),
+                    r.reason
+                ));
+            }
+            phase.done(&format!("{} mode: {}", r.mode.as_str(), r.reason));
+            ui.event("image_mode", json!({"mode": r.mode.as_str(), "reason": r.reason, "auto": true}));
+            // `auto` renders as debian mode until resolved: only registry mode needs the tree rendered again.
+            if r.mode == ImageSource::Registry {
+                resolved_lab = Some(reg_lab);
+            }
+            r
+        }
+        m => registry::Resolved { mode: m, reason: format!("images = \"{}\"", m.as_str()) },
+    };
+    let mode = resolved.mode;
+    let lab = resolved_lab.as_ref().unwrap_or(lab);
+    let (rendered, model) = (&lab.rendered, lab.model()?);
+    let cfg = &cfg.with_images(mode);
+    if mode == ImageSource::Registry && cfg.provision.registry_credentials.is_some() {
+        let phase = ui.phase("registry login");
+        let summary = registry::apply(cfg, ssh, true)?;
+        phase.done(&summary);
+    }
+    record.resolved = Some(resolved.clone());
+    record.save(&state_root)?;
 
     let compose = compose_for(cfg, model, ready.compose);
     let (active, unavailable) = split_services(model, cfg.provision.images, cfg.compose_profiles());
@@ -172,7 +259,9 @@ pub fn provision(
         .filter(|s| model.service(s).is_some_and(|svc| svc.build_context.is_some()))
         .cloned()
         .collect();
-    let to_build: Vec<String> = if first_run || force {
+    // A lab that ran in the other image mode: its services' images are made again for this one.
+    let mode_changed = previous_mode.is_some_and(|m| m != mode);
+    let to_build: Vec<String> = if first_run || force || mode_changed {
         buildable.clone()
     } else {
         buildable.iter().filter(|s| plan.rebuild.contains(*s)).cloned().collect()
@@ -207,13 +296,59 @@ pub fn provision(
                 summary.push(format!("{} imported", base.tag));
             }
         }
-        ImageSource::Registry => {
+        ImageSource::Registry | ImageSource::Auto => {
+            drop(host_build); // started for `auto`, which resolved to registry mode: cancelled
+            summary.push(format!("registry mode ({})", resolved.reason));
             let pull: Vec<&String> = active.iter().filter(|s| !buildable.contains(s)).collect();
-            if !pull.is_empty() {
-                let names: Vec<&str> = pull.iter().map(|s| s.as_str()).collect();
-                stream(ssh, &compose, &format!("pull {}", names.join(" ")), &phase, 30 * 60)
-                    .context("pulling service images failed\nhint: the guest needs the registry reachable; or use [provision] images = \"debian\"")?;
-                summary.push(format!("pulled {}", names.join(", ")));
+            let refs: Vec<(String, String)> = pull
+                .iter()
+                .filter_map(|s| {
+                    model.service(s).and_then(|svc| svc.image.clone()).map(|i| (s.to_string(), i))
+                })
+                .collect();
+            // Reproducible pulls: an image pulled before is pulled by the digest it resolved to (unless --force).
+            let (pinned, fresh): (Vec<_>, Vec<_>) =
+                refs.iter().partition(|(_, image)| !force && record.digests.contains_key(image));
+            for (_, image) in &pinned {
+                let by_digest = &record.digests[image];
+                phase.message(&format!("pull {by_digest}"));
+                let cmd = format!(
+                    "sudo -n docker image inspect {d} >/dev/null 2>&1 || sudo -n docker pull -q {d} && sudo -n docker tag {d} {i}",
+                    d = shell_quote(by_digest),
+                    i = shell_quote(image)
+                );
+                let out = ssh.exec(&cmd, Duration::from_secs(30 * 60))?;
+                if out.status != 0 {
+                    bail!(
+                        "pulling {image} by its recorded digest {by_digest} failed (exit {}):\n{}\nhint: the registry \
+                         no longer has those bytes, or is unreachable; `provisioner provision --force` resolves the \
+                         tag again",
+                        out.status,
+                        crate::process::tail(&out.output, 10)
+                    );
+                }
+            }
+            if !fresh.is_empty() {
+                let names: Vec<&str> = fresh.iter().map(|(s, _)| s.as_str()).collect();
+                stream(ssh, &compose, &format!("pull {}", names.join(" ")), &phase, 30 * 60).context(
+                    "pulling service images failed\nhint: the guest needs the registry (or its mirror or proxy) \
+                     reachable, with [provision] ca_certs for a private CA and registry_credentials for a login; \
+                     or use [provision] images = \"debian\"",
+                )?;
+                for (_, image) in &fresh {
+                    if let Some(d) = repo_digest(ssh, image)? {
+                        record.digests.insert(image.clone(), d);
+                    }
+                }
+            }
+            record.digests.retain(|image, _| refs.iter().any(|(_, i)| i == image));
+            record.save(&state_root)?;
+            if !refs.is_empty() {
+                summary.push(format!(
+                    "pulled {} ({} by recorded digest)",
+                    refs.iter().map(|(s, _)| s.as_str()).collect::<Vec<_>>().join(", "),
+                    pinned.len()
+                ));
             }
         }
     }
@@ -231,14 +366,15 @@ pub fn provision(
         drop(phase);
         return Err(e.context(failing_logs(ssh, &compose, &active)));
     }
-    let restart = restart_list(&plan, &to_build, &active, first_run || force);
+    let restart = restart_list(&plan, &to_build, &active, first_run || force || mode_changed);
     if !restart.is_empty() {
         stream(ssh, &compose, &format!("restart {}", restart.join(" ")), &phase, 10 * 60)?;
     }
     if !unavailable.is_empty() {
         ui.warn(format!(
-            "{} unavailable offline (no image source in images = \"debian\" mode); shown in the health table",
-            unavailable.join(", ")
+            "{} unavailable offline (no image source in debian mode: {}); shown in the health table",
+            unavailable.join(", "),
+            resolved.reason
         ));
     }
     phase.done(&format!(
@@ -247,6 +383,17 @@ pub fn provision(
         if restart.is_empty() { String::new() } else { format!(", restarted {}", restart.join(", ")) }
     ));
     upload::write_manifest(ssh, guest_path, &new)
+}
+
+/// The `REPO@sha256:…` an image pulled as `image` resolved to (None when Docker recorded no digest).
+fn repo_digest(ssh: &Session, image: &str) -> Result<Option<String>> {
+    let out = ssh.exec_ok(
+        &format!("sudo -n docker image inspect --format '{{{{json .RepoDigests}}}}' {}", shell_quote(image)),
+        Duration::from_secs(60),
+    )?;
+    let digests: Vec<String> = serde_json::from_str(out.trim()).unwrap_or_default();
+    let repo = image.rsplit_once(':').filter(|(_, tag)| !tag.contains('/')).map_or(image, |(r, _)| r);
+    Ok(digests.iter().find(|d| d.split('@').next() == Some(repo)).or(digests.first()).cloned())
 }
 
 /// Services to restart after `up -d`: those whose mounted config changed, unless they were just (re)built or the

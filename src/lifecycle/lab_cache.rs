@@ -57,7 +57,28 @@ pub fn plan(
 /// Put the entry's keys and secrets into the state dir, before the seed and the machine are made from them.
 pub fn install_keys(hit: &LabMeta, state: &StateDir) -> Result<()> {
     state.ensure()?;
-    lab::copy_keys(&Labs::open()?.entry_dir(&hit.key).join("keys"), &state.root)
+    lab::copy_keys(&Labs::open()?.entry_dir(&hit.key).join("keys"), &state.root)?;
+    if let Some(mode) = hit.images_mode.as_deref() {
+        use crate::config::ImageSource;
+        let mode = if mode == "registry" { ImageSource::Registry } else { ImageSource::Debian };
+        let record = crate::guest::registry::ImagesRecord {
+            resolved: Some(crate::guest::registry::Resolved {
+                mode,
+                reason: format!("the cached lab {} ran in this mode", crate::boxes::cache::short(&hit.key)),
+            }),
+            ..Default::default()
+        };
+        record.save(&state.root)?;
+    }
+    Ok(())
+}
+
+/// Whether a restored entry must be provisioned again: `images = "auto"` and the lab was cached in another mode
+/// than registry mode (the pipeline then asks the registry, and says so when the mode changes).
+pub fn recheck_mode(cfg: &Config, plan: &Plan) -> bool {
+    cfg.provision.images == crate::config::ImageSource::Auto
+        && plan.restored
+        && plan.hit.as_ref().is_some_and(|h| h.images_mode.as_deref() != Some("registry"))
 }
 
 /// Create and run the machine from the entry (instead of create + start).
@@ -73,7 +94,11 @@ pub fn restore(p: &dyn Provider, spec: &MachineSpec, plan: &mut Plan, ui: &Ui) -
         ))
     })?;
     plan.restored = true;
-    ph.done(&format!("cached lab {} (provisioning skipped)", crate::boxes::cache::short(&hit.key)));
+    let mode = hit.images_mode.as_deref().unwrap_or("unrecorded");
+    ph.done(&format!(
+        "cached lab {} ({mode} mode; provisioning skipped)",
+        crate::boxes::cache::short(&hit.key)
+    ));
     ui.event("lab_restored", json!({"key": hit.key}));
     Ok(())
 }
@@ -109,6 +134,9 @@ pub fn capture(
                 created: String::new(),
                 size: 0,
                 files: Vec::new(),
+                images_mode: crate::guest::registry::ImagesRecord::load(&state.root)
+                    .resolved
+                    .map(|r| r.mode.as_str().to_string()),
             };
             labs.commit(&partial, meta).map(Some)
         })();

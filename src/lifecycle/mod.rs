@@ -247,7 +247,7 @@ fn up_locked(ui: &Ui, round: Option<&Round>, m: &Machine, p: &dyn Provider, args
     // minute under TCG). Joined at the images phase; dropped (cancelled) if `up` fails before.
     let host_build = (provisioning
         && live == VmState::NotCreated
-        && m.cfg.provision.images == crate::config::ImageSource::Debian)
+        && m.cfg.provision.images != crate::config::ImageSource::Registry)
         .then(|| {
             crate::guest::images::HostBuild::start(&crate::guest::images::BaseImage::for_config(
                 &m.cfg, m.profile,
@@ -354,13 +354,18 @@ fn up_locked(ui: &Ui, round: Option<&Round>, m: &Machine, p: &dyn Provider, args
             return Ok(crate::exit::OK);
         }
     };
-    let (available, unavailable) = render.services(&m.cfg);
-    if restored {
+    if restored && lab.as_ref().is_some_and(|l| lab_cache::recheck_mode(&m.cfg, l)) {
+        // `auto` never keeps a debian-mode lab without asking the registry: provisioned again (a no-op when the
+        // registry still does not answer; registry mode, said so, when it does).
+        ui.info("the cached lab ran in debian mode; images = \"auto\" asks the registry again");
+        crate::guest::provision(&m.cfg, &session, render, ui, false, host_build)?;
+    } else if restored {
         // The cached lab is the provisioned lab: only its health is checked (the host-side build is cancelled).
         drop(host_build);
     } else {
         crate::guest::provision(&m.cfg, &session, render, ui, false, host_build)?;
     }
+    let (available, unavailable) = render.services(&m.cfg);
     // In a multi-machine `up`, what lives on the machines still coming up is judged in the run's final round.
     let coming_up = round.map(|r| r.hosts_coming_up(&m.cfg)).unwrap_or_default();
     let report = crate::health::check_deferring(
