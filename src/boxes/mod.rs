@@ -8,6 +8,7 @@ pub mod cache;
 pub mod debian;
 pub mod fetch;
 pub mod import;
+pub mod inject;
 pub mod integrity;
 pub mod lab;
 pub mod package;

@@ -272,7 +272,8 @@ impl DomainPaths {
         let esc = |p: &Path| p.to_string_lossy().into_owned();
         Self {
             disk: esc(&spec.state.disk()),
-            seed: esc(&spec.seed_iso),
+            // A machine whose keys went into its disk (no cloud-init in the box) has no seed.
+            seed: if spec.seed_iso.exists() { esc(&spec.seed_iso) } else { String::new() },
             serial_log: esc(&spec.state.serial_log()),
             kernel: spec.base.kernel.as_deref().map(esc),
             initrd: spec.base.initrd.as_deref().map(esc),
