@@ -222,3 +222,225 @@ fn an_xfs_root_is_refused_before_boot_with_the_reason_and_the_choices() {
         assert!(e.contains("insecure-once"), "{e}");
     }
 }
+
+// ---------------------------------------------------------------------------------------------------------------
+// VM tier.
+
+/// Vagrant's published insecure ed25519 PRIVATE key (hashicorp/vagrant `keys/vagrant.key.ed25519`): a login with
+/// it must be refused once provisioner has brought the box up.
+const VAGRANT_INSECURE_ED25519_PRIVATE: &str = "-----BEGIN OPENSSH PRIVATE KEY-----
+b3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQAAAAAAAAABAAAAMwAAAAtzc2gtZW
+QyNTUxOQAAACDdWHcQaTZc8Q6nycsP0CqMNRfsLxvYVxqKosrHyTp+WAAAAJj2TBMT9kwT
+EwAAAAtzc2gtZWQyNTUxOQAAACDdWHcQaTZc8Q6nycsP0CqMNRfsLxvYVxqKosrHyTp+WA
+AAAEAveRHRHSCjIxbNKHDRzezD0U3R3UEEmS7R33fzvPQAD91YdxBpNlzxDqfJyw/QKow1
+F+wvG9hXGoqiysfJOn5YAAAAEHNwb3hAdmFncmFudC1kZXYBAgMEBQ==
+-----END OPENSSH PRIVATE KEY-----
+";
+
+/// A Vagrant-style box made offline from the VM tests' cached Debian box (`box_dir/box.box`): user `vagrant`
+/// (passwd, shadow, group, home) with Vagrant's insecure keys (the last line without a newline), password-less
+/// sudo, cloud-init disabled; packaged as a vagrant-libvirt box (v1: box.img + the kernel the box boots).
+fn vagrant_box_from_test_box(box_dir: &Path) -> PathBuf {
+    let repo_cfg =
+        provisioner::config::Config::load(&crate::support::repo().join("box-config.toml")).unwrap();
+    let cache = provisioner::boxes::Cache::open().unwrap();
+    let (base, _) = provisioner::boxes::ensure_in(
+        &cache,
+        &repo_cfg,
+        "libvirt",
+        false,
+        &provisioner::ui::Ui::new(false, true),
+    )
+    .unwrap();
+    let img = box_dir.join("box.img");
+    run_ok(std::process::Command::new("cp").arg("--reflink=auto").arg(&base.disk).arg(&img));
+    std::fs::copy(base.kernel.as_ref().unwrap(), box_dir.join("vmlinuz")).unwrap();
+    std::fs::copy(base.initrd.as_ref().unwrap(), box_dir.join("initrd.img")).unwrap();
+    let work = box_dir.join("work");
+    let read = |p: &str| inject::read_file(&img, "qcow2", &work, p).unwrap().unwrap_or_default();
+    let (passwd, shadow, group) = (read("/etc/passwd"), read("/etc/shadow"), read("/etc/group"));
+    assert!(!passwd.contains("\nvagrant:"), "the test box already has a vagrant user");
+    let shadow_gid =
+        group.lines().find(|l| l.starts_with("shadow:")).and_then(|l| l.split(':').nth(2)).unwrap();
+    let files = box_dir.join("files");
+    std::fs::create_dir_all(&files).unwrap();
+    let local = |name: &str, body: &str| {
+        std::fs::write(files.join(name), body).unwrap();
+        files.join(name).display().to_string()
+    };
+    let nl = |s: &str| if s.ends_with('\n') || s.is_empty() { s.to_string() } else { format!("{s}\n") };
+    let passwd =
+        local("passwd", &format!("{}vagrant:x:1000:1000:vagrant,,,:/home/vagrant:/bin/bash\n", nl(&passwd)));
+    let shadow = local("shadow", &format!("{}vagrant:*:19700:0:99999:7:::\n", nl(&shadow)));
+    let group = local("group", &format!("{}vagrant:x:1000:\n", nl(&group)));
+    let ak = local("ak", &format!("{VAGRANT_INSECURE_RSA}\n{VAGRANT_INSECURE_ED25519}"));
+    let sudo = local("sudo", "vagrant ALL=(ALL) NOPASSWD: ALL\n");
+    let empty = local("empty", "");
+    let put = |dest: &str, src: &str, mode: &str, uid: u32, gid: &str| {
+        format!("rm {dest}\nwrite {src} {dest}\nsif {dest} mode {mode}\nsif {dest} uid {uid}\nsif {dest} gid {gid}\n")
+    };
+    let cmds = [
+        put("/etc/passwd", &passwd, "0100644", 0, "0"),
+        put("/etc/shadow", &shadow, "0100640", 0, shadow_gid),
+        put("/etc/group", &group, "0100644", 0, "0"),
+        "mkdir /home/vagrant\nsif /home/vagrant mode 040755\nsif /home/vagrant uid 1000\nsif /home/vagrant gid 1000\n"
+            .into(),
+        "mkdir /home/vagrant/.ssh\nsif /home/vagrant/.ssh mode 040700\nsif /home/vagrant/.ssh uid 1000\n\
+         sif /home/vagrant/.ssh gid 1000\n"
+            .into(),
+        put("/home/vagrant/.ssh/authorized_keys", &ak, "0100600", 1000, "1000"),
+        put("/etc/sudoers.d/vagrant", &sudo, "0100440", 0, "0"),
+        "mkdir /etc/cloud\n".into(),
+        put("/etc/cloud/cloud-init.disabled", &empty, "0100644", 0, "0"),
+    ]
+    .concat();
+    inject::edit(&img, "qcow2", &work, &cmds).unwrap();
+    assert!(read("/etc/passwd").contains("\nvagrant:x:1000:1000:"));
+    assert!(read("/home/vagrant/.ssh/authorized_keys").ends_with("vagrant insecure public key"));
+    assert_eq!(read("/etc/sudoers.d/vagrant"), "vagrant ALL=(ALL) NOPASSWD: ALL\n");
+    assert_eq!(inject::detect(&img, "qcow2", &work).unwrap().0, Route::Disk);
+    std::fs::write(
+        box_dir.join("metadata.json"),
+        r#"{"provider": "libvirt", "format": "qcow2", "virtual_size": 4}"#,
+    )
+    .unwrap();
+    std::fs::write(box_dir.join("Vagrantfile"), "Vagrant.configure(\"2\") do |config|\nend\n").unwrap();
+    let out = box_dir.join("vagrant-test.box");
+    run_ok(std::process::Command::new("tar").arg("-cf").arg(&out).arg("-C").arg(box_dir).args([
+        "metadata.json",
+        "Vagrantfile",
+        "box.img",
+        "vmlinuz",
+        "initrd.img",
+    ]));
+    for f in ["box.img", "vmlinuz", "initrd.img"] {
+        std::fs::remove_file(box_dir.join(f)).unwrap();
+    }
+    out
+}
+
+/// The cached box's disk, for the byte-identical check.
+fn cached_disks(cache: &Path) -> Vec<(PathBuf, String)> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(cache.join("boxes")).unwrap().flatten() {
+        let img = e.path().join("box.img");
+        if img.is_file() {
+            out.push((img.clone(), sha256_file(&img)));
+        }
+    }
+    out
+}
+
+/// A box without cloud-init, made the way public Vagrant boxes are (user `vagrant`, Vagrant's insecure key,
+/// password-less sudo; a vagrant-libvirt `.box`): `up --no-provision` takes the disk route (the phase line says
+/// so), `ssh -c 'id -un'` logs in as vagrant with the pinned host key, the insecure private key is refused, the
+/// host key sshd offers is the pinned one, the cached box is byte-identical after `up`; `destroy -f` at the end.
+#[test]
+#[ignore = "vm: one TCG guest from a Vagrant-style box without cloud-init: keys from its disk (~2 min)"]
+fn vm_vagrant_box_without_cloud_init_gets_keys_from_its_disk() {
+    crate::support::session_libvirt();
+    let started = std::time::Instant::now();
+    let t = crate::support::Test::new();
+    let cache = t.path().join("cache");
+    let box_file = vagrant_box_from_test_box(&{
+        let d = t.path().join("boxsrc");
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    });
+    eprintln!("box derived in {:.1} s", started.elapsed().as_secs_f64());
+    let port = crate::support::free_port();
+    t.write(
+        "box-config.toml",
+        format!(
+            "[machine]\nname = \"vbox\"\nprovider = \"libvirt\"\ncpus = 1\nmemory_mb = 1024\ndisk_gb = 4\n\
+             accel = \"tcg\"\n\n[box]\nvagrant = \"{}\"\n\n[ssh]\nhost_port = {port}\nconnect_timeout_secs = 300\n\n\
+             [provision]\nenabled = false\n\n[libvirt]\nuri = \"qemu:///session\"\n",
+            box_file.display()
+        ),
+    );
+    let run = |args: &[&str]| {
+        crate::support::Test::new()
+            .cwd(t.path())
+            .env("PROVISIONER_CACHE_DIR", cache.display().to_string())
+            .args(args.iter().copied())
+            .run()
+    };
+    run(&["box", "build"]).success();
+    let before = cached_disks(&cache);
+    assert_eq!(before.len(), 1, "{before:?}");
+    let up_started = std::time::Instant::now();
+    let up = run(&["up", "--no-provision"]);
+    let up_secs = up_started.elapsed().as_secs_f64();
+    let guard = scopeguard(&run);
+    let text = format!("{}{}", up.stdout(), up.stderr());
+    let up = up.success();
+    drop(up);
+    eprintln!("up: {up_secs:.1} s\n{text}");
+    let keys_line = text
+        .lines()
+        .find(|l| l.contains("disk (no cloud-init") || l.contains("disk (cloud-init is disabled"));
+    let keys_line = keys_line.unwrap_or_else(|| panic!("no disk-route phase line:\n{text}"));
+    assert!(
+        keys_line.contains("machine key written for vagrant, 2 insecure keys removed, host key set"),
+        "{keys_line}"
+    );
+    eprintln!("injection: {keys_line}");
+    run(&["ssh", "-c", "id -un"]).success().stdout_contains("vagrant");
+    let host = run(&["ssh", "-c", "hostname; sudo -n true && echo sudo-ok"]).success();
+    assert!(host.stdout().contains("vbox") && host.stdout().contains("sudo-ok"), "{}", host.stdout());
+
+    // The insecure private key does not log in.
+    let key = t.path().join("insecure");
+    std::fs::write(&key, VAGRANT_INSECURE_ED25519_PRIVATE).unwrap();
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let out = std::process::Command::new("ssh")
+        .args(["-F", "/dev/null", "-i"])
+        .arg(&key)
+        .args([
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "ConnectTimeout=30",
+            "-p",
+            &port.to_string(),
+            "vagrant@127.0.0.1",
+            "true",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the insecure key logged in");
+    assert!(err.contains("Permission denied"), "{err}");
+    // The host key sshd offers is the one pinned from the first connection.
+    let scan = std::process::Command::new("ssh-keyscan")
+        .args(["-t", "ed25519", "-p", &port.to_string(), "127.0.0.1"])
+        .output()
+        .unwrap();
+    let pinned = std::fs::read_to_string(t.path().join(".provisioner/host_ed25519.pub")).unwrap();
+    let blob = pinned.split_whitespace().nth(1).unwrap();
+    assert!(String::from_utf8_lossy(&scan.stdout).contains(blob), "{scan:?} vs {pinned}");
+
+    assert_eq!(cached_disks(&cache), before, "the cached box changed");
+    drop(guard);
+    eprintln!("vm test: {:.1} s", started.elapsed().as_secs_f64());
+}
+
+/// `destroy -f` when dropped (also when an assertion fails).
+fn scopeguard<'a>(run: &'a dyn Fn(&[&str]) -> crate::support::Run) -> impl Drop + 'a {
+    struct G<'a>(&'a dyn Fn(&[&str]) -> crate::support::Run);
+    impl Drop for G<'_> {
+        fn drop(&mut self) {
+            let r = (self.0)(&["destroy", "-f"]);
+            if !std::thread::panicking() {
+                r.success();
+            }
+        }
+    }
+    G(run)
+}

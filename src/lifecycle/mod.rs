@@ -539,7 +539,7 @@ fn boot(
         memory_mb: m.cfg.machine.memory_mb,
         disk_gb: m.cfg.machine.disk_gb,
         base,
-        seed_iso: m.state.seed_iso(),
+        seed_iso: if route == Route::Disk { std::path::PathBuf::new() } else { m.state.seed_iso() },
         forwards,
         state: m.state.clone(),
         kvm: accel.kvm,

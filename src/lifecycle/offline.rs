@@ -33,6 +33,16 @@ pub(crate) fn decide(m: &Machine, p: &dyn Provider, base: &BoxImage) -> Result<(
             p.name(),
             base.format
         ),
+        KeysRoute::Disk | KeysRoute::Auto if crate::host::Host::from_uri(&m.cfg.libvirt.uri).is_remote() => {
+            if m.cfg.base_box.keys == KeysRoute::Disk {
+                bail!(
+                    "[box] keys = \"disk\" is not yet supported on a remote libvirt host: the machine's disk is \
+                     edited on this host before its first boot\nhint: run the machine on the local host, or use a box \
+                     that runs cloud-init"
+                );
+            }
+            Ok((Route::CloudInit, "remote libvirt host".into()))
+        }
         KeysRoute::Disk => Ok((Route::Disk, "[box] keys".into())),
         // VirtualBox boxes keep the seed route until their VMDK is read here too.
         KeysRoute::Auto if !libvirt_disk => Ok((Route::CloudInit, format!("{} box", p.name()))),

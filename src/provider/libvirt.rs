@@ -273,7 +273,7 @@ impl DomainPaths {
         Self {
             disk: esc(&spec.state.disk()),
             // A machine whose keys went into its disk (no cloud-init in the box) has no seed.
-            seed: if spec.seed_iso.exists() { esc(&spec.seed_iso) } else { String::new() },
+            seed: esc(&spec.seed_iso),
             serial_log: esc(&spec.state.serial_log()),
             kernel: spec.base.kernel.as_deref().map(esc),
             initrd: spec.base.initrd.as_deref().map(esc),
