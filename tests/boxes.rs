@@ -1083,12 +1083,14 @@ fn vagrant_catalog_picks_a_version_and_checks_its_checksum() {
     assert!(built);
     assert_eq!(image.id, good);
 
-    // `version` without a catalog: refused with the hint.
-    let cfg = config(
-        tmp.path(),
-        "libvirt",
-        &format!("url = \"file://{}\"\nsha256 = \"{good}\"\nversion = \"1\"", boxfile.display()),
+    // `version` without a catalog: refused at its line and column.
+    let text = format!(
+        "[machine]\nname = \"t\"\n\n[box]\nurl = \"file://{}\"\nsha256 = \"{good}\"\nversion = \"1\"\n",
+        boxfile.display()
     );
-    let e = format!("{:#}", boxes::ensure_in(&cache, &cfg, "libvirt", false, &quiet()).unwrap_err());
-    assert!(e.contains("[box] version needs a Vagrant catalog url") && e.contains("hint:"), "{e}");
+    let e = format!(
+        "{:#}",
+        Config::from_bytes(&tmp.path().join("box-config.toml"), text.as_bytes()).unwrap_err()
+    );
+    assert!(e.contains("box-config.toml:7:") && e.contains("needs `url` to name a Vagrant catalog"), "{e}");
 }
