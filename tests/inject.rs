@@ -444,3 +444,58 @@ fn scopeguard<'a>(run: &'a dyn Fn(&[&str]) -> crate::support::Run) -> impl Drop 
     }
     G(run)
 }
+
+/// `up` on a box whose root filesystem cannot be edited offline (here XFS) stops before anything is created,
+/// with the reason and the choices; no VM and no seed are made.
+#[test]
+fn up_refuses_an_xfs_box_before_boot() {
+    if which::which("virsh").is_err() {
+        eprintln!("skipped: no virsh on this host");
+        return;
+    }
+    let t = crate::support::Test::new();
+    let raw = t.path().join("xfs.raw");
+    std::fs::File::create(&raw).unwrap().set_len(64 << 20).unwrap();
+    {
+        use std::io::{Seek, SeekFrom, Write};
+        let mut f = std::fs::OpenOptions::new().write(true).open(&raw).unwrap();
+        f.seek(SeekFrom::Start(PART_OFFSET)).unwrap();
+        // An XFS superblock: 4 KiB blocks, 15360 blocks (60 MiB).
+        f.write_all(b"XFSB\0\0\x10\0\0\0\0\0\0\0\x3c\0").unwrap();
+    }
+    mbr(&raw, 0x83);
+    let img = t.path().join("xfs.qcow2");
+    run_ok(std::process::Command::new("qemu-img").args(["convert", "-O", "qcow2"]).arg(&raw).arg(&img));
+    t.write(
+        "box-config.toml",
+        format!(
+            "[machine]\nname = \"xfsbox\"\nprovider = \"libvirt\"\ncpus = 1\nmemory_mb = 512\ndisk_gb = 2\n\n[box]\n\
+             image = \"{}\"\n\n[ssh]\nhost_port = {}\n\n[provision]\nenabled = false\n\n[libvirt]\n\
+             uri = \"qemu:///session\"\n",
+            img.display(),
+            crate::support::free_port()
+        ),
+    );
+    let cache = t.path().join("cache").display().to_string();
+    let r = crate::support::Test::new()
+        .cwd(t.path())
+        .env("PROVISIONER_CACHE_DIR", cache.clone())
+        .args(["up", "--no-provision"])
+        .run()
+        .failure();
+    let err = r.stderr();
+    assert!(
+        err.contains("found: xfs at byte 1048576") && err.contains("xfs cannot be edited offline"),
+        "{err}"
+    );
+    assert!(err.contains("hint: use a box that runs cloud-init"), "{err}");
+    assert!(!t.path().join(".provisioner/seed.iso").exists());
+    assert!(!t.path().join(".provisioner/disk.qcow2").exists());
+    crate::support::Test::new()
+        .cwd(t.path())
+        .env("PROVISIONER_CACHE_DIR", cache)
+        .arg("status")
+        .run()
+        .success()
+        .stdout_contains("not created");
+}

@@ -193,6 +193,10 @@ pub fn partitions(head: &[u8], read: &dyn Fn(u64, usize) -> Result<Vec<u8>>) -> 
             (e[4], le32(e, 8), le32(e, 12))
         })
         .collect();
+    // A boot sector with code where a partition table would be: entries need a boot flag of 0x00 or 0x80.
+    if (0..4).any(|i| !matches!(head[0x1BE + 16 * i], 0x00 | 0x80)) {
+        return Ok(vec![0]);
+    }
     if entries.iter().any(|e| e.0 == 0xEE) && &head[512..520] == b"EFI PART" {
         let gpt = &head[512..1024];
         let lba = le64(gpt, 72);
