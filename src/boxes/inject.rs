@@ -114,31 +114,32 @@ impl View {
         Ok(buf)
     }
 
-    /// `debugfs` on the filesystem at `offset`: its stdout.
-    fn debugfs(&self, offset: u64, write: bool, cmd: &str) -> Result<String> {
-        let mut c = Cmd::new(debugfs()?);
-        if write {
-            c = c.arg("-w");
-        }
-        let out = c
+    /// `debugfs -R CMD` (read-only) on the filesystem at `offset`.
+    fn run(&self, offset: u64, cmd: &str) -> Result<crate::process::Output> {
+        Cmd::new(debugfs()?)
             .arg("-R")
             .arg(cmd)
             .arg(format!("{}?offset={offset}", self.file.display()))
             .timeout(DEADLINE)
-            .run()?;
-        Ok(out.stdout)
+            .run()
     }
 
-    /// A file's contents, or None when it does not exist.
+    /// `debugfs -R CMD` on the filesystem at `offset`: its stdout.
+    fn debugfs(&self, offset: u64, cmd: &str) -> Result<String> {
+        Ok(self.run(offset, cmd)?.stdout)
+    }
+
+    /// A file's contents, or None when it does not exist (one debugfs run: its error says "not found").
     fn cat(&self, offset: u64, path: &str) -> Result<Option<String>> {
-        if !self.exists(offset, path)? {
+        let out = self.run(offset, &format!("cat {path}"))?;
+        if out.stderr.contains("File not found by ext2_lookup") {
             return Ok(None);
         }
-        self.debugfs(offset, false, &format!("cat {path}")).map(Some)
+        Ok(Some(out.stdout))
     }
 
     fn exists(&self, offset: u64, path: &str) -> Result<bool> {
-        Ok(self.debugfs(offset, false, &format!("stat {path}"))?.contains("Inode:"))
+        Ok(self.debugfs(offset, &format!("stat {path}"))?.contains("Inode:"))
     }
 }
 
@@ -437,7 +438,7 @@ pub fn read_file(image: &Path, format: &str, work: &Path, path: &str) -> Result<
 pub fn stat_file(image: &Path, format: &str, work: &Path, path: &str) -> Result<Option<(u32, u32, u32)>> {
     let v = View::open(image, format, work, false)?;
     let root = find_root(&v, "the disk")?;
-    let out = v.debugfs(root, false, &format!("stat {path}"))?;
+    let out = v.debugfs(root, &format!("stat {path}"))?;
     let num = |key: &str| -> Option<u32> {
         let rest = out.split(key).nth(1)?.trim_start();
         let w = rest.split_whitespace().next()?;
