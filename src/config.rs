@@ -133,6 +133,27 @@ pub struct BoxConfig {
     /// Firmware for images that boot from their own disk.
     #[serde(default)]
     pub firmware: Firmware,
+    /// How keys get into a machine of this box (see docs/boxes.md "Boxes from Vagrant").
+    #[serde(default)]
+    pub keys: KeysRoute,
+    /// Version constraint for a Vagrant catalog `url` (`metadata.json`), e.g. ">= 1.2, < 2".
+    #[serde(default)]
+    pub version: Option<String>,
+}
+
+/// `[box] keys`: how the machine's key gets in.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum KeysRoute {
+    /// Told from the box's disk: cloud-init present and enabled, or not.
+    #[default]
+    Auto,
+    /// The NoCloud seed (the box runs cloud-init).
+    CloudInit,
+    /// The machine's disk edited before its first boot.
+    Disk,
+    /// One login with Vagrant's insecure key on 127.0.0.1, then replaced (explicit opt-in).
+    InsecureOnce,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]

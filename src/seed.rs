@@ -111,20 +111,29 @@ fn check_host_name(name: &str) -> Result<()> {
 /// The guest's `/etc/hosts` naming every machine of the project, None when `hosts` is empty. The machine's own
 /// hostname maps to its private address when it is in the list, else to 127.0.1.1 (Debian's convention).
 pub fn etc_hosts(spec: &SeedSpec) -> Result<Option<String>> {
+    hosts_file(&spec.hostname, &spec.hosts)
+}
+
+/// [`etc_hosts`] from the hostname and the project's machines (also for boxes without cloud-init).
+pub fn hosts_file(hostname: &str, hosts: &[(String, std::net::Ipv4Addr)]) -> Result<Option<String>> {
+    struct S<'a> {
+        hostname: &'a str,
+        hosts: &'a [(String, std::net::Ipv4Addr)],
+    }
+    let spec = S { hostname, hosts };
     if spec.hosts.is_empty() {
         return Ok(None);
     }
-    check_host_name(&spec.hostname)?;
-    let mut out =
-        String::from("# Written by provisioner from the cloud-init seed: the project's machines.\n");
+    check_host_name(spec.hostname)?;
+    let mut out = String::from("# Written by provisioner: the project's machines.\n");
     out.push_str("127.0.0.1\tlocalhost\n");
-    if !spec.hosts.iter().any(|(n, _)| n == &spec.hostname) {
+    if !spec.hosts.iter().any(|(n, _)| n == spec.hostname) {
         out.push_str(&format!("127.0.1.1\t{}\n", spec.hostname));
     }
     out.push_str(
         "::1\tlocalhost ip6-localhost ip6-loopback\nff02::1\tip6-allnodes\nff02::2\tip6-allrouters\n",
     );
-    for (name, ip) in &spec.hosts {
+    for (name, ip) in spec.hosts {
         check_host_name(name)?;
         out.push_str(&format!("{ip}\t{name}\n"));
     }

@@ -1012,3 +1012,85 @@ fn up_interrupted_while_waiting_for_ssh_exits_130_and_reruns() {
         .run()
         .success();
 }
+
+/// A tar of `metadata.json` (as given) and `files`.
+fn box_with_metadata(md: &str, files: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    let mut entries: Vec<(&str, &[u8])> = vec![("metadata.json", md.as_bytes())];
+    entries.extend_from_slice(files);
+    for (name, data) in entries {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append_data(&mut h, name, data).unwrap();
+    }
+    b.into_inner().unwrap()
+}
+
+/// vagrant-libvirt box format v2: `disks: [{path}]` names the boot disk; more than one disk is refused (not
+/// attached yet) rather than booted without them.
+#[test]
+fn vagrant_libvirt_v2_boxes_name_their_disk() {
+    let tmp = tempfile::tempdir().unwrap();
+    let img = qcow2(tmp.path());
+    let cache = Cache::at(tmp.path().join("cache")).unwrap();
+    let md = r#"{"provider":"libvirt","format":"qcow2","disks":[{"path":"disk0.qcow2","format":"qcow2"}]}"#;
+    let v2 = tmp.path().join("v2.box");
+    std::fs::write(&v2, box_with_metadata(md, &[("disk0.qcow2", &img)])).unwrap();
+    let cfg = config(tmp.path(), "libvirt", &format!("vagrant = \"{}\"", v2.display()));
+    let (image, _) = boxes::ensure_in(&cache, &cfg, "libvirt", false, &quiet()).unwrap();
+    assert_eq!(image.disk.file_name().unwrap(), "disk0.qcow2");
+    assert_eq!(std::fs::read(&image.disk).unwrap(), img);
+
+    let md = r#"{"provider":"libvirt","format":"qcow2","disks":[{"path":"a.qcow2"},{"path":"b.qcow2"}]}"#;
+    let two = tmp.path().join("two.box");
+    std::fs::write(&two, box_with_metadata(md, &[("a.qcow2", &img), ("b.qcow2", &img)])).unwrap();
+    let cfg = config(tmp.path(), "libvirt", &format!("vagrant = \"{}\"", two.display()));
+    let e = format!("{:#}", boxes::ensure_in(&cache, &cfg, "libvirt", false, &quiet()).unwrap_err());
+    assert!(e.contains("has 2 disks (a.qcow2, b.qcow2)") && e.contains("hint:"), "{e}");
+}
+
+/// A Vagrant catalog (`metadata.json` with versions and providers) over file://: the newest version matching
+/// `version` is picked and downloaded against the catalog's sha256; a wrong checksum is refused, nothing cached.
+#[test]
+fn vagrant_catalog_picks_a_version_and_checks_its_checksum() {
+    let tmp = tempfile::tempdir().unwrap();
+    let img = qcow2(tmp.path());
+    let cache = Cache::at(tmp.path().join("cache")).unwrap();
+    let boxfile = tmp.path().join("v1.2.box");
+    std::fs::write(&boxfile, vagrant_box("libvirt", &[("box.img", &img)], true)).unwrap();
+    let good = sha256(&std::fs::read(&boxfile).unwrap());
+    let catalog = |sum: &str| {
+        format!(
+            r#"{{"name":"acme/t","versions":[
+              {{"version":"1.2.0","providers":[{{"name":"libvirt","url":"file://{b}","checksum_type":"sha256","checksum":"{sum}"}}]}},
+              {{"version":"2.0.0","providers":[{{"name":"libvirt","url":"file:///nonexistent.box","checksum_type":"sha256","checksum":"{sum}"}}]}}]}}"#,
+            b = boxfile.display()
+        )
+    };
+    let md = tmp.path().join("metadata.json");
+    let bad = "0".repeat(64);
+    std::fs::write(&md, catalog(&bad)).unwrap();
+    let box_toml = format!("url = \"file://{}\"\nversion = \">= 1.2, < 2\"", md.display());
+    let cfg = config(tmp.path(), "libvirt", &box_toml);
+    let e = format!("{:#}", boxes::ensure_in(&cache, &cfg, "libvirt", false, &quiet()).unwrap_err());
+    assert!(e.contains("checksum mismatch"), "{e}");
+    assert!(entries(&cache).is_empty(), "a refused download is not cached");
+
+    std::fs::write(&md, catalog(&good)).unwrap();
+    let (image, built) = boxes::ensure_in(&cache, &cfg, "libvirt", false, &quiet()).unwrap();
+    assert!(built);
+    assert_eq!(image.id, good);
+
+    // `version` without a catalog: refused at its line and column.
+    let text = format!(
+        "[machine]\nname = \"t\"\n\n[box]\nurl = \"file://{}\"\nsha256 = \"{good}\"\nversion = \"1\"\n",
+        boxfile.display()
+    );
+    let e = format!(
+        "{:#}",
+        Config::from_bytes(&tmp.path().join("box-config.toml"), text.as_bytes()).unwrap_err()
+    );
+    assert!(e.contains("box-config.toml:7:") && e.contains("needs `url` to name a Vagrant catalog"), "{e}");
+}

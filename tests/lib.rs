@@ -11,6 +11,7 @@ mod boxes;
 mod cli;
 mod config;
 mod guest;
+mod inject;
 mod lab;
 mod live_stack;
 mod multi;

@@ -137,13 +137,14 @@ fn from_tree(dir: &Path, source: String) -> Result<BoxMeta> {
         let provider = md.get("provider").and_then(|p| p.as_str()).unwrap_or("");
         return match provider {
             "libvirt" => {
-                let img = dir.join("box.img");
+                let disk = libvirt_disk(&md, dir)?;
+                let img = dir.join(&disk);
                 if !img.is_file() {
-                    bail!("this libvirt Vagrant box has no box.img; it holds: {}", listing(dir));
+                    bail!("this libvirt Vagrant box has no {disk}; it holds: {}", listing(dir));
                 }
                 let format = qemu_format(&img)?;
                 integrity::check(&img)?;
-                let mut meta = BoxMeta::new(source, "libvirt", &format, "box.img");
+                let mut meta = BoxMeta::new(source, "libvirt", &format, &disk);
                 // A box made by `provisioner package` from a box without bootloader carries its kernel.
                 if dir.join(super::package::KERNEL).is_file() && dir.join(super::package::INITRD).is_file() {
                     meta.kernel = Some(super::package::KERNEL.into());
@@ -174,6 +175,33 @@ fn from_tree(dir: &Path, source: String) -> Result<BoxMeta> {
          or an OVA (an .ovf and its disks)",
         listing(dir)
     )
+}
+
+/// The boot disk of a vagrant-libvirt box: `box.img` (format v1), or the first of `disks: [{path}]` (v2).
+fn libvirt_disk(md: &serde_json::Value, dir: &Path) -> Result<String> {
+    let Some(disks) = md.get("disks").and_then(|d| d.as_array()) else {
+        return Ok("box.img".into());
+    };
+    let paths: Vec<&str> = disks.iter().filter_map(|d| d.get("path").and_then(|p| p.as_str())).collect();
+    if paths.len() != disks.len() || paths.is_empty() {
+        bail!(
+            "metadata.json of the libvirt Vagrant box lists disks without a path; it holds: {}",
+            listing(dir)
+        );
+    }
+    if paths.len() > 1 {
+        bail!(
+            "the libvirt Vagrant box has {} disks ({}); provisioner does not attach extra disks yet\nhint: use a \
+             single-disk version of the box",
+            paths.len(),
+            paths.join(", ")
+        );
+    }
+    let p = paths[0];
+    if p.contains('/') || p.contains("..") || p.is_empty() {
+        bail!("metadata.json of the libvirt Vagrant box names the disk {p:?}; only files at the box's top are supported");
+    }
+    Ok(p.to_string())
 }
 
 fn find_ovf(dir: &Path) -> Result<Option<String>> {

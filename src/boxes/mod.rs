@@ -5,9 +5,11 @@
 //! atomically and shared between concurrent builders.
 
 pub mod cache;
+pub mod catalog;
 pub mod debian;
 pub mod fetch;
 pub mod import;
+pub mod inject;
 pub mod integrity;
 pub mod lab;
 pub mod package;
@@ -65,7 +67,20 @@ pub fn ensure_in(
     check_one_source(b)?;
     let (meta, built) = if let Some(d) = &b.debian {
         debian::ensure(cache, d, force, ui)?
+    } else if let Some(url) = b.url.as_deref().filter(|u| catalog::is_catalog_url(u)) {
+        let ph = ui.phase("catalog");
+        let constraint = b.version.as_deref().map(catalog::Constraint::parse).transpose()?;
+        let pick =
+            catalog::pick(&catalog::parse(&catalog::fetch_text(url)?)?, constraint.as_ref(), provider)?;
+        ph.done(&format!("version {} for {provider}", pick.version));
+        fetch::ensure(cache, &pick.url, &pick.sha256, force, ui)?
     } else if let Some(url) = &b.url {
+        if b.version.is_some() {
+            bail!(
+                "[box] version needs a Vagrant catalog url (a metadata.json listing versions); {url:?} is one box\n\
+                 hint: set url to the catalog (e.g. https://HOST/NAME/metadata.json), or remove `version`"
+            );
+        }
         let Some(sha) = &b.sha256 else {
             bail!(
                 "[box] url needs a sha256 to check the download against\nhint: add sha256 = \"...\" (from the \

@@ -429,7 +429,10 @@ fn check_box(cfg: &Config, src: &Source, f: &mut Findings) {
                     "for a file on this machine use `image` (or file:///absolute/path)",
                 );
             }
+            // A Vagrant catalog (metadata.json) carries the checksum of each box it lists.
+            let catalog = url.split(['?', '#']).next().unwrap_or(url).ends_with(".json");
             match sha {
+                None if catalog => {}
                 None => f.error(
                     src.at_path(
                         &["box", "url"],
@@ -456,6 +459,17 @@ fn check_box(cfg: &Config, src: &Source, f: &mut Findings) {
             "remove it, or add the `url` it checks",
         ),
         (None, None) => {}
+    }
+    let catalog =
+        b.url.as_deref().is_some_and(|u| u.split(['?', '#']).next().unwrap_or(u).ends_with(".json"));
+    if b.version.is_some() && !catalog {
+        f.error(
+            src.at_path(
+                &["box", "version"],
+                "`version` in [box] needs `url` to name a Vagrant catalog (metadata.json)",
+            ),
+            "set url to the catalog (e.g. https://HOST/NAME/metadata.json), or remove `version`",
+        );
     }
     if let Some(d) = &b.debian {
         if !url_scheme_ok(&d.mirror, &["http", "https", "file"]) {

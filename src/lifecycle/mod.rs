@@ -8,6 +8,7 @@
 //! and a running machine is only waited for. So a half-created machine is completed, never duplicated.
 
 pub mod lab_cache;
+pub(crate) mod offline;
 pub mod plan;
 pub mod round;
 pub mod session;
@@ -22,6 +23,7 @@ use serde_json::json;
 use self::plan::Plan;
 use self::round::{Judged, Round};
 use self::session::{clock_command, connect, sync_clock};
+use crate::boxes::inject::Route;
 use crate::cli::{HaltArgs, UpArgs};
 use crate::config::{Config, Forward, ProviderKind};
 use crate::machine::identity::MachineId;
@@ -309,11 +311,20 @@ fn up_locked(ui: &Ui, round: Option<&Round>, m: &Machine, p: &dyn Provider, args
         }
     }
 
-    let ph = ui.phase("cloud-init");
+    let disk_route = plan.state.as_ref().and_then(|s| s.keys_route.as_deref()) == Some("disk");
+    if disk_route {
+        // No cloud-init: sshd answered with the pinned host key; what the seed did is done now, as root.
+        let hosts = crate::seed::hosts_file(m.cfg.hostname(), &peer_hosts(&m.cfg))?;
+        offline::setup(&session, m, ui, private_nic(&m.cfg)?.as_ref(), hosts)?;
+    }
+    let ph = ui.phase(if disk_route { "ready" } else { "cloud-init" });
     // Fast path: cloud-init writes result.json (on tmpfs, so per boot) when its final stage ends. A clean one
     // spares `cloud-init status --wait`, a Python start that costs seconds under TCG on every warm `up`.
-    let result = session.exec("cat /run/cloud-init/result.json 2>/dev/null", Duration::from_secs(30))?;
-    let out = if result.status == 0 && cloud_init_clean(&result.output) {
+    let clean = || -> Result<bool> {
+        let result = session.exec("cat /run/cloud-init/result.json 2>/dev/null", Duration::from_secs(30))?;
+        Ok(result.status == 0 && cloud_init_clean(&result.output))
+    };
+    let out = if disk_route || clean()? {
         crate::ssh::ExecOutput { status: 0, output: String::new() }
     } else {
         session.exec("cloud-init status --wait --long", CLOUD_INIT_TIMEOUT)?
@@ -334,7 +345,7 @@ fn up_locked(ui: &Ui, round: Option<&Round>, m: &Machine, p: &dyn Provider, args
         st.provisioned = true;
         st.save(&m.state)?;
     }
-    ph.done("done");
+    ph.done(if disk_route { "sshd answers with the pinned host key" } else { "done" });
 
     let box_id = plan.state.as_ref().and_then(|s| s.box_id.as_deref());
     let render = match (&plan.lab, provisioning) {
@@ -459,33 +470,52 @@ fn boot(
     let base = crate::boxes::ensure_ui(&m.cfg, p.name(), false, ui)?.0;
     ph.done(&base.id);
 
+    // How the machine's key gets in: decided once, when the machine is made (docs/boxes.md "Boxes from Vagrant").
+    let (route, why) = match (&live, st.keys_route.as_deref()) {
+        (VmState::NotCreated, _) => offline::decide(m, p, &base)?,
+        (_, Some("disk")) => (Route::Disk, "recorded".to_string()),
+        _ => (Route::CloudInit, "recorded".to_string()),
+    };
+
     let accel = crate::accel::decide_accel(m.cfg.machine.accel, &crate::accel::HostAccel::probe())?;
-    let mut lab = match live {
-        VmState::NotCreated => lab_cache::plan(&m.cfg, &m.vm_name, p.name(), accel.label(), &base.id, ui)?,
+    // Cached labs are captures of cloud-init machines.
+    let mut lab = match (&live, route) {
+        (VmState::NotCreated, Route::CloudInit) => {
+            lab_cache::plan(&m.cfg, &m.vm_name, p.name(), accel.label(), &base.id, ui)?
+        }
         _ => None,
     };
     if let Some(hit) = lab.as_ref().and_then(|l| l.hit.as_ref()) {
         lab_cache::install_keys(hit, &m.state)?;
     }
-
-    let ph = ui.phase("keys");
     let (user_key, host_key) = crate::keys::ensure_machine_keys(&m.state, &m.cfg.machine.name)?;
-    ph.done("ed25519");
 
-    let ph = ui.phase("seed");
     let private_net = private_nic(&m.cfg)?;
-    let seed = crate::seed::SeedSpec {
-        // Changes whenever the host key does, so cloud-init re-applies a regenerated seed.
-        instance_id: crate::seed::instance_id(&m.vm_name, &host_key),
-        hostname: m.cfg.hostname().to_string(),
-        user: m.cfg.ssh.user.clone(),
-        user_key: user_key.clone(),
-        host_key: host_key.clone(),
-        hosts: peer_hosts(&m.cfg),
-        private_nic: private_net.as_ref().map(|n| (n.mac.clone(), n.ip, n.prefix)),
-    };
-    crate::seed::write_seed(&seed, &m.state.seed_iso())?;
-    ph.done("cidata");
+    if route == Route::CloudInit {
+        let ph = ui.phase("keys");
+        ph.done(&format!("cloud-init ({why}): ed25519 user and host keys in the seed"));
+        let ph = ui.phase("seed");
+        let seed = crate::seed::SeedSpec {
+            // Changes whenever the host key does, so cloud-init re-applies a regenerated seed.
+            instance_id: crate::seed::instance_id(&m.vm_name, &host_key),
+            hostname: m.cfg.hostname().to_string(),
+            user: m.cfg.ssh.user.clone(),
+            user_key: user_key.clone(),
+            host_key: host_key.clone(),
+            hosts: peer_hosts(&m.cfg),
+            private_nic: private_net.as_ref().map(|n| (n.mac.clone(), n.ip, n.prefix)),
+        };
+        crate::seed::write_seed(&seed, &m.state.seed_iso())?;
+        ph.done("cidata");
+    } else {
+        // No seed: the domain gets no cloud-init drive.
+        match std::fs::remove_file(m.state.seed_iso()) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(e).with_context(|| format!("remove {}", m.state.seed_iso().display()))
+            }
+            _ => {}
+        }
+    }
 
     // KVM vs TCG is a QEMU choice; VirtualBox picks its own execution engine.
     if let (Some(w), ProviderKind::Libvirt) = (&accel.warning, p.kind()) {
@@ -500,6 +530,7 @@ fn boot(
         ssh_port: Some(ssh.host),
         libvirt_uri: (p.kind() == ProviderKind::Libvirt).then(|| m.cfg.libvirt.uri.clone()),
         accel: Some(accel.label().to_string()),
+        keys_route: Some(route.name().to_string()),
         ..st
     };
     // Recorded before the hypervisor is touched, so an interrupted `up` can be completed or destroyed.
@@ -513,7 +544,7 @@ fn boot(
         memory_mb: m.cfg.machine.memory_mb,
         disk_gb: m.cfg.machine.disk_gb,
         base,
-        seed_iso: m.state.seed_iso(),
+        seed_iso: if route == Route::Disk { std::path::PathBuf::new() } else { m.state.seed_iso() },
         forwards,
         state: m.state.clone(),
         kvm: accel.kvm,
@@ -531,8 +562,15 @@ fn boot(
         // The provider may record the VM's id (VirtualBox's UUID) in `st` (and state.json).
         p.create(&spec, &mut st)?;
     }
-    *recorded = Some(st);
     ph.done(&format!("{} ({})", m.vm_name, accel.label()));
+    if route == Route::Disk && live == VmState::NotCreated {
+        let ph = ui.phase("keys");
+        let (user, line) = offline::inject(m, &why, &user_key, &host_key)?;
+        st.ssh_user = (user != m.cfg.ssh.user).then_some(user);
+        st.save(&m.state)?;
+        ph.done(&line);
+    }
+    *recorded = Some(st);
 
     let ph = ui.phase("boot");
     p.start(&vm_ref(recorded.as_ref(), &m.vm_name))?;

@@ -34,6 +34,13 @@ pub struct MachineState {
     /// Set once cloud-init reported done at least once.
     #[serde(default)]
     pub provisioned: bool,
+    /// How the machine's key got in: "cloud-init" (the seed; also when absent) or "disk" (edited before the first
+    /// boot, docs/boxes.md "Boxes from Vagrant").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keys_route: Option<String>,
+    /// The guest user the machine's key went to when it is not `[ssh] user` (a Vagrant box's `vagrant`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssh_user: Option<String>,
 }
 
 thread_local! {

@@ -272,6 +272,7 @@ impl DomainPaths {
         let esc = |p: &Path| p.to_string_lossy().into_owned();
         Self {
             disk: esc(&spec.state.disk()),
+            // A machine whose keys went into its disk (no cloud-init in the box) has no seed.
             seed: esc(&spec.seed_iso),
             serial_log: esc(&spec.state.serial_log()),
             kernel: spec.base.kernel.as_deref().map(esc),

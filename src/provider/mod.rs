@@ -104,7 +104,8 @@ pub struct MachineSpec {
     pub memory_mb: u64,
     pub disk_gb: u64,
     pub base: BoxImage,
-    /// The cloud-init seed ISO.
+    /// The cloud-init seed ISO; empty for a machine whose keys went into its disk (a box without cloud-init):
+    /// it gets no seed drive.
     pub seed_iso: PathBuf,
     /// Forwards, SSH first.
     pub forwards: Vec<Forward>,

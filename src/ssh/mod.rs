@@ -102,7 +102,7 @@ impl Endpoint {
         let via = guest.host.remote().cloned().map(|host| Via { host, ports: guest.ports });
         Ok(Endpoint {
             addr: SocketAddr::new(ip, port),
-            user: cfg.ssh.user.clone(),
+            user: ms.ssh_user.clone().unwrap_or_else(|| cfg.ssh.user.clone()),
             key: StateDir::at(root).user_key(),
             host_key: host_key.trim().to_string(),
             via,

@@ -127,13 +127,16 @@ impl super::Libvirt {
                 .context("create the machine's disk overlay on the remote host")?;
         }
         let seed = machine_volume(&spec.vm_name, "seed.iso");
-        self.d.upload_file(&seed, &spec.seed_iso)?;
+        let seeded = !spec.seed_iso.as_os_str().is_empty();
+        if seeded {
+            self.d.upload_file(&seed, &spec.seed_iso)?;
+        }
         let disk_path = self.d.vol_path(&disk)?;
         let dir = disk_path.rsplit_once('/').map(|(d, _)| d.to_string()).unwrap_or_default();
         let part = |p: &str| -> Result<String> { self.d.vol_path(&box_volume(&spec.base.id, p)) };
         Ok(super::DomainPaths {
             disk: disk_path,
-            seed: self.d.vol_path(&seed)?,
+            seed: if seeded { self.d.vol_path(&seed)? } else { String::new() },
             serial_log: format!("{dir}/{}", machine_volume(&spec.vm_name, "serial.log")),
             kernel: spec.base.kernel.as_ref().map(|_| part("-vmlinuz")).transpose()?,
             initrd: spec.base.initrd.as_ref().map(|_| part("-initrd")).transpose()?,

@@ -1,0 +1,188 @@
+//! The keys route of a machine (issue 20): a box that runs cloud-init gets its keys from the NoCloud seed; one
+//! that does not (Vagrant's `generic/*`, `bento/*`, `debian/*`, `vagrant package`) gets them written into the
+//! machine's own disk before its first boot ([`crate::boxes::inject`]); what cloud-init did besides (hostname,
+//! `/etc/hosts`, the private NIC, growing the root filesystem) is then done in the first SSH session.
+
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+
+use super::Machine;
+use crate::boxes::inject::{self, Route};
+use crate::boxes::BoxImage;
+use crate::config::{KeysRoute, ProviderKind};
+use crate::keys::KeyPair;
+use crate::provider::{PrivateNic, Provider};
+use crate::ssh::Session;
+use crate::ui::Ui;
+
+/// The route for a machine created now, and why (for the phase line).
+pub(crate) fn decide(m: &Machine, p: &dyn Provider, base: &BoxImage) -> Result<(Route, String)> {
+    let libvirt_disk = p.kind() == ProviderKind::Libvirt && matches!(base.format.as_str(), "qcow2" | "raw");
+    match m.cfg.base_box.keys {
+        KeysRoute::CloudInit => Ok((Route::CloudInit, "[box] keys".into())),
+        KeysRoute::InsecureOnce => bail!(
+            "[box] keys = \"insecure-once\" is not yet supported: provisioner does not log in with Vagrant's \
+             insecure key yet\nhint: use keys = \"disk\" (the machine's key is written into its disk before the first \
+             boot; ext2/3/4 root filesystems) or a box that runs cloud-init"
+        ),
+        KeysRoute::Disk if !libvirt_disk => bail!(
+            "[box] keys = \"disk\" is not yet supported for {} boxes ({} disk): only libvirt's qcow2/raw disks are \
+             edited before the first boot\nhint: use a box that runs cloud-init (keys = \"cloud-init\"), or the \
+             libvirt version of the box",
+            p.name(),
+            base.format
+        ),
+        KeysRoute::Disk | KeysRoute::Auto if crate::host::Host::from_uri(&m.cfg.libvirt.uri).is_remote() => {
+            if m.cfg.base_box.keys == KeysRoute::Disk {
+                bail!(
+                    "[box] keys = \"disk\" is not yet supported on a remote libvirt host: the machine's disk is \
+                     edited on this host before its first boot\nhint: run the machine on the local host, or use a box \
+                     that runs cloud-init"
+                );
+            }
+            Ok((Route::CloudInit, "remote libvirt host".into()))
+        }
+        KeysRoute::Disk => Ok((Route::Disk, "[box] keys".into())),
+        // VirtualBox boxes keep the seed route until their VMDK is read here too.
+        KeysRoute::Auto if !libvirt_disk => Ok((Route::CloudInit, format!("{} box", p.name()))),
+        KeysRoute::Auto => inject::detect(&base.disk, &base.format, &m.state.path("inject")),
+    }
+}
+
+/// Write the machine's key, host key and hostname into its disk (before its first boot); returns the guest user
+/// the key went to and the phase line.
+pub(crate) fn inject(
+    m: &Machine,
+    why: &str,
+    user_key: &KeyPair,
+    host_key: &KeyPair,
+) -> Result<(String, String)> {
+    let disk = m.state.disk();
+    if !disk.is_file() {
+        bail!(
+            "the machine's disk {} is not on this host, so it cannot be edited before the first boot (a remote \
+             libvirt host)\nhint: use a box that runs cloud-init there, or run this machine on the local host",
+            disk.display()
+        );
+    }
+    let mut users = vec![m.cfg.ssh.user.clone()];
+    if m.cfg.ssh.user != "vagrant" {
+        users.push("vagrant".into());
+    }
+    let done = inject::inject(
+        &disk,
+        &m.state.path("inject"),
+        &inject::Injection {
+            users,
+            user_key: &user_key.public_openssh,
+            host_key,
+            hostname: m.cfg.hostname(),
+        },
+    )?;
+    let removed = match done.insecure_removed {
+        0 => "no insecure key was there".to_string(),
+        1 => "insecure key removed".to_string(),
+        n => format!("{n} insecure keys removed"),
+    };
+    let others = match done.others_removed {
+        0 => String::new(),
+        n => format!(", {n} other key(s) dropped"),
+    };
+    Ok((
+        done.user.clone(),
+        format!(
+            "disk ({why}): machine key written for {}, {removed}{others}, host key set ({:.1} s)",
+            done.user, done.seconds
+        ),
+    ))
+}
+
+/// The first SSH session of a disk-route machine: as root (sudo), what cloud-init did from the seed.
+pub(crate) fn setup_script(hostname: &str, hosts: Option<&str>, nic: Option<&PrivateNic>) -> String {
+    let q = |s: &str| format!("'{}'", s.replace('\'', "'\\''"));
+    let mut s = String::from("set -e\n");
+    s.push_str(&format!("hostname {} 2>/dev/null || true\n", q(hostname)));
+    match hosts {
+        Some(h) => s.push_str(&format!("printf '%s' {} > /etc/hosts\n", q(h))),
+        None => s.push_str(&format!(
+            "grep -qw {h} /etc/hosts || printf '127.0.1.1\\t%s\\n' {h} >> /etc/hosts\n",
+            h = q(hostname)
+        )),
+    }
+    if let Some(n) = nic {
+        s.push_str(&format!(
+            "dev=$(ip -o link | awk -v m={mac} 'index(tolower($0), m) {{ sub(\":\", \"\", $2); sub(\"@.*\", \"\", $2); print $2; exit }}')\n\
+             if [ -n \"$dev\" ]; then ip link set \"$dev\" up; ip addr replace {ip}/{prefix} dev \"$dev\"; \
+             else echo \"no NIC with MAC {mac}\" >&2; exit 3; fi\n",
+            mac = q(&n.mac.to_ascii_lowercase()),
+            ip = n.ip,
+            prefix = n.prefix
+        ));
+    }
+    // Grow the root filesystem to the disk: its partition first (growpart, when the box has cloud-guest-utils).
+    s.push_str(
+        "src=$(findmnt -no SOURCE /)\n\
+         case \"$src\" in\n\
+         /dev/vd[a-z][0-9]*|/dev/sd[a-z][0-9]*) if command -v growpart >/dev/null; then \
+         growpart \"${src%%[0-9]*}\" \"${src##*[!0-9]}\" >/dev/null || true; fi ;;\n\
+         esac\n\
+         resize2fs \"$src\" >/dev/null 2>&1 || echo \"resize2fs $src failed\" >&2\n",
+    );
+    s
+}
+
+/// Run [`setup_script`] as root over `session`.
+pub(crate) fn setup(
+    session: &Session,
+    m: &Machine,
+    ui: &Ui,
+    nic: Option<&PrivateNic>,
+    hosts: Option<String>,
+) -> Result<()> {
+    let ph = ui.phase("guest setup");
+    let script = setup_script(m.cfg.hostname(), hosts.as_deref(), nic);
+    let cmd = format!("sudo -n sh -c {}", shell_quote(&script));
+    let out = session.exec(&cmd, Duration::from_secs(300))?;
+    if out.status != 0 {
+        bail!(
+            "setting up the guest over SSH failed (exit {}):\n{}\nhint: the box's user needs password-less sudo \
+             (Vagrant's box contract); check /etc/sudoers.d in the box",
+            out.status,
+            crate::process::tail(&out.output, 20)
+        );
+    }
+    if !out.output.trim().is_empty() {
+        ui.warn(out.output.trim());
+    }
+    ph.done("hostname, /etc/hosts, root filesystem grown (no cloud-init)");
+    Ok(())
+}
+
+fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn setup_script_sets_hostname_hosts_nic_and_grows() {
+        let s = setup_script("web", None, None);
+        assert!(s.contains("hostname 'web'"));
+        assert!(s.contains("127.0.1.1"));
+        assert!(s.contains("resize2fs \"$src\""));
+        assert!(!s.contains("ip addr"));
+        let nic = PrivateNic {
+            ip: "10.0.0.5".parse().unwrap(),
+            prefix: 24,
+            mac: "52:54:00:AA:bb:cc".into(),
+            net: crate::provider::PrivateNet::for_uri("n", true, "qemu:///session"),
+        };
+        let s = setup_script("web", Some("10.0.0.5\tweb\n"), Some(&nic));
+        assert!(s.contains("printf '%s' '10.0.0.5\tweb\n' > /etc/hosts"));
+        assert!(s.contains("ip addr replace 10.0.0.5/24"));
+        assert!(s.contains("'52:54:00:aa:bb:cc'"));
+    }
+}

@@ -1,0 +1,501 @@
+//! Boxes without cloud-init (issue 20): keys written into a machine's qcow2 overlay before its first boot, with
+//! test disks made here without root (`mkfs.ext4 -d` at an offset behind an MBR written by the test), detection of
+//! the route, and the refusals (a root filesystem debugfs cannot edit, a box with no user to log in as).
+
+use std::path::{Path, PathBuf};
+
+use provisioner::boxes::inject::{self, Route, VAGRANT_INSECURE_ED25519, VAGRANT_INSECURE_RSA};
+
+const PART_OFFSET: u64 = 1024 * 1024;
+
+fn run_ok(cmd: &mut std::process::Command) {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(out.status.success(), "{cmd:?}: {out:?}");
+}
+
+fn sha256_file(p: &Path) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(Sha256::digest(std::fs::read(p).unwrap()))
+}
+
+/// A 64 MiB disk with an MBR whose one Linux partition (at 1 MiB) holds an ext4 filesystem made from `files`
+/// (path, contents; uid/gid as the test runs), as qcow2 at `dir/base.qcow2`.
+fn disk(dir: &Path, files: &[(&str, &str)]) -> PathBuf {
+    let src = dir.join("src");
+    for (path, body) in files {
+        let p = src.join(path.trim_start_matches('/'));
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(&p, body).unwrap();
+    }
+    std::fs::create_dir_all(&src).unwrap();
+    let raw = dir.join("disk.raw");
+    std::fs::File::create(&raw).unwrap().set_len(64 << 20).unwrap();
+    run_ok(
+        std::process::Command::new(which("mkfs.ext4"))
+            .args(["-q", "-F", "-d"])
+            .arg(&src)
+            .arg("-E")
+            .arg(format!("offset={PART_OFFSET}"))
+            .arg(&raw)
+            .arg("60M"),
+    );
+    mbr(&raw, 0x83);
+    let base = dir.join("base.qcow2");
+    run_ok(std::process::Command::new("qemu-img").args(["convert", "-O", "qcow2"]).arg(&raw).arg(&base));
+    std::fs::remove_file(&raw).unwrap();
+    base
+}
+
+/// One primary partition of type `kind` from 1 MiB to 61 MiB.
+fn mbr(raw: &Path, kind: u8) {
+    use std::io::{Seek, SeekFrom, Write};
+    let mut f = std::fs::OpenOptions::new().write(true).open(raw).unwrap();
+    let mut e = [0u8; 16];
+    e[4] = kind;
+    e[8..12].copy_from_slice(&((PART_OFFSET / 512) as u32).to_le_bytes());
+    e[12..16].copy_from_slice(&(60u32 * 2048).to_le_bytes());
+    f.seek(SeekFrom::Start(0x1BE)).unwrap();
+    f.write_all(&e).unwrap();
+    f.seek(SeekFrom::Start(510)).unwrap();
+    f.write_all(&[0x55, 0xAA]).unwrap();
+}
+
+fn which(name: &str) -> PathBuf {
+    ["/usr/sbin", "/sbin", "/usr/bin"].iter().map(|d| Path::new(d).join(name)).find(|p| p.exists()).unwrap()
+}
+
+fn overlay(dir: &Path, base: &Path) -> PathBuf {
+    let ov = dir.join("overlay.qcow2");
+    run_ok(
+        std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
+            .arg(base)
+            .arg(&ov),
+    );
+    ov
+}
+
+const PASSWD: &str =
+    "root:x:0:0:root:/root:/bin/bash\nvagrant:x:1000:1000:vagrant,,,:/home/vagrant:/bin/bash\n";
+
+fn vagrant_box(dir: &Path, extra: &[(&str, &str)]) -> PathBuf {
+    // No final newline after the second key: hashicorp/vagrant#8362.
+    let ak = format!("{VAGRANT_INSECURE_RSA}\n{VAGRANT_INSECURE_ED25519}");
+    let mut files = vec![
+        ("/etc/passwd", PASSWD),
+        ("/etc/os-release", "ID=debian\n"),
+        ("/etc/ssh/ssh_host_rsa_key", "the box's shared host key"),
+        ("/home/vagrant/.ssh/authorized_keys", ak.as_str()),
+    ];
+    files.extend_from_slice(extra);
+    disk(dir, &files)
+}
+
+#[test]
+fn injection_leaves_only_the_machine_key_in_the_overlay_and_the_base_untouched() {
+    let t = tempfile::tempdir().unwrap();
+    let base = vagrant_box(t.path(), &[]);
+    let before = sha256_file(&base);
+    let ov = overlay(t.path(), &base);
+    let user = provisioner::keys::generate("provisioner@lab").unwrap();
+    let host = provisioner::keys::generate("root@lab").unwrap();
+    let done = inject::inject(
+        &ov,
+        &t.path().join("work"),
+        &inject::Injection {
+            users: vec!["provisioner".into(), "vagrant".into()],
+            user_key: &user.public_openssh,
+            host_key: &host,
+            hostname: "lab",
+        },
+    )
+    .unwrap();
+    eprintln!("injection: {:.2} s", done.seconds);
+    assert_eq!(done.user, "vagrant");
+    assert_eq!(done.insecure_removed, 2);
+    assert!(done.seconds < 10.0, "{done:?}");
+    let work = t.path().join("read");
+    let read = |img: &Path, path: &str| inject::read_file(img, "qcow2", &work, path).unwrap();
+    let ak = read(&ov, "/home/vagrant/.ssh/authorized_keys").unwrap();
+    assert_eq!(ak, format!("{}\n", user.public_openssh));
+    assert!(!ak.contains("vagrant insecure public key"));
+    let st = |img: &Path, path: &str| inject::stat_file(img, "qcow2", &work, path).unwrap().unwrap();
+    assert_eq!(st(&ov, "/home/vagrant/.ssh/authorized_keys"), (0o600, 1000, 1000));
+    assert_eq!(st(&ov, "/home/vagrant/.ssh"), (0o700, 1000, 1000));
+    assert_eq!(read(&ov, "/etc/ssh/ssh_host_ed25519_key").unwrap(), host.private_openssh);
+    assert_eq!(st(&ov, "/etc/ssh/ssh_host_ed25519_key"), (0o600, 0, 0));
+    assert_eq!(read(&ov, "/etc/ssh/ssh_host_ed25519_key.pub").unwrap().trim(), host.public_openssh.trim());
+    assert_eq!(read(&ov, "/etc/ssh/ssh_host_rsa_key"), None, "the box's shared host key is gone");
+    assert_eq!(read(&ov, "/etc/hostname").unwrap(), "lab\n");
+    // The box itself: byte-identical, insecure keys still in it.
+    assert_eq!(sha256_file(&base), before);
+    assert!(read(&base, "/home/vagrant/.ssh/authorized_keys")
+        .unwrap()
+        .contains("vagrant insecure public key"));
+    // No qemu-storage-daemon left behind: the overlay opens for writing again.
+    inject::edit(&ov, "qcow2", &work, "stat /etc/passwd\n").unwrap();
+}
+
+#[test]
+fn injection_makes_a_missing_ssh_dir_for_the_configured_user() {
+    let t = tempfile::tempdir().unwrap();
+    let passwd = "root:x:0:0:root:/root:/bin/bash\nops:x:1001:1002::/srv/ops:/bin/sh\n";
+    let base = disk(t.path(), &[("/etc/passwd", passwd), ("/srv/ops/.profile", "")]);
+    let ov = overlay(t.path(), &base);
+    let user = provisioner::keys::generate("u").unwrap();
+    let host = provisioner::keys::generate("h").unwrap();
+    let inj = inject::Injection {
+        users: vec!["ops".into(), "vagrant".into()],
+        user_key: &user.public_openssh,
+        host_key: &host,
+        hostname: "h1",
+    };
+    let done = inject::inject(&ov, &t.path().join("work"), &inj).unwrap();
+    assert_eq!((done.user.as_str(), done.insecure_removed), ("ops", 0));
+    let work = t.path().join("read");
+    assert_eq!(
+        inject::read_file(&ov, "qcow2", &work, "/srv/ops/.ssh/authorized_keys").unwrap().unwrap(),
+        format!("{}\n", user.public_openssh)
+    );
+    assert_eq!(
+        inject::stat_file(&ov, "qcow2", &work, "/srv/ops/.ssh/authorized_keys").unwrap().unwrap(),
+        (0o600, 1001, 1002)
+    );
+}
+
+#[test]
+fn a_box_with_no_known_user_is_refused_with_the_hint() {
+    let t = tempfile::tempdir().unwrap();
+    let base = disk(t.path(), &[("/etc/passwd", "root:x:0:0:root:/root:/bin/bash\n")]);
+    let ov = overlay(t.path(), &base);
+    let k = provisioner::keys::generate("k").unwrap();
+    let inj = inject::Injection {
+        users: vec!["provisioner".into(), "vagrant".into()],
+        user_key: &k.public_openssh,
+        host_key: &k,
+        hostname: "h",
+    };
+    let e = format!("{:#}", inject::inject(&ov, &t.path().join("work"), &inj).unwrap_err());
+    assert!(e.contains("none of the users provisioner, vagrant"), "{e}");
+    assert!(e.contains("hint: set [ssh] user"), "{e}");
+}
+
+#[test]
+fn detection_tells_cloud_init_boxes_from_vagrant_boxes() {
+    let work = tempfile::tempdir().unwrap();
+    let route = |extra: &[(&str, &str)]| {
+        let t = tempfile::tempdir().unwrap();
+        let base = vagrant_box(t.path(), extra);
+        let before = sha256_file(&base);
+        let r = inject::detect(&base, "qcow2", &work.path().join("w")).unwrap();
+        assert_eq!(sha256_file(&base), before, "detection only reads");
+        r
+    };
+    assert_eq!(route(&[]), (Route::Disk, "no cloud-init in the box".to_string()));
+    assert_eq!(route(&[("/usr/bin/cloud-init", "#!/usr/bin/python3\n")]).0, Route::CloudInit);
+    assert_eq!(
+        route(&[("/usr/bin/cloud-init", "#!"), ("/etc/cloud/cloud-init.disabled", "")]),
+        (Route::Disk, "cloud-init is disabled in the box".to_string())
+    );
+}
+
+#[test]
+fn an_xfs_root_is_refused_before_boot_with_the_reason_and_the_choices() {
+    let t = tempfile::tempdir().unwrap();
+    let raw = t.path().join("disk.raw");
+    std::fs::File::create(&raw).unwrap().set_len(64 << 20).unwrap();
+    {
+        use std::io::{Seek, SeekFrom, Write};
+        let mut f = std::fs::OpenOptions::new().write(true).open(&raw).unwrap();
+        f.seek(SeekFrom::Start(PART_OFFSET)).unwrap();
+        f.write_all(b"XFSB\0\0\x10\0").unwrap();
+    }
+    mbr(&raw, 0x83);
+    let base = t.path().join("base.qcow2");
+    run_ok(std::process::Command::new("qemu-img").args(["convert", "-O", "qcow2"]).arg(&raw).arg(&base));
+    for image in [&base, &raw] {
+        let format = if image == &raw { "raw" } else { "qcow2" };
+        let e = format!("{:#}", inject::detect(image, format, &t.path().join("w")).unwrap_err());
+        assert!(e.contains("found: xfs at byte 1048576"), "{e}");
+        assert!(e.contains("xfs cannot be edited offline"), "{e}");
+        assert!(e.contains("hint: use a box that runs cloud-init"), "{e}");
+        assert!(e.contains("insecure-once"), "{e}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// VM tier.
+
+/// Vagrant's published insecure ed25519 PRIVATE key (hashicorp/vagrant `keys/vagrant.key.ed25519`): a login with
+/// it must be refused once provisioner has brought the box up.
+const VAGRANT_INSECURE_ED25519_PRIVATE: &str = "-----BEGIN OPENSSH PRIVATE KEY-----
+b3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQAAAAAAAAABAAAAMwAAAAtzc2gtZW
+QyNTUxOQAAACDdWHcQaTZc8Q6nycsP0CqMNRfsLxvYVxqKosrHyTp+WAAAAJj2TBMT9kwT
+EwAAAAtzc2gtZWQyNTUxOQAAACDdWHcQaTZc8Q6nycsP0CqMNRfsLxvYVxqKosrHyTp+WA
+AAAEAveRHRHSCjIxbNKHDRzezD0U3R3UEEmS7R33fzvPQAD91YdxBpNlzxDqfJyw/QKow1
+F+wvG9hXGoqiysfJOn5YAAAAEHNwb3hAdmFncmFudC1kZXYBAgMEBQ==
+-----END OPENSSH PRIVATE KEY-----
+";
+
+/// A Vagrant-style box made offline from the VM tests' cached Debian box (`box_dir/box.box`): user `vagrant`
+/// (passwd, shadow, group, home) with Vagrant's insecure keys (the last line without a newline), password-less
+/// sudo, cloud-init disabled; packaged as a vagrant-libvirt box (v1: box.img + the kernel the box boots).
+fn vagrant_box_from_test_box(box_dir: &Path) -> PathBuf {
+    let repo_cfg =
+        provisioner::config::Config::load(&crate::support::repo().join("box-config.toml")).unwrap();
+    let cache = provisioner::boxes::Cache::open().unwrap();
+    let (base, _) = provisioner::boxes::ensure_in(
+        &cache,
+        &repo_cfg,
+        "libvirt",
+        false,
+        &provisioner::ui::Ui::new(false, true),
+    )
+    .unwrap();
+    let img = box_dir.join("box.img");
+    run_ok(std::process::Command::new("cp").arg("--reflink=auto").arg(&base.disk).arg(&img));
+    std::fs::copy(base.kernel.as_ref().unwrap(), box_dir.join("vmlinuz")).unwrap();
+    std::fs::copy(base.initrd.as_ref().unwrap(), box_dir.join("initrd.img")).unwrap();
+    let work = box_dir.join("work");
+    let read = |p: &str| inject::read_file(&img, "qcow2", &work, p).unwrap().unwrap_or_default();
+    let (passwd, shadow, group) = (read("/etc/passwd"), read("/etc/shadow"), read("/etc/group"));
+    assert!(!passwd.contains("\nvagrant:"), "the test box already has a vagrant user");
+    let shadow_gid =
+        group.lines().find(|l| l.starts_with("shadow:")).and_then(|l| l.split(':').nth(2)).unwrap();
+    let files = box_dir.join("files");
+    std::fs::create_dir_all(&files).unwrap();
+    let local = |name: &str, body: &str| {
+        std::fs::write(files.join(name), body).unwrap();
+        files.join(name).display().to_string()
+    };
+    let nl = |s: &str| if s.ends_with('\n') || s.is_empty() { s.to_string() } else { format!("{s}\n") };
+    let passwd =
+        local("passwd", &format!("{}vagrant:x:1000:1000:vagrant,,,:/home/vagrant:/bin/bash\n", nl(&passwd)));
+    let shadow = local("shadow", &format!("{}vagrant:*:19700:0:99999:7:::\n", nl(&shadow)));
+    let group = local("group", &format!("{}vagrant:x:1000:\n", nl(&group)));
+    let ak = local("ak", &format!("{VAGRANT_INSECURE_RSA}\n{VAGRANT_INSECURE_ED25519}"));
+    let sudo = local("sudo", "vagrant ALL=(ALL) NOPASSWD: ALL\n");
+    let empty = local("empty", "");
+    let put = |dest: &str, src: &str, mode: &str, uid: u32, gid: &str| {
+        format!("rm {dest}\nwrite {src} {dest}\nsif {dest} mode {mode}\nsif {dest} uid {uid}\nsif {dest} gid {gid}\n")
+    };
+    let cmds = [
+        put("/etc/passwd", &passwd, "0100644", 0, "0"),
+        put("/etc/shadow", &shadow, "0100640", 0, shadow_gid),
+        put("/etc/group", &group, "0100644", 0, "0"),
+        "mkdir /home/vagrant\nsif /home/vagrant mode 040755\nsif /home/vagrant uid 1000\nsif /home/vagrant gid 1000\n"
+            .into(),
+        "mkdir /home/vagrant/.ssh\nsif /home/vagrant/.ssh mode 040700\nsif /home/vagrant/.ssh uid 1000\n\
+         sif /home/vagrant/.ssh gid 1000\n"
+            .into(),
+        put("/home/vagrant/.ssh/authorized_keys", &ak, "0100600", 1000, "1000"),
+        put("/etc/sudoers.d/vagrant", &sudo, "0100440", 0, "0"),
+        "mkdir /etc/cloud\n".into(),
+        put("/etc/cloud/cloud-init.disabled", &empty, "0100644", 0, "0"),
+    ]
+    .concat();
+    inject::edit(&img, "qcow2", &work, &cmds).unwrap();
+    assert!(read("/etc/passwd").contains("\nvagrant:x:1000:1000:"));
+    assert!(read("/home/vagrant/.ssh/authorized_keys").ends_with("vagrant insecure public key"));
+    assert_eq!(read("/etc/sudoers.d/vagrant"), "vagrant ALL=(ALL) NOPASSWD: ALL\n");
+    assert_eq!(inject::detect(&img, "qcow2", &work).unwrap().0, Route::Disk);
+    std::fs::write(
+        box_dir.join("metadata.json"),
+        r#"{"provider": "libvirt", "format": "qcow2", "virtual_size": 4}"#,
+    )
+    .unwrap();
+    std::fs::write(box_dir.join("Vagrantfile"), "Vagrant.configure(\"2\") do |config|\nend\n").unwrap();
+    let out = box_dir.join("vagrant-test.box");
+    run_ok(std::process::Command::new("tar").arg("-cf").arg(&out).arg("-C").arg(box_dir).args([
+        "metadata.json",
+        "Vagrantfile",
+        "box.img",
+        "vmlinuz",
+        "initrd.img",
+    ]));
+    for f in ["box.img", "vmlinuz", "initrd.img"] {
+        std::fs::remove_file(box_dir.join(f)).unwrap();
+    }
+    out
+}
+
+/// The cached box's disk, for the byte-identical check.
+fn cached_disks(cache: &Path) -> Vec<(PathBuf, String)> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(cache.join("boxes")).unwrap().flatten() {
+        let img = e.path().join("box.img");
+        if img.is_file() {
+            out.push((img.clone(), sha256_file(&img)));
+        }
+    }
+    out
+}
+
+/// A box without cloud-init, made the way public Vagrant boxes are (user `vagrant`, Vagrant's insecure key,
+/// password-less sudo; a vagrant-libvirt `.box`): `up --no-provision` takes the disk route (the phase line says
+/// so), `ssh -c 'id -un'` logs in as vagrant with the pinned host key, the insecure private key is refused, the
+/// host key sshd offers is the pinned one, the cached box is byte-identical after `up`; `destroy -f` at the end.
+#[test]
+#[ignore = "vm: one TCG guest from a Vagrant-style box without cloud-init: keys from its disk (~2 min)"]
+fn vm_vagrant_box_without_cloud_init_gets_keys_from_its_disk() {
+    crate::support::session_libvirt();
+    let started = std::time::Instant::now();
+    let t = crate::support::Test::new();
+    let cache = t.path().join("cache");
+    let box_file = vagrant_box_from_test_box(&{
+        let d = t.path().join("boxsrc");
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    });
+    eprintln!("box derived in {:.1} s", started.elapsed().as_secs_f64());
+    let port = crate::support::free_port();
+    t.write(
+        "box-config.toml",
+        format!(
+            "[machine]\nname = \"vbox\"\nprovider = \"libvirt\"\ncpus = 1\nmemory_mb = 1024\ndisk_gb = 4\n\
+             accel = \"tcg\"\n\n[box]\nvagrant = \"{}\"\n\n[ssh]\nhost_port = {port}\nconnect_timeout_secs = 300\n\n\
+             [provision]\nenabled = false\n\n[libvirt]\nuri = \"qemu:///session\"\n",
+            box_file.display()
+        ),
+    );
+    let run = |args: &[&str]| {
+        crate::support::Test::new()
+            .cwd(t.path())
+            .env("PROVISIONER_CACHE_DIR", cache.display().to_string())
+            .args(args.iter().copied())
+            .run()
+    };
+    run(&["box", "build"]).success();
+    let before = cached_disks(&cache);
+    assert_eq!(before.len(), 1, "{before:?}");
+    let up_started = std::time::Instant::now();
+    let up = run(&["up", "--no-provision"]);
+    let up_secs = up_started.elapsed().as_secs_f64();
+    let guard = scopeguard(&run);
+    let text = format!("{}{}", up.stdout(), up.stderr());
+    let up = up.success();
+    drop(up);
+    eprintln!("up: {up_secs:.1} s\n{text}");
+    let keys_line = text
+        .lines()
+        .find(|l| l.contains("disk (no cloud-init") || l.contains("disk (cloud-init is disabled"));
+    let keys_line = keys_line.unwrap_or_else(|| panic!("no disk-route phase line:\n{text}"));
+    assert!(
+        keys_line.contains("machine key written for vagrant, 2 insecure keys removed, host key set"),
+        "{keys_line}"
+    );
+    eprintln!("injection: {keys_line}");
+    run(&["ssh", "-c", "id -un"]).success().stdout_contains("vagrant");
+    let host = run(&["ssh", "-c", "hostname; sudo -n true && echo sudo-ok"]).success();
+    assert!(host.stdout().contains("vbox") && host.stdout().contains("sudo-ok"), "{}", host.stdout());
+
+    // The insecure private key does not log in.
+    let key = t.path().join("insecure");
+    std::fs::write(&key, VAGRANT_INSECURE_ED25519_PRIVATE).unwrap();
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let out = std::process::Command::new("ssh")
+        .args(["-F", "/dev/null", "-i"])
+        .arg(&key)
+        .args([
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "ConnectTimeout=30",
+            "-p",
+            &port.to_string(),
+            "vagrant@127.0.0.1",
+            "true",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the insecure key logged in");
+    assert!(err.contains("Permission denied"), "{err}");
+    // The host key sshd offers is the one pinned from the first connection.
+    let scan = std::process::Command::new("ssh-keyscan")
+        .args(["-t", "ed25519", "-p", &port.to_string(), "127.0.0.1"])
+        .output()
+        .unwrap();
+    let pinned = std::fs::read_to_string(t.path().join(".provisioner/host_ed25519.pub")).unwrap();
+    let blob = pinned.split_whitespace().nth(1).unwrap();
+    assert!(String::from_utf8_lossy(&scan.stdout).contains(blob), "{scan:?} vs {pinned}");
+
+    assert_eq!(cached_disks(&cache), before, "the cached box changed");
+    drop(guard);
+    eprintln!("vm test: {:.1} s", started.elapsed().as_secs_f64());
+}
+
+/// `destroy -f` when dropped (also when an assertion fails).
+fn scopeguard<'a>(run: &'a dyn Fn(&[&str]) -> crate::support::Run) -> impl Drop + 'a {
+    struct G<'a>(&'a dyn Fn(&[&str]) -> crate::support::Run);
+    impl Drop for G<'_> {
+        fn drop(&mut self) {
+            let r = (self.0)(&["destroy", "-f"]);
+            if !std::thread::panicking() {
+                r.success();
+            }
+        }
+    }
+    G(run)
+}
+
+/// `up` on a box whose root filesystem cannot be edited offline (here XFS) stops before anything is created,
+/// with the reason and the choices; no VM and no seed are made.
+#[test]
+fn up_refuses_an_xfs_box_before_boot() {
+    if which::which("virsh").is_err() {
+        eprintln!("skipped: no virsh on this host");
+        return;
+    }
+    let t = crate::support::Test::new();
+    let raw = t.path().join("xfs.raw");
+    std::fs::File::create(&raw).unwrap().set_len(64 << 20).unwrap();
+    {
+        use std::io::{Seek, SeekFrom, Write};
+        let mut f = std::fs::OpenOptions::new().write(true).open(&raw).unwrap();
+        f.seek(SeekFrom::Start(PART_OFFSET)).unwrap();
+        // An XFS superblock: 4 KiB blocks, 15360 blocks (60 MiB).
+        f.write_all(b"XFSB\0\0\x10\0\0\0\0\0\0\0\x3c\0").unwrap();
+    }
+    mbr(&raw, 0x83);
+    let img = t.path().join("xfs.qcow2");
+    run_ok(std::process::Command::new("qemu-img").args(["convert", "-O", "qcow2"]).arg(&raw).arg(&img));
+    t.write(
+        "box-config.toml",
+        format!(
+            "[machine]\nname = \"xfsbox\"\nprovider = \"libvirt\"\ncpus = 1\nmemory_mb = 512\ndisk_gb = 2\n\n[box]\n\
+             image = \"{}\"\n\n[ssh]\nhost_port = {}\n\n[provision]\nenabled = false\n\n[libvirt]\n\
+             uri = \"qemu:///session\"\n",
+            img.display(),
+            crate::support::free_port()
+        ),
+    );
+    let cache = t.path().join("cache").display().to_string();
+    let r = crate::support::Test::new()
+        .cwd(t.path())
+        .env("PROVISIONER_CACHE_DIR", cache.clone())
+        .args(["up", "--no-provision"])
+        .run()
+        .failure();
+    let err = r.stderr();
+    assert!(
+        err.contains("found: xfs at byte 1048576") && err.contains("xfs cannot be edited offline"),
+        "{err}"
+    );
+    assert!(err.contains("hint: use a box that runs cloud-init"), "{err}");
+    assert!(!t.path().join(".provisioner/seed.iso").exists());
+    assert!(!t.path().join(".provisioner/disk.qcow2").exists());
+    crate::support::Test::new()
+        .cwd(t.path())
+        .env("PROVISIONER_CACHE_DIR", cache)
+        .arg("status")
+        .run()
+        .success()
+        .stdout_contains("not created");
+}
