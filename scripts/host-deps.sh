@@ -35,7 +35,7 @@ base_pkgs=(
   openssh-server openssh-client              # real sshd for transport tests, `provisioner ssh`
   prometheus prometheus-alertmanager prometheus-node-exporter   # live lab on loopback, promtool, amtool
   python3-flask python3-prometheus-client gunicorn               # the demo app on the host
-  debootstrap e2fsprogs                      # box built from a Debian mirror
+  debootstrap e2fsprogs                      # box built from a Debian mirror; debugfs: keys into a Vagrant box disk
   genisoimage util-linux                     # isoinfo/blkid to read seeds back in tests
   python3-yaml                               # tests/seed.rs loads network-config with PyYAML, as cloud-init does
   curl ca-certificates iproute2 procps psmisc
@@ -43,7 +43,7 @@ base_pkgs=(
   docker-registry apache2-utils openssl      # tests/vm.rs: a real registry (Distribution 2.8) with TLS and htpasswd auth
 )
 bpo_pkgs=(
-  qemu-system-x86 qemu-system-common qemu-system-data qemu-block-extra qemu-utils   # qemu-img: overlays, box checks
+  qemu-system-x86 qemu-system-common qemu-system-data qemu-block-extra qemu-utils   # qemu-img: overlays, box checks; qemu-storage-daemon: keys into a Vagrant box disk
   libvirt-daemon-system libvirt-clients libvirt-daemon-driver-qemu libvirt-daemon
 )
 
