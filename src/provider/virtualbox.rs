@@ -64,7 +64,7 @@ macro_rules! args {
 /// Locate VBoxManage: the config's path, PATH, then (Windows) %VBOX_MSI_INSTALL_PATH% and Program Files.
 pub fn find_vboxmanage(cfg: &Config) -> Option<PathBuf> {
     let configured = cfg.virtualbox.vboxmanage.as_deref().map(|p| cfg.resolve(p));
-    locate(configured.as_deref(), cfg!(windows), |k| std::env::var_os(k), is_executable)
+    locate(configured.as_deref(), crate::platform::WINDOWS, |k| std::env::var_os(k), is_executable)
 }
 
 /// Name of the master VM imported from a box.
@@ -85,7 +85,7 @@ impl VirtualBox {
                 "VBoxManage was not found (searched PATH{}).\n\
                  hint: install VirtualBox 6.1 or newer from virtualbox.org, or set `[virtualbox] vboxmanage = \
                  \"/path/to/VBoxManage\"` in box-config.toml (on Windows e.g. '{}')",
-                if cfg!(windows) { ", %VBOX_MSI_INSTALL_PATH% and Program Files" } else { "" },
+                if crate::platform::WINDOWS { ", %VBOX_MSI_INSTALL_PATH% and Program Files" } else { "" },
                 WINDOWS_DEFAULT
             )
         })?;
