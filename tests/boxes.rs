@@ -294,48 +294,54 @@ fn interrupted_download_restarts_when_server_ignores_range() {
 /// the message says exactly what stays (the part file, kept for the resume) instead of "nothing half-made was
 /// kept"; the next run resumes from it with a Range request.
 #[test]
+#[cfg_attr(
+    windows,
+    ignore = "windows: sends SIGINT with kill(2); a console Ctrl-C needs GenerateConsoleCtrlEvent (not written yet)"
+)]
 fn interrupted_download_says_what_stays_and_the_next_run_resumes() {
-    let body = payload(8 << 20);
-    let sum = sha256(&body);
-    let server = Server::start(body.clone());
-    server.state.slow.store(true, Ordering::SeqCst);
-    let t = Test::new();
-    t.write(
-        "box-config.toml",
-        format!(
+    #[cfg(unix)]
+    {
+        let body = payload(8 << 20);
+        let sum = sha256(&body);
+        let server = Server::start(body.clone());
+        server.state.slow.store(true, Ordering::SeqCst);
+        let t = Test::new();
+        t.write(
+            "box-config.toml",
+            format!(
             "[machine]\nname = \"t\"\nprovider = \"libvirt\"\n\n[box]\nurl = \"{}\"\nsha256 = \"{sum}\"\n",
             server.url
         ),
-    );
-    let cache = t.path().join("cache");
-    let part = cache.join(format!("boxes/downloads/{sum}.part"));
-    let mut c = std::process::Command::new(support::bin());
-    c.args(["box", "build"]).current_dir(t.path()).env("PROVISIONER_CACHE_DIR", &cache);
-    // SAFETY: only async-signal-safe signal(2) between fork and exec (a background runner may ignore SIGINT).
-    unsafe {
-        use std::os::unix::process::CommandExt;
-        c.pre_exec(|| {
-            libc::signal(libc::SIGINT, libc::SIG_DFL);
-            Ok(())
-        });
-    }
-    let mut p = support::Proc::spawn("box build", c, t.path().join("build.log"));
-    support::wait_until(Duration::from_secs(60), "the download to begin", || {
-        if let Some(st) = p.child.try_wait().unwrap() {
-            panic!("box build ended before the interrupt ({st}):\n{}", p.log_text());
+        );
+        let cache = t.path().join("cache");
+        let part = cache.join(format!("boxes/downloads/{sum}.part"));
+        let mut c = std::process::Command::new(support::bin());
+        c.args(["box", "build"]).current_dir(t.path()).env("PROVISIONER_CACHE_DIR", &cache);
+        // SAFETY: only async-signal-safe signal(2) between fork and exec (a background runner may ignore SIGINT).
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            c.pre_exec(|| {
+                libc::signal(libc::SIGINT, libc::SIG_DFL);
+                Ok(())
+            });
         }
-        part.metadata().is_ok_and(|m| m.len() > 0).then_some(())
-    });
-    // SAFETY: kill(2) on the child we started.
-    unsafe { libc::kill(p.child.id() as i32, libc::SIGINT) };
-    let st =
-        support::wait_until(Duration::from_secs(10), "box build to exit", || p.child.try_wait().unwrap());
-    let log = p.log_text();
-    assert_eq!(st.code(), Some(130), "{log}");
-    let kept = part.metadata().unwrap().len();
-    assert!(kept > 0 && kept < body.len() as u64, "{kept}");
-    let last: Vec<&str> = log.lines().rev().take(2).collect();
-    assert_eq!(
+        let mut p = support::Proc::spawn("box build", c, t.path().join("build.log"));
+        support::wait_until(Duration::from_secs(60), "the download to begin", || {
+            if let Some(st) = p.child.try_wait().unwrap() {
+                panic!("box build ended before the interrupt ({st}):\n{}", p.log_text());
+            }
+            part.metadata().is_ok_and(|m| m.len() > 0).then_some(())
+        });
+        // SAFETY: kill(2) on the child we started.
+        unsafe { libc::kill(p.child.id() as i32, libc::SIGINT) };
+        let st =
+            support::wait_until(Duration::from_secs(10), "box build to exit", || p.child.try_wait().unwrap());
+        let log = p.log_text();
+        assert_eq!(st.code(), Some(130), "{log}");
+        let kept = part.metadata().unwrap().len();
+        assert!(kept > 0 && kept < body.len() as u64, "{kept}");
+        let last: Vec<&str> = log.lines().rev().take(2).collect();
+        assert_eq!(
         last,
         [
             "hint: run the same command again; it continues from the last consistent state",
@@ -347,14 +353,15 @@ fn interrupted_download_says_what_stays_and_the_next_run_resumes() {
         ],
         "{log}"
     );
-    server.state.slow.store(false, Ordering::SeqCst);
-    Test::new()
-        .cwd(t.path())
-        .env("PROVISIONER_CACHE_DIR", cache.display().to_string())
-        .args(["box", "build"])
-        .run()
-        .success();
-    assert_eq!(server.requests(), vec![None, Some(kept)], "the second run resumed from the part file");
+        server.state.slow.store(false, Ordering::SeqCst);
+        Test::new()
+            .cwd(t.path())
+            .env("PROVISIONER_CACHE_DIR", cache.display().to_string())
+            .args(["box", "build"])
+            .run()
+            .success();
+        assert_eq!(server.requests(), vec![None, Some(kept)], "the second run resumed from the part file");
+    }
 }
 
 #[test]
@@ -776,7 +783,7 @@ fn vbox_project(t: &Test, name: &str) {
             "[machine]\nname = \"{name}\"\nprovider = \"virtualbox\"\ncpus = 1\nmemory_mb = 1024\n\n[box]\n\
              vagrant = \"box/box.ovf\"\n\n[ssh]\nhost_port = {}\n\n[virtualbox]\nvboxmanage = {:?}\n",
             support::free_port(),
-            bin.join("VBoxManage").to_str().unwrap()
+            exe.to_str().unwrap()
         ),
     );
 }
@@ -842,15 +849,21 @@ impl HangingMirror {
 /// SIGINT does not reach: they used to go on alone), no partial entry is left, the lock is free, and the next
 /// build starts clean and gets to the same point. Needs root (debootstrap), like every mirror build.
 #[test]
+#[cfg_attr(
+    windows,
+    ignore = "windows: debootstrap needs root on Linux, and the signals are sent with kill(2)"
+)]
 fn box_build_interrupted_during_debootstrap_leaves_nothing_and_reruns() {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("skipped: building a box from a mirror needs root");
-        return;
-    }
-    let mirror = HangingMirror::start();
-    let t = Test::new();
-    t.write(
+    #[cfg(unix)]
+    {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: building a box from a mirror needs root");
+            return;
+        }
+        let mirror = HangingMirror::start();
+        let t = Test::new();
+        t.write(
         "box-config.toml",
         format!(
             "[machine]\nname = \"t\"\nprovider = \"libvirt\"\n\n[box.debian]\nsuite = \"bookworm\"\nmirror = \"{}\"\n\
@@ -858,57 +871,66 @@ fn box_build_interrupted_during_debootstrap_leaves_nothing_and_reruns() {
             mirror.url
         ),
     );
-    let cache = t.path().join("cache");
-    for (round, (sig, code)) in [(libc::SIGINT, 130), (libc::SIGTERM, 143)].into_iter().enumerate() {
-        let marker = format!("PROVISIONER_TEST_RUN=boxintr-{}-{round}", std::process::id());
-        let (key, value) = marker.split_once('=').unwrap();
-        let mut c = std::process::Command::new(support::bin());
-        c.args(["--json", "box", "build"])
-            .current_dir(t.path())
-            .env("PROVISIONER_CACHE_DIR", &cache)
-            .env(key, value);
-        // SAFETY: only async-signal-safe signal(2) between fork and exec: a runner started in the background may
-        // have left SIGINT ignored, and the build must see it as a user's Ctrl-C would.
-        unsafe {
-            use std::os::unix::process::CommandExt;
-            c.pre_exec(|| {
-                libc::signal(libc::SIGINT, libc::SIG_DFL);
-                Ok(())
+        let cache = t.path().join("cache");
+        for (round, (sig, code)) in [(libc::SIGINT, 130), (libc::SIGTERM, 143)].into_iter().enumerate() {
+            let marker = format!("PROVISIONER_TEST_RUN=boxintr-{}-{round}", std::process::id());
+            let (key, value) = marker.split_once('=').unwrap();
+            let mut c = std::process::Command::new(support::bin());
+            c.args(["--json", "box", "build"])
+                .current_dir(t.path())
+                .env("PROVISIONER_CACHE_DIR", &cache)
+                .env(key, value);
+            // SAFETY: only async-signal-safe signal(2) between fork and exec: a runner started in the background may
+            // have left SIGINT ignored, and the build must see it as a user's Ctrl-C would.
+            unsafe {
+                use std::os::unix::process::CommandExt;
+                c.pre_exec(|| {
+                    libc::signal(libc::SIGINT, libc::SIG_DFL);
+                    Ok(())
+                });
+            }
+            let mut p = support::Proc::spawn("box build", c, t.path().join(format!("build{round}.log")));
+            let before = mirror.requests.load(Ordering::SeqCst);
+            support::wait_until(Duration::from_secs(120), "debootstrap to ask the mirror", || {
+                if let Some(st) = p.child.try_wait().unwrap() {
+                    panic!("box build ended before the interrupt ({st}):\n{}", p.log_text());
+                }
+                (mirror.requests.load(Ordering::SeqCst) > before).then_some(())
             });
-        }
-        let mut p = support::Proc::spawn("box build", c, t.path().join(format!("build{round}.log")));
-        let before = mirror.requests.load(Ordering::SeqCst);
-        support::wait_until(Duration::from_secs(120), "debootstrap to ask the mirror", || {
-            if let Some(st) = p.child.try_wait().unwrap() {
-                panic!("box build ended before the interrupt ({st}):\n{}", p.log_text());
+            let running = support::processes_with_env(&marker);
+            assert!(
+                running.iter().any(|p| p.ends_with(" debootstrap")),
+                "debootstrap is running: {running:?}"
+            );
+            let started = Instant::now();
+            // SAFETY: kill(2) on the child we started.
+            unsafe { libc::kill(p.child.id() as i32, sig) };
+            let st = support::wait_until(Duration::from_secs(30), "box build to exit", || {
+                p.child.try_wait().unwrap()
+            });
+            eprintln!("round {round}: exited {st} {:?} after the signal", started.elapsed());
+            assert_eq!(st.code(), Some(code), "exit code for signal {sig}:\n{}", p.log_text());
+            let log = p.log_text();
+            assert!(log.contains("\"event\":\"interrupted\""), "{log}");
+            assert!(log.contains("hint: run the same command again"), "{log}");
+            support::wait_until(Duration::from_secs(10), "every process of the run to be gone", || {
+                support::processes_with_env(&marker).is_empty().then_some(())
+            });
+            assert!(cache_entries(&cache).is_empty(), "left in the cache: {:?}", cache_entries(&cache));
+            // The build lock is free again.
+            for e in std::fs::read_dir(cache.join("boxes")).unwrap().flatten() {
+                if e.file_name().to_string_lossy().ends_with(".lock") {
+                    let f = std::fs::File::open(e.path()).unwrap();
+                    assert!(
+                        fs4::fs_std::FileExt::try_lock_exclusive(&f).unwrap(),
+                        "{:?} still locked",
+                        e.path()
+                    );
+                }
             }
-            (mirror.requests.load(Ordering::SeqCst) > before).then_some(())
-        });
-        let running = support::processes_with_env(&marker);
-        assert!(running.iter().any(|p| p.ends_with(" debootstrap")), "debootstrap is running: {running:?}");
-        let started = Instant::now();
-        // SAFETY: kill(2) on the child we started.
-        unsafe { libc::kill(p.child.id() as i32, sig) };
-        let st =
-            support::wait_until(Duration::from_secs(30), "box build to exit", || p.child.try_wait().unwrap());
-        eprintln!("round {round}: exited {st} {:?} after the signal", started.elapsed());
-        assert_eq!(st.code(), Some(code), "exit code for signal {sig}:\n{}", p.log_text());
-        let log = p.log_text();
-        assert!(log.contains("\"event\":\"interrupted\""), "{log}");
-        assert!(log.contains("hint: run the same command again"), "{log}");
-        support::wait_until(Duration::from_secs(10), "every process of the run to be gone", || {
-            support::processes_with_env(&marker).is_empty().then_some(())
-        });
-        assert!(cache_entries(&cache).is_empty(), "left in the cache: {:?}", cache_entries(&cache));
-        // The build lock is free again.
-        for e in std::fs::read_dir(cache.join("boxes")).unwrap().flatten() {
-            if e.file_name().to_string_lossy().ends_with(".lock") {
-                let f = std::fs::File::open(e.path()).unwrap();
-                assert!(fs4::fs_std::FileExt::try_lock_exclusive(&f).unwrap(), "{:?} still locked", e.path());
-            }
         }
+        assert_eq!(mirror.requests.load(Ordering::SeqCst), 2, "the re-run started debootstrap again");
     }
-    assert_eq!(mirror.requests.load(Ordering::SeqCst), 2, "the re-run started debootstrap again");
 }
 
 /// A box that passes every import check but has no bootloader (a bare ext4 filesystem, booted by BIOS from its
@@ -957,58 +979,68 @@ fn vm_unbootable_box_reports_the_firmware_error() {
 /// with 130 and an `interrupted` event instead of dying by the signal, and the next `up` goes on from the recorded
 /// state (the machine exists and runs: no second import, no second VM).
 #[test]
+#[cfg_attr(
+    windows,
+    ignore = "windows: sends SIGINT with kill(2); a console Ctrl-C needs GenerateConsoleCtrlEvent (not written yet)"
+)]
 fn up_interrupted_while_waiting_for_ssh_exits_130_and_reruns() {
-    use std::os::unix::process::CommandExt;
-    let t = Test::new();
-    let dir = t.path().to_path_buf();
-    vbox_project(&t, "vbi");
-    let cache = dir.join("cache");
-    let mut c = std::process::Command::new(support::bin());
-    c.args(["--json", "up", "--boot-timeout", "600"]).current_dir(&dir).env("PROVISIONER_CACHE_DIR", &cache);
-    // SAFETY: only async-signal-safe signal(2) between fork and exec (a background runner may ignore SIGINT).
-    unsafe {
-        c.pre_exec(|| {
-            libc::signal(libc::SIGINT, libc::SIG_DFL);
-            Ok(())
-        });
-    }
-    let mut up = support::Proc::spawn("up", c, dir.join("up.log"));
-    support::wait_until(Duration::from_secs(120), "`up` to wait for SSH", || {
-        if let Some(st) = up.child.try_wait().unwrap() {
-            panic!("`up` ended early ({st}):\n{}", up.log_text());
+    #[cfg(unix)]
+    {
+        use std::os::unix::process::CommandExt;
+        let t = Test::new();
+        let dir = t.path().to_path_buf();
+        vbox_project(&t, "vbi");
+        let cache = dir.join("cache");
+        let mut c = std::process::Command::new(support::bin());
+        c.args(["--json", "up", "--boot-timeout", "600"])
+            .current_dir(&dir)
+            .env("PROVISIONER_CACHE_DIR", &cache);
+        // SAFETY: only async-signal-safe signal(2) between fork and exec (a background runner may ignore SIGINT).
+        unsafe {
+            c.pre_exec(|| {
+                libc::signal(libc::SIGINT, libc::SIG_DFL);
+                Ok(())
+            });
         }
-        up.log_text().contains(r#"{"event":"phase_start","phase":"ssh"}"#).then_some(())
-    });
-    let signalled = Instant::now();
-    // SAFETY: kill(2) on the child we started.
-    unsafe { libc::kill(up.child.id() as i32, libc::SIGINT) };
-    let st = support::wait_until(Duration::from_secs(15), "`up` to exit", || up.child.try_wait().unwrap());
-    let took = signalled.elapsed();
-    assert_eq!(st.code(), Some(130), "{}", up.log_text());
-    assert!(took < Duration::from_secs(5), "Ctrl-C took {took:?} to stop `up`");
-    let interrupted = up
-        .log_text()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .find(|v| v["event"] == "interrupted")
-        .unwrap_or_else(|| panic!("no interrupted event:\n{}", up.log_text()));
-    assert_eq!(
-        (interrupted["signal"].as_str(), interrupted["exit_code"].as_i64()),
-        (Some("SIGINT"), Some(130))
-    );
-    let again = Test::new()
-        .cwd(&dir)
-        .env("PROVISIONER_CACHE_DIR", cache.display().to_string())
-        .args(["--json", "up", "--boot-timeout", "1"])
-        .run()
-        .failure();
-    assert!(again.stderr().contains("did not answer SSH"), "{}", again.stderr());
-    let calls = std::fs::read_to_string(dir.join("vbox/vboxdouble/calls.log")).unwrap_or_default();
-    assert_eq!(calls.lines().filter(|l| l.starts_with("import ")).count(), 1, "{calls}");
-    Test::new()
-        .cwd(&dir)
-        .env("PROVISIONER_CACHE_DIR", cache.display().to_string())
-        .args(["destroy", "-f"])
-        .run()
-        .success();
+        let mut up = support::Proc::spawn("up", c, dir.join("up.log"));
+        support::wait_until(Duration::from_secs(120), "`up` to wait for SSH", || {
+            if let Some(st) = up.child.try_wait().unwrap() {
+                panic!("`up` ended early ({st}):\n{}", up.log_text());
+            }
+            up.log_text().contains(r#"{"event":"phase_start","phase":"ssh"}"#).then_some(())
+        });
+        let signalled = Instant::now();
+        // SAFETY: kill(2) on the child we started.
+        unsafe { libc::kill(up.child.id() as i32, libc::SIGINT) };
+        let st =
+            support::wait_until(Duration::from_secs(15), "`up` to exit", || up.child.try_wait().unwrap());
+        let took = signalled.elapsed();
+        assert_eq!(st.code(), Some(130), "{}", up.log_text());
+        assert!(took < Duration::from_secs(5), "Ctrl-C took {took:?} to stop `up`");
+        let interrupted = up
+            .log_text()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|v| v["event"] == "interrupted")
+            .unwrap_or_else(|| panic!("no interrupted event:\n{}", up.log_text()));
+        assert_eq!(
+            (interrupted["signal"].as_str(), interrupted["exit_code"].as_i64()),
+            (Some("SIGINT"), Some(130))
+        );
+        let again = Test::new()
+            .cwd(&dir)
+            .env("PROVISIONER_CACHE_DIR", cache.display().to_string())
+            .args(["--json", "up", "--boot-timeout", "1"])
+            .run()
+            .failure();
+        assert!(again.stderr().contains("did not answer SSH"), "{}", again.stderr());
+        let calls = std::fs::read_to_string(dir.join("vbox/vboxdouble/calls.log")).unwrap_or_default();
+        assert_eq!(calls.lines().filter(|l| l.starts_with("import ")).count(), 1, "{calls}");
+        Test::new()
+            .cwd(&dir)
+            .env("PROVISIONER_CACHE_DIR", cache.display().to_string())
+            .args(["destroy", "-f"])
+            .run()
+            .success();
+    }
 }

@@ -15,9 +15,9 @@ use std::time::{Duration, Instant};
 use windows_sys::Win32::Foundation::{CloseHandle, HANDLE};
 use windows_sys::Win32::Security::Authorization::{SetNamedSecurityInfoW, SE_FILE_OBJECT};
 use windows_sys::Win32::Security::{
-    AddAccessAllowedAce, GetLengthSid, GetTokenInformation, InitializeAcl, TokenElevation, TokenUser, ACL,
-    ACL_REVISION, DACL_SECURITY_INFORMATION, PROTECTED_DACL_SECURITY_INFORMATION, TOKEN_ELEVATION,
-    TOKEN_QUERY, TOKEN_USER,
+    AddAccessAllowedAceEx, GetLengthSid, GetTokenInformation, InitializeAcl, TokenElevation, TokenUser, ACL,
+    ACL_REVISION, CONTAINER_INHERIT_ACE, DACL_SECURITY_INFORMATION, OBJECT_INHERIT_ACE,
+    PROTECTED_DACL_SECURITY_INFORMATION, TOKEN_ELEVATION, TOKEN_QUERY, TOKEN_USER,
 };
 use windows_sys::Win32::System::Console::{
     SetConsoleCtrlHandler, CTRL_BREAK_EVENT, CTRL_CLOSE_EVENT, CTRL_C_EVENT, CTRL_LOGOFF_EVENT,
@@ -241,9 +241,11 @@ pub(super) fn user_and_group() -> Option<(u32, u32)> {
 // ---------------------------------------------------------------------------------------------------------------
 // Files
 
-/// Replace `path`'s ACL with one entry: full control for the current user, nothing inherited. This is what
-/// Windows' OpenSSH checks a private key for (it refuses one others can read), and what 0600/0700 mean here.
+/// Replace `path`'s ACL with one entry: full control for the current user, nothing inherited from above (a
+/// directory passes the entry on to what is made in it). This is what Windows' OpenSSH checks a private key for (it
+/// refuses one others can read), and what 0600/0700 mean here.
 fn restrict_to_current_user(path: &Path) -> io::Result<()> {
+    let inherit = if path.is_dir() { OBJECT_INHERIT_ACE | CONTAINER_INHERIT_ACE } else { 0 };
     const FILE_ALL_ACCESS: u32 = 0x001F_01FF;
     let token = Token::open()?;
     let user = token.info(TokenUser)?;
@@ -259,7 +261,7 @@ fn restrict_to_current_user(path: &Path) -> io::Result<()> {
     // SAFETY: `acl` holds `acl_len` bytes, u64-aligned; `sid` is valid; `wide` is NUL-terminated.
     unsafe {
         if InitializeAcl(acl_ptr, acl_len as u32, ACL_REVISION) == 0
-            || AddAccessAllowedAce(acl_ptr, ACL_REVISION, FILE_ALL_ACCESS, sid) == 0
+            || AddAccessAllowedAceEx(acl_ptr, ACL_REVISION, inherit, FILE_ALL_ACCESS, sid) == 0
         {
             return Err(io::Error::last_os_error());
         }
