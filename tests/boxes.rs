@@ -817,12 +817,15 @@ fn up_json_with_a_cold_box_cache_prints_only_json() {
 }
 
 /// A mirror on 127.0.0.1 that accepts every connection, reads the request and never answers: debootstrap (its
-/// wget) then waits, so a test can interrupt a box build in the middle of debootstrap without any network.
+/// wget) then waits, so a test can interrupt a box build in the middle of debootstrap without any network. Unix
+/// only, like debootstrap.
+#[cfg(unix)]
 struct HangingMirror {
     url: String,
     requests: Arc<std::sync::atomic::AtomicUsize>,
 }
 
+#[cfg(unix)]
 impl HangingMirror {
     fn start() -> Self {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();

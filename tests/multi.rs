@@ -3,6 +3,7 @@
 //! table against the VBoxManage double, JSON events naming their machine, and the shipped cluster example's
 //! rendered config checked with the real tools (promtool, docker-compose).
 
+#[cfg(unix)]
 use crate::lab::tool;
 use crate::support::{self, Test};
 
@@ -278,56 +279,68 @@ fn one_failing_machine_does_not_stop_the_others_and_is_named() {
     ignore = "windows: checks the rendered cluster with promtool and docker-compose (Linux binaries)"
 )]
 fn cluster_example_renders_and_passes_promtool_and_compose() {
-    let t = Test::new();
-    support::copy_cluster_example(t.path());
-    Test::new().cwd(t.path()).arg("validate").run().success().stdout_contains("3 machines");
-    let mut services = std::collections::BTreeMap::new();
-    for m in ["monitor", "app1", "app2"] {
-        let out = t.path().join(format!("out-{m}"));
-        Test::new().cwd(t.path()).args(["render", "-m", m, "--out", out.to_str().unwrap()]).run().success();
-        tool(&out, "docker-compose", &["config", "-q"]);
-        let doc: serde_norway::Value =
-            serde_norway::from_str(&std::fs::read_to_string(out.join("docker-compose.yml")).unwrap())
-                .unwrap();
-        let names: Vec<String> =
-            doc["services"].as_mapping().unwrap().keys().map(|k| k.as_str().unwrap().to_string()).collect();
-        services.insert(m, names);
-    }
-    assert_eq!(services["monitor"], ["prometheus", "alertmanager", "grafana"]);
-    assert_eq!(services["app1"], ["demo-app", "node-exporter", "cadvisor", "loadgen"]);
-    let mon = t.path().join("out-monitor/prometheus");
-    tool(&mon, "promtool", &["check", "config", "prometheus.yml"]);
-    let prom: serde_norway::Value =
-        serde_norway::from_str(&std::fs::read_to_string(mon.join("prometheus.yml")).unwrap()).unwrap();
-    let targets = |job: &str| -> Vec<String> {
-        let jobs = prom["scrape_configs"].as_sequence().unwrap();
-        let j = jobs.iter().find(|j| j["job_name"] == job).unwrap();
-        j["static_configs"][0]["targets"]
+    // The tools (promtool, docker-compose) are Linux binaries: skipped on Windows (see the ignore reason).
+    #[cfg(unix)]
+    {
+        let t = Test::new();
+        support::copy_cluster_example(t.path());
+        Test::new().cwd(t.path()).arg("validate").run().success().stdout_contains("3 machines");
+        let mut services = std::collections::BTreeMap::new();
+        for m in ["monitor", "app1", "app2"] {
+            let out = t.path().join(format!("out-{m}"));
+            Test::new()
+                .cwd(t.path())
+                .args(["render", "-m", m, "--out", out.to_str().unwrap()])
+                .run()
+                .success();
+            tool(&out, "docker-compose", &["config", "-q"]);
+            let doc: serde_norway::Value =
+                serde_norway::from_str(&std::fs::read_to_string(out.join("docker-compose.yml")).unwrap())
+                    .unwrap();
+            let names: Vec<String> = doc["services"]
+                .as_mapping()
+                .unwrap()
+                .keys()
+                .map(|k| k.as_str().unwrap().to_string())
+                .collect();
+            services.insert(m, names);
+        }
+        assert_eq!(services["monitor"], ["prometheus", "alertmanager", "grafana"]);
+        assert_eq!(services["app1"], ["demo-app", "node-exporter", "cadvisor", "loadgen"]);
+        let mon = t.path().join("out-monitor/prometheus");
+        tool(&mon, "promtool", &["check", "config", "prometheus.yml"]);
+        let prom: serde_norway::Value =
+            serde_norway::from_str(&std::fs::read_to_string(mon.join("prometheus.yml")).unwrap()).unwrap();
+        let targets = |job: &str| -> Vec<String> {
+            let jobs = prom["scrape_configs"].as_sequence().unwrap();
+            let j = jobs.iter().find(|j| j["job_name"] == job).unwrap();
+            j["static_configs"][0]["targets"]
+                .as_sequence()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_str().unwrap().into())
+                .collect()
+        };
+        assert_eq!(targets("demo-app"), ["app1:8000", "app2:8000"]);
+        assert_eq!(targets("node-exporter"), ["app1:9100", "app2:9100"]);
+        // Offline (images = "debian") no machine runs cAdvisor: a scrape job for it would only be down.
+        let jobs: Vec<&str> = prom["scrape_configs"]
             .as_sequence()
             .unwrap()
             .iter()
-            .map(|v| v.as_str().unwrap().into())
-            .collect()
-    };
-    assert_eq!(targets("demo-app"), ["app1:8000", "app2:8000"]);
-    assert_eq!(targets("node-exporter"), ["app1:9100", "app2:9100"]);
-    // Offline (images = "debian") no machine runs cAdvisor: a scrape job for it would only be down.
-    let jobs: Vec<&str> = prom["scrape_configs"]
-        .as_sequence()
-        .unwrap()
-        .iter()
-        .map(|j| j["job_name"].as_str().unwrap())
-        .collect();
-    assert_eq!(jobs, ["prometheus", "demo-app", "node-exporter", "alertmanager"]);
-    let compose = std::fs::read_to_string(t.path().join("out-monitor/docker-compose.yml")).unwrap();
-    assert!(compose.contains("- \"app2:10.77.0.12\""), "names resolve inside the containers too");
-    let app = std::fs::read_to_string(t.path().join("out-app2/docker-compose.yml")).unwrap();
-    assert!(app.contains("\"10.77.0.12:9100:9100\""), "exporters published on the private address");
-    let am = std::fs::read_to_string(t.path().join("out-monitor/alertmanager/alertmanager.yml")).unwrap();
-    assert!(am.contains("http://app1:8000/alerts"));
-    // Each machine keeps its own secrets in its own state dir.
-    for m in ["monitor", "app1", "app2"] {
-        assert!(t.path().join(format!(".provisioner/machines/{m}/secrets.toml")).is_file());
+            .map(|j| j["job_name"].as_str().unwrap())
+            .collect();
+        assert_eq!(jobs, ["prometheus", "demo-app", "node-exporter", "alertmanager"]);
+        let compose = std::fs::read_to_string(t.path().join("out-monitor/docker-compose.yml")).unwrap();
+        assert!(compose.contains("- \"app2:10.77.0.12\""), "names resolve inside the containers too");
+        let app = std::fs::read_to_string(t.path().join("out-app2/docker-compose.yml")).unwrap();
+        assert!(app.contains("\"10.77.0.12:9100:9100\""), "exporters published on the private address");
+        let am = std::fs::read_to_string(t.path().join("out-monitor/alertmanager/alertmanager.yml")).unwrap();
+        assert!(am.contains("http://app1:8000/alerts"));
+        // Each machine keeps its own secrets in its own state dir.
+        for m in ["monitor", "app1", "app2"] {
+            assert!(t.path().join(format!(".provisioner/machines/{m}/secrets.toml")).is_file());
+        }
     }
 }
 

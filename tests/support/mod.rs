@@ -267,12 +267,12 @@ pub struct Proc {
 }
 
 impl Proc {
-    /// Start `cmd` in its own process group with stdout+stderr to `log`.
+    /// Start `cmd` in its own process group (Unix) with stdout+stderr to `log`.
     pub fn spawn(name: &str, mut cmd: Command, log: PathBuf) -> Proc {
-        use std::os::unix::process::CommandExt;
         let f = std::fs::File::create(&log).unwrap();
         cmd.stdout(f.try_clone().unwrap()).stderr(f).stdin(std::process::Stdio::null());
-        cmd.process_group(0);
+        #[cfg(unix)]
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
         let child = cmd.spawn().unwrap_or_else(|e| panic!("start {name}: {e}"));
         Proc { name: name.into(), child, log }
     }
@@ -283,9 +283,10 @@ impl Proc {
 
 impl Drop for Proc {
     fn drop(&mut self) {
-        let pid = self.child.id() as i32;
+        // Unix: the whole group; Windows: the child alone (kill below).
+        #[cfg(unix)]
         unsafe {
-            libc_kill(-pid, 9);
+            libc_kill(-(self.child.id() as i32), 9);
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -295,6 +296,7 @@ impl Drop for Proc {
     }
 }
 
+#[cfg(unix)]
 extern "C" {
     #[link_name = "kill"]
     fn libc_kill(pid: i32, sig: i32) -> i32;
