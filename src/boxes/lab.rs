@@ -75,7 +75,7 @@ pub fn tree_hash(layers: &[PathBuf]) -> Result<String> {
             if !e.file_type().is_file() {
                 continue;
             }
-            let rel = e.path().strip_prefix(dir).unwrap_or(e.path()).to_string_lossy().into_owned();
+            let rel = slash_path(e.path().strip_prefix(dir).unwrap_or(e.path()));
             let data = std::fs::read(e.path()).with_context(|| format!("read {}", e.path().display()))?;
             // The executable bit as render sends it to the guest.
             let exec = crate::platform::mode_or_guess(&e.metadata()?, &data) & 0o111 != 0;
@@ -121,6 +121,11 @@ pub struct FileRecord {
     pub sampled: String,
 }
 
+/// A relative path with `/` between its parts on every OS, so records and hashes are the same on Windows.
+fn slash_path(rel: &Path) -> String {
+    rel.iter().map(|c| c.to_string_lossy()).collect::<Vec<_>>().join("/")
+}
+
 /// The record of every file under `dir` but lab.json, in path order.
 pub fn record_files(dir: &Path) -> Result<Vec<FileRecord>> {
     let mut out = Vec::new();
@@ -129,7 +134,7 @@ pub fn record_files(dir: &Path) -> Result<Vec<FileRecord>> {
         if !e.file_type().is_file() || (e.depth() == 1 && e.file_name() == "lab.json") {
             continue;
         }
-        let rel = e.path().strip_prefix(dir).unwrap_or(e.path()).to_string_lossy().into_owned();
+        let rel = slash_path(e.path().strip_prefix(dir).unwrap_or(e.path()));
         let md = e.metadata().with_context(|| format!("stat {}", e.path().display()))?;
         let size = md.len();
         out.push(FileRecord {

@@ -182,6 +182,10 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(
+        windows,
+        ignore = "windows: ControlMaster sockets and their private Unix dir do not exist there"
+    )]
     fn short_state_dirs_keep_the_socket_long_ones_fall_back() {
         let fb = Path::new("/run/user/1000/provisioner");
         let short = Path::new("/home/ann/lab/.provisioner");
@@ -198,6 +202,10 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(
+        windows,
+        ignore = "windows: ControlMaster sockets and their private Unix dir do not exist there"
+    )]
     fn fallback_prefers_a_usable_runtime_dir() {
         assert_eq!(fallback_dir(Some(Path::new("/run/user/7")), 7), Path::new("/run/user/7/provisioner"));
         assert_eq!(fallback_dir(None, 7), Path::new("/tmp/provisioner-7"));
@@ -207,6 +215,10 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(
+        windows,
+        ignore = "windows: ControlMaster sockets and their private Unix dir do not exist there"
+    )]
     fn a_fallback_dir_others_can_enter_is_refused() {
         use crate::platform;
         let t = tempfile::tempdir().unwrap();
