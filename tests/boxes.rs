@@ -769,10 +769,8 @@ fn virtualbox_box_with_a_bad_vmdk_is_refused_and_not_cached() {
 /// A project in `dir` for the VBoxManage double (linked into `dir/vbox`, its state beside it) with a loose `.ovf` box.
 fn vbox_project(t: &Test, name: &str) {
     let dir = t.path();
-    let bin = dir.join("vbox");
-    std::fs::create_dir_all(&bin).unwrap();
+    let exe = support::vboxmanage_double(&dir.join("vbox"));
     let fixtures = support::repo().join("tests/fixtures/vbox");
-    std::os::unix::fs::symlink(fixtures.join("VBoxManage"), bin.join("VBoxManage")).unwrap();
     std::fs::create_dir_all(dir.join("box")).unwrap();
     std::fs::create_dir_all(dir.join("provision")).unwrap();
     std::fs::copy(fixtures.join("box.ovf"), dir.join("box/box.ovf")).unwrap();

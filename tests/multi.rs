@@ -30,15 +30,13 @@ impl Project {
     fn new() -> Project {
         let t = Test::new();
         let fixtures = support::repo().join("tests/fixtures/vbox");
-        let bin = t.path().join("bin");
-        std::fs::create_dir_all(&bin).unwrap();
-        std::os::unix::fs::symlink(fixtures.join("VBoxManage"), bin.join("VBoxManage")).unwrap();
+        let vbox = support::vboxmanage_double(&t.path().join("bin"));
         let proj = t.path().join("proj");
         std::fs::create_dir_all(proj.join("box")).unwrap();
         std::fs::create_dir_all(proj.join("provision")).unwrap();
         std::fs::copy(fixtures.join("box.ovf"), proj.join("box/box.ovf")).unwrap();
         std::fs::copy(fixtures.join("box-disk001.vmdk"), proj.join("box/box-disk001.vmdk")).unwrap();
-        Project { vbox: bin.join("VBoxManage"), t }
+        Project { vbox, t }
     }
     fn dir(&self) -> PathBuf {
         self.t.path().join("proj")

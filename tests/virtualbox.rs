@@ -35,8 +35,7 @@ impl Bench {
     fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();
         let bin = dir.path().join("Program Files/VirtualBox");
-        std::fs::create_dir_all(&bin).unwrap();
-        std::os::unix::fs::symlink(fixtures().join("VBoxManage"), bin.join("VBoxManage")).unwrap();
+        let exe = support::vboxmanage_double(&bin);
         let cache = dir.path().join("cache/boxes").join(BOX_ID);
         std::fs::create_dir_all(&cache).unwrap();
         std::fs::copy(fixtures().join("box.ovf"), cache.join("box.ovf")).unwrap();
@@ -50,7 +49,7 @@ impl Bench {
             cmdline: None,
             firmware: Firmware::Bios,
         };
-        Bench { vbox: VirtualBox::at(bin.join("VBoxManage")), base, dir }
+        Bench { vbox: VirtualBox::at(exe), base, dir }
     }
 
     fn bin_dir(&self) -> PathBuf {
@@ -102,7 +101,7 @@ impl Bench {
         if log.exists() {
             std::fs::write(&log, "").unwrap();
         }
-        let tmp = self.dir.path().to_string_lossy().into_owned();
+        let tmp = support::double_path(self.dir.path());
         text.lines().map(|l| uuids_as_names(&l.replace(&tmp, "$TMP"), &self.vms())).collect()
     }
 
