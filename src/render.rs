@@ -132,7 +132,7 @@ fn output_target(out: &Path) -> Result<PathBuf> {
     let abs = std::path::absolute(out).with_context(|| format!("resolve {}", out.display()))?;
     let target = match abs.file_name() {
         Some(_) if !abs.ends_with("..") => abs,
-        _ => abs.canonicalize().with_context(|| format!("resolve {}", out.display()))?,
+        _ => crate::platform::canonicalize(&abs).with_context(|| format!("resolve {}", out.display()))?,
     };
     if target.parent().is_none() {
         bail!(

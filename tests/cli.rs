@@ -408,6 +408,8 @@ fn a_held_lock_names_its_pid_or_says_how_to_find_the_holder() {
     let state = t.path().join(".provisioner");
     std::fs::create_dir_all(&state).unwrap();
     let lock = std::fs::canonicalize(&state).unwrap().join("lock");
+    // Windows: the product shows the path without std's `\\?\` verbatim prefix, and Windows' tools in hints.
+    let lock = std::path::PathBuf::from(lock.to_string_lossy().trim_start_matches(r"\\?\"));
     let mut held = match provisioner::machine::lock::try_lock(&lock).unwrap() {
         Ok(f) => f,
         Err(_) => panic!("the lock is free"),
@@ -417,10 +419,13 @@ fn a_held_lock_names_its_pid_or_says_how_to_find_the_holder() {
         run(),
         format!(
             "error: another process holds the lock on this machine and has not written its PID into the lock file \
-             {} (it may have only just started)\nhint: wait for it to finish, then run again; `fuser -v {}` shows \
-             which process holds it\n",
+             {} (it may have only just started)\nhint: wait for it to finish, then run again; {}\n",
             lock.display(),
-            lock.display()
+            if cfg!(windows) {
+                "Resource Monitor (`resmon`, CPU tab, Associated Handles) finds which process holds lock".to_string()
+            } else {
+                format!("`fuser -v {}` shows which process holds it", lock.display())
+            }
         )
     );
     provisioner::machine::lock::write_holder(&mut held, "pid 4242 (up)").unwrap();
@@ -428,8 +433,9 @@ fn a_held_lock_names_its_pid_or_says_how_to_find_the_holder() {
         run(),
         format!(
             "error: another provisioner command holds the lock on this machine: pid 4242 (up) (lock file {})\nhint: \
-             wait for it to finish, or stop it (`kill 4242`), then run again\n",
-            lock.display()
+             wait for it to finish, or stop it (`{}`), then run again\n",
+            lock.display(),
+            if cfg!(windows) { "taskkill /PID 4242" } else { "kill 4242" }
         )
     );
 }

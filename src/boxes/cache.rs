@@ -263,7 +263,7 @@ pub fn remove_tree(path: &Path) -> Result<()> {
 
 /// Mount points at or below `path` (from the mount table, octal escapes decoded).
 fn mounts_under(path: &Path) -> Result<Vec<PathBuf>> {
-    let base = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    let base = crate::platform::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
     let table = crate::platform::mount_table();
     Ok(table
         .lines()

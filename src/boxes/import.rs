@@ -47,7 +47,7 @@ pub fn ensure(cache: &Cache, path: &Path, force: bool, ui: &Ui) -> Result<(BoxMe
 fn remembered_sha256(cache: &Cache, path: &Path) -> Result<String> {
     use sha2::{Digest, Sha256};
     let md = std::fs::metadata(path).with_context(|| format!("stat {}", path.display()))?;
-    let abs = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    let abs = crate::platform::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
     let t = md.modified().ok().and_then(|m| m.duration_since(std::time::UNIX_EPOCH).ok()).unwrap_or_default();
     let stamp = format!("{} {} {}.{}", abs.display(), md.len(), t.as_secs(), t.subsec_nanos());
     let memo_dir = cache.root.join("hashes");

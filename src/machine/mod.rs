@@ -131,7 +131,7 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let single = Config::stand_in(&t.path().join("box-config.toml"), "lab");
         assert_eq!(StateDir::for_config(&single).root, t.path().join(STATE_DIR_NAME));
-        let canon = std::fs::canonicalize(t.path()).unwrap();
+        let canon = crate::platform::canonicalize(t.path()).unwrap();
         let id = MachineId::for_config(&single).unwrap();
         assert_eq!(id.state_dir().root, canon.join(STATE_DIR_NAME));
         assert_eq!(id.vm_name(), MachineId::new(t.path(), "lab").unwrap().vm_name());
@@ -143,7 +143,7 @@ mod tests {
         let rel = Path::new(STATE_DIR_NAME).join(MACHINES_DIR).join("monitor");
         assert_eq!(StateDir::for_config(monitor).root, base.join(&rel));
         let id = MachineId::for_config(monitor).unwrap();
-        assert_eq!(id.state_dir().root, std::fs::canonicalize(&base).unwrap().join(&rel));
+        assert_eq!(id.state_dir().root, crate::platform::canonicalize(&base).unwrap().join(&rel));
         assert_eq!(id.vm_name(), MachineId::new(&base, "monitor").unwrap().vm_name());
     }
 }

@@ -239,6 +239,37 @@ pub(crate) fn symlink(target: &Path, link: &Path) -> io::Result<()> {
     imp::symlink(target, link)
 }
 
+/// `std::fs::canonicalize` in the spelling other programs and users expect. Unix: as is. Windows: without the
+/// `\\?\` verbatim prefix std adds (`\\?\C:\lab` becomes `C:\lab`, `\\?\UNC\srv\share` becomes
+/// `\\srv\share`) when the plain spelling names the same file (not longer than MAX_PATH, no component Windows
+/// would reinterpret); VBoxManage refuses a verbatim path as "not absolute" and messages should not show one.
+pub(crate) fn canonicalize(p: impl AsRef<Path>) -> io::Result<std::path::PathBuf> {
+    imp::canonicalize(p.as_ref())
+}
+
+/// The command that stops process `pid`, for hints: `kill PID` on Unix, `taskkill /PID PID` on Windows.
+pub(crate) fn stop_process_command(pid: u32) -> String {
+    if cfg!(windows) {
+        format!("taskkill /PID {pid}")
+    } else {
+        format!("kill {pid}")
+    }
+}
+
+/// How to find the process holding the file `path` open, for hints: `fuser -v` on Unix; Windows has no such
+/// command-line tool built in, so Resource Monitor's handle search. `shell_quoted` is `path` quoted for a POSIX
+/// shell.
+pub(crate) fn file_holder_hint(path: &Path, shell_quoted: &str) -> String {
+    if cfg!(windows) {
+        format!(
+            "Resource Monitor (`resmon`, CPU tab, Associated Handles) finds which process holds {}",
+            path.file_name().map_or_else(|| path.display().to_string(), |n| n.to_string_lossy().into_owned())
+        )
+    } else {
+        format!("`fuser -v {shell_quoted}` shows which process holds it")
+    }
+}
+
 /// The key two spellings of one path compare by: as is on Unix, case-folded on Windows (case-insensitive names).
 pub(crate) fn path_key(p: &Path) -> String {
     imp::path_key(p)

@@ -224,6 +224,10 @@ pub(super) fn symlink(target: &Path, link: &Path) -> io::Result<()> {
     std::os::unix::fs::symlink(target, link)
 }
 
+pub(super) fn canonicalize(p: &Path) -> std::io::Result<std::path::PathBuf> {
+    std::fs::canonicalize(p)
+}
+
 pub(super) fn openssh_path(p: &Path) -> String {
     p.display().to_string()
 }

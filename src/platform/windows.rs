@@ -379,6 +379,54 @@ fn openssh_path_of(s: &str) -> String {
     s.replace('\\', "/")
 }
 
+pub(super) fn canonicalize(p: &Path) -> std::io::Result<std::path::PathBuf> {
+    let c = std::fs::canonicalize(p)?;
+    Ok(match c.to_str().and_then(simplified_verbatim) {
+        Some(plain) => std::path::PathBuf::from(plain),
+        None => c,
+    })
+}
+
+/// The plain spelling of a verbatim path, when it names the same file (pure, so its tests run anywhere).
+fn simplified_verbatim(s: &str) -> Option<String> {
+    let (plain, rest) = if let Some(unc) = s.strip_prefix(r"\\?\UNC\") {
+        (format!(r"\\{unc}"), unc)
+    } else {
+        let rest = s.strip_prefix(r"\\?\")?;
+        let b = rest.as_bytes();
+        if b.len() < 3 || !b[0].is_ascii_alphabetic() || b[1] != b':' || b[2] != b'\\' {
+            return None;
+        }
+        (rest.to_string(), &rest[3..])
+    };
+    // MAX_PATH is 260 including the terminating NUL.
+    if plain.len() >= 260 {
+        return None;
+    }
+    const RESERVED: [&str; 22] = [
+        "CON", "PRN", "AUX", "NUL", "COM1", "COM2", "COM3", "COM4", "COM5", "COM6", "COM7", "COM8", "COM9",
+        "LPT1", "LPT2", "LPT3", "LPT4", "LPT5", "LPT6", "LPT7", "LPT8", "LPT9",
+    ];
+    for comp in rest.split('\\').filter(|c| !c.is_empty()) {
+        let stem = comp.split('.').next().unwrap_or("").trim_end().to_ascii_uppercase();
+        if comp == "."
+            || comp == ".."
+            || comp.ends_with('.')
+            || comp.ends_with(' ')
+            || RESERVED.contains(&stem.as_str())
+        {
+            return None;
+        }
+        if comp
+            .chars()
+            .any(|ch| matches!(ch, '/' | '<' | '>' | '"' | '|' | '?' | '*' | ':') || (ch as u32) < 32)
+        {
+            return None;
+        }
+    }
+    Some(plain)
+}
+
 pub(super) fn path_key(p: &Path) -> String {
     p.to_string_lossy().to_lowercase()
 }
@@ -410,7 +458,18 @@ pub(super) fn ipv4_interfaces() -> io::Result<Vec<(String, Ipv4Addr, u8)>> {
 
 #[cfg(test)]
 mod tests {
-    use super::openssh_path_of;
+    use super::{openssh_path_of, simplified_verbatim};
+
+    #[test]
+    fn verbatim_paths_are_simplified_only_when_the_plain_spelling_is_the_same_file() {
+        assert_eq!(simplified_verbatim(r"\\?\C:\Users\A B\lab").as_deref(), Some(r"C:\Users\A B\lab"));
+        assert_eq!(simplified_verbatim(r"\\?\UNC\srv\share\lab").as_deref(), Some(r"\\srv\share\lab"));
+        assert_eq!(simplified_verbatim(r"C:\lab"), None);
+        assert_eq!(simplified_verbatim(r"\\?\C:\lab\nul.txt"), None);
+        assert_eq!(simplified_verbatim(r"\\?\C:\lab\trailing."), None);
+        assert_eq!(simplified_verbatim(r"\\?\Volume{1}\lab"), None);
+        assert_eq!(simplified_verbatim(&format!(r"\\?\C:\{}", "a".repeat(300))), None);
+    }
 
     #[test]
     fn openssh_paths_have_forward_slashes_and_no_verbatim_prefix() {

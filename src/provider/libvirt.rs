@@ -221,7 +221,7 @@ impl Libvirt {
             return Ok(());
         }
         check_free_space(&spec.state.root, spec.disk_gb)?;
-        let base = std::fs::canonicalize(backing).with_context(|| {
+        let base = crate::platform::canonicalize(backing).with_context(|| {
             format!("box disk {} is missing; run `provisioner box build`", backing.display())
         })?;
         let tmp = spec.state.path("disk.qcow2.partial");

@@ -71,7 +71,7 @@ pub fn fallback_dir(xdg_runtime_dir: Option<&Path>, uid: u32) -> PathBuf {
 /// The control socket path for a machine, making (and checking) the private fallback directory when it is used.
 pub fn socket_path(state: &StateDir) -> Result<PathBuf> {
     // Canonical, so a project reached through a symlink finds the same socket (and the same fallback name).
-    let root = match std::fs::canonicalize(&state.root) {
+    let root = match crate::platform::canonicalize(&state.root) {
         Ok(p) => p,
         Err(_) => {
             std::path::absolute(&state.root).with_context(|| format!("resolve {}", state.root.display()))?
