@@ -351,7 +351,9 @@ fn edges(src: &Path) -> BTreeMap<(Module, String, String), String> {
                 continue; // ancestor and descendant
             }
             let key = (from[..common].to_vec(), from[common].clone(), to[common].clone());
-            out.entry(key).or_insert_with(|| format!("src/{}: {}", rel.display(), path.join("::")));
+            out.entry(key).or_insert_with(|| {
+                format!("src/{}: {}", rel.to_string_lossy().replace('\\', "/"), path.join("::"))
+            });
         }
     }
     out

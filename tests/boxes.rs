@@ -195,6 +195,10 @@ fn entries(cache: &Cache) -> Vec<String> {
 }
 
 #[test]
+#[cfg_attr(
+    windows,
+    ignore = "windows: makes its disk images with Linux tools (mkfs.ext4, qemu-img), which Wine and Windows hosts lack"
+)]
 fn file_url_with_right_sum_is_cached_and_reused() {
     let tmp = tempfile::tempdir().unwrap();
     let img = qcow2(tmp.path());
@@ -215,6 +219,10 @@ fn file_url_with_right_sum_is_cached_and_reused() {
 }
 
 #[test]
+#[cfg_attr(
+    windows,
+    ignore = "windows: makes its disk images with Linux tools (mkfs.ext4, qemu-img), which Wine and Windows hosts lack"
+)]
 fn wrong_sum_fails_naming_both_sums_and_url_and_caches_nothing() {
     let tmp = tempfile::tempdir().unwrap();
     let img = qcow2(tmp.path());
@@ -233,6 +241,10 @@ fn wrong_sum_fails_naming_both_sums_and_url_and_caches_nothing() {
 }
 
 #[test]
+#[cfg_attr(
+    windows,
+    ignore = "windows: makes its disk images with Linux tools (mkfs.ext4, qemu-img), which Wine and Windows hosts lack"
+)]
 fn http_download_is_cached() {
     let tmp = tempfile::tempdir().unwrap();
     let img = qcow2(tmp.path());
@@ -281,11 +293,19 @@ fn interrupted_then(ignore_range: bool) {
 }
 
 #[test]
+#[cfg_attr(
+    windows,
+    ignore = "windows: makes its disk images with Linux tools (mkfs.ext4, qemu-img), which Wine and Windows hosts lack"
+)]
 fn interrupted_download_resumes_with_range() {
     interrupted_then(false);
 }
 
 #[test]
+#[cfg_attr(
+    windows,
+    ignore = "windows: makes its disk images with Linux tools (mkfs.ext4, qemu-img), which Wine and Windows hosts lack"
+)]
 fn interrupted_download_restarts_when_server_ignores_range() {
     interrupted_then(true);
 }
@@ -365,6 +385,10 @@ fn interrupted_download_says_what_stays_and_the_next_run_resumes() {
 }
 
 #[test]
+#[cfg_attr(
+    windows,
+    ignore = "windows: makes its disk images with Linux tools (mkfs.ext4, qemu-img), which Wine and Windows hosts lack"
+)]
 fn vagrant_boxes_tar_and_targz_for_both_providers() {
     let tmp = tempfile::tempdir().unwrap();
     let img = qcow2(tmp.path());
@@ -373,7 +397,7 @@ fn vagrant_boxes_tar_and_targz_for_both_providers() {
     for gzip in [false, true] {
         let lv = tmp.path().join(format!("libvirt-{gzip}.box"));
         std::fs::write(&lv, vagrant_box("libvirt", &[("box.img", &img)], gzip)).unwrap();
-        let cfg = config(tmp.path(), "libvirt", &format!("vagrant = \"{}\"", lv.display()));
+        let cfg = config(tmp.path(), "libvirt", &format!("vagrant = '{}'", lv.display()));
         let (image, built) = boxes::ensure_in(&cache, &cfg, "libvirt", false, &quiet()).unwrap();
         assert!(built);
         assert_eq!(image.format, "qcow2");
@@ -384,7 +408,7 @@ fn vagrant_boxes_tar_and_targz_for_both_providers() {
         let vmdk = std::fs::read(support::repo().join("tests/fixtures/vbox/box-disk001.vmdk")).unwrap();
         let files: [(&str, &[u8]); 2] = [("box.ovf", ovf), ("box-disk001.vmdk", &vmdk)];
         std::fs::write(&vb, vagrant_box("virtualbox", &files, gzip)).unwrap();
-        let cfg = config(tmp.path(), "virtualbox", &format!("vagrant = \"{}\"", vb.display()));
+        let cfg = config(tmp.path(), "virtualbox", &format!("vagrant = '{}'", vb.display()));
         let (image, _) = boxes::ensure_in(&cache, &cfg, "virtualbox", false, &quiet()).unwrap();
         assert_eq!(image.format, "ovf");
         assert_eq!(image.disk.file_name().unwrap(), "box.ovf");
@@ -399,13 +423,13 @@ fn provider_mismatch_names_both_providers() {
     let cache = Cache::at(tmp.path().join("cache")).unwrap();
     let vb = tmp.path().join("vb.box");
     std::fs::write(&vb, vagrant_box("virtualbox", &[("box.ovf", b"<Envelope/>")], true)).unwrap();
-    let cfg = config(tmp.path(), "libvirt", &format!("vagrant = \"{}\"", vb.display()));
+    let cfg = config(tmp.path(), "libvirt", &format!("vagrant = '{}'", vb.display()));
     let err = format!("{:#}", boxes::ensure_in(&cache, &cfg, "libvirt", false, &quiet()).unwrap_err());
     assert!(err.contains("virtualbox") && err.contains("libvirt"), "{err}");
 
     let odd = tmp.path().join("odd.box");
     std::fs::write(&odd, vagrant_box("hyperv", &[("x.vhdx", b"x")], false)).unwrap();
-    let cfg = config(tmp.path(), "libvirt", &format!("vagrant = \"{}\"", odd.display()));
+    let cfg = config(tmp.path(), "libvirt", &format!("vagrant = '{}'", odd.display()));
     let err = format!("{:#}", boxes::ensure_in(&cache, &cfg, "libvirt", false, &quiet()).unwrap_err());
     assert!(err.contains("hyperv"), "{err}");
 }
@@ -421,13 +445,17 @@ fn unknown_archive_layout_says_what_was_found() {
     b.append_data(&mut h, "readme.txt", &b"hello"[..]).unwrap();
     let p = tmp.path().join("x.box");
     std::fs::write(&p, b.into_inner().unwrap()).unwrap();
-    let cfg = config(tmp.path(), "libvirt", &format!("vagrant = \"{}\"", p.display()));
+    let cfg = config(tmp.path(), "libvirt", &format!("vagrant = '{}'", p.display()));
     let err = format!("{:#}", boxes::ensure_in(&cache, &cfg, "libvirt", false, &quiet()).unwrap_err());
     assert!(err.contains("unknown box layout") && err.contains("readme.txt"), "{err}");
     assert!(entries(&cache).is_empty());
 }
 
 #[test]
+#[cfg_attr(
+    windows,
+    ignore = "windows: makes its disk images with Linux tools (mkfs.ext4, qemu-img), which Wine and Windows hosts lack"
+)]
 fn local_image_is_copied_by_content_hash() {
     let tmp = tempfile::tempdir().unwrap();
     let img = qcow2(tmp.path());
@@ -462,6 +490,10 @@ fn box_dir(server: &Server, sum: &str) -> Test {
 }
 
 #[test]
+#[cfg_attr(
+    windows,
+    ignore = "windows: makes its disk images with Linux tools (mkfs.ext4, qemu-img), which Wine and Windows hosts lack"
+)]
 fn concurrent_builds_of_one_box_download_once() {
     let body = payload(2 * 1024 * 1024);
     let sum = sha256(&body);
@@ -497,6 +529,10 @@ fn concurrent_builds_of_one_box_download_once() {
 }
 
 #[test]
+#[cfg_attr(
+    windows,
+    ignore = "windows: makes its disk images with Linux tools (mkfs.ext4, qemu-img), which Wine and Windows hosts lack"
+)]
 fn box_list_build_remove_through_the_binary() {
     let tmp = tempfile::tempdir().unwrap();
     let img = qcow2(tmp.path());
@@ -611,6 +647,10 @@ fn cache_entries(cache: &Path) -> Vec<String> {
 /// have no qcow2 structure to check at all. Each must be refused on import with a clear error and a hint, and
 /// nothing may be cached; the whole image is accepted.
 #[test]
+#[cfg_attr(
+    windows,
+    ignore = "windows: makes its disk images with Linux tools (mkfs.ext4, qemu-img), which Wine and Windows hosts lack"
+)]
 fn truncated_and_stub_images_are_refused_and_nothing_is_cached() {
     let t = Test::new();
     let dir = t.path().to_path_buf();
@@ -685,6 +725,10 @@ fn qemu_vmdk(dir: &Path, subformat: &str) -> PathBuf {
 /// The check is pure Rust (no qemu-img on a VirtualBox host), so it is held against what a real tool writes:
 /// every whole VMDK qemu-img makes passes, and each cut one is refused with what is wrong.
 #[test]
+#[cfg_attr(
+    windows,
+    ignore = "windows: makes its disk images with Linux tools (mkfs.ext4, qemu-img), which Wine and Windows hosts lack"
+)]
 fn vmdks_qemu_img_writes_pass_and_their_truncated_copies_fail() {
     use provisioner::boxes::integrity::check_vmdk;
     let t = tempfile::tempdir().unwrap();
@@ -713,6 +757,10 @@ fn vmdks_qemu_img_writes_pass_and_their_truncated_copies_fail() {
 /// do, and nothing of it stays in the cache (it used to be cached and stay after VirtualBox's import failed). The
 /// same box with its whole VMDK is then cached.
 #[test]
+#[cfg_attr(
+    windows,
+    ignore = "windows: makes its disk images with Linux tools (mkfs.ext4, qemu-img), which Wine and Windows hosts lack"
+)]
 fn virtualbox_box_with_a_bad_vmdk_is_refused_and_not_cached() {
     let tmp = tempfile::tempdir().unwrap();
     let cache = Cache::at(tmp.path().join("c/boxes")).unwrap();
@@ -730,7 +778,7 @@ fn virtualbox_box_with_a_bad_vmdk_is_refused_and_not_cached() {
             vagrant_box("virtualbox", &[("box.ovf", &ovf), ("box-disk001.vmdk", disk)], true),
         )
         .unwrap();
-        let cfg = config(tmp.path(), "virtualbox", &format!("vagrant = \"{}\"", vb.display()));
+        let cfg = config(tmp.path(), "virtualbox", &format!("vagrant = '{}'", vb.display()));
         let e = boxes::ensure_in(&cache, &cfg, "virtualbox", false, &quiet()).unwrap_err();
         let e = format!("{e:#}");
         assert!(
@@ -757,7 +805,7 @@ fn virtualbox_box_with_a_bad_vmdk_is_refused_and_not_cached() {
     let vb = tmp.path().join("whole.box");
     std::fs::write(&vb, vagrant_box("virtualbox", &[("box.ovf", &ovf), ("box-disk001.vmdk", &vmdk)], true))
         .unwrap();
-    let cfg = config(tmp.path(), "virtualbox", &format!("vagrant = \"{}\"", vb.display()));
+    let cfg = config(tmp.path(), "virtualbox", &format!("vagrant = '{}'", vb.display()));
     let (image, built) = boxes::ensure_in(&cache, &cfg, "virtualbox", false, &quiet()).unwrap();
     assert!(built);
     assert_eq!(std::fs::read(image.disk.with_file_name("box-disk001.vmdk")).unwrap(), vmdk);

@@ -350,7 +350,17 @@ fn a_copied_multi_machine_project_shows_and_refuses_the_original_vm() {
     p.write(&two_machines(&p.vbox, "", support::free_port()));
     p.run(&["up", "one", "--no-provision", "--boot-timeout", "2"]).failure();
     let copy = p.t.path().join("projcopy");
-    assert!(std::process::Command::new("cp").arg("-a").arg(p.dir()).arg(&copy).status().unwrap().success());
+    if cfg!(windows) {
+        support::copy_dir(&p.dir(), &copy); // no `cp` there
+    } else {
+        assert!(std::process::Command::new("cp")
+            .arg("-a")
+            .arg(p.dir())
+            .arg(&copy)
+            .status()
+            .unwrap()
+            .success());
+    }
     let run = |args: &[&str]| {
         Test::new()
             .cwd(&copy)
@@ -545,7 +555,7 @@ fn errors_that_had_no_position_get_their_own() {
     std::fs::write(&known, "").unwrap();
     let uri = format!("qemu+ssh://root@10.0.0.2/system?known_hosts={}", known.display());
     let e = errors_of(&format!(
-        "{BOX}[[machine]]\nname = \"a\"\n[machine.provision]\nenabled = false\n[machine.libvirt]\nuri = \"{uri}\"\n"
+        "{BOX}[[machine]]\nname = \"a\"\n[machine.provision]\nenabled = false\n[machine.libvirt]\nuri = '{uri}'\n"
     ));
     assert!(
         e.starts_with(&format!(

@@ -8,7 +8,7 @@ use provisioner::config::Config;
 use provisioner::lab::secrets::Secrets;
 use provisioner::render::render_tree;
 
-use crate::support::Test;
+use crate::support::{self, Test};
 
 const CONFIG: &str = r#"[machine]
 name = "render-test"
@@ -156,7 +156,7 @@ fn undefined_variable_names_template_and_line() {
     let t = fixture();
     t.write("tree/app/conf.yml.hbs", "name: {{machine.name}}\n\nport: {{vars.prot}}\n");
     let r = render(&t, "out").failure();
-    let err = r.stderr();
+    let err = support::slashes(&r.stderr());
     assert!(err.contains("tree/app/conf.yml.hbs:3:"), "names template and line: {err}");
     assert!(err.contains("conf.yml.hbs:3:7: undefined variable `vars.prot`"), "names the variable: {err}");
     assert!(err.contains("hint: define the variable under [vars]"), "{err}");
@@ -169,7 +169,8 @@ fn non_ascii_env_value_is_refused() {
     t.write("tree/.env.hbs", "A=1\nGREETING={{vars.greeting}}\n");
     t.write("box-config.toml", CONFIG.replace("hello from the config", "grüße"));
     let r = render(&t, "out").failure();
-    assert!(r.stderr().contains("tree/.env.hbs:2: .env holds a non-ASCII byte (0xC3)"), "{}", r.stderr());
+    let err = support::slashes(&r.stderr());
+    assert!(err.contains("tree/.env.hbs:2: .env holds a non-ASCII byte (0xC3)"), "{err}");
 }
 
 #[test]
@@ -338,7 +339,7 @@ fn a_damaged_vars_file_is_reported_by_position_without_quoting_it() {
     let t = fixture();
     t.write("tree/vars.toml", "greeting = \"default\"\nport = 8000 hunter2\n");
     let r = render(&t, "out").failure();
-    assert!(r.stderr().contains("tree/vars.toml:2:"), "{}", r.stderr());
+    assert!(support::slashes(&r.stderr()).contains("tree/vars.toml:2:"), "{}", r.stderr());
     assert!(!r.stderr().contains("hunter2"), "{}", r.stderr());
 }
 
@@ -349,7 +350,7 @@ fn names_that_render_to_dot_dotdot_or_nothing_are_refused_by_validate() {
         t.write(name, "x\n");
         let r = Test::new().cwd(t.path()).arg("validate").run().failure();
         assert!(r.stderr().contains("which cannot be written"), "{name}: {}", r.stderr());
-        assert!(r.stderr().contains(name), "{name}: {}", r.stderr());
+        assert!(support::slashes(&r.stderr()).contains(name), "{name}: {}", r.stderr());
     }
 }
 

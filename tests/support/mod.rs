@@ -372,3 +372,13 @@ pub fn double_path(path: &Path) -> String {
     }
     s
 }
+
+/// `text` with Windows path separators turned into `/` on Windows (as is elsewhere), for asserting on messages that
+/// name a path: the product prints `.\provision\x` there, which is right on Windows, and `./provision/x` on Unix.
+pub fn slashes(text: &str) -> String {
+    if cfg!(windows) {
+        text.replace('\\', "/")
+    } else {
+        text.to_string()
+    }
+}
