@@ -368,7 +368,12 @@ fn a_copied_multi_machine_project_shows_and_refuses_the_original_vm() {
             .args(args.iter().copied())
             .run()
     };
-    let theirs = std::fs::canonicalize(p.dir()).unwrap().join(".provisioner/machines/one");
+    // As the product prints it: without std's `\\?\` verbatim prefix on Windows, the host's separators.
+    let theirs = std::fs::canonicalize(p.dir()).unwrap();
+    let theirs = PathBuf::from(theirs.to_string_lossy().trim_start_matches(r"\\?\"))
+        .join(".provisioner")
+        .join("machines")
+        .join("one");
     let status = run(&["status"]).success().stdout();
     let row = status.lines().find(|l| l.starts_with("one ")).unwrap();
     assert!(row.contains("foreign") && row.contains("virtualbox"), "{status}");
@@ -549,7 +554,12 @@ fn errors_that_had_no_position_get_their_own() {
         "box-config.toml:4:14: `guest_path` \"/opt/..\" is the guest's / once `.` and `..` are resolved: the \
          provision tree would be unpacked over the guest's root\nhint: use a dedicated directory such as \"/opt/provision\"",
     );
-    // A remote libvirt host whose key is unknown: at the `uri` naming it.
+}
+
+/// A remote libvirt host whose key is unknown: the error is at the `uri` naming it.
+#[test]
+#[cfg_attr(windows, ignore = "windows: runs ssh-keygen, and remote libvirt hosts are Linux-only")]
+fn a_remote_libvirt_host_with_an_unknown_key_is_refused_at_its_uri() {
     let kh = tempfile::tempdir().unwrap();
     let known = kh.path().join("known_hosts");
     std::fs::write(&known, "").unwrap();

@@ -1057,8 +1057,12 @@ fn a_copied_project_never_acts_on_the_original_vm() {
     let original = b.clone_vm();
     assert_eq!(original["state"], "running");
     let copy = b.dir.path().join("projcopy");
-    let cp = std::process::Command::new("cp").arg("-a").arg(&p.dir).arg(&copy).status().unwrap();
-    assert!(cp.success());
+    if cfg!(windows) {
+        support::copy_dir(&p.dir, &copy); // no `cp` there
+    } else {
+        let cp = std::process::Command::new("cp").arg("-a").arg(&p.dir).arg(&copy).status().unwrap();
+        assert!(cp.success());
+    }
     let uuid = original["uuid"].as_str().unwrap();
     let theirs = std::fs::canonicalize(&p.dir).unwrap();
     let ours = std::fs::canonicalize(&copy).unwrap().join(".provisioner");
@@ -1113,8 +1117,12 @@ fn a_copied_project_never_acts_on_the_original_vm() {
 
     // `up` in a fresh copy makes the copy's own VM (with its own SSH port), after saying why.
     std::fs::remove_dir_all(&copy).unwrap();
-    let cp = std::process::Command::new("cp").arg("-a").arg(&p.dir).arg(&copy).status().unwrap();
-    assert!(cp.success());
+    if cfg!(windows) {
+        support::copy_dir(&p.dir, &copy); // no `cp` there
+    } else {
+        let cp = std::process::Command::new("cp").arg("-a").arg(&p.dir).arg(&copy).status().unwrap();
+        assert!(cp.success());
+    }
     let cfg = std::fs::read_to_string(copy.join("box-config.toml")).unwrap();
     let port = support::free_port();
     std::fs::write(copy.join("box-config.toml"), cfg.replace(&p.port.to_string(), &port.to_string()))
