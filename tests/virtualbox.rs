@@ -1064,8 +1064,8 @@ fn a_copied_project_never_acts_on_the_original_vm() {
         assert!(cp.success());
     }
     let uuid = original["uuid"].as_str().unwrap();
-    let theirs = std::fs::canonicalize(&p.dir).unwrap();
-    let ours = std::fs::canonicalize(&copy).unwrap().join(".provisioner");
+    let theirs = support::canonical(&p.dir);
+    let ours = support::canonical(&copy).join(".provisioner");
     let refusal = format!(
         "error: the VirtualBox VM {uuid} recorded in {}/state.json belongs to another project (state dir {}), not \
          to this one; it was left untouched\nhint: this project's .provisioner/ is a copy of that project's: manage \

@@ -382,3 +382,10 @@ pub fn slashes(text: &str) -> String {
         text.to_string()
     }
 }
+
+/// `path` canonicalised as the product shows it: `std::fs::canonicalize` without the `\\?\` verbatim prefix std
+/// adds on Windows (the same path on Unix).
+pub fn canonical(path: &Path) -> PathBuf {
+    let c = std::fs::canonicalize(path).unwrap();
+    PathBuf::from(c.to_string_lossy().trim_start_matches(r"\\?\"))
+}
