@@ -466,8 +466,7 @@ fn drop_unimportable_box(base: &BoxImage, out: &Output, lock: FileLock) -> Strin
     match std::fs::rename(entry, &gone).map_err(anyhow::Error::from).and_then(|()| {
         drop(lock);
         crate::boxes::cache::remove_tree(&gone)
-    })
-    {
+    }) {
         Ok(()) => format!(
             " (the box was removed from the box cache, {}: the next `up` unpacks or downloads it again; if \
              VirtualBox refuses it again, the box itself is damaged: get it again or use another box)",
