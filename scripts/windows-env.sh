@@ -7,7 +7,7 @@
 set -euo pipefail
 
 root="${PROVISIONER_WINDOWS_CHROOT:-/var/cache/provisioner/windows-trixie}"
-marker="$root/.provisioner-windows-env-v1"
+marker="$root/.provisioner-windows-env-v3"
 if [ -f "$marker" ]; then echo "$root"; exit 0; fi
 
 SUDO=""
@@ -40,7 +40,7 @@ done
 echo "windows-env: installing rustc-web, rust-web-src, mingw-w64, wine (about 350 MB)" >&2
 $SUDO chroot "$root" env DEBIAN_FRONTEND=noninteractive "${env_pass[@]}" sh -c '
   apt-get update -qq &&
-  apt-get install -y -qq --no-install-recommends rustc-web cargo-web rust-web-src gcc-mingw-w64-x86-64 \
-    wine wine64 perl make ca-certificates >/dev/null' >&2
+  apt-get install -y -qq --no-install-recommends rustc-web cargo-web rust-web-src rust-web-clippy gcc-mingw-w64-x86-64 \
+    wine wine64 perl make python3 ca-certificates >/dev/null' >&2
 $SUDO touch "$marker"
 echo "$root"

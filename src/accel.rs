@@ -26,7 +26,7 @@ impl HostAccel {
             .open("/dev/kvm")
             .map(drop)
             .map_err(|e| format!("/dev/kvm: {e}"));
-        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let cpuinfo = crate::platform::cpuinfo();
         Self { kvm_node, virt_flag: cpuinfo_has_virt_flag(&cpuinfo) }
     }
 }

@@ -37,6 +37,7 @@ pub mod keys;
 pub mod lab;
 pub mod lifecycle;
 pub mod machine;
+mod platform;
 mod ports;
 pub mod process;
 pub mod profile;

@@ -1,23 +1,25 @@
 //! The one helper every child process goes through: a deadline on every run, captured output, the command line
 //! in errors, and the child killed (with its process group) if we are dropped or time out.
 //!
-//! Interrupts: [`install_interrupt_handler`] turns SIGINT/SIGTERM/SIGHUP into a cancellation. Children run in
-//! their own process groups (so a terminal's Ctrl-C reaches only us, and a timeout can kill grandchildren too);
-//! on a signal a watcher thread kills every registered group at once, and the main thread unwinds through its
+//! Interrupts: [`install_interrupt_handler`] turns SIGINT/SIGTERM/SIGHUP (Windows: Ctrl-C, Ctrl-Break, console
+//! close) into a cancellation. Children run as the roots of their own process trees (`platform::ProcessTree`: a
+//! process group on Unix, a Job Object on Windows), so a terminal's Ctrl-C reaches only us and a timeout can kill
+//! grandchildren too; on a signal a watcher thread kills every registered tree at once, and the main thread unwinds through its
 //! normal error path (partial cache entries removed, locks dropped) with an [`Interrupted`] error; `run()` then
 //! exits 128+signal. A second signal, or an unwind that takes longer than [`INTERRUPT_GRACE`], exits at once
 //! (what is left half-made is cleared by the next run under its lock).
 
 use std::ffi::{OsStr, OsString};
 use std::io::Read;
-use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicI32, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+
+use crate::platform::{self, ProcessTree};
 
 static VERBOSITY: AtomicU8 = AtomicU8::new(0);
 
@@ -131,8 +133,8 @@ impl Cmd {
         if let Some(d) = &self.cwd {
             c.current_dir(d);
         }
-        // Own process group, so a timeout or drop kills grandchildren too.
-        c.process_group(0);
+        // Own process tree, so a timeout or drop kills grandchildren too.
+        ProcessTree::prepare(&mut c);
         c
     }
 
@@ -246,8 +248,7 @@ fn spawn_error(program: &OsStr, e: std::io::Error) -> anyhow::Error {
 }
 
 pub fn describe_status(s: &ExitStatus) -> String {
-    use std::os::unix::process::ExitStatusExt;
-    match (s.code(), s.signal()) {
+    match (s.code(), platform::exit_signal(s)) {
         (Some(c), _) => format!("exit code {c}"),
         (None, Some(sig)) => format!("killed by signal {sig}"),
         _ => "unknown status".into(),
@@ -260,11 +261,13 @@ pub fn tail(s: &str, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
-/// A running child that is killed (whole process group) when dropped, unless waited for or detached.
+/// A running child that is killed (whole process tree) when dropped, unless waited for or detached.
 #[derive(Debug)]
 pub struct ChildGuard {
     child: Option<Child>,
-    /// Registered for the interrupt watcher (its group is killed on SIGINT/SIGTERM/SIGHUP).
+    /// The child's process tree (its group on Unix, its job on Windows).
+    tree: ProcessTree,
+    /// Registered for the interrupt watcher (its tree is killed on SIGINT/SIGTERM/SIGHUP).
     registered: bool,
     /// How it ended, once reaped by [`ChildGuard::try_wait`] (asked again, it answers the same).
     exited: Option<ExitStatus>,
@@ -272,16 +275,18 @@ pub struct ChildGuard {
 
 impl ChildGuard {
     fn new(child: Child, register: bool) -> Self {
+        let tree = ProcessTree::of(&child);
         if register {
-            register_group(child.id() as i32);
+            register_tree(child.id(), &tree);
         }
-        Self { child: Some(child), registered: register, exited: None }
+        Self { child: Some(child), tree, registered: register, exited: None }
     }
     /// The child is gone (reaped): its group id may be reused, so the watcher must forget it.
     fn reaped(&mut self, pid: u32) {
         if self.registered {
-            unregister_group(pid as i32);
+            unregister_tree(pid);
         }
+        self.tree.release();
     }
     pub fn id(&self) -> u32 {
         self.child.as_ref().map(|c| c.id()).unwrap_or(0)
@@ -332,17 +337,14 @@ impl ChildGuard {
             }
         }
     }
-    /// Kill the whole process group (SIGKILL) and reap.
+    /// Kill the whole process tree (SIGKILL / TerminateJobObject) and reap.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
-            let pid = c.id() as i32;
-            // SAFETY: kill(2) on our own child's process group; harmless if it is gone.
-            unsafe {
-                libc::kill(-pid, libc::SIGKILL);
-            }
+            let pid = c.id();
+            self.tree.kill();
             let _ = c.kill();
             let _ = c.wait();
-            self.reaped(pid as u32);
+            self.reaped(pid);
         }
     }
 }
@@ -383,12 +385,8 @@ pub fn wait_until<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Resul
 /// locks) before the watcher exits the process itself.
 pub const INTERRUPT_GRACE: Duration = Duration::from_secs(15);
 
-/// The first signal received (0: none).
-static INTERRUPT: AtomicI32 = AtomicI32::new(0);
-/// Write end of the self-pipe the signal handler wakes the watcher through (-1: no handler installed).
-static WAKE_FD: AtomicI32 = AtomicI32::new(-1);
-/// Process groups of running children (each child leads its own group).
-static GROUPS: Mutex<Vec<i32>> = Mutex::new(Vec::new());
+/// Process trees of running children, by the pid of their root.
+static TREES: Mutex<Vec<(u32, ProcessTree)>> = Mutex::new(Vec::new());
 
 /// The error a cancelled operation returns; `run()` maps it to exit code 128+signal.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -401,16 +399,7 @@ impl Interrupted {
         128 + self.0
     }
     pub fn signal_name(self) -> &'static str {
-        signal_name(self.0)
-    }
-}
-
-fn signal_name(sig: i32) -> &'static str {
-    match sig {
-        libc::SIGINT => "SIGINT",
-        libc::SIGTERM => "SIGTERM",
-        libc::SIGHUP => "SIGHUP",
-        _ => "a signal",
+        platform::signal_name(self.0)
     }
 }
 
@@ -430,10 +419,7 @@ pub fn interrupt_note() -> Option<String> {
 
 /// The signal that interrupted this run, if any.
 pub fn interrupted() -> Option<Interrupted> {
-    match INTERRUPT.load(Ordering::SeqCst) {
-        0 => None,
-        sig => Some(Interrupted(sig)),
-    }
+    platform::interrupt().map(Interrupted)
 }
 
 /// `Err(Interrupted)` once a signal came: call it before starting anything long.
@@ -456,126 +442,57 @@ pub fn sleep_interruptible(d: Duration) {
     }
 }
 
-fn register_group(pgid: i32) {
-    let mut g = GROUPS.lock().unwrap_or_else(|e| e.into_inner());
-    g.push(pgid);
+fn register_tree(pid: u32, tree: &ProcessTree) {
+    let mut g = TREES.lock().unwrap_or_else(|e| e.into_inner());
+    g.push((pid, tree.clone()));
     // A signal that came between the check before spawning and this registration: the watcher has already
-    // swept, so kill this group here.
+    // swept, so kill this tree here.
     if interrupted().is_some() {
-        // SAFETY: kill(2) on the process group of a child we just started.
-        unsafe {
-            libc::kill(-pgid, libc::SIGKILL);
-        }
+        tree.kill();
     }
 }
 
-fn unregister_group(pgid: i32) {
-    let mut g = GROUPS.lock().unwrap_or_else(|e| e.into_inner());
-    g.retain(|p| *p != pgid);
+fn unregister_tree(pid: u32) {
+    let mut g = TREES.lock().unwrap_or_else(|e| e.into_inner());
+    g.retain(|(p, _)| *p != pid);
 }
 
-/// SIGKILL every registered child process group; returns how many there were.
-fn kill_groups() -> usize {
-    let g = GROUPS.lock().unwrap_or_else(|e| e.into_inner());
-    for pgid in g.iter() {
-        // SAFETY: kill(2) on process groups of children we started and have not reaped.
-        unsafe {
-            libc::kill(-pgid, libc::SIGKILL);
-        }
+/// Kill every registered child process tree; returns how many there were.
+fn kill_trees() -> usize {
+    let g = TREES.lock().unwrap_or_else(|e| e.into_inner());
+    for (_, tree) in g.iter() {
+        tree.kill();
     }
     g.len()
 }
 
-extern "C" fn on_signal(sig: libc::c_int) {
-    // Async-signal-safe only: an atomic store and write(2).
-    let _ = INTERRUPT.compare_exchange(0, sig, Ordering::SeqCst, Ordering::SeqCst);
-    let fd = WAKE_FD.load(Ordering::SeqCst);
-    if fd >= 0 {
-        let b = sig as u8;
-        // SAFETY: writing one byte from a valid local to our own pipe.
-        unsafe {
-            libc::write(fd, (&b as *const u8).cast(), 1);
-        }
-    }
-}
-
-/// Turn SIGINT, SIGTERM and SIGHUP into a cancellation (see the module docs). Call once, early in `run()`.
-/// The handlers are reset by exec(2), so a program we exec into (`ssh`) gets the default behaviour back.
+/// Turn SIGINT, SIGTERM and SIGHUP (Windows: Ctrl-C, Ctrl-Break, console close) into a cancellation (see the
+/// module docs). Call once, early in `run()`. On Unix the handlers are reset by exec(2), so a program we exec into
+/// (`ssh`) gets the default behaviour back.
 pub fn install_interrupt_handler() -> Result<()> {
-    if WAKE_FD.load(Ordering::SeqCst) >= 0 {
+    if !platform::install_interrupts().context("install the interrupt handler")? {
         return Ok(());
     }
-    let mut fds = [0i32; 2];
-    // SAFETY: pipe2 fills the two-element array.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(std::io::Error::last_os_error()).context("create the interrupt pipe");
-    }
-    let (read_fd, write_fd) = (fds[0], fds[1]);
-    WAKE_FD.store(write_fd, Ordering::SeqCst);
     std::thread::Builder::new()
         .name("interrupts".into())
-        .spawn(move || watch_interrupts(read_fd))
+        .spawn(watch_interrupts)
         .context("start the interrupt watcher")?;
-    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
-        // SAFETY: sigaction reads the current action into a zeroed struct, then installs ours: a zeroed sigaction
-        // with our handler; SA_RESTART keeps other blocking calls from failing with EINTR.
-        unsafe {
-            let mut old: libc::sigaction = std::mem::zeroed();
-            // A signal the parent ignores (nohup, `cmd &` in a non-interactive shell) stays ignored.
-            if libc::sigaction(sig, std::ptr::null(), &mut old) == 0 && old.sa_sigaction == libc::SIG_IGN {
-                continue;
-            }
-            let mut sa: libc::sigaction = std::mem::zeroed();
-            sa.sa_sigaction = on_signal as extern "C" fn(libc::c_int) as usize;
-            sa.sa_flags = libc::SA_RESTART;
-            libc::sigemptyset(&mut sa.sa_mask);
-            if libc::sigaction(sig, &sa, std::ptr::null_mut()) != 0 {
-                return Err(std::io::Error::last_os_error()).context("install the signal handler");
-            }
-        }
-    }
     Ok(())
 }
 
-/// Wait for a 1-byte wake-up per signal with a timeout; `None` on timeout.
-fn wait_byte(fd: i32, timeout: Option<Duration>) -> Option<u8> {
-    let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
-    let ms = timeout.map(|t| t.as_millis().min(i32::MAX as u128) as i32).unwrap_or(-1);
-    loop {
-        // SAFETY: one valid pollfd.
-        let n = unsafe { libc::poll(&mut pfd, 1, ms) };
-        if n == 0 {
-            return None;
-        }
-        if n < 0 {
-            if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return None;
-        }
-        let mut b = 0u8;
-        // SAFETY: reading one byte into a valid local.
-        if unsafe { libc::read(fd, (&mut b as *mut u8).cast(), 1) } == 1 {
-            return Some(b);
-        }
-    }
-}
-
-fn watch_interrupts(fd: i32) {
-    if wait_byte(fd, None).is_none() {
+fn watch_interrupts() {
+    if !platform::wait_interrupt(None) {
         return;
     }
-    let first = interrupted().unwrap_or(Interrupted(libc::SIGINT));
-    kill_groups();
+    let first = interrupted().unwrap_or(Interrupted(platform::SIGINT));
+    kill_trees();
     // The main thread now unwinds. A second signal, or a slow unwind, ends the process here.
-    let second = wait_byte(fd, Some(INTERRUPT_GRACE));
-    kill_groups();
-    let why = if second.is_some() { "a second signal" } else { "cleanup took too long" };
+    let second = platform::wait_interrupt(Some(INTERRUPT_GRACE));
+    kill_trees();
+    let why = if second { "a second signal" } else { "cleanup took too long" };
     eprintln!(
         "error: {first}; stopping at once ({why})\nhint: run the command again: what was left half-made is cleared \
          by the next run"
     );
-    // SAFETY: _exit ends the process without running destructors of other threads' state; flocks are released by
-    // the kernel.
-    unsafe { libc::_exit(first.exit_code()) }
+    platform::exit_now(first.exit_code())
 }

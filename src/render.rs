@@ -18,8 +18,6 @@ use handlebars::Handlebars;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use std::os::unix::fs::DirBuilderExt;
-
 use crate::config::Config;
 use crate::text::shown;
 
@@ -107,20 +105,14 @@ impl Rendered {
         };
         let parent = target.parent().context("output directory has no parent")?;
         // Missing parents are made as before (they are the user's path; only the output itself is render's).
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o755)
-            .create(parent)
+        crate::platform::create_dir(parent, 0o755, true)
             .with_context(|| format!("create {}", parent.display()))?;
         let fresh = FreshDir::new(parent, &target)?;
         write_file(&fresh.path.join(RENDER_MARKER), RENDER_MARKER_TEXT.as_bytes(), 0o644)?;
         for f in &self.files {
             let dest = fresh.path.join(&f.path);
             if let Some(dir) = dest.parent() {
-                std::fs::DirBuilder::new()
-                    .recursive(true)
-                    .mode(0o755)
-                    .create(dir)
+                crate::platform::create_dir(dir, 0o755, true)
                     .with_context(|| format!("create {}", dir.display()))?;
             }
             write_file(&dest, &f.contents, f.mode)?;
@@ -140,7 +132,7 @@ fn output_target(out: &Path) -> Result<PathBuf> {
     let abs = std::path::absolute(out).with_context(|| format!("resolve {}", out.display()))?;
     let target = match abs.file_name() {
         Some(_) if !abs.ends_with("..") => abs,
-        _ => abs.canonicalize().with_context(|| format!("resolve {}", out.display()))?,
+        _ => crate::platform::canonicalize(&abs).with_context(|| format!("resolve {}", out.display()))?,
     };
     if target.parent().is_none() {
         bail!(
@@ -205,16 +197,11 @@ impl Rendered {
 /// sticky bits dropped).
 fn write_file(path: &Path, data: &[u8], mode: u32) -> Result<()> {
     use std::io::Write;
-    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(path)
+    let mut f = crate::platform::create_new_no_follow(path, 0o600)
         .with_context(|| format!("create {}", path.display()))?;
     f.write_all(data).with_context(|| format!("write {}", path.display()))?;
-    f.set_permissions(std::fs::Permissions::from_mode(mode & 0o777))
+    // On Windows a mode is a no-op unless private (see platform::set_file_mode).
+    crate::platform::set_file_mode(&f, path, mode & 0o777)
         .with_context(|| format!("set the mode of {}", path.display()))
 }
 
@@ -228,9 +215,7 @@ impl FreshDir {
         use rand_core::{OsRng, RngCore};
         let name = target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let path = parent.join(format!(".{name}.render-{}-{:08x}", std::process::id(), OsRng.next_u32()));
-        std::fs::DirBuilder::new()
-            .mode(0o755)
-            .create(&path)
+        crate::platform::create_dir(&path, 0o755, false)
             .with_context(|| format!("create a directory in {}", parent.display()))?;
         Ok(Self { path })
     }
@@ -242,9 +227,9 @@ impl FreshDir {
             return std::fs::rename(&self.path, target)
                 .with_context(|| format!("move the rendered tree to {}", target.display()));
         }
-        if let Err(e) = exchange(&self.path, target) {
+        if let Err(e) = crate::platform::rename_exchange(&self.path, target) {
             // No RENAME_EXCHANGE here (another OS or filesystem): move the old tree aside, then the new one in.
-            if !matches!(e.raw_os_error(), Some(libc::ENOSYS) | Some(libc::EINVAL)) {
+            if e.kind() != std::io::ErrorKind::Unsupported {
                 return Err(e).with_context(|| format!("replace {}", target.display()));
             }
             let aside = self.path.with_extension("old");
@@ -261,30 +246,6 @@ impl Drop for FreshDir {
     fn drop(&mut self) {
         // remove_dir_all does not follow symbolic links.
         let _ = std::fs::remove_dir_all(&self.path);
-    }
-}
-
-/// Swap two paths atomically (Linux `renameat2(RENAME_EXCHANGE)`).
-fn exchange(a: &Path, b: &Path) -> std::io::Result<()> {
-    #[cfg(target_os = "linux")]
-    {
-        use std::os::unix::ffi::OsStrExt;
-        let ca = std::ffi::CString::new(a.as_os_str().as_bytes())?;
-        let cb = std::ffi::CString::new(b.as_os_str().as_bytes())?;
-        // SAFETY: both are valid NUL-terminated paths; AT_FDCWD resolves them like rename(2).
-        let rc = unsafe {
-            libc::renameat2(libc::AT_FDCWD, ca.as_ptr(), libc::AT_FDCWD, cb.as_ptr(), libc::RENAME_EXCHANGE)
-        };
-        if rc == 0 {
-            Ok(())
-        } else {
-            Err(std::io::Error::last_os_error())
-        }
-    }
-    #[cfg(not(target_os = "linux"))]
-    {
-        let _ = (a, b);
-        Err(std::io::Error::from_raw_os_error(libc::ENOSYS))
     }
 }
 
@@ -408,9 +369,15 @@ impl handlebars::HelperDef for ImageHelper {
     }
 }
 
-thread_local! {
-    static RENDERS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+// A module of its own only for this lint exception: clippy 1.96 (the Windows cross-build's) flags the initializer
+// although it is `const` already, and an `allow` on the macro call itself is ignored.
+#[allow(clippy::missing_const_for_thread_local)]
+mod renders {
+    thread_local! {
+        pub(super) static RENDERS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    }
 }
+use renders::RENDERS;
 
 /// Provision trees rendered by this thread so far: `up` reports it (`--json` event `run_counts`) to show the tree
 /// is rendered once per run.
@@ -452,7 +419,6 @@ pub fn render_layers<S: Serialize + ?Sized>(
     layers: &[PathBuf],
     secrets: &S,
 ) -> Result<Rendered> {
-    use std::os::unix::fs::PermissionsExt;
     RENDERS.with(|c| c.set(c.get() + 1));
     if let Some(source) = layers.iter().find(|l| !l.is_dir()) {
         bail!(
@@ -479,9 +445,9 @@ pub fn render_layers<S: Serialize + ?Sized>(
     // Output path -> the file it came from: two files may not render to one path.
     let mut sources: BTreeMap<String, PathBuf> = BTreeMap::new();
     for (rel_str, (file, meta)) in layer_files(layers)? {
-        // Modes are kept but for setuid, setgid and sticky bits, which a lab has no use for.
-        let mode = meta.permissions().mode() & 0o777;
         let raw = read_no_follow(&file)?;
+        // setuid, setgid and sticky bits are dropped: a lab has no use for them.
+        let mode = crate::platform::mode_or_guess(&meta, &raw) & 0o777;
         let (path, contents) = match rel_str.strip_suffix(TEMPLATE_SUFFIX) {
             Some(out) => {
                 let text = String::from_utf8(raw).map_err(|_| {
@@ -662,11 +628,7 @@ fn not_a_file(path: &Path, meta: &std::fs::Metadata) -> anyhow::Error {
 /// Read a file, refusing to follow a symbolic link put in its place since it was looked at.
 fn read_no_follow(path: &Path) -> Result<Vec<u8>> {
     use std::io::Read;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(path)
+    let mut f = crate::platform::open_no_follow(path)
         .with_context(|| format!("read {}", shown(&path.display().to_string())))?;
     if !f.metadata()?.is_file() {
         bail!("{} is not a regular file", shown(&path.display().to_string()));

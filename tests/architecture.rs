@@ -351,7 +351,9 @@ fn edges(src: &Path) -> BTreeMap<(Module, String, String), String> {
                 continue; // ancestor and descendant
             }
             let key = (from[..common].to_vec(), from[common].clone(), to[common].clone());
-            out.entry(key).or_insert_with(|| format!("src/{}: {}", rel.display(), path.join("::")));
+            out.entry(key).or_insert_with(|| {
+                format!("src/{}: {}", rel.to_string_lossy().replace('\\', "/"), path.join("::"))
+            });
         }
     }
     out
@@ -457,5 +459,64 @@ fn no_import_cycle_between_modules() {
         report.is_empty(),
         "import cycles in src/ (docs/architecture.md says where each kind of code goes):\n{}",
         report.join("\n")
+    );
+}
+
+/// What only `src/platform` may write (docs/architecture.md, "platform"): OS calls, OS-specific std modules, Linux
+/// `/proc` paths and `cfg` switches on the OS. Comment lines are skipped; string literals are not (a `"/proc/...`
+/// path is what it finds there).
+const PLATFORM_ONLY: &[&str] = &[
+    "libc::",
+    "std::os::unix",
+    "std::os::windows",
+    "windows_sys::",
+    "\"/proc/",
+    "cfg(unix)",
+    "cfg(windows)",
+    "cfg(not(unix))",
+    "cfg(not(windows))",
+    "cfg(target_os",
+    "cfg!(unix)",
+    "cfg!(windows)",
+    "cfg!(target_os",
+];
+
+/// The lines of a source text that use something only the platform layer may use: (line number, line).
+fn platform_specific_lines(src: &str) -> Vec<(usize, String)> {
+    src.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim_start().starts_with("//"))
+        .filter(|(_, l)| PLATFORM_ONLY.iter().any(|p| l.contains(p)))
+        .map(|(n, l)| (n + 1, l.trim().to_string()))
+        .collect()
+}
+
+#[test]
+fn the_platform_check_sees_code_but_not_comments_or_test_skips() {
+    let src = "/// reads /proc/self/mounts\nlet x = unsafe { libc::geteuid() };\n#[cfg_attr(windows, ignore = \"why\")]\n\
+               let t = std::fs::read(\"/proc/cpuinfo\");\n#[cfg(windows)]\n";
+    let lines: Vec<usize> = platform_specific_lines(src).into_iter().map(|(n, _)| n).collect();
+    assert_eq!(lines, [2, 4, 5]);
+}
+
+#[test]
+fn nothing_outside_src_platform_is_platform_specific() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let platform = src.join("platform");
+    let mut found = Vec::new();
+    for e in walkdir::WalkDir::new(&src).sort_by_file_name() {
+        let e = e.unwrap();
+        if e.path().starts_with(&platform) || e.path().extension() != Some(std::ffi::OsStr::new("rs")) {
+            continue;
+        }
+        let text = std::fs::read_to_string(e.path()).unwrap();
+        for (n, line) in platform_specific_lines(&text) {
+            found.push(format!("{}:{n}: {line}", e.path().strip_prefix(&src).unwrap().display()));
+        }
+    }
+    assert!(
+        found.is_empty(),
+        "OS-specific code outside src/platform (move it behind a function of src/platform/mod.rs):\n{}",
+        found.join("\n")
     );
 }

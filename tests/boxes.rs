@@ -195,6 +195,10 @@ fn entries(cache: &Cache) -> Vec<String> {
 }
 
 #[test]
+#[cfg_attr(
+    windows,
+    ignore = "windows: makes its disk images with Linux tools (mkfs.ext4, qemu-img), which Wine and Windows hosts lack"
+)]
 fn file_url_with_right_sum_is_cached_and_reused() {
     let tmp = tempfile::tempdir().unwrap();
     let img = qcow2(tmp.path());
@@ -215,6 +219,10 @@ fn file_url_with_right_sum_is_cached_and_reused() {
 }
 
 #[test]
+#[cfg_attr(
+    windows,
+    ignore = "windows: makes its disk images with Linux tools (mkfs.ext4, qemu-img), which Wine and Windows hosts lack"
+)]
 fn wrong_sum_fails_naming_both_sums_and_url_and_caches_nothing() {
     let tmp = tempfile::tempdir().unwrap();
     let img = qcow2(tmp.path());
@@ -233,6 +241,10 @@ fn wrong_sum_fails_naming_both_sums_and_url_and_caches_nothing() {
 }
 
 #[test]
+#[cfg_attr(
+    windows,
+    ignore = "windows: makes its disk images with Linux tools (mkfs.ext4, qemu-img), which Wine and Windows hosts lack"
+)]
 fn http_download_is_cached() {
     let tmp = tempfile::tempdir().unwrap();
     let img = qcow2(tmp.path());
@@ -281,11 +293,19 @@ fn interrupted_then(ignore_range: bool) {
 }
 
 #[test]
+#[cfg_attr(
+    windows,
+    ignore = "windows: makes its disk images with Linux tools (mkfs.ext4, qemu-img), which Wine and Windows hosts lack"
+)]
 fn interrupted_download_resumes_with_range() {
     interrupted_then(false);
 }
 
 #[test]
+#[cfg_attr(
+    windows,
+    ignore = "windows: makes its disk images with Linux tools (mkfs.ext4, qemu-img), which Wine and Windows hosts lack"
+)]
 fn interrupted_download_restarts_when_server_ignores_range() {
     interrupted_then(true);
 }
@@ -294,48 +314,54 @@ fn interrupted_download_restarts_when_server_ignores_range() {
 /// the message says exactly what stays (the part file, kept for the resume) instead of "nothing half-made was
 /// kept"; the next run resumes from it with a Range request.
 #[test]
+#[cfg_attr(
+    windows,
+    ignore = "windows: sends SIGINT with kill(2); a console Ctrl-C needs GenerateConsoleCtrlEvent (not written yet)"
+)]
 fn interrupted_download_says_what_stays_and_the_next_run_resumes() {
-    let body = payload(8 << 20);
-    let sum = sha256(&body);
-    let server = Server::start(body.clone());
-    server.state.slow.store(true, Ordering::SeqCst);
-    let t = Test::new();
-    t.write(
-        "box-config.toml",
-        format!(
+    #[cfg(unix)]
+    {
+        let body = payload(8 << 20);
+        let sum = sha256(&body);
+        let server = Server::start(body.clone());
+        server.state.slow.store(true, Ordering::SeqCst);
+        let t = Test::new();
+        t.write(
+            "box-config.toml",
+            format!(
             "[machine]\nname = \"t\"\nprovider = \"libvirt\"\n\n[box]\nurl = \"{}\"\nsha256 = \"{sum}\"\n",
             server.url
         ),
-    );
-    let cache = t.path().join("cache");
-    let part = cache.join(format!("boxes/downloads/{sum}.part"));
-    let mut c = std::process::Command::new(support::bin());
-    c.args(["box", "build"]).current_dir(t.path()).env("PROVISIONER_CACHE_DIR", &cache);
-    // SAFETY: only async-signal-safe signal(2) between fork and exec (a background runner may ignore SIGINT).
-    unsafe {
-        use std::os::unix::process::CommandExt;
-        c.pre_exec(|| {
-            libc::signal(libc::SIGINT, libc::SIG_DFL);
-            Ok(())
-        });
-    }
-    let mut p = support::Proc::spawn("box build", c, t.path().join("build.log"));
-    support::wait_until(Duration::from_secs(60), "the download to begin", || {
-        if let Some(st) = p.child.try_wait().unwrap() {
-            panic!("box build ended before the interrupt ({st}):\n{}", p.log_text());
+        );
+        let cache = t.path().join("cache");
+        let part = cache.join(format!("boxes/downloads/{sum}.part"));
+        let mut c = std::process::Command::new(support::bin());
+        c.args(["box", "build"]).current_dir(t.path()).env("PROVISIONER_CACHE_DIR", &cache);
+        // SAFETY: only async-signal-safe signal(2) between fork and exec (a background runner may ignore SIGINT).
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            c.pre_exec(|| {
+                libc::signal(libc::SIGINT, libc::SIG_DFL);
+                Ok(())
+            });
         }
-        part.metadata().is_ok_and(|m| m.len() > 0).then_some(())
-    });
-    // SAFETY: kill(2) on the child we started.
-    unsafe { libc::kill(p.child.id() as i32, libc::SIGINT) };
-    let st =
-        support::wait_until(Duration::from_secs(10), "box build to exit", || p.child.try_wait().unwrap());
-    let log = p.log_text();
-    assert_eq!(st.code(), Some(130), "{log}");
-    let kept = part.metadata().unwrap().len();
-    assert!(kept > 0 && kept < body.len() as u64, "{kept}");
-    let last: Vec<&str> = log.lines().rev().take(2).collect();
-    assert_eq!(
+        let mut p = support::Proc::spawn("box build", c, t.path().join("build.log"));
+        support::wait_until(Duration::from_secs(60), "the download to begin", || {
+            if let Some(st) = p.child.try_wait().unwrap() {
+                panic!("box build ended before the interrupt ({st}):\n{}", p.log_text());
+            }
+            part.metadata().is_ok_and(|m| m.len() > 0).then_some(())
+        });
+        // SAFETY: kill(2) on the child we started.
+        unsafe { libc::kill(p.child.id() as i32, libc::SIGINT) };
+        let st =
+            support::wait_until(Duration::from_secs(10), "box build to exit", || p.child.try_wait().unwrap());
+        let log = p.log_text();
+        assert_eq!(st.code(), Some(130), "{log}");
+        let kept = part.metadata().unwrap().len();
+        assert!(kept > 0 && kept < body.len() as u64, "{kept}");
+        let last: Vec<&str> = log.lines().rev().take(2).collect();
+        assert_eq!(
         last,
         [
             "hint: run the same command again; it continues from the last consistent state",
@@ -347,17 +373,22 @@ fn interrupted_download_says_what_stays_and_the_next_run_resumes() {
         ],
         "{log}"
     );
-    server.state.slow.store(false, Ordering::SeqCst);
-    Test::new()
-        .cwd(t.path())
-        .env("PROVISIONER_CACHE_DIR", cache.display().to_string())
-        .args(["box", "build"])
-        .run()
-        .success();
-    assert_eq!(server.requests(), vec![None, Some(kept)], "the second run resumed from the part file");
+        server.state.slow.store(false, Ordering::SeqCst);
+        Test::new()
+            .cwd(t.path())
+            .env("PROVISIONER_CACHE_DIR", cache.display().to_string())
+            .args(["box", "build"])
+            .run()
+            .success();
+        assert_eq!(server.requests(), vec![None, Some(kept)], "the second run resumed from the part file");
+    }
 }
 
 #[test]
+#[cfg_attr(
+    windows,
+    ignore = "windows: makes its disk images with Linux tools (mkfs.ext4, qemu-img), which Wine and Windows hosts lack"
+)]
 fn vagrant_boxes_tar_and_targz_for_both_providers() {
     let tmp = tempfile::tempdir().unwrap();
     let img = qcow2(tmp.path());
@@ -366,7 +397,7 @@ fn vagrant_boxes_tar_and_targz_for_both_providers() {
     for gzip in [false, true] {
         let lv = tmp.path().join(format!("libvirt-{gzip}.box"));
         std::fs::write(&lv, vagrant_box("libvirt", &[("box.img", &img)], gzip)).unwrap();
-        let cfg = config(tmp.path(), "libvirt", &format!("vagrant = \"{}\"", lv.display()));
+        let cfg = config(tmp.path(), "libvirt", &format!("vagrant = '{}'", lv.display()));
         let (image, built) = boxes::ensure_in(&cache, &cfg, "libvirt", false, &quiet()).unwrap();
         assert!(built);
         assert_eq!(image.format, "qcow2");
@@ -377,7 +408,7 @@ fn vagrant_boxes_tar_and_targz_for_both_providers() {
         let vmdk = std::fs::read(support::repo().join("tests/fixtures/vbox/box-disk001.vmdk")).unwrap();
         let files: [(&str, &[u8]); 2] = [("box.ovf", ovf), ("box-disk001.vmdk", &vmdk)];
         std::fs::write(&vb, vagrant_box("virtualbox", &files, gzip)).unwrap();
-        let cfg = config(tmp.path(), "virtualbox", &format!("vagrant = \"{}\"", vb.display()));
+        let cfg = config(tmp.path(), "virtualbox", &format!("vagrant = '{}'", vb.display()));
         let (image, _) = boxes::ensure_in(&cache, &cfg, "virtualbox", false, &quiet()).unwrap();
         assert_eq!(image.format, "ovf");
         assert_eq!(image.disk.file_name().unwrap(), "box.ovf");
@@ -392,13 +423,13 @@ fn provider_mismatch_names_both_providers() {
     let cache = Cache::at(tmp.path().join("cache")).unwrap();
     let vb = tmp.path().join("vb.box");
     std::fs::write(&vb, vagrant_box("virtualbox", &[("box.ovf", b"<Envelope/>")], true)).unwrap();
-    let cfg = config(tmp.path(), "libvirt", &format!("vagrant = \"{}\"", vb.display()));
+    let cfg = config(tmp.path(), "libvirt", &format!("vagrant = '{}'", vb.display()));
     let err = format!("{:#}", boxes::ensure_in(&cache, &cfg, "libvirt", false, &quiet()).unwrap_err());
     assert!(err.contains("virtualbox") && err.contains("libvirt"), "{err}");
 
     let odd = tmp.path().join("odd.box");
     std::fs::write(&odd, vagrant_box("hyperv", &[("x.vhdx", b"x")], false)).unwrap();
-    let cfg = config(tmp.path(), "libvirt", &format!("vagrant = \"{}\"", odd.display()));
+    let cfg = config(tmp.path(), "libvirt", &format!("vagrant = '{}'", odd.display()));
     let err = format!("{:#}", boxes::ensure_in(&cache, &cfg, "libvirt", false, &quiet()).unwrap_err());
     assert!(err.contains("hyperv"), "{err}");
 }
@@ -414,13 +445,17 @@ fn unknown_archive_layout_says_what_was_found() {
     b.append_data(&mut h, "readme.txt", &b"hello"[..]).unwrap();
     let p = tmp.path().join("x.box");
     std::fs::write(&p, b.into_inner().unwrap()).unwrap();
-    let cfg = config(tmp.path(), "libvirt", &format!("vagrant = \"{}\"", p.display()));
+    let cfg = config(tmp.path(), "libvirt", &format!("vagrant = '{}'", p.display()));
     let err = format!("{:#}", boxes::ensure_in(&cache, &cfg, "libvirt", false, &quiet()).unwrap_err());
     assert!(err.contains("unknown box layout") && err.contains("readme.txt"), "{err}");
     assert!(entries(&cache).is_empty());
 }
 
 #[test]
+#[cfg_attr(
+    windows,
+    ignore = "windows: makes its disk images with Linux tools (mkfs.ext4, qemu-img), which Wine and Windows hosts lack"
+)]
 fn local_image_is_copied_by_content_hash() {
     let tmp = tempfile::tempdir().unwrap();
     let img = qcow2(tmp.path());
@@ -455,6 +490,10 @@ fn box_dir(server: &Server, sum: &str) -> Test {
 }
 
 #[test]
+#[cfg_attr(
+    windows,
+    ignore = "windows: makes its disk images with Linux tools (mkfs.ext4, qemu-img), which Wine and Windows hosts lack"
+)]
 fn concurrent_builds_of_one_box_download_once() {
     let body = payload(2 * 1024 * 1024);
     let sum = sha256(&body);
@@ -490,6 +529,10 @@ fn concurrent_builds_of_one_box_download_once() {
 }
 
 #[test]
+#[cfg_attr(
+    windows,
+    ignore = "windows: makes its disk images with Linux tools (mkfs.ext4, qemu-img), which Wine and Windows hosts lack"
+)]
 fn box_list_build_remove_through_the_binary() {
     let tmp = tempfile::tempdir().unwrap();
     let img = qcow2(tmp.path());
@@ -604,6 +647,10 @@ fn cache_entries(cache: &Path) -> Vec<String> {
 /// have no qcow2 structure to check at all. Each must be refused on import with a clear error and a hint, and
 /// nothing may be cached; the whole image is accepted.
 #[test]
+#[cfg_attr(
+    windows,
+    ignore = "windows: makes its disk images with Linux tools (mkfs.ext4, qemu-img), which Wine and Windows hosts lack"
+)]
 fn truncated_and_stub_images_are_refused_and_nothing_is_cached() {
     let t = Test::new();
     let dir = t.path().to_path_buf();
@@ -678,6 +725,10 @@ fn qemu_vmdk(dir: &Path, subformat: &str) -> PathBuf {
 /// The check is pure Rust (no qemu-img on a VirtualBox host), so it is held against what a real tool writes:
 /// every whole VMDK qemu-img makes passes, and each cut one is refused with what is wrong.
 #[test]
+#[cfg_attr(
+    windows,
+    ignore = "windows: makes its disk images with Linux tools (mkfs.ext4, qemu-img), which Wine and Windows hosts lack"
+)]
 fn vmdks_qemu_img_writes_pass_and_their_truncated_copies_fail() {
     use provisioner::boxes::integrity::check_vmdk;
     let t = tempfile::tempdir().unwrap();
@@ -706,6 +757,10 @@ fn vmdks_qemu_img_writes_pass_and_their_truncated_copies_fail() {
 /// do, and nothing of it stays in the cache (it used to be cached and stay after VirtualBox's import failed). The
 /// same box with its whole VMDK is then cached.
 #[test]
+#[cfg_attr(
+    windows,
+    ignore = "windows: makes its disk images with Linux tools (mkfs.ext4, qemu-img), which Wine and Windows hosts lack"
+)]
 fn virtualbox_box_with_a_bad_vmdk_is_refused_and_not_cached() {
     let tmp = tempfile::tempdir().unwrap();
     let cache = Cache::at(tmp.path().join("c/boxes")).unwrap();
@@ -723,7 +778,7 @@ fn virtualbox_box_with_a_bad_vmdk_is_refused_and_not_cached() {
             vagrant_box("virtualbox", &[("box.ovf", &ovf), ("box-disk001.vmdk", disk)], true),
         )
         .unwrap();
-        let cfg = config(tmp.path(), "virtualbox", &format!("vagrant = \"{}\"", vb.display()));
+        let cfg = config(tmp.path(), "virtualbox", &format!("vagrant = '{}'", vb.display()));
         let e = boxes::ensure_in(&cache, &cfg, "virtualbox", false, &quiet()).unwrap_err();
         let e = format!("{e:#}");
         assert!(
@@ -750,7 +805,7 @@ fn virtualbox_box_with_a_bad_vmdk_is_refused_and_not_cached() {
     let vb = tmp.path().join("whole.box");
     std::fs::write(&vb, vagrant_box("virtualbox", &[("box.ovf", &ovf), ("box-disk001.vmdk", &vmdk)], true))
         .unwrap();
-    let cfg = config(tmp.path(), "virtualbox", &format!("vagrant = \"{}\"", vb.display()));
+    let cfg = config(tmp.path(), "virtualbox", &format!("vagrant = '{}'", vb.display()));
     let (image, built) = boxes::ensure_in(&cache, &cfg, "virtualbox", false, &quiet()).unwrap();
     assert!(built);
     assert_eq!(std::fs::read(image.disk.with_file_name("box-disk001.vmdk")).unwrap(), vmdk);
@@ -762,10 +817,8 @@ fn virtualbox_box_with_a_bad_vmdk_is_refused_and_not_cached() {
 /// A project in `dir` for the VBoxManage double (linked into `dir/vbox`, its state beside it) with a loose `.ovf` box.
 fn vbox_project(t: &Test, name: &str) {
     let dir = t.path();
-    let bin = dir.join("vbox");
-    std::fs::create_dir_all(&bin).unwrap();
+    let exe = support::vboxmanage_double(&dir.join("vbox"));
     let fixtures = support::repo().join("tests/fixtures/vbox");
-    std::os::unix::fs::symlink(fixtures.join("VBoxManage"), bin.join("VBoxManage")).unwrap();
     std::fs::create_dir_all(dir.join("box")).unwrap();
     std::fs::create_dir_all(dir.join("provision")).unwrap();
     std::fs::copy(fixtures.join("box.ovf"), dir.join("box/box.ovf")).unwrap();
@@ -776,7 +829,7 @@ fn vbox_project(t: &Test, name: &str) {
             "[machine]\nname = \"{name}\"\nprovider = \"virtualbox\"\ncpus = 1\nmemory_mb = 1024\n\n[box]\n\
              vagrant = \"box/box.ovf\"\n\n[ssh]\nhost_port = {}\n\n[virtualbox]\nvboxmanage = {:?}\n",
             support::free_port(),
-            bin.join("VBoxManage").to_str().unwrap()
+            exe.to_str().unwrap()
         ),
     );
 }
@@ -810,12 +863,15 @@ fn up_json_with_a_cold_box_cache_prints_only_json() {
 }
 
 /// A mirror on 127.0.0.1 that accepts every connection, reads the request and never answers: debootstrap (its
-/// wget) then waits, so a test can interrupt a box build in the middle of debootstrap without any network.
+/// wget) then waits, so a test can interrupt a box build in the middle of debootstrap without any network. Unix
+/// only, like debootstrap.
+#[cfg(unix)]
 struct HangingMirror {
     url: String,
     requests: Arc<std::sync::atomic::AtomicUsize>,
 }
 
+#[cfg(unix)]
 impl HangingMirror {
     fn start() -> Self {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -842,15 +898,21 @@ impl HangingMirror {
 /// SIGINT does not reach: they used to go on alone), no partial entry is left, the lock is free, and the next
 /// build starts clean and gets to the same point. Needs root (debootstrap), like every mirror build.
 #[test]
+#[cfg_attr(
+    windows,
+    ignore = "windows: debootstrap needs root on Linux, and the signals are sent with kill(2)"
+)]
 fn box_build_interrupted_during_debootstrap_leaves_nothing_and_reruns() {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("skipped: building a box from a mirror needs root");
-        return;
-    }
-    let mirror = HangingMirror::start();
-    let t = Test::new();
-    t.write(
+    #[cfg(unix)]
+    {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: building a box from a mirror needs root");
+            return;
+        }
+        let mirror = HangingMirror::start();
+        let t = Test::new();
+        t.write(
         "box-config.toml",
         format!(
             "[machine]\nname = \"t\"\nprovider = \"libvirt\"\n\n[box.debian]\nsuite = \"bookworm\"\nmirror = \"{}\"\n\
@@ -858,57 +920,66 @@ fn box_build_interrupted_during_debootstrap_leaves_nothing_and_reruns() {
             mirror.url
         ),
     );
-    let cache = t.path().join("cache");
-    for (round, (sig, code)) in [(libc::SIGINT, 130), (libc::SIGTERM, 143)].into_iter().enumerate() {
-        let marker = format!("PROVISIONER_TEST_RUN=boxintr-{}-{round}", std::process::id());
-        let (key, value) = marker.split_once('=').unwrap();
-        let mut c = std::process::Command::new(support::bin());
-        c.args(["--json", "box", "build"])
-            .current_dir(t.path())
-            .env("PROVISIONER_CACHE_DIR", &cache)
-            .env(key, value);
-        // SAFETY: only async-signal-safe signal(2) between fork and exec: a runner started in the background may
-        // have left SIGINT ignored, and the build must see it as a user's Ctrl-C would.
-        unsafe {
-            use std::os::unix::process::CommandExt;
-            c.pre_exec(|| {
-                libc::signal(libc::SIGINT, libc::SIG_DFL);
-                Ok(())
+        let cache = t.path().join("cache");
+        for (round, (sig, code)) in [(libc::SIGINT, 130), (libc::SIGTERM, 143)].into_iter().enumerate() {
+            let marker = format!("PROVISIONER_TEST_RUN=boxintr-{}-{round}", std::process::id());
+            let (key, value) = marker.split_once('=').unwrap();
+            let mut c = std::process::Command::new(support::bin());
+            c.args(["--json", "box", "build"])
+                .current_dir(t.path())
+                .env("PROVISIONER_CACHE_DIR", &cache)
+                .env(key, value);
+            // SAFETY: only async-signal-safe signal(2) between fork and exec: a runner started in the background may
+            // have left SIGINT ignored, and the build must see it as a user's Ctrl-C would.
+            unsafe {
+                use std::os::unix::process::CommandExt;
+                c.pre_exec(|| {
+                    libc::signal(libc::SIGINT, libc::SIG_DFL);
+                    Ok(())
+                });
+            }
+            let mut p = support::Proc::spawn("box build", c, t.path().join(format!("build{round}.log")));
+            let before = mirror.requests.load(Ordering::SeqCst);
+            support::wait_until(Duration::from_secs(120), "debootstrap to ask the mirror", || {
+                if let Some(st) = p.child.try_wait().unwrap() {
+                    panic!("box build ended before the interrupt ({st}):\n{}", p.log_text());
+                }
+                (mirror.requests.load(Ordering::SeqCst) > before).then_some(())
             });
-        }
-        let mut p = support::Proc::spawn("box build", c, t.path().join(format!("build{round}.log")));
-        let before = mirror.requests.load(Ordering::SeqCst);
-        support::wait_until(Duration::from_secs(120), "debootstrap to ask the mirror", || {
-            if let Some(st) = p.child.try_wait().unwrap() {
-                panic!("box build ended before the interrupt ({st}):\n{}", p.log_text());
+            let running = support::processes_with_env(&marker);
+            assert!(
+                running.iter().any(|p| p.ends_with(" debootstrap")),
+                "debootstrap is running: {running:?}"
+            );
+            let started = Instant::now();
+            // SAFETY: kill(2) on the child we started.
+            unsafe { libc::kill(p.child.id() as i32, sig) };
+            let st = support::wait_until(Duration::from_secs(30), "box build to exit", || {
+                p.child.try_wait().unwrap()
+            });
+            eprintln!("round {round}: exited {st} {:?} after the signal", started.elapsed());
+            assert_eq!(st.code(), Some(code), "exit code for signal {sig}:\n{}", p.log_text());
+            let log = p.log_text();
+            assert!(log.contains("\"event\":\"interrupted\""), "{log}");
+            assert!(log.contains("hint: run the same command again"), "{log}");
+            support::wait_until(Duration::from_secs(10), "every process of the run to be gone", || {
+                support::processes_with_env(&marker).is_empty().then_some(())
+            });
+            assert!(cache_entries(&cache).is_empty(), "left in the cache: {:?}", cache_entries(&cache));
+            // The build lock is free again.
+            for e in std::fs::read_dir(cache.join("boxes")).unwrap().flatten() {
+                if e.file_name().to_string_lossy().ends_with(".lock") {
+                    let f = std::fs::File::open(e.path()).unwrap();
+                    assert!(
+                        fs4::fs_std::FileExt::try_lock_exclusive(&f).unwrap(),
+                        "{:?} still locked",
+                        e.path()
+                    );
+                }
             }
-            (mirror.requests.load(Ordering::SeqCst) > before).then_some(())
-        });
-        let running = support::processes_with_env(&marker);
-        assert!(running.iter().any(|p| p.ends_with(" debootstrap")), "debootstrap is running: {running:?}");
-        let started = Instant::now();
-        // SAFETY: kill(2) on the child we started.
-        unsafe { libc::kill(p.child.id() as i32, sig) };
-        let st =
-            support::wait_until(Duration::from_secs(30), "box build to exit", || p.child.try_wait().unwrap());
-        eprintln!("round {round}: exited {st} {:?} after the signal", started.elapsed());
-        assert_eq!(st.code(), Some(code), "exit code for signal {sig}:\n{}", p.log_text());
-        let log = p.log_text();
-        assert!(log.contains("\"event\":\"interrupted\""), "{log}");
-        assert!(log.contains("hint: run the same command again"), "{log}");
-        support::wait_until(Duration::from_secs(10), "every process of the run to be gone", || {
-            support::processes_with_env(&marker).is_empty().then_some(())
-        });
-        assert!(cache_entries(&cache).is_empty(), "left in the cache: {:?}", cache_entries(&cache));
-        // The build lock is free again.
-        for e in std::fs::read_dir(cache.join("boxes")).unwrap().flatten() {
-            if e.file_name().to_string_lossy().ends_with(".lock") {
-                let f = std::fs::File::open(e.path()).unwrap();
-                assert!(fs4::fs_std::FileExt::try_lock_exclusive(&f).unwrap(), "{:?} still locked", e.path());
-            }
         }
+        assert_eq!(mirror.requests.load(Ordering::SeqCst), 2, "the re-run started debootstrap again");
     }
-    assert_eq!(mirror.requests.load(Ordering::SeqCst), 2, "the re-run started debootstrap again");
 }
 
 /// A box that passes every import check but has no bootloader (a bare ext4 filesystem, booted by BIOS from its
@@ -957,60 +1028,70 @@ fn vm_unbootable_box_reports_the_firmware_error() {
 /// with 130 and an `interrupted` event instead of dying by the signal, and the next `up` goes on from the recorded
 /// state (the machine exists and runs: no second import, no second VM).
 #[test]
+#[cfg_attr(
+    windows,
+    ignore = "windows: sends SIGINT with kill(2); a console Ctrl-C needs GenerateConsoleCtrlEvent (not written yet)"
+)]
 fn up_interrupted_while_waiting_for_ssh_exits_130_and_reruns() {
-    use std::os::unix::process::CommandExt;
-    let t = Test::new();
-    let dir = t.path().to_path_buf();
-    vbox_project(&t, "vbi");
-    let cache = dir.join("cache");
-    let mut c = std::process::Command::new(support::bin());
-    c.args(["--json", "up", "--boot-timeout", "600"]).current_dir(&dir).env("PROVISIONER_CACHE_DIR", &cache);
-    // SAFETY: only async-signal-safe signal(2) between fork and exec (a background runner may ignore SIGINT).
-    unsafe {
-        c.pre_exec(|| {
-            libc::signal(libc::SIGINT, libc::SIG_DFL);
-            Ok(())
-        });
-    }
-    let mut up = support::Proc::spawn("up", c, dir.join("up.log"));
-    support::wait_until(Duration::from_secs(120), "`up` to wait for SSH", || {
-        if let Some(st) = up.child.try_wait().unwrap() {
-            panic!("`up` ended early ({st}):\n{}", up.log_text());
+    #[cfg(unix)]
+    {
+        use std::os::unix::process::CommandExt;
+        let t = Test::new();
+        let dir = t.path().to_path_buf();
+        vbox_project(&t, "vbi");
+        let cache = dir.join("cache");
+        let mut c = std::process::Command::new(support::bin());
+        c.args(["--json", "up", "--boot-timeout", "600"])
+            .current_dir(&dir)
+            .env("PROVISIONER_CACHE_DIR", &cache);
+        // SAFETY: only async-signal-safe signal(2) between fork and exec (a background runner may ignore SIGINT).
+        unsafe {
+            c.pre_exec(|| {
+                libc::signal(libc::SIGINT, libc::SIG_DFL);
+                Ok(())
+            });
         }
-        up.log_text().contains(r#"{"event":"phase_start","phase":"ssh"}"#).then_some(())
-    });
-    let signalled = Instant::now();
-    // SAFETY: kill(2) on the child we started.
-    unsafe { libc::kill(up.child.id() as i32, libc::SIGINT) };
-    let st = support::wait_until(Duration::from_secs(15), "`up` to exit", || up.child.try_wait().unwrap());
-    let took = signalled.elapsed();
-    assert_eq!(st.code(), Some(130), "{}", up.log_text());
-    assert!(took < Duration::from_secs(5), "Ctrl-C took {took:?} to stop `up`");
-    let interrupted = up
-        .log_text()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .find(|v| v["event"] == "interrupted")
-        .unwrap_or_else(|| panic!("no interrupted event:\n{}", up.log_text()));
-    assert_eq!(
-        (interrupted["signal"].as_str(), interrupted["exit_code"].as_i64()),
-        (Some("SIGINT"), Some(130))
-    );
-    let again = Test::new()
-        .cwd(&dir)
-        .env("PROVISIONER_CACHE_DIR", cache.display().to_string())
-        .args(["--json", "up", "--boot-timeout", "1"])
-        .run()
-        .failure();
-    assert!(again.stderr().contains("did not answer SSH"), "{}", again.stderr());
-    let calls = std::fs::read_to_string(dir.join("vbox/vboxdouble/calls.log")).unwrap_or_default();
-    assert_eq!(calls.lines().filter(|l| l.starts_with("import ")).count(), 1, "{calls}");
-    Test::new()
-        .cwd(&dir)
-        .env("PROVISIONER_CACHE_DIR", cache.display().to_string())
-        .args(["destroy", "-f"])
-        .run()
-        .success();
+        let mut up = support::Proc::spawn("up", c, dir.join("up.log"));
+        support::wait_until(Duration::from_secs(120), "`up` to wait for SSH", || {
+            if let Some(st) = up.child.try_wait().unwrap() {
+                panic!("`up` ended early ({st}):\n{}", up.log_text());
+            }
+            up.log_text().contains(r#"{"event":"phase_start","phase":"ssh"}"#).then_some(())
+        });
+        let signalled = Instant::now();
+        // SAFETY: kill(2) on the child we started.
+        unsafe { libc::kill(up.child.id() as i32, libc::SIGINT) };
+        let st =
+            support::wait_until(Duration::from_secs(15), "`up` to exit", || up.child.try_wait().unwrap());
+        let took = signalled.elapsed();
+        assert_eq!(st.code(), Some(130), "{}", up.log_text());
+        assert!(took < Duration::from_secs(5), "Ctrl-C took {took:?} to stop `up`");
+        let interrupted = up
+            .log_text()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|v| v["event"] == "interrupted")
+            .unwrap_or_else(|| panic!("no interrupted event:\n{}", up.log_text()));
+        assert_eq!(
+            (interrupted["signal"].as_str(), interrupted["exit_code"].as_i64()),
+            (Some("SIGINT"), Some(130))
+        );
+        let again = Test::new()
+            .cwd(&dir)
+            .env("PROVISIONER_CACHE_DIR", cache.display().to_string())
+            .args(["--json", "up", "--boot-timeout", "1"])
+            .run()
+            .failure();
+        assert!(again.stderr().contains("did not answer SSH"), "{}", again.stderr());
+        let calls = std::fs::read_to_string(dir.join("vbox/vboxdouble/calls.log")).unwrap_or_default();
+        assert_eq!(calls.lines().filter(|l| l.starts_with("import ")).count(), 1, "{calls}");
+        Test::new()
+            .cwd(&dir)
+            .env("PROVISIONER_CACHE_DIR", cache.display().to_string())
+            .args(["destroy", "-f"])
+            .run()
+            .success();
+    }
 }
 
 /// A tar of `metadata.json` (as given) and `files`.

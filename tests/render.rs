@@ -2,14 +2,13 @@
 //! their suffix, everything else byte for byte, modes kept, `.env` private ASCII/LF, secrets stable per machine,
 //! undefined variables named with template and line.
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 use provisioner::config::Config;
 use provisioner::lab::secrets::Secrets;
 use provisioner::render::render_tree;
 
-use crate::support::Test;
+use crate::support::{self, Test};
 
 const CONFIG: &str = r#"[machine]
 name = "render-test"
@@ -28,12 +27,46 @@ greeting = "hello from the config"
 /// Bytes that are not UTF-8 and contain handlebars-looking text: must come out untouched.
 const BINARY: &[u8] = b"\x00\xFF{{vars.greeting}}\r\n\xC3\x28 end";
 
+#[cfg(unix)]
 fn mode(p: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
     std::fs::metadata(p).unwrap().permissions().mode() & 0o7777
 }
 
+/// Windows has no file modes: the tests that read them are skipped there.
+#[cfg(windows)]
+fn mode(_p: &Path) -> u32 {
+    unreachable!("no file modes on Windows")
+}
+
+/// A mode on Unix; nothing on Windows (no modes: a script gets 0755 in the guest from its `#!` line).
+fn set_mode_of(p: &Path, m: u32) {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap();
+    }
+    #[cfg(windows)]
+    let _ = (p, m);
+}
+
 fn set_mode(t: &Test, rel: &str, m: u32) {
-    std::fs::set_permissions(t.path().join(rel), std::fs::Permissions::from_mode(m)).unwrap();
+    set_mode_of(&t.path().join(rel), m);
+}
+
+/// A symbolic link (Windows: needs developer mode or elevation; the tests that make links are skipped there).
+fn symlink(target: impl AsRef<Path>, link: impl AsRef<Path>) -> std::io::Result<()> {
+    #[cfg(unix)]
+    return std::os::unix::fs::symlink(target, link);
+    #[cfg(windows)]
+    {
+        let target = target.as_ref();
+        if target.is_dir() {
+            std::os::windows::fs::symlink_dir(target, link)
+        } else {
+            std::os::windows::fs::symlink_file(target, link)
+        }
+    }
 }
 
 /// A config and a template tree in a temp dir.
@@ -83,6 +116,7 @@ fn templates_lose_their_suffix_and_other_files_are_byte_identical() {
 }
 
 #[test]
+#[cfg_attr(windows, ignore = "windows: no Unix file modes (a script gets 0755 from its #! line)")]
 fn modes_are_kept_and_env_is_private_ascii_lf() {
     let t = fixture();
     render(&t, "out").success();
@@ -103,6 +137,7 @@ fn modes_are_kept_and_env_is_private_ascii_lf() {
 }
 
 #[test]
+#[cfg_attr(windows, ignore = "windows: no Unix file modes (a script gets 0755 from its #! line)")]
 fn rendering_twice_gives_identical_secrets_kept_private() {
     let t = fixture();
     render(&t, "a").success();
@@ -121,7 +156,7 @@ fn undefined_variable_names_template_and_line() {
     let t = fixture();
     t.write("tree/app/conf.yml.hbs", "name: {{machine.name}}\n\nport: {{vars.prot}}\n");
     let r = render(&t, "out").failure();
-    let err = r.stderr();
+    let err = support::slashes(&r.stderr());
     assert!(err.contains("tree/app/conf.yml.hbs:3:"), "names template and line: {err}");
     assert!(err.contains("conf.yml.hbs:3:7: undefined variable `vars.prot`"), "names the variable: {err}");
     assert!(err.contains("hint: define the variable under [vars]"), "{err}");
@@ -134,7 +169,8 @@ fn non_ascii_env_value_is_refused() {
     t.write("tree/.env.hbs", "A=1\nGREETING={{vars.greeting}}\n");
     t.write("box-config.toml", CONFIG.replace("hello from the config", "grüße"));
     let r = render(&t, "out").failure();
-    assert!(r.stderr().contains("tree/.env.hbs:2: .env holds a non-ASCII byte (0xC3)"), "{}", r.stderr());
+    let err = support::slashes(&r.stderr());
+    assert!(err.contains("tree/.env.hbs:2: .env holds a non-ASCII byte (0xC3)"), "{err}");
 }
 
 #[test]
@@ -146,6 +182,7 @@ fn out_inside_the_source_tree_is_refused() {
 }
 
 #[test]
+#[cfg_attr(windows, ignore = "windows: no Unix file modes (a script gets 0755 from its #! line)")]
 fn json_lists_every_file_with_mode_and_hash() {
     let t = fixture();
     let r = Test::new().cwd(t.path()).args(["render", "--out", "out", "--json"]).run().success();
@@ -179,20 +216,21 @@ fn victim(t: &Test) -> std::path::PathBuf {
     let v = t.path().join("outside/precious.txt");
     std::fs::create_dir_all(v.parent().unwrap()).unwrap();
     std::fs::write(&v, "precious\n").unwrap();
-    std::fs::set_permissions(&v, std::fs::Permissions::from_mode(0o600)).unwrap();
+    set_mode_of(&v, 0o600);
     v
 }
 
 #[test]
+#[cfg_attr(windows, ignore = "windows: symbolic links need developer mode or elevation there")]
 fn links_planted_in_the_output_are_never_followed() {
     let t = fixture();
     let v = victim(&t);
     render(&t, "out").success();
     // Plant links where the next render writes: a file, a directory on the way, and the output itself.
     std::fs::remove_file(t.path().join("out/run.sh")).unwrap();
-    std::os::unix::fs::symlink(&v, t.path().join("out/run.sh")).unwrap();
+    symlink(&v, t.path().join("out/run.sh")).unwrap();
     std::fs::remove_dir_all(t.path().join("out/app")).unwrap();
-    std::os::unix::fs::symlink(v.parent().unwrap(), t.path().join("out/app")).unwrap();
+    symlink(v.parent().unwrap(), t.path().join("out/app")).unwrap();
     render(&t, "out").success();
     assert_eq!(
         std::fs::read_to_string(&v).unwrap(),
@@ -205,7 +243,7 @@ fn links_planted_in_the_output_are_never_followed() {
     assert!(run_sh.file_type().is_file() && mode(&t.path().join("out/run.sh")) == 0o755);
     assert!(std::fs::symlink_metadata(t.path().join("out/app")).unwrap().is_dir());
 
-    std::os::unix::fs::symlink(v.parent().unwrap(), t.path().join("linked-out")).unwrap();
+    symlink(v.parent().unwrap(), t.path().join("linked-out")).unwrap();
     render(&t, "linked-out").failure().stderr_contains("is a symbolic link").stderr_contains("hint:");
     assert_eq!(
         std::fs::read_dir(v.parent().unwrap()).unwrap().count(),
@@ -258,6 +296,7 @@ fn root_and_foreign_directories_are_refused() {
 }
 
 #[test]
+#[cfg_attr(windows, ignore = "windows: no Unix file modes (a script gets 0755 from its #! line)")]
 fn setuid_setgid_and_sticky_bits_are_dropped() {
     let t = fixture();
     set_mode(&t, "tree/run.sh", 0o6755);
@@ -272,12 +311,13 @@ fn setuid_setgid_and_sticky_bits_are_dropped() {
 }
 
 #[test]
+#[cfg_attr(windows, ignore = "windows: symbolic links need developer mode or elevation there")]
 fn links_in_the_provision_tree_are_refused_and_never_echoed() {
     let t = fixture();
     let outside = t.path().join("outside.toml");
     std::fs::write(&outside, "SECRET-FIRST-LINE hunter2\n").unwrap();
     std::fs::remove_file(t.path().join("tree/vars.toml")).unwrap();
-    std::os::unix::fs::symlink(&outside, t.path().join("tree/vars.toml")).unwrap();
+    symlink(&outside, t.path().join("tree/vars.toml")).unwrap();
     for args in [vec!["validate"], vec!["render", "--out", "out"]] {
         let r = Test::new().cwd(t.path()).args(args).run().failure();
         assert!(r.stderr().contains("tree/vars.toml is a symbolic link"), "{}", r.stderr());
@@ -286,7 +326,7 @@ fn links_in_the_provision_tree_are_refused_and_never_echoed() {
     // Any other link is refused the same way (not silently skipped).
     std::fs::remove_file(t.path().join("tree/vars.toml")).unwrap();
     t.write("tree/vars.toml", "greeting = \"default\"\nport = 8000\n");
-    std::os::unix::fs::symlink(&outside, t.path().join("tree/app/extra.txt")).unwrap();
+    symlink(&outside, t.path().join("tree/app/extra.txt")).unwrap();
     render(&t, "out")
         .failure()
         .stderr_contains("tree/app/extra.txt is a symbolic link")
@@ -299,7 +339,7 @@ fn a_damaged_vars_file_is_reported_by_position_without_quoting_it() {
     let t = fixture();
     t.write("tree/vars.toml", "greeting = \"default\"\nport = 8000 hunter2\n");
     let r = render(&t, "out").failure();
-    assert!(r.stderr().contains("tree/vars.toml:2:"), "{}", r.stderr());
+    assert!(support::slashes(&r.stderr()).contains("tree/vars.toml:2:"), "{}", r.stderr());
     assert!(!r.stderr().contains("hunter2"), "{}", r.stderr());
 }
 
@@ -310,7 +350,7 @@ fn names_that_render_to_dot_dotdot_or_nothing_are_refused_by_validate() {
         t.write(name, "x\n");
         let r = Test::new().cwd(t.path()).arg("validate").run().failure();
         assert!(r.stderr().contains("which cannot be written"), "{name}: {}", r.stderr());
-        assert!(r.stderr().contains(name), "{name}: {}", r.stderr());
+        assert!(support::slashes(&r.stderr()).contains(name), "{name}: {}", r.stderr());
     }
 }
 
@@ -393,6 +433,7 @@ fn a_damaged_secrets_file_is_never_echoed() {
 /// both `vars.toml` are merged with the source's winning, links in the base are refused like in the source, and a
 /// missing base is reported at its line and column.
 #[test]
+#[cfg_attr(windows, ignore = "windows: symbolic links need developer mode or elevation there")]
 fn a_base_tree_is_overridden_file_by_file_by_the_source() {
     let t = fixture();
     t.write("base/vars.toml", "greeting = \"from the base\"\nextra = \"only in the base\"\n");
@@ -412,7 +453,7 @@ fn a_base_tree_is_overridden_file_by_file_by_the_source() {
     render(&t, "out3").failure().stderr_contains("both render to only-base.txt").stderr_contains("hint:");
     std::fs::remove_file(t.path().join("tree/only-base.txt")).unwrap();
     // A link in the base is refused as in the source.
-    std::os::unix::fs::symlink("/etc/passwd", t.path().join("base/passwd")).unwrap();
+    symlink("/etc/passwd", t.path().join("base/passwd")).unwrap();
     render(&t, "out2").failure().stderr_contains("base/passwd");
     std::fs::remove_file(t.path().join("base/passwd")).unwrap();
     // A missing base: validate names the key's position.
@@ -504,6 +545,7 @@ fn tree(dir: &Path) -> Vec<String> {
 }
 
 #[test]
+#[cfg_attr(windows, ignore = "windows: symbolic links need developer mode or elevation there")]
 fn force_never_replaces_a_directory_render_did_not_make() {
     let t = fixture();
     let run = |args: &[&str]| Test::new().cwd(t.path()).arg("render").args(args.iter().copied()).run();
@@ -546,7 +588,7 @@ fn force_never_replaces_a_directory_render_did_not_make() {
 
     // The marker only counts as a regular file: a link or a directory of that name is named, not trusted.
     t.write("linkmark/x", "mine\n");
-    std::os::unix::fs::symlink("/etc/hostname", t.path().join("linkmark/.provisioner-render")).unwrap();
+    symlink("/etc/hostname", t.path().join("linkmark/.provisioner-render")).unwrap();
     run(&["--out", "linkmark", "--force"])
         .failure()
         .stderr_contains("holds 2 entries render did not write: .provisioner-render (a symbolic link), x;");

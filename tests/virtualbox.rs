@@ -35,8 +35,7 @@ impl Bench {
     fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();
         let bin = dir.path().join("Program Files/VirtualBox");
-        std::fs::create_dir_all(&bin).unwrap();
-        std::os::unix::fs::symlink(fixtures().join("VBoxManage"), bin.join("VBoxManage")).unwrap();
+        let exe = support::vboxmanage_double(&bin);
         let cache = dir.path().join("cache/boxes").join(BOX_ID);
         std::fs::create_dir_all(&cache).unwrap();
         std::fs::copy(fixtures().join("box.ovf"), cache.join("box.ovf")).unwrap();
@@ -50,7 +49,7 @@ impl Bench {
             cmdline: None,
             firmware: Firmware::Bios,
         };
-        Bench { vbox: VirtualBox::at(bin.join("VBoxManage")), base, dir }
+        Bench { vbox: VirtualBox::at(exe), base, dir }
     }
 
     fn bin_dir(&self) -> PathBuf {
@@ -102,8 +101,17 @@ impl Bench {
         if log.exists() {
             std::fs::write(&log, "").unwrap();
         }
-        let tmp = self.dir.path().to_string_lossy().into_owned();
-        text.lines().map(|l| uuids_as_names(&l.replace(&tmp, "$TMP"), &self.vms())).collect()
+        let tmp = support::double_path(self.dir.path());
+        // Under Wine an argument the double does not map (the VM description) keeps the Windows spelling of the
+        // temp dir: replace that too and turn its separators into `/`, so the same golden files match.
+        let win = self.dir.path().to_string_lossy().trim_start_matches(r"\\?\").to_string();
+        text.lines()
+            .map(|l| {
+                let l = l.replace(&tmp, "$TMP");
+                let l = if cfg!(windows) { l.replace(&win, "$TMP").replace('\\', "/") } else { l };
+                uuids_as_names(&l, &self.vms())
+            })
+            .collect()
     }
 
     /// The double's registry.
@@ -666,6 +674,7 @@ impl Bench {
 /// Issue 8.1: the same project reached as `../proj` from another directory, or through a symlinked directory,
 /// is the same machine: a stopped, complete VM is started, never unregistered and re-cloned (that deleted its disk).
 #[test]
+#[cfg_attr(windows, ignore = "windows: making a symbolic link needs developer mode or elevation")]
 fn another_spelling_of_the_project_path_keeps_the_vm() {
     let b = Bench::new();
     let p = Project::new(&b, "proj", &[]);
@@ -675,7 +684,10 @@ fn another_spelling_of_the_project_path_keeps_the_vm() {
     p.here(&["halt", "--force"]).success();
     let other = b.dir.path().join("other");
     std::fs::create_dir_all(&other).unwrap();
+    #[cfg(unix)]
     std::os::unix::fs::symlink(&p.dir, b.dir.path().join("link")).unwrap();
+    #[cfg(windows)]
+    std::os::windows::fs::symlink_dir(&p.dir, b.dir.path().join("link")).unwrap();
     let via_link = b.dir.path().join("link/box-config.toml");
     for (cwd, config) in [(&other, "../proj/box-config.toml"), (&other, via_link.to_str().unwrap())] {
         b.take_calls();
@@ -1045,11 +1057,15 @@ fn a_copied_project_never_acts_on_the_original_vm() {
     let original = b.clone_vm();
     assert_eq!(original["state"], "running");
     let copy = b.dir.path().join("projcopy");
-    let cp = std::process::Command::new("cp").arg("-a").arg(&p.dir).arg(&copy).status().unwrap();
-    assert!(cp.success());
+    if cfg!(windows) {
+        support::copy_dir(&p.dir, &copy); // no `cp` there
+    } else {
+        let cp = std::process::Command::new("cp").arg("-a").arg(&p.dir).arg(&copy).status().unwrap();
+        assert!(cp.success());
+    }
     let uuid = original["uuid"].as_str().unwrap();
-    let theirs = std::fs::canonicalize(&p.dir).unwrap();
-    let ours = std::fs::canonicalize(&copy).unwrap().join(".provisioner");
+    let theirs = support::canonical(&p.dir);
+    let ours = support::canonical(&copy).join(".provisioner");
     let refusal = format!(
         "error: the VirtualBox VM {uuid} recorded in {}/state.json belongs to another project (state dir {}), not \
          to this one; it was left untouched\nhint: this project's .provisioner/ is a copy of that project's: manage \
@@ -1101,8 +1117,12 @@ fn a_copied_project_never_acts_on_the_original_vm() {
 
     // `up` in a fresh copy makes the copy's own VM (with its own SSH port), after saying why.
     std::fs::remove_dir_all(&copy).unwrap();
-    let cp = std::process::Command::new("cp").arg("-a").arg(&p.dir).arg(&copy).status().unwrap();
-    assert!(cp.success());
+    if cfg!(windows) {
+        support::copy_dir(&p.dir, &copy); // no `cp` there
+    } else {
+        let cp = std::process::Command::new("cp").arg("-a").arg(&p.dir).arg(&copy).status().unwrap();
+        assert!(cp.success());
+    }
     let cfg = std::fs::read_to_string(copy.join("box-config.toml")).unwrap();
     let port = support::free_port();
     std::fs::write(copy.join("box-config.toml"), cfg.replace(&p.port.to_string(), &port.to_string()))

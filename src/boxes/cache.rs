@@ -261,10 +261,10 @@ pub fn remove_tree(path: &Path) -> Result<()> {
     std::fs::remove_dir_all(path).with_context(|| format!("remove {}", path.display()))
 }
 
-/// Mount points at or below `path` (from /proc/self/mounts, octal escapes decoded).
+/// Mount points at or below `path` (from the mount table, octal escapes decoded).
 fn mounts_under(path: &Path) -> Result<Vec<PathBuf>> {
-    let base = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
-    let table = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    let base = crate::platform::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    let table = crate::platform::mount_table();
     Ok(table
         .lines()
         .filter_map(|l| l.split_whitespace().nth(1))
@@ -355,9 +355,9 @@ mod tests {
 
     /// A leftover mount inside a dead build (as a killed debootstrap leaves proc) is detached, not descended into.
     #[test]
+    #[cfg_attr(windows, ignore = "windows: mounts a tmpfs with mount(8)")]
     fn remove_tree_detaches_mounts_first() {
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
+        if !crate::platform::is_root() {
             eprintln!("skipped: mounting needs root");
             return;
         }

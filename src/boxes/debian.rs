@@ -159,8 +159,7 @@ fn build(cache: &Cache, id: &str, d: &DebianBox, dir: &Path, ui: &Ui) -> Result<
 }
 
 fn preflight() -> Result<()> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
+    if !crate::platform::is_root() {
         bail!(
             "building a box from a Debian mirror needs root (debootstrap and chroot)\n\
              hint: run `sudo provisioner box build` once (the box is cached for every later `up`), or use a \
@@ -248,7 +247,6 @@ fn with_disk_hint(e: anyhow::Error, dir: &Path) -> anyhow::Error {
 /// Copy the newest kernel of the rootfs and its initrd to `dir` (world-readable, so an unprivileged hypervisor
 /// can read them); returns the kernel version.
 fn copy_kernel(root: &Path, dir: &Path) -> Result<String> {
-    use std::os::unix::fs::PermissionsExt;
     let boot = root.join("boot");
     let mut versions: Vec<String> = std::fs::read_dir(&boot)
         .with_context(|| format!("read {}", boot.display()))?
@@ -273,7 +271,7 @@ fn copy_kernel(root: &Path, dir: &Path) -> Result<String> {
                 src.display()
             )
         })?;
-        std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(0o644))?;
+        crate::platform::set_mode(&dst, 0o644)?;
     }
     Ok(version)
 }

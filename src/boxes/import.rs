@@ -46,10 +46,10 @@ pub fn ensure(cache: &Cache, path: &Path, force: bool, ui: &Ui) -> Result<(BoxMe
 /// every `up`.
 fn remembered_sha256(cache: &Cache, path: &Path) -> Result<String> {
     use sha2::{Digest, Sha256};
-    use std::os::unix::fs::MetadataExt;
     let md = std::fs::metadata(path).with_context(|| format!("stat {}", path.display()))?;
-    let abs = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
-    let stamp = format!("{} {} {}.{}", abs.display(), md.len(), md.mtime(), md.mtime_nsec());
+    let abs = crate::platform::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    let t = md.modified().ok().and_then(|m| m.duration_since(std::time::UNIX_EPOCH).ok()).unwrap_or_default();
+    let stamp = format!("{} {} {}.{}", abs.display(), md.len(), t.as_secs(), t.subsec_nanos());
     let memo_dir = cache.root.join("hashes");
     let memo = memo_dir.join(hex::encode(Sha256::digest(abs.to_string_lossy().as_bytes())));
     if let Ok(text) = std::fs::read_to_string(&memo) {

@@ -146,13 +146,13 @@ impl View {
 impl Drop for View {
     fn drop(&mut self) {
         let Some(pid) =
-            std::fs::read_to_string(&self.pidfile).ok().and_then(|s| s.trim().parse::<i32>().ok())
+            std::fs::read_to_string(&self.pidfile).ok().and_then(|s| s.trim().parse::<u32>().ok())
         else {
             return;
         };
-        // SAFETY: kill(2) on the pid qemu-storage-daemon wrote for itself.
-        unsafe { libc::kill(pid, libc::SIGTERM) };
-        let gone = || !Path::new(&format!("/proc/{pid}")).exists();
+        // The pid qemu-storage-daemon wrote for itself.
+        crate::platform::terminate(pid);
+        let gone = || !crate::platform::process_alive(pid);
         let _ = crate::process::wait_until(Duration::from_secs(10), "qemu-storage-daemon to stop", || {
             Ok(gone().then_some(()))
         });

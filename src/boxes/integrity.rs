@@ -349,7 +349,6 @@ const COMPRESSED: u64 = 1 << 16;
 /// A sparse extent of `len` bytes: header (or, stream-optimized, its footer), descriptor, grain directory and
 /// tables inside the file, every allocated grain inside the file. `sectors`: what a descriptor says it holds.
 fn check_sparse(path: &Path, len: u64, sectors: Option<u64>) -> std::result::Result<(), String> {
-    use std::os::unix::fs::FileExt;
     let f = std::fs::File::open(path).map_err(|e| format!("cannot read it: {e}"))?;
     let fits = |at: u64, n: u64| -> std::result::Result<(), String> {
         match at.checked_add(n) {
@@ -363,7 +362,8 @@ fn check_sparse(path: &Path, len: u64, sectors: Option<u64>) -> std::result::Res
     let read = |at: u64, n: u64| -> std::result::Result<Vec<u8>, String> {
         fits(at, n)?;
         let mut buf = vec![0u8; n as usize];
-        f.read_exact_at(&mut buf, at).map_err(|e| format!("cannot read it at byte {at}: {e}"))?;
+        crate::platform::read_exact_at(&f, &mut buf, at)
+            .map_err(|e| format!("cannot read it at byte {at}: {e}"))?;
         Ok(buf)
     };
     if len < 512 {

@@ -67,7 +67,6 @@ pub fn config_fingerprint(cfg: &crate::config::Config) -> Result<String> {
 /// then path order (a missing layer adds nothing: `[""]` hashes a project with no tree).
 pub fn tree_hash(layers: &[PathBuf]) -> Result<String> {
     use sha2::{Digest, Sha256};
-    use std::os::unix::fs::PermissionsExt;
     let mut h = Sha256::new();
     for (i, dir) in layers.iter().enumerate().filter(|(_, d)| d.is_dir()) {
         h.update(format!("layer {i}\0").as_bytes());
@@ -76,9 +75,10 @@ pub fn tree_hash(layers: &[PathBuf]) -> Result<String> {
             if !e.file_type().is_file() {
                 continue;
             }
-            let rel = e.path().strip_prefix(dir).unwrap_or(e.path()).to_string_lossy().into_owned();
-            let exec = e.metadata()?.permissions().mode() & 0o111 != 0;
+            let rel = slash_path(e.path().strip_prefix(dir).unwrap_or(e.path()));
             let data = std::fs::read(e.path()).with_context(|| format!("read {}", e.path().display()))?;
+            // The executable bit as render sends it to the guest.
+            let exec = crate::platform::mode_or_guess(&e.metadata()?, &data) & 0o111 != 0;
             h.update(format!("{rel}\0{exec}\0{}\0", data.len()).as_bytes());
             h.update(&data);
         }
@@ -124,6 +124,11 @@ pub struct FileRecord {
     pub sampled: String,
 }
 
+/// A relative path with `/` between its parts on every OS, so records and hashes are the same on Windows.
+fn slash_path(rel: &Path) -> String {
+    rel.iter().map(|c| c.to_string_lossy()).collect::<Vec<_>>().join("/")
+}
+
 /// The record of every file under `dir` but lab.json, in path order.
 pub fn record_files(dir: &Path) -> Result<Vec<FileRecord>> {
     let mut out = Vec::new();
@@ -132,7 +137,7 @@ pub fn record_files(dir: &Path) -> Result<Vec<FileRecord>> {
         if !e.file_type().is_file() || (e.depth() == 1 && e.file_name() == "lab.json") {
             continue;
         }
-        let rel = e.path().strip_prefix(dir).unwrap_or(e.path()).to_string_lossy().into_owned();
+        let rel = slash_path(e.path().strip_prefix(dir).unwrap_or(e.path()));
         let md = e.metadata().with_context(|| format!("stat {}", e.path().display()))?;
         let size = md.len();
         out.push(FileRecord {
@@ -147,22 +152,22 @@ pub fn record_files(dir: &Path) -> Result<Vec<FileRecord>> {
 }
 
 fn mtime(md: &std::fs::Metadata) -> String {
-    use std::os::unix::fs::MetadataExt;
-    format!("{}.{:09}", md.mtime(), md.mtime_nsec())
+    let t = md.modified().ok().and_then(|m| m.duration_since(std::time::UNIX_EPOCH).ok()).unwrap_or_default();
+    format!("{}.{:09}", t.as_secs(), t.subsec_nanos())
 }
 
 /// sha256 over [`SAMPLES`] blocks of [`SAMPLE`] bytes spread evenly over a file of `size` bytes, the first and
 /// the last included (2 MiB read, whatever the size).
 pub fn sampled_sha256(path: &Path, size: u64) -> Result<String> {
     use sha2::{Digest, Sha256};
-    use std::os::unix::fs::FileExt;
     let f = std::fs::File::open(path).with_context(|| format!("open {}", path.display()))?;
     let mut h = Sha256::new();
     let block = SAMPLE.min(size);
     let mut buf = vec![0u8; block as usize];
     for i in 0..SAMPLES {
         let at = (size - block) * i / (SAMPLES - 1);
-        f.read_exact_at(&mut buf, at).with_context(|| format!("read {} at byte {at}", path.display()))?;
+        crate::platform::read_exact_at(&f, &mut buf, at)
+            .with_context(|| format!("read {} at byte {at}", path.display()))?;
         h.update(&buf);
     }
     Ok(hex::encode(h.finalize()))
@@ -222,8 +227,7 @@ impl Labs {
     }
 
     pub fn at(root: PathBuf) -> Result<Self> {
-        use std::os::unix::fs::DirBuilderExt;
-        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&root).with_context(|| {
+        crate::platform::create_dir(&root, 0o700, true).with_context(|| {
             format!(
                 "cannot create {}\nhint: set PROVISIONER_CACHE_DIR to a writable directory",
                 root.display()
@@ -286,12 +290,9 @@ impl Labs {
 
     /// A new, private, empty directory to fill for `key`.
     pub fn begin(&self, key: &str) -> Result<PathBuf> {
-        use std::os::unix::fs::DirBuilderExt;
         let partial = self.root.join(format!("{key}.partial-{}", std::process::id()));
         let _ = remove_tree(&partial);
-        std::fs::DirBuilder::new()
-            .mode(0o700)
-            .create(&partial)
+        crate::platform::create_dir(&partial, 0o700, false)
             .with_context(|| format!("create {}", partial.display()))?;
         Ok(partial)
     }
@@ -351,8 +352,7 @@ impl Labs {
 
 /// Copy the machine's keys and secrets between a state dir and an entry's `keys/` (0600 each).
 pub fn copy_keys(from: &Path, to: &Path) -> Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(to)?;
+    crate::platform::create_dir(to, 0o700, true)?;
     for f in KEY_FILES {
         let src = from.join(f);
         if src.is_file() {
@@ -401,8 +401,8 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(windows, ignore = "windows: no exec bit to flip (a script's is guessed from its #! line)")]
     fn tree_hash_sees_a_one_line_edit_a_new_file_the_exec_bit_and_each_layer() {
-        use std::os::unix::fs::PermissionsExt;
         let t = tempfile::tempdir().unwrap();
         let hash = |layers: &[&str]| {
             tree_hash(&layers.iter().map(|l| t.path().join(l)).collect::<Vec<_>>()).unwrap()
@@ -416,7 +416,7 @@ mod tests {
         std::fs::write(t.path().join("p/a.hbs"), "line 1\nline 2 edited\n").unwrap();
         let h1 = hash(&["p"]);
         assert_ne!(h0, h1);
-        std::fs::set_permissions(t.path().join("p/sub/b"), std::fs::Permissions::from_mode(0o755)).unwrap();
+        crate::platform::set_mode(&t.path().join("p/sub/b"), 0o755).unwrap();
         let h2 = hash(&["p"]);
         assert_ne!(h1, h2);
         std::fs::write(t.path().join("p/c"), "").unwrap();
@@ -499,12 +499,12 @@ mod tests {
 
     /// Change one byte of `file` in place, keeping its size (and, with `keep_mtime`, its mtime).
     fn poke(file: &Path, at: u64, keep_mtime: bool) {
-        use std::os::unix::fs::FileExt;
+        use crate::platform;
         let f = std::fs::OpenOptions::new().read(true).write(true).open(file).unwrap();
         let before = f.metadata().unwrap().modified().unwrap();
         let mut b = [0u8];
-        f.read_exact_at(&mut b, at).unwrap();
-        f.write_all_at(&[b[0] ^ 0xff], at).unwrap();
+        platform::read_exact_at(&f, &mut b, at).unwrap();
+        platform::write_all_at(&f, &[b[0] ^ 0xff], at).unwrap();
         if keep_mtime {
             f.set_modified(before).unwrap();
         } else {
@@ -593,14 +593,16 @@ mod tests {
 
     #[test]
     fn keys_travel_private() {
-        use std::os::unix::fs::PermissionsExt;
         let t = tempfile::tempdir().unwrap();
         std::fs::write(t.path().join("id_ed25519"), "secret").unwrap();
         std::fs::write(t.path().join("secrets.toml"), "x = 1").unwrap();
         copy_keys(t.path(), &t.path().join("entry/keys")).unwrap();
         for f in ["id_ed25519", "secrets.toml"] {
             let md = std::fs::metadata(t.path().join("entry/keys").join(f)).unwrap();
-            assert_eq!(md.permissions().mode() & 0o777, 0o600, "{f}");
+            // Windows has no mode bits: there the ACL makes it private (platform::set_file_mode).
+            if let Some(mode) = crate::platform::mode(&md) {
+                assert_eq!(mode & 0o777, 0o600, "{f}");
+            }
         }
         assert!(!t.path().join("entry/keys/host_ed25519").exists());
     }

@@ -40,7 +40,8 @@ pub struct BoxImage {
     pub firmware: crate::config::Firmware,
 }
 
-/// The cache root: `$PROVISIONER_CACHE_DIR`, else `~/.cache/provisioner`.
+/// The cache root: `$PROVISIONER_CACHE_DIR`, else the user cache dir's `provisioner` (`~/.cache/provisioner` on Linux,
+/// `%LOCALAPPDATA%\provisioner` on Windows, through `dirs`).
 pub fn cache_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("PROVISIONER_CACHE_DIR") {
         return PathBuf::from(d);

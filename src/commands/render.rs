@@ -14,7 +14,7 @@ fn resolved(out: &std::path::Path) -> std::path::PathBuf {
     let mut missing = Vec::new();
     let mut cur = abs.as_path();
     loop {
-        if let Ok(c) = cur.canonicalize() {
+        if let Ok(c) = crate::platform::canonicalize(cur) {
             return missing.into_iter().rev().fold(c, |p, m| p.join(m));
         }
         match (cur.parent(), cur.file_name()) {
@@ -33,7 +33,7 @@ pub(crate) fn render(ctx: &Ctx, args: &RenderArgs) -> Result<i32> {
     let source = layers.last().expect("the source layer").clone();
     let out = resolved(&args.out);
     for layer in &layers {
-        if layer.canonicalize().is_ok_and(|src| out.starts_with(src)) {
+        if crate::platform::canonicalize(layer).is_ok_and(|src| out.starts_with(src)) {
             bail!(
                 "--out {} is inside the provision tree {}: the next render would pick up its own output\n\
                  hint: render somewhere else, e.g. --out /tmp/rendered",
@@ -49,7 +49,7 @@ pub(crate) fn render(ctx: &Ctx, args: &RenderArgs) -> Result<i32> {
         .into_iter()
         .chain(layers.iter().map(|l| (l.clone(), "the provision tree")));
     for (dir, what) in protected {
-        let Ok(dir) = dir.canonicalize() else { continue };
+        let Ok(dir) = crate::platform::canonicalize(&dir) else { continue };
         if dir.starts_with(&out) || (what != "this project" && out.starts_with(&dir)) {
             bail!(
                 "--out {} {} {what} ({}); render replaces its output directory whole\n\

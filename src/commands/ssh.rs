@@ -1,6 +1,5 @@
 //! `ssh` and `ssh-config`: the system OpenSSH client, with the machine's key and its pinned host key.
 
-use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
@@ -38,13 +37,13 @@ fn options(t: &Target) -> Vec<(&'static str, String)> {
         ("HostName", t.ep.addr.ip().to_string()),
         ("Port", t.ep.addr.port().to_string()),
         ("User", t.ep.user.clone()),
-        ("IdentityFile", t.ep.key.display().to_string()),
+        ("IdentityFile", crate::platform::openssh_path(&t.ep.key)),
         ("IdentitiesOnly", "yes".into()),
         ("PreferredAuthentications", "publickey".into()),
         ("StrictHostKeyChecking", "yes".into()),
-        ("UserKnownHostsFile", t.known_hosts.display().to_string()),
+        ("UserKnownHostsFile", crate::platform::openssh_path(&t.known_hosts)),
         // Only the pinned key counts: no system-wide file may vouch for another key on this address.
-        ("GlobalKnownHostsFile", "/dev/null".into()),
+        ("GlobalKnownHostsFile", crate::platform::NULL_FILE.into()),
         ("LogLevel", "ERROR".into()),
     ];
     // A machine on a remote libvirt host: its forward is on that host's loopback, reached through the host.
@@ -71,7 +70,10 @@ pub(crate) fn ssh(ctx: &Ctx, args: &SshArgs) -> Result<i32> {
         }
     }
     let ssh = which::which("ssh").map_err(|_| {
-        anyhow::anyhow!("the OpenSSH client `ssh` is not on PATH\nhint: install it (Debian/Ubuntu: `apt-get install openssh-client`)")
+        anyhow::anyhow!(
+            "the OpenSSH client `ssh` is not on PATH\nhint: {}",
+            crate::platform::OPENSSH_CLIENT_HINT
+        )
     })?;
     let mut cmd = std::process::Command::new(&ssh);
     for (k, v) in options(&t) {
@@ -91,8 +93,9 @@ pub(crate) fn ssh(ctx: &Ctx, args: &SshArgs) -> Result<i32> {
     if crate::process::verbosity() >= 1 {
         eprintln!("+ {cmd:?}");
     }
-    // Replace this process: the terminal, signals and the exit status belong to ssh from here on.
-    let err = cmd.exec();
+    // Replace this process: the terminal, signals and the exit status belong to ssh from here on (Windows has no
+    // exec: ssh.exe runs on our console and its exit code becomes ours).
+    let err = crate::platform::exec(cmd);
     Err(err).with_context(|| format!("cannot run {}", ssh.display()))
 }
 

@@ -154,7 +154,6 @@ fn check_registries(cfg: &Config, src: &Source, f: &mut Findings) {
 
 /// Files the `[provision]` registry keys name: CA certificates exist, the credentials file exists and is private.
 fn registry_files(cfg: &Config, src: &Source, f: &mut Findings) {
-    use std::os::unix::fs::PermissionsExt;
     let p = &cfg.provision;
     for (i, c) in p.ca_certs.iter().enumerate() {
         let path = cfg.resolve(c);
@@ -176,13 +175,14 @@ fn registry_files(cfg: &Config, src: &Source, f: &mut Findings) {
                 src.at_path(&at, format!("registry credentials file {} does not exist", path.display())),
                 "create it (mode 0600) with [\"host:port\"] tables holding username and password",
             ),
-            Ok(m) if m.permissions().mode() & 0o077 != 0 => f.error(
+            // No mode bits on Windows (platform::mode is None): the file's ACL is the user's business there.
+            Ok(m) if crate::platform::mode(&m).is_some_and(|mode| mode & 0o077 != 0) => f.error(
                 src.at_path(
                     &at,
                     format!(
                         "registry credentials file {} is readable by others (mode {:04o}); it holds passwords",
                         path.display(),
-                        m.permissions().mode() & 0o777
+                        crate::platform::mode(&m).unwrap_or(0) & 0o777
                     ),
                 ),
                 &format!("chmod 600 {}", path.display()),

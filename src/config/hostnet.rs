@@ -6,10 +6,9 @@
 //! The check is pure ([`overlapping`]); the reader ([`read`]) is its only contact with the system, so tests
 //! inject the host's networks.
 
-use std::ffi::CStr;
 use std::net::Ipv4Addr;
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 
 /// One IPv4 address of a host interface, with its prefix length.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,35 +57,9 @@ pub fn free_subnet<'c>(host: &[HostNet], candidates: &[(&'c str, Ipv4Addr, u8)])
 
 /// Every IPv4 address of this host's interfaces (loopback included), in the kernel's order.
 pub fn read() -> Result<Vec<HostNet>> {
-    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
-    // SAFETY: getifaddrs fills `head` with a list we own until freeifaddrs; it is read only while alive.
-    if unsafe { libc::getifaddrs(&mut head) } != 0 {
-        bail!("getifaddrs failed: {}", std::io::Error::last_os_error());
-    }
-    let mut out = Vec::new();
-    let mut cur = head;
-    while !cur.is_null() {
-        // SAFETY: `cur` is a node of the live list; its pointers are null or valid for the list's lifetime.
-        let ifa = unsafe { &*cur };
-        cur = ifa.ifa_next;
-        if ifa.ifa_addr.is_null() || ifa.ifa_netmask.is_null() || ifa.ifa_name.is_null() {
-            continue;
-        }
-        // SAFETY: as above; sa_family says which sockaddr the pointers hold.
-        unsafe {
-            if i32::from((*ifa.ifa_addr).sa_family) != libc::AF_INET {
-                continue;
-            }
-            let addr = &*(ifa.ifa_addr as *const libc::sockaddr_in);
-            let mask = &*(ifa.ifa_netmask as *const libc::sockaddr_in);
-            let name = CStr::from_ptr(ifa.ifa_name).to_string_lossy();
-            let prefix = u32::from_be(mask.sin_addr.s_addr).leading_ones() as u8;
-            out.push(HostNet::new(&name, Ipv4Addr::from(u32::from_be(addr.sin_addr.s_addr)), prefix));
-        }
-    }
-    // SAFETY: `head` came from getifaddrs and is freed once.
-    unsafe { libc::freeifaddrs(head) };
-    Ok(out)
+    let list = crate::platform::ipv4_interfaces()
+        .map_err(|e| anyhow::anyhow!("cannot list this host's network interfaces: {e}"))?;
+    Ok(list.into_iter().map(|(name, addr, prefix)| HostNet::new(&name, addr, prefix)).collect())
 }
 
 #[cfg(test)]

@@ -357,8 +357,8 @@ volumes:
 
     /// Runs the real probe script under `sh` with stand-ins for docker, sudo and docker-compose on PATH.
     #[test]
+    #[cfg_attr(windows, ignore = "windows: runs the probe script under /bin/sh with shell-script doubles")]
     fn probe_script_runs_compose_v1_once_then_reads_its_cache() {
-        use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
         let bin = dir.path().join("bin");
         std::fs::create_dir(&bin).unwrap();
@@ -366,7 +366,7 @@ volumes:
         let tool = |name: &str, body: &str| {
             let p = bin.join(name);
             std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
-            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+            crate::platform::set_mode(&p, 0o755).unwrap();
         };
         tool(
             "docker",
@@ -385,7 +385,7 @@ volumes:
         for util in ["head", "tail", "stat", "mkdir", "mv"] {
             let found =
                 ["/usr/bin", "/bin"].iter().map(|d| std::path::Path::new(d).join(util)).find(|p| p.exists());
-            std::os::unix::fs::symlink(found.expect("coreutils"), sys.join(util)).unwrap();
+            crate::platform::symlink(&found.expect("coreutils"), &sys.join(util)).unwrap();
         }
         let run = || {
             let out = std::process::Command::new("/bin/sh")

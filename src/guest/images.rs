@@ -94,8 +94,7 @@ impl BaseImage {
         const HINT: &str = "hint: it needs `debootstrap` (apt-get install debootstrap), root or password-less sudo, \
                             and the Debian mirror ([box.debian] mirror); or set [provision] images = \"registry\" \
                             where a registry is reachable";
-        // SAFETY: geteuid has no preconditions.
-        let root = unsafe { libc::geteuid() } == 0;
+        let root = crate::platform::is_root();
         let cmd = if root { Cmd::new("sh") } else { Cmd::new("sudo").args(["-n", "sh"]) };
         let cmd = cmd.arg("-c").arg(BUILD_SCRIPT).arg("base-image").args([BASE_SUITE, &self.mirror]).arg(out);
         let cmd = cmd.args(self.packages);
@@ -297,10 +296,8 @@ mod tests {
         assert_eq!(a.key, c.key, "default mirror without [box.debian]");
         assert_eq!(a.tag, "provisioner-base:bookworm");
         assert_eq!(a.key.len(), 16);
-        assert!(a
-            .tarball()
-            .to_string_lossy()
-            .ends_with(&format!("images/provisioner-base-bookworm-{}.tar", a.key)));
+        let tarball = a.tarball();
+        assert!(tarball.ends_with(format!("images/provisioner-base-bookworm-{}.tar", a.key)), "{tarball:?}");
     }
 }
 

@@ -68,7 +68,6 @@ impl std::fmt::Debug for Login {
 /// The credentials file: `["HOST[:PORT]"]` tables with `username` and `password`. It must be private (no group
 /// or other permission bits): its contents are never printed, its parse errors name only a line and column.
 pub fn load_credentials(path: &Path) -> Result<BTreeMap<String, Login>> {
-    use std::os::unix::fs::PermissionsExt;
     let shown = path.display();
     let meta = std::fs::metadata(path).with_context(|| {
         format!(
@@ -76,7 +75,8 @@ pub fn load_credentials(path: &Path) -> Result<BTreeMap<String, Login>> {
              registry_credentials in box-config.toml"
         )
     })?;
-    let mode = meta.permissions().mode() & 0o777;
+    // No mode bits on Windows (platform::mode is None): nothing to check there.
+    let mode = crate::platform::mode(&meta).unwrap_or(0o600) & 0o777;
     if mode & 0o077 != 0 {
         bail!(
             "registry credentials file {shown} is readable by others (mode {mode:04o}); it holds passwords\n\
@@ -415,16 +415,16 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(windows, ignore = "windows: no Unix file modes")]
     fn credentials_file_mode_is_checked_and_parse_errors_never_quote_it() {
-        use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("creds.toml");
         std::fs::write(&path, "[\"r.example:5000\"]\nusername = \"lab\"\npassword = \"s3cret-pw\"\n")
             .unwrap();
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+        crate::platform::set_mode(&path, 0o640).unwrap();
         let e = format!("{:#}", load_credentials(&path).unwrap_err());
         assert!(e.contains("is readable by others (mode 0640)") && e.contains("\nhint: chmod 600 "), "{e}");
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        crate::platform::set_mode(&path, 0o600).unwrap();
         let creds = load_credentials(&path).unwrap();
         assert_eq!(creds["r.example:5000"].username, "lab");
         assert!(!format!("{creds:?}").contains("s3cret-pw"));

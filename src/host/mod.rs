@@ -181,6 +181,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(windows, ignore = "windows: runs ssh-keygen, and remote libvirt hosts are Linux-only")]
     fn an_unknown_remote_host_is_refused_with_the_command_that_adds_it() {
         let dir = tempfile::tempdir().unwrap();
         let kh = dir.path().join("known_hosts");

@@ -148,8 +148,7 @@ impl RemoteHost {
         if inside.as_os_str().len() < SUN_PATH_ROOM {
             return inside;
         }
-        // SAFETY: geteuid has no preconditions.
-        PathBuf::from(format!("/tmp/provisioner-{}", unsafe { libc::geteuid() })).join(self.control_name())
+        PathBuf::from(format!("/tmp/provisioner-{}", crate::platform::user_id())).join(self.control_name())
     }
 
     /// Make the control socket's directory (0700); None when reuse is off or the directory cannot be made (ssh then
@@ -160,16 +159,17 @@ impl RemoteHost {
         }
         let path = self.control_path();
         let dir = path.parent()?;
-        use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
-        let _ = std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir);
+        if !crate::platform::SSH_CONTROL_MASTER {
+            return None;
+        }
+        let _ = crate::platform::create_dir(dir, 0o700, true);
         let md = std::fs::symlink_metadata(dir).ok()?;
-        // SAFETY: geteuid has no preconditions.
-        let mine = md.is_dir() && md.uid() == unsafe { libc::geteuid() };
+        let mine = md.is_dir() && crate::platform::owner(&md) == Some(crate::platform::user_id());
         if !mine {
             return None;
         }
-        if md.permissions().mode() & 0o077 != 0 {
-            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).ok()?;
+        if crate::platform::mode(&md).is_some_and(|m| m & 0o077 != 0) {
+            crate::platform::set_mode(dir, 0o700).ok()?;
         }
         Some(path)
     }
@@ -191,7 +191,7 @@ impl RemoteHost {
 
     /// Whether a master connection to the host answers on its socket (a connect; no process started).
     pub fn master_alive(&self) -> bool {
-        std::os::unix::net::UnixStream::connect(self.control_path()).is_ok()
+        crate::platform::unix_socket_alive(&self.control_path())
     }
 
     /// Close the master connection to the host if one runs (`ssh -O exit`), and remove a stale socket. True when a

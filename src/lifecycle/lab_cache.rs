@@ -127,7 +127,7 @@ pub fn capture(
                 machine: cfg.machine.name.clone(),
                 vm_name: vm_name.to_string(),
                 // Absolute and canonical: `box list` shows it, and an entry whose project is gone is dropped.
-                project_dir: std::fs::canonicalize(cfg.base_dir())?.display().to_string(),
+                project_dir: crate::platform::canonicalize(cfg.base_dir())?.display().to_string(),
                 provider: p.name().to_string(),
                 box_id: box_id.unwrap_or_default().to_string(),
                 provider_data: data,

@@ -582,7 +582,7 @@ fn boot(
 /// name derived from the canonical project directory, so they are stable and unique per project.
 fn private_nic(cfg: &Config) -> Result<Option<crate::provider::PrivateNic>> {
     let Some(member) = &cfg.member else { return Ok(None) };
-    let project = std::fs::canonicalize(cfg.base_dir())
+    let project = crate::platform::canonicalize(cfg.base_dir())
         .with_context(|| format!("resolve the project directory {}", cfg.base_dir().display()))?;
     let project = project.to_string_lossy();
     let name = crate::provider::network::net_name(&project, &member.network.name);
@@ -779,7 +779,7 @@ fn destroy(ui: &Ui, m: &Machine) -> Result<i32> {
         ui.info(format!("{}: not created; nothing to destroy", m.cfg.machine.name));
         return Ok(crate::exit::OK);
     }
-    let _lock = MachineLock::acquire(&m.state, "destroy")?;
+    let lock = MachineLock::acquire(&m.state, "destroy")?;
     let recorded = MachineState::load(&m.state).ok().flatten();
     let vm_name = recorded.as_ref().map(|s| s.vm_name.clone()).unwrap_or(m.vm_name.clone());
     let p = provider::select(&m.cfg)?;
@@ -792,7 +792,7 @@ fn destroy(ui: &Ui, m: &Machine) -> Result<i32> {
             }
             // A copied record (or one of a VM provisioner did not make): forget it, never touch that VM.
             let ph = ui.phase("destroy");
-            remove_state_dir(&m.state.root)?;
+            remove_state_dir(&m.state, lock)?;
             ph.done(&format!(
                 "forgot this project's copied state; the {} VM {vm} belongs to another project ({}) and was left \
                  untouched",
@@ -805,7 +805,7 @@ fn destroy(ui: &Ui, m: &Machine) -> Result<i32> {
     close_ssh_master(ui, &m.state);
     let ph = ui.phase("destroy");
     p.destroy(&vm, &m.state)?;
-    remove_state_dir(&m.state.root)?;
+    remove_state_dir(&m.state, lock)?;
     ph.done(&vm_name);
     Ok(crate::exit::OK)
 }
@@ -820,13 +820,41 @@ fn close_ssh_master(ui: &Ui, state: &StateDir) {
     }
 }
 
-fn remove_state_dir(root: &Path) -> Result<()> {
-    match std::fs::remove_dir_all(root) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            Err(e).with_context(|| format!("remove the state dir {}", root.display()))
+/// Remove the state dir whose lock `lock` is: everything but the lock file under the lock, then, once it is
+/// released, the lock file and the dir. (Windows cannot finish deleting a file this process holds open, so with
+/// the lock still held the dir would never be empty: "Directory is not empty", os error 145.)
+fn remove_state_dir(state: &StateDir, lock: MachineLock) -> Result<()> {
+    let root = &state.root;
+    let lock_file = state.lock_file();
+    let ctx = || format!("remove the state dir {}", root.display());
+    let entries = match std::fs::read_dir(root) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        other => other.with_context(ctx)?,
+    };
+    for entry in entries {
+        let entry = entry.with_context(ctx)?;
+        let path = entry.path();
+        if path == lock_file {
+            continue;
         }
-        _ => Ok(()),
+        let removed = if entry.file_type().with_context(ctx)?.is_dir() {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        };
+        match removed {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e).with_context(ctx),
+            _ => {}
+        }
     }
+    drop(lock);
+    for removed in [std::fs::remove_file(&lock_file), std::fs::remove_dir(root)] {
+        match removed {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e).with_context(ctx),
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -59,13 +59,16 @@ mod tests {
     fn project() -> (tempfile::TempDir, Config) {
         let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
         let t = tempfile::tempdir().unwrap();
-        let status = std::process::Command::new("cp")
-            .arg("-r")
-            .arg(repo.join("provision"))
-            .arg(t.path())
-            .status()
-            .unwrap();
-        assert!(status.success());
+        let tree = repo.join("provision");
+        for e in walkdir::WalkDir::new(&tree) {
+            let e = e.unwrap();
+            let to = t.path().join("provision").join(e.path().strip_prefix(&tree).unwrap());
+            if e.file_type().is_dir() {
+                std::fs::create_dir_all(&to).unwrap();
+            } else {
+                std::fs::copy(e.path(), &to).unwrap();
+            }
+        }
         let path = t.path().join("box-config.toml");
         std::fs::copy(repo.join("box-config.toml"), &path).unwrap();
         let cfg = Config::load(&path).unwrap();

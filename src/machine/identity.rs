@@ -23,7 +23,7 @@ pub struct MachineId {
 impl MachineId {
     /// The identity of the machine `name` whose config lives in `base_dir` (which must exist).
     pub fn new(base_dir: &Path, name: &str) -> Result<Self> {
-        let base = std::fs::canonicalize(base_dir)
+        let base = crate::platform::canonicalize(base_dir)
             .with_context(|| format!("resolve the project directory {}", base_dir.display()))?;
         Ok(Self::from_canonical(&base, name))
     }
@@ -31,7 +31,7 @@ impl MachineId {
     /// The identity of the machine a config describes: for a machine of a `[[machine]]` file the state dir is
     /// `.provisioner/machines/<name>` (the VM name is formed the same way in both layouts).
     pub fn for_config(cfg: &crate::config::Config) -> Result<Self> {
-        let base = std::fs::canonicalize(cfg.base_dir())
+        let base = crate::platform::canonicalize(cfg.base_dir())
             .with_context(|| format!("resolve the project directory {}", cfg.base_dir().display()))?;
         Ok(Self { state_dir: super::machine_dir(&base, cfg), vm_name: vm_name_for(&base, &cfg.machine.name) })
     }
@@ -72,7 +72,7 @@ pub fn same_dir(a: &Path, b: &Path) -> bool {
 }
 
 fn canonical_or_lexical(p: &Path) -> PathBuf {
-    if let Ok(c) = std::fs::canonicalize(p) {
+    if let Ok(c) = crate::platform::canonicalize(p) {
         return c;
     }
     // A path that no longer exists: resolve its deepest existing ancestor, then append the rest lexically.
@@ -98,19 +98,14 @@ fn canonical_or_lexical(p: &Path) -> PathBuf {
             _ => return out,
         }
     }
-    let mut resolved = std::fs::canonicalize(&existing).unwrap_or(existing);
+    let mut resolved = crate::platform::canonicalize(&existing).unwrap_or(existing);
     resolved.extend(rest.iter().rev());
     resolved
 }
 
-#[cfg(windows)]
+/// What two spellings compare by (case-folded on Windows, whose file names ignore case).
 fn key(p: &Path) -> String {
-    p.to_string_lossy().to_lowercase()
-}
-
-#[cfg(not(windows))]
-fn key(p: &Path) -> String {
-    p.to_string_lossy().into_owned()
+    crate::platform::path_key(p)
 }
 
 #[cfg(test)]
@@ -118,13 +113,14 @@ mod tests {
     use super::*;
 
     #[test]
+    #[cfg_attr(windows, ignore = "windows: making a symbolic link needs developer mode or elevation")]
     fn every_spelling_of_a_dir_is_the_same_machine() {
         let t = tempfile::tempdir().unwrap();
         let real = t.path().join("proj");
         let other = t.path().join("other");
         std::fs::create_dir_all(real.join(STATE_DIR_NAME)).unwrap();
         std::fs::create_dir_all(&other).unwrap();
-        std::os::unix::fs::symlink(&real, t.path().join("link")).unwrap();
+        crate::platform::symlink(&real, &t.path().join("link")).unwrap();
         let id = MachineId::new(&real, "lab").unwrap();
         let via_dots = MachineId::new(&other.join("../proj"), "lab").unwrap();
         let via_link = MachineId::new(&t.path().join("link"), "lab").unwrap();

@@ -57,16 +57,16 @@ pub fn held(holder: &str, path: &Path) -> String {
     match pid {
         Some(pid) => format!(
             "another provisioner command holds the lock on this machine: {} (lock file {})\nhint: wait for it to \
-             finish, or stop it (`kill {pid}`), then run again",
+             finish, or stop it (`{}`), then run again",
             crate::text::shown(holder),
-            path.display()
+            path.display(),
+            crate::platform::stop_process_command(pid)
         ),
         None => format!(
             "another process holds the lock on this machine and has not written its PID into the lock file {} \
-             (it may have only just started)\nhint: wait for it to finish, then run again; `fuser -v {}` shows \
-             which process holds it",
+             (it may have only just started)\nhint: wait for it to finish, then run again; {}",
             path.display(),
-            crate::host::shell_quote(&path.to_string_lossy())
+            crate::platform::file_holder_hint(path, &crate::host::shell_quote(&path.to_string_lossy()))
         ),
     }
 }

@@ -63,12 +63,8 @@ impl StateDir {
     }
     /// Create the directory (0700) if missing.
     pub fn ensure(&self) -> Result<()> {
-        use std::os::unix::fs::DirBuilderExt;
         if !self.root.is_dir() {
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(&self.root)
+            crate::platform::create_dir(&self.root, 0o700, true)
                 .with_context(|| format!("create state dir {}", self.root.display()))?;
         }
         Ok(())
@@ -108,14 +104,15 @@ impl StateDir {
     }
 }
 
-/// Write a file atomically (temp file in the same dir + rename) with the given mode.
+/// Write a file atomically (temp file in the same dir + rename) with the given mode (on Windows a private mode is an
+/// ACL for the current user only, which the rename keeps; see `platform::set_file_mode`).
 pub fn write_private(path: &Path, data: &[u8], mode: u32) -> Result<()> {
     use std::io::Write;
-    use std::os::unix::fs::PermissionsExt;
     let dir = path.parent().context("path has no parent")?;
     let mut tmp = tempfile::NamedTempFile::new_in(dir)
         .with_context(|| format!("create temp file in {}", dir.display()))?;
-    tmp.as_file().set_permissions(std::fs::Permissions::from_mode(mode))?;
+    crate::platform::set_file_mode(tmp.as_file(), tmp.path(), mode)
+        .with_context(|| format!("set the mode of {}", tmp.path().display()))?;
     tmp.write_all(data)?;
     tmp.as_file().sync_all()?;
     tmp.persist(path).with_context(|| format!("write {}", path.display()))?;
@@ -134,7 +131,7 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let single = Config::stand_in(&t.path().join("box-config.toml"), "lab");
         assert_eq!(StateDir::for_config(&single).root, t.path().join(STATE_DIR_NAME));
-        let canon = std::fs::canonicalize(t.path()).unwrap();
+        let canon = crate::platform::canonicalize(t.path()).unwrap();
         let id = MachineId::for_config(&single).unwrap();
         assert_eq!(id.state_dir().root, canon.join(STATE_DIR_NAME));
         assert_eq!(id.vm_name(), MachineId::new(t.path(), "lab").unwrap().vm_name());
@@ -146,7 +143,7 @@ mod tests {
         let rel = Path::new(STATE_DIR_NAME).join(MACHINES_DIR).join("monitor");
         assert_eq!(StateDir::for_config(monitor).root, base.join(&rel));
         let id = MachineId::for_config(monitor).unwrap();
-        assert_eq!(id.state_dir().root, std::fs::canonicalize(&base).unwrap().join(&rel));
+        assert_eq!(id.state_dir().root, crate::platform::canonicalize(&base).unwrap().join(&rel));
         assert_eq!(id.vm_name(), MachineId::new(&base, "monitor").unwrap().vm_name());
     }
 }

@@ -89,8 +89,7 @@ impl Libvirt {
 
     /// Make sure the daemons answer; as root with a local URI, start the ones that are not running.
     fn ensure_daemon(&self) -> Result<()> {
-        // SAFETY: geteuid has no preconditions.
-        let may_start = self.d.is_local() && unsafe { libc::geteuid() } == 0;
+        let may_start = self.d.is_local() && crate::platform::is_root();
         self.d.host.check_known()?;
         if may_start {
             ensure_virtlogd()?;
@@ -167,7 +166,7 @@ impl Libvirt {
             return Ok(());
         }
         check_free_space(&spec.state.root, spec.disk_gb)?;
-        let base = std::fs::canonicalize(backing).with_context(|| {
+        let base = crate::platform::canonicalize(backing).with_context(|| {
             format!("box disk {} is missing; run `provisioner box build`", backing.display())
         })?;
         let tmp = spec.state.path("disk.qcow2.partial");
@@ -196,7 +195,7 @@ const VIRTLOGD_SOCK: &str = "/run/libvirt/virtlogd-sock";
 /// Start virtlogd unless something accepts on its socket. A socket file left by a daemon that was killed is
 /// not proof of life (CI machines keep /run but not the processes), so this connects rather than stats.
 fn ensure_virtlogd() -> Result<()> {
-    let alive = || std::os::unix::net::UnixStream::connect(VIRTLOGD_SOCK).is_ok();
+    let alive = || crate::platform::unix_socket_alive(Path::new(VIRTLOGD_SOCK));
     if alive() {
         return Ok(());
     }
@@ -227,14 +226,8 @@ pub fn owner_state_dir(xml: &str) -> Option<String> {
 
 /// Error out when the filesystem of `dir` is nearly full; the overlay grows up to `disk_gb`.
 fn check_free_space(dir: &Path, disk_gb: u64) -> Result<()> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(dir.as_os_str().as_bytes())?;
-    // SAFETY: statvfs writes into the zeroed struct we own; c is a valid NUL-terminated path.
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
-        return Err(std::io::Error::last_os_error()).with_context(|| format!("statvfs {}", dir.display()));
-    }
-    let free = st.f_bavail as u64 * st.f_frsize as u64;
+    let free =
+        crate::platform::free_space(dir).with_context(|| format!("free space of {}", dir.display()))?;
     if free < MIN_FREE_BYTES {
         bail!(
             "only {} MiB free on the filesystem of {}; the machine's disk needs at least {} MiB to start and grows \
@@ -252,8 +245,8 @@ fn check_free_space(dir: &Path, disk_gb: u64) -> Result<()> {
 /// state dir and the box cache stay owned by the user (a system daemon would otherwise chown them to its qemu user).
 fn local_dac_label(uri: &str) -> Option<String> {
     let local = uri.split_once("://").is_some_and(|(_, rest)| rest.starts_with('/'));
-    // SAFETY: getuid/getgid have no preconditions.
-    local.then(|| format!("+{}:+{}", unsafe { libc::getuid() }, unsafe { libc::getgid() }))
+    let (uid, gid) = crate::platform::user_and_group()?;
+    local.then(|| format!("+{uid}:+{gid}"))
 }
 
 /// Where the domain's files are: local paths in the state dir and box cache, or remote volume paths.

@@ -273,10 +273,16 @@ pub fn ssh_info(cfg: &Config, recorded: &MachineState, ssh: SocketAddr) -> Guest
 /// The one place a provider is chosen.
 pub fn select(cfg: &Config) -> Result<Box<dyn Provider>> {
     match cfg.machine.provider {
+        ProviderKind::Libvirt if !crate::platform::LIBVIRT_HOST => anyhow::bail!(
+            "provider \"libvirt\" is not supported on {} hosts: libvirt (virsh, QEMU/KVM) runs on Linux\n\
+             hint: use VirtualBox: set [machine] provider = \"virtualbox\" (or \"auto\") in {}",
+            std::env::consts::OS,
+            cfg.path.display()
+        ),
         ProviderKind::Libvirt => Ok(Box::new(libvirt::Libvirt::new(cfg)?)),
         ProviderKind::Virtualbox => Ok(Box::new(virtualbox::VirtualBox::new(cfg)?)),
         ProviderKind::Auto => {
-            if which::which("virsh").is_ok() {
+            if crate::platform::LIBVIRT_HOST && which::which("virsh").is_ok() {
                 Ok(Box::new(libvirt::Libvirt::new(cfg)?))
             } else if virtualbox::find_vboxmanage(cfg).is_some() {
                 Ok(Box::new(virtualbox::VirtualBox::new(cfg)?))

@@ -64,7 +64,7 @@ macro_rules! args {
 /// Locate VBoxManage: the config's path, PATH, then (Windows) %VBOX_MSI_INSTALL_PATH% and Program Files.
 pub fn find_vboxmanage(cfg: &Config) -> Option<PathBuf> {
     let configured = cfg.virtualbox.vboxmanage.as_deref().map(|p| cfg.resolve(p));
-    locate(configured.as_deref(), cfg!(windows), |k| std::env::var_os(k), is_executable)
+    locate(configured.as_deref(), crate::platform::WINDOWS, |k| std::env::var_os(k), is_executable)
 }
 
 /// Name of the master VM imported from a box.
@@ -85,7 +85,7 @@ impl VirtualBox {
                 "VBoxManage was not found (searched PATH{}).\n\
                  hint: install VirtualBox 6.1 or newer from virtualbox.org, or set `[virtualbox] vboxmanage = \
                  \"/path/to/VBoxManage\"` in box-config.toml (on Windows e.g. '{}')",
-                if cfg!(windows) { ", %VBOX_MSI_INSTALL_PATH% and Program Files" } else { "" },
+                if crate::platform::WINDOWS { ", %VBOX_MSI_INSTALL_PATH% and Program Files" } else { "" },
                 WINDOWS_DEFAULT
             )
         })?;
@@ -186,7 +186,7 @@ impl VirtualBox {
     /// an import interrupted after it registered the VM is completed, not repeated.
     fn ensure_master(&self, base: &BoxImage) -> Result<String> {
         let master = master_name(base);
-        let _lock = lock_beside(&base.disk)?;
+        let lock = lock_beside(&base.disk)?;
         let info = match self.info(&master)? {
             Some(i) => i,
             None => {
@@ -196,7 +196,7 @@ impl VirtualBox {
                     .timeout(IMPORT);
                 let out = cmd.output()?;
                 if !out.success() {
-                    let dropped = drop_unimportable_box(base, &out);
+                    let dropped = drop_unimportable_box(base, &out, lock);
                     return Err(failure(&cmd, &out)
                         .context(format!("import the box {} into VirtualBox{dropped}", ovf.display())));
                 }
@@ -448,8 +448,10 @@ fn failure(cmd: &Cmd, out: &Output) -> anyhow::Error {
 /// After VirtualBox refused to import a box: remove its box cache entry (`<cache>/boxes/<id>/`, the directory of
 /// the `.ovf`), so the next `up` unpacks or downloads it again instead of failing on the same files. Not when
 /// the failure is not the box's: VBoxManage killed or interrupted (not its exit 1), or a failure VirtualBox's text
-/// explains (a leftover VM folder, the host's virtualization). Returns what to add to the error.
-fn drop_unimportable_box(base: &BoxImage, out: &Output) -> String {
+/// explains (a leftover VM folder, the host's virtualization). Returns what to add to the error. `lock` (the
+/// import lock, a file in the entry) is released once the entry is renamed away, before it is deleted: Windows
+/// cannot finish deleting a file this process holds open, so the directory would never be empty.
+fn drop_unimportable_box(base: &BoxImage, out: &Output, lock: FileLock) -> String {
     let text = format!("{}\n{}", out.stderr, out.stdout);
     if out.code() != Some(1) || process::interrupted().is_some() || advice(&text).is_some() {
         return String::new();
@@ -461,10 +463,10 @@ fn drop_unimportable_box(base: &BoxImage, out: &Output) -> String {
         return String::new();
     }
     let gone = entry.with_file_name(format!("{}.removing-{}", base.id, std::process::id()));
-    match std::fs::rename(entry, &gone)
-        .map_err(anyhow::Error::from)
-        .and_then(|()| crate::boxes::cache::remove_tree(&gone))
-    {
+    match std::fs::rename(entry, &gone).map_err(anyhow::Error::from).and_then(|()| {
+        drop(lock);
+        crate::boxes::cache::remove_tree(&gone)
+    }) {
         Ok(()) => format!(
             " (the box was removed from the box cache, {}: the next `up` unpacks or downloads it again; if \
              VirtualBox refuses it again, the box itself is damaged: get it again or use another box)",

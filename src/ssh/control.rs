@@ -35,8 +35,9 @@ pub fn enabled(config: bool, env: Option<&str>) -> bool {
 }
 
 /// Whether reuse is on for this config and process environment.
+/// Always off on Windows: its OpenSSH has no ControlMaster, so each `provisioner ssh` is a fresh connection.
 pub fn enabled_for(config: bool) -> bool {
-    enabled(config, std::env::var(ENV).ok().as_deref())
+    crate::platform::SSH_CONTROL_MASTER && enabled(config, std::env::var(ENV).ok().as_deref())
 }
 
 /// Whether a unix socket can be bound at `path` by OpenSSH (temp name included). Pure.
@@ -70,14 +71,13 @@ pub fn fallback_dir(xdg_runtime_dir: Option<&Path>, uid: u32) -> PathBuf {
 /// The control socket path for a machine, making (and checking) the private fallback directory when it is used.
 pub fn socket_path(state: &StateDir) -> Result<PathBuf> {
     // Canonical, so a project reached through a symlink finds the same socket (and the same fallback name).
-    let root = match std::fs::canonicalize(&state.root) {
+    let root = match crate::platform::canonicalize(&state.root) {
         Ok(p) => p,
         Err(_) => {
             std::path::absolute(&state.root).with_context(|| format!("resolve {}", state.root.display()))?
         }
     };
-    // SAFETY: geteuid has no preconditions.
-    let uid = unsafe { libc::geteuid() };
+    let uid = crate::platform::user_id();
     let xdg = std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from);
     let fallback = fallback_dir(xdg.as_deref(), uid);
     let path = choose(&root, &fallback);
@@ -89,8 +89,7 @@ pub fn socket_path(state: &StateDir) -> Result<PathBuf> {
 
 /// Create `dir` 0700 if missing; refuse one that another user owns or others can enter (e.g. a squatted /tmp name).
 fn private_dir(dir: &Path, uid: u32) -> Result<()> {
-    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
-    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+    match crate::platform::create_dir(dir, 0o700, false) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
         Err(e) => {
@@ -98,14 +97,16 @@ fn private_dir(dir: &Path, uid: u32) -> Result<()> {
         }
     }
     let md = std::fs::symlink_metadata(dir).with_context(|| format!("stat {}", dir.display()))?;
-    if !md.is_dir() || md.uid() != uid || md.mode() & 0o077 != 0 {
+    let (owner, mode) =
+        (crate::platform::owner(&md).unwrap_or(uid), crate::platform::mode(&md).unwrap_or(0o700));
+    if !md.is_dir() || owner != uid || mode & 0o077 != 0 {
         bail!(
             "the SSH control directory {} is not a private directory of this user (owner uid {}, mode {:o})\n\
              hint: remove it (it only holds control sockets), or set {ENV}=0 or [ssh] reuse_connection = false to \
              turn connection reuse off",
             dir.display(),
-            md.uid(),
-            md.mode() & 0o7777
+            owner,
+            mode
         );
     }
     Ok(())
@@ -127,12 +128,15 @@ pub fn path_option(socket: &Path) -> String {
 
 /// Whether a master answers on `socket` (a connect on the unix socket; no process started).
 pub fn master_alive(socket: &Path) -> bool {
-    std::os::unix::net::UnixStream::connect(socket).is_ok()
+    crate::platform::unix_socket_alive(socket)
 }
 
 /// Stop the machine's master connection if one runs (`ssh -O exit`) and remove its socket. Best effort: a machine
 /// going down takes the connection with it anyway; this makes sure no ssh process outlives it.
 pub fn close_master(state: &StateDir) -> Result<bool> {
+    if !crate::platform::SSH_CONTROL_MASTER {
+        return Ok(false);
+    }
     let socket = socket_path(state)?;
     if std::fs::symlink_metadata(&socket).is_err() {
         return Ok(false);
@@ -178,6 +182,10 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(
+        windows,
+        ignore = "windows: ControlMaster sockets and their private Unix dir do not exist there"
+    )]
     fn short_state_dirs_keep_the_socket_long_ones_fall_back() {
         let fb = Path::new("/run/user/1000/provisioner");
         let short = Path::new("/home/ann/lab/.provisioner");
@@ -194,6 +202,10 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(
+        windows,
+        ignore = "windows: ControlMaster sockets and their private Unix dir do not exist there"
+    )]
     fn fallback_prefers_a_usable_runtime_dir() {
         assert_eq!(fallback_dir(Some(Path::new("/run/user/7")), 7), Path::new("/run/user/7/provisioner"));
         assert_eq!(fallback_dir(None, 7), Path::new("/tmp/provisioner-7"));
@@ -203,15 +215,18 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(
+        windows,
+        ignore = "windows: ControlMaster sockets and their private Unix dir do not exist there"
+    )]
     fn a_fallback_dir_others_can_enter_is_refused() {
-        use std::os::unix::fs::PermissionsExt;
+        use crate::platform;
         let t = tempfile::tempdir().unwrap();
         let dir = t.path().join("ctl");
-        // SAFETY: geteuid has no preconditions.
-        let uid = unsafe { libc::geteuid() };
+        let uid = platform::user_id();
         private_dir(&dir, uid).unwrap();
-        assert_eq!(std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777, 0o700);
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert_eq!(platform::mode(&std::fs::metadata(&dir).unwrap()), Some(0o700));
+        platform::set_mode(&dir, 0o755).unwrap();
         let e = format!("{:#}", private_dir(&dir, uid).unwrap_err());
         assert!(e.contains("not a private directory") && e.contains("hint:"), "{e}");
         assert!(private_dir(&dir, uid + 1).is_err(), "another owner");

@@ -267,12 +267,12 @@ pub struct Proc {
 }
 
 impl Proc {
-    /// Start `cmd` in its own process group with stdout+stderr to `log`.
+    /// Start `cmd` in its own process group (Unix) with stdout+stderr to `log`.
     pub fn spawn(name: &str, mut cmd: Command, log: PathBuf) -> Proc {
-        use std::os::unix::process::CommandExt;
         let f = std::fs::File::create(&log).unwrap();
         cmd.stdout(f.try_clone().unwrap()).stderr(f).stdin(std::process::Stdio::null());
-        cmd.process_group(0);
+        #[cfg(unix)]
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
         let child = cmd.spawn().unwrap_or_else(|e| panic!("start {name}: {e}"));
         Proc { name: name.into(), child, log }
     }
@@ -283,9 +283,10 @@ impl Proc {
 
 impl Drop for Proc {
     fn drop(&mut self) {
-        let pid = self.child.id() as i32;
+        // Unix: the whole group; Windows: the child alone (kill below).
+        #[cfg(unix)]
         unsafe {
-            libc_kill(-pid, 9);
+            libc_kill(-(self.child.id() as i32), 9);
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -295,6 +296,7 @@ impl Drop for Proc {
     }
 }
 
+#[cfg(unix)]
 extern "C" {
     #[link_name = "kill"]
     fn libc_kill(pid: i32, sig: i32) -> i32;
@@ -324,3 +326,66 @@ pub fn processes_with_env(marker: &str) -> Vec<String> {
     found
 }
 pub mod nethost;
+
+/// Puts the VBoxManage double in `bin` and returns the path to configure as `vboxmanage`. Its state (calls.log,
+/// state.json) is kept in `bin/vboxdouble`, beside it, on every platform.
+/// - Unix: a symlink to `tests/fixtures/vbox/VBoxManage` (the double itself, a Python script).
+/// - Windows (the Windows tier, under Wine): Wine cannot give a Windows program a usable handle for a Unix process,
+///   so `VBoxManage.exe` is the shim `tests/fixtures/vbox/winshim`, which forwards each call to the same double run by
+///   `winserver.py` (scripts/test --windows builds the shim and starts the server; `PROVISIONER_VBOX_SHIM` and
+///   `VBOXDOUBLE_SERVER` say where they are).
+pub fn vboxmanage_double(bin: &Path) -> PathBuf {
+    std::fs::create_dir_all(bin).unwrap();
+    #[cfg(unix)]
+    {
+        let exe = bin.join("VBoxManage");
+        std::os::unix::fs::symlink(repo().join("tests/fixtures/vbox/VBoxManage"), &exe).unwrap();
+        exe
+    }
+    #[cfg(windows)]
+    {
+        let shim = std::env::var_os("PROVISIONER_VBOX_SHIM")
+            .expect("PROVISIONER_VBOX_SHIM: the VBoxManage.exe shim (scripts/test --windows builds it)");
+        let exe = bin.join("VBoxManage.exe");
+        std::fs::copy(shim, &exe).unwrap();
+        exe
+    }
+}
+
+/// `path` as the VBoxManage double writes it in its call log and state: the path itself on Unix; under Wine the Unix
+/// path `winserver.py` maps it to (`Z:\x` is `/x`, `C:\x` is `$WINEPREFIX/drive_c/x`), so tests can replace a temp
+/// dir in the log with `$TMP` and compare the same golden files on both platforms.
+pub fn double_path(path: &Path) -> String {
+    let s = path.to_string_lossy().into_owned();
+    if cfg!(windows) {
+        let s = s.strip_prefix(r"\\?\").unwrap_or(&s);
+        let unix =
+            |rest: &str| rest.split(['\\', '/']).filter(|p| !p.is_empty()).collect::<Vec<_>>().join("/");
+        if let Some(rest) = s.strip_prefix("Z:\\").or_else(|| s.strip_prefix("z:\\")) {
+            return format!("/{}", unix(rest));
+        }
+        if let Some(rest) = s.strip_prefix("C:\\").or_else(|| s.strip_prefix("c:\\")) {
+            let prefix = std::env::var("WINEPREFIX").unwrap_or_else(|_| "/root/.wine".into());
+            return format!("{prefix}/drive_c/{}", unix(rest));
+        }
+        return s.to_string();
+    }
+    s
+}
+
+/// `text` with Windows path separators turned into `/` on Windows (as is elsewhere), for asserting on messages that
+/// name a path: the product prints `.\provision\x` there, which is right on Windows, and `./provision/x` on Unix.
+pub fn slashes(text: &str) -> String {
+    if cfg!(windows) {
+        text.replace('\\', "/")
+    } else {
+        text.to_string()
+    }
+}
+
+/// `path` canonicalised as the product shows it: `std::fs::canonicalize` without the `\\?\` verbatim prefix std
+/// adds on Windows (the same path on Unix).
+pub fn canonical(path: &Path) -> PathBuf {
+    let c = std::fs::canonicalize(path).unwrap();
+    PathBuf::from(c.to_string_lossy().trim_start_matches(r"\\?\"))
+}
