@@ -1112,6 +1112,10 @@ fn box_with_metadata(md: &str, files: &[(&str, &[u8])]) -> Vec<u8> {
 /// vagrant-libvirt box format v2: `disks: [{path}]` names the boot disk; more than one disk is refused (not
 /// attached yet) rather than booted without them.
 #[test]
+#[cfg_attr(
+    windows,
+    ignore = "windows: makes its disk images with Linux tools (mkfs.ext4, qemu-img), which Wine and Windows hosts lack"
+)]
 fn vagrant_libvirt_v2_boxes_name_their_disk() {
     let tmp = tempfile::tempdir().unwrap();
     let img = qcow2(tmp.path());
@@ -1135,6 +1139,10 @@ fn vagrant_libvirt_v2_boxes_name_their_disk() {
 /// A Vagrant catalog (`metadata.json` with versions and providers) over file://: the newest version matching
 /// `version` is picked and downloaded against the catalog's sha256; a wrong checksum is refused, nothing cached.
 #[test]
+#[cfg_attr(
+    windows,
+    ignore = "windows: makes its disk images with Linux tools (mkfs.ext4, qemu-img), which Wine and Windows hosts lack"
+)]
 fn vagrant_catalog_picks_a_version_and_checks_its_checksum() {
     let tmp = tempfile::tempdir().unwrap();
     let img = qcow2(tmp.path());

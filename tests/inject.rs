@@ -199,6 +199,17 @@ fn detection_tells_cloud_init_boxes_from_vagrant_boxes() {
     );
 }
 
+/// A disk with no root to read (an empty filesystem, no /etc/passwd) and nothing known to be uneditable: `auto`
+/// keeps the seed route, as every box had before detection (the VM tier's unbootable-box test boots such a disk
+/// and expects the firmware's own error, not a refusal).
+#[test]
+fn a_disk_with_no_root_to_read_keeps_the_seed_route() {
+    let t = tempfile::tempdir().unwrap();
+    let base = disk(t.path(), &[("/boot/placeholder", "")]);
+    let r = inject::detect(&base, "qcow2", &t.path().join("w")).unwrap();
+    assert_eq!(r, (Route::CloudInit, "no root filesystem found to read: the seed route".to_string()));
+}
+
 #[test]
 fn an_xfs_root_is_refused_before_boot_with_the_reason_and_the_choices() {
     let t = tempfile::tempdir().unwrap();

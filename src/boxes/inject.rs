@@ -247,8 +247,8 @@ pub fn fs_kind(b: &[u8]) -> &'static str {
     }
 }
 
-/// The root filesystem: the ext2/3/4 partition holding /etc/passwd, or an error naming what the disk holds.
-fn find_root(v: &View, what: &str) -> Result<u64> {
+/// The ext2/3/4 partition holding /etc/passwd, if any, and every filesystem seen on the way.
+fn scan(v: &View) -> Result<(Option<u64>, Vec<Part>)> {
     let head = v.read_at(0, 34 * 512)?;
     let offsets = partitions(&head, &|o, n| v.read_at(o, n))?;
     let mut seen = Vec::new();
@@ -256,8 +256,20 @@ fn find_root(v: &View, what: &str) -> Result<u64> {
         let kind = fs_kind(&v.read_at(off, 68 * 1024)?);
         seen.push(Part { offset: off, fs: kind });
         if kind == "ext" && v.exists(off, "/etc/passwd")? {
-            return Ok(off);
+            return Ok((Some(off), seen));
         }
+    }
+    Ok((None, seen))
+}
+
+/// Filesystems that hold an operating system's root but cannot be edited offline here.
+const UNEDITABLE: [&str; 4] = ["xfs", "btrfs", "lvm", "luks"];
+
+/// The root filesystem: the ext2/3/4 partition holding /etc/passwd, or an error naming what the disk holds.
+fn find_root(v: &View, what: &str) -> Result<u64> {
+    let (root, seen) = scan(v)?;
+    if let Some(off) = root {
+        return Ok(off);
     }
     let found: Vec<String> = seen.iter().map(|p| format!("{} at byte {}", p.fs, p.offset)).collect();
     let unsupported: Vec<&str> = seen
@@ -277,6 +289,12 @@ fn find_root(v: &View, what: &str) -> Result<u64> {
 /// Which way keys get into machines of the box at `image`, read-only, and why.
 pub fn detect(image: &Path, format: &str, work: &Path) -> Result<(Route, String)> {
     let v = View::open(image, format, work, false)?;
+    let (root, seen) = scan(&v)?;
+    // No root to read at all (an empty or unknown disk, no /etc/passwd) and nothing known to be uneditable: the
+    // seed route, as for any box before this detection existed; the boot tells what the disk is.
+    if root.is_none() && !seen.iter().any(|p| UNEDITABLE.contains(&p.fs)) {
+        return Ok((Route::CloudInit, "no root filesystem found to read: the seed route".into()));
+    }
     let root = find_root(&v, "the box's disk")?;
     let has = |p: &str| v.exists(root, p);
     if has("/usr/bin/cloud-init")? || has("/bin/cloud-init")? {
