@@ -39,6 +39,10 @@ pub(crate) fn check_free(forwards: &[Forward]) -> Result<()> {
         let Err(e) = bound else { continue };
         let who = match holder(addr, f.protocol) {
             Some(h) => format!("held by {h}"),
+            // Windows: who holds a port is not looked up (platform::port_holder); its own tool says.
+            None if crate::platform::WINDOWS => {
+                format!("held by another process (find it with `netstat -ano | findstr :{}`)", addr.port())
+            }
             None => {
                 "held by a process this user cannot see (another user's, or a different network namespace)"
                     .to_string()
