@@ -173,6 +173,28 @@ pub fn check_ovf(dir: &Path, ovf: &str, source: &str) -> Result<()> {
     Ok(())
 }
 
+/// The disk images an `.ovf` references (VMDK, VDI, VHD files beside it), in the order of its `<References>`:
+/// the first is the boot disk of a Vagrant VirtualBox box. With qemu's format name for each.
+pub fn ovf_disks(ovf: &Path) -> Result<Vec<(std::path::PathBuf, String)>> {
+    let text = std::fs::read_to_string(ovf).with_context(|| format!("read {}", ovf.display()))?;
+    let dir = ovf.parent().unwrap_or(Path::new("."));
+    Ok(ovf_references(&text)
+        .into_iter()
+        .filter_map(|f| f.href)
+        .filter(|h| !h.contains('/') && !h.contains('\\') && !h.contains(".."))
+        .filter_map(|h| {
+            let ext = h.rsplit('.').next()?.to_ascii_lowercase();
+            let format = match ext.as_str() {
+                "vmdk" => "vmdk",
+                "vdi" => "vdi",
+                "vhd" => "vpc",
+                _ => return None,
+            };
+            Some((dir.join(&h), format.to_string()))
+        })
+        .collect())
+}
+
 /// A `<File>` of an OVF's `<References>`.
 #[derive(Debug, PartialEq, Eq)]
 struct OvfFile {

@@ -565,7 +565,8 @@ fn boot(
     ph.done(&format!("{} ({})", m.vm_name, accel.label()));
     if route == Route::Disk && live == VmState::NotCreated {
         let ph = ui.phase("keys");
-        let (user, line) = offline::inject(m, &why, &user_key, &host_key)?;
+        let vm = vm_ref(Some(&st), &m.vm_name);
+        let (user, line) = offline::inject(m, p, &vm, &why, &user_key, &host_key)?;
         st.ssh_user = (user != m.cfg.ssh.user).then_some(user);
         st.save(&m.state)?;
         ph.done(&line);
