@@ -48,6 +48,7 @@ impl Bench {
             initrd: None,
             cmdline: None,
             firmware: Firmware::Bios,
+            extra_disks: Vec::new(),
         };
         Bench { vbox: VirtualBox::at(exe), base, dir }
     }

@@ -478,9 +478,9 @@ fn boot(
     };
 
     let accel = crate::accel::decide_accel(m.cfg.machine.accel, &crate::accel::HostAccel::probe())?;
-    // Cached labs are captures of cloud-init machines.
+    // Cached labs are captures of cloud-init machines with one disk.
     let mut lab = match (&live, route) {
-        (VmState::NotCreated, Route::CloudInit) => {
+        (VmState::NotCreated, Route::CloudInit) if base.extra_disks.is_empty() => {
             lab_cache::plan(&m.cfg, &m.vm_name, p.name(), accel.label(), &base.id, ui)?
         }
         _ => None,
