@@ -916,6 +916,32 @@ mod tests {
     }
 
     #[test]
+    fn boot_disk_is_the_first_hard_disk_and_its_parents_come_from_showmediuminfo() {
+        let i = info(
+            "storagecontrollername0=\"IDE\"\nstoragecontrollertype0=\"PIIX4\"\nstoragecontrollerportcount0=\"2\"\n\
+             storagecontrollername1=\"SATA\"\nstoragecontrollertype1=\"IntelAhci\"\nstoragecontrollerportcount1=\"2\"\n\
+             \"IDE-0-0\"=\"/s/seed.iso\"\n\"IDE-1-0\"=\"emptydrive\"\n\"SATA-0-0\"=\"/vms/vb/Snapshots/{1b2c}.vmdk\"\n\
+             \"SATA-1-0\"=\"/vms/vb/data.VDI\"\n",
+        );
+        assert_eq!(boot_disk(&i).as_deref(), Some("/vms/vb/Snapshots/{1b2c}.vmdk"));
+        assert_eq!(
+            boot_disk(&info("storagecontrollername0=\"IDE\"\nstoragecontrollertype0=\"PIIX4\"\n")),
+            None
+        );
+        let diff = "UUID:           1b2c\nParent UUID:    9f8e\nState:          created\n\
+                    Location:       /vms/vb/Snapshots/{1b2c}.vmdk\nStorage format: VMDK\n";
+        assert_eq!(
+            medium_info(diff),
+            (Some("9f8e".into()), Some("/vms/vb/Snapshots/{1b2c}.vmdk".into()), Some("VMDK".into()))
+        );
+        let base =
+            "UUID:           9f8e\nParent UUID:    base\nLocation:       C:\\VMs\\m\\box-disk001.vmdk\n\
+                    Storage format: VMDK\n";
+        assert_eq!(medium_info(base).0, None);
+        assert_eq!(medium_info(base).1.as_deref(), Some("C:\\VMs\\m\\box-disk001.vmdk"));
+    }
+
+    #[test]
     fn nothing_we_pass_can_be_read_as_an_option() {
         assert!(operand("--delete").is_err() && operand("").is_err());
         assert_eq!(
