@@ -38,7 +38,7 @@ env_pass=()
 for v in http_proxy https_proxy HTTP_PROXY HTTPS_PROXY no_proxy NO_PROXY; do
   [ -n "${!v:-}" ] && env_pass+=("$v=${!v}")
 done
-echo "windows-env: installing rustc-web, rust-web-src, mingw-w64, wine, openssh-server (about 360 MB)" >&2
+echo "windows-env: installing rustc-web, rust-web-src, mingw-w64, wine, openssh-server (about 355 MB)" >&2
 # Packages never start services here (the chroot shares the host's network: no sshd on port 22); the tier starts
 # its own sshd on 127.0.0.1 and stops it.
 printf '#!/bin/sh\nexit 101\n' | $SUDO tee "$root/usr/sbin/policy-rc.d" >/dev/null
