@@ -3,6 +3,8 @@
 # cross-builds provisioner for x86_64-pc-windows-gnu, lints it for that target with warnings denied, and runs the
 # unit tests and the non-VM integration tests under Wine. Tests that cannot run under Wine are ignored with a
 # "windows: <reason>" and counted as skipped, never as passed; the VM tier's tests are ignored here as on Linux.
+# Beside the tests run the VBoxManage double's server and a real OpenSSH sshd on 127.0.0.1 (tests/windows.rs: ed25519
+# SSH through provisioner's own session), both stopped by their pids at the end.
 set -euo pipefail
 target=x86_64-pc-windows-gnu
 xcargo() { local sub=$1; shift; cargo "$sub" -Zbuild-std="$std" --target "$target" "$@"; }
