@@ -316,7 +316,7 @@ fn interrupted_download_restarts_when_server_ignores_range() {
 #[test]
 #[cfg_attr(
     windows,
-    ignore = "windows: sends SIGINT with kill(2); a console Ctrl-C needs GenerateConsoleCtrlEvent (not written yet)"
+    ignore = "windows: sends SIGINT with kill(2); a console Ctrl-C is sent by the tests in tests/windows.rs"
 )]
 fn interrupted_download_says_what_stays_and_the_next_run_resumes() {
     #[cfg(unix)]
@@ -1030,7 +1030,7 @@ fn vm_unbootable_box_reports_the_firmware_error() {
 #[test]
 #[cfg_attr(
     windows,
-    ignore = "windows: sends SIGINT with kill(2); a console Ctrl-C needs GenerateConsoleCtrlEvent (not written yet)"
+    ignore = "windows: sends SIGINT with kill(2); a console Ctrl-C is sent by the tests in tests/windows.rs"
 )]
 fn up_interrupted_while_waiting_for_ssh_exits_130_and_reruns() {
     #[cfg(unix)]
