@@ -893,8 +893,8 @@ impl HangingMirror {
     }
 }
 
-/// Ctrl-C (and then SIGTERM) while `box build` runs debootstrap: the build stops within seconds with 130 (143),
-/// no process of the run survives (debootstrap and wget ran in their own process groups, which a terminal's
+/// Ctrl-C (and then SIGTERM) while `box build` runs mmdebstrap (or debootstrap where mmdebstrap is missing): the
+/// build stops within seconds with 130 (143), no process of the run survives (debootstrap and wget ran in their own process groups, which a terminal's
 /// SIGINT does not reach: they used to go on alone), no partial entry is left, the lock is free, and the next
 /// build starts clean and gets to the same point. Needs root (debootstrap), like every mirror build.
 #[test]
@@ -910,6 +910,8 @@ fn box_build_interrupted_during_debootstrap_leaves_nothing_and_reruns() {
             eprintln!("skipped: building a box from a mirror needs root");
             return;
         }
+        // The build's bootstrap tool: mmdebstrap when installed, else debootstrap.
+        let tool = if which::which("mmdebstrap").is_ok() { "mmdebstrap" } else { "debootstrap" };
         let mirror = HangingMirror::start();
         let t = Test::new();
         t.write(
@@ -948,8 +950,8 @@ fn box_build_interrupted_during_debootstrap_leaves_nothing_and_reruns() {
             });
             let running = support::processes_with_env(&marker);
             assert!(
-                running.iter().any(|p| p.ends_with(" debootstrap")),
-                "debootstrap is running: {running:?}"
+                running.iter().any(|p| p.ends_with(&format!(" {tool}"))),
+                "{tool} is running: {running:?}"
             );
             let started = Instant::now();
             // SAFETY: kill(2) on the child we started.
@@ -978,7 +980,7 @@ fn box_build_interrupted_during_debootstrap_leaves_nothing_and_reruns() {
                 }
             }
         }
-        assert_eq!(mirror.requests.load(Ordering::SeqCst), 2, "the re-run started debootstrap again");
+        assert_eq!(mirror.requests.load(Ordering::SeqCst), 2, "the re-run started {tool} again");
     }
 }
 
