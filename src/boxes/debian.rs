@@ -65,13 +65,26 @@ pub enum Bootstrap {
     Debootstrap,
 }
 
+/// Names the bootstrap tool instead of detecting it (`mmdebstrap` or `debootstrap`).
+pub const BOOTSTRAP_ENV: &str = "PROVISIONER_BOX_BOOTSTRAP";
+
 impl Bootstrap {
-    /// The tool this host has, mmdebstrap first.
-    pub fn detect() -> Bootstrap {
-        if which::which("mmdebstrap").is_ok() {
-            Bootstrap::Mmdebstrap
-        } else {
-            Bootstrap::Debootstrap
+    /// The tool [`BOOTSTRAP_ENV`] names, else the one this host has, mmdebstrap first.
+    pub fn detect() -> Result<Bootstrap> {
+        Bootstrap::choose(std::env::var(BOOTSTRAP_ENV).ok().as_deref(), which::which("mmdebstrap").is_ok())
+    }
+
+    /// [`Bootstrap::detect`] from the variable's value and whether mmdebstrap is installed. Pure.
+    fn choose(env: Option<&str>, have_mmdebstrap: bool) -> Result<Bootstrap> {
+        match env.map(str::trim).filter(|v| !v.is_empty()) {
+            Some("mmdebstrap") => Ok(Bootstrap::Mmdebstrap),
+            Some("debootstrap") => Ok(Bootstrap::Debootstrap),
+            Some(other) => bail!(
+                "{BOOTSTRAP_ENV}={other:?} names no bootstrap tool\nhint: set it to mmdebstrap or debootstrap, or \
+                 unset it to use mmdebstrap when it is installed"
+            ),
+            None if have_mmdebstrap => Ok(Bootstrap::Mmdebstrap),
+            None => Ok(Bootstrap::Debootstrap),
         }
     }
 
@@ -84,8 +97,8 @@ impl Bootstrap {
 }
 
 /// Content id of a mirror build on this host: a hash of everything that decides the result.
-pub fn box_id(d: &DebianBox) -> String {
-    box_id_with(d, Bootstrap::detect())
+pub fn box_id(d: &DebianBox) -> Result<String> {
+    Ok(box_id_with(d, Bootstrap::detect()?))
 }
 
 /// [`box_id`] for a given bootstrap tool. The two tools make different rootfs trees (apt sources, package
@@ -122,7 +135,7 @@ fn describe(d: &DebianBox) -> String {
 
 /// The cached box for `d`, building it when missing (or `force`).
 pub fn ensure(cache: &Cache, d: &DebianBox, force: bool, ui: &Ui) -> Result<(BoxMeta, bool)> {
-    let tool = Bootstrap::detect();
+    let tool = Bootstrap::detect()?;
     let id = box_id_with(d, tool);
     cache.get_or_build(&id, force, ui, |dir| build(cache, &id, d, tool, dir, ui))
 }
@@ -347,12 +360,13 @@ mod tests {
 
     #[test]
     fn id_ignores_package_order_duplicates_and_base_packages() {
-        let a = box_id(&deb(&["docker.io", "apparmor"]));
-        assert_eq!(a, box_id(&deb(&["apparmor", "docker.io", "apparmor", "sudo"])));
-        assert_ne!(a, box_id(&deb(&["docker.io"])));
+        let id = |d: &DebianBox| box_id(d).unwrap();
+        let a = id(&deb(&["docker.io", "apparmor"]));
+        assert_eq!(a, id(&deb(&["apparmor", "docker.io", "apparmor", "sudo"])));
+        assert_ne!(a, id(&deb(&["docker.io"])));
         let mut other_suite = deb(&["docker.io", "apparmor"]);
         other_suite.suite = "trixie".into();
-        assert_ne!(a, box_id(&other_suite));
+        assert_ne!(a, id(&other_suite));
         assert_eq!(a.len(), 64);
     }
 
@@ -367,7 +381,19 @@ mod tests {
         let mm = box_id_with(&lab, Bootstrap::Mmdebstrap);
         assert_ne!(mm, box_id_with(&lab, Bootstrap::Debootstrap));
         assert_eq!(mm, box_id_with(&deb(&["apparmor", "docker-compose", "docker.io"]), Bootstrap::Mmdebstrap));
-        assert_eq!(box_id(&lab), box_id_with(&lab, Bootstrap::detect()));
+        assert_eq!(box_id(&lab).unwrap(), box_id_with(&lab, Bootstrap::detect().unwrap()));
+    }
+
+    #[test]
+    fn the_bootstrap_tool_is_mmdebstrap_when_installed_unless_named() {
+        assert_eq!(Bootstrap::choose(None, true).unwrap(), Bootstrap::Mmdebstrap);
+        assert_eq!(Bootstrap::choose(None, false).unwrap(), Bootstrap::Debootstrap);
+        assert_eq!(Bootstrap::choose(Some(""), false).unwrap(), Bootstrap::Debootstrap);
+        assert_eq!(Bootstrap::choose(Some("debootstrap"), true).unwrap(), Bootstrap::Debootstrap);
+        // Named but missing: chosen anyway, and the build's preflight says to install it.
+        assert_eq!(Bootstrap::choose(Some("mmdebstrap"), false).unwrap(), Bootstrap::Mmdebstrap);
+        let e = Bootstrap::choose(Some("cdebootstrap"), true).unwrap_err().to_string();
+        assert!(e.contains("PROVISIONER_BOX_BOOTSTRAP=\"cdebootstrap\"") && e.contains("hint:"), "{e}");
     }
 
     #[test]
