@@ -151,8 +151,11 @@ fn build(cache: &Cache, id: &str, d: &DebianBox, tool: Bootstrap, dir: &Path, ui
     let phase = ui.phase(tool.name());
     let mut include = BASE_PACKAGES.iter().map(|p| p.to_string()).collect::<Vec<_>>();
     let cmd = match tool {
-        Bootstrap::Debootstrap => Cmd::new("debootstrap")
-            .args(["--variant=minbase", &format!("--include={}", include.join(",")), d.suite.as_str()]),
+        Bootstrap::Debootstrap => Cmd::new("debootstrap").args([
+            "--variant=minbase",
+            &format!("--include={}", include.join(",")),
+            d.suite.as_str(),
+        ]),
         Bootstrap::Mmdebstrap => {
             // Every package in one apt run, without recommends as in the chroot route; apt runs on the host, so
             // no resolv.conf is needed in the rootfs for it.
@@ -181,10 +184,7 @@ fn build(cache: &Cache, id: &str, d: &DebianBox, tool: Bootstrap, dir: &Path, ui
     let _ = std::fs::remove_file(&resolv);
     std::fs::copy("/etc/resolv.conf", &resolv).context("copy /etc/resolv.conf into the rootfs")?;
     std::fs::write(root.join("provisioner-configure.sh"), CONFIGURE).context("write the configure script")?;
-    let cmd = Cmd::new("chroot")
-        .arg(&root)
-        .args(["/bin/sh", "/provisioner-configure.sh"])
-        .args(&apt);
+    let cmd = Cmd::new("chroot").arg(&root).args(["/bin/sh", "/provisioner-configure.sh"]).args(&apt);
     run_logged(cmd, &log, &phase, Duration::from_secs(45 * 60))?;
     std::fs::remove_file(root.join("provisioner-configure.sh"))?;
     phase.done(&if ex.is_empty() { "no extra packages".to_string() } else { format!("+ {}", ex.join(" ")) });
@@ -237,7 +237,10 @@ fn preflight(tool: Bootstrap) -> Result<()> {
     }
     for (tool, pkg) in [
         // Neither bootstrap tool: the faster one is named first.
-        (tool.name(), if tool == Bootstrap::Debootstrap { "mmdebstrap (or debootstrap)" } else { "mmdebstrap" }),
+        (
+            tool.name(),
+            if tool == Bootstrap::Debootstrap { "mmdebstrap (or debootstrap)" } else { "mmdebstrap" },
+        ),
         ("chroot", "coreutils"),
         ("mkfs.ext4", "e2fsprogs"),
         ("qemu-img", "qemu-utils"),
@@ -380,7 +383,10 @@ mod tests {
         );
         let mm = box_id_with(&lab, Bootstrap::Mmdebstrap);
         assert_ne!(mm, box_id_with(&lab, Bootstrap::Debootstrap));
-        assert_eq!(mm, box_id_with(&deb(&["apparmor", "docker-compose", "docker.io"]), Bootstrap::Mmdebstrap));
+        assert_eq!(
+            mm,
+            box_id_with(&deb(&["apparmor", "docker-compose", "docker.io"]), Bootstrap::Mmdebstrap)
+        );
         assert_eq!(box_id(&lab).unwrap(), box_id_with(&lab, Bootstrap::detect().unwrap()));
     }
 

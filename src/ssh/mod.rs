@@ -335,7 +335,8 @@ pub use crate::host::shell_quote;
 /// With `-v`: how long one guest command took, on stderr (where a warm `up` spends its time, exec by exec).
 fn trace_exec(cmd: &str, started: Instant) {
     if crate::process::verbosity() >= 1 {
-        let first = cmd.lines().find(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#')).unwrap_or("");
+        let first =
+            cmd.lines().find(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#')).unwrap_or("");
         let shown: String = first.chars().take(100).collect();
         let more = if shown.len() < cmd.trim_end().len() { " ..." } else { "" };
         eprintln!("+ ssh {} ms: {shown}{more}", started.elapsed().as_millis());
