@@ -30,11 +30,4 @@ pub(crate) fn is_certificate_error(e: &(dyn std::error::Error + 'static)) -> boo
 }
 
 /// What to do when the server's certificate is not trusted.
-pub(crate) const CERTIFICATE_HINT: &str = if cfg!(windows) {
-    "the server's TLS certificate is not trusted here (expired, for another name, or from a private CA): fix the \
-     server's certificate, or add its CA to the Windows certificate store (certmgr), then run again"
-} else {
-    "the server's TLS certificate is not trusted here (expired, for another name, or from a private CA): fix the \
-     server's certificate, or trust its CA (copy it to /usr/local/share/ca-certificates/ and run \
-     update-ca-certificates, or point SSL_CERT_FILE at a PEM bundle holding it), then run again"
-};
+pub(crate) const CERTIFICATE_HINT: &str = crate::platform::CERTIFICATE_HINT;
