@@ -480,7 +480,10 @@ volumes:
         assert!(started.contains(&"docker --version".to_string()), "{started:?}");
         let (second, started) = run();
         assert_eq!(second, want, "the cached answers read the same");
-        assert_eq!(started, ["curl -sf --max-time 30 --unix-socket /var/run/docker.sock http://localhost/version"]);
+        assert_eq!(
+            started,
+            ["curl -sf --max-time 30 --unix-socket /var/run/docker.sock http://localhost/version"]
+        );
         // No curl in the guest: the daemon is asked with `docker info`.
         std::fs::remove_file(bin.join("curl")).unwrap();
         let (third, started) = run();
