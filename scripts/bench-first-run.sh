@@ -13,10 +13,11 @@ load() { cut -d' ' -f1-3 /proc/loadavg; }
 
 echo "-- clean cargo build --release (load average $(load))"
 crates=$(cargo tree --locked 2>/dev/null | wc -l)
-CARGO_TARGET_DIR="$work/target" /usr/bin/time -f '%e %U %S' -o "$work/time" \
-  cargo build --release --locked --quiet
+TIMEFORMAT='%R %U %S'
+{ time CARGO_TARGET_DIR="$work/target" cargo build --release --locked --quiet 2>"$work/build.err"; } 2>"$work/time" ||
+  { cat "$work/build.err" >&2; exit 1; }
 read -r wall user sys <"$work/time"
-echo "cargo build --release: ${wall} s wall, $(echo "$user + $sys" | bc) s CPU; cargo tree: $crates lines (load average $(load))"
+echo "cargo build --release: ${wall} s wall, $(awk "BEGIN{print $user + $sys}") s CPU; cargo tree: $crates lines (load average $(load))"
 
 bin="$work/target/release/provisioner"
 mkdir -p "$work/lab"
@@ -24,10 +25,10 @@ cp -r box-config.toml provision "$work/lab/"
 declare -A took
 for tool in mmdebstrap debootstrap; do
   echo "-- box build with $tool (load average $(load))"
-  start=$(date +%s.%N)
+  start=$EPOCHREALTIME
   (cd "$work/lab" && PROVISIONER_CACHE_DIR="$work/cache-$tool" PROVISIONER_BOX_BOOTSTRAP=$tool \
     "$bin" --json box build >"$work/$tool.json")
-  took[$tool]=$(echo "$(date +%s.%N) - $start" | bc)
+  took[$tool]=$(awk "BEGIN{print $EPOCHREALTIME - $start}")
   # The phase lines of the build: where its time went.
   python3 - "$work/$tool.json" <<'PY'
 import json, sys
@@ -42,4 +43,4 @@ PY
   printf 'box build with %s: %.1f s\n' "$tool" "${took[$tool]}"
 done
 printf 'box build mmdebstrap / debootstrap = %.2f (load average %s)\n' \
-  "$(echo "${took[mmdebstrap]} / ${took[debootstrap]}" | bc -l)" "$(load)"
+  "$(awk "BEGIN{print ${took[mmdebstrap]} / ${took[debootstrap]}}")" "$(load)"
