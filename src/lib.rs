@@ -33,6 +33,7 @@ pub mod config;
 pub mod guest;
 mod health;
 pub mod host;
+mod http;
 pub mod keys;
 pub mod lab;
 pub mod lifecycle;

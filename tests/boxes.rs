@@ -893,8 +893,8 @@ impl HangingMirror {
     }
 }
 
-/// Ctrl-C (and then SIGTERM) while `box build` runs debootstrap: the build stops within seconds with 130 (143),
-/// no process of the run survives (debootstrap and wget ran in their own process groups, which a terminal's
+/// Ctrl-C (and then SIGTERM) while `box build` runs mmdebstrap (or debootstrap where mmdebstrap is missing): the
+/// build stops within seconds with 130 (143), no process of the run survives (debootstrap and wget ran in their own process groups, which a terminal's
 /// SIGINT does not reach: they used to go on alone), no partial entry is left, the lock is free, and the next
 /// build starts clean and gets to the same point. Needs root (debootstrap), like every mirror build.
 #[test]
@@ -910,6 +910,8 @@ fn box_build_interrupted_during_debootstrap_leaves_nothing_and_reruns() {
             eprintln!("skipped: building a box from a mirror needs root");
             return;
         }
+        // The build's bootstrap tool: mmdebstrap when installed, else debootstrap.
+        let tool = if which::which("mmdebstrap").is_ok() { "mmdebstrap" } else { "debootstrap" };
         let mirror = HangingMirror::start();
         let t = Test::new();
         t.write(
@@ -948,8 +950,8 @@ fn box_build_interrupted_during_debootstrap_leaves_nothing_and_reruns() {
             });
             let running = support::processes_with_env(&marker);
             assert!(
-                running.iter().any(|p| p.ends_with(" debootstrap")),
-                "debootstrap is running: {running:?}"
+                running.iter().any(|p| p.ends_with(&format!(" {tool}"))),
+                "{tool} is running: {running:?}"
             );
             let started = Instant::now();
             // SAFETY: kill(2) on the child we started.
@@ -978,7 +980,7 @@ fn box_build_interrupted_during_debootstrap_leaves_nothing_and_reruns() {
                 }
             }
         }
-        assert_eq!(mirror.requests.load(Ordering::SeqCst), 2, "the re-run started debootstrap again");
+        assert_eq!(mirror.requests.load(Ordering::SeqCst), 2, "the re-run started {tool} again");
     }
 }
 
@@ -1220,4 +1222,140 @@ fn vagrant_catalog_picks_a_version_and_checks_its_checksum() {
         Config::from_bytes(&tmp.path().join("box-config.toml"), text.as_bytes()).unwrap_err()
     );
     assert!(e.contains("box-config.toml:7:") && e.contains("needs `url` to name a Vagrant catalog"), "{e}");
+}
+
+/// A CA and a certificate for 127.0.0.1 signed by it (openssl CLI): (ca.pem, cert.pem, key.pem) in `dir`.
+fn tls_files(dir: &Path, name: &str) -> (PathBuf, PathBuf, PathBuf) {
+    let p = |f: &str| dir.join(format!("{name}-{f}"));
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+    run_ok(
+        std::process::Command::new("openssl")
+            .args(["req", "-x509", "-days", "2", "-subj"])
+            .arg(format!("/CN={name} test CA"))
+            .args(ec)
+            .arg("-keyout")
+            .arg(p("ca.key"))
+            .arg("-out")
+            .arg(p("ca.pem")),
+    );
+    run_ok(
+        std::process::Command::new("openssl")
+            .args(["req", "-subj", "/CN=127.0.0.1"])
+            .args(ec)
+            .arg("-keyout")
+            .arg(p("key.pem"))
+            .arg("-out")
+            .arg(p("csr.pem")),
+    );
+    std::fs::write(p("ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+    run_ok(
+        std::process::Command::new("openssl")
+            .args(["x509", "-req", "-days", "2", "-CAcreateserial", "-in"])
+            .arg(p("csr.pem"))
+            .arg("-CA")
+            .arg(p("ca.pem"))
+            .arg("-CAkey")
+            .arg(p("ca.key"))
+            .arg("-extfile")
+            .arg(p("ext"))
+            .arg("-out")
+            .arg(p("cert.pem")),
+    );
+    (p("ca.pem"), p("cert.pem"), p("key.pem"))
+}
+
+/// An HTTPS server on 127.0.0.1 (native-tls, the client's own stack) serving `body` at any path; returns its URL
+/// and the count of TCP connections it accepted.
+fn https_server(cert: &Path, key: &Path, body: Vec<u8>) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+    let identity =
+        native_tls::Identity::from_pkcs8(&std::fs::read(cert).unwrap(), &std::fs::read(key).unwrap())
+            .unwrap();
+    let acceptor = Arc::new(native_tls::TlsAcceptor::new(identity).unwrap());
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("https://{}/boxes/tiny.qcow2", listener.local_addr().unwrap());
+    let conns = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = conns.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(conn) = conn else { continue };
+            seen.fetch_add(1, Ordering::SeqCst);
+            let (acceptor, body) = (acceptor.clone(), body.clone());
+            std::thread::spawn(move || {
+                let Ok(mut tls) = acceptor.accept(conn) else { return };
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    match std::io::Read::read(&mut tls, &mut byte) {
+                        Ok(1) => head.push(byte[0]),
+                        _ => return,
+                    }
+                }
+                let reply =
+                    format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
+                let _ = tls.write_all(reply.as_bytes());
+                let _ = tls.write_all(&body);
+                let _ = tls.flush();
+                let _ = tls.shutdown();
+            });
+        }
+    });
+    (url, conns)
+}
+
+/// HTTPS boxes go through the binary's one TLS stack (native-tls over OpenSSL, which ssh2 links too): a server
+/// whose CA is trusted (SSL_CERT_FILE) delivers the box; one signed by a CA this host does not trust is refused at
+/// the first try (no retries: a retry cannot fix a certificate) with the cause and what to do, nothing cached.
+#[test]
+#[cfg_attr(
+    windows,
+    ignore = "windows: makes its certificates with the openssl CLI and its disk images with Linux tools (SChannel reads no SSL_CERT_FILE)"
+)]
+fn https_box_download_checks_the_servers_certificate() {
+    let tmp = tempfile::tempdir().unwrap();
+    let img = qcow2(tmp.path());
+    let sum = sha256(&img);
+    let (ca, cert, key) = tls_files(tmp.path(), "good");
+    let (other_ca, _, _) = tls_files(tmp.path(), "other");
+    let (url, conns) = https_server(&cert, &key, img);
+    let t = Test::new();
+    t.write(
+        "box-config.toml",
+        format!(
+            "[machine]\nname = \"t\"\nprovider = \"libvirt\"\n\n[box]\nurl = \"{url}\"\nsha256 = \"{sum}\"\n"
+        ),
+    );
+    let empty_dir = tmp.path().join("no-certs");
+    std::fs::create_dir(&empty_dir).unwrap();
+    let build = |cache: &str, ca: &Path| {
+        Test::new()
+            .cwd(t.path())
+            .env("PROVISIONER_CACHE_DIR", tmp.path().join(cache).display().to_string())
+            .env("SSL_CERT_FILE", ca.display().to_string())
+            .env("SSL_CERT_DIR", empty_dir.display().to_string())
+            .args(["--json", "box", "build"])
+            .run()
+    };
+
+    let refused = build("cache-untrusted", &other_ca).failure();
+    let err = refused.stderr();
+    assert!(err.contains(&url) && err.contains("certificate verify failed"), "{err}");
+    assert!(
+        err.contains("hint: the server's TLS certificate is not trusted here")
+            && err.contains("SSL_CERT_FILE"),
+        "{err}"
+    );
+    assert!(!err.contains("retrying"), "a certificate error is not retried: {err}");
+    assert_eq!(conns.load(Ordering::SeqCst), 1, "one connection, no retries");
+    let listed = Test::new()
+        .cwd(t.path())
+        .env("PROVISIONER_CACHE_DIR", tmp.path().join("cache-untrusted").display().to_string())
+        .args(["--json", "box", "list"])
+        .run()
+        .success()
+        .stdout();
+    assert_eq!(last_json(&listed), serde_json::json!([]), "nothing cached");
+
+    let doc = last_json(&build("cache-trusted", &ca).success().stdout());
+    assert_eq!((doc["id"].as_str(), doc["built"].as_bool()), (Some(sum.as_str()), Some(true)));
+    assert_eq!(conns.load(Ordering::SeqCst), 2);
 }

@@ -500,3 +500,106 @@ fn the_install_step_puts_provisioner_on_path() {
     let step = up.find("bash scripts/install target/release/provisioner").expect("scripts/up installs");
     assert!(build < step && up[step..].contains("\"$dest\" up \"$@\""), "{up}");
 }
+
+/// scripts/up overlaps the host packages with the release build: with stand-ins for apt-get, dpkg-query and cargo
+/// (each waits, within a deadline, for the other to have started, so a sequential script fails), the build's own
+/// packages come first, the rest install while cargo runs, their output follows the build's, and a failed install
+/// stops scripts/up with that output.
+#[test]
+#[cfg_attr(windows, ignore = "windows: runs scripts/up with bash and POSIX stand-ins")]
+fn scripts_up_installs_the_host_packages_while_cargo_builds() {
+    let t = Test::new();
+    let repo = t.path().join("repo");
+    std::fs::create_dir_all(repo.join("scripts")).unwrap();
+    for f in ["up", "host-deps.sh", "install"] {
+        std::fs::copy(crate::support::repo().join("scripts").join(f), repo.join("scripts").join(f)).unwrap();
+    }
+    let fakes = t.path().join("fakes");
+    std::fs::create_dir(&fakes).unwrap();
+    let marks = t.path().join("marks");
+    std::fs::create_dir(&marks).unwrap();
+    let m = marks.display();
+    // Polls for the other side with a 20 s deadline (0.05 s steps): stand-ins, not the code under test.
+    let wait_for = |file: &str, why: &str| {
+        format!(
+            "i=0; while [ ! -e {m}/{file} ]; do i=$((i+1)); if [ $i -gt 400 ]; then echo \"{why}\" >&2; exit 1; fi; \
+             sleep 0.05; done"
+        )
+    };
+    let scripts = [
+        ("dpkg-query", "#!/bin/sh\nexit 1\n".to_string()),
+        ("tee", "#!/bin/sh\ncat >/dev/null\n".to_string()),
+        (
+            "apt-get",
+            format!(
+                "#!/bin/sh\ncase \" $* \" in *\" update \"*) exit 0;; esac\n\
+                 case \" $* \" in *\" openssh-server \"*) ;; *) echo \"build-deps $([ -e {m}/cargo ] && echo late)\" >>{m}/order; exit 0;; esac\n\
+                 echo apt >>{m}/order; touch {m}/apt\n{}\necho 'E: stand-in apt failed' >&2\nexit ${{APT_EXIT:-0}}\n",
+                wait_for("cargo", "apt ran alone: cargo never started")
+            ),
+        ),
+        (
+            "cargo",
+            format!(
+                "#!/bin/sh\necho cargo >>{m}/order; touch {m}/cargo\n{}\nmkdir -p target/release\n\
+                 printf '#!/bin/sh\\necho \"stand-in provisioner $*\"\\n' >target/release/provisioner\n\
+                 chmod 755 target/release/provisioner\n",
+                wait_for("apt", "cargo ran alone: the host packages were not installing")
+            ),
+        ),
+    ];
+    for (name, text) in scripts {
+        let p = fakes.join(name);
+        std::fs::write(&p, text).unwrap();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+    }
+    let up = |apt_exit: &str| {
+        for f in ["order", "apt", "cargo"] {
+            let _ = std::fs::remove_file(marks.join(f));
+        }
+        std::process::Command::new("bash")
+            .arg(repo.join("scripts/up"))
+            .env("PATH", format!("{}:/usr/bin:/bin", fakes.display()))
+            .env("PREFIX", t.path().join("prefix"))
+            .env("TMPDIR", t.path())
+            .env("APT_EXIT", apt_exit)
+            .output()
+            .unwrap()
+    };
+
+    let out = up("0");
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let order = std::fs::read_to_string(marks.join("order")).unwrap();
+    assert_eq!(
+        order.lines().next(),
+        Some("build-deps "),
+        "the build's packages first, before cargo: {order}"
+    );
+    assert!(
+        stdout.contains("up: installing the host packages in the background while provisioner builds"),
+        "{stdout}"
+    );
+    // The background install's output is shown after the build, each line marked.
+    let built = stdout.find("up: cargo build took").expect("build time line");
+    let deps = stdout.find("up: host-deps: installed").expect("host-deps output");
+    assert!(built < deps, "{stdout}");
+    assert!(
+        stdout.contains("stand-in provisioner up"),
+        "scripts/up ran `up` from the installed binary: {stdout}"
+    );
+
+    let out = up("100");
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
+    assert!(
+        stderr.contains("up: installing the host packages failed")
+            && stderr.contains("E: stand-in apt failed"),
+        "{stderr}"
+    );
+    assert!(!stdout.contains("stand-in provisioner up"), "no `up` after a failed install: {stdout}");
+}

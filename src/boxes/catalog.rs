@@ -182,12 +182,15 @@ pub fn fetch_text(url: &str) -> Result<String> {
     if let Some(path) = url.strip_prefix("file://") {
         return std::fs::read_to_string(path).with_context(|| format!("read the Vagrant catalog {url}"));
     }
-    let resp = ureq::AgentBuilder::new()
-        .timeout(std::time::Duration::from_secs(60))
-        .build()
-        .get(url)
-        .call()
-        .with_context(|| format!("fetch the Vagrant catalog {url}\nhint: check the URL, DNS and proxy"))?;
+    let resp = match crate::http::agent()?.timeout(std::time::Duration::from_secs(60)).build().get(url).call()
+    {
+        Err(e) if crate::http::is_certificate_error(&e) => {
+            bail!("fetch the Vagrant catalog {url}: {e}\nhint: {}", crate::http::CERTIFICATE_HINT)
+        }
+        r => {
+            r.with_context(|| format!("fetch the Vagrant catalog {url}\nhint: check the URL, DNS and proxy"))?
+        }
+    };
     resp.into_string().with_context(|| format!("read the Vagrant catalog {url}"))
 }
 

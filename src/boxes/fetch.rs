@@ -77,7 +77,7 @@ fn fetch(url: &str, part: &Path, ui: &Ui) -> Result<()> {
     if !(url.starts_with("http://") || url.starts_with("https://")) {
         bail!("[box] url = {url:?}: only http://, https:// and file:// URLs are supported");
     }
-    let agent = ureq::AgentBuilder::new()
+    let agent = crate::http::agent()?
         .timeout_connect(Duration::from_secs(30))
         .timeout_read(Duration::from_secs(60))
         .build();
@@ -122,6 +122,12 @@ fn download(agent: &ureq::Agent, url: &str, part: &Path, ui: &Ui) -> Result<(), 
             return Err(Failure::Fatal(anyhow::anyhow!(
                 "{url}: HTTP {code} {}\nhint: check the URL in box-config.toml",
                 r.status_text()
+            )))
+        }
+        Err(e) if crate::http::is_certificate_error(&e) => {
+            return Err(Failure::Fatal(anyhow::anyhow!(
+                "{url}: {e}\nhint: {}",
+                crate::http::CERTIFICATE_HINT
             )))
         }
         Err(e) => return Err(Failure::Retry(anyhow::anyhow!("{url}: {e}"))),

@@ -419,6 +419,82 @@ volumes:
         assert_eq!(run().compose, None);
     }
 
+    /// The warm path of the real probe script: a second probe with unchanged binaries starts no docker or
+    /// docker-compose at all (their answers come from the cache; the daemon is asked through its socket with
+    /// curl), reads the same, and asks `docker info` when the guest has no curl; a changed docker binary is probed
+    /// again.
+    #[test]
+    #[cfg_attr(windows, ignore = "windows: runs the probe script under /bin/sh with shell-script doubles")]
+    fn probe_script_starts_no_docker_cli_when_nothing_changed() {
+        let dir = tempfile::tempdir().unwrap();
+        let bin = dir.path().join("bin");
+        std::fs::create_dir(&bin).unwrap();
+        let calls = dir.path().join("calls");
+        let tool = |name: &str, body: &str| {
+            let p = bin.join(name);
+            std::fs::write(&p, format!("#!/bin/sh\necho \"{name} $*\" >> {calls:?}\n{body}\n")).unwrap();
+            crate::platform::set_mode(&p, 0o755).unwrap();
+        };
+        let docker = "case \"$1\" in --version) echo 'Docker version 20.10.24+dfsg1, build 297e128' ;;\n\
+             compose) echo \"docker: 'compose' is not a docker command.\" >&2; exit 1 ;;\n\
+             info) echo 20.10.24+dfsg1 ;; esac";
+        tool("docker", docker);
+        tool("docker-compose", "echo 'docker-compose version 1.29.2, build unknown'");
+        tool("sudo", "[ \"$1\" = -n ] && shift; exec \"$@\"");
+        tool(
+            "curl",
+            r#"echo '{"Platform":{"Name":""},"Components":[{"Name":"Engine","Version":"20.10.24+dfsg1"}],"Version":"20.10.24+dfsg1","ApiVersion":"1.41"}'"#,
+        );
+        let sys = dir.path().join("sys");
+        std::fs::create_dir(&sys).unwrap();
+        for util in ["head", "tail", "stat", "mkdir", "mv"] {
+            let found =
+                ["/usr/bin", "/bin"].iter().map(|d| std::path::Path::new(d).join(util)).find(|p| p.exists());
+            crate::platform::symlink(&found.expect("coreutils"), &sys.join(util)).unwrap();
+        }
+        // (what the probe read, the stand-ins it started: "sudo" lines left out)
+        let run = || {
+            let _ = std::fs::remove_file(&calls);
+            let out = std::process::Command::new("/bin/sh")
+                .args(["-c", PROBE_SCRIPT])
+                .env("PATH", format!("{}:{}", bin.display(), sys.display()))
+                .env("HOME", dir.path().join("home"))
+                .env_remove("XDG_CACHE_HOME")
+                .output()
+                .unwrap();
+            let started: Vec<String> = std::fs::read_to_string(&calls)
+                .unwrap_or_default()
+                .lines()
+                .filter(|l| !l.starts_with("sudo"))
+                .map(String::from)
+                .collect();
+            (parse_probe(&String::from_utf8_lossy(&out.stdout)), started)
+        };
+        let want = DockerProbe {
+            docker: Some("Docker version 20.10.24+dfsg1, build 297e128".into()),
+            compose: Some(ComposeKind::V1),
+            server_version: Some("20.10.24+dfsg1".into()),
+        };
+        let (first, started) = run();
+        assert_eq!(first, want);
+        assert!(started.contains(&"docker --version".to_string()), "{started:?}");
+        let (second, started) = run();
+        assert_eq!(second, want, "the cached answers read the same");
+        assert_eq!(
+            started,
+            ["curl -sf --max-time 30 --unix-socket /var/run/docker.sock http://localhost/version"]
+        );
+        // No curl in the guest: the daemon is asked with `docker info`.
+        std::fs::remove_file(bin.join("curl")).unwrap();
+        let (third, started) = run();
+        assert_eq!(third, want);
+        assert_eq!(started, ["docker info --format {{.ServerVersion}}"]);
+        // An upgraded docker (another size) is probed again.
+        tool("docker", &format!("{docker}\n# upgraded"));
+        let (_, started) = run();
+        assert!(started.contains(&"docker --version".to_string()), "{started:?}");
+    }
+
     #[test]
     fn a_running_daemon_is_seen_in_the_same_probe() {
         let v1 = (0, "docker-compose version 1.29.2, build unknown");

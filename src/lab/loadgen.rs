@@ -123,7 +123,7 @@ pub fn run(plan: &Plan) -> Result<Summary> {
 /// [`run`], also ending when `control.stop` is set, and counting requests in `control.sent` as they complete.
 pub fn run_controlled(plan: &Plan, control: &Control) -> Result<Summary> {
     plan.validate()?;
-    let agent = ureq::AgentBuilder::new().timeout(plan.request_timeout).build();
+    let agent = crate::http::agent()?.timeout(plan.request_timeout).build();
     let base = plan.url.trim_end_matches('/').to_string();
     let start = Instant::now();
     let deadline = start + plan.duration;

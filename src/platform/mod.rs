@@ -316,6 +316,17 @@ pub(crate) const OPENSSH_CLIENT_HINT: &str = if cfg!(windows) {
     "install it (Debian/Ubuntu: `apt-get install openssh-client`)"
 };
 
+/// What to do when an HTTPS server's certificate is not trusted (HTTPS goes through native-tls: OpenSSL's store on
+/// Unix, the Windows certificate store on Windows).
+pub(crate) const CERTIFICATE_HINT: &str = if cfg!(windows) {
+    "the server's TLS certificate is not trusted here (expired, for another name, or from a private CA): fix the \
+     server's certificate, or add its CA to the Windows certificate store (certmgr), then run again"
+} else {
+    "the server's TLS certificate is not trusted here (expired, for another name, or from a private CA): fix the \
+     server's certificate, or trust its CA (copy it to /usr/local/share/ca-certificates/ and run \
+     update-ca-certificates, or point SSL_CERT_FILE at a PEM bundle holding it), then run again"
+};
+
 /// A path as an OpenSSH config value or `-o` option wants it. Unix: as is. Windows: forward slashes (OpenSSH reads
 /// a backslash as an escape in config lines) and no `\\?\` verbatim prefix, so `C:\Users\A B\lab` becomes
 /// `C:/Users/A B/lab` (the caller quotes it for the space).

@@ -196,8 +196,11 @@ impl Session {
         timeout: Duration,
         on_line: &mut dyn FnMut(&str),
     ) -> Result<ExecOutput> {
+        let started = Instant::now();
         let mut ex = Exec::start(self, cmd, timeout, on_line)?;
-        ex.finish()
+        let out = ex.finish();
+        trace_exec(cmd, started);
+        out
     }
     /// Run a command and collect output.
     pub fn exec(&self, cmd: &str, timeout: Duration) -> Result<ExecOutput> {
@@ -226,6 +229,8 @@ impl Session {
         timeout: Duration,
         feed: &mut dyn FnMut(&mut dyn Write) -> std::io::Result<()>,
     ) -> Result<ExecOutput> {
+        let started = Instant::now();
+        let _trace = Defer(Some(move || trace_exec(cmd, started)));
         let mut quiet = |_: &str| {};
         let mut ex = Exec::start(self, cmd, timeout, &mut quiet)?;
         let sent = {
@@ -327,6 +332,28 @@ fn millis(d: Duration) -> u32 {
 pub use crate::host::shell_quote;
 
 /// A running remote command: its channel (stderr merged into stdout), output split into lines, and a deadline.
+/// With `-v`: how long one guest command took, on stderr (where a warm `up` spends its time, exec by exec).
+fn trace_exec(cmd: &str, started: Instant) {
+    if crate::process::verbosity() >= 1 {
+        let first =
+            cmd.lines().find(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#')).unwrap_or("");
+        let shown: String = first.chars().take(100).collect();
+        let more = if shown.len() < cmd.trim_end().len() { " ..." } else { "" };
+        eprintln!("+ ssh {} ms: {shown}{more}", started.elapsed().as_millis());
+    }
+}
+
+/// Runs its closure when dropped (timing an exec however it ends).
+struct Defer<F: FnOnce()>(Option<F>);
+
+impl<F: FnOnce()> Drop for Defer<F> {
+    fn drop(&mut self) {
+        if let Some(f) = self.0.take() {
+            f()
+        }
+    }
+}
+
 struct Exec<'a> {
     sess: &'a Session,
     ch: ssh2::Channel,
