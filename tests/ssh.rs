@@ -651,7 +651,10 @@ fn the_first_login_is_refused_off_loopback_and_says_when_the_box_takes_no_insecu
         .expect("the insecure key logged in");
     let e = format!("{e:#}");
     assert!(e.contains("did not accept Vagrant's insecure key"), "{e}");
-    assert!(e.contains("hint: keys = \"insecure-once\" needs a box that follows Vagrant's box contract"), "{e}");
+    assert!(
+        e.contains("hint: keys = \"insecure-once\" needs a box that follows Vagrant's box contract"),
+        "{e}"
+    );
     assert!(started.elapsed() < Duration::from_secs(20), "{:?}", started.elapsed());
 
     let started = Instant::now();

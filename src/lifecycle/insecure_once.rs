@@ -73,7 +73,8 @@ pub const INSECURE_KEYS: [(&str, &str); 2] = [
 /// port 22) on an address that is not loopback, and a machine of a `[[machine]]` file (its private network
 /// reaches the guest's sshd from the other machines).
 pub fn check_allowed(cfg: &Config) -> Result<()> {
-    const CHOICES: &str = "or use keys = \"disk\" (the key is written into the disk before the first boot; ext2/3/4 \
+    const CHOICES: &str =
+        "or use keys = \"disk\" (the key is written into the disk before the first boot; ext2/3/4 \
                            roots) or a box that runs cloud-init";
     if crate::host::Host::from_uri(&cfg.libvirt.uri).is_remote() {
         bail!(
@@ -111,8 +112,7 @@ pub fn check_allowed(cfg: &Config) -> Result<()> {
 /// `@hostkey`, `@reloaded`) tell a failure's caller how far it got.
 pub fn swap_script(user: &str, user_key: &str, host_pub: &str) -> String {
     let q = |s: &str| format!("'{}'", s.replace('\'', "'\\''"));
-    let blobs: Vec<&str> =
-        VAGRANT_INSECURE_KEYS.iter().filter_map(|k| k.split_whitespace().nth(1)).collect();
+    let blobs: Vec<&str> = VAGRANT_INSECURE_KEYS.iter().filter_map(|k| k.split_whitespace().nth(1)).collect();
     format!(
         r#"set -e
 umask 077
@@ -349,16 +349,26 @@ mod tests {
     fn insecure_once_is_allowed_only_where_loopback_alone_reaches_the_guest_sshd() {
         check_allowed(&cfg("", "qemu:///session")).unwrap();
         check_allowed(&cfg("[ssh]\nhost_ip = \"127.0.0.2\"\n", "qemu:///system")).unwrap();
-        check_allowed(&cfg("[[forward]]\nguest = 80\nhost = 8080\nhost_ip = \"0.0.0.0\"\n", "qemu:///session"))
-            .unwrap();
+        check_allowed(&cfg(
+            "[[forward]]\nguest = 80\nhost = 8080\nhost_ip = \"0.0.0.0\"\n",
+            "qemu:///session",
+        ))
+        .unwrap();
 
         let e = refusal(&cfg("[ssh]\nhost_ip = \"0.0.0.0\"\n", "qemu:///session"));
         assert!(e.contains("forwarded on 0.0.0.0") && e.contains("Vagrant's published insecure key"), "{e}");
         assert!(e.contains("hint: set [ssh] host_ip = \"127.0.0.1\""), "{e}");
-        let e = refusal(&cfg("[[forward]]\nguest = 22\nhost = 2200\nhost_ip = \"192.168.1.5\"\n", "qemu:///session"));
+        let e = refusal(&cfg(
+            "[[forward]]\nguest = 22\nhost = 2200\nhost_ip = \"192.168.1.5\"\n",
+            "qemu:///session",
+        ));
         assert!(e.contains("forwarded on 192.168.1.5"), "{e}");
         let e = refusal(&cfg("", "qemu+ssh://root@10.0.0.2/system"));
-        assert!(e.contains("refused on a remote libvirt host") && e.contains("hint: run this machine on the local"), "{e}");
+        assert!(
+            e.contains("refused on a remote libvirt host")
+                && e.contains("hint: run this machine on the local"),
+            "{e}"
+        );
     }
 
     /// Each private key is the pair of a published public key (ssh-keygen -y derives the public half).
@@ -374,7 +384,10 @@ mod tests {
             assert!(out.status.success(), "{name}: {out:?}");
             let public = String::from_utf8(out.stdout).unwrap();
             let blob = public.split_whitespace().nth(1).unwrap();
-            assert!(VAGRANT_INSECURE_KEYS.iter().any(|p| p.split_whitespace().nth(1) == Some(blob)), "{name}");
+            assert!(
+                VAGRANT_INSECURE_KEYS.iter().any(|p| p.split_whitespace().nth(1) == Some(blob)),
+                "{name}"
+            );
         }
     }
 }

@@ -7,8 +7,8 @@
 //! `create` is idempotent (an existing domain of ours is re-defined, the overlay is made once under a temp name),
 //! and a running machine is only waited for. So a half-created machine is completed, never duplicated.
 
-pub mod lab_cache;
 pub mod insecure_once;
+pub mod lab_cache;
 pub(crate) mod offline;
 pub mod plan;
 pub mod round;

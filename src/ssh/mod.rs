@@ -272,7 +272,8 @@ impl Session {
         pinned: &str,
         timeout: Duration,
     ) -> Result<Option<FirstLogin>> {
-        let pinned = keys::public_blob(pinned).context("the pinned host key in the machine state is unreadable")?;
+        let pinned =
+            keys::public_blob(pinned).context("the pinned host key in the machine state is unreadable")?;
         if !addr.ip().is_loopback() {
             anyhow::bail!(
                 "refusing to log in with a published insecure key at {addr}: only a loopback address (127.0.0.1) \
@@ -326,8 +327,7 @@ fn handshake(addr: SocketAddr, deadline: Instant) -> std::result::Result<ssh2::S
         ssh2::Session::new().map_err(|e| Attempt::Fatal(anyhow!(e).context("initialise libssh2")))?;
     sess.set_tcp_stream(tcp);
     sess.set_timeout(millis(slice));
-    sess.handshake()
-        .map_err(|e| Attempt::Retry(anyhow!(e).context(format!("SSH handshake with {addr}"))))?;
+    sess.handshake().map_err(|e| Attempt::Retry(anyhow!(e).context(format!("SSH handshake with {addr}"))))?;
     Ok(sess)
 }
 
