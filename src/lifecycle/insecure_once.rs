@@ -373,13 +373,13 @@ mod tests {
 
     /// Each private key is the pair of a published public key (ssh-keygen -y derives the public half).
     #[test]
-    #[cfg(unix)]
+    #[cfg_attr(windows, ignore = "ssh-keygen is not on the Windows tier's PATH")]
     fn the_private_keys_are_the_published_pairs_of_the_public_keys() {
         let dir = tempfile::tempdir().unwrap();
         for (i, (name, pem)) in INSECURE_KEYS.iter().enumerate() {
             let f = dir.path().join(format!("k{i}"));
             std::fs::write(&f, pem).unwrap();
-            std::fs::set_permissions(&f, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+            crate::platform::set_mode(&f, 0o600).unwrap();
             let out = std::process::Command::new("ssh-keygen").arg("-y").arg("-f").arg(&f).output().unwrap();
             assert!(out.status.success(), "{name}: {out:?}");
             let public = String::from_utf8(out.stdout).unwrap();
