@@ -572,3 +572,49 @@ fn up_refuses_an_xfs_box_before_boot() {
         .success()
         .stdout_contains("not created");
 }
+
+/// `keys = "insecure-once"` with the SSH forward on an address that is not loopback: `up` stops before anything is
+/// created (no VM, no overlay, no state), with the reason and what to do.
+#[test]
+fn up_refuses_insecure_once_off_loopback_before_anything_is_created() {
+    if which::which("virsh").is_err() {
+        eprintln!("skipped: no virsh on this host");
+        return;
+    }
+    let t = crate::support::Test::new();
+    let base = vagrant_box(t.path(), &[]);
+    t.write(
+        "box-config.toml",
+        format!(
+            "[machine]\nname = \"oncebox\"\nprovider = \"libvirt\"\ncpus = 1\nmemory_mb = 512\ndisk_gb = 2\n\n[box]\n\
+             image = \"{}\"\nkeys = \"insecure-once\"\n\n[ssh]\nhost_ip = \"0.0.0.0\"\nhost_port = {}\n\n\
+             [provision]\nenabled = false\n\n[libvirt]\nuri = \"qemu:///session\"\n",
+            base.display(),
+            crate::support::free_port()
+        ),
+    );
+    let cache = t.path().join("cache").display().to_string();
+    let r = crate::support::Test::new()
+        .cwd(t.path())
+        .env("PROVISIONER_CACHE_DIR", cache.clone())
+        .args(["up", "--no-provision"])
+        .run()
+        .failure();
+    let err = r.stderr();
+    assert!(
+        err.contains(
+            "[box] keys = \"insecure-once\" is refused with the guest's SSH port forwarded on 0.0.0.0"
+        ),
+        "{err}"
+    );
+    assert!(err.contains("hint: set [ssh] host_ip = \"127.0.0.1\""), "{err}");
+    assert!(!t.path().join(".provisioner/disk.qcow2").exists());
+    assert!(!t.path().join(".provisioner/state.json").exists());
+    crate::support::Test::new()
+        .cwd(t.path())
+        .env("PROVISIONER_CACHE_DIR", cache)
+        .arg("status")
+        .run()
+        .success()
+        .stdout_contains("not created");
+}

@@ -204,14 +204,15 @@ pub(crate) fn first_login(
 ) -> Result<Session> {
     let ph = ui.phase("keys");
     let started = Instant::now();
-    // Checked again here (the config may have changed since the machine was made).
-    check_allowed(&m.cfg)?;
+    let vm = vm_ref(recorded.as_ref(), &m.vm_name);
+    let powered_off = |what: String| power_off(p, &vm, what);
+    // Checked again here (the config may have changed since the machine was made, and a running machine was not
+    // booted by this run).
+    check_allowed(&m.cfg).map_err(|e| powered_off(format!("{e:#}")))?;
     let mut users = vec![m.cfg.ssh.user.clone()];
     if m.cfg.ssh.user != "vagrant" {
         users.push("vagrant".into());
     }
-    let vm = vm_ref(recorded.as_ref(), &m.vm_name);
-    let powered_off = |what: String| power_off(p, &vm, what);
     let login =
         Session::connect_first_login(addr, &users, &INSECURE_KEYS, &host_key.public_openssh, timeout)
             .map_err(|e| {
@@ -229,6 +230,11 @@ pub(crate) fn first_login(
         ph.done("insecure-once: the keys were replaced by an earlier run; the pinned host key answers");
         return Ok(session);
     };
+    // Recorded before the swap: a run stopped after it (the guest then presents the pinned host key) still logs
+    // in as the right user.
+    let st = recorded.get_or_insert_with(MachineState::default);
+    st.ssh_user = (login.user != m.cfg.ssh.user).then(|| login.user.clone());
+    st.save(&m.state).map_err(|e| powered_off(format!("{e:#}\nnothing was changed in the guest yet")))?;
     let script = swap_script(&login.user, &user_key.public_openssh, &host_key.public_openssh);
     let cmd = format!("sudo -n sh -c {}", crate::ssh::shell_quote(&script));
     let out = login.session.exec_with_stdin(
@@ -258,9 +264,6 @@ pub(crate) fn first_login(
         )));
     }
     let (insecure, others) = done.keys.unwrap_or_default();
-    let st = recorded.get_or_insert_with(MachineState::default);
-    st.ssh_user = (login.user != m.cfg.ssh.user).then(|| login.user.clone());
-    st.save(&m.state)?;
     let session = reconnect(m, recorded, addr, host_key, Duration::from_secs(60)).map_err(|e| {
         powered_off(format!(
             "{e:#}\nthe box's keys were replaced (Vagrant's insecure key removed, host key set, sshd reloaded) but \

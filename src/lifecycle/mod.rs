@@ -489,7 +489,13 @@ fn boot(
     let (route, why) = match (&live, st.keys_route.as_deref()) {
         (VmState::NotCreated, _) => offline::decide(m, p, &base)?,
         (_, Some("disk")) => (Route::Disk, "recorded".to_string()),
-        (_, Some("insecure-once")) => (Route::InsecureOnce, "recorded".to_string()),
+        (_, Some("insecure-once")) => {
+            // Not booted again where more than loopback would reach it while it may still take the insecure key.
+            if st.first_login_pending {
+                insecure_once::check_allowed(&m.cfg)?;
+            }
+            (Route::InsecureOnce, "recorded".to_string())
+        }
         _ => (Route::CloudInit, "recorded".to_string()),
     };
 
