@@ -316,7 +316,7 @@ fn interrupted_download_restarts_when_server_ignores_range() {
 #[test]
 #[cfg_attr(
     windows,
-    ignore = "windows: sends SIGINT with kill(2); a console Ctrl-C needs GenerateConsoleCtrlEvent (not written yet)"
+    ignore = "windows: sends SIGINT with kill(2); a console Ctrl-C is sent by the tests in tests/windows.rs"
 )]
 fn interrupted_download_says_what_stays_and_the_next_run_resumes() {
     #[cfg(unix)]
@@ -1030,7 +1030,7 @@ fn vm_unbootable_box_reports_the_firmware_error() {
 #[test]
 #[cfg_attr(
     windows,
-    ignore = "windows: sends SIGINT with kill(2); a console Ctrl-C needs GenerateConsoleCtrlEvent (not written yet)"
+    ignore = "windows: sends SIGINT with kill(2); a console Ctrl-C is sent by the tests in tests/windows.rs"
 )]
 fn up_interrupted_while_waiting_for_ssh_exits_130_and_reruns() {
     #[cfg(unix)]
@@ -1109,14 +1109,16 @@ fn box_with_metadata(md: &str, files: &[(&str, &[u8])]) -> Vec<u8> {
     b.into_inner().unwrap()
 }
 
-/// vagrant-libvirt box format v2: `disks: [{path}]` names the boot disk; more than one disk is refused (not
-/// attached yet) rather than booted without them.
+/// vagrant-libvirt box format v2: `disks: [{path}]`, the first the boot disk. Issue 20 changes what a box with
+/// several disks gets: it used to be refused; now every disk is cached, the others (which may be blank data disks)
+/// in the box's order, and a cache hit gives them back. A truncated data disk is refused like a boot disk, and so
+/// is a disk named twice.
 #[test]
 #[cfg_attr(
     windows,
     ignore = "windows: makes its disk images with Linux tools (mkfs.ext4, qemu-img), which Wine and Windows hosts lack"
 )]
-fn vagrant_libvirt_v2_boxes_name_their_disk() {
+fn vagrant_libvirt_v2_boxes_name_their_disks() {
     let tmp = tempfile::tempdir().unwrap();
     let img = qcow2(tmp.path());
     let cache = Cache::at(tmp.path().join("cache")).unwrap();
@@ -1127,13 +1129,49 @@ fn vagrant_libvirt_v2_boxes_name_their_disk() {
     let (image, _) = boxes::ensure_in(&cache, &cfg, "libvirt", false, &quiet()).unwrap();
     assert_eq!(image.disk.file_name().unwrap(), "disk0.qcow2");
     assert_eq!(std::fs::read(&image.disk).unwrap(), img);
+    assert!(image.extra_disks.is_empty());
+
+    // A blank data disk, as `qemu-img create` makes it: nothing bootable, and not asked to be.
+    let blank = tmp.path().join("blank.qcow2");
+    run_ok(
+        std::process::Command::new("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(&blank).arg("8M"),
+    );
+    let blank = std::fs::read(&blank).unwrap();
+    let md = r#"{"provider":"libvirt","format":"qcow2","disks":[{"path":"b.qcow2"},{"path":"a.qcow2","format":"qcow2"},{"path":"c.raw"}]}"#;
+    let three = tmp.path().join("three.box");
+    let raw = vec![0u8; 1 << 20];
+    std::fs::write(&three, box_with_metadata(md, &[("a.qcow2", &blank), ("b.qcow2", &img), ("c.raw", &raw)]))
+        .unwrap();
+    let cfg = config(tmp.path(), "libvirt", &format!("vagrant = \"{}\"", three.display()));
+    for hit in [false, true] {
+        let (image, built) = boxes::ensure_in(&cache, &cfg, "libvirt", false, &quiet()).unwrap();
+        assert_eq!(built, !hit);
+        assert_eq!(image.disk.file_name().unwrap(), "b.qcow2", "the first listed is the boot disk");
+        let dir = image.disk.parent().unwrap().to_path_buf();
+        assert_eq!(
+            image.extra_disks,
+            vec![(dir.join("a.qcow2"), "qcow2".to_string()), (dir.join("c.raw"), "raw".to_string())],
+            "hit: {hit}"
+        );
+        assert_eq!(std::fs::read(dir.join("a.qcow2")).unwrap(), blank);
+    }
 
     let md = r#"{"provider":"libvirt","format":"qcow2","disks":[{"path":"a.qcow2"},{"path":"b.qcow2"}]}"#;
-    let two = tmp.path().join("two.box");
-    std::fs::write(&two, box_with_metadata(md, &[("a.qcow2", &img), ("b.qcow2", &img)])).unwrap();
-    let cfg = config(tmp.path(), "libvirt", &format!("vagrant = \"{}\"", two.display()));
+    let cut = tmp.path().join("cut.box");
+    std::fs::write(&cut, box_with_metadata(md, &[("a.qcow2", &img), ("b.qcow2", &img[..img.len() / 2])]))
+        .unwrap();
+    let cfg = config(tmp.path(), "libvirt", &format!("vagrant = \"{}\"", cut.display()));
     let e = format!("{:#}", boxes::ensure_in(&cache, &cfg, "libvirt", false, &quiet()).unwrap_err());
-    assert!(e.contains("has 2 disks (a.qcow2, b.qcow2)") && e.contains("hint:"), "{e}");
+    assert!(e.contains("b.qcow2 is not a usable qcow2 disk image") && e.contains("\nhint: "), "{e}");
+
+    let md = r#"{"provider":"libvirt","format":"qcow2","disks":[{"path":"a.qcow2"},{"path":"a.qcow2"}]}"#;
+    let twice = tmp.path().join("twice.box");
+    std::fs::write(&twice, box_with_metadata(md, &[("a.qcow2", &img)])).unwrap();
+    let cfg = config(tmp.path(), "libvirt", &format!("vagrant = \"{}\"", twice.display()));
+    let e = format!("{:#}", boxes::ensure_in(&cache, &cfg, "libvirt", false, &quiet()).unwrap_err());
+    assert!(e.contains("names the disk \"a.qcow2\" twice\nhint: "), "{e}");
+    // Only the two good boxes are cached.
+    assert_eq!(entries(&cache).len(), 2);
 }
 
 /// A Vagrant catalog (`metadata.json` with versions and providers) over file://: the newest version matching

@@ -227,13 +227,31 @@ fn health_table_is_green_when_every_available_service_answers() {
         .stdout_contains("HTTP 500, expected 200");
 }
 
-/// The VM tier: from no state to a green table and a delivered alert, then the idempotence checks.
+/// The VM tier: from no state to a green table and a delivered alert, then the idempotence checks, then the
+/// registry cases (tests/registry_vm.rs). The box is one Vagrant users bring (issue 20): the test box made into a
+/// Vagrant-style box without cloud-init (user `vagrant` with Vagrant's insecure keys, cloud-init disabled), named by
+/// `[box] vagrant` in the shipped config, so its keys go into the machine's disk before the first boot. The other
+/// VM tests (cluster, remote, snapshots, lifecycle) run the cloud-init box.
 #[test]
-#[ignore = "vm: boots a libvirt guest and provisions the whole lab (cold: ~15 min under TCG)"]
+#[ignore = "vm: boots a libvirt guest from a Vagrant-style box and provisions the whole lab (cold: ~15-25 min under TCG)"]
 fn vm_up_verify_reprovision_destroy() {
     let t = Test::with_lab();
     let cfg_path = t.path().join("box-config.toml");
     let text = std::fs::read_to_string(&cfg_path).unwrap();
+    let box_src = tempfile::tempdir().unwrap();
+    let box_file = crate::inject::vagrant_box_from_test_box(box_src.path());
+    let box_img_sha = {
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("tar -xOf '{}' box.img | sha256sum", box_file.display()))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap().to_string()
+    };
+    // `[box.debian]` (four lines) becomes `[box] vagrant = FILE`.
+    let debian = text.find("[box.debian]\n").expect("the shipped config builds its box from Debian");
+    let end = debian + text[debian..].find("\n\n").unwrap() + 1;
+    let text = format!("{}[box]\nvagrant = \"{}\"\n{}", &text[..debian], box_file.display(), &text[end..]);
     // Unique free host ports per test (the repo's config uses fixed ones); free_port() may hand out the same
     // port twice, so draw until they differ.
     let mut ports = std::collections::BTreeSet::new();
@@ -272,6 +290,22 @@ fn vm_up_verify_reprovision_destroy() {
     for svc in ["demo-app", "prometheus", "alertmanager", "node-exporter"] {
         assert!(table.contains(&format!("✓ {svc}")), "{svc} not healthy:\n{table}\n{}", up.stderr());
     }
+    // The keys went in through the disk (the interrupted `up` created the machine), the insecure key is refused,
+    // and the host key is the one pinned at the first connection.
+    let first = std::fs::read_to_string(t.path().join("up-interrupted.log")).unwrap();
+    assert!(
+        first.contains("disk (cloud-init is disabled in the box): machine key written for vagrant, 2 insecure keys removed, host key set"),
+        "no disk-route keys line in the first `up`:\n{first}"
+    );
+    let ssh_port: u16 = std::fs::read_to_string(&cfg_path)
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("host_port = "))
+        .and_then(|p| p.split_whitespace().next())
+        .unwrap()
+        .parse()
+        .unwrap();
+    crate::inject::insecure_key_refused_and_host_key_pinned(t.path(), "vagrant", ssh_port);
     for svc in ["grafana", "cadvisor"] {
         assert!(table
             .lines()
@@ -322,17 +356,26 @@ fn vm_up_verify_reprovision_destroy() {
     assert_eq!(restarted, ["prometheus"], "before {before:?}\nafter {after:?}");
 
     // images = "auto" against a real registry, on this running guest (tests/registry_vm.rs): no boot of its own.
-    // Opt-in (PROVISIONER_TEST_REGISTRY=1) until it has passed here within CI's budget: it has not yet run to its
-    // end (filling the registry from a TCG guest was too slow; see docs/lab.md). Without it this test asserts what
-    // it did before, and the registry cases are not counted anywhere.
-    if std::env::var_os("PROVISIONER_TEST_REGISTRY").is_some() {
-        crate::registry_vm::registry_cases(t.path(), &run);
-    } else {
-        eprintln!("registry cases not run: opt-in with PROVISIONER_TEST_REGISTRY=1");
-    }
+    crate::registry_vm::registry_cases(t.path(), &run);
 
     run(&["destroy", "-f"]).success();
     assert!(!t.path().join(".provisioner").exists(), "destroy left the state dir");
+    // The cached box is byte-identical to the box.img of the .box it came from; then it leaves the shared cache.
+    let cached = std::fs::read_dir(crate::support::cache_dir().join("boxes"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|d| {
+            std::fs::read_to_string(d.join("box.json"))
+                .is_ok_and(|j| j.contains(&*box_file.display().to_string()))
+        })
+        .expect("the Vagrant-style box in the cache");
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(cached.join("box.json")).unwrap()).unwrap();
+    let disk = cached.join(meta["disk"].as_str().unwrap());
+    assert_eq!(crate::inject::sha256_file(&disk), box_img_sha, "the cached box changed");
+    let id = meta["id"].as_str().unwrap();
+    run(&["box", "remove", &id[..12]]).success();
 }
 
 /// Start `up --json` in `dir`, SIGINT it when its `images` phase starts, and check it ends as a clean cancellation.

@@ -13,7 +13,7 @@ fn run_ok(cmd: &mut std::process::Command) {
     assert!(out.status.success(), "{cmd:?}: {out:?}");
 }
 
-fn sha256_file(p: &Path) -> String {
+pub(crate) fn sha256_file(p: &Path) -> String {
     use sha2::{Digest, Sha256};
     hex::encode(Sha256::digest(std::fs::read(p).unwrap()))
 }
@@ -251,7 +251,7 @@ F+wvG9hXGoqiysfJOn5YAAAAEHNwb3hAdmFncmFudC1kZXYBAgMEBQ==
 /// The Vagrant-style box builder, shared with benches/vagrant_box.rs.
 #[path = "support/vagrant_box.rs"]
 mod vagrant_box;
-use vagrant_box::vagrant_box_from_test_box;
+pub(crate) use vagrant_box::vagrant_box_from_test_box;
 
 /// The cached box's disk, for the byte-identical check.
 fn cached_disks(cache: &Path) -> Vec<(PathBuf, String)> {
@@ -323,8 +323,18 @@ fn vm_vagrant_box_without_cloud_init_gets_keys_from_its_disk() {
     let host = run(&["ssh", "-c", "hostname; sudo -n true && echo sudo-ok"]).success();
     assert!(host.stdout().contains("vbox") && host.stdout().contains("sudo-ok"), "{}", host.stdout());
 
-    // The insecure private key does not log in.
-    let key = t.path().join("insecure");
+    insecure_key_refused_and_host_key_pinned(t.path(), "vagrant", port);
+
+    assert_eq!(cached_disks(&cache), before, "the cached box changed");
+    drop(guard);
+    eprintln!("vm test: {:.1} s", started.elapsed().as_secs_f64());
+}
+
+/// After `up` on a Vagrant-style box in `dir` (SSH forwarded to 127.0.0.1:`port`): a login as `user` with
+/// Vagrant's insecure private key is refused, and the host key sshd offers is the one pinned from the first
+/// connection (`.provisioner/host_ed25519.pub`).
+pub(crate) fn insecure_key_refused_and_host_key_pinned(dir: &Path, user: &str, port: u16) {
+    let key = dir.join("insecure");
     std::fs::write(&key, VAGRANT_INSECURE_ED25519_PRIVATE).unwrap();
     std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     let out = std::process::Command::new("ssh")
@@ -343,7 +353,7 @@ fn vm_vagrant_box_without_cloud_init_gets_keys_from_its_disk() {
             "ConnectTimeout=30",
             "-p",
             &port.to_string(),
-            "vagrant@127.0.0.1",
+            &format!("{user}@127.0.0.1"),
             "true",
         ])
         .output()
@@ -351,18 +361,15 @@ fn vm_vagrant_box_without_cloud_init_gets_keys_from_its_disk() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "the insecure key logged in");
     assert!(err.contains("Permission denied"), "{err}");
+    std::fs::remove_file(&key).unwrap();
     // The host key sshd offers is the one pinned from the first connection.
     let scan = std::process::Command::new("ssh-keyscan")
         .args(["-t", "ed25519", "-p", &port.to_string(), "127.0.0.1"])
         .output()
         .unwrap();
-    let pinned = std::fs::read_to_string(t.path().join(".provisioner/host_ed25519.pub")).unwrap();
+    let pinned = std::fs::read_to_string(dir.join(".provisioner/host_ed25519.pub")).unwrap();
     let blob = pinned.split_whitespace().nth(1).unwrap();
     assert!(String::from_utf8_lossy(&scan.stdout).contains(blob), "{scan:?} vs {pinned}");
-
-    assert_eq!(cached_disks(&cache), before, "the cached box changed");
-    drop(guard);
-    eprintln!("vm test: {:.1} s", started.elapsed().as_secs_f64());
 }
 
 /// `ssh -i KEY vagrant@127.0.0.1 -p PORT true` with nothing but that key: (succeeded, stderr).

@@ -44,3 +44,7 @@ mod virtualbox;
 // windows: the VM tier: libvirt + QEMU guests (Linux only).
 #[cfg(unix)]
 mod vm;
+// The Windows build through real parts under Wine (ed25519 SSH, console Ctrl-C, Job Objects); Windows only: their
+// Unix sides are in ssh.rs and the SIGINT tests of boxes.rs and guest.rs.
+#[cfg(windows)]
+mod windows;

@@ -2,11 +2,12 @@
 //! `images = "auto"` against a REAL registry, Debian's `docker-registry` (Distribution 2.8) on the host's
 //! 127.0.0.1 (the guest reaches it at 10.0.2.2 through QEMU's user network), with TLS from a CA this test makes
 //! (openssl CLI) and basic auth (htpasswd -B), used as the lab's one private registry (`registry_proxies` for
-//! docker.io and gcr.io, also named in `registry_mirrors`). The registry is filled from the guest with the images
-//! registry mode names: Prometheus, Alertmanager and node exporter are the debian-mode images the guest built,
-//! re-tagged (plus a `wget` shim: registry mode's healthchecks use wget); Grafana, cAdvisor and the demo app's
-//! Python base are STAND-INS built FROM the debian base image (a tiny HTTP server answering the health endpoints
-//! and /metrics; a Python with pip). The demo app's pinned packages come from a local index: `pip download` on the
+//! docker.io and gcr.io, also named in `registry_mirrors`). The registry is filled from the host with the images
+//! registry mode names, each the debian-mode base layer plus one small layer: Prometheus, Alertmanager and node
+//! exporter carry the config and data directory of the debian-mode images the guest built (plus a `wget` shim:
+//! registry mode's healthchecks use wget); Grafana, cAdvisor and the demo app's Python base are STAND-INS (a tiny
+//! HTTP server answering the health endpoints and /metrics; Debian's python3 with pip unpacked from its wheel).
+//! The demo app's pinned packages come from a local index: `pip download` on the
 //! host into a directory served over HTTP on 127.0.0.1.
 //!
 //! Cases: a wrong password (a clear error naming the registry, the secret never printed); the right one (all six
@@ -17,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::support::{free_port, wait_until, Proc, Run, Test};
+use crate::support::{free_port, wait_until, Proc, Run};
 
 const USER: &str = "lab";
 const PASSWORD: &str = "Reg-pass-7f3c9d-never-printed";
@@ -26,12 +27,12 @@ const WRONG: &str = "Wrong-pass-41b2e8-never-printed";
 /// Images the registry gets, as registry mode names them (repository paths under the proxy prefix), and what
 /// each is made from in the guest.
 const IMAGES: [(&str, &str); 6] = [
-    ("docker.io/prom/prometheus:v2.53.2", "retag provisioner-lab/prometheus:debian"),
-    ("docker.io/prom/alertmanager:v0.27.0", "retag provisioner-lab/alertmanager:debian"),
-    ("docker.io/prom/node-exporter:v1.8.2", "retag provisioner-lab/node-exporter:debian"),
+    ("docker.io/prom/prometheus:v2.53.2", "provisioner-lab/prometheus:debian's config and data dir, a wget shim"),
+    ("docker.io/prom/alertmanager:v0.27.0", "provisioner-lab/alertmanager:debian's config and data dir, a wget shim"),
+    ("docker.io/prom/node-exporter:v1.8.2", "provisioner-lab/node-exporter:debian's config, a wget shim"),
     ("docker.io/grafana/grafana:11.2.2", "stand-in grafana (answers /api/health on 3000)"),
     ("gcr.io/cadvisor/cadvisor:v0.49.1", "stand-in cadvisor (answers /healthz and /metrics on 8080)"),
-    ("docker.io/library/python:3.12.7-slim-bookworm", "stand-in python (Debian's python3 + pip)"),
+    ("docker.io/library/python:3.12.7-slim-bookworm", "stand-in python (Debian's python3, pip unpacked from its wheel)"),
 ];
 
 fn sh(cmd: &mut Command, what: &str) {
@@ -169,13 +170,16 @@ fn start_pip_index(dir: &Path, requirements: &Path, port: u16) -> Proc {
     p
 }
 
-/// Pushes the debian-mode base tarball (cached on the host) to the registry as `provisioner-test/base:bookworm`,
-/// from the host: one gzip layer (its diff id is the tarball's sha256, as `docker import` made it in the guest) and
-/// a config. A push of that 300 MB layer from the TCG guest (gzip in the emulated CPU) runs at ~130 KB/s; pulled
-/// once by the guest, its layer is known to the registry and every later push mounts it instead.
-const PUSH_BASE: &str = r#"
-import base64, gzip, hashlib, json, os, ssl, sys, tempfile, urllib.request
-reg, ca, user, pw, tarball, name, tag = sys.argv[1:]
+/// Fills the registry from the host, as a registry is filled by whoever publishes images: every image is the
+/// debian-mode base layer (the tarball cached on the host, the one the guest's `provisioner-base:bookworm` was
+/// imported from: same diff id) plus one small layer and a config, pushed with the registry API (blobs, a cross-repo
+/// mount of the base layer, manifests). Its input is a JSON spec on stdin (`fill_spec`); it prints the base layer's
+/// digest and diff id, then `pushed NAME:TAG` per image. Nothing is built or pushed from the TCG guest (a push of
+/// the 300 MB base from there runs at ~130 KB/s, and its pull spends minutes in `docker-untar`).
+const PUSH: &str = r#"
+import base64, gzip, hashlib, io, json, os, ssl, sys, tarfile, tempfile, urllib.request, zipfile
+reg, ca, user, pw, tarball = sys.argv[1:]
+spec = json.load(sys.stdin)
 ctx = ssl.create_default_context(cafile=ca)
 auth = "Basic " + base64.b64encode(("%s:%s" % (user, pw)).encode()).decode()
 def call(method, url, data=None, headers=None):
@@ -184,11 +188,14 @@ def call(method, url, data=None, headers=None):
     h = {"Authorization": auth}
     h.update(headers or {})
     return urllib.request.urlopen(urllib.request.Request(url, data=data, method=method, headers=h), context=ctx)
-def blob(path, digest, size):
+def blob(name, data, digest):
     loc = call("POST", "/v2/%s/blobs/uploads/" % name).headers["Location"]
     loc += ("&" if "?" in loc else "?") + "digest=" + digest
-    with open(path, "rb") as f:
-        call("PUT", loc, data=f, headers={"Content-Length": str(size), "Content-Type": "application/octet-stream"})
+    call("PUT", loc, data=data, headers={"Content-Length": str(len(data)) if isinstance(data, bytes) else
+         str(os.path.getsize(data.name)), "Content-Type": "application/octet-stream"})
+def sha(b):
+    return "sha256:" + hashlib.sha256(b).hexdigest()
+# The base layer, once, in its own repository: gzip of the cached tarball.
 raw, packed = hashlib.sha256(), hashlib.sha256()
 gz = tempfile.NamedTemporaryFile(delete=False, dir=os.path.dirname(ca))
 with open(tarball, "rb") as src, gzip.GzipFile(fileobj=gz, mode="wb", compresslevel=1, mtime=0) as z:
@@ -199,52 +206,60 @@ gz.close()
 with open(gz.name, "rb") as f:
     for chunk in iter(lambda: f.read(1 << 20), b""):
         packed.update(chunk)
-layer = ("sha256:" + packed.hexdigest(), os.path.getsize(gz.name))
-blob(gz.name, *layer)
-config = json.dumps({"architecture": "amd64", "os": "linux",
-    "config": {"Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"]},
-    "rootfs": {"type": "layers", "diff_ids": ["sha256:" + raw.hexdigest()]},
-    "history": [{"created_by": "provisioner test: the debian-mode base rootfs"}]}).encode()
-cpath = gz.name + ".config"
-open(cpath, "wb").write(config)
-cdesc = ("sha256:" + hashlib.sha256(config).hexdigest(), len(config))
-blob(cpath, *cdesc)
-manifest = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
-    "config": {"mediaType": "application/vnd.docker.container.image.v1+json", "digest": cdesc[0], "size": cdesc[1]},
-    "layers": [{"mediaType": "application/vnd.docker.image.rootfs.diff.tar.gzip", "digest": layer[0],
-                "size": layer[1]}]}).encode()
-call("PUT", "/v2/%s/manifests/%s" % (name, tag), data=manifest,
-     headers={"Content-Type": "application/vnd.docker.distribution.manifest.v2+json"})
-os.unlink(gz.name); os.unlink(cpath)
-print("pushed base", raw.hexdigest())
-"#;
-
-/// The guest-side script that fills the registry (its files arrive as a tar on stdin).
-const FILL: &str = r#"#!/bin/sh
-set -eu
-R="$1"; PIP="$2"; cd "$(dirname "$0")"
-sudo -n mkdir -p "/etc/docker/certs.d/$R"
-sudo -n install -m 0644 ca.pem "/etc/docker/certs.d/$R/ca.crt"
-sudo -n docker login --username lab --password-stdin "$R" < password >/dev/null
-rm -f password
-# The base layer once, pulled (see PUSH_BASE): every push below then mounts it instead of uploading it.
-sudo -n docker pull -q "$R/provisioner-test/base:bookworm" >/dev/null
-echo "pulled base $(sudo -n docker image inspect -f '{{json .RootFS.Layers}}' "$R/provisioner-test/base:bookworm")"
-echo "local base $(sudo -n docker image inspect -f '{{json .RootFS.Layers}}' provisioner-base:bookworm)"
-build() { sudo -n docker build -q -f "$1" -t "$R/$2" . >/dev/null; sudo -n docker push -q "$R/$2" >/dev/null; echo "pushed $2"; }
-for s in prometheus:prom/prometheus:v2.53.2 alertmanager:prom/alertmanager:v0.27.0 node-exporter:prom/node-exporter:v1.8.2; do
-  svc=${s%%:*}; img=${s#*:}
-  printf 'FROM provisioner-lab/%s:debian\nUSER root\nCOPY wget /usr/local/bin/wget\n' "$svc" > "Dockerfile.$svc"
-  # Back to the user the debian-mode image runs as.
-  u=$(sudo -n docker image inspect -f '{{.Config.User}}' "provisioner-lab/$svc:debian")
-  [ -n "$u" ] && printf 'USER %s\n' "$u" >> "Dockerfile.$svc"
-  build "Dockerfile.$svc" "docker.io/$img"
-done
-build Dockerfile.grafana docker.io/grafana/grafana:11.2.2
-build Dockerfile.cadvisor gcr.io/cadvisor/cadvisor:v0.49.1
-sed -i "s|@PIP@|$PIP|" Dockerfile.python
-build Dockerfile.python docker.io/library/python:3.12.7-slim-bookworm
-sudo -n docker logout "$R" >/dev/null
+base = ("sha256:" + packed.hexdigest(), os.path.getsize(gz.name), "sha256:" + raw.hexdigest())
+with open(gz.name, "rb") as f:
+    blob("provisioner-test/base", f, base[0])
+os.unlink(gz.name)
+print("base", base[0], base[2], flush=True)
+for img in spec["images"]:
+    name, tag = img["name"], img["tag"]
+    # The image's own layer: files, directories and symlinks from the spec; wheels unpacked where asked.
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as t:
+        def add(path, kind, mode, uid=0, gid=0, data=b"", target=""):
+            ti = tarfile.TarInfo(path)
+            ti.mode, ti.uid, ti.gid, ti.mtime = mode, uid, gid, 0
+            if kind == "dir":
+                ti.type = tarfile.DIRTYPE
+                t.addfile(ti)
+            elif kind == "symlink":
+                ti.type, ti.linkname = tarfile.SYMTYPE, target
+                t.addfile(ti)
+            else:
+                ti.size = len(data)
+                t.addfile(ti, io.BytesIO(data))
+        for e in img["entries"]:
+            if e["kind"] == "wheel":
+                with zipfile.ZipFile(e["source"]) as w:
+                    for n in w.namelist():
+                        if not n.endswith("/"):
+                            add(e["path"] + "/" + n, "file", 0o644, data=w.read(n))
+            else:
+                data = e.get("data", "").encode()
+                add(e["path"], e["kind"], int(e["mode"], 8), e.get("uid", 0), e.get("gid", 0), data,
+                    e.get("target", ""))
+    layer_raw = buf.getvalue()
+    layer = gzip.compress(layer_raw, compresslevel=6, mtime=0)
+    blob(name, layer, sha(layer))
+    # The base layer: mounted from its repository (no bytes sent).
+    r = call("POST", "/v2/%s/blobs/uploads/?mount=%s&from=provisioner-test/base" % (name, base[0]))
+    assert r.status == 201, "mount of the base layer into %s: HTTP %s" % (name, r.status)
+    config = json.dumps({"architecture": "amd64", "os": "linux", "config": img["config"],
+        "rootfs": {"type": "layers", "diff_ids": [base[2], sha(layer_raw)]},
+        "history": [{"created_by": "provisioner test: the debian-mode base rootfs"},
+                    {"created_by": "provisioner test: " + img["made"]}]}).encode()
+    blob(name, config, sha(config))
+    manifest = json.dumps({"schemaVersion": 2,
+        "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+        "config": {"mediaType": "application/vnd.docker.container.image.v1+json", "digest": sha(config),
+                   "size": len(config)},
+        "layers": [{"mediaType": "application/vnd.docker.image.rootfs.diff.tar.gzip", "digest": base[0],
+                    "size": base[1]},
+                   {"mediaType": "application/vnd.docker.image.rootfs.diff.tar.gzip", "digest": sha(layer),
+                    "size": len(layer)}]}).encode()
+    call("PUT", "/v2/%s/manifests/%s" % (name, tag), data=manifest,
+         headers={"Content-Type": "application/vnd.docker.distribution.manifest.v2+json"})
+    print("pushed %s:%s" % (name, tag), flush=True)
 "#;
 
 const WGET: &str =
@@ -265,46 +280,63 @@ class H(http.server.BaseHTTPRequestHandler):
 http.server.ThreadingHTTPServer(("0.0.0.0", int(sys.argv[1])), H).serve_forever()
 "#;
 
-/// The files the fill script uses, as a tar.
-fn fill_tar(ca_pem: &[u8]) -> Vec<u8> {
-    let mut b = tar::Builder::new(Vec::new());
-    let mut add = |name: &str, data: &[u8], mode: u32| {
-        let mut h = tar::Header::new_gnu();
-        h.set_size(data.len() as u64);
-        h.set_mode(mode);
-        h.set_cksum();
-        b.append_data(&mut h, name, data).unwrap();
+const PIP_SCRIPT: &str = "#!/usr/bin/python3\n# pip, unpacked from its wheel by the registry test\nimport sys\n\
+                          from pip._internal.cli.main import main\nsys.exit(main())\n";
+
+/// `NAME:UID:GID` lines of /etc/passwd in the base tarball, for the owner of the images' data directories.
+fn base_user(tarball: &Path, user: &str) -> (u32, u32) {
+    let mut ar = tar::Archive::new(std::fs::File::open(tarball).unwrap());
+    for e in ar.entries().unwrap() {
+        let mut e = e.unwrap();
+        let path = e.path().unwrap().into_owned();
+        if path.to_string_lossy().trim_start_matches("./") == "etc/passwd" {
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut e, &mut text).unwrap();
+            let line = text.lines().find(|l| l.starts_with(&format!("{user}:"))).expect("user in the base");
+            let f: Vec<&str> = line.split(':').collect();
+            return (f[2].parse().unwrap(), f[3].parse().unwrap());
+        }
+    }
+    panic!("no etc/passwd in {}", tarball.display())
+}
+
+/// What `PUSH` pushes: per image, its repository path in the registry (as registry mode names it through the
+/// proxy prefix), its own layer and its config. The Prometheus, Alertmanager and node exporter images take the
+/// config of the debian-mode image the guest built (`configs`, from `docker image inspect`) and its data directory,
+/// plus a `wget` shim (registry mode's healthchecks use wget); Grafana, cAdvisor and Python are STAND-INS.
+fn fill_spec(configs: &serde_json::Value, tarball: &Path, wheels: &Path) -> serde_json::Value {
+    use serde_json::json;
+    let (puid, pgid) = base_user(tarball, "prometheus");
+    let wget = json!({"path": "usr/local/bin/wget", "kind": "file", "mode": "755", "data": WGET});
+    let standin = json!({"path": "standin.py", "kind": "file", "mode": "644", "data": STANDIN});
+    let env = json!(["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"]);
+    let data_dir = |d: &str| json!({"path": d, "kind": "dir", "mode": "755", "uid": puid, "gid": pgid});
+    let pip_wheel = std::fs::read_dir(wheels)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.file_name().unwrap().to_string_lossy().starts_with("pip-"))
+        .expect("pip's wheel downloaded");
+    let image = |repo: &str, made: &str, entries: serde_json::Value, config: serde_json::Value| {
+        let (name, tag) = repo.rsplit_once(':').unwrap();
+        json!({"name": name, "tag": tag, "made": made, "entries": entries, "config": config})
     };
-    add("fill.sh", FILL.as_bytes(), 0o755);
-    add("wget", WGET.as_bytes(), 0o755);
-    add("standin.py", STANDIN.as_bytes(), 0o644);
-    add("ca.pem", ca_pem, 0o644);
-    add("password", PASSWORD.as_bytes(), 0o600);
-    add(
-        "Dockerfile.grafana",
-        b"# STAND-IN for grafana/grafana: /run.sh (the lab's entrypoint execs it) serves /api/health on 3000\n\
-          FROM provisioner-base:bookworm\nCOPY wget /usr/local/bin/wget\nCOPY standin.py /standin.py\n\
-          RUN printf '#!/bin/sh\\nexec python3 /standin.py 3000\\n' > /run.sh && chmod 755 /run.sh\n\
-          CMD [\"/run.sh\"]\n",
-        0o644,
-    );
-    add(
-        "Dockerfile.cadvisor",
-        b"# STAND-IN for cAdvisor: /healthz and /metrics on 8080 (the lab's flags are ignored)\n\
-          FROM provisioner-base:bookworm\nCOPY wget /usr/local/bin/wget\nCOPY standin.py /standin.py\n\
-          ENTRYPOINT [\"python3\", \"/standin.py\", \"8080\"]\n",
-        0o644,
-    );
-    add(
-        "Dockerfile.python",
-        b"# STAND-IN for python:3.12.7-slim-bookworm: Debian's python3 with pip (from the local index) as `python`\n\
-          FROM provisioner-base:bookworm\nENV PIP_BREAK_SYSTEM_PACKAGES=1 PIP_ROOT_USER_ACTION=ignore\n\
-          RUN ln -s /usr/bin/python3 /usr/local/bin/python && f=$(curl -fsS @PIP@/simple/pip/ | \
-          sed -n 's/.*href=\"\\(pip-[^\"]*\\.whl\\)\".*/\\1/p' | head -1) && curl -fsS -o /tmp/$f @PIP@/simple/pip/$f \
-          && python3 /tmp/$f/pip install --no-index /tmp/$f && rm /tmp/$f\n",
-        0o644,
-    );
-    b.into_inner().unwrap()
+    json!({"images": [
+        image(IMAGES[0].0, IMAGES[0].1, json!([wget, data_dir("prometheus")]), configs["prometheus"].clone()),
+        image(IMAGES[1].0, IMAGES[1].1, json!([wget, data_dir("alertmanager")]), configs["alertmanager"].clone()),
+        image(IMAGES[2].0, IMAGES[2].1, json!([wget]), configs["node-exporter"].clone()),
+        image(IMAGES[3].0, IMAGES[3].1, json!([wget, standin,
+            {"path": "run.sh", "kind": "file", "mode": "755", "data": "#!/bin/sh\nexec python3 /standin.py 3000\n"}]),
+            json!({"Env": env, "Cmd": ["/run.sh"]})),
+        image(IMAGES[4].0, IMAGES[4].1, json!([wget, standin]),
+            json!({"Env": env, "Entrypoint": ["python3", "/standin.py", "8080"]})),
+        image(IMAGES[5].0, IMAGES[5].1, json!([
+            {"path": "usr/local/bin/python", "kind": "symlink", "mode": "777", "target": "/usr/bin/python3"},
+            {"path": "usr/local/bin/pip", "kind": "file", "mode": "755", "data": PIP_SCRIPT},
+            {"path": "usr/local/lib/python3.11/dist-packages", "kind": "wheel", "source": pip_wheel}]),
+            json!({"Env": [env[0].clone(), "PIP_BREAK_SYSTEM_PACKAGES=1", "PIP_ROOT_USER_ACTION=ignore"],
+                   "Cmd": ["python3"]})),
+    ]})
 }
 
 fn events(out: &str, kind: &str) -> Vec<serde_json::Value> {
@@ -332,7 +364,7 @@ pub fn registry_cases(dir: &Path, run: &dyn Fn(&[&str]) -> Run) {
     let r = format!("10.0.2.2:{port}");
     let pip = format!("http://10.0.2.2:{pip_port}");
 
-    // Fill the registry: the base layer from the host, the images from the guest.
+    // Fill the registry from the host (see PUSH), with the debian-mode images' configs as the guest's Docker has them.
     let cfg = provisioner::config::Config::from_bytes(
         &dir.join("box-config.toml"),
         &std::fs::read(dir.join("box-config.toml")).unwrap(),
@@ -345,33 +377,58 @@ pub fn registry_cases(dir: &Path, run: &dyn Fn(&[&str]) -> Run) {
         "the debian-mode base tarball {} is cached (the lab above was built from it)",
         tarball.display()
     );
+    let inspect = run(&[
+        "ssh",
+        "-c",
+        "printf '{'; for s in prometheus alertmanager node-exporter; do printf '\"%s\": ' $s; \
+         sudo -n docker image inspect -f '{{json .Config}}' provisioner-lab/$s:debian; \
+         [ $s = node-exporter ] || printf ','; done; printf '}'",
+    ])
+    .success();
+    let configs: serde_json::Value = serde_json::from_str(inspect.stdout().trim()).expect("image configs");
+    let spec = fill_spec(&configs, &tarball, &w.join("wheels"));
     let t = Instant::now();
-    sh(
-        Command::new("python3")
-            .arg("-c")
-            .arg(PUSH_BASE)
-            .args([format!("127.0.0.1:{port}"), w.join("ca.pem").display().to_string(), USER.to_string()])
-            .arg(PASSWORD)
-            .arg(&tarball)
-            .args(["provisioner-test/base", "bookworm"]),
-        "push the base layer from the host",
-    );
-    eprintln!("base layer pushed from the host in {:?}", t.elapsed());
-    let ca_pem = std::fs::read(w.join("ca.pem")).unwrap();
-    let fill = Test::new()
-        .cwd(dir)
-        .args(["ssh", "-c", &format!("d=$(mktemp -d) && tar -x -C \"$d\" && sh \"$d/fill.sh\" {r} {pip}; rc=$?; rm -rf \"$d\"; exit $rc")])
-        .stdin(fill_tar(&ca_pem))
-        .run()
-        .success();
+    let push = Command::new("python3")
+        .arg("-c")
+        .arg(PUSH)
+        .args([format!("127.0.0.1:{port}"), w.join("ca.pem").display().to_string(), USER.to_string()])
+        .arg(PASSWORD)
+        .arg(&tarball)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let push = {
+        let mut push = push;
+        std::io::Write::write_all(push.stdin.as_mut().unwrap(), spec.to_string().as_bytes()).unwrap();
+        drop(push.stdin.take());
+        push.wait_with_output().unwrap()
+    };
+    let pushed = String::from_utf8_lossy(&push.stdout).into_owned();
+    assert!(push.status.success(), "fill the registry:\n{pushed}{}", String::from_utf8_lossy(&push.stderr));
     for (image, made) in IMAGES {
-        assert!(
-            fill.stdout().contains(&format!("pushed {image}")),
-            "{image} ({made}) not pushed:\n{}",
-            fill.stdout()
-        );
+        assert!(pushed.contains(&format!("pushed {image}")), "{image} ({made}) not pushed:\n{pushed}");
     }
-    eprintln!("registry filled in {:?}:\n{}", started.elapsed(), fill.stdout());
+    eprintln!("registry filled from the host in {:?}:\n{pushed}", t.elapsed());
+    // The guest's Docker already has the base layer (`provisioner-base:bookworm` was imported from the same
+    // tarball): tell it which registry blob that layer is, as a pull of it would have recorded, so that pulls fetch
+    // only each image's own small layer. Docker reads this mapping (distribution/diffid-by-digest) on every pull.
+    let base_line = pushed.lines().find(|l| l.starts_with("base ")).expect("base line");
+    let (digest, diff_id) = {
+        let f: Vec<&str> = base_line.split_whitespace().collect();
+        (f[1].to_string(), f[2].to_string())
+    };
+    run(&[
+        "ssh",
+        "-c",
+        &format!(
+            "d=/var/lib/docker/image/overlay2/distribution/diffid-by-digest/sha256; sudo -n mkdir -p $d && \
+             printf %s {diff_id} | sudo -n tee $d/{} >/dev/null",
+            digest.trim_start_matches("sha256:")
+        ),
+    ])
+    .success();
 
     // The config: the registry as the lab's one private registry, CA, credentials kept outside the project.
     let creds: PathBuf = w.join("registries.toml");

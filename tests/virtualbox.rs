@@ -48,6 +48,7 @@ impl Bench {
             initrd: None,
             cmdline: None,
             firmware: Firmware::Bios,
+            extra_disks: Vec::new(),
         };
         Bench { vbox: VirtualBox::at(exe), base, dir }
     }
@@ -1156,4 +1157,225 @@ fn status_json_of_an_unknown_state_is_the_word_verbatim() {
         serde_json::from_str(p.here(&["--json", "status"]).success().stdout().trim()).unwrap();
     assert_eq!(doc["state"], "gurumeditation", "{doc}");
     p.here(&["status"]).success().stdout_contains("vb: gurumeditation (virtualbox)");
+}
+
+/// Issue 20 on VirtualBox: a Vagrant VirtualBox `.box` without cloud-init (box.ovf + a VMDK made by `qemu-img
+/// convert` from an ext4 disk with user `vagrant` and both published insecure keys, Vagrantfile, metadata.json)
+/// goes through the double up to the SSH phase. The clone's own disk (the differencing VMDK VirtualBox gives a
+/// linked clone, its parent found with `showmediuminfo`) is edited before `startvm`: what the double saw at
+/// `startvm` is the edited disk, which holds the machine's key only and the machine's host key; the master's
+/// imported disk and the cached box are untouched, and no seed DVD is attached.
+#[test]
+#[cfg_attr(
+    windows,
+    ignore = "windows: makes its disk images with Linux tools (mkfs.ext4, qemu-img) and edits them with debugfs"
+)]
+fn virtualbox_box_without_cloud_init_gets_its_keys_in_the_clone_before_startvm() {
+    use provisioner::boxes::inject::{self, VAGRANT_INSECURE_ED25519, VAGRANT_INSECURE_RSA};
+    use sha2::{Digest, Sha256};
+    let sha = |p: &Path| hex::encode(Sha256::digest(std::fs::read(p).unwrap()));
+    let run_ok = |cmd: &mut std::process::Command| {
+        let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+        assert!(out.status.success(), "{cmd:?}: {out:?}");
+    };
+    let b = Bench::new();
+    let t = b.dir.path().join("boxsrc");
+    let src = t.join("root");
+    // No final newline after the second key: hashicorp/vagrant#8362.
+    let ak = format!("{VAGRANT_INSECURE_RSA}\n{VAGRANT_INSECURE_ED25519}");
+    for (path, body) in [
+        ("etc/passwd", "root:x:0:0:root:/root:/bin/bash\nvagrant:x:1000:1000::/home/vagrant:/bin/bash\n"),
+        ("etc/os-release", "ID=debian\n"),
+        ("etc/ssh/ssh_host_rsa_key", "the box's shared host key"),
+        ("home/vagrant/.ssh/authorized_keys", ak.as_str()),
+    ] {
+        std::fs::create_dir_all(src.join(path).parent().unwrap()).unwrap();
+        std::fs::write(src.join(path), body).unwrap();
+    }
+    let raw = t.join("disk.raw");
+    std::fs::File::create(&raw).unwrap().set_len(64 << 20).unwrap();
+    let mkfs =
+        ["/usr/sbin/mkfs.ext4", "/sbin/mkfs.ext4"].into_iter().find(|p| Path::new(p).exists()).unwrap();
+    run_ok(std::process::Command::new(mkfs).args(["-q", "-F", "-d"]).arg(&src).arg(&raw));
+    // A Vagrant VirtualBox box's disk is VirtualBox's export: a stream-optimized VMDK.
+    let vmdk = t.join("box-disk001.vmdk");
+    run_ok(
+        std::process::Command::new("qemu-img")
+            .args(["convert", "-O", "vmdk", "-o", "subformat=streamOptimized"])
+            .arg(&raw)
+            .arg(&vmdk),
+    );
+    let vmdk_sha = sha(&vmdk);
+    let mut tar = tar::Builder::new(Vec::new());
+    let ovf = std::fs::read(fixtures().join("box.ovf")).unwrap();
+    let disk = std::fs::read(&vmdk).unwrap();
+    for (name, data) in [
+        ("metadata.json", &br#"{"provider":"virtualbox"}"#[..]),
+        ("Vagrantfile", b"Vagrant.configure(\"2\") do |config|\nend\n"),
+        ("box.ovf", &ovf),
+        ("box-disk001.vmdk", &disk),
+    ] {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        tar.append_data(&mut h, name, data).unwrap();
+    }
+    let vbox_box = t.join("debian-novm.box");
+    std::fs::write(&vbox_box, tar.into_inner().unwrap()).unwrap();
+    let box_sha = sha(&vbox_box);
+
+    let p = Project::new(&b, "nocloud", &[]);
+    let toml = std::fs::read_to_string(p.dir.join("box-config.toml")).unwrap();
+    let toml =
+        toml.replace("vagrant = \"box/box.ovf\"", &format!("vagrant = {:?}", vbox_box.to_str().unwrap()));
+    std::fs::write(p.dir.join("box-config.toml"), toml).unwrap();
+    let up = p.up_reaches_ssh(&p.dir, &[]);
+    let out = format!("{}{}", up.stdout(), up.stderr());
+    assert!(
+        out.contains(
+            "disk (no cloud-init in the box): machine key written for vagrant, 2 insecure keys removed"
+        ),
+        "{out}"
+    );
+    assert_eq!(p.state()["keys_route"], "disk");
+
+    // Order: the clone is made, its disk chain asked for (and edited), then started; no seed DVD anywhere.
+    let calls = b.take_calls();
+    let at = |prefix: &str| {
+        calls.iter().position(|c| c.starts_with(prefix)).unwrap_or_else(|| panic!("{prefix}: {calls:#?}"))
+    };
+    assert!(
+        at("clonevm ") < at("showmediuminfo disk ") && at("showmediuminfo disk ") < at("startvm "),
+        "{calls:#?}"
+    );
+    assert!(!calls.iter().any(|c| c.contains("dvddrive")), "a seed DVD was attached: {calls:#?}");
+    let clone = b.clone_vm();
+    let medium = clone["controllers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|c| c["att"].as_object().unwrap().values().cloned().collect::<Vec<_>>())
+        .find(|a| a["type"] == "hdd")
+        .unwrap()["medium"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let clone_disk = PathBuf::from(&medium);
+    assert!(clone_disk.starts_with(b.double_dir()), "{medium}");
+
+    // What the double saw: the clone's disk as made, then as started (edited in between), and now.
+    let media = std::fs::read_to_string(b.double_dir().join("media.log")).unwrap();
+    let digest = |sub: &str| {
+        media
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{sub} {medium} ")))
+            .unwrap_or_else(|| panic!("no {sub} of {medium} in media.log:\n{media}"))
+            .to_string()
+    };
+    assert_ne!(digest("clonevm"), digest("startvm"), "the clone's disk was not edited before startvm");
+    assert_eq!(digest("startvm"), sha(&clone_disk), "the disk changed after startvm");
+
+    // The clone's disk, read through its parent (the master's imported disk): the machine's keys only.
+    let state = StateDir::at(p.dir.join(".provisioner"));
+    let (user, host) = provisioner::keys::ensure_machine_keys(&state, "vb").unwrap();
+    let work = b.dir.path().join("read");
+    let master = b.vms().into_iter().find(|v| v["parent"].is_null()).unwrap();
+    let master_disk = PathBuf::from(
+        master["controllers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find_map(|c| {
+                c["att"]
+                    .as_object()
+                    .unwrap()
+                    .values()
+                    .find(|a| a["type"] == "hdd")
+                    .map(|a| a["medium"].clone())
+            })
+            .unwrap()
+            .as_str()
+            .unwrap(),
+    );
+    let chain = inject::Disk {
+        path: clone_disk.clone(),
+        format: "vmdk".into(),
+        backing: vec![(master_disk.clone(), "vmdk".into())],
+    };
+    let read = |img: &Path, path: &str| {
+        if img == clone_disk {
+            inject::read_file_disk(&chain, &work, path).unwrap()
+        } else {
+            inject::read_file(img, "vmdk", &work, path).unwrap()
+        }
+    };
+    assert_eq!(
+        read(&clone_disk, "/home/vagrant/.ssh/authorized_keys").unwrap(),
+        format!("{}\n", user.public_openssh)
+    );
+    assert_eq!(read(&clone_disk, "/etc/ssh/ssh_host_ed25519_key").unwrap(), host.private_openssh);
+    assert_eq!(read(&clone_disk, "/etc/ssh/ssh_host_rsa_key"), None, "the box's shared host key is gone");
+    assert_eq!(read(&clone_disk, "/etc/hostname").unwrap(), "vb\n");
+    // The master's imported disk still has the box's keys; the box file and the cached VMDK are byte-identical.
+    let master_ak = read(&master_disk, "/home/vagrant/.ssh/authorized_keys").unwrap();
+    assert!(master_ak.contains("vagrant insecure public key"), "{master_ak}");
+    assert_eq!(sha(&vbox_box), box_sha);
+    let cached: Vec<PathBuf> =
+        walk(&p.cache).into_iter().filter(|f| f.extension().is_some_and(|e| e == "vmdk")).collect();
+    assert_eq!(cached.len(), 1, "{cached:?}");
+    assert_eq!(sha(&cached[0]), vmdk_sha, "the cached box's VMDK changed");
+}
+
+/// Every file under `dir`.
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// A differencing VMDK whose parentCID is not its parent's CID: qemu will not read through it, and the disk route
+/// says so with the way out, instead of debugfs's "Invalid argument".
+#[test]
+#[cfg_attr(windows, ignore = "windows: makes its disk images with Linux tools (mkfs.ext4, qemu-img)")]
+fn a_differencing_vmdk_qemu_cannot_read_through_is_refused_with_the_choices() {
+    use provisioner::boxes::inject;
+    let t = tempfile::tempdir().unwrap();
+    let run_ok = |cmd: &mut std::process::Command| {
+        let out = cmd.output().unwrap();
+        assert!(out.status.success(), "{cmd:?}: {out:?}");
+    };
+    let raw = t.path().join("d.raw");
+    std::fs::File::create(&raw).unwrap().set_len(16 << 20).unwrap();
+    let base = t.path().join("base.vmdk");
+    run_ok(std::process::Command::new("qemu-img").args(["convert", "-O", "vmdk"]).arg(&raw).arg(&base));
+    let diff = t.path().join("diff.vmdk");
+    run_ok(
+        std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "vmdk", "-F", "vmdk", "-b"])
+            .arg(&base)
+            .arg(&diff),
+    );
+    let mut bytes = std::fs::read(&diff).unwrap();
+    let at = bytes.windows(10).position(|w| w == b"parentCID=").unwrap() + 10;
+    bytes[at..at + 8].copy_from_slice(b"ffffffff");
+    std::fs::write(&diff, bytes).unwrap();
+    let disk =
+        inject::Disk { path: diff.clone(), format: "vmdk".into(), backing: vec![(base, "vmdk".into())] };
+    let e = format!("{:#}", inject::read_file_disk(&disk, &t.path().join("w"), "/etc/passwd").unwrap_err());
+    assert!(
+        e.starts_with(&format!("the disk {} cannot be read through the images under it", diff.display())),
+        "{e}"
+    );
+    assert!(
+        e.contains("\nhint: qemu checks that a differencing VMDK's parentCID is its parent's CID"),
+        "{e}"
+    );
 }

@@ -30,6 +30,9 @@ pub struct BoxMeta {
     pub initrd: Option<String>,
     #[serde(default)]
     pub cmdline: Option<String>,
+    /// The disks after the first (vagrant-libvirt box format v2 `disks`), in order: attached as vdb, vdc, ...
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub extra_disks: Vec<ExtraDisk>,
     /// UTC, RFC 3339.
     pub created: String,
     /// Bytes on disk of the whole entry.
@@ -48,10 +51,18 @@ impl BoxMeta {
             kernel: None,
             initrd: None,
             cmdline: None,
+            extra_disks: Vec::new(),
             created: String::new(),
             size: 0,
         }
     }
+}
+
+/// A box's disk after the first: its file in the entry and qemu's format name.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ExtraDisk {
+    pub disk: String,
+    pub format: String,
 }
 
 /// The `boxes/` directory of the cache.

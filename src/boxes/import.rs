@@ -137,14 +137,22 @@ fn from_tree(dir: &Path, source: String) -> Result<BoxMeta> {
         let provider = md.get("provider").and_then(|p| p.as_str()).unwrap_or("");
         return match provider {
             "libvirt" => {
-                let disk = libvirt_disk(&md, dir)?;
-                let img = dir.join(&disk);
-                if !img.is_file() {
-                    bail!("this libvirt Vagrant box has no {disk}; it holds: {}", listing(dir));
+                let disks = libvirt_disks(&md, dir)?;
+                for disk in &disks {
+                    if !dir.join(disk).is_file() {
+                        bail!("this libvirt Vagrant box has no {disk}; it holds: {}", listing(dir));
+                    }
                 }
+                let img = dir.join(&disks[0]);
                 let format = qemu_format(&img)?;
                 integrity::check(&img)?;
-                let mut meta = BoxMeta::new(source, "libvirt", &format, &disk);
+                let mut meta = BoxMeta::new(source, "libvirt", &format, &disks[0]);
+                for disk in &disks[1..] {
+                    let img = dir.join(disk);
+                    integrity::check_data_disk(&img)?;
+                    let format = qemu_format(&img)?;
+                    meta.extra_disks.push(super::cache::ExtraDisk { disk: disk.clone(), format });
+                }
                 // A box made by `provisioner package` from a box without bootloader carries its kernel.
                 if dir.join(super::package::KERNEL).is_file() && dir.join(super::package::INITRD).is_file() {
                     meta.kernel = Some(super::package::KERNEL.into());
@@ -177,10 +185,11 @@ fn from_tree(dir: &Path, source: String) -> Result<BoxMeta> {
     )
 }
 
-/// The boot disk of a vagrant-libvirt box: `box.img` (format v1), or the first of `disks: [{path}]` (v2).
-fn libvirt_disk(md: &serde_json::Value, dir: &Path) -> Result<String> {
+/// The disks of a vagrant-libvirt box: `box.img` (format v1), or every `disks: [{path}]` (v2) in order, the
+/// boot disk first.
+fn libvirt_disks(md: &serde_json::Value, dir: &Path) -> Result<Vec<String>> {
     let Some(disks) = md.get("disks").and_then(|d| d.as_array()) else {
-        return Ok("box.img".into());
+        return Ok(vec!["box.img".into()]);
     };
     let paths: Vec<&str> = disks.iter().filter_map(|d| d.get("path").and_then(|p| p.as_str())).collect();
     if paths.len() != disks.len() || paths.is_empty() {
@@ -189,19 +198,27 @@ fn libvirt_disk(md: &serde_json::Value, dir: &Path) -> Result<String> {
             listing(dir)
         );
     }
-    if paths.len() > 1 {
+    // One overlay per disk: vda, vdb, ... up to vdz.
+    if paths.len() > 26 {
         bail!(
-            "the libvirt Vagrant box has {} disks ({}); provisioner does not attach extra disks yet\nhint: use a \
-             single-disk version of the box",
-            paths.len(),
-            paths.join(", ")
+            "the libvirt Vagrant box has {} disks; provisioner attaches up to 26 (vda to vdz)\nhint: use a box with \
+             fewer disks",
+            paths.len()
         );
     }
-    let p = paths[0];
-    if p.contains('/') || p.contains("..") || p.is_empty() {
-        bail!("metadata.json of the libvirt Vagrant box names the disk {p:?}; only files at the box's top are supported");
+    let mut seen = std::collections::HashSet::new();
+    for p in &paths {
+        if p.contains('/') || p.contains('\\') || p.contains("..") || p.is_empty() {
+            bail!(
+                "metadata.json of the libvirt Vagrant box names the disk {p:?}; only files at the box's top are \
+                 supported"
+            );
+        }
+        if !seen.insert(*p) {
+            bail!("metadata.json of the libvirt Vagrant box names the disk {p:?} twice\nhint: fix the box's disks list");
+        }
     }
-    Ok(p.to_string())
+    Ok(paths.into_iter().map(str::to_string).collect())
 }
 
 fn find_ovf(dir: &Path) -> Result<Option<String>> {

@@ -60,9 +60,49 @@ fn opt_path(p: &Path) -> String {
     p.display().to_string().replace(',', ",,")
 }
 
+/// A disk as a hypervisor holds it: the image written to and, top first, the read-only images under it that are
+/// not named in its own header (a VirtualBox differencing image's parents, which VirtualBox finds through its media
+/// registry: `VBoxManage showmediuminfo`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Disk {
+    pub path: PathBuf,
+    /// "qcow2", "raw", "vmdk", "vdi" or "vpc" (VHD): qemu's block driver names.
+    pub format: String,
+    pub backing: Vec<(PathBuf, String)>,
+}
+
+impl Disk {
+    /// One image (a qcow2 overlay names its backing file itself).
+    pub fn single(path: impl Into<PathBuf>, format: &str) -> Self {
+        Self { path: path.into(), format: format.to_string(), backing: Vec::new() }
+    }
+}
+
+/// qemu's block driver for a disk format; VirtualBox's names ("VMDK", "VDI", "VHD") are taken too.
+pub fn driver(format: &str) -> Result<&'static str> {
+    Ok(match format.to_ascii_lowercase().as_str() {
+        "qcow2" => "qcow2",
+        "raw" => "raw",
+        "vmdk" => "vmdk",
+        "vdi" => "vdi",
+        "vhd" | "vpc" => "vpc",
+        other => bail!(
+            "a {other} disk cannot be edited before the first boot (qcow2, raw, VMDK, VDI and VHD can)
+hint: use a \
+             box that runs cloud-init ([box] keys = \"cloud-init\"), or convert the box's disk with `qemu-img convert`"
+        ),
+    })
+}
+
 impl View {
-    /// Export `image` (qcow2 or raw) as the raw file `work/view`. Read-only unless `writable`.
+    /// Export `image` (qcow2, raw, vmdk, vdi) as the raw file `work/view`. Read-only unless `writable`.
     fn open(image: &Path, format: &str, work: &Path, writable: bool) -> Result<Self> {
+        Self::open_disk(&Disk::single(image, format), work, writable)
+    }
+
+    /// Export `disk` (its images under it opened read-only, always) as the raw file `work/view`.
+    fn open_disk(disk: &Disk, work: &Path, writable: bool) -> Result<Self> {
+        let image = disk.path.as_path();
         which::which("qemu-storage-daemon").map_err(|_| {
             anyhow::anyhow!(
                 "`qemu-storage-daemon` was not found on PATH; it reads the box's disk before the first boot\n\
@@ -78,11 +118,25 @@ impl View {
         let _ = std::fs::remove_file(&pidfile);
         std::fs::write(&file, b"").with_context(|| format!("create {}", file.display()))?;
         let ro = if writable { "" } else { ",read-only=on" };
-        let fmt = if format == "raw" { "raw" } else { "qcow2" };
-        Cmd::new("qemu-storage-daemon")
-            .arg("--blockdev")
+        let fmt = driver(&disk.format)?;
+        let mut cmd = Cmd::new("qemu-storage-daemon");
+        // The images under the top one, bottom first: node `b<i>` is backed by `b<i+1>`.
+        for (i, (path, format)) in disk.backing.iter().enumerate().rev() {
+            let path = std::fs::canonicalize(path).with_context(|| {
+                format!("the disk {} under {} is missing", path.display(), image.display())
+            })?;
+            let below =
+                if i + 1 < disk.backing.len() { format!(",backing=b{}", i + 1) } else { String::new() };
+            cmd = cmd.arg("--blockdev").arg(format!(
+                "driver={},node-name=b{i},read-only=on,file.driver=file,file.filename={},file.read-only=on{below}",
+                driver(format)?,
+                opt_path(&path)
+            ));
+        }
+        let below = if disk.backing.is_empty() { String::new() } else { ",backing=b0".to_string() };
+        cmd.arg("--blockdev")
             .arg(format!(
-                "driver={fmt},node-name=n{ro},file.driver=file,file.filename={}{ro_file}",
+                "driver={fmt},node-name=n{ro},file.driver=file,file.filename={}{ro_file}{below}",
                 opt_path(&image),
                 ro_file = if writable { "" } else { ",file.read-only=on" }
             ))
@@ -100,11 +154,26 @@ impl View {
             .with_context(|| {
                 format!(
                     "export the disk {} over FUSE\nhint: qemu-storage-daemon needs /dev/fuse (and fusermount3 for a \
-                     non-root user); a disk in use by a running VM cannot be opened for writing",
+                     non-root user); a disk in use by a running VM cannot be opened for writing; qemu cannot open \
+                     VirtualBox's differencing VDI images (a box imported as VDI): use the box's VMDK",
                     image.display()
                 )
             })?;
-        Ok(Self { file, pidfile })
+        let v = Self { file, pidfile };
+        if !disk.backing.is_empty() {
+            // qemu reads through a VMDK's parent only when the child's parentCID is the parent's CID.
+            v.read_at(0, 512).with_context(|| {
+                format!(
+                    "the disk {} cannot be read through the images under it ({})
+hint: qemu checks that a \
+                     differencing VMDK's parentCID is its parent's CID; use a box that runs cloud-init ([box] keys = \
+                     \"cloud-init\"), or `provisioner destroy -f` and `up` to clone the machine again",
+                    image.display(),
+                    disk.backing.iter().map(|(p, _)| p.display().to_string()).collect::<Vec<_>>().join(", ")
+                )
+            })?;
+        }
+        Ok(v)
     }
 
     fn read_at(&self, offset: u64, len: usize) -> Result<Vec<u8>> {
@@ -365,8 +434,14 @@ pub fn authorized_keys(old: &str, machine_key: &str) -> (String, usize, usize) {
 
 /// Put the machine's key, host key and hostname into the disk `overlay` (the machine's own qcow2; never the box).
 pub fn inject(overlay: &Path, work: &Path, inj: &Injection) -> Result<Injected> {
+    inject_disk(&Disk::single(overlay, "qcow2"), work, inj)
+}
+
+/// [`inject`] into the machine's own `disk` of any format qemu opens (a libvirt qcow2 overlay, a VirtualBox
+/// clone's differencing VMDK with its parents read-only); the images under it are never written.
+pub fn inject_disk(disk: &Disk, work: &Path, inj: &Injection) -> Result<Injected> {
     let t = Instant::now();
-    let v = View::open(overlay, "qcow2", work, true)?;
+    let v = View::open_disk(disk, work, true)?;
     let root = find_root(&v, "the machine's disk")?;
     let passwd = v.cat(root, "/etc/passwd")?.unwrap_or_default();
     let Some((user, (home, uid, gid))) =
@@ -451,6 +526,13 @@ pub fn inject(overlay: &Path, work: &Path, inj: &Injection) -> Result<Injected> 
 /// For a test: read a file from a disk image's root filesystem (read-only).
 pub fn read_file(image: &Path, format: &str, work: &Path, path: &str) -> Result<Option<String>> {
     let v = View::open(image, format, work, false)?;
+    let root = find_root(&v, "the disk")?;
+    v.cat(root, path)
+}
+
+/// For a test: read a file from the root filesystem of `disk` and the images under it (read-only).
+pub fn read_file_disk(disk: &Disk, work: &Path, path: &str) -> Result<Option<String>> {
+    let v = View::open_disk(disk, work, false)?;
     let root = find_root(&v, "the disk")?;
     v.cat(root, path)
 }

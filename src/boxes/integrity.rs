@@ -42,6 +42,16 @@ pub fn info(path: &Path) -> Result<ImageInfo> {
 /// Refuse a qcow2/raw disk that is truncated, damaged, or holds nothing bootable. The error says what is wrong
 /// and what to do; the caller keeps nothing of a refused box.
 pub fn check(path: &Path) -> Result<()> {
+    check_disk(path, true)
+}
+
+/// [`check`] for a box's data disk (the second and later disks of a vagrant-libvirt v2 box): whole and
+/// undamaged, but it may be blank.
+pub fn check_data_disk(path: &Path) -> Result<()> {
+    check_disk(path, false)
+}
+
+fn check_disk(path: &Path, bootable: bool) -> Result<()> {
     let info = info(path)?;
     let file_size = std::fs::metadata(path).with_context(|| format!("stat {}", path.display()))?.len();
     let refuse = |why: String| -> anyhow::Error {
@@ -63,6 +73,9 @@ pub fn check(path: &Path) -> Result<()> {
             )))
         }
         _ => {}
+    }
+    if !bootable {
+        return Ok(());
     }
     let head = read_head(path, &info)?;
     match layout(&head) {
@@ -108,7 +121,18 @@ fn check_qcow2(path: &Path, file_size: u64) -> std::result::Result<(), String> {
         }
     }
     let end = num("image-end-offset");
-    if end > file_size {
+    // qemu ends a file inside its last cluster when that cluster holds only metadata (a blank `qemu-img create`
+    // disk): the file reaches the image's end if it reaches into its last cluster (cluster_bits at byte 20).
+    let cluster = std::fs::File::open(path)
+        .and_then(|mut f| {
+            let mut h = [0u8; 24];
+            f.read_exact(&mut h).map(|()| h)
+        })
+        .ok()
+        .map(|h| u32::from_be_bytes([h[20], h[21], h[22], h[23]]))
+        .filter(|bits| (9..=21).contains(bits))
+        .map_or(512, |bits| 1u64 << bits);
+    if end > file_size.div_ceil(cluster) * cluster {
         return Err(format!("the image's data ends at byte {end}, but the file has only {file_size} bytes"));
     }
     Ok(())
@@ -171,6 +195,28 @@ pub fn check_ovf(dir: &Path, ovf: &str, source: &str) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The disk images an `.ovf` references (VMDK, VDI, VHD files beside it), in the order of its `<References>`:
+/// the first is the boot disk of a Vagrant VirtualBox box. With qemu's format name for each.
+pub fn ovf_disks(ovf: &Path) -> Result<Vec<(std::path::PathBuf, String)>> {
+    let text = std::fs::read_to_string(ovf).with_context(|| format!("read {}", ovf.display()))?;
+    let dir = ovf.parent().unwrap_or(Path::new("."));
+    Ok(ovf_references(&text)
+        .into_iter()
+        .filter_map(|f| f.href)
+        .filter(|h| !h.contains('/') && !h.contains('\\') && !h.contains(".."))
+        .filter_map(|h| {
+            let ext = h.rsplit('.').next()?.to_ascii_lowercase();
+            let format = match ext.as_str() {
+                "vmdk" => "vmdk",
+                "vdi" => "vdi",
+                "vhd" => "vpc",
+                _ => return None,
+            };
+            Some((dir.join(&h), format.to_string()))
+        })
+        .collect())
 }
 
 /// A `<File>` of an OVF's `<References>`.

@@ -38,6 +38,9 @@ pub struct BoxImage {
     /// Kernel command line for direct boot.
     pub cmdline: Option<String>,
     pub firmware: crate::config::Firmware,
+    /// Disks after the first (vagrant-libvirt box format v2), in order, with qemu's format name: each machine
+    /// gets an overlay of each, attached after the boot disk (vdb, vdc, ...).
+    pub extra_disks: Vec<(PathBuf, String)>,
 }
 
 /// The cache root: `$PROVISIONER_CACHE_DIR`, else the user cache dir's `provisioner` (`~/.cache/provisioner` on Linux,
@@ -152,5 +155,6 @@ fn image_of(cache: &Cache, meta: &BoxMeta, b: &BoxConfig) -> BoxImage {
         // Boot parameters belong to the tool, not the image: boxes built by an older version get today's.
         cmdline: meta.kernel.is_some().then(|| debian::CMDLINE.to_string()),
         firmware: b.firmware,
+        extra_disks: meta.extra_disks.iter().map(|d| (dir.join(&d.disk), d.format.clone())).collect(),
     }
 }

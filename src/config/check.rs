@@ -750,7 +750,8 @@ pub(super) fn cross(cfg: &Config, src: &Source, profile: &Profile, compose: &Com
     let compose_path = shown(&source.join(&compose_file).display().to_string());
     let doc: serde_norway::Value = serde_norway::from_slice(&compose_contents).map_err(|e| {
         let at = e.location().map(|l| format!(":{}:{}", l.line(), l.column())).unwrap_or_default();
-        anyhow::anyhow!("{compose_path}{at} (rendered): not valid YAML: {e}\nhint: fix the compose template")
+        anyhow::anyhow!("{compose_path}{at} (rendered): not valid YAML: {e}\nhint: fix the compose template, or a [vars] value it \
+             inserts (a value with `:` or `#` needs quotes around it in the template)")
     })?;
     let published = published_ports(&doc);
     let host_net = host_network_services(&doc);

@@ -500,9 +500,9 @@ fn boot(
     };
 
     let accel = crate::accel::decide_accel(m.cfg.machine.accel, &crate::accel::HostAccel::probe())?;
-    // Cached labs are captures of cloud-init machines.
+    // Cached labs are captures of cloud-init machines with one disk.
     let mut lab = match (&live, route) {
-        (VmState::NotCreated, Route::CloudInit) => {
+        (VmState::NotCreated, Route::CloudInit) if base.extra_disks.is_empty() => {
             lab_cache::plan(&m.cfg, &m.vm_name, p.name(), accel.label(), &base.id, ui)?
         }
         _ => None,
@@ -593,7 +593,8 @@ fn boot(
     ph.done(&format!("{} ({})", m.vm_name, accel.label()));
     if route == Route::Disk && live == VmState::NotCreated {
         let ph = ui.phase("keys");
-        let (user, line) = offline::inject(m, &why, &user_key, &host_key)?;
+        let vm = vm_ref(Some(&st), &m.vm_name);
+        let (user, line) = offline::inject(m, p, &vm, &why, &user_key, &host_key)?;
         st.ssh_user = (user != m.cfg.ssh.user).then_some(user);
         st.save(&m.state)?;
         ph.done(&line);

@@ -16,23 +16,41 @@ use crate::provider::{PrivateNic, Provider};
 use crate::ssh::Session;
 use crate::ui::Ui;
 
+/// The box's boot disk, when the provider gives each machine its own copy of it that can be edited before the
+/// first boot: libvirt's qcow2/raw (under the machine's overlay), VirtualBox's VMDK/VDI (under the clone's
+/// differencing image). (path, qemu format).
+fn box_disk(p: &dyn Provider, base: &BoxImage) -> Result<Option<(std::path::PathBuf, String)>> {
+    Ok(match p.kind() {
+        ProviderKind::Libvirt if matches!(base.format.as_str(), "qcow2" | "raw") => {
+            Some((base.disk.clone(), base.format.clone()))
+        }
+        ProviderKind::Virtualbox if base.format == "ovf" => {
+            crate::boxes::integrity::ovf_disks(&base.disk)?.into_iter().next()
+        }
+        _ => None,
+    })
+}
+
 /// The route for a machine created now, and why (for the phase line).
 pub(crate) fn decide(m: &Machine, p: &dyn Provider, base: &BoxImage) -> Result<(Route, String)> {
-    let libvirt_disk = p.kind() == ProviderKind::Libvirt && matches!(base.format.as_str(), "qcow2" | "raw");
+    let disk = box_disk(p, base)?;
     match m.cfg.base_box.keys {
         KeysRoute::CloudInit => Ok((Route::CloudInit, "[box] keys".into())),
         KeysRoute::InsecureOnce => {
             super::insecure_once::check_allowed(&m.cfg)?;
             Ok((Route::InsecureOnce, "[box] keys".into()))
         }
-        KeysRoute::Disk if !libvirt_disk => bail!(
-            "[box] keys = \"disk\" is not yet supported for {} boxes ({} disk): only libvirt's qcow2/raw disks are \
-             edited before the first boot\nhint: use a box that runs cloud-init (keys = \"cloud-init\"), or the \
-             libvirt version of the box",
+        KeysRoute::Disk if disk.is_none() => bail!(
+            "[box] keys = \"disk\" is not supported for this {} box ({} disk): only libvirt's qcow2/raw disks and \
+             VirtualBox's VMDK/VDI disks are edited before the first boot\nhint: use a box that runs cloud-init \
+             (keys = \"cloud-init\"), or the libvirt or VirtualBox version of the box",
             p.name(),
             base.format
         ),
-        KeysRoute::Disk | KeysRoute::Auto if crate::host::Host::from_uri(&m.cfg.libvirt.uri).is_remote() => {
+        KeysRoute::Disk | KeysRoute::Auto
+            if p.kind() == ProviderKind::Libvirt
+                && crate::host::Host::from_uri(&m.cfg.libvirt.uri).is_remote() =>
+        {
             if m.cfg.base_box.keys == KeysRoute::Disk {
                 bail!(
                     "[box] keys = \"disk\" is not yet supported on a remote libvirt host: the machine's disk is \
@@ -43,33 +61,42 @@ pub(crate) fn decide(m: &Machine, p: &dyn Provider, base: &BoxImage) -> Result<(
             Ok((Route::CloudInit, "remote libvirt host".into()))
         }
         KeysRoute::Disk => Ok((Route::Disk, "[box] keys".into())),
-        // VirtualBox boxes keep the seed route until their VMDK is read here too.
-        KeysRoute::Auto if !libvirt_disk => Ok((Route::CloudInit, format!("{} box", p.name()))),
-        KeysRoute::Auto => inject::detect(&base.disk, &base.format, &m.state.path("inject")),
+        KeysRoute::Auto => match disk {
+            None => Ok((Route::CloudInit, format!("a {} disk is not read here", base.format))),
+            // VirtualBox hosts (Windows, macOS) often have no qemu: the box is not read, it keeps the seed route.
+            Some(_) if p.kind() == ProviderKind::Virtualbox && which::which("qemu-storage-daemon").is_err() => Ok((
+                Route::CloudInit,
+                "the box's disk was not read: no qemu-storage-daemon on this host (keys = \"disk\" needs it)".into(),
+            )),
+            Some((path, format)) => inject::detect(&path, &format, &m.state.path("inject")),
+        },
     }
 }
 
 /// Write the machine's key, host key and hostname into its disk (before its first boot); returns the guest user
 /// the key went to and the phase line.
+/// The disk is the one the provider made for the machine `vm` (libvirt's overlay, VirtualBox's clone).
 pub(crate) fn inject(
     m: &Machine,
+    p: &dyn Provider,
+    vm: &str,
     why: &str,
     user_key: &KeyPair,
     host_key: &KeyPair,
 ) -> Result<(String, String)> {
-    let disk = m.state.disk();
-    if !disk.is_file() {
+    let disk = p.offline_disk(vm, &m.state)?;
+    if !disk.path.is_file() {
         bail!(
             "the machine's disk {} is not on this host, so it cannot be edited before the first boot (a remote \
              libvirt host)\nhint: use a box that runs cloud-init there, or run this machine on the local host",
-            disk.display()
+            disk.path.display()
         );
     }
     let mut users = vec![m.cfg.ssh.user.clone()];
     if m.cfg.ssh.user != "vagrant" {
         users.push("vagrant".into());
     }
-    let done = inject::inject(
+    let done = inject::inject_disk(
         &disk,
         &m.state.path("inject"),
         &inject::Injection {

@@ -142,7 +142,18 @@ pub(super) fn terminate(pid: u32) {
 pub(super) fn process_alive(pid: u32) -> bool {
     let Ok(pid) = libc::pid_t::try_from(pid) else { return false };
     // SAFETY: signal 0 only checks that the pid exists; EPERM means it exists but is not ours.
-    unsafe { libc::kill(pid, 0) == 0 || *libc::__errno_location() == libc::EPERM }
+    let exists = unsafe { libc::kill(pid, 0) == 0 || *libc::__errno_location() == libc::EPERM };
+    // A zombie has exited: a daemon we stopped (qemu-storage-daemon) is reparented to an init that may reap it
+    // only a second later (container inits), or never. Linux says so in /proc; elsewhere the pid is enough.
+    exists && !is_zombie(pid)
+}
+
+/// Whether /proc says the process has exited and waits to be reaped (state `Z` after the `(comm)` field).
+fn is_zombie(pid: libc::pid_t) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(')').map(|(_, rest)| rest.trim_start().starts_with('Z')))
+        .unwrap_or(false)
 }
 
 pub(super) fn is_root() -> bool {

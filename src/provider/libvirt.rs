@@ -7,7 +7,7 @@
 //! (slirp) `-netdev user,hostfwd=...` through `<qemu:commandline>`: passt (libvirt's
 //! `<portForward>`) fails as root, where passt drops to `nobody` and cannot write its PID file (docs/vm.md).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -154,34 +154,61 @@ impl Libvirt {
         }
     }
 
-    /// The qcow2 overlay on the box; made once (atomically: a temp name, then renamed).
+    /// The qcow2 overlay on the box, and one on each of its other disks; made once (atomically: a temp name,
+    /// then renamed).
     fn ensure_overlay(&self, spec: &MachineSpec) -> Result<()> {
-        self.overlay_on(spec, &spec.base.disk, &spec.base.format)
+        ensure_overlays(spec)
     }
 
     /// The machine's qcow2 overlay on `backing` (the box, or a cached lab's disk).
     fn overlay_on(&self, spec: &MachineSpec, backing: &Path, format: &str) -> Result<()> {
-        let disk = spec.state.disk();
-        if disk.exists() {
-            return Ok(());
-        }
-        check_free_space(&spec.state.root, spec.disk_gb)?;
-        let base = crate::platform::canonicalize(backing).with_context(|| {
-            format!("box disk {} is missing; run `provisioner box build`", backing.display())
-        })?;
-        let tmp = spec.state.path("disk.qcow2.partial");
-        let _ = std::fs::remove_file(&tmp);
-        Cmd::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2", "-F", format, "-b"])
-            .arg(&base)
-            .arg(&tmp)
-            .arg(format!("{}G", spec.disk_gb))
-            .timeout(Duration::from_secs(120))
-            .run()
-            .context("create the disk overlay")?;
-        std::fs::rename(&tmp, &disk)
-            .with_context(|| format!("rename {} to {}", tmp.display(), disk.display()))
+        overlay_at(spec, &spec.state.disk(), backing, format, Some(spec.disk_gb))
     }
+}
+
+/// The machine's overlays in its state dir: `disk.qcow2` on the box's boot disk (grown to `disk_gb`) and
+/// `disk-<n>.qcow2` on each of the box's other disks (their size); each made once, atomically.
+pub fn ensure_overlays(spec: &MachineSpec) -> Result<()> {
+    overlay_at(spec, &spec.state.disk(), &spec.base.disk, &spec.base.format, Some(spec.disk_gb))?;
+    for (i, (disk, format)) in spec.base.extra_disks.iter().enumerate() {
+        overlay_at(spec, &extra_disk(&spec.state, i), disk, format, None)?;
+    }
+    Ok(())
+}
+
+/// A qcow2 overlay at `disk` on `backing`, grown to `size_gb` (the boot disk) or the size of its backing.
+fn overlay_at(
+    spec: &MachineSpec,
+    disk: &Path,
+    backing: &Path,
+    format: &str,
+    size_gb: Option<u64>,
+) -> Result<()> {
+    if disk.exists() {
+        return Ok(());
+    }
+    check_free_space(&spec.state.root, spec.disk_gb)?;
+    let base = crate::platform::canonicalize(backing)
+        .with_context(|| format!("box disk {} is missing; run `provisioner box build`", backing.display()))?;
+    let tmp = PathBuf::from(format!("{}.partial", disk.display()));
+    let _ = std::fs::remove_file(&tmp);
+    let mut cmd =
+        Cmd::new("qemu-img").args(["create", "-q", "-f", "qcow2", "-F", format, "-b"]).arg(&base).arg(&tmp);
+    if let Some(gb) = size_gb {
+        cmd = cmd.arg(format!("{gb}G"));
+    }
+    cmd.timeout(Duration::from_secs(120)).run().context("create the disk overlay")?;
+    std::fs::rename(&tmp, disk).with_context(|| format!("rename {} to {}", tmp.display(), disk.display()))
+}
+
+/// The overlay of a box's disk after the first (`i` = 0 for the second disk): `disk-1.qcow2`, `disk-2.qcow2`, ...
+pub fn extra_disk(state: &StateDir, i: usize) -> PathBuf {
+    state.path(&format!("disk-{}.qcow2", i + 1))
+}
+
+/// The virtio device name of the `i`-th disk (0 = vda).
+fn virtio_dev(i: usize) -> String {
+    format!("vd{}", (b'a' + i as u8) as char)
 }
 
 /// virsh wording for "no such domain".
@@ -253,6 +280,8 @@ fn local_dac_label(uri: &str) -> Option<String> {
 #[derive(Debug, Clone)]
 pub struct DomainPaths {
     pub disk: String,
+    /// The overlays of the box's other disks, attached after `disk` in order.
+    pub extra_disks: Vec<String>,
     pub seed: String,
     pub serial_log: String,
     pub kernel: Option<String>,
@@ -265,6 +294,7 @@ impl DomainPaths {
         let esc = |p: &Path| p.to_string_lossy().into_owned();
         Self {
             disk: esc(&spec.state.disk()),
+            extra_disks: (0..spec.base.extra_disks.len()).map(|i| esc(&extra_disk(&spec.state, i))).collect(),
             // A machine whose keys went into its disk (no cloud-init in the box) has no seed.
             seed: esc(&spec.seed_iso),
             serial_log: esc(&spec.state.serial_log()),
@@ -303,6 +333,12 @@ pub fn domain_xml_with(
         "initrd": paths.initrd,
         "cmdline": spec.base.cmdline.as_deref().unwrap_or(DEFAULT_CMDLINE),
         "disk": paths.disk,
+        "extra_disks": paths
+            .extra_disks
+            .iter()
+            .enumerate()
+            .map(|(i, p)| json!({"path": p, "dev": virtio_dev(i + 1)}))
+            .collect::<Vec<_>>(),
         "seed": paths.seed,
         "serial_log": paths.serial_log,
         "netdev": netdev(&spec.forwards),
@@ -454,6 +490,13 @@ impl Provider for Libvirt {
         }
         let uuid = existing.as_deref().and_then(domain_uuid);
         if self.d.host.is_remote() {
+            if !spec.base.extra_disks.is_empty() {
+                bail!(
+                    "the box has {} disks; on a remote libvirt host provisioner uploads only the boot disk\nhint: run \
+                     this machine on the local host, or use a single-disk version of the box",
+                    spec.base.extra_disks.len() + 1
+                );
+            }
             let paths = self.remote_volumes(spec)?;
             return self.define_with(spec, uuid, &paths);
         }
@@ -678,13 +721,19 @@ impl Libvirt {
             self.delete_machine_volumes(vm_name)?;
         }
         // Our disks are plain files in the state dir (no storage pool): remove them ourselves.
-        for f in [
+        let mut files = vec![
             state.disk(),
             state.path("disk.qcow2.partial"),
             state.seed_iso(),
             state.serial_log(),
             state.path("domain.xml"),
-        ] {
+        ];
+        // The overlays of a multi-disk box's other disks (however many the box had).
+        for i in 0..26 {
+            files.push(extra_disk(state, i));
+            files.push(PathBuf::from(format!("{}.partial", extra_disk(state, i).display())));
+        }
+        for f in files {
             match std::fs::remove_file(&f) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
                     return Err(e).with_context(|| format!("remove {}", f.display()));

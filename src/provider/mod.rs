@@ -157,6 +157,12 @@ pub trait Provider {
         local_serial_console(state)
     }
 
+    /// The machine's own disk, to edit before its first boot (issue 20's disk route): by default the local qcow2
+    /// overlay in the state dir (libvirt).
+    fn offline_disk(&self, _vm_name: &str, state: &StateDir) -> Result<crate::boxes::inject::Disk> {
+        Ok(crate::boxes::inject::Disk::single(state.disk(), "qcow2"))
+    }
+
     /// Cached lab: capture the running machine (disk and memory) into the empty directory `into`, leaving it
     /// running. Returns what [`Provider::lab_restore`] needs, or None when this provider cannot.
     fn lab_capture(&self, _vm_name: &str, _state: &StateDir, _into: &Path) -> Result<Option<String>> {

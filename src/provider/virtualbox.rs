@@ -284,8 +284,14 @@ impl VirtualBox {
         a.extend(args!["--uart1", "0x3F8", "4", "--uartmode1", "file", &serial]);
         self.vbox(a, CHANGE)?;
 
-        let seed = std::path::absolute(&spec.seed_iso)?;
+        // A machine whose keys go into its disk (no cloud-init in the box) gets no seed DVD.
+        let seed = if spec.seed_iso.as_os_str().is_empty() {
+            PathBuf::new()
+        } else {
+            std::path::absolute(&spec.seed_iso)?
+        };
         let slot = match seed_slot(info, &seed.to_string_lossy()) {
+            _ if seed.as_os_str().is_empty() => None,
             SeedSlot::Attached => None,
             SeedSlot::At { controller, port, device, grow_to } => {
                 if let Some(n) = grow_to {
@@ -339,6 +345,34 @@ impl VirtualBox {
         self.vbox(args!["modifyvm", vm, "--description", marker(spec)], CHANGE)?;
         Ok(())
     }
+}
+
+/// The boot disk of a VM: the first hard disk image attached, in controller order (ports, then devices).
+pub fn boot_disk(info: &VmInfo) -> Option<String> {
+    let disk = |v: &str| {
+        let v = v.to_ascii_lowercase();
+        [".vmdk", ".vdi", ".vhd"].iter().any(|e| v.ends_with(e))
+    };
+    info.controllers().iter().find_map(|c| {
+        let devices = if c.is_ide() { 2 } else { 1 };
+        let ports = if c.is_ide() { 2 } else { c.port_count.max(1) };
+        (0..ports)
+            .flat_map(|p| (0..devices).map(move |d| (p, d)))
+            .find_map(|(p, d)| info.attachment(&c.name, p, d).filter(|v| disk(v)).map(str::to_string))
+    })
+}
+
+/// `VBoxManage showmediuminfo disk` output (VBoxManageDisk.cpp: `Key:   value` lines): (parent UUID or None for a
+/// base image, location, storage format).
+pub fn medium_info(text: &str) -> (Option<String>, Option<String>, Option<String>) {
+    let get = |key: &str| {
+        text.lines().find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            (k.trim() == key).then(|| v.trim().to_string())
+        })
+    };
+    let parent = get("Parent UUID").filter(|p| !p.is_empty() && p != "base");
+    (parent, get("Location"), get("Storage format"))
 }
 
 /// The private network's NIC: an internal network (`--nic2 intnet --intnet2 NAME`, the VBoxManage manual's
@@ -687,6 +721,44 @@ impl Provider for VirtualBox {
         self.configure(spec, &uuid, &info).with_context(|| format!("configure the VM {}", spec.vm_name))
     }
 
+    /// The clone's own disk: its differencing image (linked clone), with the images under it that VirtualBox
+    /// finds through its media registry (`showmediuminfo disk`: Parent UUID, Location), read-only.
+    fn offline_disk(&self, vm: &str, _state: &StateDir) -> Result<crate::boxes::inject::Disk> {
+        let info = self.info_required(vm)?;
+        let top = boot_disk(&info).ok_or_else(|| {
+            anyhow!(
+                "the VM {vm} has no hard disk attached, so its disk cannot be edited before the first boot
+hint:                  `provisioner destroy -f` and `up` clone it again from the box"
+            )
+        })?;
+        let mut chain: Vec<(PathBuf, String)> = Vec::new();
+        let mut next = top.clone();
+        // A clone of a clone of ... is a chain; 32 images deep is far past any box's.
+        for _ in 0..32 {
+            let out = self.vbox(args!["showmediuminfo", "disk", &next], QUERY)?;
+            let (parent, location, format) = medium_info(&out.stdout);
+            let location = location.unwrap_or_else(|| next.clone());
+            let format = format.ok_or_else(|| {
+                anyhow!(
+                    "`VBoxManage showmediuminfo disk {next}` names no storage format
+hint: run it by hand; the                      VirtualBox release may print it under another name"
+                )
+            })?;
+            chain.push((PathBuf::from(location), crate::boxes::inject::driver(&format)?.to_string()));
+            match parent {
+                Some(p) => next = p,
+                None => {
+                    let (path, format) = chain.remove(0);
+                    return Ok(crate::boxes::inject::Disk { path, format, backing: chain });
+                }
+            }
+        }
+        bail!(
+            "the disk {top} of {vm} sits on more than 32 differencing images
+hint: `provisioner destroy -f` and `up`"
+        )
+    }
+
     fn start(&self, vm: &str) -> Result<()> {
         match self.state(vm)? {
             VmState::Running => Ok(()),
@@ -841,6 +913,32 @@ mod tests {
         assert_eq!(seed_slot(&i, "/s/seed.iso"), want);
         let i2 = info("storagecontrollername0=\"S\"\nstoragecontrollertype0=\"IntelAhci\"\nstoragecontrollerportcount0=\"2\"\n\"S-0-0\"=\"/d\"\n\"S-1-0\"=\"/s/seed.iso\"\n");
         assert_eq!(seed_slot(&i2, "/s/seed.iso"), SeedSlot::Attached);
+    }
+
+    #[test]
+    fn boot_disk_is_the_first_hard_disk_and_its_parents_come_from_showmediuminfo() {
+        let i = info(
+            "storagecontrollername0=\"IDE\"\nstoragecontrollertype0=\"PIIX4\"\nstoragecontrollerportcount0=\"2\"\n\
+             storagecontrollername1=\"SATA\"\nstoragecontrollertype1=\"IntelAhci\"\nstoragecontrollerportcount1=\"2\"\n\
+             \"IDE-0-0\"=\"/s/seed.iso\"\n\"IDE-1-0\"=\"emptydrive\"\n\"SATA-0-0\"=\"/vms/vb/Snapshots/{1b2c}.vmdk\"\n\
+             \"SATA-1-0\"=\"/vms/vb/data.VDI\"\n",
+        );
+        assert_eq!(boot_disk(&i).as_deref(), Some("/vms/vb/Snapshots/{1b2c}.vmdk"));
+        assert_eq!(
+            boot_disk(&info("storagecontrollername0=\"IDE\"\nstoragecontrollertype0=\"PIIX4\"\n")),
+            None
+        );
+        let diff = "UUID:           1b2c\nParent UUID:    9f8e\nState:          created\n\
+                    Location:       /vms/vb/Snapshots/{1b2c}.vmdk\nStorage format: VMDK\n";
+        assert_eq!(
+            medium_info(diff),
+            (Some("9f8e".into()), Some("/vms/vb/Snapshots/{1b2c}.vmdk".into()), Some("VMDK".into()))
+        );
+        let base =
+            "UUID:           9f8e\nParent UUID:    base\nLocation:       C:\\VMs\\m\\box-disk001.vmdk\n\
+                    Storage format: VMDK\n";
+        assert_eq!(medium_info(base).0, None);
+        assert_eq!(medium_info(base).1.as_deref(), Some("C:\\VMs\\m\\box-disk001.vmdk"));
     }
 
     #[test]

@@ -136,6 +136,7 @@ impl super::Libvirt {
         let part = |p: &str| -> Result<String> { self.d.vol_path(&box_volume(&spec.base.id, p)) };
         Ok(super::DomainPaths {
             disk: disk_path,
+            extra_disks: Vec::new(),
             seed: if seeded { self.d.vol_path(&seed)? } else { String::new() },
             serial_log: format!("{dir}/{}", machine_volume(&spec.vm_name, "serial.log")),
             kernel: spec.base.kernel.as_ref().map(|_| part("-vmlinuz")).transpose()?,
