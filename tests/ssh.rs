@@ -581,3 +581,88 @@ fn ssh_config_stanza_parses_and_connects() {
     let (ok, msg) = control(&project.join(".provisioner/ssh-control"), "exit");
     assert!(ok, "the stanza's connection left no master: {msg}");
 }
+
+// `[box] keys = "insecure-once"`: the one login with Vagrant's published insecure key.
+
+/// A box that follows Vagrant's contract (its authorized_keys holds both published insecure keys, the last line
+/// without a newline: hashicorp/vagrant#8362): the first login tries each user in turn (sshd allows no change of
+/// user within one connection), logs in with the ed25519 key, and accepts the box's own host key for that session.
+#[test]
+fn the_first_login_uses_vagrants_insecure_key_and_accepts_the_box_host_key_once() {
+    use provisioner::boxes::inject::{VAGRANT_INSECURE_ED25519, VAGRANT_INSECURE_RSA};
+    use provisioner::lifecycle::insecure_once::INSECURE_KEYS;
+    let sshd = Sshd::start();
+    std::fs::write(
+        sshd._dir.path().join("authorized_keys"),
+        format!("{VAGRANT_INSECURE_RSA}\n{VAGRANT_INSECURE_ED25519}"),
+    )
+    .unwrap();
+    let addr = SocketAddr::from(([127, 0, 0, 1], sshd.port));
+    let pinned = keys::generate("the machine's new host key").unwrap();
+    let users = vec!["nosuchuser".to_string(), current_user()];
+    let login = Session::connect_first_login(addr, &users, &INSECURE_KEYS, &pinned.public_openssh, T)
+        .unwrap()
+        .expect("the box's own host key is not the pinned one");
+    assert_eq!(login.user, current_user());
+    assert_eq!(login.key, "Vagrant's insecure ed25519 key");
+    assert_eq!(login.host_fingerprint, sshd.host.fingerprint().unwrap());
+    assert_eq!(login.session.exec_ok("echo in", T).unwrap(), "in\n");
+    // Nothing about the box's host key was written down.
+    assert!(!sshd.state.root.join("known_hosts").exists());
+
+    // With only the RSA key in authorized_keys, the RSA key logs in (an older box).
+    std::fs::write(sshd._dir.path().join("authorized_keys"), VAGRANT_INSECURE_RSA).unwrap();
+    let login = Session::connect_first_login(addr, &users[1..], &INSECURE_KEYS, &pinned.public_openssh, T)
+        .unwrap()
+        .unwrap();
+    assert_eq!(login.key, "Vagrant's insecure RSA key");
+}
+
+/// A guest that already presents the pinned host key had its keys replaced by an earlier run: no insecure key is
+/// offered to it at all.
+#[test]
+fn no_insecure_key_is_offered_to_a_guest_presenting_the_pinned_host_key() {
+    use provisioner::lifecycle::insecure_once::INSECURE_KEYS;
+    let sshd = Sshd::start();
+    let addr = SocketAddr::from(([127, 0, 0, 1], sshd.port));
+    let login =
+        Session::connect_first_login(addr, &[current_user()], &INSECURE_KEYS, &sshd.host.public_openssh, T)
+            .unwrap();
+    assert!(login.is_none());
+    let log = support::wait_until(Duration::from_secs(10), "sshd to log the closed connection", || {
+        let log = sshd.proc.log_text();
+        (log.contains("Connection closed") || log.contains("Disconnected")).then_some(log)
+    });
+    // sshd logs every key offered at LogLevel VERBOSE ("Failed publickey for ...").
+    assert!(!log.contains("publickey"), "a key was offered:\n{log}");
+}
+
+/// A box that does not take the insecure key is refused with what to do; an address that is not loopback is
+/// refused before any packet is sent.
+#[test]
+fn the_first_login_is_refused_off_loopback_and_says_when_the_box_takes_no_insecure_key() {
+    use provisioner::lifecycle::insecure_once::INSECURE_KEYS;
+    let sshd = Sshd::start(); // authorized_keys: the machine key only
+    let pinned = keys::generate("h").unwrap();
+    let addr = SocketAddr::from(([127, 0, 0, 1], sshd.port));
+    let started = Instant::now();
+    let e = Session::connect_first_login(addr, &[current_user()], &INSECURE_KEYS, &pinned.public_openssh, T)
+        .err()
+        .expect("the insecure key logged in");
+    let e = format!("{e:#}");
+    assert!(e.contains("did not accept Vagrant's insecure key"), "{e}");
+    assert!(
+        e.contains("hint: keys = \"insecure-once\" needs a box that follows Vagrant's box contract"),
+        "{e}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(20), "{:?}", started.elapsed());
+
+    let started = Instant::now();
+    let far = SocketAddr::from(([192, 0, 2, 1], 22));
+    let e = Session::connect_first_login(far, &[current_user()], &INSECURE_KEYS, &pinned.public_openssh, T)
+        .err()
+        .expect("a login off loopback was tried");
+    let e = format!("{e:#}");
+    assert!(e.contains("only a loopback address (127.0.0.1) is allowed"), "{e}");
+    assert!(started.elapsed() < Duration::from_secs(1));
+}

@@ -35,6 +35,8 @@ pub enum Route {
     CloudInit,
     /// No cloud-init: the machine's disk is edited before its first boot.
     Disk,
+    /// `[box] keys = "insecure-once"`: one login with Vagrant's insecure key on loopback, keys replaced in it.
+    InsecureOnce,
 }
 
 impl Route {
@@ -42,6 +44,7 @@ impl Route {
         match self {
             Route::CloudInit => "cloud-init",
             Route::Disk => "disk",
+            Route::InsecureOnce => "insecure-once",
         }
     }
 }

@@ -7,6 +7,7 @@
 //! `create` is idempotent (an existing domain of ours is re-defined, the overlay is made once under a temp name),
 //! and a running machine is only waited for. So a half-created machine is completed, never duplicated.
 
+pub mod insecure_once;
 pub mod lab_cache;
 pub(crate) mod offline;
 pub mod plan;
@@ -260,7 +261,7 @@ fn up_locked(ui: &Ui, round: Option<&Round>, m: &Machine, p: &dyn Provider, args
         ui.event("base_image_build_started", json!({}));
     }
 
-    let (_, host_key, lab) = match live {
+    let (user_key, host_key, lab) = match live {
         VmState::Running => {
             let keys = crate::keys::ensure_machine_keys(&m.state, &m.cfg.machine.name)?;
             if plan.state.is_none() {
@@ -295,13 +296,25 @@ fn up_locked(ui: &Ui, round: Option<&Round>, m: &Machine, p: &dyn Provider, args
         ),
     };
 
+    let timeout = Duration::from_secs(args.boot_timeout.unwrap_or(m.cfg.ssh.connect_timeout_secs));
+    // keys = "insecure-once", first boot: the one login with Vagrant's insecure key replaces the keys, then the
+    // session is the pinned one.
+    let first_login = match plan.state.as_ref().filter(|s| s.first_login_pending) {
+        Some(_) => {
+            let addr = plan.endpoint(&host_key.public_openssh)?.addr;
+            Some(insecure_once::first_login(ui, m, p, &mut plan.state, addr, timeout, &user_key, &host_key)?)
+        }
+        None => None,
+    };
     let ep = plan.endpoint(&host_key.public_openssh)?;
     let ph = ui.phase("ssh");
-    let timeout = Duration::from_secs(args.boot_timeout.unwrap_or(m.cfg.ssh.connect_timeout_secs));
-    let session = Session::connect(&ep, timeout).map_err(|e| {
-        let (text, place) = p.serial_console(&m.vm_name, &m.state);
-        e.context(serial_tail(&text, &place))
-    })?;
+    let session = match first_login {
+        Some(session) => session,
+        None => Session::connect(&ep, timeout).map_err(|e| {
+            let (text, place) = p.serial_console(&m.vm_name, &m.state);
+            e.context(serial_tail(&text, &place))
+        })?,
+    };
     ph.done(&ep.addr.to_string());
     let restored = lab.as_ref().is_some_and(|l| l.restored);
     if restored {
@@ -311,7 +324,9 @@ fn up_locked(ui: &Ui, round: Option<&Round>, m: &Machine, p: &dyn Provider, args
         }
     }
 
-    let disk_route = plan.state.as_ref().and_then(|s| s.keys_route.as_deref()) == Some("disk");
+    // No cloud-init in the guest: the disk route and insecure-once.
+    let disk_route =
+        matches!(plan.state.as_ref().and_then(|s| s.keys_route.as_deref()), Some("disk" | "insecure-once"));
     if disk_route {
         // No cloud-init: sshd answered with the pinned host key; what the seed did is done now, as root.
         let hosts = crate::seed::hosts_file(m.cfg.hostname(), &peer_hosts(&m.cfg))?;
@@ -474,6 +489,13 @@ fn boot(
     let (route, why) = match (&live, st.keys_route.as_deref()) {
         (VmState::NotCreated, _) => offline::decide(m, p, &base)?,
         (_, Some("disk")) => (Route::Disk, "recorded".to_string()),
+        (_, Some("insecure-once")) => {
+            // Not booted again where more than loopback would reach it while it may still take the insecure key.
+            if st.first_login_pending {
+                insecure_once::check_allowed(&m.cfg)?;
+            }
+            (Route::InsecureOnce, "recorded".to_string())
+        }
         _ => (Route::CloudInit, "recorded".to_string()),
     };
 
@@ -531,6 +553,12 @@ fn boot(
         libvirt_uri: (p.kind() == ProviderKind::Libvirt).then(|| m.cfg.libvirt.uri.clone()),
         accel: Some(accel.label().to_string()),
         keys_route: Some(route.name().to_string()),
+        // Set once, when the machine is made: its first `up` logs in with the insecure key (and no later one).
+        first_login_pending: if live == VmState::NotCreated {
+            route == Route::InsecureOnce
+        } else {
+            st.first_login_pending
+        },
         ..st
     };
     // Recorded before the hypervisor is touched, so an interrupted `up` can be completed or destroyed.
@@ -544,7 +572,7 @@ fn boot(
         memory_mb: m.cfg.machine.memory_mb,
         disk_gb: m.cfg.machine.disk_gb,
         base,
-        seed_iso: if route == Route::Disk { std::path::PathBuf::new() } else { m.state.seed_iso() },
+        seed_iso: if route == Route::CloudInit { m.state.seed_iso() } else { std::path::PathBuf::new() },
         forwards,
         state: m.state.clone(),
         kvm: accel.kvm,

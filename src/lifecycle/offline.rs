@@ -36,11 +36,10 @@ pub(crate) fn decide(m: &Machine, p: &dyn Provider, base: &BoxImage) -> Result<(
     let disk = box_disk(p, base)?;
     match m.cfg.base_box.keys {
         KeysRoute::CloudInit => Ok((Route::CloudInit, "[box] keys".into())),
-        KeysRoute::InsecureOnce => bail!(
-            "[box] keys = \"insecure-once\" is not yet supported: provisioner does not log in with Vagrant's \
-             insecure key yet\nhint: use keys = \"disk\" (the machine's key is written into its disk before the first \
-             boot; ext2/3/4 root filesystems) or a box that runs cloud-init"
-        ),
+        KeysRoute::InsecureOnce => {
+            super::insecure_once::check_allowed(&m.cfg)?;
+            Ok((Route::InsecureOnce, "[box] keys".into()))
+        }
         KeysRoute::Disk if disk.is_none() => bail!(
             "[box] keys = \"disk\" is not supported for this {} box ({} disk): only libvirt's qcow2/raw disks and \
              VirtualBox's VMDK/VDI disks are edited before the first boot\nhint: use a box that runs cloud-init \

@@ -34,13 +34,17 @@ pub struct MachineState {
     /// Set once cloud-init reported done at least once.
     #[serde(default)]
     pub provisioned: bool,
-    /// How the machine's key got in: "cloud-init" (the seed; also when absent) or "disk" (edited before the first
-    /// boot, docs/boxes.md "Boxes from Vagrant").
+    /// How the machine's key got in: "cloud-init" (the seed; also when absent), "disk" (edited before the first
+    /// boot) or "insecure-once" (one login with Vagrant's insecure key), docs/boxes.md "Boxes from Vagrant".
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keys_route: Option<String>,
     /// The guest user the machine's key went to when it is not `[ssh] user` (a Vagrant box's `vagrant`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ssh_user: Option<String>,
+    /// `keys_route` "insecure-once": set when the machine is created, cleared once its first login replaced the
+    /// box's keys (until then the next `up` logs in with Vagrant's insecure key again, and only then).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub first_login_pending: bool,
 }
 
 // A module of its own only for this lint exception: clippy 1.96 (the Windows cross-build's) flags the initializer

@@ -254,6 +254,135 @@ impl Session {
     }
 }
 
+/// The one login of `[box] keys = "insecure-once"` ([`crate::lifecycle::insecure_once`]): who logged in with
+/// which key, and the host key the guest presented (accepted for this session only, never pinned or recorded).
+pub struct FirstLogin {
+    pub session: Session,
+    pub user: String,
+    /// The name of the key that was accepted (as given to [`Session::connect_first_login`]).
+    pub key: &'static str,
+    /// `SHA256:...` of the host key the box presented.
+    pub host_fingerprint: String,
+}
+
+impl Session {
+    /// Log in once with one of `keys` (name, OpenSSH private key) as the first of `users` that accepts one,
+    /// accepting whatever host key the guest presents, for this session only; retried like [`Session::connect`]
+    /// until `timeout` while the guest boots. Only over loopback: anywhere else is refused before any packet.
+    /// `None` when the guest already presents `pinned` (the keys were replaced before): no key is offered then.
+    pub fn connect_first_login(
+        addr: SocketAddr,
+        users: &[String],
+        keys: &[(&'static str, &str)],
+        pinned: &str,
+        timeout: Duration,
+    ) -> Result<Option<FirstLogin>> {
+        let pinned =
+            keys::public_blob(pinned).context("the pinned host key in the machine state is unreadable")?;
+        if !addr.ip().is_loopback() {
+            anyhow::bail!(
+                "refusing to log in with a published insecure key at {addr}: only a loopback address (127.0.0.1) \
+                 is allowed, so nothing else can reach the guest before its key is replaced\nhint: set [ssh] host_ip \
+                 = \"127.0.0.1\", or use keys = \"disk\" or a box that runs cloud-init"
+            );
+        }
+        let start = Instant::now();
+        let deadline = start + timeout;
+        let mut pause = Duration::from_millis(200);
+        let mut attempts = 0u32;
+        let mut refusals = 0u32;
+        loop {
+            attempts += 1;
+            let last = match first_login_attempt(addr, users, keys, &pinned, deadline) {
+                Ok(login) => return Ok(login),
+                Err(Attempt::Fatal(e)) => return Err(e),
+                Err(Attempt::Auth(e)) => {
+                    refusals += 1;
+                    if refusals >= AUTH_RETRIES {
+                        return Err(e);
+                    }
+                    e
+                }
+                Err(Attempt::Retry(e)) => e,
+            };
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(last.context(format!(
+                    "no SSH connection to {addr} after {attempts} attempts in {:.0?}\n\
+                     hint: the guest may still be booting or failed to boot: check `provisioner status` and the \
+                     serial console log (.provisioner/serial.log); a slow (TCG) boot may need a longer \
+                     `--boot-timeout` or [ssh] connect_timeout_secs",
+                    now - start
+                )));
+            }
+            crate::process::sleep_interruptible(pause.min(deadline - now));
+            crate::process::check_interrupted()?;
+            pause = (pause * 2).min(Duration::from_secs(2));
+        }
+    }
+}
+
+/// TCP and SSH handshake with `addr`, every blocking call bounded by `deadline`.
+fn handshake(addr: SocketAddr, deadline: Instant) -> std::result::Result<ssh2::Session, Attempt> {
+    let slice = deadline.saturating_duration_since(Instant::now()).clamp(Duration::from_millis(100), SLICE);
+    let tcp = TcpStream::connect_timeout(&addr, slice)
+        .map_err(|e| Attempt::Retry(anyhow!(e).context(format!("TCP connect to {addr}"))))?;
+    let _ = tcp.set_nodelay(true);
+    let mut sess =
+        ssh2::Session::new().map_err(|e| Attempt::Fatal(anyhow!(e).context("initialise libssh2")))?;
+    sess.set_tcp_stream(tcp);
+    sess.set_timeout(millis(slice));
+    sess.handshake().map_err(|e| Attempt::Retry(anyhow!(e).context(format!("SSH handshake with {addr}"))))?;
+    Ok(sess)
+}
+
+/// One round of the first login: a connection per user (sshd allows no change of user within one), each key
+/// offered in turn.
+fn first_login_attempt(
+    addr: SocketAddr,
+    users: &[String],
+    keys: &[(&'static str, &str)],
+    pinned: &[u8],
+    deadline: Instant,
+) -> std::result::Result<Option<FirstLogin>, Attempt> {
+    let mut refused = Vec::new();
+    for user in users {
+        let sess = handshake(addr, deadline)?;
+        let (blob, _) =
+            sess.host_key().ok_or_else(|| Attempt::Retry(anyhow!("{addr} presented no host key")))?;
+        if blob == pinned {
+            return Ok(None);
+        }
+        let host_fingerprint = keys::fingerprint_blob(blob).unwrap_or_else(|| "(undecodable key)".into());
+        for (name, pem) in keys {
+            match sess.userauth_pubkey_memory(user, None, pem, None) {
+                Ok(()) if sess.authenticated() => {
+                    sess.set_keepalive(false, SLICE.as_secs() as u32);
+                    return Ok(Some(FirstLogin {
+                        session: Session { sess, addr },
+                        user: user.clone(),
+                        key: name,
+                        host_fingerprint,
+                    }));
+                }
+                // The connection itself went away (socket error, timeout, disconnect: a guest still settling):
+                // the round is retried.
+                Err(e) if matches!(e.code(), ssh2::ErrorCode::Session(-7 | -9 | -13 | -43)) => {
+                    return Err(Attempt::Retry(anyhow!(e).context(format!("log in as {user} at {addr}"))));
+                }
+                Err(e) => refused.push(format!("{user} with {name}: {}", e.message())),
+                Ok(()) => refused.push(format!("{user} with {name}")),
+            }
+        }
+    }
+    Err(Attempt::Auth(anyhow!(
+        "the box at {addr} did not accept Vagrant's insecure key ({} refused)\nhint: keys = \"insecure-once\" needs a \
+         box that follows Vagrant's box contract (user `vagrant`, or [ssh] user, with Vagrant's insecure public key \
+         in ~/.ssh/authorized_keys); for another box use keys = \"disk\" or a box that runs cloud-init",
+        refused.join(", ")
+    )))
+}
+
 /// One connection attempt: TCP, handshake, host key check, public key auth.
 fn attempt(ep: &Endpoint, pinned: &[u8], deadline: Instant) -> std::result::Result<ssh2::Session, Attempt> {
     let slice = deadline.saturating_duration_since(Instant::now()).clamp(Duration::from_millis(100), SLICE);
