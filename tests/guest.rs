@@ -306,6 +306,10 @@ fn vm_up_verify_reprovision_destroy() {
         .parse()
         .unwrap();
     crate::inject::insecure_key_refused_and_host_key_pinned(t.path(), "vagrant", ssh_port);
+    // `[ssh] user` is the shipped "provisioner", which this box does not have: the key went to `vagrant`, and
+    // every session logs in as it (the hostname is the machine's, set without cloud-init).
+    let who = run(&["ssh", "-c", "id -un; hostname"]).success();
+    assert_eq!(who.stdout(), "vagrant\nlab\n");
     for svc in ["grafana", "cadvisor"] {
         assert!(table
             .lines()

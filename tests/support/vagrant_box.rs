@@ -22,6 +22,17 @@ pub fn vagrant_box_from_test_box(box_dir: &Path) -> PathBuf {
 
 /// The same box; with `cloud_init` its cloud-init stays enabled (the seed route: the benchmark's comparison).
 pub fn vagrant_box_with(box_dir: &Path, cloud_init: bool) -> PathBuf {
+    build(box_dir, cloud_init, false)
+}
+
+/// The same box (cloud-init disabled) as a vagrant-libvirt v2 box with two disks: `box.img`, then a blank 8 MiB
+/// `data.qcow2` (metadata `disks: [...]`).
+#[allow(dead_code)] // used by tests/inject.rs, not by the benchmark
+pub fn vagrant_box_two_disks(box_dir: &Path) -> PathBuf {
+    build(box_dir, false, true)
+}
+
+fn build(box_dir: &Path, cloud_init: bool, data_disk: bool) -> PathBuf {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
     let repo_cfg = provisioner::config::Config::load(&repo.join("box-config.toml")).unwrap();
     let cache = provisioner::boxes::Cache::open().unwrap();
@@ -90,21 +101,24 @@ pub fn vagrant_box_with(box_dir: &Path, cloud_init: bool) -> PathBuf {
     assert_eq!(read("/etc/sudoers.d/vagrant"), "vagrant ALL=(ALL) NOPASSWD: ALL\n");
     let want = if cloud_init { Route::CloudInit } else { Route::Disk };
     assert_eq!(inject::detect(&img, "qcow2", &work).unwrap().0, want);
-    std::fs::write(
-        box_dir.join("metadata.json"),
-        r#"{"provider": "libvirt", "format": "qcow2", "virtual_size": 4}"#,
-    )
-    .unwrap();
+    let mut files = vec!["metadata.json", "Vagrantfile", "box.img", "vmlinuz", "initrd.img"];
+    let metadata = if data_disk {
+        run_ok(
+            std::process::Command::new("qemu-img")
+                .args(["create", "-q", "-f", "qcow2"])
+                .arg(box_dir.join("data.qcow2"))
+                .arg("8M"),
+        );
+        files.push("data.qcow2");
+        r#"{"provider": "libvirt", "format": "qcow2", "disks": [{"path": "box.img", "format": "qcow2"}, {"path": "data.qcow2", "format": "qcow2"}]}"#
+    } else {
+        r#"{"provider": "libvirt", "format": "qcow2", "virtual_size": 4}"#
+    };
+    std::fs::write(box_dir.join("metadata.json"), metadata).unwrap();
     std::fs::write(box_dir.join("Vagrantfile"), "Vagrant.configure(\"2\") do |config|\nend\n").unwrap();
     let out = box_dir.join("vagrant-test.box");
-    run_ok(std::process::Command::new("tar").arg("-cf").arg(&out).arg("-C").arg(box_dir).args([
-        "metadata.json",
-        "Vagrantfile",
-        "box.img",
-        "vmlinuz",
-        "initrd.img",
-    ]));
-    for f in ["box.img", "vmlinuz", "initrd.img"] {
+    run_ok(std::process::Command::new("tar").arg("-cf").arg(&out).arg("-C").arg(box_dir).args(&files));
+    for f in &files[2..] {
         std::fs::remove_file(box_dir.join(f)).unwrap();
     }
     out
