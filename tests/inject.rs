@@ -467,7 +467,10 @@ fn vm_vagrant_box_insecure_once_replaces_the_keys_in_its_first_session() {
         .output()
         .unwrap();
     let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
-    assert!(info["actual-size"].as_u64().unwrap() >= 4 << 20, "the write did not land in the overlay: {info}");
+    assert!(
+        info["actual-size"].as_u64().unwrap() >= 4 << 20,
+        "the write did not land in the overlay: {info}"
+    );
 
     assert_eq!(cached_disks(&cache), before, "the cached box changed");
     drop(guard);

@@ -27,12 +27,21 @@ const WRONG: &str = "Wrong-pass-41b2e8-never-printed";
 /// Images the registry gets, as registry mode names them (repository paths under the proxy prefix), and what
 /// each is made from in the guest.
 const IMAGES: [(&str, &str); 6] = [
-    ("docker.io/prom/prometheus:v2.53.2", "provisioner-lab/prometheus:debian's config and data dir, a wget shim"),
-    ("docker.io/prom/alertmanager:v0.27.0", "provisioner-lab/alertmanager:debian's config and data dir, a wget shim"),
+    (
+        "docker.io/prom/prometheus:v2.53.2",
+        "provisioner-lab/prometheus:debian's config and data dir, a wget shim",
+    ),
+    (
+        "docker.io/prom/alertmanager:v0.27.0",
+        "provisioner-lab/alertmanager:debian's config and data dir, a wget shim",
+    ),
     ("docker.io/prom/node-exporter:v1.8.2", "provisioner-lab/node-exporter:debian's config, a wget shim"),
     ("docker.io/grafana/grafana:11.2.2", "stand-in grafana (answers /api/health on 3000)"),
     ("gcr.io/cadvisor/cadvisor:v0.49.1", "stand-in cadvisor (answers /healthz and /metrics on 8080)"),
-    ("docker.io/library/python:3.12.7-slim-bookworm", "stand-in python (Debian's python3, pip unpacked from its wheel)"),
+    (
+        "docker.io/library/python:3.12.7-slim-bookworm",
+        "stand-in python (Debian's python3, pip unpacked from its wheel)",
+    ),
 ];
 
 fn sh(cmd: &mut Command, what: &str) {
@@ -280,7 +289,8 @@ class H(http.server.BaseHTTPRequestHandler):
 http.server.ThreadingHTTPServer(("0.0.0.0", int(sys.argv[1])), H).serve_forever()
 "#;
 
-const PIP_SCRIPT: &str = "#!/usr/bin/python3\n# pip, unpacked from its wheel by the registry test\nimport sys\n\
+const PIP_SCRIPT: &str =
+    "#!/usr/bin/python3\n# pip, unpacked from its wheel by the registry test\nimport sys\n\
                           from pip._internal.cli.main import main\nsys.exit(main())\n";
 
 /// `NAME:UID:GID` lines of /etc/passwd in the base tarball, for the owner of the images' data directories.
