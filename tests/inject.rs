@@ -237,17 +237,6 @@ fn an_xfs_root_is_refused_before_boot_with_the_reason_and_the_choices() {
 // ---------------------------------------------------------------------------------------------------------------
 // VM tier.
 
-/// Vagrant's published insecure ed25519 PRIVATE key (hashicorp/vagrant `keys/vagrant.key.ed25519`): a login with
-/// it must be refused once provisioner has brought the box up.
-const VAGRANT_INSECURE_ED25519_PRIVATE: &str = "-----BEGIN OPENSSH PRIVATE KEY-----
-b3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQAAAAAAAAABAAAAMwAAAAtzc2gtZW
-QyNTUxOQAAACDdWHcQaTZc8Q6nycsP0CqMNRfsLxvYVxqKosrHyTp+WAAAAJj2TBMT9kwT
-EwAAAAtzc2gtZWQyNTUxOQAAACDdWHcQaTZc8Q6nycsP0CqMNRfsLxvYVxqKosrHyTp+WA
-AAAEAveRHRHSCjIxbNKHDRzezD0U3R3UEEmS7R33fzvPQAD91YdxBpNlzxDqfJyw/QKow1
-F+wvG9hXGoqiysfJOn5YAAAAEHNwb3hAdmFncmFudC1kZXYBAgMEBQ==
------END OPENSSH PRIVATE KEY-----
-";
-
 /// The Vagrant-style box builder, shared with benches/vagrant_box.rs.
 #[path = "support/vagrant_box.rs"]
 mod vagrant_box;
@@ -273,7 +262,7 @@ fn cached_disks(cache: &Path) -> Vec<(PathBuf, String)> {
 /// connection (`.provisioner/host_ed25519.pub`).
 pub(crate) fn insecure_key_refused_and_host_key_pinned(dir: &Path, user: &str, port: u16) {
     let key = dir.join("insecure");
-    std::fs::write(&key, VAGRANT_INSECURE_ED25519_PRIVATE).unwrap();
+    std::fs::write(&key, provisioner::lifecycle::insecure_once::VAGRANT_INSECURE_ED25519_PRIVATE).unwrap();
     std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     let out = std::process::Command::new("ssh")
         .args(["-F", "/dev/null", "-i"])
