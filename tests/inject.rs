@@ -264,29 +264,8 @@ pub(crate) fn insecure_key_refused_and_host_key_pinned(dir: &Path, user: &str, p
     let key = dir.join("insecure");
     std::fs::write(&key, provisioner::lifecycle::insecure_once::VAGRANT_INSECURE_ED25519_PRIVATE).unwrap();
     std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
-    let out = std::process::Command::new("ssh")
-        .args(["-F", "/dev/null", "-i"])
-        .arg(&key)
-        .args([
-            "-o",
-            "IdentitiesOnly=yes",
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "StrictHostKeyChecking=no",
-            "-o",
-            "UserKnownHostsFile=/dev/null",
-            "-o",
-            "ConnectTimeout=30",
-            "-p",
-            &port.to_string(),
-            &format!("{user}@127.0.0.1"),
-            "true",
-        ])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "the insecure key logged in");
+    let (ok, err) = login_with(&key, user, port);
+    assert!(!ok, "the insecure key logged in");
     assert!(err.contains("Permission denied"), "{err}");
     std::fs::remove_file(&key).unwrap();
     // The host key sshd offers is the one pinned from the first connection.
@@ -299,8 +278,8 @@ pub(crate) fn insecure_key_refused_and_host_key_pinned(dir: &Path, user: &str, p
     assert!(String::from_utf8_lossy(&scan.stdout).contains(blob), "{scan:?} vs {pinned}");
 }
 
-/// `ssh -i KEY vagrant@127.0.0.1 -p PORT true` with nothing but that key: (succeeded, stderr).
-fn login_with(key_file: &Path, port: u16) -> (bool, String) {
+/// `ssh -i KEY USER@127.0.0.1 -p PORT true` with nothing but that key: (succeeded, stderr).
+fn login_with(key_file: &Path, user: &str, port: u16) -> (bool, String) {
     let out = std::process::Command::new("ssh")
         .args(["-F", "/dev/null", "-i"])
         .arg(key_file)
@@ -317,7 +296,7 @@ fn login_with(key_file: &Path, port: u16) -> (bool, String) {
             "ConnectTimeout=30",
             "-p",
             &port.to_string(),
-            "vagrant@127.0.0.1",
+            &format!("{user}@127.0.0.1"),
             "true",
         ])
         .output()
@@ -408,7 +387,7 @@ fn vm_vagrant_box_insecure_once_replaces_the_keys_in_its_first_session() {
         let key = t.path().join(format!("insecure-{name}"));
         std::fs::write(&key, pem).unwrap();
         std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
-        let (ok, err) = login_with(&key, port);
+        let (ok, err) = login_with(&key, "vagrant", port);
         assert!(!ok, "the insecure {name} key logged in");
         assert!(err.contains("Permission denied"), "{name}: {err}");
     }
