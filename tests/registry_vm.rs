@@ -11,7 +11,8 @@
 //! host into a directory served over HTTP on 127.0.0.1.
 //!
 //! Cases: a wrong password (a clear error naming the registry, the secret never printed); the right one (all six
-//! services healthy, the table says registry mode); the registry stopped (`auto` falls back to debian mode within
+//! services healthy, the table says registry mode, the digests recorded and used by the next provision); the
+//! registry stopped (`auto` falls back to debian mode within
 //! its deadline and says so).
 
 use std::path::{Path, PathBuf};
@@ -495,6 +496,15 @@ pub fn registry_cases(dir: &Path, run: &dyn Fn(&[&str]) -> Run) {
     assert_eq!(rec["resolved"]["mode"], "registry");
     let h = run(&["health"]).success();
     assert!(h.stdout().contains("images: registry mode"), "{}", h.stdout());
+    // A later provision pulls every image by its recorded digest (a rebuild gets the same bytes): one edited file.
+    let rules = dir.join("provision/prometheus/alert.rules.yml.hbs");
+    let mut edited = std::fs::read_to_string(&rules).unwrap();
+    edited.push_str("\n# edited by the registry test\n");
+    std::fs::write(&rules, edited).unwrap();
+    let again = run(&["provision"]);
+    let all = format!("{}{}", again.stdout(), again.stderr());
+    assert_eq!(again.code(), Some(0), "{all}");
+    assert!(all.contains("(5 by recorded digest)"), "the digests were not used:\n{all}");
 
     // 3. The registry stopped: `auto` falls back to debian mode within its deadline and says so.
     drop(registry);
