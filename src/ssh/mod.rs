@@ -153,40 +153,8 @@ impl Session {
         let pinned = keys::public_blob(&ep.host_key)
             .context("the pinned host key in the machine state is unreadable")?;
         ep.open_tunnel()?;
-        let start = Instant::now();
-        let deadline = start + timeout;
-        let mut pause = Duration::from_millis(200);
-        let mut attempts = 0u32;
-        let mut auth_failures = 0u32;
-        loop {
-            attempts += 1;
-            let last = match attempt(ep, &pinned, deadline) {
-                Ok(sess) => return Ok(Session { sess, addr: ep.addr }),
-                Err(Attempt::Fatal(e)) => return Err(e),
-                Err(Attempt::Auth(e)) => {
-                    auth_failures += 1;
-                    if auth_failures >= AUTH_RETRIES {
-                        return Err(e);
-                    }
-                    e
-                }
-                Err(Attempt::Retry(e)) => e,
-            };
-            let now = Instant::now();
-            if now >= deadline {
-                return Err(last.context(format!(
-                    "no SSH connection to {} after {attempts} attempts in {:.0?}\n\
-                     hint: the guest may still be booting or failed to boot: check `provisioner status` and the \
-                     serial console log (.provisioner/serial.log); a slow (TCG) boot may need a longer \
-                     `--boot-timeout` or [ssh] connect_timeout_secs",
-                    ep.addr,
-                    now - start
-                )));
-            }
-            crate::process::sleep_interruptible(pause.min(deadline - now));
-            crate::process::check_interrupted()?;
-            pause = (pause * 2).min(Duration::from_secs(2));
-        }
+        let sess = retry(ep.addr, timeout, |deadline| attempt(ep, &pinned, deadline))?;
+        Ok(Session { sess, addr: ep.addr })
     }
 
     /// Run a command; `on_line` sees each output line as it arrives. Returns the exit status (not an error).
@@ -286,39 +254,50 @@ impl Session {
                  = \"127.0.0.1\", or use keys = \"disk\" or a box that runs cloud-init"
             );
         }
-        let start = Instant::now();
-        let deadline = start + timeout;
-        let mut pause = Duration::from_millis(200);
-        let mut attempts = 0u32;
-        let mut refusals = 0u32;
-        loop {
-            attempts += 1;
-            let last = match first_login_attempt(addr, users, keys, &pinned, deadline) {
-                Ok(login) => return Ok(login),
-                Err(Attempt::Fatal(e)) => return Err(e),
-                Err(Attempt::Auth(e)) => {
-                    refusals += 1;
-                    if refusals >= AUTH_RETRIES {
-                        return Err(e);
-                    }
-                    e
+        retry(addr, timeout, |deadline| first_login_attempt(addr, users, keys, &pinned, deadline))
+    }
+}
+
+/// Run `attempt` until it succeeds, with backoff (0.2 s doubling to 2 s) until `timeout`: a retryable failure
+/// (the guest is booting) is tried again, a fatal one ends at once, and an authentication refusal ends after
+/// [`AUTH_RETRIES`] (the host key matched, so a refused key stays refused). Ctrl-C ends the wait.
+fn retry<T>(
+    addr: SocketAddr,
+    timeout: Duration,
+    mut attempt: impl FnMut(Instant) -> std::result::Result<T, Attempt>,
+) -> Result<T> {
+    let start = Instant::now();
+    let deadline = start + timeout;
+    let mut pause = Duration::from_millis(200);
+    let mut attempts = 0u32;
+    let mut refusals = 0u32;
+    loop {
+        attempts += 1;
+        let last = match attempt(deadline) {
+            Ok(done) => return Ok(done),
+            Err(Attempt::Fatal(e)) => return Err(e),
+            Err(Attempt::Auth(e)) => {
+                refusals += 1;
+                if refusals >= AUTH_RETRIES {
+                    return Err(e);
                 }
-                Err(Attempt::Retry(e)) => e,
-            };
-            let now = Instant::now();
-            if now >= deadline {
-                return Err(last.context(format!(
-                    "no SSH connection to {addr} after {attempts} attempts in {:.0?}\n\
-                     hint: the guest may still be booting or failed to boot: check `provisioner status` and the \
-                     serial console log (.provisioner/serial.log); a slow (TCG) boot may need a longer \
-                     `--boot-timeout` or [ssh] connect_timeout_secs",
-                    now - start
-                )));
+                e
             }
-            crate::process::sleep_interruptible(pause.min(deadline - now));
-            crate::process::check_interrupted()?;
-            pause = (pause * 2).min(Duration::from_secs(2));
+            Err(Attempt::Retry(e)) => e,
+        };
+        let now = Instant::now();
+        if now >= deadline {
+            return Err(last.context(format!(
+                "no SSH connection to {addr} after {attempts} attempts in {:.0?}\n\
+                 hint: the guest may still be booting or failed to boot: check `provisioner status` and the \
+                 serial console log (.provisioner/serial.log); a slow (TCG) boot may need a longer \
+                 `--boot-timeout` or [ssh] connect_timeout_secs",
+                now - start
+            )));
         }
+        crate::process::sleep_interruptible(pause.min(deadline - now));
+        crate::process::check_interrupted()?;
+        pause = (pause * 2).min(Duration::from_secs(2));
     }
 }
 
