@@ -46,6 +46,8 @@ pub mod provider;
 pub mod render;
 pub mod seed;
 pub mod ssh;
+#[cfg(test)]
+mod testing;
 mod text;
 pub mod ui;
 pub mod validate;

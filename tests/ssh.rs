@@ -193,6 +193,43 @@ fn manifest(root: &Path) -> std::collections::BTreeMap<PathBuf, (String, u32)> {
         .collect()
 }
 
+/// `prefetch`: the commands run at once (concurrently) in one exec; each is then served once, with the status and
+/// output its own exec gives, without running again; any other command drops what is held.
+#[test]
+fn prefetched_commands_run_together_once_and_are_served_until_another_command_runs() {
+    for sshd in [Sshd::start(), sshd_with_sudo()] {
+        let s = sshd.session();
+        let dir = tempfile::tempdir().unwrap();
+        let (runs, met) = (dir.path().join("runs"), dir.path().join("met"));
+        let (runs, met) = (runs.display(), met.display());
+        // `wait` sees the file `touch` makes only when both run at the same time (in order, it would give up).
+        let wait = format!(
+            "echo wait >> {runs}; i=0; while [ ! -e {met} ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i+1)); done; \
+             [ -e {met} ] && echo met || echo alone"
+        );
+        let touch = format!("echo touch >> {runs}; touch {met}; printf 'out\\n\\t\\303\\277 last'; exit 3");
+        let plain = "printf 'x\\ny\\n'; echo e >&2; exit 5".to_string();
+        let direct = s.exec(&plain, T).unwrap();
+        assert_eq!(s.prefetch(&[wait.clone(), touch.clone(), plain.clone(), wait.clone()], T), 3);
+        let count = |what: &str| std::fs::read_to_string(dir.path().join("runs")).unwrap().lines().filter(|l| *l == what).count();
+        assert_eq!((count("wait"), count("touch")), (1, 1), "each ran once, duplicates included");
+        let served = s.exec(&plain, T).unwrap();
+        assert_eq!((served.status, served.output.as_str()), (direct.status, direct.output.as_str()));
+        assert_eq!(s.exec_ok(&wait, T).unwrap(), "met\n", "the commands ran concurrently");
+        let t = s.exec(&touch, T).unwrap();
+        assert_eq!((t.status, t.output.as_str()), (3, "out\n\tÿ last"));
+        assert_eq!((count("wait"), count("touch")), (1, 1), "served without running again");
+        // Served once: a second exec runs the command.
+        s.exec(&touch, T).unwrap();
+        assert_eq!(count("touch"), 2);
+        // Another command drops every prefetched result.
+        assert_eq!(s.prefetch(&[touch.clone()], T), 1);
+        s.exec_ok("true", T).unwrap();
+        s.exec(&touch, T).unwrap();
+        assert_eq!(count("touch"), 4, "prefetched once, then run again after another command");
+    }
+}
+
 /// An sshd whose sessions find a `sudo` that runs its command as is (the test user is the one the files belong
 /// to): the guest upload runs `sudo -n tar ...` as in a real guest.
 fn sshd_with_sudo() -> Sshd {

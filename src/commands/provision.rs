@@ -18,6 +18,8 @@ use crate::lifecycle::{refuse_foreign, HEALTH_TIMEOUT};
 fn provision_and_check(ctx: &Ctx, cfg: &Config, state: &StateDir, ssh: &Session, force: bool) -> Result<i32> {
     let ui = &ctx.ui;
     let lab = crate::guest::Lab::render(cfg, state, ctx.profile)?;
+    // Most runs find the lab as it was: every check goes to the guest in one round trip.
+    ssh.prefetch(&crate::guest::warm_commands(cfg, &lab), Duration::from_secs(60));
     crate::guest::provision(cfg, ssh, &lab, ui, force, None)?;
     let (available, unavailable) = lab.services(cfg);
     health_code(crate::health::check_services(

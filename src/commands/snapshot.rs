@@ -19,7 +19,7 @@ pub(crate) fn snapshot(ctx: &Ctx, cmd: SnapshotCommand) -> Result<i32> {
     let ui = &ctx.ui;
     match cmd {
         SnapshotCommand::Save { name, .. } => m.snapshot_save(ui, &name)?,
-        SnapshotCommand::Restore { name, .. } => m.snapshot_restore(ui, &name)?,
+        SnapshotCommand::Restore { name, .. } => return m.snapshot_restore(ui, &name),
         SnapshotCommand::List { .. } => {
             let all = m.snapshot_list()?;
             if ctx.global.json {

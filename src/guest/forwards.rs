@@ -49,13 +49,18 @@ echo "nic=$nic added=$added"
     )
 }
 
+/// The command [`ensure`] runs (as root), None without forwarded service ports.
+pub fn command(cfg: &Config) -> Option<String> {
+    let ports = guest_ports(cfg);
+    (!ports.is_empty()).then(|| format!("sudo -n sh -c {}", crate::ssh::shell_quote(&script(&ports))))
+}
+
 /// Make every forwarded port reach 127.0.0.1 in the guest. Returns a one-line summary.
 pub fn ensure(ssh: &Session, cfg: &Config) -> Result<String> {
-    let ports = guest_ports(cfg);
-    if ports.is_empty() {
+    let Some(cmd) = command(cfg) else {
         return Ok("no forwarded service ports".into());
-    }
-    let cmd = format!("sudo -n sh -c {}", crate::ssh::shell_quote(&script(&ports)));
+    };
+    let ports = guest_ports(cfg);
     let out = ssh.exec_ok(&cmd, Duration::from_secs(60)).context(
         "could not route the forwarded ports to the guest's loopback\nhint: the guest needs iptables (it comes \
          with docker.io) and passwordless sudo for the ssh user",

@@ -33,6 +33,8 @@ pub struct Lab {
     pub profile: &'static Profile,
     /// The secrets it was rendered with (to render it again for the mode `auto` resolves to).
     secrets: Option<serde_json::Value>,
+    /// The same tree for registry mode, rendered at most once per run ([`Lab::registry_mode`]).
+    registry: std::sync::OnceLock<std::result::Result<Box<Lab>, String>>,
 }
 
 impl Lab {
@@ -57,7 +59,17 @@ impl Lab {
     /// Parse the compose file of a rendered tree.
     pub fn of(rendered: Rendered, profile: &'static Profile) -> Lab {
         let model = ComposeModel::from_rendered(&rendered).map_err(|e| format!("{e:#}"));
-        Lab { rendered, model, profile, secrets: None }
+        Lab { rendered, model, profile, secrets: None, registry: Default::default() }
+    }
+
+    /// The tree rendered for registry mode (what `images = "auto"` asks the registry about and may resolve to),
+    /// rendered on first use and kept for the run.
+    pub fn registry_mode(&self, cfg: &Config) -> Result<&Lab> {
+        self.registry
+            .get_or_init(|| self.for_mode(cfg, ImageSource::Registry).map(Box::new).map_err(|e| format!("{e:#}")))
+            .as_ref()
+            .map(|b| &**b)
+            .map_err(|e| anyhow::anyhow!("{e}"))
     }
 
     pub fn model(&self) -> Result<&ComposeModel> {
@@ -71,7 +83,7 @@ impl Lab {
         if cfg.provision.images == ImageSource::Auto {
             let rec = registry::ImagesRecord::load(&registry::state_root(cfg));
             if let Some(r) = rec.resolved.filter(|r| r.mode == ImageSource::Registry) {
-                if let Ok(lab) = self.for_mode(cfg, r.mode) {
+                if let Ok(lab) = self.registry_mode(cfg) {
                     return lab.services(&cfg.with_images(r.mode));
                 }
             }
@@ -126,14 +138,62 @@ pub fn compose_for(cfg: &Config, model: &ComposeModel, kind: compose::ComposeKin
 
 /// Compose services of this project with a running container.
 pub fn running_services(ssh: &Session, project: &str) -> Result<BTreeSet<String>> {
-    let out = ssh.exec_ok(
-        &format!(
-            "sudo -n docker ps --filter label=com.docker.compose.project={} --format '{{{{.Label \"com.docker.compose.service\"}}}}'",
-            shell_quote(project)
-        ),
-        Duration::from_secs(60),
-    )?;
+    let out = ssh.exec_ok(&running_services_command(project), Duration::from_secs(60))?;
     Ok(out.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect())
+}
+
+/// The command [`running_services`] runs: the compose services of `project` with a running container, one per
+/// line. Through the Engine API with one `curl` start when the guest has curl (`docker ps` costs ~0.5 s of guest
+/// CPU under TCG), else `docker ps`.
+fn running_services_command(project: &str) -> String {
+    let filters = shell_quote(&format!(r#"filters={{"label":["com.docker.compose.project={project}"]}}"#));
+    let api = format!(
+        r#"list=$(sudo -n curl -sfG --unix-socket /var/run/docker.sock --data-urlencode {filters} http://docker/containers/json) || exit 1; printf '%s' "$list" | grep -o '"com.docker.compose.service":"[^"]*"' | cut -d'"' -f4"#
+    );
+    let cli = format!(
+        "sudo -n docker ps --filter label=com.docker.compose.project={} --format '{{{{.Label \"com.docker.compose.service\"}}}}'",
+        shell_quote(project)
+    );
+    format!("if command -v curl >/dev/null 2>&1; then {api}; else {cli}; fi")
+}
+
+/// What `auto` asks the registries (the registry-mode tree's pulled images): the probe's targets and its script.
+fn image_mode_probe(cfg: &Config, reg_lab: &Lab) -> Result<(Vec<String>, String)> {
+    let images: Vec<String> = reg_lab
+        .model()?
+        .services
+        .iter()
+        .filter(|s| s.build_context.is_none())
+        .filter(|s| s.profiles.is_empty() || s.profiles.iter().any(|p| cfg.compose_profiles().contains(p)))
+        .filter_map(|s| s.image.clone())
+        .collect();
+    let targets = registry::probe_targets(&cfg.provision, &images);
+    let script = registry::probe_script(&cfg.provision, &targets, registry::PROBE_SECS);
+    Ok((targets, script))
+}
+
+/// The guest commands that [`provision`] and the health check run on a running, unchanged lab, all of them
+/// reads (or idempotent, as the forwards' rules), built by the functions those steps use: `up` runs them in one
+/// round trip ([`Session::prefetch`]) before it starts, so a warm `up` costs one exec instead of eight.
+pub fn warm_commands(cfg: &Config, lab: &Lab) -> Vec<String> {
+    let mut cmds = vec![compose::PROBE_SCRIPT.to_string()];
+    cmds.extend(forwards::command(cfg));
+    if cfg.provision.images != ImageSource::Debian
+        || !cfg.provision.registry_hosts().is_empty()
+        || cfg.provision.registry_credentials.is_some()
+    {
+        cmds.push(registry::read_daemon_json_command());
+    }
+    if cfg.provision.images == ImageSource::Auto {
+        if let Some((_, probe)) = lab.registry_mode(cfg).ok().and_then(|l| image_mode_probe(cfg, l).ok()) {
+            cmds.push(probe);
+        }
+    }
+    cmds.push(upload::read_manifest_command(&cfg.provision.guest_path));
+    let project = compose::project_name(&cfg.machine.name);
+    cmds.push(running_services_command(&project));
+    cmds.push(crate::health::containers_command(&project));
+    cmds
 }
 
 /// Run every provisioning step on a reachable guest. Idempotent. `host_build` is the base image build `up`
@@ -176,23 +236,10 @@ pub fn provision(
     let resolved = match cfg.provision.images {
         ImageSource::Auto => {
             let phase = ui.phase("image mode");
-            let reg_lab = lab.for_mode(cfg, ImageSource::Registry)?;
-            let reg_model = reg_lab.model()?;
+            let reg_lab = lab.registry_mode(cfg)?;
             let (_, offline) = split_services(model, ImageSource::Debian, cfg.compose_profiles());
-            let images: Vec<String> = reg_model
-                .services
-                .iter()
-                .filter(|s| s.build_context.is_none())
-                .filter(|s| {
-                    s.profiles.is_empty() || s.profiles.iter().any(|p| cfg.compose_profiles().contains(p))
-                })
-                .filter_map(|s| s.image.clone())
-                .collect();
-            let targets = registry::probe_targets(&cfg.provision, &images);
-            let out = ssh.exec(
-                &registry::probe_script(&cfg.provision, &targets, registry::PROBE_SECS),
-                Duration::from_secs(registry::PROBE_SECS + 30),
-            )?;
+            let (targets, probe) = image_mode_probe(cfg, reg_lab)?;
+            let out = ssh.exec(&probe, Duration::from_secs(registry::PROBE_SECS + 30))?;
             let r = registry::judge_probe(&out.output, &targets, registry::PROBE_SECS, &offline);
             if let Some(prev) = record.resolved.as_ref().filter(|p| p.mode != r.mode) {
                 ui.warn(format!(
@@ -213,7 +260,7 @@ pub fn provision(
         m => registry::Resolved { mode: m, reason: format!("images = \"{}\"", m.as_str()) },
     };
     let mode = resolved.mode;
-    let lab = resolved_lab.as_ref().unwrap_or(lab);
+    let lab = resolved_lab.unwrap_or(lab);
     let (rendered, model) = (&lab.rendered, lab.model()?);
     let cfg = &cfg.with_images(mode);
     if mode == ImageSource::Registry && cfg.provision.registry_credentials.is_some() {
@@ -444,6 +491,24 @@ fn failing_logs(ssh: &Session, compose: &Compose, active: &[String]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    #[cfg_attr(windows, ignore = "windows: a guest shell command, run with /bin/sh")]
+    #[cfg(unix)]
+    fn running_services_come_from_the_engine_api_with_curl_else_from_docker_ps() {
+        let cmd = running_services_command("provisioner-lab");
+        let curl = r#"
+case "$*" in
+  *'filters={"label":["com.docker.compose.project=provisioner-lab"]}'*'containers/json') ;;
+  *) echo "unexpected curl $*" >&2; exit 9 ;;
+esac
+printf '[{"Id":"a1","Labels":{"com.docker.compose.project":"provisioner-lab","com.docker.compose.service":"demo-app"},"State":"running"},'
+printf '{"Id":"b2","Labels":{"com.docker.compose.service":"node-exporter","x":"y"},"State":"running"}]'"#;
+        let out = crate::testing::guest_sh(&cmd, Some(curl), "echo docker must not run >&2; exit 9");
+        assert_eq!(out, "demo-app\nnode-exporter\n");
+        let docker = r#"[ "$1 $2 $3" = "ps --filter label=com.docker.compose.project=provisioner-lab" ] && echo prometheus"#;
+        assert_eq!(crate::testing::guest_sh(&cmd, None, docker), "prometheus\n");
+    }
 
     const LAB: &str = "services:\n  demo-app:\n    build: ./demo-app\n    image: lab/demo:debian\n  \
                        prometheus:\n    build: ./prometheus\n  grafana:\n    image: grafana/grafana\n    \

@@ -231,6 +231,11 @@ fn and_list(items: &[String]) -> String {
     }
 }
 
+/// The command that reads the guest's daemon.json (before [`apply`] decides whether it changes).
+pub fn read_daemon_json_command() -> String {
+    format!("sudo -n cat {DAEMON_JSON}")
+}
+
 /// Put the config's registry settings into the guest: CA certificates (per registry host), daemon.json (Docker
 /// reloaded when it changed), logins. Returns a summary ("" when the config has none).
 pub fn apply(cfg: &Config, ssh: &Session, login: bool) -> Result<String> {
@@ -291,7 +296,7 @@ pub fn apply(cfg: &Config, ssh: &Session, login: bool) -> Result<String> {
         let changed = out.output.lines().filter(|l| l.starts_with("changed ")).count();
         done.push(format!("CA for {} ({changed} changed)", hosts.join(", ")));
     }
-    let existing = ssh.exec(&format!("sudo -n cat {DAEMON_JSON}"), Duration::from_secs(30))?;
+    let existing = ssh.exec(&read_daemon_json_command(), Duration::from_secs(30))?;
     let existing = (existing.status == 0).then_some(existing.output);
     if let Some(text) = merge_daemon_json(existing.as_deref(), p)? {
         let script = format!(

@@ -96,13 +96,17 @@ pub fn tar_of(rendered: &Rendered, paths: &[&String]) -> Result<Vec<u8>> {
 
 /// Read the guest's manifest; a missing or unreadable one means "nothing uploaded yet".
 pub fn read_manifest(ssh: &Session, guest_path: &str) -> Result<Manifest> {
-    let p = shell_quote(&format!("{guest_path}/{MANIFEST_FILE}"));
-    let out = ssh.exec(&format!("sudo -n cat {p} 2>/dev/null"), Duration::from_secs(30))?;
+    let out = ssh.exec(&read_manifest_command(guest_path), Duration::from_secs(30))?;
     Ok(if out.status == 0 {
         serde_json::from_str(&out.output).unwrap_or_default()
     } else {
         Manifest::default()
     })
+}
+
+/// The command [`read_manifest`] runs.
+pub fn read_manifest_command(guest_path: &str) -> String {
+    format!("sudo -n cat {} 2>/dev/null", shell_quote(&format!("{guest_path}/{MANIFEST_FILE}")))
 }
 
 /// Record what the guest now holds.

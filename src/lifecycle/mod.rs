@@ -38,6 +38,8 @@ use crate::ui::Ui;
 
 /// Deadline for `cloud-init status --wait` once SSH answers.
 const CLOUD_INIT_TIMEOUT: Duration = Duration::from_secs(600);
+/// cloud-init's record of its final stage (on tmpfs, so per boot): a clean one means it is done.
+const CLOUD_INIT_RESULT: &str = "cat /run/cloud-init/result.json 2>/dev/null";
 /// Lines of the serial console shown when the guest never answers SSH.
 const SERIAL_TAIL_LINES: usize = 30;
 /// Seconds `up` and `provision` wait for the lab to turn healthy.
@@ -261,6 +263,7 @@ fn up_locked(ui: &Ui, round: Option<&Round>, m: &Machine, p: &dyn Provider, args
         ui.event("base_image_build_started", json!({}));
     }
 
+    let was_up = matches!(live, VmState::Running | VmState::Saved | VmState::AbortedSaved | VmState::Paused);
     let (user_key, host_key, lab) = match live {
         VmState::Running => {
             let keys = crate::keys::ensure_machine_keys(&m.state, &m.cfg.machine.name)?;
@@ -317,9 +320,21 @@ fn up_locked(ui: &Ui, round: Option<&Round>, m: &Machine, p: &dyn Provider, args
     };
     ph.done(&ep.addr.to_string());
     let restored = lab.as_ref().is_some_and(|l| l.restored);
-    if restored {
-        let now = clock_command(std::time::SystemTime::now());
-        if let Err(e) = session.exec_ok(&now, Duration::from_secs(30)) {
+    let clock = restored.then(|| clock_command(std::time::SystemTime::now()));
+    // A machine that was already up (running, resumed, or the cached lab restored) is most likely unchanged:
+    // every check the rest of `up` makes on it goes to the guest at once, in one round trip, and each step
+    // below takes its answer (a step that changes anything makes the later ones ask again).
+    let warm = restored || was_up;
+    if warm {
+        let mut cmds: Vec<String> = clock.iter().cloned().collect();
+        cmds.push(CLOUD_INIT_RESULT.to_string());
+        if let (Some(lab), true) = (&plan.lab, provisioning) {
+            cmds.extend(crate::guest::warm_commands(&m.cfg, lab));
+        }
+        session.prefetch(&cmds, Duration::from_secs(60));
+    }
+    if let Some(now) = &clock {
+        if let Err(e) = session.exec_ok(now, Duration::from_secs(30)) {
             ui.warn(format!("could not set the guest's clock after restoring the cached lab: {e:#}"));
         }
     }
@@ -336,7 +351,7 @@ fn up_locked(ui: &Ui, round: Option<&Round>, m: &Machine, p: &dyn Provider, args
     // Fast path: cloud-init writes result.json (on tmpfs, so per boot) when its final stage ends. A clean one
     // spares `cloud-init status --wait`, a Python start that costs seconds under TCG on every warm `up`.
     let clean = || -> Result<bool> {
-        let result = session.exec("cat /run/cloud-init/result.json 2>/dev/null", Duration::from_secs(30))?;
+        let result = session.exec(CLOUD_INIT_RESULT, Duration::from_secs(30))?;
         Ok(result.status == 0 && cloud_init_clean(&result.output))
     };
     let out = if disk_route || clean()? {
@@ -459,7 +474,8 @@ fn final_health(ui: &Ui, m: &Machine, capture: Option<&(lab_cache::Plan, Option<
 fn report_counts(ui: &Ui) {
     ui.event(
         "run_counts",
-        json!({"renders": crate::render::renders_in_thread(), "state_reads": MachineState::reads_in_thread()}),
+        json!({"renders": crate::render::renders_in_thread(), "state_reads": MachineState::reads_in_thread(),
+               "guest_execs": crate::ssh::exec_counts().0, "guest_execs_prefetched": crate::ssh::exec_counts().1}),
     );
 }
 
@@ -723,18 +739,45 @@ impl Machine {
         Ok(())
     }
 
-    /// `snapshot restore NAME`; a guest running afterwards gets the host's clock.
-    pub fn snapshot_restore(&self, ui: &Ui, name: &str) -> Result<()> {
+    /// `snapshot restore NAME`; a guest running afterwards gets the host's clock and, when it is provisioned,
+    /// its health is checked in the same session (as `up` ends): the exit code says whether the lab is green.
+    pub fn snapshot_restore(&self, ui: &Ui, name: &str) -> Result<i32> {
         let t = self.created("snapshot")?;
         let ph = ui.phase("restore");
         t.p.snapshot_restore(&t.vm, name)?;
         let live = t.p.state(&t.vm)?;
-        if live == VmState::Running {
-            sync_clock(&self.cfg, &self.state, ui);
-        }
+        let session = (live == VmState::Running).then(|| self.restored_session(ui)).flatten();
         ph.done(&format!("{name} ({live})"));
         ui.event("snapshot_restored", json!({"name": name, "state": live}));
-        Ok(())
+        let Some(session) = session.filter(|_| self.cfg.provision.enabled != Some(false)) else {
+            return Ok(crate::exit::OK);
+        };
+        let (available, unavailable) = crate::health::services(&self.cfg, self.profile);
+        let healthy = crate::health::check_services(
+            &self.cfg,
+            self.profile,
+            Some(&session),
+            ui,
+            HEALTH_TIMEOUT,
+            &available,
+            &unavailable,
+        )?;
+        Ok(if healthy { crate::exit::OK } else { crate::exit::UNHEALTHY })
+    }
+
+    /// A session with a guest just brought back from saved memory, its clock set from the host's, and the first
+    /// health round's container states fetched in the same round trip. None (with a warning) when the guest
+    /// cannot be reached: the machine is usable either way.
+    fn restored_session(&self, ui: &Ui) -> Option<Session> {
+        let clock = clock_command(std::time::SystemTime::now());
+        let set = || -> Result<Session> {
+            let ssh = connect(&self.cfg, &self.state, Duration::from_secs(60))?;
+            let project = crate::guest::compose::project_name(&self.cfg.machine.name);
+            ssh.prefetch(&[clock.clone(), crate::health::containers_command(&project)], Duration::from_secs(60));
+            ssh.exec_ok(&clock, Duration::from_secs(30))?;
+            Ok(ssh)
+        };
+        set().map_err(|e| ui.warn(format!("could not set the guest's clock after the restore: {e:#}"))).ok()
     }
 
     /// `snapshot list`: the snapshot names.

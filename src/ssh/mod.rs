@@ -122,6 +122,25 @@ fn not_created(cfg: &Config, state: &StateDir) -> anyhow::Error {
 pub struct Session {
     sess: ssh2::Session,
     addr: SocketAddr,
+    /// Results of [`Session::prefetch`], each served once while no other command has run since.
+    prefetched: std::sync::Mutex<std::collections::HashMap<String, Prefetched>>,
+}
+
+/// Commands this process ran in guests (each an exec channel; a prefetch is one) and those answered from a
+/// prefetch: `up --json` reports both (`run_counts`), which shows a warm `up` costs one round trip.
+static EXECS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+static SERVED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// (execs run, results served from a prefetch) by this process so far.
+pub fn exec_counts() -> (usize, usize) {
+    use std::sync::atomic::Ordering::Relaxed;
+    (EXECS.load(Relaxed), SERVED.load(Relaxed))
+}
+
+/// A result of [`Session::prefetch`], and how long the command took in the guest (with `-v`).
+struct Prefetched {
+    out: ExecOutput,
+    guest_ms: Option<u64>,
 }
 
 /// Result of a remote command.
@@ -154,7 +173,62 @@ impl Session {
             .context("the pinned host key in the machine state is unreadable")?;
         ep.open_tunnel()?;
         let sess = retry(ep.addr, timeout, |deadline| attempt(ep, &pinned, deadline))?;
-        Ok(Session { sess, addr: ep.addr })
+        Ok(Session::new(sess, ep.addr))
+    }
+
+    fn new(sess: ssh2::Session, addr: SocketAddr) -> Session {
+        Session { sess, addr, prefetched: Default::default() }
+    }
+
+    /// Run `cmds` at once, concurrently in the guest, in one exec (one round trip instead of one each); each
+    /// result is then served by the first [`Session::exec`] of exactly that command, as long as no other command
+    /// ran on this session since (any other exec may change what they read, so it drops them all). The commands
+    /// must not depend on each other's effects. Best effort: a failed prefetch leaves each to run on its own.
+    /// Returns how many results are held.
+    pub fn prefetch(&self, cmds: &[String], timeout: Duration) -> usize {
+        let cmds: Vec<&String> = {
+            let mut seen = std::collections::HashSet::new();
+            cmds.iter().filter(|c| seen.insert(c.as_str())).collect()
+        };
+        self.drop_prefetched();
+        if cmds.is_empty() {
+            return 0;
+        }
+        let started = Instant::now();
+        let timed = crate::process::verbosity() >= 1;
+        let script = prefetch_script(&cmds, timed);
+        let out = Exec::start(self, &script, timeout, &mut |_| {}).and_then(|mut ex| ex.finish());
+        if timed {
+            eprintln!(
+                "+ ssh {} ms: {} commands at once (each served below as `prefetched`)",
+                started.elapsed().as_millis(),
+                cmds.len()
+            );
+        }
+        let results = match out {
+            Ok(out) if out.status == 0 => parse_prefetch(&out.output, cmds.len()),
+            _ => None,
+        };
+        let Some(results) = results else { return 0 };
+        let mut held = self.prefetched.lock().unwrap_or_else(|e| e.into_inner());
+        for (cmd, result) in cmds.into_iter().zip(results) {
+            held.insert(cmd.clone(), result);
+        }
+        held.len()
+    }
+
+    /// The prefetched result of `cmd` (removed), or None; any other command drops every prefetched result.
+    fn take_prefetched(&self, cmd: &str) -> Option<Prefetched> {
+        let mut held = self.prefetched.lock().unwrap_or_else(|e| e.into_inner());
+        let hit = held.remove(cmd);
+        if hit.is_none() {
+            held.clear();
+        }
+        hit
+    }
+
+    fn drop_prefetched(&self) {
+        self.prefetched.lock().unwrap_or_else(|e| e.into_inner()).clear();
     }
 
     /// Run a command; `on_line` sees each output line as it arrives. Returns the exit status (not an error).
@@ -165,6 +239,17 @@ impl Session {
         on_line: &mut dyn FnMut(&str),
     ) -> Result<ExecOutput> {
         let started = Instant::now();
+        if let Some(Prefetched { out, guest_ms }) = self.take_prefetched(cmd) {
+            SERVED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            for line in out.output.lines() {
+                on_line(line.trim_end_matches('\r'));
+            }
+            if crate::process::verbosity() >= 1 {
+                let took = guest_ms.map(|ms| format!(" ({ms} ms in the guest)")).unwrap_or_default();
+                eprintln!("+ ssh prefetched{took}: {}", shown_command(cmd));
+            }
+            return Ok(out);
+        }
         let mut ex = Exec::start(self, cmd, timeout, on_line)?;
         let out = ex.finish();
         trace_exec(cmd, started);
@@ -198,6 +283,7 @@ impl Session {
         feed: &mut dyn FnMut(&mut dyn Write) -> std::io::Result<()>,
     ) -> Result<ExecOutput> {
         let started = Instant::now();
+        self.drop_prefetched();
         let _trace = Defer(Some(move || trace_exec(cmd, started)));
         let mut quiet = |_: &str| {};
         let mut ex = Exec::start(self, cmd, timeout, &mut quiet)?;
@@ -338,7 +424,7 @@ fn first_login_attempt(
                 Ok(()) if sess.authenticated() => {
                     sess.set_keepalive(false, SLICE.as_secs() as u32);
                     return Ok(Some(FirstLogin {
-                        session: Session { sess, addr },
+                        session: Session::new(sess, addr),
                         user: user.clone(),
                         key: name,
                         host_fingerprint,
@@ -443,12 +529,68 @@ pub use crate::host::shell_quote;
 /// With `-v`: how long one guest command took, on stderr (where a warm `up` spends its time, exec by exec).
 fn trace_exec(cmd: &str, started: Instant) {
     if crate::process::verbosity() >= 1 {
-        let first =
-            cmd.lines().find(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#')).unwrap_or("");
-        let shown: String = first.chars().take(100).collect();
-        let more = if shown.len() < cmd.trim_end().len() { " ..." } else { "" };
-        eprintln!("+ ssh {} ms: {shown}{more}", started.elapsed().as_millis());
+        eprintln!("+ ssh {} ms: {}", started.elapsed().as_millis(), shown_command(cmd));
     }
+}
+
+/// A command as `-v` shows it: its first line that is not a comment, cut at 100 characters.
+fn shown_command(cmd: &str) -> String {
+    let first = cmd.lines().find(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#')).unwrap_or("");
+    let shown: String = first.chars().take(100).collect();
+    let more = if shown.len() < cmd.trim_end().len() { " ..." } else { "" };
+    format!("{shown}{more}")
+}
+
+/// The one guest script of [`Session::prefetch`]: each command in its own shell child (as an exec runs it), all
+/// started at once, stdout and stderr to one file each; then per command a line `@ INDEX STATUS BASE64`.
+///
+/// Under TCG each `sudo` costs ~0.2 s of guest CPU, and most of these commands start with one: the batch runs as
+/// root through one `sudo -n` (a `sudo` on its PATH then only drops `-n` and runs the command, as root already;
+/// HOME stays the SSH user's, so what a command keeps in its cache is the user's); without passwordless sudo it
+/// runs as the user and each command's own `sudo` decides.
+fn prefetch_script(cmds: &[&String], timed: bool) -> String {
+    let mut batch = String::from("d=$(mktemp -d) || exit 97\nsh=${SHELL:-/bin/sh}\n");
+    batch.push_str(
+        "if [ \"$(id -u)\" = 0 ] && [ -n \"${SUDO_USER:-}\" ]; then\n  mkdir \"$d/bin\" && printf '#!/bin/sh\\n[ \"$1\" = -n ] && shift\\nexec \"$@\"\\n' >\"$d/bin/sudo\" && chmod 755 \"$d/bin/sudo\" && PATH=\"$d/bin:$PATH\"\n  HOME=$(getent passwd \"$SUDO_USER\" | cut -d: -f6); sh=$(getent passwd \"$SUDO_USER\" | cut -d: -f7); export HOME\nfi\n",
+    );
+    for (i, cmd) in cmds.iter().enumerate() {
+        // With `-v` each command's own time in the guest, from /proc/uptime (read by the shell, no process
+        // started; monotonic, so a command that sets the clock does not skew it), else `-`.
+        let (start, took) = if timed {
+            ("read t _ </proc/uptime; ", "read e _ </proc/uptime; echo \"$s $(( (${e%.*}${e#*.} - ${t%.*}${t#*.}) * 10 ))\"")
+        } else {
+            ("", "echo \"$s -\"")
+        };
+        batch.push_str(&format!(
+            "{{ {start}\"${{sh:-/bin/sh}}\" -c {} >\"$d/{i}\" 2>&1 </dev/null; s=$?; {took} >\"$d/{i}.rc\"; }} &\n",
+            shell_quote(cmd)
+        ));
+    }
+    batch.push_str("wait\n");
+    batch.push_str(&format!(
+        "i=0; while [ $i -lt {n} ]; do printf '@ %s %s ' $i \"$(cat \"$d/$i.rc\")\"; base64 -w0 <\"$d/$i\"; echo; \
+         i=$((i+1)); done\nrm -rf \"$d\"\n",
+        n = cmds.len()
+    ));
+    let quoted = shell_quote(&batch);
+    format!("sudo -n sh -c {quoted} 2>/dev/null || sh -c {quoted}")
+}
+
+/// The results of a [`prefetch_script`] run, in order; None unless all `n` are there and decode.
+fn parse_prefetch(output: &str, n: usize) -> Option<Vec<Prefetched>> {
+    use base64::Engine as _;
+    let mut results = Vec::with_capacity(n);
+    for line in output.lines().filter(|l| l.starts_with("@ ")) {
+        let mut f = line[2..].splitn(4, ' ');
+        let (i, status, ms, data) = (f.next()?, f.next()?, f.next()?, f.next().unwrap_or("").trim());
+        if i.parse::<usize>().ok()? != results.len() {
+            return None;
+        }
+        let bytes = base64::engine::general_purpose::STANDARD.decode(data).ok()?;
+        let out = ExecOutput { status: status.parse().ok()?, output: String::from_utf8_lossy(&bytes).into_owned() };
+        results.push(Prefetched { out, guest_ms: ms.parse().ok() });
+    }
+    (results.len() == n).then_some(results)
 }
 
 /// Runs its closure when dropped (timing an exec however it ends).
@@ -480,6 +622,7 @@ impl<'a> Exec<'a> {
         timeout: Duration,
         on_line: &'a mut dyn FnMut(&str),
     ) -> Result<Exec<'a>> {
+        EXECS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let deadline = Instant::now() + timeout;
         let s = &sess.sess;
         s.set_timeout(millis(timeout.min(SLICE)));
