@@ -223,7 +223,7 @@ fn prefetched_commands_run_together_once_and_are_served_until_another_command_ru
         s.exec(&touch, T).unwrap();
         assert_eq!(count("touch"), 2);
         // Another command drops every prefetched result.
-        assert_eq!(s.prefetch(&[touch.clone()], T), 1);
+        assert_eq!(s.prefetch(std::slice::from_ref(&touch), T), 1);
         s.exec_ok("true", T).unwrap();
         s.exec(&touch, T).unwrap();
         assert_eq!(count("touch"), 4, "prefetched once, then run again after another command");
