@@ -4,16 +4,14 @@
 /// own: `sudo` (drops `-n` and runs the command), `docker` (the script body `docker`), `curl` (the body `curl`;
 /// None: the guest has no curl), and the system's sh, grep, cut, sed, printf and cat. Returns stdout; panics with
 /// stderr when the command fails.
-#[cfg(unix)]
 pub(crate) fn guest_sh(cmd: &str, curl: Option<&str>, docker: &str) -> String {
-    use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();
     let bin = dir.path().join("bin");
     std::fs::create_dir(&bin).unwrap();
     let put = |name: &str, body: &str| {
         let f = bin.join(name);
         std::fs::write(&f, format!("#!/bin/sh\n{body}\n")).unwrap();
-        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o755)).unwrap();
+        crate::platform::set_mode(&f, 0o755).unwrap();
     };
     put("sudo", "[ \"$1\" = -n ] && shift; exec \"$@\"");
     put("docker", docker);
@@ -22,7 +20,7 @@ pub(crate) fn guest_sh(cmd: &str, curl: Option<&str>, docker: &str) -> String {
     }
     for tool in ["sh", "grep", "cut", "sed", "printf", "cat"] {
         if let Ok(p) = which::which(tool) {
-            std::os::unix::fs::symlink(p, bin.join(tool)).unwrap();
+            crate::platform::symlink(&p, &bin.join(tool)).unwrap();
         }
     }
     let out = std::process::Command::new("/bin/sh").args(["-c", cmd]).env("PATH", &bin).output().unwrap();
