@@ -143,9 +143,12 @@ impl Cmd {
         if !self.cleanup {
             check_interrupted()?;
         }
-        if verbosity() >= 1 {
-            eprintln!("+ {}", self.display());
+        // `-v`: each command with its time once it ended (as guest commands are shown: where the time goes);
+        // `-vv` also when it starts (a command that hangs is seen at once).
+        if verbosity() >= 2 {
+            eprintln!("+ {} ...", self.display());
         }
+        let _shown = Shown((verbosity() >= 1).then(|| (std::time::Instant::now(), self.display())));
         let mut cmd = self.command();
         cmd.stdin(if self.stdin.is_some() { Stdio::piped() } else { Stdio::null() })
             .stdout(Stdio::piped())
@@ -495,4 +498,15 @@ fn watch_interrupts() {
          by the next run"
     );
     platform::exit_now(first.exit_code())
+}
+
+/// With `-v`, prints `+ MS ms: COMMAND` on stderr when dropped, however the command ended.
+struct Shown(Option<(std::time::Instant, String)>);
+
+impl Drop for Shown {
+    fn drop(&mut self) {
+        if let Some((started, line)) = self.0.take() {
+            eprintln!("+ {} ms: {line}", started.elapsed().as_millis());
+        }
+    }
 }
