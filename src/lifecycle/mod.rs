@@ -299,6 +299,12 @@ fn up_locked(ui: &Ui, round: Option<&Round>, m: &Machine, p: &dyn Provider, args
         ),
     };
 
+    // The cached lab brought the secrets its services run with (installed into the state dir by `boot`): the tree
+    // was rendered before, with secrets made for a new machine, so it is rendered again with those (else the
+    // next provision would upload a `.env` the guest's services were not made with).
+    if lab.as_ref().is_some_and(|l| l.restored) && plan.lab.is_some() {
+        plan.lab = Some(crate::guest::Lab::render(&m.cfg, &m.state, m.profile)?);
+    }
     let timeout = Duration::from_secs(args.boot_timeout.unwrap_or(m.cfg.ssh.connect_timeout_secs));
     // keys = "insecure-once", first boot: the one login with Vagrant's insecure key replaces the keys, then the
     // session is the pinned one.
