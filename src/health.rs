@@ -350,7 +350,6 @@ pub(crate) fn containers(ssh: &Session, project: &str) -> Result<BTreeMap<String
     parse_inspect(&ssh.exec_ok(&crate::guest::containers_command(project), Duration::from_secs(60))?)
 }
 
-
 /// One round of every check, leaving out of the verdict the scrape targets on `deferred_hosts` (see
 /// [`split_deferred`]; empty: every target is judged).
 pub(crate) fn gather(
@@ -391,7 +390,9 @@ pub(crate) fn gather(
                             url: format!("guest:{port}{path}"),
                             status: None,
                             latency_ms: None,
-                            error: Some(format!("guest port {port} is not forwarded: add a [[forward]] for it")),
+                            error: Some(format!(
+                                "guest port {port} is not forwarded: add a [[forward]] for it"
+                            )),
                         },
                     })
                 });
@@ -575,7 +576,6 @@ pub(crate) fn check_deferring(
 #[cfg(test)]
 mod tests {
     use super::*;
-
 
     #[test]
     fn http_probe_against_a_real_listener() {

@@ -348,10 +348,15 @@ fn vm_up_verify_reprovision_destroy() {
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .find(|v| v["event"] == "run_counts")
         .unwrap_or_else(|| panic!("no run_counts event: {}", again.stdout()));
-    let (execs, served) = (counts["guest_execs"].as_u64().unwrap(), counts["guest_execs_prefetched"].as_u64().unwrap());
+    let (execs, served) =
+        (counts["guest_execs"].as_u64().unwrap(), counts["guest_execs_prefetched"].as_u64().unwrap());
     let not_green_rounds = again.stdout().matches("\"event\":\"health_waiting\"").count() as u64;
     assert!(served >= 7, "{counts}");
-    assert_eq!(execs, 1 + not_green_rounds, "one exec, and one per health round that was not green: {counts}");
+    assert_eq!(
+        execs,
+        1 + not_green_rounds,
+        "one exec, and one per health round that was not green: {counts}"
+    );
 
     // One edited file: only it is uploaded.
     let rules = t.path().join("provision/prometheus/alert.rules.yml.hbs");

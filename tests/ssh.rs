@@ -211,7 +211,9 @@ fn prefetched_commands_run_together_once_and_are_served_until_another_command_ru
         let plain = "printf 'x\\ny\\n'; echo e >&2; exit 5".to_string();
         let direct = s.exec(&plain, T).unwrap();
         assert_eq!(s.prefetch(&[wait.clone(), touch.clone(), plain.clone(), wait.clone()], T), 3);
-        let count = |what: &str| std::fs::read_to_string(dir.path().join("runs")).unwrap().lines().filter(|l| *l == what).count();
+        let count = |what: &str| {
+            std::fs::read_to_string(dir.path().join("runs")).unwrap().lines().filter(|l| *l == what).count()
+        };
         assert_eq!((count("wait"), count("touch")), (1, 1), "each ran once, duplicates included");
         let served = s.exec(&plain, T).unwrap();
         assert_eq!((served.status, served.output.as_str()), (direct.status, direct.output.as_str()));

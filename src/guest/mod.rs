@@ -66,7 +66,9 @@ impl Lab {
     /// rendered on first use and kept for the run.
     pub fn registry_mode(&self, cfg: &Config) -> Result<&Lab> {
         self.registry
-            .get_or_init(|| self.for_mode(cfg, ImageSource::Registry).map(Box::new).map_err(|e| format!("{e:#}")))
+            .get_or_init(|| {
+                self.for_mode(cfg, ImageSource::Registry).map(Box::new).map_err(|e| format!("{e:#}"))
+            })
             .as_ref()
             .map(|b| &**b)
             .map_err(|e| anyhow::anyhow!("{e}"))
@@ -530,13 +532,20 @@ case "$*" in
     printf '{"Config":{"Labels":{"com.docker.compose.service":"prometheus"}},"State":{"Status":"exited"},"RestartCount":3},' ;;
   *) echo "unexpected curl $*" >&2; exit 9 ;;
 esac"#;
-        let got = crate::health::parse_inspect(&crate::testing::guest_sh(&cmd, Some(curl), "echo docker must not run >&2; exit 9")).unwrap();
+        let got = crate::health::parse_inspect(&crate::testing::guest_sh(
+            &cmd,
+            Some(curl),
+            "echo docker must not run >&2; exit 9",
+        ))
+        .unwrap();
         assert_eq!(got.len(), 2, "{got:?}");
         assert_eq!(got["demo-app"].health.as_deref(), Some("healthy"));
         assert_eq!((got["prometheus"].status.as_str(), got["prometheus"].restarts), ("exited", 3));
         // No container: an empty array.
         let none = r#"case "$*" in *'all=1'*) printf '[]' ;; *) exit 9 ;; esac"#;
-        assert!(crate::health::parse_inspect(&crate::testing::guest_sh(&cmd, Some(none), "exit 9")).unwrap().is_empty());
+        assert!(crate::health::parse_inspect(&crate::testing::guest_sh(&cmd, Some(none), "exit 9"))
+            .unwrap()
+            .is_empty());
         // No curl in the guest: the docker CLI.
         let docker = r#"case "$1" in
   ps) echo cc33 ;;

@@ -779,7 +779,10 @@ impl Machine {
         let set = || -> Result<Session> {
             let ssh = connect(&self.cfg, &self.state, Duration::from_secs(60))?;
             let project = crate::guest::compose::project_name(&self.cfg.machine.name);
-            ssh.prefetch(&[clock.clone(), crate::guest::containers_command(&project)], Duration::from_secs(60));
+            ssh.prefetch(
+                &[clock.clone(), crate::guest::containers_command(&project)],
+                Duration::from_secs(60),
+            );
             ssh.exec_ok(&clock, Duration::from_secs(30))?;
             Ok(ssh)
         };

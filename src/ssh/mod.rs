@@ -557,7 +557,10 @@ fn prefetch_script(cmds: &[&String], timed: bool) -> String {
         // With `-v` each command's own time in the guest, from /proc/uptime (read by the shell, no process
         // started; monotonic, so a command that sets the clock does not skew it), else `-`.
         let (start, took) = if timed {
-            ("read t _ </proc/uptime; ", "read e _ </proc/uptime; echo \"$s $(( (${e%.*}${e#*.} - ${t%.*}${t#*.}) * 10 ))\"")
+            (
+                "read t _ </proc/uptime; ",
+                "read e _ </proc/uptime; echo \"$s $(( (${e%.*}${e#*.} - ${t%.*}${t#*.}) * 10 ))\"",
+            )
         } else {
             ("", "echo \"$s -\"")
         };
@@ -587,7 +590,8 @@ fn parse_prefetch(output: &str, n: usize) -> Option<Vec<Prefetched>> {
             return None;
         }
         let bytes = base64::engine::general_purpose::STANDARD.decode(data).ok()?;
-        let out = ExecOutput { status: status.parse().ok()?, output: String::from_utf8_lossy(&bytes).into_owned() };
+        let out =
+            ExecOutput { status: status.parse().ok()?, output: String::from_utf8_lossy(&bytes).into_owned() };
         results.push(Prefetched { out, guest_ms: ms.parse().ok() });
     }
     (results.len() == n).then_some(results)
