@@ -71,7 +71,7 @@ impl Libvirtd {
             q(&self.pool),
             q(probe)
         );
-        let out = self.virsh().arg(&batch).output()?;
+        let out = self.output(&[&batch])?;
         let has_probe =
             out.stdout.lines().any(|l| l.strip_prefix("Name:").is_some_and(|n| n.trim() == probe));
         let pool_line = out.stdout.lines().find(|l| l.starts_with("State:"));
@@ -91,7 +91,7 @@ impl Libvirtd {
             "pool-define-as --name {p} --type dir --target {t}; pool-build --pool {p}; pool-autostart --pool {p}; \
              pool-start --pool {p}"
         );
-        let out = self.virsh().arg(&create).output()?;
+        let out = self.output(&[&create])?;
         if !out.success() {
             return Err(pool_error(&self.pool, &host, out.stderr.trim()));
         }
@@ -99,7 +99,7 @@ impl Libvirtd {
     }
 
     pub fn vol_exists(&self, name: &str) -> Result<bool> {
-        let out = self.virsh().args(self.pool_args("vol-info", name)).output()?;
+        let out = self.output(&self.pool_args("vol-info", name))?;
         if out.success() {
             return Ok(true);
         }
@@ -222,7 +222,7 @@ impl Libvirtd {
         self.run(&["pool-refresh", "--pool", &self.pool])?;
         let tmp = tempfile::NamedTempFile::new()?;
         let path = tmp.path().to_string_lossy().into_owned();
-        self.run(&["vol-download", "--pool", &self.pool, "--vol", vol, "--file", &path])?;
+        self.run_here(&["vol-download", "--pool", &self.pool, "--vol", vol, "--file", &path])?;
         Ok(String::from_utf8_lossy(&std::fs::read(tmp.path())?).into_owned())
     }
 
@@ -271,7 +271,7 @@ hint:                  `provisioner destroy -f` those machines first (in their p
 
     /// Delete every volume of the machine (named `<domain>-...`); the box volume stays.
     pub fn delete_machine_volumes(&self, vm_name: &str) -> Result<()> {
-        let out = self.virsh().args(["pool-refresh", "--pool", &self.pool]).output()?;
+        let out = self.output(&["pool-refresh", "--pool", &self.pool])?;
         if !out.success() {
             if out.stderr.contains("Storage pool not found") || out.stderr.contains("no storage pool") {
                 return Ok(());
