@@ -8,7 +8,6 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 
 use super::libvirtd::{is_connect_error, Libvirtd};
-use crate::process::Cmd;
 
 /// The pool volume of a box: `box-<content hash>` (+ `-vmlinuz`, `-initrd`); `.done` marks a complete upload.
 pub fn box_volume(box_id: &str, part: &str) -> String {
@@ -117,38 +116,41 @@ impl Libvirtd {
         self.run(&self.pool_args("vol-delete", name)).map(drop)
     }
 
-    /// Upload `file` as volume `name` (replacing a leftover of that name): sparse, in libvirt's large stream
-    /// blocks, with a byte progress bar on a terminal. Returns the bytes sent.
+    /// Upload `file` as volume `name` (replacing a leftover of that name): sparse (its holes are not sent), in
+    /// libvirt's large stream blocks, with a progress bar (bytes, rate) on a terminal. Returns the bytes sent: the
+    /// file's data, holes left out.
     pub fn upload_file(&self, name: &str, file: &Path) -> Result<u64> {
-        let size = std::fs::metadata(file).with_context(|| format!("read {}", file.display()))?.len();
-        let bar = crate::ui::bytes_bar(size, name);
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        // Progress: the volume's allocation on the host, polled beside the upload (the stream itself is virsh's).
-        let poll = bar.clone().map(|bar| {
-            let (conn, pool, name, stop) =
-                (self.conn.clone(), self.pool.clone(), name.to_string(), stop.clone());
-            std::thread::spawn(move || {
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    let out = Cmd::new("virsh")
-                        .args(["-q", "-c", &conn, "vol-info", "--bytes", "--pool", &pool, "--vol", &name])
-                        .timeout(std::time::Duration::from_secs(20))
-                        .output();
-                    if let Some(n) = out.ok().and_then(|o| allocation(&o.stdout)) {
-                        bar.set_position(n);
-                    }
-                    std::thread::sleep(std::time::Duration::from_millis(700));
-                }
-            })
-        });
+        let f = std::fs::File::open(file).with_context(|| format!("read {}", file.display()))?;
+        let size = f.metadata().with_context(|| format!("read {}", file.display()))?.len();
+        let data = crate::platform::data_bytes(&f).unwrap_or(size).min(size);
+        drop(f);
+        let bar = crate::ui::bytes_bar(data, name);
+        // Dropped when the upload ends: the poll below stops at once (not after its next pause).
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
         // One virsh connection (one SSH handshake) for the three steps: a leftover of that name goes (its
         // "not found" is expected and ignored), a raw volume of the file's size is made, the file is streamed into
         // it. virsh runs `;`-separated commands in order and exits with the last one's status.
         let batch = upload_batch(&self.pool, name, size, &file.to_string_lossy());
-        let res = self.virsh().arg(&batch).timeout(upload_timeout(size)).output();
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        if let Some(t) = poll {
-            let _ = t.join();
-        }
+        let res = std::thread::scope(|s| {
+            // Progress: the volume's allocation on the host (its data so far), polled beside the upload (the
+            // stream itself is virsh's) through the host's shared connection.
+            if let Some(bar) = &bar {
+                s.spawn(move || loop {
+                    let out = self.output(&["vol-info", "--bytes", "--pool", &self.pool, "--vol", name]);
+                    if let Some(n) = out.ok().and_then(|o| allocation(&o.stdout)) {
+                        bar.set_position(n.min(data));
+                    }
+                    if stopped.recv_timeout(std::time::Duration::from_millis(500))
+                        != Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+                    {
+                        break;
+                    }
+                });
+            }
+            let res = self.virsh().arg(&batch).timeout(upload_timeout(data)).output();
+            drop(stop);
+            res
+        });
         if crate::process::interrupted().is_some() {
             if let Some(b) = &bar {
                 b.abandon();
@@ -183,7 +185,7 @@ impl Libvirtd {
         if let Some(b) = bar {
             b.finish_and_clear();
         }
-        Ok(size)
+        Ok(data)
     }
 
     /// After an interrupt during the upload of volume `name`: delete the partial volume within
