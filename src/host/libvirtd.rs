@@ -72,7 +72,8 @@ impl Libvirtd {
                 return self.virsh().args(args).output();
             }
             Some(255) => {
-                out.stderr = format!("error: failed to connect to the hypervisor\nerror: {}", out.stderr.trim());
+                out.stderr =
+                    format!("error: failed to connect to the hypervisor\nerror: {}", out.stderr.trim());
             }
             _ => {}
         }

@@ -513,7 +513,8 @@ mod tests {
     #[test]
     fn a_command_on_the_host_is_one_quoted_sh_script_after_the_host_options() {
         let r = parse("qemu+ssh://root@h:2200/system?keyfile=/k&known_hosts=/kh").unwrap();
-        let exec = r.exec(&["virsh", "-q", "-c", "qemu:///system", "dumpxml -- it's; domstate -- x"]).display();
+        let exec =
+            r.exec(&["virsh", "-q", "-c", "qemu:///system", "dumpxml -- it's; domstate -- x"]).display();
         assert!(
             exec.starts_with(
                 "ssh -o UserKnownHostsFile=/kh -o StrictHostKeyChecking=yes -o BatchMode=yes -o ConnectTimeout=10 "
