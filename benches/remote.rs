@@ -1,12 +1,17 @@
 //! Remote libvirt hosts, measured against a second host made here (a network namespace with its own sshd and
 //! libvirtd, tests/support/nethost.rs), in one run:
-//! - box upload throughput (`provisioner box upload`: vol-create-as + vol-upload --sparse over SSH) vs `scp` of the
-//!   same file to the same host, and the second upload (0 bytes);
-//! - `status` of a machine recorded on that host (its domain absent: one virsh call over SSH) with the host's
-//!   shared connection (ControlMaster, the default) and without it (`PROVISIONER_SSH_REUSE=0`), vs the same on a
-//!   machine recorded on qemu:///session, as ratios;
-//! - with `PROVISIONER_BENCH_VM=1` (boots two TCG guests): `status` and
-//!   `ssh -c true` on a machine on that host vs the same on a local machine (qemu:///session).
+//! - box upload throughput (`provisioner box upload`: vol-create-as + vol-upload --sparse over the host's shared
+//!   SSH connection, AES-GCM first on a CPU with AES instructions) vs `scp` of the same file to the same host (its
+//!   default cipher, and AES-GCM), and the second upload (0 bytes); the bare virsh primitive over a plain ssh
+//!   wrapper (OpenSSH's default cipher: the upload before the cipher choice);
+//! - `status` of a machine recorded on that host (its domain absent) with the host's own virsh run through the
+//!   shared connection (the default), through libvirt's remote driver (`PROVISIONER_REMOTE_EXEC=0`: before) and
+//!   without the shared connection (`PROVISIONER_SSH_REUSE=0`), vs the same on a machine recorded on
+//!   qemu:///session, as ratios;
+//! - with `PROVISIONER_BENCH_VM=1` (boots two TCG guests): `status` and `ssh -c true` on a machine on that host vs
+//!   the same on a local machine (qemu:///session), and remote `status` through the remote driver.
+//!
+//! The last lines (`issue 21 remote rows`) are the rows of the issue's table as ratios of this run.
 //!
 //! Run: `cargo bench --bench remote` as root (needs ip, unshare, libvirtd, sshd). Skips with a message otherwise.
 
@@ -20,7 +25,7 @@ mod support;
 
 use support::nethost::{self, NetHost};
 
-const ROUNDS: usize = 7;
+const ROUNDS: usize = 11;
 
 fn median(name: &str, mut f: impl FnMut() -> bool) -> Duration {
     let mut t = Vec::new();
@@ -119,6 +124,7 @@ fn main() {
         serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().last().unwrap()).unwrap();
     let secs = doc["secs"].as_f64().unwrap();
     let rate = size as f64 / 1048576.0 / secs;
+    println!("box upload data bytes sent          {} of {size}", doc["bytes_sent"]);
     println!(
         "box upload (vol-upload --sparse)   {:>8.2} s  {rate:>7.1} MiB/s  (command total {:.2} s)",
         secs,
@@ -171,27 +177,53 @@ fn main() {
         let _ = host.virsh(&["vol-delete", "--pool", "provisioner", &name]);
     }
 
-    let t = Instant::now();
-    let st = Command::new("scp")
-        .args(["-q", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes", "-o"])
-        .arg(format!("UserKnownHostsFile={}", home.join(".ssh/known_hosts").display()))
-        .arg("-i")
-        .arg(&host.key)
-        .arg(&img)
-        .arg(format!("root@{}:/var/tmp/scp-copy", host.addr))
-        .status()
-        .unwrap();
-    let scp = t.elapsed();
-    assert!(st.success(), "scp");
-    let scp_rate = size as f64 / 1048576.0 / scp.as_secs_f64();
-    println!("scp of the same file               {:>8.2} s  {scp_rate:>7.1} MiB/s", scp.as_secs_f64());
-    println!("ratio upload/scp throughput        {:>8.2}", rate / scp_rate);
-    let _ = host.exec(&["rm", "-f", "/var/tmp/scp-copy"]);
+    let scp = |cipher: Option<&str>| {
+        let t = Instant::now();
+        let mut c = Command::new("scp");
+        c.args(["-q", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes", "-o"])
+            .arg(format!("UserKnownHostsFile={}", home.join(".ssh/known_hosts").display()));
+        if let Some(c2) = cipher {
+            c.args(["-c", c2]);
+        }
+        let st = c
+            .arg("-i")
+            .arg(&host.key)
+            .arg(&img)
+            .arg(format!("root@{}:/var/tmp/scp-copy", host.addr))
+            .status();
+        let d = t.elapsed();
+        assert!(st.unwrap().success(), "scp");
+        let _ = host.exec(&["rm", "-f", "/var/tmp/scp-copy"]);
+        let r = size as f64 / 1048576.0 / d.as_secs_f64();
+        println!(
+            "scp of the same file ({:<11}) {:>8.2} s  {r:>7.1} MiB/s",
+            cipher.map_or("its default", |c| c.split('@').next().unwrap()),
+            d.as_secs_f64()
+        );
+        r
+    };
+    let scp_rate = scp(None);
+    let scp_gcm = scp(Some("aes128-gcm@openssh.com"));
+    println!(
+        "ratio upload/scp throughput        {:>8.2}  (against scp with AES-GCM: {:.2})",
+        rate / scp_rate,
+        rate / scp_gcm
+    );
 
-    status_on_recorded_machines(&host, &home);
+    let (status_ratio, status_before) = status_on_recorded_machines(&host, &home);
 
+    let rows = |status: f64, before: f64, ssh: Option<f64>| {
+        println!("issue 21 remote rows (goals: <= 1.5x, <= 1.5x, >= 0.9):");
+        println!("  remote `status` vs local            {status:.2}x  (through libvirt's remote driver: {before:.2}x)");
+        match ssh {
+            Some(r) => println!("  remote `ssh -c true` vs local       {r:.2}x"),
+            None => println!("  remote `ssh -c true` vs local       (PROVISIONER_BENCH_VM=1)"),
+        }
+        println!("  `box upload` vs `scp` throughput    {:.2}", rate / scp_rate);
+    };
     if std::env::var("PROVISIONER_BENCH_VM").as_deref() != Ok("1") {
         println!("remote: status / ssh -c true skipped (set PROVISIONER_BENCH_VM=1: two more TCG boots)");
+        rows(status_ratio, status_before, None);
         return;
     }
     // The repo's box (cached by the VM tier), unless another is given.
@@ -252,16 +284,30 @@ fn main() {
             median(&format!("{tag} ssh -c true"), || run(d.path(), &["ssh", "-c", "true"]).status.success());
         res.push((s, c));
     }
+    let driver = median("remote status, remote driver", || {
+        Command::new(support::bin())
+            .arg("status")
+            .current_dir(dirs[0].1.path())
+            .env("HOME", &home)
+            .env("PROVISIONER_CACHE_DIR", &shared_cache)
+            .env("PROVISIONER_REMOTE_EXEC", "0")
+            .status()
+            .expect("run provisioner")
+            .success()
+    });
+    let (s, c) =
+        (res[0].0.as_secs_f64() / res[1].0.as_secs_f64(), res[0].1.as_secs_f64() / res[1].1.as_secs_f64());
     println!(
-        "remote/local: status {:.2}x, ssh -c true {:.2}x",
-        res[0].0.as_secs_f64() / res[1].0.as_secs_f64(),
-        res[0].1.as_secs_f64() / res[1].1.as_secs_f64()
+        "remote/local: status {s:.2}x (remote driver {:.2}x), ssh -c true {c:.2}x",
+        driver.as_secs_f64() / res[1].0.as_secs_f64()
     );
+    rows(s, driver.as_secs_f64() / res[1].0.as_secs_f64(), Some(c));
 }
 
 /// `status` of a machine recorded on the far host (its domain absent, so no guest is booted: the cost is the virsh
-/// call over SSH) with and without the shared connection, against the same on this machine's qemu:///session.
-fn status_on_recorded_machines(host: &NetHost, home: &Path) {
+/// call over SSH) through the host's own virsh and through the remote driver, with and without the shared
+/// connection, against the same on this machine's qemu:///session. Returns (remote/local, remote driver/local).
+fn status_on_recorded_machines(host: &NetHost, home: &Path) -> (f64, f64) {
     let mut dirs = Vec::new();
     for (tag, uri) in [("remote", host.uri()), ("local", "qemu:///session".to_string())] {
         let d = tempfile::tempdir().unwrap();
@@ -280,30 +326,37 @@ fn status_on_recorded_machines(host: &NetHost, home: &Path) {
         std::fs::write(d.path().join(".provisioner/state.json"), state.to_string()).unwrap();
         dirs.push((tag, d));
     }
-    let status = |d: &Path, reuse: &str| {
+    let status_with = |d: &Path, reuse: &str, exec: &str| {
         Command::new(support::bin())
             .arg("status")
             .current_dir(d)
             .env("HOME", home)
             .env("PROVISIONER_CACHE_DIR", d.join("cache"))
             .env("PROVISIONER_SSH_REUSE", reuse)
+            .env("PROVISIONER_REMOTE_EXEC", exec)
             .output()
             .expect("run provisioner")
             .status
             .success()
     };
+    let status = |d: &Path, reuse: &str| status_with(d, reuse, "1");
     let (remote, local) = (dirs[0].1.path(), dirs[1].1.path());
     let logins = host.sshd_logins();
     let cold = median("remote status, no reuse", || status(remote, "0"));
     let without = host.sshd_logins() - logins;
     let logins = host.sshd_logins();
+    // Before and after, back to back: libvirt's remote driver (virt-ssh-helper) on the shared connection, then
+    // the host's own virsh exec'd on it.
+    let driver = median("remote status, remote driver", || status_with(remote, "1", "0"));
     let warm = median("remote status, shared connection", || status(remote, "1"));
     let with = host.sshd_logins() - logins;
     let here = median("local status (qemu:///session)", || status(local, "1"));
     println!(
-        "remote/local status: {:.2}x with the shared connection ({with} SSH logins for {ROUNDS} calls), {:.2}x \
-         without ({without} logins)",
+        "remote/local status: {:.2}x with the shared connection (remote driver {:.2}x; {with} SSH logins for {} \
+         calls), {:.2}x without ({without} logins)",
         warm.as_secs_f64() / here.as_secs_f64(),
+        driver.as_secs_f64() / here.as_secs_f64(),
+        2 * ROUNDS,
         cold.as_secs_f64() / here.as_secs_f64()
     );
     // The master would outlive the bench for ControlPersist: close it.
@@ -315,4 +368,5 @@ fn status_on_recorded_machines(host: &NetHost, home: &Path) {
         .output()
         .expect("run provisioner");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    (warm.as_secs_f64() / here.as_secs_f64(), driver.as_secs_f64() / here.as_secs_f64())
 }
