@@ -447,6 +447,16 @@ impl RemoteHost {
         if stderr.contains("Host key verification failed") || stderr.contains("No matching host key") {
             return Some(self.unknown_host_error());
         }
+        if stderr.contains("no matching cipher found") {
+            return Some(anyhow::anyhow!(
+                "the libvirt host {} offers none of the SSH ciphers provisioner asks for ({}): {}\nhint: allow one \
+                 of them in the host's /etc/ssh/sshd_config (`Ciphers`; OpenSSH's default list has them all), then \
+                 `systemctl reload ssh` there",
+                self.destination(),
+                cipher_list(has_aes_instructions()),
+                stderr.trim().lines().find(|l| l.contains("no matching cipher")).unwrap_or_default().trim()
+            ));
+        }
         if stderr.contains("Permission denied") {
             return Some(anyhow::anyhow!(
                 "the libvirt host {} refused the SSH login: {}\nhint: give the key with `?keyfile=PATH` in the URI \
@@ -508,6 +518,20 @@ mod tests {
         assert!(r.proxy_command().contains(&format!(" -o {ciphers} ")), "{}", r.proxy_command());
         let exec = r.exec(&["virsh", "list"]).display();
         assert!(exec.contains(&format!(" -o {ciphers} ")), "{exec}");
+    }
+
+    #[test]
+    fn a_host_without_a_shared_cipher_is_named_with_the_sshd_setting() {
+        let r = parse("qemu+ssh://root@h/system").unwrap();
+        let err =
+            "error: failed to connect to the hypervisor\nerror: Cannot recv data: Unable to negotiate with \
+                   10.0.0.2 port 22: no matching cipher found. Their offer: aes128-cbc";
+        let e = r.host_key_failure(err).expect("made clear").to_string();
+        assert!(
+            e.starts_with("the libvirt host root@h offers none of the SSH ciphers provisioner asks for ("),
+            "{e}"
+        );
+        assert!(e.contains("): error: Cannot recv data: Unable to negotiate with 10.0.0.2 port 22: no matching cipher found. Their offer: aes128-cbc\nhint: allow one of them"), "{e}");
     }
 
     #[test]
