@@ -26,6 +26,8 @@ mod support;
 use support::nethost::{self, NetHost};
 
 const ROUNDS: usize = 11;
+/// Rounds of the upload / scp comparison (each sends the 193 MiB box once per tool).
+const UPLOAD_ROUNDS: usize = 5;
 
 fn median(name: &str, mut f: impl FnMut() -> bool) -> Duration {
     let mut t = Vec::new();
@@ -37,6 +39,27 @@ fn median(name: &str, mut f: impl FnMut() -> bool) -> Duration {
     t.sort();
     println!("{name:<34} median {:>8.1} ms   min {:>8.1} ms", ms(t[ROUNDS / 2]), ms(t[0]));
     t[ROUNDS / 2]
+}
+
+/// The medians of several commands run round-robin, ROUNDS each (load drifts on a shared host: interleaving
+/// exposes every command to the same drift).
+fn medians(cmds: &mut [(&str, &mut dyn FnMut() -> bool)]) -> Vec<Duration> {
+    let mut t = vec![Vec::new(); cmds.len()];
+    for _ in 0..ROUNDS {
+        for (i, (name, f)) in cmds.iter_mut().enumerate() {
+            let s = Instant::now();
+            assert!(f(), "{name} failed");
+            t[i].push(s.elapsed());
+        }
+    }
+    cmds.iter()
+        .zip(t.iter_mut())
+        .map(|((name, _), t)| {
+            t.sort();
+            println!("{name:<34} median {:>8.1} ms   min {:>8.1} ms", ms(t[ROUNDS / 2]), ms(t[0]));
+            t[ROUNDS / 2]
+        })
+        .collect()
 }
 
 fn ms(d: Duration) -> f64 {
@@ -177,6 +200,8 @@ fn main() {
         let _ = host.virsh(&["vol-delete", "--pool", "provisioner", &name]);
     }
 
+    // Upload and scp, interleaved (the host is shared: load drifts), median of UPLOAD_ROUNDS each. Each upload
+    // round sends the whole box again: its marker is deleted first, so `box upload` replaces the volume.
     let scp = |cipher: Option<&str>| {
         let t = Instant::now();
         let mut c = Command::new("scp");
@@ -191,23 +216,38 @@ fn main() {
             .arg(&img)
             .arg(format!("root@{}:/var/tmp/scp-copy", host.addr))
             .status();
-        let d = t.elapsed();
+        let d = t.elapsed().as_secs_f64();
         assert!(st.unwrap().success(), "scp");
         let _ = host.exec(&["rm", "-f", "/var/tmp/scp-copy"]);
-        let r = size as f64 / 1048576.0 / d.as_secs_f64();
-        println!(
-            "scp of the same file ({:<11}) {:>8.2} s  {r:>7.1} MiB/s",
-            cipher.map_or("its default", |c| c.split('@').next().unwrap()),
-            d.as_secs_f64()
-        );
-        r
+        d
     };
-    let scp_rate = scp(None);
-    let scp_gcm = scp(Some("aes128-gcm@openssh.com"));
+    let id = doc["id"].as_str().unwrap().to_string();
+    let (mut ups, mut scps, mut gcms) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..UPLOAD_ROUNDS {
+        host.virsh(&["vol-delete", "--pool", "provisioner", &format!("box-{id}.done")]).unwrap();
+        let out = prov(dir.path(), &home, &["--json", "box", "upload"]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let d: serde_json::Value =
+            serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().last().unwrap()).unwrap();
+        ups.push(d["secs"].as_f64().unwrap());
+        scps.push(scp(None));
+        gcms.push(scp(Some("aes128-gcm@openssh.com")));
+    }
+    let mid = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (up_s, scp_s, gcm_s) = (mid(&mut ups), mid(&mut scps), mid(&mut gcms));
+    let mib = size as f64 / 1048576.0;
+    let rate = mib / up_s;
+    let scp_rate = mib / scp_s;
+    println!("box upload again (median of {UPLOAD_ROUNDS})      {up_s:>8.2} s  {rate:>7.1} MiB/s");
+    println!("scp of the same file (its default)  {scp_s:>8.2} s  {:>7.1} MiB/s", scp_rate);
+    println!("scp of the same file (aes128-gcm)   {gcm_s:>8.2} s  {:>7.1} MiB/s", mib / gcm_s);
     println!(
         "ratio upload/scp throughput        {:>8.2}  (against scp with AES-GCM: {:.2})",
-        rate / scp_rate,
-        rate / scp_gcm
+        scp_s / up_s,
+        gcm_s / up_s
     );
 
     let (status_ratio, status_before) = status_on_recorded_machines(&host, &home);
@@ -277,26 +317,28 @@ fn main() {
         assert!(out.status.success(), "{tag} up: {}", String::from_utf8_lossy(&out.stderr));
         println!("{tag} up --no-provision (cold)      {:>8.1} s", t.elapsed().as_secs_f64());
     }
-    let mut res = Vec::new();
-    for (tag, d) in &dirs {
-        let s = median(&format!("{tag} status"), || run(d.path(), &["status"]).status.success());
-        let c =
-            median(&format!("{tag} ssh -c true"), || run(d.path(), &["ssh", "-c", "true"]).status.success());
-        res.push((s, c));
-    }
-    let driver = median("remote status, remote driver", || {
-        Command::new(support::bin())
-            .arg("status")
-            .current_dir(dirs[0].1.path())
-            .env("HOME", &home)
-            .env("PROVISIONER_CACHE_DIR", &shared_cache)
-            .env("PROVISIONER_REMOTE_EXEC", "0")
-            .status()
-            .expect("run provisioner")
-            .success()
-    });
-    let (s, c) =
-        (res[0].0.as_secs_f64() / res[1].0.as_secs_f64(), res[0].1.as_secs_f64() / res[1].1.as_secs_f64());
+    let (far, near) = (dirs[0].1.path(), dirs[1].1.path());
+    let m = medians(&mut [
+        ("remote status", &mut || run(far, &["status"]).status.success()),
+        ("local status", &mut || run(near, &["status"]).status.success()),
+        ("remote ssh -c true", &mut || run(far, &["ssh", "-c", "true"]).status.success()),
+        ("local ssh -c true", &mut || run(near, &["ssh", "-c", "true"]).status.success()),
+        ("remote status, remote driver", &mut || {
+            Command::new(support::bin())
+                .arg("status")
+                .current_dir(far)
+                .env("HOME", &home)
+                .env("PROVISIONER_CACHE_DIR", &shared_cache)
+                .env("PROVISIONER_REMOTE_EXEC", "0")
+                .output()
+                .expect("run provisioner")
+                .status
+                .success()
+        }),
+    ]);
+    let (s, c) = (m[0].as_secs_f64() / m[1].as_secs_f64(), m[2].as_secs_f64() / m[3].as_secs_f64());
+    let driver = m[4];
+    let res = [(m[0], m[2]), (m[1], m[3])];
     println!(
         "remote/local: status {s:.2}x (remote driver {:.2}x), ssh -c true {c:.2}x",
         driver.as_secs_f64() / res[1].0.as_secs_f64()
@@ -347,10 +389,13 @@ fn status_on_recorded_machines(host: &NetHost, home: &Path) -> (f64, f64) {
     let logins = host.sshd_logins();
     // Before and after, back to back: libvirt's remote driver (virt-ssh-helper) on the shared connection, then
     // the host's own virsh exec'd on it.
-    let driver = median("remote status, remote driver", || status_with(remote, "1", "0"));
-    let warm = median("remote status, shared connection", || status(remote, "1"));
+    let m = medians(&mut [
+        ("remote status, remote driver", &mut || status_with(remote, "1", "0")),
+        ("remote status, shared connection", &mut || status(remote, "1")),
+        ("local status (qemu:///session)", &mut || status(local, "1")),
+    ]);
+    let (driver, warm, here) = (m[0], m[1], m[2]);
     let with = host.sshd_logins() - logins;
-    let here = median("local status (qemu:///session)", || status(local, "1"));
     println!(
         "remote/local status: {:.2}x with the shared connection (remote driver {:.2}x; {with} SSH logins for {} \
          calls), {:.2}x without ({without} logins)",

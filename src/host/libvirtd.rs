@@ -47,7 +47,7 @@ impl Libvirtd {
 
     /// The remote host whose own virsh runs the calls ([`Self::output`]), with its local URI: a `qemu+ssh://`
     /// host, unless [`EXEC_ENV`] turns it off or it has no virsh.
-    fn far_virsh(&self) -> Option<(&RemoteHost, String)> {
+    pub(super) fn far_virsh(&self) -> Option<(&RemoteHost, String)> {
         let r = self.host.remote().filter(|r| r.transport == "ssh")?;
         if self.no_far_virsh.load(std::sync::atomic::Ordering::Relaxed)
             || !super::remote::reuse_enabled(std::env::var(EXEC_ENV).ok().as_deref())
@@ -62,14 +62,35 @@ impl Libvirtd {
     /// to the hypervisor" (so every caller tells an unreachable host as before), and a host without virsh (127)
     /// is asked through libvirt's remote driver, for this call and every later one. Elsewhere virsh runs here.
     pub fn output(&self, args: &[&str]) -> Result<Output> {
-        let Some((r, local)) = self.far_virsh() else { return self.virsh().args(args).output() };
-        let mut argv = vec!["virsh", "-q", "-c", &local];
+        if let Some((r, local)) = self.far_virsh() {
+            if let Some(out) = self.on_host(r, &local, args, None, VIRSH_TIMEOUT)? {
+                return Ok(out);
+            }
+        }
+        self.virsh().args(args).output()
+    }
+
+    /// `virsh -c LOCAL ARGS` run on the host `r` (stdin: `stdin`, or nothing), ssh's own failure made virsh's
+    /// "failed to connect"; None when the host has no virsh (127: remembered, the caller asks the remote driver).
+    pub(super) fn on_host(
+        &self,
+        r: &RemoteHost,
+        local: &str,
+        args: &[&str],
+        stdin: Option<&std::path::Path>,
+        timeout: Duration,
+    ) -> Result<Option<Output>> {
+        let mut argv = vec!["virsh", "-q", "-c", local];
         argv.extend_from_slice(args);
-        let mut out = r.exec(&argv).timeout(VIRSH_TIMEOUT).output()?;
+        let mut cmd = r.exec(&argv).timeout(timeout);
+        if let Some(f) = stdin {
+            cmd = cmd.stdin_file(f);
+        }
+        let mut out = cmd.output()?;
         match out.code() {
             Some(127) => {
                 self.no_far_virsh.store(true, std::sync::atomic::Ordering::Relaxed);
-                return self.virsh().args(args).output();
+                return Ok(None);
             }
             Some(255) => {
                 out.stderr =
@@ -77,7 +98,7 @@ impl Libvirtd {
             }
             _ => {}
         }
-        Ok(out)
+        Ok(Some(out))
     }
 
     /// Run a virsh subcommand; a connection failure becomes the "daemon not reachable" error with its hint.
