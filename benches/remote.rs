@@ -149,7 +149,7 @@ fn main() {
     let rate = size as f64 / 1048576.0 / secs;
     println!("box upload data bytes sent          {} of {size}", doc["bytes_sent"]);
     println!(
-        "box upload (vol-upload --sparse)   {:>8.2} s  {rate:>7.1} MiB/s  (command total {:.2} s)",
+        "box upload, first (pool made)     {:>8.2} s  {rate:>7.1} MiB/s  (command total {:.2} s)",
         secs,
         up.as_secs_f64()
     );
