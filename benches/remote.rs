@@ -1,12 +1,17 @@
 //! Remote libvirt hosts, measured against a second host made here (a network namespace with its own sshd and
 //! libvirtd, tests/support/nethost.rs), in one run:
-//! - box upload throughput (`provisioner box upload`: vol-create-as + vol-upload --sparse over SSH) vs `scp` of the
-//!   same file to the same host, and the second upload (0 bytes);
-//! - `status` of a machine recorded on that host (its domain absent: one virsh call over SSH) with the host's
-//!   shared connection (ControlMaster, the default) and without it (`PROVISIONER_SSH_REUSE=0`), vs the same on a
-//!   machine recorded on qemu:///session, as ratios;
-//! - with `PROVISIONER_BENCH_VM=1` (boots two TCG guests): `status` and
-//!   `ssh -c true` on a machine on that host vs the same on a local machine (qemu:///session).
+//! - box upload throughput (`provisioner box upload`: vol-create-as + vol-upload --sparse over the host's shared
+//!   SSH connection, AES-GCM first on a CPU with AES instructions) vs `scp` of the same file to the same host (its
+//!   default cipher, and AES-GCM), and the second upload (0 bytes); the bare virsh primitive over a plain ssh
+//!   wrapper (OpenSSH's default cipher: the upload before the cipher choice);
+//! - `status` of a machine recorded on that host (its domain absent) with the host's own virsh run through the
+//!   shared connection (the default), through libvirt's remote driver (`PROVISIONER_REMOTE_EXEC=0`: before) and
+//!   without the shared connection (`PROVISIONER_SSH_REUSE=0`), vs the same on a machine recorded on
+//!   qemu:///session, as ratios;
+//! - with `PROVISIONER_BENCH_VM=1` (boots two TCG guests): `status` and `ssh -c true` on a machine on that host vs
+//!   the same on a local machine (qemu:///session), and remote `status` through the remote driver.
+//!
+//! The last lines (`issue 21 remote rows`) are the rows of the issue's table as ratios of this run.
 //!
 //! Run: `cargo bench --bench remote` as root (needs ip, unshare, libvirtd, sshd). Skips with a message otherwise.
 
@@ -20,7 +25,9 @@ mod support;
 
 use support::nethost::{self, NetHost};
 
-const ROUNDS: usize = 7;
+const ROUNDS: usize = 11;
+/// Rounds of the upload / scp comparison (each sends the 193 MiB box once per tool).
+const UPLOAD_ROUNDS: usize = 5;
 
 fn median(name: &str, mut f: impl FnMut() -> bool) -> Duration {
     let mut t = Vec::new();
@@ -32,6 +39,27 @@ fn median(name: &str, mut f: impl FnMut() -> bool) -> Duration {
     t.sort();
     println!("{name:<34} median {:>8.1} ms   min {:>8.1} ms", ms(t[ROUNDS / 2]), ms(t[0]));
     t[ROUNDS / 2]
+}
+
+/// The medians of several commands run round-robin, ROUNDS each (load drifts on a shared host: interleaving
+/// exposes every command to the same drift).
+fn medians(cmds: &mut [(&str, &mut dyn FnMut() -> bool)]) -> Vec<Duration> {
+    let mut t = vec![Vec::new(); cmds.len()];
+    for _ in 0..ROUNDS {
+        for (i, (name, f)) in cmds.iter_mut().enumerate() {
+            let s = Instant::now();
+            assert!(f(), "{name} failed");
+            t[i].push(s.elapsed());
+        }
+    }
+    cmds.iter()
+        .zip(t.iter_mut())
+        .map(|((name, _), t)| {
+            t.sort();
+            println!("{name:<34} median {:>8.1} ms   min {:>8.1} ms", ms(t[ROUNDS / 2]), ms(t[0]));
+            t[ROUNDS / 2]
+        })
+        .collect()
 }
 
 fn ms(d: Duration) -> f64 {
@@ -119,8 +147,9 @@ fn main() {
         serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().last().unwrap()).unwrap();
     let secs = doc["secs"].as_f64().unwrap();
     let rate = size as f64 / 1048576.0 / secs;
+    println!("box upload data bytes sent          {} of {size}", doc["bytes_sent"]);
     println!(
-        "box upload (vol-upload --sparse)   {:>8.2} s  {rate:>7.1} MiB/s  (command total {:.2} s)",
+        "box upload, first (pool made)     {:>8.2} s  {rate:>7.1} MiB/s  (command total {:.2} s)",
         secs,
         up.as_secs_f64()
     );
@@ -171,27 +200,70 @@ fn main() {
         let _ = host.virsh(&["vol-delete", "--pool", "provisioner", &name]);
     }
 
-    let t = Instant::now();
-    let st = Command::new("scp")
-        .args(["-q", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes", "-o"])
-        .arg(format!("UserKnownHostsFile={}", home.join(".ssh/known_hosts").display()))
-        .arg("-i")
-        .arg(&host.key)
-        .arg(&img)
-        .arg(format!("root@{}:/var/tmp/scp-copy", host.addr))
-        .status()
-        .unwrap();
-    let scp = t.elapsed();
-    assert!(st.success(), "scp");
-    let scp_rate = size as f64 / 1048576.0 / scp.as_secs_f64();
-    println!("scp of the same file               {:>8.2} s  {scp_rate:>7.1} MiB/s", scp.as_secs_f64());
-    println!("ratio upload/scp throughput        {:>8.2}", rate / scp_rate);
-    let _ = host.exec(&["rm", "-f", "/var/tmp/scp-copy"]);
+    // Upload and scp, interleaved (the host is shared: load drifts), median of UPLOAD_ROUNDS each. Each upload
+    // round sends the whole box again: its marker is deleted first, so `box upload` replaces the volume.
+    let scp = |cipher: Option<&str>| {
+        let t = Instant::now();
+        let mut c = Command::new("scp");
+        c.args(["-q", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes", "-o"])
+            .arg(format!("UserKnownHostsFile={}", home.join(".ssh/known_hosts").display()));
+        if let Some(c2) = cipher {
+            c.args(["-c", c2]);
+        }
+        let st = c
+            .arg("-i")
+            .arg(&host.key)
+            .arg(&img)
+            .arg(format!("root@{}:/var/tmp/scp-copy", host.addr))
+            .status();
+        let d = t.elapsed().as_secs_f64();
+        assert!(st.unwrap().success(), "scp");
+        let _ = host.exec(&["rm", "-f", "/var/tmp/scp-copy"]);
+        d
+    };
+    let id = doc["id"].as_str().unwrap().to_string();
+    let (mut ups, mut scps, mut gcms) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..UPLOAD_ROUNDS {
+        host.virsh(&["vol-delete", "--pool", "provisioner", &format!("box-{id}.done")]).unwrap();
+        let out = prov(dir.path(), &home, &["--json", "box", "upload"]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let d: serde_json::Value =
+            serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().last().unwrap()).unwrap();
+        ups.push(d["secs"].as_f64().unwrap());
+        scps.push(scp(None));
+        gcms.push(scp(Some("aes128-gcm@openssh.com")));
+    }
+    let mid = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (up_s, scp_s, gcm_s) = (mid(&mut ups), mid(&mut scps), mid(&mut gcms));
+    let mib = size as f64 / 1048576.0;
+    let rate = mib / up_s;
+    let scp_rate = mib / scp_s;
+    println!("box upload again (median of {UPLOAD_ROUNDS})      {up_s:>8.2} s  {rate:>7.1} MiB/s");
+    println!("scp of the same file (its default)  {scp_s:>8.2} s  {:>7.1} MiB/s", scp_rate);
+    println!("scp of the same file (aes128-gcm)   {gcm_s:>8.2} s  {:>7.1} MiB/s", mib / gcm_s);
+    println!(
+        "ratio upload/scp throughput        {:>8.2}  (against scp with AES-GCM: {:.2})",
+        scp_s / up_s,
+        gcm_s / up_s
+    );
 
-    status_on_recorded_machines(&host, &home);
+    let (status_ratio, status_before) = status_on_recorded_machines(&host, &home);
 
+    let rows = |status: f64, before: f64, ssh: Option<f64>| {
+        println!("issue 21 remote rows (goals: <= 1.5x, <= 1.5x, >= 0.9):");
+        println!("  remote `status` vs local            {status:.2}x  (through libvirt's remote driver: {before:.2}x)");
+        match ssh {
+            Some(r) => println!("  remote `ssh -c true` vs local       {r:.2}x"),
+            None => println!("  remote `ssh -c true` vs local       (PROVISIONER_BENCH_VM=1)"),
+        }
+        println!("  `box upload` vs `scp` throughput    {:.2}", rate / scp_rate);
+    };
     if std::env::var("PROVISIONER_BENCH_VM").as_deref() != Ok("1") {
         println!("remote: status / ssh -c true skipped (set PROVISIONER_BENCH_VM=1: two more TCG boots)");
+        rows(status_ratio, status_before, None);
         return;
     }
     // The repo's box (cached by the VM tier), unless another is given.
@@ -245,23 +317,39 @@ fn main() {
         assert!(out.status.success(), "{tag} up: {}", String::from_utf8_lossy(&out.stderr));
         println!("{tag} up --no-provision (cold)      {:>8.1} s", t.elapsed().as_secs_f64());
     }
-    let mut res = Vec::new();
-    for (tag, d) in &dirs {
-        let s = median(&format!("{tag} status"), || run(d.path(), &["status"]).status.success());
-        let c =
-            median(&format!("{tag} ssh -c true"), || run(d.path(), &["ssh", "-c", "true"]).status.success());
-        res.push((s, c));
-    }
+    let (far, near) = (dirs[0].1.path(), dirs[1].1.path());
+    let m = medians(&mut [
+        ("remote status", &mut || run(far, &["status"]).status.success()),
+        ("local status", &mut || run(near, &["status"]).status.success()),
+        ("remote ssh -c true", &mut || run(far, &["ssh", "-c", "true"]).status.success()),
+        ("local ssh -c true", &mut || run(near, &["ssh", "-c", "true"]).status.success()),
+        ("remote status, remote driver", &mut || {
+            Command::new(support::bin())
+                .arg("status")
+                .current_dir(far)
+                .env("HOME", &home)
+                .env("PROVISIONER_CACHE_DIR", &shared_cache)
+                .env("PROVISIONER_REMOTE_EXEC", "0")
+                .output()
+                .expect("run provisioner")
+                .status
+                .success()
+        }),
+    ]);
+    let (s, c) = (m[0].as_secs_f64() / m[1].as_secs_f64(), m[2].as_secs_f64() / m[3].as_secs_f64());
+    let driver = m[4];
+    let res = [(m[0], m[2]), (m[1], m[3])];
     println!(
-        "remote/local: status {:.2}x, ssh -c true {:.2}x",
-        res[0].0.as_secs_f64() / res[1].0.as_secs_f64(),
-        res[0].1.as_secs_f64() / res[1].1.as_secs_f64()
+        "remote/local: status {s:.2}x (remote driver {:.2}x), ssh -c true {c:.2}x",
+        driver.as_secs_f64() / res[1].0.as_secs_f64()
     );
+    rows(s, driver.as_secs_f64() / res[1].0.as_secs_f64(), Some(c));
 }
 
 /// `status` of a machine recorded on the far host (its domain absent, so no guest is booted: the cost is the virsh
-/// call over SSH) with and without the shared connection, against the same on this machine's qemu:///session.
-fn status_on_recorded_machines(host: &NetHost, home: &Path) {
+/// call over SSH) through the host's own virsh and through the remote driver, with and without the shared
+/// connection, against the same on this machine's qemu:///session. Returns (remote/local, remote driver/local).
+fn status_on_recorded_machines(host: &NetHost, home: &Path) -> (f64, f64) {
     let mut dirs = Vec::new();
     for (tag, uri) in [("remote", host.uri()), ("local", "qemu:///session".to_string())] {
         let d = tempfile::tempdir().unwrap();
@@ -280,30 +368,40 @@ fn status_on_recorded_machines(host: &NetHost, home: &Path) {
         std::fs::write(d.path().join(".provisioner/state.json"), state.to_string()).unwrap();
         dirs.push((tag, d));
     }
-    let status = |d: &Path, reuse: &str| {
+    let status_with = |d: &Path, reuse: &str, exec: &str| {
         Command::new(support::bin())
             .arg("status")
             .current_dir(d)
             .env("HOME", home)
             .env("PROVISIONER_CACHE_DIR", d.join("cache"))
             .env("PROVISIONER_SSH_REUSE", reuse)
+            .env("PROVISIONER_REMOTE_EXEC", exec)
             .output()
             .expect("run provisioner")
             .status
             .success()
     };
+    let status = |d: &Path, reuse: &str| status_with(d, reuse, "1");
     let (remote, local) = (dirs[0].1.path(), dirs[1].1.path());
     let logins = host.sshd_logins();
     let cold = median("remote status, no reuse", || status(remote, "0"));
     let without = host.sshd_logins() - logins;
     let logins = host.sshd_logins();
-    let warm = median("remote status, shared connection", || status(remote, "1"));
+    // Before and after, back to back: libvirt's remote driver (virt-ssh-helper) on the shared connection, then
+    // the host's own virsh exec'd on it.
+    let m = medians(&mut [
+        ("remote status, remote driver", &mut || status_with(remote, "1", "0")),
+        ("remote status, shared connection", &mut || status(remote, "1")),
+        ("local status (qemu:///session)", &mut || status(local, "1")),
+    ]);
+    let (driver, warm, here) = (m[0], m[1], m[2]);
     let with = host.sshd_logins() - logins;
-    let here = median("local status (qemu:///session)", || status(local, "1"));
     println!(
-        "remote/local status: {:.2}x with the shared connection ({with} SSH logins for {ROUNDS} calls), {:.2}x \
-         without ({without} logins)",
+        "remote/local status: {:.2}x with the shared connection (remote driver {:.2}x; {with} SSH logins for {} \
+         calls), {:.2}x without ({without} logins)",
         warm.as_secs_f64() / here.as_secs_f64(),
+        driver.as_secs_f64() / here.as_secs_f64(),
+        2 * ROUNDS,
         cold.as_secs_f64() / here.as_secs_f64()
     );
     // The master would outlive the bench for ControlPersist: close it.
@@ -315,4 +413,5 @@ fn status_on_recorded_machines(host: &NetHost, home: &Path) {
         .output()
         .expect("run provisioner");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    (warm.as_secs_f64() / here.as_secs_f64(), driver.as_secs_f64() / here.as_secs_f64())
 }

@@ -57,6 +57,8 @@ pub struct Cmd {
     env: Vec<(OsString, OsString)>,
     cwd: Option<std::path::PathBuf>,
     stdin: Option<Vec<u8>>,
+    /// A file read as stdin (streamed by the child itself: large files never pass through memory).
+    stdin_file: Option<std::path::PathBuf>,
     timeout: Duration,
     /// Part of cleanup after an interrupt (e.g. `umount -l` of a dead build): runs even when cancelled.
     cleanup: bool,
@@ -70,6 +72,7 @@ impl Cmd {
             env: Vec::new(),
             cwd: None,
             stdin: None,
+            stdin_file: None,
             timeout: Duration::from_secs(60),
             cleanup: false,
         }
@@ -96,6 +99,11 @@ impl Cmd {
     }
     pub fn stdin(mut self, data: impl Into<Vec<u8>>) -> Self {
         self.stdin = Some(data.into());
+        self
+    }
+    /// Read `file` as stdin (the child gets the open file; nothing is copied here).
+    pub fn stdin_file(mut self, file: impl AsRef<Path>) -> Self {
+        self.stdin_file = Some(file.as_ref().to_owned());
         self
     }
     pub fn timeout(mut self, t: Duration) -> Self {
@@ -150,9 +158,16 @@ impl Cmd {
         }
         let _shown = Shown((verbosity() >= 1).then(|| (std::time::Instant::now(), self.display())));
         let mut cmd = self.command();
-        cmd.stdin(if self.stdin.is_some() { Stdio::piped() } else { Stdio::null() })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+        cmd.stdin(match (&self.stdin, &self.stdin_file) {
+            (Some(_), _) => Stdio::piped(),
+            (None, Some(f)) => Stdio::from(
+                std::fs::File::open(f)
+                    .with_context(|| format!("open {} for {}", f.display(), self.display()))?,
+            ),
+            (None, None) => Stdio::null(),
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
         let child = cmd.spawn().map_err(|e| spawn_error(&self.program, e))?;
         let mut guard = ChildGuard::new(child, !self.cleanup);
         let child = guard.child.as_mut().expect("child present");

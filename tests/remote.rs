@@ -640,3 +640,172 @@ fn remote_host_without_tcp_forwarding_is_a_clear_error_at_once() {
     );
     assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err(), "nothing may listen after a refusal");
 }
+
+/// A machine recorded on `host` whose domain (`vm`) is defined there, powered off, with this project's marker: what
+/// `status` reads from the host is a real domain of ours, not only "not created".
+fn recorded_stopped_machine(host: &NetHost, vm: &str) -> Test {
+    let t = project(host);
+    t.write("home/.ssh/known_hosts", host.known_hosts_line());
+    let state = serde_json::json!({"provider": "libvirt", "vm_name": vm, "ssh_host": "127.0.0.1", "ssh_port": 2299,
+                                   "libvirt_uri": host.uri()});
+    t.write(".provisioner/state.json", state.to_string());
+    let xml = format!(
+        "<domain type='qemu'><name>{vm}</name><metadata><p:machine xmlns:p='{}'><p:state-dir>{}</p:state-dir>\
+         </p:machine></metadata><memory unit='MiB'>64</memory><os><type arch='x86_64'>hvm</type></os></domain>",
+        provisioner::provider::libvirt::METADATA_NS,
+        t.path().join(".provisioner").display()
+    );
+    let ok = Command::new("sh")
+        .arg("-c")
+        .arg(format!("nsenter -t {} -m -n virsh -q -c qemu:///system define /dev/stdin", host_pid(host)))
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            c.stdin.take().unwrap().write_all(xml.as_bytes())?;
+            c.wait()
+        })
+        .unwrap();
+    assert!(ok.success(), "define the stopped domain on the host");
+    t
+}
+
+/// `status` of this project with `env`, `-v`, the host's shared connection on: (stdout, the child commands it
+/// ran).
+fn status_v(t: &Test, env: &[(&str, &str)]) -> (String, Vec<String>) {
+    let mut run = Test::new()
+        .cwd(t.path())
+        .env("HOME", t.path().join("home").to_string_lossy())
+        .env("PROVISIONER_CACHE_DIR", t.path().join("cache").to_string_lossy())
+        .env("PROVISIONER_SSH_REUSE", "1");
+    for (k, v) in env {
+        run = run.env(k, *v);
+    }
+    let r = run.args(["-v", "status"]).run();
+    assert_eq!(r.code(), Some(0), "status: {}{}", r.stdout(), r.stderr());
+    let cmds = r.stderr().lines().filter_map(|l| l.strip_prefix("+ ")).map(str::to_string).collect();
+    (r.stdout(), cmds)
+}
+
+/// On a `qemu+ssh://` host `status` runs the host's own virsh through the shared connection: one `ssh ... virsh
+/// -c qemu:///system` exec and no virsh here, with exactly the output of libvirt's remote driver
+/// (`PROVISIONER_REMOTE_EXEC=0`, the way before) for a domain of ours and for one that is not there; every call
+/// rides the one master (one login for all of them).
+#[test]
+fn remote_status_runs_virsh_on_the_host_with_the_remote_drivers_output() {
+    if !nethost::available() {
+        panic!("the remote-host fixture needs root, libvirtd, virtlogd, sshd and virt-ssh-helper");
+    }
+    let host = NetHost::start();
+    let t = recorded_stopped_machine(&host, "provisioner-far-exec");
+    let logins = host.sshd_logins();
+    let (exec_out, exec_cmds) = status_v(&t, &[]);
+    let (driver_out, driver_cmds) = status_v(&t, &[("PROVISIONER_REMOTE_EXEC", "0")]);
+    assert_eq!(
+        exec_out,
+        "far: stopped (libvirt)\nforwarded ports:\n     22 (guest) => 127.0.0.1:2299        (host)  tcp  ssh\n"
+    );
+    assert_eq!(exec_out, driver_out);
+    assert_eq!(exec_cmds.len(), 1, "one child process: {exec_cmds:?}");
+    assert!(
+        exec_cmds[0].starts_with("ssh ")
+            && exec_cmds[0].contains(&format!(" -T -- {} sh -c ", host.addr))
+            && exec_cmds[0].contains("exec virsh -q -c qemu:///system "),
+        "{exec_cmds:?}"
+    );
+    assert!(
+        driver_cmds.len() == 1 && driver_cmds[0].starts_with("virsh -q -c qemu+ssh://"),
+        "{driver_cmds:?}"
+    );
+    assert_eq!(host.sshd_logins() - logins, 1, "the exec and the remote driver ride one master");
+
+    // Not there: the same "not created" both ways.
+    host.virsh(&["undefine", "provisioner-far-exec"]).unwrap();
+    let (exec_out, _) = status_v(&t, &[]);
+    assert_eq!(exec_out, "far: not created\n");
+    assert_eq!(status_v(&t, &[("PROVISIONER_REMOTE_EXEC", "0")]).0, exec_out);
+    run(&t, &["destroy", "-f"]).success();
+}
+
+/// A host whose logins do not find virsh (not on their PATH): the exec answers 127 and `status` asks through
+/// libvirt's remote driver instead (virt-ssh-helper), with the same output; once per command.
+#[test]
+fn remote_host_without_virsh_on_its_path_is_asked_through_the_remote_driver() {
+    if !nethost::available() {
+        panic!("the remote-host fixture needs root, libvirtd, virtlogd, sshd and virt-ssh-helper");
+    }
+    let host = NetHost::start_with(&format!("SetEnv PATH={}\n", nethost::PATH_WITHOUT_VIRSH));
+    let t = recorded_stopped_machine(&host, "provisioner-far-noexec");
+    let (out, cmds) = status_v(&t, &[]);
+    assert_eq!(out, "far: stopped (libvirt)\nforwarded ports:\n     22 (guest) => 127.0.0.1:2299        (host)  tcp  ssh\n");
+    assert_eq!(cmds.len(), 2, "the exec, then the remote driver: {cmds:?}");
+    assert!(cmds[0].starts_with("ssh ") && cmds[0].contains("exec virsh"), "{cmds:?}");
+    assert!(cmds[1].starts_with("virsh -q -c qemu+ssh://"), "{cmds:?}");
+    host.virsh(&["undefine", "provisioner-far-noexec"]).unwrap();
+    run(&t, &["destroy", "-f"]).success();
+}
+
+/// A sparse raw box (1 GiB, a few MiB of data) goes to the host without its holes: the cache keeps them, the
+/// upload reports the data bytes, fewer than a tenth of the size cross the wire, and the volume on the host reads
+/// back as the same 1 GiB (holes as zeros). A box with few holes streams whole into the host's own virsh instead.
+#[test]
+fn remote_box_upload_of_a_sparse_raw_box_sends_only_its_data() {
+    if !nethost::available() {
+        panic!("the remote-host fixture needs root, libvirtd, virtlogd, sshd and virt-ssh-helper");
+    }
+    let host = NetHost::start();
+    let t = project(&host);
+    t.write("home/.ssh/known_hosts", host.known_hosts_line());
+    let data = t.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let bytes: Vec<u8> = (0..6u32 << 20).map(|i| (i.wrapping_mul(2654435761) >> 11) as u8).collect();
+    std::fs::write(data.join("payload"), bytes).unwrap();
+    let raw = t.path().join("sparse.raw");
+    let ok = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-L", "rootfs", "-d"])
+        .arg(&data)
+        .arg(&raw)
+        .arg("1G")
+        .status()
+        .unwrap();
+    assert!(ok.success(), "mkfs.ext4");
+    let cfg = std::fs::read_to_string(t.path().join("box-config.toml")).unwrap();
+    t.write("box-config.toml", cfg.replace("tiny.qcow2", "sparse.raw"));
+    let size = std::fs::metadata(&raw).unwrap().len();
+    let id = {
+        use sha2::{Digest, Sha256};
+        hex::encode(Sha256::digest(std::fs::read(&raw).unwrap()))
+    };
+    let before = host.bytes_sent_to_host();
+    let up = run(&t, &["--json", "box", "upload"]).success();
+    let wire = host.bytes_sent_to_host() - before;
+    let doc: serde_json::Value = serde_json::from_str(up.stdout().lines().last().unwrap()).unwrap();
+    let sent = doc["bytes_sent"].as_u64().unwrap();
+    assert_eq!(doc["id"], id.as_str());
+    assert!(sent > 0 && sent < size / 10, "the data only: {sent} of {size} bytes");
+    assert!(wire < size / 10, "{wire} bytes crossed the wire for a box of {size} bytes ({sent} of data)");
+    assert!(wire >= sent, "{wire} bytes on the wire, {sent} of data");
+    let vol = format!("box-{id}.raw");
+    let path = host.virsh(&["vol-path", "--pool", "provtest", &vol]).unwrap();
+    let info = host.virsh(&["vol-info", "--bytes", "--pool", "provtest", &vol]).unwrap();
+    assert!(info.contains(&format!("Capacity:       {size} bytes")), "{info}");
+    assert!(
+        host.exec(&["sha256sum", path.trim()]).unwrap().starts_with(&id),
+        "the volume holds the box whole"
+    );
+
+    // A box with few holes (the tiny qcow2) streams into the host's own virsh as ssh's stdin, whole, no virsh
+    // here.
+    t.write("box-config.toml", cfg);
+    let dense = run(&t, &["-v", "--json", "box", "upload"]).success();
+    let doc: serde_json::Value = serde_json::from_str(dense.stdout().lines().last().unwrap()).unwrap();
+    assert_eq!(doc["bytes_sent"], std::fs::metadata(t.path().join("tiny.qcow2")).unwrap().len());
+    let stderr = dense.stderr();
+    let cmds: Vec<&str> = stderr.lines().filter_map(|l| l.strip_prefix("+ ")).collect();
+    assert!(
+        cmds.iter()
+            .any(|c| c.starts_with("ssh ") && c.contains("vol-upload") && c.contains("--file /dev/stdin")),
+        "{cmds:?}"
+    );
+    assert!(!cmds.iter().any(|c| c.starts_with("virsh ")), "no virsh here: {cmds:?}");
+}

@@ -104,8 +104,9 @@ pub fn unpack(src: &Path, dir: &Path, source: String) -> Result<BoxMeta> {
         if owned {
             std::fs::rename(src, dir.join(&disk))?;
         } else {
-            // A copy, not a hardlink: the cached base must not change when the user edits their file.
-            std::fs::copy(src, dir.join(&disk))
+            // A copy, not a hardlink: the cached base must not change when the user edits their file. Its holes
+            // stay holes (a sparse raw box is sent to a remote host without them).
+            crate::platform::copy_sparse(src, &dir.join(&disk))
                 .with_context(|| format!("copy {} into the cache", src.display()))?;
             if std::fs::metadata(dir.join(&disk))?.len() != std::fs::metadata(src)?.len() {
                 bail!("the copy of {} into the cache is incomplete (is the disk full?)", src.display());

@@ -1,5 +1,9 @@
-//! The libvirt daemon of a host, reached with virsh: the one runner of virsh calls (for a remote host over the
-//! tool's own ssh wrapper, its key checked), and what it means when the daemon does not answer. The storage pool a
+//! The libvirt daemon of a host, reached with virsh: the one runner of virsh calls, and what it means when the
+//! daemon does not answer. On a `qemu+ssh://` host a call runs the host's own virsh through the shared SSH
+//! connection ([`RemoteHost::exec`]: one channel, virsh talks to its daemon there over the local socket); a call
+//! that names a file of this machine (`define FILE`, `vol-upload`, `vol-download`), a host without virsh, and
+//! `qemu+libssh://` use libvirt's remote driver (virsh here, the tool's own ssh wrapper, its key checked).
+//! The storage pool a
 //! remote host keeps machines' volumes in is driven through it ([`super::pool`]). The libvirt provider drives the
 //! hypervisor through this; what a domain is stays the provider's.
 
@@ -7,10 +11,13 @@ use std::time::Duration;
 
 use anyhow::{bail, Result};
 
-use super::Host;
-use crate::process::Cmd;
+use super::{Host, RemoteHost};
+use crate::process::{Cmd, Output};
 
 const VIRSH_TIMEOUT: Duration = Duration::from_secs(60);
+/// `0`/`no`/`false`/`off`: every virsh call to a remote host goes through libvirt's remote driver, none is run on
+/// the host itself.
+const EXEC_ENV: &str = "PROVISIONER_REMOTE_EXEC";
 
 /// The libvirt daemon at a URI.
 pub struct Libvirtd {
@@ -22,21 +29,90 @@ pub struct Libvirtd {
     pub pool: String,
     /// The host the URI names: this machine, or a remote one reached over SSH.
     pub host: Host,
+    /// The host answered an exec of virsh with "not found" (127): the remote driver from then on.
+    no_far_virsh: std::sync::atomic::AtomicBool,
 }
 
 impl Libvirtd {
     /// The daemon at `uri` (connected to as `conn`) on `host`; a remote host's volumes go into `pool`.
     pub fn new(uri: &str, conn: String, pool: &str, host: Host) -> Self {
-        Self { uri: uri.to_string(), conn, pool: pool.to_string(), host }
+        Self { uri: uri.to_string(), conn, pool: pool.to_string(), host, no_far_virsh: Default::default() }
     }
 
+    /// virsh here, connected with [`Self::conn`] (for a remote host: libvirt's remote driver). Only for calls that
+    /// name files of this machine, or stream; every other call is [`Self::output`].
     pub fn virsh(&self) -> Cmd {
         Cmd::new("virsh").args(["-q", "-c", &self.conn]).timeout(VIRSH_TIMEOUT)
     }
 
+    /// The remote host whose own virsh runs the calls ([`Self::output`]), with its local URI: a `qemu+ssh://`
+    /// host, unless [`EXEC_ENV`] turns it off or it has no virsh.
+    pub(super) fn far_virsh(&self) -> Option<(&RemoteHost, String)> {
+        let r = self.host.remote().filter(|r| r.transport == "ssh")?;
+        if self.no_far_virsh.load(std::sync::atomic::Ordering::Relaxed)
+            || !super::remote::reuse_enabled(std::env::var(EXEC_ENV).ok().as_deref())
+        {
+            return None;
+        }
+        Some((r, super::remote::local_uri(&self.uri)?))
+    }
+
+    /// `virsh ARGS` on the daemon, output captured (a failure is not an error here). On a `qemu+ssh://` host it
+    /// runs there, through the shared SSH connection: ssh's own failure (255) reads as virsh's "failed to connect
+    /// to the hypervisor" (so every caller tells an unreachable host as before), and a host without virsh (127)
+    /// is asked through libvirt's remote driver, for this call and every later one. Elsewhere virsh runs here.
+    pub fn output(&self, args: &[&str]) -> Result<Output> {
+        if let Some((r, local)) = self.far_virsh() {
+            if let Some(out) = self.on_host(r, &local, args, None, VIRSH_TIMEOUT)? {
+                return Ok(out);
+            }
+        }
+        self.virsh().args(args).output()
+    }
+
+    /// `virsh -c LOCAL ARGS` run on the host `r` (stdin: `stdin`, or nothing), ssh's own failure made virsh's
+    /// "failed to connect"; None when the host has no virsh (127: remembered, the caller asks the remote driver).
+    pub(super) fn on_host(
+        &self,
+        r: &RemoteHost,
+        local: &str,
+        args: &[&str],
+        stdin: Option<&std::path::Path>,
+        timeout: Duration,
+    ) -> Result<Option<Output>> {
+        let mut argv = vec!["virsh", "-q", "-c", local];
+        argv.extend_from_slice(args);
+        let mut cmd = r.exec(&argv).timeout(timeout);
+        if let Some(f) = stdin {
+            cmd = cmd.stdin_file(f);
+        }
+        let mut out = cmd.output()?;
+        match out.code() {
+            Some(127) => {
+                self.no_far_virsh.store(true, std::sync::atomic::Ordering::Relaxed);
+                return Ok(None);
+            }
+            Some(255) => {
+                out.stderr =
+                    format!("error: failed to connect to the hypervisor\nerror: {}", out.stderr.trim());
+            }
+            _ => {}
+        }
+        Ok(Some(out))
+    }
+
     /// Run a virsh subcommand; a connection failure becomes the "daemon not reachable" error with its hint.
     pub fn run(&self, args: &[&str]) -> Result<String> {
-        let out = self.virsh().args(args).output()?;
+        self.checked(self.output(args)?, args)
+    }
+
+    /// [`Self::run`] for a call that names a file of this machine (`define FILE`, `vol-download ... --file F`):
+    /// always virsh here.
+    pub fn run_here(&self, args: &[&str]) -> Result<String> {
+        self.checked(self.virsh().args(args).output()?, args)
+    }
+
+    fn checked(&self, out: Output, args: &[&str]) -> Result<String> {
         if !out.success() {
             let err = out.stderr.trim();
             if let Some(e) = self.host.host_key_failure(err) {

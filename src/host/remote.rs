@@ -37,6 +37,44 @@ pub fn reuse_enabled(env: Option<&str>) -> bool {
     !env.is_some_and(|v| ["0", "no", "false", "off"].contains(&v.trim().to_ascii_lowercase().as_str()))
 }
 
+/// The ciphers offered to a libvirt host, fastest first: AES-GCM where the CPU has AES instructions (several GB/s),
+/// else ChaCha20-Poly1305 (faster than AES in software); then the other ciphers OpenSSH enables by default, so any
+/// sshd since OpenSSH 6.5 finds one it shares (the server picks the first of ours it also offers). Pure.
+pub fn cipher_list(aes: bool) -> String {
+    let (first, second) = if aes {
+        ("aes128-gcm@openssh.com", "chacha20-poly1305@openssh.com")
+    } else {
+        ("chacha20-poly1305@openssh.com", "aes128-gcm@openssh.com")
+    };
+    format!("{first},{second},aes256-gcm@openssh.com,aes128-ctr,aes192-ctr,aes256-ctr")
+}
+
+/// Does this CPU have AES instructions (x86 AES-NI, the Armv8 crypto extension)?
+pub fn has_aes_instructions() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("aes") && std::arch::is_x86_feature_detected!("pclmulqdq")
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        std::arch::is_aarch64_feature_detected!("aes") && std::arch::is_aarch64_feature_detected!("pmull")
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    {
+        false
+    }
+}
+
+/// The URI the host's own virsh connects with: the driver and path of a remote URI, without the host and the
+/// transport's parameters (`qemu+ssh://root@h:2200/system?keyfile=/k` is `qemu:///system` there). Pure.
+pub fn local_uri(uri: &str) -> Option<String> {
+    let (scheme, rest) = uri.split_once("://")?;
+    let (driver, _) = scheme.split_once('+')?;
+    let rest = rest.split_once('?').map_or(rest, |(r, _)| r);
+    let path = &rest[rest.find('/')?..];
+    Some(format!("{driver}://{path}"))
+}
+
 /// A remote libvirt host reached over SSH, parsed from a URI that passed `config::check_libvirt_uri`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RemoteHost {
@@ -269,6 +307,7 @@ impl RemoteHost {
         let mut words: Vec<String> = vec!["ssh".into()];
         let mut args = self.host_key_options();
         args.extend(self.control_options());
+        args.extend(self.cipher_options());
         args.extend(self.login_args());
         words.extend(args.iter().map(|a| super::shell_quote(&a.replace('%', "%%"))));
         words.push("-W".into());
@@ -332,6 +371,28 @@ impl RemoteHost {
         }
     }
 
+    /// The `-o Ciphers=` option of every ssh to the host (the master's cipher carries every virsh call and upload
+    /// on it): [`cipher_list`] for this machine's CPU.
+    pub fn cipher_options(&self) -> Vec<String> {
+        vec!["-o".into(), format!("Ciphers={}", cipher_list(has_aes_instructions()))]
+    }
+
+    /// `ssh ... HOST sh -c 'LC_ALL=C exec ARGV'`: a command run on the host itself, over the shared connection
+    /// (a channel on the master, no new login) with the host key checked as for every other ssh to it. Every word
+    /// of `argv` is quoted for the far `sh` (the login shell there only starts `sh`). ssh's own failures exit 255;
+    /// a program missing on the host exits 127.
+    pub fn exec(&self, argv: &[&str]) -> Cmd {
+        let script: Vec<String> = argv.iter().map(|a| super::shell_quote(a)).collect();
+        let script = format!("LC_ALL=C exec {}", script.join(" "));
+        Cmd::new("ssh")
+            .args(self.host_key_options())
+            .args(self.control_options())
+            .args(self.cipher_options())
+            .args(self.login_args())
+            .args(["-T", "--", &self.host, "sh", "-c"])
+            .arg(super::shell_quote(&script))
+    }
+
     /// The ssh wrapper libvirt's `ssh` transport runs (its `command=`): OpenSSH with our host key options and
     /// every argument libvirt passes. Written by the tool itself, from values that passed the URI check.
     /// Every virsh call shares one connection to the host: the master the first one opens (ControlMaster, see
@@ -339,6 +400,7 @@ impl RemoteHost {
     pub fn wrapper_script(&self) -> String {
         let mut opts = self.host_key_options();
         opts.extend(self.control_options());
+        opts.extend(self.cipher_options());
         let opts: Vec<String> = opts.iter().map(|o| super::shell_quote(o)).collect();
         format!(
             "#!/bin/sh\n# written by provisioner: libvirt's ssh transport with the host key checked, over one \
@@ -385,6 +447,16 @@ impl RemoteHost {
         if stderr.contains("Host key verification failed") || stderr.contains("No matching host key") {
             return Some(self.unknown_host_error());
         }
+        if stderr.contains("no matching cipher found") {
+            return Some(anyhow::anyhow!(
+                "the libvirt host {} offers none of the SSH ciphers provisioner asks for ({}): {}\nhint: allow one \
+                 of them in the host's /etc/ssh/sshd_config (`Ciphers`; OpenSSH's default list has them all), then \
+                 `systemctl reload ssh` there",
+                self.destination(),
+                cipher_list(has_aes_instructions()),
+                stderr.trim().lines().find(|l| l.contains("no matching cipher")).unwrap_or_default().trim()
+            ));
+        }
         if stderr.contains("Permission denied") {
             return Some(anyhow::anyhow!(
                 "the libvirt host {} refused the SSH login: {}\nhint: give the key with `?keyfile=PATH` in the URI \
@@ -428,5 +500,71 @@ mod tests {
         assert!(u.ends_with("&known_hosts_verify=normal"), "{u}");
         let w = r.wrapper_script();
         assert!(w.contains("StrictHostKeyChecking=yes") && w.contains("BatchMode=yes"), "{w}");
+    }
+
+    #[test]
+    fn the_fastest_cipher_is_offered_first_and_the_defaults_after_it() {
+        assert_eq!(
+            cipher_list(true),
+            "aes128-gcm@openssh.com,chacha20-poly1305@openssh.com,aes256-gcm@openssh.com,aes128-ctr,aes192-ctr,\
+             aes256-ctr"
+        );
+        assert!(cipher_list(false).starts_with("chacha20-poly1305@openssh.com,aes128-gcm@openssh.com,"));
+        // Every ssh to the host offers it: the wrapper libvirt runs, the guest's ProxyCommand and an exec (the
+        // first of them makes the master, whose cipher the others then ride).
+        let r = parse("qemu+ssh://root@h:2200/system?keyfile=/k").unwrap();
+        let ciphers = format!("Ciphers={}", cipher_list(has_aes_instructions()));
+        assert!(r.wrapper_script().contains(&format!(" -o {ciphers} ")), "{}", r.wrapper_script());
+        assert!(r.proxy_command().contains(&format!(" -o {ciphers} ")), "{}", r.proxy_command());
+        let exec = r.exec(&["virsh", "list"]).display();
+        assert!(exec.contains(&format!(" -o {ciphers} ")), "{exec}");
+    }
+
+    #[test]
+    fn a_host_without_a_shared_cipher_is_named_with_the_sshd_setting() {
+        let r = parse("qemu+ssh://root@h/system").unwrap();
+        let err =
+            "error: failed to connect to the hypervisor\nerror: Cannot recv data: Unable to negotiate with \
+                   10.0.0.2 port 22: no matching cipher found. Their offer: aes128-cbc";
+        let e = r.host_key_failure(err).expect("made clear").to_string();
+        assert!(
+            e.starts_with("the libvirt host root@h offers none of the SSH ciphers provisioner asks for ("),
+            "{e}"
+        );
+        assert!(e.contains("): error: Cannot recv data: Unable to negotiate with 10.0.0.2 port 22: no matching cipher found. Their offer: aes128-cbc\nhint: allow one of them"), "{e}");
+    }
+
+    #[test]
+    fn a_command_on_the_host_is_one_quoted_sh_script_after_the_host_options() {
+        let r = parse("qemu+ssh://root@h:2200/system?keyfile=/k&known_hosts=/kh").unwrap();
+        let exec =
+            r.exec(&["virsh", "-q", "-c", "qemu:///system", "dumpxml -- it's; domstate -- x"]).display();
+        assert!(
+            exec.starts_with(
+                "ssh -o UserKnownHostsFile=/kh -o StrictHostKeyChecking=yes -o BatchMode=yes -o ConnectTimeout=10 "
+            ),
+            "{exec}"
+        );
+        assert!(exec.contains(" -i /k -o IdentitiesOnly=yes -p 2200 -l root -T -- h sh -c "), "{exec}");
+        // The far login shell unquotes one level, `sh -c` gets the script, which unquotes the arguments.
+        let script = exec.rsplit_once(" sh -c ").unwrap().1;
+        let once = unquote(&unquote(script));
+        assert_eq!(once, "LC_ALL=C exec virsh -q -c qemu:///system 'dumpxml -- it'\\''s; domstate -- x'");
+        assert_eq!(local_uri("qemu+ssh://root@h:2200/system?keyfile=/k").as_deref(), Some("qemu:///system"));
+        assert_eq!(local_uri("qemu+ssh://lab@[::1]/session").as_deref(), Some("qemu:///session"));
+        assert_eq!(local_uri("qemu:///system"), None);
+    }
+
+    /// One level of POSIX shell single-quote unquoting (`'a'\''b'` is `a'b`), for the checks above.
+    fn unquote(s: &str) -> String {
+        let (mut out, mut quoted, mut chars) = (String::new(), false, s.chars().peekable());
+        while let Some(c) = chars.next() {
+            match c {
+                '\'' => quoted = !quoted,
+                '\\' if !quoted => out.extend(chars.next()),
+                c => out.push(c),
+            }
+        }
+        out
     }
 }

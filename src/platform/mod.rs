@@ -237,6 +237,18 @@ pub(crate) fn read_exact_at(file: &File, buf: &mut [u8], offset: u64) -> io::Res
     imp::read_exact_at(file, buf, offset)
 }
 
+/// The bytes of `file` that hold data, holes left out (what a sparse-aware copy sends): the sum of its data
+/// extents (Linux `SEEK_DATA`/`SEEK_HOLE`); its length where holes cannot be asked for.
+pub(crate) fn data_bytes(file: &File) -> io::Result<u64> {
+    imp::data_bytes(file)
+}
+
+/// Copy the file `from` to `to` keeping its holes (only the data extents are read and written; Windows: a plain
+/// copy). Returns its length.
+pub(crate) fn copy_sparse(from: &Path, to: &Path) -> io::Result<u64> {
+    imp::copy_sparse(from, to)
+}
+
 /// Write all of `buf` at `offset`.
 #[cfg(test)]
 pub(crate) fn write_all_at(file: &File, buf: &[u8], offset: u64) -> io::Result<()> {

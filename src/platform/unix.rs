@@ -237,6 +237,64 @@ pub(super) fn read_exact_at(file: &File, buf: &mut [u8], offset: u64) -> io::Res
     file.read_exact_at(buf, offset)
 }
 
+/// The data extents of `file` (offset, length), holes left out; the whole file where holes cannot be asked for.
+#[cfg(target_os = "linux")]
+fn data_extents(file: &File) -> io::Result<Vec<(u64, u64)>> {
+    use std::os::fd::AsRawFd;
+    let (fd, len) = (file.as_raw_fd(), file.metadata()?.len());
+    let (mut pos, mut extents) = (0u64, Vec::new());
+    while pos < len {
+        // SAFETY: lseek on a descriptor the File owns; it only moves that descriptor's offset.
+        let start = unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_DATA) };
+        if start < 0 {
+            let e = io::Error::last_os_error();
+            return match e.raw_os_error() {
+                Some(libc::ENXIO) => Ok(extents),
+                // A filesystem that cannot say: all of it is data.
+                Some(libc::EINVAL) => Ok(vec![(0, len)]),
+                _ => Err(e),
+            };
+        }
+        // SAFETY: as above.
+        let end = unsafe { libc::lseek(fd, start, libc::SEEK_HOLE) };
+        if end < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        extents.push((start as u64, (end - start) as u64));
+        pos = end as u64;
+    }
+    Ok(extents)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn data_extents(file: &File) -> io::Result<Vec<(u64, u64)>> {
+    Ok(vec![(0, file.metadata()?.len())])
+}
+
+pub(super) fn data_bytes(file: &File) -> io::Result<u64> {
+    Ok(data_extents(file)?.iter().map(|(_, n)| n).sum())
+}
+
+pub(super) fn copy_sparse(from: &Path, to: &Path) -> io::Result<u64> {
+    let src = File::open(from)?;
+    let len = src.metadata()?.len();
+    let dst = File::create(to)?;
+    let mut buf = vec![0u8; 1 << 20];
+    for (mut at, n) in data_extents(&src)? {
+        let end = at + n;
+        while at < end {
+            let chunk = &mut buf[..(end - at).min(1 << 20) as usize];
+            src.read_exact_at(chunk, at)?;
+            dst.write_all_at(chunk, at)?;
+            at += chunk.len() as u64;
+        }
+    }
+    // The holes after the last extent, and the length.
+    dst.set_len(len)?;
+    dst.sync_all()?;
+    Ok(len)
+}
+
 #[cfg(test)]
 pub(super) fn write_all_at(file: &File, buf: &[u8], offset: u64) -> io::Result<()> {
     file.write_all_at(buf, offset)
@@ -408,6 +466,28 @@ pub(super) fn ipv4_interfaces() -> io::Result<Vec<(String, Ipv4Addr, u8)>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn a_sparse_copy_keeps_the_holes_and_the_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (from, to) = (dir.path().join("from"), dir.path().join("to"));
+        let f = File::create(&from).unwrap();
+        f.set_len(64 << 20).unwrap();
+        f.write_all_at(&[7u8; 1 << 20], 8 << 20).unwrap();
+        f.write_all_at(b"end", (64 << 20) - 3).unwrap();
+        f.sync_all().unwrap();
+        let data = data_bytes(&f).unwrap();
+        // A filesystem without holes (all data) proves nothing here.
+        if data == 64 << 20 {
+            return;
+        }
+        assert!(((1 << 20) + 3..=(2 << 20) + (64 << 10)).contains(&data), "{data}");
+        assert_eq!(copy_sparse(&from, &to).unwrap(), 64 << 20);
+        assert_eq!(std::fs::read(&from).unwrap(), std::fs::read(&to).unwrap());
+        let copied = data_bytes(&File::open(&to).unwrap()).unwrap();
+        assert!(copied < 4 << 20, "the copy's holes stay holes: {copied} bytes of data");
+    }
 
     #[test]
     fn parses_kernel_addresses() {

@@ -356,6 +356,14 @@ pub(super) fn rename_exchange(_a: &Path, _b: &Path) -> io::Result<()> {
     Err(io::Error::new(io::ErrorKind::Unsupported, "no atomic exchange of two paths on Windows"))
 }
 
+pub(super) fn data_bytes(file: &File) -> io::Result<u64> {
+    Ok(file.metadata()?.len())
+}
+
+pub(super) fn copy_sparse(from: &Path, to: &Path) -> io::Result<u64> {
+    std::fs::copy(from, to)
+}
+
 pub(super) fn read_exact_at(file: &File, mut buf: &mut [u8], mut offset: u64) -> io::Result<()> {
     while !buf.is_empty() {
         match file.seek_read(buf, offset) {

@@ -121,7 +121,7 @@ impl Libvirt {
 
     /// The domain's XML if it exists.
     fn dumpxml(&self, vm_name: &str) -> Result<Option<String>> {
-        let out = self.d.virsh().args(["dumpxml", "--", vm_name]).output()?;
+        let out = self.d.output(&["dumpxml", "--", vm_name])?;
         if out.success() {
             return Ok(Some(out.stdout));
         }
@@ -396,7 +396,7 @@ impl Libvirt {
         let file = spec.state.path("domain.xml");
         crate::machine::write_private(&file, xml.as_bytes(), 0o600)?;
         let path = file.to_string_lossy();
-        self.d.run(&["define", "--", &path]).map_err(|e| {
+        self.d.run_here(&["define", "--", &path]).map_err(|e| {
             let hint = if spec.base.firmware == Firmware::Uefi {
                 "\nhint: UEFI boxes need OVMF firmware on the host (Debian/Ubuntu: `apt-get install ovmf`)"
             } else {
@@ -441,7 +441,7 @@ impl Provider for Libvirt {
 
     fn state(&self, vm_name: &str) -> Result<VmState> {
         // `--reason` costs nothing extra and tells a suspended (managed-saved) domain from a powered-off one.
-        let out = self.d.virsh().args(["domstate", "--reason", "--", vm_name]).output()?;
+        let out = self.d.output(&["domstate", "--reason", "--", vm_name])?;
         if !out.success() {
             if is_no_domain(&out.stderr) {
                 return Ok(VmState::NotCreated);
@@ -457,7 +457,7 @@ impl Provider for Libvirt {
     fn lookup(&self, vm_name: &str, state: &StateDir) -> Result<Lookup> {
         // The marker and the state in one virsh connection (one SSH handshake on a remote host), as a virsh batch.
         let name = crate::host::shell_quote(vm_name);
-        let out = self.d.virsh().arg(format!("dumpxml -- {name}; domstate --reason -- {name}")).output()?;
+        let out = self.d.output(&[&format!("dumpxml -- {name}; domstate --reason -- {name}")])?;
         if !out.success() {
             if is_no_domain(&out.stderr) {
                 return Ok(Lookup::NotCreated);
@@ -751,7 +751,7 @@ impl Libvirt {
     /// NAT, no host address, no DHCP server.
     fn ensure_network(&self, name: &str) -> Result<()> {
         let _lock = self.network_lock(name)?;
-        let info = self.d.virsh().args(["net-info", "--", name]).output()?;
+        let info = self.d.output(&["net-info", "--", name])?;
         if !info.success() {
             if is_connect_error(&info.stderr) {
                 return Err(self.d.unreachable(info.stderr.trim()));
@@ -788,8 +788,8 @@ hint: an isolated libvirt network needs a system daemon                      (qe
                 }
             }
         }
-        let _ = self.d.virsh().args(["net-destroy", "--", name]).output()?;
-        let out = self.d.virsh().args(["net-undefine", "--", name]).output()?;
+        let _ = self.d.output(&["net-destroy", "--", name])?;
+        let out = self.d.output(&["net-undefine", "--", name])?;
         if !out.success()
             && !out.stderr.contains("Network not found")
             && !out.stderr.contains("no network with")

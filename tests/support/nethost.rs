@@ -29,6 +29,8 @@ rm -rf /run/fix/etc-libvirt/qemu/networks /run/fix/etc-libvirt/qemu/autostart /r
 find /run/fix/etc-libvirt/qemu -maxdepth 1 -name '*.xml' -delete
 printf 'user = "root"\ngroup = "root"\n' >> /run/fix/etc-libvirt/qemu.conf
 mount --bind /run/fix/etc-libvirt /etc/libvirt
+# A PATH with what libvirt's ssh transport runs there but no virsh (sshd_config `SetEnv PATH=/run/fix/bin`).
+mkdir -p /run/fix/bin && for p in sh which virt-ssh-helper; do ln -s "$(command -v $p)" /run/fix/bin/; done
 mkdir -p /run/sshd /run/libvirt /var/lib/libvirt/images /var/lib/libvirt/qemu /var/log/libvirt/qemu /var/cache/libvirt/qemu
 /usr/sbin/virtlogd >&4 2>&1 & echo $! >&3
 /usr/sbin/libvirtd >&5 2>&1 & echo $! >&3
@@ -37,6 +39,10 @@ exec 3>&-
 echo started
 wait
 "#;
+
+/// A PATH on the host with `sh`, `which` and `virt-ssh-helper` (what libvirt's ssh transport runs) but no `virsh`:
+/// `NetHost::start_with("SetEnv PATH=...\n")` makes a host whose logins do not find virsh.
+pub const PATH_WITHOUT_VIRSH: &str = "/run/fix/bin";
 
 pub struct NetHost {
     pub ns: String,
@@ -227,6 +233,12 @@ impl NetHost {
                 .collect(),
             Err(_) => vec![],
         }
+    }
+
+    /// The bytes this side has sent to the host so far (its end of the veth pair: everything on the wire to it).
+    pub fn bytes_sent_to_host(&self) -> u64 {
+        let f = format!("/sys/class/net/{}/statistics/tx_bytes", self.veth);
+        std::fs::read_to_string(&f).unwrap_or_else(|e| panic!("{f}: {e}")).trim().parse().unwrap()
     }
 
     /// How many SSH logins the host's sshd accepted so far (its log's `Accepted publickey` lines).
