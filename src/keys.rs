@@ -86,7 +86,16 @@ pub fn write_known_hosts(state: &StateDir, host: &str, port: u16, host_pub: &str
         .context("the pinned host key is not an OpenSSH public key")?;
     let pattern = if port == 22 { host.to_string() } else { format!("[{host}]:{port}") };
     let line = format!("{pattern} {}\n", key.to_openssh().context("encode host key")?);
-    write_private(&state.known_hosts(), line.as_bytes(), 0o600)
+    let path = state.known_hosts();
+    // Called by every `provisioner ssh`: a file that already pins exactly this (0600) is left alone, sparing a
+    // temp file and an fsync per call.
+    let current = std::fs::read(&path).ok().zip(std::fs::symlink_metadata(&path).ok());
+    if current.is_some_and(|(bytes, meta)| {
+        bytes == line.as_bytes() && meta.is_file() && crate::platform::mode(&meta).is_none_or(|m| m & 0o777 == 0o600)
+    }) {
+        return Ok(());
+    }
+    write_private(&path, line.as_bytes(), 0o600)
 }
 
 /// `SHA256:...` fingerprint of an OpenSSH public key line.
@@ -144,5 +153,17 @@ mod tests {
             fingerprint_blob(&public_blob(&host.public_openssh).unwrap()).as_deref(),
             Some(fp.as_str())
         );
+        // Unchanged: the file is left alone (same inode); another key, port or a wrong mode: rewritten, 0600.
+        let old = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000);
+        std::fs::File::options().write(true).open(state.known_hosts()).unwrap().set_modified(old).unwrap();
+        write_known_hosts(&state, "127.0.0.1", 2222, &host.public_openssh).unwrap();
+        let mtime = std::fs::metadata(state.known_hosts()).unwrap().modified().unwrap();
+        assert_eq!(mtime, old, "an unchanged pin is not written again");
+        write_known_hosts(&state, "127.0.0.1", 2223, &host.public_openssh).unwrap();
+        assert!(std::fs::read_to_string(state.known_hosts()).unwrap().starts_with("[127.0.0.1]:2223 "));
+        crate::platform::set_mode(&state.known_hosts(), 0o644).unwrap();
+        write_known_hosts(&state, "127.0.0.1", 2223, &host.public_openssh).unwrap();
+        let meta = std::fs::metadata(state.known_hosts()).unwrap();
+        assert!(crate::platform::mode(&meta).is_none_or(|m| m & 0o777 == 0o600), "{meta:?}");
     }
 }
