@@ -337,7 +337,13 @@ fn up_locked(ui: &Ui, round: Option<&Round>, m: &Machine, p: &dyn Provider, args
         if let (Some(lab), true) = (&plan.lab, provisioning) {
             cmds.extend(crate::guest::warm_commands(&m.cfg, lab));
         }
-        session.prefetch(&cmds, Duration::from_secs(60));
+        let ph = ui.phase("checks");
+        let held = session.prefetch(&cmds, Duration::from_secs(60));
+        ph.done(&if held > 0 {
+            format!("{held} guest checks in one round trip")
+        } else {
+            "asked one by one (the batch did not run)".to_string()
+        });
     }
     if let Some(now) = &clock {
         if let Err(e) = session.exec_ok(now, Duration::from_secs(30)) {
