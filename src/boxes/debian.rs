@@ -337,6 +337,9 @@ fn failure_hint(log: &str) -> &'static str {
     {
         "the mirror was not reachable: check [box.debian] mirror (and suite), DNS and any proxy \
          (http_proxy is honoured), then run `provisioner box build` again"
+    } else if log.contains("running --customize-hook") && !log.contains("I: cleaning package lists") {
+        "making the box's one initramfs failed (update-initramfs in mmdebstrap's --customize-hook, see the log): \
+         fix the cause, or build with PROVISIONER_BOX_BOOTSTRAP=debootstrap, which keeps Debian's initramfs"
     } else if log.contains("Unable to locate package") || log.contains("Couldn't find these debs") {
         "a package name in [box.debian] packages does not exist in this suite: fix the list"
     } else {
@@ -507,5 +510,9 @@ mod tests {
         assert!(failure_hint("E: Failed getting release file http://x/dists/y/Release").contains("mirror"));
         assert!(failure_hint("tar: No space left on device").contains("full"));
         assert!(failure_hint("E: Unable to locate package nope").contains("package name"));
+        let hook = "I: running --customize-hook in shell: sh -c '...'\nE: modprobe: FATAL: Module virtio_blk not found";
+        assert!(failure_hint(hook).contains("initramfs") && failure_hint(hook).contains("debootstrap"));
+        let after = format!("{hook}\nI: cleaning package lists and apt cache...\nW: something else");
+        assert!(failure_hint(&after).contains("read the build log"));
     }
 }
