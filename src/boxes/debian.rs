@@ -37,6 +37,37 @@ const BASE_PACKAGES: &[&str] = &[
 ];
 /// Always installed with apt in the chroot, before the configured extra packages.
 const APT_PACKAGES: &[&str] = &["cloud-init"];
+/// What mmdebstrap is given besides the packages, each measured (docs/boxes.md "What it costs"): dpkg without
+/// fsync (a box is written once, from scratch: a crash only loses the build); no manuals, info pages, translations
+/// or docs other than copyright files (nothing in the guest reads them); no kernel modules for hardware a virtio
+/// guest never has (GPUs, media, wireless, InfiniBand, sensors, sound, staging); and one initramfs, made at the
+/// end with only the modules the direct boot needs, instead of twice (the kernel's postinst and then the
+/// initramfs-tools trigger each made a 36 MB one with `MODULES=most`). Part of the box id.
+const MMDEBSTRAP_OPTS: &[&str] = &[
+    "--dpkgopt=force-unsafe-io",
+    "--dpkgopt=path-exclude=/usr/share/man/*",
+    "--dpkgopt=path-exclude=/usr/share/info/*",
+    "--dpkgopt=path-exclude=/usr/share/locale/*",
+    "--dpkgopt=path-include=/usr/share/locale/locale.alias",
+    "--dpkgopt=path-exclude=/usr/share/doc/*",
+    "--dpkgopt=path-include=/usr/share/doc/*/copyright",
+    "--dpkgopt=path-exclude=/*lib/modules/*/kernel/drivers/gpu/*",
+    "--dpkgopt=path-exclude=/*lib/modules/*/kernel/drivers/media/*",
+    "--dpkgopt=path-exclude=/*lib/modules/*/kernel/drivers/net/wireless/*",
+    "--dpkgopt=path-exclude=/*lib/modules/*/kernel/drivers/infiniband/*",
+    "--dpkgopt=path-exclude=/*lib/modules/*/kernel/drivers/iio/*",
+    "--dpkgopt=path-exclude=/*lib/modules/*/kernel/drivers/staging/*",
+    "--dpkgopt=path-exclude=/*lib/modules/*/kernel/sound/*",
+    // update-initramfs does nothing while packages install (diverted to a stub)...
+    "--essential-hook=chroot \"$1\" dpkg-divert --quiet --local --rename --add /usr/sbin/update-initramfs && \
+     printf '#!/bin/sh\\nexit 0\\n' >\"$1/usr/sbin/update-initramfs\" && chmod 0755 \"$1/usr/sbin/update-initramfs\"",
+    // ...then runs once: the root disk is virtio (`root=/dev/vda`, [`CMDLINE`]) with ext4; the rest loads from it.
+    "--customize-hook=rm \"$1/usr/sbin/update-initramfs\" && \
+     chroot \"$1\" dpkg-divert --quiet --local --rename --remove /usr/sbin/update-initramfs && \
+     printf 'MODULES=list\\nCOMPRESS=gzip\\n' >\"$1/etc/initramfs-tools/conf.d/provisioner\" && \
+     printf 'virtio_pci\\nvirtio_blk\\next4\\n' >>\"$1/etc/initramfs-tools/modules\" && \
+     chroot \"$1\" update-initramfs -c -k all",
+];
 /// Kernel command line for direct boot. The root disk is the domain's only virtio disk, so `/dev/vda`: with
 /// `root=LABEL=rootfs` the initramfs waited for a by-label link that a software-emulated guest got only after
 /// initramfs-tools' 30 s timeout ("ALERT! LABEL=rootfs does not exist"), or after a full `rootdelay`.
@@ -118,7 +149,12 @@ pub fn box_id_with(d: &DebianBox, tool: Bootstrap) -> String {
     );
     let inputs = match tool {
         Bootstrap::Debootstrap => inputs,
-        Bootstrap::Mmdebstrap => format!("{inputs}bootstrap=mmdebstrap\n"),
+        Bootstrap::Mmdebstrap => {
+            format!(
+                "{inputs}bootstrap=mmdebstrap\nmmdebstrap={}\n",
+                hex::encode(Sha256::digest(MMDEBSTRAP_OPTS.join("\n")))
+            )
+        }
     };
     hex::encode(Sha256::digest(inputs))
 }
@@ -160,14 +196,16 @@ fn build(cache: &Cache, id: &str, d: &DebianBox, tool: Bootstrap, dir: &Path, ui
             // Every package in one apt run, without recommends as in the chroot route; apt runs on the host, so
             // no resolv.conf is needed in the rootfs for it.
             include.extend(APT_PACKAGES.iter().map(|p| p.to_string()).chain(ex.iter().cloned()));
-            Cmd::new("mmdebstrap").args([
-                "--mode=root",
-                "--variant=minbase",
-                "--aptopt=Apt::Install-Recommends \"false\"",
-                "--aptopt=Acquire::Languages \"none\"",
-                &format!("--include={}", include.join(",")),
-                d.suite.as_str(),
-            ])
+            Cmd::new("mmdebstrap")
+                .args([
+                    "--mode=root",
+                    "--variant=minbase",
+                    "--aptopt=Apt::Install-Recommends \"false\"",
+                    "--aptopt=Acquire::Languages \"none\"",
+                    &format!("--include={}", include.join(",")),
+                ])
+                .args(MMDEBSTRAP_OPTS)
+                .arg(d.suite.as_str())
         }
     };
     run_logged(cmd.arg(&root).arg(&d.mirror), &log, &phase, Duration::from_secs(45 * 60))?;
@@ -299,6 +337,9 @@ fn failure_hint(log: &str) -> &'static str {
     {
         "the mirror was not reachable: check [box.debian] mirror (and suite), DNS and any proxy \
          (http_proxy is honoured), then run `provisioner box build` again"
+    } else if log.contains("running --customize-hook") && !log.contains("I: cleaning package lists") {
+        "making the box's one initramfs failed (update-initramfs in mmdebstrap's --customize-hook, see the log): \
+         fix the cause, or build with PROVISIONER_BOX_BOOTSTRAP=debootstrap, which keeps Debian's initramfs"
     } else if log.contains("Unable to locate package") || log.contains("Couldn't find these debs") {
         "a package name in [box.debian] packages does not exist in this suite: fix the list"
     } else {
@@ -402,10 +443,76 @@ mod tests {
         assert!(e.contains("PROVISIONER_BOX_BOOTSTRAP=\"cdebootstrap\"") && e.contains("hint:"), "{e}");
     }
 
+    /// dpkg's path-exclude/path-include: fnmatch without FNM_PATHNAME (`*` crosses `/`), the last match wins.
+    fn dpkg_keeps(path: &str) -> bool {
+        fn glob(p: &[u8], s: &[u8]) -> bool {
+            match p.split_first() {
+                None => s.is_empty(),
+                Some((b'*', rest)) => (0..=s.len()).any(|i| glob(rest, &s[i..])),
+                Some((c, rest)) => s.split_first().is_some_and(|(d, srest)| c == d && glob(rest, srest)),
+            }
+        }
+        let mut keep = true;
+        for o in MMDEBSTRAP_OPTS {
+            if let Some(p) = o.strip_prefix("--dpkgopt=path-exclude=") {
+                keep &= !glob(p.as_bytes(), path.as_bytes());
+            } else if let Some(p) = o.strip_prefix("--dpkgopt=path-include=") {
+                keep |= glob(p.as_bytes(), path.as_bytes());
+            }
+        }
+        keep
+    }
+
+    #[test]
+    fn mmdebstrap_leaves_out_docs_and_foreign_hardware_but_keeps_what_the_box_runs() {
+        let k = "/lib/modules/6.1.0-50-amd64/kernel";
+        for gone in [
+            "/usr/share/man/man8/dpkg.8.gz",
+            "/usr/share/doc/docker.io/changelog.Debian.gz",
+            "/usr/share/locale/de/LC_MESSAGES/apt.mo",
+            &format!("{k}/drivers/gpu/drm/amd/amdgpu/amdgpu.ko"),
+            &format!("{k}/drivers/net/wireless/intel/iwlwifi/iwlwifi.ko"),
+            &format!("{k}/sound/core/snd.ko"),
+            // The same package paths once the kernel ships under /usr (trixie).
+            &format!("/usr{k}/drivers/media/usb/uvc/uvcvideo.ko"),
+        ] {
+            assert!(!dpkg_keeps(gone), "{gone} is installed");
+        }
+        for kept in [
+            "/usr/share/doc/docker.io/copyright",
+            "/usr/share/locale/locale.alias",
+            // The initramfs' root disk, Docker's storage and networks, the seed's CD-ROM.
+            &format!("{k}/drivers/block/virtio_blk.ko"),
+            &format!("{k}/drivers/virtio/virtio_pci.ko"),
+            &format!("{k}/fs/ext4/ext4.ko"),
+            &format!("{k}/fs/overlayfs/overlay.ko"),
+            &format!("{k}/drivers/net/veth.ko"),
+            &format!("{k}/drivers/net/virtio_net.ko"),
+            &format!("{k}/net/bridge/br_netfilter.ko"),
+            &format!("{k}/net/netfilter/nf_conntrack.ko"),
+            &format!("{k}/drivers/scsi/sr_mod.ko"),
+            &format!("{k}/fs/isofs/isofs.ko"),
+            "/usr/lib/python3/dist-packages/cloudinit/__init__.py",
+        ] {
+            assert!(dpkg_keeps(kept), "{kept} is left out");
+        }
+        // One initramfs, with what `root=/dev/vda` on ext4 needs.
+        let hook = MMDEBSTRAP_OPTS.iter().find(|o| o.starts_with("--customize-hook=")).unwrap();
+        assert!(
+            CMDLINE.contains("root=/dev/vda") && hook.contains("virtio_pci\\nvirtio_blk\\next4"),
+            "{hook}"
+        );
+        assert!(hook.ends_with("update-initramfs -c -k all"), "{hook}");
+    }
+
     #[test]
     fn hints_name_the_cause() {
         assert!(failure_hint("E: Failed getting release file http://x/dists/y/Release").contains("mirror"));
         assert!(failure_hint("tar: No space left on device").contains("full"));
         assert!(failure_hint("E: Unable to locate package nope").contains("package name"));
+        let hook = "I: running --customize-hook in shell: sh -c '...'\nE: modprobe: FATAL: Module virtio_blk not found";
+        assert!(failure_hint(hook).contains("initramfs") && failure_hint(hook).contains("debootstrap"));
+        let after = format!("{hook}\nI: cleaning package lists and apt cache...\nW: something else");
+        assert!(failure_hint(&after).contains("read the build log"));
     }
 }

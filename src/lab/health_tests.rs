@@ -92,6 +92,45 @@ fn judge_catches_wrong_status_unhealthy_check_and_down_target() {
 }
 
 #[test]
+fn a_starting_healthcheck_waits_for_nothing_once_the_probe_answers() {
+    // Docker's first check runs one interval (30 s) after the start: "starting" alone is that timer.
+    let c: Containers = Some(BTreeMap::from([("x".to_string(), running(Some("starting")))]));
+    let s = judge("x", true, &c, Some(&ok_probe(1)), 200, None, &[], &PROFILE);
+    assert_eq!(s.verdict, Verdict::Healthy);
+    assert_eq!(s.detail, "healthcheck starting, the probe answered");
+    // Not when the probe fails or answers another status, and never for an unhealthy check.
+    let refused = ProbeResult {
+        status: None,
+        error: Some("connection refused".into()),
+        latency_ms: None,
+        ..ok_probe(1)
+    };
+    let s = judge("x", true, &c, Some(&refused), 200, None, &[], &PROFILE);
+    assert_eq!(
+        (s.verdict, s.detail.as_str()),
+        (Verdict::Unhealthy, "healthcheck starting; connection refused")
+    );
+    let s = judge(
+        "x",
+        true,
+        &c,
+        Some(&ProbeResult { status: Some(503), ..ok_probe(1) }),
+        200,
+        None,
+        &[],
+        &PROFILE,
+    );
+    assert_eq!(s.detail, "healthcheck starting; HTTP 503, expected 200");
+    let s = judge("x", true, &c, None, 200, None, &[], &PROFILE);
+    assert_eq!(s.verdict, Verdict::Unhealthy);
+    // Prometheus' targets still count.
+    let c: Containers = Some(BTreeMap::from([("prometheus".to_string(), running(Some("starting")))]));
+    let ts = vec![target("node-exporter", "node-exporter:9100", "unknown")];
+    let s = judge("prometheus", true, &c, Some(&ok_probe(1)), 200, Some(&ts), &[], &PROFILE);
+    assert_eq!(s.verdict, Verdict::Unhealthy, "{}", s.detail);
+}
+
+#[test]
 fn table_lists_every_service_with_columns() {
     let t = render_table(&sample());
     let lines: Vec<&str> = t.lines().collect();
