@@ -164,8 +164,10 @@ mod tests {
         });
         let c = cfg(&format!("[[forward]]\nguest = 7001\nhost = {port}\n"));
         let r = gather(&c, &OTHER, None, &["watch".to_string()], &[], &[]);
-        let paths = server.join().unwrap();
-        assert_eq!(paths, ["/scrape/targets", "/ready"]);
+        let mut paths = server.join().unwrap();
+        // Both asked, at once (a round's checks run concurrently).
+        paths.sort();
+        assert_eq!(paths, ["/ready", "/scrape/targets"]);
         assert_eq!(r.targets.as_ref().map(|t| t.len()), Some(1));
         assert_eq!(
             (r.services[0].verdict, r.services[0].detail.as_str()),

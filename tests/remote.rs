@@ -683,7 +683,7 @@ fn status_v(t: &Test, env: &[(&str, &str)]) -> (String, Vec<String>) {
     }
     let r = run.args(["-v", "status"]).run();
     assert_eq!(r.code(), Some(0), "status: {}{}", r.stdout(), r.stderr());
-    let cmds = r.stderr().lines().filter_map(|l| l.strip_prefix("+ ")).map(str::to_string).collect();
+    let cmds = traced_commands(&r.stderr());
     (r.stdout(), cmds)
 }
 
@@ -801,11 +801,21 @@ fn remote_box_upload_of_a_sparse_raw_box_sends_only_its_data() {
     let doc: serde_json::Value = serde_json::from_str(dense.stdout().lines().last().unwrap()).unwrap();
     assert_eq!(doc["bytes_sent"], std::fs::metadata(t.path().join("tiny.qcow2")).unwrap().len());
     let stderr = dense.stderr();
-    let cmds: Vec<&str> = stderr.lines().filter_map(|l| l.strip_prefix("+ ")).collect();
+    let cmds = traced_commands(&stderr);
     assert!(
         cmds.iter()
             .any(|c| c.starts_with("ssh ") && c.contains("vol-upload") && c.contains("--file /dev/stdin")),
         "{cmds:?}"
     );
     assert!(!cmds.iter().any(|c| c.starts_with("virsh ")), "no virsh here: {cmds:?}");
+}
+
+/// The child commands a `-v` run printed (`+ 12 ms: virsh ...`, once each ended), in order; not guest commands.
+fn traced_commands(stderr: &str) -> Vec<String> {
+    stderr
+        .lines()
+        .filter_map(|l| l.strip_prefix("+ ")?.split_once(" ms: "))
+        .filter(|(ms, _)| ms.parse::<u64>().is_ok())
+        .map(|(_, cmd)| cmd.to_string())
+        .collect()
 }
