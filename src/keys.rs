@@ -91,7 +91,9 @@ pub fn write_known_hosts(state: &StateDir, host: &str, port: u16, host_pub: &str
     // temp file and an fsync per call.
     let current = std::fs::read(&path).ok().zip(std::fs::symlink_metadata(&path).ok());
     if current.is_some_and(|(bytes, meta)| {
-        bytes == line.as_bytes() && meta.is_file() && crate::platform::mode(&meta).map_or(true, |m| m & 0o777 == 0o600)
+        bytes == line.as_bytes()
+            && meta.is_file()
+            && crate::platform::mode(&meta).map_or(true, |m| m & 0o777 == 0o600)
     }) {
         return Ok(());
     }

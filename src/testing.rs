@@ -1,10 +1,10 @@
 //! Helpers for unit tests only.
 
 /// Run a guest command `cmd` with `/bin/sh -c` here, the way the guest would, with stand-ins on a PATH of their
-/// own: `sudo` (drops `-n` and runs the command), `docker` (the script body `docker`), `curl` (the body `curl`;
-/// None: the guest has no curl), and the system's sh, grep, cut, sed, printf and cat. Returns stdout; panics with
+/// own: `sudo` (drops `-n` and runs the command), each `(name, script body)` of `stand_ins`, and the system's sh,
+/// grep, cut, sed, awk, printf and cat (a tool not given is missing, e.g. `curl`). Returns stdout; panics with
 /// stderr when the command fails.
-pub(crate) fn guest_sh(cmd: &str, curl: Option<&str>, docker: &str) -> String {
+pub(crate) fn guest_sh(cmd: &str, stand_ins: &[(&str, &str)]) -> String {
     let dir = tempfile::tempdir().unwrap();
     let bin = dir.path().join("bin");
     std::fs::create_dir(&bin).unwrap();
@@ -14,11 +14,10 @@ pub(crate) fn guest_sh(cmd: &str, curl: Option<&str>, docker: &str) -> String {
         crate::platform::set_mode(&f, 0o755).unwrap();
     };
     put("sudo", "[ \"$1\" = -n ] && shift; exec \"$@\"");
-    put("docker", docker);
-    if let Some(c) = curl {
-        put("curl", c);
+    for (name, body) in stand_ins {
+        put(name, body);
     }
-    for tool in ["sh", "grep", "cut", "sed", "printf", "cat"] {
+    for tool in ["sh", "grep", "cut", "sed", "awk", "printf", "cat"] {
         if let Ok(p) = which::which(tool) {
             crate::platform::symlink(&p, &bin.join(tool)).unwrap();
         }

@@ -534,8 +534,7 @@ case "$*" in
 esac"#;
         let got = crate::health::parse_inspect(&crate::testing::guest_sh(
             &cmd,
-            Some(curl),
-            "echo docker must not run >&2; exit 9",
+            &[("curl", curl), ("docker", "echo docker must not run >&2; exit 9")],
         ))
         .unwrap();
         assert_eq!(got.len(), 2, "{got:?}");
@@ -543,15 +542,19 @@ esac"#;
         assert_eq!((got["prometheus"].status.as_str(), got["prometheus"].restarts), ("exited", 3));
         // No container: an empty array.
         let none = r#"case "$*" in *'all=1'*) printf '[]' ;; *) exit 9 ;; esac"#;
-        assert!(crate::health::parse_inspect(&crate::testing::guest_sh(&cmd, Some(none), "exit 9"))
-            .unwrap()
-            .is_empty());
+        assert!(crate::health::parse_inspect(&crate::testing::guest_sh(
+            &cmd,
+            &[("curl", none), ("docker", "exit 9")]
+        ))
+        .unwrap()
+        .is_empty());
         // No curl in the guest: the docker CLI.
         let docker = r#"case "$1" in
   ps) echo cc33 ;;
   inspect) [ "$2" = cc33 ] && printf '[{"Config":{"Labels":{"com.docker.compose.service":"alertmanager"}},"State":{"Status":"running"}}]' ;;
 esac"#;
-        let got = crate::health::parse_inspect(&crate::testing::guest_sh(&cmd, None, docker)).unwrap();
+        let got =
+            crate::health::parse_inspect(&crate::testing::guest_sh(&cmd, &[("docker", docker)])).unwrap();
         assert_eq!(got.keys().collect::<Vec<_>>(), ["alertmanager"]);
     }
 
@@ -566,10 +569,13 @@ case "$*" in
 esac
 printf '[{"Id":"a1","Labels":{"com.docker.compose.project":"provisioner-lab","com.docker.compose.service":"demo-app"},"State":"running"},'
 printf '{"Id":"b2","Labels":{"com.docker.compose.service":"node-exporter","x":"y"},"State":"running"}]'"#;
-        let out = crate::testing::guest_sh(&cmd, Some(curl), "echo docker must not run >&2; exit 9");
+        let out = crate::testing::guest_sh(
+            &cmd,
+            &[("curl", curl), ("docker", "echo docker must not run >&2; exit 9")],
+        );
         assert_eq!(out, "demo-app\nnode-exporter\n");
         let docker = r#"[ "$1 $2 $3" = "ps --filter label=com.docker.compose.project=provisioner-lab" ] && echo prometheus"#;
-        assert_eq!(crate::testing::guest_sh(&cmd, None, docker), "prometheus\n");
+        assert_eq!(crate::testing::guest_sh(&cmd, &[("docker", docker)]), "prometheus\n");
     }
 
     const LAB: &str = "services:\n  demo-app:\n    build: ./demo-app\n    image: lab/demo:debian\n  \
