@@ -34,7 +34,7 @@ pub fn script(ports: &[u16]) -> String {
         r#"set -eu
 nic=$(ip -o -4 route show default | awk '{{print $5; exit}}')
 [ -n "$nic" ] || {{ echo "no default route in the guest" >&2; exit 3; }}
-read -r on <"/proc/sys/net/ipv4/conf/$nic/route_localnet" 2>/dev/null || on=0
+read -r on 2>/dev/null </proc/sys/net/ipv4/conf/$nic/route_localnet || on=0
 [ "$on" = 1 ] || sysctl -qw "net.ipv4.conf.$nic.route_localnet=1"
 # One listing of the table (an iptables start costs ~0.1 s under TCG): a rule found in it as iptables-save spells
 # it needs no `-C` of its own; any other spelling is checked with `-C` as before.
