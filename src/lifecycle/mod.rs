@@ -330,9 +330,21 @@ fn up_locked(ui: &Ui, round: Option<&Round>, m: &Machine, p: &dyn Provider, args
     // A machine that was already up (running, resumed, or the cached lab restored) is most likely unchanged:
     // every check the rest of `up` makes on it goes to the guest at once, in one round trip, and each step
     // below takes its answer (a step that changes anything makes the later ones ask again).
+    // No cloud-init in the guest (the disk route and insecure-once): what the seed would do is a root script run
+    // on every `up` (idempotent), built here so a warm `up` sends it with its checks.
+    let disk_route =
+        matches!(plan.state.as_ref().and_then(|s| s.keys_route.as_deref()), Some("disk" | "insecure-once"));
+    let setup = match disk_route {
+        true => Some(offline::setup_command(
+            &m.cfg,
+            private_nic(&m.cfg)?.as_ref(),
+            crate::seed::hosts_file(m.cfg.hostname(), &peer_hosts(&m.cfg))?,
+        )),
+        false => None,
+    };
     let warm = restored || was_up;
     if warm {
-        let mut cmds: Vec<String> = clock.iter().cloned().collect();
+        let mut cmds: Vec<String> = clock.iter().chain(&setup).cloned().collect();
         cmds.push(CLOUD_INIT_RESULT.to_string());
         if let (Some(lab), true) = (&plan.lab, provisioning) {
             cmds.extend(crate::guest::warm_commands(&m.cfg, lab));
@@ -351,13 +363,9 @@ fn up_locked(ui: &Ui, round: Option<&Round>, m: &Machine, p: &dyn Provider, args
         }
     }
 
-    // No cloud-init in the guest: the disk route and insecure-once.
-    let disk_route =
-        matches!(plan.state.as_ref().and_then(|s| s.keys_route.as_deref()), Some("disk" | "insecure-once"));
-    if disk_route {
+    if let Some(cmd) = &setup {
         // No cloud-init: sshd answered with the pinned host key; what the seed did is done now, as root.
-        let hosts = crate::seed::hosts_file(m.cfg.hostname(), &peer_hosts(&m.cfg))?;
-        offline::setup(&session, m, ui, private_nic(&m.cfg)?.as_ref(), hosts)?;
+        offline::setup(&session, ui, cmd)?;
     }
     let ph = ui.phase(if disk_route { "ready" } else { "cloud-init" });
     // Fast path: cloud-init writes result.json (on tmpfs, so per boot) when its final stage ends. A clean one

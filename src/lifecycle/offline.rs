@@ -158,18 +158,16 @@ pub(crate) fn setup_script(hostname: &str, hosts: Option<&str>, nic: Option<&Pri
     s
 }
 
-/// Run [`setup_script`] as root over `session`.
-pub(crate) fn setup(
-    session: &Session,
-    m: &Machine,
-    ui: &Ui,
-    nic: Option<&PrivateNic>,
-    hosts: Option<String>,
-) -> Result<()> {
+/// The command that runs [`setup_script`] as root (built before the session's checks, which it joins on a warm
+/// `up`).
+pub(crate) fn setup_command(cfg: &crate::config::Config, nic: Option<&PrivateNic>, hosts: Option<String>) -> String {
+    format!("sudo -n sh -c {}", shell_quote(&setup_script(cfg.hostname(), hosts.as_deref(), nic)))
+}
+
+/// Run the [`setup_command`] `cmd` over `session`.
+pub(crate) fn setup(session: &Session, ui: &Ui, cmd: &str) -> Result<()> {
     let ph = ui.phase("guest setup");
-    let script = setup_script(m.cfg.hostname(), hosts.as_deref(), nic);
-    let cmd = format!("sudo -n sh -c {}", shell_quote(&script));
-    let out = session.exec(&cmd, Duration::from_secs(300))?;
+    let out = session.exec(cmd, Duration::from_secs(300))?;
     if out.status != 0 {
         bail!(
             "setting up the guest over SSH failed (exit {}):\n{}\nhint: the box's user needs password-less sudo \
