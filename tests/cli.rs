@@ -497,7 +497,9 @@ fn the_install_step_puts_provisioner_on_path() {
     // scripts/up runs this step right after its release build, and runs `up` from the installed binary.
     let up = std::fs::read_to_string(crate::support::repo().join("scripts/up")).unwrap();
     let build = up.find("cargo build --release --locked").unwrap();
-    let step = up.find("bash scripts/install target/release/provisioner").expect("scripts/up installs");
+    let step = up
+        .find("bash scripts/install \"${CARGO_TARGET_DIR:-target}/release/provisioner\"")
+        .expect("scripts/up installs what cargo built, in CARGO_TARGET_DIR when set");
     assert!(build < step && up[step..].contains("\"$dest\" up \"$@\""), "{up}");
 }
 

@@ -160,7 +160,11 @@ pub(crate) fn setup_script(hostname: &str, hosts: Option<&str>, nic: Option<&Pri
 
 /// The command that runs [`setup_script`] as root (built before the session's checks, which it joins on a warm
 /// `up`).
-pub(crate) fn setup_command(cfg: &crate::config::Config, nic: Option<&PrivateNic>, hosts: Option<String>) -> String {
+pub(crate) fn setup_command(
+    cfg: &crate::config::Config,
+    nic: Option<&PrivateNic>,
+    hosts: Option<String>,
+) -> String {
     format!("sudo -n sh -c {}", shell_quote(&setup_script(cfg.hostname(), hosts.as_deref(), nic)))
 }
 
