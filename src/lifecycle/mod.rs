@@ -327,9 +327,6 @@ fn up_locked(ui: &Ui, round: Option<&Round>, m: &Machine, p: &dyn Provider, args
     ph.done(&ep.addr.to_string());
     let restored = lab.as_ref().is_some_and(|l| l.restored);
     let clock = restored.then(|| clock_command(std::time::SystemTime::now()));
-    // A machine that was already up (running, resumed, or the cached lab restored) is most likely unchanged:
-    // every check the rest of `up` makes on it goes to the guest at once, in one round trip, and each step
-    // below takes its answer (a step that changes anything makes the later ones ask again).
     // No cloud-init in the guest (the disk route and insecure-once): what the seed would do is a root script run
     // on every `up` (idempotent), built here so a warm `up` sends it with its checks.
     let disk_route =
@@ -342,6 +339,9 @@ fn up_locked(ui: &Ui, round: Option<&Round>, m: &Machine, p: &dyn Provider, args
         )),
         false => None,
     };
+    // A machine that was already up (running, resumed, or the cached lab restored) is most likely unchanged:
+    // every check the rest of `up` makes on it goes to the guest at once, in one round trip, and each step
+    // below takes its answer (a step that changes anything makes the later ones ask again).
     let warm = restored || was_up;
     if warm {
         let mut cmds: Vec<String> = clock.iter().chain(&setup).cloned().collect();
