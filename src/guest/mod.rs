@@ -219,6 +219,48 @@ pub fn warm_commands(cfg: &Config, lab: &Lab) -> Vec<String> {
     cmds
 }
 
+/// What a restored cached lab is asked, where a warm `up` asks [`warm_commands`]: the cached lab is the
+/// provisioned lab (its key covers the config and the tree), so only the first health round's container states,
+/// and with `recheck` (`images = "auto"`, cached in debian mode) the registry probe of [`resolve_auto`].
+pub fn restored_commands(cfg: &Config, lab: &Lab, recheck: bool) -> Vec<String> {
+    let mut cmds = Vec::new();
+    if recheck {
+        if let Some((_, probe)) = lab.registry_mode(cfg).ok().and_then(|l| image_mode_probe(cfg, l).ok()) {
+            cmds.push(probe);
+        }
+    }
+    cmds.push(containers_command(&compose::project_name(&cfg.machine.name)));
+    cmds
+}
+
+/// `images = "auto"`: ask the registries the registry-mode tree pulls from (the `image mode` phase), warning
+/// when the answer differs from `previous`, the mode this lab last ran in.
+pub fn resolve_auto(
+    cfg: &Config,
+    ssh: &Session,
+    lab: &Lab,
+    previous: Option<&registry::Resolved>,
+    ui: &Ui,
+) -> Result<registry::Resolved> {
+    let phase = ui.phase("image mode");
+    let reg_lab = lab.registry_mode(cfg)?;
+    let (_, offline) = split_services(lab.model()?, ImageSource::Debian, cfg.compose_profiles());
+    let (targets, probe) = image_mode_probe(cfg, reg_lab)?;
+    let out = ssh.exec(&probe, Duration::from_secs(registry::PROBE_SECS + 30))?;
+    let r = registry::judge_probe(&out.output, &targets, registry::PROBE_SECS, &offline);
+    if let Some(prev) = previous.filter(|p| p.mode != r.mode) {
+        ui.warn(format!(
+            "images = \"auto\": this lab ran in {} mode before; now {} mode ({})",
+            prev.mode.as_str(),
+            r.mode.as_str(),
+            r.reason
+        ));
+    }
+    phase.done(&format!("{} mode: {}", r.mode.as_str(), r.reason));
+    ui.event("image_mode", json!({"mode": r.mode.as_str(), "reason": r.reason, "auto": true}));
+    Ok(r)
+}
+
 /// Run every provisioning step on a reachable guest. Idempotent. `host_build` is the base image build `up`
 /// started on the host while the guest booted; it is joined at the images phase (or cancelled if not needed).
 pub fn provision(
@@ -229,7 +271,8 @@ pub fn provision(
     force: bool,
     host_build: Option<images::HostBuild>,
 ) -> Result<()> {
-    let model = lab.model()?;
+    // A compose file that does not parse stops here, before anything runs in the guest.
+    lab.model()?;
 
     let phase = ui.phase("docker");
     let ready = docker::ensure(ssh, cfg.provision.docker_install, &phase)?;
@@ -255,32 +298,14 @@ pub fn provision(
         let summary = registry::apply(cfg, ssh, false)?;
         phase.done(if summary.is_empty() { "no registry settings" } else { &summary });
     }
-    let mut resolved_lab = None;
-    let resolved = match cfg.provision.images {
+    let (resolved, resolved_lab) = match cfg.provision.images {
         ImageSource::Auto => {
-            let phase = ui.phase("image mode");
-            let reg_lab = lab.registry_mode(cfg)?;
-            let (_, offline) = split_services(model, ImageSource::Debian, cfg.compose_profiles());
-            let (targets, probe) = image_mode_probe(cfg, reg_lab)?;
-            let out = ssh.exec(&probe, Duration::from_secs(registry::PROBE_SECS + 30))?;
-            let r = registry::judge_probe(&out.output, &targets, registry::PROBE_SECS, &offline);
-            if let Some(prev) = record.resolved.as_ref().filter(|p| p.mode != r.mode) {
-                ui.warn(format!(
-                    "images = \"auto\": this lab ran in {} mode before; now {} mode ({})",
-                    prev.mode.as_str(),
-                    r.mode.as_str(),
-                    r.reason
-                ));
-            }
-            phase.done(&format!("{} mode: {}", r.mode.as_str(), r.reason));
-            ui.event("image_mode", json!({"mode": r.mode.as_str(), "reason": r.reason, "auto": true}));
+            let r = resolve_auto(cfg, ssh, lab, record.resolved.as_ref(), ui)?;
             // `auto` renders as debian mode until resolved: only registry mode needs the tree rendered again.
-            if r.mode == ImageSource::Registry {
-                resolved_lab = Some(reg_lab);
-            }
-            r
+            let reg = (r.mode == ImageSource::Registry).then(|| lab.registry_mode(cfg)).transpose()?;
+            (r, reg)
         }
-        m => registry::Resolved { mode: m, reason: format!("images = \"{}\"", m.as_str()) },
+        m => (registry::Resolved { mode: m, reason: format!("images = \"{}\"", m.as_str()) }, None),
     };
     let mode = resolved.mode;
     let lab = resolved_lab.unwrap_or(lab);
@@ -514,6 +539,41 @@ fn failing_logs(ssh: &Session, compose: &Compose, active: &[String]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use std::path::Path;
+
+    static LAB_PROFILE: Profile = crate::lab::PROFILE;
+
+    /// The repo's own box-config.toml and provision/ tree, rendered with the lab's sample secrets.
+    fn repo_lab(images: &str) -> (Config, Lab) {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("box-config.toml");
+        let text = std::fs::read_to_string(&path).unwrap().replace(
+            "images = \"auto\"",
+            &format!("images = \"{images}\""),
+        );
+        let cfg = Config::from_bytes(&path, text.as_bytes()).unwrap();
+        let secrets = (LAB_PROFILE.sample_secrets)();
+        let mut lab = Lab::of(crate::render::render_config(&cfg, &secrets).unwrap(), &LAB_PROFILE);
+        lab.secrets = Some(secrets);
+        (cfg, lab)
+    }
+
+    #[test]
+    fn a_restored_lab_is_asked_for_its_health_and_with_auto_the_registry_but_not_the_provisioning_checks() {
+        let (cfg, lab) = repo_lab("auto");
+        let project = compose::project_name(&cfg.machine.name);
+        let warm = warm_commands(&cfg, &lab);
+        assert!(warm.contains(&compose::PROBE_SCRIPT.to_string()) && warm.len() >= 6, "{warm:#?}");
+        let containers = containers_command(&project);
+        let probe = image_mode_probe(&cfg, lab.registry_mode(&cfg).unwrap()).unwrap().1;
+        // Cached in debian mode with `auto`: the registry is asked again, with the very probe `resolve_auto` runs.
+        assert_eq!(restored_commands(&cfg, &lab, true), [probe.clone(), containers.clone()]);
+        // Nothing to recheck: the first health round's container states only.
+        assert_eq!(restored_commands(&cfg, &lab, false), [containers.clone()]);
+        let (cfg, lab) = repo_lab("debian");
+        assert_eq!(restored_commands(&cfg, &lab, false), [containers]);
+        assert!(warm_commands(&cfg, &lab).iter().all(|c| *c != probe), "debian mode asks no registry");
+    }
 
     #[test]
     #[cfg_attr(windows, ignore = "windows: a guest shell command, run with /bin/sh")]

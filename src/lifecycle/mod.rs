@@ -343,11 +343,15 @@ fn up_locked(ui: &Ui, round: Option<&Round>, m: &Machine, p: &dyn Provider, args
     // every check the rest of `up` makes on it goes to the guest at once, in one round trip, and each step
     // below takes its answer (a step that changes anything makes the later ones ask again).
     let warm = restored || was_up;
+    let recheck = restored && lab.as_ref().is_some_and(|l| lab_cache::recheck_mode(&m.cfg, l));
     if warm {
         let mut cmds: Vec<String> = clock.iter().chain(&setup).cloned().collect();
         cmds.push(CLOUD_INIT_RESULT.to_string());
         if let (Some(lab), true) = (&plan.lab, provisioning) {
-            cmds.extend(crate::guest::warm_commands(&m.cfg, lab));
+            cmds.extend(match restored {
+                true => crate::guest::restored_commands(&m.cfg, lab, recheck),
+                false => crate::guest::warm_commands(&m.cfg, lab),
+            });
         }
         let ph = ui.phase("checks");
         let held = session.prefetch(&cmds, Duration::from_secs(60));
@@ -415,11 +419,21 @@ fn up_locked(ui: &Ui, round: Option<&Round>, m: &Machine, p: &dyn Provider, args
             return Ok(crate::exit::OK);
         }
     };
-    if restored && lab.as_ref().is_some_and(|l| lab_cache::recheck_mode(&m.cfg, l)) {
-        // `auto` never keeps a debian-mode lab without asking the registry: provisioned again (a no-op when the
-        // registry still does not answer; registry mode, said so, when it does).
+    if recheck {
+        // `auto` never keeps a debian-mode lab without asking the registry. While it still does not answer, the
+        // cached lab stays as it is; when it does, the lab is provisioned again in registry mode (said so).
         ui.info("the cached lab ran in debian mode; images = \"auto\" asks the registry again");
-        crate::guest::provision(&m.cfg, &session, render, ui, false, host_build)?;
+        let state_root = crate::guest::registry::state_root(&m.cfg);
+        let mut record = crate::guest::registry::ImagesRecord::load(&state_root);
+        let r = crate::guest::resolve_auto(&m.cfg, &session, render, record.resolved.as_ref(), ui)?;
+        let same = record.resolved.as_ref().is_some_and(|p| p.mode == r.mode);
+        record.resolved = Some(r);
+        record.save(&state_root)?;
+        if same {
+            drop(host_build);
+        } else {
+            crate::guest::provision(&m.cfg, &session, render, ui, false, host_build)?;
+        }
     } else if restored {
         // The cached lab is the provisioned lab: only its health is checked (the host-side build is cancelled).
         drop(host_build);
