@@ -569,7 +569,7 @@ mod tests {
         // Cached in debian mode with `auto`: the registry is asked again, with the very probe `resolve_auto` runs.
         assert_eq!(restored_commands(&cfg, &lab, true), [probe.clone(), containers.clone()]);
         // Nothing to recheck: the first health round's container states only.
-        assert_eq!(restored_commands(&cfg, &lab, false), [containers.clone()]);
+        assert_eq!(restored_commands(&cfg, &lab, false), std::slice::from_ref(&containers));
         let (cfg, lab) = repo_lab("debian");
         assert_eq!(restored_commands(&cfg, &lab, false), [containers]);
         assert!(warm_commands(&cfg, &lab).iter().all(|c| *c != probe), "debian mode asks no registry");
