@@ -547,10 +547,9 @@ mod tests {
     /// The repo's own box-config.toml and provision/ tree, rendered with the lab's sample secrets.
     fn repo_lab(images: &str) -> (Config, Lab) {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("box-config.toml");
-        let text = std::fs::read_to_string(&path).unwrap().replace(
-            "images = \"auto\"",
-            &format!("images = \"{images}\""),
-        );
+        let text = std::fs::read_to_string(&path)
+            .unwrap()
+            .replace("images = \"auto\"", &format!("images = \"{images}\""));
         let cfg = Config::from_bytes(&path, text.as_bytes()).unwrap();
         let secrets = (LAB_PROFILE.sample_secrets)();
         let mut lab = Lab::of(crate::render::render_config(&cfg, &secrets).unwrap(), &LAB_PROFILE);

@@ -541,40 +541,45 @@ fn shown_command(cmd: &str) -> String {
     format!("{shown}{more}")
 }
 
-/// The one guest script of [`Session::prefetch`]: each command in its own shell child (as an exec runs it), all
-/// started at once, stdout and stderr to one file each; then per command a line `@ INDEX STATUS BASE64`.
+/// The one guest script of [`Session::prefetch`]: each command in a subshell of its own, all started at once,
+/// stdout and stderr to one file each and its status (and with `-v` its time) to another; then every file at once
+/// as one base64 line `@tar BASE64` of a tar archive (entries `I` and `I.rc`).
 ///
-/// Under TCG each `sudo` costs ~0.2 s of guest CPU, and most of these commands start with one: the batch runs as
-/// root through one `sudo -n` (a `sudo` on its PATH then only drops `-n` and runs the command, as root already;
-/// HOME stays the SSH user's, so what a command keeps in its cache is the user's); without passwordless sudo it
-/// runs as the user and each command's own `sudo` decides.
+/// Under TCG a process start costs 20-50 ms of guest CPU (the fork), and each `sudo` ~0.2 s; so the script starts
+/// as few as it can:
+/// - the batch runs as root through one `sudo -n`, and a shell function `sudo` then only drops `-n` and runs the
+///   command (root already); HOME stays the SSH user's (tilde expansion, no `getent`), so what a command keeps in
+///   its cache is the user's. Without passwordless sudo it runs as the user and each command's own `sudo` decides;
+/// - each command is `eval`ed in a subshell (a fork, no new shell to exec), so it sees that function; a `sudo`
+///   inside a shell the command starts itself is the real one, which root may run;
+/// - the results travel as one `tar | base64` (two processes for all of them, where a `cat` and a `base64` each
+///   cost two per command), with the status read by the shell itself.
+///
+/// The commands are POSIX sh (they run in the guest's `/bin/sh`, where an exec runs them in the login shell).
 fn prefetch_script(cmds: &[&String], timed: bool) -> String {
-    let mut batch = String::from("d=$(mktemp -d) || exit 97\nsh=${SHELL:-/bin/sh}\n");
-    batch.push_str(
-        "if [ \"$(id -u)\" = 0 ] && [ -n \"${SUDO_USER:-}\" ]; then\n  mkdir \"$d/bin\" && printf '#!/bin/sh\\n[ \"$1\" = -n ] && shift\\nexec \"$@\"\\n' >\"$d/bin/sudo\" && chmod 755 \"$d/bin/sudo\" && PATH=\"$d/bin:$PATH\"\n  HOME=$(getent passwd \"$SUDO_USER\" | cut -d: -f6); sh=$(getent passwd \"$SUDO_USER\" | cut -d: -f7); export HOME\nfi\n",
+    let mut batch = String::from(
+        "__pf=$(mktemp -d) || exit 97\n\
+         if [ -n \"${SUDO_USER:-}\" ]; then\n  sudo() { [ \"$1\" = -n ] && shift; \"$@\"; }\n  \
+         eval \"HOME=~$SUDO_USER\"; export HOME\nfi\n",
     );
     for (i, cmd) in cmds.iter().enumerate() {
         // With `-v` each command's own time in the guest, from /proc/uptime (read by the shell, no process
         // started; monotonic, so a command that sets the clock does not skew it), else `-`.
         let (start, took) = if timed {
             (
-                "read t _ </proc/uptime; ",
-                "read e _ </proc/uptime; echo \"$s $(( (${e%.*}${e#*.} - ${t%.*}${t#*.}) * 10 ))\"",
+                "read __pf_t _ </proc/uptime; ",
+                "read __pf_e _ </proc/uptime; \
+                 echo \"$__pf_s $(( (${__pf_e%.*}${__pf_e#*.} - ${__pf_t%.*}${__pf_t#*.}) * 10 ))\"",
             )
         } else {
-            ("", "echo \"$s -\"")
+            ("", "echo \"$__pf_s -\"")
         };
         batch.push_str(&format!(
-            "{{ {start}\"${{sh:-/bin/sh}}\" -c {} >\"$d/{i}\" 2>&1 </dev/null; s=$?; {took} >\"$d/{i}.rc\"; }} &\n",
+            "{{ {start}( eval {} ) >\"$__pf/{i}\" 2>&1 </dev/null; __pf_s=$?; {took} >\"$__pf/{i}.rc\"; }} &\n",
             shell_quote(cmd)
         ));
     }
-    batch.push_str("wait\n");
-    batch.push_str(&format!(
-        "i=0; while [ $i -lt {n} ]; do printf '@ %s %s ' $i \"$(cat \"$d/$i.rc\")\"; base64 -w0 <\"$d/$i\"; echo; \
-         i=$((i+1)); done\nrm -rf \"$d\"\n",
-        n = cmds.len()
-    ));
+    batch.push_str("wait\nprintf '@tar '; tar -C \"$__pf\" -cf - . | base64 -w0; echo; rm -rf \"$__pf\"\n");
     let quoted = shell_quote(&batch);
     format!("sudo -n sh -c {quoted} 2>/dev/null || sh -c {quoted}")
 }
@@ -582,19 +587,38 @@ fn prefetch_script(cmds: &[&String], timed: bool) -> String {
 /// The results of a [`prefetch_script`] run, in order; None unless all `n` are there and decode.
 fn parse_prefetch(output: &str, n: usize) -> Option<Vec<Prefetched>> {
     use base64::Engine as _;
-    let mut results = Vec::with_capacity(n);
-    for line in output.lines().filter(|l| l.starts_with("@ ")) {
-        let mut f = line[2..].splitn(4, ' ');
-        let (i, status, ms, data) = (f.next()?, f.next()?, f.next()?, f.next().unwrap_or("").trim());
-        if i.parse::<usize>().ok()? != results.len() {
-            return None;
+    use std::io::Read as _;
+    let line = output.lines().find_map(|l| l.strip_prefix("@tar "))?;
+    let bytes = base64::engine::general_purpose::STANDARD.decode(line.trim()).ok()?;
+    let mut outputs: Vec<Option<Vec<u8>>> = vec![None; n];
+    let mut statuses: Vec<Option<String>> = vec![None; n];
+    let mut archive = tar::Archive::new(bytes.as_slice());
+    for entry in archive.entries().ok()? {
+        let mut entry = entry.ok()?;
+        let path = entry.path().ok()?.to_string_lossy().trim_start_matches("./").to_string();
+        let mut data = Vec::new();
+        entry.read_to_end(&mut data).ok()?;
+        match path.strip_suffix(".rc") {
+            Some(i) => *statuses.get_mut(i.parse::<usize>().ok()?)? = Some(String::from_utf8(data).ok()?),
+            None if !path.is_empty() && path != "." => {
+                *outputs.get_mut(path.parse::<usize>().ok()?)? = Some(data)
+            }
+            None => {}
         }
-        let bytes = base64::engine::general_purpose::STANDARD.decode(data).ok()?;
-        let out =
-            ExecOutput { status: status.parse().ok()?, output: String::from_utf8_lossy(&bytes).into_owned() };
-        results.push(Prefetched { out, guest_ms: ms.parse().ok() });
     }
-    (results.len() == n).then_some(results)
+    outputs
+        .into_iter()
+        .zip(statuses)
+        .map(|(out, rc)| {
+            let (out, rc) = (out?, rc?);
+            let mut f = rc.split_whitespace();
+            let (status, ms) = (f.next()?.parse().ok()?, f.next()?.parse().ok());
+            Some(Prefetched {
+                out: ExecOutput { status, output: String::from_utf8_lossy(&out).into_owned() },
+                guest_ms: ms,
+            })
+        })
+        .collect()
 }
 
 /// Runs its closure when dropped (timing an exec however it ends).
