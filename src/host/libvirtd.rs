@@ -82,11 +82,7 @@ impl Libvirtd {
     ) -> Result<Option<Output>> {
         let mut argv = vec!["virsh", "-q", "-c", local];
         argv.extend_from_slice(args);
-        let mut cmd = r.exec(&argv).timeout(timeout);
-        if let Some(f) = stdin {
-            cmd = cmd.stdin_file(f);
-        }
-        let mut out = cmd.output()?;
+        let mut out = r.run(&argv, stdin, timeout)?;
         match out.code() {
             Some(127) => {
                 self.no_far_virsh.store(true, std::sync::atomic::Ordering::Relaxed);
