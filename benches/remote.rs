@@ -5,13 +5,16 @@
 //!   default cipher, and AES-GCM), and the second upload (0 bytes); the bare virsh primitive over a plain ssh
 //!   wrapper (OpenSSH's default cipher: the upload before the cipher choice);
 //! - `status` of a machine recorded on that host (its domain absent) with the host's own virsh run through the
-//!   shared connection (the default), through libvirt's remote driver (`PROVISIONER_REMOTE_EXEC=0`: before) and
-//!   without the shared connection (`PROVISIONER_SSH_REUSE=0`), vs the same on a machine recorded on
+//!   shared connection in-process (the default: OpenSSH's mux protocol on the master's socket), through an `ssh`
+//!   process on it (`PROVISIONER_REMOTE_EXEC=ssh`), through libvirt's remote driver (`PROVISIONER_REMOTE_EXEC=0`)
+//!   and without the shared connection (`PROVISIONER_SSH_REUSE=0`), vs the same on a machine recorded on
 //!   qemu:///session, as ratios;
 //! - with `PROVISIONER_BENCH_VM=1` (boots two TCG guests): `status` and `ssh -c true` on a machine on that host vs
 //!   the same on a local machine (qemu:///session), and remote `status` through the remote driver.
 //!
 //! The last lines (`issue 21 remote rows`) are the rows of the issue's table as ratios of this run.
+//!
+//! `REMOTE_BENCH_ROWS=status` runs the status rows only.
 //!
 //! Run: `cargo bench --bench remote` as root (needs ip, unshare, libvirtd, sshd). Skips with a message otherwise.
 
@@ -87,6 +90,13 @@ fn main() {
     std::fs::create_dir_all(home.join(".ssh")).unwrap();
     std::fs::write(home.join(".ssh/known_hosts"), host.known_hosts_line()).unwrap();
     std::fs::create_dir_all(dir.path().join("provision")).unwrap();
+    if std::env::var("REMOTE_BENCH_ROWS").as_deref() == Ok("status") {
+        // The status rows alone (seconds, where the upload rows take minutes).
+        let (status, driver) = status_on_recorded_machines(&host, &home);
+        println!("issue 21 remote row (goal <= 1.5x):");
+        println!("  remote `status` vs local            {status:.2}x  (through libvirt's remote driver: {driver:.2}x)");
+        return;
+    }
     // A 192 MiB box of incompressible data in an ext4 image (what `box upload` accepts), as qcow2.
     let data = dir.path().join("data");
     std::fs::create_dir_all(&data).unwrap();
@@ -387,21 +397,47 @@ fn status_on_recorded_machines(host: &NetHost, home: &Path) -> (f64, f64) {
     let cold = median("remote status, no reuse", || status(remote, "0"));
     let without = host.sshd_logins() - logins;
     let logins = host.sshd_logins();
-    // Before and after, back to back: libvirt's remote driver (virt-ssh-helper) on the shared connection, then
-    // the host's own virsh exec'd on it.
+    // Before and after, round-robin: libvirt's remote driver (virt-ssh-helper) on the shared connection, the
+    // host's own virsh through an `ssh` process on the master (`PROVISIONER_REMOTE_EXEC=ssh`), then in-process
+    // through the master's control socket (the default).
     let m = medians(&mut [
         ("remote status, remote driver", &mut || status_with(remote, "1", "0")),
+        ("remote status, ssh process", &mut || status_with(remote, "1", "ssh")),
         ("remote status, shared connection", &mut || status(remote, "1")),
         ("local status (qemu:///session)", &mut || status(local, "1")),
     ]);
-    let (driver, warm, here) = (m[0], m[1], m[2]);
+    let (driver, ssh, warm, here) = (m[0], m[1], m[2], m[3]);
     let with = host.sshd_logins() - logins;
+    // Where a call's time goes: one command on the host through the master in this process (the host's session:
+    // sshd's fork, the login shell, sh) and through a plain `ssh` process on the master (+ the client's start).
+    std::env::set_var("PROVISIONER_CACHE_DIR", remote.join("cache"));
+    let far = provisioner::host::remote::parse(&format!(
+        "{}&known_hosts={}",
+        host.uri(),
+        home.join(".ssh/known_hosts").display()
+    ))
+    .unwrap();
+    let t = Duration::from_secs(30);
+    medians(&mut [
+        ("  `true` on the host, in-process", &mut || {
+            far.through_master(&["true"], None, t).unwrap().is_some_and(|o| o.success())
+        }),
+        ("  `true` on the host, ssh process", &mut || {
+            far.exec(&["true"]).timeout(t).output().unwrap().success()
+        }),
+        ("  `virsh` on the host, in-process", &mut || {
+            far.through_master(&["virsh", "-q", "-c", "qemu:///system", "domstate", "--", "absent"], None, t)
+                .unwrap()
+                .is_some()
+        }),
+    ]);
     println!(
-        "remote/local status: {:.2}x with the shared connection (remote driver {:.2}x; {with} SSH logins for {} \
-         calls), {:.2}x without ({without} logins)",
+        "remote/local status: {:.2}x with the shared connection in-process (ssh process {:.2}x, remote driver \
+         {:.2}x; {with} SSH logins for {} calls), {:.2}x without ({without} logins)",
         warm.as_secs_f64() / here.as_secs_f64(),
+        ssh.as_secs_f64() / here.as_secs_f64(),
         driver.as_secs_f64() / here.as_secs_f64(),
-        2 * ROUNDS,
+        3 * ROUNDS,
         cold.as_secs_f64() / here.as_secs_f64()
     );
     // The master would outlive the bench for ControlPersist: close it.
