@@ -884,7 +884,7 @@ fn remote_exec_through_the_master_in_process_gives_the_ssh_process_output() {
     }
     let runs = far.through_master(&["printf", "%s", "it's; $HOME `x` ü"], None, t).unwrap().unwrap();
     assert_eq!(runs.stdout, "it's; $HOME `x` ü");
-    let big = far.through_master(&cases[4].0.to_vec(), None, t).unwrap().unwrap();
+    let big = far.through_master(cases[4].0, None, t).unwrap().unwrap();
     assert!(
         big.stdout.len() == 300_000 && big.stderr.len() == 200_000,
         "{} {}",

@@ -8,7 +8,7 @@
 
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -251,10 +251,19 @@ fn set_nonblocking(fd: RawFd) -> io::Result<()> {
 
 /// A pipe as (read end, non-blocking; write end).
 fn pipe() -> Result<(File, OwnedFd), MuxFailure> {
-    let (r, w) = io::pipe().map_err(|e| MuxFailure::Unavailable(format!("pipe: {e}")))?;
-    let r = File::from(OwnedFd::from(r));
+    let mut fds = [0 as RawFd; 2];
+    // SAFETY: pipe fills the two-element array.
+    if unsafe { libc::pipe(fds.as_mut_ptr()) } != 0 {
+        return Err(MuxFailure::Unavailable(format!("pipe: {}", io::Error::last_os_error())));
+    }
+    // SAFETY: two fresh descriptors nobody else owns.
+    let (r, w) = unsafe { (File::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    for fd in fds {
+        // SAFETY: fcntl on our own descriptors (not inherited by the children we start).
+        unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    }
     set_nonblocking(r.as_raw_fd()).map_err(|e| MuxFailure::Unavailable(format!("pipe: {e}")))?;
-    Ok((r, OwnedFd::from(w)))
+    Ok((r, w))
 }
 
 pub(super) fn exec(
