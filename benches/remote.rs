@@ -345,7 +345,24 @@ fn main() {
                 .status
                 .success()
         }),
+        ("remote status, ssh process", &mut || {
+            Command::new(support::bin())
+                .arg("status")
+                .current_dir(far)
+                .env("HOME", &home)
+                .env("PROVISIONER_CACHE_DIR", &shared_cache)
+                .env("PROVISIONER_REMOTE_EXEC", "ssh")
+                .output()
+                .expect("run provisioner")
+                .status
+                .success()
+        }),
     ]);
+    println!(
+        "running machines: remote status {:.2}x local in-process, {:.2}x through an ssh process on the master",
+        m[0].as_secs_f64() / m[1].as_secs_f64(),
+        m[5].as_secs_f64() / m[1].as_secs_f64()
+    );
     let (s, c) = (m[0].as_secs_f64() / m[1].as_secs_f64(), m[2].as_secs_f64() / m[3].as_secs_f64());
     let driver = m[4];
     let res = [(m[0], m[2]), (m[1], m[3])];
