@@ -31,6 +31,9 @@ use support::nethost::{self, NetHost};
 const ROUNDS: usize = 11;
 /// Rounds of the upload / scp comparison (each sends the 193 MiB box once per tool).
 const UPLOAD_ROUNDS: usize = 5;
+/// Rounds of the `status` comparison on a recorded machine (tens of ms each: more rounds, steadier medians on a
+/// loaded host).
+const STATUS_ROUNDS: usize = 31;
 
 fn median(name: &str, mut f: impl FnMut() -> bool) -> Duration {
     let mut t = Vec::new();
@@ -47,8 +50,13 @@ fn median(name: &str, mut f: impl FnMut() -> bool) -> Duration {
 /// The medians of several commands run round-robin, ROUNDS each (load drifts on a shared host: interleaving
 /// exposes every command to the same drift).
 fn medians(cmds: &mut [(&str, &mut dyn FnMut() -> bool)]) -> Vec<Duration> {
+    medians_of(ROUNDS, cmds)
+}
+
+/// [`medians`] of `rounds` rounds.
+fn medians_of(rounds: usize, cmds: &mut [(&str, &mut dyn FnMut() -> bool)]) -> Vec<Duration> {
     let mut t = vec![Vec::new(); cmds.len()];
-    for _ in 0..ROUNDS {
+    for _ in 0..rounds {
         for (i, (name, f)) in cmds.iter_mut().enumerate() {
             let s = Instant::now();
             assert!(f(), "{name} failed");
@@ -59,8 +67,8 @@ fn medians(cmds: &mut [(&str, &mut dyn FnMut() -> bool)]) -> Vec<Duration> {
         .zip(t.iter_mut())
         .map(|((name, _), t)| {
             t.sort();
-            println!("{name:<34} median {:>8.1} ms   min {:>8.1} ms", ms(t[ROUNDS / 2]), ms(t[0]));
-            t[ROUNDS / 2]
+            println!("{name:<34} median {:>8.1} ms   min {:>8.1} ms", ms(t[rounds / 2]), ms(t[0]));
+            t[rounds / 2]
         })
         .collect()
 }
@@ -417,12 +425,15 @@ fn status_on_recorded_machines(host: &NetHost, home: &Path) -> (f64, f64) {
     // Before and after, round-robin: libvirt's remote driver (virt-ssh-helper) on the shared connection, the
     // host's own virsh through an `ssh` process on the master (`PROVISIONER_REMOTE_EXEC=ssh`), then in-process
     // through the master's control socket (the default).
-    let m = medians(&mut [
-        ("remote status, remote driver", &mut || status_with(remote, "1", "0")),
-        ("remote status, ssh process", &mut || status_with(remote, "1", "ssh")),
-        ("remote status, shared connection", &mut || status(remote, "1")),
-        ("local status (qemu:///session)", &mut || status(local, "1")),
-    ]);
+    let m = medians_of(
+        STATUS_ROUNDS,
+        &mut [
+            ("remote status, remote driver", &mut || status_with(remote, "1", "0")),
+            ("remote status, ssh process", &mut || status_with(remote, "1", "ssh")),
+            ("remote status, shared connection", &mut || status(remote, "1")),
+            ("local status (qemu:///session)", &mut || status(local, "1")),
+        ],
+    );
     let (driver, ssh, warm, here) = (m[0], m[1], m[2], m[3]);
     let with = host.sshd_logins() - logins;
     // Where a call's time goes: one command on the host through the master in this process (the host's session:
@@ -435,26 +446,33 @@ fn status_on_recorded_machines(host: &NetHost, home: &Path) -> (f64, f64) {
     ))
     .unwrap();
     let t = Duration::from_secs(30);
-    medians(&mut [
-        ("  `true` on the host, in-process", &mut || {
-            far.through_master(&["true"], None, t).unwrap().is_some_and(|o| o.success())
-        }),
-        ("  `true` on the host, ssh process", &mut || {
-            far.exec(&["true"]).timeout(t).output().unwrap().success()
-        }),
-        ("  `virsh` on the host, in-process", &mut || {
-            far.through_master(&["virsh", "-q", "-c", "qemu:///system", "domstate", "--", "absent"], None, t)
+    medians_of(
+        STATUS_ROUNDS,
+        &mut [
+            ("  `true` on the host, in-process", &mut || {
+                far.through_master(&["true"], None, t).unwrap().is_some_and(|o| o.success())
+            }),
+            ("  `true` on the host, ssh process", &mut || {
+                far.exec(&["true"]).timeout(t).output().unwrap().success()
+            }),
+            ("  `virsh` on the host, in-process", &mut || {
+                far.through_master(
+                    &["virsh", "-q", "-c", "qemu:///system", "domstate", "--", "absent"],
+                    None,
+                    t,
+                )
                 .unwrap()
                 .is_some()
-        }),
-    ]);
+            }),
+        ],
+    );
     println!(
         "remote/local status: {:.2}x with the shared connection in-process (ssh process {:.2}x, remote driver \
          {:.2}x; {with} SSH logins for {} calls), {:.2}x without ({without} logins)",
         warm.as_secs_f64() / here.as_secs_f64(),
         ssh.as_secs_f64() / here.as_secs_f64(),
         driver.as_secs_f64() / here.as_secs_f64(),
-        3 * ROUNDS,
+        3 * STATUS_ROUNDS,
         cold.as_secs_f64() / here.as_secs_f64()
     );
     // The master would outlive the bench for ControlPersist: close it.
