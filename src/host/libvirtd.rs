@@ -1,6 +1,7 @@
 //! The libvirt daemon of a host, reached with virsh: the one runner of virsh calls, and what it means when the
 //! daemon does not answer. On a `qemu+ssh://` host a call runs the host's own virsh through the shared SSH
-//! connection ([`RemoteHost::exec`]: one channel, virsh talks to its daemon there over the local socket); a call
+//! connection ([`RemoteHost::run`]: one channel, virsh talks to its daemon there over the local socket; asked for
+//! in-process on the master's control socket once the master runs, no `ssh` process); a call
 //! that names a file of this machine (`define FILE`, `vol-upload`, `vol-download`), a host without virsh, and
 //! `qemu+libssh://` use libvirt's remote driver (virsh here, the tool's own ssh wrapper, its key checked).
 //! The storage pool a

@@ -381,6 +381,7 @@ pub(crate) fn ipv4_interfaces() -> io::Result<Vec<(String, Ipv4Addr, u8)>> {
 /// What a command run through an OpenSSH master ([`ssh_mux_exec`]) gave: its exit code (None when the master's
 /// connection ended without one, where `ssh` exits 255) and its output.
 #[derive(Debug)]
+#[cfg_attr(not(unix), allow(dead_code))] // made by the unix client only
 pub(crate) struct MuxRun {
     pub code: Option<i32>,
     pub stdout: Vec<u8>,
@@ -389,6 +390,7 @@ pub(crate) struct MuxRun {
 
 /// Why [`ssh_mux_exec`] gave no [`MuxRun`].
 #[derive(Debug)]
+#[cfg_attr(not(unix), allow(dead_code))] // Windows answers Unavailable only
 pub(crate) enum MuxFailure {
     /// No session was opened (no master on the socket, a refusal, a protocol error, Windows): the command did
     /// not run, so `ssh` may run it.
