@@ -5,13 +5,16 @@
 //!   default cipher, and AES-GCM), and the second upload (0 bytes); the bare virsh primitive over a plain ssh
 //!   wrapper (OpenSSH's default cipher: the upload before the cipher choice);
 //! - `status` of a machine recorded on that host (its domain absent) with the host's own virsh run through the
-//!   shared connection (the default), through libvirt's remote driver (`PROVISIONER_REMOTE_EXEC=0`: before) and
-//!   without the shared connection (`PROVISIONER_SSH_REUSE=0`), vs the same on a machine recorded on
+//!   shared connection in-process (the default: OpenSSH's mux protocol on the master's socket), through an `ssh`
+//!   process on it (`PROVISIONER_REMOTE_EXEC=ssh`), through libvirt's remote driver (`PROVISIONER_REMOTE_EXEC=0`)
+//!   and without the shared connection (`PROVISIONER_SSH_REUSE=0`), vs the same on a machine recorded on
 //!   qemu:///session, as ratios;
 //! - with `PROVISIONER_BENCH_VM=1` (boots two TCG guests): `status` and `ssh -c true` on a machine on that host vs
 //!   the same on a local machine (qemu:///session), and remote `status` through the remote driver.
 //!
 //! The last lines (`issue 21 remote rows`) are the rows of the issue's table as ratios of this run.
+//!
+//! `REMOTE_BENCH_ROWS=status` runs the status rows only.
 //!
 //! Run: `cargo bench --bench remote` as root (needs ip, unshare, libvirtd, sshd). Skips with a message otherwise.
 
@@ -28,6 +31,9 @@ use support::nethost::{self, NetHost};
 const ROUNDS: usize = 11;
 /// Rounds of the upload / scp comparison (each sends the 193 MiB box once per tool).
 const UPLOAD_ROUNDS: usize = 5;
+/// Rounds of the `status` comparison on a recorded machine (tens of ms each: more rounds, steadier medians on a
+/// loaded host).
+const STATUS_ROUNDS: usize = 31;
 
 fn median(name: &str, mut f: impl FnMut() -> bool) -> Duration {
     let mut t = Vec::new();
@@ -44,8 +50,13 @@ fn median(name: &str, mut f: impl FnMut() -> bool) -> Duration {
 /// The medians of several commands run round-robin, ROUNDS each (load drifts on a shared host: interleaving
 /// exposes every command to the same drift).
 fn medians(cmds: &mut [(&str, &mut dyn FnMut() -> bool)]) -> Vec<Duration> {
+    medians_of(ROUNDS, cmds)
+}
+
+/// [`medians`] of `rounds` rounds.
+fn medians_of(rounds: usize, cmds: &mut [(&str, &mut dyn FnMut() -> bool)]) -> Vec<Duration> {
     let mut t = vec![Vec::new(); cmds.len()];
-    for _ in 0..ROUNDS {
+    for _ in 0..rounds {
         for (i, (name, f)) in cmds.iter_mut().enumerate() {
             let s = Instant::now();
             assert!(f(), "{name} failed");
@@ -56,8 +67,8 @@ fn medians(cmds: &mut [(&str, &mut dyn FnMut() -> bool)]) -> Vec<Duration> {
         .zip(t.iter_mut())
         .map(|((name, _), t)| {
             t.sort();
-            println!("{name:<34} median {:>8.1} ms   min {:>8.1} ms", ms(t[ROUNDS / 2]), ms(t[0]));
-            t[ROUNDS / 2]
+            println!("{name:<34} median {:>8.1} ms   min {:>8.1} ms", ms(t[rounds / 2]), ms(t[0]));
+            t[rounds / 2]
         })
         .collect()
 }
@@ -87,6 +98,13 @@ fn main() {
     std::fs::create_dir_all(home.join(".ssh")).unwrap();
     std::fs::write(home.join(".ssh/known_hosts"), host.known_hosts_line()).unwrap();
     std::fs::create_dir_all(dir.path().join("provision")).unwrap();
+    if std::env::var("REMOTE_BENCH_ROWS").as_deref() == Ok("status") {
+        // The status rows alone (seconds, where the upload rows take minutes).
+        let (status, driver) = status_on_recorded_machines(&host, &home);
+        println!("issue 21 remote row (goal <= 1.5x):");
+        println!("  remote `status` vs local            {status:.2}x  (through libvirt's remote driver: {driver:.2}x)");
+        return;
+    }
     // A 192 MiB box of incompressible data in an ext4 image (what `box upload` accepts), as qcow2.
     let data = dir.path().join("data");
     std::fs::create_dir_all(&data).unwrap();
@@ -335,7 +353,24 @@ fn main() {
                 .status
                 .success()
         }),
+        ("remote status, ssh process", &mut || {
+            Command::new(support::bin())
+                .arg("status")
+                .current_dir(far)
+                .env("HOME", &home)
+                .env("PROVISIONER_CACHE_DIR", &shared_cache)
+                .env("PROVISIONER_REMOTE_EXEC", "ssh")
+                .output()
+                .expect("run provisioner")
+                .status
+                .success()
+        }),
     ]);
+    println!(
+        "running machines: remote status {:.2}x local in-process, {:.2}x through an ssh process on the master",
+        m[0].as_secs_f64() / m[1].as_secs_f64(),
+        m[5].as_secs_f64() / m[1].as_secs_f64()
+    );
     let (s, c) = (m[0].as_secs_f64() / m[1].as_secs_f64(), m[2].as_secs_f64() / m[3].as_secs_f64());
     let driver = m[4];
     let res = [(m[0], m[2]), (m[1], m[3])];
@@ -387,21 +422,57 @@ fn status_on_recorded_machines(host: &NetHost, home: &Path) -> (f64, f64) {
     let cold = median("remote status, no reuse", || status(remote, "0"));
     let without = host.sshd_logins() - logins;
     let logins = host.sshd_logins();
-    // Before and after, back to back: libvirt's remote driver (virt-ssh-helper) on the shared connection, then
-    // the host's own virsh exec'd on it.
-    let m = medians(&mut [
-        ("remote status, remote driver", &mut || status_with(remote, "1", "0")),
-        ("remote status, shared connection", &mut || status(remote, "1")),
-        ("local status (qemu:///session)", &mut || status(local, "1")),
-    ]);
-    let (driver, warm, here) = (m[0], m[1], m[2]);
+    // Before and after, round-robin: libvirt's remote driver (virt-ssh-helper) on the shared connection, the
+    // host's own virsh through an `ssh` process on the master (`PROVISIONER_REMOTE_EXEC=ssh`), then in-process
+    // through the master's control socket (the default).
+    let m = medians_of(
+        STATUS_ROUNDS,
+        &mut [
+            ("remote status, remote driver", &mut || status_with(remote, "1", "0")),
+            ("remote status, ssh process", &mut || status_with(remote, "1", "ssh")),
+            ("remote status, shared connection", &mut || status(remote, "1")),
+            ("local status (qemu:///session)", &mut || status(local, "1")),
+        ],
+    );
+    let (driver, ssh, warm, here) = (m[0], m[1], m[2], m[3]);
     let with = host.sshd_logins() - logins;
+    // Where a call's time goes: one command on the host through the master in this process (the host's session:
+    // sshd's fork, the login shell, sh) and through a plain `ssh` process on the master (+ the client's start).
+    std::env::set_var("PROVISIONER_CACHE_DIR", remote.join("cache"));
+    let far = provisioner::host::remote::parse(&format!(
+        "{}&known_hosts={}",
+        host.uri(),
+        home.join(".ssh/known_hosts").display()
+    ))
+    .unwrap();
+    let t = Duration::from_secs(30);
+    medians_of(
+        STATUS_ROUNDS,
+        &mut [
+            ("  `true` on the host, in-process", &mut || {
+                far.through_master(&["true"], None, t).unwrap().is_some_and(|o| o.success())
+            }),
+            ("  `true` on the host, ssh process", &mut || {
+                far.exec(&["true"]).timeout(t).output().unwrap().success()
+            }),
+            ("  `virsh` on the host, in-process", &mut || {
+                far.through_master(
+                    &["virsh", "-q", "-c", "qemu:///system", "domstate", "--", "absent"],
+                    None,
+                    t,
+                )
+                .unwrap()
+                .is_some()
+            }),
+        ],
+    );
     println!(
-        "remote/local status: {:.2}x with the shared connection (remote driver {:.2}x; {with} SSH logins for {} \
-         calls), {:.2}x without ({without} logins)",
+        "remote/local status: {:.2}x with the shared connection in-process (ssh process {:.2}x, remote driver \
+         {:.2}x; {with} SSH logins for {} calls), {:.2}x without ({without} logins)",
         warm.as_secs_f64() / here.as_secs_f64(),
+        ssh.as_secs_f64() / here.as_secs_f64(),
         driver.as_secs_f64() / here.as_secs_f64(),
-        2 * ROUNDS,
+        3 * STATUS_ROUNDS,
         cold.as_secs_f64() / here.as_secs_f64()
     );
     // The master would outlive the bench for ControlPersist: close it.

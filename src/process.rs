@@ -516,7 +516,27 @@ fn watch_interrupts() {
 }
 
 /// With `-v`, prints `+ MS ms: COMMAND` on stderr when dropped, however the command ended.
-struct Shown(Option<(std::time::Instant, String)>);
+pub struct Shown(Option<(std::time::Instant, String)>);
+
+impl Shown {
+    /// `-v`'s lines for work that starts no child process (a command run through an SSH master in-process):
+    /// `+ LINE ...` now with `-vv`, `+ MS ms: LINE` when dropped with `-v`, as a child command's.
+    pub fn start(line: impl FnOnce() -> String) -> Self {
+        if verbosity() == 0 {
+            return Shown(None);
+        }
+        let line = line();
+        if verbosity() >= 2 {
+            eprintln!("+ {line} ...");
+        }
+        Shown(Some((std::time::Instant::now(), line)))
+    }
+
+    /// Nothing ran after all (another way is taken): no line.
+    pub fn cancel(mut self) {
+        self.0 = None;
+    }
+}
 
 impl Drop for Shown {
     fn drop(&mut self) {

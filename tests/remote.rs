@@ -819,3 +819,169 @@ fn traced_commands(stderr: &str) -> Vec<String> {
         .map(|(_, cmd)| cmd.to_string())
         .collect()
 }
+
+/// `-v` lines of commands run through the host's master in-process (no `ssh` process): `[ssh master] HOST ...`.
+fn through_master(cmds: &[String]) -> usize {
+    cmds.iter().filter(|c| c.starts_with(provisioner::host::remote::MASTER_TRACE)).count()
+}
+
+/// A command on the host through its live master in-process (OpenSSH's mux protocol on the control socket, no
+/// `ssh` started) gives exactly what the `ssh` process gives through the same master: stdout, stderr and exit
+/// status of a success (quoting, non-ASCII text, no final newline), a failing command (exit 3, its stderr kept), a
+/// missing program (127), more output than a pipe holds on both streams, and a file as stdin. A stale control
+/// socket (nobody listening) is left to ssh (None: the command did not run).
+#[test]
+fn remote_exec_through_the_master_in_process_gives_the_ssh_process_output() {
+    if !nethost::available() {
+        panic!("the remote-host fixture needs root, libvirtd, virtlogd, sshd and virt-ssh-helper");
+    }
+    let host = NetHost::start();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("known_hosts"), host.known_hosts_line()).unwrap();
+    std::env::set_var("PROVISIONER_CACHE_DIR", dir.path().join("cache"));
+    std::env::remove_var("PROVISIONER_SSH_REUSE");
+    std::env::remove_var("PROVISIONER_REMOTE_EXEC");
+    let far = provisioner::host::remote::parse(&format!(
+        "{}&known_hosts={}",
+        host.uri(),
+        dir.path().join("known_hosts").display()
+    ))
+    .unwrap();
+    let t = std::time::Duration::from_secs(30);
+    // No master yet: nothing in-process; the ssh process opens the master.
+    assert!(far.through_master(&["true"], None, t).unwrap().is_none(), "no master, no in-process run");
+    let logins = host.sshd_logins();
+    let first = far.run(&["true"], None, t).unwrap();
+    assert!(first.success(), "{}", first.stderr);
+    assert!(far.master_alive(), "the first call left the master up");
+    let input = dir.path().join("input");
+    std::fs::write(&input, "line one\nzwei – drei").unwrap();
+    let cases: &[(&[&str], Option<&Path>, i32)] = &[
+        (&["printf", "%s|%s", "it's; $HOME `x` ü", "no newline"], None, 0),
+        (&["virsh", "-q", "-c", "qemu:///system", "list", "--all", "--name"], None, 0),
+        (&["sh", "-c", "echo partial; echo 'it failed' >&2; exit 3"], None, 3),
+        (&["no-such-program-h22m", "arg"], None, 127),
+        (
+            &["sh", "-c", "head -c 300000 /dev/zero | tr '\\0' x; head -c 200000 /dev/zero | tr '\\0' y >&2"],
+            None,
+            0,
+        ),
+        (&["cat"], Some(input.as_path()), 0),
+    ];
+    for (argv, stdin, code) in cases {
+        let inproc = far.through_master(argv, *stdin, t).unwrap().expect("the live master took the command");
+        let mut cmd = far.exec(argv).timeout(t);
+        if let Some(f) = stdin {
+            cmd = cmd.stdin_file(f);
+        }
+        let ssh = cmd.output().unwrap();
+        assert_eq!(inproc.code(), Some(*code), "{argv:?}: {}", inproc.stderr);
+        assert_eq!(
+            (inproc.code(), &inproc.stdout, &inproc.stderr),
+            (ssh.code(), &ssh.stdout, &ssh.stderr),
+            "{argv:?}: in-process vs the ssh process"
+        );
+    }
+    let runs = far.through_master(&["printf", "%s", "it's; $HOME `x` ü"], None, t).unwrap().unwrap();
+    assert_eq!(runs.stdout, "it's; $HOME `x` ü");
+    let big = far.through_master(cases[4].0, None, t).unwrap().unwrap();
+    assert!(
+        big.stdout.len() == 300_000 && big.stderr.len() == 200_000,
+        "{} {}",
+        big.stdout.len(),
+        big.stderr.len()
+    );
+    assert_eq!(
+        far.through_master(&["cat"], Some(&input), t).unwrap().unwrap().stdout,
+        "line one\nzwei – drei"
+    );
+    assert_eq!(
+        far.through_master(&["no-such-program-h22m"], None, t).unwrap().unwrap().stderr,
+        "sh: 1: exec: no-such-program-h22m: not found\n"
+    );
+    assert_eq!(host.sshd_logins() - logins, 1, "every call rode the one master");
+
+    // A stale socket (the master gone, its file left): not taken in-process, and `run` falls back to ssh, which
+    // replaces it with a new master.
+    far.close_master().unwrap();
+    let socket = far.control_path();
+    drop(std::os::unix::net::UnixListener::bind(&socket).unwrap());
+    assert!(socket.exists() && !far.master_alive(), "a stale socket: {}", socket.display());
+    assert!(far.through_master(&["true"], None, t).unwrap().is_none(), "a stale socket is left to ssh");
+    let out = far.run(&["sh", "-c", "echo back"], None, t).unwrap();
+    assert_eq!((out.code(), out.stdout.as_str()), (Some(0), "back\n"), "{}", out.stderr);
+    assert!(far.master_alive(), "ssh made a new master on the stale socket's path");
+    assert!(far.through_master(&["true"], None, t).unwrap().is_some(), "the new master is used in-process");
+    far.close_master().unwrap();
+}
+
+/// A master that accepts on its control socket but never answers (hung) does not hang the tool: the in-process
+/// call ends at its deadline with an error that says how to close the master.
+#[test]
+fn a_hung_ssh_master_is_an_error_at_the_deadline() {
+    let dir = tempfile::tempdir().unwrap();
+    std::env::set_var("PROVISIONER_CACHE_DIR", dir.path().join("cache"));
+    std::env::remove_var("PROVISIONER_SSH_REUSE");
+    std::env::remove_var("PROVISIONER_REMOTE_EXEC");
+    let far = provisioner::host::remote::parse("qemu+ssh://lab@hv.invalid:2222/system").unwrap();
+    let socket = far.control_path();
+    std::fs::create_dir_all(socket.parent().unwrap()).unwrap();
+    let _hung = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    let started = std::time::Instant::now();
+    let e = far.through_master(&["virsh", "list"], None, std::time::Duration::from_secs(1)).unwrap_err();
+    let took = started.elapsed();
+    assert!(took < std::time::Duration::from_secs(3), "took {took:?}");
+    let e = format!("{e:#}");
+    assert!(e.contains("on the libvirt host lab@hv.invalid through its shared SSH connection"), "{e}");
+    assert!(e.contains("did not finish within 1s"), "{e}");
+    assert!(e.contains("\nhint: ") && e.contains("ssh -O exit -o ControlPath="), "{e}");
+}
+
+/// Three `status` calls to a remote machine: the first runs `ssh` (it opens the master), the next two run through
+/// the master in-process (`-v` shows no `ssh` process for them), all with the same output and one sshd login;
+/// `PROVISIONER_REMOTE_EXEC=ssh` runs the ssh process again; a stale control socket falls back to ssh.
+#[test]
+fn remote_status_after_the_first_runs_through_the_master_in_process() {
+    if !nethost::available() {
+        panic!("the remote-host fixture needs root, libvirtd, virtlogd, sshd and virt-ssh-helper");
+    }
+    let host = NetHost::start();
+    let t = recorded_stopped_machine(&host, "provisioner-far-mux");
+    let want = "far: stopped (libvirt)\nforwarded ports:\n     22 (guest) => 127.0.0.1:2299        (host)  tcp  ssh\n";
+    let logins = host.sshd_logins();
+    let runs: Vec<(String, Vec<String>)> = (0..3).map(|_| status_v(&t, &[])).collect();
+    assert_eq!(host.sshd_logins() - logins, 1, "three status calls, one SSH login");
+    for (i, (out, cmds)) in runs.iter().enumerate() {
+        assert_eq!(out, want, "call {i}");
+        assert_eq!(cmds.len(), 1, "call {i}: one command: {cmds:?}");
+        let far = format!("{} root@{} sh -c ", provisioner::host::remote::MASTER_TRACE, host.addr);
+        if i == 0 {
+            assert!(
+                cmds[0].starts_with("ssh ") && through_master(cmds) == 0,
+                "the first opens the master: {cmds:?}"
+            );
+        } else {
+            assert!(
+                cmds[0].starts_with(&far) && cmds[0].contains("exec virsh -q -c qemu:///system "),
+                "call {i} through the master in-process: {cmds:?}"
+            );
+        }
+    }
+    let (out, cmds) = status_v(&t, &[("PROVISIONER_REMOTE_EXEC", "ssh")]);
+    assert_eq!(out, want);
+    assert!(cmds.len() == 1 && cmds[0].starts_with("ssh "), "the ssh process when asked: {cmds:?}");
+
+    // The master gone, its socket left behind: ssh runs (and opens a new master), the next call is in-process.
+    std::env::set_var("PROVISIONER_CACHE_DIR", t.path().join("cache"));
+    let far = provisioner::host::remote::parse(&host.uri()).unwrap();
+    far.close_master().unwrap();
+    drop(std::os::unix::net::UnixListener::bind(far.control_path()).unwrap());
+    let (out, cmds) = status_v(&t, &[]);
+    assert_eq!(out, want);
+    assert!(cmds.len() == 1 && cmds[0].starts_with("ssh "), "a stale socket: ssh: {cmds:?}");
+    let (out, cmds) = status_v(&t, &[]);
+    assert_eq!(out, want);
+    assert_eq!(through_master(&cmds), 1, "{cmds:?}");
+    host.virsh(&["undefine", "provisioner-far-mux"]).unwrap();
+    run(&t, &["destroy", "-f"]).success();
+}

@@ -1,6 +1,7 @@
 //! The libvirt daemon of a host, reached with virsh: the one runner of virsh calls, and what it means when the
 //! daemon does not answer. On a `qemu+ssh://` host a call runs the host's own virsh through the shared SSH
-//! connection ([`RemoteHost::exec`]: one channel, virsh talks to its daemon there over the local socket); a call
+//! connection ([`RemoteHost::run`]: one channel, virsh talks to its daemon there over the local socket; asked for
+//! in-process on the master's control socket once the master runs, no `ssh` process); a call
 //! that names a file of this machine (`define FILE`, `vol-upload`, `vol-download`), a host without virsh, and
 //! `qemu+libssh://` use libvirt's remote driver (virsh here, the tool's own ssh wrapper, its key checked).
 //! The storage pool a
@@ -82,11 +83,7 @@ impl Libvirtd {
     ) -> Result<Option<Output>> {
         let mut argv = vec!["virsh", "-q", "-c", local];
         argv.extend_from_slice(args);
-        let mut cmd = r.exec(&argv).timeout(timeout);
-        if let Some(f) = stdin {
-            cmd = cmd.stdin_file(f);
-        }
-        let mut out = cmd.output()?;
+        let mut out = r.run(&argv, stdin, timeout)?;
         match out.code() {
             Some(127) => {
                 self.no_far_virsh.store(true, std::sync::atomic::Ordering::Relaxed);

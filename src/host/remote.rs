@@ -9,9 +9,12 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::Result;
+use std::time::Duration;
 
-use crate::process::Cmd;
+use anyhow::{Context, Result};
+
+use crate::platform::MuxFailure;
+use crate::process::{Cmd, Output};
 
 /// How long an idle master connection to a libvirt host stays up after its last virsh call or ProxyCommand ended
 /// (OpenSSH `ControlPersist`, seconds): long enough for the calls of one command and the next command, short
@@ -20,6 +23,11 @@ pub const CONTROL_PERSIST: &str = "60";
 /// The environment switch shared with the guest's connection reuse (`ssh::control::ENV`): `0`/`no`/`false`/`off`
 /// turns the host's master connection off too.
 const REUSE_ENV: &str = "PROVISIONER_SSH_REUSE";
+/// `PROVISIONER_REMOTE_EXEC`, the switch of virsh calls run on the host (`host::libvirtd`): `ssh` runs each through
+/// an `ssh` process even when the master could take it in-process (the way before, for comparison).
+const EXEC_ENV: &str = "PROVISIONER_REMOTE_EXEC";
+/// How `-v` names a command run through the master in-process (no child process): `+ 9 ms: [ssh master] HOST CMD`.
+pub const MASTER_TRACE: &str = "[ssh master]";
 /// `sun_path` holds 104 bytes on macOS and the BSDs; OpenSSH binds `PATH.` + 16 random characters first.
 const SUN_PATH_ROOM: usize = 104 - 17;
 
@@ -382,8 +390,7 @@ impl RemoteHost {
     /// of `argv` is quoted for the far `sh` (the login shell there only starts `sh`). ssh's own failures exit 255;
     /// a program missing on the host exits 127.
     pub fn exec(&self, argv: &[&str]) -> Cmd {
-        let script: Vec<String> = argv.iter().map(|a| super::shell_quote(a)).collect();
-        let script = format!("LC_ALL=C exec {}", script.join(" "));
+        let script = Self::script(argv);
         Cmd::new("ssh")
             .args(self.host_key_options())
             .args(self.control_options())
@@ -391,6 +398,101 @@ impl RemoteHost {
             .args(self.login_args())
             .args(["-T", "--", &self.host, "sh", "-c"])
             .arg(super::shell_quote(&script))
+    }
+
+    /// `LC_ALL=C exec ARGV`, every word quoted for the far `sh`. Pure.
+    fn script(argv: &[&str]) -> String {
+        let words: Vec<String> = argv.iter().map(|a| super::shell_quote(a)).collect();
+        format!("LC_ALL=C exec {}", words.join(" "))
+    }
+
+    /// Run `argv` on the host as [`Self::exec`] does (stdin: the file `stdin`, else nothing), output captured, a
+    /// non-zero exit not an error: through the live master in-process ([`Self::through_master`]) when there is
+    /// one, else the `ssh` process of [`Self::exec`] (which opens the master on the first call).
+    pub fn run(&self, argv: &[&str], stdin: Option<&Path>, timeout: Duration) -> Result<Output> {
+        if let Some(out) = self.through_master(argv, stdin, timeout)? {
+            return Ok(out);
+        }
+        let mut cmd = self.exec(argv).timeout(timeout);
+        if let Some(f) = stdin {
+            cmd = cmd.stdin_file(f);
+        }
+        cmd.output()
+    }
+
+    /// [`Self::exec`]'s command run through the master connection's control socket in this process (OpenSSH's
+    /// mux protocol, `platform::ssh_mux_exec`): a session channel on the master, no `ssh` process started. The
+    /// same command string reaches the host, so its stdout, stderr and exit status are the ssh process's. None
+    /// (the caller runs ssh) when there is no master yet, reuse is off, [`EXEC_ENV`] is `ssh`, the platform has no
+    /// master, or the master did not open the session (a stale socket, a refusal, a protocol error: the command
+    /// did not run). A master that does not answer within `timeout` is an error (ssh would hang on it too).
+    pub fn through_master(
+        &self,
+        argv: &[&str],
+        stdin: Option<&Path>,
+        timeout: Duration,
+    ) -> Result<Option<Output>> {
+        if std::env::var(EXEC_ENV).is_ok_and(|v| v.trim().eq_ignore_ascii_case("ssh")) {
+            return Ok(None);
+        }
+        let Some(socket) = self.control_socket() else { return Ok(None) };
+        if std::fs::symlink_metadata(&socket).is_err() {
+            return Ok(None);
+        }
+        crate::process::check_interrupted()?;
+        let command = format!("sh -c {}", super::shell_quote(&Self::script(argv)));
+        let file = match stdin {
+            Some(f) => Some(
+                std::fs::File::open(f).with_context(|| format!("open {} for `{command}`", f.display()))?,
+            ),
+            None => None,
+        };
+        let shown =
+            crate::process::Shown::start(|| format!("{MASTER_TRACE} {} {command}", self.destination()));
+        let cancelled = || crate::process::interrupted().is_some();
+        let run = match crate::platform::ssh_mux_exec(&socket, &command, file.as_ref(), timeout, &cancelled) {
+            Ok(run) => run,
+            Err(MuxFailure::Unavailable(why)) => {
+                shown.cancel();
+                if crate::process::verbosity() >= 1 {
+                    eprintln!(
+                        "+ the SSH master at {} did not take the command ({why}): ssh instead",
+                        socket.display()
+                    );
+                }
+                return Ok(None);
+            }
+            Err(MuxFailure::Interrupted) => {
+                crate::process::check_interrupted()?;
+                anyhow::bail!("interrupted");
+            }
+            Err(MuxFailure::TimedOut) => {
+                let path = socket.display().to_string().replace('%', "%%");
+                anyhow::bail!(
+                    "`{command}` on the libvirt host {} through its shared SSH connection (control socket {}) did \
+                     not finish within {timeout:?}; its session was closed\nhint: if the host is up, the master \
+                     connection may be stuck: close it with `ssh -O exit -o ControlPath={} {}` (or remove the \
+                     socket) and run the command again",
+                    self.destination(),
+                    socket.display(),
+                    super::shell_quote(&path),
+                    self.host
+                );
+            }
+        };
+        drop(shown);
+        let stdout = String::from_utf8_lossy(&run.stdout).into_owned();
+        let mut stderr = String::from_utf8_lossy(&run.stderr).into_owned();
+        if run.code.is_none() {
+            stderr.push_str(&format!(
+                "the shared SSH connection to {} closed before the command's exit status came\n",
+                self.destination()
+            ));
+        }
+        if crate::process::verbosity() >= 2 {
+            eprint!("{stdout}{stderr}");
+        }
+        Ok(Some(Output { status: crate::platform::exit_status(run.code.unwrap_or(255)), stdout, stderr }))
     }
 
     /// The ssh wrapper libvirt's `ssh` transport runs (its `command=`): OpenSSH with our host key options and

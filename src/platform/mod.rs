@@ -12,6 +12,7 @@
 //! | who holds a port | Linux `/proc/net` + `/proc/*/fd` | unknown (`None`) |
 //! | OpenSSH ControlMaster | yes | no: Windows' OpenSSH has none, every `ssh` is a fresh connection |
 //! | host IPv4 networks | `getifaddrs` | unknown (empty: no overlap check) |
+//! | a command through an OpenSSH master in-process | `ssh_mux.rs`: the mux protocol, fds passed with `SCM_RIGHTS` | no (no master) |
 //!
 //! Signal numbers are the portable POSIX values ([`SIGINT`], [`SIGTERM`], [`SIGHUP`]): the Windows side maps its
 //! console events onto them, so exit codes (128 + number) are the same everywhere.
@@ -24,6 +25,8 @@ use std::process::{Command, ExitStatus};
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::Duration;
 
+#[cfg(unix)]
+mod ssh_mux;
 #[cfg(unix)]
 mod unix;
 #[cfg(unix)]
@@ -82,6 +85,11 @@ impl ProcessTree {
 /// The signal that ended a child, if one did (Unix only; Windows has none).
 pub(crate) fn exit_signal(status: &ExitStatus) -> Option<i32> {
     imp::exit_signal(status)
+}
+
+/// An exit status with this exit code (for a command that ran elsewhere, e.g. through an SSH master).
+pub(crate) fn exit_status(code: i32) -> ExitStatus {
+    imp::exit_status(code)
 }
 
 /// Hand this process over to `cmd`: on Unix it replaces us (exec); on Windows, which has no exec, it runs with our
@@ -368,4 +376,46 @@ pub(crate) fn port_holder(addr: SocketAddr, tcp: bool) -> Option<(u32, String)> 
 /// Every IPv4 address of this host's interfaces: (interface, address, prefix length). Empty on Windows (unknown).
 pub(crate) fn ipv4_interfaces() -> io::Result<Vec<(String, Ipv4Addr, u8)>> {
     imp::ipv4_interfaces()
+}
+
+/// What a command run through an OpenSSH master ([`ssh_mux_exec`]) gave: its exit code (None when the master's
+/// connection ended without one, where `ssh` exits 255) and its output.
+#[derive(Debug)]
+#[cfg_attr(not(unix), allow(dead_code))] // made by the unix client only
+pub(crate) struct MuxRun {
+    pub code: Option<i32>,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+}
+
+/// Why [`ssh_mux_exec`] gave no [`MuxRun`].
+#[derive(Debug)]
+#[cfg_attr(not(unix), allow(dead_code))] // Windows answers Unavailable only
+pub(crate) enum MuxFailure {
+    /// No session was opened (no master on the socket, a refusal, a protocol error, Windows): the command did
+    /// not run, so `ssh` may run it.
+    Unavailable(String),
+    /// The deadline passed (before or after the session opened); the control connection is closed.
+    TimedOut,
+    /// A signal came (`cancelled` answered true); the control connection is closed.
+    Interrupted,
+}
+
+/// Run `command` (one string, as `ssh HOST COMMAND` sends it) through the OpenSSH master listening on the control
+/// socket `socket`, with no `ssh` process: OpenSSH's mux protocol, our stdin (`stdin`, else the null device) and
+/// two pipes passed to the master. Ends by `timeout`; `cancelled` is asked at least every 100 ms.
+pub(crate) fn ssh_mux_exec(
+    socket: &Path,
+    command: &str,
+    stdin: Option<&File>,
+    timeout: Duration,
+    cancelled: &dyn Fn() -> bool,
+) -> Result<MuxRun, MuxFailure> {
+    #[cfg(unix)]
+    return ssh_mux::exec(socket, command, stdin, timeout, cancelled);
+    #[cfg(not(unix))]
+    {
+        let _ = (socket, command, stdin, timeout, cancelled);
+        Err(MuxFailure::Unavailable("no OpenSSH master on this platform".into()))
+    }
 }

@@ -40,6 +40,10 @@ pub(super) fn exit_signal(status: &ExitStatus) -> Option<i32> {
     status.signal()
 }
 
+pub(super) fn exit_status(code: i32) -> ExitStatus {
+    ExitStatus::from_raw((code & 0xff) << 8)
+}
+
 pub(super) fn exec(mut cmd: Command) -> io::Error {
     cmd.exec()
 }

@@ -111,6 +111,10 @@ pub(super) fn exit_signal(_status: &ExitStatus) -> Option<i32> {
     None
 }
 
+pub(super) fn exit_status(code: i32) -> ExitStatus {
+    std::os::windows::process::ExitStatusExt::from_raw(code as u32)
+}
+
 pub(super) fn exec(mut cmd: Command) -> io::Error {
     // No exec(2) on Windows: run it on our console and exit with its code. A Ctrl-C reaches both; ours is noted
     // and the child decides (an interactive ssh.exe reads Ctrl-C as a key).
