@@ -24,15 +24,7 @@ pub(crate) enum Verdict {
     UnavailableOffline,
 }
 
-/// A container as `docker inspect` reports it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Default)]
-pub(crate) struct ContainerState {
-    /// created | running | restarting | exited | paused | dead
-    pub status: String,
-    /// Docker healthcheck: starting | healthy | unhealthy (None without a healthcheck).
-    pub health: Option<String>,
-    pub restarts: u64,
-}
+pub(crate) use crate::guest::{parse_inspect, ContainerState};
 
 /// One HTTP probe through the forwarded port.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -77,30 +69,6 @@ pub(crate) struct Report {
     pub deferred: Vec<Target>,
 }
 
-/// Parse `docker inspect` output (a JSON array) into state per compose service. Pure.
-pub(crate) fn parse_inspect(json_text: &str) -> Result<BTreeMap<String, ContainerState>> {
-    let v: serde_json::Value =
-        serde_json::from_str(json_text.trim()).context("parse `docker inspect` output")?;
-    let mut out = BTreeMap::new();
-    for c in v.as_array().into_iter().flatten() {
-        let Some(service) = c.pointer("/Config/Labels/com.docker.compose.service").and_then(|s| s.as_str())
-        else {
-            continue;
-        };
-        let state = ContainerState {
-            status: c.pointer("/State/Status").and_then(|s| s.as_str()).unwrap_or("unknown").to_string(),
-            health: c.pointer("/State/Health/Status").and_then(|s| s.as_str()).map(String::from),
-            restarts: c.get("RestartCount").and_then(|r| r.as_u64()).unwrap_or(0),
-        };
-        // One-off containers (`compose run`) do not replace the service's own.
-        let one_off =
-            c.pointer("/Config/Labels/com.docker.compose.oneoff").and_then(|s| s.as_str()) == Some("True");
-        if !one_off {
-            out.insert(service.to_string(), state);
-        }
-    }
-    Ok(out)
-}
 
 /// Parse a `/api/v1/targets` answer (`data.activeTargets[]`: `labels.job`, `labels.instance`, `health`,
 /// `lastError`). Pure.

@@ -193,8 +193,9 @@ fn manifest(root: &Path) -> std::collections::BTreeMap<PathBuf, (String, u32)> {
         .collect()
 }
 
-/// `prefetch`: the commands run at once (concurrently) in one exec; each is then served once, with the status and
-/// output its own exec gives, without running again; any other command drops what is held.
+/// `prefetch`: the commands run at once (concurrently) in one exec; each is then served once (a command listed twice,
+/// twice), with the status and output its own exec gives, without running again; any other command drops what is
+/// held.
 #[test]
 fn prefetched_commands_run_together_once_and_are_served_until_another_command_runs() {
     for sshd in [Sshd::start(), sshd_with_sudo()] {
@@ -210,7 +211,8 @@ fn prefetched_commands_run_together_once_and_are_served_until_another_command_ru
         let touch = format!("echo touch >> {runs}; touch {met}; printf 'out\\n\\t\\303\\277 last'; exit 3");
         let plain = "printf 'x\\ny\\n'; echo e >&2; exit 5".to_string();
         let direct = s.exec(&plain, T).unwrap();
-        assert_eq!(s.prefetch(&[wait.clone(), touch.clone(), plain.clone(), wait.clone()], T), 3);
+        // `wait` is listed twice: it runs once and is held for two execs.
+        assert_eq!(s.prefetch(&[wait.clone(), touch.clone(), plain.clone(), wait.clone()], T), 4);
         let count = |what: &str| {
             std::fs::read_to_string(dir.path().join("runs")).unwrap().lines().filter(|l| *l == what).count()
         };
@@ -218,6 +220,8 @@ fn prefetched_commands_run_together_once_and_are_served_until_another_command_ru
         let served = s.exec(&plain, T).unwrap();
         assert_eq!((served.status, served.output.as_str()), (direct.status, direct.output.as_str()));
         assert_eq!(s.exec_ok(&wait, T).unwrap(), "met\n", "the commands ran concurrently");
+        assert_eq!(s.exec_ok(&wait, T).unwrap(), "met\n", "listed twice: served twice");
+        assert_eq!(count("wait"), 1, "served twice without running again");
         let t = s.exec(&touch, T).unwrap();
         assert_eq!((t.status, t.output.as_str()), (3, "out\n\tÿ last"));
         assert_eq!((count("wait"), count("touch")), (1, 1), "served without running again");

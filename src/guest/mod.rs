@@ -9,7 +9,7 @@ pub mod images;
 pub mod registry;
 pub mod upload;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -138,10 +138,50 @@ pub fn compose_for(cfg: &Config, model: &ComposeModel, kind: compose::ComposeKin
     }
 }
 
-/// Compose services of this project with a running container.
+/// Compose services of this project with a running container: from the container states the health check reads
+/// ([`containers_command`]), so a warm `up` asks the guest for them once.
 pub fn running_services(ssh: &Session, project: &str) -> Result<BTreeSet<String>> {
-    let out = ssh.exec_ok(&running_services_command(project), Duration::from_secs(60))?;
-    Ok(out.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect())
+    running_in(&ssh.exec_ok(&containers_command(project), Duration::from_secs(60))?)
+}
+
+/// The services running in a [`containers_command`] answer (one-off `compose run` containers left out). Pure.
+fn running_in(inspect: &str) -> Result<BTreeSet<String>> {
+    Ok(parse_inspect(inspect)?.into_iter().filter(|(_, c)| c.status == "running").map(|(s, _)| s).collect())
+}
+
+/// A container as `docker inspect` reports it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, Default)]
+pub(crate) struct ContainerState {
+    /// created | running | restarting | exited | paused | dead
+    pub status: String,
+    /// Docker healthcheck: starting | healthy | unhealthy (None without a healthcheck).
+    pub health: Option<String>,
+    pub restarts: u64,
+}
+
+/// Parse `docker inspect` output (a JSON array) into state per compose service. Pure.
+pub(crate) fn parse_inspect(json_text: &str) -> Result<BTreeMap<String, ContainerState>> {
+    let v: serde_json::Value =
+        serde_json::from_str(json_text.trim()).context("parse `docker inspect` output")?;
+    let mut out = BTreeMap::new();
+    for c in v.as_array().into_iter().flatten() {
+        let Some(service) = c.pointer("/Config/Labels/com.docker.compose.service").and_then(|s| s.as_str())
+        else {
+            continue;
+        };
+        let state = ContainerState {
+            status: c.pointer("/State/Status").and_then(|s| s.as_str()).unwrap_or("unknown").to_string(),
+            health: c.pointer("/State/Health/Status").and_then(|s| s.as_str()).map(String::from),
+            restarts: c.get("RestartCount").and_then(|r| r.as_u64()).unwrap_or(0),
+        };
+        // One-off containers (`compose run`) do not replace the service's own.
+        let one_off =
+            c.pointer("/Config/Labels/com.docker.compose.oneoff").and_then(|s| s.as_str()) == Some("True");
+        if !one_off {
+            out.insert(service.to_string(), state);
+        }
+    }
+    Ok(out)
 }
 
 /// The command the health check (`health::containers`) runs: `docker inspect` of the project's containers as one JSON array. Through the
@@ -163,21 +203,6 @@ pub fn containers_command(project: &str) -> String {
         shell_quote(&api),
         shell_quote(&cli)
     )
-}
-
-/// The command [`running_services`] runs: the compose services of `project` with a running container, one per
-/// line. Through the Engine API with one `curl` start when the guest has curl (`docker ps` costs ~0.5 s of guest
-/// CPU under TCG), else `docker ps`.
-fn running_services_command(project: &str) -> String {
-    let filters = shell_quote(&format!(r#"filters={{"label":["com.docker.compose.project={project}"]}}"#));
-    let api = format!(
-        r#"list=$(sudo -n curl -sfG --unix-socket /var/run/docker.sock --data-urlencode {filters} http://docker/containers/json) || exit 1; printf '%s' "$list" | grep -o '"com.docker.compose.service":"[^"]*"' | cut -d'"' -f4"#
-    );
-    let cli = format!(
-        "sudo -n docker ps --filter label=com.docker.compose.project={} --format '{{{{.Label \"com.docker.compose.service\"}}}}'",
-        shell_quote(project)
-    );
-    format!("if command -v curl >/dev/null 2>&1; then {api}; else {cli}; fi")
 }
 
 /// What `auto` asks the registries (the registry-mode tree's pulled images): the probe's targets and its script.
@@ -214,7 +239,9 @@ pub fn warm_commands(cfg: &Config, lab: &Lab) -> Vec<String> {
     }
     cmds.push(upload::read_manifest_command(&cfg.provision.guest_path));
     let project = compose::project_name(&cfg.machine.name);
-    cmds.push(running_services_command(&project));
+    // Twice: the running services (the upload step) and the first health round read the same container states,
+    // which run once and are served to both.
+    cmds.push(containers_command(&project));
     cmds.push(containers_command(&project));
     cmds
 }
@@ -618,23 +645,15 @@ esac"#;
     }
 
     #[test]
-    #[cfg_attr(windows, ignore = "windows: a guest shell command, run with /bin/sh")]
-    fn running_services_come_from_the_engine_api_with_curl_else_from_docker_ps() {
-        let cmd = running_services_command("provisioner-lab");
-        let curl = r#"
-case "$*" in
-  *'filters={"label":["com.docker.compose.project=provisioner-lab"]}'*'containers/json') ;;
-  *) echo "unexpected curl $*" >&2; exit 9 ;;
-esac
-printf '[{"Id":"a1","Labels":{"com.docker.compose.project":"provisioner-lab","com.docker.compose.service":"demo-app"},"State":"running"},'
-printf '{"Id":"b2","Labels":{"com.docker.compose.service":"node-exporter","x":"y"},"State":"running"}]'"#;
-        let out = crate::testing::guest_sh(
-            &cmd,
-            &[("curl", curl), ("docker", "echo docker must not run >&2; exit 9")],
-        );
-        assert_eq!(out, "demo-app\nnode-exporter\n");
-        let docker = r#"[ "$1 $2 $3" = "ps --filter label=com.docker.compose.project=provisioner-lab" ] && echo prometheus"#;
-        assert_eq!(crate::testing::guest_sh(&cmd, &[("docker", docker)]), "prometheus\n");
+    fn running_services_are_the_running_containers_of_the_health_checks_answer() {
+        let inspect = r#"[
+  {"Config":{"Labels":{"com.docker.compose.service":"demo-app"}},"State":{"Status":"running"}},
+  {"Config":{"Labels":{"com.docker.compose.service":"prometheus"}},"State":{"Status":"exited"}},
+  {"Config":{"Labels":{"com.docker.compose.service":"alertmanager","com.docker.compose.oneoff":"True"}},"State":{"Status":"running"}},
+  {"Config":{"Labels":{}},"State":{"Status":"running"}},
+  {}]"#;
+        assert_eq!(running_in(inspect).unwrap().into_iter().collect::<Vec<_>>(), ["demo-app"]);
+        assert!(running_in("not json").is_err());
     }
 
     const LAB: &str = "services:\n  demo-app:\n    build: ./demo-app\n    image: lab/demo:debian\n  \

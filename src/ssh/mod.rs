@@ -123,7 +123,8 @@ pub struct Session {
     sess: ssh2::Session,
     addr: SocketAddr,
     /// Results of [`Session::prefetch`], each served once while no other command has run since.
-    prefetched: std::sync::Mutex<std::collections::HashMap<String, Prefetched>>,
+    /// Each prefetched command's result and how many more times it may be served.
+    prefetched: std::sync::Mutex<std::collections::HashMap<String, (Prefetched, usize)>>,
 }
 
 /// Commands this process ran in guests (each an exec channel; a prefetch is one) and those answered from a
@@ -138,6 +139,7 @@ pub fn exec_counts() -> (usize, usize) {
 }
 
 /// A result of [`Session::prefetch`], and how long the command took in the guest (with `-v`).
+#[derive(Clone)]
 struct Prefetched {
     out: ExecOutput,
     guest_ms: Option<u64>,
@@ -181,50 +183,58 @@ impl Session {
     }
 
     /// Run `cmds` at once, concurrently in the guest, in one exec (one round trip instead of one each); each
-    /// result is then served by the first [`Session::exec`] of exactly that command, as long as no other command
-    /// ran on this session since (any other exec may change what they read, so it drops them all). The commands
-    /// must not depend on each other's effects. Best effort: a failed prefetch leaves each to run on its own.
-    /// Returns how many results are held.
+    /// result is then served by the first [`Session::exec`] of exactly that command (by as many as the times it is
+    /// listed: it runs once), as long as no other command ran on this session since (any other exec may change
+    /// what they read, so it drops them all). The commands must not depend on each other's effects. Best effort:
+    /// a failed prefetch leaves each to run on its own. Returns how many answers are held.
     pub fn prefetch(&self, cmds: &[String], timeout: Duration) -> usize {
-        let cmds: Vec<&String> = {
-            let mut seen = std::collections::HashSet::new();
-            cmds.iter().filter(|c| seen.insert(c.as_str())).collect()
-        };
+        // A command listed twice (two steps that read the same thing) runs once and is served twice.
+        let mut wanted: Vec<(&String, usize)> = Vec::new();
+        for c in cmds {
+            match wanted.iter_mut().find(|(w, _)| *w == c) {
+                Some((_, n)) => *n += 1,
+                None => wanted.push((c, 1)),
+            }
+        }
         self.drop_prefetched();
-        if cmds.is_empty() {
+        if wanted.is_empty() {
             return 0;
         }
         let started = Instant::now();
         let timed = crate::process::verbosity() >= 1;
-        let script = prefetch_script(&cmds, timed);
+        let distinct: Vec<&String> = wanted.iter().map(|(c, _)| *c).collect();
+        let script = prefetch_script(&distinct, timed);
         let out = Exec::start(self, &script, timeout, &mut |_| {}).and_then(|mut ex| ex.finish());
         if timed {
             eprintln!(
                 "+ ssh {} ms: {} commands at once (each served below as `prefetched`)",
                 started.elapsed().as_millis(),
-                cmds.len()
+                distinct.len()
             );
         }
         let results = match out {
-            Ok(out) if out.status == 0 => parse_prefetch(&out.output, cmds.len()),
+            Ok(out) if out.status == 0 => parse_prefetch(&out.output, distinct.len()),
             _ => None,
         };
         let Some(results) = results else { return 0 };
         let mut held = self.prefetched.lock().unwrap_or_else(|e| e.into_inner());
-        for (cmd, result) in cmds.into_iter().zip(results) {
-            held.insert(cmd.clone(), result);
+        for ((cmd, times), result) in wanted.into_iter().zip(results) {
+            held.insert(cmd.clone(), (result, times));
         }
-        held.len()
+        held.values().map(|(_, times)| times).sum()
     }
 
-    /// The prefetched result of `cmd` (removed), or None; any other command drops every prefetched result.
+    /// The prefetched result of `cmd` (served as many times as it was listed), or None; any other command drops
+    /// every prefetched result.
     fn take_prefetched(&self, cmd: &str) -> Option<Prefetched> {
         let mut held = self.prefetched.lock().unwrap_or_else(|e| e.into_inner());
-        let hit = held.remove(cmd);
-        if hit.is_none() {
+        let Some((result, times)) = held.get_mut(cmd) else {
             held.clear();
-        }
-        hit
+            return None;
+        };
+        *times -= 1;
+        let result = if *times == 0 { held.remove(cmd).map(|(r, _)| r) } else { Some(result.clone()) };
+        result
     }
 
     fn drop_prefetched(&self) {
