@@ -233,8 +233,11 @@ impl Session {
             return None;
         };
         *times -= 1;
-        let result = if *times == 0 { held.remove(cmd).map(|(r, _)| r) } else { Some(result.clone()) };
-        result
+        if *times == 0 {
+            held.remove(cmd).map(|(r, _)| r)
+        } else {
+            Some(result.clone())
+        }
     }
 
     fn drop_prefetched(&self) {
