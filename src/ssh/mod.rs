@@ -394,6 +394,15 @@ fn retry<T>(
                 now - start
             )));
         }
+        if crate::process::verbosity() >= 1 {
+            // Where a slow `ssh` phase goes: each failed attempt, its cause and the pause before the next.
+            eprintln!(
+                "+ ssh attempt {attempts} to {addr} failed after {} ms ({}); again in {} ms",
+                (now - start).as_millis(),
+                format!("{last:#}").lines().next().unwrap_or_default(),
+                pause.min(deadline - now).as_millis()
+            );
+        }
         crate::process::sleep_interruptible(pause.min(deadline - now));
         crate::process::check_interrupted()?;
         pause = (pause * 2).min(Duration::from_secs(2));
