@@ -423,7 +423,7 @@ pub fn provision(
         }
     }
     if !to_build.is_empty() {
-        let env = compose::build_env(ready.compose, &ready.server_version);
+        let env = compose::build_env(ready.compose, &ready.server_version, cfg.provision.images);
         let cmd = compose.cmd_env(env, &format!("build {}", to_build.join(" ")));
         stream_cmd(ssh, &cmd, &phase, 60 * 60).map_err(|e| {
             e.context("`compose build` failed\nhint: the last lines above name the failing Dockerfile step; fix it \
