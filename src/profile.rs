@@ -14,6 +14,10 @@ pub struct Profile {
     pub probes: &'static [(&'static str, &'static str, u16)],
     /// Packages of the container base image the workload's Dockerfiles build FROM.
     pub base_packages: &'static [&'static str],
+    /// Shell commands run as root inside the base image's rootfs on the host once its packages are in: the users,
+    /// directories and ownership the Dockerfiles would otherwise make in `RUN` steps, each of which starts a
+    /// container in the guest (seconds under TCG). Part of the base image's key.
+    pub base_setup: &'static str,
     /// The service that reports its scrape targets, whose targets are judged as part of its health.
     pub targets: Option<TargetsCheck>,
     /// The machine's secrets in its state dir (`root`), made and saved on first use.
@@ -63,6 +67,7 @@ mod tests {
     static OTHER: Profile = Profile {
         probes: &[("web", "/up", 7000), ("watch", "/ready", 7001)],
         base_packages: &["busybox"],
+        base_setup: "",
         targets: Some(TargetsCheck { service: "watch", port: 7001, path: "/scrape/targets" }),
         secrets: |_| Ok(serde_json::json!({"token": "from-the-state-dir"})),
         sample_secrets: || serde_json::json!({"token": "sample"}),

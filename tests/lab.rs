@@ -420,6 +420,78 @@ fn compose_debian_mode_builds_from_the_base_image_and_parks_registry_only_servic
     }
 }
 
+/// The debian-mode Dockerfiles have no `RUN` step (each starts a container in the TCG guest, seconds apiece): the
+/// users, dirs and ownership those steps made come from the base rootfs, made on the host by the profile's setup
+/// (`provisioner::lab::BASE_SETUP`). Every USER they name exists there (made by a package or by the setup, the demo
+/// app's with the registry-mode image's own `useradd`), every WORKDIR is made, and every named volume mounted on one
+/// is owned by the service's user (Docker copies the image dir's owner into a new volume).
+#[test]
+fn debian_mode_dockerfiles_have_no_run_step_and_the_base_setup_makes_what_they_relied_on() {
+    let lab = Lab::render("debian", "");
+    let c = check_compose(&lab, "debian");
+    let setup = provisioner::lab::BASE_SETUP;
+    let packages = provisioner::lab::BASE_PACKAGES;
+    let named: Vec<&str> = c["volumes"].as_mapping().unwrap().keys().map(|k| k.as_str().unwrap()).collect();
+    let registry_app =
+        std::fs::read_to_string(support::repo().join("provision/demo-app/Dockerfile")).unwrap();
+    for s in ["demo-app", "prometheus", "alertmanager", "node-exporter"] {
+        let build = &c["services"][s]["build"];
+        let (ctx, file) = match build.as_str() {
+            Some(ctx) => (ctx.to_string(), "Dockerfile".to_string()),
+            None => (
+                build["context"].as_str().unwrap().to_string(),
+                build["dockerfile"].as_str().unwrap_or("Dockerfile").to_string(),
+            ),
+        };
+        let df = lab.read(&format!("{}/{file}", ctx.trim_start_matches("./")));
+        let instructions: Vec<(String, &str)> = df
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .map(|l| {
+                let (k, v) = l.split_once(' ').unwrap_or((l, ""));
+                (k.to_ascii_uppercase(), v.trim())
+            })
+            .collect();
+        let run: Vec<&str> = instructions.iter().filter(|(k, _)| k == "RUN").map(|(_, v)| *v).collect();
+        assert!(run.is_empty(), "{s}: {file} has RUN steps {run:?}; make that in BASE_SETUP on the host");
+        let one = |key: &str| instructions.iter().find(|(k, _)| k == key).map(|(_, v)| *v);
+        let user = one("USER").unwrap_or_else(|| panic!("{s}: {file} has no USER"));
+        match user {
+            "nobody" => {}
+            "prometheus" => {
+                assert!(packages.contains(&"prometheus"), "the prometheus package makes its user")
+            }
+            u => {
+                let made = setup.lines().find(|l| l.starts_with("useradd ") && l.ends_with(&format!(" {u}")));
+                let made =
+                    made.unwrap_or_else(|| panic!("{s}: USER {u} is made by no package nor BASE_SETUP"));
+                assert!(
+                    registry_app.contains(made),
+                    "{s}: {u} must be the registry-mode image's user (same uid): {made:?}"
+                );
+            }
+        }
+        let Some(workdir) = one("WORKDIR") else { continue };
+        let made_dir = |cmd: &str| {
+            setup.lines().any(|l| l.starts_with(cmd) && l.split_whitespace().any(|w| w == workdir))
+        };
+        assert!(made_dir("mkdir -p "), "{s}: WORKDIR {workdir} is not made by BASE_SETUP");
+        let volumes = c["services"][s]["volumes"].as_sequence().cloned().unwrap_or_default();
+        let on_named_volume = volumes.iter().filter_map(Value::as_str).any(|v| {
+            let mut parts = v.split(':');
+            let (src, dst) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+            dst == workdir && named.contains(&src)
+        });
+        if on_named_volume {
+            assert!(
+                made_dir(&format!("chown {user}:{user} ")),
+                "{s}: {workdir} (a volume) is not owned by {user}"
+            );
+        }
+    }
+}
+
 #[test]
 fn dashboards_use_the_provisioned_datasource_uid() {
     let lab = Lab::render("debian", "");

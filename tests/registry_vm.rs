@@ -311,6 +311,32 @@ fn base_user(tarball: &Path, user: &str) -> (u32, u32) {
     panic!("no etc/passwd in {}", tarball.display())
 }
 
+/// The base tarball's user and group files without `user`'s lines, as entries of an image's layer. The base rootfs
+/// carries the demo app's user `app` (src/lab `BASE_SETUP`); the real Python image has none, and the registry-mode
+/// Dockerfile's `useradd` fails on a user that exists, so the Python stand-in drops it as that image would lack it.
+fn base_files_without_user(tarball: &Path, user: &str) -> Vec<serde_json::Value> {
+    let wanted = ["etc/passwd", "etc/group", "etc/shadow", "etc/gshadow"];
+    let mut out = Vec::new();
+    let mut ar = tar::Archive::new(std::fs::File::open(tarball).unwrap());
+    for e in ar.entries().unwrap() {
+        let mut e = e.unwrap();
+        let path = e.path().unwrap().to_string_lossy().trim_start_matches("./").to_string();
+        if !wanted.contains(&path.as_str()) {
+            continue;
+        }
+        let (mode, uid, gid) =
+            (e.header().mode().unwrap(), e.header().uid().unwrap(), e.header().gid().unwrap());
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut e, &mut text).unwrap();
+        let kept: String =
+            text.lines().filter(|l| !l.starts_with(&format!("{user}:"))).map(|l| format!("{l}\n")).collect();
+        out.push(serde_json::json!({"path": path, "kind": "file", "mode": format!("{:o}", mode & 0o7777),
+                                    "uid": uid, "gid": gid, "data": kept}));
+    }
+    assert_eq!(out.len(), wanted.len(), "user and group files in {}", tarball.display());
+    out
+}
+
 /// What `PUSH` pushes: per image, its repository path in the registry (as registry mode names it through the
 /// proxy prefix), its own layer and its config. The Prometheus, Alertmanager and node exporter images take the
 /// config of the debian-mode image the guest built (`configs`, from `docker image inspect`) and its data directory,
@@ -328,6 +354,12 @@ fn fill_spec(configs: &serde_json::Value, tarball: &Path, wheels: &Path) -> serd
         .map(|e| e.path())
         .find(|p| p.file_name().unwrap().to_string_lossy().starts_with("pip-"))
         .expect("pip's wheel downloaded");
+    let mut python_entries = vec![
+        json!({"path": "usr/local/bin/python", "kind": "symlink", "mode": "777", "target": "/usr/bin/python3"}),
+        json!({"path": "usr/local/bin/pip", "kind": "file", "mode": "755", "data": PIP_SCRIPT}),
+        json!({"path": "usr/local/lib/python3.11/dist-packages", "kind": "wheel", "source": pip_wheel}),
+    ];
+    python_entries.extend(base_files_without_user(tarball, "app"));
     let image = |repo: &str, made: &str, entries: serde_json::Value, config: serde_json::Value| {
         let (name, tag) = repo.rsplit_once(':').unwrap();
         json!({"name": name, "tag": tag, "made": made, "entries": entries, "config": config})
@@ -341,10 +373,7 @@ fn fill_spec(configs: &serde_json::Value, tarball: &Path, wheels: &Path) -> serd
             json!({"Env": env, "Cmd": ["/run.sh"]})),
         image(IMAGES[4].0, IMAGES[4].1, json!([wget, standin]),
             json!({"Env": env, "Entrypoint": ["python3", "/standin.py", "8080"]})),
-        image(IMAGES[5].0, IMAGES[5].1, json!([
-            {"path": "usr/local/bin/python", "kind": "symlink", "mode": "777", "target": "/usr/bin/python3"},
-            {"path": "usr/local/bin/pip", "kind": "file", "mode": "755", "data": PIP_SCRIPT},
-            {"path": "usr/local/lib/python3.11/dist-packages", "kind": "wheel", "source": pip_wheel}]),
+        image(IMAGES[5].0, IMAGES[5].1, json!(python_entries),
             json!({"Env": [env[0].clone(), "PIP_BREAK_SYSTEM_PACKAGES=1", "PIP_ROOT_USER_ACTION=ignore"],
                    "Cmd": ["python3"]})),
     ]})

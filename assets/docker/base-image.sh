@@ -1,16 +1,21 @@
 #!/bin/sh
 # Build the lab's container base image rootfs on the HOST and write it as a tarball for `docker import`.
-# Usage: base-image.sh SUITE MIRROR OUT.tar PACKAGE...
+# Usage: base-image.sh SUITE MIRROR OUT.tar SETUP PACKAGE...
+# SETUP: shell commands (the profile's) run as root inside the rootfs once the packages are in: the users, dirs and
+# ownership the Dockerfiles would otherwise make in RUN steps, each a container started in the TCG guest. Empty: none.
 # Runs as root (debootstrap needs it). The rootfs is trimmed (docs, man pages, locales, apt lists) to keep the
 # import into the guest short: `docker import` cost there is bound by the size.
 set -eu
-suite=$1 mirror=$2 out=$3
-shift 3
+suite=$1 mirror=$2 out=$3 setup=$4
+shift 4
 pkgs=$(echo "$@" | tr ' ' ',')
 work=$(mktemp -d "${out}.work.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 root="$work/rootfs"
 debootstrap --variant=minbase --include="$pkgs" "$suite" "$root" "$mirror"
+if [ -n "$setup" ]; then
+  chroot "$root" /bin/sh -eu -c "$setup"
+fi
 # Trim what a container never needs.
 rm -rf "$root"/usr/share/doc/* "$root"/usr/share/man/* "$root"/usr/share/info/* "$root"/usr/share/locale/* \
   "$root"/usr/share/lintian "$root"/var/lib/apt/lists/* "$root"/var/cache/apt/*.bin "$root"/var/cache/apt/archives/*.deb \

@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use anyhow::{anyhow, Context, Result};
 use serde::Serialize;
 
+use crate::config::ImageSource;
 use crate::host::shell_quote;
 use crate::render::Rendered;
 
@@ -254,6 +255,11 @@ pub struct Compose {
 impl Compose {
     /// The shell command for `compose <args>`.
     pub fn cmd(&self, args: &str) -> String {
+        self.cmd_env("", args)
+    }
+
+    /// [`Compose::cmd`] with more `NAME=value` words (space-separated) in Compose's environment.
+    pub fn cmd_env(&self, env: &str, args: &str) -> String {
         const COMPOSE_HTTP_TIMEOUT: u32 = 600;
         let bin = match self.kind {
             ComposeKind::V2 => "docker compose",
@@ -264,11 +270,28 @@ impl Compose {
         // Compose's Docker API timeout (60 s by default) ran out creating a container in a TCG guest on a loaded
         // host ("consider setting COMPOSE_HTTP_TIMEOUT"); `sudo` resets the environment, hence `env`.
         format!(
-            "cd {} && sudo -n env COMPOSE_HTTP_TIMEOUT={COMPOSE_HTTP_TIMEOUT} {bin} -p {} -f {}{profiles} {args}",
+            "cd {} && sudo -n env COMPOSE_HTTP_TIMEOUT={COMPOSE_HTTP_TIMEOUT} {env}{}{bin} -p {} -f {}{profiles} {args}",
             shell_quote(&self.dir),
+            if env.is_empty() { "" } else { " " },
             shell_quote(&self.project),
             shell_quote(&self.file)
         )
+    }
+}
+
+/// The environment `compose build` runs with: in `debian` mode, Compose v1 with a Docker engine before 23 builds
+/// through the docker CLI with BuildKit, whose metadata steps (ENV, USER, EXPOSE, HEALTHCHECK, CMD ...) start no
+/// container, where the classic builder creates and commits one per step (seconds each in a TCG guest). From 23 on
+/// the CLI needs the buildx plugin for BuildKit, so the classic builder stays; Compose v2 picks its builder itself.
+/// Registry mode keeps the classic builder: 20.10's BuildKit resolves a FROM image at the registry itself, without
+/// the CA installed under /etc/docker/certs.d (measured: `x509: certificate signed by unknown authority`).
+pub fn build_env(kind: ComposeKind, server_version: &str, images: ImageSource) -> &'static str {
+    let major = server_version.split('.').next().and_then(|m| m.trim().parse::<u32>().ok());
+    match (kind, major, images) {
+        (ComposeKind::V1, Some(m), ImageSource::Debian) if m < 23 => {
+            "COMPOSE_DOCKER_CLI_BUILD=1 DOCKER_BUILDKIT=1"
+        }
+        _ => "",
     }
 }
 
@@ -635,5 +658,35 @@ volumes:
             "{}",
             c.cmd("up -d")
         );
+    }
+
+    #[test]
+    fn compose_v1_builds_with_buildkit_in_debian_mode_on_an_engine_before_23_only() {
+        let c = Compose {
+            kind: ComposeKind::V1,
+            dir: "/opt/provision".into(),
+            project: "p".into(),
+            file: "compose.yaml".into(),
+            profiles: Vec::new(),
+        };
+        let env = build_env(ComposeKind::V1, "20.10.24+dfsg1", ImageSource::Debian);
+        assert_eq!(env, "COMPOSE_DOCKER_CLI_BUILD=1 DOCKER_BUILDKIT=1");
+        assert_eq!(
+            c.cmd_env(env, "build app"),
+            "cd /opt/provision && sudo -n env COMPOSE_HTTP_TIMEOUT=600 COMPOSE_DOCKER_CLI_BUILD=1 DOCKER_BUILDKIT=1 \
+             docker-compose -p p -f compose.yaml build app"
+        );
+        assert_eq!(c.cmd_env("", "build app"), c.cmd("build app"));
+        // From 23 on the docker CLI's BuildKit needs buildx, which a v1 setup may lack: the classic builder stays.
+        assert_eq!(build_env(ComposeKind::V1, "24.0.5", ImageSource::Debian), "");
+        assert_eq!(build_env(ComposeKind::V1, "", ImageSource::Debian), "", "unknown engine version");
+        assert_eq!(
+            build_env(ComposeKind::V2, "20.10.24", ImageSource::Debian),
+            "",
+            "Compose v2 picks its builder"
+        );
+        // A FROM pulled through a registry with a private CA: BuildKit would ask the registry without that CA.
+        assert_eq!(build_env(ComposeKind::V1, "20.10.24+dfsg1", ImageSource::Registry), "");
+        assert_eq!(build_env(ComposeKind::V1, "20.10.24+dfsg1", ImageSource::Auto), "");
     }
 }

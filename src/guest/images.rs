@@ -1,5 +1,5 @@
 //! Service images. `debian` mode: the base image `provisioner-base:bookworm` is a Debian rootfs made on the HOST
-//! (debootstrap minbase with the lab's packages, trimmed), cached as a tarball in `<cache>/images/` keyed by its
+//! (debootstrap minbase with the lab's packages, the profile's setup commands run in it, trimmed), cached as a tarball in `<cache>/images/` keyed by its
 //! inputs, streamed over SSH into `docker import` and labelled with that key; a guest that already has the key is
 //! left alone. Building on the host is minutes faster than apt inside a TCG guest (see docs/guest.md).
 
@@ -39,6 +39,8 @@ pub struct BaseImage {
     pub key: String,
     /// The packages installed in it (the profile's base packages).
     pub packages: &'static [&'static str],
+    /// The profile's setup commands run in the rootfs after the packages (users, dirs, ownership).
+    pub setup: &'static str,
 }
 
 impl BaseImage {
@@ -50,14 +52,21 @@ impl BaseImage {
             .map(|d| d.mirror.clone())
             .unwrap_or_else(|| "http://deb.debian.org/debian".to_string());
         let mut h = Sha256::new();
-        for part in
-            [BUILD_SCRIPT, BASE_SUITE, &mirror].into_iter().chain(profile.base_packages.iter().copied())
+        for part in [BUILD_SCRIPT, BASE_SUITE, &mirror, profile.base_setup]
+            .into_iter()
+            .chain(profile.base_packages.iter().copied())
         {
             h.update(part.as_bytes());
             h.update([0]);
         }
         let key = hex::encode(h.finalize())[..16].to_string();
-        Self { tag: format!("provisioner-base:{BASE_SUITE}"), mirror, key, packages: profile.base_packages }
+        Self {
+            tag: format!("provisioner-base:{BASE_SUITE}"),
+            mirror,
+            key,
+            packages: profile.base_packages,
+            setup: profile.base_setup,
+        }
     }
 
     /// The cached rootfs tarball.
@@ -97,6 +106,7 @@ impl BaseImage {
         let root = crate::platform::is_root();
         let cmd = if root { Cmd::new("sh") } else { Cmd::new("sudo").args(["-n", "sh"]) };
         let cmd = cmd.arg("-c").arg(BUILD_SCRIPT).arg("base-image").args([BASE_SUITE, &self.mirror]).arg(out);
+        let cmd = cmd.arg(self.setup);
         let cmd = cmd.args(self.packages);
         let log = out.with_extension("log");
         let _ = std::fs::remove_file(&log);
@@ -298,6 +308,75 @@ mod tests {
         assert_eq!(a.key.len(), 16);
         let tarball = a.tarball();
         assert!(tarball.ends_with(format!("images/provisioner-base-bookworm-{}.tar", a.key)), "{tarball:?}");
+    }
+
+    #[test]
+    fn key_changes_with_the_profiles_setup() {
+        static NO_SETUP: Profile = Profile { base_setup: "", ..crate::lab::PROFILE };
+        let c = cfg("image = \"x.qcow2\"");
+        let lab = BaseImage::for_config(&c, &crate::lab::PROFILE);
+        assert_eq!(lab.setup, crate::lab::BASE_SETUP);
+        assert_ne!(
+            lab.key,
+            BaseImage::for_config(&c, &NO_SETUP).key,
+            "a tarball made without the setup is reused"
+        );
+    }
+
+    /// The real build script with stand-ins for debootstrap (a rootfs of one file) and chroot (runs the command
+    /// in that dir): the profile's setup runs inside the rootfs after the packages are in, and what it made is in
+    /// the tarball; an empty setup runs nothing.
+    #[test]
+    #[cfg_attr(windows, ignore = "windows: runs the build script under /bin/sh with shell-script doubles")]
+    fn the_build_script_runs_the_setup_in_the_rootfs_and_tars_what_it_made() {
+        let dir = tempfile::tempdir().unwrap();
+        let bin = dir.path().join("bin");
+        std::fs::create_dir(&bin).unwrap();
+        let chroots = dir.path().join("chroots");
+        let tool = |name: &str, body: &str| {
+            let p = bin.join(name);
+            std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
+            crate::platform::set_mode(&p, 0o755).unwrap();
+        };
+        // debootstrap --variant=minbase --include=PKGS SUITE ROOT MIRROR
+        tool("debootstrap", "mkdir -p \"$4/etc\" \"$4/usr/lib\" && echo \"$2\" > \"$4/etc/included\"");
+        tool("chroot", &format!("echo \"$@\" >> {chroots:?}; cd \"$1\" && shift && exec \"$@\""));
+        let build = |setup: &str, out: &Path| {
+            let o = std::process::Command::new("/bin/sh")
+                .args(["-c", BUILD_SCRIPT, "base-image", BASE_SUITE, "http://mirror.invalid/debian"])
+                .arg(out)
+                .args([setup, "prometheus", "curl"])
+                .env("PATH", format!("{}:/usr/bin:/bin", bin.display()))
+                .output()
+                .unwrap();
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+            let list = std::process::Command::new("tar").arg("-tvf").arg(out).output().unwrap();
+            String::from_utf8_lossy(&list.stdout).into_owned()
+        };
+        // Relative paths: the stand-in chroot runs the setup with the rootfs as its working directory.
+        let listing = build(
+            "grep -qx -- --include=prometheus,curl etc/included; mkdir -p prometheus; echo x > prometheus/made",
+            &dir.path().join("a.tar"),
+        );
+        assert!(listing.contains(" ./prometheus/made\n"), "{listing}");
+        assert!(listing.contains(" ./etc/machine-id\n"), "{listing}");
+        let ran = std::fs::read_to_string(&chroots).unwrap();
+        assert_eq!(ran.lines().count(), 1, "{ran}");
+        assert!(ran.contains("/rootfs /bin/sh -eu -c grep -qx"), "{ran}");
+        // A failing setup fails the build (and leaves no tarball a later run would trust).
+        let o = std::process::Command::new("/bin/sh")
+            .args(["-c", BUILD_SCRIPT, "base-image", BASE_SUITE, "http://mirror.invalid/debian"])
+            .arg(dir.path().join("b.tar"))
+            .args(["false", "curl"])
+            .env("PATH", format!("{}:/usr/bin:/bin", bin.display()))
+            .output()
+            .unwrap();
+        assert!(!o.status.success());
+        assert!(!dir.path().join("b.tar").exists());
+        std::fs::remove_file(&chroots).unwrap();
+        let listing = build("", &dir.path().join("c.tar"));
+        assert!(!listing.contains("prometheus/made") && listing.contains(" ./etc/included\n"), "{listing}");
+        assert!(!chroots.exists(), "an empty setup started a chroot");
     }
 }
 

@@ -475,7 +475,9 @@ pub fn provision(
         }
     }
     if !to_build.is_empty() {
-        stream(ssh, &compose, &format!("build {}", to_build.join(" ")), &phase, 60 * 60).map_err(|e| {
+        let env = compose::build_env(ready.compose, &ready.server_version, cfg.provision.images);
+        let cmd = compose.cmd_env(env, &format!("build {}", to_build.join(" ")));
+        stream_cmd(ssh, &cmd, &phase, 60 * 60).map_err(|e| {
             e.context("`compose build` failed\nhint: the last lines above name the failing Dockerfile step; fix it \
                        under [provision] source and run `provisioner provision`")
         })?;
@@ -529,8 +531,12 @@ fn restart_list(plan: &ChangePlan, built: &[String], active: &[String], fresh: b
 
 /// Run a compose subcommand with its output streamed into the phase; error with the tail on failure.
 fn stream(ssh: &Session, compose: &Compose, args: &str, phase: &crate::ui::Phase, secs: u64) -> Result<()> {
-    let cmd = compose.cmd(args);
-    let out = ssh.exec_stream(&cmd, Duration::from_secs(secs), &mut |line| phase.message(line))?;
+    stream_cmd(ssh, &compose.cmd(args), phase, secs)
+}
+
+/// Run a shell command in the guest, showing its output in `phase`; an error when it fails.
+fn stream_cmd(ssh: &Session, cmd: &str, phase: &crate::ui::Phase, secs: u64) -> Result<()> {
+    let out = ssh.exec_stream(cmd, Duration::from_secs(secs), &mut |line| phase.message(line))?;
     if out.status != 0 {
         bail!(
             "`{cmd}` failed in the guest (exit {}):\n{}",

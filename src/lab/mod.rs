@@ -16,6 +16,7 @@ use crate::profile::{Profile, TargetsCheck};
 pub const PROFILE: Profile = Profile {
     probes: PROBES,
     base_packages: BASE_PACKAGES,
+    base_setup: BASE_SETUP,
     targets: Some(TargetsCheck {
         service: "prometheus",
         port: PROMETHEUS_PORT,
@@ -53,3 +54,16 @@ pub const BASE_PACKAGES: &[&str] = &[
     "curl",
     "ca-certificates",
 ];
+
+/// Made in the base image's rootfs on the host (see [`crate::profile::Profile::base_setup`]), so the debian-mode
+/// Dockerfiles (`provision/images/*/Dockerfile`, `provision/demo-app/Dockerfile.debian`) have no `RUN` step:
+/// Prometheus' and Alertmanager's data dirs owned by the `prometheus` user their packages made (the services run as
+/// that user), the demo app's dir, and its system user `app` with the uid of the registry-mode image (10001). The
+/// rule and config checkers promtool and amtool (67 of 280 MB) go: no service runs them, and `docker import` in
+/// the guest costs by the size (the lab's tests run the host's own, tests/lab.rs).
+pub const BASE_SETUP: &str = "\
+mkdir -p /prometheus /alertmanager /app
+chown prometheus:prometheus /prometheus /alertmanager
+useradd --system --uid 10001 --no-create-home app
+rm -f /usr/bin/promtool /usr/bin/amtool
+";
