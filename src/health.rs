@@ -69,7 +69,6 @@ pub(crate) struct Report {
     pub deferred: Vec<Target>,
 }
 
-
 /// Parse a `/api/v1/targets` answer (`data.activeTargets[]`: `labels.job`, `labels.instance`, `health`,
 /// `lastError`). Pure.
 pub(crate) fn parse_targets(json_text: &str) -> Result<Vec<Target>> {

@@ -581,7 +581,7 @@ fn shown_command(cmd: &str) -> String {
 fn prefetch_script(cmds: &[&String], timed: bool) -> String {
     let mut batch = String::from(
         "__pf=$(mktemp -d) || exit 97\n\
-         if [ -n \"${SUDO_USER:-}\" ]; then\n  sudo() { [ \"$1\" = -n ] && shift; \"$@\"; }\n  \
+         if [ \"$0\" = root ] && [ -n \"${SUDO_USER:-}\" ]; then\n  sudo() { [ \"$1\" = -n ] && shift; \"$@\"; }\n  \
          eval \"HOME=~$SUDO_USER\"; export HOME\nfi\n",
     );
     for (i, cmd) in cmds.iter().enumerate() {
@@ -603,7 +603,8 @@ fn prefetch_script(cmds: &[&String], timed: bool) -> String {
     }
     batch.push_str("wait\nprintf '@tar '; tar -C \"$__pf\" -cf - . | base64 -w0; echo; rm -rf \"$__pf\"\n");
     let quoted = shell_quote(&batch);
-    format!("sudo -n sh -c {quoted} 2>/dev/null || sh -c {quoted}")
+    // `$0` says which of the two runs it is (as root through sudo, or as the user), without a process to ask.
+    format!("sudo -n sh -c {quoted} root 2>/dev/null || sh -c {quoted} user")
 }
 
 /// The results of a [`prefetch_script`] run, in order; None unless all `n` are there and decode.
@@ -825,6 +826,57 @@ impl Write for Exec<'_> {
 #[cfg(test)]
 mod tests {
     use super::shell_quote;
+
+    /// The batch as the guest runs it, with a `sudo` on PATH that logs each start and, when `grant`, runs its command
+    /// as sudo does (with `SUDO_USER`, here the current user), else refuses as `sudo -n` does without a rule.
+    fn run_batch(cmds: &[&str], grant: bool) -> (Vec<super::Prefetched>, usize, String) {
+        let dir = tempfile::tempdir().unwrap();
+        let bin = dir.path().join("bin");
+        std::fs::create_dir(&bin).unwrap();
+        let log = dir.path().join("sudo.log");
+        let body = match grant {
+            true => {
+                format!("echo start >> {log:?}\n[ \"$1\" = -n ] && shift\nSUDO_USER=$(id -un) exec \"$@\"")
+            }
+            false => format!("echo refused >> {log:?}\nexit 1"),
+        };
+        std::fs::write(bin.join("sudo"), format!("#!/bin/sh\n{body}\n")).unwrap();
+        crate::platform::set_mode(&bin.join("sudo"), 0o755).unwrap();
+        let cmds: Vec<String> = cmds.iter().map(|c| c.to_string()).collect();
+        let script = super::prefetch_script(&cmds.iter().collect::<Vec<_>>(), false);
+        let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap_or_default());
+        let out = std::process::Command::new("/bin/sh")
+            .args(["-c", &script])
+            .env("PATH", path)
+            .env("HOME", dir.path())
+            .env_remove("SUDO_USER")
+            .output()
+            .unwrap();
+        let results = super::parse_prefetch(&String::from_utf8_lossy(&out.stdout), cmds.len()).unwrap();
+        let starts = std::fs::read_to_string(&log).unwrap_or_default().lines().count();
+        (results, starts, dir.path().display().to_string())
+    }
+
+    #[test]
+    #[cfg_attr(windows, ignore = "windows: a guest shell script, run with /bin/sh")]
+    fn the_batch_runs_as_root_through_one_sudo_and_its_commands_sudo_is_a_function_there() {
+        let whoami = "sudo -n sh -c 'echo \"root? $0\"'; echo \"home=$HOME\"";
+        let (results, sudo_starts, _) =
+            run_batch(&[whoami, "exit 4", "printf 'no newline \\303\\277'"], true);
+        // One `sudo` for the whole batch; the command's own `sudo -n` is the batch's function (no start).
+        assert_eq!(sudo_starts, 1);
+        // HOME is the sudo user's own (its passwd entry), as in the user's session.
+        let out =
+            std::process::Command::new("/bin/sh").args(["-c", "eval echo ~$(id -un)"]).output().unwrap();
+        let home = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        assert_eq!(results[0].out.output, format!("root? sh\nhome={home}\n"));
+        assert_eq!((results[0].out.status, results[1].out.status), (0, 4));
+        assert_eq!(results[2].out.output, "no newline \u{ff}");
+        // Without passwordless sudo the batch runs as the user, and each command's own `sudo` decides (refused).
+        let (results, sudo_starts, dir) = run_batch(&[whoami], false);
+        assert_eq!(sudo_starts, 2, "the batch's refused sudo, then the command's own");
+        assert_eq!(results[0].out.output, format!("home={dir}\n"));
+    }
 
     #[test]
     fn the_recorded_libvirt_host_decides_the_route_to_the_guest() {
