@@ -281,6 +281,20 @@ email_to = "ops@example.org""##,
 }
 
 /// Checks shared by both image modes.
+/// The Dockerfile a compose `build:` (a context string, or a table with `context` and `dockerfile`) names: its
+/// name and its rendered text.
+fn dockerfile(lab: &Lab, build: &Value) -> (String, String) {
+    let (ctx, file) = match build.as_str() {
+        Some(ctx) => (ctx.to_string(), "Dockerfile".to_string()),
+        None => (
+            build["context"].as_str().unwrap().to_string(),
+            build["dockerfile"].as_str().unwrap_or("Dockerfile").to_string(),
+        ),
+    };
+    let text = lab.read(&format!("{}/{file}", ctx.trim_start_matches("./")));
+    (file, text)
+}
+
 fn check_compose(lab: &Lab, images: &str) -> Value {
     let c = lab.yaml("docker-compose.yml");
     let services = c["services"].as_mapping().expect("services");
@@ -404,14 +418,7 @@ fn compose_debian_mode_builds_from_the_base_image_and_parks_registry_only_servic
         let svc = &c["services"][s];
         assert!(svc.get("profiles").is_none(), "{s} must start by default in debian mode");
         let build = &svc["build"];
-        let (ctx, file) = match build.as_str() {
-            Some(ctx) => (ctx.to_string(), "Dockerfile".to_string()),
-            None => (
-                build["context"].as_str().unwrap().to_string(),
-                build["dockerfile"].as_str().unwrap_or("Dockerfile").to_string(),
-            ),
-        };
-        let df = lab.read(&format!("{}/{file}", ctx.trim_start_matches("./")));
+        let (file, df) = dockerfile(&lab, build);
         assert!(df.contains("FROM provisioner-base:bookworm"), "{s}: {file} not FROM the base image");
         assert!(!df.contains("apt-get") && !df.contains("pip "), "{s}: {file} needs the network");
         for k in ["\nUSER ", "\nHEALTHCHECK ", "\nEXPOSE "] {
@@ -436,14 +443,7 @@ fn debian_mode_dockerfiles_have_no_run_step_and_the_base_setup_makes_what_they_r
         std::fs::read_to_string(support::repo().join("provision/demo-app/Dockerfile")).unwrap();
     for s in ["demo-app", "prometheus", "alertmanager", "node-exporter"] {
         let build = &c["services"][s]["build"];
-        let (ctx, file) = match build.as_str() {
-            Some(ctx) => (ctx.to_string(), "Dockerfile".to_string()),
-            None => (
-                build["context"].as_str().unwrap().to_string(),
-                build["dockerfile"].as_str().unwrap_or("Dockerfile").to_string(),
-            ),
-        };
-        let df = lab.read(&format!("{}/{file}", ctx.trim_start_matches("./")));
+        let (file, df) = dockerfile(&lab, build);
         let instructions: Vec<(String, &str)> = df
             .lines()
             .map(str::trim)
