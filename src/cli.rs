@@ -86,6 +86,13 @@ pub(crate) enum Command {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
+    /// Internal: run a libvirt daemon with this process as the reaper of the QEMUs it disowns (started by the
+    /// tool itself where no service manager runs the daemon; see `host::libvirtd::start_local`).
+    #[command(name = "__reap", hide = true)]
+    Reap {
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+        command: Vec<std::ffi::OsString>,
+    },
 }
 
 /// Machines of a `[[machine]]` file to act on (all when none is named).

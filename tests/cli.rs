@@ -605,3 +605,41 @@ fn scripts_up_installs_the_host_packages_while_cargo_builds() {
     );
     assert!(!stdout.contains("stand-in provisioner up"), "no `up` after a failed install: {stdout}");
 }
+
+/// `provisioner __reap -- CMD` (how the tool starts a local libvirt daemon) adopts what CMD disowns and reaps it
+/// the moment it exits: the daemon's QEMUs are not left as zombies for an init that reaps late. Here CMD leaves a
+/// `sleep` behind and exits: that orphan's parent must be the reaper (PID 1 without the feature), and once it is
+/// killed the reaper must reap it and exit 0 on its own.
+#[test]
+#[cfg_attr(not(target_os = "linux"), ignore = "Linux only: a child subreaper is a Linux prctl")]
+fn the_daemon_reaper_adopts_what_its_command_disowns_and_exits_when_all_is_reaped() {
+    use std::time::Duration;
+    let t = Test::new();
+    let pidfile = t.path().join("orphan.pid");
+    let mut reaper = std::process::Command::new(crate::support::bin())
+        .args(["__reap", "--", "sh", "-c"])
+        .arg(format!("sleep 600 </dev/null >/dev/null 2>&1 & echo $! > {}.tmp && mv {0}.tmp {0}", pidfile.display()))
+        .spawn()
+        .unwrap();
+    let orphan: u32 = crate::support::wait_until(Duration::from_secs(10), "the command's orphan pid", || {
+        std::fs::read_to_string(&pidfile).ok()?.trim().parse().ok()
+    });
+    let parent = |pid: u32| -> Option<u32> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()
+    };
+    // The shell has exited (it wrote the file as its last act): its orphan is ours once it is reparented.
+    crate::support::wait_until(Duration::from_secs(10), "the orphan to be adopted by the reaper", || {
+        (parent(orphan)? == reaper.id()).then_some(())
+    });
+    assert!(reaper.try_wait().unwrap().is_none(), "the reaper exited while a descendant still ran");
+    std::process::Command::new("kill").arg(orphan.to_string()).status().unwrap();
+    let status = crate::support::wait_until(Duration::from_secs(10), "the reaper to exit", || {
+        reaper.try_wait().unwrap()
+    });
+    assert!(status.success(), "reaper: {status}");
+    assert!(
+        !std::path::Path::new(&format!("/proc/{orphan}")).exists(),
+        "the orphan was left unreaped (a zombie or still running)"
+    );
+}

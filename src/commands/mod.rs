@@ -69,6 +69,7 @@ pub(crate) fn dispatch(cli: Cli, profile: &'static crate::profile::Profile) -> R
         Command::Suspend(a) => multi::each(&ctx, &a.machines, &snapshot::suspend),
         Command::Resume(a) => multi::each(&ctx, &a.machines, &snapshot::resume),
         Command::Package(a) => one(&a.machine.machine, &|c| snapshot::package(c, &a)),
+        Command::Reap { command } => crate::host::libvirtd::reap(&command),
         Command::Completions { shell } => {
             use clap::CommandFactory;
             // Into memory first: clap_complete panics when its writer fails (a closed pipe).

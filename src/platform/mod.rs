@@ -12,6 +12,7 @@
 //! | who holds a port | Linux `/proc/net` + `/proc/*/fd` | unknown (`None`) |
 //! | OpenSSH ControlMaster | yes | no: Windows' OpenSSH has none, every `ssh` is a fresh connection |
 //! | host IPv4 networks | `getifaddrs` | unknown (empty: no overlap check) |
+//! | a daemon's disowned children | reaped by us as a child subreaper (Linux `prctl`) | not applicable (the command is waited for) |
 //! | a command through an OpenSSH master in-process | `ssh_mux.rs`: the mux protocol, fds passed with `SCM_RIGHTS` | no (no master) |
 //!
 //! Signal numbers are the portable POSIX values ([`SIGINT`], [`SIGTERM`], [`SIGHUP`]): the Windows side maps its
@@ -96,6 +97,22 @@ pub(crate) fn exit_status(code: i32) -> ExitStatus {
 /// console and this process exits with its code. Returns only on failure to start it.
 pub(crate) fn exec(cmd: Command) -> io::Error {
     imp::exec(cmd)
+}
+
+/// Start `cmd` detached from us: a session of its own (Unix; a detached console process on Windows), so no
+/// terminal signal reaches it, its stdio on the null device, never waited for. Returns its pid.
+pub(crate) fn spawn_detached(cmd: Command) -> io::Result<u32> {
+    imp::spawn_detached(cmd)
+}
+
+/// Run `cmd` as the reaper of everything it disowns, and return when nothing of it is left. On Linux this
+/// process becomes a child subreaper: a daemon that forks into the background, and each process that daemon
+/// starts and disowns (libvirtd's QEMUs), become our children and are reaped the moment they exit, where an
+/// init that reaps late (container inits poll) keeps them as zombies that `virsh destroy` waits on. Elsewhere:
+/// `cmd` is run and waited for. The interrupts get their default action back first (a reaper is stopped by its
+/// pid, as any daemon).
+pub(crate) fn reap_descendants(cmd: Command) -> io::Result<()> {
+    imp::reap_descendants(cmd)
 }
 
 // ---------------------------------------------------------------------------------------------------------------

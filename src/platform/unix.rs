@@ -7,7 +7,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::Path;
-use std::process::{Child, Command, ExitStatus};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::Duration;
 
@@ -46,6 +46,40 @@ pub(super) fn exit_status(code: i32) -> ExitStatus {
 
 pub(super) fn exec(mut cmd: Command) -> io::Error {
     cmd.exec()
+}
+
+pub(super) fn spawn_detached(mut cmd: Command) -> io::Result<u32> {
+    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+    // SAFETY: setsid(2) is async-signal-safe, and it is the only call made between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| if libc::setsid() < 0 { Err(io::Error::last_os_error()) } else { Ok(()) });
+    }
+    Ok(cmd.spawn()?.id())
+}
+
+pub(super) fn reap_descendants(mut cmd: Command) -> io::Result<()> {
+    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        // SAFETY: the default action back for a signal; no handler runs after this.
+        unsafe { libc::signal(sig, libc::SIG_DFL) };
+    }
+    #[cfg(target_os = "linux")]
+    // SAFETY: prctl(2) with PR_SET_CHILD_SUBREAPER and an integer argument only.
+    if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1 as libc::c_ulong, 0, 0, 0) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let _child = cmd.spawn()?;
+    loop {
+        let mut status = 0;
+        // SAFETY: waitpid(2) for any child, with a valid pointer for the status.
+        if unsafe { libc::waitpid(-1, &mut status, 0) } < 0 {
+            let e = io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EINTR) => continue,
+                Some(libc::ECHILD) => return Ok(()),
+                _ => return Err(e),
+            }
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ use std::os::windows::fs::{FileExt, OpenOptionsExt};
 use std::os::windows::io::AsRawHandle;
 use std::os::windows::process::CommandExt;
 use std::path::Path;
-use std::process::{Child, Command, ExitStatus};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -122,6 +122,18 @@ pub(super) fn exec(mut cmd: Command) -> io::Error {
         Ok(st) => std::process::exit(st.code().unwrap_or(1)),
         Err(e) => e,
     }
+}
+
+pub(super) fn spawn_detached(mut cmd: Command) -> io::Result<u32> {
+    use windows_sys::Win32::System::Threading::DETACHED_PROCESS;
+    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+    cmd.creation_flags(DETACHED_PROCESS | CREATE_NEW_PROCESS_GROUP);
+    Ok(cmd.spawn()?.id())
+}
+
+pub(super) fn reap_descendants(mut cmd: Command) -> io::Result<()> {
+    // Windows has no zombies to reap: a process that exits is gone.
+    cmd.status().map(drop)
 }
 
 // ---------------------------------------------------------------------------------------------------------------

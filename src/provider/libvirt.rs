@@ -109,7 +109,7 @@ impl Libvirt {
             )
         })?;
         // A daemon started concurrently by someone else makes ours exit on its pid file lock; that is fine.
-        let _ = Cmd::new(&daemon).arg("-d").timeout(Duration::from_secs(30)).output()?;
+        crate::host::libvirtd::start_local(&daemon)?;
         crate::process::wait_until(Duration::from_secs(30), "the libvirt daemon to answer", || {
             let out = self.d.virsh().arg("version").output()?;
             Ok(out.success().then_some(()))
