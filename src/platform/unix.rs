@@ -50,9 +50,24 @@ pub(super) fn exec(mut cmd: Command) -> io::Error {
 
 pub(super) fn spawn_detached(mut cmd: Command) -> io::Result<u32> {
     cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
-    // SAFETY: setsid(2) is async-signal-safe, and it is the only call made between fork and exec.
+    // SAFETY: between fork and exec only async-signal-safe calls: setsid(2), and close_range(2) or fcntl(2) on
+    // descriptors, which fail harmlessly on one that is not open.
     unsafe {
-        cmd.pre_exec(|| if libc::setsid() < 0 { Err(io::Error::last_os_error()) } else { Ok(()) });
+        cmd.pre_exec(|| {
+            if libc::setsid() < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // Nothing we inherited stays open in a process that outlives us (a pipe a caller waits to see
+            // closed, as `cmd | tee` does): every descriptor past stdio is closed at exec.
+            #[cfg(target_os = "linux")]
+            if libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, libc::CLOSE_RANGE_CLOEXEC) == 0 {
+                return Ok(());
+            }
+            for fd in 3..1024 {
+                libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
+            }
+            Ok(())
+        });
     }
     Ok(cmd.spawn()?.id())
 }
@@ -504,6 +519,34 @@ pub(super) fn ipv4_interfaces() -> io::Result<Vec<(String, Ipv4Addr, u8)>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A detached child leads a session of its own and holds none of our descriptors: the write end of a pipe we
+    /// opened without close-on-exec is closed once we close ours, while the child still runs.
+    #[test]
+    fn a_detached_child_has_its_own_session_and_none_of_our_descriptors() {
+        let mut fds = [0; 2];
+        // SAFETY: pipe(2) into a valid array; no close-on-exec on purpose (an inherited descriptor).
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        let mut cmd = Command::new("sleep");
+        cmd.arg("30");
+        let pid = spawn_detached(cmd).unwrap() as libc::pid_t;
+        // SAFETY: getsid(2) of our child; close(2) of our own write end.
+        let sid = unsafe { libc::getsid(pid) };
+        unsafe { libc::close(fds[1]) };
+        let mut poll = libc::pollfd { fd: fds[0], events: libc::POLLIN, revents: 0 };
+        // SAFETY: poll(2) on one valid pollfd, with a deadline.
+        let ready = unsafe { libc::poll(&mut poll, 1, 10_000) };
+        let mut byte = [0u8; 1];
+        // SAFETY: read(2) into a valid one-byte buffer; the child is killed and reaped after.
+        let n = unsafe { libc::read(fds[0], byte.as_mut_ptr().cast(), 1) };
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+            libc::waitpid(pid, std::ptr::null_mut(), 0);
+            libc::close(fds[0]);
+        }
+        assert_eq!(sid, pid, "the child does not lead a session of its own");
+        assert!(ready == 1 && n == 0, "the pipe is still open in the detached child (poll {ready}, read {n})");
+    }
 
     #[test]
     #[cfg(target_os = "linux")]
