@@ -436,13 +436,16 @@ fn interrupt_up_in_images_phase(dir: &Path) {
     assert_eq!(st.code(), Some(130), "{}", up.log_text());
     assert!(up.log_text().contains(r#""event":"interrupted""#), "{}", up.log_text());
     // libvirt's session daemons, when the run's first virsh call started them, inherit its environment and stay
-    // by design; anything else carrying the marker is an orphan of the interrupted run.
+    // by design, as does the reaper the daemon runs under (`provisioner __reap`); anything else carrying the
+    // marker is an orphan of the interrupted run.
     wait_until(Duration::from_secs(15), "no orphan of the interrupted `up`", || {
         let left: Vec<String> = crate::support::processes_with_env(&marker)
             .into_iter()
             .filter(|p| {
-                let comm = p.split_once(' ').map_or("", |(_, c)| c);
-                !(comm.starts_with("virt") || comm == "libvirtd")
+                let (pid, comm) = p.split_once(' ').unwrap_or((p.as_str(), ""));
+                let reaper = std::fs::read(format!("/proc/{pid}/cmdline"))
+                    .is_ok_and(|c| c.split(|b| *b == 0).nth(1) == Some(b"__reap".as_slice()));
+                !(comm.starts_with("virt") || comm == "libvirtd" || reaper)
             })
             .collect();
         left.is_empty().then_some(()).or_else(|| {
