@@ -461,6 +461,23 @@ fn vm_cluster_up_health_private_network_verify_destroy() {
     run(&["ssh", "app1", "-c", "true"]).success();
     assert!(!t.path().join(".provisioner/machines/app2").exists());
 
+    // The reset: `up app2` restores the provisioned lab the cluster `up` cached (no boot, no provisioning), sets
+    // the guest's clock from the host's, and ends green; then app2 goes again, as before.
+    let reset = run(&["--json", "up", "app2"]).success().stdout();
+    assert_eq!(events(&reset, "lab_restored").len(), 1, "not restored from the cached lab: {reset}");
+    let phases: Vec<String> =
+        events(&reset, "phase_start").iter().filter_map(|e| e["phase"].as_str().map(str::to_string)).collect();
+    for skipped in ["boot", "docker", "forwards", "upload", "images", "compose", "cache lab"] {
+        assert!(!phases.iter().any(|p| p == skipped), "a restored lab ran `{skipped}`: {phases:?}");
+    }
+    let judged = events(&reset, "health");
+    assert!(judged.last().is_some_and(|h| h["healthy"] == true), "{judged:?}");
+    let guest_now: i64 = run(&["ssh", "app2", "-c", "date +%s"]).success().stdout().trim().parse().unwrap();
+    let host_now =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    assert!((guest_now - host_now).abs() < 60, "the restored guest's clock is {}s off", guest_now - host_now);
+    run(&["destroy", "-f", "app2"]).success();
+
     // destroy all: no domain, disk, socket, state or process of the project is left.
     run(&["destroy", "-f"]).success();
     assert!(ours().is_empty(), "{:?}", ours());

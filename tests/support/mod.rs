@@ -4,7 +4,7 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 /// The repository root.
@@ -97,7 +97,6 @@ impl Test {
     /// Run (with a 20-minute hard deadline) and return the result for assertions.
     pub fn run(&self) -> Run {
         use std::io::Write;
-        use std::process::Stdio;
         let mut c = Command::new(bin());
         c.args(&self.args).current_dir(self.cwd.as_deref().unwrap_or(self.dir.path()));
         c.env("PROVISIONER_CACHE_DIR", cache_dir());
@@ -207,10 +206,23 @@ pub fn session_libvirt() {
     if answers() {
         return;
     }
-    for daemon in ["/usr/sbin/virtlogd", "/usr/sbin/libvirtd"] {
-        // A daemon started concurrently by another test makes ours exit on its pid file lock; the wait settles it.
-        let _ = Command::new(daemon).arg("-d").status();
+    // A daemon started concurrently by another test makes ours exit on its pid file lock; the wait settles it.
+    let _ = Command::new("/usr/sbin/virtlogd").arg("-d").status();
+    // libvirtd as `provisioner` starts it: under its reaper (`__reap`, detached, stdio on /dev/null), so QEMUs
+    // are reaped at once whichever starts the daemon first.
+    let mut reaper = Command::new(bin());
+    reaper.args(["__reap", "--", "/usr/sbin/libvirtd", "-d"]).current_dir("/");
+    reaper.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+    #[cfg(unix)]
+    // SAFETY: setsid(2) only, between fork and exec: the reaper leads a session of its own, out of the test's
+    // process group.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut reaper, || {
+            libc::setsid();
+            Ok(())
+        });
     }
+    let _ = reaper.spawn();
     wait_until(Duration::from_secs(30), "the session libvirt to answer `virsh version`", || {
         answers().then_some(())
     });
