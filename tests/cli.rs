@@ -618,7 +618,10 @@ fn the_daemon_reaper_adopts_what_its_command_disowns_and_exits_when_all_is_reape
     let pidfile = t.path().join("orphan.pid");
     let mut reaper = std::process::Command::new(crate::support::bin())
         .args(["__reap", "--", "sh", "-c"])
-        .arg(format!("sleep 600 </dev/null >/dev/null 2>&1 & echo $! > {}.tmp && mv {0}.tmp {0}", pidfile.display()))
+        .arg(format!(
+            "sleep 600 </dev/null >/dev/null 2>&1 & echo $! > {}.tmp && mv {0}.tmp {0}",
+            pidfile.display()
+        ))
         .spawn()
         .unwrap();
     let orphan: u32 = crate::support::wait_until(Duration::from_secs(10), "the command's orphan pid", || {

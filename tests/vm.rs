@@ -465,8 +465,10 @@ fn vm_cluster_up_health_private_network_verify_destroy() {
     // the guest's clock from the host's, and ends green; then app2 goes again, as before.
     let reset = run(&["--json", "up", "app2"]).success().stdout();
     assert_eq!(events(&reset, "lab_restored").len(), 1, "not restored from the cached lab: {reset}");
-    let phases: Vec<String> =
-        events(&reset, "phase_start").iter().filter_map(|e| e["phase"].as_str().map(str::to_string)).collect();
+    let phases: Vec<String> = events(&reset, "phase_start")
+        .iter()
+        .filter_map(|e| e["phase"].as_str().map(str::to_string))
+        .collect();
     for skipped in ["boot", "docker", "forwards", "upload", "images", "compose", "cache lab"] {
         assert!(!phases.iter().any(|p| p == skipped), "a restored lab ran `{skipped}`: {phases:?}");
     }

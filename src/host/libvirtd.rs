@@ -225,4 +225,3 @@ mod tests {
         assert!(e.contains("\nhint: install it") && !e.contains("not reachable"), "{e}");
     }
 }
-

@@ -545,7 +545,10 @@ mod tests {
             libc::close(fds[0]);
         }
         assert_eq!(sid, pid, "the child does not lead a session of its own");
-        assert!(ready == 1 && n == 0, "the pipe is still open in the detached child (poll {ready}, read {n})");
+        assert!(
+            ready == 1 && n == 0,
+            "the pipe is still open in the detached child (poll {ready}, read {n})"
+        );
     }
 
     #[test]
