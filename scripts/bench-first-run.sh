@@ -59,7 +59,10 @@ PY
   took=$(awk "BEGIN{print $EPOCHREALTIME - $start}")
   grep -h '^up: \(cargo build took\|waited\)' "$work/up.json" | sed 's/^/  /' || true
   phases "$work/up.json"
-  printf 'first run, scripts/up to the health table: %.1f s, exit %s (load average %s)\n' "$took" "$rc" "$(load)"
+  # The lab's capture (`cache lab`) runs after the table is printed: the user has the table that much sooner.
+  capture=$(phases "$work/up.json" | awk '$1 == "cache" && $2 == "lab:" {s += $3} END {print s + 0}')
+  printf 'first run, scripts/up: %.1f s to the health table, %.1f s with the lab capture after it, exit %s (load average %s)\n' \
+    "$(awk "BEGIN{print $took - $capture}")" "$took" "$rc" "$(load)"
   (cd "$repo" && PROVISIONER_CACHE_DIR="$work/up-cache" "$work/up-prefix/bin/provisioner" destroy -f >/dev/null) ||
     echo "bench-first-run: destroy -f failed in $repo" >&2
   if [ "$rc" -ne 0 ]; then
