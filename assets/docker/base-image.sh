@@ -13,8 +13,13 @@ work=$(mktemp -d "${out}.work.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 root="$work/rootfs"
 debootstrap --variant=minbase --include="$pkgs" "$suite" "$root" "$mirror"
+# Python byte-code caches, before the setup: Debian's postinst compiled every installed module (tens of MB, and
+# `docker import` in the guest costs by the size); a setup that wants some compiled ahead (what its services import)
+# does so itself, and what it writes stays.
+find "$root/usr/lib" -name '__pycache__' -type d -prune -exec rm -rf {} +
 if [ -n "$setup" ]; then
-  chroot "$root" /bin/sh -eu -c "$setup"
+  # With the rootfs' own environment, not the caller's (a PYTHONDONTWRITEBYTECODE there compiled nothing).
+  chroot "$root" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LC_ALL=C.UTF-8 /bin/sh -eu -c "$setup"
 fi
 # Trim what a container never needs.
 rm -rf "$root"/usr/share/doc/* "$root"/usr/share/man/* "$root"/usr/share/info/* "$root"/usr/share/locale/* \
@@ -22,7 +27,6 @@ rm -rf "$root"/usr/share/doc/* "$root"/usr/share/man/* "$root"/usr/share/info/* 
   "$root"/var/cache/debconf/*-old "$root"/var/lib/dpkg/*-old "$root"/var/log/* "$root"/tmp/* "$root"/root/.bash_history
 # 212 MB of raw time-zone data the Prometheus web UI never loads (it uses moment-timezone-with-data.min.js).
 rm -rf "$root"/usr/share/javascript/moment-timezone/data
-find "$root/usr/lib" -name '__pycache__' -type d -prune -exec rm -rf {} +
 # Services run in containers, never through init scripts.
 rm -f "$root"/etc/machine-id
 : > "$root"/etc/machine-id

@@ -43,6 +43,9 @@ pub struct LabInputs {
     pub accel: String,
     pub vm_name: String,
     pub box_id: String,
+    /// The key of the container base image the lab's debian-mode images are built FROM (its build script, suite,
+    /// mirror, packages and the profile's setup): a tool whose base image changed builds the lab again.
+    pub base_image: String,
     /// The parsed box-config.toml (JSON), see [`config_fingerprint`].
     pub config: String,
     /// [`tree_hash`] of the provision tree's layers (`[provision] base`, then `source`).
@@ -374,6 +377,7 @@ mod tests {
             accel: "tcg".into(),
             vm_name: "provisioner-lab-0123abcd".into(),
             box_id: "6e3b".into(),
+            base_image: "3f86".into(),
             config: "{}".into(),
             tree: "aa".into(),
         }
@@ -384,12 +388,13 @@ mod tests {
         let base = lab_key(&inputs());
         assert_eq!(base, lab_key(&inputs()), "the key is a pure function");
         assert_eq!(base.len(), 64);
-        let edits: [fn(&mut LabInputs); 7] = [
+        let edits: [fn(&mut LabInputs); 8] = [
             |i| i.tool_version.push('1'),
             |i| i.provider = "virtualbox".into(),
             |i| i.accel = "kvm".into(),
             |i| i.vm_name.push('x'),
             |i| i.box_id.push('0'),
+            |i| i.base_image.push('0'),
             |i| i.config = "{\"a\":1}".into(),
             |i| i.tree = "ab".into(),
         ];

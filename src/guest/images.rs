@@ -325,7 +325,8 @@ mod tests {
 
     /// The real build script with stand-ins for debootstrap (a rootfs of one file) and chroot (runs the command
     /// in that dir): the profile's setup runs inside the rootfs after the packages are in, and what it made is in
-    /// the tarball; an empty setup runs nothing.
+    /// the tarball (with the Python byte-code it compiled, where Debian's is dropped before it runs); an empty
+    /// setup runs nothing.
     #[test]
     #[cfg_attr(windows, ignore = "windows: runs the build script under /bin/sh with shell-script doubles")]
     fn the_build_script_runs_the_setup_in_the_rootfs_and_tars_what_it_made() {
@@ -339,7 +340,12 @@ mod tests {
             crate::platform::set_mode(&p, 0o755).unwrap();
         };
         // debootstrap --variant=minbase --include=PKGS SUITE ROOT MIRROR
-        tool("debootstrap", "mkdir -p \"$4/etc\" \"$4/usr/lib\" && echo \"$2\" > \"$4/etc/included\"");
+        // Debian's postinst byte-compiled what it installed: the script drops that before the setup runs.
+        tool(
+            "debootstrap",
+            "mkdir -p \"$4/etc\" \"$4/usr/lib/python3/deb/__pycache__\" && echo \"$2\" > \"$4/etc/included\" && \
+             : > \"$4/usr/lib/python3/deb/__pycache__/a.pyc\"",
+        );
         tool("chroot", &format!("echo \"$@\" >> {chroots:?}; cd \"$1\" && shift && exec \"$@\""));
         let build = |setup: &str, out: &Path| {
             let o = std::process::Command::new("/bin/sh")
@@ -347,6 +353,8 @@ mod tests {
                 .arg(out)
                 .args([setup, "prometheus", "curl"])
                 .env("PATH", format!("{}:/usr/bin:/bin", bin.display()))
+                // The caller's environment stays out of the rootfs (the setup checks this one is unset).
+                .env("PYTHONDONTWRITEBYTECODE", "1")
                 .output()
                 .unwrap();
             assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -355,14 +363,21 @@ mod tests {
         };
         // Relative paths: the stand-in chroot runs the setup with the rootfs as its working directory.
         let listing = build(
-            "grep -qx -- --include=prometheus,curl etc/included; mkdir -p prometheus; echo x > prometheus/made",
+            "grep -qx -- --include=prometheus,curl etc/included; mkdir -p prometheus; echo x > prometheus/made; \
+             test ! -e usr/lib/python3/deb/__pycache__; test -z \"${PYTHONDONTWRITEBYTECODE:-}\"; \
+             mkdir -p usr/lib/python3/app/__pycache__; \
+             : > usr/lib/python3/app/__pycache__/b.pyc",
             &dir.path().join("a.tar"),
         );
         assert!(listing.contains(" ./prometheus/made\n"), "{listing}");
+        // What the setup compiled stays; Debian's caches are gone.
+        assert!(listing.contains(" ./usr/lib/python3/app/__pycache__/b.pyc\n"), "{listing}");
+        assert!(!listing.contains("a.pyc"), "{listing}");
         assert!(listing.contains(" ./etc/machine-id\n"), "{listing}");
         let ran = std::fs::read_to_string(&chroots).unwrap();
         assert_eq!(ran.lines().count(), 1, "{ran}");
-        assert!(ran.contains("/rootfs /bin/sh -eu -c grep -qx"), "{ran}");
+        assert!(ran.contains("/rootfs /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin "), "{ran}");
+        assert!(ran.contains(" /bin/sh -eu -c grep -qx"), "{ran}");
         // A failing setup fails the build (and leaves no tarball a later run would trust).
         let o = std::process::Command::new("/bin/sh")
             .args(["-c", BUILD_SCRIPT, "base-image", BASE_SUITE, "http://mirror.invalid/debian"])

@@ -31,6 +31,7 @@ pub fn plan(
     provider: &str,
     accel: &str,
     box_id: &str,
+    base_image: &str,
     ui: &Ui,
 ) -> Result<Option<Plan>> {
     if !cfg.machine.cache_lab || ProviderKind::parse(provider) != Some(ProviderKind::Libvirt) {
@@ -42,6 +43,7 @@ pub fn plan(
         accel: accel.to_string(),
         vm_name: vm_name.to_string(),
         box_id: box_id.to_string(),
+        base_image: base_image.to_string(),
         config: lab::config_fingerprint(cfg)?,
         tree: lab::tree_hash(&cfg.template_layers())?,
     };

@@ -553,7 +553,8 @@ fn boot(
     // Cached labs are captures of cloud-init machines with one disk.
     let mut lab = match (&live, route) {
         (VmState::NotCreated, Route::CloudInit) if base.extra_disks.is_empty() => {
-            lab_cache::plan(&m.cfg, &m.vm_name, p.name(), accel.label(), &base.id, ui)?
+            let base_image = crate::guest::images::BaseImage::for_config(&m.cfg, m.profile).key;
+            lab_cache::plan(&m.cfg, &m.vm_name, p.name(), accel.label(), &base.id, &base_image, ui)?
         }
         _ => None,
     };
