@@ -496,6 +496,51 @@ impl Drop for Master {
     }
 }
 
+/// Through a live master, `ssh -c` opens its session in-process (OpenSSH's mux protocol, our stdin, stdout and
+/// stderr handed to the master): it runs with no `ssh` on PATH, on the master's one login, and keeps the command's
+/// exit status, its two streams apart, and what it reads on stdin.
+#[test]
+fn provisioner_ssh_through_a_live_master_starts_no_ssh_process() {
+    let (_t, project, sshd) = project_with_sshd();
+    let socket = project.join(".provisioner/ssh-control");
+    let _master = Master(socket.clone());
+    let ssh = |path: &str, cmd: &str, stdin: &str| {
+        support::Test::new()
+            .cwd(&project)
+            .env("PROVISIONER_SSH_REUSE", "1")
+            .env("PATH", path)
+            .stdin(stdin)
+            .args(["ssh", "-c", cmd])
+            .run()
+    };
+    let path = std::env::var("PATH").unwrap();
+    // The first call finds no master: `ssh` runs, and leaves one.
+    ssh(&path, "true", "").success();
+    assert!(control(&socket, "check").0, "no master after the first call");
+    let no_ssh = tempfile::tempdir().unwrap();
+    let bare = no_ssh.path().display().to_string();
+    let run = ssh(&bare, "echo out; echo err >&2; cat; exit 7", "from stdin\n");
+    assert_eq!(run.code(), Some(7), "stdout {:?} stderr {:?}", run.stdout(), run.stderr());
+    assert_eq!(run.stdout(), "out\nfrom stdin\n");
+    assert_eq!(run.stderr(), "err\n");
+    // `--` words, quoted for the guest's shell, through the same path.
+    support::Test::new()
+        .cwd(&project)
+        .env("PROVISIONER_SSH_REUSE", "1")
+        .env("PATH", &bare)
+        .args(["ssh", "--", "printf", "<%s>", "a b", "c"])
+        .run()
+        .success()
+        .stdout_contains("<a b><c>");
+    assert_eq!(logins(&sshd), 1, "a call through the master logged in again:\n{}", sshd.proc.log_text());
+    // Without a master (closed), no `ssh` on PATH is the clear error it was, not a hang.
+    assert!(control(&socket, "exit").0);
+    support::wait_until(Duration::from_secs(10), "the master to remove its socket", || {
+        (!socket.exists()).then_some(())
+    });
+    ssh(&bare, "true", "").failure().stderr_contains("the OpenSSH client `ssh` is not on PATH");
+}
+
 #[test]
 fn provisioner_ssh_reuses_one_connection_and_can_opt_out() {
     let (_t, project, sshd) = project_with_sshd();

@@ -7,6 +7,7 @@ use anyhow::{bail, Context, Result};
 use super::Ctx;
 use crate::cli::{SshArgs, SshConfigArgs};
 use crate::machine::StateDir;
+use crate::platform::MuxFailure;
 use crate::ssh::{control, shell_quote, Endpoint};
 
 /// What the OpenSSH client needs: the endpoint plus the private known_hosts file that pins the host key.
@@ -69,6 +70,37 @@ pub(crate) fn ssh(ctx: &Ctx, args: &SshArgs) -> Result<i32> {
             );
         }
     }
+    let remote = match (&args.command, args.args.as_slice()) {
+        (Some(c), _) => Some(c.clone()),
+        (None, []) => None,
+        // Each word after `--` stays one argument in the guest, as with `docker exec`.
+        (None, words) => Some(words.iter().map(|w| shell_quote(w)).collect::<Vec<_>>().join(" ")),
+    };
+    // A command (no tty asked) through a live master: a session on its connection opened in-process, with our
+    // stdin, stdout and stderr handed to the master, and no `ssh` process started. Where the master does not take
+    // it (and so it did not run), `ssh` runs it below.
+    if let (Some(socket), Some(command), true) = (t.control.as_deref(), remote.as_deref(), via_master) {
+        let shown = crate::process::Shown::start(|| {
+            format!("ssh (in-process, master {}) {command}", socket.display())
+        });
+        let cancelled = || crate::process::interrupted().is_some();
+        match crate::platform::ssh_mux_exec_attached(socket, command, &cancelled) {
+            Ok(code) => return Ok(code.unwrap_or(255)),
+            Err(MuxFailure::Unavailable(why)) => {
+                shown.cancel();
+                if crate::process::verbosity() >= 1 {
+                    eprintln!(
+                        "+ the SSH master at {} did not take the command ({why}): ssh instead",
+                        socket.display()
+                    );
+                }
+            }
+            // Ctrl-C: the master closes the session as it does for OpenSSH's client, which exits quietly too.
+            Err(MuxFailure::Interrupted | MuxFailure::TimedOut) => {
+                return Ok(crate::process::interrupted().map_or(130, |i| i.exit_code()));
+            }
+        }
+    }
     let ssh = which::which("ssh").map_err(|_| {
         anyhow::anyhow!(
             "the OpenSSH client `ssh` is not on PATH\nhint: {}",
@@ -81,12 +113,6 @@ pub(crate) fn ssh(ctx: &Ctx, args: &SshArgs) -> Result<i32> {
         cmd.arg("-o").arg(format!("{k}={}", config_value(k, &v)?));
     }
     cmd.arg(t.ep.addr.ip().to_string());
-    let remote = match (&args.command, args.args.as_slice()) {
-        (Some(c), _) => Some(c.clone()),
-        (None, []) => None,
-        // Each word after `--` stays one argument in the guest, as with `docker exec`.
-        (None, words) => Some(words.iter().map(|w| shell_quote(w)).collect::<Vec<_>>().join(" ")),
-    };
     if let Some(r) = remote {
         cmd.arg("--").arg(r);
     }

@@ -418,6 +418,23 @@ pub(crate) enum MuxFailure {
     Interrupted,
 }
 
+/// Run `command` through the OpenSSH master on `socket` with this process' own stdin, stdout and stderr, as
+/// `ssh -S SOCKET HOST COMMAND` does but with no `ssh` process: its exit status (None: the connection ended
+/// without one, `ssh`'s 255). No deadline; `cancelled` is asked at least every 100 ms.
+pub(crate) fn ssh_mux_exec_attached(
+    socket: &Path,
+    command: &str,
+    cancelled: &dyn Fn() -> bool,
+) -> Result<Option<i32>, MuxFailure> {
+    #[cfg(unix)]
+    return ssh_mux::exec_attached(socket, command, cancelled);
+    #[cfg(not(unix))]
+    {
+        let _ = (socket, command, cancelled);
+        Err(MuxFailure::Unavailable("no OpenSSH master on this platform".into()))
+    }
+}
+
 /// Run `command` (one string, as `ssh HOST COMMAND` sends it) through the OpenSSH master listening on the control
 /// socket `socket`, with no `ssh` process: OpenSSH's mux protocol, our stdin (`stdin`, else the null device) and
 /// two pipes passed to the master. Ends by `timeout`; `cancelled` is asked at least every 100 ms.

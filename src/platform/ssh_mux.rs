@@ -21,7 +21,6 @@ const MUX_S_PERMISSION_DENIED: u32 = 0x8000_0002;
 const MUX_S_FAILURE: u32 = 0x8000_0003;
 const MUX_S_EXIT_MESSAGE: u32 = 0x8000_0004;
 const MUX_S_SESSION_OPENED: u32 = 0x8000_0006;
-const MUX_S_TTY_ALLOC_FAIL: u32 = 0x8000_0008;
 const SSHMUX_VER: u32 = 4;
 /// OpenSSH's "no escape character" (`-e none`); it applies to tty sessions only, and ours never ask for one.
 const ESCAPE_NONE: u32 = 0xffff_ffff;
@@ -266,14 +265,15 @@ fn pipe() -> Result<(File, OwnedFd), MuxFailure> {
     Ok((r, w))
 }
 
-pub(super) fn exec(
+/// Connect to the master on `socket`, open a session for `command` and hand it `fds` (stdin, stdout, stderr):
+/// the control connection (non-blocking), once the master said the session is open.
+fn open_session(
     socket: &Path,
     command: &str,
-    stdin: Option<&File>,
-    timeout: Duration,
+    fds: [RawFd; 3],
+    deadline: Instant,
     cancelled: &dyn Fn() -> bool,
-) -> Result<MuxRun, MuxFailure> {
-    let deadline = Instant::now() + timeout;
+) -> Result<UnixStream, MuxFailure> {
     let mut sock = UnixStream::connect(socket)
         .map_err(|e| MuxFailure::Unavailable(format!("connect to {}: {e}", socket.display())))?;
     sock.set_nonblocking(true).map_err(|e| MuxFailure::Unavailable(format!("control socket: {e}")))?;
@@ -289,6 +289,85 @@ pub(super) fn exec(
             "the master answered {kind:#x} version {version}, not hello version {SSHMUX_VER}"
         )));
     }
+    write_full(&mut sock, &new_session(command), deadline, cancelled)?;
+    for fd in fds {
+        send_fd(&sock, fd, deadline, cancelled)?;
+    }
+    let Some(reply) = read_packet(&mut sock, deadline, cancelled)? else {
+        return Err(MuxFailure::Unavailable(
+            "the master closed the control connection before the session".into(),
+        ));
+    };
+    let mut b = Body(&reply);
+    let kind = b.u32().map_err(MuxFailure::Unavailable)?;
+    let _request = b.u32().map_err(MuxFailure::Unavailable)?;
+    match kind {
+        MUX_S_SESSION_OPENED => Ok(sock),
+        MUX_S_PERMISSION_DENIED | MUX_S_FAILURE => {
+            let why = b.string().unwrap_or_default();
+            Err(MuxFailure::Unavailable(format!("the master refused the session: {why}")))
+        }
+        other => Err(MuxFailure::Unavailable(format!("the master answered {other:#x} to a new session"))),
+    }
+}
+
+/// Take the whole packets at the front of `buf`: the exit status when the exit message is among them (a tty
+/// failure cannot come: no tty is asked).
+fn exit_status(buf: &mut Vec<u8>) -> Option<u32> {
+    let mut code = None;
+    while buf.len() >= 4 {
+        let n = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+        if buf.len() < 4 + n {
+            break;
+        }
+        let body: Vec<u8> = buf.drain(..4 + n).skip(4).collect();
+        let mut b = Body(&body);
+        if let Ok(MUX_S_EXIT_MESSAGE) = b.u32() {
+            let _session = b.u32();
+            code = b.u32().ok();
+        }
+    }
+    code
+}
+
+/// Run `command` on the master's connection with this process' own stdin, stdout and stderr (the master reads
+/// and writes them itself, as for OpenSSH's `ssh -S SOCKET HOST COMMAND`), until its exit status comes: no
+/// deadline (the command is the user's). `Ok(None)`: the connection ended without a status (`ssh`'s 255).
+/// Returns when the master closes the control connection.
+pub(super) fn exec_attached(
+    socket: &Path,
+    command: &str,
+    cancelled: &dyn Fn() -> bool,
+) -> Result<Option<i32>, MuxFailure> {
+    // Far enough to be no deadline, near enough that `Instant` arithmetic cannot overflow.
+    let deadline = Instant::now() + Duration::from_secs(100 * 365 * 86400);
+    let mut sock = open_session(socket, command, [0, 1, 2], deadline, cancelled)?;
+    let (mut buf, mut code) = (Vec::new(), None);
+    // As OpenSSH's client: the status comes first, then the master closes the control connection once the
+    // session's output is written to our descriptors; returning at the close leaves none of it unwritten.
+    loop {
+        wait_fd(sock.as_raw_fd(), libc::POLLIN, deadline, cancelled)?;
+        let mut chunk = [0u8; 512];
+        match sock.read(&mut chunk) {
+            Ok(0) => return Ok(code),
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => {}
+            Err(_) => return Ok(code),
+        }
+        if let Some(c) = exit_status(&mut buf) {
+            code = Some(c as i32);
+        }
+    }
+}
+
+pub(super) fn exec(
+    socket: &Path,
+    command: &str,
+    stdin: Option<&File>,
+    timeout: Duration,
+    cancelled: &dyn Fn() -> bool,
+) -> Result<MuxRun, MuxFailure> {
+    let deadline = Instant::now() + timeout;
     let null;
     let stdin = match stdin {
         Some(f) => f,
@@ -299,30 +378,10 @@ pub(super) fn exec(
     };
     let (mut out_r, out_w) = pipe()?;
     let (mut err_r, err_w) = pipe()?;
-    write_full(&mut sock, &new_session(command), deadline, cancelled)?;
-    for fd in [stdin.as_raw_fd(), out_w.as_raw_fd(), err_w.as_raw_fd()] {
-        send_fd(&sock, fd, deadline, cancelled)?;
-    }
+    let fds = [stdin.as_raw_fd(), out_w.as_raw_fd(), err_w.as_raw_fd()];
+    let mut sock = open_session(socket, command, fds, deadline, cancelled)?;
     // The master holds its own copies now: ours would keep the pipes open after it closes them.
     drop((out_w, err_w));
-    let Some(reply) = read_packet(&mut sock, deadline, cancelled)? else {
-        return Err(MuxFailure::Unavailable(
-            "the master closed the control connection before the session".into(),
-        ));
-    };
-    let mut b = Body(&reply);
-    let kind = b.u32().map_err(MuxFailure::Unavailable)?;
-    let _request = b.u32().map_err(MuxFailure::Unavailable)?;
-    match kind {
-        MUX_S_SESSION_OPENED => {}
-        MUX_S_PERMISSION_DENIED | MUX_S_FAILURE => {
-            let why = b.string().unwrap_or_default();
-            return Err(MuxFailure::Unavailable(format!("the master refused the session: {why}")));
-        }
-        other => {
-            return Err(MuxFailure::Unavailable(format!("the master answered {other:#x} to a new session")))
-        }
-    }
 
     // The command runs: from here on a failure is the command's (it is never run again through ssh).
     let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
@@ -373,22 +432,8 @@ pub(super) fn exec(
                 Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => {}
                 Err(_) => ctl_open = false,
             }
-            // Whole packets: the exit message (session id, status); a tty failure cannot come (no tty asked).
-            while ctl_buf.len() >= 4 {
-                let n = u32::from_be_bytes([ctl_buf[0], ctl_buf[1], ctl_buf[2], ctl_buf[3]]) as usize;
-                if ctl_buf.len() < 4 + n {
-                    break;
-                }
-                let body: Vec<u8> = ctl_buf.drain(..4 + n).skip(4).collect();
-                let mut b = Body(&body);
-                match b.u32() {
-                    Ok(MUX_S_EXIT_MESSAGE) => {
-                        let _session = b.u32();
-                        code = b.u32().ok();
-                    }
-                    Ok(MUX_S_TTY_ALLOC_FAIL) => {}
-                    _ => {}
-                }
+            if let Some(c) = exit_status(&mut ctl_buf) {
+                code = Some(c);
             }
         }
     }
