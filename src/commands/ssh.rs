@@ -95,7 +95,8 @@ pub(crate) fn ssh(ctx: &Ctx, args: &SshArgs) -> Result<i32> {
                     );
                 }
             }
-            // Ctrl-C: the master closes the session as it does for OpenSSH's client, which exits quietly too.
+            // Ctrl-C: the control connection is closed, so the master closes the session, as when OpenSSH's
+            // client is stopped; the run ends as any interrupted one (reported, 128 + the signal).
             Err(MuxFailure::Interrupted | MuxFailure::TimedOut) => {
                 return Ok(crate::process::interrupted().map_or(130, |i| i.exit_code()));
             }

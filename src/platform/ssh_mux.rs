@@ -1,8 +1,9 @@
 //! A client of OpenSSH's connection-multiplexing protocol (OpenSSH's `PROTOCOL.mux`, version 4), spoken to a
 //! running master's control socket: a command runs on the master's connection as a new session channel with no
 //! `ssh` process started here. The master gets our stdin/stdout/stderr as file descriptors (`SCM_RIGHTS`, one per
-//! message as OpenSSH's own client sends them) and writes the command's output into our pipes itself; its exit
-//! status comes back as `MUX_S_EXIT_MESSAGE`.
+//! message as OpenSSH's own client sends them) and writes the command's output into our pipes itself ([`exec`],
+//! output captured) or into our own stdout and stderr ([`exec_attached`], `provisioner ssh -c`); its exit status
+//! comes back as `MUX_S_EXIT_MESSAGE`.
 //!
 //! Unix only (the control socket is a unix socket); the Windows side answers [`super::MuxFailure::Unavailable`].
 
