@@ -515,6 +515,14 @@ fn watch_interrupts() {
     platform::exit_now(first.exit_code())
 }
 
+/// `-v`'s line when an OpenSSH master on `socket` did not take a command in-process (`why`, see [`Shown`]), so an
+/// `ssh` process runs it.
+pub fn show_ssh_instead(socket: &std::path::Path, why: &str) {
+    if verbosity() >= 1 {
+        eprintln!("+ the SSH master at {} did not take the command ({why}): ssh instead", socket.display());
+    }
+}
+
 /// With `-v`, prints `+ MS ms: COMMAND` on stderr when dropped, however the command ended.
 pub struct Shown(Option<(std::time::Instant, String)>);
 

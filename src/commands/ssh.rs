@@ -88,12 +88,7 @@ pub(crate) fn ssh(ctx: &Ctx, args: &SshArgs) -> Result<i32> {
             Ok(code) => return Ok(code.unwrap_or(255)),
             Err(MuxFailure::Unavailable(why)) => {
                 shown.cancel();
-                if crate::process::verbosity() >= 1 {
-                    eprintln!(
-                        "+ the SSH master at {} did not take the command ({why}): ssh instead",
-                        socket.display()
-                    );
-                }
+                crate::process::show_ssh_instead(socket, &why);
             }
             // Ctrl-C: the control connection is closed, so the master closes the session, as when OpenSSH's
             // client is stopped; the run ends as any interrupted one (reported, 128 + the signal).

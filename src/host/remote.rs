@@ -454,12 +454,7 @@ impl RemoteHost {
             Ok(run) => run,
             Err(MuxFailure::Unavailable(why)) => {
                 shown.cancel();
-                if crate::process::verbosity() >= 1 {
-                    eprintln!(
-                        "+ the SSH master at {} did not take the command ({why}): ssh instead",
-                        socket.display()
-                    );
-                }
+                crate::process::show_ssh_instead(&socket, &why);
                 return Ok(None);
             }
             Err(MuxFailure::Interrupted) => {
