@@ -413,7 +413,7 @@ fn up_locked(ui: &Ui, round: Option<&Round>, m: &Machine, p: &dyn Provider, args
             ));
             // A machine without provisioning is cached as booted; `--no-provision` leaves it unprovisioned.
             if let Some(cache) = lab.as_ref().filter(|l| !l.restored && !args.no_provision) {
-                lab_cache::capture(&m.cfg, p, &m.vm_name, &m.state, box_id, cache, ui);
+                lab_cache::capture(&m.cfg, p, &m.vm_name, &m.state, box_id, cache, Some(&session), ui);
             }
             report_counts(ui);
             return Ok(crate::exit::OK);
@@ -465,7 +465,7 @@ fn up_locked(ui: &Ui, round: Option<&Round>, m: &Machine, p: &dyn Provider, args
         });
     }
     if let Some(cache) = cache.filter(|_| !deferred) {
-        lab_cache::capture(&m.cfg, p, &m.vm_name, &m.state, box_id, cache, ui);
+        lab_cache::capture(&m.cfg, p, &m.vm_name, &m.state, box_id, cache, Some(&session), ui);
     }
     report_counts(ui);
     Ok(if healthy { crate::exit::OK } else { crate::exit::UNHEALTHY })
@@ -499,7 +499,16 @@ fn final_health(ui: &Ui, m: &Machine, capture: Option<&(lab_cache::Plan, Option<
     }
     if let Some((plan, box_id)) = capture {
         let p = provider::select(&m.cfg)?;
-        lab_cache::capture(&m.cfg, p.as_ref(), &m.vm_name, &m.state, box_id.as_deref(), plan, ui);
+        lab_cache::capture(
+            &m.cfg,
+            p.as_ref(),
+            &m.vm_name,
+            &m.state,
+            box_id.as_deref(),
+            plan,
+            Some(&session),
+            ui,
+        );
     }
     Ok(crate::exit::OK)
 }
