@@ -413,7 +413,8 @@ fn up_locked(ui: &Ui, round: Option<&Round>, m: &Machine, p: &dyn Provider, args
             ));
             // A machine without provisioning is cached as booted; `--no-provision` leaves it unprovisioned.
             if let Some(cache) = lab.as_ref().filter(|l| !l.restored && !args.no_provision) {
-                lab_cache::capture(&m.cfg, p, &m.vm_name, &m.state, box_id, cache, Some(&session), ui);
+                // Nothing provisioned, so no healthchecks to wait for.
+                lab_cache::capture(&m.cfg, p, &m.vm_name, &m.state, box_id, cache, None, ui);
             }
             report_counts(ui);
             return Ok(crate::exit::OK);
