@@ -323,31 +323,33 @@ pub(crate) fn containers(ssh: &Session, project: &str) -> Result<BTreeMap<String
     parse_inspect(&ssh.exec_ok(&crate::guest::containers_command(project), Duration::from_secs(60))?)
 }
 
-/// One round of every check, leaving out of the verdict the scrape targets on `deferred_hosts` (see
-/// [`split_deferred`]; empty: every target is judged).
-pub(crate) fn gather(
-    cfg: &Config,
-    profile: &Profile,
-    ssh: Option<&Session>,
-    available: &[String],
-    unavailable: &[String],
-    deferred_hosts: &[String],
-) -> Report {
-    let project = crate::guest::compose::project_name(&cfg.machine.name);
-    let probes = cfg.health_probes(profile);
-    // The guest's container states (one exec) and every HTTP probe run at once: a round takes as long as its
-    // slowest check, not their sum.
-    std::thread::scope(|scope| {
-        let targets = scope.spawn(|| {
-            profile.targets.and_then(|t| {
-                let port = probes.get(t.service).map(|p| p.port).unwrap_or(t.port);
-                let url = forwarded_url(cfg, port, t.path)?;
-                let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(5)).build();
-                let body = agent.get(&url).call().ok()?.into_string().ok()?;
-                parse_targets(&body).ok()
-            })
+/// The host's half of a health round: every HTTP probe through the forwards and the scrape targets, each on its
+/// own thread from [`HostChecks::start`]. A round ([`gather`]) starts one and asks the guest meanwhile; a machine
+/// just restored from a capture starts its first one before logging in ([`check_deferring`]'s `early`), so the
+/// probes' first answers (a second under TCG: every path in the guest runs cold) come while SSH connects.
+pub(crate) struct HostChecks {
+    probes: Vec<(String, bool, u16, Option<std::thread::JoinHandle<ProbeResult>>)>,
+    targets: std::thread::JoinHandle<Option<Vec<Target>>>,
+}
+
+impl HostChecks {
+    pub(crate) fn start(
+        cfg: &Config,
+        profile: &Profile,
+        available: &[String],
+        unavailable: &[String],
+    ) -> HostChecks {
+        let probes = cfg.health_probes(profile);
+        let targets_url = profile.targets.and_then(|t| {
+            let port = probes.get(t.service).map(|p| p.port).unwrap_or(t.port);
+            forwarded_url(cfg, port, t.path)
         });
-        let probing: Vec<_> = available
+        let targets = std::thread::spawn(move || {
+            let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(5)).build();
+            let body = agent.get(&targets_url?).call().ok()?.into_string().ok()?;
+            parse_targets(&body).ok()
+        });
+        let probes = available
             .iter()
             .chain(unavailable)
             .map(|name| {
@@ -357,7 +359,7 @@ pub(crate) fn gather(
                 let run = probe.filter(|_| is_available).map(|p| {
                     let url = forwarded_url(cfg, p.port, &p.path);
                     let (timeout, port, path) = (Duration::from_secs(p.timeout_secs), p.port, p.path.clone());
-                    scope.spawn(move || match url {
+                    std::thread::spawn(move || match url {
                         Some(url) => http_probe(&url, timeout),
                         None => ProbeResult {
                             url: format!("guest:{port}{path}"),
@@ -369,22 +371,46 @@ pub(crate) fn gather(
                         },
                     })
                 });
-                (name, is_available, expect, run)
+                (name.clone(), is_available, expect, run)
             })
             .collect();
-        let containers: Containers = ssh.and_then(|s| containers(s, &project).ok());
-        let checked: Vec<Checked> = probing
+        HostChecks { probes, targets }
+    }
+
+    /// Every probe's result (waited for; each is bounded by its timeout) and the scrape targets.
+    fn finish(self) -> (Vec<Checked>, Option<Vec<Target>>) {
+        let checked = self
+            .probes
             .into_iter()
-            .map(|(name, available, expect, run)| Checked {
-                service: name.clone(),
+            .map(|(service, available, expect, run)| Checked {
+                service,
                 available,
                 probe: run.map(|h| h.join().expect("a health probe thread panicked")),
                 expect,
             })
             .collect();
-        let targets = targets.join().expect("the targets probe thread panicked");
-        assemble(&checked, &containers, targets, unavailable, deferred_hosts, profile)
-    })
+        (checked, self.targets.join().expect("the targets probe thread panicked"))
+    }
+}
+
+/// One round of every check, leaving out of the verdict the scrape targets on `deferred_hosts` (see
+/// [`split_deferred`]; empty: every target is judged). `host`: the round's host half, when already started.
+pub(crate) fn gather(
+    cfg: &Config,
+    profile: &Profile,
+    ssh: Option<&Session>,
+    available: &[String],
+    unavailable: &[String],
+    deferred_hosts: &[String],
+    host: Option<HostChecks>,
+) -> Report {
+    let project = crate::guest::compose::project_name(&cfg.machine.name);
+    // The guest's container states (one exec) are asked while every HTTP probe runs: a round takes as long as its
+    // slowest check, not their sum.
+    let host = host.unwrap_or_else(|| HostChecks::start(cfg, profile, available, unavailable));
+    let containers: Containers = ssh.and_then(|s| containers(s, &project).ok());
+    let (checked, targets) = host.finish();
+    assemble(&checked, &containers, targets, unavailable, deferred_hosts, profile)
 }
 
 /// What one round found for one service before it is judged.
@@ -476,11 +502,12 @@ pub(crate) fn check_services(
     available: &[String],
     unavailable: &[String],
 ) -> Result<bool> {
-    Ok(check_deferring(cfg, profile, ssh, ui, timeout, available, unavailable, &[])?.healthy)
+    Ok(check_deferring(cfg, profile, ssh, ui, timeout, available, unavailable, &[], None)?.healthy)
 }
 
 /// [`check_services`] leaving the scrape targets on `deferred_hosts` out of the verdict (a multi-machine `up`
-/// while those machines are still coming up); the last round's report.
+/// while those machines are still coming up); the last round's report. `early`: the first round's host half,
+/// started before (see [`HostChecks`]); only where nothing in the guest changed since it started.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn check_deferring(
     cfg: &Config,
@@ -491,11 +518,12 @@ pub(crate) fn check_deferring(
     available: &[String],
     unavailable: &[String],
     deferred_hosts: &[String],
+    mut early: Option<HostChecks>,
 ) -> Result<Report> {
     let phase = ui.phase("health");
     let mut last = None;
     let healthy = crate::process::wait_until(timeout, "every lab service healthy", || {
-        let r = gather(cfg, profile, ssh, available, unavailable, deferred_hosts);
+        let r = gather(cfg, profile, ssh, available, unavailable, deferred_hosts, early.take());
         let bad: Vec<&str> = r
             .services
             .iter()

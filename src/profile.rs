@@ -168,7 +168,7 @@ mod tests {
             paths
         });
         let c = cfg(&format!("[[forward]]\nguest = 7001\nhost = {port}\n"));
-        let r = gather(&c, &OTHER, None, &["watch".to_string()], &[], &[]);
+        let r = gather(&c, &OTHER, None, &["watch".to_string()], &[], &[], None);
         let mut paths = server.join().unwrap();
         // Both asked, at once (a round's checks run concurrently).
         paths.sort();

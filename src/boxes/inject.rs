@@ -378,6 +378,54 @@ pub fn detect(image: &Path, format: &str, work: &Path) -> Result<(Route, String)
     Ok((Route::Disk, "no cloud-init in the box".into()))
 }
 
+/// Bump when [`detect`] may answer differently for the same disk: remembered answers are then asked again.
+const DETECT_VERSION: u32 = 1;
+
+/// [`detect`], remembered beside the image (`IMAGE.route`): a box's disk does not change under its id, and reading
+/// it starts `qemu-storage-daemon` and `debugfs` (0.1 s of every `up` that creates a machine, a restored cached
+/// lab's included). The answer is kept with the image's size and mtime and asked again when either differs.
+/// Writing it is best effort (a read-only cache only asks every time).
+pub fn detect_remembered(image: &Path, format: &str, work: &Path) -> Result<(Route, String)> {
+    let memo = {
+        let mut name = image.file_name().unwrap_or_default().to_os_string();
+        name.push(".route");
+        image.with_file_name(name)
+    };
+    let meta = std::fs::metadata(image).with_context(|| format!("read {}", image.display()))?;
+    let mtime = meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
+    let stamp = format!(
+        "provisioner-route {DETECT_VERSION} {format} {} {}",
+        meta.len(),
+        mtime.map(|d| d.as_nanos()).unwrap_or(0)
+    );
+    if let Some(found) = std::fs::read_to_string(&memo).ok().and_then(|text| parse_memo(&text, &stamp)) {
+        return Ok(found);
+    }
+    let found = detect(image, format, work)?;
+    let keep = || -> std::io::Result<()> {
+        use std::io::Write as _;
+        let mut tmp = tempfile::NamedTempFile::new_in(memo.parent().unwrap_or(Path::new(".")))?;
+        write!(tmp, "{stamp}\n{}\n{}\n", found.0.name(), found.1)?;
+        tmp.persist(&memo).map(|_| ()).map_err(|e| e.error)
+    };
+    let _ = keep();
+    Ok(found)
+}
+
+/// A remembered [`detect`] answer, if it was kept for `stamp`. Pure.
+fn parse_memo(text: &str, stamp: &str) -> Option<(Route, String)> {
+    let mut lines = text.lines();
+    if lines.next()? != stamp {
+        return None;
+    }
+    let route = match lines.next()? {
+        "cloud-init" => Route::CloudInit,
+        "disk" => Route::Disk,
+        _ => return None,
+    };
+    Some((route, lines.next()?.to_string()))
+}
+
 /// What goes into a machine's disk.
 pub struct Injection<'a> {
     /// Users to try, in order: the first one in /etc/passwd gets the key (`[ssh] user`, then `vagrant`).
@@ -573,6 +621,29 @@ pub fn edit(image: &Path, format: &str, work: &Path, commands: &str) -> Result<S
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_remembered_route_is_used_while_the_image_is_unchanged_and_asked_again_after() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("box.qcow2");
+        std::fs::write(&image, b"not a disk").unwrap();
+        let memo = dir.path().join("box.qcow2.route");
+        let work = dir.path().join("work");
+        // No answer kept: the disk is read (and this one is not a disk).
+        assert!(detect_remembered(&image, "qcow2", &work).is_err());
+        assert!(!memo.exists(), "a failed read keeps nothing");
+        // An answer kept for this very image is used, without reading the disk.
+        let meta = std::fs::metadata(&image).unwrap();
+        let mtime = meta.modified().unwrap().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+        let stamp = format!("provisioner-route {DETECT_VERSION} qcow2 {} {mtime}", meta.len());
+        std::fs::write(&memo, format!("{stamp}\ndisk\nno cloud-init in the box\n")).unwrap();
+        let (route, why) = detect_remembered(&image, "qcow2", &work).unwrap();
+        assert_eq!((route, why.as_str()), (Route::Disk, "no cloud-init in the box"));
+        // The image changed (its size): the kept answer is not used.
+        std::fs::write(&image, b"not a disk either").unwrap();
+        assert!(detect_remembered(&image, "qcow2", &work).is_err());
+        assert_eq!(parse_memo(&format!("{stamp}\ninsecure-once\nx\n"), &stamp), None, "never remembered");
+    }
 
     #[test]
     fn authorized_keys_keeps_only_the_machine_key() {

@@ -302,9 +302,20 @@ fn up_locked(ui: &Ui, round: Option<&Round>, m: &Machine, p: &dyn Provider, args
     // The cached lab brought the secrets its services run with (installed into the state dir by `boot`): the tree
     // was rendered before, with secrets made for a new machine, so it is rendered again with those (else the
     // next provision would upload a `.env` the guest's services were not made with).
-    if lab.as_ref().is_some_and(|l| l.restored) && plan.lab.is_some() {
+    let restored = lab.as_ref().is_some_and(|l| l.restored);
+    if restored && plan.lab.is_some() {
         plan.lab = Some(crate::guest::Lab::render(&m.cfg, &m.state, m.profile)?);
     }
+    // The restored lab is the captured one, healthy when saved: its first health round's HTTP probes start now and
+    // run while SSH connects and the checks are asked (every path in the guest runs cold after a restore: the
+    // probes' first answers take up to a second under TCG). Dropped if the lab is provisioned again below.
+    let mut early = match (&plan.lab, restored && provisioning) {
+        (Some(render), true) => {
+            let (available, unavailable) = render.services(&m.cfg);
+            Some(crate::health::HostChecks::start(&m.cfg, m.profile, &available, &unavailable))
+        }
+        _ => None,
+    };
     let timeout = Duration::from_secs(args.boot_timeout.unwrap_or(m.cfg.ssh.connect_timeout_secs));
     // keys = "insecure-once", first boot: the one login with Vagrant's insecure key replaces the keys, then the
     // session is the pinned one.
@@ -325,7 +336,6 @@ fn up_locked(ui: &Ui, round: Option<&Round>, m: &Machine, p: &dyn Provider, args
         })?,
     };
     ph.done(&ep.addr.to_string());
-    let restored = lab.as_ref().is_some_and(|l| l.restored);
     let clock = restored.then(|| clock_command(std::time::SystemTime::now()));
     // No cloud-init in the guest (the disk route and insecure-once): what the seed would do is a root script run
     // on every `up` (idempotent), built here so a warm `up` sends it with its checks.
@@ -346,7 +356,10 @@ fn up_locked(ui: &Ui, round: Option<&Round>, m: &Machine, p: &dyn Provider, args
     let recheck = restored && lab.as_ref().is_some_and(|l| lab_cache::recheck_mode(&m.cfg, l));
     if warm {
         let mut cmds: Vec<String> = clock.iter().chain(&setup).cloned().collect();
-        cmds.push(CLOUD_INIT_RESULT.to_string());
+        // A restored lab was captured after cloud-init had finished (its result is in the saved memory).
+        if !restored {
+            cmds.push(CLOUD_INIT_RESULT.to_string());
+        }
         if let (Some(lab), true) = (&plan.lab, provisioning) {
             cmds.extend(match restored {
                 true => crate::guest::restored_commands(&m.cfg, lab, recheck),
@@ -378,7 +391,7 @@ fn up_locked(ui: &Ui, round: Option<&Round>, m: &Machine, p: &dyn Provider, args
         let result = session.exec(CLOUD_INIT_RESULT, Duration::from_secs(30))?;
         Ok(result.status == 0 && cloud_init_clean(&result.output))
     };
-    let out = if disk_route || clean()? {
+    let out = if disk_route || restored || clean()? {
         crate::ssh::ExecOutput { status: 0, output: String::new() }
     } else {
         session.exec("cloud-init status --wait --long", CLOUD_INIT_TIMEOUT)?
@@ -433,6 +446,7 @@ fn up_locked(ui: &Ui, round: Option<&Round>, m: &Machine, p: &dyn Provider, args
         if same {
             drop(host_build);
         } else {
+            early = None;
             crate::guest::provision(&m.cfg, &session, render, ui, false, host_build)?;
         }
     } else if restored {
@@ -453,6 +467,7 @@ fn up_locked(ui: &Ui, round: Option<&Round>, m: &Machine, p: &dyn Provider, args
         &available,
         &unavailable,
         &coming_up,
+        early,
     )?;
     let healthy = report.healthy;
     let deferred = !report.deferred.is_empty();
@@ -494,6 +509,7 @@ fn final_health(ui: &Ui, m: &Machine, capture: Option<&(lab_cache::Plan, Option<
         &available,
         &unavailable,
         &[],
+        None,
     )?;
     if !report.healthy {
         return Ok(crate::exit::UNHEALTHY);
@@ -791,14 +807,20 @@ impl Machine {
         let ph = ui.phase("restore");
         t.p.snapshot_restore(&t.vm, name)?;
         let live = t.p.state(&t.vm)?;
-        let session = (live == VmState::Running).then(|| self.restored_session(ui)).flatten();
+        let running = live == VmState::Running;
+        let provisioned = self.cfg.provision.enabled != Some(false);
+        // The lab is as it was saved: the health round's HTTP probes start now, while SSH connects (as a restored
+        // cached lab's in `up`).
+        let services = (running && provisioned).then(|| crate::health::services(&self.cfg, self.profile));
+        let early =
+            services.as_ref().map(|(a, u)| crate::health::HostChecks::start(&self.cfg, self.profile, a, u));
+        let session = running.then(|| self.restored_session(ui)).flatten();
         ph.done(&format!("{name} ({live})"));
         ui.event("snapshot_restored", json!({"name": name, "state": live}));
-        let Some(session) = session.filter(|_| self.cfg.provision.enabled != Some(false)) else {
+        let (Some(session), Some((available, unavailable))) = (session, services) else {
             return Ok(crate::exit::OK);
         };
-        let (available, unavailable) = crate::health::services(&self.cfg, self.profile);
-        let healthy = crate::health::check_services(
+        let report = crate::health::check_deferring(
             &self.cfg,
             self.profile,
             Some(&session),
@@ -806,8 +828,10 @@ impl Machine {
             HEALTH_TIMEOUT,
             &available,
             &unavailable,
+            &[],
+            early,
         )?;
-        Ok(if healthy { crate::exit::OK } else { crate::exit::UNHEALTHY })
+        Ok(if report.healthy { crate::exit::OK } else { crate::exit::UNHEALTHY })
     }
 
     /// A session with a guest just brought back from saved memory, its clock set from the host's, and the first

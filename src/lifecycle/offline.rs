@@ -68,7 +68,7 @@ pub(crate) fn decide(m: &Machine, p: &dyn Provider, base: &BoxImage) -> Result<(
                 Route::CloudInit,
                 "the box's disk was not read: no qemu-storage-daemon on this host (keys = \"disk\" needs it)".into(),
             )),
-            Some((path, format)) => inject::detect(&path, &format, &m.state.path("inject")),
+            Some((path, format)) => inject::detect_remembered(&path, &format, &m.state.path("inject")),
         },
     }
 }
