@@ -17,7 +17,34 @@ pub(crate) struct Holder {
 
 impl std::fmt::Display for Holder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "PID {} ({})", self.pid, self.command)
+        write!(f, "PID {} ({})", self.pid, shown_command(&self.command))
+    }
+}
+
+/// A holder's command line as an error shows it: whole when short; QEMU's (5,000 characters under libvirt) as its
+/// program and guest name, which says which machine holds the port; any other long one cut. Pure.
+fn shown_command(command: &str) -> String {
+    const MAX: usize = 160;
+    let mut words = command.split_whitespace();
+    let program = words.next().unwrap_or("");
+    let base = program.rsplit(['/', '\\']).next().unwrap_or(program);
+    if base.starts_with("qemu-system-") {
+        let mut guest = None;
+        while let Some(w) = words.next() {
+            if w == "-name" {
+                let value = words.next().unwrap_or("");
+                let name = value.split(',').find_map(|p| p.strip_prefix("guest=")).unwrap_or(value);
+                guest = Some(name.to_string());
+                break;
+            }
+        }
+        if let Some(g) = guest.filter(|g| !g.is_empty()) {
+            return format!("{base}, the virtual machine {g}");
+        }
+    }
+    match command.char_indices().nth(MAX) {
+        Some((at, _)) => format!("{} ...", &command[..at]),
+        None => command.to_string(),
     }
 }
 
@@ -119,6 +146,20 @@ mod tests {
         let port = l.local_addr().unwrap().port();
         let h = holder(SocketAddr::from(([127, 0, 0, 1], port)), Protocol::Tcp).expect("holder found");
         assert_eq!(h.pid, std::process::id());
+    }
+
+    #[test]
+    fn a_long_command_line_is_shown_short_and_qemus_by_its_guest() {
+        let qemu = format!(
+            "/usr/bin/qemu-system-x86_64 -name guest=provisioner-lab-b1a57397,debug-threads=on -S {}",
+            "-device x ".repeat(500)
+        );
+        let h = Holder { pid: 7, command: qemu };
+        assert_eq!(h.to_string(), "PID 7 (qemu-system-x86_64, the virtual machine provisioner-lab-b1a57397)");
+        let long = format!("/usr/bin/python3 {}", "a".repeat(300));
+        let shown = Holder { pid: 8, command: long.clone() }.to_string();
+        assert_eq!(shown, format!("PID 8 ({} ...)", &long[..160]));
+        assert_eq!(Holder { pid: 9, command: "nc -l 8000".into() }.to_string(), "PID 9 (nc -l 8000)");
     }
 
     #[test]

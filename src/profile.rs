@@ -180,6 +180,49 @@ mod tests {
         );
     }
 
+    /// A round's host half started early ([`crate::health::HostChecks`], as after a restore) is what that round
+    /// judges: it is not asked again, and the next round asks afresh.
+    #[test]
+    fn a_round_started_early_is_judged_on_its_answers_and_the_next_asks_again() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let server = std::thread::spawn(move || {
+            let mut seen = Vec::new();
+            // The early round's two requests get 503; the next round's two get 200.
+            for i in 0..4 {
+                let (mut s, _) = listener.accept().unwrap();
+                let mut line = String::new();
+                BufReader::new(&s).read_line(&mut line).unwrap();
+                let path = line.split(' ').nth(1).unwrap_or("").to_string();
+                let body = if path == "/scrape/targets" {
+                    r#"{"status":"success","data":{"activeTargets":[{"labels":{"job":"web","instance":"web:7000"},"health":"up","lastError":""}]}}"#
+                } else {
+                    "ok"
+                };
+                let status =
+                    if i < 2 && path != "/scrape/targets" { "503 Service Unavailable" } else { "200 OK" };
+                let head = format!(
+                    "HTTP/1.1 {status}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                    body.len()
+                );
+                s.write_all(head.as_bytes()).and_then(|()| s.write_all(body.as_bytes())).unwrap();
+                seen.push(path);
+            }
+            seen
+        });
+        let c = cfg(&format!("[[forward]]\nguest = 7001\nhost = {port}\n"));
+        let watch = ["watch".to_string()];
+        let early = crate::health::HostChecks::start(&c, &OTHER, &watch, &[]);
+        let first = gather(&c, &OTHER, None, &watch, &[], &[], Some(early));
+        assert!(!first.healthy, "judged on the early answers (503)");
+        assert_eq!(first.services[0].probe.as_ref().and_then(|p| p.status), Some(503));
+        let second = gather(&c, &OTHER, None, &watch, &[], &[], None);
+        assert_eq!(second.services[0].probe.as_ref().and_then(|p| p.status), Some(200));
+        assert!(second.healthy);
+        // Four requests in all: the first round asked nothing besides the early ones.
+        assert_eq!(server.join().unwrap().len(), 4);
+    }
+
     #[test]
     fn render_and_the_base_image_take_the_profiles_secrets_and_packages() {
         let t = tempfile::tempdir().unwrap();
