@@ -2,7 +2,8 @@
 
 /// Run a guest command `cmd` with `/bin/sh -c` here, the way the guest would, with stand-ins on a PATH of their
 /// own: `sudo` (drops `-n` and runs the command), each `(name, script body)` of `stand_ins`, and the system's sh,
-/// grep, cut, sed, awk, printf and cat (a tool not given is missing, e.g. `curl`). Returns stdout; panics with
+/// grep, cut, sed, awk, printf and cat unless a stand-in of that name is given (any other tool is missing, e.g.
+/// `curl`). Returns stdout; panics with
 /// stderr when the command fails.
 pub(crate) fn guest_sh(cmd: &str, stand_ins: &[(&str, &str)]) -> String {
     let dir = tempfile::tempdir().unwrap();
@@ -18,6 +19,9 @@ pub(crate) fn guest_sh(cmd: &str, stand_ins: &[(&str, &str)]) -> String {
         put(name, body);
     }
     for tool in ["sh", "grep", "cut", "sed", "awk", "printf", "cat"] {
+        if stand_ins.iter().any(|(name, _)| *name == tool) {
+            continue;
+        }
         if let Ok(p) = which::which(tool) {
             crate::platform::symlink(&p, &bin.join(tool)).unwrap();
         }
