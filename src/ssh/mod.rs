@@ -929,7 +929,7 @@ mod tests {
         // it knowing the token) is not followed: that command does not run, the batch gives no answers, and the target is untouched.
         let target = dir.path().join("target");
         std::fs::write(&target, "mine").unwrap();
-        std::os::unix::fs::symlink(&target, &files[0]).unwrap();
+        crate::platform::symlink(&target, &files[0]).unwrap();
         let (results, _, _) = run_batch_as(&["echo ran > /dev/null; echo out", "true"], true, &token);
         let _ = std::fs::remove_file(&files[0]);
         assert!(results.is_none(), "a batch with a command that could not run gives no answers");
