@@ -203,12 +203,7 @@ impl Session {
         let started = Instant::now();
         let timed = crate::process::verbosity() >= 1;
         let distinct: Vec<&String> = wanted.iter().map(|(c, _)| *c).collect();
-        let token = {
-            use rand_core::RngCore as _;
-            let mut b = [0u8; 16];
-            rand_core::OsRng.fill_bytes(&mut b);
-            hex::encode(b)
-        };
+        let token = batch_token();
         let script = prefetch_script(&distinct, timed, &token);
         let out = Exec::start(self, &script, timeout, &mut |_| {}).and_then(|mut ex| ex.finish());
         if timed {
@@ -569,6 +564,14 @@ fn shown_command(cmd: &str) -> String {
     format!("{shown}{more}")
 }
 
+/// 128 random bits as hex: a [`prefetch_script`]'s token, new for every batch.
+fn batch_token() -> String {
+    use rand_core::RngCore as _;
+    let mut b = [0u8; 16];
+    rand_core::OsRng.fill_bytes(&mut b);
+    hex::encode(b)
+}
+
 /// The one guest script of [`Session::prefetch`]: each command in a subshell of its own, all started at once,
 /// its stdout and stderr to a file of its own followed by a trailer line `@pf-TOKEN I STATUS MS` (`MS` is its time
 /// with `-v`, else `-`); then every file by one `cat`, after a line `@pf-TOKEN begin`. `token` is random per batch
@@ -590,7 +593,7 @@ fn shown_command(cmd: &str) -> String {
 /// The commands are POSIX sh (they run in the guest's `/bin/sh`, where an exec runs them in the login shell).
 fn prefetch_script(cmds: &[&String], timed: bool, token: &str) -> String {
     let mut batch = format!(
-        "umask 077; set -C\n\
+        "__pf_um=$(umask); umask 077; set -C\n\
          if [ \"$0\" = root ] && [ -n \"${{SUDO_USER:-}}\" ]; then\n  sudo() {{ [ \"$1\" = -n ] && shift; \"$@\"; }}\n  \
          eval \"HOME=~$SUDO_USER\"; export HOME\nfi\n__pf=\"$HOME/.provisioner-pf-{token}\"\n",
     );
@@ -607,20 +610,22 @@ fn prefetch_script(cmds: &[&String], timed: bool, token: &str) -> String {
         } else {
             ("", "__pf_ms=-")
         };
-        // The command's own redirections may overwrite files: `set -C` is the batch's only.
+        // The batch's `umask 077` and `set -C` are for its own files: each command runs with the caller's umask,
+        // and its redirections may overwrite files.
         batch.push_str(&format!(
-            "{{ {start}( set +C; eval {} ) 2>&1 </dev/null; __pf_s=$?; {took}; \
+            "{{ {start}( umask \"$__pf_um\"; set +C; eval {} ) 2>&1 </dev/null; __pf_s=$?; {took}; \
              printf '\\n@pf-%s %s %s %s\\n' {token} {i} \"$__pf_s\" \"$__pf_ms\"; }} >\"$__pf.{i}\" &\n",
             shell_quote(cmd)
         ));
         files.push_str(&format!(" \"$__pf.{i}\""));
     }
     batch.push_str(&format!(
-        "wait\nprintf '@pf-%s begin\\n' {token}; cat{files}; __pf_s=$?\n\
-         rm -f{files} >/dev/null 2>&1 </dev/null &\nexit $__pf_s\n"
+        "wait\nprintf '@pf-%s begin\\n' {token}; cat{files}\n\
+         rm -f{files} >/dev/null 2>&1 </dev/null &\nexit 0\n"
     ));
     let quoted = shell_quote(&batch);
-    // `$0` says which of the two runs it is (as root through sudo, or as the user), without a process to ask.
+    // `$0` says which of the two runs it is (as root through sudo, or as the user), without a process to ask. The
+    // batch itself always exits 0 (a result missing shows in the parse), so only a refused `sudo` runs it again.
     format!("sudo -n sh -c {quoted} root 2>/dev/null || sh -c {quoted} user")
 }
 
@@ -834,16 +839,9 @@ mod tests {
     /// The batch as the guest runs it, with a `sudo` on PATH that logs each start and, when `grant`, runs its command
     /// as sudo does (with `SUDO_USER`, here the current user), else refuses as `sudo -n` does without a rule.
     fn run_batch(cmds: &[&str], grant: bool) -> (Vec<super::Prefetched>, usize, String) {
-        let token = fresh_token();
+        let token = super::batch_token();
         let (results, starts, home) = run_batch_as(cmds, grant, &token);
         (results.expect("every result, in order"), starts, home)
-    }
-
-    fn fresh_token() -> String {
-        use rand_core::RngCore as _;
-        let mut b = [0u8; 16];
-        rand_core::OsRng.fill_bytes(&mut b);
-        hex::encode(b)
     }
 
     fn run_batch_as(
@@ -902,21 +900,24 @@ mod tests {
     #[test]
     #[cfg_attr(windows, ignore = "windows: a guest shell script, run with /bin/sh")]
     fn the_batch_keeps_outputs_exact_leaves_no_file_and_never_writes_through_a_file_already_there() {
-        let token = fresh_token();
+        let token = super::batch_token();
         // The batch runs as root through the test's `sudo`, with the user's HOME.
         let out =
             std::process::Command::new("/bin/sh").args(["-c", "eval echo ~$(id -un)"]).output().unwrap();
         let home = String::from_utf8_lossy(&out.stdout).trim().to_string();
         let files: Vec<std::path::PathBuf> =
-            (0..2).map(|i| std::path::PathBuf::from(format!("{home}/.provisioner-pf-{token}.{i}"))).collect();
+            (0..3).map(|i| std::path::PathBuf::from(format!("{home}/.provisioner-pf-{token}.{i}"))).collect();
         // An output that looks like a trailer (another token, or none) stays output; `>` in a command overwrites
         // (`set -C` is the batch's only).
         let dir = tempfile::tempdir().unwrap();
         let over = dir.path().join("over");
         std::fs::write(&over, "old").unwrap();
         let overwrite = format!("printf '@pf-{} 0 0 -\\n\\n'; echo new > {over:?}", "f".repeat(32));
-        let (results, _, _) = run_batch_as(&[&overwrite, "printf '\\n\\n'"], true, &token);
+        let (results, _, _) = run_batch_as(&[&overwrite, "printf '\\n\\n'", "umask"], true, &token);
         let results = results.expect("every result");
+        // The batch's own `umask 077` is not its commands'.
+        let umask = std::process::Command::new("/bin/sh").args(["-c", "umask"]).output().unwrap();
+        assert_eq!(results[2].out.output, String::from_utf8_lossy(&umask.stdout));
         assert_eq!(results[0].out.output, format!("@pf-{} 0 0 -\n\n", "f".repeat(32)));
         assert_eq!((results[0].out.status, std::fs::read_to_string(&over).unwrap().as_str()), (0, "new\n"));
         assert_eq!(results[1].out.output, "\n\n");
