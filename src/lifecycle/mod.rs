@@ -306,16 +306,6 @@ fn up_locked(ui: &Ui, round: Option<&Round>, m: &Machine, p: &dyn Provider, args
     if restored && plan.lab.is_some() {
         plan.lab = Some(crate::guest::Lab::render(&m.cfg, &m.state, m.profile)?);
     }
-    // The restored lab is the captured one, healthy when saved: its first health round's HTTP probes start now and
-    // run while SSH connects and the checks are asked (every path in the guest runs cold after a restore: the
-    // probes' first answers take up to a second under TCG). Dropped if the lab is provisioned again below.
-    let mut early = match (&plan.lab, restored && provisioning) {
-        (Some(render), true) => {
-            let (available, unavailable) = render.services(&m.cfg);
-            Some(crate::health::HostChecks::start(&m.cfg, m.profile, &available, &unavailable))
-        }
-        _ => None,
-    };
     let timeout = Duration::from_secs(args.boot_timeout.unwrap_or(m.cfg.ssh.connect_timeout_secs));
     // keys = "insecure-once", first boot: the one login with Vagrant's insecure key replaces the keys, then the
     // session is the pinned one.
@@ -336,6 +326,18 @@ fn up_locked(ui: &Ui, round: Option<&Round>, m: &Machine, p: &dyn Provider, args
         })?,
     };
     ph.done(&ep.addr.to_string());
+    // The restored lab is the captured one, healthy when saved: its first health round's HTTP probes start now and
+    // run while the checks' round trip does (every path in the guest runs cold after a restore, and the demo app's
+    // first answer took up to a second under TCG). Not before the login: both need the guest's two vCPUs and QEMU's
+    // network thread, and alongside the probes the login took 1.4-2.0 s instead of 0.8-1.0 s in half the runs
+    // (stop 29; docs/vm.md "Cached lab"). Dropped if the lab is provisioned again below.
+    let mut early = match (&plan.lab, restored && provisioning) {
+        (Some(render), true) => {
+            let (available, unavailable) = render.services(&m.cfg);
+            Some(crate::health::HostChecks::start(&m.cfg, m.profile, &available, &unavailable))
+        }
+        _ => None,
+    };
     let clock = restored.then(|| clock_command(std::time::SystemTime::now()));
     // No cloud-init in the guest (the disk route and insecure-once): what the seed would do is a root script run
     // on every `up` (idempotent), built here so a warm `up` sends it with its checks.
@@ -809,12 +811,11 @@ impl Machine {
         let live = t.p.state(&t.vm)?;
         let running = live == VmState::Running;
         let provisioned = self.cfg.provision.enabled != Some(false);
-        // The lab is as it was saved: the health round's HTTP probes start now, while SSH connects (as a restored
-        // cached lab's in `up`).
         let services = (running && provisioned).then(|| crate::health::services(&self.cfg, self.profile));
-        let early =
-            services.as_ref().map(|(a, u)| crate::health::HostChecks::start(&self.cfg, self.profile, a, u));
-        let session = running.then(|| self.restored_session(ui)).flatten();
+        let (session, early) = match running {
+            true => self.restored_session(ui, services.as_ref()),
+            false => (None, None),
+        };
         ph.done(&format!("{name} ({live})"));
         ui.event("snapshot_restored", json!({"name": name, "state": live}));
         let (Some(session), Some((available, unavailable))) = (session, services) else {
@@ -837,10 +838,19 @@ impl Machine {
     /// A session with a guest just brought back from saved memory, its clock set from the host's, and the first
     /// health round's container states fetched in the same round trip. None (with a warning) when the guest
     /// cannot be reached: the machine is usable either way.
-    fn restored_session(&self, ui: &Ui) -> Option<Session> {
+    ///
+    /// With `services` (available, unavailable), the health round's HTTP probes start once logged in and run during
+    /// that round trip, as a restored cached lab's in `up`.
+    fn restored_session(
+        &self,
+        ui: &Ui,
+        services: Option<&(Vec<String>, Vec<String>)>,
+    ) -> (Option<Session>, Option<crate::health::HostChecks>) {
         let clock = clock_command(std::time::SystemTime::now());
-        let set = || -> Result<Session> {
+        let mut early = None;
+        let mut set = || -> Result<Session> {
             let ssh = connect(&self.cfg, &self.state, Duration::from_secs(60))?;
+            early = services.map(|(a, u)| crate::health::HostChecks::start(&self.cfg, self.profile, a, u));
             let project = crate::guest::compose::project_name(&self.cfg.machine.name);
             ssh.prefetch(
                 &[clock.clone(), crate::guest::containers_command(&project)],
@@ -849,7 +859,10 @@ impl Machine {
             ssh.exec_ok(&clock, Duration::from_secs(30))?;
             Ok(ssh)
         };
-        set().map_err(|e| ui.warn(format!("could not set the guest's clock after the restore: {e:#}"))).ok()
+        let session = set()
+            .map_err(|e| ui.warn(format!("could not set the guest's clock after the restore: {e:#}")))
+            .ok();
+        (session, early)
     }
 
     /// `snapshot list`: the snapshot names.
