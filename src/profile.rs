@@ -141,32 +141,47 @@ mod tests {
         assert_eq!(r.services[1].detail, "targets 1/1 up; 1 target(s) on m2 judged once every machine is up");
     }
 
-    /// `gather` asks the targets at the profile's path, through the forward of the profile's port (a real HTTP
-    /// server on loopback standing in for the guest's forwarded service).
-    #[test]
-    fn targets_are_asked_at_the_profiles_port_and_path() {
+    /// A real HTTP server on loopback standing in for the guest's forwarded services: it answers `n` requests,
+    /// the targets path with one `up` target, any other with `status(i)` for the i-th request; the paths asked.
+    fn serve(
+        n: usize,
+        status: impl Fn(usize) -> &'static str + Send + 'static,
+    ) -> (u16, std::thread::JoinHandle<Vec<String>>) {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let server = std::thread::spawn(move || {
             let mut paths = Vec::new();
-            // One request for the targets, one for `watch`'s probe.
-            for _ in 0..2 {
+            for i in 0..n {
                 let (mut s, _) = listener.accept().unwrap();
                 let mut line = String::new();
                 BufReader::new(&s).read_line(&mut line).unwrap();
                 let path = line.split(' ').nth(1).unwrap_or("").to_string();
-                let body = if path == "/scrape/targets" {
-                    r#"{"status":"success","data":{"activeTargets":[{"labels":{"job":"web","instance":"web:7000"},"health":"up","lastError":""}]}}"#
+                let (status, body) = if path == "/scrape/targets" {
+                    (
+                        "200 OK",
+                        r#"{"status":"success","data":{"activeTargets":[{"labels":{"job":"web","instance":"web:7000"},"health":"up","lastError":""}]}}"#,
+                    )
                 } else {
-                    "ok"
+                    (status(i), "ok")
                 };
-                let head =
-                    format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n", body.len());
+                let head = format!(
+                    "HTTP/1.1 {status}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                    body.len()
+                );
                 s.write_all(head.as_bytes()).and_then(|()| s.write_all(body.as_bytes())).unwrap();
                 paths.push(path);
             }
             paths
         });
+        (port, server)
+    }
+
+    /// `gather` asks the targets at the profile's path, through the forward of the profile's port (a real HTTP
+    /// server on loopback standing in for the guest's forwarded service).
+    #[test]
+    fn targets_are_asked_at_the_profiles_port_and_path() {
+        // One request for the targets, one for `watch`'s probe.
+        let (port, server) = serve(2, |_| "200 OK");
         let c = cfg(&format!("[[forward]]\nguest = 7001\nhost = {port}\n"));
         let r = gather(&c, &OTHER, None, &["watch".to_string()], &[], &[], None);
         let mut paths = server.join().unwrap();
@@ -184,32 +199,8 @@ mod tests {
     /// judges: it is not asked again, and the next round asks afresh.
     #[test]
     fn a_round_started_early_is_judged_on_its_answers_and_the_next_asks_again() {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let server = std::thread::spawn(move || {
-            let mut seen = Vec::new();
-            // The early round's two requests get 503; the next round's two get 200.
-            for i in 0..4 {
-                let (mut s, _) = listener.accept().unwrap();
-                let mut line = String::new();
-                BufReader::new(&s).read_line(&mut line).unwrap();
-                let path = line.split(' ').nth(1).unwrap_or("").to_string();
-                let body = if path == "/scrape/targets" {
-                    r#"{"status":"success","data":{"activeTargets":[{"labels":{"job":"web","instance":"web:7000"},"health":"up","lastError":""}]}}"#
-                } else {
-                    "ok"
-                };
-                let status =
-                    if i < 2 && path != "/scrape/targets" { "503 Service Unavailable" } else { "200 OK" };
-                let head = format!(
-                    "HTTP/1.1 {status}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
-                    body.len()
-                );
-                s.write_all(head.as_bytes()).and_then(|()| s.write_all(body.as_bytes())).unwrap();
-                seen.push(path);
-            }
-            seen
-        });
+        // The early round's probe gets 503 (its first two requests: the probe and the targets); the next round 200.
+        let (port, server) = serve(4, |i| if i < 2 { "503 Service Unavailable" } else { "200 OK" });
         let c = cfg(&format!("[[forward]]\nguest = 7001\nhost = {port}\n"));
         let watch = ["watch".to_string()];
         let early = crate::health::HostChecks::start(&c, &OTHER, &watch, &[]);
