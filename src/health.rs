@@ -325,8 +325,9 @@ pub(crate) fn containers(ssh: &Session, project: &str) -> Result<BTreeMap<String
 
 /// The host's half of a health round: every HTTP probe through the forwards and the scrape targets, each on its
 /// own thread from [`HostChecks::start`]. A round ([`gather`]) starts one and asks the guest meanwhile; a machine
-/// just restored from a capture starts its first one before logging in ([`check_deferring`]'s `early`), so the
-/// probes' first answers (a second under TCG: every path in the guest runs cold) come while SSH connects.
+/// just restored from a capture starts its first one as soon as it is logged in ([`check_deferring`]'s `early`), so
+/// the probes' first answers (up to a second under TCG: every path in the guest runs cold) come during the checks'
+/// round trip.
 pub(crate) struct HostChecks {
     probes: Vec<(String, bool, u16, Option<std::thread::JoinHandle<ProbeResult>>)>,
     targets: std::thread::JoinHandle<Option<Vec<Target>>>,
