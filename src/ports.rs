@@ -29,17 +29,10 @@ fn shown_command(command: &str) -> String {
     let program = words.next().unwrap_or("");
     let base = program.rsplit(['/', '\\']).next().unwrap_or(program);
     if base.starts_with("qemu-system-") {
-        let mut guest = None;
-        while let Some(w) = words.next() {
-            if w == "-name" {
-                let value = words.next().unwrap_or("");
-                let name = value.split(',').find_map(|p| p.strip_prefix("guest=")).unwrap_or(value);
-                guest = Some(name.to_string());
-                break;
-            }
-        }
-        if let Some(g) = guest.filter(|g| !g.is_empty()) {
-            return format!("{base}, the virtual machine {g}");
+        let value = words.skip_while(|w| *w != "-name").nth(1).unwrap_or("");
+        let guest = value.split(',').find_map(|p| p.strip_prefix("guest=")).unwrap_or(value);
+        if !guest.is_empty() {
+            return format!("{base}, the virtual machine {guest}");
         }
     }
     match command.char_indices().nth(MAX) {

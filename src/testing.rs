@@ -3,8 +3,7 @@
 /// Run a guest command `cmd` with `/bin/sh -c` here, the way the guest would, with stand-ins on a PATH of their
 /// own: `sudo` (drops `-n` and runs the command), each `(name, script body)` of `stand_ins`, and the system's sh,
 /// grep, cut, sed, awk, printf and cat unless a stand-in of that name is given (any other tool is missing, e.g.
-/// `curl`). Returns stdout; panics with
-/// stderr when the command fails.
+/// `curl`). Returns stdout; panics with stderr when the command fails.
 pub(crate) fn guest_sh(cmd: &str, stand_ins: &[(&str, &str)]) -> String {
     let dir = tempfile::tempdir().unwrap();
     let bin = dir.path().join("bin");
