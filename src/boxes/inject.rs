@@ -402,13 +402,11 @@ pub fn detect_remembered(image: &Path, format: &str, work: &Path) -> Result<(Rou
         return Ok(found);
     }
     let found = detect(image, format, work)?;
-    let keep = || -> std::io::Result<()> {
-        use std::io::Write as _;
-        let mut tmp = tempfile::NamedTempFile::new_in(memo.parent().unwrap_or(Path::new(".")))?;
-        write!(tmp, "{stamp}\n{}\n{}\n", found.0.name(), found.1)?;
-        tmp.persist(&memo).map(|_| ()).map_err(|e| e.error)
-    };
-    let _ = keep();
+    let _ = crate::machine::write_private(
+        &memo,
+        format!("{stamp}\n{}\n{}\n", found.0.name(), found.1).as_bytes(),
+        0o644,
+    );
     Ok(found)
 }
 
