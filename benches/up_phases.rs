@@ -104,8 +104,9 @@ fn main() {
     report("warm up (running, unchanged)", &warm, warm_wall);
     if let Some(c) = event(&String::from_utf8_lossy(&warm.stdout), "run_counts") {
         println!(
-            "  guest round trips: {} exec(s), {} answer(s) taken from the one prefetch",
-            c["guest_execs"], c["guest_execs_prefetched"]
+            "  guest round trips: {} exec(s), {} answer(s) taken from the one prefetch, {} GET(s) on the Engine's socket \
+             through the connection",
+            c["guest_execs"], c["guest_execs_prefetched"], c["guest_socket_gets"]
         );
     }
 

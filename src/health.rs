@@ -320,7 +320,7 @@ pub(crate) fn image_mode(cfg: &Config) -> Option<crate::guest::registry::Resolve
 
 /// Container state of every compose service of this machine's project.
 pub(crate) fn containers(ssh: &Session, project: &str) -> Result<BTreeMap<String, ContainerState>> {
-    parse_inspect(&ssh.exec_ok(&crate::guest::containers_command(project), Duration::from_secs(60))?)
+    parse_inspect(&crate::guest::containers_json(ssh, project)?)
 }
 
 /// The host's half of a health round: every HTTP probe through the forwards and the scrape targets, each on its

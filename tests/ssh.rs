@@ -236,6 +236,93 @@ fn prefetched_commands_run_together_once_and_are_served_until_another_command_ru
     }
 }
 
+/// A unix socket in `dir` answering each GET with a chunked body naming its path and the connection's number
+/// (from 1), one request per connection, as dockerd does with `Connection: close`. Returns its path and the
+/// request lines it was sent, in order.
+fn http_socket(dir: &Path) -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use std::io::{BufRead, BufReader, Write};
+    let path = dir.join("api.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = seen.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            let mut reader = BufReader::new(conn.try_clone().unwrap());
+            let mut line = String::new();
+            reader.read_line(&mut line).unwrap();
+            let request = line.trim_end().to_string();
+            while line != "\r\n" && !line.is_empty() {
+                line.clear();
+                reader.read_line(&mut line).unwrap();
+            }
+            let n = {
+                let mut seen = log.lock().unwrap();
+                seen.push(request.clone());
+                seen.len()
+            };
+            let path = request.split(' ').nth(1).unwrap_or_default();
+            let body = format!("{{\"path\":\"{path}\",\"n\":{n}}}");
+            let (a, b) = body.split_at(body.len() / 2);
+            let _ = write!(
+                conn,
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n\
+                 {:x}\r\n{a}\r\n{:x}\r\n{b}\r\n0\r\n\r\n",
+                a.len(),
+                b.len()
+            );
+        }
+    });
+    (path.display().to_string(), seen)
+}
+
+#[test]
+fn a_guest_socket_is_read_through_the_connection_and_a_refused_one_says_so_once() {
+    let sshd = Sshd::start();
+    let s = sshd.session();
+    let dir = tempfile::tempdir().unwrap();
+    let (socket, seen) = http_socket(dir.path());
+    let body = |r: &provisioner::ssh::HttpResponse| String::from_utf8(r.body.clone()).unwrap();
+    let paths = ["/a?x=%7B%7D".to_string(), "/b".to_string()];
+    let got = s.socket_get(&socket, &paths, T).unwrap().expect("the socket is reachable");
+    assert_eq!(got.iter().map(|r| r.status).collect::<Vec<_>>(), [200, 200]);
+    assert!(body(&got[0]).starts_with(r#"{"path":"/a?x=%7B%7D","#), "{}", body(&got[0]));
+    assert!(body(&got[1]).starts_with(r#"{"path":"/b","#), "{}", body(&got[1]));
+    assert_eq!(seen.lock().unwrap()[..2], ["GET /a?x=%7B%7D HTTP/1.1", "GET /b HTTP/1.1"]);
+
+    // Sent ahead: a batch of commands (they only read) keeps it; it is served twice, asked once.
+    assert!(s.prefetch_get(&socket, "/c", 2));
+    assert_eq!(s.prefetch(&["true".to_string()], T), 1);
+    s.exec_ok("true", T).unwrap();
+    let first = s.socket_get(&socket, &["/c".to_string()], T).unwrap().unwrap();
+    let second = s.socket_get(&socket, &["/c".to_string()], T).unwrap().unwrap();
+    assert_eq!(
+        (body(&first[0]), body(&second[0])),
+        (r#"{"path":"/c","n":3}"#.into(), r#"{"path":"/c","n":3}"#.into())
+    );
+    assert_eq!(seen.lock().unwrap().len(), 3, "served twice, asked once");
+    // A command that was not prefetched may change the answer: the one sent ahead is dropped and asked again.
+    assert!(s.prefetch_get(&socket, "/c", 1));
+    s.exec_ok("true", T).unwrap();
+    let again = s.socket_get(&socket, &["/c".to_string()], T).unwrap().unwrap();
+    assert_eq!(body(&again[0]), r#"{"path":"/c","n":5}"#);
+
+    // No such socket: refused at the channel's opening, remembered, and the session stays usable.
+    let missing = dir.path().join("none.sock").display().to_string();
+    assert!(s.socket_get(&missing, &paths, T).unwrap().is_none());
+    assert!(!s.prefetch_get(&missing, "/a", 1));
+    assert_eq!(s.exec_ok("echo still", T).unwrap(), "still\n");
+
+    // An sshd that forbids socket forwarding (a hardened guest) refuses it the same way.
+    let hardened_dir = tempfile::tempdir().unwrap();
+    let state = StateDir::at(hardened_dir.path().join(".provisioner"));
+    let hardened = Sshd::start_for(hardened_dir, state, "AllowStreamLocalForwarding no\n");
+    let h = hardened.session();
+    assert!(h.socket_get(&socket, &paths, T).unwrap().is_none());
+    assert_eq!(seen.lock().unwrap().len(), 5, "nothing reached the socket");
+    assert_eq!(h.exec_ok("echo usable", T).unwrap(), "usable\n");
+}
+
 /// An sshd whose sessions find a `sudo` that runs its command as is (the test user is the one the files belong
 /// to): the guest upload runs `sudo -n tar ...` as in a real guest.
 fn sshd_with_sudo() -> Sshd {

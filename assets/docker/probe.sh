@@ -87,3 +87,23 @@ server_version() {
 }
 # Asked last: an answer means the daemon is up, so a ready guest needs no second exec.
 probe 'sudo -n docker info --format {{.ServerVersion}}' server_version
+
+# The SSH user joins the docker group, once: the health check then reads the Engine API through the SSH connection
+# itself (sshd connects to the socket as the user; no process starts in the guest), from the next login on. Every
+# command still runs Docker through `sudo -n`. Checked with shell builtins, so a warm `up` starts no process here.
+docker_member() {
+  while IFS=: read -r name _ _ members; do
+    [ "$name" = docker ] || continue
+    case ",$members," in *",$1,"*) return 0 ;; esac
+    return 1
+  done </etc/group
+  return 2
+}
+# As the SSH user, or as root through sudo in `up`'s batch of checks (src/ssh/mod.rs prefetch_script).
+me=${SUDO_USER:-${USER:-${LOGNAME:-}}}
+if [ -n "$me" ] && [ "$me" != root ]; then
+  docker_member "$me"
+  if [ $? -eq 1 ]; then
+    sudo -n usermod -aG docker "$me" >/dev/null 2>&1 || :
+  fi
+fi

@@ -19,7 +19,9 @@ fn provision_and_check(ctx: &Ctx, cfg: &Config, state: &StateDir, ssh: &Session,
     let ui = &ctx.ui;
     let lab = crate::guest::Lab::render(cfg, state, ctx.profile)?;
     // Most runs find the lab as it was: every check goes to the guest in one round trip.
-    ssh.prefetch(&crate::guest::warm_commands(cfg, &lab), Duration::from_secs(60));
+    let project = crate::guest::compose::project_name(&cfg.machine.name);
+    let sent = crate::guest::send_containers_list(ssh, &project, 2);
+    ssh.prefetch(&crate::guest::warm_commands(cfg, &lab, sent), Duration::from_secs(60));
     crate::guest::provision(cfg, ssh, &lab, ui, force, None)?;
     let (available, unavailable) = lab.services(cfg);
     health_code(crate::health::check_services(

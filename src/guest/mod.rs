@@ -139,9 +139,95 @@ pub fn compose_for(cfg: &Config, model: &ComposeModel, kind: compose::ComposeKin
 }
 
 /// Compose services of this project with a running container: from the container states the health check reads
-/// ([`containers_command`]), so a warm `up` asks the guest for them once.
+/// ([`containers_json`]), so a warm `up` asks the guest for them once.
 pub fn running_services(ssh: &Session, project: &str) -> Result<BTreeSet<String>> {
-    running_in(&ssh.exec_ok(&containers_command(project), Duration::from_secs(60))?)
+    running_in(&containers_json(ssh, project)?)
+}
+
+/// The Docker Engine's socket in the guest.
+pub(crate) const DOCKER_SOCKET: &str = "/var/run/docker.sock";
+
+/// `docker inspect` of the project's containers as one JSON array (what [`parse_inspect`] reads). Through the
+/// Engine API on the SSH connection itself when it may reach the socket (the SSH user is in the docker group:
+/// `assets/docker/probe.sh` adds it): sshd connects, so no process starts in the guest. In a guest just restored
+/// from memory that took 0.25 s where `sudo` and two `curl` starts took 0.78 s (stop 30). Else (an older lab, a
+/// box whose sshd forbids socket forwarding) with [`containers_command`].
+pub(crate) fn containers_json(ssh: &Session, project: &str) -> Result<String> {
+    match containers_via_api(ssh, project) {
+        Ok(Some(json)) => return Ok(json),
+        Ok(None) => {}
+        Err(e) if crate::process::verbosity() >= 1 => {
+            eprintln!("+ the Engine API through the connection failed ({e:#}); asking with a command")
+        }
+        Err(_) => {}
+    }
+    ssh.exec_ok(&containers_command(project), Duration::from_secs(60))
+}
+
+/// Send the list of the project's containers ahead ([`Session::prefetch_get`]), for [`containers_json`]'s next
+/// `times` calls: dockerd answers while the caller's batch of commands runs. False when the connection may not
+/// reach the socket: the batch must then carry [`containers_command`].
+pub(crate) fn send_containers_list(ssh: &Session, project: &str, times: usize) -> bool {
+    ssh.prefetch_get(DOCKER_SOCKET, &containers_list_path(project), times)
+}
+
+/// The Engine API's list of the project's containers, stopped ones too.
+fn containers_list_path(project: &str) -> String {
+    let filters = format!(r#"{{"label":["com.docker.compose.project={project}"]}}"#);
+    format!("/containers/json?all=1&filters={}", percent_encode(&filters))
+}
+
+/// `s` with every byte but RFC 3986's unreserved ones percent-encoded (for a query value). Pure.
+fn percent_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// [`containers_json`] through the Engine API: the list, then every container's inspect side by side. None when
+/// the connection may not reach the socket.
+fn containers_via_api(ssh: &Session, project: &str) -> Result<Option<String>> {
+    const T: Duration = Duration::from_secs(60);
+    let Some(list) = ssh.socket_get(DOCKER_SOCKET, &[containers_list_path(project)], T)? else {
+        return Ok(None);
+    };
+    let list = &list[0];
+    if list.status != 200 {
+        bail!(
+            "the Engine API answered the list with {}: {}",
+            list.status,
+            String::from_utf8_lossy(&list.body)
+        );
+    }
+    let listed: serde_json::Value =
+        serde_json::from_slice(&list.body).context("parse the Engine API's list")?;
+    let paths: Vec<String> = listed
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|c| c.get("Id")?.as_str())
+        .filter(|id| !id.is_empty() && id.bytes().all(|b| b.is_ascii_hexdigit()))
+        .map(|id| format!("/containers/{id}/json"))
+        .collect();
+    if paths.is_empty() {
+        return Ok(Some("[]".to_string()));
+    }
+    let Some(each) = ssh.socket_get(DOCKER_SOCKET, &paths, T)? else { return Ok(None) };
+    let mut bodies = Vec::with_capacity(each.len());
+    for r in each {
+        match r.status {
+            200 => bodies.push(String::from_utf8(r.body).context("an inspect answer is not UTF-8")?),
+            // Removed between the list and its inspect: gone, as `docker inspect` would not list it.
+            404 => {}
+            code => {
+                bail!("the Engine API answered an inspect with {code}: {}", String::from_utf8_lossy(&r.body))
+            }
+        }
+    }
+    Ok(Some(format!("[{}]", bodies.join(","))))
 }
 
 /// The services running in a [`containers_command`] answer (one-off `compose run` containers left out). Pure.
@@ -184,8 +270,8 @@ pub(crate) fn parse_inspect(json_text: &str) -> Result<BTreeMap<String, Containe
     Ok(out)
 }
 
-/// The command the health check (`health::containers`) runs: `docker inspect` of the project's containers as one JSON array. Through the
-/// Engine API with two `curl` starts when the guest has curl (each docker CLI start costs 0.3-0.5 s of guest CPU
+/// The command [`containers_json`] runs where the connection may not reach the Engine's socket: `docker inspect` of
+/// the project's containers as one JSON array. Through the Engine API with two `curl` starts when the guest has curl (each docker CLI start costs 0.3-0.5 s of guest CPU
 /// under TCG: `ps` + `inspect` took 0.9 s), else with the docker CLI. The list's ids are picked out by the shell's
 /// own pattern matching (a `grep | cut | sed` did it until stop 29: three more process starts, cold ones in a guest
 /// just restored from memory).
@@ -225,7 +311,9 @@ fn image_mode_probe(cfg: &Config, reg_lab: &Lab) -> Result<(Vec<String>, String)
 /// The guest commands that [`provision`] and the health check run on a running, unchanged lab, all of them
 /// reads (or idempotent, as the forwards' rules), built by the functions those steps use: `up` runs them in one
 /// round trip ([`Session::prefetch`]) before it starts, so a warm `up` costs one exec instead of eight.
-pub fn warm_commands(cfg: &Config, lab: &Lab) -> Vec<String> {
+/// `containers_sent`: the containers' list went ahead through the connection ([`send_containers_list`]), so the
+/// batch does not carry [`containers_command`].
+pub fn warm_commands(cfg: &Config, lab: &Lab, containers_sent: bool) -> Vec<String> {
     let mut cmds = vec![compose::PROBE_SCRIPT.to_string()];
     cmds.extend(forwards::command(cfg));
     if cfg.provision.images != ImageSource::Debian
@@ -243,22 +331,26 @@ pub fn warm_commands(cfg: &Config, lab: &Lab) -> Vec<String> {
     let project = compose::project_name(&cfg.machine.name);
     // Twice: the running services (the upload step) and the first health round read the same container states,
     // which run once and are served to both.
-    cmds.push(containers_command(&project));
-    cmds.push(containers_command(&project));
+    if !containers_sent {
+        cmds.push(containers_command(&project));
+        cmds.push(containers_command(&project));
+    }
     cmds
 }
 
 /// What a restored cached lab is asked, where a warm `up` asks [`warm_commands`]: the cached lab is the
 /// provisioned lab (its key covers the config and the tree), so only the first health round's container states,
 /// and with `recheck` (`images = "auto"`, cached in debian mode) the registry probe of [`resolve_auto`].
-pub fn restored_commands(cfg: &Config, lab: &Lab, recheck: bool) -> Vec<String> {
+pub fn restored_commands(cfg: &Config, lab: &Lab, recheck: bool, containers_sent: bool) -> Vec<String> {
     let mut cmds = Vec::new();
     if recheck {
         if let Some((_, probe)) = lab.registry_mode(cfg).ok().and_then(|l| image_mode_probe(cfg, l).ok()) {
             cmds.push(probe);
         }
     }
-    cmds.push(containers_command(&compose::project_name(&cfg.machine.name)));
+    if !containers_sent {
+        cmds.push(containers_command(&compose::project_name(&cfg.machine.name)));
+    }
     cmds
 }
 
@@ -596,17 +688,23 @@ mod tests {
     fn a_restored_lab_is_asked_for_its_health_and_with_auto_the_registry_but_not_the_provisioning_checks() {
         let (cfg, lab) = repo_lab("auto");
         let project = compose::project_name(&cfg.machine.name);
-        let warm = warm_commands(&cfg, &lab);
+        let warm = warm_commands(&cfg, &lab, false);
         assert!(warm.contains(&compose::PROBE_SCRIPT.to_string()) && warm.len() >= 6, "{warm:#?}");
         let containers = containers_command(&project);
+        assert_eq!(warm.iter().filter(|c| **c == containers).count(), 2, "read by two steps: {warm:#?}");
+        // The list went ahead through the connection: the batch does not ask it again.
+        let sent = warm_commands(&cfg, &lab, true);
+        assert_eq!(sent, warm.iter().filter(|c| **c != containers).cloned().collect::<Vec<_>>());
         let probe = image_mode_probe(&cfg, lab.registry_mode(&cfg).unwrap()).unwrap().1;
         // Cached in debian mode with `auto`: the registry is asked again, with the very probe `resolve_auto` runs.
-        assert_eq!(restored_commands(&cfg, &lab, true), [probe.clone(), containers.clone()]);
+        assert_eq!(restored_commands(&cfg, &lab, true, false), [probe.clone(), containers.clone()]);
+        assert_eq!(restored_commands(&cfg, &lab, true, true), std::slice::from_ref(&probe));
         // Nothing to recheck: the first health round's container states only.
-        assert_eq!(restored_commands(&cfg, &lab, false), std::slice::from_ref(&containers));
+        assert_eq!(restored_commands(&cfg, &lab, false, false), std::slice::from_ref(&containers));
         let (cfg, lab) = repo_lab("debian");
-        assert_eq!(restored_commands(&cfg, &lab, false), [containers]);
-        assert!(warm_commands(&cfg, &lab).iter().all(|c| *c != probe), "debian mode asks no registry");
+        assert_eq!(restored_commands(&cfg, &lab, false, false), [containers]);
+        assert!(restored_commands(&cfg, &lab, false, true).is_empty());
+        assert!(warm_commands(&cfg, &lab, false).iter().all(|c| *c != probe), "debian mode asks no registry");
     }
 
     #[test]

@@ -363,9 +363,13 @@ fn up_locked(ui: &Ui, round: Option<&Round>, m: &Machine, p: &dyn Provider, args
             cmds.push(CLOUD_INIT_RESULT.to_string());
         }
         if let (Some(lab), true) = (&plan.lab, provisioning) {
+            // The containers' list goes ahead through the connection (read twice on a warm `up`: the running
+            // services, then the health round), so dockerd answers while the batch runs.
+            let project = crate::guest::compose::project_name(&m.cfg.machine.name);
+            let sent = crate::guest::send_containers_list(&session, &project, if restored { 1 } else { 2 });
             cmds.extend(match restored {
-                true => crate::guest::restored_commands(&m.cfg, lab, recheck),
-                false => crate::guest::warm_commands(&m.cfg, lab),
+                true => crate::guest::restored_commands(&m.cfg, lab, recheck, sent),
+                false => crate::guest::warm_commands(&m.cfg, lab, sent),
             });
         }
         let ph = ui.phase("checks");
@@ -532,12 +536,14 @@ fn final_health(ui: &Ui, m: &Machine, capture: Option<&(lab_cache::Plan, Option<
     Ok(crate::exit::OK)
 }
 
-/// With `--json`: how many times this run rendered the provision tree and read state.json (once each).
+/// With `--json`: how many times this run rendered the provision tree and read state.json (once each), and
+/// what it asked of the guest.
 fn report_counts(ui: &Ui) {
+    let (execs, prefetched, gets) = crate::ssh::exec_counts();
     ui.event(
         "run_counts",
         json!({"renders": crate::render::renders_in_thread(), "state_reads": MachineState::reads_in_thread(),
-               "guest_execs": crate::ssh::exec_counts().0, "guest_execs_prefetched": crate::ssh::exec_counts().1}),
+               "guest_execs": execs, "guest_execs_prefetched": prefetched, "guest_socket_gets": gets}),
     );
 }
 
@@ -852,10 +858,11 @@ impl Machine {
             let ssh = connect(&self.cfg, &self.state, Duration::from_secs(60))?;
             early = services.map(|(a, u)| crate::health::HostChecks::start(&self.cfg, self.profile, a, u));
             let project = crate::guest::compose::project_name(&self.cfg.machine.name);
-            ssh.prefetch(
-                &[clock.clone(), crate::guest::containers_command(&project)],
-                Duration::from_secs(60),
-            );
+            let mut cmds = vec![clock.clone()];
+            if !crate::guest::send_containers_list(&ssh, &project, 1) {
+                cmds.push(crate::guest::containers_command(&project));
+            }
+            ssh.prefetch(&cmds, Duration::from_secs(60));
             ssh.exec_ok(&clock, Duration::from_secs(30))?;
             Ok(ssh)
         };

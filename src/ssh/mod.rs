@@ -6,6 +6,9 @@
 //! forever nor lets the connection idle out.
 
 pub mod control;
+mod socket_get;
+
+pub use socket_get::HttpResponse;
 
 use std::io::{BufWriter, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -125,17 +128,21 @@ pub struct Session {
     /// Results of [`Session::prefetch`], each served once while no other command has run since.
     /// Each prefetched command's result and how many more times it may be served.
     prefetched: std::sync::Mutex<std::collections::HashMap<String, (Prefetched, usize)>>,
+    /// GETs to guest sockets sent ahead, and the sockets this connection may not reach ([`Session::socket_get`]).
+    gets: std::sync::Mutex<socket_get::Gets>,
 }
 
 /// Commands this process ran in guests (each an exec channel; a prefetch is one) and those answered from a
 /// prefetch: `up --json` reports both (`run_counts`), which shows a warm `up` costs one round trip.
 static EXECS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 static SERVED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+/// GETs sent to guest sockets through the connection ([`Session::socket_get`]; no process in the guest).
+static GETS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
-/// (execs run, results served from a prefetch) by this process so far.
-pub fn exec_counts() -> (usize, usize) {
+/// (execs run, results served from a prefetch, GETs on guest sockets) by this process so far.
+pub fn exec_counts() -> (usize, usize, usize) {
     use std::sync::atomic::Ordering::Relaxed;
-    (EXECS.load(Relaxed), SERVED.load(Relaxed))
+    (EXECS.load(Relaxed), SERVED.load(Relaxed), GETS.load(Relaxed))
 }
 
 /// A result of [`Session::prefetch`], and how long the command took in the guest (with `-v`).
@@ -179,7 +186,7 @@ impl Session {
     }
 
     fn new(sess: ssh2::Session, addr: SocketAddr) -> Session {
-        Session { sess, addr, prefetched: Default::default() }
+        Session { sess, addr, prefetched: Default::default(), gets: Default::default() }
     }
 
     /// Run `cmds` at once, concurrently in the guest, in one exec (one round trip instead of one each); each
@@ -196,7 +203,8 @@ impl Session {
                 None => wanted.push((c, 1)),
             }
         }
-        self.drop_prefetched();
+        // The commands only read: GETs sent ahead stay.
+        self.prefetched.lock().unwrap_or_else(|e| e.into_inner()).clear();
         if wanted.is_empty() {
             return 0;
         }
@@ -231,6 +239,8 @@ impl Session {
         let mut held = self.prefetched.lock().unwrap_or_else(|e| e.into_inner());
         let Some((result, times)) = held.get_mut(cmd) else {
             held.clear();
+            drop(held);
+            self.gets.lock().unwrap_or_else(|e| e.into_inner()).clear();
             return None;
         };
         *times -= 1;
@@ -241,8 +251,10 @@ impl Session {
         }
     }
 
+    /// Forget every answer held or sent ahead: a command that was not prefetched may change what they read.
     fn drop_prefetched(&self) {
         self.prefetched.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        self.gets.lock().unwrap_or_else(|e| e.into_inner()).clear();
     }
 
     /// Run a command; `on_line` sees each output line as it arrives. Returns the exit status (not an error).
