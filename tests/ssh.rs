@@ -233,6 +233,11 @@ fn prefetched_commands_run_together_once_and_are_served_until_another_command_ru
         s.exec_ok("true", T).unwrap();
         s.exec(&touch, T).unwrap();
         assert_eq!(count("touch"), 4, "prefetched once, then run again after another command");
+        // One command runs as it is, not inside the batch (whose shell is named `root` or `user`).
+        let zero = "echo \"$0\"".to_string();
+        assert_eq!(s.prefetch(std::slice::from_ref(&zero), T), 1);
+        let served = s.exec_ok(&zero, T).unwrap();
+        assert!(!matches!(served.trim(), "root" | "user") && !served.trim().is_empty(), "{served}");
     }
 }
 

@@ -210,6 +210,16 @@ impl Session {
         }
         let started = Instant::now();
         let timed = crate::process::verbosity() >= 1;
+        if let [(cmd, times)] = wanted[..] {
+            // One command: run as it is, without the batch's sudo, shell and files around it (a restored lab's
+            // clock: 0.1-0.2 s less of a cold guest's time).
+            let out = Exec::start(self, cmd, timeout, &mut |_| {}).and_then(|mut ex| ex.finish());
+            trace_exec(cmd, started);
+            let Ok(out) = out else { return 0 };
+            let held = Prefetched { out, guest_ms: None };
+            self.prefetched.lock().unwrap_or_else(|e| e.into_inner()).insert(cmd.clone(), (held, times));
+            return times;
+        }
         let distinct: Vec<&String> = wanted.iter().map(|(c, _)| *c).collect();
         let token = batch_token();
         let script = prefetch_script(&distinct, timed, &token);
