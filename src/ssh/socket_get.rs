@@ -114,7 +114,12 @@ impl Session {
             });
         }
         if crate::process::verbosity() >= 1 {
+            // The path without its query (an encoded filter, long and unreadable).
             let first = paths.first().map(String::as_str).unwrap_or_default();
+            let first = match first.split_once('?') {
+                Some((path, _)) => format!("{path}?…"),
+                None => first.to_string(),
+            };
             let more = match paths.len() {
                 0 | 1 => String::new(),
                 n => format!(" (+{} more)", n - 1),
@@ -122,7 +127,7 @@ impl Session {
             eprintln!(
                 "+ ssh {} ms: GET {}{more} on {socket} (through the connection, no process in the guest)",
                 started.elapsed().as_millis(),
-                super::shown_command(first)
+                super::shown_command(&first)
             );
         }
         Ok(Some(answers))
