@@ -241,6 +241,29 @@ fn prefetched_commands_run_together_once_and_are_served_until_another_command_ru
     }
 }
 
+#[test]
+fn a_started_command_runs_while_the_session_does_other_work_and_is_collected_after() {
+    let sshd = Sshd::start();
+    let s = sshd.session();
+    let dir = tempfile::tempdir().unwrap();
+    let flag = dir.path().join("flag");
+    let flag = flag.display();
+    // It waits (up to 10 s) for a file that only a later command of the same session makes.
+    let run = s
+        .start(
+            &format!(
+                "i=0; while [ ! -e {flag} ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i+1)); done; \
+                 [ -e {flag} ] && echo saw it; exit 7"
+            ),
+            T,
+        )
+        .unwrap();
+    s.exec_ok(&format!("touch {flag}"), T).unwrap();
+    let out = run.finish().unwrap();
+    assert_eq!((out.status, out.output.as_str()), (7, "saw it\n"));
+    assert_eq!(s.exec_ok("echo still", T).unwrap(), "still\n");
+}
+
 /// A unix socket in `dir` answering each GET with a chunked body naming its path and the connection's number
 /// (from 1), one request per connection, as dockerd does with `Connection: close`. Returns its path and the
 /// request lines it was sent, in order.

@@ -291,6 +291,16 @@ impl Session {
         trace_exec(cmd, started);
         out
     }
+    /// Start `cmd` now and collect its result later ([`Running::finish`]): the guest runs it while this session
+    /// does other work (a restored lab's clock is set while its checks and health round run). Like any command
+    /// that was not prefetched, it drops the answers held or sent ahead.
+    pub fn start(&self, cmd: &str, timeout: Duration) -> Result<Running<'_>> {
+        self.drop_prefetched();
+        // No caller reads its lines; a closure without captures is zero-sized, so leaking its box costs nothing.
+        let quiet: &'static mut dyn FnMut(&str) = Box::leak(Box::new(|_: &str| {}));
+        Ok(Running { ex: Exec::start(self, cmd, timeout, quiet)?, started: Instant::now() })
+    }
+
     /// Run a command and collect output.
     pub fn exec(&self, cmd: &str, timeout: Duration) -> Result<ExecOutput> {
         self.exec_stream(cmd, timeout, &mut |_| {})
@@ -673,6 +683,21 @@ fn parse_prefetch(output: &str, n: usize, token: &str) -> Option<Vec<Prefetched>
         rest = &after[end + 1..];
     }
     Some(results)
+}
+
+/// A command started with [`Session::start`], running in the guest.
+pub struct Running<'a> {
+    ex: Exec<'a>,
+    started: Instant,
+}
+
+impl Running<'_> {
+    /// Wait for the command (within the timeout it was started with) and collect its result.
+    pub fn finish(mut self) -> Result<ExecOutput> {
+        let out = self.ex.finish();
+        trace_exec(&self.ex.cmd, self.started);
+        out
+    }
 }
 
 /// Runs its closure when dropped (timing an exec however it ends).
