@@ -1,5 +1,12 @@
 //! Helpers for unit tests only.
 
+/// Write an executable `sh` script `bin/name` running `body`: a stand-in for a guest tool on a test's PATH.
+pub(crate) fn stand_in(bin: &std::path::Path, name: &str, body: &str) {
+    let f = bin.join(name);
+    std::fs::write(&f, format!("#!/bin/sh\n{body}\n")).unwrap();
+    crate::platform::set_mode(&f, 0o755).unwrap();
+}
+
 /// Run a guest command `cmd` with `/bin/sh -c` here, the way the guest would, with stand-ins on a PATH of their
 /// own: `sudo` (drops `-n` and runs the command), each `(name, script body)` of `stand_ins`, and the system's sh,
 /// grep, cut, sed, awk, printf and cat unless a stand-in of that name is given (any other tool is missing, e.g.
@@ -8,11 +15,7 @@ pub(crate) fn guest_sh(cmd: &str, stand_ins: &[(&str, &str)]) -> String {
     let dir = tempfile::tempdir().unwrap();
     let bin = dir.path().join("bin");
     std::fs::create_dir(&bin).unwrap();
-    let put = |name: &str, body: &str| {
-        let f = bin.join(name);
-        std::fs::write(&f, format!("#!/bin/sh\n{body}\n")).unwrap();
-        crate::platform::set_mode(&f, 0o755).unwrap();
-    };
+    let put = |name: &str, body: &str| stand_in(&bin, name, body);
     put("sudo", "[ \"$1\" = -n ] && shift; exec \"$@\"");
     for (name, body) in stand_ins {
         put(name, body);

@@ -386,11 +386,7 @@ volumes:
         let bin = dir.path().join("bin");
         std::fs::create_dir(&bin).unwrap();
         let count = dir.path().join("compose-runs");
-        let tool = |name: &str, body: &str| {
-            let p = bin.join(name);
-            std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
-            crate::platform::set_mode(&p, 0o755).unwrap();
-        };
+        let tool = |name: &str, body: &str| crate::testing::stand_in(&bin, name, body);
         tool(
             "docker",
             "case \"$1\" in --version) echo 'Docker version 20.10.24+dfsg1, build 297e128' ;;\n\
@@ -454,9 +450,7 @@ volumes:
         std::fs::create_dir(&bin).unwrap();
         let calls = dir.path().join("calls");
         let tool = |name: &str, body: &str| {
-            let p = bin.join(name);
-            std::fs::write(&p, format!("#!/bin/sh\necho \"{name} $*\" >> {calls:?}\n{body}\n")).unwrap();
-            crate::platform::set_mode(&p, 0o755).unwrap();
+            crate::testing::stand_in(&bin, name, &format!("echo \"{name} $*\" >> {calls:?}\n{body}"))
         };
         let docker = "case \"$1\" in --version) echo 'Docker version 20.10.24+dfsg1, build 297e128' ;;\n\
              compose) echo \"docker: 'compose' is not a docker command.\" >&2; exit 1 ;;\n\

@@ -334,11 +334,7 @@ mod tests {
         let bin = dir.path().join("bin");
         std::fs::create_dir(&bin).unwrap();
         let chroots = dir.path().join("chroots");
-        let tool = |name: &str, body: &str| {
-            let p = bin.join(name);
-            std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
-            crate::platform::set_mode(&p, 0o755).unwrap();
-        };
+        let tool = |name: &str, body: &str| crate::testing::stand_in(&bin, name, body);
         // debootstrap --variant=minbase --include=PKGS SUITE ROOT MIRROR
         // Debian's postinst byte-compiled what it installed: the script drops that before the setup runs.
         tool(

@@ -416,11 +416,7 @@ mod tests {
         std::fs::create_dir(&bin).unwrap();
         let log = dir.path().join("curl.log");
         // Stand-ins: `getent` resolves only `known.example`; `curl` logs its URL and answers 401.
-        let stand_in = |name: &str, body: &str| {
-            let path = bin.join(name);
-            std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
-            crate::platform::set_mode(&path, 0o755).unwrap();
-        };
+        let stand_in = |name: &str, body: &str| crate::testing::stand_in(&bin, name, body);
         stand_in("getent", "[ \"$2\" = known.example ]");
         stand_in(
             "curl",
