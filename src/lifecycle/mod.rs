@@ -339,8 +339,8 @@ fn up_locked(ui: &Ui, round: Option<&Round>, m: &Machine, p: &dyn Provider, args
         _ => None,
     };
     // A restored guest keeps the clock of its capture: set from the host's by a command started now and collected
-    // at the end, so the guest runs it beside the checks and the health round (after a restore its `sudo` runs
-    // cold: in the checks' batch it held the round trip up by 0.2-0.4 s, stop 30).
+    // after the checks, so the guest runs it beside them (after a restore its `sudo` runs cold: in the checks'
+    // batch it held the round trip up by 0.2-0.4 s, stop 30).
     let clock = match restored {
         true => {
             let cmd = clock_command(std::time::SystemTime::now());

@@ -212,7 +212,7 @@ impl Session {
         let timed = crate::process::verbosity() >= 1;
         if let [(cmd, times)] = wanted[..] {
             // One command: run as it is, without the batch's sudo, shell and files around it (a restored lab's
-            // clock: 0.1-0.2 s less of a cold guest's time).
+            // registry probe, or the clock after `snapshot restore`: 0.1-0.2 s less of a cold guest's time).
             let out = Exec::start(self, cmd, timeout, &mut |_| {}).and_then(|mut ex| ex.finish());
             trace_exec(cmd, started);
             let Ok(out) = out else { return 0 };
