@@ -6,7 +6,8 @@
 # the chroot sees only this project. Needs root (chroot, mount).
 # Cargo's build dir is kept in the environment, like the box cache (/var/cache/provisioner-target in the chroot;
 # PROVISIONER_WINDOWS_TARGET_DIR sets another): the Windows std and the vendored OpenSSL are built once per
-# machine, not once per clone. Several clones share it safely (cargo locks it).
+# machine, not once per clone. Several clones share it (cargo locks it; scripts/windows-tier.sh rebuilds the
+# project's own crates when the last build came from another clone).
 set -euo pipefail
 proj="$(cd "$(dirname "$0")/.." && pwd)"
 root="$(bash "$proj/scripts/windows-env.sh")"

@@ -10,6 +10,18 @@ target=x86_64-pc-windows-gnu
 xcargo() { local sub=$1; shift; cargo "$sub" -Zbuild-std="$std" --target "$target" "$@"; }
 t0=$(date +%s)
 
+# Cargo's build dir is shared by every clone on this machine (scripts/windows-run.sh), and cargo keeps a crate's
+# build while no source file is newer than it, wherever the sources are: a clone whose files are older than another
+# clone's last build would run that build, whose CARGO_MANIFEST_DIR is the other clone's (its tests then miss their
+# fixtures: seen at stop 30). When the last build came from another directory, this project's sources are touched,
+# so its crates are built again (the Windows std and the dependencies stay built).
+stamp="$CARGO_TARGET_DIR/last-project"
+if [ "$(cat "$stamp" 2>/dev/null || true)" != "$PWD" ]; then
+  find src tests benches examples -name '*.rs' -exec touch {} + 2>/dev/null || true
+  mkdir -p "$CARGO_TARGET_DIR"
+  echo "$PWD" >"$stamp"
+fi
+
 std=std,panic_abort
 echo "== windows: the VBoxManage.exe shim (std from source and vendored OpenSSL come next: slow the first time)"
 xcargo build --locked --manifest-path tests/fixtures/vbox/winshim/Cargo.toml
