@@ -150,7 +150,7 @@ pub(crate) const DOCKER_SOCKET: &str = "/var/run/docker.sock";
 /// `docker inspect` of the project's containers as one JSON array (what [`parse_inspect`] reads). Through the
 /// Engine API on the SSH connection itself when it may reach the socket (the SSH user is in the docker group:
 /// `assets/docker/probe.sh` adds it): sshd connects, so no process starts in the guest. In a guest just restored
-/// from memory that took 0.25 s where `sudo` and two `curl` starts took 0.78 s (stop 30). Else (an older lab, a
+/// from memory that took 0.25 s (by hand, through `ssh -L`) where `sudo` and two `curl` starts took 0.78 s (stop 30). Else (an older lab, a
 /// box whose sshd forbids socket forwarding) with [`containers_command`].
 pub(crate) fn containers_json(ssh: &Session, project: &str) -> Result<String> {
     match containers_via_api(ssh, project) {
