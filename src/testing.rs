@@ -1,5 +1,13 @@
 //! Helpers for unit tests only.
 
+/// A temporary directory holding an empty `bin/` for [`stand_in`]s: (the directory, its `bin`).
+pub(crate) fn stand_in_dir() -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = dir.path().join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    (dir, bin)
+}
+
 /// Write an executable `sh` script `bin/name` running `body`: a stand-in for a guest tool on a test's PATH.
 pub(crate) fn stand_in(bin: &std::path::Path, name: &str, body: &str) {
     let f = bin.join(name);
@@ -12,9 +20,7 @@ pub(crate) fn stand_in(bin: &std::path::Path, name: &str, body: &str) {
 /// grep, cut, sed, awk, printf and cat unless a stand-in of that name is given (any other tool is missing, e.g.
 /// `curl`). Returns stdout; panics with stderr when the command fails.
 pub(crate) fn guest_sh(cmd: &str, stand_ins: &[(&str, &str)]) -> String {
-    let dir = tempfile::tempdir().unwrap();
-    let bin = dir.path().join("bin");
-    std::fs::create_dir(&bin).unwrap();
+    let (_dir, bin) = stand_in_dir();
     let put = |name: &str, body: &str| stand_in(&bin, name, body);
     put("sudo", "[ \"$1\" = -n ] && shift; exec \"$@\"");
     for (name, body) in stand_ins {

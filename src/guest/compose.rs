@@ -382,9 +382,7 @@ volumes:
     #[test]
     #[cfg_attr(windows, ignore = "windows: runs the probe script under /bin/sh with shell-script doubles")]
     fn probe_script_runs_compose_v1_once_then_reads_its_cache() {
-        let dir = tempfile::tempdir().unwrap();
-        let bin = dir.path().join("bin");
-        std::fs::create_dir(&bin).unwrap();
+        let (dir, bin) = crate::testing::stand_in_dir();
         let count = dir.path().join("compose-runs");
         let tool = |name: &str, body: &str| crate::testing::stand_in(&bin, name, body);
         tool(
@@ -445,9 +443,7 @@ volumes:
     #[test]
     #[cfg_attr(windows, ignore = "windows: runs the probe script under /bin/sh with shell-script doubles")]
     fn probe_script_starts_no_docker_cli_when_nothing_changed() {
-        let dir = tempfile::tempdir().unwrap();
-        let bin = dir.path().join("bin");
-        std::fs::create_dir(&bin).unwrap();
+        let (dir, bin) = crate::testing::stand_in_dir();
         let calls = dir.path().join("calls");
         let tool = |name: &str, body: &str| {
             crate::testing::stand_in(&bin, name, &format!("echo \"{name} $*\" >> {calls:?}\n{body}"))

@@ -330,9 +330,7 @@ mod tests {
     #[test]
     #[cfg_attr(windows, ignore = "windows: runs the build script under /bin/sh with shell-script doubles")]
     fn the_build_script_runs_the_setup_in_the_rootfs_and_tars_what_it_made() {
-        let dir = tempfile::tempdir().unwrap();
-        let bin = dir.path().join("bin");
-        std::fs::create_dir(&bin).unwrap();
+        let (dir, bin) = crate::testing::stand_in_dir();
         let chroots = dir.path().join("chroots");
         let tool = |name: &str, body: &str| crate::testing::stand_in(&bin, name, body);
         // debootstrap --variant=minbase --include=PKGS SUITE ROOT MIRROR

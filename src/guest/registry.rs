@@ -411,9 +411,7 @@ mod tests {
     #[test]
     #[cfg_attr(windows, ignore = "windows: a guest shell script, run with /bin/sh")]
     fn a_name_that_does_not_resolve_starts_no_curl_unless_a_proxy_may_reach_it() {
-        let dir = tempfile::tempdir().unwrap();
-        let bin = dir.path().join("bin");
-        std::fs::create_dir(&bin).unwrap();
+        let (dir, bin) = crate::testing::stand_in_dir();
         let log = dir.path().join("curl.log");
         // Stand-ins: `getent` resolves only `known.example`; `curl` logs its URL and answers 401.
         let stand_in = |name: &str, body: &str| crate::testing::stand_in(&bin, name, body);

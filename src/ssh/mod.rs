@@ -896,9 +896,7 @@ mod tests {
         grant: bool,
         token: &str,
     ) -> (Option<Vec<super::Prefetched>>, usize, String) {
-        let dir = tempfile::tempdir().unwrap();
-        let bin = dir.path().join("bin");
-        std::fs::create_dir(&bin).unwrap();
+        let (dir, bin) = crate::testing::stand_in_dir();
         let log = dir.path().join("sudo.log");
         let body = match grant {
             true => {
