@@ -531,8 +531,8 @@ pub(crate) fn check_deferring(
             .filter(|s| s.verdict == Verdict::Unhealthy)
             .map(|s| s.service.as_str())
             .collect();
-        phase.message(&format!("waiting for {}", bad.join(", ")));
         if !r.healthy {
+            phase.message(&format!("waiting for {}", bad.join(", ")));
             // With --json, what each round still waits for (and why): where a slow health phase spends its time.
             let waiting: serde_json::Map<String, serde_json::Value> = r
                 .services

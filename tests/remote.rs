@@ -641,6 +641,39 @@ fn remote_host_without_tcp_forwarding_is_a_clear_error_at_once() {
     assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err(), "nothing may listen after a refusal");
 }
 
+/// `up` on a hardened host stops in its preflight with the same error, before a box is sent or a VM made there:
+/// the host's domains and pools are as they were, and nothing here claims a machine.
+#[test]
+fn remote_up_on_a_host_without_tcp_forwarding_stops_before_anything_is_made_there() {
+    if !nethost::available() {
+        panic!("the remote-host fixture needs root, libvirtd, virtlogd, sshd and virt-ssh-helper");
+    }
+    let host = NetHost::start_with("AllowTcpForwarding no\n");
+    let t = project(&host);
+    t.write("home/.ssh/known_hosts", host.known_hosts_line());
+    let pools = host.virsh(&["pool-list", "--all", "--name"]).unwrap();
+    let started = std::time::Instant::now();
+    let r = run(&t, &["up"]);
+    let took = started.elapsed();
+    assert_eq!(r.code(), Some(1), "{}{}", r.stdout(), r.stderr());
+    assert!(took < std::time::Duration::from_secs(5), "took {took:?}: {}", r.stderr());
+    let e = r.stderr();
+    assert!(
+        e.contains(&format!("the libvirt host root@{} refuses to forward TCP connections", host.addr)),
+        "{e}"
+    );
+    assert!(e.contains("\nhint: ") && e.contains("AllowTcpForwarding yes"), "{e}");
+    assert!(!e.contains("==> box"), "the error comes before the box phase: {e}");
+    assert_eq!(
+        host.virsh(&["list", "--all", "--name"]).unwrap().trim(),
+        "",
+        "no domain was made on the host"
+    );
+    assert_eq!(host.virsh(&["pool-list", "--all", "--name"]).unwrap(), pools, "no pool was made on the host");
+    let status = run(&t, &["status"]);
+    assert!(status.stdout().contains("not created"), "{}{}", status.stdout(), status.stderr());
+}
+
 /// A machine recorded on `host` whose domain (`vm`) is defined there, powered off, with this project's marker: what
 /// `status` reads from the host is a real domain of ours, not only "not created".
 fn recorded_stopped_machine(host: &NetHost, vm: &str) -> Test {

@@ -62,6 +62,16 @@ impl Host {
         }
     }
 
+    /// Can a machine's forwards be reached through this host? A remote host's sshd must forward TCP connections
+    /// to its loopback, where the machine's SSH forward (`ssh_port`) will listen: checked before anything is sent
+    /// or made there, with one login that the tunnel then uses. This machine passes.
+    pub fn check_route(&self, ssh_port: u16) -> Result<()> {
+        match self {
+            Host::Local => Ok(()),
+            Host::Remote(r) => tunnel::check_forwarding(r, ssh_port),
+        }
+    }
+
     /// The host as messages name it: the SSH destination of a remote host (`user@host`), else `uri`.
     pub fn name(&self, uri: &str) -> String {
         match self {

@@ -29,7 +29,7 @@ static OPEN: OnceLock<Mutex<Open>> = OnceLock::new();
 pub fn ensure(host: &RemoteHost, ports: &[u16]) -> Result<()> {
     let open = OPEN.get_or_init(|| Mutex::new(Vec::new()));
     let mut open = open.lock().map_err(|_| anyhow!("tunnel lock poisoned"))?;
-    let key = host.destination() + &host.port.map(|p| format!(":{p}")).unwrap_or_default();
+    let key = host_key(host);
     let missing: Vec<u16> =
         ports.iter().copied().filter(|p| !open.iter().any(|(k, ps)| *k == key && ps.contains(p))).collect();
     if missing.is_empty() {
@@ -47,7 +47,10 @@ pub fn ensure(host: &RemoteHost, ports: &[u16]) -> Result<()> {
         l.set_nonblocking(true)?;
         listeners.push((l, *p));
     }
-    let sess = connect_host(host)?;
+    let sess = match take_checked(&key) {
+        Some(sess) => sess,
+        None => connect_host(host)?,
+    };
     // A host whose sshd forbids forwarding (`AllowTcpForwarding no`, `DisableForwarding yes`, a `PermitOpen` that
     // leaves out its loopback) refuses every channel: say so now, not after the callers' SSH deadline.
     probe_forwarding(&sess, host, missing[0])?;
@@ -59,6 +62,39 @@ pub fn ensure(host: &RemoteHost, ports: &[u16]) -> Result<()> {
         .context("start the tunnel thread")?;
     open.push((key, missing));
     Ok(())
+}
+
+/// Sessions [`check_forwarding`] logged in, not yet taken by [`ensure`]: (host key, when checked, session).
+type Checked = Vec<(String, Instant, ssh2::Session)>;
+static CHECKED: OnceLock<Mutex<Checked>> = OnceLock::new();
+/// How long a checked session waits for [`ensure`]. A warm `up` takes it within a second; a new machine's boot
+/// (a minute or more under TCG) outlasts it, and its `ensure` logs in anew rather than trust a session idle that
+/// long.
+const CHECKED_FOR: Duration = Duration::from_secs(20);
+
+/// Before anything is made on `host`: does its sshd forward TCP connections to its loopback (`port`: the
+/// machine's SSH forward there)? One login and one channel; the login is kept for this process' [`ensure`].
+pub fn check_forwarding(host: &RemoteHost, port: u16) -> Result<()> {
+    let sess = connect_host(host)?;
+    probe_forwarding(&sess, host, port)?;
+    let checked = CHECKED.get_or_init(|| Mutex::new(Vec::new()));
+    if let Ok(mut checked) = checked.lock() {
+        checked.push((host_key(host), Instant::now(), sess));
+    }
+    Ok(())
+}
+
+/// The session [`check_forwarding`] left for `key`, if it is recent enough (older ones are dropped).
+fn take_checked(key: &str) -> Option<ssh2::Session> {
+    let mut checked = CHECKED.get()?.lock().ok()?;
+    checked.retain(|(_, at, _)| at.elapsed() < CHECKED_FOR);
+    let i = checked.iter().position(|(k, _, _)| k == key)?;
+    Some(checked.swap_remove(i).2)
+}
+
+/// What tells one host's tunnel and checked session from another's: its SSH destination and port.
+fn host_key(host: &RemoteHost) -> String {
+    host.destination() + &host.port.map(|p| format!(":{p}")).unwrap_or_default()
 }
 
 /// Open one `direct-tcpip` channel to the host's 127.0.0.1:`port` (blocking session) and close it again. Nothing

@@ -246,6 +246,13 @@ fn up_locked(ui: &Ui, round: Option<&Round>, m: &Machine, p: &dyn Provider, args
             return Err(provider::foreign_vm(p.name(), &recorded, owner.as_deref(), &m.state))
         }
     };
+    // Every `up` reaches the guest through its host: a remote host whose sshd does not forward to its loopback is
+    // said now, before a box is sent or a VM made there (with an automatic port and nothing recorded yet, the
+    // tunnel says it at the SSH phase).
+    let ssh_port = plan.state.as_ref().and_then(|s| s.ssh_port).unwrap_or(m.cfg.ssh.host_port);
+    if ssh_port != 0 {
+        p.host().check_route(ssh_port)?;
+    }
     ph.done(&format!("{} ({})", p.name(), live));
 
     // A new machine needs the lab's base image: build it on the host while the guest boots (both take about a

@@ -439,6 +439,10 @@ impl Provider for Libvirt {
         Ok(())
     }
 
+    fn host(&self) -> Host {
+        self.d.host.clone()
+    }
+
     fn state(&self, vm_name: &str) -> Result<VmState> {
         // `--reason` costs nothing extra and tells a suspended (managed-saved) domain from a powered-off one.
         let out = self.d.output(&["domstate", "--reason", "--", vm_name])?;

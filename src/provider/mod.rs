@@ -124,6 +124,10 @@ pub trait Provider {
     fn kind(&self) -> ProviderKind;
     /// Check the host can run this provider (CLI present, daemon reachable, ...); errors say what to install/start.
     fn preflight(&self) -> Result<()>;
+    /// The host the machines of this provider run on (this machine unless a libvirt URI names a remote one).
+    fn host(&self) -> crate::host::Host {
+        crate::host::Host::Local
+    }
     /// Live state of the VM named `vm_name` (one hypervisor call).
     fn state(&self, vm_name: &str) -> Result<VmState>;
     /// The VM `vm` (name or id) and whether it is the machine's whose state dir is `state`: the ownership check

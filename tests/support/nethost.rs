@@ -1,5 +1,5 @@
 //! A second libvirt host for tests (DESIGN §8): a network namespace reached over a veth pair (10.201.N.1 here,
-//! 10.201.N.2 there, IPv6 off on both ends), and inside it, under `unshare -m`, tmpfs over /run, /var/lib/libvirt,
+//! 10.201.N.2 there for a process' first host, .5 and .6 for its second; IPv6 off on both ends), and inside it, under `unshare -m`, tmpfs over /run, /var/lib/libvirt,
 //! /var/cache/libvirt, /var/log/libvirt, /tmp, /var/tmp and /root, a copy of /etc/libvirt without networks or
 //! domains, and its own virtlogd, libvirtd and sshd (own config, `UsePAM no`, listening on 10.201.N.2 only). Nothing
 //! of the local filesystem under those paths is visible there: only the SSH connection is shared.
@@ -95,11 +95,14 @@ impl NetHost {
     /// [`NetHost::start`] with `sshd_extra` lines first in the sshd's config (the first value of an option wins):
     /// e.g. `AllowTcpForwarding no` for a hardened host.
     pub fn start_with(sshd_extra: &str) -> NetHost {
+        static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let pid = std::process::id();
-        // One /30 per test process: 10.201.N.0/30 with N from the PID (tests run in their own processes).
+        // The how-manieth host of this process (a benchmark makes two).
+        let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 64;
+        // One /30 per host: 10.201.N.(4 seq)/30 with N from the PID (tests run in their own processes).
         let n = 20 + pid % 200;
-        let ns = format!("prov-remote-{pid}");
-        let veth = format!("vr{}", pid % 10_000_000);
+        let ns = format!("prov-remote-{pid}-{seq}");
+        let veth = format!("vr{seq}x{}", pid % 10_000_000);
         let dir = tempfile::tempdir().expect("tempdir");
         let key = dir.path().join("id_ed25519");
         must(&format!("ssh-keygen -q -t ed25519 -N '' -f {} -C test-root", key.display()));
@@ -107,8 +110,8 @@ impl NetHost {
         std::fs::copy(key.with_extension("pub"), dir.path().join("authorized_keys")).unwrap();
         let host_pub = std::fs::read_to_string(dir.path().join("host_key.pub")).unwrap();
         let host_pub = host_pub.split_whitespace().take(2).collect::<Vec<_>>().join(" ");
-        let addr = format!("10.201.{n}.2");
-        let local_addr = format!("10.201.{n}.1");
+        let addr = format!("10.201.{n}.{}", 4 * seq + 2);
+        let local_addr = format!("10.201.{n}.{}", 4 * seq + 1);
         std::fs::write(
             dir.path().join("sshd_config"),
             format!(
