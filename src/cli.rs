@@ -58,6 +58,9 @@ pub(crate) enum Command {
     Provision(ProvisionArgs),
     /// Remove the machine and every trace of it: domain/VM, disks, seed, keys, logs, state.
     Destroy(DestroyArgs),
+    /// Every machine provisioner made on this computer, whatever its project, asked live from each hypervisor;
+    /// `--prune` destroys those whose project directory is gone.
+    GlobalStatus(GlobalStatusArgs),
     /// Check box-config.toml strictly (types, unknown keys, cross-references, rules between machines) without
     /// touching any VM.
     Validate,
@@ -193,6 +196,16 @@ pub(crate) struct DestroyArgs {
     pub machines: Vec<String>,
     /// Do not ask for confirmation (required when stdin is not a terminal).
     #[arg(long, short = 'f')]
+    pub force: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub(crate) struct GlobalStatusArgs {
+    /// Destroy the machines whose project directory is gone (asks first on a terminal).
+    #[arg(long)]
+    pub prune: bool,
+    /// With --prune: do not ask (required when stdin is not a terminal).
+    #[arg(long, short = 'f', requires = "prune")]
     pub force: bool,
 }
 

@@ -646,3 +646,85 @@ fn the_daemon_reaper_adopts_what_its_command_disowns_and_exits_when_all_is_reape
         "the orphan was left unreaped (a zombie or still running)"
     );
 }
+
+/// `global-status`, run outside any project, lists this tool's machines on the session libvirt: one whose project
+/// exists, and one whose project directory was deleted (marked gone); a domain named like ours but without the
+/// marker is not listed. `--prune` asks first (refused without a terminal unless -f), then destroys only the
+/// machine whose project is gone. (It would also destroy any other such orphan on this computer's session libvirt:
+/// a machine no project can reach any more.)
+#[test]
+#[cfg_attr(windows, ignore = "windows: needs libvirt (virsh), which is Linux-only")]
+fn global_status_lists_the_machines_of_every_project_and_prune_destroys_the_orphans() {
+    let id = std::process::id();
+    let live = tempfile::tempdir().unwrap();
+    let parent = tempfile::tempdir().unwrap();
+    let deleted = parent.path().join("a deleted project");
+    std::fs::create_dir_all(&deleted).unwrap();
+    let (kept, orphan, foreign) = (
+        format!("provisioner-kept-{id:08x}"),
+        format!("provisioner-orphan-{id:08x}"),
+        format!("provisioner-foreign-{id:08x}"),
+    );
+    let _kept = Domain::define(&kept, live.path());
+    let _orphan = Domain::define(&orphan, &deleted);
+    std::fs::remove_dir_all(&deleted).unwrap();
+    let _foreign = {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(
+            file.path(),
+            format!("<domain type='qemu'><name>{foreign}</name><memory unit='MiB'>64</memory><os><type arch='x86_64'>hvm</type></os></domain>"),
+        )
+        .unwrap();
+        let out = std::process::Command::new("virsh")
+            .args(["-q", "-c", "qemu:///session", "define", "--"])
+            .arg(file.path())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "virsh define: {}", String::from_utf8_lossy(&out.stderr));
+        Domain(foreign.clone())
+    };
+    let elsewhere = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| Test::new().cwd(elsewhere.path()).args(args.iter().copied()).run();
+    let defined = |name: &str| {
+        std::process::Command::new("virsh")
+            .args(["-q", "-c", "qemu:///session", "domstate", "--", name])
+            .output()
+            .unwrap()
+            .status
+            .success()
+    };
+
+    let r = run(&["global-status"]).success();
+    let out = r.stdout();
+    let line =
+        |vm: &str| out.lines().find(|l| l.ends_with(vm)).unwrap_or_else(|| panic!("{vm} not listed: {out}"));
+    let live_dir = std::fs::canonicalize(live.path()).unwrap();
+    assert!(out.starts_with("MACHINE "), "{out}");
+    let k = line(&kept);
+    assert!(
+        k.starts_with("kept ") && k.contains(" stopped ") && k.contains(" libvirt qemu:///session "),
+        "{k}"
+    );
+    assert!(k.contains(&format!(" {} ", live_dir.display())) && !k.contains("(gone)"), "{k}");
+    let o = line(&orphan);
+    assert!(o.starts_with("orphan ") && o.contains(&format!("{} (gone)", deleted.display())), "{o}");
+    assert!(!out.contains(&foreign), "a domain without the marker is not ours: {out}");
+    r.stderr_contains("whose project directory is gone").stderr_contains("global-status --prune");
+
+    let r = run(&["--json", "global-status"]).success();
+    let doc: serde_json::Value = serde_json::from_str(r.stdout().trim()).unwrap();
+    let entry =
+        |vm: &str| doc["machines"].as_array().unwrap().iter().find(|m| m["vm_name"] == vm).cloned().unwrap();
+    assert_eq!(entry(&kept)["project_exists"], true);
+    assert_eq!(entry(&kept)["state"], "stopped");
+    assert_eq!(entry(&orphan)["project_exists"], false);
+    assert_eq!(entry(&orphan)["machine"], "orphan");
+    assert_eq!(entry(&orphan)["project"], deleted.display().to_string());
+
+    run(&["global-status", "--prune"]).failure().stderr_contains("provisioner global-status --prune -f");
+    assert!(defined(&orphan), "nothing is destroyed without confirmation");
+    run(&["global-status", "--prune", "-f"]).success().stderr_contains(&format!("destroyed {orphan}"));
+    assert!(!defined(&orphan), "the machine whose project is gone was destroyed");
+    assert!(defined(&kept) && defined(&foreign), "the others were left as they were");
+    run(&["global-status", "--prune", "-f"]).success().stderr_contains("nothing to prune");
+}

@@ -221,6 +221,27 @@ fn second_machine_is_only_a_clone() {
     assert_eq!(b.vms().len(), 3, "master + two clones");
 }
 
+/// `global-status` on VirtualBox: the provider lists the clones its machines made, with their states and the
+/// state dirs their markers name, and not the box's master (no marker).
+#[test]
+fn machines_lists_every_marked_clone_and_not_the_master() {
+    let b = Bench::new();
+    let (web, db) = (b.spec("web", WEB, 2222), b.spec("db", DB, 2224));
+    create(&b.vbox, &web).unwrap();
+    create(&b.vbox, &db).unwrap();
+    b.vbox.start(WEB).unwrap();
+    let mut found = b.vbox.machines().unwrap();
+    found.sort_by(|a, b| a.name.cmp(&b.name));
+    let got: Vec<(&str, VmState, &Path)> =
+        found.iter().map(|f| (f.name.as_str(), f.state.clone(), f.state_dir.as_path())).collect();
+    assert_eq!(
+        got,
+        [(DB, VmState::Stopped, db.state.root.as_path()), (WEB, VmState::Running, web.state.root.as_path())],
+        "{:?}",
+        b.vms()
+    );
+}
+
 #[test]
 fn stopped_machine_gets_config_changes_on_create() {
     let b = Bench::new();

@@ -75,10 +75,15 @@ pub(super) fn print_status(ctx: &Ctx, r: &StatusRow) {
 
 /// Ask on the terminal; without one, refuse (the caller must pass -f).
 pub(super) fn confirm(question: &str) -> Result<bool> {
+    confirm_or(question, "provisioner destroy -f")
+}
+
+/// [`confirm`] for a command whose forced form is `forced`.
+pub(super) fn confirm_or(question: &str, forced: &str) -> Result<bool> {
     if !std::io::stdin().is_terminal() {
         bail!(
-            "refusing to destroy without confirmation: stdin is not a terminal\nhint: pass -f (`provisioner destroy \
-             -f`) to destroy without asking"
+            "refusing to destroy without confirmation: stdin is not a terminal\nhint: pass -f (`{forced}`) to \
+             destroy without asking"
         );
     }
     eprint!("{question} [y/N] ");

@@ -2,6 +2,7 @@
 
 pub(crate) mod boxcmd;
 mod ctx;
+mod global;
 pub(crate) mod lifecycle;
 pub(crate) mod load;
 mod multi;
@@ -45,6 +46,7 @@ pub(crate) fn dispatch(cli: Cli, profile: &'static crate::profile::Profile) -> R
             multi::parallel(&ctx, &a.machines, None, "provision", &|c| provision::provision(c, &a))
         }
         Command::Destroy(a) => multi::destroy(&ctx, &a),
+        Command::GlobalStatus(a) => global::global_status(&ctx, &a),
         Command::Validate => validate::validate(&ctx),
         Command::Render(a) => one(&a.machine.machine, &|c| render::render(c, &a)),
         Command::Health(a) => multi::each(&ctx, &a.machines, &|c| provision::health(c, &a)),

@@ -295,7 +295,7 @@ fn summary_table(outcomes: &[Outcome]) -> String {
 }
 
 /// A left-aligned text table. Pure.
-fn table(head: &[&str], rows: &[Vec<String>]) -> String {
+pub(super) fn table(head: &[&str], rows: &[Vec<String>]) -> String {
     let mut w: Vec<usize> = head.iter().map(|h| h.len()).collect();
     for r in rows {
         for (i, c) in r.iter().enumerate() {

@@ -43,6 +43,20 @@ pub fn machine_dir(base: &Path, cfg: &Config) -> PathBuf {
     }
 }
 
+/// The project directory of a state dir laid out by [`machine_dir`], and the machine's name when it is one of a
+/// `[[machine]]` file; None for a path of another shape. Pure.
+pub fn project_of(state_dir: &Path) -> Option<(PathBuf, Option<String>)> {
+    if state_dir.file_name()? == STATE_DIR_NAME {
+        return Some((state_dir.parent()?.to_path_buf(), None));
+    }
+    let name = state_dir.file_name()?.to_str()?.to_string();
+    let machines = state_dir.parent()?;
+    let root = machines.parent()?;
+    (machines.file_name()? == MACHINES_DIR && root.file_name()? == STATE_DIR_NAME)
+        .then(|| root.parent().map(|p| (p.to_path_buf(), Some(name))))
+        .flatten()
+}
+
 /// Paths of one machine's state directory.
 #[derive(Debug, Clone)]
 pub struct StateDir {
@@ -123,6 +137,19 @@ pub fn write_private(path: &Path, data: &[u8], mode: u32) -> Result<()> {
 mod tests {
     use super::identity::MachineId;
     use super::*;
+
+    #[test]
+    fn a_state_dir_names_its_project_and_member() {
+        let p = |s: &str| project_of(Path::new(s));
+        assert_eq!(p("/srv/lab/.provisioner"), Some((PathBuf::from("/srv/lab"), None)));
+        assert_eq!(
+            p("/srv/cluster/.provisioner/machines/app1"),
+            Some((PathBuf::from("/srv/cluster"), Some("app1".to_string())))
+        );
+        for other in ["/srv/lab", "/srv/x/machines/app1", "/srv/x/.provisioner/other/app1", "/"] {
+            assert_eq!(p(other), None, "{other}");
+        }
+    }
 
     #[test]
     fn one_rule_places_every_machines_state_dir() {

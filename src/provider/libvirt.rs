@@ -443,6 +443,29 @@ impl Provider for Libvirt {
         self.d.host.clone()
     }
 
+    fn machines(&self) -> Result<Vec<super::FoundVm>> {
+        let list = ["list", "--all", "--name"];
+        // On this computer, a daemon that is not running is not started by asking (virsh would spawn a session
+        // daemon): it holds no running machine, and `up` starts the daemon it needs its own way.
+        let out = match self.d.is_local() {
+            true => self.d.virsh().env("LIBVIRT_AUTOSTART", "0").args(list).output()?,
+            false => self.d.output(&list)?,
+        };
+        if !out.success() {
+            return Err(self.d.unreachable(out.stderr.trim()));
+        }
+        let mut found = Vec::new();
+        // Every VM name this tool makes starts so ([`super::vm_name`]); the marker decides.
+        for name in out.stdout.lines().map(str::trim).filter(|n| n.starts_with("provisioner-")) {
+            // A domain undefined meanwhile is simply not listed.
+            let Some(xml) = self.dumpxml(name)? else { continue };
+            let Some(dir) = owner_state_dir(&xml) else { continue };
+            let state = self.state(name)?;
+            found.push(super::FoundVm { name: name.to_string(), state, state_dir: PathBuf::from(dir) });
+        }
+        Ok(found)
+    }
+
     fn state(&self, vm_name: &str) -> Result<VmState> {
         // `--reason` costs nothing extra and tells a suspended (managed-saved) domain from a powered-off one.
         let out = self.d.output(&["domstate", "--reason", "--", vm_name])?;

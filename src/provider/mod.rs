@@ -94,6 +94,17 @@ pub enum Lookup {
     Foreign { owner: Option<String> },
 }
 
+/// A VM a provisioner machine made, found on its hypervisor without its project (`global-status`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FoundVm {
+    /// The hypervisor's name for it.
+    pub name: String,
+    /// Its live state.
+    pub state: VmState,
+    /// The machine's state dir, as the VM's ownership marker names it (the directory may be gone).
+    pub state_dir: PathBuf,
+}
+
 /// Everything a provider needs to create a machine.
 #[derive(Debug, Clone)]
 pub struct MachineSpec {
@@ -124,6 +135,9 @@ pub trait Provider {
     fn kind(&self) -> ProviderKind;
     /// Check the host can run this provider (CLI present, daemon reachable, ...); errors say what to install/start.
     fn preflight(&self) -> Result<()>;
+    /// Every VM on this provider's host that a provisioner machine made (its ownership marker names a state dir),
+    /// with its live state; other VMs are left out.
+    fn machines(&self) -> Result<Vec<FoundVm>>;
     /// The host the machines of this provider run on (this machine unless a libvirt URI names a remote one).
     fn host(&self) -> crate::host::Host {
         crate::host::Host::Local

@@ -67,6 +67,12 @@ pub fn find_vboxmanage(cfg: &Config) -> Option<PathBuf> {
     locate(configured.as_deref(), crate::platform::WINDOWS, |k| std::env::var_os(k), is_executable)
 }
 
+/// VBoxManage where VirtualBox installs it (PATH; on Windows also its installer's variable and Program Files),
+/// for a command that has no box-config.toml (`global-status`).
+pub fn find_on_host() -> Option<PathBuf> {
+    locate(None, crate::platform::WINDOWS, |k| std::env::var_os(k), is_executable)
+}
+
 /// Name of the master VM imported from a box.
 pub fn master_name(base: &BoxImage) -> String {
     format!("provisioner-master-{}", base.id)
@@ -428,6 +434,14 @@ fn owner(info: &VmInfo, state: &StateDir) -> Owner {
     }
 }
 
+/// One line of `VBoxManage list vms`: `"NAME" {UUID}` as (name, uuid). Pure.
+fn list_entry(line: &str) -> Option<(&str, &str)> {
+    let (name, uuid) = line.trim().rsplit_once(' ')?;
+    let name = name.strip_prefix('"')?.strip_suffix('"')?;
+    let uuid = uuid.strip_prefix('{')?.strip_suffix('}')?;
+    Some((name, uuid))
+}
+
 /// A VM name or UUID as a VBoxManage operand: never one that could be read as an option.
 fn operand(vm: &str) -> Result<&str> {
     if vm.is_empty() || vm.starts_with('-') {
@@ -627,6 +641,29 @@ impl Provider for VirtualBox {
 
     fn kind(&self) -> crate::config::ProviderKind {
         crate::config::ProviderKind::Virtualbox
+    }
+
+    fn machines(&self) -> Result<Vec<super::FoundVm>> {
+        let out = self.vbox(args!["list", "vms"], QUERY)?;
+        let mut found = Vec::new();
+        // `"NAME" {UUID}` per VM; every VM name this tool makes starts with `provisioner-` (masters too: their
+        // description carries no marker, so they are left out below).
+        for (name, uuid) in out.stdout.lines().filter_map(list_entry) {
+            if !name.starts_with("provisioner-") {
+                continue;
+            }
+            // Removed meanwhile: not listed.
+            let Some(i) = self.info(uuid)? else { continue };
+            let Some(dir) = i.get("description").and_then(|d| d.strip_prefix(MARKER_PREFIX)) else {
+                continue;
+            };
+            found.push(super::FoundVm {
+                name: name.to_string(),
+                state: i.state(),
+                state_dir: PathBuf::from(dir),
+            });
+        }
+        Ok(found)
     }
 
     fn preflight(&self) -> Result<()> {
@@ -896,6 +933,22 @@ impl VirtualBox {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_list_vms_line_gives_name_and_uuid() {
+        let uuid = "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0";
+        assert_eq!(
+            list_entry(&format!("\"provisioner-web-1a2b3c4d\" {{{uuid}}}")),
+            Some(("provisioner-web-1a2b3c4d", uuid))
+        );
+        assert_eq!(
+            list_entry(&format!("\"a \"quoted\" name\" {{{uuid}}}")),
+            Some(("a \"quoted\" name", uuid))
+        );
+        for bad in ["", "\"no uuid\"", "name {uuid}", &format!("\"x\" {uuid}")] {
+            assert_eq!(list_entry(bad), None, "{bad}");
+        }
+    }
 
     fn info(lines: &str) -> VmInfo {
         VmInfo::parse(lines)
