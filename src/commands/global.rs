@@ -100,6 +100,9 @@ pub(super) fn global_status(ctx: &Ctx, args: &GlobalStatusArgs) -> Result<i32> {
         for (label, why) in &not_asked {
             ctx.ui.info(format!("{label}: not asked: {why}"));
         }
+        if hypervisors.is_empty() {
+            ctx.ui.info("no hypervisor is installed here: neither virsh (libvirt) nor VBoxManage (VirtualBox) was found");
+        }
     }
 
     let orphans: Vec<&Row> = rows.iter().filter(|r| r.gone).collect();
