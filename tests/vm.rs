@@ -627,6 +627,18 @@ fn vm_lifecycle_end_to_end() {
     assert!(r.stdout().contains("forwarded ports:\n     22 (guest) => 127.0.0.1:"), "{}", r.stdout());
     let ssh_port = vm.run(&["port", "--guest", "22"]).success().stdout().trim().to_string();
     assert!(r.stdout().contains(&format!("127.0.0.1:{ssh_port} ")), "{ssh_port}: {}", r.stdout());
+    // `global-status`, from another directory, finds the running machine by its marker, with its project.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let r = Test::new().cwd(elsewhere.path()).args(["--json", "global-status"]).run().success();
+    let doc: serde_json::Value = serde_json::from_str(r.stdout().trim()).unwrap();
+    let domain = vm.domains().pop().expect("the machine's domain");
+    let found = doc["machines"].as_array().unwrap().iter().find(|m| m["vm_name"] == domain.as_str()).cloned();
+    let found = found.unwrap_or_else(|| panic!("{domain} not in global-status: {doc}"));
+    assert_eq!(
+        (&found["machine"], &found["state"], &found["project_exists"]),
+        (&serde_json::json!(vm.name), &serde_json::json!("running"), &serde_json::json!(true)),
+        "{found}"
+    );
 
     vm.run(&["halt"]).success();
     assert!(ssh_masters(&socket).is_empty(), "halt left ssh masters: {:?}", ssh_masters(&socket));
