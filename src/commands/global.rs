@@ -21,11 +21,21 @@ struct Hypervisor {
     provider: Box<dyn Provider>,
 }
 
-/// One machine found: on which hypervisor (index into the list), and whether its project directory is gone.
+/// One machine found: on which hypervisor (index into the list), its project directory and machine name, and
+/// whether that directory is gone.
 struct Row {
     found: FoundVm,
     on: usize,
+    project: String,
+    machine: String,
     gone: bool,
+}
+
+impl Row {
+    fn new(found: FoundVm, on: usize) -> Row {
+        let (project, machine) = names(&found);
+        Row { gone: gone(&found.state_dir), found, on, project, machine }
+    }
 }
 
 /// The hypervisors installed here. None is started: a libvirt daemon that is not running is reported, not
@@ -61,23 +71,12 @@ pub(super) fn global_status(ctx: &Ctx, args: &GlobalStatusArgs) -> Result<i32> {
     let mut not_asked = Vec::new();
     for (on, h) in hypervisors.iter().enumerate() {
         match h.provider.machines() {
-            Ok(found) => {
-                rows.extend(found.into_iter().map(|f| Row { gone: gone(&f.state_dir), found: f, on }))
-            }
+            Ok(found) => rows.extend(found.into_iter().map(|f| Row::new(f, on))),
             Err(e) => not_asked.push((h.label.clone(), first_line(&e))),
         }
     }
     rows.sort_by(|a, b| (&a.found.state_dir, &a.found.name).cmp(&(&b.found.state_dir, &b.found.name)));
 
-    let docs: Vec<serde_json::Value> = rows
-        .iter()
-        .map(|r| {
-            let (project, machine) = names(&r.found);
-            json!({"machine": machine, "vm_name": r.found.name, "state": r.found.state.to_string(),
-                   "provider": hypervisors[r.on].label, "project": project, "state_dir": r.found.state_dir,
-                   "project_exists": !r.gone})
-        })
-        .collect();
     if !ctx.ui.json() {
         if rows.is_empty() {
             println!("no machines made by provisioner on this computer");
@@ -85,13 +84,14 @@ pub(super) fn global_status(ctx: &Ctx, args: &GlobalStatusArgs) -> Result<i32> {
             let cells: Vec<Vec<String>> = rows
                 .iter()
                 .map(|r| {
-                    let (project, machine) = names(&r.found);
+                    // Names and paths as read from the hypervisor: control characters shown escaped.
+                    let project = crate::text::shown(&r.project);
                     vec![
-                        machine,
+                        crate::text::shown(&r.machine),
                         r.found.state.to_string(),
                         hypervisors[r.on].label.clone(),
                         if r.gone { format!("{project} (gone)") } else { project },
-                        r.found.name.clone(),
+                        crate::text::shown(&r.found.name),
                     ]
                 })
                 .collect();
@@ -143,7 +143,7 @@ pub(super) fn global_status(ctx: &Ctx, args: &GlobalStatusArgs) -> Result<i32> {
                         "destroyed {} ({}; its project directory {} is gone)",
                         r.found.name,
                         h.label,
-                        names(&r.found).0
+                        crate::text::shown(&r.project)
                     ));
                     pruned.push(r.found.name.clone());
                 }
@@ -155,6 +155,14 @@ pub(super) fn global_status(ctx: &Ctx, args: &GlobalStatusArgs) -> Result<i32> {
         }
     }
     if ctx.ui.json() {
+        let docs: Vec<serde_json::Value> = rows
+            .iter()
+            .map(|r| {
+                json!({"machine": r.machine, "vm_name": r.found.name, "state": r.found.state.to_string(),
+                       "provider": hypervisors[r.on].label, "project": r.project, "state_dir": r.found.state_dir,
+                       "project_exists": !r.gone})
+            })
+            .collect();
         let not_asked: Vec<serde_json::Value> =
             not_asked.iter().map(|(label, why)| json!({"provider": label, "reason": why})).collect();
         println!("{}", json!({"machines": docs, "not_asked": not_asked, "pruned": pruned}));
