@@ -16,16 +16,22 @@ fn is_unsafe(c: char) -> bool {
 /// [`MAX_SHOWN`] characters with how many more there were.
 pub(crate) fn shown(s: &str) -> String {
     let total = s.chars().count();
-    let mut out = String::new();
-    for c in s.chars().take(MAX_SHOWN) {
+    let mut out = escaped(&s.chars().take(MAX_SHOWN).collect::<String>());
+    if total > MAX_SHOWN {
+        out.push_str(&format!("…({} more characters)", total - MAX_SHOWN));
+    }
+    out
+}
+
+/// [`shown`] without the cut, for a value that is the output itself (a path in a table), not echoed in a message.
+pub(crate) fn escaped(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
         if is_unsafe(c) {
             out.extend(c.escape_unicode());
         } else {
             out.push(c);
         }
-    }
-    if total > MAX_SHOWN {
-        out.push_str(&format!("…({} more characters)", total - MAX_SHOWN));
     }
     out
 }

@@ -85,13 +85,13 @@ pub(super) fn global_status(ctx: &Ctx, args: &GlobalStatusArgs) -> Result<i32> {
                 .iter()
                 .map(|r| {
                     // Names and paths as read from the hypervisor: control characters shown escaped.
-                    let project = crate::text::shown(&r.project);
+                    let project = crate::text::escaped(&r.project);
                     vec![
-                        crate::text::shown(&r.machine),
+                        crate::text::escaped(&r.machine),
                         r.found.state.to_string(),
                         hypervisors[r.on].label.clone(),
                         if r.gone { format!("{project} (gone)") } else { project },
-                        crate::text::shown(&r.found.name),
+                        crate::text::escaped(&r.found.name),
                     ]
                 })
                 .collect();
@@ -143,7 +143,7 @@ pub(super) fn global_status(ctx: &Ctx, args: &GlobalStatusArgs) -> Result<i32> {
                         "destroyed {} ({}; its project directory {} is gone)",
                         r.found.name,
                         h.label,
-                        crate::text::shown(&r.project)
+                        crate::text::escaped(&r.project)
                     ));
                     pruned.push(r.found.name.clone());
                 }
