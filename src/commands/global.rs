@@ -119,7 +119,7 @@ pub(super) fn global_status(ctx: &Ctx, args: &GlobalStatusArgs) -> Result<i32> {
     } else if orphans.is_empty() {
         ctx.ui.info("nothing to prune: the project directory of every machine exists");
     } else {
-        let vms: Vec<&str> = orphans.iter().map(|r| r.found.name.as_str()).collect();
+        let vms: Vec<String> = orphans.iter().map(|r| crate::text::escaped(&r.found.name)).collect();
         if !args.force
             && !super::lifecycle::confirm_or(
                 &format!(
@@ -141,14 +141,18 @@ pub(super) fn global_status(ctx: &Ctx, args: &GlobalStatusArgs) -> Result<i32> {
                 Ok(()) => {
                     ctx.ui.info(format!(
                         "destroyed {} ({}; its project directory {} is gone)",
-                        r.found.name,
+                        crate::text::escaped(&r.found.name),
                         h.label,
                         crate::text::escaped(&r.project)
                     ));
                     pruned.push(r.found.name.clone());
                 }
                 Err(e) => {
-                    ctx.ui.warn(format!("could not destroy {} ({}): {e:#}", r.found.name, h.label));
+                    ctx.ui.warn(format!(
+                        "could not destroy {} ({}): {e:#}",
+                        crate::text::escaped(&r.found.name),
+                        h.label
+                    ));
                     code = crate::exit::FAILURE;
                 }
             }

@@ -447,9 +447,10 @@ impl Provider for Libvirt {
         let list = ["list", "--all", "--name"];
         // On this computer, a daemon that is not running is not started by asking (virsh would spawn a session
         // daemon): it holds no running machine, and `up` starts the daemon it needs its own way.
-        let out = match self.d.is_local() {
-            true => self.d.virsh().env("LIBVIRT_AUTOSTART", "0").args(list).output()?,
-            false => self.d.output(&list)?,
+        let out = if self.d.is_local() {
+            self.d.virsh().env("LIBVIRT_AUTOSTART", "0").args(list).output()?
+        } else {
+            self.d.output(&list)?
         };
         if !out.success() {
             return Err(self.d.unreachable(out.stderr.trim()));
